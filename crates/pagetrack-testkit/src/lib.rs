@@ -1,0 +1,2 @@
+//! pagetrack test support (work in progress).
+#![forbid(unsafe_code)]

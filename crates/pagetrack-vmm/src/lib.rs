@@ -1,0 +1,2 @@
+//! pagetrack-vmm (work in progress).
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! pagetrack core (work in progress).
+#![forbid(unsafe_code)]
