@@ -1,4 +1,20 @@
-//! pagetrack-kvm (work in progress).
+//! # pagetrack-kvm: exact guest write tracking on real KVM
+//!
+//! Work in progress; see the crate README.
 #![deny(unsafe_code)]
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
+
+mod error;
+mod gate;
+mod memory;
+mod slots;
+mod sys;
+mod vcpu;
+mod vm;
+
+pub use error::{Error, Result};
+pub use memory::TrackedMemory;
+pub use slots::FragmentStats;
+pub use vcpu::{Exit, IoData, IoHandler, Vcpu, VcpuStopper};
+pub use vm::{HostCaps, Vm, VmConfig, VmStats};

@@ -1,0 +1,92 @@
+//! pagetrack-kvm's error type.
+
+/// Everything pagetrack-kvm can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A KVM ioctl failed.
+    #[error("{op} failed")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `/dev/kvm` lacks something pagetrack needs.
+    #[error("KVM lacks {what}")]
+    MissingCapability {
+        /// What is missing.
+        what: &'static str,
+    },
+    /// The core refused (unknown gfn, overflow, ...).
+    #[error(transparent)]
+    Track(#[from] pagetrack::Error),
+    /// Mapping or registering guest RAM failed.
+    #[error("guest memory: {reason}")]
+    Memory {
+        /// What went wrong.
+        reason: String,
+    },
+    /// A guest RAM range is invalid (unaligned, empty, overlapping, out of slots).
+    #[error("invalid RAM region at {gpa:#x} (+{size:#x}): {reason}")]
+    InvalidRam {
+        /// Start.
+        gpa: u64,
+        /// Size.
+        size: u64,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A guest-physical access outside guest RAM through the accessor.
+    #[error("{len} bytes at gpa {gpa:#x} are not guest RAM")]
+    NotRam {
+        /// Address.
+        gpa: u64,
+        /// Length.
+        len: usize,
+    },
+    /// KVM memslots ran out even after merging tracked fragments.
+    #[error("out of KVM memslots ({budget} available)")]
+    SlotBudget {
+        /// The budget.
+        budget: usize,
+    },
+    /// A guest store that neither KVM nor pagetrack can emulate: the vCPU stops.
+    #[error("vcpu {vcpu} cannot continue at rip {rip:#x} (bytes {bytes}): {reason}")]
+    Unemulatable {
+        /// vCPU index.
+        vcpu: u32,
+        /// Guest RIP.
+        rip: u64,
+        /// Instruction bytes, hex.
+        bytes: String,
+        /// Why.
+        reason: String,
+    },
+    /// A vCPU index that does not exist, or a second vCPU with the same index.
+    #[error("vcpu {index}: {reason}")]
+    Vcpu {
+        /// Index.
+        index: u32,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl Error {
+    /// The errno of a failed KVM ioctl.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Kvm { source, .. } => Some(source.errno()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        move |source| Error::Kvm { op, source }
+    }
+}
+
+/// `Result` with pagetrack-kvm's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

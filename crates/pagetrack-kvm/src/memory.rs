@@ -1,0 +1,123 @@
+//! Guest memory access that keeps tracking exact: every write applied here (a guest store that
+//! exited, or a device write) reaches the tracker with its old bytes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use pagetrack::{AsId, Gpa, PAGE_SIZE, Source, WriteEvent};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
+
+use crate::error::{Error, Result};
+use crate::vm::VmInner;
+
+/// Applies `data` at `gpa` if the whole range is guest RAM, then reports it; false if not RAM.
+pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -> bool {
+    let mem = vm.mem.memory();
+    if !mem.check_range(GuestAddress(gpa), data.len(), Permissions::ReadWrite) {
+        return false;
+    }
+    let tracker = &vm.tracker;
+    let any_tracked = tracker.is_enabled() && {
+        let last = gpa + data.len() as u64 - 1;
+        (gpa / PAGE_SIZE..=last / PAGE_SIZE)
+            .any(|f| tracker.is_write_tracked(AsId::NORMAL, pagetrack::Gfn(f)))
+    };
+    if !any_tracked {
+        // Cannot fail: the range was checked above.
+        let _ = mem.write_slice(data, GuestAddress(gpa));
+        // Still reported: a frame may have become tracked in between (report_write filters).
+        tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source));
+        return true;
+    }
+    let mut small = [0u8; 64];
+    let mut big = Vec::new();
+    let old: &mut [u8] = if data.len() <= small.len() {
+        &mut small[..data.len()]
+    } else {
+        big.resize(data.len(), 0);
+        &mut big
+    };
+    let _ = mem.read_slice(old, GuestAddress(gpa));
+    let _ = mem.write_slice(data, GuestAddress(gpa));
+    tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source).with_old(old));
+    true
+}
+
+/// Reads guest RAM into `buf`; false if the range is not RAM.
+pub(crate) fn read_ram(vm: &VmInner, gpa: u64, buf: &mut [u8]) -> bool {
+    let mem = vm.mem.memory();
+    mem.check_range(GuestAddress(gpa), buf.len(), Permissions::Read) && mem.read_slice(buf, GuestAddress(gpa)).is_ok()
+}
+
+/// Guest memory for device models (DMA) and the VMM, in vm-memory's `Bytes` style. Writes to
+/// tracked frames produce events with [`Source::Device`], exactly like guest stores.
+#[derive(Debug, Clone)]
+pub struct TrackedMemory {
+    vm: Arc<VmInner>,
+}
+
+impl TrackedMemory {
+    pub(crate) fn new(vm: Arc<VmInner>) -> TrackedMemory {
+        TrackedMemory { vm }
+    }
+
+    /// Writes `buf` at guest-physical `gpa`.
+    ///
+    /// # Errors
+    /// [`Error::NotRam`] if any byte of the range is not guest RAM; nothing is written then.
+    pub fn write_slice(&self, buf: &[u8], gpa: u64) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if !apply_write(&self.vm, gpa, buf, Source::Device) {
+            return Err(Error::NotRam {
+                gpa,
+                len: buf.len(),
+            });
+        }
+        self.vm
+            .backend
+            .counters
+            .device_writes
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads guest-physical `[gpa, gpa + buf.len())` into `buf`.
+    ///
+    /// # Errors
+    /// [`Error::NotRam`] if any byte of the range is not guest RAM.
+    pub fn read_slice(&self, buf: &mut [u8], gpa: u64) -> Result<()> {
+        if read_ram(&self.vm, gpa, buf) {
+            Ok(())
+        } else {
+            Err(Error::NotRam {
+                gpa,
+                len: buf.len(),
+            })
+        }
+    }
+
+    /// Writes a plain-data value at `gpa`.
+    ///
+    /// # Errors
+    /// As [`write_slice`](Self::write_slice).
+    pub fn write_obj<T: ByteValued>(&self, val: T, gpa: u64) -> Result<()> {
+        self.write_slice(val.as_slice(), gpa)
+    }
+
+    /// Reads a plain-data value at `gpa`.
+    ///
+    /// # Errors
+    /// As [`read_slice`](Self::read_slice).
+    pub fn read_obj<T: ByteValued + Default>(&self, gpa: u64) -> Result<T> {
+        let mut v = T::default();
+        self.read_slice(v.as_mut_slice(), gpa)?;
+        Ok(v)
+    }
+
+    /// True if every byte of the range is guest RAM.
+    pub fn is_ram(&self, gpa: u64, len: usize) -> bool {
+        self.vm.mem.memory().check_range(GuestAddress(gpa), len, Permissions::ReadWrite)
+    }
+}

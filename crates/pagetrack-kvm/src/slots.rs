@@ -1,0 +1,384 @@
+//! Enforcement by memslot fragments: guest RAM is registered with KVM in chunks; a chunk that
+//! holds tracked frames is cut into fragments, the tracked runs `KVM_MEM_READONLY` (so every
+//! guest store to them exits to userspace) and the rest writable (full speed).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_ioctls::VmFd;
+use vm_memory::GuestRegionMmap;
+
+use crate::error::{Error, Result};
+use crate::sys::KvmSlot;
+
+const PAGE: u64 = 4096;
+
+/// One desired fragment of a chunk: `[first, first + pages)` in pages from the chunk start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Piece {
+    first: u64,
+    pages: u64,
+    readonly: bool,
+}
+
+#[derive(Debug)]
+struct Chunk {
+    gpa: u64,
+    pages: u64,
+    /// One bit per frame: protected (tracked) or not.
+    protected: Vec<u64>,
+    frags: Vec<KvmSlot>,
+}
+
+impl Chunk {
+    fn is_protected(&self, page: u64) -> bool {
+        let (w, b) = word_bit(page);
+        self.protected[w] & (1 << b) != 0
+    }
+
+    /// Runs of protected frames as read-only pieces, the gaps as writable ones.
+    fn layout(&self) -> Vec<Piece> {
+        let mut out: Vec<Piece> = Vec::new();
+        for page in 0..self.pages {
+            let ro = self.is_protected(page);
+            match out.last_mut() {
+                Some(p) if p.readonly == ro => p.pages += 1,
+                _ => out.push(Piece {
+                    first: page,
+                    pages: 1,
+                    readonly: ro,
+                }),
+            }
+        }
+        out
+    }
+
+    fn current(&self) -> Vec<Piece> {
+        self.frags
+            .iter()
+            .map(|s| Piece {
+                first: (s.gpa() - self.gpa) / PAGE,
+                pages: s.size() / PAGE,
+                readonly: s.readonly(),
+            })
+            .collect()
+    }
+}
+
+fn word_bit(page: u64) -> (usize, u32) {
+    let w = usize::try_from(page / 64).expect("chunks are far smaller than the address space");
+    let b = u32::try_from(page % 64).expect("a remainder of 64 fits");
+    (w, b)
+}
+
+/// Merges writable gaps into their read-only neighbours, smallest first, until at most `max`
+/// pieces remain (writes to the merged untracked frames then exit and are applied silently).
+fn squeeze(mut pieces: Vec<Piece>, max: usize) -> Option<Vec<Piece>> {
+    while pieces.len() > max {
+        let has_ro = pieces.iter().any(|p| p.readonly);
+        if !has_ro {
+            return None;
+        }
+        // The smallest writable piece next to a read-only one.
+        let (i, _) = pieces
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.readonly)
+            .min_by_key(|(_, p)| p.pages)?;
+        pieces[i].readonly = true;
+        // Coalesce neighbours that are now both read-only.
+        let mut merged: Vec<Piece> = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            match merged.last_mut() {
+                Some(last) if last.readonly == p.readonly => last.pages += p.pages,
+                _ => merged.push(p),
+            }
+        }
+        pieces = merged;
+    }
+    Some(pieces)
+}
+
+#[derive(Debug)]
+struct Ram {
+    gpa: u64,
+    size: u64,
+    mmap: Arc<GuestRegionMmap>,
+    chunks: Vec<Chunk>,
+}
+
+/// Counters of the fragment table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FragmentStats {
+    /// KVM memslots in use (writable and read-only fragments).
+    pub fragments: usize,
+    /// Read-only fragments among them.
+    pub readonly_fragments: usize,
+    /// KVM memslots pagetrack may use.
+    pub budget: usize,
+    /// `KVM_SET_USER_MEMORY_REGION` calls made for tracking changes.
+    pub slot_changes: u64,
+    /// Time spent in those calls, in nanoseconds.
+    pub slot_change_ns: u64,
+    /// Chunks re-cut.
+    pub relayouts: u64,
+}
+
+/// The fragment table: every KVM memslot pagetrack created.
+#[derive(Debug)]
+pub(crate) struct Fragments {
+    rams: Vec<Ram>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+    budget: usize,
+    chunk_bytes: u64,
+    stats: FragmentStats,
+}
+
+impl Fragments {
+    pub(crate) fn new(budget: usize, chunk_bytes: u64) -> Fragments {
+        Fragments {
+            rams: Vec::new(),
+            free_ids: Vec::new(),
+            next_id: 0,
+            budget,
+            chunk_bytes,
+            stats: FragmentStats {
+                budget,
+                ..FragmentStats::default()
+            },
+        }
+    }
+
+    pub(crate) fn stats(&self) -> FragmentStats {
+        self.stats
+    }
+
+    pub(crate) fn chunk_bytes(&self) -> u64 {
+        self.chunk_bytes
+    }
+
+    fn alloc_id(&mut self) -> Result<u32> {
+        if self.stats.fragments >= self.budget {
+            return Err(Error::SlotBudget {
+                budget: self.budget,
+            });
+        }
+        Ok(self.free_ids.pop().unwrap_or_else(|| {
+            self.next_id += 1;
+            self.next_id - 1
+        }))
+    }
+
+    fn create(
+        &mut self,
+        vm: &VmFd,
+        mmap: &Arc<GuestRegionMmap>,
+        gpa: u64,
+        size: u64,
+        ro: bool,
+    ) -> Result<KvmSlot> {
+        let id = self.alloc_id()?;
+        let t = Instant::now();
+        let res = KvmSlot::create(vm, id, mmap, gpa, size, ro);
+        self.account(t);
+        match res {
+            Ok(s) => {
+                self.stats.fragments += 1;
+                self.stats.readonly_fragments += usize::from(ro);
+                Ok(s)
+            }
+            Err(e) => {
+                self.free_ids.push(id);
+                Err(Error::Kvm {
+                    op: "KVM_SET_USER_MEMORY_REGION",
+                    source: e,
+                })
+            }
+        }
+    }
+
+    fn delete(&mut self, vm: &VmFd, slot: KvmSlot) -> Result<()> {
+        let (id, ro) = (slot.id(), slot.readonly());
+        let t = Instant::now();
+        let res = slot.remove(vm);
+        self.account(t);
+        res.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        self.free_ids.push(id);
+        self.stats.fragments -= 1;
+        self.stats.readonly_fragments -= usize::from(ro);
+        Ok(())
+    }
+
+    fn account(&mut self, t: Instant) {
+        self.stats.slot_changes += 1;
+        self.stats.slot_change_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    }
+
+    /// Registers `[gpa, gpa + size)` of `mmap` with KVM as writable chunks.
+    pub(crate) fn add_ram(&mut self, vm: &VmFd, mmap: Arc<GuestRegionMmap>, gpa: u64, size: u64) -> Result<()> {
+        let nchunks = size.div_ceil(self.chunk_bytes);
+        if self.stats.fragments + usize::try_from(nchunks).unwrap_or(usize::MAX) > self.budget {
+            return Err(Error::SlotBudget {
+                budget: self.budget,
+            });
+        }
+        let mut chunks = Vec::new();
+        let mut at = gpa;
+        while at < gpa + size {
+            let len = self.chunk_bytes.min(gpa + size - at);
+            match self.create(vm, &mmap, at, len, false) {
+                Ok(slot) => {
+                    let pages = len / PAGE;
+                    chunks.push(Chunk {
+                        gpa: at,
+                        pages,
+                        protected: vec![0; usize::try_from(pages.div_ceil(64)).unwrap_or(0)],
+                        frags: vec![slot],
+                    });
+                }
+                Err(e) => {
+                    for c in chunks {
+                        for s in c.frags {
+                            let _ = self.delete(vm, s);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+            at += len;
+        }
+        let pos = self.rams.partition_point(|r| r.gpa < gpa);
+        self.rams.insert(pos, Ram { gpa, size, mmap, chunks });
+        Ok(())
+    }
+
+    /// Deletes every fragment of the RAM region starting at `gpa`.
+    pub(crate) fn remove_ram(&mut self, vm: &VmFd, gpa: u64) -> Result<()> {
+        let Some(pos) = self.rams.iter().position(|r| r.gpa == gpa) else {
+            return Ok(());
+        };
+        let ram = self.rams.remove(pos);
+        let mut first_err = None;
+        for c in ram.chunks {
+            for s in c.frags {
+                if let Err(e) = self.delete(vm, s) {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn locate(&self, gpa: u64) -> Option<(usize, usize)> {
+        let r = self.rams.partition_point(|r| r.gpa <= gpa).checked_sub(1)?;
+        let ram = &self.rams[r];
+        if gpa >= ram.gpa + ram.size {
+            return None;
+        }
+        let c = usize::try_from((gpa - ram.gpa) / self.chunk_bytes).ok()?;
+        Some((r, c))
+    }
+
+    /// Sets or clears the protected bit of each frame; returns the chunks whose bits changed.
+    pub(crate) fn mark(&mut self, gpas: &[u64], protect: bool) -> Vec<(usize, usize)> {
+        let mut dirty = Vec::new();
+        for &gpa in gpas {
+            let Some((r, c)) = self.locate(gpa) else {
+                continue;
+            };
+            let chunk = &mut self.rams[r].chunks[c];
+            let (w, b) = word_bit((gpa - chunk.gpa) / PAGE);
+            if protect {
+                chunk.protected[w] |= 1 << b;
+            } else {
+                chunk.protected[w] &= !(1 << b);
+            }
+            dirty.push((r, c));
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        dirty
+    }
+
+    /// Re-cuts the given chunks to match their protected bits. The caller holds every vCPU
+    /// outside `KVM_RUN`. On a KVM failure the chunk is restored to a single read-only slot
+    /// where possible (never weaker protection than asked for).
+    pub(crate) fn relayout(&mut self, vm: &VmFd, chunks: &[(usize, usize)]) -> Result<()> {
+        for &(r, c) in chunks {
+            let want = self.rams[r].chunks[c].layout();
+            let have = self.rams[r].chunks[c].current();
+            if want == have {
+                continue;
+            }
+            let room = self.budget - (self.stats.fragments - have.len());
+            let want = squeeze(want, room).ok_or(Error::SlotBudget {
+                budget: self.budget,
+            })?;
+            if want == have {
+                continue;
+            }
+            self.stats.relayouts += 1;
+            let old = std::mem::take(&mut self.rams[r].chunks[c].frags);
+            for s in old {
+                self.delete(vm, s)?;
+            }
+            let mmap = Arc::clone(&self.rams[r].mmap);
+            let base = self.rams[r].chunks[c].gpa;
+            for p in &want {
+                let slot = self.create(vm, &mmap, base + p.first * PAGE, p.pages * PAGE, p.readonly)?;
+                self.rams[r].chunks[c].frags.push(slot);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every slot without ioctls: the VM fd is closing and takes them with it.
+    pub(crate) fn forget_all(&mut self) {
+        for ram in &mut self.rams {
+            for c in &mut ram.chunks {
+                for s in &mut c.frags {
+                    s.forget_region_for_drop();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(first: u64, pages: u64, readonly: bool) -> Piece {
+        Piece {
+            first,
+            pages,
+            readonly,
+        }
+    }
+
+    #[test]
+    fn squeeze_under_budget_keeps_layout() {
+        let l = vec![p(0, 5, false), p(5, 1, true), p(6, 10, false)];
+        assert_eq!(squeeze(l.clone(), 3), Some(l));
+    }
+
+    #[test]
+    fn squeeze_merges_smallest_gap_first() {
+        let l = vec![
+            p(0, 5, false),
+            p(5, 1, true),
+            p(6, 2, false),
+            p(8, 1, true),
+            p(9, 10, false),
+        ];
+        let got = squeeze(l, 3).expect("fits");
+        assert_eq!(got, vec![p(0, 5, false), p(5, 4, true), p(9, 10, false)]);
+    }
+
+    #[test]
+    fn squeeze_without_readonly_cannot_shrink() {
+        assert_eq!(squeeze(vec![p(0, 5, false)], 0), None);
+    }
+}

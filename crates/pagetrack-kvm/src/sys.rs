@@ -1,0 +1,171 @@
+//! Every `unsafe` operation of pagetrack-kvm, each behind a small safe wrapper.
+//!
+//! JUSTIFICATION: kvm-ioctls marks `KVM_SET_USER_MEMORY_REGION` unsafe (the kernel keeps the
+//! host address), reading the `kvm_run` exit union is unsafe, and signalling a vCPU thread
+//! needs raw pthread calls. Nothing else in the crate uses unsafe.
+#![allow(unsafe_code)]
+
+use std::sync::Arc;
+
+use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
+
+/// One KVM memslot that maps part of an mmap'd guest RAM region.
+///
+/// Holds an `Arc` of the mapping, so the host memory outlives the slot; [`KvmSlot::remove`]
+/// (or drop) deletes the slot from KVM before the `Arc` can be released.
+#[derive(Debug)]
+pub(crate) struct KvmSlot {
+    id: u32,
+    gpa: u64,
+    size: u64,
+    readonly: bool,
+    /// Keeps the host mapping alive for as long as KVM may use it.
+    _mapping: Arc<GuestRegionMmap>,
+    removed: bool,
+}
+
+impl KvmSlot {
+    /// Creates KVM slot `id` for `[gpa, gpa + size)` inside `region` (which starts at its guest address).
+    ///
+    /// Errors are those of `KVM_SET_USER_MEMORY_REGION` (EEXIST on overlap, EINVAL on bad ids).
+    pub(crate) fn create(
+        vm: &VmFd,
+        id: u32,
+        region: &Arc<GuestRegionMmap>,
+        gpa: u64,
+        size: u64,
+        readonly: bool,
+    ) -> Result<KvmSlot, kvm_ioctls::Error> {
+        let start = region.start_addr().0;
+        let inside = gpa >= start
+            && size > 0
+            && gpa
+                .checked_add(size)
+                .is_some_and(|end| end <= start + region.len());
+        if !inside || gpa % 4096 != 0 || size % 4096 != 0 {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        let hva = region.as_ptr() as u64 + (gpa - start);
+        let desc = kvm_userspace_memory_region {
+            slot: id,
+            flags: if readonly { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: hva,
+        };
+        // SAFETY: `hva..hva+size` lies inside `region`'s live mmap (checked above), and the
+        // returned KvmSlot holds an Arc of that region and deletes the slot before releasing
+        // it (remove/Drop), so KVM never keeps an address of unmapped memory.
+        unsafe { vm.set_user_memory_region(desc) }?;
+        Ok(KvmSlot {
+            id,
+            gpa,
+            size,
+            readonly,
+            _mapping: Arc::clone(region),
+            removed: false,
+        })
+    }
+
+    /// Deletes the slot from KVM.
+    pub(crate) fn remove(mut self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+        self.delete(vm)
+    }
+
+    fn delete(&mut self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+        if self.removed {
+            return Ok(());
+        }
+        let desc = kvm_userspace_memory_region {
+            slot: self.id,
+            flags: 0,
+            guest_phys_addr: self.gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero-size region deletes slot `id`; KVM then holds no host address of it.
+        unsafe { vm.set_user_memory_region(desc) }?;
+        self.removed = true;
+        Ok(())
+    }
+
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub(crate) fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub(crate) fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    pub(crate) fn forget_region_for_drop(&mut self) {
+        // Marks the slot as already gone when the whole VM fd is closing: closing the VM fd
+        // drops every slot with it, so no ioctl is needed (or possible) then.
+        self.removed = true;
+    }
+}
+
+/// A slot that is still registered when dropped can only be deleted with the VM fd; the owner
+/// (the fragment table) always removes or forgets its slots first, so this only asserts.
+impl Drop for KvmSlot {
+    fn drop(&mut self) {
+        debug_assert!(
+            self.removed,
+            "KVM slot {} dropped while still registered; the VM fd must close first",
+            self.id
+        );
+    }
+}
+
+/// The kernel thread id handle of the calling thread, for kicking it out of `KVM_RUN`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ThreadHandle(libc::pthread_t);
+
+impl ThreadHandle {
+    pub(crate) fn current() -> ThreadHandle {
+        // SAFETY: pthread_self has no preconditions and always succeeds.
+        ThreadHandle(unsafe { libc::pthread_self() })
+    }
+
+    /// Sends the kick signal. The handle is only used while its vCPU thread is inside `run`
+    /// (the gate clears it before `run` returns), so the thread is alive.
+    pub(crate) fn kick(self) {
+        // SAFETY: the thread is alive (see above); the signal has a no-op handler installed by
+        // `install_kick_handler`, so delivery only interrupts a blocking KVM_RUN with EINTR.
+        let _ = unsafe { libc::pthread_kill(self.0, kick_signal()) };
+    }
+}
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub(crate) fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 5
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the no-op kick handler once per process.
+pub(crate) fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    let res: &Result<(), i32> = ONCE.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| e.errno())
+    });
+    res.map_err(vmm_sys_util::errno::Error::new)
+}
+
+/// The `suberror` of the last `KVM_EXIT_INTERNAL_ERROR`.
+pub(crate) fn internal_error_suberror(vcpu: &mut VcpuFd) -> u32 {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: only called right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, for which the
+    // kernel fills the `internal` member of the exit union.
+    unsafe { run.__bindgen_anon_1.internal.suberror }
+}

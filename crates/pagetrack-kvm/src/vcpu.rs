@@ -1,0 +1,269 @@
+//! vCPUs: the run loop that applies trapped stores, reports them, and hands everything else
+//! back to the VMM as a typed [`Exit`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use pagetrack::Source;
+
+use crate::error::{Error, Result};
+use crate::memory::{apply_write, read_ram};
+use crate::vm::VmInner;
+
+/// Up to 8 bytes of port or MMIO data, copied out of `kvm_run`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoData {
+    bytes: [u8; 8],
+    len: u8,
+}
+
+impl IoData {
+    fn new(data: &[u8]) -> IoData {
+        let mut d = IoData::default();
+        let n = data.len().min(8);
+        d.bytes[..n].copy_from_slice(&data[..n]);
+        d.len = u8::try_from(n).expect("at most 8");
+        d
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// The first byte (0 if empty).
+    pub fn first(&self) -> u8 {
+        self.bytes[0]
+    }
+
+    /// The bytes as a little-endian integer.
+    pub fn value(&self) -> u64 {
+        u64::from_le_bytes(self.bytes)
+    }
+}
+
+/// Why [`Vcpu::run`] returned. Stores to guest RAM never show up here: they are applied and
+/// reported inside `run`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Exit {
+    /// `out` to a port.
+    IoOut {
+        /// Port.
+        port: u16,
+        /// Data.
+        data: IoData,
+    },
+    /// A store to guest-physical memory that is not RAM.
+    MmioWrite {
+        /// Address.
+        gpa: u64,
+        /// Data.
+        data: IoData,
+    },
+    /// `hlt`.
+    Hlt,
+    /// Triple fault or similar.
+    Shutdown,
+    /// [`VcpuStopper::stop`] was called.
+    Stopped,
+    /// `KVM_EXIT_FAIL_ENTRY`.
+    FailEntry {
+        /// Hardware reason.
+        reason: u64,
+    },
+    /// `KVM_EXIT_INTERNAL_ERROR` that is not a store pagetrack could complete.
+    InternalError {
+        /// KVM's suberror.
+        suberror: u32,
+    },
+    /// Any other exit KVM reported, by name.
+    Other(&'static str),
+}
+
+/// What a VMM supplies for reads that are not guest RAM.
+pub trait IoHandler: Send {
+    /// `in` from `port`: fill `data` (default: all ones, an absent device).
+    fn io_in(&mut self, port: u16, data: &mut [u8]) {
+        let _ = port;
+        data.fill(0xff);
+    }
+
+    /// A load from non-RAM `gpa`: fill `data` (default: all ones).
+    fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
+        let _ = gpa;
+        data.fill(0xff);
+    }
+}
+
+#[derive(Debug, Default)]
+struct AbsentDevices;
+impl IoHandler for AbsentDevices {}
+
+/// Stops a running vCPU from another thread.
+#[derive(Debug, Clone)]
+pub struct VcpuStopper {
+    vm: Arc<VmInner>,
+    index: u32,
+    flag: Arc<AtomicBool>,
+}
+
+impl VcpuStopper {
+    /// Makes the vCPU's `run` return [`Exit::Stopped`] (now, or at its next call) and waits
+    /// until it is outside `KVM_RUN`.
+    pub fn stop(&self) {
+        self.vm
+            .backend
+            .gate
+            .stop(usize::try_from(self.index).unwrap_or(usize::MAX), &self.flag);
+    }
+}
+
+/// One vCPU. Run it on one thread (`run(&mut self)`); it is `Send`.
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+    vm: Arc<VmInner>,
+    io: Box<dyn IoHandler>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").field("index", &self.index).finish_non_exhaustive()
+    }
+}
+
+impl Vcpu {
+    pub(crate) fn new(index: u32, fd: VcpuFd, vm: Arc<VmInner>) -> Vcpu {
+        Vcpu {
+            index,
+            fd,
+            vm,
+            io: Box::new(AbsentDevices),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The vCPU index (the event [`Source::Vcpu`] number).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The KVM vCPU fd, for register set-up.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The KVM vCPU fd, mutably.
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
+    /// Installs the handler for port and MMIO reads that are not guest RAM.
+    pub fn set_io_handler(&mut self, io: Box<dyn IoHandler>) {
+        self.io = io;
+    }
+
+    /// A handle that stops this vCPU from another thread.
+    pub fn stopper(&self) -> VcpuStopper {
+        VcpuStopper {
+            vm: Arc::clone(&self.vm),
+            index: self.index,
+            flag: Arc::clone(&self.stop),
+        }
+    }
+
+    fn gate_index(&self) -> usize {
+        usize::try_from(self.index).expect("u32 fits usize on x86_64")
+    }
+
+    /// Runs the guest until an exit the VMM must see. Stores to guest RAM that exit (tracked
+    /// frames) are applied and reported here, with source `Vcpu(index)`; loads of RAM that exit
+    /// (during a slot change) are served from guest memory.
+    ///
+    /// # Errors
+    /// A failed `KVM_RUN`, or a store that cannot be completed ([`Error::Unemulatable`]).
+    pub fn run(&mut self) -> Result<Exit> {
+        let idx = self.gate_index();
+        loop {
+            if !self.vm.backend.gate.enter(idx, &self.stop) {
+                self.stop.store(false, Ordering::SeqCst);
+                return Ok(Exit::Stopped);
+            }
+            let res = self.fd.run();
+            self.vm.backend.gate.leave(idx);
+            let exit = match res {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Err(e) => return Err(Error::Kvm { op: "KVM_RUN", source: e }),
+                Ok(exit) => exit,
+            };
+            let source = Source::Vcpu(self.index);
+            let counters = &self.vm.backend.counters;
+            match exit {
+                VcpuExit::MmioWrite(gpa, data) => {
+                    let data = IoData::new(data);
+                    if apply_write(&self.vm, gpa, data.as_slice(), source) {
+                        counters.trapped_writes.fetch_add(1, Ordering::Relaxed);
+                        counters
+                            .trapped_bytes
+                            .fetch_add(u64::from(data.len), Ordering::Relaxed);
+                        continue;
+                    }
+                    return Ok(Exit::MmioWrite { gpa, data });
+                }
+                VcpuExit::MmioRead(gpa, data) => {
+                    if read_ram(&self.vm, gpa, data) {
+                        counters.ram_reads_served.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.io.mmio_read(gpa, data);
+                    }
+                }
+                VcpuExit::IoIn(port, data) => self.io.io_in(port, data),
+                VcpuExit::IoOut(port, data) => {
+                    return Ok(Exit::IoOut {
+                        port,
+                        data: IoData::new(data),
+                    });
+                }
+                VcpuExit::Hlt => return Ok(Exit::Hlt),
+                VcpuExit::Shutdown => return Ok(Exit::Shutdown),
+                VcpuExit::FailEntry(reason, _) => return Ok(Exit::FailEntry { reason }),
+                VcpuExit::InternalError => {
+                    let suberror = crate::sys::internal_error_suberror(&mut self.fd);
+                    if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
+                        && self.complete_store()?
+                    {
+                        continue;
+                    }
+                    return Ok(Exit::InternalError { suberror });
+                }
+                VcpuExit::Intr => {}
+                other => return Ok(Exit::Other(exit_name(&other))),
+            }
+        }
+    }
+
+    /// Completes a store KVM could not emulate against a read-only fragment. Returns false if
+    /// the failing instruction is not a store to RAM (the caller reports the internal error).
+    fn complete_store(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+fn exit_name(e: &VcpuExit<'_>) -> &'static str {
+    match e {
+        VcpuExit::Unknown => "unknown",
+        VcpuExit::Exception => "exception",
+        VcpuExit::Hypercall(_) => "hypercall",
+        VcpuExit::Debug(_) => "debug",
+        VcpuExit::IrqWindowOpen => "irq-window-open",
+        VcpuExit::SystemEvent(..) => "system-event",
+        VcpuExit::Nmi => "nmi",
+        _ => "other",
+    }
+}

@@ -1,0 +1,505 @@
+//! The VM: KVM VM fd, guest RAM, the core tracker and the fragment table.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use kvm_bindings::{KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL, kvm_enable_cap};
+use kvm_ioctls::{Kvm, VmFd};
+use pagetrack::{
+    AsId, BackendError, Enforcement, Gfn, MemoryRegion, PAGE_SIZE, PageTracker, SlotId,
+    TrackerConfig,
+};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+};
+
+use crate::error::{Error, Result};
+use crate::gate::Gate;
+use crate::memory::TrackedMemory;
+use crate::slots::{FragmentStats, Fragments};
+use crate::vcpu::Vcpu;
+
+/// How a [`Vm`] is set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VmConfig {
+    /// Size of the KVM memslot chunks RAM is registered in; `None` picks one from the RAM size
+    /// and the slot budget (at least 2 MiB).
+    pub chunk_bytes: Option<u64>,
+    /// KVM memslots left for the VMM's own use.
+    pub reserved_slots: usize,
+    /// Disable `KVM_X86_QUIRK_SLOT_ZAP_ALL` where KVM offers it, so that re-cutting one chunk
+    /// does not make the guest refault all of its memory.
+    pub disable_slot_zap_all: bool,
+    /// Expected total RAM, used to choose the chunk size.
+    pub expected_ram: u64,
+    /// Core configuration.
+    pub tracker: TrackerConfig,
+}
+
+impl Default for VmConfig {
+    fn default() -> VmConfig {
+        VmConfig {
+            chunk_bytes: None,
+            reserved_slots: 8,
+            disable_slot_zap_all: true,
+            expected_ram: 1 << 30,
+            tracker: TrackerConfig::default().with_address_spaces(1),
+        }
+    }
+}
+
+impl VmConfig {
+    /// The same configuration sized for `bytes` of RAM.
+    pub fn with_ram(mut self, bytes: u64) -> VmConfig {
+        self.expected_ram = bytes;
+        self
+    }
+
+    /// The same configuration with a fixed chunk size (a multiple of 4 KiB).
+    pub fn with_chunk_bytes(mut self, bytes: u64) -> VmConfig {
+        self.chunk_bytes = Some(bytes);
+        self
+    }
+
+    /// The same configuration with the zap-all quirk left as KVM has it.
+    pub fn keep_slot_zap_all(mut self) -> VmConfig {
+        self.disable_slot_zap_all = false;
+        self
+    }
+}
+
+/// What this host's KVM offers that pagetrack uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HostCaps {
+    /// `KVM_CAP_READONLY_MEM`.
+    pub readonly_mem: bool,
+    /// `KVM_CAP_NR_MEMSLOTS`.
+    pub nr_memslots: usize,
+    /// Quirks that `KVM_CAP_DISABLE_QUIRKS2` can disable (bit mask).
+    pub disable_quirks2: u64,
+    /// `KVM_CAP_SYNC_REGS` register sets.
+    pub sync_regs: u32,
+    /// `KVM_CAP_DIRTY_LOG_RING` size in bytes (0 if absent).
+    pub dirty_ring_bytes: u32,
+    /// True when KVM runs without hardware virtualization (PVM): the host CPU has no vmx/svm
+    /// flag, or the kvm_pvm module is loaded. Guest CPL0 code is then emulated.
+    pub software_kvm: bool,
+    /// True when KVM uses shadow paging (no EPT/NPT), so guest page-table writes must be
+    /// made visible to KVM's shadow MMU.
+    pub shadow_paging: bool,
+    /// The module that provides `/dev/kvm` (kvm_intel, kvm_amd, kvm_pvm...), if known.
+    pub module: Option<String>,
+}
+
+impl HostCaps {
+    /// Reads the capabilities of `kvm` and what `/proc` and `/sys` say about the module.
+    pub fn probe(kvm: &Kvm) -> HostCaps {
+        let raw = |c: u32| kvm.check_extension_raw(u64::from(c));
+        let module = ["kvm_pvm", "kvm_intel", "kvm_amd"]
+            .into_iter()
+            .find(|m| std::path::Path::new(&format!("/sys/module/{m}")).exists())
+            .map(str::to_owned);
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let hw = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        let software_kvm = module.as_deref() == Some("kvm_pvm") || !hw;
+        let tdp = |m: &str, p: &str| {
+            std::fs::read_to_string(format!("/sys/module/{m}/parameters/{p}"))
+                .map(|v| matches!(v.trim(), "Y" | "1"))
+                .unwrap_or(false)
+        };
+        let shadow_paging = match module.as_deref() {
+            Some("kvm_intel") => !tdp("kvm_intel", "ept"),
+            Some("kvm_amd") => !tdp("kvm_amd", "npt"),
+            _ => true,
+        };
+        HostCaps {
+            readonly_mem: raw(kvm_bindings::KVM_CAP_READONLY_MEM) > 0,
+            nr_memslots: usize::try_from(kvm.get_nr_memslots()).unwrap_or(0),
+            disable_quirks2: u64::try_from(raw(KVM_CAP_DISABLE_QUIRKS2)).unwrap_or(0),
+            sync_regs: u32::try_from(raw(kvm_bindings::KVM_CAP_SYNC_REGS)).unwrap_or(0),
+            dirty_ring_bytes: u32::try_from(raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)).unwrap_or(0),
+            software_kvm,
+            shadow_paging,
+            module,
+        }
+    }
+}
+
+/// Counters of a VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VmStats {
+    /// Guest stores that exited to userspace and were applied (tracked or not).
+    pub trapped_writes: u64,
+    /// Bytes of those stores.
+    pub trapped_bytes: u64,
+    /// Stores pagetrack emulated itself (the hard cases).
+    pub emulated_stores: u64,
+    /// Guest reads of RAM served in userspace (during slot changes).
+    pub ram_reads_served: u64,
+    /// Device writes through [`TrackedMemory`].
+    pub device_writes: u64,
+    /// Fragment table counters.
+    pub fragments: FragmentStats,
+    /// Times every vCPU was paused for slot changes.
+    pub pauses: u64,
+    /// Time spent pausing vCPUs, nanoseconds.
+    pub pause_ns: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) trapped_writes: AtomicU64,
+    pub(crate) trapped_bytes: AtomicU64,
+    pub(crate) emulated_stores: AtomicU64,
+    pub(crate) ram_reads_served: AtomicU64,
+    pub(crate) device_writes: AtomicU64,
+    pauses: AtomicU64,
+    pause_ns: AtomicU64,
+}
+
+/// The core's enforcement backend: protected frames live in read-only fragments.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    pub(crate) vm_fd: VmFd,
+    pub(crate) gate: Gate,
+    frags: Mutex<Fragments>,
+    pub(crate) counters: Counters,
+}
+
+impl Backend {
+    fn frags(&self) -> MutexGuard<'_, Fragments> {
+        self.frags.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn change(&self, frames: &[(AsId, Gfn)], protect: bool) -> Result<()> {
+        let gpas: Vec<u64> = frames.iter().map(|(_, g)| g.gpa().0).collect();
+        let mut frags = self.frags();
+        let dirty = frags.mark(&gpas, protect);
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let _paused = self.gate.pause();
+        let res = frags.relayout(&self.vm_fd, &dirty);
+        if res.is_err() {
+            // Restore the previous bits and layout as far as KVM allows.
+            let back = frags.mark(&gpas, !protect);
+            let _ = frags.relayout(&self.vm_fd, &back);
+        }
+        self.counters.pauses.fetch_add(1, Ordering::Relaxed);
+        self.counters.pause_ns.fetch_add(
+            u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        res
+    }
+}
+
+impl Enforcement for Backend {
+    fn protect(&self, frames: &[(AsId, Gfn)]) -> std::result::Result<(), BackendError> {
+        Ok(self.change(frames, true)?)
+    }
+
+    fn unprotect(&self, frames: &[(AsId, Gfn)]) -> std::result::Result<(), BackendError> {
+        Ok(self.change(frames, false)?)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // The VM fd closes right after this and takes every memslot with it.
+        self.frags().forget_all();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RamInfo {
+    slot: SlotId,
+    gpa: u64,
+    size: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct VmInner {
+    pub(crate) kvm: Kvm,
+    pub(crate) backend: Arc<Backend>,
+    pub(crate) tracker: Arc<PageTracker>,
+    pub(crate) mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    rams: Mutex<Vec<RamInfo>>,
+    vcpus: Mutex<Vec<u32>>,
+    pub(crate) caps: HostCaps,
+    config: VmConfig,
+}
+
+/// A KVM VM with exact write tracking. Cheap to clone (shared).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use pagetrack::{Gfn, NotifierClass, TrackNotifier, WriteEvent};
+/// use pagetrack_kvm::{Vm, VmConfig};
+///
+/// struct Print;
+/// impl TrackNotifier for Print {
+///     fn track_write(&self, e: &WriteEvent<'_>) {
+///         println!("{} wrote {:02x?} at {:#x} (was {:02x?})", e.source, e.new, e.gpa.0, e.old);
+///     }
+/// }
+///
+/// let vm = Vm::new(VmConfig::default().with_ram(64 << 20))?;
+/// vm.add_ram(0, 64 << 20)?;
+/// let _handle = vm.tracker().register(Arc::new(Print), NotifierClass::Ordinary)?;
+/// vm.tracker().add_gfn(Gfn(0x5))?; // guest stores to 0x5000..0x6000 now reach Print
+/// vm.memory().write_slice(&[1, 2, 3], 0x5000)?; // and so do device writes
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Vm {
+    pub(crate) inner: Arc<VmInner>,
+}
+
+impl Vm {
+    /// Opens `/dev/kvm` and creates a VM.
+    ///
+    /// # Errors
+    /// KVM is missing or lacks read-only memslots, or an ioctl failed.
+    pub fn new(config: VmConfig) -> Result<Vm> {
+        let kvm = Kvm::new().map_err(Error::kvm("open /dev/kvm"))?;
+        Vm::with_kvm(kvm, config)
+    }
+
+    /// Creates a VM on an open `/dev/kvm`.
+    ///
+    /// # Errors
+    /// As [`Vm::new`].
+    pub fn with_kvm(kvm: Kvm, config: VmConfig) -> Result<Vm> {
+        let caps = HostCaps::probe(&kvm);
+        if !caps.readonly_mem {
+            return Err(Error::MissingCapability {
+                what: "KVM_CAP_READONLY_MEM",
+            });
+        }
+        crate::sys::install_kick_handler().map_err(|e| Error::Memory {
+            reason: format!("installing the vCPU kick signal handler: {e}"),
+        })?;
+        let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        let zap_all = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
+        if config.disable_slot_zap_all && caps.disable_quirks2 & zap_all != 0 {
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_DISABLE_QUIRKS2,
+                ..Default::default()
+            };
+            cap.args[0] = zap_all;
+            vm_fd
+                .enable_cap(&cap)
+                .map_err(Error::kvm("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
+        }
+        let budget = caps.nr_memslots.saturating_sub(config.reserved_slots).max(1);
+        let chunk = config.chunk_bytes.unwrap_or_else(|| {
+            // Spend at most an eighth of the budget on the initial chunks.
+            let per = config.expected_ram / (u64::try_from(budget / 8).unwrap_or(1).max(1));
+            per.next_power_of_two().max(2 << 20)
+        });
+        if chunk == 0 || chunk % PAGE_SIZE != 0 {
+            return Err(Error::InvalidRam {
+                gpa: 0,
+                size: chunk,
+                reason: "chunk size must be a non-zero multiple of 4 KiB",
+            });
+        }
+        let backend = Arc::new(Backend {
+            vm_fd,
+            gate: Gate::default(),
+            frags: Mutex::new(Fragments::new(budget, chunk)),
+            counters: Counters::default(),
+        });
+        let tracker = PageTracker::new(config.tracker, Arc::clone(&backend) as Arc<dyn Enforcement>);
+        Ok(Vm {
+            inner: Arc::new(VmInner {
+                kvm,
+                backend,
+                tracker,
+                mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+                rams: Mutex::new(Vec::new()),
+                vcpus: Mutex::new(Vec::new()),
+                caps,
+                config,
+            }),
+        })
+    }
+
+    /// The write tracker: register notifiers and add/remove tracked frames through it.
+    pub fn tracker(&self) -> &Arc<PageTracker> {
+        &self.inner.tracker
+    }
+
+    /// Guest memory through which device models read and write: writes to tracked frames
+    /// produce events with [`Source::Device`](pagetrack::Source::Device).
+    pub fn memory(&self) -> TrackedMemory {
+        TrackedMemory::new(Arc::clone(&self.inner))
+    }
+
+    /// The raw guest memory, bypassing tracking (for loading images before tracking starts).
+    pub fn raw_memory(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+        self.inner.mem.memory()
+    }
+
+    /// The KVM VM fd (for irqchips, ioeventfds and other VMM set-up).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.inner.backend.vm_fd
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.inner.kvm
+    }
+
+    /// What the host offers.
+    pub fn caps(&self) -> &HostCaps {
+        &self.inner.caps
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> VmConfig {
+        self.inner.config
+    }
+
+    /// Size of the KVM memslot chunks RAM is registered in.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.inner.backend.frags().chunk_bytes()
+    }
+
+    /// Adds `size` bytes of anonymous guest RAM at guest-physical `gpa`; returns its memslot
+    /// id in the tracker.
+    ///
+    /// # Errors
+    /// Unaligned or empty range, overlap with existing RAM, mmap failure, slot budget.
+    pub fn add_ram(&self, gpa: u64, size: u64) -> Result<SlotId> {
+        let bad = |reason| Error::InvalidRam { gpa, size, reason };
+        if size == 0 || gpa % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+            return Err(bad("address and size must be non-zero multiples of 4 KiB"));
+        }
+        if gpa.checked_add(size).is_none() {
+            return Err(bad("range wraps"));
+        }
+        let mut rams = self.inner.rams.lock().unwrap_or_else(|e| e.into_inner());
+        if rams.iter().any(|r| gpa < r.gpa + r.size && r.gpa < gpa + size) {
+            return Err(bad("overlaps existing RAM"));
+        }
+        let slot = (0..u16::MAX)
+            .map(SlotId)
+            .find(|s| rams.iter().all(|r| r.slot != *s))
+            .ok_or(bad("no free memslot id"))?;
+        let len = usize::try_from(size).map_err(|_| bad("too large for this host"))?;
+        let region = Arc::new(
+            GuestRegionMmap::<()>::from_range(GuestAddress(gpa), len, None).map_err(|e| Error::Memory {
+                reason: format!("mmap of {size:#x} bytes: {e}"),
+            })?,
+        );
+        let npages = size / PAGE_SIZE;
+        self.inner
+            .tracker
+            .set_memory_region(MemoryRegion::new(slot, Gfn(gpa / PAGE_SIZE), npages))?;
+        let res = self
+            .inner
+            .backend
+            .frags()
+            .add_ram(&self.inner.backend.vm_fd, Arc::clone(&region), gpa, size);
+        if let Err(e) = res {
+            let _ = self
+                .inner
+                .tracker
+                .set_memory_region(MemoryRegion::delete(AsId::NORMAL, slot));
+            return Err(e);
+        }
+        let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self.inner.mem.memory().insert_region(region).map_err(|e| Error::Memory {
+            reason: format!("inserting region: {e}"),
+        })?;
+        guard.replace(next);
+        rams.push(RamInfo { slot, gpa, size });
+        Ok(slot)
+    }
+
+    /// Removes the RAM region with memslot id `slot`: notifiers get `track_remove_region`
+    /// once the removal is final, then its KVM fragments and mapping go.
+    ///
+    /// # Errors
+    /// Unknown slot; a KVM failure deleting fragments.
+    pub fn remove_ram(&self, slot: SlotId) -> Result<()> {
+        let mut rams = self.inner.rams.lock().unwrap_or_else(|e| e.into_inner());
+        let pos = rams
+            .iter()
+            .position(|r| r.slot == slot)
+            .ok_or(pagetrack::Error::UnknownSlot {
+                as_id: AsId::NORMAL,
+                slot,
+            })?;
+        let info = rams[pos];
+        {
+            let _paused = self.inner.backend.gate.pause();
+            self.inner
+                .backend
+                .frags()
+                .remove_ram(&self.inner.backend.vm_fd, info.gpa)?;
+        }
+        self.inner
+            .tracker
+            .set_memory_region(MemoryRegion::delete(AsId::NORMAL, slot))?;
+        let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, _region) = self
+            .inner
+            .mem
+            .memory()
+            .remove_region(GuestAddress(info.gpa), info.size)
+            .map_err(|e| Error::Memory {
+                reason: format!("removing region: {e}"),
+            })?;
+        guard.replace(next);
+        rams.remove(pos);
+        Ok(())
+    }
+
+    /// Creates vCPU `index` (each index once).
+    ///
+    /// # Errors
+    /// Duplicate index or a KVM failure.
+    pub fn create_vcpu(&self, index: u32) -> Result<Vcpu> {
+        let mut vcpus = self.inner.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        if vcpus.contains(&index) {
+            return Err(Error::Vcpu {
+                index,
+                reason: "already created",
+            });
+        }
+        let fd = self
+            .inner
+            .backend
+            .vm_fd
+            .create_vcpu(u64::from(index))
+            .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        vcpus.push(index);
+        Ok(Vcpu::new(index, fd, Arc::clone(&self.inner)))
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> VmStats {
+        let c = &self.inner.backend.counters;
+        VmStats {
+            trapped_writes: c.trapped_writes.load(Ordering::Relaxed),
+            trapped_bytes: c.trapped_bytes.load(Ordering::Relaxed),
+            emulated_stores: c.emulated_stores.load(Ordering::Relaxed),
+            ram_reads_served: c.ram_reads_served.load(Ordering::Relaxed),
+            device_writes: c.device_writes.load(Ordering::Relaxed),
+            fragments: self.inner.backend.frags().stats(),
+            pauses: c.pauses.load(Ordering::Relaxed),
+            pause_ns: c.pause_ns.load(Ordering::Relaxed),
+        }
+    }
+}
