@@ -1,1 +1,7 @@
-//! KVM integration tests.
+//! pagetrack-kvm integration tests: real guest code on real KVM.
+//!
+//! Every test starts with `kvm_or_skip!()`: without `/dev/kvm` it prints a loud
+//! `SKIPPED (no /dev/kvm)` line, and with `PAGETRACK_REQUIRE_KVM=1` (as in CI) it fails instead.
+
+mod common;
+mod track;
