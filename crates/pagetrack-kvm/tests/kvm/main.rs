@@ -4,4 +4,5 @@
 //! `SKIPPED (no /dev/kvm)` line, and with `PAGETRACK_REQUIRE_KVM=1` (as in CI) it fails instead.
 
 mod common;
+mod concurrency;
 mod track;
