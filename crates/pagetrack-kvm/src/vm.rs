@@ -442,6 +442,11 @@ impl Vm {
                 slot,
             })?;
         let info = rams[pos];
+        // The core first: it validates (it may refuse, e.g. from inside a callback) and
+        // notifies only once the deletion is final; then the KVM fragments go.
+        self.inner
+            .tracker
+            .set_memory_region(MemoryRegion::delete(AsId::NORMAL, slot))?;
         {
             let _paused = self.inner.backend.gate.pause();
             self.inner
@@ -449,9 +454,6 @@ impl Vm {
                 .frags()
                 .remove_ram(&self.inner.backend.vm_fd, info.gpa)?;
         }
-        self.inner
-            .tracker
-            .set_memory_region(MemoryRegion::delete(AsId::NORMAL, slot))?;
         let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
         let (next, _region) = self
             .inner

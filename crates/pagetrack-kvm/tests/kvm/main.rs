@@ -5,4 +5,5 @@
 
 mod common;
 mod concurrency;
+mod shapes;
 mod track;

@@ -1,0 +1,117 @@
+//! Store shapes KVM splits or batches: string stores, straddling stores, 16-byte stores, push;
+//! memslot removal; batches.
+
+use iced_x86::code_asm::*;
+use pagetrack::{AsId, Gfn};
+use pagetrack_testkit::{assemble, exit_with, kvm_or_skip};
+
+use crate::common::*;
+
+#[test]
+fn rep_stosq_across_two_tracked_frames_reports_every_element() {
+    let kvm = kvm_or_skip!();
+    let code = assemble(ENTRY, |a| {
+        a.mov(rdi, T - 0x100)?; // start 0x100 bytes below the first tracked frame
+        a.mov(rax, 0xabcd_ef01_2345_6789u64)?; // pattern
+        a.mov(ecx, (8192 + 0x200) / 8)?; // through both tracked frames and 0x100 beyond
+        a.cld()?;
+        a.rep().stosq()?; // the string store
+        exit_with(a, 0)
+    });
+    let mut g = boot(kvm, 16 << 20, 1, &code);
+    let (rec, _h) = recorder(&g.vm);
+    g.vm.tracker().add_gfns(AsId::NORMAL, &[Gfn(T >> 12), Gfn((T >> 12) + 1)]).unwrap();
+    let initial = read(&g.vm, T, 8192);
+
+    run_to_exit(&g.vm, &g.layout, &mut g.vcpus[0], TIMEOUT);
+
+    let ev = rec.take();
+    assert_eq!(ev.len(), 1024, "one event per 8-byte element inside the tracked frames");
+    replay(T, &initial, &ev, &read(&g.vm, T, 8192));
+    assert_eq!(read(&g.vm, T - 0x100, 8), 0xabcd_ef01_2345_6789u64.to_le_bytes());
+    assert_eq!(read(&g.vm, T + 8192, 8), 0xabcd_ef01_2345_6789u64.to_le_bytes());
+    // One fragment of two frames, not two.
+    assert_eq!(g.vm.stats().fragments.readonly_fragments, 1);
+}
+
+#[test]
+fn straddling_and_wide_stores_report_exactly_the_tracked_bytes() {
+    let kvm = kvm_or_skip!();
+    let code = assemble(ENTRY, |a| {
+        a.mov(rdi, T)?;
+        a.mov(rax, 0x0807_0605_0403_0201u64)?;
+        a.mov(qword_ptr(rdi - 4), rax)?; // straddles into T from below: bytes 05..08 tracked
+        a.mov(qword_ptr(rdi + 0xffc), rax)?; // straddles out of T: bytes 01..04 tracked
+        a.movq(xmm0, rax)?;
+        a.pinsrq(xmm0, rax, 1)?; // xmm0 = pattern twice
+        a.movdqu(xmmword_ptr(rdi + 0x100), xmm0)?; // 16-byte store: two 8-byte exits
+        a.mov(rsp, T + 0x208)?; // stack inside the tracked frame
+        a.push(rax)?; // 8-byte push into T
+        exit_with(a, 0)
+    });
+    let mut g = boot(kvm, 16 << 20, 1, &code);
+    let (rec, _h) = recorder(&g.vm);
+    g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+    let initial = read(&g.vm, T, 4096);
+
+    run_to_exit(&g.vm, &g.layout, &mut g.vcpus[0], TIMEOUT);
+
+    let ev = rec.take();
+    let got: Vec<(u64, usize)> = ev.iter().map(|e| (e.gpa, e.new.len())).collect();
+    assert_eq!(got, vec![(T, 4), (T + 0xffc, 4), (T + 0x100, 8), (T + 0x108, 8), (T + 0x200, 8)]);
+    assert_eq!(ev[0].new, vec![5, 6, 7, 8]);
+    replay(T, &initial, &ev, &read(&g.vm, T, 4096));
+    assert_eq!(read(&g.vm, T - 4, 4), vec![1, 2, 3, 4], "KVM wrote the untracked part");
+}
+
+#[test]
+fn remove_ram_with_tracked_frames_delivers_remove_region_once() {
+    use std::sync::Mutex;
+    #[derive(Default)]
+    struct Regions(Mutex<Vec<(AsId, Gfn, u64)>>);
+    impl pagetrack::TrackNotifier for Regions {
+        fn track_remove_region(&self, a: AsId, base: Gfn, n: u64) {
+            self.0.lock().unwrap().push((a, base, n));
+        }
+    }
+    let kvm = kvm_or_skip!();
+    let g = boot(kvm, 16 << 20, 1, &[0xf4]);
+    let extra = g.vm.add_ram(1 << 32, 8 << 20).unwrap();
+    let regions = std::sync::Arc::new(Regions::default());
+    let _h = g
+        .vm
+        .tracker()
+        .register(regions.clone(), pagetrack::NotifierClass::Ordinary)
+        .unwrap();
+    g.vm.tracker().add_gfn(Gfn((1 << 20) + 3)).unwrap();
+    let before = g.vm.stats().fragments.fragments;
+
+    g.vm.remove_ram(extra).unwrap();
+
+    assert_eq!(*regions.0.lock().unwrap(), vec![(AsId::NORMAL, Gfn(1 << 20), 2048)]);
+    assert!(g.vm.stats().fragments.fragments < before);
+    assert!(g.vm.tracker().add_gfn(Gfn((1 << 20) + 3)).is_err());
+    assert!(g.vm.memory().write_slice(&[1], 1 << 32).is_err());
+    assert!(g.vm.remove_ram(extra).is_err(), "removing it twice is an error");
+}
+
+#[test]
+fn batch_of_1000_scattered_frames_is_one_surgery_and_exact() {
+    let kvm = kvm_or_skip!();
+    let g = boot(kvm, 256 << 20, 1, &[0xf4]);
+    let (rec, _h) = recorder(&g.vm);
+    // Every 61st frame from 1 MiB up: scattered over many chunks.
+    let frames: Vec<Gfn> = (0..1000u64).map(|i| Gfn(0x100 + i * 61)).collect();
+    let pauses = g.vm.stats().pauses;
+
+    g.vm.tracker().add_gfns(AsId::NORMAL, &frames).unwrap();
+
+    assert_eq!(g.vm.stats().pauses, pauses + 1, "one pause for the whole batch");
+    assert_eq!(g.vm.stats().fragments.readonly_fragments, 1000);
+    for f in &frames {
+        g.vm.memory().write_slice(&[0xee], f.gpa().0 + 1).unwrap();
+    }
+    assert_eq!(rec.take().len(), 1000);
+    g.vm.tracker().remove_gfns(AsId::NORMAL, &frames).unwrap();
+    assert_eq!(g.vm.stats().fragments.readonly_fragments, 0);
+}
