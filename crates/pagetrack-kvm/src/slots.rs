@@ -320,16 +320,34 @@ impl Fragments {
                 continue;
             }
             self.stats.relayouts += 1;
-            let old = std::mem::take(&mut self.rams[r].chunks[c].frags);
-            for s in old {
-                self.delete(vm, s)?;
-            }
-            let mmap = Arc::clone(&self.rams[r].mmap);
+            // Keep the fragments that stay as they are; delete the rest, then create the new
+            // ones (deletes first: KVM refuses overlapping slots).
             let base = self.rams[r].chunks[c].gpa;
+            let old = std::mem::take(&mut self.rams[r].chunks[c].frags);
+            let mut kept = Vec::with_capacity(want.len());
+            for s in old {
+                let piece = Piece {
+                    first: (s.gpa() - base) / PAGE,
+                    pages: s.size() / PAGE,
+                    readonly: s.readonly(),
+                };
+                if want.contains(&piece) {
+                    kept.push(s);
+                } else if let Err(e) = self.delete(vm, s) {
+                    self.rams[r].chunks[c].frags = kept;
+                    return Err(e);
+                }
+            }
+            self.rams[r].chunks[c].frags = kept;
+            let mmap = Arc::clone(&self.rams[r].mmap);
             for p in &want {
+                if have.contains(p) {
+                    continue;
+                }
                 let slot = self.create(vm, &mmap, base + p.first * PAGE, p.pages * PAGE, p.readonly)?;
                 self.rams[r].chunks[c].frags.push(slot);
             }
+            self.rams[r].chunks[c].frags.sort_by_key(KvmSlot::gpa);
         }
         Ok(())
     }

@@ -1,0 +1,353 @@
+//! Backend measurements on this host's KVM: trapped-write round trip against a bare port-I/O
+//! exit, untracked-store overhead, track/untrack latency, refault cost after a track, and a
+//! 1,000-frame batch. Used by `pagetrack bench`; each figure is a median over repeated runs in
+//! one process, so ratios compare like with like.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::{CodeAssembler, al, qword_ptr, r8, rax, rcx, rdi};
+use pagetrack::{AsId, Gfn, NotifierClass, TrackNotifier, WriteEvent};
+use pagetrack_kvm::{Exit, Vcpu, Vm, VmConfig};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::error::{Error, Result};
+use crate::x86::{self, GUEST_EXIT_PORT, LONG_MODE_RFLAGS, LongModeLayout};
+
+/// What to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BenchConfig {
+    /// RAM of the large guest (track/untrack latency and refault), bytes.
+    pub ram: u64,
+    /// Exits per round-trip measurement.
+    pub exits: u64,
+    /// Repetitions of each measurement (the median is reported).
+    pub reps: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> BenchConfig {
+        BenchConfig {
+            ram: 1 << 30,
+            exits: 20_000,
+            reps: 5,
+        }
+    }
+}
+
+/// One measured figure.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct BenchRow {
+    /// Stable key (for JSON).
+    pub key: &'static str,
+    /// What it is, in words.
+    pub what: String,
+    /// The median.
+    pub value: f64,
+    /// Its unit.
+    pub unit: &'static str,
+}
+
+/// Everything measured.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct BenchReport {
+    /// The figures in order.
+    pub rows: Vec<BenchRow>,
+}
+
+impl BenchReport {
+    fn push(&mut self, key: &'static str, what: impl Into<String>, value: f64, unit: &'static str) {
+        self.rows.push(BenchRow {
+            key,
+            what: what.into(),
+            value,
+            unit,
+        });
+    }
+
+    /// The figure with `key`.
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.rows.iter().find(|r| r.key == key).map(|r| r.value)
+    }
+}
+
+const CODE: u64 = 0x1000;
+const TRACKED: u64 = 0x10_0000;
+const BUF: u64 = 0x40_0000;
+const BUF_BYTES: u64 = 4 << 20;
+const PIO_PORT: u32 = 0x10;
+
+/// Guest entry points, one program each, all in the code page.
+struct Programs {
+    pio: u64,
+    store: u64,
+    sweep: u64,
+    touch: u64,
+    bytes: Vec<u8>,
+}
+
+fn asm_err(source: iced_x86::IcedError) -> Error {
+    Error::Assemble { source }
+}
+
+fn programs() -> Result<Programs> {
+    let mut a = CodeAssembler::new(64).map_err(asm_err)?;
+    let mut pio = a.create_label();
+    let mut store = a.create_label();
+    let mut sweep = a.create_label();
+    let mut touch = a.create_label();
+    let mut build = || -> std::result::Result<(), iced_x86::IcedError> {
+        // pio: rcx times `out PIO_PORT, al` (a bare exit each), then exit.
+        a.set_label(&mut pio)?;
+        a.out(PIO_PORT, al)?; // bare port-I/O exit
+        a.dec(rcx)?;
+        a.jnz(pio)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)?; // done
+        // store: rcx times `mov [rdi], rcx` (a trapped store each when [rdi] is tracked).
+        a.set_label(&mut store)?;
+        a.mov(qword_ptr(rdi), rcx)?; // 8-byte store
+        a.dec(rcx)?;
+        a.jnz(store)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)?;
+        // sweep: rcx 8-byte stores cycling over the 4 MiB buffer at rdi (untracked).
+        a.set_label(&mut sweep)?;
+        a.xor(rax, rax)?; // offset
+        let mut l = a.create_label();
+        a.set_label(&mut l)?;
+        a.mov(qword_ptr(rdi + rax), rcx)?; // store
+        a.add(rax, 8)?;
+        a.and(rax, i32::try_from(BUF_BYTES - 1).unwrap_or(i32::MAX))?; // wrap inside the buffer
+        a.dec(rcx)?;
+        a.jnz(l)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)?;
+        // touch: one store per 4 KiB page of [rdi, r8).
+        a.set_label(&mut touch)?;
+        a.mov(qword_ptr(rdi), rdi)?; // touch the page
+        a.add(rdi, 4096)?;
+        a.cmp(rdi, r8)?;
+        a.jb(touch)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)
+    };
+    build().map_err(asm_err)?;
+    let res = a
+        .assemble_options(CODE, iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .map_err(asm_err)?;
+    let at = |l: &iced_x86::code_asm::CodeLabel| res.label_ip(l).map_err(asm_err);
+    Ok(Programs {
+        pio: at(&pio)?,
+        store: at(&store)?,
+        sweep: at(&sweep)?,
+        touch: at(&touch)?,
+        bytes: res.inner.code_buffer,
+    })
+}
+
+struct Rig {
+    vm: Vm,
+    vcpu: Vcpu,
+    layout: LongModeLayout,
+    progs: Programs,
+}
+
+#[derive(Debug, Default)]
+struct Count(AtomicU64);
+impl TrackNotifier for Count {
+    fn track_write(&self, _: &WriteEvent<'_>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Rig {
+    fn new(ram: u64, config: VmConfig) -> Result<Rig> {
+        let vm = Vm::new(config.with_ram(ram))?;
+        vm.add_ram(0, ram)?;
+        let layout = LongModeLayout::new(ram)?;
+        let progs = programs()?;
+        vm.raw_memory()
+            .write_slice(&progs.bytes, GuestAddress(CODE))
+            .map_err(|source| Error::GuestMemory {
+                what: "benchmark programs",
+                addr: CODE,
+                source,
+            })?;
+        let vcpu = vm.create_vcpu(0)?;
+        x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, CODE, 0)?;
+        Ok(Rig {
+            vm,
+            vcpu,
+            layout,
+            progs,
+        })
+    }
+
+    /// Runs the program at `entry` with rdi/rcx/r8 to its exit; returns the wall time.
+    fn run(&mut self, entry: u64, rdi_v: u64, rcx_v: u64, r8_v: u64) -> Result<Duration> {
+        let fd = self.vcpu.fd();
+        let mut regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+        regs.rip = entry;
+        regs.rsp = self.layout.user_stack_top(0)?;
+        regs.rflags = LONG_MODE_RFLAGS;
+        regs.rdi = rdi_v;
+        regs.rcx = rcx_v;
+        regs.r8 = r8_v;
+        fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+        let start = Instant::now();
+        loop {
+            match self.vcpu.run()? {
+                Exit::IoOut { port, .. } if port == GUEST_EXIT_PORT => return Ok(start.elapsed()),
+                Exit::IoOut { port, .. } if u32::from(port) == PIO_PORT => {}
+                other => {
+                    return Err(Error::InvalidGuestImage {
+                        reason: format!("benchmark guest stopped unexpectedly: {other:?}"),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Runs every measurement.
+///
+/// # Errors
+/// KVM failures, or a benchmark guest that does not behave.
+pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
+    let mut rep = BenchReport::default();
+    let n = cfg.exits.max(100);
+    let reps = cfg.reps.max(1);
+
+    // 1–3: exits, in a 64 MiB guest.
+    progress("exit round trips");
+    let mut rig = Rig::new(64 << 20, VmConfig::default())?;
+    let count = Arc::new(Count::default());
+    let _h = rig.vm.tracker().register(count.clone(), NotifierClass::Ordinary)?;
+    rig.vm.tracker().add_gfn(Gfn(TRACKED >> 12))?;
+    let (mut pio, mut trapped) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        pio.push(us(rig.run(rig.progs.pio, 0, n, 0)?) / n as f64);
+        trapped.push(us(rig.run(rig.progs.store, TRACKED, n, 0)?) / n as f64);
+    }
+    let (pio, trapped) = (median(pio), median(trapped));
+    rep.push("pio_exit_us", "bare port-I/O exit round trip", pio, "µs");
+    rep.push("trapped_write_us", "trapped 8-byte store round trip (apply + event)", trapped, "µs");
+    rep.push("trapped_vs_exit", "trapped store / bare exit", trapped / pio, "ratio");
+
+    // 4: untracked stores with 1,000 tracked frames elsewhere versus none.
+    progress("untracked store overhead");
+    rig.vm.tracker().remove_gfn(Gfn(TRACKED >> 12))?;
+    let stores = 200_000_000u64;
+    rig.run(rig.progs.sweep, BUF, BUF_BYTES / 8, 0)?; // warm: fault the buffer in
+    let frames: Vec<Gfn> = (0..1000u64).map(|i| Gfn(((BUF + BUF_BYTES) >> 12) + 1 + i * 3)).collect();
+    // Interleaved, so that drift on a busy host hits both sides alike.
+    let (mut base, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        base.push(rig.run(rig.progs.sweep, BUF, stores, 0)?.as_secs_f64());
+        rig.vm.tracker().add_gfns(AsId::NORMAL, &frames)?;
+        rig.run(rig.progs.sweep, BUF, BUF_BYTES / 8, 0)?; // settle after the slot changes
+        with.push(rig.run(rig.progs.sweep, BUF, stores, 0)?.as_secs_f64());
+        rig.vm.tracker().remove_gfns(AsId::NORMAL, &frames)?;
+        rig.run(rig.progs.sweep, BUF, BUF_BYTES / 8, 0)?;
+    }
+    let (base, with) = (median(base), median(with));
+    rep.push("untracked_store_ns", "untracked 8-byte store, no tracking", base * 1e9 / stores as f64, "ns");
+    rep.push(
+        "untracked_overhead",
+        "untracked stores with 1,000 frames tracked elsewhere / with none",
+        with / base,
+        "ratio",
+    );
+    drop(rig);
+
+    // 5–7: track/untrack latency, refault and batches in a 16 MiB and a large guest.
+    for (ram, key_t, key_u) in [
+        (16u64 << 20, "track_16m_us", "untrack_16m_us"),
+        (cfg.ram, "track_large_us", "untrack_large_us"),
+    ] {
+        progress(&format!("track/untrack latency, {} MiB guest", ram >> 20));
+        let rig = Rig::new(ram, VmConfig::default())?;
+        let _h = rig.vm.tracker().register(count.clone(), NotifierClass::Ordinary)?;
+        let (mut t, mut u) = (Vec::new(), Vec::new());
+        for i in 0..200u64 {
+            let f = Gfn((0x200 + i * 977) % ((ram >> 12) - 0x400) + 0x100);
+            let s = Instant::now();
+            rig.vm.tracker().add_gfn(f)?;
+            t.push(us(s.elapsed()));
+            let s = Instant::now();
+            rig.vm.tracker().remove_gfn(f)?;
+            u.push(us(s.elapsed()));
+        }
+        let mib = ram >> 20;
+        rep.push(key_t, format!("track one frame, {mib} MiB guest (vCPU idle)"), median(t), "µs");
+        rep.push(key_u, format!("untrack one frame, {mib} MiB guest (vCPU idle)"), median(u), "µs");
+    }
+
+    for (keep_quirk, key) in [(false, "refault_ms"), (true, "refault_zap_all_ms")] {
+        progress(&format!(
+            "refault after a track, {} MiB{}",
+            cfg.ram >> 20,
+            if keep_quirk { ", zap-all quirk on" } else { "" }
+        ));
+        let config = if keep_quirk {
+            VmConfig::default().keep_slot_zap_all()
+        } else {
+            VmConfig::default()
+        };
+        let mut rig = Rig::new(cfg.ram, config)?;
+        let _h = rig.vm.tracker().register(count.clone(), NotifierClass::Ordinary)?;
+        let (lo, hi) = (2u64 << 20, rig.layout.reserved_range().0 - (2 << 20));
+        rig.run(rig.progs.touch, lo, 0, hi)?; // cold
+        let mut extra = Vec::new();
+        for i in 0..reps as u64 {
+            let warm = rig.run(rig.progs.touch, lo, 0, hi)?;
+            let f = Gfn((hi >> 12) + 1 + i);
+            rig.vm.tracker().add_gfn(f)?;
+            let after = rig.run(rig.progs.touch, lo, 0, hi)?;
+            rig.vm.tracker().remove_gfn(f)?;
+            rig.run(rig.progs.touch, lo, 0, hi)?; // settle after the untrack too
+            extra.push((after.as_secs_f64() - warm.as_secs_f64()) * 1e3);
+        }
+        let what = format!(
+            "extra time to re-touch {} MiB after one track{}",
+            (hi - lo) >> 20,
+            if keep_quirk {
+                " (KVM_X86_QUIRK_SLOT_ZAP_ALL left on)"
+            } else {
+                ""
+            }
+        );
+        rep.push(key, what, median(extra), "ms");
+    }
+
+    progress("1,000-frame batch");
+    let rig = Rig::new(cfg.ram, VmConfig::default())?;
+    let _h = rig.vm.tracker().register(count, NotifierClass::Ordinary)?;
+    let span = (rig.layout.reserved_range().0 >> 12) - 0x200;
+    let frames: Vec<Gfn> = (0..1000u64).map(|i| Gfn(0x100 + (i * 7919) % span)).collect();
+    let s = Instant::now();
+    rig.vm.tracker().add_gfns(AsId::NORMAL, &frames)?;
+    let took = us(s.elapsed());
+    let st = rig.vm.stats().fragments;
+    rep.push("batch_1000_us", "track 1,000 scattered frames in one batch", took, "µs");
+    rep.push("batch_1000_fragments", "KVM memslots in use after that batch", st.fragments as f64, "slots");
+    rep.push("slot_budget", "KVM memslots available to pagetrack", st.budget as f64, "slots");
+    let s = Instant::now();
+    rig.vm.tracker().remove_gfns(AsId::NORMAL, &frames)?;
+    rep.push("unbatch_1000_us", "untrack the same 1,000 frames in one batch", us(s.elapsed()), "µs");
+    Ok(rep)
+}
