@@ -1,2 +1,19 @@
-//! pagetrack test support (work in progress).
+//! pagetrack test support (not published): the KVM test gate, guest-program builders and a
+//! bounded vCPU runner.
+//!
+//! - [`kvm_or_skip!`]: opens `/dev/kvm` or skips the test loudly (or fails it, with
+//!   `PAGETRACK_REQUIRE_KVM=1` or when `/dev/kvm` exists but cannot be opened).
+//! - [`assemble`], [`assemble16`], [`exit_with`]: guest programs written with iced-x86's
+//!   `CodeAssembler`; the exit convention is `out 0xf4, al` with the exit code in `al`.
+//! - [`run_bounded`], [`with_watchdog`]: a broken guest fails the test instead of hanging it.
+//!
+//! The vCPU set-up itself (page tables, GDT, TSS, IDT, exception stubs) is
+//! [`pagetrack_vmm::x86`].
 #![forbid(unsafe_code)]
+
+pub mod asm;
+pub mod gate;
+pub mod runner;
+
+pub use asm::{assemble, assemble16, exit_with};
+pub use runner::{Stop, run_bounded, with_watchdog};
