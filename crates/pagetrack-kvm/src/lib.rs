@@ -10,9 +10,11 @@ mod error;
 mod gate;
 mod memory;
 mod slots;
+mod store;
 mod sys;
 mod vcpu;
 mod vm;
+pub mod walk;
 
 pub use error::{Error, Result};
 pub use memory::TrackedMemory;

@@ -17,8 +17,12 @@ pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -
         return false;
     }
     let tracker = &vm.tracker;
+    let last = gpa + data.len() as u64 - 1;
+    // Serialize with read-modify-writes that pagetrack completes on the same frames.
+    let _locks = vm
+        .frame_locks
+        .lock((gpa >> 12..=last >> 12).map(|f| f << 12));
     let any_tracked = tracker.is_enabled() && {
-        let last = gpa + data.len() as u64 - 1;
         (gpa / PAGE_SIZE..=last / PAGE_SIZE)
             .any(|f| tracker.is_write_tracked(AsId::NORMAL, pagetrack::Gfn(f)))
     };
@@ -46,7 +50,8 @@ pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -
 /// Reads guest RAM into `buf`; false if the range is not RAM.
 pub(crate) fn read_ram(vm: &VmInner, gpa: u64, buf: &mut [u8]) -> bool {
     let mem = vm.mem.memory();
-    mem.check_range(GuestAddress(gpa), buf.len(), Permissions::Read) && mem.read_slice(buf, GuestAddress(gpa)).is_ok()
+    mem.check_range(GuestAddress(gpa), buf.len(), Permissions::Read)
+        && mem.read_slice(buf, GuestAddress(gpa)).is_ok()
 }
 
 /// Guest memory for device models (DMA) and the VMM, in vm-memory's `Bytes` style. Writes to
@@ -118,6 +123,9 @@ impl TrackedMemory {
 
     /// True if every byte of the range is guest RAM.
     pub fn is_ram(&self, gpa: u64, len: usize) -> bool {
-        self.vm.mem.memory().check_range(GuestAddress(gpa), len, Permissions::ReadWrite)
+        self.vm
+            .mem
+            .memory()
+            .check_range(GuestAddress(gpa), len, Permissions::ReadWrite)
     }
 }

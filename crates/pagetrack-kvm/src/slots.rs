@@ -217,7 +217,13 @@ impl Fragments {
     }
 
     /// Registers `[gpa, gpa + size)` of `mmap` with KVM as writable chunks.
-    pub(crate) fn add_ram(&mut self, vm: &VmFd, mmap: Arc<GuestRegionMmap>, gpa: u64, size: u64) -> Result<()> {
+    pub(crate) fn add_ram(
+        &mut self,
+        vm: &VmFd,
+        mmap: Arc<GuestRegionMmap>,
+        gpa: u64,
+        size: u64,
+    ) -> Result<()> {
         let nchunks = size.div_ceil(self.chunk_bytes);
         if self.stats.fragments + usize::try_from(nchunks).unwrap_or(usize::MAX) > self.budget {
             return Err(Error::SlotBudget {
@@ -250,7 +256,15 @@ impl Fragments {
             at += len;
         }
         let pos = self.rams.partition_point(|r| r.gpa < gpa);
-        self.rams.insert(pos, Ram { gpa, size, mmap, chunks });
+        self.rams.insert(
+            pos,
+            Ram {
+                gpa,
+                size,
+                mmap,
+                chunks,
+            },
+        );
         Ok(())
     }
 
@@ -344,12 +358,49 @@ impl Fragments {
                 if have.contains(p) {
                     continue;
                 }
-                let slot = self.create(vm, &mmap, base + p.first * PAGE, p.pages * PAGE, p.readonly)?;
+                let slot =
+                    self.create(vm, &mmap, base + p.first * PAGE, p.pages * PAGE, p.readonly)?;
                 self.rams[r].chunks[c].frags.push(slot);
             }
             self.rams[r].chunks[c].frags.sort_by_key(KvmSlot::gpa);
         }
         Ok(())
+    }
+
+    /// Deletes and re-creates the fragment holding each of `gpas`: with the zap-all quirk
+    /// disabled, KVM then drops exactly the shadow pages of that fragment, including shadows
+    /// of guest page tables that live in it. The caller holds every vCPU outside `KVM_RUN`.
+    pub(crate) fn recreate(&mut self, vm: &VmFd, gpas: &[u64]) -> Result<usize> {
+        let mut targets: Vec<(usize, usize, u64)> = Vec::new();
+        for &gpa in gpas {
+            let Some((r, c)) = self.locate(gpa) else {
+                continue;
+            };
+            let chunk = &self.rams[r].chunks[c];
+            if let Some(s) = chunk
+                .frags
+                .iter()
+                .find(|s| gpa >= s.gpa() && gpa < s.gpa() + s.size())
+            {
+                targets.push((r, c, s.gpa()));
+            }
+        }
+        targets.sort_unstable();
+        targets.dedup();
+        for &(r, c, at) in &targets {
+            let i = self.rams[r].chunks[c]
+                .frags
+                .iter()
+                .position(|s| s.gpa() == at)
+                .expect("found above, nothing removed since");
+            let old = self.rams[r].chunks[c].frags.remove(i);
+            let (size, ro) = (old.size(), old.readonly());
+            self.delete(vm, old)?;
+            let mmap = Arc::clone(&self.rams[r].mmap);
+            let slot = self.create(vm, &mmap, at, size, ro)?;
+            self.rams[r].chunks[c].frags.insert(i, slot);
+        }
+        Ok(targets.len())
     }
 
     /// Forgets every slot without ioctls: the VM fd is closing and takes them with it.

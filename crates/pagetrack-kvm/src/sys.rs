@@ -44,7 +44,7 @@ impl KvmSlot {
             && gpa
                 .checked_add(size)
                 .is_some_and(|end| end <= start + region.len());
-        if !inside || gpa % 4096 != 0 || size % 4096 != 0 {
+        if !inside || !gpa.is_multiple_of(4096) || !size.is_multiple_of(4096) {
             return Err(kvm_ioctls::Error::new(libc::EINVAL));
         }
         let hva = region.as_ptr() as u64 + (gpa - start);
@@ -156,8 +156,7 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 pub(crate) fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
     let res: &Result<(), i32> = ONCE.get_or_init(|| {
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| e.errno())
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
     });
     res.map_err(vmm_sys_util::errno::Error::new)
 }

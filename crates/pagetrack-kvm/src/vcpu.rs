@@ -1,8 +1,8 @@
 //! vCPUs: the run loop that applies trapped stores, reports them, and hands everything else
 //! back to the VMM as a typed [`Exit`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use pagetrack::Source;
@@ -113,10 +113,10 @@ impl VcpuStopper {
     /// Makes the vCPU's `run` return [`Exit::Stopped`] (now, or at its next call) and waits
     /// until it is outside `KVM_RUN`.
     pub fn stop(&self) {
-        self.vm
-            .backend
-            .gate
-            .stop(usize::try_from(self.index).unwrap_or(usize::MAX), &self.flag);
+        self.vm.backend.gate.stop(
+            usize::try_from(self.index).unwrap_or(usize::MAX),
+            &self.flag,
+        );
     }
 }
 
@@ -131,7 +131,9 @@ pub struct Vcpu {
 
 impl std::fmt::Debug for Vcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vcpu").field("index", &self.index).finish_non_exhaustive()
+        f.debug_struct("Vcpu")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
     }
 }
 
@@ -199,7 +201,12 @@ impl Vcpu {
                     self.fd.set_kvm_immediate_exit(0);
                     continue;
                 }
-                Err(e) => return Err(Error::Kvm { op: "KVM_RUN", source: e }),
+                Err(e) => {
+                    return Err(Error::Kvm {
+                        op: "KVM_RUN",
+                        source: e,
+                    });
+                }
                 Ok(exit) => exit,
             };
             let source = Source::Vcpu(self.index);
@@ -235,9 +242,8 @@ impl Vcpu {
                 VcpuExit::FailEntry(reason, _) => return Ok(Exit::FailEntry { reason }),
                 VcpuExit::InternalError => {
                     let suberror = crate::sys::internal_error_suberror(&mut self.fd);
-                    if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
-                        && self.complete_store()?
-                    {
+                    if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                        crate::store::complete(&self.vm, &self.fd, self.index)?;
                         continue;
                     }
                     return Ok(Exit::InternalError { suberror });
@@ -246,12 +252,6 @@ impl Vcpu {
                 other => return Ok(Exit::Other(exit_name(&other))),
             }
         }
-    }
-
-    /// Completes a store KVM could not emulate against a read-only fragment. Returns false if
-    /// the failing instruction is not a store to RAM (the caller reports the internal error).
-    fn complete_store(&mut self) -> Result<bool> {
-        Ok(false)
     }
 }
 

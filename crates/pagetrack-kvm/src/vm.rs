@@ -120,7 +120,7 @@ impl HostCaps {
         };
         HostCaps {
             readonly_mem: raw(kvm_bindings::KVM_CAP_READONLY_MEM) > 0,
-            nr_memslots: usize::try_from(kvm.get_nr_memslots()).unwrap_or(0),
+            nr_memslots: kvm.get_nr_memslots(),
             disable_quirks2: u64::try_from(raw(KVM_CAP_DISABLE_QUIRKS2)).unwrap_or(0),
             sync_regs: u32::try_from(raw(kvm_bindings::KVM_CAP_SYNC_REGS)).unwrap_or(0),
             dirty_ring_bytes: u32::try_from(raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)).unwrap_or(0),
@@ -236,6 +236,39 @@ pub(crate) struct VmInner {
     vcpus: Mutex<Vec<u32>>,
     pub(crate) caps: HostCaps,
     config: VmConfig,
+    pub(crate) frame_locks: crate::store::FrameLocks,
+    xsave_layout: std::sync::OnceLock<(crate::emulate::XsaveLayout, u64)>,
+}
+
+impl VmInner {
+    /// Where XSAVE components live, and the XCR0 bits KVM supports, from KVM's supported
+    /// CPUID (computed once).
+    fn xsave_info(&self) -> (crate::emulate::XsaveLayout, u64) {
+        *self.xsave_layout.get_or_init(|| {
+            match self
+                .kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            {
+                Ok(c) => {
+                    let xcr0 = c
+                        .as_slice()
+                        .iter()
+                        .find(|e| e.function == 0xd && e.index == 0)
+                        .map_or(3, |e| u64::from(e.eax) | (u64::from(e.edx) << 32));
+                    (crate::emulate::XsaveLayout::from_cpuid(c.as_slice()), xcr0)
+                }
+                Err(_) => (crate::emulate::XsaveLayout::typical(), 3),
+            }
+        })
+    }
+
+    pub(crate) fn xsave_layout(&self) -> crate::emulate::XsaveLayout {
+        self.xsave_info().0
+    }
+
+    pub(crate) fn supported_xcr0(&self) -> u64 {
+        self.xsave_info().1
+    }
 }
 
 /// A KVM VM with exact write tracking. Cheap to clone (shared).
@@ -300,13 +333,16 @@ impl Vm {
                 .enable_cap(&cap)
                 .map_err(Error::kvm("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
         }
-        let budget = caps.nr_memslots.saturating_sub(config.reserved_slots).max(1);
+        let budget = caps
+            .nr_memslots
+            .saturating_sub(config.reserved_slots)
+            .max(1);
         let chunk = config.chunk_bytes.unwrap_or_else(|| {
             // Spend at most an eighth of the budget on the initial chunks.
             let per = config.expected_ram / (u64::try_from(budget / 8).unwrap_or(1).max(1));
             per.next_power_of_two().max(2 << 20)
         });
-        if chunk == 0 || chunk % PAGE_SIZE != 0 {
+        if chunk == 0 || !chunk.is_multiple_of(PAGE_SIZE) {
             return Err(Error::InvalidRam {
                 gpa: 0,
                 size: chunk,
@@ -319,7 +355,8 @@ impl Vm {
             frags: Mutex::new(Fragments::new(budget, chunk)),
             counters: Counters::default(),
         });
-        let tracker = PageTracker::new(config.tracker, Arc::clone(&backend) as Arc<dyn Enforcement>);
+        let tracker =
+            PageTracker::new(config.tracker, Arc::clone(&backend) as Arc<dyn Enforcement>);
         Ok(Vm {
             inner: Arc::new(VmInner {
                 kvm,
@@ -330,6 +367,8 @@ impl Vm {
                 vcpus: Mutex::new(Vec::new()),
                 caps,
                 config,
+                frame_locks: crate::store::FrameLocks::default(),
+                xsave_layout: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -382,14 +421,17 @@ impl Vm {
     /// Unaligned or empty range, overlap with existing RAM, mmap failure, slot budget.
     pub fn add_ram(&self, gpa: u64, size: u64) -> Result<SlotId> {
         let bad = |reason| Error::InvalidRam { gpa, size, reason };
-        if size == 0 || gpa % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(bad("address and size must be non-zero multiples of 4 KiB"));
         }
         if gpa.checked_add(size).is_none() {
             return Err(bad("range wraps"));
         }
         let mut rams = self.inner.rams.lock().unwrap_or_else(|e| e.into_inner());
-        if rams.iter().any(|r| gpa < r.gpa + r.size && r.gpa < gpa + size) {
+        if rams
+            .iter()
+            .any(|r| gpa < r.gpa + r.size && r.gpa < gpa + size)
+        {
             return Err(bad("overlaps existing RAM"));
         }
         let slot = (0..u16::MAX)
@@ -398,19 +440,24 @@ impl Vm {
             .ok_or(bad("no free memslot id"))?;
         let len = usize::try_from(size).map_err(|_| bad("too large for this host"))?;
         let region = Arc::new(
-            GuestRegionMmap::<()>::from_range(GuestAddress(gpa), len, None).map_err(|e| Error::Memory {
-                reason: format!("mmap of {size:#x} bytes: {e}"),
+            GuestRegionMmap::<()>::from_range(GuestAddress(gpa), len, None).map_err(|e| {
+                Error::Memory {
+                    reason: format!("mmap of {size:#x} bytes: {e}"),
+                }
             })?,
         );
         let npages = size / PAGE_SIZE;
-        self.inner
-            .tracker
-            .set_memory_region(MemoryRegion::new(slot, Gfn(gpa / PAGE_SIZE), npages))?;
-        let res = self
-            .inner
-            .backend
-            .frags()
-            .add_ram(&self.inner.backend.vm_fd, Arc::clone(&region), gpa, size);
+        self.inner.tracker.set_memory_region(MemoryRegion::new(
+            slot,
+            Gfn(gpa / PAGE_SIZE),
+            npages,
+        ))?;
+        let res = self.inner.backend.frags().add_ram(
+            &self.inner.backend.vm_fd,
+            Arc::clone(&region),
+            gpa,
+            size,
+        );
         if let Err(e) = res {
             let _ = self
                 .inner
@@ -419,9 +466,14 @@ impl Vm {
             return Err(e);
         }
         let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
-        let next = self.inner.mem.memory().insert_region(region).map_err(|e| Error::Memory {
-            reason: format!("inserting region: {e}"),
-        })?;
+        let next = self
+            .inner
+            .mem
+            .memory()
+            .insert_region(region)
+            .map_err(|e| Error::Memory {
+                reason: format!("inserting region: {e}"),
+            })?;
         guard.replace(next);
         rams.push(RamInfo { slot, gpa, size });
         Ok(slot)
@@ -434,13 +486,13 @@ impl Vm {
     /// Unknown slot; a KVM failure deleting fragments.
     pub fn remove_ram(&self, slot: SlotId) -> Result<()> {
         let mut rams = self.inner.rams.lock().unwrap_or_else(|e| e.into_inner());
-        let pos = rams
-            .iter()
-            .position(|r| r.slot == slot)
-            .ok_or(pagetrack::Error::UnknownSlot {
-                as_id: AsId::NORMAL,
-                slot,
-            })?;
+        let pos =
+            rams.iter()
+                .position(|r| r.slot == slot)
+                .ok_or(pagetrack::Error::UnknownSlot {
+                    as_id: AsId::NORMAL,
+                    slot,
+                })?;
         let info = rams[pos];
         // The core first: it validates (it may refuse, e.g. from inside a callback) and
         // notifies only once the deletion is final; then the KVM fragments go.
@@ -488,6 +540,30 @@ impl Vm {
             .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         vcpus.push(index);
         Ok(Vcpu::new(index, fd, Arc::clone(&self.inner)))
+    }
+
+    /// Makes KVM forget every translation it derived from guest page tables held in `frames`,
+    /// before any vCPU runs again.
+    ///
+    /// On shadow-paging hosts (see [`HostCaps::shadow_paging`]) KVM shadows guest page tables
+    /// and only learns of changes to them through its own write emulation: stores that
+    /// pagetrack applies (trapped guest stores, device writes, a VMM editing page tables) are
+    /// invisible to it. After such a store changes or removes a present translation, call this
+    /// (not needed for not-present → present). It re-creates the KVM memslot fragment of each
+    /// frame; with the slot-zap-all quirk disabled KVM then zaps the shadow pages of that
+    /// fragment only. Returns the number of fragments re-created (0 on TDP hosts, where
+    /// nothing is needed).
+    ///
+    /// # Errors
+    /// A KVM failure re-creating a fragment.
+    pub fn invalidate_translations(&self, frames: &[Gfn]) -> Result<usize> {
+        if !self.inner.caps.shadow_paging || frames.is_empty() {
+            return Ok(0);
+        }
+        let gpas: Vec<u64> = frames.iter().map(|g| g.gpa().0).collect();
+        let mut frags = self.inner.backend.frags();
+        let _paused = self.inner.backend.gate.pause();
+        frags.recreate(&self.inner.backend.vm_fd, &gpas)
     }
 
     /// Counters so far.

@@ -134,7 +134,10 @@ fn programs() -> Result<Programs> {
     };
     build().map_err(asm_err)?;
     let res = a
-        .assemble_options(CODE, iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .assemble_options(
+            CODE,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
         .map_err(asm_err)?;
     let at = |l: &iced_x86::code_asm::CodeLabel| res.label_ip(l).map_err(asm_err);
     Ok(Programs {
@@ -236,7 +239,10 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
     progress("exit round trips");
     let mut rig = Rig::new(64 << 20, VmConfig::default())?;
     let count = Arc::new(Count::default());
-    let _h = rig.vm.tracker().register(count.clone(), NotifierClass::Ordinary)?;
+    let _h = rig
+        .vm
+        .tracker()
+        .register(count.clone(), NotifierClass::Ordinary)?;
     rig.vm.tracker().add_gfn(Gfn(TRACKED >> 12))?;
     let (mut pio, mut trapped) = (Vec::new(), Vec::new());
     for _ in 0..reps {
@@ -245,15 +251,27 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
     }
     let (pio, trapped) = (median(pio), median(trapped));
     rep.push("pio_exit_us", "bare port-I/O exit round trip", pio, "µs");
-    rep.push("trapped_write_us", "trapped 8-byte store round trip (apply + event)", trapped, "µs");
-    rep.push("trapped_vs_exit", "trapped store / bare exit", trapped / pio, "ratio");
+    rep.push(
+        "trapped_write_us",
+        "trapped 8-byte store round trip (apply + event)",
+        trapped,
+        "µs",
+    );
+    rep.push(
+        "trapped_vs_exit",
+        "trapped store / bare exit",
+        trapped / pio,
+        "ratio",
+    );
 
     // 4: untracked stores with 1,000 tracked frames elsewhere versus none.
     progress("untracked store overhead");
     rig.vm.tracker().remove_gfn(Gfn(TRACKED >> 12))?;
     let stores = 200_000_000u64;
     rig.run(rig.progs.sweep, BUF, BUF_BYTES / 8, 0)?; // warm: fault the buffer in
-    let frames: Vec<Gfn> = (0..1000u64).map(|i| Gfn(((BUF + BUF_BYTES) >> 12) + 1 + i * 3)).collect();
+    let frames: Vec<Gfn> = (0..1000u64)
+        .map(|i| Gfn(((BUF + BUF_BYTES) >> 12) + 1 + i * 3))
+        .collect();
     // Interleaved, so that drift on a busy host hits both sides alike.
     let (mut base, mut with) = (Vec::new(), Vec::new());
     for _ in 0..reps {
@@ -265,7 +283,12 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         rig.run(rig.progs.sweep, BUF, BUF_BYTES / 8, 0)?;
     }
     let (base, with) = (median(base), median(with));
-    rep.push("untracked_store_ns", "untracked 8-byte store, no tracking", base * 1e9 / stores as f64, "ns");
+    rep.push(
+        "untracked_store_ns",
+        "untracked 8-byte store, no tracking",
+        base * 1e9 / stores as f64,
+        "ns",
+    );
     rep.push(
         "untracked_overhead",
         "untracked stores with 1,000 frames tracked elsewhere / with none",
@@ -281,7 +304,10 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
     ] {
         progress(&format!("track/untrack latency, {} MiB guest", ram >> 20));
         let rig = Rig::new(ram, VmConfig::default())?;
-        let _h = rig.vm.tracker().register(count.clone(), NotifierClass::Ordinary)?;
+        let _h = rig
+            .vm
+            .tracker()
+            .register(count.clone(), NotifierClass::Ordinary)?;
         let (mut t, mut u) = (Vec::new(), Vec::new());
         for i in 0..200u64 {
             let f = Gfn((0x200 + i * 977) % ((ram >> 12) - 0x400) + 0x100);
@@ -293,8 +319,18 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
             u.push(us(s.elapsed()));
         }
         let mib = ram >> 20;
-        rep.push(key_t, format!("track one frame, {mib} MiB guest (vCPU idle)"), median(t), "µs");
-        rep.push(key_u, format!("untrack one frame, {mib} MiB guest (vCPU idle)"), median(u), "µs");
+        rep.push(
+            key_t,
+            format!("track one frame, {mib} MiB guest (vCPU idle)"),
+            median(t),
+            "µs",
+        );
+        rep.push(
+            key_u,
+            format!("untrack one frame, {mib} MiB guest (vCPU idle)"),
+            median(u),
+            "µs",
+        );
     }
 
     for (keep_quirk, key) in [(false, "refault_ms"), (true, "refault_zap_all_ms")] {
@@ -309,7 +345,10 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
             VmConfig::default()
         };
         let mut rig = Rig::new(cfg.ram, config)?;
-        let _h = rig.vm.tracker().register(count.clone(), NotifierClass::Ordinary)?;
+        let _h = rig
+            .vm
+            .tracker()
+            .register(count.clone(), NotifierClass::Ordinary)?;
         let (lo, hi) = (2u64 << 20, rig.layout.reserved_range().0 - (2 << 20));
         rig.run(rig.progs.touch, lo, 0, hi)?; // cold
         let mut extra = Vec::new();
@@ -338,16 +377,38 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
     let rig = Rig::new(cfg.ram, VmConfig::default())?;
     let _h = rig.vm.tracker().register(count, NotifierClass::Ordinary)?;
     let span = (rig.layout.reserved_range().0 >> 12) - 0x200;
-    let frames: Vec<Gfn> = (0..1000u64).map(|i| Gfn(0x100 + (i * 7919) % span)).collect();
+    let frames: Vec<Gfn> = (0..1000u64)
+        .map(|i| Gfn(0x100 + (i * 7919) % span))
+        .collect();
     let s = Instant::now();
     rig.vm.tracker().add_gfns(AsId::NORMAL, &frames)?;
     let took = us(s.elapsed());
     let st = rig.vm.stats().fragments;
-    rep.push("batch_1000_us", "track 1,000 scattered frames in one batch", took, "µs");
-    rep.push("batch_1000_fragments", "KVM memslots in use after that batch", st.fragments as f64, "slots");
-    rep.push("slot_budget", "KVM memslots available to pagetrack", st.budget as f64, "slots");
+    rep.push(
+        "batch_1000_us",
+        "track 1,000 scattered frames in one batch",
+        took,
+        "µs",
+    );
+    rep.push(
+        "batch_1000_fragments",
+        "KVM memslots in use after that batch",
+        st.fragments as f64,
+        "slots",
+    );
+    rep.push(
+        "slot_budget",
+        "KVM memslots available to pagetrack",
+        st.budget as f64,
+        "slots",
+    );
     let s = Instant::now();
     rig.vm.tracker().remove_gfns(AsId::NORMAL, &frames)?;
-    rep.push("unbatch_1000_us", "untrack the same 1,000 frames in one batch", us(s.elapsed()), "µs");
+    rep.push(
+        "unbatch_1000_us",
+        "untrack the same 1,000 frames in one batch",
+        us(s.elapsed()),
+        "µs",
+    );
     Ok(rep)
 }

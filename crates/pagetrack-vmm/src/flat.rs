@@ -11,7 +11,9 @@ use pagetrack_kvm::{Exit, Vcpu, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Result};
-use crate::x86::{self, EXCEPTION_PORT, GUEST_EXIT_PORT, LongModeLayout, MIN_RAM_SIZE, USER_STACK_SIZE};
+use crate::x86::{
+    self, EXCEPTION_PORT, GUEST_EXIT_PORT, LongModeLayout, MIN_RAM_SIZE, USER_STACK_SIZE,
+};
 
 /// The CPU mode a flat image starts in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -167,7 +169,7 @@ impl FlatGuest {
     fn validate(config: &FlatConfig, image: &[u8]) -> Result<()> {
         let bad = |reason: String| Err(Error::InvalidGuestImage { reason });
         let cfg = |reason: String| Err(Error::InvalidConfig { reason });
-        if config.mem < MIN_RAM_SIZE || config.mem % 4096 != 0 {
+        if config.mem < MIN_RAM_SIZE || !config.mem.is_multiple_of(4096) {
             return cfg(format!(
                 "--mem {:#x} must be at least {MIN_RAM_SIZE:#x} and a multiple of 4 KiB",
                 config.mem
@@ -204,7 +206,9 @@ impl FlatGuest {
             }
             Mode::Real => {
                 if end > 0x10_0000 || config.load > 0xffff {
-                    return bad("a real-mode image must load below 64 KiB and end below 1 MiB".into());
+                    return bad(
+                        "a real-mode image must load below 64 KiB and end below 1 MiB".into(),
+                    );
                 }
             }
         }
@@ -233,7 +237,9 @@ impl FlatGuest {
         for i in 0..config.vcpus {
             let vcpu = vm.create_vcpu(i)?;
             match &layout {
-                Some(l) => x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), l, config.load, i)?,
+                Some(l) => {
+                    x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), l, config.load, i)?
+                }
                 None => x86::setup_real_mode(
                     vcpu.fd(),
                     u16::try_from(config.load).map_err(|_| Error::InvalidGuestImage {
@@ -291,17 +297,17 @@ impl FlatGuest {
             );
             threads.push(std::thread::spawn(move || {
                 let out = drive(&vm, layout.as_deref(), &mut vcpu, &visible);
-                if let Some((reason, code, detail)) = out {
-                    if !ending.swap(true, Ordering::SeqCst) {
-                        let _ = tx.send(RunOutcome {
-                            reason,
-                            code,
-                            detail,
-                            vcpu: vcpu.index(),
-                            exits: 0,
-                            elapsed: Duration::ZERO,
-                        });
-                    }
+                if let Some((reason, code, detail)) = out
+                    && !ending.swap(true, Ordering::SeqCst)
+                {
+                    let _ = tx.send(RunOutcome {
+                        reason,
+                        code,
+                        detail,
+                        vcpu: vcpu.index(),
+                        exits: 0,
+                        elapsed: Duration::ZERO,
+                    });
                 }
             }));
         }
@@ -315,14 +321,24 @@ impl FlatGuest {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
-            if config.timeout.is_some_and(|t| start.elapsed() >= t) && !ending.swap(true, Ordering::SeqCst) {
+            if config.timeout.is_some_and(|t| start.elapsed() >= t)
+                && !ending.swap(true, Ordering::SeqCst)
+            {
                 let t = config.timeout.unwrap_or_default();
-                break end(EndReason::Timeout, format!("the guest did not finish within {t:?}"));
+                break end(
+                    EndReason::Timeout,
+                    format!("the guest did not finish within {t:?}"),
+                );
             }
-            if config.max_exits.is_some_and(|m| exits(&vm) >= m) && !ending.swap(true, Ordering::SeqCst) {
+            if config.max_exits.is_some_and(|m| exits(&vm) >= m)
+                && !ending.swap(true, Ordering::SeqCst)
+            {
                 break end(
                     EndReason::ExitLimit,
-                    format!("exit limit of {} reached", config.max_exits.unwrap_or_default()),
+                    format!(
+                        "exit limit of {} reached",
+                        config.max_exits.unwrap_or_default()
+                    ),
                 );
             }
         };
@@ -359,29 +375,49 @@ fn drive(
     loop {
         let exit = match vcpu.run() {
             Ok(e) => e,
-            Err(e) => return Some((EndReason::Error, None, format!("vcpu {}: {e}", vcpu.index()))),
+            Err(e) => {
+                return Some((
+                    EndReason::Error,
+                    None,
+                    format!("vcpu {}: {e}", vcpu.index()),
+                ));
+            }
         };
         visible.fetch_add(1, Ordering::Relaxed);
         match exit {
-            Exit::IoOut { port: GUEST_EXIT_PORT, data } => {
+            Exit::IoOut {
+                port: GUEST_EXIT_PORT,
+                data,
+            } => {
                 let code = data.first();
                 return Some((
                     EndReason::DebugExit,
                     Some(code),
-                    format!("vcpu {} wrote {code} to port {GUEST_EXIT_PORT:#x}", vcpu.index()),
+                    format!(
+                        "vcpu {} wrote {code} to port {GUEST_EXIT_PORT:#x}",
+                        vcpu.index()
+                    ),
                 ));
             }
-            Exit::IoOut { port: EXCEPTION_PORT, .. } if layout.is_some() => {
-                let detail = match layout.map(|l| x86::decode_exception(vcpu.fd(), &*vm.raw_memory(), l)) {
-                    Some(Ok(ex)) => format!("vcpu {}: guest exception {ex}", vcpu.index()),
-                    Some(Err(e)) => format!("vcpu {}: {e}", vcpu.index()),
-                    None => "exception".into(),
-                };
+            Exit::IoOut {
+                port: EXCEPTION_PORT,
+                ..
+            } if layout.is_some() => {
+                let detail =
+                    match layout.map(|l| x86::decode_exception(vcpu.fd(), &*vm.raw_memory(), l)) {
+                        Some(Ok(ex)) => format!("vcpu {}: guest exception {ex}", vcpu.index()),
+                        Some(Err(e)) => format!("vcpu {}: {e}", vcpu.index()),
+                        None => "exception".into(),
+                    };
                 return Some((EndReason::Error, None, detail));
             }
             Exit::IoOut { .. } | Exit::MmioWrite { .. } => {}
             Exit::Hlt => {
-                return Some((EndReason::Hlt, None, format!("vcpu {} halted", vcpu.index())));
+                return Some((
+                    EndReason::Hlt,
+                    None,
+                    format!("vcpu {} halted", vcpu.index()),
+                ));
             }
             Exit::Stopped => return None,
             other => {
@@ -389,7 +425,10 @@ fn drive(
                 return Some((
                     EndReason::Error,
                     None,
-                    format!("vcpu {}: unexpected exit {other:?} at rip {rip:#x}", vcpu.index()),
+                    format!(
+                        "vcpu {}: unexpected exit {other:?} at rip {rip:#x}",
+                        vcpu.index()
+                    ),
                 ));
             }
         }

@@ -56,7 +56,9 @@ pub fn boot(kvm: kvm_ioctls::Kvm, ram: u64, nvcpus: u32, code: &[u8]) -> Guest {
     let vm = Vm::with_kvm(kvm, VmConfig::default().with_ram(ram)).unwrap();
     vm.add_ram(0, ram).unwrap();
     let layout = LongModeLayout::new(ram).unwrap();
-    vm.raw_memory().write_slice(code, GuestAddress(ENTRY)).unwrap();
+    vm.raw_memory()
+        .write_slice(code, GuestAddress(ENTRY))
+        .unwrap();
     let mut vcpus = Vec::new();
     for i in 0..nvcpus {
         let vcpu = vm.create_vcpu(i).unwrap();
@@ -76,16 +78,20 @@ pub fn run_to_exit(vm: &Vm, layout: &LongModeLayout, vcpu: &mut Vcpu, timeout: D
             stopper.stop();
         }
     });
-    let out = loop {
-        match vcpu.run().unwrap() {
-            Exit::IoOut { port: GUEST_EXIT_PORT, data } => break Ok(data.first()),
-            Exit::IoOut { port: EXCEPTION_PORT, .. } => {
-                let ex = x86::decode_exception(vcpu.fd(), &*vm.raw_memory(), layout).unwrap();
-                break Err(format!("guest exception: {ex}"));
-            }
-            Exit::Stopped => break Err(format!("guest did not finish within {timeout:?}")),
-            other => break Err(format!("unexpected exit {other:?}")),
+    let out = match vcpu.run().unwrap() {
+        Exit::IoOut {
+            port: GUEST_EXIT_PORT,
+            data,
+        } => Ok(data.first()),
+        Exit::IoOut {
+            port: EXCEPTION_PORT,
+            ..
+        } => {
+            let ex = x86::decode_exception(vcpu.fd(), &*vm.raw_memory(), layout).unwrap();
+            Err(format!("guest exception: {ex}"))
         }
+        Exit::Stopped => Err(format!("guest did not finish within {timeout:?}")),
+        other => Err(format!("unexpected exit {other:?}")),
     };
     let _ = done_tx.send(());
     watchdog.join().unwrap();
@@ -95,7 +101,9 @@ pub fn run_to_exit(vm: &Vm, layout: &LongModeLayout, vcpu: &mut Vcpu, timeout: D
 /// Reads `len` bytes of guest memory.
 pub fn read(vm: &Vm, gpa: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0; len];
-    vm.raw_memory().read_slice(&mut v, GuestAddress(gpa)).unwrap();
+    vm.raw_memory()
+        .read_slice(&mut v, GuestAddress(gpa))
+        .unwrap();
     v
 }
 
@@ -108,11 +116,20 @@ pub fn replay(base: u64, initial: &[u8], events: &[Ev], fin: &[u8]) {
         let end = off + e.new.len();
         assert!(end <= mem.len(), "event {e:?} outside the replayed range");
         if let Some(old) = &e.old {
-            assert_eq!(&mem[off..end], &old[..], "old bytes of {e:?} do not match the replay");
+            assert_eq!(
+                &mem[off..end],
+                &old[..],
+                "old bytes of {e:?} do not match the replay"
+            );
         }
         mem[off..end].copy_from_slice(&e.new);
     }
-    assert_eq!(mem, fin, "replay of {} events does not give the final memory", events.len());
+    assert_eq!(
+        mem,
+        fin,
+        "replay of {} events does not give the final memory",
+        events.len()
+    );
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);

@@ -40,7 +40,10 @@ fn progress(vm: &Vm, at: u64) -> u64 {
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
         std::thread::yield_now();
     }
 }
@@ -87,13 +90,22 @@ fn add_and_remove_while_two_vcpus_store_keep_the_guarantee() {
             .inspect(|e| assert_eq!(e.gpa, frame))
             .map(|e| u64::from_le_bytes(e.new.clone().try_into().unwrap()))
             .collect();
-        assert!(vals[0] <= after_add + 2, "round {round}: first event {} after {after_add}", vals[0]);
+        assert!(
+            vals[0] <= after_add + 2,
+            "round {round}: first event {} after {after_add}",
+            vals[0]
+        );
         for w in vals.windows(2) {
             assert_eq!(w[1], w[0] + 1, "round {round}: a store was not reported");
         }
         // After the remove returned: the guest keeps running natively, with no event.
-        wait_until("progress after remove", || progress(&g.vm, prog) > after_remove + 100_000);
-        assert!(rec.take().is_empty(), "round {round}: event after remove returned");
+        wait_until("progress after remove", || {
+            progress(&g.vm, prog) > after_remove + 100_000
+        });
+        assert!(
+            rec.take().is_empty(),
+            "round {round}: event after remove returned"
+        );
     }
 
     done.store(true, Ordering::SeqCst);

@@ -3,7 +3,13 @@
 //! Every test starts with `kvm_or_skip!()`: without `/dev/kvm` it prints a loud
 //! `SKIPPED (no /dev/kvm)` line, and with `PAGETRACK_REQUIRE_KVM=1` (as in CI) it fails instead.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "test set-up helpers fail the test loudly"
+)]
+
 mod common;
 mod concurrency;
+mod hard;
 mod shapes;
 mod track;

@@ -20,16 +20,28 @@ fn rep_stosq_across_two_tracked_frames_reports_every_element() {
     });
     let mut g = boot(kvm, 16 << 20, 1, &code);
     let (rec, _h) = recorder(&g.vm);
-    g.vm.tracker().add_gfns(AsId::NORMAL, &[Gfn(T >> 12), Gfn((T >> 12) + 1)]).unwrap();
+    g.vm.tracker()
+        .add_gfns(AsId::NORMAL, &[Gfn(T >> 12), Gfn((T >> 12) + 1)])
+        .unwrap();
     let initial = read(&g.vm, T, 8192);
 
     run_to_exit(&g.vm, &g.layout, &mut g.vcpus[0], TIMEOUT);
 
     let ev = rec.take();
-    assert_eq!(ev.len(), 1024, "one event per 8-byte element inside the tracked frames");
+    assert_eq!(
+        ev.len(),
+        1024,
+        "one event per 8-byte element inside the tracked frames"
+    );
     replay(T, &initial, &ev, &read(&g.vm, T, 8192));
-    assert_eq!(read(&g.vm, T - 0x100, 8), 0xabcd_ef01_2345_6789u64.to_le_bytes());
-    assert_eq!(read(&g.vm, T + 8192, 8), 0xabcd_ef01_2345_6789u64.to_le_bytes());
+    assert_eq!(
+        read(&g.vm, T - 0x100, 8),
+        0xabcd_ef01_2345_6789u64.to_le_bytes()
+    );
+    assert_eq!(
+        read(&g.vm, T + 8192, 8),
+        0xabcd_ef01_2345_6789u64.to_le_bytes()
+    );
     // One fragment of two frames, not two.
     assert_eq!(g.vm.stats().fragments.readonly_fragments, 1);
 }
@@ -58,10 +70,23 @@ fn straddling_and_wide_stores_report_exactly_the_tracked_bytes() {
 
     let ev = rec.take();
     let got: Vec<(u64, usize)> = ev.iter().map(|e| (e.gpa, e.new.len())).collect();
-    assert_eq!(got, vec![(T, 4), (T + 0xffc, 4), (T + 0x100, 8), (T + 0x108, 8), (T + 0x200, 8)]);
+    assert_eq!(
+        got,
+        vec![
+            (T, 4),
+            (T + 0xffc, 4),
+            (T + 0x100, 8),
+            (T + 0x108, 8),
+            (T + 0x200, 8)
+        ]
+    );
     assert_eq!(ev[0].new, vec![5, 6, 7, 8]);
     replay(T, &initial, &ev, &read(&g.vm, T, 4096));
-    assert_eq!(read(&g.vm, T - 4, 4), vec![1, 2, 3, 4], "KVM wrote the untracked part");
+    assert_eq!(
+        read(&g.vm, T - 4, 4),
+        vec![1, 2, 3, 4],
+        "KVM wrote the untracked part"
+    );
 }
 
 #[test]
@@ -78,21 +103,26 @@ fn remove_ram_with_tracked_frames_delivers_remove_region_once() {
     let g = boot(kvm, 16 << 20, 1, &[0xf4]);
     let extra = g.vm.add_ram(1 << 32, 8 << 20).unwrap();
     let regions = std::sync::Arc::new(Regions::default());
-    let _h = g
-        .vm
-        .tracker()
-        .register(regions.clone(), pagetrack::NotifierClass::Ordinary)
-        .unwrap();
+    let _h =
+        g.vm.tracker()
+            .register(regions.clone(), pagetrack::NotifierClass::Ordinary)
+            .unwrap();
     g.vm.tracker().add_gfn(Gfn((1 << 20) + 3)).unwrap();
     let before = g.vm.stats().fragments.fragments;
 
     g.vm.remove_ram(extra).unwrap();
 
-    assert_eq!(*regions.0.lock().unwrap(), vec![(AsId::NORMAL, Gfn(1 << 20), 2048)]);
+    assert_eq!(
+        *regions.0.lock().unwrap(),
+        vec![(AsId::NORMAL, Gfn(1 << 20), 2048)]
+    );
     assert!(g.vm.stats().fragments.fragments < before);
     assert!(g.vm.tracker().add_gfn(Gfn((1 << 20) + 3)).is_err());
     assert!(g.vm.memory().write_slice(&[1], 1 << 32).is_err());
-    assert!(g.vm.remove_ram(extra).is_err(), "removing it twice is an error");
+    assert!(
+        g.vm.remove_ram(extra).is_err(),
+        "removing it twice is an error"
+    );
 }
 
 #[test]
@@ -106,7 +136,11 @@ fn batch_of_1000_scattered_frames_is_one_surgery_and_exact() {
 
     g.vm.tracker().add_gfns(AsId::NORMAL, &frames).unwrap();
 
-    assert_eq!(g.vm.stats().pauses, pauses + 1, "one pause for the whole batch");
+    assert_eq!(
+        g.vm.stats().pauses,
+        pauses + 1,
+        "one pause for the whole batch"
+    );
     assert_eq!(g.vm.stats().fragments.readonly_fragments, 1000);
     for f in &frames {
         g.vm.memory().write_slice(&[0xee], f.gpa().0 + 1).unwrap();

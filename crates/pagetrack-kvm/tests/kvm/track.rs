@@ -42,7 +42,10 @@ fn store_sizes_to_tracked_frame_each_reported_once_with_old_and_new() {
         ]
     );
     assert!(ev.iter().all(|e| e.source == Source::Vcpu(0)));
-    assert_eq!(ev[4].old.as_deref(), Some(&0x1122_3344_5566_7788u64.to_le_bytes()[..]));
+    assert_eq!(
+        ev[4].old.as_deref(),
+        Some(&0x1122_3344_5566_7788u64.to_le_bytes()[..])
+    );
     replay(T, &initial, &ev, &read(&g.vm, T, 4096));
     assert_eq!(read(&g.vm, U, 8), 0x1122_3344_5566_7788u64.to_le_bytes());
     assert_eq!(g.vm.stats().trapped_writes, 5);
@@ -81,7 +84,9 @@ fn device_write_to_tracked_frame_reported_with_device_source() {
     g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
 
     // 6 bytes straddling from the untracked frame below into T, then 4 bytes into U.
-    g.vm.memory().write_slice(&[1, 2, 3, 4, 5, 6], T - 2).unwrap();
+    g.vm.memory()
+        .write_slice(&[1, 2, 3, 4, 5, 6], T - 2)
+        .unwrap();
     g.vm.memory().write_slice(&[9; 4], U).unwrap();
 
     let ev = rec.take();

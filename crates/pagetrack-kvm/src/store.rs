@@ -1,0 +1,178 @@
+//! Completing guest stores in userspace: the hard cases KVM cannot emulate against a read-only
+//! fragment (vector stores, fxsave/xsave, cmpxchg16b, movdir64b, movdiri), decoded at RIP and
+//! executed by [`crate::emulate`] under the frame locks, applied to guest memory and reported.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
+
+use kvm_ioctls::VcpuFd;
+use pagetrack::{Gpa, Source, WriteEvent};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap, Permissions,
+};
+
+use crate::emulate::{CpuAccess, CpuState, EmulateError, StorePlan};
+use crate::error::{Error, Result};
+use crate::vm::VmInner;
+use crate::walk;
+
+const STRIPES: usize = 64;
+
+/// Striped locks over guest frames: held while a store's old bytes are read and its new bytes
+/// written, so read-modify-writes that pagetrack completes are atomic against each other and
+/// against trapped plain stores to the same frame.
+#[derive(Debug)]
+pub(crate) struct FrameLocks([Mutex<()>; STRIPES]);
+
+impl Default for FrameLocks {
+    fn default() -> FrameLocks {
+        FrameLocks(std::array::from_fn(|_| Mutex::new(())))
+    }
+}
+
+impl FrameLocks {
+    /// Locks the stripes of every frame in `gpas`, in stripe order (no lock-order inversion).
+    pub(crate) fn lock(&self, gpas: impl Iterator<Item = u64>) -> Vec<MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = gpas
+            .map(|g| usize::try_from((g >> 12) % STRIPES as u64).unwrap_or(0))
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes
+            .into_iter()
+            .map(|s| self.0[s].lock().unwrap_or_else(|e| e.into_inner()))
+            .collect()
+    }
+}
+
+/// The emulator's view of the vCPU: a software page walk from CR3 over guest memory.
+struct Cpu<'a> {
+    mem: &'a GuestMemoryMmap,
+    cr3: u64,
+    user: bool,
+}
+
+impl CpuAccess for Cpu<'_> {
+    fn translate(&mut self, gva: u64, write: bool) -> std::result::Result<u64, EmulateError> {
+        let t = walk::translate(self.mem, self.cr3, gva)
+            .map_err(|_| EmulateError::PageFault { gva, write })?;
+        if (write && !t.writable) || (self.user && !t.user) {
+            return Err(EmulateError::PageFault { gva, write });
+        }
+        Ok(t.gpa)
+    }
+
+    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), EmulateError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| EmulateError::Memory {
+                gpa,
+                len: buf.len(),
+            })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Reads up to 15 instruction bytes at `rip` (stopping early at an unmapped page).
+fn fetch(cpu: &mut Cpu<'_>, rip: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(15);
+    let mut at = rip;
+    while out.len() < 15 {
+        let Ok(t) = walk::translate(cpu.mem, cpu.cr3, at) else {
+            break;
+        };
+        let room = usize::try_from(4096 - (at & 0xfff))
+            .unwrap_or(0)
+            .min(15 - out.len());
+        let mut buf = vec![0; room];
+        if cpu.mem.read_slice(&mut buf, GuestAddress(t.gpa)).is_err() {
+            break;
+        }
+        out.extend_from_slice(&buf);
+        at += room as u64;
+    }
+    out
+}
+
+/// Completes the store at RIP that KVM could not emulate. On success the guest memory, the
+/// registers (RIP advanced) and the event stream are as if the CPU had executed it.
+pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
+    let regs = fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
+    let sregs = fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+    let mem = vm.mem.memory();
+    let mut cpu = Cpu {
+        mem: &mem,
+        cr3: sregs.cr3,
+        user: sregs.cs.selector & 3 == 3,
+    };
+    let bytes = fetch(&mut cpu, regs.rip);
+    let stop = |reason: String| Error::Unemulatable {
+        vcpu: index,
+        rip: regs.rip,
+        bytes: hex(&bytes),
+        reason,
+    };
+    let xsave = fd.get_xsave().map_err(Error::kvm("KVM_GET_XSAVE"))?;
+    let xcrs = fd.get_xcrs().map_err(Error::kvm("KVM_GET_XCRS"))?;
+    let nr = usize::try_from(xcrs.nr_xcrs)
+        .unwrap_or(0)
+        .min(xcrs.xcrs.len());
+    let xcr0 = xcrs.xcrs[..nr]
+        .iter()
+        .find(|x| x.xcr == 0)
+        .map_or(3, |x| x.value);
+    // PVM runs the guest with the host's XCR0 whatever the guest set, and KVM_GET_XCRS then
+    // reports x87 only: fall back to what KVM supports, which is what the guest really has.
+    let xcr0 = if xcr0 & 3 == 3 {
+        xcr0
+    } else {
+        vm.supported_xcr0()
+    };
+    let mut state = CpuState {
+        regs,
+        fs_base: sregs.fs.base,
+        gs_base: sregs.gs.base,
+        xsave: Some(xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect()),
+        xcr0,
+        xsave_layout: vm.xsave_layout(),
+    };
+    let plan = StorePlan::new(&state, &bytes, &mut cpu).map_err(|e| stop(e.to_string()))?;
+    let targets: Vec<_> = plan.targets().collect();
+    if let Some(t) = targets
+        .iter()
+        .find(|t| !mem.check_range(GuestAddress(t.gpa), t.len, Permissions::ReadWrite))
+    {
+        return Err(stop(format!("store to {:#x} is not guest RAM", t.gpa)));
+    }
+    let done = {
+        let _locks = vm.frame_locks.lock(targets.iter().map(|t| t.gpa));
+        let done = plan
+            .execute(&mut state, &mut cpu)
+            .map_err(|e| stop(e.to_string()))?;
+        for w in &done.writes {
+            mem.write_slice(&w.new, GuestAddress(w.gpa))
+                .map_err(|_| stop(format!("cannot write {:#x}", w.gpa)))?;
+        }
+        done
+    };
+    fd.set_regs(&state.regs)
+        .map_err(Error::kvm("KVM_SET_REGS"))?;
+    let counters = &vm.backend.counters;
+    counters.emulated_stores.fetch_add(1, Ordering::Relaxed);
+    for w in &done.writes {
+        counters
+            .trapped_bytes
+            .fetch_add(w.new.len() as u64, Ordering::Relaxed);
+        vm.tracker.report_write(
+            &WriteEvent::new(Gpa(w.gpa), &w.new, Source::Vcpu(index)).with_old(&w.old),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! A software walk of the guest's 4-level x86-64 page tables (4 KiB, 2 MiB and 1 GiB pages),
+//! reading guest memory directly: cheaper than `KVM_TRANSLATE` and able to say which
+//! page-table frames a translation depends on.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+const PRESENT: u64 = 1;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
+const HUGE: u64 = 1 << 7;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// Why a walk failed, as a page-fault error code would say it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalkFault {
+    /// The address that could not be translated.
+    pub gva: u64,
+    /// A table entry was present (a protection fault) rather than absent.
+    pub present: bool,
+}
+
+/// A successful translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// The guest-physical address.
+    pub gpa: u64,
+    /// Writable at every level.
+    pub writable: bool,
+    /// User-accessible at every level.
+    pub user: bool,
+    /// Guest-physical addresses of the entries walked, top level first (unused levels are 0).
+    pub entries: [u64; 4],
+}
+
+/// Translates `gva` through the page tables rooted at `cr3` (4-level paging).
+///
+/// # Errors
+/// A [`WalkFault`] if an entry is absent, a table is not readable guest memory, or the
+/// address is not canonical.
+pub fn translate<M: GuestMemory + ?Sized>(
+    mem: &M,
+    cr3: u64,
+    gva: u64,
+) -> Result<Translation, WalkFault> {
+    let canonical = (gva >> 47) == 0 || (gva >> 47) == 0x1_ffff;
+    let fault = |present| WalkFault { gva, present };
+    if !canonical {
+        return Err(fault(false));
+    }
+    let mut table = cr3 & ADDR_MASK;
+    let mut writable = true;
+    let mut user = true;
+    let mut entries = [0u64; 4];
+    for (depth, shift) in [39u32, 30, 21, 12].into_iter().enumerate() {
+        let at = table + ((gva >> shift) & 0x1ff) * 8;
+        entries[depth] = at;
+        let e: u64 = mem.read_obj(GuestAddress(at)).map_err(|_| fault(false))?;
+        if e & PRESENT == 0 {
+            return Err(fault(false));
+        }
+        writable &= e & WRITABLE != 0;
+        user &= e & USER != 0;
+        let leaf = shift == 12 || (shift != 39 && e & HUGE != 0);
+        if leaf {
+            let size_mask = (1u64 << shift) - 1;
+            return Ok(Translation {
+                gpa: (e & ADDR_MASK & !size_mask) | (gva & size_mask),
+                writable,
+                user,
+                entries,
+            });
+        }
+        table = e & ADDR_MASK;
+    }
+    Err(fault(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn translate_4k_2m_and_absent() {
+        let m = mem();
+        // PML4 at 0x1000 -> PDPT 0x2000 -> PD 0x3000; PD[0] -> PT 0x4000; PD[1] = 2M page at 4M.
+        m.write_obj(0x2000u64 | 7, GuestAddress(0x1000)).unwrap();
+        m.write_obj(0x3000u64 | 7, GuestAddress(0x2000)).unwrap();
+        m.write_obj(0x4000u64 | 7, GuestAddress(0x3000)).unwrap();
+        m.write_obj(0x40_0000u64 | 0x87, GuestAddress(0x3008))
+            .unwrap();
+        m.write_obj(0x5000u64 | 5, GuestAddress(0x4000 + 8 * 3))
+            .unwrap(); // read-only user
+        let t = translate(&m, 0x1000, 0x3123).unwrap();
+        assert_eq!(t.gpa, 0x5123);
+        assert!(!t.writable && t.user);
+        assert_eq!(t.entries, [0x1000, 0x2000, 0x3000, 0x4018]);
+        assert_eq!(translate(&m, 0x1000, 0x20_0042).unwrap().gpa, 0x40_0042);
+        assert_eq!(
+            translate(&m, 0x1000, 0x4000),
+            Err(WalkFault {
+                gva: 0x4000,
+                present: false
+            })
+        );
+        assert!(translate(&m, 0x1000, 0x8000_0000_0000).is_err());
+    }
+}
