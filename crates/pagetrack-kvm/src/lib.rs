@@ -5,6 +5,7 @@
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
 
+mod atomic;
 pub mod emulate;
 mod error;
 mod gate;

@@ -18,7 +18,8 @@ pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -
     }
     let tracker = &vm.tracker;
     let last = gpa + data.len() as u64 - 1;
-    // Serialize with read-modify-writes that pagetrack completes on the same frames.
+    // Serialize with read-modify-writes that pagetrack completes on the same frames, and keep
+    // event order per frame equal to memory order: held until the event is delivered.
     let _locks = vm
         .frame_locks
         .lock((gpa >> 12..=last >> 12).map(|f| f << 12));

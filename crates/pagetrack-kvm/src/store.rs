@@ -18,30 +18,78 @@ use crate::walk;
 
 const STRIPES: usize = 64;
 
-/// Striped locks over guest frames: held while a store's old bytes are read and its new bytes
-/// written, so read-modify-writes that pagetrack completes are atomic against each other and
-/// against trapped plain stores to the same frame.
+/// Striped locks over guest frames: held from the moment a store's old bytes are read until
+/// its event has been delivered, so read-modify-writes that pagetrack completes are atomic
+/// against each other and against trapped plain stores, and events for one frame are delivered
+/// in the order the stores reached memory (what the replay oracle relies on). Re-entrant on one
+/// thread: a callback may write guest memory through [`crate::TrackedMemory`].
 #[derive(Debug)]
-pub(crate) struct FrameLocks([Mutex<()>; STRIPES]);
+pub(crate) struct FrameLocks {
+    id: usize,
+    stripes: [Mutex<()>; STRIPES],
+}
+
+static NEXT_LOCKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+thread_local! {
+    /// (lock table id, stripe) held by this thread.
+    static HELD: std::cell::RefCell<Vec<(usize, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 impl Default for FrameLocks {
     fn default() -> FrameLocks {
-        FrameLocks(std::array::from_fn(|_| Mutex::new(())))
+        FrameLocks {
+            id: NEXT_LOCKS.fetch_add(1, Ordering::Relaxed),
+            stripes: std::array::from_fn(|_| Mutex::new(())),
+        }
+    }
+}
+
+/// Stripes held until dropped.
+#[derive(Debug)]
+pub(crate) struct Held<'a> {
+    table: usize,
+    guards: Vec<(usize, MutexGuard<'a, ()>)>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            for (s, _) in &self.guards {
+                if let Some(i) = h.iter().position(|e| *e == (self.table, *s)) {
+                    h.swap_remove(i);
+                }
+            }
+        });
     }
 }
 
 impl FrameLocks {
-    /// Locks the stripes of every frame in `gpas`, in stripe order (no lock-order inversion).
-    pub(crate) fn lock(&self, gpas: impl Iterator<Item = u64>) -> Vec<MutexGuard<'_, ()>> {
+    /// Locks the stripes of every frame in `gpas` that this thread does not hold yet, in stripe
+    /// order (no lock-order inversion between threads).
+    pub(crate) fn lock(&self, gpas: impl Iterator<Item = u64>) -> Held<'_> {
         let mut stripes: Vec<usize> = gpas
             .map(|g| usize::try_from((g >> 12) % STRIPES as u64).unwrap_or(0))
             .collect();
         stripes.sort_unstable();
         stripes.dedup();
-        stripes
+        HELD.with(|h| {
+            let held = h.borrow();
+            stripes.retain(|s| !held.contains(&(self.id, *s)));
+        });
+        let guards: Vec<_> = stripes
             .into_iter()
-            .map(|s| self.0[s].lock().unwrap_or_else(|e| e.into_inner()))
-            .collect()
+            .map(|s| (s, self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())))
+            .collect();
+        HELD.with(|h| {
+            h.borrow_mut()
+                .extend(guards.iter().map(|(s, _)| (self.id, *s)))
+        });
+        Held {
+            table: self.id,
+            guards,
+        }
     }
 }
 
@@ -151,17 +199,15 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
     {
         return Err(stop(format!("store to {:#x} is not guest RAM", t.gpa)));
     }
-    let done = {
-        let _locks = vm.frame_locks.lock(targets.iter().map(|t| t.gpa));
-        let done = plan
-            .execute(&mut state, &mut cpu)
-            .map_err(|e| stop(e.to_string()))?;
-        for w in &done.writes {
-            mem.write_slice(&w.new, GuestAddress(w.gpa))
-                .map_err(|_| stop(format!("cannot write {:#x}", w.gpa)))?;
-        }
-        done
-    };
+    // Held until the events are delivered (event order per frame = memory order).
+    let _locks = vm.frame_locks.lock(targets.iter().map(|t| t.gpa));
+    let done = plan
+        .execute(&mut state, &mut cpu)
+        .map_err(|e| stop(e.to_string()))?;
+    for w in &done.writes {
+        mem.write_slice(&w.new, GuestAddress(w.gpa))
+            .map_err(|_| stop(format!("cannot write {:#x}", w.gpa)))?;
+    }
     fd.set_regs(&state.regs)
         .map_err(Error::kvm("KVM_SET_REGS"))?;
     let counters = &vm.backend.counters;

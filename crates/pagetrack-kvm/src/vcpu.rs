@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
-use pagetrack::Source;
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use pagetrack::{Gpa, Source, WriteEvent};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
+
+use crate::atomic;
 
 use crate::error::{Error, Result};
 use crate::memory::{apply_write, read_ram};
@@ -127,6 +130,8 @@ pub struct Vcpu {
     vm: Arc<VmInner>,
     io: Box<dyn IoHandler>,
     stop: Arc<AtomicBool>,
+    sync_regs: bool,
+    sys: atomic::SysCache,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -138,13 +143,20 @@ impl std::fmt::Debug for Vcpu {
 }
 
 impl Vcpu {
-    pub(crate) fn new(index: u32, fd: VcpuFd, vm: Arc<VmInner>) -> Vcpu {
+    pub(crate) fn new(index: u32, mut fd: VcpuFd, vm: Arc<VmInner>) -> Vcpu {
+        // Registers come with every exit through kvm_run where KVM offers it (no ioctl).
+        let sync_regs = vm.caps.sync_regs & kvm_bindings::KVM_SYNC_X86_REGS != 0;
+        if sync_regs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+        }
         Vcpu {
             index,
             fd,
             vm,
             io: Box::new(AbsentDevices),
             stop: Arc::new(AtomicBool::new(false)),
+            sync_regs,
+            sys: atomic::SysCache::default(),
         }
     }
 
@@ -210,10 +222,14 @@ impl Vcpu {
                 Ok(exit) => exit,
             };
             let source = Source::Vcpu(self.index);
-            let counters = &self.vm.backend.counters;
+            let vm = Arc::clone(&self.vm);
+            let counters = &vm.backend.counters;
             match exit {
                 VcpuExit::MmioWrite(gpa, data) => {
                     let data = IoData::new(data);
+                    if self.locked_rmw(gpa, data.as_slice())? {
+                        continue;
+                    }
                     if apply_write(&self.vm, gpa, data.as_slice(), source) {
                         counters.trapped_writes.fetch_add(1, Ordering::Relaxed);
                         counters
@@ -250,6 +266,64 @@ impl Vcpu {
                 }
                 VcpuExit::Intr => {}
                 other => return Ok(Exit::Other(exit_name(&other))),
+            }
+        }
+    }
+}
+
+impl Vcpu {
+    /// Handles a trapped store that came from a locked read-modify-write: true if it was one
+    /// (applied atomically, or a compare-exchange that failed), false for a plain store.
+    fn locked_rmw(&mut self, gpa: u64, data: &[u8]) -> Result<bool> {
+        let mem = self.vm.mem.memory();
+        if !mem.check_range(GuestAddress(gpa), data.len(), Permissions::ReadWrite) {
+            return Ok(false);
+        }
+        let regs = if self.sync_regs {
+            self.fd.sync_regs().regs
+        } else {
+            self.fd.get_regs().map_err(|source| Error::Kvm {
+                op: "KVM_GET_REGS",
+                source,
+            })?
+        };
+        if !self.sys.is_valid() {
+            self.sys.refresh(&self.fd);
+        }
+        let vm = Arc::clone(&self.vm);
+        let mut outcome = atomic::handle(&mem, &self.sys, &vm.frame_locks, &regs, gpa, data);
+        if matches!(outcome, atomic::Outcome::Stale) && self.sys.refresh(&self.fd) {
+            outcome = atomic::handle(&mem, &self.sys, &vm.frame_locks, &regs, gpa, data);
+        }
+        let counters = &vm.backend.counters;
+        match outcome {
+            atomic::Outcome::Plain | atomic::Outcome::Stale => Ok(false),
+            atomic::Outcome::FailedCompare => {
+                counters.atomic_rmws.fetch_add(1, Ordering::Relaxed);
+                Ok(true)
+            }
+            atomic::Outcome::Done(done, regs, _held) => {
+                if self.sync_regs {
+                    self.fd.sync_regs_mut().regs = *regs;
+                    self.fd.set_sync_dirty_reg(SyncReg::Register);
+                } else {
+                    self.fd.set_regs(&regs).map_err(|source| Error::Kvm {
+                        op: "KVM_SET_REGS",
+                        source,
+                    })?;
+                }
+                counters.atomic_rmws.fetch_add(1, Ordering::Relaxed);
+                counters.trapped_writes.fetch_add(1, Ordering::Relaxed);
+                for w in &done.writes {
+                    counters
+                        .trapped_bytes
+                        .fetch_add(w.new.len() as u64, Ordering::Relaxed);
+                    vm.tracker.report_write(
+                        &WriteEvent::new(Gpa(w.gpa), &w.new, Source::Vcpu(self.index))
+                            .with_old(&w.old),
+                    );
+                }
+                Ok(true)
             }
         }
     }

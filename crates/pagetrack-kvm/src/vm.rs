@@ -141,6 +141,8 @@ pub struct VmStats {
     pub trapped_bytes: u64,
     /// Stores pagetrack emulated itself (the hard cases).
     pub emulated_stores: u64,
+    /// Locked read-modify-writes re-executed atomically (failed compare-exchanges included).
+    pub atomic_rmws: u64,
     /// Guest reads of RAM served in userspace (during slot changes).
     pub ram_reads_served: u64,
     /// Device writes through [`TrackedMemory`].
@@ -158,6 +160,7 @@ pub(crate) struct Counters {
     pub(crate) trapped_writes: AtomicU64,
     pub(crate) trapped_bytes: AtomicU64,
     pub(crate) emulated_stores: AtomicU64,
+    pub(crate) atomic_rmws: AtomicU64,
     pub(crate) ram_reads_served: AtomicU64,
     pub(crate) device_writes: AtomicU64,
     pauses: AtomicU64,
@@ -573,6 +576,7 @@ impl Vm {
             trapped_writes: c.trapped_writes.load(Ordering::Relaxed),
             trapped_bytes: c.trapped_bytes.load(Ordering::Relaxed),
             emulated_stores: c.emulated_stores.load(Ordering::Relaxed),
+            atomic_rmws: c.atomic_rmws.load(Ordering::Relaxed),
             ram_reads_served: c.ram_reads_served.load(Ordering::Relaxed),
             device_writes: c.device_writes.load(Ordering::Relaxed),
             fragments: self.inner.backend.frags().stats(),

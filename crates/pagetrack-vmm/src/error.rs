@@ -46,6 +46,12 @@ pub enum Error {
         /// The vCPU's RIP.
         rip: u64,
     },
+    /// KVM did not take an MSR value (`KVM_SET_MSRS` stopped before it).
+    #[error("kvm refused msr {index:#x}")]
+    MsrRefused {
+        /// The MSR index.
+        index: u32,
+    },
     /// Assembling the CPL0 exception stubs failed.
     #[error("cannot assemble the exception stubs")]
     Assemble {

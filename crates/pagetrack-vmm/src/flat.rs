@@ -195,7 +195,18 @@ impl FlatGuest {
             Mode::Long => {
                 let layout = LongModeLayout::new(config.mem)?;
                 let (res, _) = layout.reserved_range();
-                let low = res - u64::from(config.vcpus) * USER_STACK_SIZE;
+                let Some(low) = res.checked_sub(u64::from(config.vcpus) * USER_STACK_SIZE) else {
+                    return cfg(format!(
+                        "{} vCPU stacks of {USER_STACK_SIZE:#x} bytes do not fit in {:#x} bytes of RAM",
+                        config.vcpus, config.mem
+                    ));
+                };
+                if end > layout.identity_map_size() {
+                    return bad(format!(
+                        "image ends at {end:#x}, beyond the identity map (the first {:#x} bytes)",
+                        layout.identity_map_size()
+                    ));
+                }
                 if end > low && config.load < layout.reserved_range().1 {
                     return bad(format!(
                         "image [{:#x}, {end:#x}) overlaps the stacks and system tables at [{low:#x}, {:#x})",

@@ -21,7 +21,7 @@
 //! | `0x0_1000` | 4 KiB | PDPT (one entry per mapped GiB) |
 //! | `0x0_2000` | 16 KiB | 4 page directories of 2 MiB pages |
 //! | `0x0_6000` | `0x428` | GDT: null, `0x08` CPL0 code64, `0x10` CPL0 data, `0x18` CPL3 data, `0x20` CPL3 code64, then 64 TSS descriptors from `0x28` (vCPU `n`: `0x28 + 16n`) |
-//! | `0x0_7000` | `0x200` | IDT: 32 interrupt gates (DPL0), vectors 0–31 |
+//! | `0x0_7000` | `0x200` | IDT: 32 interrupt gates, vectors 0–31 (DPL0; DPL3 for #BP and #OF so `int3`/`into` work) |
 //! | `0x0_7800` | `0x200` | exception stubs, 16 bytes per vector |
 //! | `0x0_8000` | `0x2000` | 64 TSSs of `0x80` bytes (vCPU `n` at `0x8000 + 0x80n`) |
 //! | `0x0_a000` | `0x2001` | the shared I/O permission bitmap: 8 KiB of zero bits (all ports allowed) and the `0xff` terminator |
@@ -31,9 +31,11 @@
 //! `R - n * USER_STACK_SIZE` (16-byte aligned). They are guest memory the program may use as it
 //! likes, not part of [`LongModeLayout::reserved_range`].
 //!
-//! Segment selectors follow the `SYSCALL`/`SYSRET` convention: `MSR_STAR` =
-//! `0x0010_0008_0000_0000` (not set by this module) makes `SYSCALL` load `0x08`/`0x10` and
-//! 64-bit `SYSRET` load `0x23`/`0x1b`.
+//! Segment selectors follow the `SYSCALL`/`SYSRET` convention: [`setup_long_mode`] sets
+//! `MSR_STAR` = [`STAR`] (`SYSCALL` loads `0x08`/`0x10`, 64-bit `SYSRET` loads `0x23`/`0x1b`)
+//! and `MSR_LSTAR` = [`SYSCALL_TRAP_RIP`], an unmapped address, so a stray `syscall` reports a
+//! #PF instead of running the program from address 0. A VMM serving system calls sets
+//! `MSR_LSTAR` itself.
 //!
 //! Every page is mapped present, writable and user-accessible with the accessed and dirty bits
 //! preset, including the reserved region: this is a test environment, not an isolation
@@ -61,7 +63,8 @@ use std::fmt;
 
 use iced_x86::code_asm::{CodeAssembler, al, rsp};
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_xcrs,
+    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_dtable, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment,
+    kvm_xcrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
@@ -104,6 +107,18 @@ pub const USER_DS: u16 = 0x18 | 3;
 pub const USER_CS: u16 = 0x20 | 3;
 /// GDT selector of vCPU 0's TSS; vCPU `n` uses `TSS_SELECTOR_BASE + 16 * n`.
 pub const TSS_SELECTOR_BASE: u16 = 0x28;
+
+/// `MSR_LSTAR`: where `syscall` jumps. It is an unmapped canonical address, so a `syscall`
+/// the VMM has not prepared for reports a #PF (fetch) at this RIP instead of running off into
+/// memory. On PVM `syscall` stays at CPL3 (frame CS = [`USER_CS`], error code 0x14); on
+/// VT-x/SVM it enters CPL0 (CS = [`KERNEL_CS`], frame on the user stack).
+pub const SYSCALL_TRAP_RIP: u64 = 0x7fff_ffff_f000;
+
+/// `MSR_STAR` as set: `SYSCALL` loads CS/SS [`KERNEL_CS`]/[`KERNEL_DS`]; 64-bit `SYSRET`
+/// loads [`USER_CS`]/[`USER_DS`].
+pub const STAR: u64 = (0x10 << 48) | (0x08 << 32);
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
 
 /// RFLAGS at entry: IOPL 3 and the reserved bit 1 (IF clear; no interrupts are delivered).
 pub const LONG_MODE_RFLAGS: u64 = 0x3002;
@@ -239,6 +254,15 @@ impl LongModeLayout {
         (self.reserved_start, self.reserved_start + RESERVED_SIZE)
     }
 
+    /// The I/O permission bitmap every vCPU's TSS points at: `[start, end)`, one bit per
+    /// port (0 = allowed), followed by the `0xff` terminator byte at `end`. The tables allow
+    /// every port; a VMM may write other bits before the guest runs.
+    #[must_use]
+    pub fn io_bitmap(&self) -> (u64, u64) {
+        let start = self.reserved_start + IOMAP_OFFSET;
+        (start, start + IOMAP_BYTES)
+    }
+
     /// How much of guest-physical space, from 0, the page tables identity-map:
     /// `min(ram_size, 4 GiB)` rounded up to 2 MiB. Accesses above it fault with #PF.
     #[must_use]
@@ -331,7 +355,10 @@ impl LongModeLayout {
         };
 
         // Page tables: PML4[0] -> PDPT, PDPT[i] -> PD i, PD entries are 2 MiB identity pages.
-        put(PML4_OFFSET, &((r + PDPT_OFFSET) | TABLE_FLAGS).to_le_bytes());
+        put(
+            PML4_OFFSET,
+            &((r + PDPT_OFFSET) | TABLE_FLAGS).to_le_bytes(),
+        );
         let gibs = self.identity_map_size.div_ceil(PAGE_1G);
         debug_assert!(gibs <= PD_COUNT, "the identity map is capped at 4 GiB");
         for gib in 0..gibs {
@@ -388,7 +415,13 @@ impl LongModeLayout {
             let stub = self
                 .exception_stub(vector)
                 .expect("vector < EXCEPTION_VECTORS");
-            put(IDT_OFFSET + u64::from(vector) * 16, &interrupt_gate(stub));
+            // #BP and #OF get DPL3 gates so `int3`/`into` at CPL3 report them (a DPL0 gate
+            // makes them #GP on VT-x/SVM; PVM delivers #BP either way).
+            let dpl = if matches!(vector, 3 | 4) { 3 } else { 0 };
+            put(
+                IDT_OFFSET + u64::from(vector) * 16,
+                &interrupt_gate(stub, dpl),
+            );
             let code = assemble_stub(vector, stub)?;
             debug_assert!(code.len() <= usize_of(STUB_SIZE), "a stub fits its slot");
             put(stub - r, &code);
@@ -439,11 +472,12 @@ fn tss_descriptor(base: u64, limit: u32) -> [u8; 16] {
     d
 }
 
-/// A 16-byte 64-bit interrupt gate to `handler` through the CPL0 code segment (DPL0, no IST).
-fn interrupt_gate(handler: u64) -> [u8; 16] {
+/// A 16-byte 64-bit interrupt gate to `handler` through the CPL0 code segment (no IST), with
+/// descriptor privilege level `dpl` (who may reach it with `int n`).
+fn interrupt_gate(handler: u64, dpl: u64) -> [u8; 16] {
     let low = (handler & 0xffff)
         | u64::from(KERNEL_CS) << 16
-        | 0x8e << 40
+        | (0x8e | (dpl & 3) << 5) << 40
         | ((handler >> 16) & 0xffff) << 48;
     let high = handler >> 32;
     let mut g = [0u8; 16];
@@ -473,7 +507,9 @@ fn assemble_stub(vector: u8, ip: u64) -> Result<Vec<u8>> {
 /// tables into `mem`.
 ///
 /// - CPUID: KVM's supported CPUID, with the initial APIC id (leaf 1) and x2APIC id
-///   (leaves 0xB, 0x1F) set to `vcpu_index`.
+///   (leaves 0xB, 0x1F) set to `vcpu_index`. The features below are then read from the
+///   vCPU's effective CPUID (`KVM_GET_CPUID2`): on PVM it reports more than the supported
+///   CPUID (XSAVE, AVX, AVX-512, FSGSBASE).
 /// - Special registers: CR0 = PE|MP|ET|NE|WP|PG, CR4 = PAE|OSFXSR|OSXMMEXCPT, plus OSXSAVE
 ///   and FSGSBASE where CPUID has them, EFER = SCE|LME|LMA (|NXE where supported),
 ///   CR3 = [`LongModeLayout::pml4`], CS = [`USER_CS`], SS/DS/ES/FS/GS = [`USER_DS`] (bases 0),
@@ -482,6 +518,7 @@ fn assemble_stub(vector: u8, ip: u64) -> Result<Vec<u8>> {
 ///   ([`XCR0_WANTED`] masked by CPUID leaf 0xD; AVX-512 only if all three parts are there).
 /// - Registers: RIP = `entry`, RSP = [`LongModeLayout::user_stack_top`]`(vcpu_index)`,
 ///   RFLAGS = [`LONG_MODE_RFLAGS`], everything else 0; FPU: FCW 0x37f, MXCSR 0x1f80.
+/// - MSRs: `STAR` = [`STAR`], `LSTAR` = [`SYSCALL_TRAP_RIP`].
 ///
 /// Writing the tables is idempotent (same bytes every time, CPL0 stacks untouched), so every
 /// vCPU of a VM may call this, also while others run. Each vCPU gets its own TSS, CPL0 stack
@@ -490,7 +527,7 @@ fn assemble_stub(vector: u8, ip: u64) -> Result<Vec<u8>> {
 /// # Errors
 ///
 /// [`Error::VcpuIndexOutOfRange`], [`Error::GuestMemory`] if the tables cannot be written,
-/// [`Error::Kvm`] naming the ioctl that failed.
+/// [`Error::Kvm`] naming the ioctl that failed, [`Error::MsrRefused`].
 pub fn setup_long_mode<M>(
     kvm: &Kvm,
     vcpu: &VcpuFd,
@@ -517,9 +554,15 @@ where
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let features = CpuFeatures::from_cpuid(&cpuid);
     set_apic_ids(&mut cpuid, vcpu_index);
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    // Decide from the CPUID the vCPU ended up with, which is what KVM checks CR4 and XCR0
+    // against and what the guest sees: PVM's KVM_GET_SUPPORTED_CPUID hides XSAVE, AVX,
+    // FSGSBASE... that its vCPUs then report (they run CPL3 code on the host's features).
+    let effective = vcpu
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_CPUID2"))?;
+    let features = CpuFeatures::from_cpuid(&effective);
 
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
@@ -579,6 +622,25 @@ where
         ..Default::default()
     };
     vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    let msrs = Msrs::from_entries(&[
+        kvm_msr_entry {
+            index: MSR_STAR,
+            data: STAR,
+            ..Default::default()
+        },
+        kvm_msr_entry {
+            index: MSR_LSTAR,
+            data: SYSCALL_TRAP_RIP,
+            ..Default::default()
+        },
+    ])
+    .expect("2 entries are within KVM_MAX_MSR_ENTRIES");
+    let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+    if let Some(refused) = msrs.as_slice().get(set) {
+        return Err(Error::MsrRefused {
+            index: refused.index,
+        });
+    }
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
@@ -947,6 +1009,16 @@ mod tests {
             assert_eq!(&l.tables[off..off + 2], &[0xe6, 0xf5]);
         }
         assert_eq!(l.exception_stub(32), None);
+    }
+
+    #[test]
+    fn idt_gates_are_dpl0_except_breakpoint_and_overflow() {
+        let l = LongModeLayout::new(64 << 20).unwrap();
+        let attr = |v: u64| l.tables[usize_of(IDT_OFFSET + v * 16 + 5)];
+        assert_eq!(attr(3), 0xee);
+        assert_eq!(attr(4), 0xee);
+        assert_eq!(attr(6), 0x8e);
+        assert_eq!(attr(14), 0x8e);
     }
 
     #[test]

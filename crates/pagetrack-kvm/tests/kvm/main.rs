@@ -8,6 +8,7 @@
     reason = "test set-up helpers fail the test loudly"
 )]
 
+mod atomics;
 mod common;
 mod concurrency;
 mod hard;

@@ -1,0 +1,5 @@
+//! The subcommands, one file each: `Args` (clap) and `run(args) -> anyhow::Result<ExitCode>`.
+
+pub mod caps;
+pub mod demo;
+pub mod run;

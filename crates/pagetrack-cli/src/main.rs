@@ -1,0 +1,164 @@
+//! `pagetrack`: run a guest on KVM and watch its writes.
+//!
+//! - `pagetrack demo`: a built-in guest that shows exact write tracking and what it costs.
+//! - `pagetrack run IMAGE`: run a flat image (long or real mode), track ranges, stream every
+//!   write to a tracked frame as JSON Lines (`--events`), or watch a live view.
+//! - `pagetrack caps`: what this host's KVM offers that pagetrack uses.
+//!
+//! Exit status: 0 success (the guest ended by port 0xf4 or HLT), 1 run failure, 2 usage error.
+//! Every subcommand is one file in `cmd/` and one variant of [`Command`].
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod events;
+mod live;
+mod range;
+mod session;
+
+use std::fmt;
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::{Parser, Subcommand};
+
+/// Exit status of a run failure: a guest fault, emulation failure, timeout, exit limit, or a
+/// host failure (no KVM, an ioctl error, an unwritable event stream).
+const FAILURE: u8 = 1;
+/// Exit status of a usage error: bad options or values, an unusable image.
+const USAGE: u8 = 2;
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  success (for run: the guest ended by writing its code to port 0xf4, or by HLT;
+     the guest's code is reported, not used as the status)
+  1  run failure: guest exception, emulation failure, timeout, exit limit, KVM failure
+  2  usage error: bad option or value, unusable image, range outside RAM";
+
+/// Exact guest write tracking on KVM: run a guest and watch every write to the frames you
+/// track.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pagetrack",
+    version,
+    arg_required_else_help = true,
+    after_help = EXIT_STATUS_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands; each lives in `cmd/<name>.rs` with its `Args` and `run`.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a built-in guest that writes to a tracked table and to untracked memory, then
+    /// explain what was tracked and what it cost.
+    Demo(cmd::demo::Args),
+    /// Run a flat guest image and report every write to the tracked ranges.
+    Run(cmd::run::Args),
+    /// Show what this host's KVM offers that pagetrack uses.
+    Caps(cmd::caps::Args),
+}
+
+/// An error in what the user asked for (exit status 2); everything else is a run failure.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(&e),
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let status = if e.chain().any(|c| c.is::<UsageError>()) {
+                USAGE
+            } else {
+                FAILURE
+            };
+            // Nothing is left to report a failed write to stderr to.
+            let _ignored = writeln!(std::io::stderr(), "error: {e:#}");
+            ExitCode::from(status)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Demo(args) => cmd::demo::run(args),
+        Command::Run(args) => cmd::run::run(args),
+        Command::Caps(args) => cmd::caps::run(&args),
+    }
+}
+
+/// Prints a clap error: help and version as clap does (status 0), a missing subcommand as the
+/// help on stderr (status 2), anything else as one line on stderr (status 2).
+fn clap_error(e: &clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            // A closed stdout leaves nothing to report to.
+            let _ignored = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ignored = e.print();
+            ExitCode::from(USAGE)
+        }
+        _ => {
+            let line = one_line(&e.render().to_string());
+            let _ignored = writeln!(std::io::stderr(), "{line}");
+            ExitCode::from(USAGE)
+        }
+    }
+}
+
+/// Folds clap's multi-line message into one line: its paragraphs joined, without the usage
+/// and "for more information" paragraphs, plus a pointer to `--help`.
+fn one_line(rendered: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for paragraph in rendered.split("\n\n") {
+        let p = paragraph.trim();
+        if p.is_empty() || p.starts_with("Usage:") || p.starts_with("For more information") {
+            continue;
+        }
+        let joined: Vec<&str> = p.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        parts.push(joined.join(" "));
+    }
+    let mut line = parts.join("; ");
+    if line.is_empty() {
+        line = "error: invalid command line".into();
+    }
+    line.push_str(" (see --help)");
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn one_line_drops_usage_and_joins_paragraphs() {
+        let text = "error: the following required arguments were not provided:\n  <IMAGE>\n\n\
+                    Usage: pagetrack run <IMAGE>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            one_line(text),
+            "error: the following required arguments were not provided: <IMAGE> (see --help)"
+        );
+    }
+}
