@@ -195,9 +195,9 @@ pub(crate) enum Outcome<'a> {
 /// Decides and, for a locked read-modify-write, performs the atomic re-execution. `regs` are
 /// the registers after KVM's emulation (RIP past the instruction).
 pub(crate) fn handle<'a>(
+    vm: &'a crate::vm::VmInner,
     mem: &GuestMemoryMmap,
     cache: &SysCache,
-    locks: &'a crate::store::FrameLocks,
     regs: &kvm_regs,
     gpa: u64,
     data: &[u8],
@@ -275,13 +275,15 @@ pub(crate) fn handle<'a>(
         if !plan.locked() || targets.len() != 1 || targets[0].gpa != gpa || targets[0].len != size {
             continue;
         }
-        let guard = locks.lock(std::iter::once(gpa));
+        let guard = vm.frame_locks.lock(std::iter::once(gpa));
+        let pt = vm.page_table_entries(mem, gpa, size);
         let Ok(done) = plan.execute(&mut state, &mut cpu) else {
             continue;
         };
         for w in &done.writes {
             let _ = mem.write_slice(&w.new, GuestAddress(w.gpa));
         }
+        vm.after_page_table_store(mem, pt);
         return Outcome::Done(Box::new(done), Box::new(state.regs), guard);
     }
     Outcome::Plain

@@ -23,6 +23,7 @@ pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -
     let _locks = vm
         .frame_locks
         .lock((gpa >> 12..=last >> 12).map(|f| f << 12));
+    let pt = vm.page_table_entries(&mem, gpa, data.len());
     let any_tracked = tracker.is_enabled() && {
         (gpa / PAGE_SIZE..=last / PAGE_SIZE)
             .any(|f| tracker.is_write_tracked(AsId::NORMAL, pagetrack::Gfn(f)))
@@ -30,6 +31,7 @@ pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -
     if !any_tracked {
         // Cannot fail: the range was checked above.
         let _ = mem.write_slice(data, GuestAddress(gpa));
+        vm.after_page_table_store(&mem, pt);
         // Still reported: a frame may have become tracked in between (report_write filters).
         tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source));
         return true;
@@ -44,6 +46,7 @@ pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -
     };
     let _ = mem.read_slice(old, GuestAddress(gpa));
     let _ = mem.write_slice(data, GuestAddress(gpa));
+    vm.after_page_table_store(&mem, pt);
     tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source).with_old(old));
     true
 }

@@ -201,12 +201,19 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
     }
     // Held until the events are delivered (event order per frame = memory order).
     let _locks = vm.frame_locks.lock(targets.iter().map(|t| t.gpa));
+    let pts: Vec<_> = targets
+        .iter()
+        .map(|t| vm.page_table_entries(&mem, t.gpa, t.len))
+        .collect();
     let done = plan
         .execute(&mut state, &mut cpu)
         .map_err(|e| stop(e.to_string()))?;
     for w in &done.writes {
         mem.write_slice(&w.new, GuestAddress(w.gpa))
             .map_err(|_| stop(format!("cannot write {:#x}", w.gpa)))?;
+    }
+    for pt in pts {
+        vm.after_page_table_store(&mem, pt);
     }
     fd.set_regs(&state.regs)
         .map_err(Error::kvm("KVM_SET_REGS"))?;

@@ -291,9 +291,9 @@ impl Vcpu {
             self.sys.refresh(&self.fd);
         }
         let vm = Arc::clone(&self.vm);
-        let mut outcome = atomic::handle(&mem, &self.sys, &vm.frame_locks, &regs, gpa, data);
+        let mut outcome = atomic::handle(&vm, &mem, &self.sys, &regs, gpa, data);
         if matches!(outcome, atomic::Outcome::Stale) && self.sys.refresh(&self.fd) {
-            outcome = atomic::handle(&mem, &self.sys, &vm.frame_locks, &regs, gpa, data);
+            outcome = atomic::handle(&vm, &mem, &self.sys, &regs, gpa, data);
         }
         let counters = &vm.backend.counters;
         match outcome {

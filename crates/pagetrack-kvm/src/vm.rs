@@ -11,7 +11,7 @@ use pagetrack::{
     TrackerConfig,
 };
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
 };
 
 use crate::error::{Error, Result};
@@ -143,6 +143,9 @@ pub struct VmStats {
     pub emulated_stores: u64,
     /// Locked read-modify-writes re-executed atomically (failed compare-exchanges included).
     pub atomic_rmws: u64,
+    /// Stores to marked page-table frames that changed a present translation, after which
+    /// KVM's shadows of the frame were dropped.
+    pub pt_invalidations: u64,
     /// Guest reads of RAM served in userspace (during slot changes).
     pub ram_reads_served: u64,
     /// Device writes through [`TrackedMemory`].
@@ -161,6 +164,8 @@ pub(crate) struct Counters {
     pub(crate) trapped_bytes: AtomicU64,
     pub(crate) emulated_stores: AtomicU64,
     pub(crate) atomic_rmws: AtomicU64,
+    pub(crate) pt_invalidations: AtomicU64,
+    pub(crate) pt_invalidation_errors: AtomicU64,
     pub(crate) ram_reads_served: AtomicU64,
     pub(crate) device_writes: AtomicU64,
     pauses: AtomicU64,
@@ -240,10 +245,74 @@ pub(crate) struct VmInner {
     pub(crate) caps: HostCaps,
     config: VmConfig,
     pub(crate) frame_locks: crate::store::FrameLocks,
+    pt_frames: std::sync::RwLock<std::collections::HashSet<u64>>,
+    pt_marked: std::sync::atomic::AtomicBool,
     xsave_layout: std::sync::OnceLock<(crate::emulate::XsaveLayout, u64)>,
 }
 
+/// Present, and the accessed and dirty bits of an x86 page-table entry.
+const PTE_PRESENT: u64 = 1;
+const PTE_ACCESSED_DIRTY: u64 = 0x60;
+
+/// The aligned 8-byte entries a store covers in page-table frames, read before the store.
+#[derive(Debug, Default)]
+pub(crate) struct PtEntries(Vec<(u64, u64)>);
+
 impl VmInner {
+    /// The page-table entries `[gpa, gpa + len)` overlaps in frames marked as guest page tables
+    /// (empty, and free, when none are marked or the host uses TDP).
+    pub(crate) fn page_table_entries(
+        &self,
+        mem: &GuestMemoryMmap,
+        gpa: u64,
+        len: usize,
+    ) -> PtEntries {
+        if !self.pt_marked.load(Ordering::Acquire) || len == 0 {
+            return PtEntries::default();
+        }
+        let frames = self.pt_frames.read().unwrap_or_else(|e| e.into_inner());
+        let first = gpa & !7;
+        let last = (gpa + len as u64 - 1) & !7;
+        let entries = (first..=last)
+            .step_by(8)
+            .filter(|e| frames.contains(&(e >> 12)))
+            .filter_map(|e| mem.read_obj::<u64>(GuestAddress(e)).ok().map(|v| (e, v)))
+            .collect();
+        PtEntries(entries)
+    }
+
+    /// After a store to page-table entries: if one that was present now translates
+    /// differently (not an accessed/dirty-only change), make KVM drop its shadows of that frame
+    /// before any vCPU runs on.
+    pub(crate) fn after_page_table_store(&self, mem: &GuestMemoryMmap, pt: PtEntries) {
+        let mut stale: Vec<Gfn> =
+            pt.0.iter()
+                .filter(|(at, old)| {
+                    let new = mem.read_obj::<u64>(GuestAddress(*at)).unwrap_or(0);
+                    old & PTE_PRESENT != 0 && (old ^ new) & !PTE_ACCESSED_DIRTY != 0
+                })
+                .map(|(at, _)| Gfn(at >> 12))
+                .collect();
+        stale.dedup();
+        if stale.is_empty() {
+            return;
+        }
+        self.backend
+            .counters
+            .pt_invalidations
+            .fetch_add(1, Ordering::Relaxed);
+        let gpas: Vec<u64> = stale.iter().map(|g| g.gpa().0).collect();
+        let mut frags = self.backend.frags();
+        let _paused = self.backend.gate.pause();
+        // A failure leaves a stale shadow; nothing better can be done here than to count it.
+        if frags.recreate(&self.backend.vm_fd, &gpas).is_err() {
+            self.backend
+                .counters
+                .pt_invalidation_errors
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Where XSAVE components live, and the XCR0 bits KVM supports, from KVM's supported
     /// CPUID (computed once).
     fn xsave_info(&self) -> (crate::emulate::XsaveLayout, u64) {
@@ -371,6 +440,8 @@ impl Vm {
                 caps,
                 config,
                 frame_locks: crate::store::FrameLocks::default(),
+                pt_frames: std::sync::RwLock::default(),
+                pt_marked: std::sync::atomic::AtomicBool::new(false),
                 xsave_layout: std::sync::OnceLock::new(),
             }),
         })
@@ -569,6 +640,41 @@ impl Vm {
         frags.recreate(&self.inner.backend.vm_fd, &gpas)
     }
 
+    /// Marks `frames` as holding guest page tables (or unmarks them). On shadow-paging hosts
+    /// ([`HostCaps::shadow_paging`]), KVM shadows guest page tables and learns of changes only
+    /// through its own emulator; stores that pagetrack applies (trapped guest stores to tracked
+    /// frames, device writes, the VMM editing page tables through [`TrackedMemory`]) bypass it.
+    /// For marked frames pagetrack checks every such store and, when a present entry changes
+    /// other than in its accessed/dirty bits, makes KVM drop its shadows of the frame before
+    /// any vCPU runs on. Not-present → present and accessed/dirty-only changes cost nothing.
+    /// On TDP hosts nothing is shadowed and marking does nothing.
+    ///
+    /// What a guest still loses on a tracked page-table frame (shadow paging): the CPU's
+    /// page walk does not set accessed/dirty bits in it (KVM skips those updates for
+    /// read-only memslots), so software that relies on them (page aging, writeback of
+    /// dirty file mappings) sees them clear unless the VMM sets them.
+    pub fn mark_page_tables(&self, frames: &[Gfn], is_table: bool) {
+        if !self.inner.caps.shadow_paging {
+            return;
+        }
+        let mut set = self
+            .inner
+            .pt_frames
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        for f in frames {
+            if is_table {
+                set.insert(f.0);
+            } else {
+                set.remove(&f.0);
+            }
+        }
+        // Release: pairs with the Acquire in page_table_entries.
+        self.inner
+            .pt_marked
+            .store(!set.is_empty(), Ordering::Release);
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> VmStats {
         let c = &self.inner.backend.counters;
@@ -577,6 +683,7 @@ impl Vm {
             trapped_bytes: c.trapped_bytes.load(Ordering::Relaxed),
             emulated_stores: c.emulated_stores.load(Ordering::Relaxed),
             atomic_rmws: c.atomic_rmws.load(Ordering::Relaxed),
+            pt_invalidations: c.pt_invalidations.load(Ordering::Relaxed),
             ram_reads_served: c.ram_reads_served.load(Ordering::Relaxed),
             device_writes: c.device_writes.load(Ordering::Relaxed),
             fragments: self.inner.backend.frags().stats(),

@@ -12,5 +12,6 @@ mod atomics;
 mod common;
 mod concurrency;
 mod hard;
+mod pagetables;
 mod shapes;
 mod track;
