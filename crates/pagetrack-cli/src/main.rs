@@ -4,6 +4,7 @@
 //! - `pagetrack run IMAGE`: run a flat image (long or real mode), track ranges, stream every
 //!   write to a tracked frame as JSON Lines (`--events`), or watch a live view.
 //! - `pagetrack caps`: what this host's KVM offers that pagetrack uses.
+//! - `pagetrack bench`: the backend's costs on this host, measured in about a minute.
 //!
 //! Exit status: 0 success (the guest ended by port 0xf4 or HLT), 1 run failure, 2 usage error.
 //! Every subcommand is one file in `cmd/` and one variant of [`Command`].
@@ -59,6 +60,9 @@ enum Command {
     Run(cmd::run::Args),
     /// Show what this host's KVM offers that pagetrack uses.
     Caps(cmd::caps::Args),
+    /// Measure the backend on this host: trapped-write round trip against a bare exit,
+    /// untracked-store overhead, track/untrack latency, refault cost after a track.
+    Bench(cmd::bench::Args),
 }
 
 /// An error in what the user asked for (exit status 2); everything else is a run failure.
@@ -98,6 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Caps(args) => cmd::caps::run(&args),
+        Command::Bench(args) => cmd::bench::run(args),
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use iced_x86::code_asm::{CodeAssembler, al, qword_ptr, r8, rax, rcx, rdi};
+use iced_x86::code_asm::{CodeAssembler, al, qword_ptr, r8, rax, rcx, rdi, rdx};
 use pagetrack::{AsId, Gfn, NotifierClass, TrackNotifier, WriteEvent};
 use pagetrack_kvm::{Exit, Vcpu, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
@@ -87,8 +87,13 @@ struct Programs {
     store: u64,
     sweep: u64,
     touch: u64,
+    remap: u64,
     bytes: Vec<u8>,
 }
+
+/// A 4 KiB page table for [PT_VA, PT_VA + 2 MiB), used by the page-table store measurement.
+const PT: u64 = 0x2_0000;
+const PT_VA: u64 = 0x200_0000;
 
 fn asm_err(source: iced_x86::IcedError) -> Error {
     Error::Assemble { source }
@@ -100,6 +105,7 @@ fn programs() -> Result<Programs> {
     let mut store = a.create_label();
     let mut sweep = a.create_label();
     let mut touch = a.create_label();
+    let mut remap = a.create_label();
     let mut build = || -> std::result::Result<(), iced_x86::IcedError> {
         // pio: rcx times `out PIO_PORT, al` (a bare exit each), then exit.
         a.set_label(&mut pio)?;
@@ -130,6 +136,15 @@ fn programs() -> Result<Programs> {
         a.add(rdi, 4096)?;
         a.cmp(rdi, r8)?;
         a.jb(touch)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)?;
+        // remap: rcx times, point PTE 5 at the other of two pages (rax ^= r8) and read through
+        // it: a present-to-other store in a tracked page table, then a use of the mapping.
+        a.set_label(&mut remap)?;
+        a.mov(qword_ptr(PT + 5 * 8), rax)?; // PTE 5 := next page
+        a.xor(rax, r8)?;
+        a.mov(rdx, qword_ptr(PT_VA + 5 * 4096))?; // use the new mapping
+        a.dec(rcx)?;
+        a.jnz(remap)?;
         a.out(u32::from(GUEST_EXIT_PORT), al)
     };
     build().map_err(asm_err)?;
@@ -145,6 +160,7 @@ fn programs() -> Result<Programs> {
         store: at(&store)?,
         sweep: at(&sweep)?,
         touch: at(&touch)?,
+        remap: at(&remap)?,
         bytes: res.inner.code_buffer,
     })
 }
@@ -189,6 +205,18 @@ impl Rig {
 
     /// Runs the program at `entry` with rdi/rcx/r8 to its exit; returns the wall time.
     fn run(&mut self, entry: u64, rdi_v: u64, rcx_v: u64, r8_v: u64) -> Result<Duration> {
+        self.run_rax(entry, rdi_v, rcx_v, r8_v, 0)
+    }
+
+    /// As [`Rig::run`], with rax set too.
+    fn run_rax(
+        &mut self,
+        entry: u64,
+        rdi_v: u64,
+        rcx_v: u64,
+        r8_v: u64,
+        rax_v: u64,
+    ) -> Result<Duration> {
         let fd = self.vcpu.fd();
         let mut regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
         regs.rip = entry;
@@ -197,6 +225,7 @@ impl Rig {
         regs.rdi = rdi_v;
         regs.rcx = rcx_v;
         regs.r8 = r8_v;
+        regs.rax = rax_v;
         fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
         let start = Instant::now();
         loop {
@@ -262,6 +291,34 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         "trapped store / bare exit",
         trapped / pio,
         "ratio",
+    );
+
+    // Page-table stores: PTE remaps in a tracked, marked page-table frame (each one makes KVM
+    // drop its shadows of the frame on shadow-paging hosts).
+    progress("page-table stores");
+    {
+        let pd0 = rig.layout.pml4() + 0x2000;
+        let mem = rig.vm.memory();
+        for i in 0..512u64 {
+            mem.write_obj((PT_VA + i * 4096) | 0x67, PT + i * 8)?;
+        }
+        mem.write_obj(PT | 0x27, pd0 + (PT_VA >> 21) * 8)?;
+    }
+    rig.vm.tracker().add_gfn(Gfn(PT >> 12))?;
+    rig.vm.mark_page_tables(&[Gfn(PT >> 12)], true);
+    let (a, b) = ((PT_VA + 5 * 4096) | 0x67, (PT_VA + 6 * 4096) | 0x67);
+    let pt_n = (n / 4).max(100);
+    let mut pt = Vec::new();
+    for _ in 0..reps {
+        pt.push(us(rig.run_rax(rig.progs.remap, 0, pt_n, a ^ b, b)?) / pt_n as f64);
+    }
+    rig.vm.mark_page_tables(&[Gfn(PT >> 12)], false);
+    rig.vm.tracker().remove_gfn(Gfn(PT >> 12))?;
+    rep.push(
+        "pt_store_us",
+        "page-table store that remaps a present entry (tracked, shadows dropped) + one use",
+        median(pt),
+        "µs",
     );
 
     // 4: untracked stores with 1,000 tracked frames elsewhere versus none.

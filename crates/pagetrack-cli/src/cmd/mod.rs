@@ -1,5 +1,6 @@
 //! The subcommands, one file each: `Args` (clap) and `run(args) -> anyhow::Result<ExitCode>`.
 
+pub mod bench;
 pub mod caps;
 pub mod demo;
 pub mod run;

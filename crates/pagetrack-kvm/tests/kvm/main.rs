@@ -11,6 +11,7 @@
 mod atomics;
 mod common;
 mod concurrency;
+mod example;
 mod hard;
 mod pagetables;
 mod shapes;
