@@ -149,3 +149,85 @@ fn batch_of_1000_scattered_frames_is_one_surgery_and_exact() {
     g.vm.tracker().remove_gfns(AsId::NORMAL, &frames).unwrap();
     assert_eq!(g.vm.stats().fragments.readonly_fragments, 0);
 }
+
+#[test]
+fn short_slot_budget_merges_tracked_frames_across_small_gaps() {
+    let kvm = kvm_or_skip!();
+    // 16 MiB in 2 MiB chunks: 8 slots; leave room for only 8 more.
+    let nr = kvm.get_nr_memslots();
+    let mut config = pagetrack_kvm::VmConfig::default()
+        .with_ram(16 << 20)
+        .with_chunk_bytes(2 << 20);
+    config.reserved_slots = nr - 16;
+    let code = assemble(ENTRY, |a| {
+        a.mov(rdi, T)?;
+        a.mov(ecx, 20)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(qword_ptr(rdi), rcx)?; // every frame of [T, T + 20 pages): tracked or gap
+        a.add(rdi, 4096)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        exit_with(a, 0)
+    });
+    let vm = pagetrack_kvm::Vm::with_kvm(kvm, config).unwrap();
+    vm.add_ram(0, 16 << 20).unwrap();
+    let layout = pagetrack_vmm::x86::LongModeLayout::new(16 << 20).unwrap();
+    use vm_memory::Bytes;
+    vm.raw_memory()
+        .write_slice(&code, vm_memory::GuestAddress(ENTRY))
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    pagetrack_vmm::x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, ENTRY, 0)
+        .unwrap();
+    let (rec, _h) = recorder(&vm);
+    // Every other frame: 10 tracked runs and 9 gaps would need 21 fragments in one chunk.
+    let frames: Vec<Gfn> = (0..10).map(|i| Gfn((T >> 12) + 2 * i)).collect();
+
+    vm.tracker().add_gfns(AsId::NORMAL, &frames).unwrap();
+
+    let st = vm.stats().fragments;
+    assert!(st.fragments <= st.budget, "{st:?}");
+    run_to_exit(&vm, &layout, &mut vcpu, TIMEOUT);
+    let ev = rec.take();
+    let got: Vec<u64> = ev.iter().map(|e| e.gpa).collect();
+    let want: Vec<u64> = frames.iter().map(|f| f.gpa().0).collect();
+    assert_eq!(got, want, "events exactly for the tracked frames");
+    for i in 0..20u64 {
+        let v = u64::from_le_bytes(read(&vm, T + i * 4096, 8).try_into().unwrap());
+        assert_eq!(
+            v,
+            20 - i,
+            "the store to frame {i} landed (merged gaps are applied silently)"
+        );
+    }
+    assert!(
+        vm.stats().trapped_writes > 10,
+        "gap frames trapped too: they were merged"
+    );
+}
+
+#[test]
+fn masked_evex_store_to_a_tracked_frame_stops_the_vcpu_with_a_clear_error() {
+    let kvm = kvm_or_skip!();
+    let code = assemble(ENTRY, |a| {
+        a.mov(rdi, T)?;
+        a.mov(eax, 0x5555u32)?;
+        a.kmovw(k1, eax)?; // mask
+        a.vmovdqu32(zmmword_ptr(rdi).k1(), zmm0)?; // masked store: not supported
+        exit_with(a, 0)
+    });
+    let mut g = boot(kvm, 16 << 20, 1, &code);
+    g.vm.tracker().enable_write_tracking().unwrap();
+    g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+
+    let err = g.vcpus[0].run().unwrap_err();
+
+    let msg = err.to_string();
+    assert!(
+        matches!(err, pagetrack_kvm::Error::Unemulatable { vcpu: 0, .. }),
+        "{err:?}"
+    );
+    assert!(msg.contains("rip 0x"), "{msg}");
+    assert!(msg.contains("62 "), "names the EVEX bytes: {msg}");
+}
