@@ -53,6 +53,10 @@ impl Grace {
     pub(crate) fn synchronize(&self) {
         let mut g = self.sync_wait_lock();
         let old = self.epoch.fetch_add(1, Ordering::SeqCst) & 1;
+        if self.readers[old].load(Ordering::SeqCst) == 0 {
+            // No section of the old epoch: nothing to wait for (the common case).
+            return;
+        }
         self.waiting.store(true, Ordering::SeqCst);
         while self.readers[old].load(Ordering::SeqCst) != 0 {
             // The timeout only bounds a wake-up lost to a reader that decremented before

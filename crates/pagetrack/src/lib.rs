@@ -28,6 +28,8 @@
 //!     }
 //! }
 //!
+//! # #[cfg(feature = "notifiers")] // the example needs the default `notifiers` feature
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let tracker = PageTracker::new(TrackerConfig::default(), Arc::new(NoEnforcement));
 //! // 16 MiB of RAM at guest-physical 0.
 //! tracker.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 4096))?;
@@ -43,15 +45,18 @@
 //!
 //! tracker.remove_gfn(Gfn(5))?;
 //! drop(handle); // unregisters; returns after any in-flight callback finished
-//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "notifiers"))]
+//! # fn main() {}
 //! ```
 //!
 //! ## Concurrency and callback guarantees
 //!
 //! - Readers never lock: the memslot set and the notifier list are `ArcSwap` snapshots (the
 //!   kernel's SRCU); writers serialize on two mutexes that stand in for `slots_lock` and
-//!   `mmu_lock`. [`PageTracker::is_write_tracked`] is a snapshot load, a binary search and one
-//!   array load.
+//!   `mmu_lock`. [`PageTracker::is_write_tracked`] is a snapshot load, a two-level binary
+//!   search and one array load.
 //! - "Tracking enabled" is published with release/acquire after every slot has its counts, so
 //!   a reader that sees it enabled always finds the arrays (B5).
 //! - Every add/remove is validated before anything changes; a failed call changes nothing
@@ -61,6 +66,9 @@
 //!   returns, no event for that frame is delivered any more: it waits for dispatches that may
 //!   have seen the frame tracked. (Called from inside a callback it cannot wait for its own
 //!   dispatch, so there a dispatch already running on another thread may still deliver one.)
+//!   The wait covers every dispatch in progress, not only those for that frame: a callback
+//!   must therefore never block on a thread that may be inside the last `remove_gfn` of a
+//!   frame (it would wait for the callback, and the callback for it).
 //! - Callbacks run on the writer's thread with no pagetrack lock held; they may sleep and may
 //!   add and remove tracks. Dropping or [`NotifierHandle::unregister`]ing a handle returns only
 //!   after every in-flight callback of that notifier finished, and it is never called again.

@@ -214,21 +214,57 @@ impl SlotMeta {
     }
 }
 
+/// Entries of `AddressSpace::bases` per entry of its top-level `index`.
+const FANOUT: usize = 64;
+
 /// The slots of one address space, sorted by base frame for binary search.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct AddressSpace {
     /// Base frame of each slot, ascending (kept apart from `slots` for cache-friendly search).
     bases: Vec<u64>,
+    /// Every `FANOUT`-th entry of `bases`. A lookup searches this short array, then one
+    /// `FANOUT`-long run of `bases`, instead of a path through the whole of `bases` (with 32764
+    /// slots: 4 KiB plus 512 bytes, rather than 15 scattered cache lines).
+    index: Vec<u64>,
+    /// Each slot's region, in the same order: the containment check and `region_of` read it
+    /// here instead of following the slot's `Arc`.
+    regions: Vec<MemoryRegion>,
     slots: Vec<Arc<Slot>>,
 }
 
 impl AddressSpace {
-    /// The slot containing `gfn`: one binary search over the sorted bases.
+    fn from_slots(slots: Vec<Arc<Slot>>) -> AddressSpace {
+        let bases: Vec<u64> = slots.iter().map(|s| s.region.base.0).collect();
+        AddressSpace {
+            index: bases.iter().step_by(FANOUT).copied().collect(),
+            regions: slots.iter().map(|s| s.region).collect(),
+            bases,
+            slots,
+        }
+    }
+
+    /// Position of the slot containing `gfn`: two short binary searches, one region check.
+    #[inline]
+    fn position(&self, gfn: Gfn) -> Option<usize> {
+        let block = self.index.partition_point(|&b| b <= gfn.0).checked_sub(1)?;
+        let lo = block * FANOUT;
+        let run = self.bases.get(lo..self.bases.len().min(lo + FANOUT))?;
+        // `run[0] == index[block] <= gfn`, so the subtraction cannot fail.
+        let i = (lo + run.partition_point(|&b| b <= gfn.0)).checked_sub(1)?;
+        let r = self.regions.get(i)?;
+        (gfn.0 - r.base.0 < r.npages).then_some(i)
+    }
+
+    /// The slot containing `gfn`.
     #[inline]
     pub(crate) fn find(&self, gfn: Gfn) -> Option<&Arc<Slot>> {
-        let i = self.bases.partition_point(|&b| b <= gfn.0);
-        let slot = self.slots.get(i.checked_sub(1)?)?;
-        (gfn.0 - slot.region.base.0 < slot.region.npages).then_some(slot)
+        self.slots.get(self.position(gfn)?)
+    }
+
+    /// The region of the slot containing `gfn`, without touching the slot itself.
+    #[inline]
+    pub(crate) fn region_of(&self, gfn: Gfn) -> Option<MemoryRegion> {
+        self.regions.get(self.position(gfn)?).copied()
     }
 
     pub(crate) fn by_id(&self, id: SlotId) -> Option<&Arc<Slot>> {
@@ -266,8 +302,7 @@ impl AddressSpace {
             let at = slots.partition_point(|s| s.region.base < new.region.base);
             slots.insert(at, new);
         }
-        let bases = slots.iter().map(|s| s.region.base.0).collect();
-        AddressSpace { bases, slots }
+        AddressSpace::from_slots(slots)
     }
 }
 
@@ -291,8 +326,9 @@ impl Memslots {
     }
 
     /// The region containing `gfn` in `as_id`, if any.
+    #[inline]
     pub fn region_of(&self, as_id: AsId, gfn: Gfn) -> Option<MemoryRegion> {
-        self.find(as_id, gfn).map(|s| s.region)
+        self.spaces.get(usize::from(as_id.0))?.region_of(gfn)
     }
 
     /// Every region of `as_id`, in base order.

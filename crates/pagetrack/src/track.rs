@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
-use crate::addr::{AsId, Gfn, PAGE_SIZE, PageLevel};
+use crate::addr::{AsId, Gfn, Gpa, PAGE_SIZE, PageLevel};
 use crate::error::{Error, Result};
 use crate::grace::Grace;
 use crate::memslot::{self, LPAGE_LEVELS, MemoryRegion, Memslots, Slot, SlotChange};
@@ -127,7 +127,8 @@ pub struct TrackerStats {
     pub writes_tracked: u64,
     /// Bytes in tracked pieces.
     pub bytes_tracked: u64,
-    /// Count updates refused or absorbed at a limit (KernelCompat mode's warnings).
+    /// Count updates absorbed at a limit in [`LimitMode::KernelCompat`] (the kernel's B18
+    /// warnings). Strict-mode refusals are errors and, like every failed call, change nothing.
     pub limit_warnings: u64,
 }
 
@@ -145,8 +146,10 @@ pub struct PageTracker {
     external_enabled: AtomicBool,
     /// `slots_lock` + `slots_arch_lock`: memslot changes and enabling.
     slots_lock: Mutex<()>,
-    /// `mmu_lock`: count and huge-page updates, and snapshot installation.
-    mmu_lock: Mutex<()>,
+    /// `mmu_lock`: count and huge-page updates, and snapshot installation. It holds the
+    /// installed snapshot (the same as `slots`, both written under it), so an update under the
+    /// lock reads it without an `ArcSwap` load.
+    mmu_lock: Mutex<Arc<Memslots>>,
     grace: Grace,
     #[cfg(feature = "notifiers")]
     registry: Registry,
@@ -172,7 +175,7 @@ enum Dir {
     Remove,
 }
 
-fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic in a backend or allocation while holding the lock leaves no torn state: every
     // update is validated first and rolled back on error, so poisoning is ignored.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -182,15 +185,16 @@ impl PageTracker {
     /// A tracker with no memslots and tracking not yet enabled.
     pub fn new(config: TrackerConfig, backend: Arc<dyn Enforcement>) -> Arc<PageTracker> {
         let config = config.with_address_spaces(config.address_spaces);
+        let empty = Arc::new(Memslots::new(config.address_spaces));
         Arc::new(PageTracker {
             id: NEXT_TRACKER.fetch_add(1, Ordering::Relaxed),
             config,
             backend,
-            slots: ArcSwap::from_pointee(Memslots::new(config.address_spaces)),
+            slots: ArcSwap::new(Arc::clone(&empty)),
             enabled: AtomicBool::new(false),
             external_enabled: AtomicBool::new(false),
             slots_lock: Mutex::new(()),
-            mmu_lock: Mutex::new(()),
+            mmu_lock: Mutex::new(empty),
             grace: Grace::default(),
             #[cfg(feature = "notifiers")]
             registry: Registry::default(),
@@ -244,8 +248,10 @@ impl PageTracker {
         let with_counts = self.enabled.load(Ordering::Acquire);
         let next = memslot::apply(&current, &region, &plan, with_counts)?;
         {
-            let _mmu = lock(&self.mmu_lock);
-            self.slots.store(Arc::new(next));
+            let mut installed = lock(&self.mmu_lock);
+            let next = Arc::new(next);
+            self.slots.store(Arc::clone(&next));
+            *installed = next;
         }
         if let Some(old) = plan.old.as_ref() {
             if matches!(plan.change, SlotChange::Delete | SlotChange::Move) {
@@ -313,7 +319,8 @@ impl PageTracker {
             .iter()
             .flat_map(|s| s.iter())
             .filter_map(|s| s.meta.counts.get())
-            .map(std::mem::size_of_val)
+            // The slice, not the `Box` (whose size is that of a fat pointer).
+            .map(|counts| std::mem::size_of_val::<[_]>(counts))
             .sum()
     }
 
@@ -357,7 +364,7 @@ impl PageTracker {
     /// # Errors
     /// As [`add_gfns`](Self::add_gfns).
     pub fn add_range(&self, as_id: AsId, first: Gfn, n: u64) -> Result<()> {
-        let gfns = range_vec(as_id, first, n)?;
+        let gfns = self.range_gfns(as_id, first, n)?;
         self.update(as_id, &gfns, Dir::Add)
     }
 
@@ -366,7 +373,7 @@ impl PageTracker {
     /// # Errors
     /// As [`remove_gfns`](Self::remove_gfns).
     pub fn remove_range(&self, as_id: AsId, first: Gfn, n: u64) -> Result<()> {
-        let gfns = range_vec(as_id, first, n)?;
+        let gfns = self.range_gfns(as_id, first, n)?;
         self.update(as_id, &gfns, Dir::Remove)
     }
 
@@ -382,7 +389,7 @@ impl PageTracker {
     }
 
     /// Whether `gfn` is write-tracked in `as_id` or in the other x86 address space (B19, K7).
-    /// Lock-free: one snapshot load, one binary search, one array load.
+    /// Lock-free: one snapshot load, a two-level binary search, one array load.
     #[inline]
     pub fn is_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
         self.is_enabled() && self.slots.load().is_write_tracked(as_id, gfn)
@@ -407,31 +414,47 @@ impl PageTracker {
 
     /// Reports a write that already reached guest memory. It is split at frame boundaries and
     /// each piece on a tracked frame goes to every notifier (coherence class first, newest
-    /// first within a class). Untracked pieces cost a flag load, or one lookup once enabled.
+    /// first within a class). An untracked write costs a flag load while tracking is disabled,
+    /// and one snapshot load plus one lookup per piece once it is enabled.
     pub fn report_write(&self, event: &WriteEvent<'_>) {
-        if event.new.is_empty() {
+        let len = event.new.len();
+        if len == 0 {
             return;
         }
+        // One piece per frame touched; wrapping past 2^64 is page-aligned, so this matches
+        // `pieces_of`.
+        let pieces = (event.gpa.page_offset() + len as u64 - 1) / PAGE_SIZE + 1;
+        self.writes_reported.fetch_add(pieces, Ordering::Relaxed);
+        // No frame is tracked before tracking is enabled: nothing to deliver.
+        if !self.is_enabled() {
+            return;
+        }
+        // Lock-free pre-check outside any read section, since most writes hit no tracked frame.
+        {
+            let snap = self.slots.load();
+            if !pieces_of(event.gpa, len)
+                .any(|(gpa, _)| snap.is_write_tracked(event.as_id, gpa.gfn()))
+            {
+                return;
+            }
+        }
         let _section = self.grace.read();
-        let mut offset = 0usize;
-        while offset < event.new.len() {
-            let gpa = crate::Gpa(event.gpa.0.wrapping_add(offset as u64));
-            let room = usize::try_from(PAGE_SIZE - gpa.page_offset()).unwrap_or(usize::MAX);
-            let len = room.min(event.new.len() - offset);
-            self.writes_reported.fetch_add(1, Ordering::Relaxed);
+        // Check again inside the section: a frame whose last remove returned before the section
+        // began is seen untracked here, and removes that may still race wait for the section.
+        for (gpa, range) in pieces_of(event.gpa, len) {
             if self.is_write_tracked(event.as_id, gpa.gfn()) {
                 let piece = WriteEvent {
                     as_id: event.as_id,
                     gpa,
-                    new: &event.new[offset..offset + len],
-                    old: event.old.and_then(|o| o.get(offset..offset + len)),
+                    new: &event.new[range.clone()],
+                    old: event.old.and_then(|o| o.get(range.clone())),
                     source: event.source,
                 };
                 self.writes_tracked.fetch_add(1, Ordering::Relaxed);
-                self.bytes_tracked.fetch_add(len as u64, Ordering::Relaxed);
+                self.bytes_tracked
+                    .fetch_add(range.len() as u64, Ordering::Relaxed);
                 self.dispatch(&piece);
             }
-            offset += len;
         }
     }
 
@@ -457,6 +480,29 @@ impl PageTracker {
         }
     }
 
+    /// The frames of `[first, first + n)`, once the checks `update` would make first pass
+    /// (enabled, address space, every frame inside a slot), so that a range outside the slots
+    /// is an error before anything is allocated for it. One lookup per slot crossed; `update`
+    /// validates again under `mmu_lock`.
+    fn range_gfns(&self, as_id: AsId, first: Gfn, n: u64) -> Result<Vec<Gfn>> {
+        if !self.is_enabled() {
+            return Err(Error::TrackingDisabled);
+        }
+        let end = first.0.checked_add(n);
+        let snap = self.slots.load();
+        let mut next = first.0;
+        while next < end.unwrap_or(u64::MAX) {
+            next = self.find(&snap, as_id, Gfn(next))?.region.end().0;
+        }
+        // Slots end at most at u64::MAX (exclusive), so a range reaching past it always holds
+        // that unknown frame.
+        let end = end.ok_or(Error::UnknownGfn {
+            as_id,
+            gfn: Gfn(u64::MAX),
+        })?;
+        Ok((first.0..end).map(Gfn).collect())
+    }
+
     fn find<'s>(&self, snap: &'s Memslots, as_id: AsId, gfn: Gfn) -> Result<&'s Arc<Slot>> {
         if usize::from(as_id.0) >= snap.spaces.len() {
             return Err(Error::InvalidAddressSpace {
@@ -475,22 +521,24 @@ impl PageTracker {
         if !self.is_enabled() {
             return Err(Error::TrackingDisabled);
         }
-        let mut changed: Vec<(AsId, Gfn)> = Vec::new();
+        let mut changed: OneOrMore<(AsId, Gfn)> = OneOrMore::with_capacity(0);
         {
-            let _mmu = lock(&self.mmu_lock);
-            // Stable while mmu_lock is held: snapshots are installed under it.
-            let snap = self.slots.load();
-            let mut slots: Vec<&Arc<Slot>> = Vec::with_capacity(gfns.len());
+            // The installed snapshot, stable while mmu_lock is held.
+            let snap = lock(&self.mmu_lock);
+            let mut found = OneOrMore::with_capacity(gfns.len());
             for &gfn in gfns {
-                slots.push(self.find(&snap, as_id, gfn)?);
+                found.push(self.find(&snap, as_id, gfn)?);
             }
+            let slots = found.as_slice();
             let compat = self.config.limits == LimitMode::KernelCompat;
             // Validate: the net effect on each frame must stay within 0..=65535 (R1).
             if !compat {
-                self.check_limits(as_id, gfns, &slots, dir)?;
+                self.check_limits(as_id, gfns, slots, dir)?;
             }
-            let mut done = 0;
-            for (&gfn, slot) in gfns.iter().zip(&slots) {
+            // KernelCompat only: indices whose count was kept at a limit (B18), ascending, so a
+            // rollback does not undo a change that never happened. Empty vectors do not allocate.
+            let mut absorbed: Vec<usize> = Vec::new();
+            for (i, (&gfn, slot)) in gfns.iter().zip(slots).enumerate() {
                 let counts = slot
                     .count(gfn)
                     .expect("enabled implies arrays present (B5)");
@@ -510,19 +558,19 @@ impl PageTracker {
                     // Only reachable in KernelCompat mode: keep the count, warn (B18).
                     None => {
                         self.limit_warnings.fetch_add(1, Ordering::Relaxed);
+                        absorbed.push(i);
                     }
                 }
                 self.account_lpage(slot, gfn, dir);
-                done += 1;
             }
-            debug_assert_eq!(done, gfns.len());
+            let changed = changed.as_slice();
             if !changed.is_empty() {
                 let res = match dir {
-                    Dir::Add => self.backend.protect(&changed),
-                    Dir::Remove => self.backend.unprotect(&changed),
+                    Dir::Add => self.backend.protect(changed),
+                    Dir::Remove => self.backend.unprotect(changed),
                 };
                 if let Err(BackendError(message)) = res {
-                    self.rollback(gfns, &slots, dir);
+                    self.rollback(gfns, slots, dir, &absorbed);
                     return Err(Error::Backend {
                         op: if dir == Dir::Add {
                             "protect"
@@ -534,7 +582,10 @@ impl PageTracker {
                 }
             }
         }
-        if dir == Dir::Remove && !changed.is_empty() && !crate::context::in_callback_of(self.id) {
+        if dir == Dir::Remove
+            && !changed.as_slice().is_empty()
+            && !crate::context::in_callback_of(self.id)
+        {
             // From inside a callback the wait could include the caller's own section (or a
             // peer waiting on ours), so it is skipped there; documented in the crate docs.
             self.grace.synchronize();
@@ -583,22 +634,34 @@ impl PageTracker {
     fn account_lpage(&self, slot: &Slot, gfn: Gfn, dir: Dir) {
         for i in 0..LPAGE_LEVELS.len() {
             let c = &slot.meta.lpage[i][slot.lpage_index(gfn, i)];
-            // Relaxed: updated under mmu_lock; readers are advisory.
-            match dir {
-                Dir::Add => c.fetch_add(1, Ordering::Relaxed),
-                Dir::Remove => c.fetch_sub(1, Ordering::Relaxed),
-            };
+            // Relaxed load and store, no read-modify-write: every writer holds mmu_lock, and
+            // readers (`max_mapping_level`) are advisory. Wrapping like the kernel's signed
+            // count (reachable only in KernelCompat mode, B18).
+            let v = c.load(Ordering::Relaxed);
+            c.store(
+                match dir {
+                    Dir::Add => v.wrapping_add(1),
+                    Dir::Remove => v.wrapping_sub(1),
+                },
+                Ordering::Relaxed,
+            );
         }
     }
 
-    /// Undoes a committed update (after a backend failure); still under mmu_lock.
-    fn rollback(&self, gfns: &[Gfn], slots: &[&Arc<Slot>], dir: Dir) {
+    /// Undoes a committed update (after a backend failure); still under mmu_lock. `absorbed`
+    /// (ascending) lists the entries whose count a KernelCompat limit kept unchanged: only their
+    /// huge-page accounting is undone.
+    fn rollback(&self, gfns: &[Gfn], slots: &[&Arc<Slot>], dir: Dir, absorbed: &[usize]) {
         let undo = if dir == Dir::Add {
             Dir::Remove
         } else {
             Dir::Add
         };
-        for (&gfn, slot) in gfns.iter().zip(slots) {
+        for (i, (&gfn, slot)) in gfns.iter().zip(slots).enumerate() {
+            self.account_lpage(slot, gfn, undo);
+            if absorbed.binary_search(&i).is_ok() {
+                continue;
+            }
             let c = slot
                 .count(gfn)
                 .expect("enabled implies arrays present (B5)");
@@ -610,7 +673,6 @@ impl PageTracker {
             if let Some(b) = back {
                 c.store(b, Ordering::Relaxed);
             }
-            self.account_lpage(slot, gfn, undo);
         }
     }
 
@@ -664,12 +726,55 @@ impl PageTracker {
     }
 }
 
-fn range_vec(as_id: AsId, first: Gfn, n: u64) -> Result<Vec<Gfn>> {
-    let end = first.0.checked_add(n).ok_or(Error::UnknownGfn {
-        as_id,
-        gfn: Gfn(u64::MAX),
-    })?;
-    Ok((first.0..end).map(Gfn).collect())
+/// A list that holds one element without allocating, so single-frame add/remove (the
+/// kernel's API, and the hot path) touches no heap.
+#[derive(Debug)]
+enum OneOrMore<T> {
+    Empty,
+    One([T; 1]),
+    More(Vec<T>),
+}
+
+impl<T: Copy> OneOrMore<T> {
+    fn with_capacity(n: usize) -> OneOrMore<T> {
+        if n <= 1 {
+            OneOrMore::Empty
+        } else {
+            OneOrMore::More(Vec::with_capacity(n))
+        }
+    }
+
+    fn push(&mut self, v: T) {
+        match self {
+            OneOrMore::Empty => *self = OneOrMore::One([v]),
+            OneOrMore::One([first]) => *self = OneOrMore::More(vec![*first, v]),
+            OneOrMore::More(all) => all.push(v),
+        }
+    }
+
+    fn as_slice(&self) -> &[T] {
+        match self {
+            OneOrMore::Empty => &[],
+            OneOrMore::One(one) => one,
+            OneOrMore::More(all) => all,
+        }
+    }
+}
+
+/// The page-sized pieces of a `len`-byte write at `gpa`: each piece's address and its byte
+/// range in the write.
+fn pieces_of(gpa: Gpa, len: usize) -> impl Iterator<Item = (Gpa, std::ops::Range<usize>)> {
+    let mut offset = 0usize;
+    std::iter::from_fn(move || {
+        if offset >= len {
+            return None;
+        }
+        let at = Gpa(gpa.0.wrapping_add(offset as u64));
+        let room = usize::try_from(PAGE_SIZE - at.page_offset()).unwrap_or(usize::MAX);
+        let range = offset..offset + room.min(len - offset);
+        offset = range.end;
+        Some((at, range))
+    })
 }
 
 /// A registered notifier. Dropping it unregisters (B27) and returns only after every in-flight
