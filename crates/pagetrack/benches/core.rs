@@ -31,6 +31,7 @@ fn one_slot_tracker(enable: bool) -> Arc<PageTracker> {
 fn is_write_tracked(c: &mut Criterion) {
     let t = one_slot_tracker(true);
     let snap = t.memslots();
+    let mut reader = t.reader();
     let mut g = c.benchmark_group("is_write_tracked");
     for (name, gfn) in [("untracked", Gfn(7)), ("tracked", Gfn(5))] {
         g.bench_function(BenchmarkId::new("tracker", name), |b| {
@@ -38,6 +39,9 @@ fn is_write_tracked(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("snapshot", name), |b| {
             b.iter(|| snap.is_write_tracked(black_box(AsId::NORMAL), black_box(gfn)))
+        });
+        g.bench_function(BenchmarkId::new("reader", name), |b| {
+            b.iter(|| reader.is_write_tracked(black_box(AsId::NORMAL), black_box(gfn)))
         });
     }
     g.finish();
@@ -129,8 +133,12 @@ fn dispatch_untracked(c: &mut Criterion) {
     for (name, enabled) in [("disabled", false), ("enabled", true)] {
         let t = one_slot_tracker(enabled);
         let event = WriteEvent::new(Gpa(0x9008), &bytes, Source::Vcpu(0));
-        g.bench_with_input(BenchmarkId::from_parameter(name), &event, |b, e| {
+        g.bench_with_input(BenchmarkId::new("tracker", name), &event, |b, e| {
             b.iter(|| t.report_write(black_box(e)))
+        });
+        let mut reader = t.reader();
+        g.bench_with_input(BenchmarkId::new("reader", name), &event, |b, e| {
+            b.iter(|| reader.report_write(black_box(e)))
         });
     }
     g.finish();

@@ -2,7 +2,7 @@
 //! frame's last track waits for the sections that may still have seen it tracked. This gives
 //! "when the last remove returns, events for that frame stop".
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -31,6 +31,9 @@ impl Grace {
             let idx = self.epoch.load(Ordering::SeqCst) & 1;
             self.readers[idx].fetch_add(1, Ordering::SeqCst);
             if self.epoch.load(Ordering::SeqCst) & 1 == idx {
+                // Pairs with the fence in `synchronize`'s fast path: either the writer sees this
+                // section, or this section's later loads see the writer's earlier stores.
+                fence(Ordering::SeqCst);
                 return ReadGuard { grace: self, idx };
             }
             self.release(idx);
@@ -51,6 +54,15 @@ impl Grace {
 
     /// Returns once every read section that began before the call has ended.
     pub(crate) fn synchronize(&self) {
+        // Lock-free fast path: no section open at all. The fence pairs with the one in `read`
+        // (Dekker): a section that this load misses began after it, and sees every store the
+        // caller made before calling (the count that untracked the frame).
+        fence(Ordering::SeqCst);
+        if self.readers[0].load(Ordering::SeqCst) == 0
+            && self.readers[1].load(Ordering::SeqCst) == 0
+        {
+            return;
+        }
         let mut g = self.sync_wait_lock();
         let old = self.epoch.fetch_add(1, Ordering::SeqCst) & 1;
         if self.readers[old].load(Ordering::SeqCst) == 0 {

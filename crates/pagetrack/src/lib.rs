@@ -132,7 +132,8 @@ pub use fault::{FaultAction, FaultInfo, classify_fault};
 pub use memslot::{MemoryRegion, Memslots, RegionFlags, SlotChange};
 pub use notifier::{Delivery, NotifierClass, RegisterOptions, Source, TrackNotifier, WriteEvent};
 pub use track::{
-    BackendError, Enforcement, LimitMode, NoEnforcement, PageTracker, TrackerConfig, TrackerStats,
+    BackendError, Enforcement, LimitMode, NoEnforcement, PageTracker, TrackReader, TrackerConfig,
+    TrackerStats,
 };
 #[cfg(feature = "notifiers")]
 pub use track::{NotifierHandle, UnregisterError};

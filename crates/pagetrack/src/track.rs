@@ -139,7 +139,7 @@ pub struct PageTracker {
     id: u64,
     config: TrackerConfig,
     backend: Arc<dyn Enforcement>,
-    slots: ArcSwap<Memslots>,
+    slots: Arc<ArcSwap<Memslots>>,
     /// `write_tracking_enabled`: set (Release) only after every slot has its counts (B5).
     enabled: AtomicBool,
     /// The sticky `external_write_tracking_enabled` flag (B6).
@@ -190,7 +190,7 @@ impl PageTracker {
             id: NEXT_TRACKER.fetch_add(1, Ordering::Relaxed),
             config,
             backend,
-            slots: ArcSwap::new(Arc::clone(&empty)),
+            slots: Arc::new(ArcSwap::new(Arc::clone(&empty))),
             enabled: AtomicBool::new(false),
             external_enabled: AtomicBool::new(false),
             slots_lock: Mutex::new(()),
@@ -417,26 +417,44 @@ impl PageTracker {
     /// first within a class). An untracked write costs a flag load while tracking is disabled,
     /// and one snapshot load plus one lookup per piece once it is enabled.
     pub fn report_write(&self, event: &WriteEvent<'_>) {
+        if !event.new.is_empty() && self.is_enabled() {
+            self.report_with(&self.slots.load(), event);
+        } else {
+            self.count_reported(event);
+        }
+    }
+
+    /// A per-thread handle for the hot paths (a backend's vCPU thread): it caches the memslot
+    /// snapshot, so [`TrackReader::is_write_tracked`] is one pointer check, one binary search
+    /// and one array load, and untracked writes cost about as little.
+    pub fn reader(self: &Arc<Self>) -> TrackReader {
+        TrackReader {
+            cache: arc_swap::Cache::new(Arc::clone(&self.slots)),
+            tracker: Arc::clone(self),
+        }
+    }
+
+    #[inline]
+    fn count_reported(&self, event: &WriteEvent<'_>) {
         let len = event.new.len();
         if len == 0 {
             return;
         }
-        // One piece per frame touched; wrapping past 2^64 is page-aligned, so this matches
-        // `pieces_of`.
+        // One piece per frame touched.
         let pieces = (event.gpa.page_offset() + len as u64 - 1) / PAGE_SIZE + 1;
         self.writes_reported.fetch_add(pieces, Ordering::Relaxed);
-        // No frame is tracked before tracking is enabled: nothing to deliver.
-        if !self.is_enabled() {
-            return;
-        }
+    }
+
+    /// `report_write` with a snapshot the caller already holds (current or about to be
+    /// revalidated; the counts it points at are live).
+    #[inline]
+    fn report_with(&self, snap: &Memslots, event: &WriteEvent<'_>) {
+        self.count_reported(event);
+        let len = event.new.len();
         // Lock-free pre-check outside any read section, since most writes hit no tracked frame.
+        if !pieces_of(event.gpa, len).any(|(gpa, _)| snap.is_write_tracked(event.as_id, gpa.gfn()))
         {
-            let snap = self.slots.load();
-            if !pieces_of(event.gpa, len)
-                .any(|(gpa, _)| snap.is_write_tracked(event.as_id, gpa.gfn()))
-            {
-                return;
-            }
+            return;
         }
         let _section = self.grace.read();
         // Check again inside the section: a frame whose last remove returned before the section
@@ -775,6 +793,43 @@ fn pieces_of(gpa: Gpa, len: usize) -> impl Iterator<Item = (Gpa, std::ops::Range
         offset = range.end;
         Some((at, range))
     })
+}
+
+/// A per-thread fast path over a [`PageTracker`] (see [`PageTracker::reader`]): `&mut self`
+/// methods, so keep one per thread (a vCPU thread, typically). It keeps the tracker alive.
+pub struct TrackReader {
+    tracker: Arc<PageTracker>,
+    cache: arc_swap::Cache<Arc<ArcSwap<Memslots>>, Arc<Memslots>>,
+}
+
+impl std::fmt::Debug for TrackReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackReader").finish_non_exhaustive()
+    }
+}
+
+impl TrackReader {
+    /// As [`PageTracker::is_write_tracked`], without the shared snapshot load.
+    #[inline]
+    pub fn is_write_tracked(&mut self, as_id: AsId, gfn: Gfn) -> bool {
+        self.tracker.is_enabled() && self.cache.load().is_write_tracked(as_id, gfn)
+    }
+
+    /// As [`PageTracker::report_write`], without the shared snapshot load on the untracked path.
+    #[inline]
+    pub fn report_write(&mut self, event: &WriteEvent<'_>) {
+        if !event.new.is_empty() && self.tracker.is_enabled() {
+            let snap = self.cache.load();
+            self.tracker.report_with(snap, event);
+        } else {
+            self.tracker.count_reported(event);
+        }
+    }
+
+    /// The tracker.
+    pub fn tracker(&self) -> &Arc<PageTracker> {
+        &self.tracker
+    }
 }
 
 /// A registered notifier. Dropping it unregisters (B27) and returns only after every in-flight

@@ -440,3 +440,27 @@ fn unregister_other_notifier_inside_callback_no_deadlock() {
     assert!(other.seen().is_empty());
     assert_eq!(t.notifier_count(), 1);
 }
+
+/// The per-thread reader answers and dispatches exactly like the tracker, and sees slots and
+/// tracks that change after it was made.
+#[test]
+fn reader_matches_tracker_across_changes() {
+    let (t, _) = enabled_tracker(16);
+    let log = Log::new();
+    let _h = t.register(log.clone(), NotifierClass::Ordinary).unwrap();
+    let mut r = t.reader();
+    assert!(!r.is_write_tracked(AsId::NORMAL, Gfn(3)));
+
+    t.add_gfn(Gfn(3)).unwrap();
+    t.set_memory_region(MemoryRegion::new(SlotId(1), Gfn(100), 4))
+        .unwrap();
+    t.add_gfn(Gfn(101)).unwrap();
+
+    assert!(r.is_write_tracked(AsId::NORMAL, Gfn(3)));
+    assert!(r.is_write_tracked(AsId::NORMAL, Gfn(101)));
+    assert!(!r.is_write_tracked(AsId::NORMAL, Gfn(4)));
+    r.report_write(&WriteEvent::new(Gfn(101).gpa(), &[7; 4], Source::Vcpu(1)));
+    r.report_write(&WriteEvent::new(Gfn(4).gpa(), &[7; 4], Source::Vcpu(1)));
+    assert_eq!(log.seen().len(), 1);
+    assert_eq!(t.stats().writes_reported, 2);
+}
