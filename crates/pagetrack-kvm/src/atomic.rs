@@ -258,16 +258,7 @@ pub(crate) fn handle<'a>(
             }
             _ => {}
         }
-        let mut state = CpuState {
-            regs: pre,
-            fs_base: cache.fs_base,
-            gs_base: cache.gs_base,
-            ..CpuState::default()
-        };
-        let mut cpu = Cpu {
-            mem,
-            cr3: cache.cr3,
-        };
+        let (mut state, mut cpu) = start_state(mem, cache, &pre);
         let Ok(plan) = StorePlan::new(&state, insn_bytes, &mut cpu) else {
             continue;
         };
@@ -289,6 +280,27 @@ pub(crate) fn handle<'a>(
     Outcome::Plain
 }
 
+/// The emulator's state and memory view for registers `pre` under the cached system state.
+fn start_state<'m>(
+    mem: &'m GuestMemoryMmap,
+    cache: &SysCache,
+    pre: &kvm_regs,
+) -> (CpuState, Cpu<'m>) {
+    let state = CpuState {
+        regs: *pre,
+        fs_base: cache.fs_base,
+        gs_base: cache.gs_base,
+        ..CpuState::default()
+    };
+    (
+        state,
+        Cpu {
+            mem,
+            cr3: cache.cr3,
+        },
+    )
+}
+
 fn addresses(
     mem: &GuestMemoryMmap,
     cache: &SysCache,
@@ -297,16 +309,7 @@ fn addresses(
     gpa: u64,
     size: usize,
 ) -> bool {
-    let state = CpuState {
-        regs: *pre,
-        fs_base: cache.fs_base,
-        gs_base: cache.gs_base,
-        ..CpuState::default()
-    };
-    let mut cpu = Cpu {
-        mem,
-        cr3: cache.cr3,
-    };
+    let (state, mut cpu) = start_state(mem, cache, pre);
     StorePlan::new(&state, bytes, &mut cpu).is_ok_and(|p| {
         let t: Vec<_> = p.targets().collect();
         t.len() == 1 && t[0].gpa == gpa && t[0].len == size

@@ -98,7 +98,8 @@ fn mnemonic_name(m: Mnemonic) -> String {
     format!("{m:?}").to_lowercase()
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes as space-separated lowercase hex, for error messages.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes
         .iter()
         .map(|b| format!("{b:02x}"))

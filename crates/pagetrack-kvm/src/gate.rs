@@ -83,13 +83,18 @@ impl Gate {
         s.stopping += 1;
         while let Some(Some(t)) = s.inside.get(index) {
             t.kick();
-            s = self
-                .cv
-                .wait_timeout(s, Duration::from_micros(100))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+            s = self.wait_a_little(s);
         }
         s.stopping -= 1;
+    }
+
+    /// Waits for a vCPU to leave, or 100 µs: a kick that landed just before `KVM_RUN` was
+    /// entered is lost, so the caller kicks again.
+    fn wait_a_little<'g>(&self, s: MutexGuard<'g, State>) -> MutexGuard<'g, State> {
+        self.cv
+            .wait_timeout(s, Duration::from_micros(100))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0)
     }
 
     /// Closes the gate and returns once no vCPU is inside `KVM_RUN`.
@@ -100,11 +105,7 @@ impl Gate {
             for t in s.inside.iter().flatten() {
                 t.kick();
             }
-            s = self
-                .cv
-                .wait_timeout(s, Duration::from_micros(100))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+            s = self.wait_a_little(s);
         }
         Paused { gate: self }
     }

@@ -11,7 +11,7 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap, Permissions,
 };
 
-use crate::emulate::{CpuAccess, CpuState, EmulateError, StorePlan};
+use crate::emulate::{CpuAccess, CpuState, EmulateError, MemWrite, StorePlan, hex};
 use crate::error::{Error, Result};
 use crate::vm::VmInner;
 use crate::walk;
@@ -120,14 +120,6 @@ impl CpuAccess for Cpu<'_> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Reads up to 15 instruction bytes at `rip` (stopping early at an unmapped page).
 fn fetch(cpu: &mut Cpu<'_>, rip: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(15);
@@ -217,15 +209,23 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
     }
     fd.set_regs(&state.regs)
         .map_err(Error::kvm("KVM_SET_REGS"))?;
-    let counters = &vm.backend.counters;
-    counters.emulated_stores.fetch_add(1, Ordering::Relaxed);
-    for w in &done.writes {
-        counters
+    vm.backend
+        .counters
+        .emulated_stores
+        .fetch_add(1, Ordering::Relaxed);
+    report_writes(vm, &done.writes, index);
+    Ok(())
+}
+
+/// Reports stores pagetrack applied for vCPU `index` (with their old bytes) and counts them.
+pub(crate) fn report_writes(vm: &VmInner, writes: &[MemWrite], index: u32) {
+    for w in writes {
+        vm.backend
+            .counters
             .trapped_bytes
             .fetch_add(w.new.len() as u64, Ordering::Relaxed);
         vm.tracker.report_write(
             &WriteEvent::new(Gpa(w.gpa), &w.new, Source::Vcpu(index)).with_old(&w.old),
         );
     }
-    Ok(())
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
-use pagetrack::{Gpa, Source, WriteEvent};
+use pagetrack::Source;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::atomic;
@@ -314,15 +314,7 @@ impl Vcpu {
                 }
                 counters.atomic_rmws.fetch_add(1, Ordering::Relaxed);
                 counters.trapped_writes.fetch_add(1, Ordering::Relaxed);
-                for w in &done.writes {
-                    counters
-                        .trapped_bytes
-                        .fetch_add(w.new.len() as u64, Ordering::Relaxed);
-                    vm.tracker.report_write(
-                        &WriteEvent::new(Gpa(w.gpa), &w.new, Source::Vcpu(self.index))
-                            .with_old(&w.old),
-                    );
-                }
+                crate::store::report_writes(&vm, &done.writes, self.index);
                 Ok(true)
             }
         }

@@ -133,7 +133,7 @@ fn lock_inc_dec_add_sub_two_vcpus_exact() {
     repeat(
         0,
         |a| a.lock().add(word_ptr(rdi), 3),
-        sum_check(6 * u64::from(N) & 0xffff),
+        sum_check((6 * u64::from(N)) & 0xffff),
     );
     repeat(
         2 * u64::from(N),
@@ -193,7 +193,7 @@ fn lock_cmpxchg_retry_loops_all_widths_exact() {
     repeat(
         0,
         cmpxchg_loop!(byte_ptr, al, cl),
-        failures_give_no_event(2 * u64::from(N) & 0xff),
+        failures_give_no_event((2 * u64::from(N)) & 0xff),
     );
 }
 
