@@ -3,6 +3,7 @@
 //! - `pagetrack demo`: a built-in guest that shows exact write tracking and what it costs.
 //! - `pagetrack run IMAGE`: run a flat image (long or real mode), track ranges, stream every
 //!   write to a tracked frame as JSON Lines (`--events`), or watch a live view.
+//! - `pagetrack exec -- PROGRAM ARGS...`: an unmodified static Linux program as the guest.
 //! - `pagetrack caps`: what this host's KVM offers that pagetrack uses.
 //! - `pagetrack bench`: the backend's costs on this host, measured in about a minute.
 //!
@@ -34,7 +35,8 @@ Exit status:
   0  success (for run: the guest ended by writing its code to port 0xf4, or by HLT;
      the guest's code is reported, not used as the status)
   1  run failure: guest exception, emulation failure, timeout, exit limit, KVM failure
-  2  usage error: bad option or value, unusable image, range outside RAM";
+  2  usage error: bad option or value, unusable image, range outside RAM
+For exec, the status is the program's own (128 + signal after a fault; see exec --help).";
 
 /// Exact guest write tracking on KVM: run a guest and watch every write to the frames you
 /// track.
@@ -58,6 +60,8 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Run a flat guest image and report every write to the tracked ranges.
     Run(cmd::run::Args),
+    /// Run an unmodified static x86-64 Linux program in a process VM, tracking its memory.
+    Exec(cmd::exec::ExecArgs),
     /// Show what this host's KVM offers that pagetrack uses.
     Caps(cmd::caps::Args),
     /// Measure the backend on this host: trapped-write round trip against a bare exit,
@@ -101,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Exec(args) => cmd::exec::run(args),
         Command::Caps(args) => cmd::caps::run(&args),
         Command::Bench(args) => cmd::bench::run(args),
     }

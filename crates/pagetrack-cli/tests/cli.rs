@@ -709,3 +709,39 @@ fn caps_exits_0_in_text_and_json() {
     assert!(["shadow", "tdp"].contains(&caps["paging"].as_str().unwrap()));
     assert!(caps["slot_zap_all_disableable"].is_boolean());
 }
+
+/// `pagetrack exec` runs an unmodified static program: its stdout and exit status pass
+/// through, and the event stream ends with the exit, summary and process lines.
+#[test]
+fn exec_busybox_passes_output_and_status_through() {
+    let _kvm = pagetrack_testkit::kvm_or_skip!();
+    assert!(
+        std::path::Path::new("/bin/busybox").exists(),
+        "busybox-static is missing: run ./scripts/test, which installs it"
+    );
+    let events = std::env::temp_dir().join(format!("pt-exec-{}.jsonl", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagetrack"))
+        .args(["exec", "--track", "stack", "--events"])
+        .arg(&events)
+        .args(["--", "/bin/busybox", "sh", "-c", "echo hi; exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    assert_eq!(out.status.code(), Some(3));
+    let text = std::fs::read_to_string(&events).unwrap();
+    let _ = std::fs::remove_file(&events);
+    let kinds: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(
+        kinds.iter().filter(|k| *k == "write").count() > 0,
+        "stack writes reported"
+    );
+    assert_eq!(&kinds[kinds.len() - 3..], ["exit", "summary", "process"]);
+}

@@ -209,6 +209,12 @@ pub(crate) fn handle<'a>(
     if before.is_empty() {
         return Outcome::Stale;
     }
+    // A locked read-modify-write carries a lock prefix (0xf0) or is xchg (0x86/0x87): without
+    // either byte before RIP, this was a plain store (most trapped stores), and no decoding is
+    // needed.
+    if !before.iter().any(|&b| matches!(b, 0xf0 | 0x86 | 0x87)) {
+        return Outcome::Plain;
+    }
     let d = {
         let mut b = [0u8; 8];
         b[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);

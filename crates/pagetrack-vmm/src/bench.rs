@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use iced_x86::code_asm::{CodeAssembler, al, qword_ptr, r8, rax, rcx, rdi, rdx};
+use iced_x86::code_asm::{CodeAssembler, al, eax, qword_ptr, r8, rax, rcx, rdi, rdx};
 use pagetrack::{AsId, Gfn, NotifierClass, TrackNotifier, WriteEvent};
 use pagetrack_kvm::{Exit, Vcpu, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
@@ -88,6 +88,7 @@ struct Programs {
     sweep: u64,
     touch: u64,
     remap: u64,
+    xadd: u64,
     bytes: Vec<u8>,
 }
 
@@ -106,6 +107,7 @@ fn programs() -> Result<Programs> {
     let mut sweep = a.create_label();
     let mut touch = a.create_label();
     let mut remap = a.create_label();
+    let mut xadd = a.create_label();
     let mut build = || -> std::result::Result<(), iced_x86::IcedError> {
         // pio: rcx times `out PIO_PORT, al` (a bare exit each), then exit.
         a.set_label(&mut pio)?;
@@ -145,6 +147,13 @@ fn programs() -> Result<Programs> {
         a.mov(rdx, qword_ptr(PT_VA + 5 * 4096))?; // use the new mapping
         a.dec(rcx)?;
         a.jnz(remap)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)?;
+        // xadd: rcx times `lock xadd [rdi], rax` with rax = 1 each time.
+        a.set_label(&mut xadd)?;
+        a.mov(eax, 1)?;
+        a.lock().xadd(qword_ptr(rdi), rax)?; // atomic fetch-and-add
+        a.dec(rcx)?;
+        a.jnz(xadd)?;
         a.out(u32::from(GUEST_EXIT_PORT), al)
     };
     build().map_err(asm_err)?;
@@ -161,6 +170,7 @@ fn programs() -> Result<Programs> {
         sweep: at(&sweep)?,
         touch: at(&touch)?,
         remap: at(&remap)?,
+        xadd: at(&xadd)?,
         bytes: res.inner.code_buffer,
     })
 }
@@ -168,6 +178,7 @@ fn programs() -> Result<Programs> {
 struct Rig {
     vm: Vm,
     vcpu: Vcpu,
+    vcpu2: Vcpu,
     layout: LongModeLayout,
     progs: Programs,
 }
@@ -195,9 +206,12 @@ impl Rig {
             })?;
         let vcpu = vm.create_vcpu(0)?;
         x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, CODE, 0)?;
+        let vcpu2 = vm.create_vcpu(1)?;
+        x86::setup_long_mode(vm.kvm(), vcpu2.fd(), &*vm.raw_memory(), &layout, CODE, 1)?;
         Ok(Rig {
             vm,
             vcpu,
+            vcpu2,
             layout,
             progs,
         })
@@ -217,26 +231,66 @@ impl Rig {
         r8_v: u64,
         rax_v: u64,
     ) -> Result<Duration> {
-        let fd = self.vcpu.fd();
-        let mut regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
-        regs.rip = entry;
-        regs.rsp = self.layout.user_stack_top(0)?;
-        regs.rflags = LONG_MODE_RFLAGS;
-        regs.rdi = rdi_v;
-        regs.rcx = rcx_v;
-        regs.r8 = r8_v;
-        regs.rax = rax_v;
-        fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+        prepare(
+            &self.vcpu,
+            &self.layout,
+            0,
+            entry,
+            [rdi_v, rcx_v, r8_v, rax_v],
+        )?;
         let start = Instant::now();
-        loop {
-            match self.vcpu.run()? {
-                Exit::IoOut { port, .. } if port == GUEST_EXIT_PORT => return Ok(start.elapsed()),
-                Exit::IoOut { port, .. } if u32::from(port) == PIO_PORT => {}
-                other => {
-                    return Err(Error::InvalidGuestImage {
-                        reason: format!("benchmark guest stopped unexpectedly: {other:?}"),
-                    });
-                }
+        run_to_exit(&mut self.vcpu)?;
+        Ok(start.elapsed())
+    }
+
+    /// Runs the program at `entry` on both vCPUs at once (same rdi/rcx/r8/rax); returns the
+    /// wall time until both exited.
+    fn run_both(&mut self, entry: u64, args: [u64; 4]) -> Result<Duration> {
+        prepare(&self.vcpu, &self.layout, 0, entry, args)?;
+        prepare(&self.vcpu2, &self.layout, 1, entry, args)?;
+        let (v1, v2) = (&mut self.vcpu, &mut self.vcpu2);
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            let other = s.spawn(|| run_to_exit(v2));
+            let mine = run_to_exit(v1);
+            let theirs = other.join().unwrap_or_else(|_| {
+                Err(Error::InvalidConfig {
+                    reason: "benchmark vCPU thread panicked".into(),
+                })
+            });
+            mine.and(theirs)
+        })?;
+        Ok(start.elapsed())
+    }
+}
+
+/// Sets a vCPU up to run `entry` with rdi, rcx, r8, rax = `args`.
+fn prepare(
+    vcpu: &Vcpu,
+    layout: &LongModeLayout,
+    index: u32,
+    entry: u64,
+    args: [u64; 4],
+) -> Result<()> {
+    let fd = vcpu.fd();
+    let mut regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    regs.rip = entry;
+    regs.rsp = layout.user_stack_top(index)?;
+    regs.rflags = LONG_MODE_RFLAGS;
+    [regs.rdi, regs.rcx, regs.r8, regs.rax] = args;
+    fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
+}
+
+/// Runs until the program's exit on port 0xf4 (port PIO_PORT exits are the benchmark's own).
+fn run_to_exit(vcpu: &mut Vcpu) -> Result<()> {
+    loop {
+        match vcpu.run()? {
+            Exit::IoOut { port, .. } if port == GUEST_EXIT_PORT => return Ok(()),
+            Exit::IoOut { port, .. } if u32::from(port) == PIO_PORT => {}
+            other => {
+                return Err(Error::InvalidGuestImage {
+                    reason: format!("benchmark guest stopped unexpectedly: {other:?}"),
+                });
             }
         }
     }
@@ -291,6 +345,33 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         "trapped store / bare exit",
         trapped / pio,
         "ratio",
+    );
+
+    // Locked read-modify-writes on a tracked word: 1 vCPU, then 2 vCPUs at once.
+    progress("atomic read-modify-writes");
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        one.push(us(rig.run_rax(rig.progs.xadd, TRACKED, n, 0, 1)?) / n as f64);
+        two.push(us(rig.run_both(rig.progs.xadd, [TRACKED, n / 2, 0, 1])?) / n as f64);
+    }
+    let (one, two) = (median(one), median(two));
+    rep.push(
+        "atomic_rmw_us",
+        "tracked lock xadd, 1 vCPU (atomic re-execution)",
+        one,
+        "µs",
+    );
+    rep.push(
+        "atomic_rmw_vs_store",
+        "tracked lock xadd / plain tracked store, 1 vCPU",
+        one / trapped,
+        "ratio",
+    );
+    rep.push(
+        "atomic_rmw_2vcpu_us",
+        "tracked lock xadd, 2 vCPUs on one word (time per operation)",
+        two,
+        "µs",
     );
 
     // Page-table stores: PTE remaps in a tracked, marked page-table frame (each one makes KVM

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod error;
 pub mod flat;
+pub mod process;
 pub mod x86;
 
 pub use error::{Error, Result};

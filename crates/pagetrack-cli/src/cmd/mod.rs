@@ -3,4 +3,5 @@
 pub mod bench;
 pub mod caps;
 pub mod demo;
+pub mod exec;
 pub mod run;

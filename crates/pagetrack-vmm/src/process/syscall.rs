@@ -1,0 +1,1163 @@
+//! The system calls the VMM serves for the program: what a static busybox or glibc program
+//! needs for file filters (read/write, open/stat/seek on contained files, memory management,
+//! time, identity), `-ENOSYS` for everything else (counted), and refusals (`EPERM`, `EACCES`)
+//! for what would reach the host (fork, exec, clone, sockets, signals to other processes,
+//! paths outside the allowed directories).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kvm_ioctls::VcpuFd;
+
+use super::abi::{
+    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EBADF, ECHILD, EEXIST, EFAULT, EINVAL,
+    EIO, EMFILE, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE, ESRCH, Errno, O_ACCMODE,
+    O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE, SysResult, nr,
+};
+use super::fs::{Access, Input, Node, OpenFile, Output, Sandbox, StdinState};
+use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
+
+/// Largest transfer of one read or write (a short count beyond it, as Linux allows).
+const MAX_IO: u64 = 4 << 20;
+/// Largest path the program may pass.
+const PATH_MAX: usize = 4096;
+/// Most descriptors open at once.
+const MAX_FDS: i64 = 1024;
+/// Most iovec entries (`UIO_MAXIOV`).
+const IOV_MAX: u64 = 1024;
+/// The program's process id.
+pub const PID: u64 = 1000;
+
+/// What the run loop does after a system call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Return this value (a negative errno as two's complement) to the program.
+    Return(u64),
+    /// The program called exit or exit_group with this status.
+    Exit(i32),
+    /// The program sent itself this fatal signal (no handler is ever run).
+    Killed(u8),
+}
+
+/// Where standard output or error goes.
+#[derive(Debug)]
+struct Sink {
+    mode: Output,
+    err: bool,
+    captured: Vec<u8>,
+}
+
+impl Sink {
+    fn write(&mut self, data: &[u8]) -> SysResult<usize> {
+        match self.mode {
+            Output::Inherit => {
+                let res = if self.err {
+                    let mut e = std::io::stderr().lock();
+                    e.write_all(data).and_then(|()| e.flush())
+                } else {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(data).and_then(|()| o.flush())
+                };
+                res.map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        EPIPE
+                    } else {
+                        Errno::from_io(&e)
+                    }
+                })?;
+            }
+            Output::Capture => self.captured.extend_from_slice(data),
+            Output::Null => {}
+        }
+        Ok(data.len())
+    }
+}
+
+/// One descriptor.
+#[derive(Debug, Clone)]
+struct Fd {
+    file: Arc<Mutex<OpenFile>>,
+    cloexec: bool,
+}
+
+fn lock(f: &Arc<Mutex<OpenFile>>) -> MutexGuard<'_, OpenFile> {
+    // One thread serves system calls; a poisoned lock only means an earlier panic.
+    f.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts of system calls.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyscallCounts {
+    /// Calls served, by number (every call, whatever its result).
+    pub by_number: BTreeMap<u64, u64>,
+    /// Calls the VMM does not implement: `-ENOSYS`, by number.
+    pub unknown: BTreeMap<u64, u64>,
+    /// Calls refused by containment (fork, exec, clone, sockets, signals to others, paths
+    /// outside the allowed directories), by number.
+    pub refused: BTreeMap<u64, u64>,
+}
+
+impl SyscallCounts {
+    /// Every call.
+    pub fn total(&self) -> u64 {
+        self.by_number.values().sum()
+    }
+}
+
+/// The VMM's side of the process: its memory, files and identity.
+#[derive(Debug)]
+pub struct Kernel {
+    pub(crate) mm: AddressSpace,
+    sandbox: Sandbox,
+    fds: BTreeMap<i64, Fd>,
+    stdout: Sink,
+    stderr: Sink,
+    pub(crate) counts: SyscallCounts,
+    start: Instant,
+    deadline: Option<Instant>,
+    urandom: Option<File>,
+    uid: u32,
+    gid: u32,
+    umask: u32,
+    comm: [u8; 16],
+    mem_bytes: u64,
+}
+
+/// What the kernel needs to start.
+#[derive(Debug)]
+pub struct KernelSetup {
+    pub(crate) stdin: Input,
+    pub(crate) stdout: Output,
+    pub(crate) stderr: Output,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) comm: Vec<u8>,
+    pub(crate) mem_bytes: u64,
+}
+
+fn ret(v: SysResult) -> u64 {
+    match v {
+        Ok(v) => v,
+        Err(Errno(e)) => (-e).cast_unsigned(),
+    }
+}
+
+/// An `int` argument: the low 32 bits of the register, sign-extended.
+fn int(v: u64) -> i64 {
+    let b = v.to_le_bytes();
+    i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn page_up(len: u64) -> SysResult<u64> {
+    len.checked_next_multiple_of(PAGE).ok_or(ENOMEM)
+}
+
+/// `struct stat` (x86-64, 144 bytes) of `m`.
+fn stat_bytes(m: &std::fs::Metadata) -> [u8; 144] {
+    let mut b = [0u8; 144];
+    let mut put = |at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    put(0, m.dev());
+    put(8, m.ino());
+    put(16, m.nlink());
+    put(40, m.rdev());
+    put(48, m.size());
+    put(56, m.blksize());
+    put(64, m.blocks());
+    put(72, m.atime().cast_unsigned());
+    put(80, m.atime_nsec().cast_unsigned());
+    put(88, m.mtime().cast_unsigned());
+    put(96, m.mtime_nsec().cast_unsigned());
+    put(104, m.ctime().cast_unsigned());
+    put(112, m.ctime_nsec().cast_unsigned());
+    b[24..28].copy_from_slice(&m.mode().to_le_bytes());
+    b[28..32].copy_from_slice(&m.uid().to_le_bytes());
+    b[32..36].copy_from_slice(&m.gid().to_le_bytes());
+    b
+}
+
+/// `struct stat` of a standard stream: a FIFO owned by the program, 4 KiB blocks.
+fn stream_stat(uid: u32, gid: u32) -> [u8; 144] {
+    let mut b = [0u8; 144];
+    b[16..24].copy_from_slice(&1u64.to_le_bytes());
+    b[24..28].copy_from_slice(&(0o010_000u32 | 0o600).to_le_bytes());
+    b[28..32].copy_from_slice(&uid.to_le_bytes());
+    b[32..36].copy_from_slice(&gid.to_le_bytes());
+    b[56..64].copy_from_slice(&4096u64.to_le_bytes());
+    b
+}
+
+fn utsname() -> [u8; 390] {
+    let mut b = [0u8; 390];
+    for (i, s) in [
+        "Linux",
+        "pagetrack",
+        "6.1.0-pagetrack",
+        "#1 SMP pagetrack process VM",
+        "x86_64",
+        "(none)",
+    ]
+    .iter()
+    .enumerate()
+    {
+        b[i * 65..i * 65 + s.len()].copy_from_slice(s.as_bytes());
+    }
+    b
+}
+
+fn timespec(d: Duration) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&d.as_secs().to_le_bytes());
+    b[8..].copy_from_slice(&u64::from(d.subsec_nanos()).to_le_bytes());
+    b
+}
+
+/// Signals whose default action ends the process.
+fn fatal_signal(sig: u64) -> bool {
+    matches!(sig, 1..=16 | 24..=27 | 29..=31)
+}
+
+impl Kernel {
+    /// A kernel for `mm`, with the standard streams and identity of `setup`.
+    ///
+    /// # Errors
+    /// An `Input::File` standard input that cannot be opened (a sentence for the user).
+    pub fn new(mm: AddressSpace, sandbox: Sandbox, setup: KernelSetup) -> Result<Kernel, String> {
+        let stdin = match setup.stdin {
+            Input::Inherit => OpenFile::stream(Node::Stdin(StdinState::Host), 0),
+            Input::Null => OpenFile::stream(Node::Stdin(StdinState::Bytes(Default::default())), 0),
+            Input::Bytes(b) => OpenFile::stream(Node::Stdin(StdinState::Bytes(b.into())), 0),
+            Input::File(p) => {
+                let f =
+                    File::open(&p).map_err(|e| format!("standard input {}: {e}", p.display()))?;
+                OpenFile::host_file(f, p)
+            }
+        };
+        let mut fds = BTreeMap::new();
+        for (n, f) in [
+            (0, stdin),
+            (1, OpenFile::stream(Node::Stdout, O_WRONLY)),
+            (2, OpenFile::stream(Node::Stderr, O_WRONLY)),
+        ] {
+            fds.insert(
+                n,
+                Fd {
+                    file: Arc::new(Mutex::new(f)),
+                    cloexec: false,
+                },
+            );
+        }
+        let mut comm = [0u8; 16];
+        let n = setup.comm.len().min(15);
+        comm[..n].copy_from_slice(&setup.comm[..n]);
+        Ok(Kernel {
+            mm,
+            sandbox,
+            fds,
+            stdout: Sink {
+                mode: setup.stdout,
+                err: false,
+                captured: Vec::new(),
+            },
+            stderr: Sink {
+                mode: setup.stderr,
+                err: true,
+                captured: Vec::new(),
+            },
+            counts: SyscallCounts::default(),
+            start: Instant::now(),
+            deadline: None,
+            urandom: None,
+            uid: setup.uid,
+            gid: setup.gid,
+            umask: 0o022,
+            comm,
+            mem_bytes: setup.mem_bytes,
+        })
+    }
+
+    /// Sleeps end here at the latest (the run's timeout).
+    pub(crate) fn set_deadline(&mut self, d: Option<Instant>) {
+        self.deadline = d;
+    }
+
+    /// The captured standard output and error.
+    pub(crate) fn take_output(&mut self) -> (Vec<u8>, Vec<u8>) {
+        (
+            std::mem::take(&mut self.stdout.captured),
+            std::mem::take(&mut self.stderr.captured),
+        )
+    }
+
+    /// Serves system call `n` with arguments `a`; `vcpu` for the FS/GS bases.
+    pub fn syscall(&mut self, n: u64, a: [u64; 6], vcpu: &VcpuFd) -> Flow {
+        *self.counts.by_number.entry(n).or_default() += 1;
+        let res = match n {
+            nr::EXIT | nr::EXIT_GROUP => return Flow::Exit(i32::from(a[0].to_le_bytes()[0])),
+            nr::KILL | nr::TKILL | nr::TGKILL => match self.kill(n, a) {
+                Ok(Some(sig)) => return Flow::Killed(sig),
+                Ok(None) => Ok(0),
+                Err(e) => Err(e),
+            },
+            // Answered as a kernel without rseq would: served, not unknown.
+            nr::RSEQ => return Flow::Return(ret(Err(ENOSYS))),
+            _ => self.dispatch(n, a, vcpu),
+        };
+        match res {
+            Err(ENOSYS) => *self.counts.unknown.entry(n).or_default() += 1,
+            Err(EACCES | EPERM) => *self.counts.refused.entry(n).or_default() += 1,
+            _ => {}
+        }
+        Flow::Return(ret(res))
+    }
+
+    fn dispatch(&mut self, n: u64, a: [u64; 6], vcpu: &VcpuFd) -> SysResult {
+        // File descriptors and other `int` arguments: the kernel reads the low 32 bits.
+        let signed = int;
+        match n {
+            nr::READ => self.read(signed(a[0]), a[1], a[2]),
+            nr::WRITE => self.write(signed(a[0]), a[1], a[2]),
+            nr::READV => self.readv(signed(a[0]), a[1], a[2]),
+            nr::WRITEV => self.writev(signed(a[0]), a[1], a[2]),
+            nr::PREAD64 => self.pread(signed(a[0]), a[1], a[2], a[3]),
+            nr::OPEN => self.openat(AT_FDCWD, a[0], a[1], a[2]),
+            nr::OPENAT => self.openat(signed(a[0]), a[1], a[2], a[3]),
+            nr::CLOSE => self.fds.remove(&signed(a[0])).map(|_| 0).ok_or(EBADF),
+            nr::FSTAT => self.fstat(signed(a[0]), a[1]),
+            nr::STAT => self.fstatat(AT_FDCWD, a[0], a[1], 0),
+            nr::LSTAT => self.fstatat(AT_FDCWD, a[0], a[1], AT_SYMLINK_NOFOLLOW),
+            nr::NEWFSTATAT => self.fstatat(signed(a[0]), a[1], a[2], a[3]),
+            nr::LSEEK => {
+                let f = self.fd(signed(a[0]))?;
+                lock(&f).seek(a[1].cast_signed(), a[2])
+            }
+            nr::MMAP => self.mmap(a),
+            nr::MUNMAP => self.munmap(a[0], a[1]),
+            nr::MPROTECT => self.mprotect(a[0], a[1], a[2]),
+            nr::MREMAP => self.mremap(a),
+            nr::MADVISE => self.madvise(a[0], a[1], a[2]),
+            nr::BRK => Ok(self.mm.set_brk(a[0])),
+            nr::RT_SIGACTION => self.sigaction(a[0], a[2], a[3]),
+            nr::RT_SIGPROCMASK => self.put_zeros(a[2], 8).map(|()| 0),
+            nr::SIGALTSTACK => self.sigaltstack(a[1]),
+            nr::IOCTL => self.fd(signed(a[0])).and(Err(ENOTTY)),
+            nr::ACCESS => self.access(AT_FDCWD, a[0], a[1]),
+            nr::FACCESSAT | nr::FACCESSAT2 => self.access(signed(a[0]), a[1], a[2]),
+            nr::DUP => self.dup(signed(a[0]), 0, false),
+            nr::DUP2 => self.dup2(signed(a[0]), signed(a[1]), 0),
+            nr::DUP3 => self.dup2(signed(a[0]), signed(a[1]), a[2]),
+            nr::FCNTL => self.fcntl(signed(a[0]), a[1], a[2]),
+            nr::GETCWD => self.getcwd(a[0], a[1]),
+            nr::READLINK => self.readlinkat(AT_FDCWD, a[0], a[1], a[2]),
+            nr::READLINKAT => self.readlinkat(signed(a[0]), a[1], a[2], a[3]),
+            nr::GETDENTS64 => self.getdents64(signed(a[0]), a[1], a[2]),
+            nr::UNAME => self.mm.write_user(a[0], &utsname()).map(|()| 0),
+            nr::GETPID | nr::GETTID | nr::SET_TID_ADDRESS | nr::GETPGRP | nr::SETSID => Ok(PID),
+            nr::SETPGID => Ok(0),
+            nr::GETPPID => Ok(1),
+            nr::GETUID | nr::GETEUID => Ok(u64::from(self.uid)),
+            nr::GETGID | nr::GETEGID => Ok(u64::from(self.gid)),
+            nr::SETUID => self.set_id(a[0] & 0xffff_ffff, self.uid),
+            nr::SETGID => self.set_id(a[0] & 0xffff_ffff, self.gid),
+            nr::GETGROUPS => Ok(0),
+            nr::UMASK => {
+                let old = self.umask;
+                self.umask = u32::try_from(a[0] & 0o777).unwrap_or(0o022);
+                Ok(u64::from(old))
+            }
+            nr::PRCTL => self.prctl(a[0], a[1]),
+            nr::ARCH_PRCTL => self.arch_prctl(a[0], a[1], vcpu),
+            nr::SET_ROBUST_LIST => {
+                if a[1] == 24 {
+                    Ok(0)
+                } else {
+                    Err(EINVAL)
+                }
+            }
+            nr::PRLIMIT64 => self.prlimit(a[0], a[1], a[3]),
+            nr::GETRLIMIT => self.prlimit(0, a[0], a[1]),
+            nr::SETRLIMIT => Ok(0),
+            nr::GETRANDOM => self.getrandom(a[0], a[1]),
+            nr::CLOCK_GETTIME => self.clock_gettime(a[0], a[1]),
+            nr::CLOCK_GETRES => self.put(a[1], &timespec(Duration::from_nanos(1))),
+            nr::GETTIMEOFDAY => self.gettimeofday(a[0]),
+            nr::TIME => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                if a[0] != 0 {
+                    self.mm.write_user(a[0], &now.to_le_bytes())?;
+                }
+                Ok(now)
+            }
+            nr::NANOSLEEP => self.sleep(a[0]),
+            nr::CLOCK_NANOSLEEP => {
+                // Relative sleeps only (flags 0); an absolute one ends at once.
+                if a[1] == 0 { self.sleep(a[2]) } else { Ok(0) }
+            }
+            nr::SCHED_YIELD | nr::FSYNC | nr::FDATASYNC | nr::FADVISE64 => Ok(0),
+            nr::SCHED_GETAFFINITY => {
+                if a[1] < 8 {
+                    return Err(EINVAL);
+                }
+                self.mm.write_user(a[2], &1u64.to_le_bytes()).map(|()| 8)
+            }
+            nr::SYSINFO => self.sysinfo(a[0]),
+            nr::WAIT4 => Err(ECHILD),
+            nr::FTRUNCATE => {
+                let f = self.fd(signed(a[0]))?;
+                let g = lock(&f);
+                match &g.node {
+                    Node::File(file) if matches!(g.flags & O_ACCMODE, O_WRONLY | O_RDWR) => file
+                        .set_len(a[1])
+                        .map(|()| 0)
+                        .map_err(|e| Errno::from_io(&e)),
+                    _ => Err(EINVAL),
+                }
+            }
+            nr::UNLINK => self.unlinkat(AT_FDCWD, a[0], 0),
+            nr::UNLINKAT => self.unlinkat(signed(a[0]), a[1], a[2]),
+            nr::RENAME => self.renameat(AT_FDCWD, a[0], AT_FDCWD, a[1]),
+            nr::RENAMEAT | nr::RENAMEAT2 => self.renameat(signed(a[0]), a[1], signed(a[2]), a[3]),
+            nr::MKDIR => self.mkdirat(AT_FDCWD, a[0]),
+            nr::MKDIRAT => self.mkdirat(signed(a[0]), a[1]),
+            // What would reach the host: refused.
+            nr::FORK | nr::VFORK | nr::CLONE | nr::CLONE3 | nr::EXECVE | nr::EXECVEAT => Err(EPERM),
+            nr::SOCKET | nr::SOCKETPAIR | nr::CONNECT | nr::BIND | nr::ACCEPT => Err(EACCES),
+            _ => Err(ENOSYS),
+        }
+    }
+
+    fn fd(&self, fd: i64) -> SysResult<Arc<Mutex<OpenFile>>> {
+        self.fds.get(&fd).map(|f| Arc::clone(&f.file)).ok_or(EBADF)
+    }
+
+    fn put(&self, va: u64, data: &[u8]) -> SysResult {
+        self.mm.write_user(va, data).map(|()| 0)
+    }
+
+    fn put_zeros(&self, va: u64, n: usize) -> SysResult<()> {
+        if va == 0 {
+            return Ok(());
+        }
+        self.mm.write_user(va, &vec![0u8; n])
+    }
+
+    fn path(&self, va: u64) -> SysResult<Vec<u8>> {
+        if va == 0 {
+            return Err(EFAULT);
+        }
+        self.mm.read_cstr(va, PATH_MAX)
+    }
+
+    /// The directory a `*at` call's relative path starts from.
+    fn base(&self, dirfd: i64) -> SysResult<Option<PathBuf>> {
+        if dirfd == AT_FDCWD {
+            return Ok(None);
+        }
+        let f = self.fd(dirfd)?;
+        let g = lock(&f);
+        if !g.is_dir {
+            return Err(ENOTDIR);
+        }
+        Ok(Some(g.path.clone()))
+    }
+
+    fn resolve(&self, dirfd: i64, va: u64, access: Access, follow: bool) -> SysResult<PathBuf> {
+        let p = self.path(va)?;
+        let base = self.base(dirfd)?;
+        self.sandbox.resolve(base.as_deref(), &p, access, follow)
+    }
+
+    fn sink(&mut self, node: &Node) -> Option<&mut Sink> {
+        match node {
+            Node::Stdout => Some(&mut self.stdout),
+            Node::Stderr => Some(&mut self.stderr),
+            _ => None,
+        }
+    }
+
+    fn read(&mut self, fd: i64, buf: u64, count: u64) -> SysResult {
+        let f = self.fd(fd)?;
+        if count == 0 {
+            return Ok(0);
+        }
+        let n = self.mm.accessible(buf, count.min(MAX_IO), PROT_WRITE);
+        if n == 0 {
+            return Err(EFAULT);
+        }
+        let data = lock(&f).read(usize::try_from(n).map_err(|_| EINVAL)?)?;
+        self.mm.write_user(buf, &data)?;
+        Ok(data.len() as u64)
+    }
+
+    fn pread(&mut self, fd: i64, buf: u64, count: u64, offset: u64) -> SysResult {
+        let f = self.fd(fd)?;
+        if offset.cast_signed() < 0 {
+            return Err(EINVAL);
+        }
+        if count == 0 {
+            return Ok(0);
+        }
+        let n = self.mm.accessible(buf, count.min(MAX_IO), PROT_WRITE);
+        if n == 0 {
+            return Err(EFAULT);
+        }
+        let data = lock(&f).pread(usize::try_from(n).map_err(|_| EINVAL)?, offset)?;
+        self.mm.write_user(buf, &data)?;
+        Ok(data.len() as u64)
+    }
+
+    fn write_bytes(&mut self, fd: i64, data: &[u8]) -> SysResult {
+        let f = self.fd(fd)?;
+        let mut g = lock(&f);
+        let n = match self.sink(&g.node) {
+            Some(s) => s.write(data)?,
+            None => g.write_file(data)?,
+        };
+        Ok(n as u64)
+    }
+
+    fn write(&mut self, fd: i64, buf: u64, count: u64) -> SysResult {
+        self.fd(fd)?;
+        if count == 0 {
+            return Ok(0);
+        }
+        let n = self.mm.accessible(buf, count.min(MAX_IO), PROT_READ);
+        if n == 0 {
+            return Err(EFAULT);
+        }
+        let mut data = vec![0u8; usize::try_from(n).map_err(|_| EINVAL)?];
+        self.mm.read_user(buf, &mut data)?;
+        self.write_bytes(fd, &data)
+    }
+
+    fn iovecs(&self, iov: u64, count: u64) -> SysResult<Vec<(u64, u64)>> {
+        if count > IOV_MAX {
+            return Err(EINVAL);
+        }
+        let mut raw = vec![0u8; usize::try_from(count * 16).map_err(|_| EINVAL)?];
+        self.mm.read_user(iov, &mut raw)?;
+        Ok(raw
+            .chunks_exact(16)
+            .map(|c| {
+                let w = |i: usize| {
+                    u64::from_le_bytes([
+                        c[i],
+                        c[i + 1],
+                        c[i + 2],
+                        c[i + 3],
+                        c[i + 4],
+                        c[i + 5],
+                        c[i + 6],
+                        c[i + 7],
+                    ])
+                };
+                (w(0), w(8))
+            })
+            .collect())
+    }
+
+    fn readv(&mut self, fd: i64, iov: u64, count: u64) -> SysResult {
+        let vecs = self.iovecs(iov, count)?;
+        let mut total = 0;
+        for (base, len) in vecs {
+            if len == 0 {
+                continue;
+            }
+            match self.read(fd, base, len) {
+                Ok(n) => {
+                    total += n;
+                    if n < len {
+                        break;
+                    }
+                }
+                Err(e) if total == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(total)
+    }
+
+    fn writev(&mut self, fd: i64, iov: u64, count: u64) -> SysResult {
+        let vecs = self.iovecs(iov, count)?;
+        self.fd(fd)?;
+        let mut data = Vec::new();
+        for (base, len) in vecs {
+            let n = self.mm.accessible(base, len.min(MAX_IO), PROT_READ);
+            let start = data.len();
+            data.resize(start + usize::try_from(n).map_err(|_| EINVAL)?, 0);
+            self.mm.read_user(base, &mut data[start..])?;
+            if n < len {
+                if data.is_empty() {
+                    return Err(EFAULT);
+                }
+                break;
+            }
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        self.write_bytes(fd, &data)
+    }
+
+    fn lowest_free_fd(&self, from: i64) -> SysResult<i64> {
+        (from.max(0)..MAX_FDS)
+            .find(|n| !self.fds.contains_key(n))
+            .ok_or(EMFILE)
+    }
+
+    fn openat(&mut self, dirfd: i64, path: u64, flags: u64, mode: u64) -> SysResult {
+        let p = self.path(path)?;
+        let base = self.base(dirfd)?;
+        let mode = u32::try_from(mode & 0o7777).unwrap_or(0) & !self.umask;
+        let file = self.sandbox.open(base.as_deref(), &p, flags, mode)?;
+        let n = self.lowest_free_fd(0)?;
+        self.fds.insert(
+            n,
+            Fd {
+                file: Arc::new(Mutex::new(file)),
+                cloexec: flags & O_CLOEXEC != 0,
+            },
+        );
+        Ok(n.cast_unsigned())
+    }
+
+    fn fstat(&mut self, fd: i64, buf: u64) -> SysResult {
+        let f = self.fd(fd)?;
+        let bytes = match &lock(&f).node {
+            Node::File(file) => stat_bytes(&file.metadata().map_err(|e| Errno::from_io(&e))?),
+            _ => stream_stat(self.uid, self.gid),
+        };
+        self.put(buf, &bytes)
+    }
+
+    fn fstatat(&mut self, dirfd: i64, path: u64, buf: u64, flags: u64) -> SysResult {
+        if flags & AT_EMPTY_PATH != 0 && self.path(path)?.is_empty() {
+            return self.fstat(dirfd, buf);
+        }
+        let follow = flags & AT_SYMLINK_NOFOLLOW == 0;
+        let host = self.resolve(dirfd, path, Access::Read, follow)?;
+        let m = if follow {
+            host.metadata()
+        } else {
+            host.symlink_metadata()
+        };
+        let m = m.map_err(|e| Errno::from_io(&e))?;
+        self.put(buf, &stat_bytes(&m))
+    }
+
+    fn access(&mut self, dirfd: i64, path: u64, mode: u64) -> SysResult {
+        let access = if mode & 2 != 0 {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let host = self.resolve(dirfd, path, access, true)?;
+        host.metadata().map(|_| 0).map_err(|e| Errno::from_io(&e))
+    }
+
+    fn getcwd(&mut self, buf: u64, size: u64) -> SysResult {
+        let mut p = self.sandbox.cwd().as_os_str().as_encoded_bytes().to_vec();
+        p.push(0);
+        if (p.len() as u64) > size {
+            return Err(ERANGE);
+        }
+        self.mm.write_user(buf, &p)?;
+        Ok(p.len() as u64)
+    }
+
+    fn readlinkat(&mut self, dirfd: i64, path: u64, buf: u64, size: u64) -> SysResult {
+        if size.cast_signed() <= 0 {
+            return Err(EINVAL);
+        }
+        let p = self.path(path)?;
+        let target: Vec<u8> = if p == b"/proc/self/exe" {
+            self.sandbox.exe().as_os_str().as_encoded_bytes().to_vec()
+        } else {
+            let base = self.base(dirfd)?;
+            let host = self
+                .sandbox
+                .resolve(base.as_deref(), &p, Access::Read, false)?;
+            let t = std::fs::read_link(&host).map_err(|e| Errno::from_io(&e))?;
+            t.as_os_str().as_encoded_bytes().to_vec()
+        };
+        let n = target
+            .len()
+            .min(usize::try_from(size).unwrap_or(usize::MAX));
+        self.mm.write_user(buf, &target[..n])?;
+        Ok(n as u64)
+    }
+
+    fn getdents64(&mut self, fd: i64, buf: u64, count: u64) -> SysResult {
+        let f = self.fd(fd)?;
+        let mut g = lock(&f);
+        if !g.is_dir {
+            return Err(ENOTDIR);
+        }
+        let mut names: Vec<(Vec<u8>, u64, u8)> =
+            vec![(b".".to_vec(), 1, 4), (b"..".to_vec(), 1, 4)];
+        let rd = std::fs::read_dir(&g.path).map_err(|e| Errno::from_io(&e))?;
+        let mut rest: Vec<(Vec<u8>, u64, u8)> = rd
+            .filter_map(std::result::Result::ok)
+            .map(|e| {
+                let t = e.file_type().ok();
+                let kind = match t {
+                    Some(t) if t.is_dir() => 4,
+                    Some(t) if t.is_file() => 8,
+                    Some(t) if t.is_symlink() => 10,
+                    Some(t) if t.is_fifo() => 1,
+                    Some(t) if t.is_char_device() => 2,
+                    Some(t) if t.is_block_device() => 6,
+                    Some(t) if t.is_socket() => 12,
+                    _ => 0,
+                };
+                let ino = e.metadata().map(|m| m.ino()).unwrap_or(1);
+                (e.file_name().as_encoded_bytes().to_vec(), ino, kind)
+            })
+            .collect();
+        rest.sort();
+        names.extend(rest);
+        let mut out = Vec::new();
+        let mut pos = g.dir_pos;
+        while let Some((name, ino, kind)) = names.get(pos) {
+            let reclen = (19 + name.len() + 1).next_multiple_of(8);
+            if (out.len() + reclen) as u64 > count {
+                break;
+            }
+            let start = out.len();
+            out.extend_from_slice(&ino.to_le_bytes());
+            out.extend_from_slice(&(pos as u64 + 1).to_le_bytes());
+            out.extend_from_slice(&u16::try_from(reclen).unwrap_or(u16::MAX).to_le_bytes());
+            out.push(*kind);
+            out.extend_from_slice(name);
+            out.resize(start + reclen, 0);
+            pos += 1;
+        }
+        if out.is_empty() && pos < names.len() {
+            return Err(EINVAL);
+        }
+        self.mm.write_user(buf, &out)?;
+        g.dir_pos = pos;
+        Ok(out.len() as u64)
+    }
+
+    fn dup(&mut self, old: i64, from: i64, cloexec: bool) -> SysResult {
+        let file = self.fd(old)?;
+        let n = self.lowest_free_fd(from)?;
+        self.fds.insert(n, Fd { file, cloexec });
+        Ok(n.cast_unsigned())
+    }
+
+    fn dup2(&mut self, old: i64, new: i64, flags: u64) -> SysResult {
+        let file = self.fd(old)?;
+        if !(0..MAX_FDS).contains(&new) {
+            return Err(EBADF);
+        }
+        if old == new {
+            return if flags != 0 {
+                Err(EINVAL)
+            } else {
+                Ok(new.cast_unsigned())
+            };
+        }
+        self.fds.insert(
+            new,
+            Fd {
+                file,
+                cloexec: flags & O_CLOEXEC != 0,
+            },
+        );
+        Ok(new.cast_unsigned())
+    }
+
+    fn fcntl(&mut self, fd: i64, cmd: u64, arg: u64) -> SysResult {
+        const F_DUPFD: u64 = 0;
+        const F_GETFD: u64 = 1;
+        const F_SETFD: u64 = 2;
+        const F_GETFL: u64 = 3;
+        const F_SETFL: u64 = 4;
+        const F_DUPFD_CLOEXEC: u64 = 1030;
+        let f = self.fds.get_mut(&fd).ok_or(EBADF)?;
+        match cmd {
+            F_DUPFD | F_DUPFD_CLOEXEC => self.dup(fd, int(arg), cmd == F_DUPFD_CLOEXEC),
+            F_GETFD => Ok(u64::from(f.cloexec)),
+            F_SETFD => {
+                f.cloexec = arg & 1 != 0;
+                Ok(0)
+            }
+            F_GETFL => Ok(lock(&f.file).flags),
+            F_SETFL => Ok(0),
+            _ => Err(EINVAL),
+        }
+    }
+
+    fn unlinkat(&mut self, dirfd: i64, path: u64, flags: u64) -> SysResult {
+        let host = self.resolve(dirfd, path, Access::Write, false)?;
+        let r = if flags & 0x200 != 0 {
+            std::fs::remove_dir(&host)
+        } else {
+            std::fs::remove_file(&host)
+        };
+        r.map(|()| 0).map_err(|e| Errno::from_io(&e))
+    }
+
+    fn renameat(&mut self, olddir: i64, old: u64, newdir: i64, new: u64) -> SysResult {
+        let from = self.resolve(olddir, old, Access::Write, false)?;
+        let to = self.resolve(newdir, new, Access::Write, false)?;
+        std::fs::rename(from, to)
+            .map(|()| 0)
+            .map_err(|e| Errno::from_io(&e))
+    }
+
+    fn mkdirat(&mut self, dirfd: i64, path: u64) -> SysResult {
+        let host = self.resolve(dirfd, path, Access::Write, false)?;
+        if host.exists() {
+            return Err(EEXIST);
+        }
+        std::fs::create_dir(&host)
+            .map(|()| 0)
+            .map_err(|e| Errno::from_io(&e))
+    }
+
+    fn mmap(&mut self, a: [u64; 6]) -> SysResult {
+        const MAP_SHARED: u64 = 1;
+        const MAP_TYPE: u64 = 0xf;
+        const MAP_FIXED: u64 = 0x10;
+        const MAP_ANONYMOUS: u64 = 0x20;
+        const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+        let [addr, len, prot, flags, fd, off] = a;
+        if len == 0 || !off.is_multiple_of(PAGE) || prot & !(0x7 | 0x0300_0000) != 0 {
+            return Err(EINVAL);
+        }
+        let prot = u32::try_from(prot & 7).map_err(|_| EINVAL)?;
+        if !matches!(flags & MAP_TYPE, 1..=3) {
+            return Err(EINVAL);
+        }
+        let len = page_up(len)?;
+        let data = if flags & MAP_ANONYMOUS == 0 {
+            let f = self.fd(int(fd))?;
+            let mut g = lock(&f);
+            if !matches!(g.node, Node::File(_)) || g.is_dir {
+                return Err(super::abi::Errno(19)); // ENODEV
+            }
+            if g.flags & O_ACCMODE == O_WRONLY {
+                return Err(EACCES);
+            }
+            if flags & MAP_TYPE != 2 && prot & PROT_WRITE != 0 {
+                // A shared writable file mapping would write to the host behind write().
+                return Err(EACCES);
+            }
+            Some(g.pread(usize::try_from(len).map_err(|_| ENOMEM)?, off)?)
+        } else {
+            None
+        };
+        let at = if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0 {
+            if !addr.is_multiple_of(PAGE) {
+                return Err(EINVAL);
+            }
+            let end = addr
+                .checked_add(len)
+                .filter(|&e| e <= USER_END)
+                .ok_or(ENOMEM)?;
+            if flags & MAP_FIXED_NOREPLACE != 0 {
+                if !self.mm.is_free(addr, end) {
+                    return Err(EEXIST);
+                }
+            } else {
+                self.mm.unmap(addr, len).map_err(|_| ENOMEM)?;
+            }
+            addr
+        } else {
+            self.mm.find_free(len, addr & !(PAGE - 1)).ok_or(ENOMEM)?
+        };
+        let _ = MAP_SHARED;
+        if let Err(e) = self.mm.map(at, len, prot, PageKind::Mmap) {
+            let _ = self.mm.unmap(at, len);
+            return Err(e);
+        }
+        if let Some(d) = data
+            && prot != 0
+        {
+            self.mm.poke(at, &d)?;
+        }
+        Ok(at)
+    }
+
+    fn munmap(&mut self, addr: u64, len: u64) -> SysResult {
+        if !addr.is_multiple_of(PAGE) || len == 0 {
+            return Err(EINVAL);
+        }
+        self.mm.unmap(addr, page_up(len)?).map(|()| 0)
+    }
+
+    fn mprotect(&mut self, addr: u64, len: u64, prot: u64) -> SysResult {
+        if !addr.is_multiple_of(PAGE) || prot & !(0x7 | 0x0300_0000) != 0 {
+            return Err(EINVAL);
+        }
+        let len = page_up(len)?;
+        if len == 0 {
+            return Ok(0);
+        }
+        let prot = u32::try_from(prot & 7).map_err(|_| EINVAL)?;
+        self.mm.protect(addr, len, prot).map(|()| 0)
+    }
+
+    fn mremap(&mut self, a: [u64; 6]) -> SysResult {
+        const MAYMOVE: u64 = 1;
+        const FIXED: u64 = 2;
+        let [old, old_len, new_len, flags, new_addr, _] = a;
+        if !old.is_multiple_of(PAGE)
+            || new_len == 0
+            || old_len == 0
+            || flags & !(MAYMOVE | FIXED) != 0
+        {
+            return Err(EINVAL);
+        }
+        if flags & FIXED != 0 && flags & MAYMOVE == 0 {
+            return Err(EINVAL);
+        }
+        let (old_len, new_len) = (page_up(old_len)?, page_up(new_len)?);
+        let (_, area_end, prot, kind) = self.mm.area(old).ok_or(EFAULT)?;
+        if old + old_len > area_end || matches!(kind, PageKind::Stub | PageKind::System) {
+            return Err(EFAULT);
+        }
+        if flags & FIXED != 0 {
+            if !new_addr.is_multiple_of(PAGE)
+                || new_addr < old + old_len && old < new_addr + new_len
+            {
+                return Err(EINVAL);
+            }
+            self.mm.unmap(new_addr, new_len).map_err(|_| EINVAL)?;
+            if new_len < old_len {
+                self.mm.unmap(old + new_len, old_len - new_len)?;
+            }
+            self.mm.move_range(old, old_len.min(new_len), new_addr)?;
+            if new_len > old_len {
+                self.mm
+                    .map(new_addr + old_len, new_len - old_len, prot, kind)?;
+            }
+            return Ok(new_addr);
+        }
+        if new_len <= old_len {
+            if new_len < old_len {
+                self.mm.unmap(old + new_len, old_len - new_len)?;
+            }
+            return Ok(old);
+        }
+        let extra = new_len - old_len;
+        if self.mm.is_free(old + old_len, old + new_len) {
+            self.mm.map(old + old_len, extra, prot, kind)?;
+            return Ok(old);
+        }
+        if flags & MAYMOVE == 0 {
+            return Err(ENOMEM);
+        }
+        let dst = self.mm.find_free(new_len, 0).ok_or(ENOMEM)?;
+        self.mm.move_range(old, old_len, dst)?;
+        self.mm.map(dst + old_len, extra, prot, kind)?;
+        Ok(dst)
+    }
+
+    fn madvise(&mut self, addr: u64, len: u64, advice: u64) -> SysResult {
+        const MADV_DONTNEED: u64 = 4;
+        if !addr.is_multiple_of(PAGE) {
+            return Err(EINVAL);
+        }
+        if advice == MADV_DONTNEED {
+            // Anonymous private memory reads as zero afterwards.
+            let len = page_up(len)?;
+            let zero = vec![0u8; 4096];
+            for page in (addr..addr.saturating_add(len)).step_by(4096) {
+                if self.mm.accessible(page, PAGE, PROT_READ) == PAGE || self.mm.area(page).is_some()
+                {
+                    let _ = self.mm.poke(page, &zero);
+                }
+            }
+        }
+        Ok(0)
+    }
+
+    fn sigaction(&mut self, sig: u64, old: u64, size: u64) -> SysResult {
+        if sig == 0 || sig > 64 || size != 8 {
+            return Err(EINVAL);
+        }
+        // No handler ever runs: report the default disposition.
+        self.put_zeros(old, 32).map(|()| 0)
+    }
+
+    fn sigaltstack(&mut self, old: u64) -> SysResult {
+        if old != 0 {
+            let mut b = [0u8; 24];
+            b[8..12].copy_from_slice(&2u32.to_le_bytes()); // SS_DISABLE
+            self.mm.write_user(old, &b)?;
+        }
+        Ok(0)
+    }
+
+    fn kill(&mut self, n: u64, a: [u64; 6]) -> SysResult<Option<u8>> {
+        let (pid, sig) = match n {
+            nr::TGKILL => (int(a[0]), int(a[2])),
+            _ => (int(a[0]), int(a[1])),
+        };
+        if !(0..=64).contains(&sig) {
+            return Err(EINVAL);
+        }
+        let own = pid == PID.cast_signed() || (n == nr::KILL && pid == 0);
+        if !own {
+            // No signal reaches another process, on the host or anywhere.
+            return Err(EPERM);
+        }
+        let sig = sig.cast_unsigned();
+        if sig != 0 && fatal_signal(sig) {
+            return Ok(Some(u8::try_from(sig).unwrap_or(6)));
+        }
+        Ok(None)
+    }
+
+    fn set_id(&self, want: u64, have: u32) -> SysResult {
+        if want == u64::from(have) || want == u64::from(u32::MAX) {
+            Ok(0)
+        } else {
+            Err(EPERM)
+        }
+    }
+
+    fn prctl(&mut self, option: u64, arg: u64) -> SysResult {
+        const PR_SET_NAME: u64 = 15;
+        const PR_GET_NAME: u64 = 16;
+        match option {
+            PR_SET_NAME => {
+                let name = self.mm.read_cstr(arg, 4096)?;
+                self.comm = [0; 16];
+                let n = name.len().min(15);
+                self.comm[..n].copy_from_slice(&name[..n]);
+                Ok(0)
+            }
+            PR_GET_NAME => self.put(arg, &self.comm.clone()),
+            _ => Err(EINVAL),
+        }
+    }
+
+    fn arch_prctl(&mut self, code: u64, addr: u64, vcpu: &VcpuFd) -> SysResult {
+        const SET_GS: u64 = 0x1001;
+        const SET_FS: u64 = 0x1002;
+        const GET_FS: u64 = 0x1003;
+        const GET_GS: u64 = 0x1004;
+        let mut s = vcpu.get_sregs().map_err(|_| EIO)?;
+        match code {
+            SET_FS | SET_GS => {
+                if addr >= USER_END {
+                    return Err(EPERM);
+                }
+                if code == SET_FS {
+                    s.fs.base = addr;
+                } else {
+                    s.gs.base = addr;
+                }
+                vcpu.set_sregs(&s).map_err(|_| EIO)?;
+                Ok(0)
+            }
+            GET_FS => self.put(addr, &s.fs.base.to_le_bytes()),
+            GET_GS => self.put(addr, &s.gs.base.to_le_bytes()),
+            _ => Err(EINVAL),
+        }
+    }
+
+    fn prlimit(&mut self, pid: u64, resource: u64, old: u64) -> SysResult {
+        const RLIMIT_STACK: u64 = 3;
+        const RLIMIT_NOFILE: u64 = 7;
+        if int(pid) != 0 && int(pid) != PID.cast_signed() {
+            return Err(ESRCH);
+        }
+        if resource >= 16 {
+            return Err(EINVAL);
+        }
+        let (cur, max) = match resource {
+            RLIMIT_STACK => (super::mm::STACK_MAX, u64::MAX),
+            RLIMIT_NOFILE => (MAX_FDS.cast_unsigned(), MAX_FDS.cast_unsigned()),
+            _ => (u64::MAX, u64::MAX),
+        };
+        if old != 0 {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&cur.to_le_bytes());
+            b[8..].copy_from_slice(&max.to_le_bytes());
+            self.mm.write_user(old, &b)?;
+        }
+        Ok(0)
+    }
+
+    fn getrandom(&mut self, buf: u64, len: u64) -> SysResult {
+        let n = usize::try_from(len.min(MAX_IO)).map_err(|_| EINVAL)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        if self.urandom.is_none() {
+            self.urandom = Some(File::open("/dev/urandom").map_err(|e| Errno::from_io(&e))?);
+        }
+        let mut b = vec![0u8; n];
+        if let Some(u) = &mut self.urandom {
+            u.read_exact(&mut b).map_err(|e| Errno::from_io(&e))?;
+        }
+        self.mm.write_user(buf, &b)?;
+        Ok(n as u64)
+    }
+
+    fn clock_gettime(&mut self, clock: u64, tp: u64) -> SysResult {
+        let d = match clock {
+            0 | 5 | 8 | 11 => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+            // Monotonic clocks count from the process start, plus a boot-like offset.
+            1 | 4 | 6 | 7 | 9 => self.start.elapsed() + Duration::from_secs(1000),
+            2 | 3 => self.start.elapsed(),
+            _ => return Err(EINVAL),
+        };
+        self.put(tp, &timespec(d))
+    }
+
+    fn gettimeofday(&mut self, tv: u64) -> SysResult {
+        if tv != 0 {
+            let d = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&d.as_secs().to_le_bytes());
+            b[8..].copy_from_slice(&u64::from(d.subsec_micros()).to_le_bytes());
+            self.mm.write_user(tv, &b)?;
+        }
+        Ok(0)
+    }
+
+    fn sleep(&mut self, req: u64) -> SysResult {
+        let mut b = [0u8; 16];
+        self.mm.read_user(req, &mut b)?;
+        let secs = u64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
+        let nanos = u64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
+        if nanos >= 1_000_000_000 {
+            return Err(EINVAL);
+        }
+        let mut d = Duration::from_secs(secs) + Duration::from_nanos(nanos);
+        if let Some(end) = self.deadline {
+            d = d.min(end.saturating_duration_since(Instant::now()));
+        }
+        std::thread::sleep(d);
+        Ok(0)
+    }
+
+    fn sysinfo(&mut self, buf: u64) -> SysResult {
+        let mut b = [0u8; 112];
+        b[..8].copy_from_slice(&(self.start.elapsed().as_secs() + 1000).to_le_bytes());
+        b[32..40].copy_from_slice(&self.mem_bytes.to_le_bytes());
+        b[40..48].copy_from_slice(&(self.mem_bytes / 2).to_le_bytes());
+        b[80..82].copy_from_slice(&1u16.to_le_bytes());
+        b[104..108].copy_from_slice(&1u32.to_le_bytes());
+        self.put(buf, &b)
+    }
+}
