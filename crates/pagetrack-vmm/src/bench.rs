@@ -178,7 +178,7 @@ fn programs() -> Result<Programs> {
 struct Rig {
     vm: Vm,
     vcpu: Vcpu,
-    vcpu2: Vcpu,
+    vcpu2: Option<Vcpu>,
     layout: LongModeLayout,
     progs: Programs,
 }
@@ -193,6 +193,11 @@ impl TrackNotifier for Count {
 
 impl Rig {
     fn new(ram: u64, config: VmConfig) -> Result<Rig> {
+        Rig::with_vcpus(ram, config, 1)
+    }
+
+    /// A rig with one or two vCPUs (KVM's memslot changes cost more with more vCPUs).
+    fn with_vcpus(ram: u64, config: VmConfig, vcpus: u32) -> Result<Rig> {
         let vm = Vm::new(config.with_ram(ram))?;
         vm.add_ram(0, ram)?;
         let layout = LongModeLayout::new(ram)?;
@@ -206,8 +211,13 @@ impl Rig {
             })?;
         let vcpu = vm.create_vcpu(0)?;
         x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, CODE, 0)?;
-        let vcpu2 = vm.create_vcpu(1)?;
-        x86::setup_long_mode(vm.kvm(), vcpu2.fd(), &*vm.raw_memory(), &layout, CODE, 1)?;
+        let vcpu2 = if vcpus > 1 {
+            let v = vm.create_vcpu(1)?;
+            x86::setup_long_mode(vm.kvm(), v.fd(), &*vm.raw_memory(), &layout, CODE, 1)?;
+            Some(v)
+        } else {
+            None
+        };
         Ok(Rig {
             vm,
             vcpu,
@@ -246,9 +256,14 @@ impl Rig {
     /// Runs the program at `entry` on both vCPUs at once (same rdi/rcx/r8/rax); returns the
     /// wall time until both exited.
     fn run_both(&mut self, entry: u64, args: [u64; 4]) -> Result<Duration> {
+        let Some(v2) = self.vcpu2.as_mut() else {
+            return Err(Error::InvalidConfig {
+                reason: "benchmark rig has one vCPU".into(),
+            });
+        };
         prepare(&self.vcpu, &self.layout, 0, entry, args)?;
-        prepare(&self.vcpu2, &self.layout, 1, entry, args)?;
-        let (v1, v2) = (&mut self.vcpu, &mut self.vcpu2);
+        prepare(v2, &self.layout, 1, entry, args)?;
+        let v1 = &mut self.vcpu;
         let start = Instant::now();
         std::thread::scope(|s| {
             let other = s.spawn(|| run_to_exit(v2));
@@ -320,7 +335,7 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
 
     // 1–3: exits, in a 64 MiB guest.
     progress("exit round trips");
-    let mut rig = Rig::new(64 << 20, VmConfig::default())?;
+    let mut rig = Rig::with_vcpus(64 << 20, VmConfig::default(), 2)?;
     let count = Arc::new(Count::default());
     let _h = rig
         .vm
@@ -373,6 +388,20 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         two,
         "µs",
     );
+
+    // Track/untrack in this 2-vCPU guest: KVM's memslot changes cost more per vCPU.
+    let (mut t2, mut u2) = (Vec::new(), Vec::new());
+    for i in 0..100u64 {
+        let f = Gfn(0x800 + i * 13);
+        let s = Instant::now();
+        rig.vm.tracker().add_gfn(f)?;
+        t2.push(us(s.elapsed()));
+        let s = Instant::now();
+        rig.vm.tracker().remove_gfn(f)?;
+        u2.push(us(s.elapsed()));
+    }
+    rep.push("track_2vcpu_us", "track one frame, 64 MiB guest with 2 vCPUs (idle)", median(t2), "µs");
+    rep.push("untrack_2vcpu_us", "untrack one frame, 64 MiB guest with 2 vCPUs (idle)", median(u2), "µs");
 
     // Page-table stores: PTE remaps in a tracked, marked page-table frame (each one makes KVM
     // drop its shadows of the frame on shadow-paging hosts).
@@ -441,6 +470,9 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         (cfg.ram, "track_large_us", "untrack_large_us"),
     ] {
         progress(&format!("track/untrack latency, {} MiB guest", ram >> 20));
+        // Let the kernel finish tearing down the previous VMs (freeing thousands of memslots
+        // runs deferred and slows the memslot changes measured here severalfold).
+        std::thread::sleep(Duration::from_millis(500));
         let rig = Rig::new(ram, VmConfig::default())?;
         let _h = rig
             .vm
