@@ -250,9 +250,7 @@ pub(crate) struct VmInner {
     xsave_layout: std::sync::OnceLock<(crate::emulate::XsaveLayout, u64)>,
 }
 
-/// Present, and the accessed and dirty bits of an x86 page-table entry.
-const PTE_PRESENT: u64 = 1;
-const PTE_ACCESSED_DIRTY: u64 = 0x60;
+use crate::walk::pte;
 
 /// The aligned 8-byte entries a store covers in page-table frames, read before the store.
 #[derive(Debug, Default)]
@@ -289,7 +287,7 @@ impl VmInner {
             pt.0.iter()
                 .filter(|(at, old)| {
                     let new = mem.read_obj::<u64>(GuestAddress(*at)).unwrap_or(0);
-                    old & PTE_PRESENT != 0 && (old ^ new) & !PTE_ACCESSED_DIRTY != 0
+                    old & pte::PRESENT != 0 && (old ^ new) & !(pte::ACCESSED | pte::DIRTY) != 0
                 })
                 .map(|(at, _)| Gfn(at >> 12))
                 .collect();

@@ -4,11 +4,28 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-const PRESENT: u64 = 1;
-const WRITABLE: u64 = 1 << 1;
-const USER: u64 = 1 << 2;
-const HUGE: u64 = 1 << 7;
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// x86-64 page-table entry bits, shared by everything here that reads or writes guest page
+/// tables.
+pub mod pte {
+    /// Present.
+    pub const PRESENT: u64 = 1;
+    /// Writable.
+    pub const WRITABLE: u64 = 1 << 1;
+    /// User-accessible.
+    pub const USER: u64 = 1 << 2;
+    /// Accessed (set by the CPU's page walk).
+    pub const ACCESSED: u64 = 1 << 5;
+    /// Dirty (set by the CPU on a write through a leaf entry).
+    pub const DIRTY: u64 = 1 << 6;
+    /// Page size: a 2 MiB or 1 GiB leaf above level 1.
+    pub const HUGE: u64 = 1 << 7;
+    /// No-execute.
+    pub const NX: u64 = 1 << 63;
+    /// The physical-address bits of an entry.
+    pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+}
+
+use pte::{ADDR_MASK, HUGE, PRESENT, USER, WRITABLE};
 
 /// Why a walk failed, as a page-fault error code would say it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

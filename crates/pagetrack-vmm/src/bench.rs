@@ -400,8 +400,18 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         rig.vm.tracker().remove_gfn(f)?;
         u2.push(us(s.elapsed()));
     }
-    rep.push("track_2vcpu_us", "track one frame, 64 MiB guest with 2 vCPUs (idle)", median(t2), "µs");
-    rep.push("untrack_2vcpu_us", "untrack one frame, 64 MiB guest with 2 vCPUs (idle)", median(u2), "µs");
+    rep.push(
+        "track_2vcpu_us",
+        "track one frame, 64 MiB guest with 2 vCPUs (idle)",
+        median(t2),
+        "µs",
+    );
+    rep.push(
+        "untrack_2vcpu_us",
+        "untrack one frame, 64 MiB guest with 2 vCPUs (idle)",
+        median(u2),
+        "µs",
+    );
 
     // Page-table stores: PTE remaps in a tracked, marked page-table frame (each one makes KVM
     // drop its shadows of the frame on shadow-paging hosts).

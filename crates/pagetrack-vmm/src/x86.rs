@@ -148,12 +148,10 @@ const TSS_IOMAP_BASE_FIELD: u64 = 102;
 const TSS_RSP0_FIELD: u64 = 4;
 
 // Page-table entry bits.
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_USER: u64 = 1 << 2;
-const PTE_ACCESSED: u64 = 1 << 5;
-const PTE_DIRTY: u64 = 1 << 6;
-const PTE_HUGE: u64 = 1 << 7;
+use pagetrack_kvm::walk::pte::{
+    ACCESSED as PTE_ACCESSED, DIRTY as PTE_DIRTY, HUGE as PTE_HUGE, PRESENT as PTE_PRESENT,
+    USER as PTE_USER, WRITABLE as PTE_WRITABLE,
+};
 const TABLE_FLAGS: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED;
 const LEAF_2M_FLAGS: u64 = TABLE_FLAGS | PTE_DIRTY | PTE_HUGE;
 const PAGE_2M: u64 = 2 << 20;

@@ -36,13 +36,10 @@ const MMAP_MIN: u64 = 0x1_0000;
 /// How far the program break may grow beyond its start.
 const BRK_MAX: u64 = 1 << 40;
 
-const PTE_P: u64 = 1;
-const PTE_W: u64 = 1 << 1;
-const PTE_U: u64 = 1 << 2;
-const PTE_A: u64 = 1 << 5;
-const PTE_D: u64 = 1 << 6;
-const PTE_NX: u64 = 1 << 63;
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+use pagetrack_kvm::walk::pte::{
+    ACCESSED as PTE_A, ADDR_MASK, DIRTY as PTE_D, NX as PTE_NX, PRESENT as PTE_P, USER as PTE_U,
+    WRITABLE as PTE_W,
+};
 /// Flags of a non-leaf entry: permissions are decided at the leaf.
 const TABLE_FLAGS: u64 = PTE_P | PTE_W | PTE_U | PTE_A;
 
