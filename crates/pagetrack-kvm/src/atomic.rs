@@ -34,6 +34,10 @@ impl SysCache {
         self.valid
     }
 
+    pub(crate) fn cr3(&self) -> u64 {
+        self.cr3
+    }
+
     pub(crate) fn refresh(&mut self, fd: &VcpuFd) -> bool {
         match fd.get_sregs() {
             Ok(s) => {

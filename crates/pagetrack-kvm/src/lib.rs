@@ -12,6 +12,7 @@ mod gate;
 mod memory;
 mod slots;
 mod store;
+mod string;
 mod sys;
 mod vcpu;
 mod vm;

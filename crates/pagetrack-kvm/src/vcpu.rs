@@ -235,6 +235,7 @@ impl Vcpu {
                         counters
                             .trapped_bytes
                             .fetch_add(u64::from(data.len), Ordering::Relaxed);
+                        self.continue_string_store(gpa, data.as_slice());
                         continue;
                     }
                     return Ok(Exit::MmioWrite { gpa, data });
@@ -272,6 +273,27 @@ impl Vcpu {
 }
 
 impl Vcpu {
+    /// After a trapped element of a `rep stos`/`rep movs`, completes the rest of that page
+    /// in userspace (see [`crate::string`]).
+    fn continue_string_store(&mut self, gpa: u64, data: &[u8]) {
+        if !self.sync_regs {
+            return;
+        }
+        let regs = self.fd.sync_regs().regs;
+        let mem = self.vm.mem.memory();
+        let vm = Arc::clone(&self.vm);
+        if let Some((regs, n)) =
+            crate::string::continue_rep(&vm, &mem, &self.sys, &regs, gpa, data.len(), self.index)
+        {
+            self.fd.sync_regs_mut().regs = regs;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            let c = &vm.backend.counters;
+            c.string_elements.fetch_add(n, Ordering::Relaxed);
+            c.trapped_bytes
+                .fetch_add(n * data.len() as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Handles a trapped store that came from a locked read-modify-write: true if it was one
     /// (applied atomically, or a compare-exchange that failed), false for a plain store.
     fn locked_rmw(&mut self, gpa: u64, data: &[u8]) -> Result<bool> {

@@ -143,6 +143,9 @@ pub struct VmStats {
     pub emulated_stores: u64,
     /// Locked read-modify-writes re-executed atomically (failed compare-exchanges included).
     pub atomic_rmws: u64,
+    /// Elements of `rep stos`/`rep movs` into tracked frames completed in userspace after a
+    /// trapped element (each applied and reported like a trapped store, without an exit).
+    pub string_elements: u64,
     /// Stores to marked page-table frames that changed a present translation, after which
     /// KVM's shadows of the frame were dropped.
     pub pt_invalidations: u64,
@@ -164,6 +167,7 @@ pub(crate) struct Counters {
     pub(crate) trapped_bytes: AtomicU64,
     pub(crate) emulated_stores: AtomicU64,
     pub(crate) atomic_rmws: AtomicU64,
+    pub(crate) string_elements: AtomicU64,
     pub(crate) pt_invalidations: AtomicU64,
     pub(crate) pt_invalidation_errors: AtomicU64,
     pub(crate) ram_reads_served: AtomicU64,
@@ -681,6 +685,7 @@ impl Vm {
             trapped_bytes: c.trapped_bytes.load(Ordering::Relaxed),
             emulated_stores: c.emulated_stores.load(Ordering::Relaxed),
             atomic_rmws: c.atomic_rmws.load(Ordering::Relaxed),
+            string_elements: c.string_elements.load(Ordering::Relaxed),
             pt_invalidations: c.pt_invalidations.load(Ordering::Relaxed),
             ram_reads_served: c.ram_reads_served.load(Ordering::Relaxed),
             device_writes: c.device_writes.load(Ordering::Relaxed),

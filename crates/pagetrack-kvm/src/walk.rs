@@ -92,6 +92,28 @@ pub fn translate<M: GuestMemory + ?Sized>(
     Err(fault(true))
 }
 
+/// Reads `buf.len()` bytes at virtual `gva`, page by page; false if any page does not
+/// translate or is not guest memory.
+pub fn read_virt<M: GuestMemory + ?Sized>(mem: &M, cr3: u64, gva: u64, buf: &mut [u8]) -> bool {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = gva.wrapping_add(done as u64);
+        let Ok(t) = translate(mem, cr3, at) else {
+            return false;
+        };
+        let room = usize::try_from(0x1000 - (at & 0xfff)).unwrap_or(0);
+        let n = room.min(buf.len() - done);
+        if mem
+            .read_slice(&mut buf[done..done + n], GuestAddress(t.gpa))
+            .is_err()
+        {
+            return false;
+        }
+        done += n;
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -231,3 +231,50 @@ fn masked_evex_store_to_a_tracked_frame_stops_the_vcpu_with_a_clear_error() {
     assert!(msg.contains("rip 0x"), "{msg}");
     assert!(msg.contains("62 "), "names the EVEX bytes: {msg}");
 }
+
+#[test]
+fn rep_stosb_and_movsb_report_every_byte_with_few_exits() {
+    let kvm = kvm_or_skip!();
+    let code = assemble(ENTRY, |a| {
+        a.cld()?;
+        a.mov(rdi, T + 3)?; // an unaligned start inside the first tracked frame
+        a.mov(al, 0x5a)?;
+        a.mov(ecx, 8000)?; // through the second tracked frame
+        a.rep().stosb()?; // byte string store
+        a.mov(rsi, U)?; // copy 3000 bytes of U backwards into the end of the second frame
+        a.add(rsi, 2999)?;
+        a.mov(rdi, T + 8191)?;
+        a.mov(ecx, 3000)?;
+        a.std()?;
+        a.rep().movsb()?; // byte string copy, DF=1
+        a.cld()?;
+        exit_with(a, 0)
+    });
+    let mut g = boot(kvm, 16 << 20, 1, &code);
+    let src: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    use vm_memory::Bytes;
+    g.vm.raw_memory()
+        .write_slice(&src, vm_memory::GuestAddress(U))
+        .unwrap();
+    let (rec, _h) = recorder(&g.vm);
+    g.vm.tracker()
+        .add_gfns(AsId::NORMAL, &[Gfn(T >> 12), Gfn((T >> 12) + 1)])
+        .unwrap();
+    let initial = read(&g.vm, T, 8192);
+
+    run_to_exit(&g.vm, &g.layout, &mut g.vcpus[0], TIMEOUT);
+
+    let ev = rec.take();
+    assert_eq!(ev.len(), 8000 + 3000, "one event per byte element");
+    assert!(ev.iter().all(|e| e.new.len() == 1));
+    let fin = read(&g.vm, T, 8192);
+    replay(T, &initial, &ev, &fin);
+    assert!(fin[3..8192 - 3000].iter().all(|&b| b == 0x5a));
+    assert_eq!(&fin[8192 - 3000..], &src[..], "the copy landed");
+    let st = g.vm.stats();
+    assert!(
+        st.trapped_writes <= 8,
+        "a few exits, not one per byte: {st:?}"
+    );
+    assert_eq!(st.trapped_writes + st.string_elements, 11_000);
+}
