@@ -15,7 +15,8 @@ use kvm_bindings::kvm_regs;
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::emulate::{CpuAccess, CpuState, EmulateError, Emulated, StorePlan};
+use crate::emulate::{CpuState, Emulated, StorePlan};
+use crate::store::GuestCpu;
 use crate::walk;
 
 const ZF: u64 = 1 << 6;
@@ -51,28 +52,6 @@ impl SysCache {
             }
             Err(_) => false,
         }
-    }
-}
-
-struct Cpu<'a> {
-    mem: &'a GuestMemoryMmap,
-    cr3: u64,
-}
-
-impl CpuAccess for Cpu<'_> {
-    fn translate(&mut self, gva: u64, write: bool) -> Result<u64, EmulateError> {
-        let t = walk::translate(self.mem, self.cr3, gva)
-            .map_err(|_| EmulateError::PageFault { gva, write })?;
-        Ok(t.gpa)
-    }
-
-    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), EmulateError> {
-        self.mem
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|_| EmulateError::Memory {
-                gpa,
-                len: buf.len(),
-            })
     }
 }
 
@@ -295,20 +274,21 @@ fn start_state<'m>(
     mem: &'m GuestMemoryMmap,
     cache: &SysCache,
     pre: &kvm_regs,
-) -> (CpuState, Cpu<'m>) {
+) -> (CpuState, GuestCpu<'m>) {
     let state = CpuState {
         regs: *pre,
         fs_base: cache.fs_base,
         gs_base: cache.gs_base,
         ..CpuState::default()
     };
-    (
-        state,
-        Cpu {
-            mem,
-            cr3: cache.cr3,
-        },
-    )
+    // KVM already performed this store with the guest's permissions: translate only.
+    let cpu = GuestCpu {
+        mem,
+        cr3: cache.cr3,
+        user: false,
+        check_access: false,
+    };
+    (state, cpu)
 }
 
 fn addresses(

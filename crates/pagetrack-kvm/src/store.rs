@@ -93,18 +93,22 @@ impl FrameLocks {
     }
 }
 
-/// The emulator's view of the vCPU: a software page walk from CR3 over guest memory.
-struct Cpu<'a> {
-    mem: &'a GuestMemoryMmap,
-    cr3: u64,
-    user: bool,
+/// The emulator's view of the vCPU: a software page walk from CR3 over guest memory. With
+/// `check_access`, translations also check the guest's write and user permissions (the
+/// page fault the CPU would raise); without, they only translate (for re-executing a store
+/// KVM already performed).
+pub(crate) struct GuestCpu<'a> {
+    pub(crate) mem: &'a GuestMemoryMmap,
+    pub(crate) cr3: u64,
+    pub(crate) user: bool,
+    pub(crate) check_access: bool,
 }
 
-impl CpuAccess for Cpu<'_> {
+impl CpuAccess for GuestCpu<'_> {
     fn translate(&mut self, gva: u64, write: bool) -> std::result::Result<u64, EmulateError> {
         let t = walk::translate(self.mem, self.cr3, gva)
             .map_err(|_| EmulateError::PageFault { gva, write })?;
-        if (write && !t.writable) || (self.user && !t.user) {
+        if self.check_access && ((write && !t.writable) || (self.user && !t.user)) {
             return Err(EmulateError::PageFault { gva, write });
         }
         Ok(t.gpa)
@@ -121,24 +125,10 @@ impl CpuAccess for Cpu<'_> {
 }
 
 /// Reads up to 15 instruction bytes at `rip` (stopping early at an unmapped page).
-fn fetch(cpu: &mut Cpu<'_>, rip: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(15);
-    let mut at = rip;
-    while out.len() < 15 {
-        let Ok(t) = walk::translate(cpu.mem, cpu.cr3, at) else {
-            break;
-        };
-        let room = usize::try_from(4096 - (at & 0xfff))
-            .unwrap_or(0)
-            .min(15 - out.len());
-        let mut buf = vec![0; room];
-        if cpu.mem.read_slice(&mut buf, GuestAddress(t.gpa)).is_err() {
-            break;
-        }
-        out.extend_from_slice(&buf);
-        at += room as u64;
-    }
-    out
+fn fetch(cpu: &GuestCpu<'_>, rip: u64) -> Vec<u8> {
+    let mut buf = [0u8; 15];
+    let n = walk::read_virt_prefix(cpu.mem, cpu.cr3, rip, &mut buf);
+    buf[..n].to_vec()
 }
 
 /// Completes the store at RIP that KVM could not emulate. On success the guest memory, the
@@ -147,12 +137,13 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
     let regs = fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
     let mem = vm.mem.memory();
-    let mut cpu = Cpu {
+    let mut cpu = GuestCpu {
         mem: &mem,
         cr3: sregs.cr3,
         user: sregs.cs.selector & 3 == 3,
+        check_access: true,
     };
-    let bytes = fetch(&mut cpu, regs.rip);
+    let bytes = fetch(&cpu, regs.rip);
     let stop = |reason: String| Error::Unemulatable {
         vcpu: index,
         rip: regs.rip,

@@ -36,9 +36,7 @@ pub(crate) fn continue_rep(
     }
     let cr3 = sys.cr3();
     let mut bytes = [0u8; 15];
-    let n = (0..=15usize)
-        .rev()
-        .find(|&n| walk::read_virt(mem, cr3, regs.rip, &mut bytes[..n]))?;
+    let n = walk::read_virt_prefix(mem, cr3, regs.rip, &mut bytes);
     if !bytes[..n.min(4)].contains(&0xf3) {
         return None; // no rep prefix where one would be: not a rep string store
     }

@@ -95,11 +95,22 @@ pub fn translate<M: GuestMemory + ?Sized>(
 /// Reads `buf.len()` bytes at virtual `gva`, page by page; false if any page does not
 /// translate or is not guest memory.
 pub fn read_virt<M: GuestMemory + ?Sized>(mem: &M, cr3: u64, gva: u64, buf: &mut [u8]) -> bool {
+    read_virt_prefix(mem, cr3, gva, buf) == buf.len()
+}
+
+/// Reads up to `buf.len()` bytes at virtual `gva`, page by page, stopping at the first page
+/// that does not translate or is not guest memory; returns how many bytes were read.
+pub fn read_virt_prefix<M: GuestMemory + ?Sized>(
+    mem: &M,
+    cr3: u64,
+    gva: u64,
+    buf: &mut [u8],
+) -> usize {
     let mut done = 0usize;
     while done < buf.len() {
         let at = gva.wrapping_add(done as u64);
         let Ok(t) = translate(mem, cr3, at) else {
-            return false;
+            break;
         };
         let room = usize::try_from(0x1000 - (at & 0xfff)).unwrap_or(0);
         let n = room.min(buf.len() - done);
@@ -107,11 +118,11 @@ pub fn read_virt<M: GuestMemory + ?Sized>(mem: &M, cr3: u64, gva: u64, buf: &mut
             .read_slice(&mut buf[done..done + n], GuestAddress(t.gpa))
             .is_err()
         {
-            return false;
+            break;
         }
         done += n;
     }
-    true
+    done
 }
 
 #[cfg(test)]
