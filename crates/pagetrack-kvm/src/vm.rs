@@ -7,7 +7,7 @@ use std::time::Instant;
 use kvm_bindings::{KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL, kvm_enable_cap};
 use kvm_ioctls::{Kvm, VmFd};
 use pagetrack::{
-    AsId, BackendError, Enforcement, Gfn, MemoryRegion, PAGE_SIZE, PageTracker, SlotId,
+    AsId, BackendError, Enforcement, FrameRun, Gfn, MemoryRegion, PAGE_SIZE, PageTracker, SlotId,
     TrackerConfig,
 };
 use vm_memory::{
@@ -190,8 +190,9 @@ impl Backend {
         self.frags.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn change(&self, frames: &[(AsId, Gfn)], protect: bool) -> Result<()> {
-        let gpas: Vec<u64> = frames.iter().map(|(_, g)| g.gpa().0).collect();
+    fn change(&self, runs: &[FrameRun], protect: bool) -> Result<()> {
+        // This backend serves address space 0 only (`VmConfig` builds a one-space tracker).
+        let gpas: Vec<u64> = FrameRun::pairs(runs).map(|(_, g)| g.gpa().0).collect();
         let mut frags = self.frags();
         let dirty = frags.mark(&gpas, protect);
         if dirty.is_empty() {
@@ -215,12 +216,12 @@ impl Backend {
 }
 
 impl Enforcement for Backend {
-    fn protect(&self, frames: &[(AsId, Gfn)]) -> std::result::Result<(), BackendError> {
-        Ok(self.change(frames, true)?)
+    fn protect(&self, runs: &[FrameRun]) -> std::result::Result<(), BackendError> {
+        Ok(self.change(runs, true)?)
     }
 
-    fn unprotect(&self, frames: &[(AsId, Gfn)]) -> std::result::Result<(), BackendError> {
-        Ok(self.change(frames, false)?)
+    fn unprotect(&self, runs: &[FrameRun]) -> std::result::Result<(), BackendError> {
+        Ok(self.change(runs, false)?)
     }
 }
 

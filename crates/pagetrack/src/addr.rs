@@ -6,6 +6,9 @@ use std::fmt;
 pub const PAGE_SIZE: u64 = 4096;
 /// `log2(PAGE_SIZE)`.
 pub const PAGE_SHIFT: u32 = 12;
+/// Number of 4 KiB frames in the 64-bit guest-physical space (2^52): every valid [`Gfn`] is
+/// below it, and memslots end at or below it.
+pub const GFN_LIMIT: u64 = 1 << (64 - PAGE_SHIFT);
 
 /// A guest frame number (guest-physical address >> 12), the kernel's `gfn_t`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -67,8 +70,24 @@ impl PageLevel {
 
 impl Gfn {
     /// The first guest-physical address of this frame.
+    ///
+    /// # Panics
+    /// If the frame is not below [`GFN_LIMIT`] (its address would not fit in 64 bits); use
+    /// [`checked_gpa`](Self::checked_gpa) for frames that may be out of range.
     pub const fn gpa(self) -> Gpa {
-        Gpa(self.0 << PAGE_SHIFT)
+        match self.checked_gpa() {
+            Some(gpa) => gpa,
+            None => panic!("a frame number at or above 2^52 has no 64-bit guest-physical address"),
+        }
+    }
+
+    /// The first guest-physical address of this frame, or `None` past the 64-bit space.
+    pub const fn checked_gpa(self) -> Option<Gpa> {
+        if self.0 < GFN_LIMIT {
+            Some(Gpa(self.0 << PAGE_SHIFT))
+        } else {
+            None
+        }
     }
 
     /// The frame `n` frames after this one, or `None` on overflow.

@@ -3,9 +3,16 @@
 
 use std::cell::RefCell;
 
+#[cfg(not(loom))]
 thread_local! {
     /// (tracker id, entry id) of every callback running on this thread, innermost last.
     static FRAMES: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
+}
+
+// Under loom, threads are loom's, so the list is loom's per-thread storage.
+#[cfg(loom)]
+loom::thread_local! {
+    static FRAMES: RefCell<Vec<(u64, u64)>> = RefCell::new(Vec::new());
 }
 
 /// Marks one callback as running on this thread until dropped.

@@ -1,21 +1,49 @@
-//! A small sleepable read-copy-update domain: write dispatch is a read section, and removing a
-//! frame's last track waits for the sections that may still have seen it tracked. This gives
-//! "when the last remove returns, events for that frame stop".
+//! A small sleepable read-copy-update domain (the kernel's `track_srcu`): write dispatch is a
+//! read section, and removing a frame's last track (or deleting a slot) waits for the sections
+//! that may still have seen it tracked. This gives "when the last remove returns, events for
+//! that frame stop".
+//!
+//! The protocol, with every ordering argument in one place:
+//! - A reader reads the epoch, increments that epoch's counter (by parity), issues a SeqCst
+//!   fence (`F_r`) and re-reads the epoch; if the value moved at all it backs out and retries.
+//!   Its section's loads (the frame's count, the memslot snapshot) come after `F_r`.
+//! - A synchronizer made its stores (the count that untracked the frame, the new snapshot)
+//!   before calling. Callers are serialized by `serial`, held for the whole call, so two
+//!   synchronizers never flip the epoch under each other (the flaw of an earlier version: a
+//!   second remover flipped again and checked only the other counter).
+//! - Fast path: a SeqCst fence (`F_1`), then both counters read 0: any section the loads miss
+//!   has its `F_r` after `F_1`, so its loads see the caller's stores.
+//! - Slow path: flip the epoch (`e` to `e + 1`), SeqCst fence (`F_2`), wait for the counter
+//!   of `e`'s parity to reach 0. A reader that entered with epoch `e` and whose `F_r` precedes
+//!   `F_2` has its increment seen; one whose `F_r` follows `F_2` re-reads `e + 1` or later and
+//!   backs out. A reader that entered with an earlier epoch was waited for by the synchronizer
+//!   that flipped away from it (serialized before this one), or else would have seen that
+//!   flip. A reader that entered with a later epoch read a flip made after this caller's `F_1`,
+//!   so (C++20's fence rule for a load that reads a store made after a fence) its `F_r`
+//!   follows `F_1` and its loads see the caller's stores. Sections that begin after the flip
+//!   are never waited for, so a steady stream of dispatches cannot hold a remover.
+//! - Wake-ups: the waiter sets `waiting`, fences, and checks the counter under `park`; a
+//!   reader decrements, fences, and if it sees `waiting` notifies under `park`. One of the two
+//!   sees the other, and the check-then-wait under `park` cannot miss the notify.
+//!
+//! The protocol is model-checked with `loom` (`src/loom.rs`).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
-use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use crate::sync::{AtomicBool, AtomicUsize, Condvar, Mutex, fence, lock, wait};
+use std::sync::atomic::Ordering;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Grace {
     epoch: AtomicUsize,
     readers: [AtomicUsize; 2],
     waiting: AtomicBool,
-    sync: Mutex<()>,
+    /// Serializes synchronizers; held across the whole wait.
+    serial: Mutex<()>,
+    /// Protects the check-then-wait of the single waiter against a reader's notify.
+    park: Mutex<()>,
     cv: Condvar,
 }
 
-/// A read section; ends when dropped.
+/// A read section; ends when dropped (also when a callback inside it panics).
 #[derive(Debug)]
 pub(crate) struct ReadGuard<'a> {
     grace: &'a Grace,
@@ -23,17 +51,31 @@ pub(crate) struct ReadGuard<'a> {
 }
 
 impl Grace {
+    pub(crate) fn new() -> Grace {
+        Grace {
+            epoch: AtomicUsize::new(0),
+            readers: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            waiting: AtomicBool::new(false),
+            serial: Mutex::new(()),
+            park: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+
     #[inline]
     pub(crate) fn read(&self) -> ReadGuard<'_> {
         loop {
-            // SeqCst pairs with `synchronize`'s flip and counter loads: a reader that saw the
-            // old epoch after incrementing is counted by the writer that flipped it.
-            let idx = self.epoch.load(Ordering::SeqCst) & 1;
-            self.readers[idx].fetch_add(1, Ordering::SeqCst);
-            if self.epoch.load(Ordering::SeqCst) & 1 == idx {
-                // Pairs with the fence in `synchronize`'s fast path: either the writer sees this
-                // section, or this section's later loads see the writer's earlier stores.
-                fence(Ordering::SeqCst);
+            // Relaxed: the re-read after the fence decides.
+            let epoch = self.epoch.load(Ordering::Relaxed);
+            let idx = epoch & 1;
+            // Relaxed increment; ordered before the section's loads by the fence below.
+            self.readers[idx].fetch_add(1, Ordering::Relaxed);
+            // F_r: pairs with F_1 and F_2 in `synchronize` (see the module docs).
+            fence(Ordering::SeqCst);
+            // The whole epoch, not its parity: a first load that was two flips stale would
+            // otherwise match again and count this section in what is by now the new epoch
+            // (found by the loom model).
+            if self.epoch.load(Ordering::Relaxed) == epoch {
                 return ReadGuard { grace: self, idx };
             }
             self.release(idx);
@@ -41,45 +83,45 @@ impl Grace {
     }
 
     fn release(&self, idx: usize) {
-        let before = self.readers[idx].fetch_sub(1, Ordering::SeqCst);
-        if before == 1 && self.waiting.load(Ordering::SeqCst) {
-            let _g = self.sync_wait_lock();
+        // Release: the section's effects (a delivered callback) happen before the waiter's
+        // Acquire load that sees the counter drop.
+        let before = self.readers[idx].fetch_sub(1, Ordering::Release);
+        // Pairs with the fence after `waiting.store(true)` (Dekker): the waiter sees this
+        // decrement, or this thread sees `waiting`.
+        fence(Ordering::SeqCst);
+        if before == 1 && self.waiting.load(Ordering::Relaxed) {
+            let _g = lock(&self.park);
             self.cv.notify_all();
         }
     }
 
-    fn sync_wait_lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.sync.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Returns once every read section that began before the call has ended.
     pub(crate) fn synchronize(&self) {
-        // Lock-free fast path: no section open at all. The fence pairs with the one in `read`
-        // (Dekker): a section that this load misses began after it, and sees every store the
-        // caller made before calling (the count that untracked the frame).
+        // F_1: pairs with F_r (see the module docs).
         fence(Ordering::SeqCst);
-        if self.readers[0].load(Ordering::SeqCst) == 0
-            && self.readers[1].load(Ordering::SeqCst) == 0
+        if self.readers[0].load(Ordering::Acquire) == 0
+            && self.readers[1].load(Ordering::Acquire) == 0
         {
             return;
         }
-        let mut g = self.sync_wait_lock();
-        let old = self.epoch.fetch_add(1, Ordering::SeqCst) & 1;
-        if self.readers[old].load(Ordering::SeqCst) == 0 {
-            // No section of the old epoch: nothing to wait for (the common case).
+        let _serial = lock(&self.serial);
+        // Relaxed RMW: `serial` orders flips; F_2 orders it against readers.
+        let old = self.epoch.fetch_add(1, Ordering::Relaxed) & 1;
+        // F_2: pairs with F_r.
+        fence(Ordering::SeqCst);
+        if self.readers[old].load(Ordering::Acquire) == 0 {
             return;
         }
-        self.waiting.store(true, Ordering::SeqCst);
-        while self.readers[old].load(Ordering::SeqCst) != 0 {
-            // The timeout only bounds a wake-up lost to a reader that decremented before
-            // `waiting` was visible; correctness rests on the counter.
-            g = self
-                .cv
-                .wait_timeout(g, Duration::from_millis(1))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+        self.waiting.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `release`.
+        fence(Ordering::SeqCst);
+        let mut g = lock(&self.park);
+        // Acquire pairs with `release`'s Release decrement.
+        while self.readers[old].load(Ordering::Acquire) != 0 {
+            g = wait(&self.cv, g);
         }
-        self.waiting.store(false, Ordering::SeqCst);
+        drop(g);
+        self.waiting.store(false, Ordering::Relaxed);
     }
 }
 

@@ -124,19 +124,24 @@ mod fault;
 mod grace;
 mod memslot;
 mod notifier;
+mod sync;
 mod track;
 
-pub use addr::{AsId, Gfn, Gpa, PAGE_SHIFT, PAGE_SIZE, PageLevel, SlotId};
+pub use addr::{AsId, GFN_LIMIT, Gfn, Gpa, PAGE_SHIFT, PAGE_SIZE, PageLevel, SlotId};
 pub use error::{Error, Result};
 pub use fault::{FaultAction, FaultInfo, classify_fault};
-pub use memslot::{MemoryRegion, Memslots, RegionFlags, SlotChange};
+pub use memslot::{MemoryRegion, Memslots, RegionFlags, SlotChange, SlotRef};
 pub use notifier::{Delivery, NotifierClass, RegisterOptions, Source, TrackNotifier, WriteEvent};
 pub use track::{
-    BackendError, Enforcement, LimitMode, NoEnforcement, PageTracker, TrackReader, TrackerConfig,
-    TrackerStats,
+    BackendError, Enforcement, FrameRun, LimitMode, NoEnforcement, PageTracker, TrackReader,
+    TrackerConfig, TrackerStats,
 };
 #[cfg(feature = "notifiers")]
 pub use track::{NotifierHandle, UnregisterError};
 
 #[cfg(test)]
+#[cfg(not(loom))]
 mod tests;
+
+#[cfg(all(test, loom))]
+mod loom;

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicI32, AtomicU16, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::addr::{AsId, Gfn, PageLevel, SlotId};
+use crate::addr::{AsId, GFN_LIMIT, Gfn, PageLevel, SlotId};
 use crate::error::{Error, Result};
 
 /// Memslot flags, with the values of `KVM_SET_USER_MEMORY_REGION`.
@@ -93,9 +93,15 @@ impl MemoryRegion {
         }
     }
 
-    /// One past the last frame.
+    /// One past the last frame (saturating at `u64::MAX` for a region that would wrap, which
+    /// [`PageTracker::set_memory_region`](crate::PageTracker::set_memory_region) refuses).
     pub const fn end(&self) -> Gfn {
-        Gfn(self.base.0 + self.npages)
+        Gfn(self.base.0.saturating_add(self.npages))
+    }
+
+    /// One past the last frame, or `None` if the region wraps.
+    pub const fn checked_end(&self) -> Option<Gfn> {
+        self.base.checked_add(self.npages)
     }
 
     /// True if `gfn` is inside the region.
@@ -351,18 +357,50 @@ impl Memslots {
         self.spaces.iter().all(|s| s.len() == 0)
     }
 
-    /// Whether `gfn` is write-tracked, as [`PageTracker::is_write_tracked`](crate::PageTracker::is_write_tracked)
+    /// Whether `gfn` is write-tracked in `as_id`, as [`PageTracker::is_write_tracked`](crate::PageTracker::is_write_tracked)
     /// answers it, for callers that hold a snapshot (one array load after the lookup).
     #[inline]
     pub fn is_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
-        let tracked_in = |a: AsId| {
-            self.find(a, gfn)
-                .and_then(|s| s.count(gfn))
-                // Relaxed: a lockless read that may be stale against a concurrent update (B19);
-                // the arrays themselves were published with release/acquire via the OnceLock.
-                .is_some_and(|c| c.load(Ordering::Relaxed) != 0)
+        self.find(as_id, gfn)
+            .and_then(|s| s.count(gfn))
+            // Relaxed: a lockless read that may be stale against a concurrent update (B19);
+            // the arrays themselves were published with release/acquire via the OnceLock.
+            .is_some_and(|c| c.load(Ordering::Relaxed) != 0)
+    }
+
+    /// The slot containing `gfn` in `as_id`, for a backend that resolves a slot once and then
+    /// asks about many of its frames (the kernel's `kvm_gfn_is_write_tracked(kvm, slot, gfn)`).
+    #[inline]
+    pub fn slot(&self, as_id: AsId, gfn: Gfn) -> Option<SlotRef<'_>> {
+        self.find(as_id, gfn).map(|slot| SlotRef { slot })
+    }
+}
+
+/// One slot of a [`Memslots`] snapshot (see [`Memslots::slot`]): "is this frame tracked?" is
+/// one array load.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotRef<'a> {
+    slot: &'a Slot,
+}
+
+impl SlotRef<'_> {
+    /// The slot's region.
+    pub fn region(&self) -> MemoryRegion {
+        self.slot.region
+    }
+
+    /// Whether `gfn` is write-tracked; false for a frame outside the slot, and before
+    /// tracking is enabled.
+    #[inline]
+    pub fn is_write_tracked(&self, gfn: Gfn) -> bool {
+        let Some(counts) = self.slot.meta.counts.get() else {
+            return false;
         };
-        tracked_in(as_id) || (self.spaces.len() == 2 && tracked_in(AsId(as_id.0 ^ 1)))
+        usize::try_from(gfn.0.wrapping_sub(self.slot.region.base.0))
+            .ok()
+            .and_then(|i| counts.get(i))
+            // Relaxed: as `Memslots::is_write_tracked`.
+            .is_some_and(|c| c.load(Ordering::Relaxed) != 0)
     }
 }
 
@@ -417,8 +455,15 @@ pub(crate) fn plan(
     if new.npages > max_pages {
         return Err(bad("too many pages for one slot"));
     }
-    if new.base.0.checked_add(new.npages).is_none() {
-        return Err(bad("region wraps past the end of the guest-physical space"));
+    if new
+        .base
+        .0
+        .checked_add(new.npages)
+        .is_none_or(|end| end > GFN_LIMIT)
+    {
+        return Err(bad(
+            "region reaches past the end of the 64-bit guest-physical space",
+        ));
     }
     let change = match &old {
         None => SlotChange::Create,

@@ -56,8 +56,19 @@ impl<'a> WriteEvent<'a> {
         }
     }
 
-    /// The same event with the replaced bytes (`old.len()` must equal `new.len()`).
+    /// The same event with the replaced bytes.
+    ///
+    /// # Panics
+    /// If `old.len() != new.len()`: old bytes of another length cannot describe this write,
+    /// and dropping them silently would hide a backend bug.
     pub fn with_old(mut self, old: &'a [u8]) -> WriteEvent<'a> {
+        assert_eq!(
+            old.len(),
+            self.new.len(),
+            "WriteEvent::with_old: {} old bytes for a {}-byte write",
+            old.len(),
+            self.new.len()
+        );
         self.old = Some(old);
         self
     }
@@ -107,7 +118,9 @@ pub trait TrackNotifier: Send + Sync {
 #[non_exhaustive]
 pub enum NotifierClass {
     /// Keeps a structure derived from guest memory coherent (a translation cache, a shadow
-    /// table): dispatched before every ordinary notifier, like KVM's own MMU write hook.
+    /// table): dispatched before every ordinary notifier, so that ordinary notifiers already
+    /// see the structure updated. (KVM calls its own MMU write hook, `kvm_mmu_track_write`,
+    /// *after* the external notifiers; pagetrack runs coherence consumers first on purpose.)
     Coherence,
     /// Everything else.
     #[default]
@@ -154,24 +167,34 @@ pub(crate) use registry::{Entry, Registry};
 
 #[cfg(feature = "notifiers")]
 mod registry {
-    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-    use std::sync::{Arc, Condvar, Mutex};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     use arc_swap::ArcSwap;
 
     use super::{NotifierClass, RegisterOptions, TrackNotifier};
     use crate::context;
+    use crate::sync::{AtomicBool, AtomicUsize, Condvar, Mutex, fence, lock, wait};
 
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
     /// One registered notifier and its in-flight bookkeeping.
+    ///
+    /// The protocol (model-checked with `loom`, `src/loom.rs`): a call increments `inflight`,
+    /// fences (SeqCst), and runs the callback only if `removed` is still clear; retiring sets
+    /// `removed`, fences, and waits until `inflight` is at most the number of calls of the
+    /// retiring thread itself. One of the two fences precedes the other, so either the call
+    /// sees `removed` (and skips the callback) or the retirer sees the call in flight. Every
+    /// decrement made while `removed` is set wakes the retirer (not only the one that reaches
+    /// 0: a retirer inside its own callback waits for `inflight == 1`), and the decrement runs
+    /// in a drop guard, so a panicking callback is accounted for too.
     pub(crate) struct Entry {
         pub(crate) id: u64,
         pub(crate) notifier: Arc<dyn TrackNotifier>,
         pub(crate) options: RegisterOptions,
-        /// Callbacks of this entry running now.
+        /// Callbacks of this entry running now (or about to check `removed`).
         inflight: AtomicUsize,
-        /// Set once unregistration started; pairs (SeqCst, Dekker-style) with `inflight`.
+        /// Set once unregistration started.
         removed: AtomicBool,
         idle: Mutex<()>,
         idle_cv: Condvar,
@@ -187,31 +210,62 @@ mod registry {
         }
     }
 
+    /// Ends one in-flight call when dropped, on return and on unwind alike.
+    struct InFlight<'a>(&'a Entry);
+
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            let e = self.0;
+            // Release: the callback's effects happen before the retirer's Acquire load.
+            e.inflight.fetch_sub(1, Ordering::Release);
+            // Pairs with the fence in `retire` (Dekker on `removed` / `inflight`): the retirer
+            // sees this decrement, or this thread sees `removed` and wakes it.
+            fence(Ordering::SeqCst);
+            if e.removed.load(Ordering::Relaxed) {
+                // Under the lock: the retirer is either before its check or inside wait().
+                let _g = lock(&e.idle);
+                e.idle_cv.notify_all();
+            }
+        }
+    }
+
     impl Entry {
+        pub(crate) fn new(notifier: Arc<dyn TrackNotifier>, options: RegisterOptions) -> Entry {
+            Entry {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                notifier,
+                options,
+                inflight: AtomicUsize::new(0),
+                removed: AtomicBool::new(false),
+                idle: Mutex::new(()),
+                idle_cv: Condvar::new(),
+            }
+        }
+
         /// Runs `f` on the notifier unless unregistration has begun; marks the call in flight.
+        /// A panic in `f` propagates after the accounting is restored.
         #[inline]
         pub(crate) fn call(&self, tracker: u64, f: impl FnOnce(&dyn TrackNotifier)) {
-            // SeqCst increment, then SeqCst load of `removed`: with unregister's SeqCst store of
-            // `removed` then SeqCst load of `inflight`, at least one side sees the other.
-            self.inflight.fetch_add(1, Ordering::SeqCst);
-            if !self.removed.load(Ordering::SeqCst) {
+            // Relaxed increment, ordered before the `removed` load by the fence.
+            self.inflight.fetch_add(1, Ordering::Relaxed);
+            let _inflight = InFlight(self);
+            // Pairs with the fence in `retire`.
+            fence(Ordering::SeqCst);
+            if !self.removed.load(Ordering::Relaxed) {
                 let _frame = context::CallbackFrame::enter(tracker, self.id);
                 f(&*self.notifier);
-            }
-            let before = self.inflight.fetch_sub(1, Ordering::SeqCst);
-            if before == 1 && self.removed.load(Ordering::SeqCst) {
-                // Take the lock so the waiter is either before its check or inside wait().
-                let _g = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                self.idle_cv.notify_all();
             }
         }
 
         /// Stops new calls and waits until at most `own` calls (those of this thread) remain.
         pub(crate) fn retire(&self, own: usize) {
-            self.removed.store(true, Ordering::SeqCst);
-            let mut g = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            while self.inflight.load(Ordering::SeqCst) > own {
-                g = self.idle_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            self.removed.store(true, Ordering::Relaxed);
+            // Pairs with the fences in `call` and in `InFlight::drop`.
+            fence(Ordering::SeqCst);
+            let mut g = lock(&self.idle);
+            // Acquire pairs with the Release decrement in `InFlight::drop`.
+            while self.inflight.load(Ordering::Acquire) > own {
+                g = wait(&self.idle_cv, g);
             }
         }
     }
@@ -221,39 +275,25 @@ mod registry {
     #[derive(Debug, Default)]
     pub(crate) struct Registry {
         list: ArcSwap<Vec<Arc<Entry>>>,
-        writer: Mutex<()>,
+        writer: std::sync::Mutex<()>,
     }
 
     impl Registry {
-        pub(crate) fn insert(
-            &self,
-            notifier: Arc<dyn TrackNotifier>,
-            options: RegisterOptions,
-        ) -> Arc<Entry> {
-            let entry = Arc::new(Entry {
-                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                notifier,
-                options,
-                inflight: AtomicUsize::new(0),
-                removed: AtomicBool::new(false),
-                idle: Mutex::new(()),
-                idle_cv: Condvar::new(),
-            });
+        pub(crate) fn insert(&self, entry: Arc<Entry>) {
             let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
             let cur = self.list.load();
             let mut next: Vec<Arc<Entry>> = Vec::with_capacity(cur.len() + 1);
             // Coherence consumers first, then ordinary ones; newest first inside each (B26).
             let coherence = |e: &Arc<Entry>| e.options.class == NotifierClass::Coherence;
-            if options.class == NotifierClass::Coherence {
-                next.push(Arc::clone(&entry));
+            if entry.options.class == NotifierClass::Coherence {
+                next.push(entry);
                 next.extend(cur.iter().cloned());
             } else {
                 next.extend(cur.iter().filter(|e| coherence(e)).cloned());
-                next.push(Arc::clone(&entry));
+                next.push(entry);
                 next.extend(cur.iter().filter(|e| !coherence(e)).cloned());
             }
             self.list.store(Arc::new(next));
-            entry
         }
 
         pub(crate) fn unlink(&self, id: u64) {

@@ -15,24 +15,67 @@ use crate::notifier::WriteEvent;
 use crate::notifier::{Entry, RegisterOptions, Registry, TrackNotifier};
 
 /// What the core asks of an enforcement backend (for example pagetrack-kvm's read-only memslot
-/// fragments). Calls are serialized by the tracker; they must not call back into it.
+/// fragments).
+///
+/// Calls are serialized by the tracker (all three run under its `mmu_lock`), so no two of them
+/// overlap; they must not call back into the tracker. A frame is tracked in one address space
+/// at a time: the backend is told about `(address space, frame)` pairs exactly when
+/// [`PageTracker::is_write_tracked`] for that pair changes, so a backend keyed by
+/// guest-physical address that serves several address spaces must keep its own union.
 pub trait Enforcement: Send + Sync {
-    /// `frames` went from untracked to tracked. Return once no write to them can land without
-    /// reaching [`PageTracker::report_write`] (the kernel flushes remote TLBs before returning).
+    /// The frames of `runs` go from untracked to tracked. Return once no write to them can
+    /// land without reaching [`PageTracker::report_write`] (the kernel flushes remote TLBs
+    /// before returning). The core makes the counts non-zero only after this returned `Ok`.
     ///
     /// # Errors
-    /// A failure rolls the count changes back; the caller gets [`Error::Backend`].
-    fn protect(&self, frames: &[(AsId, Gfn)]) -> std::result::Result<(), BackendError>;
+    /// On failure enforcement must be as before the call; the caller gets [`Error::Backend`]
+    /// and no count changed.
+    fn protect(&self, runs: &[FrameRun]) -> std::result::Result<(), BackendError>;
 
-    /// The last track of `frames` went away; writes to them may run at full speed again.
+    /// The last track of the frames of `runs` is about to go away; writes to them may run at
+    /// full speed again once this returns. The counts are still non-zero during the call, so a
+    /// write reported meanwhile is delivered.
     ///
     /// # Errors
-    /// A failure rolls the count changes back; the caller gets [`Error::Backend`].
-    fn unprotect(&self, frames: &[(AsId, Gfn)]) -> std::result::Result<(), BackendError>;
+    /// On failure enforcement must be as before the call (the frames stay protected); the
+    /// caller gets [`Error::Backend`] and no count changed.
+    fn unprotect(&self, runs: &[FrameRun]) -> std::result::Result<(), BackendError>;
 
     /// A slot was deleted or moved away; its counts (and so its frames' protection) are gone.
+    /// Called once the new memslot set is installed, before dispatches that may still see the
+    /// old slot have finished.
     fn region_removed(&self, region: &MemoryRegion) {
         let _ = region;
+    }
+}
+
+/// Consecutive frames of one address space whose tracked state changes together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrameRun {
+    /// The address space.
+    pub as_id: AsId,
+    /// The first frame.
+    pub first: Gfn,
+    /// Number of frames (at least 1).
+    pub count: u64,
+}
+
+impl FrameRun {
+    /// The frames of the run, in order.
+    pub fn frames(&self) -> impl Iterator<Item = Gfn> + use<> {
+        let first = self.first.0;
+        (first..first + self.count).map(Gfn)
+    }
+
+    /// Every `(address space, frame)` pair of `runs`, in order (for backends keyed by frame).
+    pub fn pairs(runs: &[FrameRun]) -> impl Iterator<Item = (AsId, Gfn)> + '_ {
+        runs.iter()
+            .flat_map(|r| r.frames().map(move |g| (r.as_id, g)))
+    }
+
+    /// Total number of frames of `runs`.
+    pub fn total(runs: &[FrameRun]) -> u64 {
+        runs.iter().map(|r| r.count).sum()
     }
 }
 
@@ -52,10 +95,10 @@ impl<E: std::error::Error> From<E> for BackendError {
 pub struct NoEnforcement;
 
 impl Enforcement for NoEnforcement {
-    fn protect(&self, _: &[(AsId, Gfn)]) -> std::result::Result<(), BackendError> {
+    fn protect(&self, _: &[FrameRun]) -> std::result::Result<(), BackendError> {
         Ok(())
     }
-    fn unprotect(&self, _: &[(AsId, Gfn)]) -> std::result::Result<(), BackendError> {
+    fn unprotect(&self, _: &[FrameRun]) -> std::result::Result<(), BackendError> {
         Ok(())
     }
 }
@@ -144,7 +187,12 @@ pub struct PageTracker {
     enabled: AtomicBool,
     /// The sticky `external_write_tracking_enabled` flag (B6).
     external_enabled: AtomicBool,
-    /// `slots_lock` + `slots_arch_lock`: memslot changes and enabling.
+    /// Serializes memslot changes, including their grace wait and `track_remove_region`
+    /// notifications (so notifications arrive in change order). Outermost lock; no callback
+    /// operation takes it (`set_memory_region` from a callback is refused).
+    changes: Mutex<()>,
+    /// `slots_lock` + `slots_arch_lock`: the prepare/commit of a memslot change, and enabling.
+    /// Never held while a callback runs.
     slots_lock: Mutex<()>,
     /// `mmu_lock`: count and huge-page updates, and snapshot installation. It holds the
     /// installed snapshot (the same as `slots`, both written under it), so an update under the
@@ -175,6 +223,54 @@ enum Dir {
     Remove,
 }
 
+/// The frames one add/remove names.
+#[derive(Clone, Copy, Debug)]
+enum Frames<'a> {
+    /// A batch; duplicates count once each.
+    List(&'a [Gfn]),
+    /// `[first, first + n)`.
+    Range { first: Gfn, n: u64 },
+}
+
+/// Collects ascending frames into runs for the backend, failing instead of aborting when
+/// memory is short.
+#[derive(Debug)]
+struct Runs {
+    as_id: AsId,
+    runs: Vec<FrameRun>,
+}
+
+impl Runs {
+    fn new(as_id: AsId) -> Runs {
+        Runs {
+            as_id,
+            runs: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, gfn: Gfn) -> Result<()> {
+        if let Some(last) = self.runs.last_mut()
+            && last.first.0 + last.count == gfn.0
+        {
+            last.count += 1;
+            return Ok(());
+        }
+        self.runs.try_reserve(1).map_err(|_| Error::OutOfMemory {
+            bytes: (self.runs.len() + 1).saturating_mul(std::mem::size_of::<FrameRun>()),
+        })?;
+        self.runs.push(FrameRun {
+            as_id: self.as_id,
+            first: gfn,
+            count: 1,
+        });
+        Ok(())
+    }
+
+    fn finish(&self) -> &[FrameRun] {
+        &self.runs
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic in a backend or allocation while holding the lock leaves no torn state: every
     // update is validated first and rolled back on error, so poisoning is ignored.
@@ -193,9 +289,10 @@ impl PageTracker {
             slots: Arc::new(ArcSwap::new(Arc::clone(&empty))),
             enabled: AtomicBool::new(false),
             external_enabled: AtomicBool::new(false),
+            changes: Mutex::new(()),
             slots_lock: Mutex::new(()),
             mmu_lock: Mutex::new(empty),
-            grace: Grace::default(),
+            grace: Grace::new(),
             #[cfg(feature = "notifiers")]
             registry: Registry::default(),
             writes_reported: AtomicU64::new(0),
@@ -229,36 +326,48 @@ impl PageTracker {
                 op: "set_memory_region",
             });
         }
-        let _slots = lock(&self.slots_lock);
-        let current = self.slots.load_full();
-        let plan = memslot::plan(
-            &current,
-            &region,
-            self.config.max_slots,
-            self.config.max_pages,
-        )?;
-        if plan.change == SlotChange::Move && self.has_external_user() {
-            return Err(Error::MoveWithNotifiers {
-                as_id: region.as_id,
-                slot: region.slot,
-            });
-        }
-        // Prepare: allocations happen here and may fail with nothing changed. Under
-        // slots_lock, so `enabled` cannot flip between this read and the install (B13).
-        let with_counts = self.enabled.load(Ordering::Acquire);
-        let next = memslot::apply(&current, &region, &plan, with_counts)?;
-        {
+        let _changes = lock(&self.changes);
+        let plan = {
+            let _slots = lock(&self.slots_lock);
+            let current = self.slots.load_full();
+            let plan = memslot::plan(
+                &current,
+                &region,
+                self.config.max_slots,
+                self.config.max_pages,
+            )?;
+            // Prepare: allocations happen here and may fail with nothing changed. Under
+            // slots_lock, so `enabled` cannot flip between this read and the install (B13).
+            let with_counts = self.enabled.load(Ordering::Acquire);
+            let next = Arc::new(memslot::apply(&current, &region, &plan, with_counts)?);
             let mut installed = lock(&self.mmu_lock);
-            let next = Arc::new(next);
+            // K4/B47, checked under mmu_lock, which `register` holds while it inserts: a MOVE
+            // either commits before a registration or is refused after it.
+            if plan.change == SlotChange::Move && self.has_external_user() {
+                return Err(Error::MoveWithNotifiers {
+                    as_id: region.as_id,
+                    slot: region.slot,
+                });
+            }
             self.slots.store(Arc::clone(&next));
             *installed = next;
-        }
-        if let Some(old) = plan.old.as_ref() {
-            if matches!(plan.change, SlotChange::Delete | SlotChange::Move) {
+            if let Some(old) = plan.old.as_ref()
+                && matches!(plan.change, SlotChange::Delete | SlotChange::Move)
+            {
+                // Under mmu_lock, so it never overlaps protect/unprotect.
                 self.backend.region_removed(&old.region);
             }
+            plan
+        };
+        if let Some(old) = plan.old.as_ref()
+            && matches!(plan.change, SlotChange::Delete | SlotChange::Move)
+        {
+            // Dispatches that found the old slot tracked finish before the change returns
+            // (and before `track_remove_region`): no `track_write` for it arrives later.
+            self.grace.synchronize();
             if plan.change == SlotChange::Delete {
                 // Commit: the slot is unreachable and the change cannot fail any more (K8).
+                // No pagetrack lock but `changes` is held, and no callback operation takes it.
                 self.notify_remove_region(&old.region);
             }
         }
@@ -330,7 +439,7 @@ impl PageTracker {
     /// [`Error::TrackingDisabled`], [`Error::UnknownGfn`], [`Error::TrackCountOverflow`],
     /// [`Error::Backend`]; on error nothing changed.
     pub fn add_gfn(&self, gfn: Gfn) -> Result<()> {
-        self.update(AsId::NORMAL, &[gfn], Dir::Add)
+        self.update(AsId::NORMAL, Frames::List(&[gfn]), Dir::Add)
     }
 
     /// Removes one track from `gfn` in address space 0, like `kvm_write_track_remove_gfn`.
@@ -339,7 +448,7 @@ impl PageTracker {
     /// [`Error::TrackingDisabled`], [`Error::UnknownGfn`], [`Error::NotTracked`],
     /// [`Error::Backend`]; on error nothing changed.
     pub fn remove_gfn(&self, gfn: Gfn) -> Result<()> {
-        self.update(AsId::NORMAL, &[gfn], Dir::Remove)
+        self.update(AsId::NORMAL, Frames::List(&[gfn]), Dir::Remove)
     }
 
     /// Adds one track to each of `gfns` in `as_id` (duplicates add several), all or nothing,
@@ -348,7 +457,7 @@ impl PageTracker {
     /// # Errors
     /// As [`add_gfn`](Self::add_gfn), plus [`Error::InvalidAddressSpace`].
     pub fn add_gfns(&self, as_id: AsId, gfns: &[Gfn]) -> Result<()> {
-        self.update(as_id, gfns, Dir::Add)
+        self.update(as_id, Frames::List(gfns), Dir::Add)
     }
 
     /// Removes one track from each of `gfns` in `as_id`, all or nothing.
@@ -356,7 +465,7 @@ impl PageTracker {
     /// # Errors
     /// As [`remove_gfn`](Self::remove_gfn), plus [`Error::InvalidAddressSpace`].
     pub fn remove_gfns(&self, as_id: AsId, gfns: &[Gfn]) -> Result<()> {
-        self.update(as_id, gfns, Dir::Remove)
+        self.update(as_id, Frames::List(gfns), Dir::Remove)
     }
 
     /// Adds one track to every frame of `[first, first + n)` in `as_id`, all or nothing.
@@ -364,8 +473,7 @@ impl PageTracker {
     /// # Errors
     /// As [`add_gfns`](Self::add_gfns).
     pub fn add_range(&self, as_id: AsId, first: Gfn, n: u64) -> Result<()> {
-        let gfns = self.range_gfns(as_id, first, n)?;
-        self.update(as_id, &gfns, Dir::Add)
+        self.update(as_id, Frames::Range { first, n }, Dir::Add)
     }
 
     /// Removes one track from every frame of `[first, first + n)` in `as_id`, all or nothing.
@@ -373,8 +481,7 @@ impl PageTracker {
     /// # Errors
     /// As [`remove_gfns`](Self::remove_gfns).
     pub fn remove_range(&self, as_id: AsId, first: Gfn, n: u64) -> Result<()> {
-        let gfns = self.range_gfns(as_id, first, n)?;
-        self.update(as_id, &gfns, Dir::Remove)
+        self.update(as_id, Frames::Range { first, n }, Dir::Remove)
     }
 
     /// The frame's current count in `as_id` (0 if tracking is disabled).
@@ -498,112 +605,42 @@ impl PageTracker {
         }
     }
 
-    /// The frames of `[first, first + n)`, once the checks `update` would make first pass
-    /// (enabled, address space, every frame inside a slot), so that a range outside the slots
-    /// is an error before anything is allocated for it. One lookup per slot crossed; `update`
-    /// validates again under `mmu_lock`.
-    fn range_gfns(&self, as_id: AsId, first: Gfn, n: u64) -> Result<Vec<Gfn>> {
-        if !self.is_enabled() {
-            return Err(Error::TrackingDisabled);
-        }
-        let end = first.0.checked_add(n);
-        let snap = self.slots.load();
-        let mut next = first.0;
-        while next < end.unwrap_or(u64::MAX) {
-            next = self.find(&snap, as_id, Gfn(next))?.region.end().0;
-        }
-        // Slots end at most at u64::MAX (exclusive), so a range reaching past it always holds
-        // that unknown frame.
-        let end = end.ok_or(Error::UnknownGfn {
-            as_id,
-            gfn: Gfn(u64::MAX),
-        })?;
-        Ok((first.0..end).map(Gfn).collect())
-    }
-
-    fn find<'s>(&self, snap: &'s Memslots, as_id: AsId, gfn: Gfn) -> Result<&'s Arc<Slot>> {
-        if usize::from(as_id.0) >= snap.spaces.len() {
+    fn check_as(&self, as_id: AsId) -> Result<()> {
+        if as_id.0 >= self.config.address_spaces {
             return Err(Error::InvalidAddressSpace {
                 as_id,
                 count: self.config.address_spaces,
             });
         }
+        Ok(())
+    }
+
+    fn find<'s>(&self, snap: &'s Memslots, as_id: AsId, gfn: Gfn) -> Result<&'s Arc<Slot>> {
+        self.check_as(as_id)?;
         snap.find(as_id, gfn)
             .ok_or(Error::UnknownGfn { as_id, gfn })
     }
 
-    /// add/remove: validate every frame, then update counts and huge-page counts, then ask the
-    /// backend (rolling back on failure), then, for removals that untracked a frame, wait for
-    /// dispatches that may still have seen it tracked.
-    fn update(&self, as_id: AsId, gfns: &[Gfn], dir: Dir) -> Result<()> {
+    /// add/remove, in four steps under `mmu_lock`: validate every frame (nothing changes on an
+    /// error), find the frames whose tracked state flips, let the backend change enforcement
+    /// for them (before any count changes: a failing or panicking backend leaves everything as
+    /// it was, and during an unprotect the counts still deliver writes), then update the
+    /// counts and huge-page counts, which cannot fail. After a removal that untracked a frame,
+    /// wait for dispatches that may still have seen it tracked.
+    fn update(&self, as_id: AsId, frames: Frames<'_>, dir: Dir) -> Result<()> {
         if !self.is_enabled() {
             return Err(Error::TrackingDisabled);
         }
-        let mut changed: OneOrMore<(AsId, Gfn)> = OneOrMore::with_capacity(0);
-        {
+        self.check_as(as_id)?;
+        let flipped = {
             // The installed snapshot, stable while mmu_lock is held.
             let snap = lock(&self.mmu_lock);
-            let mut found = OneOrMore::with_capacity(gfns.len());
-            for &gfn in gfns {
-                found.push(self.find(&snap, as_id, gfn)?);
+            match frames {
+                Frames::List(gfns) => self.update_list(&snap, as_id, gfns, dir)?,
+                Frames::Range { first, n } => self.update_range(&snap, as_id, first, n, dir)?,
             }
-            let slots = found.as_slice();
-            let compat = self.config.limits == LimitMode::KernelCompat;
-            // Validate: the net effect on each frame must stay within 0..=65535 (R1).
-            if !compat {
-                self.check_limits(as_id, gfns, slots, dir)?;
-            }
-            // KernelCompat only: indices whose count was kept at a limit (B18), ascending, so a
-            // rollback does not undo a change that never happened. Empty vectors do not allocate.
-            let mut absorbed: Vec<usize> = Vec::new();
-            for (i, (&gfn, slot)) in gfns.iter().zip(slots).enumerate() {
-                let counts = slot
-                    .count(gfn)
-                    .expect("enabled implies arrays present (B5)");
-                // Relaxed: all writers hold mmu_lock; readers tolerate staleness (B19).
-                let v = counts.load(Ordering::Relaxed);
-                let next = match dir {
-                    Dir::Add => v.checked_add(1),
-                    Dir::Remove => v.checked_sub(1),
-                };
-                match next {
-                    Some(n) => {
-                        counts.store(n, Ordering::Relaxed);
-                        if (dir == Dir::Add && n == 1) || (dir == Dir::Remove && n == 0) {
-                            changed.push((as_id, gfn));
-                        }
-                    }
-                    // Only reachable in KernelCompat mode: keep the count, warn (B18).
-                    None => {
-                        self.limit_warnings.fetch_add(1, Ordering::Relaxed);
-                        absorbed.push(i);
-                    }
-                }
-                self.account_lpage(slot, gfn, dir);
-            }
-            let changed = changed.as_slice();
-            if !changed.is_empty() {
-                let res = match dir {
-                    Dir::Add => self.backend.protect(changed),
-                    Dir::Remove => self.backend.unprotect(changed),
-                };
-                if let Err(BackendError(message)) = res {
-                    self.rollback(gfns, slots, dir, &absorbed);
-                    return Err(Error::Backend {
-                        op: if dir == Dir::Add {
-                            "protect"
-                        } else {
-                            "unprotect"
-                        },
-                        message,
-                    });
-                }
-            }
-        }
-        if dir == Dir::Remove
-            && !changed.as_slice().is_empty()
-            && !crate::context::in_callback_of(self.id)
-        {
+        };
+        if dir == Dir::Remove && flipped && !crate::context::in_callback_of(self.id) {
             // From inside a callback the wait could include the caller's own section (or a
             // peer waiting on ours), so it is skipped there; documented in the crate docs.
             self.grace.synchronize();
@@ -611,42 +648,150 @@ impl PageTracker {
         Ok(())
     }
 
-    fn check_limits(
-        &self,
-        as_id: AsId,
-        gfns: &[Gfn],
-        slots: &[&Arc<Slot>],
-        dir: Dir,
-    ) -> Result<()> {
-        let err = |gfn| match dir {
-            Dir::Add => Error::TrackCountOverflow { as_id, gfn },
-            Dir::Remove => Error::NotTracked { as_id, gfn },
+    /// The value after one step of `dir` from `v`, or `None` at a limit.
+    fn step(v: u16, dir: Dir) -> Option<u16> {
+        match dir {
+            Dir::Add => v.checked_add(1),
+            Dir::Remove => v.checked_sub(1),
+        }
+    }
+
+    /// Checks `k` steps of `dir` on a frame whose count is `v` and says whether its tracked
+    /// state flips. Strict mode refuses a step past a limit; KernelCompat absorbs it (B18).
+    fn plan_frame(&self, as_id: AsId, gfn: Gfn, v: u16, k: u64, dir: Dir) -> Result<bool> {
+        if self.config.limits == LimitMode::KernelCompat {
+            // Steps at a limit keep the count; the flip happens at most once (one direction).
+            return Ok(match dir {
+                Dir::Add => v == 0 && k > 0,
+                Dir::Remove => v != 0 && k >= u64::from(v),
+            });
+        }
+        match dir {
+            Dir::Add if u64::from(v) + k > u64::from(u16::MAX) => {
+                Err(Error::TrackCountOverflow { as_id, gfn })
+            }
+            Dir::Remove if u64::from(v) < k => Err(Error::NotTracked { as_id, gfn }),
+            Dir::Add => Ok(v == 0 && k > 0),
+            Dir::Remove => Ok(v != 0 && u64::from(v) == k),
+        }
+    }
+
+    /// Applies one step to a validated frame: its count (kept at a limit in KernelCompat mode,
+    /// with a warning) and its huge-page counts.
+    fn apply_frame(&self, slot: &Slot, gfn: Gfn, dir: Dir) {
+        let c = slot
+            .count(gfn)
+            .expect("enabled implies arrays present (B5)");
+        // Relaxed: all writers hold mmu_lock; readers tolerate staleness (B19), and removals
+        // are ordered before later dispatches by the grace fences.
+        match Self::step(c.load(Ordering::Relaxed), dir) {
+            Some(n) => c.store(n, Ordering::Relaxed),
+            // Only reachable in KernelCompat mode (validated otherwise): keep the count (B18).
+            None => {
+                self.limit_warnings.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.account_lpage(slot, gfn, dir);
+    }
+
+    fn backend_call(&self, dir: Dir, runs: &[FrameRun]) -> Result<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let (op, res) = match dir {
+            Dir::Add => ("protect", self.backend.protect(runs)),
+            Dir::Remove => ("unprotect", self.backend.unprotect(runs)),
         };
-        let ok = |v: u16, k: u64| match dir {
-            Dir::Add => u64::from(v) + k <= u64::from(u16::MAX),
-            Dir::Remove => u64::from(v) >= k,
-        };
+        res.map_err(|BackendError(message)| Error::Backend { op, message })
+    }
+
+    /// A batch (duplicates add or remove several tracks). Returns whether a frame flipped.
+    fn update_list(&self, snap: &Memslots, as_id: AsId, gfns: &[Gfn], dir: Dir) -> Result<bool> {
+        let mut found = OneOrMore::with_capacity(gfns.len());
+        for &gfn in gfns {
+            found.push(self.find(snap, as_id, gfn)?);
+        }
+        let slots = found.as_slice();
         let current = |i: usize| {
             slots[i]
                 .count(gfns[i])
                 .expect("enabled implies arrays present (B5)")
                 .load(Ordering::Relaxed)
         };
-        if gfns.len() == 1 {
-            return if ok(current(0), 1) {
-                Ok(())
-            } else {
-                Err(err(gfns[0]))
-            };
-        }
-        let mut order: Vec<usize> = (0..gfns.len()).collect();
-        order.sort_unstable_by_key(|&i| gfns[i]);
-        for run in order.chunk_by(|&a, &b| gfns[a] == gfns[b]) {
-            if !ok(current(run[0]), run.len() as u64) {
-                return Err(err(gfns[run[0]]));
+        let mut runs = Runs::new(as_id);
+        if let [gfn] = gfns {
+            if self.plan_frame(as_id, *gfn, current(0), 1, dir)? {
+                runs.push(*gfn)?;
+            }
+        } else {
+            // Group duplicates (stable, so a frame's steps keep their order) and plan each
+            // frame's net effect; flipped frames come out ascending, so runs merge.
+            let mut order: Vec<usize> = Vec::new();
+            order
+                .try_reserve_exact(gfns.len())
+                .map_err(|_| Error::OutOfMemory {
+                    bytes: gfns.len().saturating_mul(std::mem::size_of::<usize>()),
+                })?;
+            order.extend(0..gfns.len());
+            order.sort_by_key(|&i| gfns[i]);
+            for run in order.chunk_by(|&a, &b| gfns[a] == gfns[b]) {
+                let gfn = gfns[run[0]];
+                if self.plan_frame(as_id, gfn, current(run[0]), run.len() as u64, dir)? {
+                    runs.push(gfn)?;
+                }
             }
         }
-        Ok(())
+        let runs = runs.finish();
+        self.backend_call(dir, runs)?;
+        for (&gfn, slot) in gfns.iter().zip(slots) {
+            self.apply_frame(slot, gfn, dir);
+        }
+        Ok(!runs.is_empty())
+    }
+
+    /// `[first, first + n)`, without per-frame temporaries: the slots it crosses, a validating
+    /// scan of their counts, the backend call with runs of flipping frames, the update scan.
+    fn update_range(
+        &self,
+        snap: &Memslots,
+        as_id: AsId,
+        first: Gfn,
+        n: u64,
+        dir: Dir,
+    ) -> Result<bool> {
+        // Slots end at most at frame 2^52, so a range that wraps meets an unknown frame.
+        let end = first.0.saturating_add(n);
+        let mut pieces: Vec<(&Arc<Slot>, u64, u64)> = Vec::new();
+        let mut next = first.0;
+        while next < end {
+            let slot = self.find(snap, as_id, Gfn(next))?;
+            let stop = slot.region.end().0.min(end);
+            pieces.try_reserve(1).map_err(|_| Error::OutOfMemory {
+                bytes: std::mem::size_of::<(&Slot, u64, u64)>(),
+            })?;
+            pieces.push((slot, next, stop));
+            next = stop;
+        }
+        let mut runs = Runs::new(as_id);
+        for &(slot, a, b) in &pieces {
+            for gfn in (a..b).map(Gfn) {
+                let v = slot
+                    .count(gfn)
+                    .expect("enabled implies arrays present (B5)")
+                    .load(Ordering::Relaxed);
+                if self.plan_frame(as_id, gfn, v, 1, dir)? {
+                    runs.push(gfn)?;
+                }
+            }
+        }
+        let runs = runs.finish();
+        self.backend_call(dir, runs)?;
+        for &(slot, a, b) in &pieces {
+            for gfn in (a..b).map(Gfn) {
+                self.apply_frame(slot, gfn, dir);
+            }
+        }
+        Ok(!runs.is_empty())
     }
 
     fn account_lpage(&self, slot: &Slot, gfn: Gfn, dir: Dir) {
@@ -666,34 +811,6 @@ impl PageTracker {
         }
     }
 
-    /// Undoes a committed update (after a backend failure); still under mmu_lock. `absorbed`
-    /// (ascending) lists the entries whose count a KernelCompat limit kept unchanged: only their
-    /// huge-page accounting is undone.
-    fn rollback(&self, gfns: &[Gfn], slots: &[&Arc<Slot>], dir: Dir, absorbed: &[usize]) {
-        let undo = if dir == Dir::Add {
-            Dir::Remove
-        } else {
-            Dir::Add
-        };
-        for (i, (&gfn, slot)) in gfns.iter().zip(slots).enumerate() {
-            self.account_lpage(slot, gfn, undo);
-            if absorbed.binary_search(&i).is_ok() {
-                continue;
-            }
-            let c = slot
-                .count(gfn)
-                .expect("enabled implies arrays present (B5)");
-            let v = c.load(Ordering::Relaxed);
-            let back = match undo {
-                Dir::Add => v.checked_add(1),
-                Dir::Remove => v.checked_sub(1),
-            };
-            if let Some(b) = back {
-                c.store(b, Ordering::Relaxed);
-            }
-        }
-    }
-
     /// Registers a notifier (B25): enables tracking on first use, takes a reference on the
     /// tracker for the handle's lifetime, and puts the notifier first in its class.
     ///
@@ -706,8 +823,13 @@ impl PageTracker {
         options: impl Into<RegisterOptions>,
     ) -> Result<NotifierHandle> {
         self.enable_write_tracking()?;
-        self.external_enabled.store(true, Ordering::Release);
-        let entry = self.registry.insert(notifier, options.into());
+        let entry = Arc::new(Entry::new(notifier, options.into()));
+        {
+            // Under mmu_lock, against `set_memory_region`'s MOVE check (K4).
+            let _mmu = lock(&self.mmu_lock);
+            self.external_enabled.store(true, Ordering::Release);
+            self.registry.insert(Arc::clone(&entry));
+        }
         Ok(NotifierHandle {
             tracker: Arc::clone(self),
             entry: Some(entry),
@@ -780,14 +902,15 @@ impl<T: Copy> OneOrMore<T> {
 }
 
 /// The page-sized pieces of a `len`-byte write at `gpa`: each piece's address and its byte
-/// range in the write.
+/// range in the write. Bytes past the end of the 64-bit guest-physical space belong to no
+/// frame (physical addresses do not wrap), so the pieces stop there.
 fn pieces_of(gpa: Gpa, len: usize) -> impl Iterator<Item = (Gpa, std::ops::Range<usize>)> {
     let mut offset = 0usize;
     std::iter::from_fn(move || {
         if offset >= len {
             return None;
         }
-        let at = Gpa(gpa.0.wrapping_add(offset as u64));
+        let at = Gpa(gpa.0.checked_add(offset as u64)?);
         let room = usize::try_from(PAGE_SIZE - at.page_offset()).unwrap_or(usize::MAX);
         let range = offset..offset + room.min(len - offset);
         offset = range.end;
@@ -836,6 +959,7 @@ impl TrackReader {
 /// callback of the notifier has finished; the notifier is never called again. It holds a
 /// reference on the tracker, like the kernel's VM reference.
 #[cfg(feature = "notifiers")]
+#[must_use = "dropping the handle unregisters the notifier at once"]
 pub struct NotifierHandle {
     tracker: Arc<PageTracker>,
     entry: Option<Arc<Entry>>,

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use pagetrack::{
-    AsId, BackendError, Enforcement, Error, Gfn, Gpa, MemoryRegion, PAGE_SIZE, PageLevel,
+    AsId, BackendError, Enforcement, Error, FrameRun, Gfn, Gpa, MemoryRegion, PAGE_SIZE, PageLevel,
     PageTracker, RegionFlags, SlotChange, SlotId, Source, TrackerConfig, WriteEvent,
 };
 #[cfg(feature = "notifiers")]
@@ -95,7 +95,12 @@ struct Geometry {
 fn small() -> Geometry {
     Geometry {
         probes: (0..72).collect(),
-        base: prop_oneof![12 => 0..48u64, 1 => Just(u64::MAX - 8)].boxed(),
+        base: prop_oneof![
+            12 => 0..48u64,
+            1 => Just(pagetrack::GFN_LIMIT - 8),
+            1 => Just(u64::MAX - 8)
+        ]
+        .boxed(),
         npages: prop_oneof![2 => Just(0u64), 12 => 1..24u64, 1 => Just(1u64 << 31)].boxed(),
         gfn: (0..72u64).boxed(),
     }
@@ -258,18 +263,18 @@ enum Call {
 struct Backend(Mutex<Vec<Call>>);
 
 impl Enforcement for Backend {
-    fn protect(&self, frames: &[(AsId, Gfn)]) -> Result<(), BackendError> {
+    fn protect(&self, frames: &[FrameRun]) -> Result<(), BackendError> {
         self.0
             .lock()
             .expect("not poisoned")
-            .push(Call::Protect(frames.to_vec()));
+            .push(Call::Protect(FrameRun::pairs(frames).collect()));
         Ok(())
     }
-    fn unprotect(&self, frames: &[(AsId, Gfn)]) -> Result<(), BackendError> {
+    fn unprotect(&self, frames: &[FrameRun]) -> Result<(), BackendError> {
         self.0
             .lock()
             .expect("not poisoned")
-            .push(Call::Unprotect(frames.to_vec()));
+            .push(Call::Unprotect(FrameRun::pairs(frames).collect()));
         Ok(())
     }
     fn region_removed(&self, region: &MemoryRegion) {
@@ -338,8 +343,8 @@ impl Model {
     }
 
     fn tracked(&self, as_id: u16, gfn: u64) -> bool {
-        // Counts only exist inside slots and once enabled; K7: either x86 address space.
-        as_id < SPACES && (self.count(as_id, gfn) != 0 || self.count(as_id ^ 1, gfn) != 0)
+        // Counts only exist inside slots and once enabled; per address space.
+        as_id < SPACES && self.count(as_id, gfn) != 0
     }
 
     fn level(&self, as_id: u16, gfn: u64) -> Result<PageLevel, Error> {
@@ -416,8 +421,12 @@ impl Model {
         if r.npages > MAX_PAGES {
             return Err(region("too many"));
         }
-        if r.base.0.checked_add(r.npages).is_none() {
-            return Err(region("wraps"));
+        if r.base
+            .0
+            .checked_add(r.npages)
+            .is_none_or(|end| end > pagetrack::GFN_LIMIT)
+        {
+            return Err(region("past the end"));
         }
         let change = match old {
             None => SlotChange::Create,
@@ -466,14 +475,15 @@ impl Model {
         if !self.enabled {
             return Err(Error::TrackingDisabled.into());
         }
-        for &g in gfns {
-            if as_id >= SPACES {
-                return Err(Error::InvalidAddressSpace {
-                    as_id: AsId(as_id),
-                    count: SPACES,
-                }
-                .into());
+        // Even an empty batch names an address space.
+        if as_id >= SPACES {
+            return Err(Error::InvalidAddressSpace {
+                as_id: AsId(as_id),
+                count: SPACES,
             }
+            .into());
+        }
+        for &g in gfns {
             if self.slot_of(as_id, g).is_none() {
                 return Err(Error::UnknownGfn {
                     as_id: AsId(as_id),
@@ -510,25 +520,13 @@ impl Model {
                 .into());
             }
         }
-        // A frame changes state (0 -> 1 on its first add, 1 -> 0 on its removal number `cur`)
-        // at one position of the batch; the backend hears of the frames in that order.
-        let mut transitions: Vec<(usize, u64)> = Vec::new();
+        // A frame changes state (0 -> 1 on its first add, 1 -> 0 on its removal number `cur`);
+        // the backend hears of the flipping frames in ascending order, in one call.
+        let mut transitions: Vec<u64> = Vec::new();
         for &(g, k) in &per_frame {
             let cur = u64::from(self.count(as_id, g));
-            let nth = match (add, cur) {
-                (true, 0) => Some(1),
-                (false, c) if c == k => Some(c),
-                _ => None,
-            };
-            if let Some(nth) = nth {
-                let pos = gfns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, f)| **f == g)
-                    .nth(usize::try_from(nth - 1).expect("small"))
-                    .map(|(i, _)| i)
-                    .expect("the frame occurs nth times");
-                transitions.push((pos, g));
+            if (add && cur == 0) || (!add && cur == k) {
+                transitions.push(g);
             }
             let next = if add { cur + k } else { cur - k };
             if next == 0 {
@@ -543,7 +541,7 @@ impl Model {
         transitions.sort_unstable();
         let changed: Vec<(AsId, Gfn)> = transitions
             .into_iter()
-            .map(|(_, g)| (AsId(as_id), Gfn(g)))
+            .map(|g| (AsId(as_id), Gfn(g)))
             .collect();
         if !changed.is_empty() {
             self.calls.push(if add {

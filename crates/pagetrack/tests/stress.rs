@@ -143,7 +143,7 @@ mod counts {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
-    use pagetrack::{AsId, BackendError, Enforcement, Gfn};
+    use pagetrack::{AsId, BackendError, Enforcement, FrameRun, Gfn};
 
     use super::{tracker_with_slot, watchdog};
 
@@ -158,8 +158,8 @@ mod counts {
     const FRAMES: usize = 8;
 
     impl Transitions {
-        fn flip(&self, frames: &[(AsId, Gfn)], from: i64, to: i64) {
-            for &(_, g) in frames {
+        fn flip(&self, frames: &[FrameRun], from: i64, to: i64) {
+            for (_, g) in FrameRun::pairs(frames) {
                 let s = &self.state[usize::try_from(g.0).expect("small frame")];
                 if s.compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
                     .is_err()
@@ -171,11 +171,11 @@ mod counts {
     }
 
     impl Enforcement for Transitions {
-        fn protect(&self, frames: &[(AsId, Gfn)]) -> Result<(), BackendError> {
+        fn protect(&self, frames: &[FrameRun]) -> Result<(), BackendError> {
             self.flip(frames, 0, 1);
             Ok(())
         }
-        fn unprotect(&self, frames: &[(AsId, Gfn)]) -> Result<(), BackendError> {
+        fn unprotect(&self, frames: &[FrameRun]) -> Result<(), BackendError> {
             self.flip(frames, 1, 0);
             Ok(())
         }

@@ -110,11 +110,15 @@ fn add_gfn_frame_only_in_smm_is_unknown() {
     );
 }
 
-/// K7: a frame tracked in address space 0 is tracked when queried through address space 1
-/// (and the other way round), while its count there stays 0.
+/// Item 8 of the concurrency review (K7 resolved per address space): a frame is tracked in the
+/// address space whose count holds it, and only there, so the query and the backend's
+/// transitions (told per address space) always agree. The kernel's K7 cross-address-space
+/// answer is not reproduced: a backend that protects only address space 0 would have seen a
+/// frame "tracked" in address space 1 with no enforcement there. A frame in an address space
+/// without a slot is never tracked (B19).
 #[test]
-fn is_write_tracked_other_address_space_tracked_k7() {
-    let (t, _) = tracker();
+fn is_write_tracked_per_address_space_agrees_with_backend() {
+    let (t, b) = tracker();
     t.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 64))
         .unwrap();
     t.set_memory_region(MemoryRegion::new(SlotId(5), Gfn(32), 64).in_address_space(AsId::SMM))
@@ -124,16 +128,25 @@ fn is_write_tracked_other_address_space_tracked_k7() {
     t.add_gfn(Gfn(40)).unwrap();
     t.add_gfns(AsId::SMM, &[Gfn(90)]).unwrap();
 
-    assert!(t.is_write_tracked(AsId::SMM, Gfn(40)));
-    assert_eq!(t.track_count(AsId::SMM, Gfn(40)), Ok(0));
-    assert!(t.memslots().is_write_tracked(AsId::SMM, Gfn(40)));
+    assert!(t.is_write_tracked(AsId::NORMAL, Gfn(40)));
+    assert!(!t.is_write_tracked(AsId::SMM, Gfn(40)));
+    assert!(!t.memslots().is_write_tracked(AsId::SMM, Gfn(40)));
     assert!(t.is_write_tracked(AsId::SMM, Gfn(90)));
-    assert!(!t.is_write_tracked(AsId::SMM, Gfn(41)));
-    assert!(!t.is_write_tracked(AsId::NORMAL, Gfn(41)));
-    // Frame 90 has no slot in address space 0, yet counts as tracked there: the core applies
-    // "tracked in either address space" even without a slot in the queried one (the kernel's
-    // B19 returns false for a missing slot before looking at the other address space).
-    assert!(t.is_write_tracked(AsId::NORMAL, Gfn(90)));
+    // No slot of address space 0 holds frame 90.
+    assert!(!t.is_write_tracked(AsId::NORMAL, Gfn(90)));
+    assert_eq!(
+        b.calls(),
+        vec![
+            BackendCall::Protect(vec![(AsId::NORMAL, Gfn(40))]),
+            BackendCall::Protect(vec![(AsId::SMM, Gfn(90))]),
+        ]
+    );
+    // Tracking the frame in the other address space too is an explicit, separate track.
+    t.add_gfns(AsId::SMM, &[Gfn(40)]).unwrap();
+    assert!(t.is_write_tracked(AsId::SMM, Gfn(40)));
+    t.remove_gfn(Gfn(40)).unwrap();
+    assert!(!t.is_write_tracked(AsId::NORMAL, Gfn(40)));
+    assert!(t.is_write_tracked(AsId::SMM, Gfn(40)));
 }
 
 /// K7 applies to the two x86 address spaces only: with one address space, address space 1
@@ -252,10 +265,11 @@ fn b18_kernel_compat_remove_at_zero_lowers_huge_page_count() {
     assert_eq!(b.calls(), calls);
 }
 
-/// KernelCompat with a failing backend: the rollback undoes only what was applied (the count
-/// kept at 65535 stays 65535; huge-page counts return to where they were).
+/// KernelCompat with a failing backend: the backend is asked before any count changes, so
+/// nothing changed at all (the count kept at 65535 stays 65535, huge-page counts are as they
+/// were, and no limit warning was counted for a step that never happened).
 #[test]
-fn kernel_compat_backend_failure_rolls_back_only_applied_counts() {
+fn kernel_compat_backend_failure_changes_nothing() {
     let (t, b) = tracker_with(TrackerConfig::default().with_limits(LimitMode::KernelCompat));
     t.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 1024))
         .unwrap();
@@ -271,8 +285,7 @@ fn kernel_compat_backend_failure_rolls_back_only_applied_counts() {
         res,
         Err(crate::Error::Backend { op: "protect", .. })
     ));
-    // The absorbed limit hit was counted (a warning); everything else is as before.
-    assert_eq!(t.stats().limit_warnings, 1);
+    assert_eq!(t.stats().limit_warnings, 0);
     assert_eq!(
         super::support::capture(&t, &b).ignoring_stats(),
         before.ignoring_stats()

@@ -421,25 +421,78 @@ fn unknown_flags_errors_and_changes_nothing() {
     assert_eq!(capture(&t, &b), before);
 }
 
-/// A region wrapping past the end of the frame space, or too large for one slot, is refused.
+/// A region wrapping past the end of the frame space, reaching past the 64-bit
+/// guest-physical space (frame 2^52), or too large for one slot, is refused.
 #[test]
 fn wraparound_or_too_large_region_errors_and_changes_nothing() {
     let (t, b) = busy();
     let before = capture(&t, &b);
 
     let wraps = t.set_memory_region(MemoryRegion::new(SlotId(6), Gfn(u64::MAX - 2), 4));
+    let past = t.set_memory_region(MemoryRegion::new(SlotId(6), Gfn(crate::GFN_LIMIT - 2), 4));
     let huge = t.set_memory_region(MemoryRegion::new(SlotId(6), Gfn(1 << 40), 1 << 31));
 
-    assert!(matches!(wraps, Err(Error::InvalidRegion { reason, .. }) if reason.contains("wraps")));
+    for r in [wraps, past] {
+        assert!(
+            matches!(r, Err(Error::InvalidRegion { reason, .. }) if reason.contains("past the end"))
+        );
+    }
     assert!(
         matches!(huge, Err(Error::InvalidRegion { reason, .. }) if reason.contains("too many"))
     );
     assert_eq!(capture(&t, &b), before);
     // The largest region that fits exactly at the top is fine.
     assert!(
-        t.set_memory_region(MemoryRegion::new(SlotId(6), Gfn(u64::MAX - 4), 4))
+        t.set_memory_region(MemoryRegion::new(SlotId(6), Gfn(crate::GFN_LIMIT - 4), 4))
             .is_ok()
     );
+}
+
+/// An unvalidated region's `end` saturates instead of overflowing; `checked_end` says so.
+#[test]
+fn region_end_overflow_saturates_and_checked_end_none() {
+    let r = MemoryRegion::new(SlotId(0), Gfn(u64::MAX - 1), 4);
+
+    assert_eq!(r.end(), Gfn(u64::MAX));
+    assert_eq!(r.checked_end(), None);
+    assert_eq!(
+        MemoryRegion::new(SlotId(0), Gfn(8), 4).checked_end(),
+        Some(Gfn(12))
+    );
+}
+
+/// A frame number past the 64-bit space has no address: `checked_gpa` is `None` (and `gpa`
+/// panics rather than truncating).
+#[test]
+fn gfn_past_physical_space_checked_gpa_none() {
+    assert_eq!(
+        Gfn(crate::GFN_LIMIT - 1).checked_gpa(),
+        Some(crate::Gpa(u64::MAX - 0xfff))
+    );
+    assert_eq!(Gfn(crate::GFN_LIMIT).checked_gpa(), None);
+    assert!(std::panic::catch_unwind(|| Gfn(crate::GFN_LIMIT).gpa()).is_err());
+}
+
+/// An empty batch or range names an address space too: a nonexistent one is an error.
+#[test]
+fn empty_batch_in_nonexistent_address_space_errors() {
+    let (t, b) = busy();
+    let before = capture(&t, &b);
+
+    let errs = [
+        t.add_gfns(AsId(7), &[]),
+        t.remove_gfns(AsId(7), &[]),
+        t.add_range(AsId(7), Gfn(0), 0),
+        t.remove_range(AsId(7), Gfn(0), 0),
+    ];
+
+    for e in errs {
+        assert!(
+            matches!(e, Err(Error::InvalidAddressSpace { as_id: AsId(7), .. })),
+            "{e:?}"
+        );
+    }
+    assert_eq!(capture(&t, &b), before);
 }
 
 /// A backend failing protect: the add fails with `Backend` and every count (and huge-page

@@ -224,10 +224,11 @@ fn report_write_smm_device_event_fields_delivered() {
     );
 }
 
-/// K7 in dispatch: a write through address space 1 to a frame tracked in address space 0 is
-/// delivered (with address space 1).
+/// Per-address-space tracking in dispatch: a write through address space 1 to a frame tracked
+/// only in address space 0 is not delivered; tracked in address space 1 too, it is, with
+/// address space 1.
 #[test]
-fn report_write_via_other_address_space_delivered_k7() {
+fn report_write_via_other_address_space_needs_its_own_track() {
     let (t, _) = tracker();
     t.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 16))
         .unwrap();
@@ -237,11 +238,24 @@ fn report_write_via_other_address_space_delivered_k7() {
     let _h = t.register(log.clone(), NotifierClass::Ordinary).unwrap();
     t.add_gfn(Gfn(2)).unwrap();
 
-    t.report_write(
-        &WriteEvent::new(Gfn(2).gpa(), &[9], Source::Vcpu(0)).in_address_space(AsId::SMM),
-    );
+    let smm_write = || {
+        t.report_write(
+            &WriteEvent::new(Gfn(2).gpa(), &[9], Source::Vcpu(0)).in_address_space(AsId::SMM),
+        )
+    };
 
-    assert_eq!(log.seen().len(), 1);
+    smm_write();
+    assert!(log.seen().is_empty());
+    t.add_gfns(AsId::SMM, &[Gfn(2)]).unwrap();
+    smm_write();
+    assert!(matches!(
+        log.seen().as_slice(),
+        [Seen::Write {
+            as_id: AsId::SMM,
+            gpa: 0x2000,
+            ..
+        }]
+    ));
 }
 
 /// B32: the core delivers exactly the bytes the backend reported (the backend owns memory and

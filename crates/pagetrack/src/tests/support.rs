@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::{
-    AsId, BackendError, Enforcement, Gfn, MemoryRegion, PageLevel, PageTracker, SlotId, Source,
-    TrackerConfig, TrackerStats, WriteEvent,
+    AsId, BackendError, Enforcement, FrameRun, Gfn, MemoryRegion, PageLevel, PageTracker, SlotId,
+    Source, TrackerConfig, TrackerStats, WriteEvent,
 };
 
 #[cfg(feature = "notifiers")]
@@ -44,21 +44,21 @@ impl Recorder {
 }
 
 impl Enforcement for Recorder {
-    fn protect(&self, frames: &[(AsId, Gfn)]) -> Result<(), BackendError> {
+    fn protect(&self, frames: &[FrameRun]) -> Result<(), BackendError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         if self.fail_protect.load(Ordering::SeqCst) {
             return Err(BackendError("injected protect failure".into()));
         }
-        self.record(BackendCall::Protect(frames.to_vec()));
+        self.record(BackendCall::Protect(FrameRun::pairs(frames).collect()));
         Ok(())
     }
 
-    fn unprotect(&self, frames: &[(AsId, Gfn)]) -> Result<(), BackendError> {
+    fn unprotect(&self, frames: &[FrameRun]) -> Result<(), BackendError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         if self.fail_unprotect.load(Ordering::SeqCst) {
             return Err(BackendError("injected unprotect failure".into()));
         }
-        self.record(BackendCall::Unprotect(frames.to_vec()));
+        self.record(BackendCall::Unprotect(FrameRun::pairs(frames).collect()));
         Ok(())
     }
 
