@@ -43,6 +43,11 @@ fn is_write_tracked(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("reader", name), |b| {
             b.iter(|| reader.is_write_tracked(black_box(AsId::NORMAL), black_box(gfn)))
         });
+        // The kernel's shape: the backend already holds the slot.
+        let slot = snap.slot(AsId::NORMAL, gfn).expect("frame in slot");
+        g.bench_function(BenchmarkId::new("slot", name), |b| {
+            b.iter(|| black_box(slot).is_write_tracked(black_box(gfn)))
+        });
     }
     g.finish();
 }
@@ -84,6 +89,15 @@ fn add_remove(c: &mut Criterion) {
         b.iter(|| {
             t.add_gfn(black_box(Gfn(9))).expect("frame in slot");
             t.remove_gfn(black_box(Gfn(9))).expect("just added");
+        })
+    });
+    // The whole 1 GiB slot (2^18 frames) as one range: mmu_lock hold time per frame.
+    c.bench_function("add_remove_range_2_pow_18_frames", |b| {
+        b.iter(|| {
+            t.add_range(AsId::NORMAL, Gfn(0), black_box(1 << 18))
+                .expect("frames in slot");
+            t.remove_range(AsId::NORMAL, Gfn(0), black_box(1 << 18))
+                .expect("just added");
         })
     });
 }

@@ -54,40 +54,64 @@
 //! ## Concurrency and callback guarantees
 //!
 //! - Readers never lock: the memslot set and the notifier list are `ArcSwap` snapshots (the
-//!   kernel's SRCU); writers serialize on two mutexes that stand in for `slots_lock` and
+//!   kernel's SRCU); writers serialize on mutexes that stand in for `slots_lock` and
 //!   `mmu_lock`. [`PageTracker::is_write_tracked`] is a snapshot load, a two-level binary
-//!   search and one array load.
+//!   search and one array load; [`SlotRef::is_write_tracked`] (a slot the caller already
+//!   holds, as the kernel's callers do) is the array load alone.
 //! - "Tracking enabled" is published with release/acquire after every slot has its counts, so
 //!   a reader that sees it enabled always finds the arrays (B5).
-//! - Every add/remove is validated before anything changes; a failed call changes nothing
-//!   (no count, no huge-page count, no backend call). Batches are all or nothing.
+//! - Every add/remove is validated before anything changes, and the backend is asked before
+//!   any count changes: a failed call changes nothing (no count, no huge-page count, no
+//!   backend state), even when the backend fails or panics, and while an [`Enforcement::unprotect`]
+//!   runs the frame is still tracked, so a write reported meanwhile is delivered. Batches and
+//!   ranges are all or nothing; ranges are scanned in place, without per-frame temporaries.
 //! - When [`PageTracker::add_gfn`] returns, the backend has made enforcement live (the
 //!   [`Enforcement::protect`] contract). When the last [`PageTracker::remove_gfn`] of a frame
-//!   returns, no event for that frame is delivered any more: it waits for dispatches that may
-//!   have seen the frame tracked. (Called from inside a callback it cannot wait for its own
-//!   dispatch, so there a dispatch already running on another thread may still deliver one.)
-//!   The wait covers every dispatch in progress, not only those for that frame: a callback
-//!   must therefore never block on a thread that may be inside the last `remove_gfn` of a
-//!   frame (it would wait for the callback, and the callback for it).
+//!   returns, no event for that frame is delivered any more, however many threads remove at
+//!   once: it waits for the dispatches that may have seen the frame tracked, and only for those
+//!   that began before it (a steady stream of dispatches cannot hold it). Called from inside a
+//!   callback it cannot wait for its own dispatch, so there a dispatch already running on
+//!   another thread may still deliver one. The wait covers every dispatch in progress, not
+//!   only those for that frame: a callback must therefore never block on a thread that may be
+//!   inside the last `remove_gfn` of a frame, or inside [`PageTracker::set_memory_region`]
+//!   (each would wait for the callback, and the callback for it).
+//! - A DELETE or MOVE of a slot waits the same way before it returns: no `track_write` for
+//!   the old slot arrives after `set_memory_region` returned, nor after its
+//!   `track_remove_region`. Memslot changes are serialized, and `track_remove_region` runs with
+//!   no lock held that a callback's permitted operations take (only the lock that orders
+//!   memslot changes, which callbacks may not make).
 //! - Callbacks run on the writer's thread with no pagetrack lock held; they may sleep and may
-//!   add and remove tracks. Dropping or [`NotifierHandle::unregister`]ing a handle returns only
-//!   after every in-flight callback of that notifier finished, and it is never called again.
-//!   Unregistering from inside its own callback returns [`UnregisterError`] instead of
-//!   deadlocking; changing memslots from inside a callback returns [`Error::InCallback`].
+//!   add and remove tracks and register notifiers. Dropping or [`NotifierHandle::unregister`]ing a
+//!   handle returns only after every in-flight callback of that notifier finished, and it is
+//!   never called again. Unregistering from inside its own callback returns [`UnregisterError`];
+//!   dropping the handle there (or the one the error gives back) waits for the calls of other
+//!   threads only. Changing memslots from inside a callback returns [`Error::InCallback`].
+//! - A MOVE is refused once [`PageTracker::register`] has returned (K4): the check and the
+//!   registration are serialized.
+//! - Backend calls ([`Enforcement`]) never overlap: all of them run under `mmu_lock`.
+//! - Panics: a panic in a callback or in the backend propagates to the caller after drop
+//!   guards restored every in-flight count, read section and callback frame, so later
+//!   unregistering and removing do not hang. A panicking `protect`/`unprotect` changed nothing.
+//!   Notifiers after a panicking one in dispatch order do not see that one write piece, and a
+//!   panic in `track_remove_region` leaves the (committed) DELETE done but the remaining
+//!   notifiers unnotified.
 //! - Dispatch order: [`NotifierClass::Coherence`] notifiers first, then ordinary ones; newest
 //!   first inside each class (B26).
+//! - The hand-written protocols (the grace domain of removals and the in-flight accounting of
+//!   unregistration) are model-checked with `loom` (`RUSTFLAGS="--cfg loom" cargo test -p
+//!   pagetrack --lib loom`), and tested under races with several removers, writers,
+//!   registrations and memslot changes at once (`tests/races.rs`, `tests/stress.rs`,
+//!   `tests/linearizable.rs`).
 //!
-//! ## Deliberate differences from the kernel
+//! ## Address spaces
 //!
-//! - R1/R2: overflow past 65535 and removal at 0 are errors with no side effect
-//!   ([`LimitMode::KernelCompat`] reproduces B18 for differential tests).
-//! - R3: `track_remove_region` carries the address space.
-//! - R4/R5: RAII handles; unregister from inside the callback is an error.
-//! - R7: every gfn is bounds-checked against its slot ([`Error::UnknownGfn`]).
-//! - Events are delivered only for tracked frames (the kernel delivers every emulated write and
-//!   leaves filtering to each consumer), carry old bytes and their [`Source`], and
-//!   `track_write` runs after memory was updated, as in the kernel.
-//! - K7 (2026): a frame tracked in either x86 address space counts as tracked in both.
+//! Tracking is per address space: a frame is tracked in an address space when that address
+//! space has a slot containing it and its count there is non-zero, and the backend is told
+//! about `(address space, frame)` exactly when that answer changes. A consumer that wants the
+//! writes of both x86 address spaces (normal and SMM, where they share RAM) tracks the frame in
+//! both. (The kernel since K7 also treats a frame tracked in the other address space as
+//! tracked, because its shadow MMU shares shadow pages between them; here that answer would
+//! claim "tracked" where no backend enforces it.)
 //!
 //! ## Crate features
 //!

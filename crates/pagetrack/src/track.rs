@@ -920,6 +920,12 @@ fn pieces_of(gpa: Gpa, len: usize) -> impl Iterator<Item = (Gpa, std::ops::Range
 
 /// A per-thread fast path over a [`PageTracker`] (see [`PageTracker::reader`]): `&mut self`
 /// methods, so keep one per thread (a vCPU thread, typically). It keeps the tracker alive.
+///
+/// Memory: the reader holds the memslot snapshot it last used until its next call (that is
+/// what makes the next call cheap). After a slot is deleted, that slot's arrays (2 bytes per
+/// frame, plus its huge-page counts) therefore stay allocated until every reader has made one
+/// more call or was dropped; call [`TrackReader::refresh`] after a large DELETE on threads
+/// that may sit idle, or drop their readers.
 pub struct TrackReader {
     tracker: Arc<PageTracker>,
     cache: arc_swap::Cache<Arc<ArcSwap<Memslots>>, Arc<Memslots>>,
@@ -952,6 +958,11 @@ impl TrackReader {
     /// The tracker.
     pub fn tracker(&self) -> &Arc<PageTracker> {
         &self.tracker
+    }
+
+    /// Drops a superseded cached snapshot now (see the memory note on [`TrackReader`]).
+    pub fn refresh(&mut self) {
+        let _ = self.cache.load();
     }
 }
 

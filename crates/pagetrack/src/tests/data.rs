@@ -1,7 +1,12 @@
 //! The data model and lazy allocation: B1, B2, B5–B13, K3, K5.
 
 use super::support::{BackendCall, enabled_tracker, tracker};
-use crate::{AsId, Gfn, MemoryRegion, RegionFlags, SlotChange, SlotId};
+use std::sync::Arc;
+
+use crate::{
+    AsId, Gfn, MemoryRegion, NoEnforcement, PageTracker, RegionFlags, SlotChange, SlotId,
+    TrackerConfig,
+};
 
 /// B1, B2, K3: the count array is exactly 2 bytes per 4 KiB frame, in every address space.
 #[test]
@@ -267,4 +272,28 @@ fn region_of_many_slots_matches_linear_scan() {
     );
     assert_eq!(snap.region_of(AsId::SMM, Gfn(3)), None);
     assert_eq!(snap.region_of(AsId(2), Gfn(3)), None);
+}
+
+/// A `TrackReader` keeps the snapshot it last used (with a deleted slot's arrays) until its
+/// next call; `refresh` lets it go at once.
+#[test]
+fn reader_refresh_after_delete_releases_old_snapshot() {
+    let t = PageTracker::new(TrackerConfig::default(), Arc::new(NoEnforcement));
+    t.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 1 << 16))
+        .unwrap();
+    t.enable_write_tracking().unwrap();
+    let mut reader = t.reader();
+    assert!(!reader.is_write_tracked(AsId::NORMAL, Gfn(1)));
+    let old = Arc::downgrade(&t.memslots());
+
+    t.set_memory_region(MemoryRegion::delete(AsId::NORMAL, SlotId(0)))
+        .unwrap();
+    let held_before_refresh = old.upgrade().is_some();
+    reader.refresh();
+
+    assert!(
+        held_before_refresh,
+        "the reader's cache held the old snapshot"
+    );
+    assert!(old.upgrade().is_none());
 }
