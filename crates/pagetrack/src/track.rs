@@ -232,19 +232,19 @@ enum Frames<'a> {
     Range { first: Gfn, n: u64 },
 }
 
-/// Collects ascending frames into runs for the backend, failing instead of aborting when
-/// memory is short.
+/// Collects ascending frames into runs for the backend (one run without touching the heap),
+/// failing instead of aborting when memory is short.
 #[derive(Debug)]
 struct Runs {
     as_id: AsId,
-    runs: Vec<FrameRun>,
+    runs: OneOrMore<FrameRun>,
 }
 
 impl Runs {
     fn new(as_id: AsId) -> Runs {
         Runs {
             as_id,
-            runs: Vec::new(),
+            runs: OneOrMore::with_capacity(0),
         }
     }
 
@@ -255,19 +255,15 @@ impl Runs {
             last.count += 1;
             return Ok(());
         }
-        self.runs.try_reserve(1).map_err(|_| Error::OutOfMemory {
-            bytes: (self.runs.len() + 1).saturating_mul(std::mem::size_of::<FrameRun>()),
-        })?;
-        self.runs.push(FrameRun {
+        self.runs.try_push(FrameRun {
             as_id: self.as_id,
             first: gfn,
             count: 1,
-        });
-        Ok(())
+        })
     }
 
     fn finish(&self) -> &[FrameRun] {
-        &self.runs
+        self.runs.as_slice()
     }
 }
 
@@ -787,8 +783,29 @@ impl PageTracker {
         let runs = runs.finish();
         self.backend_call(dir, runs)?;
         for &(slot, a, b) in &pieces {
+            let counts = slot
+                .meta
+                .counts
+                .get()
+                .expect("enabled implies arrays present (B5)");
             for gfn in (a..b).map(Gfn) {
-                self.apply_frame(slot, gfn, dir);
+                // As `apply_frame`, with the huge-page counts done per region below.
+                let c = &counts[slot.index(gfn)];
+                match Self::step(c.load(Ordering::Relaxed), dir) {
+                    Some(n) => c.store(n, Ordering::Relaxed),
+                    None => {
+                        self.limit_warnings.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            for (i, level) in LPAGE_LEVELS.iter().enumerate() {
+                let mut at = a;
+                while at < b {
+                    let region_end = ((at >> level.frame_shift()) + 1) << level.frame_shift();
+                    let stop = region_end.min(b);
+                    self.account_lpage_level(slot, Gfn(at), i, stop - at, dir);
+                    at = stop;
+                }
             }
         }
         Ok(!runs.is_empty())
@@ -796,19 +813,30 @@ impl PageTracker {
 
     fn account_lpage(&self, slot: &Slot, gfn: Gfn, dir: Dir) {
         for i in 0..LPAGE_LEVELS.len() {
-            let c = &slot.meta.lpage[i][slot.lpage_index(gfn, i)];
-            // Relaxed load and store, no read-modify-write: every writer holds mmu_lock, and
-            // readers (`max_mapping_level`) are advisory. Wrapping like the kernel's signed
-            // count (reachable only in KernelCompat mode, B18).
-            let v = c.load(Ordering::Relaxed);
-            c.store(
-                match dir {
-                    Dir::Add => v.wrapping_add(1),
-                    Dir::Remove => v.wrapping_sub(1),
-                },
-                Ordering::Relaxed,
-            );
+            self.account_lpage_level(slot, gfn, i, 1, dir);
         }
+    }
+
+    /// `k` steps of `dir` on the huge-page count of level `i` over `gfn`.
+    fn account_lpage_level(&self, slot: &Slot, gfn: Gfn, i: usize, k: u64, dir: Dir) {
+        let c = &slot.meta.lpage[i][slot.lpage_index(gfn, i)];
+        // Wrapping like the kernel's signed count (reachable only in KernelCompat mode, B18);
+        // `k` is at most one region's frames (2^18), so the truncation keeps its value.
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "k <= 2^18, one huge region's frames"
+        )]
+        let k = k as i32;
+        // Relaxed load and store, no read-modify-write: every writer holds mmu_lock, and
+        // readers (`max_mapping_level`) are advisory.
+        let v = c.load(Ordering::Relaxed);
+        c.store(
+            match dir {
+                Dir::Add => v.wrapping_add(k),
+                Dir::Remove => v.wrapping_sub(k),
+            },
+            Ordering::Relaxed,
+        );
     }
 
     /// Registers a notifier (B25): enables tracking on first use, takes a reference on the
@@ -889,6 +917,35 @@ impl<T: Copy> OneOrMore<T> {
             OneOrMore::Empty => *self = OneOrMore::One([v]),
             OneOrMore::One([first]) => *self = OneOrMore::More(vec![*first, v]),
             OneOrMore::More(all) => all.push(v),
+        }
+    }
+
+    /// `push`, failing instead of aborting when memory is short.
+    fn try_push(&mut self, v: T) -> Result<()> {
+        let oom = |n: usize| Error::OutOfMemory {
+            bytes: n.saturating_mul(std::mem::size_of::<T>()),
+        };
+        match self {
+            OneOrMore::Empty => *self = OneOrMore::One([v]),
+            OneOrMore::One([first]) => {
+                let mut all = Vec::new();
+                all.try_reserve(4).map_err(|_| oom(4))?;
+                all.extend([*first, v]);
+                *self = OneOrMore::More(all);
+            }
+            OneOrMore::More(all) => {
+                all.try_reserve(1).map_err(|_| oom(all.len() + 1))?;
+                all.push(v);
+            }
+        }
+        Ok(())
+    }
+
+    fn last_mut(&mut self) -> Option<&mut T> {
+        match self {
+            OneOrMore::Empty => None,
+            OneOrMore::One([one]) => Some(one),
+            OneOrMore::More(all) => all.last_mut(),
         }
     }
 
