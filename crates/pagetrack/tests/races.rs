@@ -6,11 +6,11 @@
 //! backend failing while writes arrive. Synchronisation uses barriers, channels and atomics;
 //! timeouts only turn a hang into a failure (and, where noted, give a buggy order the chance to
 //! show).
+#![cfg(feature = "notifiers")]
 #![expect(
     clippy::unwrap_used,
     reason = "test helpers outside #[test] fns: a failed lock or set-up is a test failure"
 )]
-#![cfg(feature = "notifiers")]
 
 mod common;
 
