@@ -368,6 +368,30 @@ impl Memslots {
             .is_some_and(|c| c.load(Ordering::Relaxed) != 0)
     }
 
+    /// `is_write_tracked`, trying the slot at position `hint` first (and leaving there the
+    /// position of the slot that held `gfn`): a per-thread caller whose frames keep falling in
+    /// the same slot skips the search. The hint is only a guess, checked against the region.
+    #[inline]
+    pub(crate) fn is_write_tracked_hinted(&self, as_id: AsId, gfn: Gfn, hint: &mut usize) -> bool {
+        let Some(space) = self.spaces.get(usize::from(as_id.0)) else {
+            return false;
+        };
+        let i = match space.regions.get(*hint) {
+            Some(r) if r.contains(gfn) => *hint,
+            _ => match space.position(gfn) {
+                Some(i) => {
+                    *hint = i;
+                    i
+                }
+                None => return false,
+            },
+        };
+        space.slots[i]
+            .count(gfn)
+            // Relaxed: as `is_write_tracked`.
+            .is_some_and(|c| c.load(Ordering::Relaxed) != 0)
+    }
+
     /// The slot containing `gfn` in `as_id`, for a backend that resolves a slot once and then
     /// asks about many of its frames (the kernel's `kvm_gfn_is_write_tracked(kvm, slot, gfn)`).
     #[inline]

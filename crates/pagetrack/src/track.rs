@@ -521,7 +521,7 @@ impl PageTracker {
     /// and one snapshot load plus one lookup per piece once it is enabled.
     pub fn report_write(&self, event: &WriteEvent<'_>) {
         if !event.new.is_empty() && self.is_enabled() {
-            self.report_with(&self.slots.load(), event);
+            self.report_with(&self.slots.load(), event, &mut 0);
         } else {
             self.count_reported(event);
         }
@@ -534,6 +534,7 @@ impl PageTracker {
         TrackReader {
             cache: arc_swap::Cache::new(Arc::clone(&self.slots)),
             tracker: Arc::clone(self),
+            hint: 0,
         }
     }
 
@@ -551,11 +552,12 @@ impl PageTracker {
     /// `report_write` with a snapshot the caller already holds (current or about to be
     /// revalidated; the counts it points at are live).
     #[inline]
-    fn report_with(&self, snap: &Memslots, event: &WriteEvent<'_>) {
+    fn report_with(&self, snap: &Memslots, event: &WriteEvent<'_>, hint: &mut usize) {
         self.count_reported(event);
         let len = event.new.len();
         // Lock-free pre-check outside any read section, since most writes hit no tracked frame.
-        if !pieces_of(event.gpa, len).any(|(gpa, _)| snap.is_write_tracked(event.as_id, gpa.gfn()))
+        if !pieces_of(event.gpa, len)
+            .any(|(gpa, _)| snap.is_write_tracked_hinted(event.as_id, gpa.gfn(), hint))
         {
             return;
         }
@@ -986,6 +988,8 @@ fn pieces_of(gpa: Gpa, len: usize) -> impl Iterator<Item = (Gpa, std::ops::Range
 pub struct TrackReader {
     tracker: Arc<PageTracker>,
     cache: arc_swap::Cache<Arc<ArcSwap<Memslots>>, Arc<Memslots>>,
+    /// Position of the slot the last query hit (a guess, checked each time).
+    hint: usize,
 }
 
 impl std::fmt::Debug for TrackReader {
@@ -998,7 +1002,11 @@ impl TrackReader {
     /// As [`PageTracker::is_write_tracked`], without the shared snapshot load.
     #[inline]
     pub fn is_write_tracked(&mut self, as_id: AsId, gfn: Gfn) -> bool {
-        self.tracker.is_enabled() && self.cache.load().is_write_tracked(as_id, gfn)
+        self.tracker.is_enabled()
+            && self
+                .cache
+                .load()
+                .is_write_tracked_hinted(as_id, gfn, &mut self.hint)
     }
 
     /// As [`PageTracker::report_write`], without the shared snapshot load on the untracked path.
@@ -1006,7 +1014,7 @@ impl TrackReader {
     pub fn report_write(&mut self, event: &WriteEvent<'_>) {
         if !event.new.is_empty() && self.tracker.is_enabled() {
             let snap = self.cache.load();
-            self.tracker.report_with(snap, event);
+            self.tracker.report_with(snap, event, &mut self.hint);
         } else {
             self.tracker.count_reported(event);
         }

@@ -478,3 +478,44 @@ fn reader_matches_tracker_across_changes() {
     assert_eq!(log.seen().len(), 1);
     assert_eq!(t.stats().writes_reported, 2);
 }
+
+/// The reader's slot hint is only a guess: across slots of both address spaces, deletions that
+/// shrink the slot list and re-creations that move a slot's position, every answer equals the
+/// tracker's.
+#[test]
+fn reader_slot_hint_never_wrong_across_slot_changes() {
+    let (t, _) = tracker();
+    for (i, base) in [(0u16, 0u64), (1, 100), (2, 200)] {
+        t.set_memory_region(MemoryRegion::new(SlotId(i), Gfn(base), 8))
+            .unwrap();
+    }
+    t.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(100), 8).in_address_space(AsId::SMM))
+        .unwrap();
+    t.enable_write_tracking().unwrap();
+    t.add_gfns(AsId::NORMAL, &[Gfn(1), Gfn(201)]).unwrap();
+    t.add_gfns(AsId::SMM, &[Gfn(102)]).unwrap();
+    let mut r = t.reader();
+    let probes = [0u64, 1, 101, 102, 201, 202, 300, 7, 107];
+    let check = |r: &mut crate::TrackReader| {
+        for as_id in [AsId::NORMAL, AsId::SMM, AsId(5)] {
+            for &g in &probes {
+                assert_eq!(
+                    r.is_write_tracked(as_id, Gfn(g)),
+                    t.is_write_tracked(as_id, Gfn(g)),
+                    "{as_id} gfn {g}"
+                );
+            }
+        }
+    };
+    check(&mut r);
+    t.set_memory_region(MemoryRegion::delete(AsId::NORMAL, SlotId(0)))
+        .unwrap();
+    check(&mut r);
+    t.set_memory_region(MemoryRegion::delete(AsId::NORMAL, SlotId(2)))
+        .unwrap();
+    check(&mut r);
+    t.set_memory_region(MemoryRegion::new(SlotId(2), Gfn(0), 8))
+        .unwrap();
+    t.add_gfn(Gfn(1)).unwrap();
+    check(&mut r);
+}
