@@ -745,3 +745,149 @@ fn review_large_range_stalls_unrelated_add() {
         "an unrelated add_gfn waited {stalled:?} behind add_range"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Last removes racing each other, DELETE/CREATE (another synchronizer) and a steady stream.
+
+static SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// Records, per frame, the sequence number taken when its latest `track_write` finished.
+struct Finish {
+    last: Vec<AtomicU64>,
+}
+
+impl TrackNotifier for Finish {
+    fn track_write(&self, e: &WriteEvent<'_>) {
+        spin(500);
+        if let Some(l) = self.last.get(usize::try_from(e.gfn().0).unwrap()) {
+            l.fetch_max(SEQ.fetch_add(1, Ordering::SeqCst), Ordering::SeqCst);
+        }
+    }
+}
+
+/// Held: two removers of frames of slot 0 per round, a third thread deleting and re-creating
+/// slot 1 (whose frames are tracked and written, so its DELETE synchronizes too), and three
+/// writers through TrackReaders: no callback for a removed frame finishes after its remove
+/// returned (frames are never re-added).
+#[test]
+fn review_last_removes_race_delete_create_synchronizers() {
+    const ROUNDS: u64 = 400;
+    watchdog(300, || {
+        let frames = ROUNDS * 2;
+        let t = tracker_with_slot(frames, Arc::new(NoEnforcement));
+        let n = Arc::new(Finish {
+            last: (0..frames).map(|_| AtomicU64::new(0)).collect(),
+        });
+        let _h = t.register(n.clone(), NotifierClass::Ordinary).unwrap();
+        t.add_range(AsId::NORMAL, Gfn(0), frames).unwrap();
+        let removed_at: Arc<Vec<AtomicU64>> =
+            Arc::new((0..frames).map(|_| AtomicU64::new(u64::MAX)).collect());
+        let round = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for w in 0..3u64 {
+            let (t, round, stop) = (t.clone(), round.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut r = t.reader();
+                let bytes = [1u8; 8];
+                while !stop.load(Ordering::SeqCst) {
+                    let k = round.load(Ordering::SeqCst);
+                    for g in [2 * k, 2 * k + 1, frames + 1 + w] {
+                        r.report_write(&WriteEvent::new(Gfn(g).gpa(), &bytes, Source::Device));
+                    }
+                }
+            }));
+        }
+        {
+            let (t, stop) = (t.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let region = MemoryRegion::new(SlotId(1), Gfn(frames), 8);
+                while !stop.load(Ordering::SeqCst) {
+                    t.set_memory_region(region).unwrap();
+                    t.add_range(AsId::NORMAL, Gfn(frames), 8).unwrap();
+                    std::thread::sleep(Duration::from_micros(200));
+                    t.set_memory_region(MemoryRegion::delete(AsId::NORMAL, SlotId(1)))
+                        .unwrap();
+                }
+            }));
+        }
+        let start = Arc::new(Barrier::new(3));
+        let done = Arc::new(Barrier::new(3));
+        let removers: Vec<_> = (0..2u64)
+            .map(|k| {
+                let (t, start, done, removed_at) =
+                    (t.clone(), start.clone(), done.clone(), removed_at.clone());
+                std::thread::spawn(move || {
+                    for r in 0..ROUNDS {
+                        start.wait();
+                        let g = 2 * r + k;
+                        t.remove_gfn(Gfn(g)).unwrap();
+                        removed_at[usize::try_from(g).unwrap()]
+                            .store(SEQ.fetch_add(1, Ordering::SeqCst), Ordering::SeqCst);
+                        done.wait();
+                    }
+                })
+            })
+            .collect();
+        for r in 0..ROUNDS {
+            round.store(r, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_micros(100));
+            start.wait();
+            done.wait();
+        }
+        for h in removers {
+            h.join().unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+        for h in threads {
+            h.join().unwrap();
+        }
+        let late: Vec<u64> = (0..frames)
+            .filter(|&g| {
+                let i = usize::try_from(g).unwrap();
+                n.last[i].load(Ordering::SeqCst) > removed_at[i].load(Ordering::SeqCst)
+            })
+            .collect();
+        assert!(late.is_empty(), "callbacks finished after the last remove returned: {late:?}");
+    });
+}
+
+/// Held: a steady stream of long dispatches on a frame that stays tracked (four writers, each
+/// callback ~100 µs) does not hold a last remove: 200 removes, the slowest within 1 s.
+#[test]
+fn review_last_remove_not_starved_by_steady_dispatch() {
+    struct Slow;
+    impl TrackNotifier for Slow {
+        fn track_write(&self, _: &WriteEvent<'_>) {
+            spin(50_000);
+        }
+    }
+    watchdog(120, || {
+        let t = tracker_with_slot(512, Arc::new(NoEnforcement));
+        let _h = t.register(Arc::new(Slow), NotifierClass::Ordinary).unwrap();
+        t.add_gfn(Gfn(511)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let (t, stop) = (t.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        write(&t, 511 * 0x1000, 8);
+                    }
+                })
+            })
+            .collect();
+        let mut worst = Duration::ZERO;
+        for g in 0..200 {
+            t.add_gfn(Gfn(g)).unwrap();
+            let at = Instant::now();
+            t.remove_gfn(Gfn(g)).unwrap();
+            worst = worst.max(at.elapsed());
+        }
+        stop.store(true, Ordering::SeqCst);
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert!(worst < Duration::from_secs(1), "a last remove waited {worst:?}");
+    });
+}
