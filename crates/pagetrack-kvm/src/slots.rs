@@ -296,9 +296,13 @@ impl Fragments {
     }
 
     /// Sets or clears the protected bit of each frame; returns the chunks whose bits changed.
-    pub(crate) fn mark(&mut self, gpas: &[u64], protect: bool) -> Vec<(usize, usize)> {
-        let mut dirty = Vec::new();
-        for &gpa in gpas {
+    pub(crate) fn mark(
+        &mut self,
+        gpas: impl Iterator<Item = u64>,
+        protect: bool,
+    ) -> Vec<(usize, usize)> {
+        let mut dirty: Vec<(usize, usize)> = Vec::new();
+        for gpa in gpas {
             let Some((r, c)) = self.locate(gpa) else {
                 continue;
             };
@@ -309,7 +313,10 @@ impl Fragments {
             } else {
                 chunk.protected[w] &= !(1 << b);
             }
-            dirty.push((r, c));
+            // One entry per run of frames in the same chunk, not one per frame.
+            if dirty.last() != Some(&(r, c)) {
+                dirty.push((r, c));
+            }
         }
         dirty.sort_unstable();
         dirty.dedup();

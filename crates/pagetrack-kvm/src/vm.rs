@@ -192,9 +192,9 @@ impl Backend {
 
     fn change(&self, runs: &[FrameRun], protect: bool) -> Result<()> {
         // This backend serves address space 0 only (`VmConfig` builds a one-space tracker).
-        let gpas: Vec<u64> = FrameRun::pairs(runs).map(|(_, g)| g.gpa().0).collect();
+        let gpas = || FrameRun::pairs(runs).map(|(_, g)| g.gpa().0);
         let mut frags = self.frags();
-        let dirty = frags.mark(&gpas, protect);
+        let dirty = frags.mark(gpas(), protect);
         if dirty.is_empty() {
             return Ok(());
         }
@@ -203,7 +203,7 @@ impl Backend {
         let res = frags.relayout(&self.vm_fd, &dirty);
         if res.is_err() {
             // Restore the previous bits and layout as far as KVM allows.
-            let back = frags.mark(&gpas, !protect);
+            let back = frags.mark(gpas(), !protect);
             let _ = frags.relayout(&self.vm_fd, &back);
         }
         self.counters.pauses.fetch_add(1, Ordering::Relaxed);
@@ -504,6 +504,11 @@ impl Vm {
         if gpa.checked_add(size).is_none() {
             return Err(bad("range wraps"));
         }
+        // Refused before taking `rams`: the core's memslot change would refuse it anyway, and
+        // waiting for `rams` here could wait for a DELETE that waits for this callback.
+        if self.inner.tracker.in_callback() {
+            return Err(pagetrack::Error::InCallback { op: "add_ram" }.into());
+        }
         let mut rams = self.inner.rams.lock().unwrap_or_else(|e| e.into_inner());
         if rams
             .iter()
@@ -562,6 +567,10 @@ impl Vm {
     /// # Errors
     /// Unknown slot; a KVM failure deleting fragments.
     pub fn remove_ram(&self, slot: SlotId) -> Result<()> {
+        // As in `add_ram`: refused before taking `rams`.
+        if self.inner.tracker.in_callback() {
+            return Err(pagetrack::Error::InCallback { op: "remove_ram" }.into());
+        }
         let mut rams = self.inner.rams.lock().unwrap_or_else(|e| e.into_inner());
         let pos =
             rams.iter()

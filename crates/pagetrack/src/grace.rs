@@ -21,7 +21,9 @@
 //!   flip. A reader that entered with a later epoch read a flip made after this caller's `F_1`,
 //!   so (C++20's fence rule for a load that reads a store made after a fence) its `F_r`
 //!   follows `F_1` and its loads see the caller's stores. Sections that begin after the flip
-//!   are never waited for, so a steady stream of dispatches cannot hold a remover.
+//!   are never waited for, so a steady stream of dispatches cannot hold a remover (one queued
+//!   on `serial` behind another also waits for sections that began while it was queued:
+//!   bounded, since those end).
 //! - Wake-ups: the waiter sets `waiting`, fences, and checks the counter under `park`; a
 //!   reader decrements, fences, and if it sees `waiting` notifies under `park`. One of the two
 //!   sees the other, and the check-then-wait under `park` cannot miss the notify.

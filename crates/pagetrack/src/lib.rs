@@ -60,16 +60,23 @@
 //!   holds, as the kernel's callers do) is the array load alone.
 //! - "Tracking enabled" is published with release/acquire after every slot has its counts, so
 //!   a reader that sees it enabled always finds the arrays (B5).
-//! - Every add/remove is validated before anything changes, and the backend is asked before
-//!   any count changes: a failed call changes nothing (no count, no huge-page count, no
-//!   backend state), even when the backend fails or panics, and while an [`Enforcement::unprotect`]
-//!   runs the frame is still tracked, so a write reported meanwhile is delivered. Batches and
-//!   ranges are all or nothing; ranges are scanned in place, without per-frame temporaries.
+//! - Every add/remove is validated before anything changes, and a failed call changes nothing
+//!   (no count, no huge-page count, no backend state), even when the backend fails or panics.
+//!   An add makes the counts non-zero before [`Enforcement::protect`] (the kernel's order,
+//!   B16), so a write or fault while protection goes live finds the frame tracked; if protect
+//!   fails the counts are undone (writes during the failed call may have been delivered, none
+//!   after it returned). A remove calls [`Enforcement::unprotect`] before the counts drop, so
+//!   while it runs, and if it fails, writes are still delivered. Batches and ranges are all
+//!   or nothing; ranges are scanned in place, without per-frame temporaries, but hold
+//!   `mmu_lock` for the whole call (a few ns per frame: other adds and removes wait; lookups and
+//!   dispatch do not).
 //! - When [`PageTracker::add_gfn`] returns, the backend has made enforcement live (the
 //!   [`Enforcement::protect`] contract). When the last [`PageTracker::remove_gfn`] of a frame
 //!   returns, no event for that frame is delivered any more, however many threads remove at
-//!   once: it waits for the dispatches that may have seen the frame tracked, and only for those
-//!   that began before it (a steady stream of dispatches cannot hold it). Called from inside a
+//!   once: it waits for the dispatches that may have seen the frame tracked. It never waits
+//!   for a dispatch that began after its own wait started (a remover queued behind another
+//!   one may wait for dispatches that began while it was queued), so a steady stream of
+//!   dispatches cannot hold it. Called from inside a
 //!   callback it cannot wait for its own dispatch, so there a dispatch already running on
 //!   another thread may still deliver one. The wait covers every dispatch in progress, not
 //!   only those for that frame: a callback must therefore never block on a thread that may be
@@ -83,9 +90,13 @@
 //! - Callbacks run on the writer's thread with no pagetrack lock held; they may sleep and may
 //!   add and remove tracks and register notifiers. Dropping or [`NotifierHandle::unregister`]ing a
 //!   handle returns only after every in-flight callback of that notifier finished, and it is
-//!   never called again. Unregistering from inside its own callback returns [`UnregisterError`];
-//!   dropping the handle there (or the one the error gives back) waits for the calls of other
-//!   threads only. Changing memslots from inside a callback returns [`Error::InCallback`].
+//!   never called again. Unregistering from inside its own callback returns [`UnregisterError`].
+//!   Dropping a handle inside a callback (its own, or the one the error gives back) waits for
+//!   the calls of other threads only, and only while no other thread is doing the same: two
+//!   callbacks that drop each other's handles would wait for each other, so the second of
+//!   them only stops new calls, and a call already running elsewhere may then end after its
+//!   drop returned. Changing memslots from inside a callback returns [`Error::InCallback`];
+//!   [`PageTracker::in_callback`] lets a VMM refuse such calls before taking locks of its own.
 //! - A MOVE is refused once [`PageTracker::register`] has returned (K4): the check and the
 //!   registration are serialized.
 //! - Backend calls ([`Enforcement`]) never overlap: all of them run under `mmu_lock`.
@@ -94,7 +105,8 @@
 //!   unregistering and removing do not hang. A panicking `protect`/`unprotect` changed nothing.
 //!   Notifiers after a panicking one in dispatch order do not see that one write piece, and a
 //!   panic in `track_remove_region` leaves the (committed) DELETE done but the remaining
-//!   notifiers unnotified.
+//!   notifiers unnotified. A panic in [`Enforcement::region_removed`] is re-raised after the
+//!   DELETE's wait and notifications.
 //! - Dispatch order: [`NotifierClass::Coherence`] notifiers first, then ordinary ones; newest
 //!   first inside each class (B26).
 //! - The hand-written protocols (the grace domain of removals and the in-flight accounting of

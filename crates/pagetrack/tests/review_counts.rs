@@ -6,9 +6,9 @@
     reason = "test helpers outside #[test] fns: a failed lock or set-up is a test failure"
 )]
 
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use pagetrack::{
     AsId, BackendError, Enforcement, Error, FrameRun, Gfn, LimitMode, MemoryRegion, PageLevel,
@@ -72,7 +72,10 @@ fn review_failed_batches_change_nothing_in_both_modes() {
         let s0 = state(&t, &probe);
         assert_eq!(s0[0].1, PageLevel::M2);
         // Unknown frame anywhere in the batch.
-        assert!(t.add_gfns(AsId::NORMAL, &[Gfn(1), Gfn(1), Gfn(5000)]).is_err());
+        assert!(
+            t.add_gfns(AsId::NORMAL, &[Gfn(1), Gfn(1), Gfn(5000)])
+                .is_err()
+        );
         // Range into the gap.
         assert!(t.add_range(AsId::NORMAL, Gfn(1000), 100).is_err());
         // Backend failure.
@@ -104,12 +107,20 @@ fn review_failed_batches_change_nothing_in_both_modes() {
         backend.fail.store(true, Ordering::SeqCst);
         assert!(t.remove_range(AsId::NORMAL, Gfn(510), 4).is_err());
         assert!(t.remove_gfns(AsId::NORMAL, &[Gfn(1), Gfn(1)]).is_err());
-        assert_eq!(state(&t, &probe), s1, "{mode:?}: failed removes changed state");
+        assert_eq!(
+            state(&t, &probe),
+            s1,
+            "{mode:?}: failed removes changed state"
+        );
         // While failing, writes to the frames are still delivered (they stay tracked).
         backend.fail.store(false, Ordering::SeqCst);
         t.remove_range(AsId::NORMAL, Gfn(510), 4).unwrap();
         t.remove_gfns(AsId::NORMAL, &[Gfn(1), Gfn(1)]).unwrap();
-        assert_eq!(state(&t, &probe), s0, "{mode:?}: balanced ops do not restore");
+        assert_eq!(
+            state(&t, &probe),
+            s0,
+            "{mode:?}: balanced ops do not restore"
+        );
     }
 }
 
@@ -133,15 +144,21 @@ fn review_kernel_compat_duplicates_past_the_limit() {
     t.add_gfns(AsId::NORMAL, &many).unwrap();
     assert_eq!(t.track_count(AsId::NORMAL, Gfn(7)).unwrap(), u16::MAX);
     assert_eq!(t.stats().limit_warnings, 70_000 - 65_535);
-    assert_eq!(t.max_mapping_level(AsId::NORMAL, Gfn(7)).unwrap(), PageLevel::K4);
+    assert_eq!(
+        t.max_mapping_level(AsId::NORMAL, Gfn(7)).unwrap(),
+        PageLevel::K4
+    );
     t.remove_gfns(AsId::NORMAL, &many[..65_534]).unwrap();
     assert!(t.is_write_tracked(AsId::NORMAL, Gfn(7)));
     t.remove_gfn(Gfn(7)).unwrap();
     assert!(!t.is_write_tracked(AsId::NORMAL, Gfn(7)));
-    t.remove_gfns(AsId::NORMAL, &many[..70_000 - 65_535]).unwrap();
-    assert_eq!(t.max_mapping_level(AsId::NORMAL, Gfn(7)).unwrap(), PageLevel::M2);
+    t.remove_gfns(AsId::NORMAL, &many[..70_000 - 65_535])
+        .unwrap();
+    assert_eq!(
+        t.max_mapping_level(AsId::NORMAL, Gfn(7)).unwrap(),
+        PageLevel::M2
+    );
     let calls = backend.calls.lock().unwrap();
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert!(calls[0].0 && !calls[1].0);
 }
-
