@@ -13,6 +13,7 @@ mod common;
 mod concurrency;
 mod example;
 mod hard;
+mod hostile;
 mod pagetables;
 mod shapes;
 mod track;
