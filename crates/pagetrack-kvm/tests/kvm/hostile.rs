@@ -29,6 +29,92 @@ fn harness_plain_stores_are_exact() {
     assert_eq!(run.events.len(), 4, "{:?}", run.events);
 }
 
+/// `mov dword [rbx], imm32` = c7 03 <imm32>, the immediate's bytes given.
+fn mov_imm_spelling(a: &mut Asm, imm: [u8; 4]) -> Result<(), IcedError> {
+    a.lea(rbx, ptr(rdi + 0x40))?;
+    a.db(&[0xc7, 0x03])?;
+    a.db(&imm)
+}
+
+#[test]
+fn mov_imm_spelling_lock_cmpxchg_keeps_its_store() {
+    // The immediate f0 0f b1 0b is `lock cmpxchg [rbx], ecx`; ZF=0 makes it look failed.
+    let Some(run) = exact(&|a| mov_imm_spelling(a, [0xf0, 0x0f, 0xb1, 0x0b])) else {
+        return;
+    };
+    assert_eq!(
+        run.events.len(),
+        1,
+        "the store is reported: {:?}",
+        run.events
+    );
+    assert_eq!(run.events[0].new, [0xf0, 0x0f, 0xb1, 0x0b]);
+}
+
+#[test]
+fn mov_imm_spelling_lock_add_stores_its_immediate() {
+    // 90 f0 01 0b: the tail f0 01 0b is `lock add [rbx], ecx`.
+    let Some(run) = exact(&|a| mov_imm_spelling(a, [0x90, 0xf0, 0x01, 0x0b])) else {
+        return;
+    };
+    assert_eq!(run.events.len(), 1);
+}
+
+#[test]
+fn mov_imm_spelling_xchg_leaves_eax_alone() {
+    // 11 22 87 03: the tail 87 03 is `xchg [rbx], eax`.
+    let Some(run) = exact(&|a| mov_imm_spelling(a, [0x11, 0x22, 0x87, 0x03])) else {
+        return;
+    };
+    assert_eq!(run.events.len(), 1);
+}
+
+#[test]
+fn call_whose_target_follows_lock_add_bytes_keeps_its_return_address() {
+    // The stack is in the data frame; the call's push traps with RIP = the target, and the
+    // bytes before the target spell `lock add [rsp], rax` (f0 48 01 04 24).
+    let Some(run) = exact(&|a| {
+        let mut target = a.create_label();
+        let mut after = a.create_label();
+        a.mov(rbp, rsp)?;
+        a.lea(rsp, ptr(rdi + 0x800))?;
+        a.call(target)?;
+        a.jmp(after)?;
+        a.db(&[0xf0, 0x48, 0x01, 0x04, 0x24])?;
+        a.set_label(&mut target)?;
+        a.ret()?; // back through the (tracked) return address
+        a.set_label(&mut after)?;
+        a.mov(rsp, rbp)?;
+        a.nop()
+    }) else {
+        return;
+    };
+    assert_eq!(run.events.len(), 1, "{:?}", run.events);
+}
+
+#[test]
+fn rep_stosb_after_lock_add_bytes_stores_every_element() {
+    // Before the `rep stosb`: f0 00 47 ff = `lock add [rdi - 1], al`, the element just stored.
+    let Some(run) = exact(&|a| {
+        let mut over = a.create_label();
+        a.add(rdi, 0x100)?;
+        a.mov(ecx, 64)?;
+        a.mov(al, 0x5a)?;
+        a.jmp(over)?;
+        a.db(&[0xf0, 0x00, 0x47, 0xff])?;
+        a.set_label(&mut over)?;
+        a.rep().stosb()
+    }) else {
+        return;
+    };
+    assert_eq!(
+        run.events.iter().map(|e| e.new.len()).sum::<usize>(),
+        64,
+        "{:?}",
+        run.events
+    );
+}
+
 #[test]
 fn genuine_locked_ops_on_one_vcpu_stay_exact() {
     // A failing compare-exchange (no event), a xadd, an xchg and a lock inc, run for real.
@@ -43,4 +129,8 @@ fn genuine_locked_ops_on_one_vcpu_stay_exact() {
         return;
     };
     assert_eq!(run.events.len(), 3, "{:?}", run.events);
+    assert_eq!(
+        run.stats.atomic_rmws, 4,
+        "all four went through the atomic path"
+    );
 }
