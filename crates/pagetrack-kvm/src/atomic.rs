@@ -17,8 +17,7 @@ use iced_x86::{
     Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
     OpKind, Register,
 };
-use kvm_bindings::kvm_regs;
-use kvm_ioctls::VcpuFd;
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::emulate::{CpuState, Emulated, StorePlan};
@@ -27,36 +26,28 @@ use crate::walk;
 
 const ZF: u64 = 1 << 6;
 
-/// Per-vCPU cache of what the backward decode needs from the system registers.
+/// What the decoders need from the system registers, read from the exit itself (`kvm_run`'s
+/// sync sregs, or KVM_GET_SREGS) at every trapped store: never a cache, which a CR3 switch or
+/// `wrfsbase` would make stale.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct SysCache {
-    cr3: u64,
-    fs_base: u64,
-    gs_base: u64,
-    valid: bool,
+    pub(crate) cr3: u64,
+    pub(crate) fs_base: u64,
+    pub(crate) gs_base: u64,
+    /// 64-bit code: paging on, long mode active, CS.L set.
+    pub(crate) long64: bool,
 }
 
+const CR0_PG: u64 = 1 << 31;
+const EFER_LMA: u64 = 1 << 10;
+
 impl SysCache {
-    pub(crate) fn is_valid(&self) -> bool {
-        self.valid
-    }
-
-    pub(crate) fn cr3(&self) -> u64 {
-        self.cr3
-    }
-
-    pub(crate) fn refresh(&mut self, fd: &VcpuFd) -> bool {
-        match fd.get_sregs() {
-            Ok(s) => {
-                *self = SysCache {
-                    cr3: s.cr3,
-                    fs_base: s.fs.base,
-                    gs_base: s.gs.base,
-                    valid: true,
-                };
-                true
-            }
-            Err(_) => false,
+    pub(crate) fn from_sregs(s: &kvm_sregs) -> SysCache {
+        SysCache {
+            cr3: s.cr3,
+            fs_base: s.fs.base,
+            gs_base: s.gs.base,
+            long64: s.cr0 & CR0_PG != 0 && s.efer & EFER_LMA != 0 && s.cs.l == 1,
         }
     }
 }
@@ -173,8 +164,6 @@ fn write_reg_low(regs: &mut kvm_regs, r: Register, v: u64) -> Option<()> {
 /// What to do with a trapped store.
 #[derive(Debug)]
 pub(crate) enum Outcome<'a> {
-    /// RIP did not translate with the cached CR3: refresh it and ask again.
-    Stale,
     /// Not a locked read-modify-write (or not one pagetrack can rebuild): apply KVM's data.
     Plain,
     /// A compare-exchange that failed at KVM's read: nothing to write, registers are right.
@@ -202,13 +191,10 @@ pub(crate) fn handle<'a>(
     gpa: u64,
     data: &[u8],
 ) -> Outcome<'a> {
-    if !cache.valid {
-        return Outcome::Plain;
+    if !cache.long64 {
+        return Outcome::Plain; // the decoders here are 64-bit only
     }
     let before = bytes_before(mem, cache.cr3, regs.rip);
-    if before.is_empty() {
-        return Outcome::Stale;
-    }
     // A locked read-modify-write carries a lock prefix (0xf0) or is xchg (0x86/0x87): without
     // either byte before RIP, no explanation can be one, and no decoding is needed (most
     // trapped stores).
@@ -405,10 +391,15 @@ fn may_explain(
 /// must be exactly one such fragment.
 fn covers(mem: &GuestMemoryMmap, cr3: u64, va: u64, size: u64, exit: &Exit<'_>) -> bool {
     let len = exit.data.len() as u64;
-    let end = va.wrapping_add(size);
+    // A range that wraps around the address space is not a store KVM made.
+    let Some(end) = va.checked_add(size) else {
+        return false;
+    };
     let mut from = va;
     while from < end {
-        let to = end.min((from & !0xfff) + 0x1000);
+        let to = (from & !0xfff)
+            .checked_add(0x1000)
+            .map_or(end, |next| end.min(next));
         if let Ok(t) = walk::translate(mem, cr3, from) {
             let piece = to - from;
             if let Some(off) = exit.gpa.checked_sub(t.gpa)

@@ -131,7 +131,7 @@ pub struct Vcpu {
     io: Box<dyn IoHandler>,
     stop: Arc<AtomicBool>,
     sync_regs: bool,
-    sys: atomic::SysCache,
+    sync_sregs: bool,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -149,6 +149,11 @@ impl Vcpu {
         if sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
         }
+        // And the system registers (CR3, FS/GS bases, mode), fresh with every exit.
+        let sync_sregs = vm.caps.sync_regs & kvm_bindings::KVM_SYNC_X86_SREGS != 0;
+        if sync_sregs {
+            fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
         Vcpu {
             index,
             fd,
@@ -156,7 +161,7 @@ impl Vcpu {
             io: Box::new(AbsentDevices),
             stop: Arc::new(AtomicBool::new(false)),
             sync_regs,
-            sys: atomic::SysCache::default(),
+            sync_sregs,
         }
     }
 
@@ -280,10 +285,13 @@ impl Vcpu {
             return;
         }
         let regs = self.fd.sync_regs().regs;
+        let Ok(sys) = self.sys_state() else {
+            return; // left to the CPU
+        };
         let mem = self.vm.mem.memory();
         let vm = Arc::clone(&self.vm);
         if let Some((regs, n)) =
-            crate::string::continue_rep(&vm, &mem, &self.sys, &regs, gpa, data.len(), self.index)
+            crate::string::continue_rep(&vm, &mem, &sys, &regs, gpa, data.len(), self.index)
         {
             self.fd.sync_regs_mut().regs = regs;
             self.fd.set_sync_dirty_reg(SyncReg::Register);
@@ -292,6 +300,17 @@ impl Vcpu {
             c.trapped_bytes
                 .fetch_add(n * data.len() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// The system registers at this exit: from `kvm_run` (no ioctl) where KVM syncs them.
+    fn sys_state(&mut self) -> Result<atomic::SysCache> {
+        if self.sync_sregs {
+            return Ok(atomic::SysCache::from_sregs(&self.fd.sync_regs().sregs));
+        }
+        self.fd
+            .get_sregs()
+            .map(|s| atomic::SysCache::from_sregs(&s))
+            .map_err(Error::kvm("KVM_GET_SREGS"))
     }
 
     /// Handles a trapped store that came from a locked read-modify-write: true if it was one
@@ -309,17 +328,12 @@ impl Vcpu {
                 source,
             })?
         };
-        if !self.sys.is_valid() {
-            self.sys.refresh(&self.fd);
-        }
+        let sys = self.sys_state()?;
         let vm = Arc::clone(&self.vm);
-        let mut outcome = atomic::handle(&vm, &mem, &self.sys, &regs, gpa, data);
-        if matches!(outcome, atomic::Outcome::Stale) && self.sys.refresh(&self.fd) {
-            outcome = atomic::handle(&vm, &mem, &self.sys, &regs, gpa, data);
-        }
+        let outcome = atomic::handle(&vm, &mem, &sys, &regs, gpa, data);
         let counters = &vm.backend.counters;
         match outcome {
-            atomic::Outcome::Plain | atomic::Outcome::Stale => Ok(false),
+            atomic::Outcome::Plain => Ok(false),
             atomic::Outcome::FailedCompare => {
                 counters.atomic_rmws.fetch_add(1, Ordering::Relaxed);
                 Ok(true)

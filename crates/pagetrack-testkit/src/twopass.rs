@@ -119,12 +119,17 @@ pub enum Ending {
     Timeout,
 }
 
+/// Called when the guest writes to a port other than the exit and exception ports; the
+/// vCPU then resumes (a test's way to act from the host in the middle of a body).
+pub type PortHook<'a> = &'a dyn Fn(u16, &pagetrack_kvm::Vcpu);
+
 /// A two-pass test: a body, the number of data frames and their initial contents.
 pub struct TwoPass<'a> {
     body: Body<'a>,
     frames: usize,
     init: Vec<u8>,
     timeout: Duration,
+    port_hook: Option<PortHook<'a>>,
 }
 
 impl std::fmt::Debug for TwoPass<'_> {
@@ -152,7 +157,16 @@ impl<'a> TwoPass<'a> {
             frames: 1,
             init: pattern(4096),
             timeout: Duration::from_secs(60),
+            port_hook: None,
         }
+    }
+
+    /// Calls `hook` for each guest write to another port (see [`PortHook`]); without a hook
+    /// such a write ends the run ([`Ending::Exit`]).
+    #[must_use]
+    pub fn on_port(mut self, hook: PortHook<'a>) -> Self {
+        self.port_hook = Some(hook);
+        self
     }
 
     /// Uses `n` data frames (1 to [`MAX_FRAMES`]), all tracked in the tracked pass, holding
@@ -272,7 +286,7 @@ impl<'a> TwoPass<'a> {
                 .expect("track");
         }
         setup(&vm);
-        let ending = run_watched(&vm, &layout, &mut vcpu, self.timeout);
+        let ending = run_watched(&vm, &layout, &mut vcpu, self.timeout, self.port_hook);
         drop(handle);
         let len = self.init.len();
         let read = |gpa: u64, n: usize| {
@@ -308,6 +322,7 @@ fn run_watched(
     layout: &LongModeLayout,
     vcpu: &mut pagetrack_kvm::Vcpu,
     timeout: Duration,
+    hook: Option<PortHook<'_>>,
 ) -> Ending {
     let stopper = vcpu.stopper();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -316,27 +331,37 @@ fn run_watched(
             stopper.stop();
         }
     });
-    let ending = match vcpu.run() {
-        Ok(Exit::IoOut {
-            port: GUEST_EXIT_PORT,
-            data,
-        }) if data.first() == 0 => Ending::Finished,
-        Ok(Exit::IoOut {
-            port: GUEST_EXIT_PORT,
-            data,
-        }) => Ending::ExitCode(data.first()),
-        Ok(Exit::IoOut {
-            port: EXCEPTION_PORT,
-            ..
-        }) => Ending::Exception(
-            match x86::decode_exception(vcpu.fd(), &*vm.raw_memory(), layout) {
-                Ok(e) => format!("{} {e:?}", e.mnemonic()),
-                Err(e) => format!("undecodable exception: {e}"),
-            },
-        ),
-        Ok(Exit::Stopped) => Ending::Timeout,
-        Ok(other) => Ending::Exit(other),
-        Err(e) => Ending::Error(e),
+    let ending = loop {
+        let exit = vcpu.run();
+        if let (Ok(Exit::IoOut { port, .. }), Some(hook)) = (&exit, hook)
+            && *port != GUEST_EXIT_PORT
+            && *port != EXCEPTION_PORT
+        {
+            hook(*port, vcpu);
+            continue;
+        }
+        break match exit {
+            Ok(Exit::IoOut {
+                port: GUEST_EXIT_PORT,
+                data,
+            }) if data.first() == 0 => Ending::Finished,
+            Ok(Exit::IoOut {
+                port: GUEST_EXIT_PORT,
+                data,
+            }) => Ending::ExitCode(data.first()),
+            Ok(Exit::IoOut {
+                port: EXCEPTION_PORT,
+                ..
+            }) => Ending::Exception(
+                match x86::decode_exception(vcpu.fd(), &*vm.raw_memory(), layout) {
+                    Ok(e) => format!("{} {e:?}", e.mnemonic()),
+                    Err(e) => format!("undecodable exception: {e}"),
+                },
+            ),
+            Ok(Exit::Stopped) => Ending::Timeout,
+            Ok(other) => Ending::Exit(other),
+            Err(e) => Ending::Error(e),
+        };
     };
     // The watchdog ends on its own once `done_tx` is sent or dropped.
     let _ignored = done_tx.send(());

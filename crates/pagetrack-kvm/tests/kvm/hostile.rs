@@ -134,3 +134,21 @@ fn genuine_locked_ops_on_one_vcpu_stay_exact() {
         "all four went through the atomic path"
     );
 }
+
+#[test]
+fn decoding_whose_address_wraps_around_does_not_hang_the_vcpu() {
+    // 90 f0 89 48 f8 ... the tail 89 48 f8 is `mov [rax - 8], ecx`: with rax = 0 its range
+    // ends at the top of the address space (it once made the page loop never end).
+    let Some(kvm) = pagetrack_testkit::gate::open_kvm_or_skip(module_path!()) else {
+        return;
+    };
+    let run = pagetrack_testkit::with_watchdog(std::time::Duration::from_secs(60), move || {
+        let body = |a: &mut Asm| {
+            a.xor(eax, eax)?;
+            mov_imm_spelling(a, [0xf0, 0x89, 0x48, 0xf8])
+        };
+        TwoPass::new(&body).run(kvm)
+    });
+    run.assert_exact();
+    assert_eq!(run.events.len(), 1);
+}

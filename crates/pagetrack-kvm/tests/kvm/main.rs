@@ -16,4 +16,5 @@ mod hard;
 mod hostile;
 mod pagetables;
 mod shapes;
+mod stale;
 mod track;
