@@ -209,6 +209,10 @@ pub struct CpuState {
     pub xcr0: u64,
     /// Where the components live in `xsave` (and in the guest's XSAVE areas).
     pub xsave_layout: XsaveLayout,
+    /// GDTR (base, limit), KVM_GET_SREGS; used by `sgdt`.
+    pub gdtr: (u64, u16),
+    /// IDTR (base, limit), KVM_GET_SREGS; used by `sidt`.
+    pub idtr: (u64, u16),
 }
 
 /// One guest-physical range an instruction accesses; it never crosses a 4 KiB page.
@@ -295,6 +299,10 @@ enum Op {
         rex_w: bool,
     },
     Movdir64b,
+    /// sgdt / sidt (64-bit mode: 2-byte limit, 8-byte base).
+    DescriptorTable {
+        idt: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -515,6 +523,13 @@ impl StorePlan {
                 let bit = u32::try_from(bit).unwrap_or(0);
                 let gva = self.address(insn, 0, state, delta)?;
                 return Ok(Decoded::simple(Op::Bit(mnemonic, bit), gva, size, 1));
+            }
+            M::Sgdt | M::Sidt if mem0 => {
+                let gva = self.address(insn, 0, state, 0)?;
+                let op = Op::DescriptorTable {
+                    idt: mnemonic == M::Sidt,
+                };
+                return Ok(Decoded::simple(op, gva, 10, 1));
             }
             M::Fxsave | M::Fxsave64 if mem0 => {
                 let gva = self.address(insn, 0, state, 0)?;
@@ -781,6 +796,12 @@ impl StorePlan {
             }
             Op::Xsave { rfbm, rex_w } => return xsave_image(state, &self.pieces, rfbm, rex_w, old),
             Op::Movdir64b => return Ok(Some(source.to_vec())),
+            Op::DescriptorTable { idt } => {
+                let (base, limit) = if idt { state.idtr } else { state.gdtr };
+                let mut v = limit.to_le_bytes().to_vec();
+                v.extend_from_slice(&base.to_le_bytes());
+                return Ok(Some(v));
+            }
         };
         Ok(Some(le_bytes(new_val, size)))
     }
@@ -953,6 +974,14 @@ fn gpr_slot(regs: &mut kvm_regs, full: Register) -> Option<&mut u64> {
         Register::R15 => &mut regs.r15,
         _ => return None,
     })
+}
+
+/// Value of a general register of any size (AH..BH included), zero-extended; RIP as is.
+pub(crate) fn gpr(regs: &kvm_regs, reg: Register) -> Option<u64> {
+    if reg == Register::RIP {
+        return Some(regs.rip);
+    }
+    read_gpr(regs, reg)
 }
 
 /// Value of a general register of any size (AH..BH included), zero-extended.

@@ -17,4 +17,5 @@ mod hostile;
 mod pagetables;
 mod shapes;
 mod stale;
+mod stall;
 mod track;
