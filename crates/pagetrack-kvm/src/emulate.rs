@@ -573,9 +573,6 @@ impl StorePlan {
                 if !(reg.is_xmm() || reg.is_ymm() || reg.is_zmm()) {
                     return Err(self.unsupported("source is not an xmm/ymm/zmm register"));
                 }
-                if insn.op_mask() != Register::None {
-                    return Err(self.unsupported("masked vector store"));
-                }
                 let byte = if kind == VectorKind::High { 8 } else { 0 };
                 if size == 0 || byte + size > reg.size() {
                     return Err(self.unsupported("unexpected vector operand size"));
@@ -585,6 +582,34 @@ impl StorePlan {
                 } else {
                     1
                 };
+                if insn.op_mask() != Register::None {
+                    // Merge-masked store: only the elements whose mask bit is set are written
+                    // (and translated: masked-out elements never fault).
+                    let element = insn.memory_size().element_size();
+                    if insn.zeroing_masking() || element == 0 || !size.is_multiple_of(element) {
+                        return Err(self.unsupported("masked vector store of an unexpected form"));
+                    }
+                    let k = insn.op_mask().number() - Register::K0.number();
+                    let mask = read_le(&component_bytes(state, 5, 8 * k, 8)?);
+                    let mut ranges: Vec<(usize, usize)> = Vec::new();
+                    for e in 0..size / element {
+                        if mask >> e & 1 == 0 {
+                            continue;
+                        }
+                        match ranges.last_mut() {
+                            Some((s, l)) if *s + *l == e * element => *l += element,
+                            _ => ranges.push((e * element, element)),
+                        }
+                    }
+                    let gva = self.address(insn, 0, state, 0)?;
+                    return Ok(Decoded {
+                        op: Op::Store(Src::Vector { reg, byte }),
+                        gva,
+                        ranges,
+                        align,
+                        source: None,
+                    });
+                }
                 (Op::Store(Src::Vector { reg, byte }), size, align)
             }
             _ => return Err(self.unsupported("not a supported store")),
@@ -1698,8 +1723,6 @@ mod tests {
         assert_eq!(r.err(|a| a.vmovdqa(ymmword_ptr(rdi), ymm1)), GP);
         assert_eq!(r.err(|a| a.vmovntdq(zmmword_ptr(rdi), zmm1)), GP);
         r.s.regs.rdi = BUF;
-        let masked = r.err(|a| a.vmovdqu64(zmmword_ptr(rdi).k1(), zmm1));
-        assert_eq!(reason(masked), "masked vector store");
         let scatter = r.err(|a| a.vpscatterdd(dword_ptr(rdi + zmm2).k1(), zmm1));
         assert_eq!(reason(scatter), "not a supported store");
         assert!(reason(r.err(|a| a.movq(qword_ptr(rdi), mm1))).contains("xmm"));

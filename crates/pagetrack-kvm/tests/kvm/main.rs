@@ -14,6 +14,7 @@ mod concurrency;
 mod example;
 mod hard;
 mod hostile;
+mod masked;
 mod pagetables;
 mod shapes;
 mod stale;
