@@ -446,7 +446,47 @@ fn exit_limit_ends_the_run_with_status_1() {
     assert_closing(&lines, "error", None);
     let detail = lines[lines.len() - 2]["detail"].as_str().unwrap();
     assert!(detail.contains("exit limit"), "{detail}");
-    assert!(lines.last().unwrap()["exits"].as_u64().unwrap() >= 50);
+    assert_eq!(
+        lines.last().unwrap()["exits"].as_u64().unwrap(),
+        50,
+        "the limit is exact"
+    );
+}
+
+#[test]
+fn exit_limit_of_one_stops_after_exactly_one_exit() {
+    let _kvm = kvm_or_skip!();
+    let dir = TempDir::new("maxexits1");
+    let image = dir.file(
+        "guest.bin",
+        &assemble(LOAD, |a| {
+            let mut again = a.create_label();
+            a.set_label(&mut again)?;
+            a.mov(byte_ptr(0x5000), al)?; // one trapped store each
+            a.inc(al)?;
+            a.jmp(again)
+        }),
+    );
+    let out = run_image(
+        &image,
+        &[
+            "--max-exits",
+            "1",
+            "--track",
+            "0x5000",
+            "--timeout",
+            "30",
+            "--events",
+            "-",
+        ],
+    );
+    assert_eq!(status(&out), 1, "stderr: {}", text(&out.stderr));
+    let lines = json_lines(&out);
+    let detail = lines[lines.len() - 2]["detail"].as_str().unwrap();
+    assert!(detail.contains("exit limit"), "{detail}");
+    assert_eq!(lines.last().unwrap()["exits"].as_u64().unwrap(), 1);
+    let writes = lines.iter().filter(|l| l["type"] == "write").count();
+    assert_eq!(writes, 1, "one exit, one trapped store: {lines:?}");
 }
 
 #[test]

@@ -209,6 +209,10 @@ pub struct CpuState {
     pub xcr0: u64,
     /// Where the components live in `xsave` (and in the guest's XSAVE areas).
     pub xsave_layout: XsaveLayout,
+    /// GDTR (base, limit), KVM_GET_SREGS; used by `sgdt`.
+    pub gdtr: (u64, u16),
+    /// IDTR (base, limit), KVM_GET_SREGS; used by `sidt`.
+    pub idtr: (u64, u16),
 }
 
 /// One guest-physical range an instruction accesses; it never crosses a 4 KiB page.
@@ -295,6 +299,10 @@ enum Op {
         rex_w: bool,
     },
     Movdir64b,
+    /// sgdt / sidt (64-bit mode: 2-byte limit, 8-byte base).
+    DescriptorTable {
+        idt: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -516,6 +524,13 @@ impl StorePlan {
                 let gva = self.address(insn, 0, state, delta)?;
                 return Ok(Decoded::simple(Op::Bit(mnemonic, bit), gva, size, 1));
             }
+            M::Sgdt | M::Sidt if mem0 => {
+                let gva = self.address(insn, 0, state, 0)?;
+                let op = Op::DescriptorTable {
+                    idt: mnemonic == M::Sidt,
+                };
+                return Ok(Decoded::simple(op, gva, 10, 1));
+            }
             M::Fxsave | M::Fxsave64 if mem0 => {
                 let gva = self.address(insn, 0, state, 0)?;
                 let rex_w = mnemonic == M::Fxsave64;
@@ -558,9 +573,6 @@ impl StorePlan {
                 if !(reg.is_xmm() || reg.is_ymm() || reg.is_zmm()) {
                     return Err(self.unsupported("source is not an xmm/ymm/zmm register"));
                 }
-                if insn.op_mask() != Register::None {
-                    return Err(self.unsupported("masked vector store"));
-                }
                 let byte = if kind == VectorKind::High { 8 } else { 0 };
                 if size == 0 || byte + size > reg.size() {
                     return Err(self.unsupported("unexpected vector operand size"));
@@ -570,6 +582,34 @@ impl StorePlan {
                 } else {
                     1
                 };
+                if insn.op_mask() != Register::None {
+                    // Merge-masked store: only the elements whose mask bit is set are written
+                    // (and translated: masked-out elements never fault).
+                    let element = insn.memory_size().element_size();
+                    if insn.zeroing_masking() || element == 0 || !size.is_multiple_of(element) {
+                        return Err(self.unsupported("masked vector store of an unexpected form"));
+                    }
+                    let k = insn.op_mask().number() - Register::K0.number();
+                    let mask = read_le(&component_bytes(state, 5, 8 * k, 8)?);
+                    let mut ranges: Vec<(usize, usize)> = Vec::new();
+                    for e in 0..size / element {
+                        if mask >> e & 1 == 0 {
+                            continue;
+                        }
+                        match ranges.last_mut() {
+                            Some((s, l)) if *s + *l == e * element => *l += element,
+                            _ => ranges.push((e * element, element)),
+                        }
+                    }
+                    let gva = self.address(insn, 0, state, 0)?;
+                    return Ok(Decoded {
+                        op: Op::Store(Src::Vector { reg, byte }),
+                        gva,
+                        ranges,
+                        align,
+                        source: None,
+                    });
+                }
                 (Op::Store(Src::Vector { reg, byte }), size, align)
             }
             _ => return Err(self.unsupported("not a supported store")),
@@ -781,6 +821,12 @@ impl StorePlan {
             }
             Op::Xsave { rfbm, rex_w } => return xsave_image(state, &self.pieces, rfbm, rex_w, old),
             Op::Movdir64b => return Ok(Some(source.to_vec())),
+            Op::DescriptorTable { idt } => {
+                let (base, limit) = if idt { state.idtr } else { state.gdtr };
+                let mut v = limit.to_le_bytes().to_vec();
+                v.extend_from_slice(&base.to_le_bytes());
+                return Ok(Some(v));
+            }
         };
         Ok(Some(le_bytes(new_val, size)))
     }
@@ -953,6 +999,14 @@ fn gpr_slot(regs: &mut kvm_regs, full: Register) -> Option<&mut u64> {
         Register::R15 => &mut regs.r15,
         _ => return None,
     })
+}
+
+/// Value of a general register of any size (AH..BH included), zero-extended; RIP as is.
+pub(crate) fn gpr(regs: &kvm_regs, reg: Register) -> Option<u64> {
+    if reg == Register::RIP {
+        return Some(regs.rip);
+    }
+    read_gpr(regs, reg)
 }
 
 /// Value of a general register of any size (AH..BH included), zero-extended.
@@ -1669,8 +1723,6 @@ mod tests {
         assert_eq!(r.err(|a| a.vmovdqa(ymmword_ptr(rdi), ymm1)), GP);
         assert_eq!(r.err(|a| a.vmovntdq(zmmword_ptr(rdi), zmm1)), GP);
         r.s.regs.rdi = BUF;
-        let masked = r.err(|a| a.vmovdqu64(zmmword_ptr(rdi).k1(), zmm1));
-        assert_eq!(reason(masked), "masked vector store");
         let scatter = r.err(|a| a.vpscatterdd(dword_ptr(rdi + zmm2).k1(), zmm1));
         assert_eq!(reason(scatter), "not a supported store");
         assert!(reason(r.err(|a| a.movq(qword_ptr(rdi), mm1))).contains("xmm"));

@@ -64,6 +64,15 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A thread pagetrack needs could not be started.
+    #[error("cannot start the {what} thread")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A vCPU index that does not exist, or a second vCPU with the same index.
     #[error("vcpu {index}: {reason}")]
     Vcpu {

@@ -22,6 +22,8 @@ struct State {
     running: usize,
     /// Threads inside [`Gate::stop`].
     stopping: usize,
+    /// How many times each vCPU entered `KVM_RUN`, by vCPU index.
+    entries: Vec<u64>,
 }
 
 /// See the module docs.
@@ -55,7 +57,9 @@ impl Gate {
         }
         if s.inside.len() <= index {
             s.inside.resize(index + 1, None);
+            s.entries.resize(index + 1, 0);
         }
+        s.entries[index] += 1;
         debug_assert!(s.inside[index].is_none());
         s.inside[index] = Some(ThreadHandle::current());
         s.running += 1;
@@ -95,6 +99,22 @@ impl Gate {
             .wait_timeout(s, Duration::from_micros(100))
             .map(|(g, _)| g)
             .unwrap_or_else(|e| e.into_inner().0)
+    }
+
+    /// Kicks every vCPU that has stayed inside the same `KVM_RUN` since the previous call
+    /// (`seen` keeps, per vCPU, the entry count of that call), so that [`crate::Vcpu::run`]
+    /// can look at a vCPU KVM keeps busy without an exit.
+    pub(crate) fn kick_unchanged(&self, seen: &mut Vec<u64>) {
+        let s = self.lock();
+        seen.resize(s.entries.len(), 0);
+        for (i, t) in s.inside.iter().enumerate() {
+            if let Some(t) = t
+                && seen[i] == s.entries[i]
+            {
+                t.kick();
+            }
+            seen[i] = s.entries[i];
+        }
     }
 
     /// Closes the gate and returns once no vCPU is inside `KVM_RUN`.

@@ -21,5 +21,5 @@ pub mod walk;
 pub use error::{Error, Result};
 pub use memory::TrackedMemory;
 pub use slots::FragmentStats;
-pub use vcpu::{Exit, IoData, IoHandler, Vcpu, VcpuStopper};
+pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
 pub use vm::{HostCaps, Vm, VmConfig, VmStats};

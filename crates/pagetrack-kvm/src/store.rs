@@ -173,6 +173,8 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         xsave: Some(xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect()),
         xcr0,
         xsave_layout: vm.xsave_layout(),
+        gdtr: (sregs.gdt.base, sregs.gdt.limit),
+        idtr: (sregs.idt.base, sregs.idt.limit),
     };
     let plan = StorePlan::new(&state, &bytes, &mut cpu).map_err(|e| stop(e.to_string()))?;
     let targets: Vec<_> = plan.targets().collect();
@@ -219,4 +221,89 @@ pub(crate) fn report_writes(vm: &VmInner, writes: &[MemWrite], index: u32) {
             &WriteEvent::new(Gpa(w.gpa), &w.new, Source::Vcpu(index)).with_old(&w.old),
         );
     }
+}
+
+/// Whether the instruction at RIP stores into a tracked frame (decoded in the vCPU's mode; the
+/// address from its registers and segment bases). Used on a vCPU that KVM keeps inside
+/// `KVM_RUN` without progress: such a store never reached userspace as an exit.
+pub(crate) fn stores_into_tracked(
+    vm: &VmInner,
+    regs: &kvm_bindings::kvm_regs,
+    sregs: &kvm_bindings::kvm_sregs,
+) -> bool {
+    use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory, OpAccess, Register};
+    let mem = vm.mem.memory();
+    let paging = sregs.cr0 & (1 << 31) != 0;
+    let bitness = if sregs.cs.l == 1 {
+        64
+    } else if sregs.cs.db == 1 {
+        32
+    } else {
+        16
+    };
+    let linear = |va: u64| -> Option<u64> {
+        if paging {
+            walk::translate(&*mem, sregs.cr3, va).ok().map(|t| t.gpa)
+        } else {
+            Some(va & 0xffff_ffff)
+        }
+    };
+    let rip = if bitness == 64 {
+        regs.rip
+    } else {
+        sregs.cs.base.wrapping_add(regs.rip)
+    };
+    let mut bytes = [0u8; 15];
+    let mut n = 0;
+    while n < 15 {
+        let Some(gpa) = linear(rip + n as u64) else {
+            break;
+        };
+        let mut b = [0u8; 1];
+        if mem.read_slice(&mut b, GuestAddress(gpa)).is_err() {
+            break;
+        }
+        bytes[n] = b[0];
+        n += 1;
+    }
+    let insn = Decoder::with_ip(bitness, &bytes[..n], regs.rip, DecoderOptions::NONE).decode();
+    if insn.is_invalid() {
+        return false;
+    }
+    let seg_base = |r: Register| match r {
+        Register::FS => sregs.fs.base,
+        Register::GS => sregs.gs.base,
+        _ if bitness == 64 => 0,
+        Register::ES => sregs.es.base,
+        Register::CS => sregs.cs.base,
+        Register::SS => sregs.ss.base,
+        _ => sregs.ds.base,
+    };
+    let mut factory = InstructionInfoFactory::new();
+    let info = factory.info(&insn);
+    let tracker = &vm.tracker;
+    info.used_memory().iter().any(|m| {
+        if !matches!(
+            m.access(),
+            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+        ) {
+            return false;
+        }
+        let Some(ea) = m.virtual_address(0, |r, _, _| {
+            if r.is_segment_register() {
+                Some(0)
+            } else {
+                crate::emulate::gpr(regs, r)
+            }
+        }) else {
+            return false;
+        };
+        let va = seg_base(m.segment()).wrapping_add(ea);
+        let size = (m.memory_size().size() as u64).max(1);
+        [va, va.wrapping_add(size - 1)].iter().any(|&a| {
+            linear(a).is_some_and(|gpa| {
+                tracker.is_write_tracked(pagetrack::AsId::NORMAL, pagetrack::Gfn(gpa >> 12))
+            })
+        })
+    })
 }

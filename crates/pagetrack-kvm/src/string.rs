@@ -31,10 +31,10 @@ pub(crate) fn continue_rep(
     len: usize,
     vcpu: u32,
 ) -> Option<(kvm_regs, u64)> {
-    if regs.rcx == 0 || !sys.is_valid() {
+    if regs.rcx == 0 || !sys.long64 {
         return None;
     }
-    let cr3 = sys.cr3();
+    let cr3 = sys.cr3;
     let mut bytes = [0u8; 15];
     let n = walk::read_virt_prefix(mem, cr3, regs.rip, &mut bytes);
     if !bytes[..n.min(4)].contains(&0xf3) {

@@ -2,7 +2,7 @@
 //! back to the VMM as a typed [`Exit`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use pagetrack::Source;
@@ -71,6 +71,8 @@ pub enum Exit {
     Shutdown,
     /// [`VcpuStopper::stop`] was called.
     Stopped,
+    /// The vCPU's [`ExitBudget`] is spent: `run` returned without entering the guest.
+    ExitLimit,
     /// `KVM_EXIT_FAIL_ENTRY`.
     FailEntry {
         /// Hardware reason.
@@ -123,6 +125,58 @@ impl VcpuStopper {
     }
 }
 
+/// A limit on KVM exits, shared by the vCPUs it is given to ([`Vcpu::set_exit_budget`]).
+///
+/// Every exit from `KVM_RUN` counts, those `run` handles itself (trapped stores) included. A
+/// vCPU takes one unit before it enters the guest and gives it back if `KVM_RUN` returns
+/// without an exit (a signal), so the exits never exceed the limit; once it is spent, `run`
+/// returns [`Exit::ExitLimit`] before entering the guest. With several vCPUs, one may be
+/// refused while another holds the last unit inside the guest.
+#[derive(Debug, Clone)]
+pub struct ExitBudget {
+    inner: Arc<BudgetInner>,
+}
+
+#[derive(Debug)]
+struct BudgetInner {
+    left: AtomicU64,
+    used: AtomicU64,
+}
+
+impl ExitBudget {
+    /// A budget of `max` exits.
+    #[must_use]
+    pub fn new(max: u64) -> ExitBudget {
+        ExitBudget {
+            inner: Arc::new(BudgetInner {
+                left: AtomicU64::new(max),
+                used: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The exits taken so far.
+    #[must_use]
+    pub fn used(&self) -> u64 {
+        self.inner.used.load(Ordering::SeqCst)
+    }
+
+    fn reserve(&self) -> bool {
+        self.inner
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+            .is_ok()
+    }
+
+    fn refund(&self) {
+        self.inner.left.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn spend(&self) {
+        self.inner.used.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 /// One vCPU. Run it on one thread (`run(&mut self)`); it is `Send`.
 pub struct Vcpu {
     index: u32,
@@ -131,7 +185,12 @@ pub struct Vcpu {
     io: Box<dyn IoHandler>,
     stop: Arc<AtomicBool>,
     sync_regs: bool,
-    sys: atomic::SysCache,
+    sync_sregs: bool,
+    budget: Option<ExitBudget>,
+    /// Exits so far (for the stall check).
+    exits: u64,
+    /// RIP and exit count at the last interrupted `KVM_RUN`.
+    last_interrupt: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -149,6 +208,11 @@ impl Vcpu {
         if sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
         }
+        // And the system registers (CR3, FS/GS bases, mode), fresh with every exit.
+        let sync_sregs = vm.caps.sync_regs & kvm_bindings::KVM_SYNC_X86_SREGS != 0;
+        if sync_sregs {
+            fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
         Vcpu {
             index,
             fd,
@@ -156,7 +220,10 @@ impl Vcpu {
             io: Box::new(AbsentDevices),
             stop: Arc::new(AtomicBool::new(false)),
             sync_regs,
-            sys: atomic::SysCache::default(),
+            sync_sregs,
+            budget: None,
+            exits: 0,
+            last_interrupt: None,
         }
     }
 
@@ -180,6 +247,11 @@ impl Vcpu {
         self.io = io;
     }
 
+    /// Limits the exits of this vCPU (and of every vCPU given a clone of `budget`).
+    pub fn set_exit_budget(&mut self, budget: Option<ExitBudget>) {
+        self.budget = budget;
+    }
+
     /// A handle that stops this vCPU from another thread.
     pub fn stopper(&self) -> VcpuStopper {
         VcpuStopper {
@@ -197,20 +269,40 @@ impl Vcpu {
     /// frames) are applied and reported here, with source `Vcpu(index)`; loads of RAM that exit
     /// (during a slot change) are served from guest memory.
     ///
+    /// A vCPU that KVM keeps inside `KVM_RUN` without an exit and without moving RIP (pagetrack
+    /// kicks it out every 50 ms to look) on an instruction that stores into a tracked frame
+    /// (KVM retries an `sgdt` into a read-only slot forever) has that store completed here,
+    /// or the run stops with [`Error::Unemulatable`]: it never stalls unnoticed.
+    ///
     /// # Errors
     /// A failed `KVM_RUN`, or a store that cannot be completed ([`Error::Unemulatable`]).
     pub fn run(&mut self) -> Result<Exit> {
         let idx = self.gate_index();
         loop {
+            if let Some(b) = &self.budget
+                && !b.reserve()
+            {
+                return Ok(Exit::ExitLimit);
+            }
             if !self.vm.backend.gate.enter(idx, &self.stop) {
+                if let Some(b) = &self.budget {
+                    b.refund();
+                }
                 self.stop.store(false, Ordering::SeqCst);
                 return Ok(Exit::Stopped);
             }
             let res = self.fd.run();
             self.vm.backend.gate.leave(idx);
+            if let Some(b) = &self.budget {
+                match &res {
+                    Err(_) => b.refund(),
+                    Ok(_) => b.spend(),
+                }
+            }
             let exit = match res {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
+                    self.check_stall()?;
                     continue;
                 }
                 Err(e) => {
@@ -221,6 +313,7 @@ impl Vcpu {
                 }
                 Ok(exit) => exit,
             };
+            self.exits += 1;
             let source = Source::Vcpu(self.index);
             let vm = Arc::clone(&self.vm);
             let counters = &vm.backend.counters;
@@ -280,10 +373,13 @@ impl Vcpu {
             return;
         }
         let regs = self.fd.sync_regs().regs;
+        let Ok(sys) = self.sys_state() else {
+            return; // left to the CPU
+        };
         let mem = self.vm.mem.memory();
         let vm = Arc::clone(&self.vm);
         if let Some((regs, n)) =
-            crate::string::continue_rep(&vm, &mem, &self.sys, &regs, gpa, data.len(), self.index)
+            crate::string::continue_rep(&vm, &mem, &sys, &regs, gpa, data.len(), self.index)
         {
             self.fd.sync_regs_mut().regs = regs;
             self.fd.set_sync_dirty_reg(SyncReg::Register);
@@ -292,6 +388,51 @@ impl Vcpu {
             c.trapped_bytes
                 .fetch_add(n * data.len() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// After an interrupted `KVM_RUN`: if the previous interruption found the same RIP and no
+    /// exit happened since, and the instruction at RIP stores into a tracked frame, KVM is
+    /// retrying it without ever exiting. Its state is the one before the instruction, so
+    /// pagetrack completes the store itself, or stops with a typed error.
+    fn check_stall(&mut self) -> Result<()> {
+        let regs = self.fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
+        let now = (regs.rip, self.exits);
+        if self.last_interrupt.replace(now) != Some(now) {
+            return Ok(());
+        }
+        let sregs = self.fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        if !crate::store::stores_into_tracked(&self.vm, &regs, &sregs) {
+            return Ok(());
+        }
+        self.last_interrupt = None;
+        crate::store::complete(&self.vm, &self.fd, self.index).map_err(|e| match e {
+            Error::Unemulatable {
+                vcpu,
+                rip,
+                bytes,
+                reason,
+            } => Error::Unemulatable {
+                vcpu,
+                rip,
+                bytes,
+                reason: format!(
+                    "KVM retries this store into a tracked frame without an exit, and \
+                     pagetrack cannot complete it: {reason}"
+                ),
+            },
+            other => other,
+        })
+    }
+
+    /// The system registers at this exit: from `kvm_run` (no ioctl) where KVM syncs them.
+    fn sys_state(&mut self) -> Result<atomic::SysCache> {
+        if self.sync_sregs {
+            return Ok(atomic::SysCache::from_sregs(&self.fd.sync_regs().sregs));
+        }
+        self.fd
+            .get_sregs()
+            .map(|s| atomic::SysCache::from_sregs(&s))
+            .map_err(Error::kvm("KVM_GET_SREGS"))
     }
 
     /// Handles a trapped store that came from a locked read-modify-write: true if it was one
@@ -309,17 +450,12 @@ impl Vcpu {
                 source,
             })?
         };
-        if !self.sys.is_valid() {
-            self.sys.refresh(&self.fd);
-        }
+        let sys = self.sys_state()?;
         let vm = Arc::clone(&self.vm);
-        let mut outcome = atomic::handle(&vm, &mem, &self.sys, &regs, gpa, data);
-        if matches!(outcome, atomic::Outcome::Stale) && self.sys.refresh(&self.fd) {
-            outcome = atomic::handle(&vm, &mem, &self.sys, &regs, gpa, data);
-        }
+        let outcome = atomic::handle(&vm, &mem, &sys, &regs, gpa, data);
         let counters = &vm.backend.counters;
         match outcome {
-            atomic::Outcome::Plain | atomic::Outcome::Stale => Ok(false),
+            atomic::Outcome::Plain => Ok(false),
             atomic::Outcome::FailedCompare => {
                 counters.atomic_rmws.fetch_add(1, Ordering::Relaxed);
                 Ok(true)

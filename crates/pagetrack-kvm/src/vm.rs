@@ -253,6 +253,25 @@ pub(crate) struct VmInner {
     pt_frames: std::sync::RwLock<std::collections::HashSet<u64>>,
     pt_marked: std::sync::atomic::AtomicBool,
     xsave_layout: std::sync::OnceLock<(crate::emulate::XsaveLayout, u64)>,
+    stall_monitor: std::sync::Once,
+}
+
+/// How often the stall monitor looks at the vCPUs: a vCPU inside one `KVM_RUN` for two
+/// periods is kicked out and checked ([`crate::Vcpu::run`]).
+pub(crate) const STALL_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The stall monitor: while the VM lives, kicks vCPUs that stay inside one `KVM_RUN` for a
+/// whole [`STALL_PERIOD`] (a kick costs about one exit), so that a guest KVM keeps busy
+/// without exits (an `sgdt` into a tracked frame, which KVM retries forever) is noticed.
+fn stall_monitor(vm: std::sync::Weak<VmInner>) {
+    let mut seen = Vec::new();
+    loop {
+        std::thread::sleep(STALL_PERIOD);
+        let Some(vm) = vm.upgrade() else {
+            return;
+        };
+        vm.backend.gate.kick_unchanged(&mut seen);
+    }
 }
 
 use crate::walk::pte;
@@ -446,6 +465,7 @@ impl Vm {
                 pt_frames: std::sync::RwLock::default(),
                 pt_marked: std::sync::atomic::AtomicBool::new(false),
                 xsave_layout: std::sync::OnceLock::new(),
+                stall_monitor: std::sync::Once::new(),
             }),
         })
     }
@@ -625,6 +645,18 @@ impl Vm {
             .create_vcpu(u64::from(index))
             .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         vcpus.push(index);
+        let weak = Arc::downgrade(&self.inner);
+        let mut spawned = Ok(());
+        self.inner.stall_monitor.call_once(|| {
+            spawned = std::thread::Builder::new()
+                .name("pagetrack-stall".into())
+                .spawn(move || stall_monitor(weak))
+                .map(drop);
+        });
+        spawned.map_err(|source| Error::Thread {
+            what: "stall monitor",
+            source,
+        })?;
         Ok(Vcpu::new(index, fd, Arc::clone(&self.inner)))
     }
 

@@ -7,6 +7,8 @@
 //!   `CodeAssembler`; the exit convention is `out 0xf4, al` with the exit code in `al`.
 //! - [`run_bounded`], [`with_watchdog`]: a broken guest fails the test instead of hanging it.
 //! - [`assert_notifier_contract`]: the notifier contract, run against every backend.
+//! - [`TwoPass`]: the two-pass harness (a body on untracked, then tracked memory; compare
+//!   and replay).
 //!
 //! The vCPU set-up itself (page tables, GDT, TSS, IDT, exception stubs) is
 //! [`pagetrack_vmm::x86`].
@@ -16,7 +18,9 @@ pub mod asm;
 pub mod contract;
 pub mod gate;
 pub mod runner;
+pub mod twopass;
 
 pub use asm::{assemble, assemble16, exit_with};
 pub use contract::{Harness, assert_notifier_contract};
 pub use runner::{Stop, run_bounded, with_watchdog};
+pub use twopass::{Ending, TwoPass, TwoPassRun};

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use pagetrack_kvm::{Exit, Vcpu, Vm, VmConfig};
+use pagetrack_kvm::{Exit, ExitBudget, Vcpu, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Result};
@@ -39,7 +39,8 @@ pub struct FlatConfig {
     pub vcpus: u32,
     /// Wall-clock limit of the run.
     pub timeout: Option<Duration>,
-    /// Limit on exits to userspace (trapped stores included).
+    /// Limit on KVM exits (trapped stores and every exit pagetrack handles itself included),
+    /// exact: the run ends with [`EndReason::ExitLimit`] after at most this many.
     pub max_exits: Option<u64>,
 }
 
@@ -139,7 +140,7 @@ pub struct RunOutcome {
     pub detail: String,
     /// The vCPU that ended the run.
     pub vcpu: u32,
-    /// Exits to userspace: VMM-visible exits plus trapped stores.
+    /// KVM exits (returns from `KVM_RUN` other than interruptions), all vCPUs.
     pub exits: u64,
     /// Wall time of the run.
     pub elapsed: Duration,
@@ -298,7 +299,11 @@ impl FlatGuest {
         let ending = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel::<RunOutcome>();
         let mut threads = Vec::new();
+        // Every KVM exit counts, those pagetrack handles inside `run` included; the limit is
+        // enforced before each entry into the guest, so it is exact.
+        let budget = ExitBudget::new(config.max_exits.unwrap_or(u64::MAX));
         for mut vcpu in vcpus {
+            vcpu.set_exit_budget(Some(budget.clone()));
             let (vm, layout, visible, tx, ending) = (
                 vm.clone(),
                 layout.clone(),
@@ -306,8 +311,9 @@ impl FlatGuest {
                 tx.clone(),
                 Arc::clone(&ending),
             );
+            let limit = config.max_exits.unwrap_or_default();
             threads.push(std::thread::spawn(move || {
-                let out = drive(&vm, layout.as_deref(), &mut vcpu, &visible);
+                let out = drive(&vm, layout.as_deref(), &mut vcpu, &visible, limit);
                 if let Some((reason, code, detail)) = out
                     && !ending.swap(true, Ordering::SeqCst)
                 {
@@ -323,7 +329,7 @@ impl FlatGuest {
             }));
         }
         drop(tx);
-        let exits = |vm: &Vm| visible.load(Ordering::Relaxed) + vm.stats().trapped_writes;
+        let exits = |_: &Vm| budget.used();
         let mut outcome = loop {
             match rx.recv_timeout(Duration::from_millis(5)) {
                 Ok(o) => break o,
@@ -339,17 +345,6 @@ impl FlatGuest {
                 break end(
                     EndReason::Timeout,
                     format!("the guest did not finish within {t:?}"),
-                );
-            }
-            if config.max_exits.is_some_and(|m| exits(&vm) >= m)
-                && !ending.swap(true, Ordering::SeqCst)
-            {
-                break end(
-                    EndReason::ExitLimit,
-                    format!(
-                        "exit limit of {} reached",
-                        config.max_exits.unwrap_or_default()
-                    ),
                 );
             }
         };
@@ -382,6 +377,7 @@ fn drive(
     layout: Option<&LongModeLayout>,
     vcpu: &mut Vcpu,
     visible: &AtomicU64,
+    limit: u64,
 ) -> Option<(EndReason, Option<u8>, String)> {
     loop {
         let exit = match vcpu.run() {
@@ -431,6 +427,13 @@ fn drive(
                 ));
             }
             Exit::Stopped => return None,
+            Exit::ExitLimit => {
+                return Some((
+                    EndReason::ExitLimit,
+                    None,
+                    format!("exit limit of {limit} reached"),
+                ));
+            }
             other => {
                 let rip = vcpu.fd().get_regs().map(|r| r.rip).unwrap_or_default();
                 return Some((

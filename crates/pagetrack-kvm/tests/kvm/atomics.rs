@@ -28,7 +28,19 @@ fn two_vcpus_n(
     body: Body,
     iters: u32,
 ) -> (u64, [u64; 2], Vec<Ev>) {
+    two_vcpus_prologue(kvm, init, |a| a.nop(), body, iters)
+}
+
+/// As [`two_vcpus_n`], running `prologue` once on each vCPU before the loop.
+fn two_vcpus_prologue(
+    kvm: kvm_ioctls::Kvm,
+    init: u64,
+    prologue: Body,
+    body: Body,
+    iters: u32,
+) -> (u64, [u64; 2], Vec<Ev>) {
     let code = assemble(ENTRY, |a| {
+        prologue(a)?;
         a.xor(r14, r14)?; // errors = 0
         a.mov(r15d, iters)?; // iterations
         let mut top = a.create_label();
@@ -313,5 +325,27 @@ fn xchg_spinlock_protects_a_plain_counter_on_a_tracked_frame() {
             (2 * u64::from(N)).to_le_bytes(),
             "no increment lost"
         );
+    }
+}
+
+/// After `wrfsbase`, a locked increment through FS stays atomic: the FS base comes from the
+/// exit, not from a value cached at an earlier trapped store.
+#[test]
+fn lock_inc_through_fs_after_wrfsbase_two_vcpus_exact() {
+    for _ in 0..RUNS {
+        let kvm = kvm_or_skip!();
+        let (word, _, ev) = two_vcpus_prologue(
+            kvm,
+            0,
+            |a| {
+                a.lock().inc(qword_ptr(rdi + 64))?; // a trapped store while FS base is 0
+                a.lea(rax, ptr(rdi - 0x100))?;
+                a.wrfsbase(rax) // FS base = T - 0x100
+            },
+            |a| a.lock().inc(qword_ptr(0x100).fs()),
+            N,
+        );
+        assert_eq!(word, 2 * u64::from(N), "lost updates");
+        assert_eq!(ev.len(), 2 * N as usize + 2, "one event per update");
     }
 }

@@ -208,13 +208,14 @@ fn short_slot_budget_merges_tracked_frames_across_small_gaps() {
 }
 
 #[test]
-fn masked_evex_store_to_a_tracked_frame_stops_the_vcpu_with_a_clear_error() {
+fn scatter_store_to_a_tracked_frame_stops_the_vcpu_with_a_clear_error() {
     let kvm = kvm_or_skip!();
     let code = assemble(ENTRY, |a| {
         a.mov(rdi, T)?;
         a.mov(eax, 0x5555u32)?;
         a.kmovw(k1, eax)?; // mask
-        a.vmovdqu32(zmmword_ptr(rdi).k1(), zmm0)?; // masked store: not supported
+        a.vpxord(zmm2, zmm2, zmm2)?; // indices 0: every element at [rdi]
+        a.vpscatterdd(dword_ptr(rdi + zmm2).k1(), zmm0)?; // scatter: not supported
         exit_with(a, 0)
     });
     let mut g = boot(kvm, 16 << 20, 1, &code);
