@@ -745,3 +745,62 @@ fn exec_busybox_passes_output_and_status_through() {
     );
     assert_eq!(&kinds[kinds.len() - 3..], ["exit", "summary", "process"]);
 }
+
+/// `pagetrack exec` refuses at once, with status 2 and one clear line, a root that would
+/// expose procfs and a PROGRAM `execve` would refuse (no execute permission, a device, a
+/// FIFO: nothing is read from them and nothing blocks).
+#[test]
+fn exec_refuses_proc_roots_and_unexecutable_programs() {
+    let _kvm = pagetrack_testkit::kvm_or_skip!();
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "busybox-static is missing: run ./scripts/test, which installs it"
+    );
+    let dir = TempDir::new("exec-refused");
+    let noexec = dir.file(
+        "noexec",
+        &std::fs::read("/bin/busybox").expect("read busybox"),
+    );
+    let fifo = dir.path("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo")
+            .success()
+    );
+    let d = dir.0.to_str().expect("utf-8");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--dir", "/", "--", "/bin/busybox", "true"], "procfs"),
+        (
+            vec![
+                "--dir",
+                d,
+                "--allow-write",
+                "/proc",
+                "--",
+                "/bin/busybox",
+                "true",
+            ],
+            "procfs",
+        ),
+        (
+            vec!["--", noexec.to_str().expect("utf-8"), "true"],
+            "no execute permission",
+        ),
+        (vec!["--", "/dev/zero"], "not a regular file"),
+        (
+            vec!["--", fifo.to_str().expect("utf-8")],
+            "not a regular file",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["exec"];
+        all.extend_from_slice(&args);
+        let out = pagetrack(&all);
+        let err = text(&out.stderr);
+        assert_eq!(status(&out), 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+}

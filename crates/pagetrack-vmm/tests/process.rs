@@ -12,6 +12,8 @@
 
 #[path = "process/bad_input.rs"]
 mod bad_input;
+#[path = "process/containment.rs"]
+mod containment;
 #[path = "process/memtest.rs"]
 mod memtest;
 #[path = "process/misc.rs"]

@@ -33,9 +33,14 @@ The program:
 Containment:
   The program reads only files under --dir (default: the current directory) and the
   files named in its arguments; it creates or writes files only under --allow-write
-  directories. Paths that escape (.., symlinks out) fail with EACCES. fork, vfork,
-  clone, exec, sockets and signals to other processes are refused (EPERM or EACCES).
-  Relative paths start at pagetrack's current directory.
+  directories. Paths that escape (.., symlinks out) fail with EACCES, enforced by the
+  kernel (openat2 RESOLVE_BENEATH from each allowed directory, calls made on the
+  resulting descriptors), so renames and symlink swaps racing a lookup cannot escape.
+  A directory with /proc below it (--dir /, --allow-write /proc) is refused. Hard links
+  to outside files made on the host inside an allowed directory do reach those files.
+  fork, vfork, clone, exec, sockets and signals to other processes are refused (EPERM
+  or EACCES). Relative paths start at pagetrack's current directory. PROGRAM must be a
+  regular file with execute permission (as execve requires).
 
 Tracking (--track, repeatable):
   stack, heap (the program break), data (writable image segments), text (read-only
@@ -64,7 +69,8 @@ Exit status:
   the program's own status; 128 + signal if a CPU exception or its own fatal signal
   ended it (the exception is reported on standard error: vector, RIP, address);
   1 for a timeout, a guest pagetrack cannot go on with, or a host failure;
-  2 for a usage error (bad option, missing, dynamic, 32-bit or non-ELF program).";
+  2 for a usage error (bad option, missing, dynamic, 32-bit or non-ELF program, a
+  PROGRAM that is not a regular file or not executable, a directory exposing /proc).";
 
 /// `pagetrack exec` options.
 #[derive(Debug, clap::Args)]
@@ -295,9 +301,10 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
 
     let process = Process::new(config).map_err(|e| match e {
         pagetrack_vmm::Error::InvalidGuestImage { .. }
-        | pagetrack_vmm::Error::InvalidConfig { .. } => {
-            anyhow::Error::new(UsageError(e.to_string()))
-        }
+        | pagetrack_vmm::Error::InvalidConfig { .. }
+        | pagetrack_vmm::Error::ProgramRefused { .. }
+        | pagetrack_vmm::Error::ProcUnderRoot { .. }
+        | pagetrack_vmm::Error::SandboxDir { .. } => anyhow::Error::new(UsageError(e.to_string())),
         other => anyhow::Error::new(other).context("cannot start the program"),
     })?;
     let target = args.events.clone().map(Target::File);

@@ -51,16 +51,8 @@ pub const O_WRONLY: u64 = 1;
 pub const O_RDWR: u64 = 2;
 /// `O_CREAT`.
 pub const O_CREAT: u64 = 0o100;
-/// `O_EXCL`.
-pub const O_EXCL: u64 = 0o200;
 /// `O_TRUNC`.
 pub const O_TRUNC: u64 = 0o1000;
-/// `O_APPEND`.
-pub const O_APPEND: u64 = 0o2000;
-/// `O_DIRECTORY`.
-pub const O_DIRECTORY: u64 = 0o200_000;
-/// `O_NOFOLLOW`.
-pub const O_NOFOLLOW: u64 = 0o400_000;
 /// `O_CLOEXEC`.
 pub const O_CLOEXEC: u64 = 0o2_000_000;
 
@@ -112,7 +104,9 @@ pub mod nr {
     pub const GETCWD: u64 = 79;
     pub const RENAME: u64 = 82;
     pub const MKDIR: u64 = 83;
+    pub const LINK: u64 = 86;
     pub const UNLINK: u64 = 87;
+    pub const SYMLINK: u64 = 88;
     pub const READLINK: u64 = 89;
     pub const UMASK: u64 = 95;
     pub const GETTIMEOFDAY: u64 = 96;
@@ -150,6 +144,8 @@ pub mod nr {
     pub const NEWFSTATAT: u64 = 262;
     pub const UNLINKAT: u64 = 263;
     pub const RENAMEAT: u64 = 264;
+    pub const LINKAT: u64 = 265;
+    pub const SYMLINKAT: u64 = 266;
     pub const READLINKAT: u64 = 267;
     pub const FACCESSAT: u64 = 269;
     pub const SET_ROBUST_LIST: u64 = 273;

@@ -50,8 +50,15 @@
 //! See [`ProcessConfig::dir`] and [`ProcessConfig::allow_write`]: the program reads only under
 //! the `--dir` directory and the files named in its arguments, writes only its standard
 //! streams unless a write directory is given, and paths that escape (`..`, symlinks) fail with
-//! `EACCES`. fork, vfork, clone, exec, sockets and signals to other processes are refused
+//! `EACCES`. The host kernel enforces it: every path is resolved beneath an open descriptor of
+//! an allowed directory with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` and the call
+//! is made on the resulting descriptor, so renames and symlink swaps racing the lookup cannot
+//! lead outside (see the `fs` module). Directories with procfs below them are refused as
+//! roots. fork, vfork, clone, exec, sockets and signals to other processes are refused
 //! (`EPERM`/`EACCES`); calls the VMM does not implement return `-ENOSYS` and are counted.
+//!
+//! The program itself must be what `execve` accepts: a regular file with execute permission
+//! ([`crate::Error::ProgramRefused`] otherwise, before anything is read from it).
 
 mod abi;
 mod elf;
@@ -71,7 +78,7 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry};
 use kvm_ioctls::{Kvm, SyncReg};
 use pagetrack_kvm::{Exit, Vcpu, Vm, VmConfig, VmStats};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ProgramRefusal, Result};
 use crate::x86::{self, EXCEPTION_PORT, GuestException, LongModeLayout};
 
 pub use abi::syscall_name;
@@ -347,6 +354,42 @@ fn bad_config(reason: impl Into<String>) -> Error {
     }
 }
 
+/// Reads the program as `execve` would accept it: a regular file (never a device or a FIFO,
+/// which would read forever or block), executable by pagetrack's user, and no larger than
+/// guest memory.
+fn read_program(program: &Path, mem: u64) -> Result<Vec<u8>> {
+    use rustix::fs::{Access, AtFlags, CWD, Mode, OFlags};
+    use std::io::Read;
+    let refused = |reason, source: Option<std::io::Error>| Error::ProgramRefused {
+        path: program.to_owned(),
+        reason,
+        source,
+    };
+    // Non-blocking, so a FIFO without a writer does not hang the open.
+    let fd = rustix::fs::open(
+        program,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| bad_image(program, std::io::Error::from(e)))?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(|e| bad_image(program, e))?;
+    if !meta.is_file() {
+        return Err(refused(ProgramRefusal::NotRegular, None));
+    }
+    // execve's rule (root too needs one execute bit), with the effective ids.
+    rustix::fs::accessat(CWD, program, Access::EXEC_OK, AtFlags::EACCESS)
+        .map_err(|e| refused(ProgramRefusal::NotExecutable, Some(e.into())))?;
+    if meta.len() > mem {
+        return Err(refused(ProgramRefusal::TooLarge, None));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(mem)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad_image(program, e))?;
+    Ok(bytes)
+}
+
 /// The signal Linux sends for exception `vector`, with its name.
 fn signal_of(vector: u8) -> (u8, &'static str) {
     match vector {
@@ -423,7 +466,7 @@ impl Process {
             )));
         }
         let program = &config.program;
-        let file = std::fs::read(program).map_err(|e| bad_image(program, e))?;
+        let file = read_program(program, config.mem)?;
         let exe = elf::parse(&file).map_err(|e| bad_image(program, e))?;
         let cwd =
             std::env::current_dir().map_err(|e| bad_config(format!("current directory: {e}")))?;
@@ -435,8 +478,7 @@ impl Process {
             &named,
             &cwd,
             &exe_path,
-        )
-        .map_err(bad_config)?;
+        )?;
 
         let vm = Vm::with_kvm(kvm, VmConfig::default().with_ram(config.mem))?;
         vm.add_ram(0, config.mem)?;

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::PathBuf;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,10 +16,10 @@ use kvm_ioctls::VcpuFd;
 
 use super::abi::{
     AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EBADF, ECHILD, EEXIST, EFAULT, EINVAL,
-    EIO, EMFILE, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE, ESRCH, Errno, O_ACCMODE,
-    O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE, SysResult, nr,
+    EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE, ESRCH, Errno,
+    O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE, SysResult, nr,
 };
-use super::fs::{Access, Input, Node, OpenFile, Output, Sandbox, StdinState};
+use super::fs::{Base, Input, Node, OpenFile, Output, Sandbox, StdinState};
 use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
 
 /// Largest transfer of one read or write (a short count beyond it, as Linux allows).
@@ -423,10 +423,15 @@ impl Kernel {
             }
             nr::UNLINK => self.unlinkat(AT_FDCWD, a[0], 0),
             nr::UNLINKAT => self.unlinkat(signed(a[0]), a[1], a[2]),
-            nr::RENAME => self.renameat(AT_FDCWD, a[0], AT_FDCWD, a[1]),
-            nr::RENAMEAT | nr::RENAMEAT2 => self.renameat(signed(a[0]), a[1], signed(a[2]), a[3]),
-            nr::MKDIR => self.mkdirat(AT_FDCWD, a[0]),
-            nr::MKDIRAT => self.mkdirat(signed(a[0]), a[1]),
+            nr::RENAME => self.renameat(AT_FDCWD, a[0], AT_FDCWD, a[1], 0),
+            nr::RENAMEAT => self.renameat(signed(a[0]), a[1], signed(a[2]), a[3], 0),
+            nr::RENAMEAT2 => self.renameat(signed(a[0]), a[1], signed(a[2]), a[3], a[4]),
+            nr::MKDIR => self.mkdirat(AT_FDCWD, a[0], a[1]),
+            nr::SYMLINK => self.symlinkat(a[0], AT_FDCWD, a[1]),
+            nr::SYMLINKAT => self.symlinkat(a[0], signed(a[1]), a[2]),
+            nr::LINK => self.linkat(AT_FDCWD, a[0], AT_FDCWD, a[1], 0),
+            nr::LINKAT => self.linkat(signed(a[0]), a[1], signed(a[2]), a[3], a[4]),
+            nr::MKDIRAT => self.mkdirat(signed(a[0]), a[1], a[2]),
             // What would reach the host: refused.
             nr::FORK | nr::VFORK | nr::CLONE | nr::CLONE3 | nr::EXECVE | nr::EXECVEAT => Err(EPERM),
             nr::SOCKET | nr::SOCKETPAIR | nr::CONNECT | nr::BIND | nr::ACCEPT => Err(EACCES),
@@ -456,23 +461,33 @@ impl Kernel {
         self.mm.read_cstr(va, PATH_MAX)
     }
 
-    /// The directory a `*at` call's relative path starts from.
-    fn base(&self, dirfd: i64) -> SysResult<Option<PathBuf>> {
+    /// The directory a `*at` call's relative path starts from: `None` for the current one.
+    fn base(&self, dirfd: i64) -> SysResult<Option<Base>> {
         if dirfd == AT_FDCWD {
             return Ok(None);
         }
         let f = self.fd(dirfd)?;
         let g = lock(&f);
+        let Node::File(file) = &g.node else {
+            return Err(ENOTDIR);
+        };
         if !g.is_dir {
             return Err(ENOTDIR);
         }
-        Ok(Some(g.path.clone()))
+        Ok(Some(Base {
+            path: g.path.clone(),
+            fd: file
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Errno::from_io(&e))?,
+            write: g.write_root,
+        }))
     }
 
-    fn resolve(&self, dirfd: i64, va: u64, access: Access, follow: bool) -> SysResult<PathBuf> {
+    /// The `*at` directory and the path of a call.
+    fn at(&self, dirfd: i64, va: u64) -> SysResult<(Option<Base>, Vec<u8>)> {
         let p = self.path(va)?;
-        let base = self.base(dirfd)?;
-        self.sandbox.resolve(base.as_deref(), &p, access, follow)
+        Ok((self.base(dirfd)?, p))
     }
 
     fn sink(&mut self, node: &Node) -> Option<&mut Sink> {
@@ -614,10 +629,9 @@ impl Kernel {
     }
 
     fn openat(&mut self, dirfd: i64, path: u64, flags: u64, mode: u64) -> SysResult {
-        let p = self.path(path)?;
-        let base = self.base(dirfd)?;
+        let (base, p) = self.at(dirfd, path)?;
         let mode = u32::try_from(mode & 0o7777).unwrap_or(0) & !self.umask;
-        let file = self.sandbox.open(base.as_deref(), &p, flags, mode)?;
+        let file = self.sandbox.open(base.as_ref(), &p, flags, mode)?;
         let n = self.lowest_free_fd(0)?;
         self.fds.insert(
             n,
@@ -643,24 +657,15 @@ impl Kernel {
             return self.fstat(dirfd, buf);
         }
         let follow = flags & AT_SYMLINK_NOFOLLOW == 0;
-        let host = self.resolve(dirfd, path, Access::Read, follow)?;
-        let m = if follow {
-            host.metadata()
-        } else {
-            host.symlink_metadata()
-        };
-        let m = m.map_err(|e| Errno::from_io(&e))?;
+        let (base, p) = self.at(dirfd, path)?;
+        let m = self.sandbox.stat(base.as_ref(), &p, follow)?;
         self.put(buf, &stat_bytes(&m))
     }
 
     fn access(&mut self, dirfd: i64, path: u64, mode: u64) -> SysResult {
-        let access = if mode & 2 != 0 {
-            Access::Write
-        } else {
-            Access::Read
-        };
-        let host = self.resolve(dirfd, path, access, true)?;
-        host.metadata().map(|_| 0).map_err(|e| Errno::from_io(&e))
+        let (base, p) = self.at(dirfd, path)?;
+        let mode = u32::try_from(mode & 7).map_err(|_| EINVAL)?;
+        self.sandbox.access(base.as_ref(), &p, mode).map(|()| 0)
     }
 
     fn getcwd(&mut self, buf: u64, size: u64) -> SysResult {
@@ -682,11 +687,7 @@ impl Kernel {
             self.sandbox.exe().as_os_str().as_encoded_bytes().to_vec()
         } else {
             let base = self.base(dirfd)?;
-            let host = self
-                .sandbox
-                .resolve(base.as_deref(), &p, Access::Read, false)?;
-            let t = std::fs::read_link(&host).map_err(|e| Errno::from_io(&e))?;
-            t.as_os_str().as_encoded_bytes().to_vec()
+            self.sandbox.readlink(base.as_ref(), &p)?
         };
         let n = target
             .len()
@@ -697,54 +698,12 @@ impl Kernel {
 
     fn getdents64(&mut self, fd: i64, buf: u64, count: u64) -> SysResult {
         let f = self.fd(fd)?;
-        let mut g = lock(&f);
-        if !g.is_dir {
-            return Err(ENOTDIR);
+        let n = self.mm.accessible(buf, count.min(MAX_IO), PROT_WRITE);
+        if n == 0 && count > 0 {
+            return Err(EFAULT);
         }
-        let mut names: Vec<(Vec<u8>, u64, u8)> =
-            vec![(b".".to_vec(), 1, 4), (b"..".to_vec(), 1, 4)];
-        let rd = std::fs::read_dir(&g.path).map_err(|e| Errno::from_io(&e))?;
-        let mut rest: Vec<(Vec<u8>, u64, u8)> = rd
-            .filter_map(std::result::Result::ok)
-            .map(|e| {
-                let t = e.file_type().ok();
-                let kind = match t {
-                    Some(t) if t.is_dir() => 4,
-                    Some(t) if t.is_file() => 8,
-                    Some(t) if t.is_symlink() => 10,
-                    Some(t) if t.is_fifo() => 1,
-                    Some(t) if t.is_char_device() => 2,
-                    Some(t) if t.is_block_device() => 6,
-                    Some(t) if t.is_socket() => 12,
-                    _ => 0,
-                };
-                let ino = e.metadata().map(|m| m.ino()).unwrap_or(1);
-                (e.file_name().as_encoded_bytes().to_vec(), ino, kind)
-            })
-            .collect();
-        rest.sort();
-        names.extend(rest);
-        let mut out = Vec::new();
-        let mut pos = g.dir_pos;
-        while let Some((name, ino, kind)) = names.get(pos) {
-            let reclen = (19 + name.len() + 1).next_multiple_of(8);
-            if (out.len() + reclen) as u64 > count {
-                break;
-            }
-            let start = out.len();
-            out.extend_from_slice(&ino.to_le_bytes());
-            out.extend_from_slice(&(pos as u64 + 1).to_le_bytes());
-            out.extend_from_slice(&u16::try_from(reclen).unwrap_or(u16::MAX).to_le_bytes());
-            out.push(*kind);
-            out.extend_from_slice(name);
-            out.resize(start + reclen, 0);
-            pos += 1;
-        }
-        if out.is_empty() && pos < names.len() {
-            return Err(EINVAL);
-        }
+        let out = lock(&f).getdents(n)?;
         self.mm.write_user(buf, &out)?;
-        g.dir_pos = pos;
         Ok(out.len() as u64)
     }
 
@@ -799,31 +758,47 @@ impl Kernel {
     }
 
     fn unlinkat(&mut self, dirfd: i64, path: u64, flags: u64) -> SysResult {
-        let host = self.resolve(dirfd, path, Access::Write, false)?;
-        let r = if flags & 0x200 != 0 {
-            std::fs::remove_dir(&host)
-        } else {
-            std::fs::remove_file(&host)
-        };
-        r.map(|()| 0).map_err(|e| Errno::from_io(&e))
-    }
-
-    fn renameat(&mut self, olddir: i64, old: u64, newdir: i64, new: u64) -> SysResult {
-        let from = self.resolve(olddir, old, Access::Write, false)?;
-        let to = self.resolve(newdir, new, Access::Write, false)?;
-        std::fs::rename(from, to)
-            .map(|()| 0)
-            .map_err(|e| Errno::from_io(&e))
-    }
-
-    fn mkdirat(&mut self, dirfd: i64, path: u64) -> SysResult {
-        let host = self.resolve(dirfd, path, Access::Write, false)?;
-        if host.exists() {
-            return Err(EEXIST);
+        const AT_REMOVEDIR: u64 = 0x200;
+        if flags & !AT_REMOVEDIR != 0 {
+            return Err(EINVAL);
         }
-        std::fs::create_dir(&host)
+        let (base, p) = self.at(dirfd, path)?;
+        self.sandbox.unlink(base.as_ref(), &p, flags).map(|()| 0)
+    }
+
+    fn renameat(&mut self, olddir: i64, old: u64, newdir: i64, new: u64, flags: u64) -> SysResult {
+        let (ob, op) = self.at(olddir, old)?;
+        let (nb, np) = self.at(newdir, new)?;
+        self.sandbox
+            .rename((ob.as_ref(), &op), (nb.as_ref(), &np), flags)
             .map(|()| 0)
-            .map_err(|e| Errno::from_io(&e))
+    }
+
+    fn symlinkat(&mut self, target: u64, dirfd: i64, path: u64) -> SysResult {
+        let target = self.path(target)?;
+        if target.is_empty() {
+            return Err(ENOENT);
+        }
+        let (base, p) = self.at(dirfd, path)?;
+        self.sandbox.symlink(&target, base.as_ref(), &p).map(|()| 0)
+    }
+
+    fn linkat(&mut self, olddir: i64, old: u64, newdir: i64, new: u64, flags: u64) -> SysResult {
+        // AT_SYMLINK_FOLLOW and AT_EMPTY_PATH are not served: an honest EINVAL.
+        if flags != 0 {
+            return Err(EINVAL);
+        }
+        let (ob, op) = self.at(olddir, old)?;
+        let (nb, np) = self.at(newdir, new)?;
+        self.sandbox
+            .link((ob.as_ref(), &op), (nb.as_ref(), &np))
+            .map(|()| 0)
+    }
+
+    fn mkdirat(&mut self, dirfd: i64, path: u64, mode: u64) -> SysResult {
+        let (base, p) = self.at(dirfd, path)?;
+        let mode = u32::try_from(mode & 0o7777).unwrap_or(0) & !self.umask;
+        self.sandbox.mkdir(base.as_ref(), &p, mode).map(|()| 0)
     }
 
     fn mmap(&mut self, a: [u64; 6]) -> SysResult {

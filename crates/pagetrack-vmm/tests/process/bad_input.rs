@@ -88,6 +88,12 @@ fn load_error(kvm: kvm_ioctls::Kvm, program: &Path) -> String {
     }
 }
 
+/// Gives `p` execute permission, so what is tested is its content.
+pub fn executable(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 #[test]
 fn load_missing_program_is_a_clear_error() {
     let kvm = kvm_or_skip!();
@@ -114,6 +120,7 @@ fn load_non_elf_and_32bit_elf_are_refused() {
     let d = TempDir::new("badelf");
     let script = d.join("script.sh");
     std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    executable(&script);
     assert!(load_error(kvm, &script).contains("not an ELF file"));
 
     // A minimal ELF32 header: i386 executable with one program header.
@@ -131,6 +138,7 @@ fn load_non_elf_and_32bit_elf_are_refused() {
     elf32[44..46].copy_from_slice(&1u16.to_le_bytes()); // phnum
     let p = d.join("elf32");
     std::fs::write(&p, &elf32).unwrap();
+    executable(&p);
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let msg = load_error(kvm, &p);
     assert!(msg.contains("32-bit"), "{msg}");
