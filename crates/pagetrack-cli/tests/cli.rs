@@ -804,3 +804,35 @@ fn exec_refuses_proc_roots_and_unexecutable_programs() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+/// An image whose `p_memsz` exceeds `--mem` is refused at once (status 2, the sizes said);
+/// one that fits runs.
+#[test]
+fn exec_huge_bss_is_bounded_by_mem() {
+    let _kvm = pagetrack_testkit::kvm_or_skip!();
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "busybox-static is missing: run ./scripts/test, which installs it"
+    );
+    let dir = TempDir::new("exec-bss");
+    let make = |name: &str, mem_size: u64| {
+        let p = dir.file(
+            name,
+            &pagetrack_testkit::static_elf64(&pagetrack_testkit::EXIT0_CODE, mem_size),
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        p
+    };
+    let huge = make("huge", 1 << 40);
+    let out = pagetrack(&["exec", "--", huge.to_str().expect("utf-8")]);
+    let err = text(&out.stderr);
+    assert_eq!(status(&out), 2, "{err}");
+    assert!(err.contains("MiB") && err.contains("--mem"), "{err}");
+    // 3 GiB of bss in 4 GiB of guest memory fits and runs.
+    let fits = make("fits", 3 << 30);
+    let out = pagetrack(&["exec", "--mem", "4G", "--", fits.to_str().expect("utf-8")]);
+    assert_eq!(status(&out), 0, "{}", text(&out.stderr));
+    let out = pagetrack(&["exec", "--mem", "2G", "--", fits.to_str().expect("utf-8")]);
+    assert_eq!(status(&out), 2, "{}", text(&out.stderr));
+}

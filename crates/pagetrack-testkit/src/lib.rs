@@ -17,6 +17,6 @@ pub mod contract;
 pub mod gate;
 pub mod runner;
 
-pub use asm::{assemble, assemble16, exit_with};
+pub use asm::{EXIT0_CODE, assemble, assemble16, exit_with, static_elf64};
 pub use contract::{Harness, assert_notifier_contract};
 pub use runner::{Stop, run_bounded, with_watchdog};

@@ -108,6 +108,21 @@ pub enum Error {
         #[source]
         source: Option<std::io::Error>,
     },
+    /// The image's segments need more guest memory than `--mem` gives.
+    #[error(
+        "{}: the image needs {} MiB of guest memory for its segments, {} MiB are free (use more --mem)",
+        path.display(),
+        need.div_ceil(1 << 20),
+        free >> 20
+    )]
+    ImageTooLarge {
+        /// The program.
+        path: std::path::PathBuf,
+        /// Bytes its segments span (pages, with the page tables they need).
+        need: u64,
+        /// Bytes of guest memory free for them.
+        free: u64,
+    },
     /// A configuration value is unusable.
     #[error("invalid configuration: {reason}")]
     InvalidConfig {

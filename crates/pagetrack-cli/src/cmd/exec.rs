@@ -303,6 +303,7 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         pagetrack_vmm::Error::InvalidGuestImage { .. }
         | pagetrack_vmm::Error::InvalidConfig { .. }
         | pagetrack_vmm::Error::ProgramRefused { .. }
+        | pagetrack_vmm::Error::ImageTooLarge { .. }
         | pagetrack_vmm::Error::ProcUnderRoot { .. }
         | pagetrack_vmm::Error::SandboxDir { .. } => anyhow::Error::new(UsageError(e.to_string())),
         other => anyhow::Error::new(other).context("cannot start the program"),

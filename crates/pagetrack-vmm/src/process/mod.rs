@@ -829,6 +829,27 @@ fn load_segments(
     file: &[u8],
     program: &Path,
 ) -> Result<()> {
+    // What the segments span, before any per-page bookkeeping: a huge p_memsz is refused
+    // here, within guest memory, not by exhausting the host. Segments are sorted and do not
+    // overlap (elf::parse), so only a page shared at a boundary is counted once.
+    let mut need = 0u64;
+    let mut last_end = 0u64;
+    for s in &exe.segments {
+        let first = (s.vaddr & !(PAGE - 1)).max(last_end);
+        let end = (s.vaddr + s.mem_size).next_multiple_of(PAGE);
+        need += end.saturating_sub(first) / PAGE;
+        last_end = last_end.max(end);
+    }
+    // One page-table frame per 2 MiB spanned, and the levels above.
+    let need = need + need.div_ceil(512) + 3 * exe.segments.len() as u64;
+    let free = mm.free_frames();
+    if need > free {
+        return Err(Error::ImageTooLarge {
+            path: program.to_owned(),
+            need: need.saturating_mul(PAGE),
+            free: free * PAGE,
+        });
+    }
     let mut pages: std::collections::BTreeMap<u64, (u32, PageKind)> =
         std::collections::BTreeMap::new();
     for s in &exe.segments {
