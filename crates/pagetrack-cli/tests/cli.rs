@@ -836,3 +836,50 @@ fn exec_huge_bss_is_bounded_by_mem() {
     let out = pagetrack(&["exec", "--mem", "2G", "--", fits.to_str().expect("utf-8")]);
     assert_eq!(status(&out), 2, "{}", text(&out.stderr));
 }
+
+/// `pagetrack exec --timeout` is a timeout whether the program computes, sleeps or waits for
+/// input: status 124 (as timeout(1)), said on standard error, and the exit line's reason is
+/// "timeout" with code 124.
+#[test]
+fn exec_timeout_is_124_whether_computing_sleeping_or_waiting() {
+    let _kvm = pagetrack_testkit::kvm_or_skip!();
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "busybox-static is missing: run ./scripts/test, which installs it"
+    );
+    let dir = TempDir::new("exec-timeout");
+    for (name, cmd) in [
+        ("sleep", vec!["sleep", "30"]),
+        ("spin", vec!["sh", "-c", "while :; do :; done"]),
+        ("stdin", vec!["cat"]),
+    ] {
+        let events = dir.path(&format!("{name}.jsonl"));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pagetrack"));
+        c.args(["exec", "--timeout", "0.5", "--events"])
+            .arg(&events)
+            .args(["--", "/bin/busybox"])
+            .args(&cmd)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().expect("start pagetrack");
+        // Standard input stays open (and empty) until pagetrack is done: `cat` waits on it.
+        let stdin = child.stdin.take();
+        let out = child.wait_with_output().expect("wait for pagetrack");
+        drop(stdin);
+        let err = text(&out.stderr);
+        assert_eq!(status(&out), 124, "{name}: {err}");
+        assert!(err.contains("timeout"), "{name}: {err}");
+        let lines: Vec<Value> = std::fs::read_to_string(&events)
+            .expect("events")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect();
+        let exit = lines
+            .iter()
+            .find(|l| l["type"] == "exit")
+            .expect("an exit line");
+        assert_eq!(exit["reason"], "timeout", "{name}");
+        assert_eq!(exit["code"], 124, "{name}");
+    }
+}

@@ -68,7 +68,9 @@ Events (--events FILE; standard output belongs to the program), JSON Lines:
 Exit status:
   the program's own status; 128 + signal if a CPU exception or its own fatal signal
   ended it (the exception is reported on standard error: vector, RIP, address);
-  1 for a timeout, a guest pagetrack cannot go on with, or a host failure;
+  124 for a timeout (as timeout(1); the exit line's reason is \"timeout\"), whether
+  the program was computing or waiting in a call (sleep, input);
+  1 for a guest pagetrack cannot go on with, or a host failure;
   2 for a usage error (bad option, missing, dynamic, 32-bit or non-ELF program, a
   PROGRAM that is not a regular file or not executable, a directory exposing /proc).";
 
@@ -92,7 +94,7 @@ pub struct ExecArgs {
     /// Guest RAM, a multiple of 2M from 16M to 4G (K, M or G suffix).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     mem: u64,
-    /// End the run with an error after SECS seconds (fractions allowed).
+    /// End the run after SECS seconds (fractions allowed): status 124, as timeout(1).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     timeout: Option<Duration>,
     /// Start the program with an empty environment instead of pagetrack's.
@@ -362,6 +364,12 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         ProcessEnd::Signaled { detail, .. } => {
             // A shell would say "Segmentation fault"; say what happened, with the report.
             writeln!(err, "pagetrack: {detail}").context("cannot write to standard error")?;
+            Ok(ExitCode::from(outcome.end.status()))
+        }
+        ProcessEnd::Timeout(_) => {
+            // As timeout(1): status 124, whether the program computed or waited.
+            writeln!(err, "pagetrack: the program {} (timeout)", outcome.end)
+                .context("cannot write to standard error")?;
             Ok(ExitCode::from(outcome.end.status()))
         }
         other => Err(anyhow::anyhow!("the program did not finish: {other}")),

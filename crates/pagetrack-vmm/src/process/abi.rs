@@ -19,7 +19,7 @@ errnos! {
     EPERM = 1, ENOENT = 2, ESRCH = 3, EIO = 5, EBADF = 9, ECHILD = 10,
     ENOMEM = 12, EACCES = 13, EFAULT = 14, EEXIST = 17, ENOTDIR = 20, EISDIR = 21,
     EINVAL = 22, EMFILE = 24, ENOTTY = 25, ESPIPE = 29, EPIPE = 32, ERANGE = 34,
-    ENAMETOOLONG = 36, ENOSYS = 38,
+    ENAMETOOLONG = 36, ENOSYS = 38, EINTR = 4,
 }
 
 impl Errno {
@@ -76,6 +76,8 @@ pub mod nr {
     pub const PREAD64: u64 = 17;
     pub const READV: u64 = 19;
     pub const WRITEV: u64 = 20;
+    pub const POLL: u64 = 7;
+    pub const SELECT: u64 = 23;
     pub const ACCESS: u64 = 21;
     pub const SCHED_YIELD: u64 = 24;
     pub const MREMAP: u64 = 25;
@@ -149,6 +151,8 @@ pub mod nr {
     pub const READLINKAT: u64 = 267;
     pub const FACCESSAT: u64 = 269;
     pub const SET_ROBUST_LIST: u64 = 273;
+    pub const PSELECT6: u64 = 270;
+    pub const PPOLL: u64 = 271;
     pub const DUP3: u64 = 292;
     pub const PRLIMIT64: u64 = 302;
     pub const RENAMEAT2: u64 = 316;

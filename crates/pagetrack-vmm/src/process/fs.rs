@@ -25,7 +25,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
@@ -610,6 +610,15 @@ pub enum Node {
     File(File),
 }
 
+/// Whether a descriptor is ready, for `poll` and `select`.
+#[derive(Debug)]
+pub enum Readiness {
+    /// Ready now for these `POLL*` events.
+    Now(i16),
+    /// Ask the host: a duplicate of the host descriptor (a FIFO, a terminal, a device).
+    Host(OwnedFd),
+}
+
 /// The state of standard input.
 #[derive(Debug)]
 pub enum StdinState {
@@ -741,6 +750,34 @@ impl OpenFile {
         Ok(out)
     }
 
+    /// How `poll` learns whether it is ready: at once, or from the host descriptor.
+    ///
+    /// # Errors
+    /// Host errors (duplicating the descriptor, `fstat`).
+    pub fn readiness(&self) -> SysResult<Readiness> {
+        const IN: i16 = 0x1 | 0x40; // POLLIN | POLLRDNORM
+        const OUT: i16 = 0x4 | 0x100; // POLLOUT | POLLWRNORM
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map(Readiness::Host)
+                .map_err(|e| Errno::from_io(&e))
+        };
+        match &self.node {
+            Node::Stdin(StdinState::Bytes(_)) => Ok(Readiness::Now(IN)),
+            Node::Stdin(StdinState::Host) => dup(std::io::stdin().as_fd()),
+            Node::Stdout | Node::Stderr => Ok(Readiness::Now(OUT)),
+            Node::File(f) => {
+                let ft = f.metadata().map_err(|e| Errno::from_io(&e))?.file_type();
+                if ft.is_file() || ft.is_dir() || ft.is_symlink() {
+                    // Regular files and directories are always ready, as on Linux.
+                    Ok(Readiness::Now(IN | OUT))
+                } else {
+                    dup(f.as_fd())
+                }
+            }
+        }
+    }
+
     /// Reads up to `n` bytes at the current position.
     ///
     /// # Errors
@@ -751,7 +788,11 @@ impl OpenFile {
         }
         let mut buf = vec![0u8; n];
         let got = match &mut self.node {
-            Node::Stdin(StdinState::Host) => std::io::stdin().lock().read(&mut buf),
+            // Straight from the descriptor, never buffered ahead: what the program does not
+            // read stays for whoever reads pagetrack's standard input next.
+            Node::Stdin(StdinState::Host) => {
+                rustix::io::read(std::io::stdin().as_fd(), &mut buf).map_err(std::io::Error::from)
+            }
             Node::Stdin(StdinState::Bytes(q)) => {
                 let k = n.min(q.len());
                 for (d, s) in buf.iter_mut().zip(q.drain(..k)) {

@@ -752,6 +752,9 @@ impl Process {
                             fd.set_sync_dirty_reg(SyncReg::Register);
                         }
                         Flow::Exit(code) => return Ok(ProcessEnd::Exited(code.to_le_bytes()[0])),
+                        Flow::Timeout => {
+                            return Ok(ProcessEnd::Timeout(self.timeout.unwrap_or_default()));
+                        }
                         Flow::Killed(sig) => {
                             return Ok(ProcessEnd::Signaled {
                                 signal: sig,

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::event::{PollFd, PollFlags};
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,11 +17,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kvm_ioctls::VcpuFd;
 
 use super::abi::{
-    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EBADF, ECHILD, EEXIST, EFAULT, EINVAL,
-    EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE, ESRCH, Errno,
-    O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE, SysResult, nr,
+    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EBADF, ECHILD, EEXIST, EFAULT, EINTR,
+    EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE, ESRCH,
+    Errno, O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE, SysResult, nr,
 };
-use super::fs::{Base, Input, Node, OpenFile, Output, Sandbox, StdinState};
+use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, Sandbox, StdinState};
 use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
 
 /// Largest transfer of one read or write (a short count beyond it, as Linux allows).
@@ -42,6 +44,8 @@ pub enum Flow {
     Exit(i32),
     /// The program sent itself this fatal signal (no handler is ever run).
     Killed(u8),
+    /// The run's timeout passed while the call was served (a sleep, a wait for input).
+    Timeout,
 }
 
 /// Where standard output or error goes.
@@ -217,6 +221,38 @@ fn timespec(d: Duration) -> [u8; 16] {
     b
 }
 
+/// `POLLIN`.
+const POLLIN: i16 = 0x1;
+/// `POLLERR`.
+const POLLERR: i16 = 0x8;
+/// `POLLHUP`.
+const POLLHUP: i16 = 0x10;
+/// `POLLNVAL`.
+const POLLNVAL: i16 = 0x20;
+
+/// How long `poll` or `select` may wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// Until something is ready.
+    Forever,
+    /// At most this long.
+    For(Duration),
+}
+
+impl Wait {
+    /// `poll`'s milliseconds: negative is forever.
+    fn from_ms(ms: i64) -> Wait {
+        u64::try_from(ms).map_or(Wait::Forever, |m| Wait::For(Duration::from_millis(m)))
+    }
+
+    fn limit(self) -> Option<Duration> {
+        match self {
+            Wait::Forever => None,
+            Wait::For(d) => Some(d),
+        }
+    }
+}
+
 /// Signals whose default action ends the process.
 fn fatal_signal(sig: u64) -> bool {
     matches!(sig, 1..=16 | 24..=27 | 29..=31)
@@ -313,6 +349,10 @@ impl Kernel {
             Err(EACCES | EPERM) => *self.counts.refused.entry(n).or_default() += 1,
             _ => {}
         }
+        // A timeout is a timeout whether the program computes or waits in a call.
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Flow::Timeout;
+        }
         Flow::Return(ret(res))
     }
 
@@ -321,6 +361,19 @@ impl Kernel {
         let signed = int;
         match n {
             nr::READ => self.read(signed(a[0]), a[1], a[2]),
+            nr::POLL => self.poll(a[0], a[1], Wait::from_ms(int(a[2]))),
+            nr::PPOLL => {
+                let wait = self.wait_timespec(a[2])?;
+                self.poll(a[0], a[1], wait)
+            }
+            nr::SELECT => {
+                let wait = self.wait_timeval(a[4])?;
+                self.select(signed(a[0]), [a[1], a[2], a[3]], wait)
+            }
+            nr::PSELECT6 => {
+                let wait = self.wait_timespec(a[4])?;
+                self.select(signed(a[0]), [a[1], a[2], a[3]], wait)
+            }
             nr::WRITE => self.write(signed(a[0]), a[1], a[2]),
             nr::READV => self.readv(signed(a[0]), a[1], a[2]),
             nr::WRITEV => self.writev(signed(a[0]), a[1], a[2]),
@@ -507,9 +560,182 @@ impl Kernel {
         if n == 0 {
             return Err(EFAULT);
         }
+        if self.deadline.is_some() && matches!(lock(&f).node, Node::Stdin(StdinState::Host)) {
+            // Wait for input no longer than the run may last.
+            let r = self.ready(&[(fd, POLLIN)], Wait::Forever)?;
+            if r[0] == 0 {
+                return Err(EINTR);
+            }
+        }
         let data = lock(&f).read(usize::try_from(n).map_err(|_| EINVAL)?)?;
         self.mm.write_user(buf, &data)?;
         Ok(data.len() as u64)
+    }
+
+    /// The `POLL*` events ready on each `(fd, events)`, waiting up to `wait` (and never past
+    /// the run's deadline) when none is. A negative fd is skipped, an unknown one `POLLNVAL`.
+    fn ready(&self, set: &[(i64, i16)], wait: Wait) -> SysResult<Vec<i16>> {
+        let mut out = vec![0i16; set.len()];
+        let mut host: Vec<(usize, OwnedFd, i16)> = Vec::new();
+        for (i, &(fd, events)) in set.iter().enumerate() {
+            if fd < 0 {
+                continue;
+            }
+            let Some(f) = self.fds.get(&fd) else {
+                out[i] = POLLNVAL;
+                continue;
+            };
+            match lock(&f.file).readiness()? {
+                Readiness::Now(r) => out[i] = r & (events | POLLERR | POLLHUP),
+                Readiness::Host(h) => host.push((i, h, events)),
+            }
+        }
+        let any = out.iter().any(|&r| r != 0);
+        let mut limit = if any {
+            Some(Duration::ZERO)
+        } else {
+            wait.limit()
+        };
+        if let Some(end) = self.deadline {
+            let left = end.saturating_duration_since(Instant::now());
+            limit = Some(limit.map_or(left, |l| l.min(left)));
+        }
+        let ts = limit.map(|d| rustix::event::Timespec {
+            tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(d.subsec_nanos()),
+        });
+        if host.is_empty() {
+            if !any && let Some(d) = limit {
+                std::thread::sleep(d);
+            } else if !any {
+                // Nothing can ever become ready and no deadline: as Linux, wait forever;
+                // here, until the process is ended from outside.
+                loop {
+                    std::thread::park();
+                }
+            }
+            return Ok(out);
+        }
+        let mut pfds: Vec<PollFd<'_>> = host
+            .iter()
+            .map(|(_, h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
+            .collect();
+        match rustix::event::poll(&mut pfds, ts.as_ref()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(out),
+            Err(e) => return Err(super::fs::sys(e)),
+        }
+        for (p, (i, _, _)) in pfds.iter().zip(&host) {
+            out[*i] = p.revents().bits().cast_signed();
+        }
+        Ok(out)
+    }
+
+    fn poll(&mut self, fds: u64, nfds: u64, wait: Wait) -> SysResult {
+        if nfds > MAX_FDS.cast_unsigned() {
+            return Err(EINVAL);
+        }
+        let n = usize::try_from(nfds).map_err(|_| EINVAL)?;
+        let mut raw = vec![0u8; n * 8];
+        self.mm.read_user(fds, &mut raw)?;
+        let set: Vec<(i64, i16)> = raw
+            .chunks_exact(8)
+            .map(|c| {
+                (
+                    i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    i16::from_le_bytes([c[4], c[5]]),
+                )
+            })
+            .collect();
+        let got = self.ready(&set, wait)?;
+        for (c, r) in raw.chunks_exact_mut(8).zip(&got) {
+            c[6..8].copy_from_slice(&r.to_le_bytes());
+        }
+        self.mm.write_user(fds, &raw)?;
+        Ok(got.iter().filter(|&&r| r != 0).count() as u64)
+    }
+
+    fn select(&mut self, nfds: i64, sets: [u64; 3], wait: Wait) -> SysResult {
+        // What select's read, write and except sets mean in POLL* events (fs/select.c).
+        const IN_SET: i16 = POLLIN | 0x40 | 0x80 | POLLHUP | POLLERR;
+        const OUT_SET: i16 = 0x4 | 0x100 | 0x200 | POLLERR;
+        const EX_SET: i16 = 0x2;
+        let n = usize::try_from(nfds).map_err(|_| EINVAL)?;
+        if nfds > MAX_FDS {
+            return Err(EINVAL);
+        }
+        let bytes = n.div_ceil(64) * 8;
+        let mut bits = [vec![0u8; bytes], vec![0u8; bytes], vec![0u8; bytes]];
+        for (b, &va) in bits.iter_mut().zip(&sets) {
+            if va != 0 {
+                self.mm.read_user(va, b)?;
+            }
+        }
+        let has = |b: &[u8], fd: usize| b[fd / 8] & (1 << (fd % 8)) != 0;
+        let mut set = Vec::new();
+        for fd in 0..n {
+            let mut ev = 0;
+            for (k, mask) in [POLLIN, 0x4, EX_SET].into_iter().enumerate() {
+                if has(&bits[k], fd) {
+                    ev |= mask;
+                }
+            }
+            if ev != 0 {
+                if !self.fds.contains_key(&(fd as i64)) {
+                    return Err(EBADF);
+                }
+                set.push((fd as i64, ev));
+            }
+        }
+        let got = self.ready(&set, wait)?;
+        let mut out = [vec![0u8; bytes], vec![0u8; bytes], vec![0u8; bytes]];
+        let mut count = 0;
+        for (&(fd, ev), &r) in set.iter().zip(&got) {
+            let fd = usize::try_from(fd).map_err(|_| EINVAL)?;
+            for (k, (want, mask)) in [(POLLIN, IN_SET), (0x4, OUT_SET), (EX_SET, EX_SET)]
+                .into_iter()
+                .enumerate()
+            {
+                if ev & want != 0 && r & mask != 0 {
+                    out[k][fd / 8] |= 1 << (fd % 8);
+                    count += 1;
+                }
+            }
+        }
+        for (b, &va) in out.iter().zip(&sets) {
+            if va != 0 {
+                self.mm.write_user(va, b)?;
+            }
+        }
+        Ok(count)
+    }
+
+    /// A `struct timespec` timeout (`NULL`: forever).
+    fn wait_timespec(&self, va: u64) -> SysResult<Wait> {
+        self.wait_at(va, 1)
+    }
+
+    /// A `struct timeval` timeout (`NULL`: forever).
+    fn wait_timeval(&self, va: u64) -> SysResult<Wait> {
+        self.wait_at(va, 1000)
+    }
+
+    fn wait_at(&self, va: u64, nanos_per_unit: u64) -> SysResult<Wait> {
+        if va == 0 {
+            return Ok(Wait::Forever);
+        }
+        let mut b = [0u8; 16];
+        self.mm.read_user(va, &mut b)?;
+        let secs = i64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
+        let frac = i64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
+        let max = i64::try_from(1_000_000_000 / nanos_per_unit).map_err(|_| EINVAL)?;
+        if secs < 0 || !(0..max).contains(&frac) {
+            return Err(EINVAL);
+        }
+        Ok(Wait::For(
+            Duration::from_secs(secs.cast_unsigned())
+                + Duration::from_nanos(frac.cast_unsigned() * nanos_per_unit),
+        ))
     }
 
     fn pread(&mut self, fd: i64, buf: u64, count: u64, offset: u64) -> SysResult {
