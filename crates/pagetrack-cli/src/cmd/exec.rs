@@ -40,7 +40,9 @@ Containment:
   to outside files made on the host inside an allowed directory do reach those files.
   fork, vfork, clone, exec, sockets and signals to other processes are refused (EPERM
   or EACCES). Relative paths start at pagetrack's current directory. PROGRAM must be a
-  regular file with execute permission (as execve requires).
+  regular file with execute permission (as execve requires). /dev/null, /dev/zero,
+  /dev/random and /dev/urandom are pagetrack's own. chmod, utimensat and chown (as a
+  no-op only) work under --allow-write; setuid and setgid bits are never set.
 
 Tracking (--track, repeatable):
   stack, heap (the program break), data (writable image segments), text (read-only

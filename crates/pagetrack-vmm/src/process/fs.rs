@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags};
@@ -84,6 +84,18 @@ const PROC_SUPER_MAGIC: i64 = 0x9fa0;
 
 /// Every lookup: beneath the starting directory, never through `/proc`-style magic links.
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
+
+/// The devices the VMM serves by their usual paths, whatever `--dir` says: the host's own
+/// (checked to be the character devices they should be), never a file at that path.
+const DEVICES: [(&str, (u32, u32)); 4] = [
+    ("/dev/null", (1, 3)),
+    ("/dev/zero", (1, 5)),
+    ("/dev/random", (1, 8)),
+    ("/dev/urandom", (1, 9)),
+];
+
+/// The setuid and setgid bits: never set on a host file by the program.
+const SET_ID_BITS: u32 = 0o6000;
 
 /// An allowed directory, open.
 #[derive(Debug)]
@@ -241,6 +253,25 @@ fn permits(m: &std::fs::Metadata, uid: u32, gid: u32, want: u32) -> bool {
         mode
     } & 7;
     bits & want == want
+}
+
+/// `chmod` of the object `fd` refers to, even an `O_PATH` descriptor: through the VMM's own
+/// `/proc/self/fd/N` magic link, which names exactly that inode (the program cannot reach
+/// the VMM's procfs; `fchmodat2` with `AT_EMPTY_PATH` is not in rustix yet).
+fn chmod_fd(fd: std::os::fd::BorrowedFd<'_>, mode: u32) -> SysResult<()> {
+    use std::os::fd::AsRawFd;
+    let mode = Mode::from_bits_truncate(mode & 0o7777 & !SET_ID_BITS);
+    rfs::chmod(format!("/proc/self/fd/{}", fd.as_raw_fd()), mode).map_err(sys)
+}
+
+/// `chown` allowed only as a no-op (the owner and group it has, or -1): the program never
+/// gives a host file away.
+fn chown_fd(fd: std::os::fd::BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
+    let st = rfs::fstat(fd).map_err(sys)?;
+    if uid.is_some_and(|u| u != st.st_uid) || gid.is_some_and(|g| g != st.st_gid) {
+        return Err(EPERM);
+    }
+    Ok(())
 }
 
 impl Sandbox {
@@ -427,6 +458,82 @@ impl Sandbox {
         Ok((fd, name.to_owned()))
     }
 
+    /// `path` names an allowed directory or one of its ancestors.
+    fn leads_to_root(&self, base: Option<&Base>, path: &[u8]) -> bool {
+        let raw = Path::new(OsStr::from_bytes(path));
+        let joined = if raw.is_absolute() {
+            raw.to_path_buf()
+        } else {
+            base.map_or(&self.cwd, |b| &b.path).join(raw)
+        };
+        let lex = lexical(&joined);
+        self.roots.iter().any(|r| r.path.starts_with(&lex))
+    }
+
+    /// The device the VMM serves at `path` (as the program names it), if any.
+    fn device(&self, base: Option<&Base>, path: &[u8]) -> Option<&'static str> {
+        let raw = Path::new(OsStr::from_bytes(path));
+        let joined = if raw.is_absolute() {
+            raw.to_path_buf()
+        } else {
+            base.map_or(&self.cwd, |b| &b.path).join(raw)
+        };
+        let lex = lexical(&joined);
+        let &(p, (major, minor)) = DEVICES.iter().find(|(p, _)| lex == Path::new(p))?;
+        let m = std::fs::symlink_metadata(p).ok()?;
+        let ok = std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type())
+            && rfs::major(m.rdev()) == major
+            && rfs::minor(m.rdev()) == minor;
+        ok.then_some(p)
+    }
+
+    /// `chmod` of `path` (followed) under a write directory; setuid and setgid are dropped.
+    ///
+    /// # Errors
+    /// As [`Sandbox::open_fd`] for writing.
+    pub fn chmod(&self, base: Option<&Base>, path: &[u8], mode: u32) -> SysResult<()> {
+        let (fd, ..) = self.open_fd(base, path, Access::Write, OFlags::PATH, 0)?;
+        chmod_fd(fd.as_fd(), mode)
+    }
+
+    /// `chown` of `path`: allowed only when it changes nothing.
+    ///
+    /// # Errors
+    /// `EPERM` for a change; as [`Sandbox::open_fd`] for writing.
+    pub fn chown(
+        &self,
+        base: Option<&Base>,
+        path: &[u8],
+        ids: (Option<u32>, Option<u32>),
+        follow: bool,
+    ) -> SysResult<()> {
+        let mut fl = OFlags::PATH;
+        if !follow {
+            fl |= OFlags::NOFOLLOW;
+        }
+        let (fd, ..) = self.open_fd(base, path, Access::Write, fl, 0)?;
+        chown_fd(fd.as_fd(), ids.0, ids.1)
+    }
+
+    /// `utimensat` of `path` under a write directory.
+    ///
+    /// # Errors
+    /// As [`Sandbox::open_fd`] for writing; host errors.
+    pub fn utimens(
+        &self,
+        base: Option<&Base>,
+        path: &[u8],
+        times: &rfs::Timestamps,
+        follow: bool,
+    ) -> SysResult<()> {
+        let mut fl = OFlags::PATH;
+        if !follow {
+            fl |= OFlags::NOFOLLOW;
+        }
+        let (fd, ..) = self.open_fd(base, path, Access::Write, fl, 0)?;
+        rfs::utimensat(&fd, "", times, AtFlags::EMPTY_PATH).map_err(sys)
+    }
+
     /// `stat` (`follow`) or `lstat` of `path`, on the descriptor the confined lookup gives.
     ///
     /// # Errors
@@ -437,12 +544,28 @@ impl Sandbox {
         path: &[u8],
         follow: bool,
     ) -> SysResult<std::fs::Metadata> {
+        if let Some(dev) = self.device(base, path) {
+            return std::fs::metadata(dev).map_err(|e| Errno::from_io(&e));
+        }
         let mut fl = OFlags::PATH;
         if !follow {
             fl |= OFlags::NOFOLLOW;
         }
-        let (fd, ..) = self.open_fd(base, path, Access::Read, fl, 0)?;
-        File::from(fd).metadata().map_err(|e| Errno::from_io(&e))
+        match self.open_fd(base, path, Access::Read, fl, 0) {
+            Ok((fd, ..)) => File::from(fd).metadata().map_err(|e| Errno::from_io(&e)),
+            // The directories on the way to an allowed one (`..` of it, `mkdir -p`'s walk):
+            // canonical paths the program cannot change, so stat them by path.
+            Err(EACCES) if self.leads_to_root(base, path) => {
+                let raw = Path::new(OsStr::from_bytes(path));
+                let joined = if raw.is_absolute() {
+                    raw.to_path_buf()
+                } else {
+                    base.map_or(&self.cwd, |b| &b.path).join(raw)
+                };
+                std::fs::metadata(lexical(&joined)).map_err(|e| Errno::from_io(&e))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// `access(path, mode)`: `W_OK` needs a write directory.
@@ -455,8 +578,12 @@ impl Sandbox {
         } else {
             Access::Read
         };
-        let (fd, ..) = self.open_fd(base, path, access, OFlags::PATH, 0)?;
-        let m = File::from(fd).metadata().map_err(|e| Errno::from_io(&e))?;
+        let m = if let Some(dev) = self.device(base, path) {
+            std::fs::metadata(dev).map_err(|e| Errno::from_io(&e))?
+        } else {
+            let (fd, ..) = self.open_fd(base, path, access, OFlags::PATH, 0)?;
+            File::from(fd).metadata().map_err(|e| Errno::from_io(&e))?
+        };
         if permits(&m, self.euid, self.egid, mode & 7) {
             Ok(())
         } else {
@@ -500,11 +627,16 @@ impl Sandbox {
     /// `EACCES` outside a write directory; host errors.
     pub fn mkdir(&self, base: Option<&Base>, path: &[u8], mode: u32) -> SysResult<()> {
         let (dir, name) = match self.parent(base, path, Access::Write, EEXIST) {
-            // An allowed directory itself (`mkdir -p` walks through it): it exists.
-            Err(EACCES) if self.stat(base, path, false).is_ok() => return Err(EEXIST),
+            // An allowed directory or one on the way to it (`mkdir -p` walks through them):
+            // it exists, and saying so tells nothing about the outside.
+            Err(EACCES)
+                if self.leads_to_root(base, path) || self.stat(base, path, false).is_ok() =>
+            {
+                return Err(EEXIST);
+            }
             r => r?,
         };
-        rfs::mkdirat(&dir, &name, Mode::from_bits_truncate(mode)).map_err(sys)
+        rfs::mkdirat(&dir, &name, Mode::from_bits_truncate(mode & !SET_ID_BITS)).map_err(sys)
     }
 
     /// `renameat2(old, new, flags)`, both under write directories.
@@ -563,6 +695,20 @@ impl Sandbox {
     ) -> SysResult<OpenFile> {
         const O_TMPFILE: u64 = 0o20_200_000;
         let acc = flags & O_ACCMODE;
+        if let Some(dev) = self.device(base, path) {
+            // The VMM's own device: reads and writes as the host's (`> /dev/null` works).
+            let file = std::fs::OpenOptions::new()
+                .read(acc != O_WRONLY)
+                .write(acc == O_WRONLY || acc == O_RDWR)
+                .custom_flags(libc::O_NOCTTY)
+                .open(dev)
+                .map_err(|e| Errno::from_io(&e))?;
+            return Ok(OpenFile {
+                path: PathBuf::from(dev),
+                flags,
+                ..OpenFile::stream(Node::File(file), 0)
+            });
+        }
         let writes = acc == O_WRONLY
             || acc == O_RDWR
             || flags & (O_CREAT | O_TRUNC) != 0
@@ -575,7 +721,7 @@ impl Sandbox {
             path,
             access,
             host_flags(flags) | OFlags::NONBLOCK,
-            mode,
+            mode & !SET_ID_BITS,
         )?;
         let file = File::from(fd);
         let m = file.metadata().map_err(|e| Errno::from_io(&e))?;
@@ -748,6 +894,40 @@ impl OpenFile {
             return Err(EINVAL);
         }
         Ok(out)
+    }
+
+    /// The host file for a metadata change through the descriptor (`fchmod`, `fchown`,
+    /// `futimens`): only one opened under a write directory.
+    fn meta_file(&self) -> SysResult<&File> {
+        match &self.node {
+            Node::File(f) if self.write_root => Ok(f),
+            Node::File(_) => Err(EACCES),
+            _ => Err(EPERM),
+        }
+    }
+
+    /// `fchmod`; setuid and setgid are dropped.
+    ///
+    /// # Errors
+    /// `EACCES` outside a write directory, `EPERM` for the streams, host errors.
+    pub fn chmod(&self, mode: u32) -> SysResult<()> {
+        chmod_fd(self.meta_file()?.as_fd(), mode)
+    }
+
+    /// `fchown`: only as a no-op.
+    ///
+    /// # Errors
+    /// As [`OpenFile::chmod`]; `EPERM` for a change.
+    pub fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
+        chown_fd(self.meta_file()?.as_fd(), uid, gid)
+    }
+
+    /// `futimens`.
+    ///
+    /// # Errors
+    /// As [`OpenFile::chmod`].
+    pub fn utimens(&self, times: &rfs::Timestamps) -> SysResult<()> {
+        rfs::utimensat(self.meta_file()?, "", times, AtFlags::EMPTY_PATH).map_err(sys)
     }
 
     /// How `poll` learns whether it is ready: at once, or from the host descriptor.
@@ -999,6 +1179,52 @@ mod tests {
             Err(EACCES),
             "the root itself"
         );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn metadata_changes_stay_inside_and_drop_set_id_bits() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tmp("meta");
+        let root = d.join("root");
+        let sb = Sandbox::new(
+            &root,
+            std::slice::from_ref(&root),
+            &[],
+            &root,
+            Path::new("/bin/x"),
+        )
+        .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let before = mode(&d.join("secret"));
+        // `link` points outside: chmod, chown, utimens through it are refused.
+        assert_eq!(sb.chmod(None, b"link", 0o777), Err(EACCES));
+        let now = rfs::Timespec {
+            tv_sec: 0,
+            tv_nsec: (1 << 30) - 1,
+        };
+        let times = rfs::Timestamps {
+            last_access: now,
+            last_modification: now,
+        };
+        assert_eq!(sb.utimens(None, b"link", &times, true), Err(EACCES));
+        assert_eq!(mode(&d.join("secret")), before);
+        // Inside: applied, without setuid/setgid.
+        assert_eq!(sb.chmod(None, b"a.txt", 0o4755), Ok(()));
+        assert_eq!(mode(&root.join("a.txt")), 0o755);
+        assert_eq!(sb.utimens(None, b"a.txt", &times, true), Ok(()));
+        // chown only as a no-op.
+        let uid = std::fs::metadata(root.join("a.txt")).unwrap().uid();
+        assert_eq!(sb.chown(None, b"a.txt", (Some(uid), None), true), Ok(()));
+        assert_eq!(
+            sb.chown(None, b"a.txt", (Some(uid + 1), None), true),
+            Err(EPERM)
+        );
+        // The devices are the VMM's, whatever the directory holds.
+        let null = sb.open(None, b"/dev/null", O_WRONLY | O_CREAT | O_TRUNC, 0o644);
+        assert!(null.is_ok_and(|f| f.path == Path::new("/dev/null")));
+        assert!(sb.stat(None, b"/dev/zero", true).is_ok());
+        assert_eq!(stat(&sb, b"/dev/sda"), Err(EACCES));
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -221,6 +221,17 @@ fn timespec(d: Duration) -> [u8; 16] {
     b
 }
 
+/// A `mode_t` argument.
+fn mode_arg(v: u64) -> u32 {
+    u32::try_from(v & 0o7777).unwrap_or(0)
+}
+
+/// A `uid_t`/`gid_t` argument: -1 (as 32 bits) leaves it unchanged.
+fn id_arg(v: u64) -> Option<u32> {
+    let id = u32::try_from(v & 0xffff_ffff).unwrap_or(u32::MAX);
+    (id != u32::MAX).then_some(id)
+}
+
 /// `POLLIN`.
 const POLLIN: i16 = 0x1;
 /// `POLLERR`.
@@ -475,11 +486,29 @@ impl Kernel {
                 }
             }
             nr::UNLINK => self.unlinkat(AT_FDCWD, a[0], 0),
+            nr::RMDIR => self.unlinkat(AT_FDCWD, a[0], 0x200),
             nr::UNLINKAT => self.unlinkat(signed(a[0]), a[1], a[2]),
             nr::RENAME => self.renameat(AT_FDCWD, a[0], AT_FDCWD, a[1], 0),
             nr::RENAMEAT => self.renameat(signed(a[0]), a[1], signed(a[2]), a[3], 0),
             nr::RENAMEAT2 => self.renameat(signed(a[0]), a[1], signed(a[2]), a[3], a[4]),
             nr::MKDIR => self.mkdirat(AT_FDCWD, a[0], a[1]),
+            nr::CHMOD => self.chmodat(AT_FDCWD, a[0], a[1], 0),
+            nr::FCHMODAT => self.chmodat(signed(a[0]), a[1], a[2], 0),
+            nr::FCHMODAT2 => self.chmodat(signed(a[0]), a[1], a[2], a[3]),
+            nr::FCHMOD => {
+                let f = self.fd(signed(a[0]))?;
+                lock(&f).chmod(mode_arg(a[1])).map(|()| 0)
+            }
+            nr::CHOWN => self.chownat(AT_FDCWD, a[0], [a[1], a[2]], 0),
+            nr::LCHOWN => self.chownat(AT_FDCWD, a[0], [a[1], a[2]], AT_SYMLINK_NOFOLLOW),
+            nr::FCHOWNAT => self.chownat(signed(a[0]), a[1], [a[2], a[3]], a[4]),
+            nr::FCHOWN => {
+                let f = self.fd(signed(a[0]))?;
+                lock(&f).chown(id_arg(a[1]), id_arg(a[2])).map(|()| 0)
+            }
+            nr::UTIMENSAT => self.utimensat(signed(a[0]), a[1], a[2], a[3]),
+            nr::UTIMES => self.utimes(a[0], a[1]),
+            nr::SENDFILE => self.sendfile(signed(a[0]), signed(a[1]), a[2], a[3]),
             nr::SYMLINK => self.symlinkat(a[0], AT_FDCWD, a[1]),
             nr::SYMLINKAT => self.symlinkat(a[0], signed(a[1]), a[2]),
             nr::LINK => self.linkat(AT_FDCWD, a[0], AT_FDCWD, a[1], 0),
@@ -997,6 +1026,136 @@ impl Kernel {
         let (nb, np) = self.at(newdir, new)?;
         self.sandbox
             .rename((ob.as_ref(), &op), (nb.as_ref(), &np), flags)
+            .map(|()| 0)
+    }
+
+    /// `sendfile`: from a file (at `*offset` when given) to any descriptor, at most
+    /// `MAX_IO` at a time.
+    fn sendfile(&mut self, out: i64, inp: i64, offset: u64, count: u64) -> SysResult {
+        let fin = self.fd(inp)?;
+        self.fd(out)?;
+        if !matches!(lock(&fin).node, Node::File(_)) {
+            return Err(EINVAL);
+        }
+        let n = usize::try_from(count.min(MAX_IO)).map_err(|_| EINVAL)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let data = if offset != 0 {
+            let mut b = [0u8; 8];
+            self.mm.read_user(offset, &mut b)?;
+            let at = u64::from_le_bytes(b);
+            if at.cast_signed() < 0 {
+                return Err(EINVAL);
+            }
+            let d = lock(&fin).pread(n, at)?;
+            self.mm
+                .write_user(offset, &(at + d.len() as u64).to_le_bytes())?;
+            d
+        } else {
+            lock(&fin).read(n)?
+        };
+        if data.is_empty() {
+            return Ok(0);
+        }
+        self.write_bytes(out, &data)
+    }
+
+    fn chmodat(&mut self, dirfd: i64, path: u64, mode: u64, flags: u64) -> SysResult {
+        if flags & AT_SYMLINK_NOFOLLOW != 0 {
+            return Err(Errno(95)); // EOPNOTSUPP, as Linux for symlinks
+        }
+        if flags & !AT_EMPTY_PATH != 0 {
+            return Err(EINVAL);
+        }
+        if flags & AT_EMPTY_PATH != 0 && self.path(path)?.is_empty() {
+            let f = self.fd(dirfd)?;
+            return lock(&f).chmod(mode_arg(mode)).map(|()| 0);
+        }
+        let (base, p) = self.at(dirfd, path)?;
+        self.sandbox
+            .chmod(base.as_ref(), &p, mode_arg(mode))
+            .map(|()| 0)
+    }
+
+    fn chownat(&mut self, dirfd: i64, path: u64, ids: [u64; 2], flags: u64) -> SysResult {
+        if flags & !(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0 {
+            return Err(EINVAL);
+        }
+        let (uid, gid) = (id_arg(ids[0]), id_arg(ids[1]));
+        if flags & AT_EMPTY_PATH != 0 && self.path(path)?.is_empty() {
+            let f = self.fd(dirfd)?;
+            return lock(&f).chown(uid, gid).map(|()| 0);
+        }
+        let (base, p) = self.at(dirfd, path)?;
+        let follow = flags & AT_SYMLINK_NOFOLLOW == 0;
+        self.sandbox
+            .chown(base.as_ref(), &p, (uid, gid), follow)
+            .map(|()| 0)
+    }
+
+    /// Two `struct timespec`s at `va` (`NULL`: both now), with `UTIME_NOW`/`UTIME_OMIT`.
+    fn timestamps(&self, va: u64, micros: bool) -> SysResult<rustix::fs::Timestamps> {
+        const UTIME_NOW: i64 = (1 << 30) - 1;
+        if va == 0 {
+            let now = rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: UTIME_NOW,
+            };
+            return Ok(rustix::fs::Timestamps {
+                last_access: now,
+                last_modification: now,
+            });
+        }
+        let mut b = [0u8; 32];
+        self.mm.read_user(va, &mut b)?;
+        let w = |i: usize| {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&b[i..i + 8]);
+            i64::from_le_bytes(v)
+        };
+        let ts = |sec: i64, frac: i64| -> SysResult<rustix::fs::Timespec> {
+            let nsec = if micros {
+                if !(0..1_000_000).contains(&frac) {
+                    return Err(EINVAL);
+                }
+                frac * 1000
+            } else {
+                frac
+            };
+            Ok(rustix::fs::Timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            })
+        };
+        Ok(rustix::fs::Timestamps {
+            last_access: ts(w(0), w(8))?,
+            last_modification: ts(w(16), w(24))?,
+        })
+    }
+
+    fn utimensat(&mut self, dirfd: i64, path: u64, times: u64, flags: u64) -> SysResult {
+        if flags & !(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0 {
+            return Err(EINVAL);
+        }
+        let t = self.timestamps(times, false)?;
+        // A NULL path (futimens) or an empty one with AT_EMPTY_PATH: the descriptor itself.
+        if path == 0 || (flags & AT_EMPTY_PATH != 0 && self.path(path)?.is_empty()) {
+            let f = self.fd(dirfd)?;
+            return lock(&f).utimens(&t).map(|()| 0);
+        }
+        let (base, p) = self.at(dirfd, path)?;
+        let follow = flags & AT_SYMLINK_NOFOLLOW == 0;
+        self.sandbox
+            .utimens(base.as_ref(), &p, &t, follow)
+            .map(|()| 0)
+    }
+
+    fn utimes(&mut self, path: u64, times: u64) -> SysResult {
+        let t = self.timestamps(times, true)?;
+        let (base, p) = self.at(AT_FDCWD, path)?;
+        self.sandbox
+            .utimens(base.as_ref(), &p, &t, true)
             .map(|()| 0)
     }
 
