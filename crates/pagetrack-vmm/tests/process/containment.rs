@@ -16,6 +16,7 @@ use super::{BUSYBOX, ENV, RUN_TIMEOUT, TempDir, require_busybox};
 /// `swap ROOT N`: swaps `ROOT/d` (a directory) and `ROOT/evil` (a host-made symlink to the
 /// outside) N times. `probe ROOT N`: N rounds of path calls through `ROOT/d` that would
 /// reach the outside if the swap won: read, create, truncate, stat, list, move out.
+/// `hammer ROOT N`: N rounds of just truncate and create through `ROOT/d`.
 /// `dents ROOT`: opens `ROOT/d`, swaps the symlink into its place, then lists the open
 /// descriptor.
 const RACE_C: &str = r#"
@@ -95,6 +96,17 @@ int main(int argc, char **argv) {
             unlink(path(4, root, "d/created"));
         }
         printf("probed %ld served %ld\n", n, served);
+        return 0;
+    }
+    if (!strcmp(what, "hammer")) {
+        /* The cheapest calls whose damage is done before any check after them could act. */
+        for (long i = 0; i < n; i++) {
+            int fd = open(path(5, root, "d/victim"), O_WRONLY | O_TRUNC);
+            if (fd >= 0) close(fd);
+            fd = open(path(4, root, "d/created"), O_WRONLY | O_CREAT, 0644);
+            if (fd >= 0) close(fd);
+        }
+        printf("hammered %ld\n", n);
         return 0;
     }
     if (!strcmp(what, "dents")) {
@@ -196,14 +208,14 @@ fn racing_symlink_swaps_never_reach_outside() {
     let exe = build_c(&d.0, "race", RACE_C);
     let out = outside(&d);
     let root = inside(&d, &out);
-    // Bounded by rounds, not time: two swappers against two probers, all at once.
-    let rounds = "3000";
+    // Bounded by rounds, not time: two swappers against a prober and a hammer, all at once.
+    // (Against the check-then-open code this replaced, the hammer created a file outside.)
     let outcomes: Vec<ProcessOutcome> = std::thread::scope(|s| {
         let jobs: Vec<_> = [
-            ["swap", rounds],
-            ["swap", rounds],
-            ["probe", rounds],
-            ["probe", rounds],
+            ["swap", "30000"],
+            ["swap", "30000"],
+            ["probe", "3000"],
+            ["hammer", "20000"],
         ]
         .into_iter()
         .map(|a| {
@@ -237,7 +249,7 @@ fn racing_symlink_swaps_never_reach_outside() {
         }
         // The swaps went through the VMM: thousands of renames, not refusals.
         if text.starts_with("swapped") {
-            assert!(o.stats.syscalls.by_number.get(&82).copied().unwrap_or(0) >= 4 * 3000);
+            assert!(o.stats.syscalls.by_number.get(&82).copied().unwrap_or(0) >= 4 * 30000);
         }
     }
     assert!(served > 0, "the probers never reached the inside secret");
