@@ -224,18 +224,57 @@ fn open_root(p: &Path, option: &'static str, write: bool, procs: &[PathBuf]) -> 
     Ok(Root { path, fd, write })
 }
 
-/// Refuses a descriptor on procfs (a mount made inside a root after the start included).
+/// The kernel's interface file systems (`statfs` magic numbers), never served: procfs,
+/// sysfs, debugfs, tracefs, securityfs, cgroup and cgroup2, configfs, bpf, efivarfs.
+const KERNEL_FS_MAGIC: [i64; 10] = [
+    PROC_SUPER_MAGIC,
+    0x6265_6572,
+    0x6462_6720,
+    0x7472_6163,
+    0x7363_6673,
+    0x0027_e0eb,
+    0x6367_7270,
+    0x6265_6570,
+    0xcafe_4a11,
+    0xde5e_81e4,
+];
+
+/// Refuses a descriptor on procfs or another kernel interface file system (a mount made
+/// inside a root after the start included).
 fn not_proc(fd: OwnedFd) -> SysResult<OwnedFd> {
     match rfs::fstatfs(&fd) {
-        Ok(s) if s.f_type == PROC_SUPER_MAGIC => Err(EACCES),
+        Ok(s) if KERNEL_FS_MAGIC.contains(&s.f_type) => Err(EACCES),
         Ok(_) => Ok(fd),
         Err(e) => Err(sys(e)),
     }
 }
 
-/// The guest's `O_*` flags as the host's (the same ABI), with `O_CLOEXEC` for the VMM.
+/// The `open` flags Linux knows (`O_ACCMODE` to `O_TMPFILE`); `openat` ignores the others,
+/// while `openat2` would refuse them with `EINVAL`.
+const KNOWN_OPEN_FLAGS: u32 = 0o3
+    | 0o100
+    | 0o200
+    | 0o400
+    | 0o1000
+    | 0o2000
+    | 0o4000
+    | 0o10000
+    | 0o20000
+    | 0o40000
+    | 0o100000
+    | 0o200000
+    | 0o400000
+    | 0o1000000
+    | 0o2000000
+    | 0o4000000
+    | 0o10000000
+    | 0o20000000;
+
+/// The guest's `O_*` flags as the host's (the same ABI), unknown bits dropped as `openat`
+/// does, with `O_CLOEXEC` for the VMM.
 pub(crate) fn host_flags(flags: u64) -> OFlags {
-    OFlags::from_bits_retain(u32::try_from(flags & 0xffff_ffff).unwrap_or(0)) | OFlags::CLOEXEC
+    let known = u32::try_from(flags & 0xffff_ffff).unwrap_or(0) & KNOWN_OPEN_FLAGS;
+    OFlags::from_bits_retain(known) | OFlags::CLOEXEC
 }
 
 /// Whether `want` (`R_OK` 4, `W_OK` 2, `X_OK` 1) is allowed on a file of `m` to `uid`/`gid`,
@@ -716,16 +755,30 @@ impl Sandbox {
         let access = if writes { Access::Write } else { Access::Read };
         // Never block the VMM on a FIFO without a writer: open non-blocking, then give the
         // descriptor the program's own blocking mode (a FIFO stays non-blocking).
+        // The mode counts only when creating (`openat2` refuses one otherwise).
+        let mode = if flags & O_CREAT != 0 || flags & O_TMPFILE == O_TMPFILE {
+            mode & 0o7777 & !SET_ID_BITS
+        } else {
+            0
+        };
         let (fd, write, path) = self.open_fd(
             base,
             path,
             access,
             host_flags(flags) | OFlags::NONBLOCK,
-            mode & !SET_ID_BITS,
+            mode,
         )?;
         let file = File::from(fd);
         let m = file.metadata().map_err(|e| Errno::from_io(&e))?;
         let ft = m.file_type();
+        // Device nodes under an allowed directory (`--dir /dev`) are the host's hardware:
+        // only the VMM's own devices are served. (Opened without O_NOCTTY's side effect.)
+        if flags & 0o10_000_000 == 0
+            && (std::os::unix::fs::FileTypeExt::is_char_device(&ft)
+                || std::os::unix::fs::FileTypeExt::is_block_device(&ft))
+        {
+            return Err(EACCES);
+        }
         if !std::os::unix::fs::FileTypeExt::is_fifo(&ft) && flags & 0o4000 == 0 {
             let fl = rfs::fcntl_getfl(&file).map_err(sys)?;
             rfs::fcntl_setfl(&file, fl - OFlags::NONBLOCK).map_err(sys)?;
@@ -1165,6 +1218,8 @@ mod tests {
         assert!(f.is_ok_and(|f| f.write_root));
         assert_eq!(sb.open(None, b"a.txt", O_WRONLY, 0).err(), Some(EACCES));
         assert!(sb.open(None, b"a.txt", 0, 0).is_ok_and(|f| !f.write_root));
+        // A stray mode without O_CREAT and unknown flag bits are ignored, as openat does.
+        assert!(sb.open(None, b"a.txt", 0x4000_0000, 0o7777).is_ok());
         // Creating through an outward symlink inside the write directory is refused.
         std::os::unix::fs::symlink(d.join("made"), out.join("out")).unwrap();
         assert_eq!(
@@ -1226,6 +1281,37 @@ mod tests {
         assert!(sb.stat(None, b"/dev/zero", true).is_ok());
         assert_eq!(stat(&sb, b"/dev/sda"), Err(EACCES));
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn host_devices_and_kernel_file_systems_are_not_served() {
+        // /dev as --dir: the VMM's /dev/null, never the host's other devices.
+        let sb = Sandbox::new(
+            Path::new("/dev"),
+            &[],
+            &[],
+            Path::new("/dev"),
+            Path::new("/x"),
+        )
+        .unwrap();
+        assert!(sb.open(None, b"/dev/null", 0, 0).is_ok());
+        assert_eq!(sb.open(None, b"/dev/full", O_RDWR, 0).err(), Some(EACCES));
+        assert!(sb.open(None, b"/dev/tty", O_RDWR, 0).is_err());
+        assert!(
+            sb.stat(None, b"/dev/full", true).is_ok(),
+            "stat is harmless"
+        );
+        if Path::new("/sys/kernel").is_dir() {
+            let sb = Sandbox::new(
+                Path::new("/sys"),
+                &[],
+                &[],
+                Path::new("/sys"),
+                Path::new("/x"),
+            )
+            .unwrap();
+            assert_eq!(sb.open(None, b"/sys/kernel", 0, 0).err(), Some(EACCES));
+        }
     }
 
     #[test]
