@@ -282,7 +282,8 @@ pub(crate) fn host_flags(flags: u64) -> OFlags {
 fn permits(m: &std::fs::Metadata, uid: u32, gid: u32, want: u32) -> bool {
     let mode = m.mode();
     if uid == 0 {
-        return want & 1 == 0 || mode & 0o111 != 0;
+        // Root may search any directory, and execute a file with one execute bit.
+        return want & 1 == 0 || m.is_dir() || mode & 0o111 != 0;
     }
     let bits = if m.uid() == uid {
         mode >> 6
