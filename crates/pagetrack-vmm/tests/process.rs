@@ -20,6 +20,8 @@ mod memtest;
 mod misc;
 #[path = "process/oracle.rs"]
 mod oracle;
+#[path = "process/time.rs"]
+mod time;
 #[path = "process/workloads.rs"]
 mod workloads;
 

@@ -29,8 +29,15 @@
 //!   are mapped at their guest-physical addresses as supervisor pages.
 //! - **Entry.** CPL3 at `AT_ENTRY` with the stack Linux builds: `argc`, `argv`, `envp` and the
 //!   auxiliary vector (`AT_PHDR`, `AT_PHENT`, `AT_PHNUM`, `AT_PAGESZ`, `AT_ENTRY`, `AT_RANDOM`,
-//!   `AT_HWCAP`, `AT_CLKTCK`, `AT_UID`/`EUID`/`GID`/`EGID`, `AT_EXECFN`, `AT_PLATFORM`; no
-//!   vDSO, so time calls are system calls).
+//!   `AT_HWCAP`, `AT_CLKTCK`, `AT_UID`/`EUID`/`GID`/`EGID`, `AT_EXECFN`, `AT_PLATFORM`,
+//!   `AT_SYSINFO_EHDR`).
+//! - **vDSO.** A one-page shared object at `0x7fff_ffff_e000` exports
+//!   `__vdso_clock_gettime` (`CLOCK_REALTIME`, `CLOCK_MONOTONIC`), `__vdso_gettimeofday` and
+//!   `__vdso_time`, which glibc and musl static programs call instead of the system call.
+//!   They read KVM's kvmclock from a read-only time page at `0x7fff_ffff_d000` and the TSC,
+//!   without an exit; the VMM's own time calls read the same clock (`KVM_GET_CLOCK`), so both
+//!   paths agree. Other clocks, a time zone, or a clock KVM does not mark TSC-stable take the
+//!   system call (see the `vdso` module).
 //! - **System calls.** `MSR_LSTAR` points at a user page holding `out 0xf6, al; sysretq`. On
 //!   hosts whose KVM runs CPL3 code natively and CPL0 code in an emulator (PVM), `syscall`
 //!   jumps there but stays at CPL3; the `out` (allowed by the TSS I/O bitmap, which allows only
@@ -67,6 +74,7 @@ mod mm;
 mod stack;
 mod syscall;
 mod track;
+mod vdso;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -518,6 +526,7 @@ impl Process {
         bits[usize::from(SYSCALL_PORT / 8)] &= !(1 << (SYSCALL_PORT % 8));
         mem.write_slice(&bits, bitmap)?;
         mem.write_slice(&syscall_stub()?, STUB_GFN * PAGE)?;
+        mem.write_slice(&vdso::image()?, vdso::VDSO_GFN * PAGE)?;
 
         let (reserved, reserved_end) = layout.reserved_range();
         let general_end = (reserved - x86::USER_STACK_SIZE) / PAGE;
@@ -535,6 +544,16 @@ impl Process {
             .map_err(|_| no_frames("the page tables"))?;
         }
         mm.map_fixed_frame(STUB_VA, STUB_GFN, PROT_READ | PROT_EXEC, PageKind::Stub)
+            .map_err(|_| no_frames("the page tables"))?;
+        // The vDSO and its time page (KVM writes the kvmclock part by guest-physical address).
+        mm.map_fixed_frame(
+            vdso::VDSO_VA,
+            vdso::VDSO_GFN,
+            PROT_READ | PROT_EXEC,
+            PageKind::Stub,
+        )
+        .map_err(|_| no_frames("the page tables"))?;
+        mm.map_fixed_frame(vdso::VVAR_VA, vdso::VVAR_GFN, PROT_READ, PageKind::Stub)
             .map_err(|_| no_frames("the page tables"))?;
         load_segments(&mut mm, &exe, &file, program)?;
         mm.init_brk(exe.end());
@@ -564,6 +583,7 @@ impl Process {
             (stack::AT_HWCAP2, 0),
             (stack::AT_CLKTCK, 100),
             (stack::AT_SECURE, 0),
+            (stack::AT_SYSINFO_EHDR, vdso::VDSO_VA),
         ];
         let execfn = program.as_os_str().as_encoded_bytes().to_vec();
         let init = stack::build(STACK_TOP, &argv, &envp, &execfn, random16(), &aux);
@@ -631,6 +651,12 @@ impl Process {
             },
         )
         .map_err(bad_config)?;
+        let mut kernel = kernel;
+        let clock = vdso::GuestClock::setup(vm.vm_fd(), vcpu.fd(), kernel.monotonic_now());
+        let (at, bytes) = clock.page().bytes();
+        vm.memory()
+            .write_slice(&bytes, vdso::VVAR_GFN * PAGE + at)?;
+        kernel.set_clock(clock);
         Ok(Process {
             vm,
             vcpu,
@@ -736,7 +762,9 @@ impl Process {
                         }
                     };
                     let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
-                    let flow = self.kernel.syscall(regs.rax, args, self.vcpu.fd());
+                    let flow = self
+                        .kernel
+                        .syscall(regs.rax, args, self.vcpu.fd(), self.vm.vm_fd());
                     self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
                     stats.syscall_time += t1.elapsed();
                     match flow {

@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::abi::{
     AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EBADF, ECHILD, EEXIST, EFAULT, EINTR,
@@ -23,6 +23,7 @@ use super::abi::{
 };
 use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, Sandbox, StdinState};
 use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
+use super::vdso::GuestClock;
 
 /// Largest transfer of one read or write (a short count beyond it, as Linux allows).
 const MAX_IO: u64 = 4 << 20;
@@ -124,6 +125,7 @@ pub struct Kernel {
     stderr: Sink,
     pub(crate) counts: SyscallCounts,
     start: Instant,
+    clock: GuestClock,
     deadline: Option<Instant>,
     urandom: Option<File>,
     uid: u32,
@@ -318,6 +320,7 @@ impl Kernel {
             },
             counts: SyscallCounts::default(),
             start: Instant::now(),
+            clock: GuestClock::default(),
             deadline: None,
             urandom: None,
             uid: setup.uid,
@@ -341,8 +344,19 @@ impl Kernel {
         )
     }
 
-    /// Serves system call `n` with arguments `a`; `vcpu` for the FS/GS bases.
-    pub fn syscall(&mut self, n: u64, a: [u64; 6], vcpu: &VcpuFd) -> Flow {
+    /// The monotonic clock as the program sees it now: 1000 s at the start.
+    pub fn monotonic_now(&self) -> Duration {
+        self.start.elapsed() + Duration::from_secs(1000)
+    }
+
+    /// Reads time from `clock` (the vDSO's kvmclock) from now on.
+    pub fn set_clock(&mut self, clock: GuestClock) {
+        self.clock = clock;
+    }
+
+    /// Serves system call `n` with arguments `a`; `vcpu` for the FS/GS bases, `vm` for
+    /// kvmclock.
+    pub fn syscall(&mut self, n: u64, a: [u64; 6], vcpu: &VcpuFd, vm: &VmFd) -> Flow {
         *self.counts.by_number.entry(n).or_default() += 1;
         let res = match n {
             nr::EXIT | nr::EXIT_GROUP => return Flow::Exit(i32::from(a[0].to_le_bytes()[0])),
@@ -353,7 +367,7 @@ impl Kernel {
             },
             // Answered as a kernel without rseq would: served, not unknown.
             nr::RSEQ => return Flow::Return(ret(Err(ENOSYS))),
-            _ => self.dispatch(n, a, vcpu),
+            _ => self.dispatch(n, a, vcpu, vm),
         };
         match res {
             Err(ENOSYS) => *self.counts.unknown.entry(n).or_default() += 1,
@@ -367,7 +381,7 @@ impl Kernel {
         Flow::Return(ret(res))
     }
 
-    fn dispatch(&mut self, n: u64, a: [u64; 6], vcpu: &VcpuFd) -> SysResult {
+    fn dispatch(&mut self, n: u64, a: [u64; 6], vcpu: &VcpuFd, vm: &VmFd) -> SysResult {
         // File descriptors and other `int` arguments: the kernel reads the low 32 bits.
         let signed = int;
         match n {
@@ -447,14 +461,11 @@ impl Kernel {
             nr::GETRLIMIT => self.prlimit(0, a[0], a[1]),
             nr::SETRLIMIT => Ok(0),
             nr::GETRANDOM => self.getrandom(a[0], a[1]),
-            nr::CLOCK_GETTIME => self.clock_gettime(a[0], a[1]),
+            nr::CLOCK_GETTIME => self.clock_gettime(a[0], a[1], vm),
             nr::CLOCK_GETRES => self.put(a[1], &timespec(Duration::from_nanos(1))),
-            nr::GETTIMEOFDAY => self.gettimeofday(a[0]),
+            nr::GETTIMEOFDAY => self.gettimeofday(a[0], vm),
             nr::TIME => {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs();
+                let now = self.realtime(vm).as_secs();
                 if a[0] != 0 {
                     self.mm.write_user(a[0], &now.to_le_bytes())?;
                 }
@@ -1469,24 +1480,33 @@ impl Kernel {
         Ok(n as u64)
     }
 
-    fn clock_gettime(&mut self, clock: u64, tp: u64) -> SysResult {
-        let d = match clock {
-            0 | 5 | 8 | 11 => SystemTime::now()
+    /// Real time: the vDSO's (kvmclock), else the host's.
+    fn realtime(&self, vm: &VmFd) -> Duration {
+        self.clock.realtime(vm).unwrap_or_else(|| {
+            SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .unwrap_or_default(),
-            // Monotonic clocks count from the process start, plus a boot-like offset.
-            1 | 4 | 6 | 7 | 9 => self.start.elapsed() + Duration::from_secs(1000),
+                .unwrap_or_default()
+        })
+    }
+
+    fn clock_gettime(&mut self, clock: u64, tp: u64, vm: &VmFd) -> SysResult {
+        let d = match clock {
+            0 | 5 | 8 | 11 => self.realtime(vm),
+            // Monotonic clocks count from the process start, plus a boot-like offset; the
+            // vDSO's where it serves the call, so that both agree.
+            1 | 4 | 6 | 7 | 9 => self
+                .clock
+                .monotonic(vm)
+                .unwrap_or_else(|| self.monotonic_now()),
             2 | 3 => self.start.elapsed(),
             _ => return Err(EINVAL),
         };
         self.put(tp, &timespec(d))
     }
 
-    fn gettimeofday(&mut self, tv: u64) -> SysResult {
+    fn gettimeofday(&mut self, tv: u64, vm: &VmFd) -> SysResult {
         if tv != 0 {
-            let d = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
+            let d = self.realtime(vm);
             let mut b = [0u8; 16];
             b[..8].copy_from_slice(&d.as_secs().to_le_bytes());
             b[8..].copy_from_slice(&u64::from(d.subsec_micros()).to_le_bytes());
