@@ -20,6 +20,8 @@ mod memtest;
 mod misc;
 #[path = "process/oracle.rs"]
 mod oracle;
+#[path = "process/sqlite.rs"]
+mod sqlite;
 #[path = "process/time.rs"]
 mod time;
 #[path = "process/workloads.rs"]
@@ -128,9 +130,15 @@ pub fn run_guest(
         .stderr(Output::Capture)
         .track(mode.regions())
         .timeout(Some(RUN_TIMEOUT));
+    run_config(kvm, cfg)
+}
+
+/// Runs `cfg`, with the replay oracle registered when it tracks anything.
+pub fn run_config(kvm: Kvm, cfg: ProcessConfig) -> GuestRun {
+    let tracked = !cfg.track.is_empty();
     let start = std::time::Instant::now();
     let mut p = Process::with_kvm(kvm, cfg).unwrap();
-    let oracle = (mode != Mode::Untracked).then(|| {
+    let oracle = tracked.then(|| {
         let o = Oracle::new();
         p.set_observer(Arc::clone(&o) as _);
         let h = p

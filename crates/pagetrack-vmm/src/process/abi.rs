@@ -19,7 +19,7 @@ errnos! {
     EPERM = 1, ENOENT = 2, ESRCH = 3, EIO = 5, EBADF = 9, ECHILD = 10,
     ENOMEM = 12, EACCES = 13, EFAULT = 14, EEXIST = 17, ENOTDIR = 20, EISDIR = 21,
     EINVAL = 22, EMFILE = 24, ENOTTY = 25, ESPIPE = 29, EPIPE = 32, ERANGE = 34,
-    ENAMETOOLONG = 36, ENOSYS = 38, EINTR = 4,
+    ENAMETOOLONG = 36, ENOSYS = 38, EINTR = 4, EAGAIN = 11,
 }
 
 impl Errno {
@@ -74,6 +74,7 @@ pub mod nr {
     pub const RT_SIGPROCMASK: u64 = 14;
     pub const IOCTL: u64 = 16;
     pub const PREAD64: u64 = 17;
+    pub const PWRITE64: u64 = 18;
     pub const READV: u64 = 19;
     pub const WRITEV: u64 = 20;
     pub const POLL: u64 = 7;
@@ -248,6 +249,8 @@ pub fn syscall_name(n: u64) -> Option<&'static str> {
         (90, "chmod"),
         (91, "fchmod"),
         (92, "chown"),
+        (93, "fchown"),
+        (94, "lchown"),
         (95, "umask"),
         (96, "gettimeofday"),
         (97, "getrlimit"),

@@ -810,6 +810,23 @@ pub enum Node {
     File(File),
 }
 
+/// The `fcntl` record-lock commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordLock {
+    /// `F_GETLK`.
+    Get,
+    /// `F_SETLK`.
+    Set,
+    /// `F_SETLKW` (blocks in the host until the lock is free).
+    SetWait,
+    /// `F_OFD_GETLK`.
+    OfdGet,
+    /// `F_OFD_SETLK`.
+    OfdSet,
+    /// `F_OFD_SETLKW`.
+    OfdSetWait,
+}
+
 /// Whether a descriptor is ready, for `poll` and `select`.
 #[derive(Debug)]
 pub enum Readiness {
@@ -1084,6 +1101,66 @@ impl OpenFile {
             }
             _ => Err(EBADF),
         }
+    }
+
+    /// Writes `data` at `offset` without moving the position (at the end for `O_APPEND`, as
+    /// Linux's `pwrite` does).
+    ///
+    /// # Errors
+    /// `EBADF` if not open for writing, `ESPIPE` for streams; host errors.
+    pub fn pwrite(&mut self, data: &[u8], offset: u64) -> SysResult<usize> {
+        let acc = self.flags & O_ACCMODE;
+        let Node::File(f) = &self.node else {
+            return Err(if acc == O_WRONLY || acc == O_RDWR {
+                ESPIPE
+            } else {
+                EBADF
+            });
+        };
+        if acc != O_WRONLY && acc != O_RDWR {
+            return Err(EBADF);
+        }
+        f.write_all_at(data, offset)
+            .map_err(|e| Errno::from_io(&e))?;
+        Ok(data.len())
+    }
+
+    /// `fsync` (`data_only`: `fdatasync`) of a host file; streams have nothing to flush.
+    ///
+    /// # Errors
+    /// Host errors.
+    pub fn sync(&self, data_only: bool) -> SysResult<()> {
+        match &self.node {
+            Node::File(f) if data_only => f.sync_data(),
+            Node::File(f) => f.sync_all(),
+            _ => Ok(()),
+        }
+        .map_err(|e| Errno::from_io(&e))
+    }
+
+    /// A POSIX record lock (`F_GETLK`, `F_SETLK`, `F_OFD_*`; never blocking) on the host
+    /// file, held by pagetrack's process: the program is that process, so its own locks
+    /// never conflict, and other processes on the host see them, as natively.
+    ///
+    /// # Errors
+    /// `EBADF` for the standard streams (or as the host says), host errors (`EAGAIN`,
+    /// `EACCES` for a conflict, `EINVAL`).
+    pub fn record_lock(&self, cmd: RecordLock, fl: &mut libc::flock) -> SysResult<()> {
+        use nix::fcntl::{FcntlArg, fcntl};
+        let Node::File(f) = &self.node else {
+            return Err(EBADF);
+        };
+        let arg = match cmd {
+            RecordLock::Get => FcntlArg::F_GETLK(fl),
+            RecordLock::Set => FcntlArg::F_SETLK(fl),
+            RecordLock::SetWait => FcntlArg::F_SETLKW(fl),
+            RecordLock::OfdGet => FcntlArg::F_OFD_GETLK(fl),
+            RecordLock::OfdSet => FcntlArg::F_OFD_SETLK(fl),
+            RecordLock::OfdSetWait => FcntlArg::F_OFD_SETLKW(fl),
+        };
+        fcntl(f, arg)
+            .map(|_| ())
+            .map_err(|e| Errno(i64::from(e as i32)))
     }
 
     /// `lseek`.

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::abi::{
-    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EBADF, ECHILD, EEXIST, EFAULT, EINTR,
-    EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE, ESRCH,
-    Errno, O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE, SysResult, nr,
+    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, EBADF, ECHILD, EEXIST, EFAULT,
+    EINTR, EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE,
+    ESRCH, Errno, O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE, SysResult, nr,
 };
-use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, Sandbox, StdinState};
+use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, RecordLock, Sandbox, StdinState};
 use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
 use super::vdso::GuestClock;
 
@@ -403,6 +403,7 @@ impl Kernel {
             nr::READV => self.readv(signed(a[0]), a[1], a[2]),
             nr::WRITEV => self.writev(signed(a[0]), a[1], a[2]),
             nr::PREAD64 => self.pread(signed(a[0]), a[1], a[2], a[3]),
+            nr::PWRITE64 => self.pwrite(signed(a[0]), a[1], a[2], a[3]),
             nr::OPEN => self.openat(AT_FDCWD, a[0], a[1], a[2]),
             nr::OPENAT => self.openat(signed(a[0]), a[1], a[2], a[3]),
             nr::CLOSE => self.fds.remove(&signed(a[0])).map(|_| 0).ok_or(EBADF),
@@ -476,7 +477,11 @@ impl Kernel {
                 // Relative sleeps only (flags 0); an absolute one ends at once.
                 if a[1] == 0 { self.sleep(a[2]) } else { Ok(0) }
             }
-            nr::SCHED_YIELD | nr::FSYNC | nr::FDATASYNC | nr::FADVISE64 => Ok(0),
+            nr::SCHED_YIELD | nr::FADVISE64 => Ok(0),
+            nr::FSYNC | nr::FDATASYNC => {
+                let f = self.fd(signed(a[0]))?;
+                lock(&f).sync(n == nr::FDATASYNC).map(|()| 0)
+            }
             nr::SCHED_GETAFFINITY => {
                 if a[1] < 8 {
                     return Err(EINVAL);
@@ -795,6 +800,23 @@ impl Kernel {
         Ok(data.len() as u64)
     }
 
+    fn pwrite(&mut self, fd: i64, buf: u64, count: u64, offset: u64) -> SysResult {
+        let f = self.fd(fd)?;
+        if offset.cast_signed() < 0 {
+            return Err(EINVAL);
+        }
+        if count == 0 {
+            return Ok(0);
+        }
+        let n = self.mm.accessible(buf, count.min(MAX_IO), PROT_READ);
+        if n == 0 {
+            return Err(EFAULT);
+        }
+        let mut data = vec![0u8; usize::try_from(n).map_err(|_| EINVAL)?];
+        self.mm.read_user(buf, &mut data)?;
+        lock(&f).pwrite(&data, offset).map(|k| k as u64)
+    }
+
     fn write_bytes(&mut self, fd: i64, data: &[u8]) -> SysResult {
         let f = self.fd(fd)?;
         let mut g = lock(&f);
@@ -1019,8 +1041,62 @@ impl Kernel {
             }
             F_GETFL => Ok(lock(&f.file).flags),
             F_SETFL => Ok(0),
+            5 => self.record_lock(fd, RecordLock::Get, arg),
+            6 => self.record_lock(fd, RecordLock::Set, arg),
+            7 => self.record_lock(fd, RecordLock::SetWait, arg),
+            36 => self.record_lock(fd, RecordLock::OfdGet, arg),
+            37 => self.record_lock(fd, RecordLock::OfdSet, arg),
+            38 => self.record_lock(fd, RecordLock::OfdSetWait, arg),
             _ => Err(EINVAL),
         }
+    }
+
+    /// `fcntl` record locks with the program's `struct flock` at `arg`. A waiting lock
+    /// waits in the host only without a timeout; with one, it retries until the deadline.
+    fn record_lock(&mut self, fd: i64, cmd: RecordLock, arg: u64) -> SysResult {
+        let f = self.fd(fd)?;
+        let mut b = [0u8; 32];
+        self.mm.read_user(arg, &mut b)?;
+        let word = |at: usize| i64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let mut fl = libc::flock {
+            l_type: i16::from_le_bytes([b[0], b[1]]),
+            l_whence: i16::from_le_bytes([b[2], b[3]]),
+            l_start: word(8),
+            l_len: word(16),
+            l_pid: i32::from_le_bytes(b[24..28].try_into().expect("4 bytes")),
+        };
+        let g = lock(&f);
+        match (cmd, self.deadline) {
+            (RecordLock::SetWait | RecordLock::OfdSetWait, Some(deadline)) => {
+                let try_cmd = if cmd == RecordLock::SetWait {
+                    RecordLock::Set
+                } else {
+                    RecordLock::OfdSet
+                };
+                loop {
+                    match g.record_lock(try_cmd, &mut fl) {
+                        Err(EAGAIN | EACCES) => {}
+                        other => break other,
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break Err(EINTR);
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(5)));
+                }
+            }
+            _ => g.record_lock(cmd, &mut fl),
+        }?;
+        drop(g);
+        if matches!(cmd, RecordLock::Get | RecordLock::OfdGet) {
+            b[..2].copy_from_slice(&fl.l_type.to_le_bytes());
+            b[2..4].copy_from_slice(&fl.l_whence.to_le_bytes());
+            b[8..16].copy_from_slice(&fl.l_start.to_le_bytes());
+            b[16..24].copy_from_slice(&fl.l_len.to_le_bytes());
+            b[24..28].copy_from_slice(&fl.l_pid.to_le_bytes());
+            self.mm.write_user(arg, &b)?;
+        }
+        Ok(0)
     }
 
     fn unlinkat(&mut self, dirfd: i64, path: u64, flags: u64) -> SysResult {
