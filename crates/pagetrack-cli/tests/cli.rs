@@ -883,3 +883,30 @@ fn exec_timeout_is_124_whether_computing_sleeping_or_waiting() {
         assert_eq!(exit["code"], 124, "{name}");
     }
 }
+
+#[test]
+fn exec_writer_into_a_closed_pipe_dies_of_sigpipe_as_natively() {
+    let _kvm = pagetrack_testkit::kvm_or_skip!();
+    assert!(
+        std::path::Path::new("/bin/busybox").exists(),
+        "busybox-static is missing: run ./scripts/test, which installs it"
+    );
+    // `pagetrack exec -- busybox yes | head -n 1`: once the reader is gone, the writer gets
+    // SIGPIPE, status 141 (it was 1, from an EPIPE `yes` reported itself).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pagetrack"))
+        .args(["exec", "--", "/bin/busybox", "yes"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "y\n");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{out:?}");
+    assert!(text(&out.stderr).contains("SIGPIPE"), "{out:?}");
+}

@@ -20,6 +20,8 @@ mod memtest;
 mod misc;
 #[path = "process/oracle.rs"]
 mod oracle;
+#[path = "process/signals.rs"]
+mod signals;
 #[path = "process/sqlite.rs"]
 mod sqlite;
 #[path = "process/time.rs"]

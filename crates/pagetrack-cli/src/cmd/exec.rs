@@ -59,7 +59,7 @@ Events (--events FILE; standard output belongs to the program), JSON Lines:
     of the frame; source is \"vcpu\" (the program's stores) or \"device\" (pagetrack's
     writes: read() data, page-table entries).
   {\"type\":\"exit\",\"reason\":\"exit\",\"code\":0,\"detail\":\"exited with status 0\"}
-    reason: exit, signal (a CPU exception or a fatal signal it sent itself), timeout,
+    reason: exit, signal (a CPU exception or a fatal signal: its own, a timer's, SIGPIPE), timeout,
     error; code is the exit status pagetrack returns.
   {\"type\":\"summary\",...} as in `pagetrack run`.
   {\"type\":\"process\",\"syscalls\":23,\"unknown_syscalls\":{\"rt_sigaction (13)\":2},...}

@@ -86,6 +86,11 @@ pub mod nr {
     pub const DUP: u64 = 32;
     pub const DUP2: u64 = 33;
     pub const NANOSLEEP: u64 = 35;
+    pub const RT_SIGRETURN: u64 = 15;
+    pub const PAUSE: u64 = 34;
+    pub const GETITIMER: u64 = 36;
+    pub const ALARM: u64 = 37;
+    pub const SETITIMER: u64 = 38;
     pub const GETPID: u64 = 39;
     pub const SENDFILE: u64 = 40;
     pub const SOCKET: u64 = 41;

@@ -47,6 +47,14 @@
 //! - **Exceptions** reach the CPL0 stubs, which exit; a page fault just below the stack grows
 //!   it, anything else ends the run with the vector, RIP, error code and address, reported as
 //!   the signal Linux would send (status 128 + signal).
+//! - **Signals** the program sends itself (`kill`, `tgkill`, `raise`), `SIGALRM` from
+//!   `alarm`/`setitimer(ITIMER_REAL)` and `SIGPIPE` for a write to a closed pipe are delivered
+//!   when a system call returns: to a handler on a Linux x86-64 signal frame (`SA_SIGINFO`,
+//!   `SA_ONSTACK` with `sigaltstack`, `SA_RESETHAND`, `SA_NODEFER`, the handler's mask) that
+//!   `rt_sigreturn` restores, ignored (`SIG_IGN`, default-ignore signals), or ending the run
+//!   with status 128 + signal. `pause` and `nanosleep` wait for them. A timer expiring while
+//!   the program computes without system calls interrupts it between two instructions on
+//!   PVM, and waits for its next system call on VT-x/SVM (see the `signal` module).
 //! - **Page tables and KVM.** When an operation changes or removes a present translation
 //!   (munmap, mprotect, a brk shrink, mremap), the VMM has KVM drop its shadows of the
 //!   page-table frames concerned ([`pagetrack_kvm::Vm::invalidate_translations`]) before the
@@ -71,6 +79,7 @@ mod abi;
 mod elf;
 mod fs;
 mod mm;
+mod signal;
 mod stack;
 mod syscall;
 mod track;
@@ -250,8 +259,9 @@ impl ProcessConfig {
 pub enum ProcessEnd {
     /// It called `exit` or `exit_group` with this status.
     Exited(u8),
-    /// It was ended by a signal: a CPU exception (no handler ever runs), or a fatal signal
-    /// it sent itself (`abort`).
+    /// It was ended by a signal: a CPU exception (no handler ever runs for those), or a
+    /// signal without a handler whose default action ends the program (`abort`, `raise`,
+    /// a timer's `SIGALRM`, `SIGPIPE`).
     Signaled {
         /// The signal number Linux would have sent (SIGSEGV 11, SIGILL 4, SIGFPE 8...).
         signal: u8,
@@ -348,6 +358,9 @@ pub struct Process {
     tracking: track::Tracking,
     timeout: Option<Duration>,
     load_time: Duration,
+    /// FPU state at the delivery of each signal frame, by frame address, restored by its
+    /// `rt_sigreturn` (at most 64).
+    fpu_stash: Vec<(u64, kvm_bindings::kvm_fpu)>,
 }
 
 fn bad_image(program: &Path, reason: impl std::fmt::Display) -> Error {
@@ -665,6 +678,7 @@ impl Process {
             tracking: track::Tracking::new(config.track.clone()),
             timeout: config.timeout,
             load_time: started.elapsed(),
+            fpu_stash: Vec::new(),
         })
     }
 
@@ -697,12 +711,41 @@ impl Process {
                 }
             })
         });
+        // The alarm kicker: stops the vCPU when the program's timer is due, so that SIGALRM
+        // reaches a program that computes without system calls.
+        let (alarm_tx, alarm_rx) = mpsc::channel::<Option<Instant>>();
+        let kicker = {
+            let stopper = self.vcpu.stopper();
+            std::thread::spawn(move || {
+                let mut next: Option<Instant> = None;
+                loop {
+                    let msg = match next {
+                        Some(at) => {
+                            alarm_rx.recv_timeout(at.saturating_duration_since(Instant::now()))
+                        }
+                        None => alarm_rx
+                            .recv()
+                            .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                    };
+                    match msg {
+                        Ok(at) => next = at,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            stopper.stop();
+                            next = None;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            })
+        };
         let mut stats = ProcessStats::default();
-        let end = self.drive(&mut stats, deadline);
+        let end = self.drive(&mut stats, deadline, &alarm_tx);
         drop(done_tx);
+        drop(alarm_tx);
         if let Some(w) = watchdog {
             let _ = w.join();
         }
+        let _ = kicker.join();
         stats.run_time = started.elapsed();
         let end = end?;
         self.tracking.finish(&self.vm)?;
@@ -720,10 +763,113 @@ impl Process {
         })
     }
 
+    /// Delivers the pending signals the program does not block to `user`, the registers it
+    /// resumes with: ignored ones are dropped, a handler gets its frame on the stack (one
+    /// at a time; the next comes when the handler returns), a default action that ends the
+    /// program ends the run.
+    fn deliver(&mut self, user: &mut kvm_bindings::kvm_regs) -> Option<ProcessEnd> {
+        while let Some(d) = self.kernel.signals.take() {
+            match d.disposition {
+                signal::Disposition::Ignore => {}
+                signal::Disposition::Terminate => {
+                    let sig = u8::try_from(d.sig).unwrap_or(6);
+                    return Some(ProcessEnd::Signaled {
+                        signal: sig,
+                        exception: None,
+                        detail: format!("killed by {} (signal {sig})", signal_name(sig)),
+                    });
+                }
+                signal::Disposition::Handle(act) => {
+                    let (uid, _) = host_ids();
+                    let (at, bytes, handler) = self.kernel.signals.frame(
+                        d,
+                        act,
+                        user,
+                        u32::try_from(syscall::PID).unwrap_or(1000),
+                        uid,
+                    );
+                    let mm = &mut self.kernel.mm;
+                    mm.grow_stack(at);
+                    if mm.write_user(at, &bytes).is_err() {
+                        return Some(bad_frame(at));
+                    }
+                    // The FPU state the handler will change, for its rt_sigreturn: the
+                    // context may be one interrupted between two instructions (or a frame
+                    // delivered at another handler's return to such a context). A frame
+                    // address seen again is a new frame; the oldest go beyond 64, as a
+                    // handler that never returns (siglongjmp) leaves its entry behind.
+                    if let Ok(fpu) = self.vcpu.fd().get_fpu() {
+                        self.fpu_stash.retain(|(f, _)| *f != at);
+                        self.fpu_stash.push((at, fpu));
+                        if self.fpu_stash.len() > 64 {
+                            self.fpu_stash.remove(0);
+                        }
+                    }
+                    *user = handler;
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// A kick of the alarm kicker: raises a due SIGALRM and, if the program is at CPL3 and
+    /// may take it now, delivers it; else it waits for the next system call.
+    fn alarm_between_instructions(&mut self, at_cpl3_path: bool) -> Result<Option<ProcessEnd>> {
+        self.kernel.check_alarm();
+        if !at_cpl3_path || !self.kernel.signals.deliverable() {
+            return Ok(None);
+        }
+        let kvm_err = |op: &'static str| move |source| Error::Kvm { op, source };
+        let sregs = self
+            .vcpu
+            .fd()
+            .get_sregs()
+            .map_err(kvm_err("KVM_GET_SREGS"))?;
+        // The registers are kvm_run's copy if the VMM changed it and KVM has not taken the
+        // change yet (a stop before the next KVM_RUN); else KVM's own, which the backend may
+        // have set by ioctl (an emulated store) after kvm_run's copy was made.
+        let pending = self.vcpu.fd_mut().get_kvm_run().kvm_dirty_regs
+            & u64::from(kvm_bindings::KVM_SYNC_X86_REGS)
+            != 0;
+        let mut user = if pending {
+            self.vcpu.fd().sync_regs().regs
+        } else {
+            self.vcpu.fd().get_regs().map_err(kvm_err("KVM_GET_REGS"))?
+        };
+        if sregs.cs.dpl != 3 || user.rip & !(PAGE - 1) == STUB_VA {
+            return Ok(None);
+        }
+        if let Some(end) = self.deliver(&mut user) {
+            return Ok(Some(end));
+        }
+        self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
+        let fd = self.vcpu.fd_mut();
+        if pending {
+            fd.sync_regs_mut().regs = user;
+            fd.set_sync_dirty_reg(SyncReg::Register);
+        } else {
+            fd.set_regs(&user).map_err(kvm_err("KVM_SET_REGS"))?;
+        }
+        Ok(None)
+    }
+
     /// The run loop.
-    fn drive(&mut self, stats: &mut ProcessStats, deadline: Option<Instant>) -> Result<ProcessEnd> {
+    fn drive(
+        &mut self,
+        stats: &mut ProcessStats,
+        deadline: Option<Instant>,
+        alarm_tx: &mpsc::Sender<Option<Instant>>,
+    ) -> Result<ProcessEnd> {
         let mut cpl0_entry: Option<bool> = None;
+        let mut alarm_sent: Option<Instant> = None;
         loop {
+            let alarm = self.kernel.alarm_at();
+            if alarm != alarm_sent {
+                // The kicker ends only with the run, so the send cannot fail.
+                let _ = alarm_tx.send(alarm);
+                alarm_sent = alarm;
+            }
             let t0 = Instant::now();
             let exit = self.vcpu.run();
             let t1 = Instant::now();
@@ -767,31 +913,62 @@ impl Process {
                         .syscall(regs.rax, args, self.vcpu.fd(), self.vm.vm_fd());
                     self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
                     stats.syscall_time += t1.elapsed();
+                    // Where the program resumes: after its `syscall`, as sysretq returns.
+                    let mut user = kvm_bindings::kvm_regs {
+                        rip: regs.rcx,
+                        rflags: regs.r11,
+                        ..regs
+                    };
                     match flow {
-                        Flow::Return(v) => {
+                        Flow::Return(v) => user.rax = v,
+                        Flow::SigReturn => {
+                            let mut frame = vec![
+                                0u8;
+                                usize::try_from(signal::FRAME_SIZE)
+                                    .expect("a small constant")
+                            ];
+                            let at = regs.rsp.wrapping_sub(8);
+                            if self.kernel.mm.read_user(at, &mut frame).is_err() {
+                                return Ok(bad_frame(at));
+                            }
+                            user = self.kernel.signals.restore(&frame, &user);
+                            if let Some(i) = self.fpu_stash.iter().rposition(|(f, _)| *f == at) {
+                                let (_, fpu) = self.fpu_stash[i];
+                                self.fpu_stash.truncate(i);
+                                self.vcpu.fd().set_fpu(&fpu).map_err(|source| Error::Kvm {
+                                    op: "KVM_SET_FPU",
+                                    source,
+                                })?;
+                            }
+                        }
+                        _ => {}
+                    }
+                    match flow {
+                        Flow::Return(_) | Flow::SigReturn => {
+                            if let Some(end) = self.deliver(&mut user) {
+                                return Ok(end);
+                            }
+                            self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
                             let fd = self.vcpu.fd_mut();
                             let r = &mut fd.sync_regs_mut().regs;
-                            r.rax = v;
-                            if !enters_cpl0 {
+                            *r = if enters_cpl0 {
+                                // sysretq, still ahead in the stub, jumps to RCX with R11.
+                                kvm_bindings::kvm_regs {
+                                    rip: r.rip,
+                                    rflags: r.rflags,
+                                    rcx: user.rip,
+                                    r11: user.rflags,
+                                    ..user
+                                }
+                            } else {
                                 // Still at CPL3 in the stub: return as sysretq would.
-                                r.rip = regs.rcx;
-                                r.rflags = regs.r11;
-                            }
+                                user
+                            };
                             fd.set_sync_dirty_reg(SyncReg::Register);
                         }
                         Flow::Exit(code) => return Ok(ProcessEnd::Exited(code.to_le_bytes()[0])),
                         Flow::Timeout => {
                             return Ok(ProcessEnd::Timeout(self.timeout.unwrap_or_default()));
-                        }
-                        Flow::Killed(sig) => {
-                            return Ok(ProcessEnd::Signaled {
-                                signal: sig,
-                                exception: None,
-                                detail: format!(
-                                    "killed by {} (signal {sig}) it sent itself",
-                                    signal_name(sig)
-                                ),
-                            });
                         }
                     }
                 }
@@ -821,6 +998,15 @@ impl Process {
                         detail: format!("{name}: {ex}"),
                     });
                 }
+                Exit::Stopped if deadline.is_none_or(|d| Instant::now() < d) => {
+                    // The alarm kicker: deliver SIGALRM between two instructions, where the
+                    // program is at CPL3 and returns with every register (PVM only: on
+                    // VT-x/SVM the return path is sysretq, which cannot restore RCX/R11).
+                    if let Some(end) = self.alarm_between_instructions(cpl0_entry == Some(false))? {
+                        return Ok(end);
+                    }
+                    alarm_sent = None;
+                }
                 Exit::Stopped => {
                     let t = deadline.map_or(Duration::ZERO, |d| {
                         d.saturating_duration_since(t0) + (t1 - t0)
@@ -835,6 +1021,16 @@ impl Process {
                 }
             }
         }
+    }
+}
+
+/// The end of a program whose signal frame cannot be read or written: SIGSEGV, as Linux's
+/// `force_sigsegv`.
+fn bad_frame(at: u64) -> ProcessEnd {
+    ProcessEnd::Signaled {
+        signal: 11,
+        exception: None,
+        detail: format!("Segmentation fault (SIGSEGV): no room for a signal frame at {at:#x}"),
     }
 }
 

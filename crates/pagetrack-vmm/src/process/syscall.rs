@@ -23,6 +23,7 @@ use super::abi::{
 };
 use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, RecordLock, Sandbox, StdinState};
 use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
+use super::signal::{self, SI_KERNEL, SI_TKILL, SI_USER, SIGALRM, SIGPIPE, Signals};
 use super::vdso::GuestClock;
 
 /// Largest transfer of one read or write (a short count beyond it, as Linux allows).
@@ -43,8 +44,8 @@ pub enum Flow {
     Return(u64),
     /// The program called exit or exit_group with this status.
     Exit(i32),
-    /// The program sent itself this fatal signal (no handler is ever run).
-    Killed(u8),
+    /// `rt_sigreturn`: restore the registers saved in the signal frame below RSP.
+    SigReturn,
     /// The run's timeout passed while the call was served (a sleep, a wait for input).
     Timeout,
 }
@@ -126,6 +127,10 @@ pub struct Kernel {
     pub(crate) counts: SyscallCounts,
     start: Instant,
     clock: GuestClock,
+    /// Signal actions, the blocked mask, pending signals.
+    pub(crate) signals: Signals,
+    /// `ITIMER_REAL`: when it fires next, and its interval.
+    alarm: Option<(Instant, Option<Duration>)>,
     deadline: Option<Instant>,
     urandom: Option<File>,
     uid: u32,
@@ -267,10 +272,6 @@ impl Wait {
 }
 
 /// Signals whose default action ends the process.
-fn fatal_signal(sig: u64) -> bool {
-    matches!(sig, 1..=16 | 24..=27 | 29..=31)
-}
-
 impl Kernel {
     /// A kernel for `mm`, with the standard streams and identity of `setup`.
     ///
@@ -321,6 +322,8 @@ impl Kernel {
             counts: SyscallCounts::default(),
             start: Instant::now(),
             clock: GuestClock::default(),
+            signals: Signals::default(),
+            alarm: None,
             deadline: None,
             urandom: None,
             uid: setup.uid,
@@ -360,15 +363,17 @@ impl Kernel {
         *self.counts.by_number.entry(n).or_default() += 1;
         let res = match n {
             nr::EXIT | nr::EXIT_GROUP => return Flow::Exit(i32::from(a[0].to_le_bytes()[0])),
-            nr::KILL | nr::TKILL | nr::TGKILL => match self.kill(n, a) {
-                Ok(Some(sig)) => return Flow::Killed(sig),
-                Ok(None) => Ok(0),
-                Err(e) => Err(e),
-            },
+            nr::KILL | nr::TKILL | nr::TGKILL => self.kill(n, a),
+            nr::RT_SIGRETURN => return Flow::SigReturn,
             // Answered as a kernel without rseq would: served, not unknown.
             nr::RSEQ => return Flow::Return(ret(Err(ENOSYS))),
             _ => self.dispatch(n, a, vcpu, vm),
         };
+        // A write to a pipe no one reads raises SIGPIPE, as the kernel does.
+        if res == Err(EPIPE) && matches!(n, nr::WRITE | nr::WRITEV | nr::PWRITE64 | nr::SENDFILE) {
+            self.signals.raise(SIGPIPE, SI_USER);
+        }
+        self.check_alarm();
         match res {
             Err(ENOSYS) => *self.counts.unknown.entry(n).or_default() += 1,
             Err(EACCES | EPERM) => *self.counts.refused.entry(n).or_default() += 1,
@@ -421,9 +426,13 @@ impl Kernel {
             nr::MREMAP => self.mremap(a),
             nr::MADVISE => self.madvise(a[0], a[1], a[2]),
             nr::BRK => Ok(self.mm.set_brk(a[0])),
-            nr::RT_SIGACTION => self.sigaction(a[0], a[2], a[3]),
-            nr::RT_SIGPROCMASK => self.put_zeros(a[2], 8).map(|()| 0),
-            nr::SIGALTSTACK => self.sigaltstack(a[1]),
+            nr::RT_SIGACTION => self.sigaction(a[0], a[1], a[2], a[3]),
+            nr::RT_SIGPROCMASK => self.sigprocmask(a[0], a[1], a[2], a[3]),
+            nr::SIGALTSTACK => self.sigaltstack(a[0], a[1], vcpu),
+            nr::PAUSE => self.pause(),
+            nr::ALARM => self.alarm(a[0]),
+            nr::SETITIMER => self.setitimer(a[0], a[1], a[2]),
+            nr::GETITIMER => self.setitimer(a[0], 0, a[1]),
             nr::IOCTL => self.fd(signed(a[0])).and(Err(ENOTTY)),
             nr::ACCESS => self.access(AT_FDCWD, a[0], a[1]),
             nr::FACCESSAT | nr::FACCESSAT2 => self.access(signed(a[0]), a[1], a[2]),
@@ -472,10 +481,14 @@ impl Kernel {
                 }
                 Ok(now)
             }
-            nr::NANOSLEEP => self.sleep(a[0]),
+            nr::NANOSLEEP => self.sleep(a[0], a[1]),
             nr::CLOCK_NANOSLEEP => {
                 // Relative sleeps only (flags 0); an absolute one ends at once.
-                if a[1] == 0 { self.sleep(a[2]) } else { Ok(0) }
+                if a[1] == 0 {
+                    self.sleep(a[2], a[3])
+                } else {
+                    Ok(0)
+                }
             }
             nr::SCHED_YIELD | nr::FADVISE64 => Ok(0),
             nr::FSYNC | nr::FDATASYNC => {
@@ -543,13 +556,6 @@ impl Kernel {
 
     fn put(&self, va: u64, data: &[u8]) -> SysResult {
         self.mm.write_user(va, data).map(|()| 0)
-    }
-
-    fn put_zeros(&self, va: u64, n: usize) -> SysResult<()> {
-        if va == 0 {
-            return Ok(());
-        }
-        self.mm.write_user(va, &vec![0u8; n])
     }
 
     fn path(&self, va: u64) -> SysResult<Vec<u8>> {
@@ -1431,24 +1437,82 @@ impl Kernel {
         Ok(0)
     }
 
-    fn sigaction(&mut self, sig: u64, old: u64, size: u64) -> SysResult {
+    fn sigaction(&mut self, sig: u64, act: u64, old: u64, size: u64) -> SysResult {
         if sig == 0 || sig > 64 || size != 8 {
             return Err(EINVAL);
         }
-        // No handler ever runs: report the default disposition.
-        self.put_zeros(old, 32).map(|()| 0)
-    }
-
-    fn sigaltstack(&mut self, old: u64) -> SysResult {
+        let sig = u32::try_from(sig).map_err(|_| EINVAL)?;
+        let new = if act != 0 {
+            let mut b = [0u8; 32];
+            self.mm.read_user(act, &mut b)?;
+            Some(signal::Action::from_bytes(&b))
+        } else {
+            None
+        };
         if old != 0 {
-            let mut b = [0u8; 24];
-            b[8..12].copy_from_slice(&2u32.to_le_bytes()); // SS_DISABLE
-            self.mm.write_user(old, &b)?;
+            self.mm
+                .write_user(old, &self.signals.action(sig).to_bytes())?;
+        }
+        if let Some(new) = new
+            && !self.signals.set_action(sig, new)
+        {
+            return Err(EINVAL);
         }
         Ok(0)
     }
 
-    fn kill(&mut self, n: u64, a: [u64; 6]) -> SysResult<Option<u8>> {
+    fn sigprocmask(&mut self, how: u64, set: u64, old: u64, size: u64) -> SysResult {
+        if size != 8 {
+            return Err(EINVAL);
+        }
+        let cur = self.signals.blocked;
+        let new = if set != 0 {
+            let mut b = [0u8; 8];
+            self.mm.read_user(set, &mut b)?;
+            let m = u64::from_le_bytes(b);
+            Some(match how {
+                0 => cur | m,
+                1 => cur & !m,
+                2 => m,
+                _ => return Err(EINVAL),
+            })
+        } else {
+            None
+        };
+        if old != 0 {
+            self.mm.write_user(old, &cur.to_le_bytes())?;
+        }
+        if let Some(m) = new {
+            self.signals.set_blocked(m);
+        }
+        Ok(0)
+    }
+
+    fn sigaltstack(&mut self, new: u64, old: u64, vcpu: &VcpuFd) -> SysResult {
+        let sp = vcpu.sync_regs().regs.rsp;
+        let prev = self.signals.altstack_bytes(sp);
+        if new != 0 {
+            // Not while running on it.
+            if prev[8] & 1 != 0 {
+                return Err(EPERM);
+            }
+            let mut b = [0u8; 24];
+            self.mm.read_user(new, &mut b)?;
+            self.signals.set_altstack(&b).map_err(|()| {
+                if u32::from_le_bytes(b[8..12].try_into().unwrap_or_default()) & !0x8000_0003 != 0 {
+                    EINVAL
+                } else {
+                    ENOMEM
+                }
+            })?;
+        }
+        if old != 0 {
+            self.mm.write_user(old, &prev)?;
+        }
+        Ok(0)
+    }
+
+    fn kill(&mut self, n: u64, a: [u64; 6]) -> SysResult {
         let (pid, sig) = match n {
             nr::TGKILL => (int(a[0]), int(a[2])),
             _ => (int(a[0]), int(a[1])),
@@ -1461,11 +1525,120 @@ impl Kernel {
             // No signal reaches another process, on the host or anywhere.
             return Err(EPERM);
         }
-        let sig = sig.cast_unsigned();
-        if sig != 0 && fatal_signal(sig) {
-            return Ok(Some(u8::try_from(sig).unwrap_or(6)));
+        if sig != 0 {
+            let code = if n == nr::KILL { SI_USER } else { SI_TKILL };
+            self.signals
+                .raise(u32::try_from(sig).map_err(|_| EINVAL)?, code);
         }
-        Ok(None)
+        Ok(0)
+    }
+
+    /// When the program's timer fires next.
+    pub fn alarm_at(&self) -> Option<Instant> {
+        self.alarm.map(|(at, _)| at)
+    }
+
+    /// Raises SIGALRM if the timer is due, and re-arms an interval timer.
+    pub fn check_alarm(&mut self) {
+        if let Some((at, interval)) = self.alarm
+            && Instant::now() >= at
+        {
+            self.signals.raise(SIGALRM, SI_KERNEL);
+            self.alarm = interval.map(|i| (Instant::now() + i, Some(i)));
+        }
+    }
+
+    /// Waits until a signal can be delivered, `until` passes, or the run's deadline:
+    /// true if a signal came.
+    fn wait_signal(&mut self, until: Option<Instant>) -> bool {
+        loop {
+            self.check_alarm();
+            if self.signals.deliverable() {
+                return true;
+            }
+            let now = Instant::now();
+            let mut end = [until, self.deadline, self.alarm.map(|(at, _)| at)]
+                .into_iter()
+                .flatten()
+                .min();
+            if until.is_some_and(|u| now >= u) || self.deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            // Nothing can wake the program: it waits as long as it asked, as natively.
+            let t = end
+                .get_or_insert(now + Duration::from_secs(3600))
+                .saturating_duration_since(now);
+            std::thread::sleep(t);
+        }
+    }
+
+    fn pause(&mut self) -> SysResult {
+        self.wait_signal(None);
+        Err(EINTR)
+    }
+
+    fn alarm(&mut self, secs: u64) -> SysResult {
+        let left = self.alarm.map_or(0, |(at, _)| {
+            let d = at.saturating_duration_since(Instant::now());
+            // Rounded as Linux does: a pending alarm never reads as 0.
+            (d.as_secs() + u64::from(d.subsec_nanos() >= 500_000_000)).max(1)
+        });
+        self.alarm = (secs != 0).then(|| (Instant::now() + Duration::from_secs(secs), None));
+        Ok(left)
+    }
+
+    /// `setitimer(ITIMER_REAL, new, old)`; `getitimer` with `new` 0.
+    fn setitimer(&mut self, which: u64, new: u64, old: u64) -> SysResult {
+        if which != 0 {
+            // ITIMER_VIRTUAL and ITIMER_PROF count CPU time, which the VMM does not.
+            return Err(EINVAL);
+        }
+        let tv = |d: Duration| {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&d.as_secs().to_le_bytes());
+            b[8..].copy_from_slice(&u64::from(d.subsec_micros()).to_le_bytes());
+            b
+        };
+        let mut b = [0u8; 32];
+        let parsed = if new != 0 {
+            self.mm.read_user(new, &mut b)?;
+            let val = |at: usize| -> SysResult<Duration> {
+                let s = i64::from_le_bytes(b[at..at + 8].try_into().map_err(|_| EFAULT)?);
+                let us = i64::from_le_bytes(b[at + 8..at + 16].try_into().map_err(|_| EFAULT)?);
+                if s < 0 || !(0..1_000_000).contains(&us) {
+                    return Err(EINVAL);
+                }
+                Ok(Duration::from_secs(s.cast_unsigned())
+                    + Duration::from_micros(us.cast_unsigned()))
+            };
+            Some((val(0)?, val(16)?))
+        } else {
+            None
+        };
+        if old != 0 {
+            let (value, interval) =
+                self.alarm
+                    .map_or((Duration::ZERO, Duration::ZERO), |(at, i)| {
+                        (
+                            at.saturating_duration_since(Instant::now())
+                                .max(Duration::from_micros(1)),
+                            i.unwrap_or_default(),
+                        )
+                    });
+            let mut o = [0u8; 32];
+            o[..16].copy_from_slice(&tv(interval));
+            o[16..].copy_from_slice(&tv(value));
+            self.mm.write_user(old, &o)?;
+        }
+        if let Some((interval, value)) = parsed {
+            self.alarm = (!value.is_zero()).then(|| {
+                (
+                    Instant::now() + value,
+                    (!interval.is_zero()).then_some(interval),
+                )
+            });
+        }
+        Ok(0)
     }
 
     fn set_id(&self, want: u64, have: u32) -> SysResult {
@@ -1591,19 +1764,25 @@ impl Kernel {
         Ok(0)
     }
 
-    fn sleep(&mut self, req: u64) -> SysResult {
+    fn sleep(&mut self, req: u64, rem: u64) -> SysResult {
         let mut b = [0u8; 16];
         self.mm.read_user(req, &mut b)?;
         let secs = u64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
         let nanos = u64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
-        if nanos >= 1_000_000_000 {
+        if nanos >= 1_000_000_000 || secs.cast_signed() < 0 {
             return Err(EINVAL);
         }
-        let mut d = Duration::from_secs(secs) + Duration::from_nanos(nanos);
-        if let Some(end) = self.deadline {
-            d = d.min(end.saturating_duration_since(Instant::now()));
+        let asked = Duration::from_secs(secs) + Duration::from_nanos(nanos);
+        // Beyond what an Instant holds, the sleep is forever, until a signal.
+        let end = Instant::now().checked_add(asked);
+        if self.wait_signal(end) {
+            // A signal interrupts the sleep: EINTR and the time left.
+            if rem != 0 {
+                let left = end.map_or(asked, |e| e.saturating_duration_since(Instant::now()));
+                self.mm.write_user(rem, &timespec(left))?;
+            }
+            return Err(EINTR);
         }
-        std::thread::sleep(d);
         Ok(0)
     }
 
