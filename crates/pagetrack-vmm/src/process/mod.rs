@@ -52,7 +52,7 @@
 //!   when a system call returns: to a handler on a Linux x86-64 signal frame (`SA_SIGINFO`,
 //!   `SA_ONSTACK` with `sigaltstack`, `SA_RESETHAND`, `SA_NODEFER`, the handler's mask) that
 //!   `rt_sigreturn` restores, ignored (`SIG_IGN`, default-ignore signals), or ending the run
-//!   with status 128 + signal. `pause` and `nanosleep` wait for them. A timer expiring while
+//!   with status 128 + signal. `pause`, `rt_sigsuspend` and `nanosleep` wait for them. A timer expiring while
 //!   the program computes without system calls interrupts it between two instructions on
 //!   PVM, and waits for its next system call on VT-x/SVM (see the `signal` module).
 //! - **Page tables and KVM.** When an operation changes or removes a present translation
@@ -810,6 +810,7 @@ impl Process {
                 }
             }
         }
+        self.kernel.signals.end_suspend();
         None
     }
 

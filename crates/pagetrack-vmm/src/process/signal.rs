@@ -123,6 +123,9 @@ pub struct Signals {
     codes: [i32; 64],
     /// The alternate stack: base, size, flags (`SS_DISABLE` when none).
     altstack: (u64, u64, u32),
+    /// The mask `rt_sigsuspend` replaced, restored by the handler's `rt_sigreturn` (or at
+    /// once if no handler runs).
+    saved: Option<u64>,
 }
 
 impl Default for Signals {
@@ -133,6 +136,7 @@ impl Default for Signals {
             pending: 0,
             codes: [0; 64],
             altstack: (0, 0, SS_DISABLE),
+            saved: None,
         }
     }
 }
@@ -164,6 +168,20 @@ impl Signals {
             self.pending &= !bit(sig);
         }
         true
+    }
+
+    /// `rt_sigsuspend`: blocks `mask` while waiting; the old mask comes back when the
+    /// handler returns ([`Signals::end_suspend`] if none runs).
+    pub fn suspend(&mut self, mask: u64) {
+        self.saved = Some(self.blocked);
+        self.set_blocked(mask);
+    }
+
+    /// Puts back the mask `rt_sigsuspend` replaced, if no frame took it.
+    pub fn end_suspend(&mut self) {
+        if let Some(m) = self.saved.take() {
+            self.set_blocked(m);
+        }
     }
 
     /// Sets the blocked mask (never `SIGKILL` or `SIGSTOP`).
@@ -300,8 +318,10 @@ impl Signals {
         // cs 0x33, ss 0x2b as Linux reports them; err, trapno, oldmask, cr2, fpstate 0.
         b[MCONTEXT + 144..MCONTEXT + 146].copy_from_slice(&0x33u16.to_le_bytes());
         b[MCONTEXT + 150..MCONTEXT + 152].copy_from_slice(&0x2bu16.to_le_bytes());
-        put(&mut b, MCONTEXT + 168, self.blocked);
-        put(&mut b, SIGMASK, self.blocked);
+        // The mask rt_sigreturn restores: the one before rt_sigsuspend, if it replaced it.
+        let restore = self.saved.take().unwrap_or(self.blocked);
+        put(&mut b, MCONTEXT + 168, restore);
+        put(&mut b, SIGMASK, restore);
         // siginfo: signo, errno, code, then the sender's pid and uid.
         b[INFO..INFO + 4].copy_from_slice(&d.sig.to_le_bytes());
         b[INFO + 8..INFO + 12].copy_from_slice(&d.code.to_le_bytes());

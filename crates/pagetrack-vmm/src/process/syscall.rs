@@ -430,6 +430,15 @@ impl Kernel {
             nr::RT_SIGPROCMASK => self.sigprocmask(a[0], a[1], a[2], a[3]),
             nr::SIGALTSTACK => self.sigaltstack(a[0], a[1], vcpu),
             nr::PAUSE => self.pause(),
+            nr::RT_SIGSUSPEND => {
+                if a[1] != 8 {
+                    return Err(EINVAL);
+                }
+                let mut b = [0u8; 8];
+                self.mm.read_user(a[0], &mut b)?;
+                self.signals.suspend(u64::from_le_bytes(b));
+                self.pause()
+            }
             nr::ALARM => self.alarm(a[0]),
             nr::SETITIMER => self.setitimer(a[0], a[1], a[2]),
             nr::GETITIMER => self.setitimer(a[0], 0, a[1]),

@@ -84,6 +84,19 @@ int main(int argc, char **argv) {
     it.it_value.tv_usec = 0; it.it_interval.tv_usec = 0;
     setitimer(ITIMER_REAL, &it, 0);
     printf("interval timer: %d\n", alarms);
+    sigset_t blockalrm, old, none, now;
+    sigemptyset(&blockalrm);
+    sigaddset(&blockalrm, SIGALRM);
+    sigemptyset(&none);
+    sigprocmask(SIG_BLOCK, &blockalrm, &old);
+    struct itimerval once = {{0, 0}, {0, 10000}};
+    setitimer(ITIMER_REAL, &once, 0);
+    int before = alarms;
+    int r = sigsuspend(&none);
+    sigprocmask(SIG_BLOCK, 0, &now);
+    printf("sigsuspend %d: %d, SIGALRM blocked again: %d\n", r, alarms - before,
+           sigismember(&now, SIGALRM));
+    sigprocmask(SIG_SETMASK, &old, 0);
     double d = 1.5; for (int i = 0; i < 3; i++) { raise(SIGUSR1); d *= 2; }
     printf("%.1f %d\n", d, got);
     return 0;
