@@ -785,3 +785,168 @@ fn exec_busybox_passes_output_and_status_through() {
     );
     assert_eq!(&kinds[kinds.len() - 3..], ["exit", "summary", "process"]);
 }
+
+/// `pagetrack exec` refuses at once, with status 2 and one clear line, a root that would
+/// expose procfs and a PROGRAM `execve` would refuse (no execute permission, a device, a
+/// FIFO: nothing is read from them and nothing blocks).
+#[test]
+fn exec_refuses_proc_roots_and_unexecutable_programs() {
+    let _kvm = pagetrack_testkit::kvm_or_skip!();
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "busybox-static is missing: run ./scripts/test, which installs it"
+    );
+    let dir = TempDir::new("exec-refused");
+    let noexec = dir.file(
+        "noexec",
+        &std::fs::read("/bin/busybox").expect("read busybox"),
+    );
+    let fifo = dir.path("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo")
+            .success()
+    );
+    let d = dir.0.to_str().expect("utf-8");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--dir", "/", "--", "/bin/busybox", "true"], "procfs"),
+        (
+            vec![
+                "--dir",
+                d,
+                "--allow-write",
+                "/proc",
+                "--",
+                "/bin/busybox",
+                "true",
+            ],
+            "procfs",
+        ),
+        (
+            vec!["--", noexec.to_str().expect("utf-8"), "true"],
+            "no execute permission",
+        ),
+        (vec!["--", "/dev/zero"], "not a regular file"),
+        (
+            vec!["--", fifo.to_str().expect("utf-8")],
+            "not a regular file",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["exec"];
+        all.extend_from_slice(&args);
+        let out = pagetrack(&all);
+        let err = text(&out.stderr);
+        assert_eq!(status(&out), 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+/// An image whose `p_memsz` exceeds `--mem` is refused at once (status 2, the sizes said);
+/// one that fits runs.
+#[test]
+fn exec_huge_bss_is_bounded_by_mem() {
+    let _kvm = pagetrack_testkit::kvm_or_skip!();
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "busybox-static is missing: run ./scripts/test, which installs it"
+    );
+    let dir = TempDir::new("exec-bss");
+    let make = |name: &str, mem_size: u64| {
+        let p = dir.file(
+            name,
+            &pagetrack_testkit::static_elf64(&pagetrack_testkit::EXIT0_CODE, mem_size),
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        p
+    };
+    let huge = make("huge", 1 << 40);
+    let out = pagetrack(&["exec", "--", huge.to_str().expect("utf-8")]);
+    let err = text(&out.stderr);
+    assert_eq!(status(&out), 2, "{err}");
+    assert!(err.contains("MiB") && err.contains("--mem"), "{err}");
+    // 3 GiB of bss in 4 GiB of guest memory fits and runs.
+    let fits = make("fits", 3 << 30);
+    let out = pagetrack(&["exec", "--mem", "4G", "--", fits.to_str().expect("utf-8")]);
+    assert_eq!(status(&out), 0, "{}", text(&out.stderr));
+    let out = pagetrack(&["exec", "--mem", "2G", "--", fits.to_str().expect("utf-8")]);
+    assert_eq!(status(&out), 2, "{}", text(&out.stderr));
+}
+
+/// `pagetrack exec --timeout` is a timeout whether the program computes, sleeps or waits for
+/// input: status 124 (as timeout(1)), said on standard error, and the exit line's reason is
+/// "timeout" with code 124.
+#[test]
+fn exec_timeout_is_124_whether_computing_sleeping_or_waiting() {
+    let _kvm = pagetrack_testkit::kvm_or_skip!();
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "busybox-static is missing: run ./scripts/test, which installs it"
+    );
+    let dir = TempDir::new("exec-timeout");
+    for (name, cmd) in [
+        ("sleep", vec!["sleep", "30"]),
+        ("spin", vec!["sh", "-c", "while :; do :; done"]),
+        ("stdin", vec!["cat"]),
+    ] {
+        let events = dir.path(&format!("{name}.jsonl"));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pagetrack"));
+        c.args(["exec", "--timeout", "0.5", "--events"])
+            .arg(&events)
+            .args(["--", "/bin/busybox"])
+            .args(&cmd)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().expect("start pagetrack");
+        // Standard input stays open (and empty) until pagetrack is done: `cat` waits on it.
+        let stdin = child.stdin.take();
+        let out = child.wait_with_output().expect("wait for pagetrack");
+        drop(stdin);
+        let err = text(&out.stderr);
+        assert_eq!(status(&out), 124, "{name}: {err}");
+        assert!(err.contains("timeout"), "{name}: {err}");
+        let lines: Vec<Value> = std::fs::read_to_string(&events)
+            .expect("events")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect();
+        let exit = lines
+            .iter()
+            .find(|l| l["type"] == "exit")
+            .expect("an exit line");
+        assert_eq!(exit["reason"], "timeout", "{name}");
+        assert_eq!(exit["code"], 124, "{name}");
+    }
+}
+
+#[test]
+fn exec_writer_into_a_closed_pipe_dies_of_sigpipe_as_natively() {
+    let _kvm = pagetrack_testkit::kvm_or_skip!();
+    assert!(
+        std::path::Path::new("/bin/busybox").exists(),
+        "busybox-static is missing: run ./scripts/test, which installs it"
+    );
+    // `pagetrack exec -- busybox yes | head -n 1`: once the reader is gone, the writer gets
+    // SIGPIPE, status 141 (it was 1, from an EPIPE `yes` reported itself).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pagetrack"))
+        .args(["exec", "--", "/bin/busybox", "yes"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "y\n");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{out:?}");
+    assert!(text(&out.stderr).contains("SIGPIPE"), "{out:?}");
+}

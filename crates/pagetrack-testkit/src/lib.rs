@@ -20,7 +20,7 @@ pub mod gate;
 pub mod runner;
 pub mod twopass;
 
-pub use asm::{assemble, assemble16, exit_with};
+pub use asm::{EXIT0_CODE, assemble, assemble16, exit_with, static_elf64};
 pub use contract::{Harness, assert_notifier_contract};
 pub use runner::{Stop, run_bounded, with_watchdog};
 pub use twopass::{Ending, TwoPass, TwoPassRun};

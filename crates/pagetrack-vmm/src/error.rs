@@ -71,6 +71,58 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A directory given for containment cannot be opened.
+    #[error("{option} {}: {source}", path.display())]
+    SandboxDir {
+        /// The option it came from (`--dir`, `--allow-write`).
+        option: &'static str,
+        /// The directory as given.
+        path: std::path::PathBuf,
+        /// The host's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A directory given for containment has procfs in its subtree: the program could
+    /// reach the VMM's own `/proc/self/mem`.
+    #[error(
+        "{option} {}: refused, procfs is mounted at {} under it (the program could reach pagetrack's own /proc/self/mem); give a directory without /proc below it",
+        path.display(),
+        mount.display()
+    )]
+    ProcUnderRoot {
+        /// The option it came from (`--dir`, `--allow-write`).
+        option: &'static str,
+        /// The directory as given.
+        path: std::path::PathBuf,
+        /// The procfs mount point in its subtree.
+        mount: std::path::PathBuf,
+    },
+    /// The program cannot be executed (as `execve` would refuse it).
+    #[error("{}: {reason}", path.display())]
+    ProgramRefused {
+        /// The program as given.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: ProgramRefusal,
+        /// The host's error, if one was the cause.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// The image's segments need more guest memory than `--mem` gives.
+    #[error(
+        "{}: the image needs {} MiB of guest memory for its segments, {} MiB are free (use more --mem)",
+        path.display(),
+        need.div_ceil(1 << 20),
+        free >> 20
+    )]
+    ImageTooLarge {
+        /// The program.
+        path: std::path::PathBuf,
+        /// Bytes its segments span (pages, with the page tables they need).
+        need: u64,
+        /// Bytes of guest memory free for them.
+        free: u64,
+    },
     /// A configuration value is unusable.
     #[error("invalid configuration: {reason}")]
     InvalidConfig {
@@ -92,3 +144,21 @@ impl Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a program is refused before it is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProgramRefusal {
+    /// It cannot be opened (missing, unreadable).
+    #[error("cannot open it")]
+    Open,
+    /// It is not a regular file (a directory, a device such as /dev/zero, a FIFO, a socket).
+    #[error("not a regular file (permission denied, as execve says: EACCES)")]
+    NotRegular,
+    /// It has no execute permission for pagetrack's user.
+    #[error("no execute permission (permission denied, as execve says: EACCES)")]
+    NotExecutable,
+    /// It is larger than guest memory could hold.
+    #[error("larger than the guest memory (use more --mem)")]
+    TooLarge,
+}

@@ -12,12 +12,20 @@
 
 #[path = "process/bad_input.rs"]
 mod bad_input;
+#[path = "process/containment.rs"]
+mod containment;
 #[path = "process/memtest.rs"]
 mod memtest;
 #[path = "process/misc.rs"]
 mod misc;
 #[path = "process/oracle.rs"]
 mod oracle;
+#[path = "process/signals.rs"]
+mod signals;
+#[path = "process/sqlite.rs"]
+mod sqlite;
+#[path = "process/time.rs"]
+mod time;
 #[path = "process/workloads.rs"]
 mod workloads;
 
@@ -124,9 +132,15 @@ pub fn run_guest(
         .stderr(Output::Capture)
         .track(mode.regions())
         .timeout(Some(RUN_TIMEOUT));
+    run_config(kvm, cfg)
+}
+
+/// Runs `cfg`, with the replay oracle registered when it tracks anything.
+pub fn run_config(kvm: Kvm, cfg: ProcessConfig) -> GuestRun {
+    let tracked = !cfg.track.is_empty();
     let start = std::time::Instant::now();
     let mut p = Process::with_kvm(kvm, cfg).unwrap();
-    let oracle = (mode != Mode::Untracked).then(|| {
+    let oracle = tracked.then(|| {
         let o = Oracle::new();
         p.set_observer(Arc::clone(&o) as _);
         let h = p

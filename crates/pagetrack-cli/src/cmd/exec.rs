@@ -33,9 +33,16 @@ The program:
 Containment:
   The program reads only files under --dir (default: the current directory) and the
   files named in its arguments; it creates or writes files only under --allow-write
-  directories. Paths that escape (.., symlinks out) fail with EACCES. fork, vfork,
-  clone, exec, sockets and signals to other processes are refused (EPERM or EACCES).
-  Relative paths start at pagetrack's current directory.
+  directories. Paths that escape (.., symlinks out) fail with EACCES, enforced by the
+  kernel (openat2 RESOLVE_BENEATH from each allowed directory, calls made on the
+  resulting descriptors), so renames and symlink swaps racing a lookup cannot escape.
+  A directory with /proc below it (--dir /, --allow-write /proc) is refused. Hard links
+  to outside files made on the host inside an allowed directory do reach those files.
+  fork, vfork, clone, exec, sockets and signals to other processes are refused (EPERM
+  or EACCES). Relative paths start at pagetrack's current directory. PROGRAM must be a
+  regular file with execute permission (as execve requires). /dev/null, /dev/zero,
+  /dev/random and /dev/urandom are pagetrack's own. chmod, utimensat and chown (as a
+  no-op only) work under --allow-write; setuid and setgid bits are never set.
 
 Tracking (--track, repeatable):
   stack, heap (the program break), data (writable image segments), text (read-only
@@ -52,7 +59,7 @@ Events (--events FILE; standard output belongs to the program), JSON Lines:
     of the frame; source is \"vcpu\" (the program's stores) or \"device\" (pagetrack's
     writes: read() data, page-table entries).
   {\"type\":\"exit\",\"reason\":\"exit\",\"code\":0,\"detail\":\"exited with status 0\"}
-    reason: exit, signal (a CPU exception or a fatal signal it sent itself), timeout,
+    reason: exit, signal (a CPU exception or a fatal signal: its own, a timer's, SIGPIPE), timeout,
     error; code is the exit status pagetrack returns.
   {\"type\":\"summary\",...} as in `pagetrack run`.
   {\"type\":\"process\",\"syscalls\":23,\"unknown_syscalls\":{\"rt_sigaction (13)\":2},...}
@@ -63,8 +70,11 @@ Events (--events FILE; standard output belongs to the program), JSON Lines:
 Exit status:
   the program's own status; 128 + signal if a CPU exception or its own fatal signal
   ended it (the exception is reported on standard error: vector, RIP, address);
-  1 for a timeout, a guest pagetrack cannot go on with, or a host failure;
-  2 for a usage error (bad option, missing, dynamic, 32-bit or non-ELF program).";
+  124 for a timeout (as timeout(1); the exit line's reason is \"timeout\"), whether
+  the program was computing or waiting in a call (sleep, input);
+  1 for a guest pagetrack cannot go on with, or a host failure;
+  2 for a usage error (bad option, missing, dynamic, 32-bit or non-ELF program, a
+  PROGRAM that is not a regular file or not executable, a directory exposing /proc).";
 
 /// `pagetrack exec` options.
 #[derive(Debug, clap::Args)]
@@ -86,7 +96,7 @@ pub struct ExecArgs {
     /// Guest RAM, a multiple of 2M from 16M to 4G (K, M or G suffix).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     mem: u64,
-    /// End the run with an error after SECS seconds (fractions allowed).
+    /// End the run after SECS seconds (fractions allowed): status 124, as timeout(1).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     timeout: Option<Duration>,
     /// Start the program with an empty environment instead of pagetrack's.
@@ -295,9 +305,11 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
 
     let process = Process::new(config).map_err(|e| match e {
         pagetrack_vmm::Error::InvalidGuestImage { .. }
-        | pagetrack_vmm::Error::InvalidConfig { .. } => {
-            anyhow::Error::new(UsageError(e.to_string()))
-        }
+        | pagetrack_vmm::Error::InvalidConfig { .. }
+        | pagetrack_vmm::Error::ProgramRefused { .. }
+        | pagetrack_vmm::Error::ImageTooLarge { .. }
+        | pagetrack_vmm::Error::ProcUnderRoot { .. }
+        | pagetrack_vmm::Error::SandboxDir { .. } => anyhow::Error::new(UsageError(e.to_string())),
         other => anyhow::Error::new(other).context("cannot start the program"),
     })?;
     let target = args.events.clone().map(Target::File);
@@ -354,6 +366,12 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         ProcessEnd::Signaled { detail, .. } => {
             // A shell would say "Segmentation fault"; say what happened, with the report.
             writeln!(err, "pagetrack: {detail}").context("cannot write to standard error")?;
+            Ok(ExitCode::from(outcome.end.status()))
+        }
+        ProcessEnd::Timeout(_) => {
+            // As timeout(1): status 124, whether the program computed or waited.
+            writeln!(err, "pagetrack: the program {} (timeout)", outcome.end)
+                .context("cannot write to standard error")?;
             Ok(ExitCode::from(outcome.end.status()))
         }
         other => Err(anyhow::anyhow!("the program did not finish: {other}")),

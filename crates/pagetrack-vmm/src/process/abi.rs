@@ -19,7 +19,7 @@ errnos! {
     EPERM = 1, ENOENT = 2, ESRCH = 3, EIO = 5, EBADF = 9, ECHILD = 10,
     ENOMEM = 12, EACCES = 13, EFAULT = 14, EEXIST = 17, ENOTDIR = 20, EISDIR = 21,
     EINVAL = 22, EMFILE = 24, ENOTTY = 25, ESPIPE = 29, EPIPE = 32, ERANGE = 34,
-    ENAMETOOLONG = 36, ENOSYS = 38,
+    ENAMETOOLONG = 36, ENOSYS = 38, EINTR = 4, EAGAIN = 11,
 }
 
 impl Errno {
@@ -51,16 +51,8 @@ pub const O_WRONLY: u64 = 1;
 pub const O_RDWR: u64 = 2;
 /// `O_CREAT`.
 pub const O_CREAT: u64 = 0o100;
-/// `O_EXCL`.
-pub const O_EXCL: u64 = 0o200;
 /// `O_TRUNC`.
 pub const O_TRUNC: u64 = 0o1000;
-/// `O_APPEND`.
-pub const O_APPEND: u64 = 0o2000;
-/// `O_DIRECTORY`.
-pub const O_DIRECTORY: u64 = 0o200_000;
-/// `O_NOFOLLOW`.
-pub const O_NOFOLLOW: u64 = 0o400_000;
 /// `O_CLOEXEC`.
 pub const O_CLOEXEC: u64 = 0o2_000_000;
 
@@ -82,8 +74,11 @@ pub mod nr {
     pub const RT_SIGPROCMASK: u64 = 14;
     pub const IOCTL: u64 = 16;
     pub const PREAD64: u64 = 17;
+    pub const PWRITE64: u64 = 18;
     pub const READV: u64 = 19;
     pub const WRITEV: u64 = 20;
+    pub const POLL: u64 = 7;
+    pub const SELECT: u64 = 23;
     pub const ACCESS: u64 = 21;
     pub const SCHED_YIELD: u64 = 24;
     pub const MREMAP: u64 = 25;
@@ -91,7 +86,13 @@ pub mod nr {
     pub const DUP: u64 = 32;
     pub const DUP2: u64 = 33;
     pub const NANOSLEEP: u64 = 35;
+    pub const RT_SIGRETURN: u64 = 15;
+    pub const PAUSE: u64 = 34;
+    pub const GETITIMER: u64 = 36;
+    pub const ALARM: u64 = 37;
+    pub const SETITIMER: u64 = 38;
     pub const GETPID: u64 = 39;
+    pub const SENDFILE: u64 = 40;
     pub const SOCKET: u64 = 41;
     pub const CONNECT: u64 = 42;
     pub const ACCEPT: u64 = 43;
@@ -112,8 +113,16 @@ pub mod nr {
     pub const GETCWD: u64 = 79;
     pub const RENAME: u64 = 82;
     pub const MKDIR: u64 = 83;
+    pub const RMDIR: u64 = 84;
+    pub const LINK: u64 = 86;
     pub const UNLINK: u64 = 87;
+    pub const SYMLINK: u64 = 88;
     pub const READLINK: u64 = 89;
+    pub const CHMOD: u64 = 90;
+    pub const FCHMOD: u64 = 91;
+    pub const CHOWN: u64 = 92;
+    pub const FCHOWN: u64 = 93;
+    pub const LCHOWN: u64 = 94;
     pub const UMASK: u64 = 95;
     pub const GETTIMEOFDAY: u64 = 96;
     pub const GETRLIMIT: u64 = 97;
@@ -129,6 +138,7 @@ pub mod nr {
     pub const GETPGRP: u64 = 111;
     pub const SETSID: u64 = 112;
     pub const GETGROUPS: u64 = 115;
+    pub const RT_SIGSUSPEND: u64 = 130;
     pub const SIGALTSTACK: u64 = 131;
     pub const PRCTL: u64 = 157;
     pub const ARCH_PRCTL: u64 = 158;
@@ -145,17 +155,26 @@ pub mod nr {
     pub const CLOCK_NANOSLEEP: u64 = 230;
     pub const EXIT_GROUP: u64 = 231;
     pub const TGKILL: u64 = 234;
+    pub const UTIMES: u64 = 235;
     pub const OPENAT: u64 = 257;
     pub const MKDIRAT: u64 = 258;
+    pub const FCHOWNAT: u64 = 260;
     pub const NEWFSTATAT: u64 = 262;
     pub const UNLINKAT: u64 = 263;
     pub const RENAMEAT: u64 = 264;
+    pub const LINKAT: u64 = 265;
+    pub const SYMLINKAT: u64 = 266;
     pub const READLINKAT: u64 = 267;
+    pub const FCHMODAT: u64 = 268;
     pub const FACCESSAT: u64 = 269;
     pub const SET_ROBUST_LIST: u64 = 273;
+    pub const PSELECT6: u64 = 270;
+    pub const PPOLL: u64 = 271;
     pub const DUP3: u64 = 292;
+    pub const UTIMENSAT: u64 = 280;
     pub const PRLIMIT64: u64 = 302;
     pub const RENAMEAT2: u64 = 316;
+    pub const FCHMODAT2: u64 = 452;
     pub const GETRANDOM: u64 = 318;
     pub const EXECVEAT: u64 = 322;
     pub const RSEQ: u64 = 334;
@@ -236,6 +255,8 @@ pub fn syscall_name(n: u64) -> Option<&'static str> {
         (90, "chmod"),
         (91, "fchmod"),
         (92, "chown"),
+        (93, "fchown"),
+        (94, "lchown"),
         (95, "umask"),
         (96, "gettimeofday"),
         (97, "getrlimit"),

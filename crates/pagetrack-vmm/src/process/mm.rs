@@ -140,6 +140,11 @@ impl Frames {
         self.alloc()
     }
 
+    /// Frames still free (general and page-table pools).
+    pub fn free(&self) -> u64 {
+        (self.end - self.next) + (self.table_end - self.table_next) + self.free.len() as u64
+    }
+
     /// Returns frames to the general pool.
     pub fn release(&mut self, frames: &[u64]) {
         self.in_use -= frames.len() as u64;
@@ -247,7 +252,12 @@ impl AddressSpace {
         self.pml4
     }
 
-    /// Frames in use at most.
+    /// Frames not yet handed out.
+    pub fn free_frames(&self) -> u64 {
+        self.frames.free()
+    }
+
+    /// The most frames in use at once.
     pub fn peak_frames(&self) -> u64 {
         self.frames.peak()
     }

@@ -29,8 +29,15 @@
 //!   are mapped at their guest-physical addresses as supervisor pages.
 //! - **Entry.** CPL3 at `AT_ENTRY` with the stack Linux builds: `argc`, `argv`, `envp` and the
 //!   auxiliary vector (`AT_PHDR`, `AT_PHENT`, `AT_PHNUM`, `AT_PAGESZ`, `AT_ENTRY`, `AT_RANDOM`,
-//!   `AT_HWCAP`, `AT_CLKTCK`, `AT_UID`/`EUID`/`GID`/`EGID`, `AT_EXECFN`, `AT_PLATFORM`; no
-//!   vDSO, so time calls are system calls).
+//!   `AT_HWCAP`, `AT_CLKTCK`, `AT_UID`/`EUID`/`GID`/`EGID`, `AT_EXECFN`, `AT_PLATFORM`,
+//!   `AT_SYSINFO_EHDR`).
+//! - **vDSO.** A one-page shared object at `0x7fff_ffff_e000` exports
+//!   `__vdso_clock_gettime` (`CLOCK_REALTIME`, `CLOCK_MONOTONIC`), `__vdso_gettimeofday` and
+//!   `__vdso_time`, which glibc and musl static programs call instead of the system call.
+//!   They read KVM's kvmclock from a read-only time page at `0x7fff_ffff_d000` and the TSC,
+//!   without an exit; the VMM's own time calls read the same clock (`KVM_GET_CLOCK`), so both
+//!   paths agree. Other clocks, a time zone, or a clock KVM does not mark TSC-stable take the
+//!   system call (see the `vdso` module).
 //! - **System calls.** `MSR_LSTAR` points at a user page holding `out 0xf6, al; sysretq`. On
 //!   hosts whose KVM runs CPL3 code natively and CPL0 code in an emulator (PVM), `syscall`
 //!   jumps there but stays at CPL3; the `out` (allowed by the TSS I/O bitmap, which allows only
@@ -40,6 +47,14 @@
 //! - **Exceptions** reach the CPL0 stubs, which exit; a page fault just below the stack grows
 //!   it, anything else ends the run with the vector, RIP, error code and address, reported as
 //!   the signal Linux would send (status 128 + signal).
+//! - **Signals** the program sends itself (`kill`, `tgkill`, `raise`), `SIGALRM` from
+//!   `alarm`/`setitimer(ITIMER_REAL)` and `SIGPIPE` for a write to a closed pipe are delivered
+//!   when a system call returns: to a handler on a Linux x86-64 signal frame (`SA_SIGINFO`,
+//!   `SA_ONSTACK` with `sigaltstack`, `SA_RESETHAND`, `SA_NODEFER`, the handler's mask) that
+//!   `rt_sigreturn` restores, ignored (`SIG_IGN`, default-ignore signals), or ending the run
+//!   with status 128 + signal. `pause`, `rt_sigsuspend` and `nanosleep` wait for them. A timer expiring while
+//!   the program computes without system calls interrupts it between two instructions on
+//!   PVM, and waits for its next system call on VT-x/SVM (see the `signal` module).
 //! - **Page tables and KVM.** When an operation changes or removes a present translation
 //!   (munmap, mprotect, a brk shrink, mremap), the VMM has KVM drop its shadows of the
 //!   page-table frames concerned ([`pagetrack_kvm::Vm::invalidate_translations`]) before the
@@ -50,16 +65,25 @@
 //! See [`ProcessConfig::dir`] and [`ProcessConfig::allow_write`]: the program reads only under
 //! the `--dir` directory and the files named in its arguments, writes only its standard
 //! streams unless a write directory is given, and paths that escape (`..`, symlinks) fail with
-//! `EACCES`. fork, vfork, clone, exec, sockets and signals to other processes are refused
+//! `EACCES`. The host kernel enforces it: every path is resolved beneath an open descriptor of
+//! an allowed directory with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` and the call
+//! is made on the resulting descriptor, so renames and symlink swaps racing the lookup cannot
+//! lead outside (see the `fs` module). Directories with procfs below them are refused as
+//! roots. fork, vfork, clone, exec, sockets and signals to other processes are refused
 //! (`EPERM`/`EACCES`); calls the VMM does not implement return `-ENOSYS` and are counted.
+//!
+//! The program itself must be what `execve` accepts: a regular file with execute permission
+//! ([`crate::Error::ProgramRefused`] otherwise, before anything is read from it).
 
 mod abi;
 mod elf;
 mod fs;
 mod mm;
+mod signal;
 mod stack;
 mod syscall;
 mod track;
+mod vdso;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,7 +95,7 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry};
 use kvm_ioctls::{Kvm, SyncReg};
 use pagetrack_kvm::{Exit, Vcpu, Vm, VmConfig, VmStats};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ProgramRefusal, Result};
 use crate::x86::{self, EXCEPTION_PORT, GuestException, LongModeLayout};
 
 pub use abi::syscall_name;
@@ -235,8 +259,9 @@ impl ProcessConfig {
 pub enum ProcessEnd {
     /// It called `exit` or `exit_group` with this status.
     Exited(u8),
-    /// It was ended by a signal: a CPU exception (no handler ever runs), or a fatal signal
-    /// it sent itself (`abort`).
+    /// It was ended by a signal: a CPU exception (no handler ever runs for those), or a
+    /// signal without a handler whose default action ends the program (`abort`, `raise`,
+    /// a timer's `SIGALRM`, `SIGPIPE`).
     Signaled {
         /// The signal number Linux would have sent (SIGSEGV 11, SIGILL 4, SIGFPE 8...).
         signal: u8,
@@ -333,6 +358,9 @@ pub struct Process {
     tracking: track::Tracking,
     timeout: Option<Duration>,
     load_time: Duration,
+    /// FPU state at the delivery of each signal frame, by frame address, restored by its
+    /// `rt_sigreturn` (at most 64).
+    fpu_stash: Vec<(u64, kvm_bindings::kvm_fpu)>,
 }
 
 fn bad_image(program: &Path, reason: impl std::fmt::Display) -> Error {
@@ -345,6 +373,42 @@ fn bad_config(reason: impl Into<String>) -> Error {
     Error::InvalidConfig {
         reason: reason.into(),
     }
+}
+
+/// Reads the program as `execve` would accept it: a regular file (never a device or a FIFO,
+/// which would read forever or block), executable by pagetrack's user, and no larger than
+/// guest memory.
+fn read_program(program: &Path, mem: u64) -> Result<Vec<u8>> {
+    use rustix::fs::{Access, AtFlags, CWD, Mode, OFlags};
+    use std::io::Read;
+    let refused = |reason, source: Option<std::io::Error>| Error::ProgramRefused {
+        path: program.to_owned(),
+        reason,
+        source,
+    };
+    // Non-blocking, so a FIFO without a writer does not hang the open.
+    let fd = rustix::fs::open(
+        program,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| bad_image(program, std::io::Error::from(e)))?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(|e| bad_image(program, e))?;
+    if !meta.is_file() {
+        return Err(refused(ProgramRefusal::NotRegular, None));
+    }
+    // execve's rule (root too needs one execute bit), with the effective ids.
+    rustix::fs::accessat(CWD, program, Access::EXEC_OK, AtFlags::EACCESS)
+        .map_err(|e| refused(ProgramRefusal::NotExecutable, Some(e.into())))?;
+    if meta.len() > mem {
+        return Err(refused(ProgramRefusal::TooLarge, None));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(mem)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad_image(program, e))?;
+    Ok(bytes)
 }
 
 /// The signal Linux sends for exception `vector`, with its name.
@@ -423,7 +487,7 @@ impl Process {
             )));
         }
         let program = &config.program;
-        let file = std::fs::read(program).map_err(|e| bad_image(program, e))?;
+        let file = read_program(program, config.mem)?;
         let exe = elf::parse(&file).map_err(|e| bad_image(program, e))?;
         let cwd =
             std::env::current_dir().map_err(|e| bad_config(format!("current directory: {e}")))?;
@@ -435,8 +499,7 @@ impl Process {
             &named,
             &cwd,
             &exe_path,
-        )
-        .map_err(bad_config)?;
+        )?;
 
         let vm = Vm::with_kvm(kvm, VmConfig::default().with_ram(config.mem))?;
         vm.add_ram(0, config.mem)?;
@@ -476,6 +539,7 @@ impl Process {
         bits[usize::from(SYSCALL_PORT / 8)] &= !(1 << (SYSCALL_PORT % 8));
         mem.write_slice(&bits, bitmap)?;
         mem.write_slice(&syscall_stub()?, STUB_GFN * PAGE)?;
+        mem.write_slice(&vdso::image()?, vdso::VDSO_GFN * PAGE)?;
 
         let (reserved, reserved_end) = layout.reserved_range();
         let general_end = (reserved - x86::USER_STACK_SIZE) / PAGE;
@@ -493,6 +557,16 @@ impl Process {
             .map_err(|_| no_frames("the page tables"))?;
         }
         mm.map_fixed_frame(STUB_VA, STUB_GFN, PROT_READ | PROT_EXEC, PageKind::Stub)
+            .map_err(|_| no_frames("the page tables"))?;
+        // The vDSO and its time page (KVM writes the kvmclock part by guest-physical address).
+        mm.map_fixed_frame(
+            vdso::VDSO_VA,
+            vdso::VDSO_GFN,
+            PROT_READ | PROT_EXEC,
+            PageKind::Stub,
+        )
+        .map_err(|_| no_frames("the page tables"))?;
+        mm.map_fixed_frame(vdso::VVAR_VA, vdso::VVAR_GFN, PROT_READ, PageKind::Stub)
             .map_err(|_| no_frames("the page tables"))?;
         load_segments(&mut mm, &exe, &file, program)?;
         mm.init_brk(exe.end());
@@ -522,6 +596,7 @@ impl Process {
             (stack::AT_HWCAP2, 0),
             (stack::AT_CLKTCK, 100),
             (stack::AT_SECURE, 0),
+            (stack::AT_SYSINFO_EHDR, vdso::VDSO_VA),
         ];
         let execfn = program.as_os_str().as_encoded_bytes().to_vec();
         let init = stack::build(STACK_TOP, &argv, &envp, &execfn, random16(), &aux);
@@ -589,6 +664,12 @@ impl Process {
             },
         )
         .map_err(bad_config)?;
+        let mut kernel = kernel;
+        let clock = vdso::GuestClock::setup(vm.vm_fd(), vcpu.fd(), kernel.monotonic_now());
+        let (at, bytes) = clock.page().bytes();
+        vm.memory()
+            .write_slice(&bytes, vdso::VVAR_GFN * PAGE + at)?;
+        kernel.set_clock(clock);
         Ok(Process {
             vm,
             vcpu,
@@ -597,6 +678,7 @@ impl Process {
             tracking: track::Tracking::new(config.track.clone()),
             timeout: config.timeout,
             load_time: started.elapsed(),
+            fpu_stash: Vec::new(),
         })
     }
 
@@ -629,12 +711,41 @@ impl Process {
                 }
             })
         });
+        // The alarm kicker: stops the vCPU when the program's timer is due, so that SIGALRM
+        // reaches a program that computes without system calls.
+        let (alarm_tx, alarm_rx) = mpsc::channel::<Option<Instant>>();
+        let kicker = {
+            let stopper = self.vcpu.stopper();
+            std::thread::spawn(move || {
+                let mut next: Option<Instant> = None;
+                loop {
+                    let msg = match next {
+                        Some(at) => {
+                            alarm_rx.recv_timeout(at.saturating_duration_since(Instant::now()))
+                        }
+                        None => alarm_rx
+                            .recv()
+                            .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                    };
+                    match msg {
+                        Ok(at) => next = at,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            stopper.stop();
+                            next = None;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            })
+        };
         let mut stats = ProcessStats::default();
-        let end = self.drive(&mut stats, deadline);
+        let end = self.drive(&mut stats, deadline, &alarm_tx);
         drop(done_tx);
+        drop(alarm_tx);
         if let Some(w) = watchdog {
             let _ = w.join();
         }
+        let _ = kicker.join();
         stats.run_time = started.elapsed();
         let end = end?;
         self.tracking.finish(&self.vm)?;
@@ -652,10 +763,114 @@ impl Process {
         })
     }
 
+    /// Delivers the pending signals the program does not block to `user`, the registers it
+    /// resumes with: ignored ones are dropped, a handler gets its frame on the stack (one
+    /// at a time; the next comes when the handler returns), a default action that ends the
+    /// program ends the run.
+    fn deliver(&mut self, user: &mut kvm_bindings::kvm_regs) -> Option<ProcessEnd> {
+        while let Some(d) = self.kernel.signals.take() {
+            match d.disposition {
+                signal::Disposition::Ignore => {}
+                signal::Disposition::Terminate => {
+                    let sig = u8::try_from(d.sig).unwrap_or(6);
+                    return Some(ProcessEnd::Signaled {
+                        signal: sig,
+                        exception: None,
+                        detail: format!("killed by {} (signal {sig})", signal_name(sig)),
+                    });
+                }
+                signal::Disposition::Handle(act) => {
+                    let (uid, _) = host_ids();
+                    let (at, bytes, handler) = self.kernel.signals.frame(
+                        d,
+                        act,
+                        user,
+                        u32::try_from(syscall::PID).unwrap_or(1000),
+                        uid,
+                    );
+                    let mm = &mut self.kernel.mm;
+                    mm.grow_stack(at);
+                    if mm.write_user(at, &bytes).is_err() {
+                        return Some(bad_frame(at));
+                    }
+                    // The FPU state the handler will change, for its rt_sigreturn: the
+                    // context may be one interrupted between two instructions (or a frame
+                    // delivered at another handler's return to such a context). A frame
+                    // address seen again is a new frame; the oldest go beyond 64, as a
+                    // handler that never returns (siglongjmp) leaves its entry behind.
+                    if let Ok(fpu) = self.vcpu.fd().get_fpu() {
+                        self.fpu_stash.retain(|(f, _)| *f != at);
+                        self.fpu_stash.push((at, fpu));
+                        if self.fpu_stash.len() > 64 {
+                            self.fpu_stash.remove(0);
+                        }
+                    }
+                    *user = handler;
+                    return None;
+                }
+            }
+        }
+        self.kernel.signals.end_suspend();
+        None
+    }
+
+    /// A kick of the alarm kicker: raises a due SIGALRM and, if the program is at CPL3 and
+    /// may take it now, delivers it; else it waits for the next system call.
+    fn alarm_between_instructions(&mut self, at_cpl3_path: bool) -> Result<Option<ProcessEnd>> {
+        self.kernel.check_alarm();
+        if !at_cpl3_path || !self.kernel.signals.deliverable() {
+            return Ok(None);
+        }
+        let kvm_err = |op: &'static str| move |source| Error::Kvm { op, source };
+        let sregs = self
+            .vcpu
+            .fd()
+            .get_sregs()
+            .map_err(kvm_err("KVM_GET_SREGS"))?;
+        // The registers are kvm_run's copy if the VMM changed it and KVM has not taken the
+        // change yet (a stop before the next KVM_RUN); else KVM's own, which the backend may
+        // have set by ioctl (an emulated store) after kvm_run's copy was made.
+        let pending = self.vcpu.fd_mut().get_kvm_run().kvm_dirty_regs
+            & u64::from(kvm_bindings::KVM_SYNC_X86_REGS)
+            != 0;
+        let mut user = if pending {
+            self.vcpu.fd().sync_regs().regs
+        } else {
+            self.vcpu.fd().get_regs().map_err(kvm_err("KVM_GET_REGS"))?
+        };
+        if sregs.cs.dpl != 3 || user.rip & !(PAGE - 1) == STUB_VA {
+            return Ok(None);
+        }
+        if let Some(end) = self.deliver(&mut user) {
+            return Ok(Some(end));
+        }
+        self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
+        let fd = self.vcpu.fd_mut();
+        if pending {
+            fd.sync_regs_mut().regs = user;
+            fd.set_sync_dirty_reg(SyncReg::Register);
+        } else {
+            fd.set_regs(&user).map_err(kvm_err("KVM_SET_REGS"))?;
+        }
+        Ok(None)
+    }
+
     /// The run loop.
-    fn drive(&mut self, stats: &mut ProcessStats, deadline: Option<Instant>) -> Result<ProcessEnd> {
+    fn drive(
+        &mut self,
+        stats: &mut ProcessStats,
+        deadline: Option<Instant>,
+        alarm_tx: &mpsc::Sender<Option<Instant>>,
+    ) -> Result<ProcessEnd> {
         let mut cpl0_entry: Option<bool> = None;
+        let mut alarm_sent: Option<Instant> = None;
         loop {
+            let alarm = self.kernel.alarm_at();
+            if alarm != alarm_sent {
+                // The kicker ends only with the run, so the send cannot fail.
+                let _ = alarm_tx.send(alarm);
+                alarm_sent = alarm;
+            }
             let t0 = Instant::now();
             let exit = self.vcpu.run();
             let t1 = Instant::now();
@@ -694,31 +909,67 @@ impl Process {
                         }
                     };
                     let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
-                    let flow = self.kernel.syscall(regs.rax, args, self.vcpu.fd());
+                    let flow = self
+                        .kernel
+                        .syscall(regs.rax, args, self.vcpu.fd(), self.vm.vm_fd());
                     self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
                     stats.syscall_time += t1.elapsed();
+                    // Where the program resumes: after its `syscall`, as sysretq returns.
+                    let mut user = kvm_bindings::kvm_regs {
+                        rip: regs.rcx,
+                        rflags: regs.r11,
+                        ..regs
+                    };
                     match flow {
-                        Flow::Return(v) => {
+                        Flow::Return(v) => user.rax = v,
+                        Flow::SigReturn => {
+                            let mut frame = vec![
+                                0u8;
+                                usize::try_from(signal::FRAME_SIZE)
+                                    .expect("a small constant")
+                            ];
+                            let at = regs.rsp.wrapping_sub(8);
+                            if self.kernel.mm.read_user(at, &mut frame).is_err() {
+                                return Ok(bad_frame(at));
+                            }
+                            user = self.kernel.signals.restore(&frame, &user);
+                            if let Some(i) = self.fpu_stash.iter().rposition(|(f, _)| *f == at) {
+                                let (_, fpu) = self.fpu_stash[i];
+                                self.fpu_stash.truncate(i);
+                                self.vcpu.fd().set_fpu(&fpu).map_err(|source| Error::Kvm {
+                                    op: "KVM_SET_FPU",
+                                    source,
+                                })?;
+                            }
+                        }
+                        _ => {}
+                    }
+                    match flow {
+                        Flow::Return(_) | Flow::SigReturn => {
+                            if let Some(end) = self.deliver(&mut user) {
+                                return Ok(end);
+                            }
+                            self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
                             let fd = self.vcpu.fd_mut();
                             let r = &mut fd.sync_regs_mut().regs;
-                            r.rax = v;
-                            if !enters_cpl0 {
+                            *r = if enters_cpl0 {
+                                // sysretq, still ahead in the stub, jumps to RCX with R11.
+                                kvm_bindings::kvm_regs {
+                                    rip: r.rip,
+                                    rflags: r.rflags,
+                                    rcx: user.rip,
+                                    r11: user.rflags,
+                                    ..user
+                                }
+                            } else {
                                 // Still at CPL3 in the stub: return as sysretq would.
-                                r.rip = regs.rcx;
-                                r.rflags = regs.r11;
-                            }
+                                user
+                            };
                             fd.set_sync_dirty_reg(SyncReg::Register);
                         }
                         Flow::Exit(code) => return Ok(ProcessEnd::Exited(code.to_le_bytes()[0])),
-                        Flow::Killed(sig) => {
-                            return Ok(ProcessEnd::Signaled {
-                                signal: sig,
-                                exception: None,
-                                detail: format!(
-                                    "killed by {} (signal {sig}) it sent itself",
-                                    signal_name(sig)
-                                ),
-                            });
+                        Flow::Timeout => {
+                            return Ok(ProcessEnd::Timeout(self.timeout.unwrap_or_default()));
                         }
                     }
                 }
@@ -748,6 +999,15 @@ impl Process {
                         detail: format!("{name}: {ex}"),
                     });
                 }
+                Exit::Stopped if deadline.is_none_or(|d| Instant::now() < d) => {
+                    // The alarm kicker: deliver SIGALRM between two instructions, where the
+                    // program is at CPL3 and returns with every register (PVM only: on
+                    // VT-x/SVM the return path is sysretq, which cannot restore RCX/R11).
+                    if let Some(end) = self.alarm_between_instructions(cpl0_entry == Some(false))? {
+                        return Ok(end);
+                    }
+                    alarm_sent = None;
+                }
                 Exit::Stopped => {
                     let t = deadline.map_or(Duration::ZERO, |d| {
                         d.saturating_duration_since(t0) + (t1 - t0)
@@ -762,6 +1022,16 @@ impl Process {
                 }
             }
         }
+    }
+}
+
+/// The end of a program whose signal frame cannot be read or written: SIGSEGV, as Linux's
+/// `force_sigsegv`.
+fn bad_frame(at: u64) -> ProcessEnd {
+    ProcessEnd::Signaled {
+        signal: 11,
+        exception: None,
+        detail: format!("Segmentation fault (SIGSEGV): no room for a signal frame at {at:#x}"),
     }
 }
 
@@ -787,6 +1057,27 @@ fn load_segments(
     file: &[u8],
     program: &Path,
 ) -> Result<()> {
+    // What the segments span, before any per-page bookkeeping: a huge p_memsz is refused
+    // here, within guest memory, not by exhausting the host. Segments are sorted and do not
+    // overlap (elf::parse), so only a page shared at a boundary is counted once.
+    let mut need = 0u64;
+    let mut last_end = 0u64;
+    for s in &exe.segments {
+        let first = (s.vaddr & !(PAGE - 1)).max(last_end);
+        let end = (s.vaddr + s.mem_size).next_multiple_of(PAGE);
+        need += end.saturating_sub(first) / PAGE;
+        last_end = last_end.max(end);
+    }
+    // One page-table frame per 2 MiB spanned, and the levels above.
+    let need = need + need.div_ceil(512) + 3 * exe.segments.len() as u64;
+    let free = mm.free_frames();
+    if need > free {
+        return Err(Error::ImageTooLarge {
+            path: program.to_owned(),
+            need: need.saturating_mul(PAGE),
+            free: free * PAGE,
+        });
+    }
     let mut pages: std::collections::BTreeMap<u64, (u32, PageKind)> =
         std::collections::BTreeMap::new();
     for s in &exe.segments {

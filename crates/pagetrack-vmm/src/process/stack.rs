@@ -1,6 +1,6 @@
 //! The initial process stack as Linux's `create_elf_tables` lays it out: `argc`, the `argv`
 //! and `envp` pointer arrays, the auxiliary vector, then the strings, `AT_RANDOM`'s 16 bytes
-//! and the platform name above them. No vDSO (`AT_SYSINFO_EHDR` is absent).
+//! and the platform name above them.
 
 /// `AT_NULL`.
 const AT_NULL: u64 = 0;
@@ -38,6 +38,8 @@ pub const AT_SECURE: u64 = 23;
 const AT_RANDOM: u64 = 25;
 /// `AT_HWCAP2`.
 pub const AT_HWCAP2: u64 = 26;
+/// `AT_SYSINFO_EHDR`: the vDSO's ELF header.
+pub const AT_SYSINFO_EHDR: u64 = 33;
 /// `AT_EXECFN` (set by [`build`]).
 const AT_EXECFN: u64 = 31;
 

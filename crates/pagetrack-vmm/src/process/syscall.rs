@@ -7,20 +7,24 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::PathBuf;
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::event::{PollFd, PollFlags};
+use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::abi::{
-    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EBADF, ECHILD, EEXIST, EFAULT, EINVAL,
-    EIO, EMFILE, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE, ESRCH, Errno, O_ACCMODE,
-    O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE, SysResult, nr,
+    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, EBADF, ECHILD, EEXIST, EFAULT,
+    EINTR, EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE,
+    ESRCH, Errno, O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE, SysResult, nr,
 };
-use super::fs::{Access, Input, Node, OpenFile, Output, Sandbox, StdinState};
+use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, RecordLock, Sandbox, StdinState};
 use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
+use super::signal::{self, SI_KERNEL, SI_TKILL, SI_USER, SIGALRM, SIGPIPE, Signals};
+use super::vdso::GuestClock;
 
 /// Largest transfer of one read or write (a short count beyond it, as Linux allows).
 const MAX_IO: u64 = 4 << 20;
@@ -40,8 +44,10 @@ pub enum Flow {
     Return(u64),
     /// The program called exit or exit_group with this status.
     Exit(i32),
-    /// The program sent itself this fatal signal (no handler is ever run).
-    Killed(u8),
+    /// `rt_sigreturn`: restore the registers saved in the signal frame below RSP.
+    SigReturn,
+    /// The run's timeout passed while the call was served (a sleep, a wait for input).
+    Timeout,
 }
 
 /// Where standard output or error goes.
@@ -120,6 +126,11 @@ pub struct Kernel {
     stderr: Sink,
     pub(crate) counts: SyscallCounts,
     start: Instant,
+    clock: GuestClock,
+    /// Signal actions, the blocked mask, pending signals.
+    pub(crate) signals: Signals,
+    /// `ITIMER_REAL`: when it fires next, and its interval.
+    alarm: Option<(Instant, Option<Duration>)>,
     deadline: Option<Instant>,
     urandom: Option<File>,
     uid: u32,
@@ -217,11 +228,50 @@ fn timespec(d: Duration) -> [u8; 16] {
     b
 }
 
-/// Signals whose default action ends the process.
-fn fatal_signal(sig: u64) -> bool {
-    matches!(sig, 1..=16 | 24..=27 | 29..=31)
+/// A `mode_t` argument.
+fn mode_arg(v: u64) -> u32 {
+    u32::try_from(v & 0o7777).unwrap_or(0)
 }
 
+/// A `uid_t`/`gid_t` argument: -1 (as 32 bits) leaves it unchanged.
+fn id_arg(v: u64) -> Option<u32> {
+    let id = u32::try_from(v & 0xffff_ffff).unwrap_or(u32::MAX);
+    (id != u32::MAX).then_some(id)
+}
+
+/// `POLLIN`.
+const POLLIN: i16 = 0x1;
+/// `POLLERR`.
+const POLLERR: i16 = 0x8;
+/// `POLLHUP`.
+const POLLHUP: i16 = 0x10;
+/// `POLLNVAL`.
+const POLLNVAL: i16 = 0x20;
+
+/// How long `poll` or `select` may wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// Until something is ready.
+    Forever,
+    /// At most this long.
+    For(Duration),
+}
+
+impl Wait {
+    /// `poll`'s milliseconds: negative is forever.
+    fn from_ms(ms: i64) -> Wait {
+        u64::try_from(ms).map_or(Wait::Forever, |m| Wait::For(Duration::from_millis(m)))
+    }
+
+    fn limit(self) -> Option<Duration> {
+        match self {
+            Wait::Forever => None,
+            Wait::For(d) => Some(d),
+        }
+    }
+}
+
+/// Signals whose default action ends the process.
 impl Kernel {
     /// A kernel for `mm`, with the standard streams and identity of `setup`.
     ///
@@ -271,6 +321,9 @@ impl Kernel {
             },
             counts: SyscallCounts::default(),
             start: Instant::now(),
+            clock: GuestClock::default(),
+            signals: Signals::default(),
+            alarm: None,
             deadline: None,
             urandom: None,
             uid: setup.uid,
@@ -294,37 +347,68 @@ impl Kernel {
         )
     }
 
-    /// Serves system call `n` with arguments `a`; `vcpu` for the FS/GS bases.
-    pub fn syscall(&mut self, n: u64, a: [u64; 6], vcpu: &VcpuFd) -> Flow {
+    /// The monotonic clock as the program sees it now: 1000 s at the start.
+    pub fn monotonic_now(&self) -> Duration {
+        self.start.elapsed() + Duration::from_secs(1000)
+    }
+
+    /// Reads time from `clock` (the vDSO's kvmclock) from now on.
+    pub fn set_clock(&mut self, clock: GuestClock) {
+        self.clock = clock;
+    }
+
+    /// Serves system call `n` with arguments `a`; `vcpu` for the FS/GS bases, `vm` for
+    /// kvmclock.
+    pub fn syscall(&mut self, n: u64, a: [u64; 6], vcpu: &VcpuFd, vm: &VmFd) -> Flow {
         *self.counts.by_number.entry(n).or_default() += 1;
         let res = match n {
             nr::EXIT | nr::EXIT_GROUP => return Flow::Exit(i32::from(a[0].to_le_bytes()[0])),
-            nr::KILL | nr::TKILL | nr::TGKILL => match self.kill(n, a) {
-                Ok(Some(sig)) => return Flow::Killed(sig),
-                Ok(None) => Ok(0),
-                Err(e) => Err(e),
-            },
+            nr::KILL | nr::TKILL | nr::TGKILL => self.kill(n, a),
+            nr::RT_SIGRETURN => return Flow::SigReturn,
             // Answered as a kernel without rseq would: served, not unknown.
             nr::RSEQ => return Flow::Return(ret(Err(ENOSYS))),
-            _ => self.dispatch(n, a, vcpu),
+            _ => self.dispatch(n, a, vcpu, vm),
         };
+        // A write to a pipe no one reads raises SIGPIPE, as the kernel does.
+        if res == Err(EPIPE) && matches!(n, nr::WRITE | nr::WRITEV | nr::PWRITE64 | nr::SENDFILE) {
+            self.signals.raise(SIGPIPE, SI_USER);
+        }
+        self.check_alarm();
         match res {
             Err(ENOSYS) => *self.counts.unknown.entry(n).or_default() += 1,
             Err(EACCES | EPERM) => *self.counts.refused.entry(n).or_default() += 1,
             _ => {}
         }
+        // A timeout is a timeout whether the program computes or waits in a call.
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Flow::Timeout;
+        }
         Flow::Return(ret(res))
     }
 
-    fn dispatch(&mut self, n: u64, a: [u64; 6], vcpu: &VcpuFd) -> SysResult {
+    fn dispatch(&mut self, n: u64, a: [u64; 6], vcpu: &VcpuFd, vm: &VmFd) -> SysResult {
         // File descriptors and other `int` arguments: the kernel reads the low 32 bits.
         let signed = int;
         match n {
             nr::READ => self.read(signed(a[0]), a[1], a[2]),
+            nr::POLL => self.poll(a[0], a[1], Wait::from_ms(int(a[2]))),
+            nr::PPOLL => {
+                let wait = self.wait_timespec(a[2])?;
+                self.poll(a[0], a[1], wait)
+            }
+            nr::SELECT => {
+                let wait = self.wait_timeval(a[4])?;
+                self.select(signed(a[0]), [a[1], a[2], a[3]], wait)
+            }
+            nr::PSELECT6 => {
+                let wait = self.wait_timespec(a[4])?;
+                self.select(signed(a[0]), [a[1], a[2], a[3]], wait)
+            }
             nr::WRITE => self.write(signed(a[0]), a[1], a[2]),
             nr::READV => self.readv(signed(a[0]), a[1], a[2]),
             nr::WRITEV => self.writev(signed(a[0]), a[1], a[2]),
             nr::PREAD64 => self.pread(signed(a[0]), a[1], a[2], a[3]),
+            nr::PWRITE64 => self.pwrite(signed(a[0]), a[1], a[2], a[3]),
             nr::OPEN => self.openat(AT_FDCWD, a[0], a[1], a[2]),
             nr::OPENAT => self.openat(signed(a[0]), a[1], a[2], a[3]),
             nr::CLOSE => self.fds.remove(&signed(a[0])).map(|_| 0).ok_or(EBADF),
@@ -342,9 +426,22 @@ impl Kernel {
             nr::MREMAP => self.mremap(a),
             nr::MADVISE => self.madvise(a[0], a[1], a[2]),
             nr::BRK => Ok(self.mm.set_brk(a[0])),
-            nr::RT_SIGACTION => self.sigaction(a[0], a[2], a[3]),
-            nr::RT_SIGPROCMASK => self.put_zeros(a[2], 8).map(|()| 0),
-            nr::SIGALTSTACK => self.sigaltstack(a[1]),
+            nr::RT_SIGACTION => self.sigaction(a[0], a[1], a[2], a[3]),
+            nr::RT_SIGPROCMASK => self.sigprocmask(a[0], a[1], a[2], a[3]),
+            nr::SIGALTSTACK => self.sigaltstack(a[0], a[1], vcpu),
+            nr::PAUSE => self.pause(),
+            nr::RT_SIGSUSPEND => {
+                if a[1] != 8 {
+                    return Err(EINVAL);
+                }
+                let mut b = [0u8; 8];
+                self.mm.read_user(a[0], &mut b)?;
+                self.signals.suspend(u64::from_le_bytes(b));
+                self.pause()
+            }
+            nr::ALARM => self.alarm(a[0]),
+            nr::SETITIMER => self.setitimer(a[0], a[1], a[2]),
+            nr::GETITIMER => self.setitimer(a[0], 0, a[1]),
             nr::IOCTL => self.fd(signed(a[0])).and(Err(ENOTTY)),
             nr::ACCESS => self.access(AT_FDCWD, a[0], a[1]),
             nr::FACCESSAT | nr::FACCESSAT2 => self.access(signed(a[0]), a[1], a[2]),
@@ -383,25 +480,30 @@ impl Kernel {
             nr::GETRLIMIT => self.prlimit(0, a[0], a[1]),
             nr::SETRLIMIT => Ok(0),
             nr::GETRANDOM => self.getrandom(a[0], a[1]),
-            nr::CLOCK_GETTIME => self.clock_gettime(a[0], a[1]),
+            nr::CLOCK_GETTIME => self.clock_gettime(a[0], a[1], vm),
             nr::CLOCK_GETRES => self.put(a[1], &timespec(Duration::from_nanos(1))),
-            nr::GETTIMEOFDAY => self.gettimeofday(a[0]),
+            nr::GETTIMEOFDAY => self.gettimeofday(a[0], vm),
             nr::TIME => {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs();
+                let now = self.realtime(vm).as_secs();
                 if a[0] != 0 {
                     self.mm.write_user(a[0], &now.to_le_bytes())?;
                 }
                 Ok(now)
             }
-            nr::NANOSLEEP => self.sleep(a[0]),
+            nr::NANOSLEEP => self.sleep(a[0], a[1]),
             nr::CLOCK_NANOSLEEP => {
                 // Relative sleeps only (flags 0); an absolute one ends at once.
-                if a[1] == 0 { self.sleep(a[2]) } else { Ok(0) }
+                if a[1] == 0 {
+                    self.sleep(a[2], a[3])
+                } else {
+                    Ok(0)
+                }
             }
-            nr::SCHED_YIELD | nr::FSYNC | nr::FDATASYNC | nr::FADVISE64 => Ok(0),
+            nr::SCHED_YIELD | nr::FADVISE64 => Ok(0),
+            nr::FSYNC | nr::FDATASYNC => {
+                let f = self.fd(signed(a[0]))?;
+                lock(&f).sync(n == nr::FDATASYNC).map(|()| 0)
+            }
             nr::SCHED_GETAFFINITY => {
                 if a[1] < 8 {
                     return Err(EINVAL);
@@ -422,11 +524,34 @@ impl Kernel {
                 }
             }
             nr::UNLINK => self.unlinkat(AT_FDCWD, a[0], 0),
+            nr::RMDIR => self.unlinkat(AT_FDCWD, a[0], 0x200),
             nr::UNLINKAT => self.unlinkat(signed(a[0]), a[1], a[2]),
-            nr::RENAME => self.renameat(AT_FDCWD, a[0], AT_FDCWD, a[1]),
-            nr::RENAMEAT | nr::RENAMEAT2 => self.renameat(signed(a[0]), a[1], signed(a[2]), a[3]),
-            nr::MKDIR => self.mkdirat(AT_FDCWD, a[0]),
-            nr::MKDIRAT => self.mkdirat(signed(a[0]), a[1]),
+            nr::RENAME => self.renameat(AT_FDCWD, a[0], AT_FDCWD, a[1], 0),
+            nr::RENAMEAT => self.renameat(signed(a[0]), a[1], signed(a[2]), a[3], 0),
+            nr::RENAMEAT2 => self.renameat(signed(a[0]), a[1], signed(a[2]), a[3], a[4]),
+            nr::MKDIR => self.mkdirat(AT_FDCWD, a[0], a[1]),
+            nr::CHMOD => self.chmodat(AT_FDCWD, a[0], a[1], 0),
+            nr::FCHMODAT => self.chmodat(signed(a[0]), a[1], a[2], 0),
+            nr::FCHMODAT2 => self.chmodat(signed(a[0]), a[1], a[2], a[3]),
+            nr::FCHMOD => {
+                let f = self.fd(signed(a[0]))?;
+                lock(&f).chmod(mode_arg(a[1])).map(|()| 0)
+            }
+            nr::CHOWN => self.chownat(AT_FDCWD, a[0], [a[1], a[2]], 0),
+            nr::LCHOWN => self.chownat(AT_FDCWD, a[0], [a[1], a[2]], AT_SYMLINK_NOFOLLOW),
+            nr::FCHOWNAT => self.chownat(signed(a[0]), a[1], [a[2], a[3]], a[4]),
+            nr::FCHOWN => {
+                let f = self.fd(signed(a[0]))?;
+                lock(&f).chown(id_arg(a[1]), id_arg(a[2])).map(|()| 0)
+            }
+            nr::UTIMENSAT => self.utimensat(signed(a[0]), a[1], a[2], a[3]),
+            nr::UTIMES => self.utimes(a[0], a[1]),
+            nr::SENDFILE => self.sendfile(signed(a[0]), signed(a[1]), a[2], a[3]),
+            nr::SYMLINK => self.symlinkat(a[0], AT_FDCWD, a[1]),
+            nr::SYMLINKAT => self.symlinkat(a[0], signed(a[1]), a[2]),
+            nr::LINK => self.linkat(AT_FDCWD, a[0], AT_FDCWD, a[1], 0),
+            nr::LINKAT => self.linkat(signed(a[0]), a[1], signed(a[2]), a[3], a[4]),
+            nr::MKDIRAT => self.mkdirat(signed(a[0]), a[1], a[2]),
             // What would reach the host: refused.
             nr::FORK | nr::VFORK | nr::CLONE | nr::CLONE3 | nr::EXECVE | nr::EXECVEAT => Err(EPERM),
             nr::SOCKET | nr::SOCKETPAIR | nr::CONNECT | nr::BIND | nr::ACCEPT => Err(EACCES),
@@ -442,13 +567,6 @@ impl Kernel {
         self.mm.write_user(va, data).map(|()| 0)
     }
 
-    fn put_zeros(&self, va: u64, n: usize) -> SysResult<()> {
-        if va == 0 {
-            return Ok(());
-        }
-        self.mm.write_user(va, &vec![0u8; n])
-    }
-
     fn path(&self, va: u64) -> SysResult<Vec<u8>> {
         if va == 0 {
             return Err(EFAULT);
@@ -456,23 +574,33 @@ impl Kernel {
         self.mm.read_cstr(va, PATH_MAX)
     }
 
-    /// The directory a `*at` call's relative path starts from.
-    fn base(&self, dirfd: i64) -> SysResult<Option<PathBuf>> {
+    /// The directory a `*at` call's relative path starts from: `None` for the current one.
+    fn base(&self, dirfd: i64) -> SysResult<Option<Base>> {
         if dirfd == AT_FDCWD {
             return Ok(None);
         }
         let f = self.fd(dirfd)?;
         let g = lock(&f);
+        let Node::File(file) = &g.node else {
+            return Err(ENOTDIR);
+        };
         if !g.is_dir {
             return Err(ENOTDIR);
         }
-        Ok(Some(g.path.clone()))
+        Ok(Some(Base {
+            path: g.path.clone(),
+            fd: file
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Errno::from_io(&e))?,
+            write: g.write_root,
+        }))
     }
 
-    fn resolve(&self, dirfd: i64, va: u64, access: Access, follow: bool) -> SysResult<PathBuf> {
+    /// The `*at` directory and the path of a call.
+    fn at(&self, dirfd: i64, va: u64) -> SysResult<(Option<Base>, Vec<u8>)> {
         let p = self.path(va)?;
-        let base = self.base(dirfd)?;
-        self.sandbox.resolve(base.as_deref(), &p, access, follow)
+        Ok((self.base(dirfd)?, p))
     }
 
     fn sink(&mut self, node: &Node) -> Option<&mut Sink> {
@@ -492,9 +620,182 @@ impl Kernel {
         if n == 0 {
             return Err(EFAULT);
         }
+        if self.deadline.is_some() && matches!(lock(&f).node, Node::Stdin(StdinState::Host)) {
+            // Wait for input no longer than the run may last.
+            let r = self.ready(&[(fd, POLLIN)], Wait::Forever)?;
+            if r[0] == 0 {
+                return Err(EINTR);
+            }
+        }
         let data = lock(&f).read(usize::try_from(n).map_err(|_| EINVAL)?)?;
         self.mm.write_user(buf, &data)?;
         Ok(data.len() as u64)
+    }
+
+    /// The `POLL*` events ready on each `(fd, events)`, waiting up to `wait` (and never past
+    /// the run's deadline) when none is. A negative fd is skipped, an unknown one `POLLNVAL`.
+    fn ready(&self, set: &[(i64, i16)], wait: Wait) -> SysResult<Vec<i16>> {
+        let mut out = vec![0i16; set.len()];
+        let mut host: Vec<(usize, OwnedFd, i16)> = Vec::new();
+        for (i, &(fd, events)) in set.iter().enumerate() {
+            if fd < 0 {
+                continue;
+            }
+            let Some(f) = self.fds.get(&fd) else {
+                out[i] = POLLNVAL;
+                continue;
+            };
+            match lock(&f.file).readiness()? {
+                Readiness::Now(r) => out[i] = r & (events | POLLERR | POLLHUP),
+                Readiness::Host(h) => host.push((i, h, events)),
+            }
+        }
+        let any = out.iter().any(|&r| r != 0);
+        let mut limit = if any {
+            Some(Duration::ZERO)
+        } else {
+            wait.limit()
+        };
+        if let Some(end) = self.deadline {
+            let left = end.saturating_duration_since(Instant::now());
+            limit = Some(limit.map_or(left, |l| l.min(left)));
+        }
+        let ts = limit.map(|d| rustix::event::Timespec {
+            tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(d.subsec_nanos()),
+        });
+        if host.is_empty() {
+            if !any && let Some(d) = limit {
+                std::thread::sleep(d);
+            } else if !any {
+                // Nothing can ever become ready and no deadline: as Linux, wait forever;
+                // here, until the process is ended from outside.
+                loop {
+                    std::thread::park();
+                }
+            }
+            return Ok(out);
+        }
+        let mut pfds: Vec<PollFd<'_>> = host
+            .iter()
+            .map(|(_, h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
+            .collect();
+        match rustix::event::poll(&mut pfds, ts.as_ref()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(out),
+            Err(e) => return Err(super::fs::sys(e)),
+        }
+        for (p, (i, _, _)) in pfds.iter().zip(&host) {
+            out[*i] = p.revents().bits().cast_signed();
+        }
+        Ok(out)
+    }
+
+    fn poll(&mut self, fds: u64, nfds: u64, wait: Wait) -> SysResult {
+        if nfds > MAX_FDS.cast_unsigned() {
+            return Err(EINVAL);
+        }
+        let n = usize::try_from(nfds).map_err(|_| EINVAL)?;
+        let mut raw = vec![0u8; n * 8];
+        self.mm.read_user(fds, &mut raw)?;
+        let set: Vec<(i64, i16)> = raw
+            .chunks_exact(8)
+            .map(|c| {
+                (
+                    i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    i16::from_le_bytes([c[4], c[5]]),
+                )
+            })
+            .collect();
+        let got = self.ready(&set, wait)?;
+        for (c, r) in raw.chunks_exact_mut(8).zip(&got) {
+            c[6..8].copy_from_slice(&r.to_le_bytes());
+        }
+        self.mm.write_user(fds, &raw)?;
+        Ok(got.iter().filter(|&&r| r != 0).count() as u64)
+    }
+
+    fn select(&mut self, nfds: i64, sets: [u64; 3], wait: Wait) -> SysResult {
+        // What select's read, write and except sets mean in POLL* events (fs/select.c).
+        const IN_SET: i16 = POLLIN | 0x40 | 0x80 | POLLHUP | POLLERR;
+        const OUT_SET: i16 = 0x4 | 0x100 | 0x200 | POLLERR;
+        const EX_SET: i16 = 0x2;
+        let n = usize::try_from(nfds).map_err(|_| EINVAL)?;
+        if nfds > MAX_FDS {
+            return Err(EINVAL);
+        }
+        let bytes = n.div_ceil(64) * 8;
+        let mut bits = [vec![0u8; bytes], vec![0u8; bytes], vec![0u8; bytes]];
+        for (b, &va) in bits.iter_mut().zip(&sets) {
+            if va != 0 {
+                self.mm.read_user(va, b)?;
+            }
+        }
+        let has = |b: &[u8], fd: usize| b[fd / 8] & (1 << (fd % 8)) != 0;
+        let mut set = Vec::new();
+        for fd in 0..n {
+            let mut ev = 0;
+            for (k, mask) in [POLLIN, 0x4, EX_SET].into_iter().enumerate() {
+                if has(&bits[k], fd) {
+                    ev |= mask;
+                }
+            }
+            if ev != 0 {
+                if !self.fds.contains_key(&(fd as i64)) {
+                    return Err(EBADF);
+                }
+                set.push((fd as i64, ev));
+            }
+        }
+        let got = self.ready(&set, wait)?;
+        let mut out = [vec![0u8; bytes], vec![0u8; bytes], vec![0u8; bytes]];
+        let mut count = 0;
+        for (&(fd, ev), &r) in set.iter().zip(&got) {
+            let fd = usize::try_from(fd).map_err(|_| EINVAL)?;
+            for (k, (want, mask)) in [(POLLIN, IN_SET), (0x4, OUT_SET), (EX_SET, EX_SET)]
+                .into_iter()
+                .enumerate()
+            {
+                if ev & want != 0 && r & mask != 0 {
+                    out[k][fd / 8] |= 1 << (fd % 8);
+                    count += 1;
+                }
+            }
+        }
+        for (b, &va) in out.iter().zip(&sets) {
+            if va != 0 {
+                self.mm.write_user(va, b)?;
+            }
+        }
+        Ok(count)
+    }
+
+    /// A `struct timespec` timeout (`NULL`: forever).
+    fn wait_timespec(&self, va: u64) -> SysResult<Wait> {
+        self.wait_at(va, 1)
+    }
+
+    /// A `struct timeval` timeout (`NULL`: forever).
+    fn wait_timeval(&self, va: u64) -> SysResult<Wait> {
+        self.wait_at(va, 1000)
+    }
+
+    fn wait_at(&self, va: u64, nanos_per_unit: u64) -> SysResult<Wait> {
+        if va == 0 {
+            return Ok(Wait::Forever);
+        }
+        let mut b = [0u8; 16];
+        self.mm.read_user(va, &mut b)?;
+        let secs = i64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
+        let frac = i64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
+        let max = i64::try_from(1_000_000_000 / nanos_per_unit).map_err(|_| EINVAL)?;
+        if secs < 0 || !(0..max).contains(&frac) {
+            return Err(EINVAL);
+        }
+        Ok(Wait::For(
+            Duration::from_secs(secs.cast_unsigned())
+                + Duration::from_nanos(frac.cast_unsigned() * nanos_per_unit),
+        ))
     }
 
     fn pread(&mut self, fd: i64, buf: u64, count: u64, offset: u64) -> SysResult {
@@ -512,6 +813,23 @@ impl Kernel {
         let data = lock(&f).pread(usize::try_from(n).map_err(|_| EINVAL)?, offset)?;
         self.mm.write_user(buf, &data)?;
         Ok(data.len() as u64)
+    }
+
+    fn pwrite(&mut self, fd: i64, buf: u64, count: u64, offset: u64) -> SysResult {
+        let f = self.fd(fd)?;
+        if offset.cast_signed() < 0 {
+            return Err(EINVAL);
+        }
+        if count == 0 {
+            return Ok(0);
+        }
+        let n = self.mm.accessible(buf, count.min(MAX_IO), PROT_READ);
+        if n == 0 {
+            return Err(EFAULT);
+        }
+        let mut data = vec![0u8; usize::try_from(n).map_err(|_| EINVAL)?];
+        self.mm.read_user(buf, &mut data)?;
+        lock(&f).pwrite(&data, offset).map(|k| k as u64)
     }
 
     fn write_bytes(&mut self, fd: i64, data: &[u8]) -> SysResult {
@@ -614,10 +932,9 @@ impl Kernel {
     }
 
     fn openat(&mut self, dirfd: i64, path: u64, flags: u64, mode: u64) -> SysResult {
-        let p = self.path(path)?;
-        let base = self.base(dirfd)?;
+        let (base, p) = self.at(dirfd, path)?;
         let mode = u32::try_from(mode & 0o7777).unwrap_or(0) & !self.umask;
-        let file = self.sandbox.open(base.as_deref(), &p, flags, mode)?;
+        let file = self.sandbox.open(base.as_ref(), &p, flags, mode)?;
         let n = self.lowest_free_fd(0)?;
         self.fds.insert(
             n,
@@ -643,24 +960,15 @@ impl Kernel {
             return self.fstat(dirfd, buf);
         }
         let follow = flags & AT_SYMLINK_NOFOLLOW == 0;
-        let host = self.resolve(dirfd, path, Access::Read, follow)?;
-        let m = if follow {
-            host.metadata()
-        } else {
-            host.symlink_metadata()
-        };
-        let m = m.map_err(|e| Errno::from_io(&e))?;
+        let (base, p) = self.at(dirfd, path)?;
+        let m = self.sandbox.stat(base.as_ref(), &p, follow)?;
         self.put(buf, &stat_bytes(&m))
     }
 
     fn access(&mut self, dirfd: i64, path: u64, mode: u64) -> SysResult {
-        let access = if mode & 2 != 0 {
-            Access::Write
-        } else {
-            Access::Read
-        };
-        let host = self.resolve(dirfd, path, access, true)?;
-        host.metadata().map(|_| 0).map_err(|e| Errno::from_io(&e))
+        let (base, p) = self.at(dirfd, path)?;
+        let mode = u32::try_from(mode & 7).map_err(|_| EINVAL)?;
+        self.sandbox.access(base.as_ref(), &p, mode).map(|()| 0)
     }
 
     fn getcwd(&mut self, buf: u64, size: u64) -> SysResult {
@@ -682,11 +990,7 @@ impl Kernel {
             self.sandbox.exe().as_os_str().as_encoded_bytes().to_vec()
         } else {
             let base = self.base(dirfd)?;
-            let host = self
-                .sandbox
-                .resolve(base.as_deref(), &p, Access::Read, false)?;
-            let t = std::fs::read_link(&host).map_err(|e| Errno::from_io(&e))?;
-            t.as_os_str().as_encoded_bytes().to_vec()
+            self.sandbox.readlink(base.as_ref(), &p)?
         };
         let n = target
             .len()
@@ -697,54 +1001,12 @@ impl Kernel {
 
     fn getdents64(&mut self, fd: i64, buf: u64, count: u64) -> SysResult {
         let f = self.fd(fd)?;
-        let mut g = lock(&f);
-        if !g.is_dir {
-            return Err(ENOTDIR);
+        let n = self.mm.accessible(buf, count.min(MAX_IO), PROT_WRITE);
+        if n == 0 && count > 0 {
+            return Err(EFAULT);
         }
-        let mut names: Vec<(Vec<u8>, u64, u8)> =
-            vec![(b".".to_vec(), 1, 4), (b"..".to_vec(), 1, 4)];
-        let rd = std::fs::read_dir(&g.path).map_err(|e| Errno::from_io(&e))?;
-        let mut rest: Vec<(Vec<u8>, u64, u8)> = rd
-            .filter_map(std::result::Result::ok)
-            .map(|e| {
-                let t = e.file_type().ok();
-                let kind = match t {
-                    Some(t) if t.is_dir() => 4,
-                    Some(t) if t.is_file() => 8,
-                    Some(t) if t.is_symlink() => 10,
-                    Some(t) if t.is_fifo() => 1,
-                    Some(t) if t.is_char_device() => 2,
-                    Some(t) if t.is_block_device() => 6,
-                    Some(t) if t.is_socket() => 12,
-                    _ => 0,
-                };
-                let ino = e.metadata().map(|m| m.ino()).unwrap_or(1);
-                (e.file_name().as_encoded_bytes().to_vec(), ino, kind)
-            })
-            .collect();
-        rest.sort();
-        names.extend(rest);
-        let mut out = Vec::new();
-        let mut pos = g.dir_pos;
-        while let Some((name, ino, kind)) = names.get(pos) {
-            let reclen = (19 + name.len() + 1).next_multiple_of(8);
-            if (out.len() + reclen) as u64 > count {
-                break;
-            }
-            let start = out.len();
-            out.extend_from_slice(&ino.to_le_bytes());
-            out.extend_from_slice(&(pos as u64 + 1).to_le_bytes());
-            out.extend_from_slice(&u16::try_from(reclen).unwrap_or(u16::MAX).to_le_bytes());
-            out.push(*kind);
-            out.extend_from_slice(name);
-            out.resize(start + reclen, 0);
-            pos += 1;
-        }
-        if out.is_empty() && pos < names.len() {
-            return Err(EINVAL);
-        }
+        let out = lock(&f).getdents(n)?;
         self.mm.write_user(buf, &out)?;
-        g.dir_pos = pos;
         Ok(out.len() as u64)
     }
 
@@ -794,36 +1056,236 @@ impl Kernel {
             }
             F_GETFL => Ok(lock(&f.file).flags),
             F_SETFL => Ok(0),
+            5 => self.record_lock(fd, RecordLock::Get, arg),
+            6 => self.record_lock(fd, RecordLock::Set, arg),
+            7 => self.record_lock(fd, RecordLock::SetWait, arg),
+            36 => self.record_lock(fd, RecordLock::OfdGet, arg),
+            37 => self.record_lock(fd, RecordLock::OfdSet, arg),
+            38 => self.record_lock(fd, RecordLock::OfdSetWait, arg),
             _ => Err(EINVAL),
         }
     }
 
-    fn unlinkat(&mut self, dirfd: i64, path: u64, flags: u64) -> SysResult {
-        let host = self.resolve(dirfd, path, Access::Write, false)?;
-        let r = if flags & 0x200 != 0 {
-            std::fs::remove_dir(&host)
-        } else {
-            std::fs::remove_file(&host)
+    /// `fcntl` record locks with the program's `struct flock` at `arg`. A waiting lock
+    /// waits in the host only without a timeout; with one, it retries until the deadline.
+    fn record_lock(&mut self, fd: i64, cmd: RecordLock, arg: u64) -> SysResult {
+        let f = self.fd(fd)?;
+        let mut b = [0u8; 32];
+        self.mm.read_user(arg, &mut b)?;
+        let word = |at: usize| i64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let mut fl = libc::flock {
+            l_type: i16::from_le_bytes([b[0], b[1]]),
+            l_whence: i16::from_le_bytes([b[2], b[3]]),
+            l_start: word(8),
+            l_len: word(16),
+            l_pid: i32::from_le_bytes(b[24..28].try_into().expect("4 bytes")),
         };
-        r.map(|()| 0).map_err(|e| Errno::from_io(&e))
-    }
-
-    fn renameat(&mut self, olddir: i64, old: u64, newdir: i64, new: u64) -> SysResult {
-        let from = self.resolve(olddir, old, Access::Write, false)?;
-        let to = self.resolve(newdir, new, Access::Write, false)?;
-        std::fs::rename(from, to)
-            .map(|()| 0)
-            .map_err(|e| Errno::from_io(&e))
-    }
-
-    fn mkdirat(&mut self, dirfd: i64, path: u64) -> SysResult {
-        let host = self.resolve(dirfd, path, Access::Write, false)?;
-        if host.exists() {
-            return Err(EEXIST);
+        let g = lock(&f);
+        match (cmd, self.deadline) {
+            (RecordLock::SetWait | RecordLock::OfdSetWait, Some(deadline)) => {
+                let try_cmd = if cmd == RecordLock::SetWait {
+                    RecordLock::Set
+                } else {
+                    RecordLock::OfdSet
+                };
+                loop {
+                    match g.record_lock(try_cmd, &mut fl) {
+                        Err(EAGAIN | EACCES) => {}
+                        other => break other,
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break Err(EINTR);
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(5)));
+                }
+            }
+            _ => g.record_lock(cmd, &mut fl),
+        }?;
+        drop(g);
+        if matches!(cmd, RecordLock::Get | RecordLock::OfdGet) {
+            b[..2].copy_from_slice(&fl.l_type.to_le_bytes());
+            b[2..4].copy_from_slice(&fl.l_whence.to_le_bytes());
+            b[8..16].copy_from_slice(&fl.l_start.to_le_bytes());
+            b[16..24].copy_from_slice(&fl.l_len.to_le_bytes());
+            b[24..28].copy_from_slice(&fl.l_pid.to_le_bytes());
+            self.mm.write_user(arg, &b)?;
         }
-        std::fs::create_dir(&host)
+        Ok(0)
+    }
+
+    fn unlinkat(&mut self, dirfd: i64, path: u64, flags: u64) -> SysResult {
+        const AT_REMOVEDIR: u64 = 0x200;
+        if flags & !AT_REMOVEDIR != 0 {
+            return Err(EINVAL);
+        }
+        let (base, p) = self.at(dirfd, path)?;
+        self.sandbox.unlink(base.as_ref(), &p, flags).map(|()| 0)
+    }
+
+    fn renameat(&mut self, olddir: i64, old: u64, newdir: i64, new: u64, flags: u64) -> SysResult {
+        let (ob, op) = self.at(olddir, old)?;
+        let (nb, np) = self.at(newdir, new)?;
+        self.sandbox
+            .rename((ob.as_ref(), &op), (nb.as_ref(), &np), flags)
             .map(|()| 0)
-            .map_err(|e| Errno::from_io(&e))
+    }
+
+    /// `sendfile`: from a file (at `*offset` when given) to any descriptor, at most
+    /// `MAX_IO` at a time.
+    fn sendfile(&mut self, out: i64, inp: i64, offset: u64, count: u64) -> SysResult {
+        let fin = self.fd(inp)?;
+        self.fd(out)?;
+        if !matches!(lock(&fin).node, Node::File(_)) {
+            return Err(EINVAL);
+        }
+        let n = usize::try_from(count.min(MAX_IO)).map_err(|_| EINVAL)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let data = if offset != 0 {
+            let mut b = [0u8; 8];
+            self.mm.read_user(offset, &mut b)?;
+            let at = u64::from_le_bytes(b);
+            if at.cast_signed() < 0 {
+                return Err(EINVAL);
+            }
+            let d = lock(&fin).pread(n, at)?;
+            self.mm
+                .write_user(offset, &(at + d.len() as u64).to_le_bytes())?;
+            d
+        } else {
+            lock(&fin).read(n)?
+        };
+        if data.is_empty() {
+            return Ok(0);
+        }
+        self.write_bytes(out, &data)
+    }
+
+    fn chmodat(&mut self, dirfd: i64, path: u64, mode: u64, flags: u64) -> SysResult {
+        if flags & AT_SYMLINK_NOFOLLOW != 0 {
+            return Err(Errno(95)); // EOPNOTSUPP, as Linux for symlinks
+        }
+        if flags & !AT_EMPTY_PATH != 0 {
+            return Err(EINVAL);
+        }
+        if flags & AT_EMPTY_PATH != 0 && self.path(path)?.is_empty() {
+            let f = self.fd(dirfd)?;
+            return lock(&f).chmod(mode_arg(mode)).map(|()| 0);
+        }
+        let (base, p) = self.at(dirfd, path)?;
+        self.sandbox
+            .chmod(base.as_ref(), &p, mode_arg(mode))
+            .map(|()| 0)
+    }
+
+    fn chownat(&mut self, dirfd: i64, path: u64, ids: [u64; 2], flags: u64) -> SysResult {
+        if flags & !(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0 {
+            return Err(EINVAL);
+        }
+        let (uid, gid) = (id_arg(ids[0]), id_arg(ids[1]));
+        if flags & AT_EMPTY_PATH != 0 && self.path(path)?.is_empty() {
+            let f = self.fd(dirfd)?;
+            return lock(&f).chown(uid, gid).map(|()| 0);
+        }
+        let (base, p) = self.at(dirfd, path)?;
+        let follow = flags & AT_SYMLINK_NOFOLLOW == 0;
+        self.sandbox
+            .chown(base.as_ref(), &p, (uid, gid), follow)
+            .map(|()| 0)
+    }
+
+    /// Two `struct timespec`s at `va` (`NULL`: both now), with `UTIME_NOW`/`UTIME_OMIT`.
+    fn timestamps(&self, va: u64, micros: bool) -> SysResult<rustix::fs::Timestamps> {
+        const UTIME_NOW: i64 = (1 << 30) - 1;
+        if va == 0 {
+            let now = rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: UTIME_NOW,
+            };
+            return Ok(rustix::fs::Timestamps {
+                last_access: now,
+                last_modification: now,
+            });
+        }
+        let mut b = [0u8; 32];
+        self.mm.read_user(va, &mut b)?;
+        let w = |i: usize| {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&b[i..i + 8]);
+            i64::from_le_bytes(v)
+        };
+        let ts = |sec: i64, frac: i64| -> SysResult<rustix::fs::Timespec> {
+            let nsec = if micros {
+                if !(0..1_000_000).contains(&frac) {
+                    return Err(EINVAL);
+                }
+                frac * 1000
+            } else {
+                frac
+            };
+            Ok(rustix::fs::Timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            })
+        };
+        Ok(rustix::fs::Timestamps {
+            last_access: ts(w(0), w(8))?,
+            last_modification: ts(w(16), w(24))?,
+        })
+    }
+
+    fn utimensat(&mut self, dirfd: i64, path: u64, times: u64, flags: u64) -> SysResult {
+        if flags & !(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0 {
+            return Err(EINVAL);
+        }
+        let t = self.timestamps(times, false)?;
+        // A NULL path (futimens) or an empty one with AT_EMPTY_PATH: the descriptor itself.
+        if path == 0 || (flags & AT_EMPTY_PATH != 0 && self.path(path)?.is_empty()) {
+            let f = self.fd(dirfd)?;
+            return lock(&f).utimens(&t).map(|()| 0);
+        }
+        let (base, p) = self.at(dirfd, path)?;
+        let follow = flags & AT_SYMLINK_NOFOLLOW == 0;
+        self.sandbox
+            .utimens(base.as_ref(), &p, &t, follow)
+            .map(|()| 0)
+    }
+
+    fn utimes(&mut self, path: u64, times: u64) -> SysResult {
+        let t = self.timestamps(times, true)?;
+        let (base, p) = self.at(AT_FDCWD, path)?;
+        self.sandbox
+            .utimens(base.as_ref(), &p, &t, true)
+            .map(|()| 0)
+    }
+
+    fn symlinkat(&mut self, target: u64, dirfd: i64, path: u64) -> SysResult {
+        let target = self.path(target)?;
+        if target.is_empty() {
+            return Err(ENOENT);
+        }
+        let (base, p) = self.at(dirfd, path)?;
+        self.sandbox.symlink(&target, base.as_ref(), &p).map(|()| 0)
+    }
+
+    fn linkat(&mut self, olddir: i64, old: u64, newdir: i64, new: u64, flags: u64) -> SysResult {
+        // AT_SYMLINK_FOLLOW and AT_EMPTY_PATH are not served: an honest EINVAL.
+        if flags != 0 {
+            return Err(EINVAL);
+        }
+        let (ob, op) = self.at(olddir, old)?;
+        let (nb, np) = self.at(newdir, new)?;
+        self.sandbox
+            .link((ob.as_ref(), &op), (nb.as_ref(), &np))
+            .map(|()| 0)
+    }
+
+    fn mkdirat(&mut self, dirfd: i64, path: u64, mode: u64) -> SysResult {
+        let (base, p) = self.at(dirfd, path)?;
+        let mode = u32::try_from(mode & 0o7777).unwrap_or(0) & !self.umask;
+        self.sandbox.mkdir(base.as_ref(), &p, mode).map(|()| 0)
     }
 
     fn mmap(&mut self, a: [u64; 6]) -> SysResult {
@@ -984,24 +1446,82 @@ impl Kernel {
         Ok(0)
     }
 
-    fn sigaction(&mut self, sig: u64, old: u64, size: u64) -> SysResult {
+    fn sigaction(&mut self, sig: u64, act: u64, old: u64, size: u64) -> SysResult {
         if sig == 0 || sig > 64 || size != 8 {
             return Err(EINVAL);
         }
-        // No handler ever runs: report the default disposition.
-        self.put_zeros(old, 32).map(|()| 0)
-    }
-
-    fn sigaltstack(&mut self, old: u64) -> SysResult {
+        let sig = u32::try_from(sig).map_err(|_| EINVAL)?;
+        let new = if act != 0 {
+            let mut b = [0u8; 32];
+            self.mm.read_user(act, &mut b)?;
+            Some(signal::Action::from_bytes(&b))
+        } else {
+            None
+        };
         if old != 0 {
-            let mut b = [0u8; 24];
-            b[8..12].copy_from_slice(&2u32.to_le_bytes()); // SS_DISABLE
-            self.mm.write_user(old, &b)?;
+            self.mm
+                .write_user(old, &self.signals.action(sig).to_bytes())?;
+        }
+        if let Some(new) = new
+            && !self.signals.set_action(sig, new)
+        {
+            return Err(EINVAL);
         }
         Ok(0)
     }
 
-    fn kill(&mut self, n: u64, a: [u64; 6]) -> SysResult<Option<u8>> {
+    fn sigprocmask(&mut self, how: u64, set: u64, old: u64, size: u64) -> SysResult {
+        if size != 8 {
+            return Err(EINVAL);
+        }
+        let cur = self.signals.blocked;
+        let new = if set != 0 {
+            let mut b = [0u8; 8];
+            self.mm.read_user(set, &mut b)?;
+            let m = u64::from_le_bytes(b);
+            Some(match how {
+                0 => cur | m,
+                1 => cur & !m,
+                2 => m,
+                _ => return Err(EINVAL),
+            })
+        } else {
+            None
+        };
+        if old != 0 {
+            self.mm.write_user(old, &cur.to_le_bytes())?;
+        }
+        if let Some(m) = new {
+            self.signals.set_blocked(m);
+        }
+        Ok(0)
+    }
+
+    fn sigaltstack(&mut self, new: u64, old: u64, vcpu: &VcpuFd) -> SysResult {
+        let sp = vcpu.sync_regs().regs.rsp;
+        let prev = self.signals.altstack_bytes(sp);
+        if new != 0 {
+            // Not while running on it.
+            if prev[8] & 1 != 0 {
+                return Err(EPERM);
+            }
+            let mut b = [0u8; 24];
+            self.mm.read_user(new, &mut b)?;
+            self.signals.set_altstack(&b).map_err(|()| {
+                if u32::from_le_bytes(b[8..12].try_into().unwrap_or_default()) & !0x8000_0003 != 0 {
+                    EINVAL
+                } else {
+                    ENOMEM
+                }
+            })?;
+        }
+        if old != 0 {
+            self.mm.write_user(old, &prev)?;
+        }
+        Ok(0)
+    }
+
+    fn kill(&mut self, n: u64, a: [u64; 6]) -> SysResult {
         let (pid, sig) = match n {
             nr::TGKILL => (int(a[0]), int(a[2])),
             _ => (int(a[0]), int(a[1])),
@@ -1014,11 +1534,120 @@ impl Kernel {
             // No signal reaches another process, on the host or anywhere.
             return Err(EPERM);
         }
-        let sig = sig.cast_unsigned();
-        if sig != 0 && fatal_signal(sig) {
-            return Ok(Some(u8::try_from(sig).unwrap_or(6)));
+        if sig != 0 {
+            let code = if n == nr::KILL { SI_USER } else { SI_TKILL };
+            self.signals
+                .raise(u32::try_from(sig).map_err(|_| EINVAL)?, code);
         }
-        Ok(None)
+        Ok(0)
+    }
+
+    /// When the program's timer fires next.
+    pub fn alarm_at(&self) -> Option<Instant> {
+        self.alarm.map(|(at, _)| at)
+    }
+
+    /// Raises SIGALRM if the timer is due, and re-arms an interval timer.
+    pub fn check_alarm(&mut self) {
+        if let Some((at, interval)) = self.alarm
+            && Instant::now() >= at
+        {
+            self.signals.raise(SIGALRM, SI_KERNEL);
+            self.alarm = interval.map(|i| (Instant::now() + i, Some(i)));
+        }
+    }
+
+    /// Waits until a signal can be delivered, `until` passes, or the run's deadline:
+    /// true if a signal came.
+    fn wait_signal(&mut self, until: Option<Instant>) -> bool {
+        loop {
+            self.check_alarm();
+            if self.signals.deliverable() {
+                return true;
+            }
+            let now = Instant::now();
+            let mut end = [until, self.deadline, self.alarm.map(|(at, _)| at)]
+                .into_iter()
+                .flatten()
+                .min();
+            if until.is_some_and(|u| now >= u) || self.deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            // Nothing can wake the program: it waits as long as it asked, as natively.
+            let t = end
+                .get_or_insert(now + Duration::from_secs(3600))
+                .saturating_duration_since(now);
+            std::thread::sleep(t);
+        }
+    }
+
+    fn pause(&mut self) -> SysResult {
+        self.wait_signal(None);
+        Err(EINTR)
+    }
+
+    fn alarm(&mut self, secs: u64) -> SysResult {
+        let left = self.alarm.map_or(0, |(at, _)| {
+            let d = at.saturating_duration_since(Instant::now());
+            // Rounded as Linux does: a pending alarm never reads as 0.
+            (d.as_secs() + u64::from(d.subsec_nanos() >= 500_000_000)).max(1)
+        });
+        self.alarm = (secs != 0).then(|| (Instant::now() + Duration::from_secs(secs), None));
+        Ok(left)
+    }
+
+    /// `setitimer(ITIMER_REAL, new, old)`; `getitimer` with `new` 0.
+    fn setitimer(&mut self, which: u64, new: u64, old: u64) -> SysResult {
+        if which != 0 {
+            // ITIMER_VIRTUAL and ITIMER_PROF count CPU time, which the VMM does not.
+            return Err(EINVAL);
+        }
+        let tv = |d: Duration| {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&d.as_secs().to_le_bytes());
+            b[8..].copy_from_slice(&u64::from(d.subsec_micros()).to_le_bytes());
+            b
+        };
+        let mut b = [0u8; 32];
+        let parsed = if new != 0 {
+            self.mm.read_user(new, &mut b)?;
+            let val = |at: usize| -> SysResult<Duration> {
+                let s = i64::from_le_bytes(b[at..at + 8].try_into().map_err(|_| EFAULT)?);
+                let us = i64::from_le_bytes(b[at + 8..at + 16].try_into().map_err(|_| EFAULT)?);
+                if s < 0 || !(0..1_000_000).contains(&us) {
+                    return Err(EINVAL);
+                }
+                Ok(Duration::from_secs(s.cast_unsigned())
+                    + Duration::from_micros(us.cast_unsigned()))
+            };
+            Some((val(0)?, val(16)?))
+        } else {
+            None
+        };
+        if old != 0 {
+            let (value, interval) =
+                self.alarm
+                    .map_or((Duration::ZERO, Duration::ZERO), |(at, i)| {
+                        (
+                            at.saturating_duration_since(Instant::now())
+                                .max(Duration::from_micros(1)),
+                            i.unwrap_or_default(),
+                        )
+                    });
+            let mut o = [0u8; 32];
+            o[..16].copy_from_slice(&tv(interval));
+            o[16..].copy_from_slice(&tv(value));
+            self.mm.write_user(old, &o)?;
+        }
+        if let Some((interval, value)) = parsed {
+            self.alarm = (!value.is_zero()).then(|| {
+                (
+                    Instant::now() + value,
+                    (!interval.is_zero()).then_some(interval),
+                )
+            });
+        }
+        Ok(0)
     }
 
     fn set_id(&self, want: u64, have: u32) -> SysResult {
@@ -1109,24 +1738,33 @@ impl Kernel {
         Ok(n as u64)
     }
 
-    fn clock_gettime(&mut self, clock: u64, tp: u64) -> SysResult {
-        let d = match clock {
-            0 | 5 | 8 | 11 => SystemTime::now()
+    /// Real time: the vDSO's (kvmclock), else the host's.
+    fn realtime(&self, vm: &VmFd) -> Duration {
+        self.clock.realtime(vm).unwrap_or_else(|| {
+            SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .unwrap_or_default(),
-            // Monotonic clocks count from the process start, plus a boot-like offset.
-            1 | 4 | 6 | 7 | 9 => self.start.elapsed() + Duration::from_secs(1000),
+                .unwrap_or_default()
+        })
+    }
+
+    fn clock_gettime(&mut self, clock: u64, tp: u64, vm: &VmFd) -> SysResult {
+        let d = match clock {
+            0 | 5 | 8 | 11 => self.realtime(vm),
+            // Monotonic clocks count from the process start, plus a boot-like offset; the
+            // vDSO's where it serves the call, so that both agree.
+            1 | 4 | 6 | 7 | 9 => self
+                .clock
+                .monotonic(vm)
+                .unwrap_or_else(|| self.monotonic_now()),
             2 | 3 => self.start.elapsed(),
             _ => return Err(EINVAL),
         };
         self.put(tp, &timespec(d))
     }
 
-    fn gettimeofday(&mut self, tv: u64) -> SysResult {
+    fn gettimeofday(&mut self, tv: u64, vm: &VmFd) -> SysResult {
         if tv != 0 {
-            let d = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
+            let d = self.realtime(vm);
             let mut b = [0u8; 16];
             b[..8].copy_from_slice(&d.as_secs().to_le_bytes());
             b[8..].copy_from_slice(&u64::from(d.subsec_micros()).to_le_bytes());
@@ -1135,19 +1773,25 @@ impl Kernel {
         Ok(0)
     }
 
-    fn sleep(&mut self, req: u64) -> SysResult {
+    fn sleep(&mut self, req: u64, rem: u64) -> SysResult {
         let mut b = [0u8; 16];
         self.mm.read_user(req, &mut b)?;
         let secs = u64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
         let nanos = u64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
-        if nanos >= 1_000_000_000 {
+        if nanos >= 1_000_000_000 || secs.cast_signed() < 0 {
             return Err(EINVAL);
         }
-        let mut d = Duration::from_secs(secs) + Duration::from_nanos(nanos);
-        if let Some(end) = self.deadline {
-            d = d.min(end.saturating_duration_since(Instant::now()));
+        let asked = Duration::from_secs(secs) + Duration::from_nanos(nanos);
+        // Beyond what an Instant holds, the sleep is forever, until a signal.
+        let end = Instant::now().checked_add(asked);
+        if self.wait_signal(end) {
+            // A signal interrupts the sleep: EINTR and the time left.
+            if rem != 0 {
+                let left = end.map_or(asked, |e| e.saturating_duration_since(Instant::now()));
+                self.mm.write_user(rem, &timespec(left))?;
+            }
+            return Err(EINTR);
         }
-        std::thread::sleep(d);
         Ok(0)
     }
 

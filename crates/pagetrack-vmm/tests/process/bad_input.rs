@@ -88,6 +88,12 @@ fn load_error(kvm: kvm_ioctls::Kvm, program: &Path) -> String {
     }
 }
 
+/// Gives `p` execute permission, so what is tested is its content.
+pub fn executable(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 #[test]
 fn load_missing_program_is_a_clear_error() {
     let kvm = kvm_or_skip!();
@@ -114,6 +120,7 @@ fn load_non_elf_and_32bit_elf_are_refused() {
     let d = TempDir::new("badelf");
     let script = d.join("script.sh");
     std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    executable(&script);
     assert!(load_error(kvm, &script).contains("not an ELF file"));
 
     // A minimal ELF32 header: i386 executable with one program header.
@@ -131,9 +138,46 @@ fn load_non_elf_and_32bit_elf_are_refused() {
     elf32[44..46].copy_from_slice(&1u16.to_le_bytes()); // phnum
     let p = d.join("elf32");
     std::fs::write(&p, &elf32).unwrap();
+    executable(&p);
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let msg = load_error(kvm, &p);
     assert!(msg.contains("32-bit"), "{msg}");
+}
+
+fn elf64_exit0(mem_size: u64) -> Vec<u8> {
+    pagetrack_testkit::static_elf64(&pagetrack_testkit::EXIT0_CODE, mem_size)
+}
+
+#[test]
+fn huge_memsz_is_refused_within_guest_memory() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("hugebss");
+    // 1 TiB, 64 TiB, and up to the end of user space: refused before any per-page work,
+    // with the sizes in the message (this ran out of host memory before).
+    for mem_size in [1u64 << 40, 64 << 40, 0x8000_0000_0000 - 0x40_0000] {
+        let p = d.join(&format!("huge-{mem_size:x}"));
+        std::fs::write(&p, elf64_exit0(mem_size)).unwrap();
+        executable(&p);
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        match Process::with_kvm(kvm, ProcessConfig::new(&p)) {
+            Err(e @ Error::ImageTooLarge { need, free, .. }) => {
+                assert!(need >= mem_size && free < 256 << 20, "{e}");
+                let msg = e.to_string();
+                assert!(msg.contains("MiB") && msg.contains("--mem"), "{msg}");
+            }
+            other => panic!("{mem_size:#x}: {other:?}"),
+        }
+    }
+    // What fits runs: 64 MiB of bss in 256 MiB, untouched.
+    let p = d.join("fits");
+    std::fs::write(&p, elf64_exit0(64 << 20)).unwrap();
+    executable(&p);
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let o = Process::with_kvm(kvm, ProcessConfig::new(&p).stdin(Input::Null))
+        .unwrap()
+        .run()
+        .unwrap();
+    assert_eq!(o.end, ProcessEnd::Exited(0));
 }
 
 #[test]

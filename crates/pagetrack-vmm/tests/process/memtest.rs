@@ -135,7 +135,7 @@ int main(int argc, char **argv) {
 "#;
 
 /// Builds the program with the machine's gcc (`gcc -static -O1`).
-fn build(dir: &Path, name: &str, source: &str, extra: &[&str]) -> PathBuf {
+pub fn build(dir: &Path, name: &str, source: &str, extra: &[&str]) -> PathBuf {
     let src = dir.join(format!("{name}.c"));
     let exe = dir.join(name);
     std::fs::write(&src, source).unwrap();
