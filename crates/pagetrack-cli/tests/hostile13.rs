@@ -75,3 +75,49 @@ fn stdin_is_read_only_as_far_as_asked() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "x=first\nsecond\nthird\n");
 }
+
+#[test]
+fn mmap_far_beyond_a_small_file_does_not_abort_the_vmm() {
+    if !usable() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pagetrack-h13-cli-mmap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("hostile.c");
+    std::fs::write(
+        &src,
+        include_str!("../../pagetrack-vmm/tests/process/hostile13/hostile.c"),
+    )
+    .unwrap();
+    let exe = dir.join("hostile");
+    let gcc = Command::new("gcc")
+        .args(["-static", "-O1", "-w", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(gcc.success());
+    let small = dir.join("small");
+    std::fs::write(&small, "hi\n").unwrap();
+    // A 64 MiB guest maps 64 GiB of a 3-byte file: Linux says yes (lazily) or ENOMEM. The
+    // VMM allocates a zeroed Vec of the whole length first: "memory allocation of
+    // 68719476736 bytes failed", SIGABRT (status 134), no exit line.
+    let out = Command::new(env!("CARGO_BIN_EXE_pagetrack"))
+        .args(["exec", "--mem", "64M", "--dir"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&exe)
+        .args(["mmap", small.to_str().unwrap(), "65536"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout {} stderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+    );
+}
