@@ -1,8 +1,6 @@
 //! Review of issue 13 through the `pagetrack exec` binary: `--timeout` against a program
 //! blocked writing to a full standard output, and standard input read only as asked.
 
-#![expect(clippy::unwrap_used, reason = "test set-up fails the test loudly")]
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,7 +19,16 @@ fn timeout_ends_a_program_blocked_on_a_full_stdout() {
     // `yes` into a pipe nobody reads: timeout(1) ends it after 1 s with 124. pagetrack's
     // write to its own stdout blocks in the VMM, where the deadline is never looked at.
     let mut child = Command::new(env!("CARGO_BIN_EXE_pagetrack"))
-        .args(["exec", "--timeout", "1", "--dir", "/tmp", "--", BUSYBOX, "yes"])
+        .args([
+            "exec",
+            "--timeout",
+            "1",
+            "--dir",
+            "/tmp",
+            "--",
+            BUSYBOX,
+            "yes",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -73,7 +80,10 @@ fn stdin_is_read_only_as_far_as_asked() {
         .write_all(b"first\nsecond\nthird\n")
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "x=first\nsecond\nthird\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "x=first\nsecond\nthird\n"
+    );
 }
 
 #[test]
@@ -118,6 +128,9 @@ fn mmap_far_beyond_a_small_file_does_not_abort_the_vmm() {
         Some(0),
         "stdout {} stderr {}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .next()
+            .unwrap_or("")
     );
 }

@@ -152,7 +152,10 @@ fn escapes_through_links_dotdot_dirfds_renames_devices_and_bad_paths_are_refused
     );
     let t = text(&run);
     assert_eq!(run.end, ProcessEnd::Exited(0), "{t}");
-    assert!(!t.contains("VMMFD"), "the program saw a VMM descriptor: {t}");
+    assert!(
+        !t.contains("VMMFD"),
+        "the program saw a VMM descriptor: {t}"
+    );
     assert!(!t.contains("LEAK"), "{t}");
     for l in t.lines().filter(|l| l.starts_with("WROTE")) {
         assert!(
@@ -389,7 +392,14 @@ fn mmap_of_a_sparse_file_beyond_guest_memory_is_bounded() {
     std::fs::create_dir_all(&w).unwrap();
     let big = w.join("big");
     let b = big.to_str().unwrap();
-    let run = guest(&exe, &["sparse", b, "1024"], &w, &[&w], 64 << 20, RUN_TIMEOUT);
+    let run = guest(
+        &exe,
+        &["sparse", b, "1024"],
+        &w,
+        &[&w],
+        64 << 20,
+        RUN_TIMEOUT,
+    );
     assert_eq!(result(&text(&run), "ftruncate"), "ok");
     let (run, grew) =
         rss_growth(|| guest(&exe, &["mmap", b, "1024"], &w, &[&w], 64 << 20, RUN_TIMEOUT));
@@ -421,27 +431,26 @@ fn writev_of_many_iovecs_on_one_buffer_is_bounded() {
 
 /// Opens counted by inotify on `path` while `f` runs.
 fn opens_of<R>(path: &Path, f: impl FnOnce() -> R) -> (R, usize) {
-    use std::os::unix::ffi::OsStrExt;
-    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-    assert!(fd >= 0);
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    assert!(unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_OPEN) } >= 0);
+    use rustix::fs::inotify;
+    let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)
+        .unwrap();
+    inotify::add_watch(&fd, path, inotify::WatchFlags::OPEN).unwrap();
     let r = f();
     let mut buf = [0u8; 4096];
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    unsafe { libc::close(fd) };
-    let events = if n > 0 {
-        usize::try_from(n).unwrap() / std::mem::size_of::<libc::inotify_event>()
-    } else {
-        0
-    };
-    (r, events)
+    // Each event on the watched file itself is a bare `struct inotify_event` (16 bytes).
+    let n = rustix::io::read(&fd, &mut buf).unwrap_or(0);
+    (r, n / 16)
 }
 
 fn mknod_char(p: &Path, major: u32, minor: u32) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(major, minor)) == 0 }
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        p,
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_bits_truncate(0o600),
+        rustix::fs::makedev(major, minor),
+    )
+    .is_ok()
 }
 
 #[test]
