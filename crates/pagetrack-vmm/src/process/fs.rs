@@ -129,6 +129,9 @@ pub struct Base {
 pub struct Sandbox {
     /// Longest path first, so a write directory inside `--dir` is chosen for paths under it.
     roots: Vec<Root>,
+    /// The directories on the way to each root (its strict ancestors), with the device and
+    /// inode each had at the start.
+    ancestors: std::collections::HashMap<PathBuf, (u64, u64)>,
     named: Vec<Named>,
     cwd: PathBuf,
     exe: PathBuf,
@@ -334,6 +337,14 @@ impl Sandbox {
             roots.push(open_root(d, "--allow-write", true, &procs)?);
         }
         roots.sort_by_key(|r| std::cmp::Reverse(r.path.as_os_str().len()));
+        let ancestors = roots
+            .iter()
+            .flat_map(|r| r.path.ancestors().skip(1))
+            .filter_map(|a| {
+                let m = std::fs::symlink_metadata(a).ok()?;
+                Some((a.to_owned(), (m.dev(), m.ino())))
+            })
+            .collect();
         let cwd = cwd.canonicalize().map_err(|source| Error::SandboxDir {
             option: "current directory",
             path: cwd.to_owned(),
@@ -373,6 +384,7 @@ impl Sandbox {
         }
         Ok(Sandbox {
             roots,
+            ancestors,
             named,
             cwd,
             exe: exe.to_owned(),
@@ -498,8 +510,12 @@ impl Sandbox {
         Ok((fd, name.to_owned()))
     }
 
-    /// `path` names an allowed directory or one of its ancestors.
-    fn leads_to_root(&self, base: Option<&Base>, path: &[u8]) -> bool {
+    /// The metadata of the directory `path` names if it is on the way to an allowed one
+    /// (`..` of it, `mkdir -p`'s walk) and lies in no root: only while it is still the
+    /// directory recorded at the start, looked up without following any symlink. Never by
+    /// path alone: a program that renames an ancestor of a nested root away and puts a
+    /// symlink in its place gets nothing.
+    fn ancestor(&self, base: Option<&Base>, path: &[u8]) -> Option<std::fs::Metadata> {
         let raw = Path::new(OsStr::from_bytes(path));
         let joined = if raw.is_absolute() {
             raw.to_path_buf()
@@ -507,7 +523,21 @@ impl Sandbox {
             base.map_or(&self.cwd, |b| &b.path).join(raw)
         };
         let lex = lexical(&joined);
-        self.roots.iter().any(|r| r.path.starts_with(&lex))
+        let &(dev, ino) = self.ancestors.get(&lex)?;
+        // One inside a root is the root's to answer for (the program may have changed it).
+        if self.roots.iter().any(|r| lex.starts_with(&r.path)) {
+            return None;
+        }
+        let fd = rfs::openat2(
+            rfs::CWD,
+            &lex,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .ok()?;
+        let m = File::from(fd).metadata().ok()?;
+        (m.dev() == dev && m.ino() == ino).then_some(m)
     }
 
     /// The device the VMM serves at `path` (as the program names it), if any.
@@ -593,17 +623,8 @@ impl Sandbox {
         }
         match self.open_fd(base, path, Access::Read, fl, 0) {
             Ok((fd, ..)) => File::from(fd).metadata().map_err(|e| Errno::from_io(&e)),
-            // The directories on the way to an allowed one (`..` of it, `mkdir -p`'s walk):
-            // canonical paths the program cannot change, so stat them by path.
-            Err(EACCES) if self.leads_to_root(base, path) => {
-                let raw = Path::new(OsStr::from_bytes(path));
-                let joined = if raw.is_absolute() {
-                    raw.to_path_buf()
-                } else {
-                    base.map_or(&self.cwd, |b| &b.path).join(raw)
-                };
-                std::fs::metadata(lexical(&joined)).map_err(|e| Errno::from_io(&e))
-            }
+            // The directories on the way to an allowed one, as recorded at the start.
+            Err(EACCES) => self.ancestor(base, path).ok_or(EACCES),
             Err(e) => Err(e),
         }
     }
@@ -669,9 +690,7 @@ impl Sandbox {
         let (dir, name) = match self.parent(base, path, Access::Write, EEXIST) {
             // An allowed directory or one on the way to it (`mkdir -p` walks through them):
             // it exists, and saying so tells nothing about the outside.
-            Err(EACCES)
-                if self.leads_to_root(base, path) || self.stat(base, path, false).is_ok() =>
-            {
+            Err(EACCES) if self.stat(base, path, false).is_ok() => {
                 return Err(EEXIST);
             }
             r => r?,
