@@ -1192,6 +1192,7 @@ impl Kernel {
         const MAP_FIXED: u64 = 0x10;
         const MAP_ANONYMOUS: u64 = 0x20;
         const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+        const ENODEV: Errno = Errno(19);
         let [addr, len, prot, flags, fd, off] = a;
         if len == 0 || !off.is_multiple_of(PAGE) || prot & !(0x7 | 0x0300_0000) != 0 {
             return Err(EINVAL);
@@ -1201,20 +1202,31 @@ impl Kernel {
             return Err(EINVAL);
         }
         let len = page_up(len)?;
-        let data = if flags & MAP_ANONYMOUS == 0 {
+        // The file whose bytes the mapping starts with; `/dev/zero` maps as anonymous memory.
+        let source = if flags & MAP_ANONYMOUS == 0 {
             let f = self.fd(int(fd))?;
-            let mut g = lock(&f);
-            if !matches!(g.node, Node::File(_)) || g.is_dir {
-                return Err(super::abi::Errno(19)); // ENODEV
+            let g = lock(&f);
+            let Node::File(file) = &g.node else {
+                return Err(ENODEV);
+            };
+            if g.is_dir {
+                return Err(ENODEV);
+            }
+            let m = file.metadata().map_err(|e| Errno::from_io(&e))?;
+            let zero = std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type())
+                && (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev())) == (1, 5);
+            if !zero && !m.is_file() {
+                return Err(ENODEV);
             }
             if g.flags & O_ACCMODE == O_WRONLY {
                 return Err(EACCES);
             }
-            if flags & MAP_TYPE != 2 && prot & PROT_WRITE != 0 {
+            if !zero && flags & MAP_TYPE != 2 && prot & PROT_WRITE != 0 {
                 // A shared writable file mapping would write to the host behind write().
                 return Err(EACCES);
             }
-            Some(g.pread(usize::try_from(len).map_err(|_| ENOMEM)?, off)?)
+            drop(g);
+            (!zero).then_some(f)
         } else {
             None
         };
@@ -1242,12 +1254,31 @@ impl Kernel {
             let _ = self.mm.unmap(at, len);
             return Err(e);
         }
-        if let Some(d) = data
+        if let Some(f) = source
             && prot != 0
+            && let Err(e) = self.fill_from(&f, at, len, off)
         {
-            self.mm.poke(at, &d)?;
+            let _ = self.mm.unmap(at, len);
+            return Err(e);
         }
         Ok(at)
+    }
+
+    /// Copies the file's bytes from `off` into the mapped `[at, at + len)`, `MAX_IO` at a
+    /// time, up to its end (the rest stays zero): host memory stays bounded whatever the
+    /// length.
+    fn fill_from(&self, f: &Arc<Mutex<OpenFile>>, at: u64, len: u64, off: u64) -> SysResult<()> {
+        let mut done = 0;
+        while done < len {
+            let n = usize::try_from((len - done).min(MAX_IO)).map_err(|_| ENOMEM)?;
+            let d = lock(f).pread(n, off.checked_add(done).ok_or(EINVAL)?)?;
+            self.mm.poke(at + done, &d)?;
+            if d.len() < n {
+                break;
+            }
+            done += d.len() as u64;
+        }
+        Ok(())
     }
 
     fn munmap(&mut self, addr: u64, len: u64) -> SysResult {
