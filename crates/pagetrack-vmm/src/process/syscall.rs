@@ -860,7 +860,14 @@ impl Kernel {
         self.fd(fd)?;
         let mut data = Vec::new();
         for (base, len) in vecs {
-            let n = self.mm.accessible(base, len.min(MAX_IO), PROT_READ);
+            // At most MAX_IO in all (a short count, as Linux allows), however many iovecs
+            // name the same buffer.
+            let room = MAX_IO - data.len() as u64;
+            if room == 0 {
+                break;
+            }
+            let len = len.min(room);
+            let n = self.mm.accessible(base, len, PROT_READ);
             let start = data.len();
             data.resize(start + usize::try_from(n).map_err(|_| EINVAL)?, 0);
             self.mm.read_user(base, &mut data[start..])?;
