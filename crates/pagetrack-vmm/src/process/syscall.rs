@@ -1368,18 +1368,22 @@ impl Kernel {
         if !addr.is_multiple_of(PAGE) {
             return Err(EINVAL);
         }
+        let len = page_up(len)?;
+        let end = addr.checked_add(len).ok_or(EINVAL)?;
+        if len == 0 {
+            return Ok(0);
+        }
+        // Only the pages that have frames, never the length (a 1 TiB range is answered at
+        // once); a range with unmapped parts is ENOMEM after the mapped ones, as Linux.
+        let (pages, gap) = self.mm.framed_pages(addr, end);
         if advice == MADV_DONTNEED {
             // Anonymous private memory reads as zero afterwards.
-            let len = page_up(len)?;
             let zero = vec![0u8; 4096];
-            for page in (addr..addr.saturating_add(len)).step_by(4096) {
-                if self.mm.accessible(page, PAGE, PROT_READ) == PAGE || self.mm.area(page).is_some()
-                {
-                    let _ = self.mm.poke(page, &zero);
-                }
+            for page in pages {
+                let _ = self.mm.poke(page, &zero);
             }
         }
-        Ok(0)
+        if gap { Err(ENOMEM) } else { Ok(0) }
     }
 
     fn sigaction(&mut self, sig: u64, old: u64, size: u64) -> SysResult {

