@@ -57,8 +57,16 @@ struct Sink {
 }
 
 impl Sink {
-    fn write(&mut self, data: &[u8]) -> SysResult<usize> {
+    /// Writes `data`; with a run `deadline`, never blocks past it (a short count then).
+    fn write(&mut self, data: &[u8], deadline: Option<Instant>) -> SysResult<usize> {
         match self.mode {
+            Output::Inherit if let Some(end) = deadline => {
+                return if self.err {
+                    write_until(std::io::stderr().lock().as_fd(), data, end)
+                } else {
+                    write_until(std::io::stdout().lock().as_fd(), data, end)
+                };
+            }
             Output::Inherit => {
                 let res = if self.err {
                     let mut e = std::io::stderr().lock();
@@ -80,6 +88,38 @@ impl Sink {
         }
         Ok(data.len())
     }
+}
+
+/// Writes `data` to `fd` (pagetrack's standard output or error) until `end` at the
+/// latest: waits for room with `poll`, then writes at most `PIPE_BUF` bytes, which a pipe
+/// with room takes without blocking. Returns how much was written.
+fn write_until(fd: std::os::fd::BorrowedFd<'_>, data: &[u8], end: Instant) -> SysResult<usize> {
+    const PIPE_BUF: usize = 4096;
+    let mut done = 0;
+    while done < data.len() {
+        let left = end.saturating_duration_since(Instant::now());
+        let ts = rustix::event::Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut p = [PollFd::new(&fd, PollFlags::OUT)];
+        let r = match rustix::event::poll(&mut p, Some(&ts)) {
+            Ok(0) if Instant::now() >= end => break,
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {
+                let n = (data.len() - done).min(PIPE_BUF);
+                rustix::io::write(fd, &data[done..done + n])
+            }
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(k) => done += k,
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+            Err(_) if done > 0 => break,
+            Err(e) => return Err(super::fs::sys(e)),
+        }
+    }
+    Ok(done)
 }
 
 /// One descriptor.
@@ -787,8 +827,9 @@ impl Kernel {
     fn write_bytes(&mut self, fd: i64, data: &[u8]) -> SysResult {
         let f = self.fd(fd)?;
         let mut g = lock(&f);
+        let deadline = self.deadline;
         let n = match self.sink(&g.node) {
-            Some(s) => s.write(data)?,
+            Some(s) => s.write(data, deadline)?,
             None => g.write_file(data)?,
         };
         Ok(n as u64)
