@@ -740,6 +740,79 @@ impl Sandbox {
         rfs::linkat(&od, &on, &nd, &nn, AtFlags::empty()).map_err(sys)
     }
 
+    /// Opens an existing `path` without ever opening a device node (its driver's open would
+    /// run): the confined lookup is made with `O_PATH`, its type checked, then the same inode
+    /// reopened through the VMM's own `/proc/self/fd/N` with the `real` flags. With
+    /// `O_CREAT` a missing file is then created with `O_EXCL` (retried if one appears).
+    fn open_existing(
+        &self,
+        base: Option<&Base>,
+        path: &[u8],
+        access: Access,
+        (flags, real): (u64, OFlags),
+        mode: u32,
+    ) -> SysResult<(File, bool, PathBuf)> {
+        use std::os::fd::AsRawFd;
+        const ELOOP: Errno = Errno(40);
+        let lookup = OFlags::PATH | (real & (OFlags::DIRECTORY | OFlags::NOFOLLOW));
+        for _ in 0..4 {
+            let (fd, write, lex) = match self.open_fd(base, path, access, lookup, 0) {
+                Err(ENOENT) if flags & O_CREAT != 0 => {
+                    match self.open_fd(base, path, access, real | OFlags::EXCL, mode) {
+                        // A dangling symlink: create its target, as open(2) does (confined;
+                        // refused below if a device node was renamed there meanwhile).
+                        Err(EEXIST) if self.is_symlink(base, path) => {
+                            let (fd, w, p) = self.open_fd(base, path, access, real, mode)?;
+                            if rfs::fstat(&fd).is_ok_and(|st| {
+                                matches!(
+                                    rfs::FileType::from_raw_mode(st.st_mode),
+                                    rfs::FileType::CharacterDevice | rfs::FileType::BlockDevice
+                                )
+                            }) {
+                                return Err(EACCES);
+                            }
+                            return Ok((File::from(fd), w, p));
+                        }
+                        // Made between the two lookups: look again.
+                        Err(EEXIST) => continue,
+                        r => {
+                            let (fd, w, p) = r?;
+                            return Ok((File::from(fd), w, p));
+                        }
+                    }
+                }
+                r => r?,
+            };
+            let st = rfs::fstat(&fd).map_err(sys)?;
+            match rfs::FileType::from_raw_mode(st.st_mode) {
+                // Device nodes under an allowed directory (`--dir /dev`) are the host's
+                // hardware: only the VMM's own devices are served.
+                rfs::FileType::CharacterDevice | rfs::FileType::BlockDevice => return Err(EACCES),
+                // O_NOFOLLOW on a symlink.
+                rfs::FileType::Symlink => return Err(ELOOP),
+                _ => {}
+            }
+            let reopen = real - OFlags::CREATE - OFlags::EXCL - OFlags::NOFOLLOW;
+            let f = rfs::open(
+                format!("/proc/self/fd/{}", fd.as_raw_fd()),
+                reopen,
+                Mode::empty(),
+            )
+            .map_err(sys)?;
+            return Ok((File::from(f), write, lex));
+        }
+        // A file made and removed again and again under the program's own feet.
+        Err(EEXIST)
+    }
+
+    /// The last component of `path` is a symlink (confined lookup).
+    fn is_symlink(&self, base: Option<&Base>, path: &[u8]) -> bool {
+        self.open_fd(base, path, Access::Read, OFlags::PATH | OFlags::NOFOLLOW, 0)
+            .ok()
+            .and_then(|(fd, ..)| rfs::fstat(&fd).ok())
+            .is_some_and(|st| rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Symlink)
+    }
+
     /// Opens `path` with the program's `flags` (`O_*`) and `mode`, under containment.
     ///
     /// # Errors
@@ -768,37 +841,49 @@ impl Sandbox {
                 ..OpenFile::stream(Node::File(file), 0)
             });
         }
+        const O_PATH: u64 = 0o10_000_000;
+        const O_EXCL: u64 = 0o200;
+        if flags & O_PATH != 0 {
+            // As open(2): every flag but these is ignored with O_PATH (openat2 would refuse
+            // them), and no file is opened, so no device's driver runs.
+            let keep = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+            let (fd, write, path) =
+                self.open_fd(base, path, Access::Read, host_flags(flags) & keep, 0)?;
+            let is_dir =
+                rfs::fstat(&fd).is_ok_and(|st| rfs::FileType::from_raw_mode(st.st_mode).is_dir());
+            return Ok(OpenFile {
+                path,
+                flags: flags & (O_PATH | 0o200_000 | 0o400_000 | 0o2_000_000),
+                is_dir,
+                write_root: write,
+                ..OpenFile::stream(Node::File(File::from(fd)), 0)
+            });
+        }
         let writes = acc == O_WRONLY
             || acc == O_RDWR
             || flags & (O_CREAT | O_TRUNC) != 0
             || flags & O_TMPFILE == O_TMPFILE;
         let access = if writes { Access::Write } else { Access::Read };
-        // Never block the VMM on a FIFO without a writer: open non-blocking, then give the
-        // descriptor the program's own blocking mode (a FIFO stays non-blocking).
         // The mode counts only when creating (`openat2` refuses one otherwise).
         let mode = if flags & O_CREAT != 0 || flags & O_TMPFILE == O_TMPFILE {
             mode & 0o7777 & !SET_ID_BITS
         } else {
             0
         };
-        let (fd, write, path) = self.open_fd(
-            base,
-            path,
-            access,
-            host_flags(flags) | OFlags::NONBLOCK,
-            mode,
-        )?;
-        let file = File::from(fd);
-        let m = file.metadata().map_err(|e| Errno::from_io(&e))?;
-        let ft = m.file_type();
-        // Device nodes under an allowed directory (`--dir /dev`) are the host's hardware:
-        // only the VMM's own devices are served. (Opened without O_NOCTTY's side effect.)
-        if flags & 0o10_000_000 == 0
-            && (std::os::unix::fs::FileTypeExt::is_char_device(&ft)
-                || std::os::unix::fs::FileTypeExt::is_block_device(&ft))
-        {
-            return Err(EACCES);
-        }
+        // Never block the VMM on a FIFO without a writer: open non-blocking, then give the
+        // descriptor the program's own blocking mode (a FIFO stays non-blocking). Never
+        // make a terminal the controlling one.
+        let real = host_flags(flags) | OFlags::NONBLOCK | OFlags::NOCTTY;
+        let creates_new =
+            flags & O_TMPFILE == O_TMPFILE || flags & (O_CREAT | O_EXCL) == O_CREAT | O_EXCL;
+        let (file, write, path) = if creates_new {
+            // A new file (or an unnamed one): never an existing node, so never a device.
+            let (fd, w, p) = self.open_fd(base, path, access, real, mode)?;
+            (File::from(fd), w, p)
+        } else {
+            self.open_existing(base, path, access, (flags, real), mode)?
+        };
+        let ft = file.metadata().map_err(|e| Errno::from_io(&e))?.file_type();
         if !std::os::unix::fs::FileTypeExt::is_fifo(&ft) && flags & 0o4000 == 0 {
             let fl = rfs::fcntl_getfl(&file).map_err(sys)?;
             rfs::fcntl_setfl(&file, fl - OFlags::NONBLOCK).map_err(sys)?;

@@ -432,8 +432,7 @@ fn writev_of_many_iovecs_on_one_buffer_is_bounded() {
 /// Opens counted by inotify on `path` while `f` runs.
 fn opens_of<R>(path: &Path, f: impl FnOnce() -> R) -> (R, usize) {
     use rustix::fs::inotify;
-    let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)
-        .unwrap();
+    let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
     inotify::add_watch(&fd, path, inotify::WatchFlags::OPEN).unwrap();
     let r = f();
     let mut buf = [0u8; 4096];
