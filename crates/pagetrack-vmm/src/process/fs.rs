@@ -422,7 +422,14 @@ impl Sandbox {
             return Err(ENOENT);
         }
         let raw = Path::new(OsStr::from_bytes(path));
-        let oflags = oflags | OFlags::CLOEXEC;
+        let mut oflags = oflags | OFlags::CLOEXEC;
+        if Self::names_dir(path) {
+            // Only a directory, as natively (the lexical folding drops the trailing name).
+            if oflags.contains(OFlags::CREATE) {
+                return Err(EISDIR);
+            }
+            oflags |= OFlags::DIRECTORY;
+        }
         let mode = Mode::from_bits_truncate(mode);
         let joined = if raw.is_absolute() {
             raw.to_path_buf()
@@ -478,7 +485,10 @@ impl Sandbox {
 
     /// The confined parent directory of `path` and its last name, for calls that act on a
     /// name in a directory (unlink, rename, mkdir, link, symlink). `last` is the errno for a
-    /// path whose last component is `.`, `..` or `/`.
+    /// path whose last component is `.` (or `/`), and for `..`. The name keeps its trailing
+    /// slashes, so the kernel decides what they mean for the call (`unlink("f/")` is
+    /// `ENOTDIR`), as natively: the path is split as bytes, never by `Path::components`,
+    /// which drops a trailing `/.` and `/`.
     ///
     /// # Errors
     /// As [`Sandbox::open_fd`] for the parent; `last` as above.
@@ -487,27 +497,30 @@ impl Sandbox {
         base: Option<&Base>,
         path: &[u8],
         access: Access,
-        last: Errno,
+        last: (Errno, Errno),
     ) -> SysResult<(OwnedFd, OsString)> {
         if path.is_empty() {
             return Err(ENOENT);
         }
-        let raw = Path::new(OsStr::from_bytes(path));
-        let Some(Component::Normal(name)) = raw.components().next_back() else {
-            return Err(last);
-        };
-        let parent = raw
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let (fd, ..) = self.open_fd(
-            base,
-            parent.as_os_str().as_bytes(),
-            access,
-            OFlags::PATH | OFlags::DIRECTORY,
-            0,
-        )?;
-        Ok((fd, name.to_owned()))
+        let end = path.iter().rposition(|&c| c != b'/').map_or(0, |i| i + 1);
+        let start = path[..end]
+            .iter()
+            .rposition(|&c| c == b'/')
+            .map_or(0, |i| i + 1);
+        match &path[start..end] {
+            b"" | b"." => return Err(last.0),
+            b".." => return Err(last.1),
+            _ => {}
+        }
+        let parent: &[u8] = if start == 0 { b"." } else { &path[..start] };
+        let (fd, ..) = self.open_fd(base, parent, access, OFlags::PATH | OFlags::DIRECTORY, 0)?;
+        Ok((fd, OsStr::from_bytes(&path[start..]).to_owned()))
+    }
+
+    /// `path` names a directory by its form: a trailing `/`, `/.` or `/..` (which the
+    /// lexical folding would drop).
+    fn names_dir(path: &[u8]) -> bool {
+        path.ends_with(b"/") || path.ends_with(b"/.") || path.ends_with(b"/..")
     }
 
     /// The metadata of the directory `path` names if it is on the way to an allowed one
@@ -673,8 +686,15 @@ impl Sandbox {
     /// # Errors
     /// `EACCES` outside a write directory; host errors.
     pub fn unlink(&self, base: Option<&Base>, path: &[u8], flags: u64) -> SysResult<()> {
-        let (dir, name) = self.parent(base, path, Access::Write, EINVAL)?;
-        let fl = if flags & 0x200 != 0 {
+        const ENOTEMPTY: Errno = Errno(39);
+        let rmdir = flags & 0x200 != 0;
+        let last = if rmdir {
+            (EINVAL, ENOTEMPTY)
+        } else {
+            (EISDIR, EISDIR)
+        };
+        let (dir, name) = self.parent(base, path, Access::Write, last)?;
+        let fl = if rmdir {
             AtFlags::REMOVEDIR
         } else {
             AtFlags::empty()
@@ -687,7 +707,7 @@ impl Sandbox {
     /// # Errors
     /// `EACCES` outside a write directory; host errors.
     pub fn mkdir(&self, base: Option<&Base>, path: &[u8], mode: u32) -> SysResult<()> {
-        let (dir, name) = match self.parent(base, path, Access::Write, EEXIST) {
+        let (dir, name) = match self.parent(base, path, Access::Write, (EEXIST, EEXIST)) {
             // An allowed directory or one on the way to it (`mkdir -p` walks through them):
             // it exists, and saying so tells nothing about the outside.
             Err(EACCES) if self.stat(base, path, false).is_ok() => {
@@ -708,8 +728,8 @@ impl Sandbox {
         (nb, new): (Option<&Base>, &[u8]),
         flags: u64,
     ) -> SysResult<()> {
-        let (od, on) = self.parent(ob, old, Access::Write, EBUSY)?;
-        let (nd, nn) = self.parent(nb, new, Access::Write, EBUSY)?;
+        let (od, on) = self.parent(ob, old, Access::Write, (EBUSY, EBUSY))?;
+        let (nd, nn) = self.parent(nb, new, Access::Write, (EBUSY, EBUSY))?;
         let fl =
             rfs::RenameFlags::from_bits(u32::try_from(flags).map_err(|_| EINVAL)?).ok_or(EINVAL)?;
         rfs::renameat_with(&od, &on, &nd, &nn, fl).map_err(sys)
@@ -721,7 +741,7 @@ impl Sandbox {
     /// # Errors
     /// `EACCES` outside a write directory; host errors.
     pub fn symlink(&self, target: &[u8], base: Option<&Base>, path: &[u8]) -> SysResult<()> {
-        let (dir, name) = self.parent(base, path, Access::Write, EEXIST)?;
+        let (dir, name) = self.parent(base, path, Access::Write, (EEXIST, EEXIST))?;
         rfs::symlinkat(OsStr::from_bytes(target), &dir, &name).map_err(sys)
     }
 
@@ -735,8 +755,14 @@ impl Sandbox {
         (ob, old): (Option<&Base>, &[u8]),
         (nb, new): (Option<&Base>, &[u8]),
     ) -> SysResult<()> {
-        let (od, on) = self.parent(ob, old, Access::Write, EPERM)?;
-        let (nd, nn) = self.parent(nb, new, Access::Write, EEXIST)?;
+        if Self::names_dir(old) {
+            // A trailing slash makes the kernel follow a symlink there: decide it confined
+            // (a directory is never linked).
+            self.open_fd(ob, old, Access::Read, OFlags::PATH | OFlags::DIRECTORY, 0)?;
+            return Err(EPERM);
+        }
+        let (od, on) = self.parent(ob, old, Access::Write, (EPERM, EPERM))?;
+        let (nd, nn) = self.parent(nb, new, Access::Write, (EEXIST, EEXIST))?;
         rfs::linkat(&od, &on, &nd, &nn, AtFlags::empty()).map_err(sys)
     }
 
@@ -1417,6 +1443,41 @@ mod tests {
             .unwrap();
             assert_eq!(sb.open(None, b"/sys/kernel", 0, 0).err(), Some(EACCES));
         }
+    }
+
+    #[test]
+    fn trailing_slash_and_dot_names_mean_a_directory_as_natively() {
+        let d = tmp("trailing");
+        let root = d.join("root");
+        let sb = Sandbox::new(
+            &root,
+            std::slice::from_ref(&root),
+            &[],
+            &root,
+            Path::new("/bin/x"),
+        )
+        .unwrap();
+        const ENOTEMPTY: Errno = Errno(39);
+        assert_eq!(sb.open(None, b"a.txt/", 0, 0).err(), Some(ENOTDIR));
+        assert_eq!(sb.open(None, b"a.txt/.", 0, 0).err(), Some(ENOTDIR));
+        assert_eq!(
+            sb.open(None, b"new/", O_WRONLY | O_CREAT, 0o644).err(),
+            Some(EISDIR)
+        );
+        assert!(sb.open(None, b"sub/", 0, 0).is_ok_and(|f| f.is_dir));
+        assert_eq!(sb.unlink(None, b"a.txt/", 0), Err(ENOTDIR));
+        assert_eq!(sb.unlink(None, b"sub/.", 0x200), Err(EINVAL));
+        assert_eq!(sb.unlink(None, b"sub/..", 0x200), Err(ENOTEMPTY));
+        assert_eq!(sb.unlink(None, b"sub/.", 0), Err(EISDIR));
+        assert_eq!(sb.mkdir(None, b"sub/.", 0o755), Err(EEXIST));
+        assert_eq!(sb.link((None, b"a.txt/"), (None, b"b.txt")), Err(ENOTDIR));
+        assert_eq!(sb.link((None, b"sub/"), (None, b"b.txt")), Err(EPERM));
+        // A trailing slash through an outward symlink is decided confined.
+        assert_eq!(sb.link((None, b"link/"), (None, b"b.txt")), Err(EACCES));
+        assert!(root.join("a.txt").is_file() && root.join("sub").is_dir());
+        assert_eq!(sb.mkdir(None, b"made/", 0o755), Ok(()));
+        assert!(root.join("made").is_dir());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
