@@ -728,6 +728,12 @@ impl Sandbox {
         (nb, new): (Option<&Base>, &[u8]),
         flags: u64,
     ) -> SysResult<()> {
+        const RENAME_WHITEOUT: u64 = 4;
+        if flags & RENAME_WHITEOUT != 0 {
+            // It would make a character device node (0, 0) in the directory: refused as
+            // for a process without CAP_MKNOD.
+            return Err(EPERM);
+        }
         let (od, on) = self.parent(ob, old, Access::Write, (EBUSY, EBUSY))?;
         let (nd, nn) = self.parent(nb, new, Access::Write, (EBUSY, EBUSY))?;
         let fl =
@@ -1477,6 +1483,9 @@ mod tests {
         assert!(root.join("a.txt").is_file() && root.join("sub").is_dir());
         assert_eq!(sb.mkdir(None, b"made/", 0o755), Ok(()));
         assert!(root.join("made").is_dir());
+        // RENAME_WHITEOUT would leave a device node behind.
+        assert_eq!(sb.rename((None, b"a.txt"), (None, b"w.txt"), 4), Err(EPERM));
+        assert!(root.join("a.txt").is_file() && !root.join("w.txt").exists());
         let _ = std::fs::remove_dir_all(&d);
     }
 

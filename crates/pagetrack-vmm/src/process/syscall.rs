@@ -729,10 +729,8 @@ impl Kernel {
         const IN_SET: i16 = POLLIN | 0x40 | 0x80 | POLLHUP | POLLERR;
         const OUT_SET: i16 = 0x4 | 0x100 | 0x200 | POLLERR;
         const EX_SET: i16 = 0x2;
-        let n = usize::try_from(nfds).map_err(|_| EINVAL)?;
-        if nfds > MAX_FDS {
-            return Err(EINVAL);
-        }
+        // Linux looks at no more descriptors than its table has (the VMM's: MAX_FDS).
+        let n = usize::try_from(nfds.min(MAX_FDS)).map_err(|_| EINVAL)?;
         let bytes = n.div_ceil(64) * 8;
         let mut bits = [vec![0u8; bytes], vec![0u8; bytes], vec![0u8; bytes]];
         for (b, &va) in bits.iter_mut().zip(&sets) {
@@ -795,9 +793,14 @@ impl Kernel {
         }
         let mut b = [0u8; 16];
         self.mm.read_user(va, &mut b)?;
-        let secs = i64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
-        let frac = i64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
+        let mut secs = i64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
+        let mut frac = i64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
         let max = i64::try_from(1_000_000_000 / nanos_per_unit).map_err(|_| EINVAL)?;
+        if nanos_per_unit != 1 {
+            // select's timeval: microseconds beyond a second carry over, as Linux does.
+            secs = secs.checked_add(frac / max).ok_or(EINVAL)?;
+            frac %= max;
+        }
         if secs < 0 || !(0..max).contains(&frac) {
             return Err(EINVAL);
         }
@@ -1583,7 +1586,8 @@ impl Kernel {
         self.mm.read_user(req, &mut b)?;
         let secs = u64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
         let nanos = u64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
-        if nanos >= 1_000_000_000 {
+        // A negative tv_sec or tv_nsec is EINVAL, as Linux (not a sleep of 2^64 s).
+        if secs.cast_signed() < 0 || nanos >= 1_000_000_000 {
             return Err(EINVAL);
         }
         let mut d = Duration::from_secs(secs) + Duration::from_nanos(nanos);

@@ -681,3 +681,21 @@ fn a_huge_directory_lists_completely_and_in_bounded_memory() {
     assert_eq!(text(&run).lines().count(), 30_002, "with . and ..");
     assert!(grew < 256 * MIB, "grew {} MiB", grew / MIB);
 }
+
+#[test]
+fn nanosleep_with_a_negative_time_fails_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("h13-sleepneg");
+    let exe = build_c(&d.0, "dos", DOS_C);
+    for what in ["sleep", "sleepneg"] {
+        let native = std::process::Command::new(&exe)
+            .args([what, "0"])
+            .output()
+            .unwrap();
+        let native = String::from_utf8_lossy(&native.stdout).into_owned();
+        assert_eq!(native, format!("{what}=-1/22\n"));
+        // Before: tv_sec -1 read as 2^64 - 1 seconds, a sleep until the run's timeout.
+        let run = guest(&exe, &[what, "0"], &d.0, &[], 64 << 20, RUN_TIMEOUT);
+        assert_eq!((&run.end, text(&run)), (&ProcessEnd::Exited(0), native));
+    }
+}
