@@ -926,6 +926,7 @@ impl Sandbox {
             flags,
             is_dir: ft.is_dir(),
             write_root: write,
+            fifo: std::os::unix::fs::FileTypeExt::is_fifo(&ft),
             dir: None,
             dir_pending: None,
             dir_off: 0,
@@ -978,6 +979,9 @@ pub struct OpenFile {
     pub is_dir: bool,
     /// It lies under a write directory.
     pub write_root: bool,
+    /// A FIFO (its host descriptor is always non-blocking; a blocking read by the program
+    /// waits in `poll`, never past the run's deadline).
+    pub fifo: bool,
     /// A directory's entries, read from its descriptor.
     dir: Option<rfs::Dir>,
     /// An entry read but not handed out (the program's buffer was full).
@@ -1018,6 +1022,7 @@ impl OpenFile {
             flags,
             is_dir: false,
             write_root: false,
+            fifo: false,
             dir: None,
             dir_pending: None,
             dir_off: 0,

@@ -24,6 +24,10 @@ use super::abi::{
 use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, Sandbox, StdinState};
 use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
 
+/// `O_NONBLOCK`.
+const O_NONBLOCK: u64 = 0o4000;
+/// `EAGAIN`.
+const EAGAIN: Errno = Errno(11);
 /// Largest transfer of one read or write (a short count beyond it, as Linux allows).
 const MAX_IO: u64 = 4 << 20;
 /// Largest path the program may pass.
@@ -629,14 +633,25 @@ impl Kernel {
         if n == 0 {
             return Err(EFAULT);
         }
-        if self.deadline.is_some() && matches!(lock(&f).node, Node::Stdin(StdinState::Host)) {
-            // Wait for input no longer than the run may last.
-            let r = self.ready(&[(fd, POLLIN)], Wait::Forever)?;
-            if r[0] == 0 {
-                return Err(EINTR);
+        let (host_stdin, blocking_fifo) = {
+            let g = lock(&f);
+            let stdin = matches!(g.node, Node::Stdin(StdinState::Host));
+            (stdin, g.fifo && g.flags & O_NONBLOCK == 0)
+        };
+        let data = loop {
+            if (self.deadline.is_some() && host_stdin) || blocking_fifo {
+                // Wait for input no longer than the run may last.
+                let r = self.ready(&[(fd, POLLIN)], Wait::Forever)?;
+                if r[0] == 0 {
+                    return Err(EINTR);
+                }
             }
-        }
-        let data = lock(&f).read(usize::try_from(n).map_err(|_| EINVAL)?)?;
+            match lock(&f).read(usize::try_from(n).map_err(|_| EINVAL)?) {
+                // Another reader of the FIFO took it first: wait again, as a blocking read.
+                Err(EAGAIN) if blocking_fifo => {}
+                r => break r?,
+            }
+        };
         self.mm.write_user(buf, &data)?;
         Ok(data.len() as u64)
     }
@@ -1058,7 +1073,12 @@ impl Kernel {
                 Ok(0)
             }
             F_GETFL => Ok(lock(&f.file).flags),
-            F_SETFL => Ok(0),
+            F_SETFL => {
+                // Only O_NONBLOCK is kept (it decides whether a FIFO read waits).
+                let mut g = lock(&f.file);
+                g.flags = (g.flags & !O_NONBLOCK) | (arg & O_NONBLOCK);
+                Ok(0)
+            }
             _ => Err(EINVAL),
         }
     }
