@@ -336,7 +336,8 @@ impl Sandbox {
         for d in write_dirs {
             roots.push(open_root(d, "--allow-write", true, &procs)?);
         }
-        roots.sort_by_key(|r| std::cmp::Reverse(r.path.as_os_str().len()));
+        // A directory given as both --dir and --allow-write is the write root's.
+        roots.sort_by_key(|r| (std::cmp::Reverse(r.path.as_os_str().len()), !r.write));
         let ancestors = roots
             .iter()
             .flat_map(|r| r.path.ancestors().skip(1))

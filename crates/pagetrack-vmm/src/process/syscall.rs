@@ -138,6 +138,17 @@ fn lock(f: &Arc<Mutex<OpenFile>>) -> MutexGuard<'_, OpenFile> {
     f.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `EBADF` for an `O_PATH` descriptor: `fchmod` and `fchown` refuse one (the `*at` calls
+/// with `AT_EMPTY_PATH` take it).
+fn opath_ebadf(f: &Arc<Mutex<OpenFile>>) -> SysResult<()> {
+    const O_PATH: u64 = 0o10_000_000;
+    if lock(f).flags & O_PATH != 0 {
+        Err(EBADF)
+    } else {
+        Ok(())
+    }
+}
+
 /// Counts of system calls.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -541,6 +552,7 @@ impl Kernel {
             nr::FCHMODAT2 => self.chmodat(signed(a[0]), a[1], a[2], a[3]),
             nr::FCHMOD => {
                 let f = self.fd(signed(a[0]))?;
+                opath_ebadf(&f)?;
                 lock(&f).chmod(mode_arg(a[1])).map(|()| 0)
             }
             nr::CHOWN => self.chownat(AT_FDCWD, a[0], [a[1], a[2]], 0),
@@ -548,6 +560,7 @@ impl Kernel {
             nr::FCHOWNAT => self.chownat(signed(a[0]), a[1], [a[2], a[3]], a[4]),
             nr::FCHOWN => {
                 let f = self.fd(signed(a[0]))?;
+                opath_ebadf(&f)?;
                 lock(&f).chown(id_arg(a[1]), id_arg(a[2])).map(|()| 0)
             }
             nr::UTIMENSAT => self.utimensat(signed(a[0]), a[1], a[2], a[3]),

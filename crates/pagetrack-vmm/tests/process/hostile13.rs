@@ -522,6 +522,31 @@ fn o_path_opens_work_as_natively() {
 }
 
 #[test]
+fn calls_on_o_path_descriptors_and_a_dir_that_is_also_the_write_dir_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("h13-opathcalls");
+    let exe = hostile(&d);
+    let f = d.join("f");
+    std::fs::write(&f, "f\n").unwrap();
+    let native = std::process::Command::new(&exe)
+        .args(["opathcalls", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let native = String::from_utf8_lossy(&native.stdout).into_owned();
+    assert!(native.contains("fchmod=E9") && native.contains("fchmod-rdonly=ok"));
+    // --dir D --allow-write D: fchmod, futimens were EACCES (the read root was chosen).
+    let run = guest(
+        &exe,
+        &["opathcalls", f.to_str().unwrap()],
+        &d.0,
+        &[&d.0],
+        64 << 20,
+        RUN_TIMEOUT,
+    );
+    assert_eq!(text(&run), native);
+}
+
+#[test]
 fn trailing_dot_and_slash_names_fail_as_natively() {
     let _kvm = kvm_or_skip!();
     let d = TempDir::new("h13-names");

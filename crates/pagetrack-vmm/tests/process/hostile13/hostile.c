@@ -244,6 +244,24 @@ int main(int argc, char **argv) {
         try_open("opendev-opath", AT_FDCWD, argv[2], O_PATH);
         return 0;
     }
+    if (!strcmp(what, "opathcalls")) {
+        /* opathcalls FILE: what an O_PATH descriptor allows. */
+        int fd = open(argv[2], O_PATH);
+        struct timespec om[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
+        struct stat st;
+        char b[4];
+        res("opath", fd);
+        res("fchmod", fchmod(fd, 0644));
+        res("fchown", fchown(fd, -1, -1));
+        res("futimens", futimens(fd, om));
+        res("read", read(fd, b, sizeof b));
+        res("fstat", fstat(fd, &st));
+        printf("getfl=%o\n", fcntl(fd, F_GETFL));
+        /* A plain descriptor under a directory that is both --dir and --allow-write. */
+        int rfd = open(argv[2], O_RDONLY);
+        res("fchmod-rdonly", fchmod(rfd, 0644));
+        return 0;
+    }
     if (!strcmp(what, "names")) {
         /* names W: trailing "/." and "/" on the last component. */
         const char *W = argv[2];
