@@ -1213,13 +1213,17 @@ impl OpenFile {
         Ok(buf)
     }
 
-    /// Writes `data` to a file opened for writing.
+    /// Writes `data` to a file opened for writing (to a FIFO: one non-blocking write, which
+    /// may be short or `EAGAIN`).
     ///
     /// # Errors
     /// `EBADF` if not open for writing; host errors.
     pub fn write_file(&mut self, data: &[u8]) -> SysResult<usize> {
         let acc = self.flags & O_ACCMODE;
         match &mut self.node {
+            Node::File(f) if self.fifo && (acc == O_WRONLY || acc == O_RDWR) => {
+                f.write(data).map_err(|e| Errno::from_io(&e))
+            }
             Node::File(f) if acc == O_WRONLY || acc == O_RDWR => {
                 f.write_all(data).map_err(|e| Errno::from_io(&e))?;
                 Ok(data.len())

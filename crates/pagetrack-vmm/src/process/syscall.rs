@@ -857,6 +857,34 @@ impl Kernel {
 
     fn write_bytes(&mut self, fd: i64, data: &[u8]) -> SysResult {
         let f = self.fd(fd)?;
+        let blocking_fifo = {
+            let g = lock(&f);
+            g.fifo && g.flags & O_NONBLOCK == 0
+        };
+        if blocking_fifo {
+            // All of it, as a blocking write: the VMM waits for room in poll, never past
+            // the run's deadline (then a short count).
+            let mut done = 0;
+            while done < data.len() {
+                // The guard goes before waiting: readiness locks the file too.
+                let r = lock(&f).write_file(&data[done..]);
+                match r {
+                    Ok(k) => done += k,
+                    Err(EAGAIN) => {
+                        if self.ready(&[(fd, 0x4)], Wait::Forever)?[0] == 0 {
+                            break;
+                        }
+                    }
+                    Err(_) if done > 0 => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            return if done == 0 {
+                Err(EINTR)
+            } else {
+                Ok(done as u64)
+            };
+        }
         let mut g = lock(&f);
         let deadline = self.deadline;
         let n = match self.sink(&g.node) {
@@ -1118,7 +1146,8 @@ impl Kernel {
     fn sendfile(&mut self, out: i64, inp: i64, offset: u64, count: u64) -> SysResult {
         let fin = self.fd(inp)?;
         self.fd(out)?;
-        if !matches!(lock(&fin).node, Node::File(_)) {
+        // From a FIFO: EINVAL, as Linux (its data would be read without waiting for it).
+        if !matches!(lock(&fin).node, Node::File(_)) || lock(&fin).fifo {
             return Err(EINVAL);
         }
         let n = usize::try_from(count.min(MAX_IO)).map_err(|_| EINVAL)?;

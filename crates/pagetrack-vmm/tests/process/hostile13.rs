@@ -624,6 +624,61 @@ fn fifo_reads_block_as_natively() {
 }
 
 #[test]
+fn fifo_writes_block_as_natively() {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("h13-fifo-write");
+    let exe = hostile(&d);
+    let fifo = d.join("fifo");
+    sh(&format!("mkfifo {}", fifo.display()));
+    const N: usize = 1 << 20;
+    // The host end is open before the program opens its end (no writer yet: non-blocking
+    // open, then blocking reads after poll).
+    let mut rd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    rustix::fs::fcntl_setfl(&rd, rustix::fs::OFlags::empty()).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let mut p = [rustix::event::PollFd::new(
+                &rd,
+                rustix::event::PollFlags::IN,
+            )];
+            rustix::event::poll(&mut p, None).unwrap();
+            match rd.read(&mut buf).unwrap() {
+                0 => break got,
+                k => got.extend_from_slice(&buf[..k]),
+            }
+        }
+    });
+    let run = guest(
+        &exe,
+        &["fifowrite", fifo.to_str().unwrap(), &N.to_string()],
+        &d.0,
+        &[&d.0],
+        64 << 20,
+        Duration::from_secs(20),
+    );
+    let got = reader.join().unwrap();
+    // Before: the non-blocking host write stopped at the pipe's 64 KiB (EAGAIN mid-way).
+    assert_eq!(
+        (text(&run), &run.end),
+        (format!("fifowrite={N}\n"), &ProcessEnd::Exited(0))
+    );
+    assert_eq!(got.len(), N);
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, &b)| usize::from(b.wrapping_sub(b'a')) == i % 26)
+    );
+}
+
+#[test]
 fn poll_and_select_edge_cases_as_natively() {
     let _kvm = kvm_or_skip!();
     let d = TempDir::new("h13-select");

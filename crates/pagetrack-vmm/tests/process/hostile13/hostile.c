@@ -244,6 +244,16 @@ int main(int argc, char **argv) {
         try_open("opendev-opath", AT_FDCWD, argv[2], O_PATH);
         return 0;
     }
+    if (!strcmp(what, "fifowrite")) {
+        /* fifowrite FIFO N: one blocking write of N bytes (more than a pipe holds). */
+        int fd = open(argv[2], O_WRONLY);
+        if (fd < 0) { perror("open"); return 1; }
+        size_t n = (size_t)atol(argv[3]);
+        char *b = malloc(n);
+        for (size_t i = 0; i < n; i++) b[i] = (char)('a' + i % 26);
+        printf("fifowrite=%ld\n", (long)write(fd, b, n));
+        return 0;
+    }
     if (!strcmp(what, "opathcalls")) {
         /* opathcalls FILE: what an O_PATH descriptor allows. */
         int fd = open(argv[2], O_PATH);
