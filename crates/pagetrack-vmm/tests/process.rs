@@ -14,6 +14,8 @@
 mod bad_input;
 #[path = "process/containment.rs"]
 mod containment;
+#[path = "process/hostile13.rs"]
+mod hostile13;
 #[path = "process/memtest.rs"]
 mod memtest;
 #[path = "process/misc.rs"]

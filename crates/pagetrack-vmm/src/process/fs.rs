@@ -129,6 +129,9 @@ pub struct Base {
 pub struct Sandbox {
     /// Longest path first, so a write directory inside `--dir` is chosen for paths under it.
     roots: Vec<Root>,
+    /// The directories on the way to each root (its strict ancestors), with the device and
+    /// inode each had at the start.
+    ancestors: std::collections::HashMap<PathBuf, (u64, u64)>,
     named: Vec<Named>,
     cwd: PathBuf,
     exe: PathBuf,
@@ -333,7 +336,16 @@ impl Sandbox {
         for d in write_dirs {
             roots.push(open_root(d, "--allow-write", true, &procs)?);
         }
-        roots.sort_by_key(|r| std::cmp::Reverse(r.path.as_os_str().len()));
+        // A directory given as both --dir and --allow-write is the write root's.
+        roots.sort_by_key(|r| (std::cmp::Reverse(r.path.as_os_str().len()), !r.write));
+        let ancestors = roots
+            .iter()
+            .flat_map(|r| r.path.ancestors().skip(1))
+            .filter_map(|a| {
+                let m = std::fs::symlink_metadata(a).ok()?;
+                Some((a.to_owned(), (m.dev(), m.ino())))
+            })
+            .collect();
         let cwd = cwd.canonicalize().map_err(|source| Error::SandboxDir {
             option: "current directory",
             path: cwd.to_owned(),
@@ -373,6 +385,7 @@ impl Sandbox {
         }
         Ok(Sandbox {
             roots,
+            ancestors,
             named,
             cwd,
             exe: exe.to_owned(),
@@ -410,7 +423,14 @@ impl Sandbox {
             return Err(ENOENT);
         }
         let raw = Path::new(OsStr::from_bytes(path));
-        let oflags = oflags | OFlags::CLOEXEC;
+        let mut oflags = oflags | OFlags::CLOEXEC;
+        if Self::names_dir(path) {
+            // Only a directory, as natively (the lexical folding drops the trailing name).
+            if oflags.contains(OFlags::CREATE) {
+                return Err(EISDIR);
+            }
+            oflags |= OFlags::DIRECTORY;
+        }
         let mode = Mode::from_bits_truncate(mode);
         let joined = if raw.is_absolute() {
             raw.to_path_buf()
@@ -466,7 +486,10 @@ impl Sandbox {
 
     /// The confined parent directory of `path` and its last name, for calls that act on a
     /// name in a directory (unlink, rename, mkdir, link, symlink). `last` is the errno for a
-    /// path whose last component is `.`, `..` or `/`.
+    /// path whose last component is `.` (or `/`), and for `..`. The name keeps its trailing
+    /// slashes, so the kernel decides what they mean for the call (`unlink("f/")` is
+    /// `ENOTDIR`), as natively: the path is split as bytes, never by `Path::components`,
+    /// which drops a trailing `/.` and `/`.
     ///
     /// # Errors
     /// As [`Sandbox::open_fd`] for the parent; `last` as above.
@@ -475,31 +498,38 @@ impl Sandbox {
         base: Option<&Base>,
         path: &[u8],
         access: Access,
-        last: Errno,
+        last: (Errno, Errno),
     ) -> SysResult<(OwnedFd, OsString)> {
         if path.is_empty() {
             return Err(ENOENT);
         }
-        let raw = Path::new(OsStr::from_bytes(path));
-        let Some(Component::Normal(name)) = raw.components().next_back() else {
-            return Err(last);
-        };
-        let parent = raw
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let (fd, ..) = self.open_fd(
-            base,
-            parent.as_os_str().as_bytes(),
-            access,
-            OFlags::PATH | OFlags::DIRECTORY,
-            0,
-        )?;
-        Ok((fd, name.to_owned()))
+        let end = path.iter().rposition(|&c| c != b'/').map_or(0, |i| i + 1);
+        let start = path[..end]
+            .iter()
+            .rposition(|&c| c == b'/')
+            .map_or(0, |i| i + 1);
+        match &path[start..end] {
+            b"" | b"." => return Err(last.0),
+            b".." => return Err(last.1),
+            _ => {}
+        }
+        let parent: &[u8] = if start == 0 { b"." } else { &path[..start] };
+        let (fd, ..) = self.open_fd(base, parent, access, OFlags::PATH | OFlags::DIRECTORY, 0)?;
+        Ok((fd, OsStr::from_bytes(&path[start..]).to_owned()))
     }
 
-    /// `path` names an allowed directory or one of its ancestors.
-    fn leads_to_root(&self, base: Option<&Base>, path: &[u8]) -> bool {
+    /// `path` names a directory by its form: a trailing `/`, `/.` or `/..` (which the
+    /// lexical folding would drop).
+    fn names_dir(path: &[u8]) -> bool {
+        path.ends_with(b"/") || path.ends_with(b"/.") || path.ends_with(b"/..")
+    }
+
+    /// The metadata of the directory `path` names if it is on the way to an allowed one
+    /// (`..` of it, `mkdir -p`'s walk) and lies in no root: only while it is still the
+    /// directory recorded at the start, looked up without following any symlink. Never by
+    /// path alone: a program that renames an ancestor of a nested root away and puts a
+    /// symlink in its place gets nothing.
+    fn ancestor(&self, base: Option<&Base>, path: &[u8]) -> Option<std::fs::Metadata> {
         let raw = Path::new(OsStr::from_bytes(path));
         let joined = if raw.is_absolute() {
             raw.to_path_buf()
@@ -507,7 +537,21 @@ impl Sandbox {
             base.map_or(&self.cwd, |b| &b.path).join(raw)
         };
         let lex = lexical(&joined);
-        self.roots.iter().any(|r| r.path.starts_with(&lex))
+        let &(dev, ino) = self.ancestors.get(&lex)?;
+        // One inside a root is the root's to answer for (the program may have changed it).
+        if self.roots.iter().any(|r| lex.starts_with(&r.path)) {
+            return None;
+        }
+        let fd = rfs::openat2(
+            rfs::CWD,
+            &lex,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .ok()?;
+        let m = File::from(fd).metadata().ok()?;
+        (m.dev() == dev && m.ino() == ino).then_some(m)
     }
 
     /// The device the VMM serves at `path` (as the program names it), if any.
@@ -593,17 +637,8 @@ impl Sandbox {
         }
         match self.open_fd(base, path, Access::Read, fl, 0) {
             Ok((fd, ..)) => File::from(fd).metadata().map_err(|e| Errno::from_io(&e)),
-            // The directories on the way to an allowed one (`..` of it, `mkdir -p`'s walk):
-            // canonical paths the program cannot change, so stat them by path.
-            Err(EACCES) if self.leads_to_root(base, path) => {
-                let raw = Path::new(OsStr::from_bytes(path));
-                let joined = if raw.is_absolute() {
-                    raw.to_path_buf()
-                } else {
-                    base.map_or(&self.cwd, |b| &b.path).join(raw)
-                };
-                std::fs::metadata(lexical(&joined)).map_err(|e| Errno::from_io(&e))
-            }
+            // The directories on the way to an allowed one, as recorded at the start.
+            Err(EACCES) => self.ancestor(base, path).ok_or(EACCES),
             Err(e) => Err(e),
         }
     }
@@ -652,8 +687,15 @@ impl Sandbox {
     /// # Errors
     /// `EACCES` outside a write directory; host errors.
     pub fn unlink(&self, base: Option<&Base>, path: &[u8], flags: u64) -> SysResult<()> {
-        let (dir, name) = self.parent(base, path, Access::Write, EINVAL)?;
-        let fl = if flags & 0x200 != 0 {
+        const ENOTEMPTY: Errno = Errno(39);
+        let rmdir = flags & 0x200 != 0;
+        let last = if rmdir {
+            (EINVAL, ENOTEMPTY)
+        } else {
+            (EISDIR, EISDIR)
+        };
+        let (dir, name) = self.parent(base, path, Access::Write, last)?;
+        let fl = if rmdir {
             AtFlags::REMOVEDIR
         } else {
             AtFlags::empty()
@@ -666,12 +708,10 @@ impl Sandbox {
     /// # Errors
     /// `EACCES` outside a write directory; host errors.
     pub fn mkdir(&self, base: Option<&Base>, path: &[u8], mode: u32) -> SysResult<()> {
-        let (dir, name) = match self.parent(base, path, Access::Write, EEXIST) {
+        let (dir, name) = match self.parent(base, path, Access::Write, (EEXIST, EEXIST)) {
             // An allowed directory or one on the way to it (`mkdir -p` walks through them):
             // it exists, and saying so tells nothing about the outside.
-            Err(EACCES)
-                if self.leads_to_root(base, path) || self.stat(base, path, false).is_ok() =>
-            {
+            Err(EACCES) if self.stat(base, path, false).is_ok() => {
                 return Err(EEXIST);
             }
             r => r?,
@@ -689,8 +729,14 @@ impl Sandbox {
         (nb, new): (Option<&Base>, &[u8]),
         flags: u64,
     ) -> SysResult<()> {
-        let (od, on) = self.parent(ob, old, Access::Write, EBUSY)?;
-        let (nd, nn) = self.parent(nb, new, Access::Write, EBUSY)?;
+        const RENAME_WHITEOUT: u64 = 4;
+        if flags & RENAME_WHITEOUT != 0 {
+            // It would make a character device node (0, 0) in the directory: refused as
+            // for a process without CAP_MKNOD.
+            return Err(EPERM);
+        }
+        let (od, on) = self.parent(ob, old, Access::Write, (EBUSY, EBUSY))?;
+        let (nd, nn) = self.parent(nb, new, Access::Write, (EBUSY, EBUSY))?;
         let fl =
             rfs::RenameFlags::from_bits(u32::try_from(flags).map_err(|_| EINVAL)?).ok_or(EINVAL)?;
         rfs::renameat_with(&od, &on, &nd, &nn, fl).map_err(sys)
@@ -702,7 +748,7 @@ impl Sandbox {
     /// # Errors
     /// `EACCES` outside a write directory; host errors.
     pub fn symlink(&self, target: &[u8], base: Option<&Base>, path: &[u8]) -> SysResult<()> {
-        let (dir, name) = self.parent(base, path, Access::Write, EEXIST)?;
+        let (dir, name) = self.parent(base, path, Access::Write, (EEXIST, EEXIST))?;
         rfs::symlinkat(OsStr::from_bytes(target), &dir, &name).map_err(sys)
     }
 
@@ -716,9 +762,88 @@ impl Sandbox {
         (ob, old): (Option<&Base>, &[u8]),
         (nb, new): (Option<&Base>, &[u8]),
     ) -> SysResult<()> {
-        let (od, on) = self.parent(ob, old, Access::Write, EPERM)?;
-        let (nd, nn) = self.parent(nb, new, Access::Write, EEXIST)?;
+        if Self::names_dir(old) {
+            // A trailing slash makes the kernel follow a symlink there: decide it confined
+            // (a directory is never linked).
+            self.open_fd(ob, old, Access::Read, OFlags::PATH | OFlags::DIRECTORY, 0)?;
+            return Err(EPERM);
+        }
+        let (od, on) = self.parent(ob, old, Access::Write, (EPERM, EPERM))?;
+        let (nd, nn) = self.parent(nb, new, Access::Write, (EEXIST, EEXIST))?;
         rfs::linkat(&od, &on, &nd, &nn, AtFlags::empty()).map_err(sys)
+    }
+
+    /// Opens an existing `path` without ever opening a device node (its driver's open would
+    /// run): the confined lookup is made with `O_PATH`, its type checked, then the same inode
+    /// reopened through the VMM's own `/proc/self/fd/N` with the `real` flags. With
+    /// `O_CREAT` a missing file is then created with `O_EXCL` (retried if one appears).
+    fn open_existing(
+        &self,
+        base: Option<&Base>,
+        path: &[u8],
+        access: Access,
+        (flags, real): (u64, OFlags),
+        mode: u32,
+    ) -> SysResult<(File, bool, PathBuf)> {
+        use std::os::fd::AsRawFd;
+        const ELOOP: Errno = Errno(40);
+        let lookup = OFlags::PATH | (real & (OFlags::DIRECTORY | OFlags::NOFOLLOW));
+        for _ in 0..4 {
+            let (fd, write, lex) = match self.open_fd(base, path, access, lookup, 0) {
+                Err(ENOENT) if flags & O_CREAT != 0 => {
+                    match self.open_fd(base, path, access, real | OFlags::EXCL, mode) {
+                        // A dangling symlink: create its target, as open(2) does (confined;
+                        // refused below if a device node was renamed there meanwhile).
+                        Err(EEXIST) if self.is_symlink(base, path) => {
+                            let (fd, w, p) = self.open_fd(base, path, access, real, mode)?;
+                            if rfs::fstat(&fd).is_ok_and(|st| {
+                                matches!(
+                                    rfs::FileType::from_raw_mode(st.st_mode),
+                                    rfs::FileType::CharacterDevice | rfs::FileType::BlockDevice
+                                )
+                            }) {
+                                return Err(EACCES);
+                            }
+                            return Ok((File::from(fd), w, p));
+                        }
+                        // Made between the two lookups: look again.
+                        Err(EEXIST) => continue,
+                        r => {
+                            let (fd, w, p) = r?;
+                            return Ok((File::from(fd), w, p));
+                        }
+                    }
+                }
+                r => r?,
+            };
+            let st = rfs::fstat(&fd).map_err(sys)?;
+            match rfs::FileType::from_raw_mode(st.st_mode) {
+                // Device nodes under an allowed directory (`--dir /dev`) are the host's
+                // hardware: only the VMM's own devices are served.
+                rfs::FileType::CharacterDevice | rfs::FileType::BlockDevice => return Err(EACCES),
+                // O_NOFOLLOW on a symlink.
+                rfs::FileType::Symlink => return Err(ELOOP),
+                _ => {}
+            }
+            let reopen = real - OFlags::CREATE - OFlags::EXCL - OFlags::NOFOLLOW;
+            let f = rfs::open(
+                format!("/proc/self/fd/{}", fd.as_raw_fd()),
+                reopen,
+                Mode::empty(),
+            )
+            .map_err(sys)?;
+            return Ok((File::from(f), write, lex));
+        }
+        // A file made and removed again and again under the program's own feet.
+        Err(EEXIST)
+    }
+
+    /// The last component of `path` is a symlink (confined lookup).
+    fn is_symlink(&self, base: Option<&Base>, path: &[u8]) -> bool {
+        self.open_fd(base, path, Access::Read, OFlags::PATH | OFlags::NOFOLLOW, 0)
+            .ok()
+            .and_then(|(fd, ..)| rfs::fstat(&fd).ok())
+            .is_some_and(|st| rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Symlink)
     }
 
     /// Opens `path` with the program's `flags` (`O_*`) and `mode`, under containment.
@@ -749,37 +874,49 @@ impl Sandbox {
                 ..OpenFile::stream(Node::File(file), 0)
             });
         }
+        const O_PATH: u64 = 0o10_000_000;
+        const O_EXCL: u64 = 0o200;
+        if flags & O_PATH != 0 {
+            // As open(2): every flag but these is ignored with O_PATH (openat2 would refuse
+            // them), and no file is opened, so no device's driver runs.
+            let keep = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+            let (fd, write, path) =
+                self.open_fd(base, path, Access::Read, host_flags(flags) & keep, 0)?;
+            let is_dir =
+                rfs::fstat(&fd).is_ok_and(|st| rfs::FileType::from_raw_mode(st.st_mode).is_dir());
+            return Ok(OpenFile {
+                path,
+                flags: flags & (O_PATH | 0o200_000 | 0o400_000 | 0o2_000_000),
+                is_dir,
+                write_root: write,
+                ..OpenFile::stream(Node::File(File::from(fd)), 0)
+            });
+        }
         let writes = acc == O_WRONLY
             || acc == O_RDWR
             || flags & (O_CREAT | O_TRUNC) != 0
             || flags & O_TMPFILE == O_TMPFILE;
         let access = if writes { Access::Write } else { Access::Read };
-        // Never block the VMM on a FIFO without a writer: open non-blocking, then give the
-        // descriptor the program's own blocking mode (a FIFO stays non-blocking).
         // The mode counts only when creating (`openat2` refuses one otherwise).
         let mode = if flags & O_CREAT != 0 || flags & O_TMPFILE == O_TMPFILE {
             mode & 0o7777 & !SET_ID_BITS
         } else {
             0
         };
-        let (fd, write, path) = self.open_fd(
-            base,
-            path,
-            access,
-            host_flags(flags) | OFlags::NONBLOCK,
-            mode,
-        )?;
-        let file = File::from(fd);
-        let m = file.metadata().map_err(|e| Errno::from_io(&e))?;
-        let ft = m.file_type();
-        // Device nodes under an allowed directory (`--dir /dev`) are the host's hardware:
-        // only the VMM's own devices are served. (Opened without O_NOCTTY's side effect.)
-        if flags & 0o10_000_000 == 0
-            && (std::os::unix::fs::FileTypeExt::is_char_device(&ft)
-                || std::os::unix::fs::FileTypeExt::is_block_device(&ft))
-        {
-            return Err(EACCES);
-        }
+        // Never block the VMM on a FIFO without a writer: open non-blocking, then give the
+        // descriptor the program's own blocking mode (a FIFO stays non-blocking). Never
+        // make a terminal the controlling one.
+        let real = host_flags(flags) | OFlags::NONBLOCK | OFlags::NOCTTY;
+        let creates_new =
+            flags & O_TMPFILE == O_TMPFILE || flags & (O_CREAT | O_EXCL) == O_CREAT | O_EXCL;
+        let (file, write, path) = if creates_new {
+            // A new file (or an unnamed one): never an existing node, so never a device.
+            let (fd, w, p) = self.open_fd(base, path, access, real, mode)?;
+            (File::from(fd), w, p)
+        } else {
+            self.open_existing(base, path, access, (flags, real), mode)?
+        };
+        let ft = file.metadata().map_err(|e| Errno::from_io(&e))?.file_type();
         if !std::os::unix::fs::FileTypeExt::is_fifo(&ft) && flags & 0o4000 == 0 {
             let fl = rfs::fcntl_getfl(&file).map_err(sys)?;
             rfs::fcntl_setfl(&file, fl - OFlags::NONBLOCK).map_err(sys)?;
@@ -790,6 +927,7 @@ impl Sandbox {
             flags,
             is_dir: ft.is_dir(),
             write_root: write,
+            fifo: std::os::unix::fs::FileTypeExt::is_fifo(&ft),
             dir: None,
             dir_pending: None,
             dir_off: 0,
@@ -859,6 +997,9 @@ pub struct OpenFile {
     pub is_dir: bool,
     /// It lies under a write directory.
     pub write_root: bool,
+    /// A FIFO (its host descriptor is always non-blocking; a blocking read by the program
+    /// waits in `poll`, never past the run's deadline).
+    pub fifo: bool,
     /// A directory's entries, read from its descriptor.
     dir: Option<rfs::Dir>,
     /// An entry read but not handed out (the program's buffer was full).
@@ -899,6 +1040,7 @@ impl OpenFile {
             flags,
             is_dir: false,
             write_root: false,
+            fifo: false,
             dir: None,
             dir_pending: None,
             dir_off: 0,
@@ -1088,13 +1230,17 @@ impl OpenFile {
         Ok(buf)
     }
 
-    /// Writes `data` to a file opened for writing.
+    /// Writes `data` to a file opened for writing (to a FIFO: one non-blocking write, which
+    /// may be short or `EAGAIN`).
     ///
     /// # Errors
     /// `EBADF` if not open for writing; host errors.
     pub fn write_file(&mut self, data: &[u8]) -> SysResult<usize> {
         let acc = self.flags & O_ACCMODE;
         match &mut self.node {
+            Node::File(f) if self.fifo && (acc == O_WRONLY || acc == O_RDWR) => {
+                f.write(data).map_err(|e| Errno::from_io(&e))
+            }
             Node::File(f) if acc == O_WRONLY || acc == O_RDWR => {
                 f.write_all(data).map_err(|e| Errno::from_io(&e))?;
                 Ok(data.len())
@@ -1390,6 +1536,44 @@ mod tests {
             .unwrap();
             assert_eq!(sb.open(None, b"/sys/kernel", 0, 0).err(), Some(EACCES));
         }
+    }
+
+    #[test]
+    fn trailing_slash_and_dot_names_mean_a_directory_as_natively() {
+        let d = tmp("trailing");
+        let root = d.join("root");
+        let sb = Sandbox::new(
+            &root,
+            std::slice::from_ref(&root),
+            &[],
+            &root,
+            Path::new("/bin/x"),
+        )
+        .unwrap();
+        const ENOTEMPTY: Errno = Errno(39);
+        assert_eq!(sb.open(None, b"a.txt/", 0, 0).err(), Some(ENOTDIR));
+        assert_eq!(sb.open(None, b"a.txt/.", 0, 0).err(), Some(ENOTDIR));
+        assert_eq!(
+            sb.open(None, b"new/", O_WRONLY | O_CREAT, 0o644).err(),
+            Some(EISDIR)
+        );
+        assert!(sb.open(None, b"sub/", 0, 0).is_ok_and(|f| f.is_dir));
+        assert_eq!(sb.unlink(None, b"a.txt/", 0), Err(ENOTDIR));
+        assert_eq!(sb.unlink(None, b"sub/.", 0x200), Err(EINVAL));
+        assert_eq!(sb.unlink(None, b"sub/..", 0x200), Err(ENOTEMPTY));
+        assert_eq!(sb.unlink(None, b"sub/.", 0), Err(EISDIR));
+        assert_eq!(sb.mkdir(None, b"sub/.", 0o755), Err(EEXIST));
+        assert_eq!(sb.link((None, b"a.txt/"), (None, b"b.txt")), Err(ENOTDIR));
+        assert_eq!(sb.link((None, b"sub/"), (None, b"b.txt")), Err(EPERM));
+        // A trailing slash through an outward symlink is decided confined.
+        assert_eq!(sb.link((None, b"link/"), (None, b"b.txt")), Err(EACCES));
+        assert!(root.join("a.txt").is_file() && root.join("sub").is_dir());
+        assert_eq!(sb.mkdir(None, b"made/", 0o755), Ok(()));
+        assert!(root.join("made").is_dir());
+        // RENAME_WHITEOUT would leave a device node behind.
+        assert_eq!(sb.rename((None, b"a.txt"), (None, b"w.txt"), 4), Err(EPERM));
+        assert!(root.join("a.txt").is_file() && !root.join("w.txt").exists());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -640,6 +640,25 @@ impl AddressSpace {
             .filter(|&a| a >= MMAP_MIN && self.is_free(a, a + len))
     }
 
+    /// The pages of `[start, end)` that have a frame, and whether part of the range lies in
+    /// no area; bounded by the frames, not by the length of the range.
+    pub fn framed_pages(&self, start: u64, end: u64) -> (Vec<u64>, bool) {
+        let first = self.vma_at(start).map_or(start, |(s, _)| s);
+        let mut at = start;
+        let mut gap = false;
+        for (&s, v) in self.vmas.range(first..end) {
+            gap |= s > at;
+            at = at.max(v.end);
+        }
+        gap |= at < end;
+        let pages = self
+            .pages
+            .range(start / PAGE..end.div_ceil(PAGE))
+            .map(|(&vpn, _)| vpn * PAGE)
+            .collect();
+        (pages, gap)
+    }
+
     /// The area that contains `va`: (start, end, prot, kind).
     pub fn area(&self, va: u64) -> Option<(u64, u64, u32, PageKind)> {
         self.vma_at(va).map(|(s, v)| (s, v.end, v.prot, v.kind))

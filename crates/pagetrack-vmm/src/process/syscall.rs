@@ -26,6 +26,8 @@ use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
 use super::signal::{self, SI_KERNEL, SI_TKILL, SI_USER, SIGALRM, SIGPIPE, Signals};
 use super::vdso::GuestClock;
 
+/// `O_NONBLOCK`.
+const O_NONBLOCK: u64 = 0o4000;
 /// Largest transfer of one read or write (a short count beyond it, as Linux allows).
 const MAX_IO: u64 = 4 << 20;
 /// Largest path the program may pass.
@@ -59,8 +61,16 @@ struct Sink {
 }
 
 impl Sink {
-    fn write(&mut self, data: &[u8]) -> SysResult<usize> {
+    /// Writes `data`; with a run `deadline`, never blocks past it (a short count then).
+    fn write(&mut self, data: &[u8], deadline: Option<Instant>) -> SysResult<usize> {
         match self.mode {
+            Output::Inherit if let Some(end) = deadline => {
+                return if self.err {
+                    write_until(std::io::stderr().lock().as_fd(), data, end)
+                } else {
+                    write_until(std::io::stdout().lock().as_fd(), data, end)
+                };
+            }
             Output::Inherit => {
                 let res = if self.err {
                     let mut e = std::io::stderr().lock();
@@ -84,6 +94,38 @@ impl Sink {
     }
 }
 
+/// Writes `data` to `fd` (pagetrack's standard output or error) until `end` at the
+/// latest: waits for room with `poll`, then writes at most `PIPE_BUF` bytes, which a pipe
+/// with room takes without blocking. Returns how much was written.
+fn write_until(fd: std::os::fd::BorrowedFd<'_>, data: &[u8], end: Instant) -> SysResult<usize> {
+    const PIPE_BUF: usize = 4096;
+    let mut done = 0;
+    while done < data.len() {
+        let left = end.saturating_duration_since(Instant::now());
+        let ts = rustix::event::Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut p = [PollFd::new(&fd, PollFlags::OUT)];
+        let r = match rustix::event::poll(&mut p, Some(&ts)) {
+            Ok(0) if Instant::now() >= end => break,
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {
+                let n = (data.len() - done).min(PIPE_BUF);
+                rustix::io::write(fd, &data[done..done + n])
+            }
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(k) => done += k,
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+            Err(_) if done > 0 => break,
+            Err(e) => return Err(super::fs::sys(e)),
+        }
+    }
+    Ok(done)
+}
+
 /// One descriptor.
 #[derive(Debug, Clone)]
 struct Fd {
@@ -94,6 +136,17 @@ struct Fd {
 fn lock(f: &Arc<Mutex<OpenFile>>) -> MutexGuard<'_, OpenFile> {
     // One thread serves system calls; a poisoned lock only means an earlier panic.
     f.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `EBADF` for an `O_PATH` descriptor: `fchmod` and `fchown` refuse one (the `*at` calls
+/// with `AT_EMPTY_PATH` take it).
+fn opath_ebadf(f: &Arc<Mutex<OpenFile>>) -> SysResult<()> {
+    const O_PATH: u64 = 0o10_000_000;
+    if lock(f).flags & O_PATH != 0 {
+        Err(EBADF)
+    } else {
+        Ok(())
+    }
 }
 
 /// Counts of system calls.
@@ -535,6 +588,7 @@ impl Kernel {
             nr::FCHMODAT2 => self.chmodat(signed(a[0]), a[1], a[2], a[3]),
             nr::FCHMOD => {
                 let f = self.fd(signed(a[0]))?;
+                opath_ebadf(&f)?;
                 lock(&f).chmod(mode_arg(a[1])).map(|()| 0)
             }
             nr::CHOWN => self.chownat(AT_FDCWD, a[0], [a[1], a[2]], 0),
@@ -542,6 +596,7 @@ impl Kernel {
             nr::FCHOWNAT => self.chownat(signed(a[0]), a[1], [a[2], a[3]], a[4]),
             nr::FCHOWN => {
                 let f = self.fd(signed(a[0]))?;
+                opath_ebadf(&f)?;
                 lock(&f).chown(id_arg(a[1]), id_arg(a[2])).map(|()| 0)
             }
             nr::UTIMENSAT => self.utimensat(signed(a[0]), a[1], a[2], a[3]),
@@ -620,14 +675,25 @@ impl Kernel {
         if n == 0 {
             return Err(EFAULT);
         }
-        if self.deadline.is_some() && matches!(lock(&f).node, Node::Stdin(StdinState::Host)) {
-            // Wait for input no longer than the run may last.
-            let r = self.ready(&[(fd, POLLIN)], Wait::Forever)?;
-            if r[0] == 0 {
-                return Err(EINTR);
+        let (host_stdin, blocking_fifo) = {
+            let g = lock(&f);
+            let stdin = matches!(g.node, Node::Stdin(StdinState::Host));
+            (stdin, g.fifo && g.flags & O_NONBLOCK == 0)
+        };
+        let data = loop {
+            if (self.deadline.is_some() && host_stdin) || blocking_fifo {
+                // Wait for input no longer than the run may last.
+                let r = self.ready(&[(fd, POLLIN)], Wait::Forever)?;
+                if r[0] == 0 {
+                    return Err(EINTR);
+                }
             }
-        }
-        let data = lock(&f).read(usize::try_from(n).map_err(|_| EINVAL)?)?;
+            match lock(&f).read(usize::try_from(n).map_err(|_| EINVAL)?) {
+                // Another reader of the FIFO took it first: wait again, as a blocking read.
+                Err(EAGAIN) if blocking_fifo => {}
+                r => break r?,
+            }
+        };
         self.mm.write_user(buf, &data)?;
         Ok(data.len() as u64)
     }
@@ -720,10 +786,8 @@ impl Kernel {
         const IN_SET: i16 = POLLIN | 0x40 | 0x80 | POLLHUP | POLLERR;
         const OUT_SET: i16 = 0x4 | 0x100 | 0x200 | POLLERR;
         const EX_SET: i16 = 0x2;
-        let n = usize::try_from(nfds).map_err(|_| EINVAL)?;
-        if nfds > MAX_FDS {
-            return Err(EINVAL);
-        }
+        // Linux looks at no more descriptors than its table has (the VMM's: MAX_FDS).
+        let n = usize::try_from(nfds.min(MAX_FDS)).map_err(|_| EINVAL)?;
         let bytes = n.div_ceil(64) * 8;
         let mut bits = [vec![0u8; bytes], vec![0u8; bytes], vec![0u8; bytes]];
         for (b, &va) in bits.iter_mut().zip(&sets) {
@@ -786,9 +850,14 @@ impl Kernel {
         }
         let mut b = [0u8; 16];
         self.mm.read_user(va, &mut b)?;
-        let secs = i64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
-        let frac = i64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
+        let mut secs = i64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
+        let mut frac = i64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
         let max = i64::try_from(1_000_000_000 / nanos_per_unit).map_err(|_| EINVAL)?;
+        if nanos_per_unit != 1 {
+            // select's timeval: microseconds beyond a second carry over, as Linux does.
+            secs = secs.checked_add(frac / max).ok_or(EINVAL)?;
+            frac %= max;
+        }
         if secs < 0 || !(0..max).contains(&frac) {
             return Err(EINVAL);
         }
@@ -834,9 +903,38 @@ impl Kernel {
 
     fn write_bytes(&mut self, fd: i64, data: &[u8]) -> SysResult {
         let f = self.fd(fd)?;
+        let blocking_fifo = {
+            let g = lock(&f);
+            g.fifo && g.flags & O_NONBLOCK == 0
+        };
+        if blocking_fifo {
+            // All of it, as a blocking write: the VMM waits for room in poll, never past
+            // the run's deadline (then a short count).
+            let mut done = 0;
+            while done < data.len() {
+                // The guard goes before waiting: readiness locks the file too.
+                let r = lock(&f).write_file(&data[done..]);
+                match r {
+                    Ok(k) => done += k,
+                    Err(EAGAIN) => {
+                        if self.ready(&[(fd, 0x4)], Wait::Forever)?[0] == 0 {
+                            break;
+                        }
+                    }
+                    Err(_) if done > 0 => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            return if done == 0 {
+                Err(EINTR)
+            } else {
+                Ok(done as u64)
+            };
+        }
         let mut g = lock(&f);
+        let deadline = self.deadline;
         let n = match self.sink(&g.node) {
-            Some(s) => s.write(data)?,
+            Some(s) => s.write(data, deadline)?,
             None => g.write_file(data)?,
         };
         Ok(n as u64)
@@ -908,7 +1006,14 @@ impl Kernel {
         self.fd(fd)?;
         let mut data = Vec::new();
         for (base, len) in vecs {
-            let n = self.mm.accessible(base, len.min(MAX_IO), PROT_READ);
+            // At most MAX_IO in all (a short count, as Linux allows), however many iovecs
+            // name the same buffer.
+            let room = MAX_IO - data.len() as u64;
+            if room == 0 {
+                break;
+            }
+            let len = len.min(room);
+            let n = self.mm.accessible(base, len, PROT_READ);
             let start = data.len();
             data.resize(start + usize::try_from(n).map_err(|_| EINVAL)?, 0);
             self.mm.read_user(base, &mut data[start..])?;
@@ -1055,7 +1160,12 @@ impl Kernel {
                 Ok(0)
             }
             F_GETFL => Ok(lock(&f.file).flags),
-            F_SETFL => Ok(0),
+            F_SETFL => {
+                // Only O_NONBLOCK is kept (it decides whether a FIFO read waits).
+                let mut g = lock(&f.file);
+                g.flags = (g.flags & !O_NONBLOCK) | (arg & O_NONBLOCK);
+                Ok(0)
+            }
             5 => self.record_lock(fd, RecordLock::Get, arg),
             6 => self.record_lock(fd, RecordLock::Set, arg),
             7 => self.record_lock(fd, RecordLock::SetWait, arg),
@@ -1136,7 +1246,8 @@ impl Kernel {
     fn sendfile(&mut self, out: i64, inp: i64, offset: u64, count: u64) -> SysResult {
         let fin = self.fd(inp)?;
         self.fd(out)?;
-        if !matches!(lock(&fin).node, Node::File(_)) {
+        // From a FIFO: EINVAL, as Linux (its data would be read without waiting for it).
+        if !matches!(lock(&fin).node, Node::File(_)) || lock(&fin).fifo {
             return Err(EINVAL);
         }
         let n = usize::try_from(count.min(MAX_IO)).map_err(|_| EINVAL)?;
@@ -1294,6 +1405,7 @@ impl Kernel {
         const MAP_FIXED: u64 = 0x10;
         const MAP_ANONYMOUS: u64 = 0x20;
         const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+        const ENODEV: Errno = Errno(19);
         let [addr, len, prot, flags, fd, off] = a;
         if len == 0 || !off.is_multiple_of(PAGE) || prot & !(0x7 | 0x0300_0000) != 0 {
             return Err(EINVAL);
@@ -1303,20 +1415,31 @@ impl Kernel {
             return Err(EINVAL);
         }
         let len = page_up(len)?;
-        let data = if flags & MAP_ANONYMOUS == 0 {
+        // The file whose bytes the mapping starts with; `/dev/zero` maps as anonymous memory.
+        let source = if flags & MAP_ANONYMOUS == 0 {
             let f = self.fd(int(fd))?;
-            let mut g = lock(&f);
-            if !matches!(g.node, Node::File(_)) || g.is_dir {
-                return Err(super::abi::Errno(19)); // ENODEV
+            let g = lock(&f);
+            let Node::File(file) = &g.node else {
+                return Err(ENODEV);
+            };
+            if g.is_dir {
+                return Err(ENODEV);
+            }
+            let m = file.metadata().map_err(|e| Errno::from_io(&e))?;
+            let zero = std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type())
+                && (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev())) == (1, 5);
+            if !zero && !m.is_file() {
+                return Err(ENODEV);
             }
             if g.flags & O_ACCMODE == O_WRONLY {
                 return Err(EACCES);
             }
-            if flags & MAP_TYPE != 2 && prot & PROT_WRITE != 0 {
+            if !zero && flags & MAP_TYPE != 2 && prot & PROT_WRITE != 0 {
                 // A shared writable file mapping would write to the host behind write().
                 return Err(EACCES);
             }
-            Some(g.pread(usize::try_from(len).map_err(|_| ENOMEM)?, off)?)
+            drop(g);
+            (!zero).then_some(f)
         } else {
             None
         };
@@ -1344,12 +1467,31 @@ impl Kernel {
             let _ = self.mm.unmap(at, len);
             return Err(e);
         }
-        if let Some(d) = data
+        if let Some(f) = source
             && prot != 0
+            && let Err(e) = self.fill_from(&f, at, len, off)
         {
-            self.mm.poke(at, &d)?;
+            let _ = self.mm.unmap(at, len);
+            return Err(e);
         }
         Ok(at)
+    }
+
+    /// Copies the file's bytes from `off` into the mapped `[at, at + len)`, `MAX_IO` at a
+    /// time, up to its end (the rest stays zero): host memory stays bounded whatever the
+    /// length.
+    fn fill_from(&self, f: &Arc<Mutex<OpenFile>>, at: u64, len: u64, off: u64) -> SysResult<()> {
+        let mut done = 0;
+        while done < len {
+            let n = usize::try_from((len - done).min(MAX_IO)).map_err(|_| ENOMEM)?;
+            let d = lock(f).pread(n, off.checked_add(done).ok_or(EINVAL)?)?;
+            self.mm.poke(at + done, &d)?;
+            if d.len() < n {
+                break;
+            }
+            done += d.len() as u64;
+        }
+        Ok(())
     }
 
     fn munmap(&mut self, addr: u64, len: u64) -> SysResult {
@@ -1432,18 +1574,22 @@ impl Kernel {
         if !addr.is_multiple_of(PAGE) {
             return Err(EINVAL);
         }
+        let len = page_up(len)?;
+        let end = addr.checked_add(len).ok_or(EINVAL)?;
+        if len == 0 {
+            return Ok(0);
+        }
+        // Only the pages that have frames, never the length (a 1 TiB range is answered at
+        // once); a range with unmapped parts is ENOMEM after the mapped ones, as Linux.
+        let (pages, gap) = self.mm.framed_pages(addr, end);
         if advice == MADV_DONTNEED {
             // Anonymous private memory reads as zero afterwards.
-            let len = page_up(len)?;
             let zero = vec![0u8; 4096];
-            for page in (addr..addr.saturating_add(len)).step_by(4096) {
-                if self.mm.accessible(page, PAGE, PROT_READ) == PAGE || self.mm.area(page).is_some()
-                {
-                    let _ = self.mm.poke(page, &zero);
-                }
+            for page in pages {
+                let _ = self.mm.poke(page, &zero);
             }
         }
-        Ok(0)
+        if gap { Err(ENOMEM) } else { Ok(0) }
     }
 
     fn sigaction(&mut self, sig: u64, act: u64, old: u64, size: u64) -> SysResult {
@@ -1778,7 +1924,8 @@ impl Kernel {
         self.mm.read_user(req, &mut b)?;
         let secs = u64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
         let nanos = u64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
-        if nanos >= 1_000_000_000 || secs.cast_signed() < 0 {
+        // A negative tv_sec or tv_nsec is EINVAL, as Linux (not a sleep of 2^64 s).
+        if secs.cast_signed() < 0 || nanos >= 1_000_000_000 {
             return Err(EINVAL);
         }
         let asked = Duration::from_secs(secs) + Duration::from_nanos(nanos);
