@@ -25,35 +25,7 @@ use pagetrack::{
     WriteEvent,
 };
 
-use common::{spin, tracker_with_slot, watchdog, write};
-
-/// Global order of callback completions and remove returns (one modification order).
-static SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// Records, per frame, the sequence number taken when its latest `track_write` finished.
-struct Finish {
-    last: Vec<AtomicU64>,
-    hits: Vec<AtomicUsize>,
-}
-
-impl Finish {
-    fn new(frames: u64) -> Arc<Finish> {
-        Arc::new(Finish {
-            last: (0..frames).map(|_| AtomicU64::new(0)).collect(),
-            hits: (0..frames).map(|_| AtomicUsize::new(0)).collect(),
-        })
-    }
-}
-
-impl TrackNotifier for Finish {
-    fn track_write(&self, e: &WriteEvent<'_>) {
-        spin(300);
-        let i = usize::try_from(e.gfn().0).expect("small frame");
-        self.hits[i].fetch_add(1, Ordering::SeqCst);
-        let done = SEQ.fetch_add(1, Ordering::SeqCst);
-        self.last[i].fetch_max(done, Ordering::SeqCst);
-    }
-}
+use common::{Finish, SEQ, spin, tracker_with_slot, watchdog, write};
 
 /// Item 1 (two concurrent last removes): three removers each remove their own frame at the
 /// same moment while two writers keep callbacks running on all three and on a frame that stays
@@ -69,7 +41,7 @@ fn last_remove_three_concurrent_removers_no_event_after_return() {
         let frames = ROUNDS * REMOVERS + 1;
         let hot = ROUNDS * REMOVERS; // always tracked
         let t = tracker_with_slot(frames, Arc::new(NoEnforcement));
-        let n = Finish::new(frames);
+        let n = Finish::new(frames, 300);
         let _h = t.register(n.clone(), NotifierClass::Ordinary).unwrap();
         t.add_gfn(Gfn(hot)).unwrap();
         let round = Arc::new(AtomicU64::new(0));

@@ -229,32 +229,14 @@ mod counts {
 #[cfg(feature = "notifiers")]
 mod last_remove {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-    use pagetrack::{Gfn, NoEnforcement, NotifierClass, TrackNotifier, WriteEvent};
+    use pagetrack::{Gfn, NoEnforcement, NotifierClass};
 
-    use super::{spin, tracker_with_slot, watchdog, write};
-
-    /// Global order of callback completions and remove returns.
-    static SEQ: AtomicU64 = AtomicU64::new(0);
+    use super::common::{Finish, SEQ};
+    use super::{tracker_with_slot, watchdog, write};
 
     const ROUNDS: u64 = 200;
-
-    /// Records, per frame, the sequence number taken when each `track_write` *finished*.
-    struct Finish {
-        last: Vec<AtomicU64>,
-        hits: Vec<AtomicUsize>,
-    }
-
-    impl TrackNotifier for Finish {
-        fn track_write(&self, e: &WriteEvent<'_>) {
-            spin(500);
-            let i = usize::try_from(e.gfn().0).expect("small frame");
-            self.hits[i].fetch_add(1, Ordering::SeqCst);
-            let done = SEQ.fetch_add(1, Ordering::SeqCst);
-            self.last[i].fetch_max(done, Ordering::SeqCst);
-        }
-    }
 
     /// After the last `remove_gfn` of a frame returns, no `track_write` for it starts or is still
     /// running. Frame i is tracked in round i only: it is added, written by two threads until a
@@ -266,10 +248,7 @@ mod last_remove {
     fn last_remove_returned_no_event_for_frame_after() {
         watchdog(300, || {
             let t = tracker_with_slot(ROUNDS + 2, Arc::new(NoEnforcement));
-            let n = Arc::new(Finish {
-                last: (0..ROUNDS + 2).map(|_| AtomicU64::new(0)).collect(),
-                hits: (0..ROUNDS + 2).map(|_| AtomicUsize::new(0)).collect(),
-            });
+            let n = Finish::new(ROUNDS + 2, 500);
             let _h = t.register(n.clone(), NotifierClass::Ordinary).unwrap();
             let current = Arc::new(AtomicU64::new(0));
             let stop = Arc::new(AtomicBool::new(false));

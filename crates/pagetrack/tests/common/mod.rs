@@ -40,3 +40,40 @@ pub fn write(t: &PageTracker, gpa: u64, len: usize) {
     let bytes = [0x5a_u8; 64];
     t.report_write(&WriteEvent::new(Gpa(gpa), &bytes[..len], Source::Vcpu(1)));
 }
+
+/// Global order of callback completions and remove returns (one modification order).
+#[cfg(feature = "notifiers")]
+pub static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Records, per frame, the `SEQ` number taken when its latest `track_write` finished, after
+/// spinning `spin` iterations (to keep callbacks in flight while removes race them).
+#[cfg(feature = "notifiers")]
+pub struct Finish {
+    pub last: Vec<std::sync::atomic::AtomicU64>,
+    pub hits: Vec<std::sync::atomic::AtomicUsize>,
+    spin: u32,
+}
+
+#[cfg(feature = "notifiers")]
+impl Finish {
+    pub fn new(frames: u64, spin: u32) -> Arc<Finish> {
+        use std::sync::atomic::{AtomicU64, AtomicUsize};
+        Arc::new(Finish {
+            last: (0..frames).map(|_| AtomicU64::new(0)).collect(),
+            hits: (0..frames).map(|_| AtomicUsize::new(0)).collect(),
+            spin,
+        })
+    }
+}
+
+#[cfg(feature = "notifiers")]
+impl pagetrack::TrackNotifier for Finish {
+    fn track_write(&self, e: &pagetrack::WriteEvent<'_>) {
+        use std::sync::atomic::Ordering;
+        spin(self.spin);
+        let i = usize::try_from(e.gfn().0).expect("small frame");
+        self.hits[i].fetch_add(1, Ordering::SeqCst);
+        let done = SEQ.fetch_add(1, Ordering::SeqCst);
+        self.last[i].fetch_max(done, Ordering::SeqCst);
+    }
+}
