@@ -713,9 +713,17 @@ impl PageTracker {
     /// Applies one step to a validated frame: its count (kept at a limit in KernelCompat mode,
     /// with a warning) and its huge-page counts.
     fn apply_frame(&self, slot: &Slot, gfn: Gfn, dir: Dir) {
-        let c = slot
-            .count(gfn)
-            .expect("enabled implies arrays present (B5)");
+        self.step_count(
+            slot.count(gfn)
+                .expect("enabled implies arrays present (B5)"),
+            dir,
+        );
+        self.account_lpage(slot, gfn, dir);
+    }
+
+    /// One step of `dir` on a validated count, kept at a limit (with a warning) in
+    /// KernelCompat mode.
+    fn step_count(&self, c: &std::sync::atomic::AtomicU16, dir: Dir) {
         // Relaxed: all writers hold mmu_lock; readers tolerate staleness (B19), and removals
         // are ordered before later dispatches by the grace fences.
         match Self::step(c.load(Ordering::Relaxed), dir) {
@@ -725,7 +733,6 @@ impl PageTracker {
                 self.limit_warnings.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.account_lpage(slot, gfn, dir);
     }
 
     fn backend_call(&self, dir: Dir, runs: &[FrameRun]) -> Result<()> {
@@ -912,13 +919,7 @@ impl PageTracker {
                 .expect("enabled implies arrays present (B5)");
             for gfn in (a..b).map(Gfn) {
                 // As `apply_frame`, with the huge-page counts done per region below.
-                let c = &counts[slot.index(gfn)];
-                match Self::step(c.load(Ordering::Relaxed), dir) {
-                    Some(n) => c.store(n, Ordering::Relaxed),
-                    None => {
-                        self.limit_warnings.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                self.step_count(&counts[slot.index(gfn)], dir);
             }
             self.account_lpage_pieces(slot, a, b, dir);
         }
