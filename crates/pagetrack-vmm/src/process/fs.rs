@@ -85,6 +85,33 @@ const PROC_SUPER_MAGIC: i64 = 0x9fa0;
 /// Every lookup: beneath the starting directory, never through `/proc`-style magic links.
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
 
+/// How often a confined open is retried when the kernel answers `EAGAIN`.
+const OPENAT2_RETRIES: u32 = 10_000;
+
+/// `openat2`, retried while the kernel reports `EAGAIN`: with `RESOLVE_BENEATH` it does so
+/// when a rename or mount anywhere on the host raced the resolution of a `..` component (it
+/// cannot then prove the walk stayed beneath), so another process renaming files must not turn
+/// into a spurious `EAGAIN` for the program. Each retry resolves afresh under the same
+/// confinement; after [`OPENAT2_RETRIES`] the `EAGAIN` is the answer.
+fn openat2(
+    dirfd: impl AsFd,
+    path: &Path,
+    oflags: OFlags,
+    mode: Mode,
+    resolve: ResolveFlags,
+) -> rustix::io::Result<OwnedFd> {
+    let mut tries = 0;
+    loop {
+        match rfs::openat2(&dirfd, path, oflags, mode, resolve) {
+            Err(rustix::io::Errno::AGAIN) if tries < OPENAT2_RETRIES => {
+                tries += 1;
+                std::thread::yield_now();
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The devices the VMM serves by their usual paths, whatever `--dir` says: the host's own
 /// (checked to be the character devices they should be), never a file at that path.
 const DEVICES: [(&str, (u32, u32)); 4] = [
@@ -444,7 +471,7 @@ impl Sandbox {
             && !raw.components().any(|c| c == Component::ParentDir)
             && (access == Access::Read || b.write)
         {
-            match rfs::openat2(&b.fd, raw, oflags, mode, RESOLVE) {
+            match openat2(&b.fd, raw, oflags, mode, RESOLVE) {
                 // A symlink leading above it: try from the roots, which may allow it.
                 Err(rustix::io::Errno::XDEV) => {}
                 r => return Ok((not_proc(r.map_err(sys)?)?, b.write, lex)),
@@ -463,7 +490,7 @@ impl Sandbox {
             } else {
                 rel
             };
-            match rfs::openat2(&root.fd, rel, oflags, mode, RESOLVE) {
+            match openat2(&root.fd, rel, oflags, mode, RESOLVE) {
                 Err(rustix::io::Errno::XDEV) => {}
                 r => return Ok((not_proc(r.map_err(sys)?)?, root.write, lex)),
             }
@@ -471,9 +498,9 @@ impl Sandbox {
         if access == Access::Read
             && let Some(n) = self.named.iter().find(|n| n.paths.contains(&lex))
         {
-            let fd = rfs::openat2(
+            let fd = openat2(
                 &n.parent,
-                &n.name,
+                Path::new(&n.name),
                 oflags,
                 mode,
                 RESOLVE | ResolveFlags::NO_SYMLINKS,
@@ -542,7 +569,7 @@ impl Sandbox {
         if self.roots.iter().any(|r| lex.starts_with(&r.path)) {
             return None;
         }
-        let fd = rfs::openat2(
+        let fd = openat2(
             rfs::CWD,
             &lex,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,

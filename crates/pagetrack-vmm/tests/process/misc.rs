@@ -141,6 +141,10 @@ const POLL_C: &str = r#"
 #include <unistd.h>
 
 int main(int argc, char **argv) {
+    /* The "bad" descriptors must be closed natively too: a test runner can leave
+       descriptors such as cargo's jobserver open in the native process. */
+    close(77);
+    close(99);
     int f = open(argv[1], O_RDONLY);
     struct pollfd p[4] = {{f, POLLIN | POLLOUT, 0}, {0, POLLIN, 0}, {1, POLLOUT, 0}, {99, POLLIN, 0}};
     int n = poll(p, 4, -1);
