@@ -24,13 +24,21 @@
 //!   are never waited for, so a steady stream of dispatches cannot hold a remover (one queued
 //!   on `serial` behind another also waits for sections that began while it was queued:
 //!   bounded, since those end).
-//! - Wake-ups: the waiter sets `waiting`, fences, and checks the counter under `park`; a
-//!   reader decrements, fences, and if it sees `waiting` notifies under `park`. One of the two
-//!   sees the other, and the check-then-wait under `park` cannot miss the notify.
+//! - Wake-ups: the waiter sets `waiting` and checks the counter under `park`; a reader
+//!   decrements and, if it sees `waiting`, notifies under `park`. This is a Dekker pair whose
+//!   four accesses are `SeqCst` (outside loom; see `sync::dekker`), so one of the two sees the
+//!   other, and the check-then-wait under `park` cannot miss the notify.
+//! - Why the reader keeps `F_r` as a fence while the wake-up pair needs none: the wake-up pair
+//!   involves only its two atomics, so `SeqCst` accesses order it (C++20 [atomics.order]
+//!   p4.1). The read side must also make the section's *ordinary* loads (the frame's count, the
+//!   memslot snapshot) see the synchronizer's ordinary stores; for two non-`SeqCst` accesses
+//!   only the fence-to-fence rule (p4.4) gives that, so `F_r` and `F_1`/`F_2` stay fences.
 //!
 //! The protocol is model-checked with `loom` (`src/loom.rs`).
 
-use crate::sync::{AtomicBool, AtomicUsize, Condvar, Mutex, fence, lock, wait};
+use crate::sync::{
+    AtomicBool, AtomicUsize, Condvar, Mutex, dekker, dekker_fence, fence, lock, wait,
+};
 use std::sync::atomic::Ordering;
 
 #[derive(Debug)]
@@ -85,13 +93,12 @@ impl Grace {
     }
 
     fn release(&self, idx: usize) {
-        // Release: the section's effects (a delivered callback) happen before the waiter's
-        // Acquire load that sees the counter drop.
-        let before = self.readers[idx].fetch_sub(1, Ordering::Release);
-        // Pairs with the fence after `waiting.store(true)` (Dekker): the waiter sees this
-        // decrement, or this thread sees `waiting`.
-        fence(Ordering::SeqCst);
-        if before == 1 && self.waiting.load(Ordering::Relaxed) {
+        // Release (at least): the section's effects (a delivered callback) happen before the
+        // waiter's Acquire load that sees the counter drop. Dekker with `waiting` (see
+        // `sync::dekker`): the waiter sees this decrement, or this thread sees `waiting`.
+        let before = self.readers[idx].fetch_sub(1, dekker(Ordering::Release));
+        dekker_fence();
+        if before == 1 && self.waiting.load(dekker(Ordering::Relaxed)) {
             let _g = lock(&self.park);
             self.cv.notify_all();
         }
@@ -114,12 +121,12 @@ impl Grace {
         if self.readers[old].load(Ordering::Acquire) == 0 {
             return;
         }
-        self.waiting.store(true, Ordering::Relaxed);
-        // Pairs with the fence in `release`.
+        // Dekker with `release` (see `sync::dekker`); the fence is the loom form's.
+        self.waiting.store(true, dekker(Ordering::Relaxed));
         fence(Ordering::SeqCst);
         let mut g = lock(&self.park);
-        // Acquire pairs with `release`'s Release decrement.
-        while self.readers[old].load(Ordering::Acquire) != 0 {
+        // Acquire (at least) pairs with `release`'s decrement.
+        while self.readers[old].load(dekker(Ordering::Acquire)) != 0 {
             g = wait(&self.cv, g);
         }
         drop(g);

@@ -174,17 +174,20 @@ mod registry {
 
     use super::{NotifierClass, RegisterOptions, TrackNotifier};
     use crate::context;
-    use crate::sync::{AtomicBool, AtomicUsize, Condvar, Mutex, fence, lock, wait};
+    use crate::sync::{
+        AtomicBool, AtomicUsize, Condvar, Mutex, dekker, dekker_fence, fence, lock, wait,
+    };
 
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
     /// One registered notifier and its in-flight bookkeeping.
     ///
     /// The protocol (model-checked with `loom`, `src/loom.rs`): a call increments `inflight`,
-    /// fences (SeqCst), and runs the callback only if `removed` is still clear; retiring sets
-    /// `removed`, fences, and waits until `inflight` is at most the number of calls of the
-    /// retiring thread itself. One of the two fences precedes the other, so either the call
-    /// sees `removed` (and skips the callback) or the retirer sees the call in flight. Every
+    /// then runs the callback only if `removed` is still clear; retiring sets `removed`, then
+    /// waits until `inflight` is at most the number of calls of the retiring thread itself.
+    /// Both sides are a Dekker pair (`SeqCst` accesses, or the loom build's fences: see
+    /// `sync::dekker`), so either the call sees `removed` (and skips the callback) or the
+    /// retirer sees the call in flight. Every
     /// decrement made while `removed` is set wakes the retirer (not only the one that reaches
     /// 0: a retirer inside its own callback waits for `inflight == 1`), and the decrement runs
     /// in a drop guard, so a panicking callback is accounted for too.
@@ -216,12 +219,12 @@ mod registry {
     impl Drop for InFlight<'_> {
         fn drop(&mut self) {
             let e = self.0;
-            // Release: the callback's effects happen before the retirer's Acquire load.
-            e.inflight.fetch_sub(1, Ordering::Release);
-            // Pairs with the fence in `retire` (Dekker on `removed` / `inflight`): the retirer
-            // sees this decrement, or this thread sees `removed` and wakes it.
-            fence(Ordering::SeqCst);
-            if e.removed.load(Ordering::Relaxed) {
+            // Release (at least): the callback's effects happen before the retirer's Acquire
+            // load. Dekker with `retire` on `removed` / `inflight` (see `sync::dekker`): the
+            // retirer sees this decrement, or this thread sees `removed` and wakes it.
+            e.inflight.fetch_sub(1, dekker(Ordering::Release));
+            dekker_fence();
+            if e.removed.load(dekker(Ordering::Relaxed)) {
                 // Under the lock: the retirer is either before its check or inside wait().
                 let _g = lock(&e.idle);
                 e.idle_cv.notify_all();
@@ -246,12 +249,12 @@ mod registry {
         /// A panic in `f` propagates after the accounting is restored.
         #[inline]
         pub(crate) fn call(&self, tracker: u64, f: impl FnOnce(&dyn TrackNotifier)) {
-            // Relaxed increment, ordered before the `removed` load by the fence.
-            self.inflight.fetch_add(1, Ordering::Relaxed);
+            // Dekker with `retire` (see `sync::dekker`): this call sees `removed`, or the
+            // retirer sees it in flight.
+            self.inflight.fetch_add(1, dekker(Ordering::Relaxed));
             let _inflight = InFlight(self);
-            // Pairs with the fence in `retire`.
-            fence(Ordering::SeqCst);
-            if !self.removed.load(Ordering::Relaxed) {
+            dekker_fence();
+            if !self.removed.load(dekker(Ordering::Relaxed)) {
                 let _frame = context::CallbackFrame::enter(tracker, self.id);
                 f(&*self.notifier);
             }
@@ -259,19 +262,21 @@ mod registry {
 
         /// Stops new calls without waiting for running ones.
         pub(crate) fn stop(&self) {
-            self.removed.store(true, Ordering::Relaxed);
-            // Pairs with the fence in `call`: a call that misses this store was in flight.
+            // Dekker with `call`: a call that misses this store was in flight. (The fence is
+            // the loom form's; this path is cold.)
+            self.removed.store(true, dekker(Ordering::Relaxed));
             fence(Ordering::SeqCst);
         }
 
         /// Stops new calls and waits until at most `own` calls (those of this thread) remain.
         pub(crate) fn retire(&self, own: usize) {
-            self.removed.store(true, Ordering::Relaxed);
-            // Pairs with the fences in `call` and in `InFlight::drop`.
+            // Dekker with `call` and with `InFlight::drop` (see `sync::dekker`; the fence is
+            // the loom form's, this path is cold).
+            self.removed.store(true, dekker(Ordering::Relaxed));
             fence(Ordering::SeqCst);
             let mut g = lock(&self.idle);
-            // Acquire pairs with the Release decrement in `InFlight::drop`.
-            while self.inflight.load(Ordering::Acquire) > own {
+            // Acquire (at least) pairs with the decrement in `InFlight::drop`.
+            while self.inflight.load(dekker(Ordering::Acquire)) > own {
                 g = wait(&self.idle_cv, g);
             }
         }
