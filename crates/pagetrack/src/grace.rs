@@ -3,36 +3,48 @@
 //! that may still have seen it tracked. This gives "when the last remove returns, events for
 //! that frame stop".
 //!
-//! The protocol, with every ordering argument in one place:
-//! - A reader reads the epoch, increments that epoch's counter (by parity), issues a SeqCst
-//!   fence (`F_r`) and re-reads the epoch; if the value moved at all it backs out and retries.
-//!   Its section's loads (the frame's count, the memslot snapshot) come after `F_r`.
-//! - A synchronizer made its stores (the count that untracked the frame, the new snapshot)
-//!   before calling. Callers are serialized by `serial`, held for the whole call, so two
-//!   synchronizers never flip the epoch under each other (the flaw of an earlier version: a
-//!   second remover flipped again and checked only the other counter).
-//! - Fast path: a SeqCst fence (`F_1`), then both counters read 0: any section the loads miss
-//!   has its `F_r` after `F_1`, so its loads see the caller's stores.
-//! - Slow path: flip the epoch (`e` to `e + 1`), SeqCst fence (`F_2`), wait for the counter
-//!   of `e`'s parity to reach 0. A reader that entered with epoch `e` and whose `F_r` precedes
-//!   `F_2` has its increment seen; one whose `F_r` follows `F_2` re-reads `e + 1` or later and
-//!   backs out. A reader that entered with an earlier epoch was waited for by the synchronizer
-//!   that flipped away from it (serialized before this one), or else would have seen that
-//!   flip. A reader that entered with a later epoch read a flip made after this caller's `F_1`,
-//!   so (C++20's fence rule for a load that reads a store made after a fence) its `F_r`
-//!   follows `F_1` and its loads see the caller's stores. Sections that begin after the flip
-//!   are never waited for, so a steady stream of dispatches cannot hold a remover (one queued
-//!   on `serial` behind another also waits for sections that began while it was queued:
-//!   bounded, since those end).
+//! The protocol, with every ordering argument in one place. Rule numbers are C++20
+//! [atomics.order] p4 (Rust's model): `S` is the single total order of the `SeqCst` operations
+//! *and fences*; for two accesses `A`, `B` of one object where `A` is coherence-ordered before
+//! `B` (e.g. `A` is a load that misses the store `B`): (4.1) both `SeqCst` ⇒ `A` before `B` in
+//! `S`; (4.2) `A` `SeqCst` and `B` happens before a `SeqCst` fence `Y` ⇒ `A` before `Y`;
+//! (4.3) a `SeqCst` fence `X` happens before `A` and `B` `SeqCst` ⇒ `X` before `B`; (4.4)
+//! two fences ⇒ `X` before `Y`.
+//! - A reader reads the epoch, increments that epoch's counter (by parity) with a `SeqCst`
+//!   RMW (`R`) and re-reads the epoch with a `SeqCst` load; if the value moved at all it backs
+//!   out and retries. The section's *decisive* loads (the frame's count and its slot's `gone`
+//!   flag, `Memslots::is_tracked_in_section`) are `SeqCst` loads after `R`. No fence: on x86
+//!   `R` is one locked instruction and the loads are plain loads.
+//! - A synchronizer made its stores `W` (the count that untracked the frame, the `gone` flag of
+//!   a deleted or moved slot; any ordering) before calling. Callers are serialized by `serial`,
+//!   held for the whole call, so two synchronizers never flip the epoch under each other (the
+//!   flaw of an earlier version: a second remover flipped again and checked only the other
+//!   counter).
+//! - Fast path: a `SeqCst` fence `F_1`, then both counters read 0. If that read missed `R`,
+//!   then `F_1` precedes `R` in `S` (4.3), so it precedes the section's decisive load `C`
+//!   (`R` is sequenced before `C`, both `SeqCst`). Were `C` to miss `W`, 4.2 would put `C`
+//!   before `F_1` (`W` happens before `F_1`): a cycle. So the section sees `W`.
+//! - Slow path: flip the epoch (`e` to `e + 1`), `SeqCst` fence `F_2`, wait for the counter of
+//!   `e`'s parity to reach 0. A reader that entered with epoch `e` and whose `R` that read
+//!   missed has `F_2` before `R` (4.3); its re-read follows `R`, so missing the flip would put
+//!   it before `F_2` (4.2): a cycle, so it re-reads `e + 1` or later and backs out. A reader
+//!   whose first epoch read saw a flip made after `F_1` has `F_1` before that re-read in `S`
+//!   (4.3: `F_1` happens before the flip), hence before its decisive loads, which see `W` as
+//!   in the fast path. A reader that entered with an earlier epoch was waited for by the
+//!   synchronizer that flipped away from it (serialized before this one), or else would have
+//!   seen that flip. Sections that begin after the flip are never waited for, so a steady
+//!   stream of dispatches cannot hold a remover (one queued on `serial` behind another also
+//!   waits for sections that began while it was queued: bounded, since those end).
+//! - A section may use any snapshot of the slots, even a stale cached one: a slot deleted or
+//!   moved away is `gone` (a `W` above), and its counts stay allocated while the snapshot lives.
 //! - Wake-ups: the waiter sets `waiting` and checks the counter under `park`; a reader
 //!   decrements and, if it sees `waiting`, notifies under `park`. This is a Dekker pair whose
-//!   four accesses are `SeqCst` (outside loom; see `sync::dekker`), so one of the two sees the
-//!   other, and the check-then-wait under `park` cannot miss the notify.
-//! - Why the reader keeps `F_r` as a fence while the wake-up pair needs none: the wake-up pair
-//!   involves only its two atomics, so `SeqCst` accesses order it (C++20 [atomics.order]
-//!   p4.1). The read side must also make the section's *ordinary* loads (the frame's count, the
-//!   memslot snapshot) see the synchronizer's ordinary stores; for two non-`SeqCst` accesses
-//!   only the fence-to-fence rule (p4.4) gives that, so `F_r` and `F_1`/`F_2` stay fences.
+//!   four accesses are `SeqCst` (4.1; see `sync::dekker`), so one of the two sees the other, and
+//!   the check-then-wait under `park` cannot miss the notify.
+//! - Under loom (which models `SeqCst` accesses only as `AcqRel`, but fences exactly) the
+//!   reader's accesses are Relaxed with a `SeqCst` fence `F_r` after `R`, and the wake-up pair
+//!   has fences too (`sync::dekker_fence`); the same argument holds with 4.4 in place of 4.2
+//!   and 4.3, and that form is what the models check.
 //!
 //! The protocol is model-checked with `loom` (`src/loom.rs`).
 
@@ -75,17 +87,17 @@ impl Grace {
     #[inline]
     pub(crate) fn read(&self) -> ReadGuard<'_> {
         loop {
-            // Relaxed: the re-read after the fence decides.
+            // Relaxed: the re-read decides.
             let epoch = self.epoch.load(Ordering::Relaxed);
             let idx = epoch & 1;
-            // Relaxed increment; ordered before the section's loads by the fence below.
-            self.readers[idx].fetch_add(1, Ordering::Relaxed);
-            // F_r: pairs with F_1 and F_2 in `synchronize` (see the module docs).
-            fence(Ordering::SeqCst);
+            // `R`: a SeqCst increment (outside loom), or Relaxed plus the fence `F_r` under
+            // loom; either pairs with F_1 and F_2 in `synchronize` (see the module docs).
+            self.readers[idx].fetch_add(1, dekker(Ordering::Relaxed));
+            dekker_fence();
             // The whole epoch, not its parity: a first load that was two flips stale would
             // otherwise match again and count this section in what is by now the new epoch
             // (found by the loom model).
-            if self.epoch.load(Ordering::Relaxed) == epoch {
+            if self.epoch.load(dekker(Ordering::Relaxed)) == epoch {
                 return ReadGuard { grace: self, idx };
             }
             self.release(idx);

@@ -1,7 +1,7 @@
 //! Memslots: regions of guest-physical memory in N address spaces, their per-frame write-track
 //! counts and huge-page disallow counts, and the fast gfn → slot lookup.
 
-use std::sync::atomic::{AtomicI32, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU16, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::addr::{AsId, GFN_LIMIT, Gfn, PageLevel, SlotId};
@@ -133,6 +133,10 @@ pub(crate) struct SlotMeta {
     pub(crate) counts: OnceLock<Box<[AtomicU16]>>,
     /// `disallow_lpage` for 2 MiB (index 0) and 1 GiB (index 1) regions (B20).
     pub(crate) lpage: [Box<[AtomicI32]>; 2],
+    /// Set when the slot is deleted or moved away, before the change waits for dispatches:
+    /// a read section that still holds a snapshot with this slot sees it and delivers nothing
+    /// (see `grace.rs` for why a section may use any snapshot).
+    pub(crate) gone: AtomicBool,
 }
 
 /// One installed slot.
@@ -216,7 +220,11 @@ impl SlotMeta {
             // The lock is fresh, so this cannot already be set.
             let _ = counts.set(alloc_counts(region.npages)?);
         }
-        Ok(SlotMeta { counts, lpage })
+        Ok(SlotMeta {
+            counts,
+            lpage,
+            gone: AtomicBool::new(false),
+        })
     }
 }
 
@@ -390,6 +398,29 @@ impl Memslots {
             .count(gfn)
             // Relaxed: as `is_write_tracked`.
             .is_some_and(|c| c.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Whether a read section delivers a write to `gfn`: the slot holding it in this snapshot
+    /// (which may be stale) is not gone and the frame's count is non-zero, both loaded with the
+    /// ordering the grace protocol needs (`SeqCst` outside loom; see `grace.rs`).
+    #[inline]
+    pub(crate) fn is_tracked_in_section(&self, as_id: AsId, gfn: Gfn, hint: &mut usize) -> bool {
+        let order = crate::sync::dekker(Ordering::Relaxed);
+        let Some(space) = self.spaces.get(usize::from(as_id.0)) else {
+            return false;
+        };
+        let i = match space.regions.get(*hint) {
+            Some(r) if r.contains(gfn) => *hint,
+            _ => match space.position(gfn) {
+                Some(i) => {
+                    *hint = i;
+                    i
+                }
+                None => return false,
+            },
+        };
+        let slot = &space.slots[i];
+        !slot.meta.gone.load(order) && slot.count(gfn).is_some_and(|c| c.load(order) != 0)
     }
 
     /// The slot containing `gfn` in `as_id`, for a backend that resolves a slot once and then

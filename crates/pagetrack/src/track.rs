@@ -356,6 +356,13 @@ impl PageTracker {
             }
             self.slots.store(Arc::clone(&next));
             *installed = next;
+            if let Some(old) = plan.old.as_ref()
+                && matches!(plan.change, SlotChange::Delete | SlotChange::Move)
+            {
+                // Before the wait below (which orders it before later sections' loads): a
+                // section holding an older snapshot sees the slot gone.
+                old.meta.gone.store(true, Ordering::Relaxed);
+            }
             let mut backend_panic = None;
             if let Some(old) = plan.old.as_ref()
                 && matches!(plan.change, SlotChange::Delete | SlotChange::Move)
@@ -591,9 +598,10 @@ impl PageTracker {
         }
         let _section = self.grace.read();
         // Check again inside the section: a frame whose last remove returned before the section
-        // began is seen untracked here, and removes that may still race wait for the section.
+        // began is seen untracked here (and a slot deleted or moved before it is seen gone, in
+        // this snapshot too), and removes that may still race wait for the section.
         for (gpa, range) in pieces_of(event.gpa, len) {
-            if self.is_write_tracked(event.as_id, gpa.gfn()) {
+            if snap.is_tracked_in_section(event.as_id, gpa.gfn(), hint) {
                 let piece = WriteEvent {
                     as_id: event.as_id,
                     gpa,
