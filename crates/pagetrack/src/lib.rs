@@ -67,9 +67,12 @@
 //!   fails the counts are undone (writes during the failed call may have been delivered, none
 //!   after it returned). A remove calls [`Enforcement::unprotect`] before the counts drop, so
 //!   while it runs, and if it fails, writes are still delivered. Batches and ranges are all
-//!   or nothing; ranges are scanned in place, without per-frame temporaries, but hold
-//!   `mmu_lock` for the whole call (a few ns per frame: other adds and removes wait; lookups and
-//!   dispatch do not).
+//!   or nothing; ranges are scanned in place, without per-frame temporaries. A range reserves
+//!   its frames for the whole call (overlapping updates, and a DELETE or MOVE of a slot it
+//!   touches, wait for it) and holds `mmu_lock` for at most 65,536 frames at a time, letting
+//!   queued updates of other frames in between; lookups and dispatch never wait for it. Other
+//!   threads may see some of a range's frames tracked before the call returns (as with any
+//!   update: a lockless query is a snapshot, B19).
 //! - When [`PageTracker::add_gfn`] returns, the backend has made enforcement live (the
 //!   [`Enforcement::protect`] contract). When the last [`PageTracker::remove_gfn`] of a frame
 //!   returns, no event for that frame is delivered any more, however many threads remove at
