@@ -126,6 +126,31 @@ pub struct Signals {
     /// The mask `rt_sigsuspend` replaced, restored by the handler's `rt_sigreturn` (or at
     /// once if no handler runs).
     saved: Option<u64>,
+    /// Signals sent to the running thread alone (`tgkill`, `tkill`), all with `SI_TKILL`.
+    thread_pending: u64,
+}
+
+/// What Linux keeps per thread: the blocked mask, the alternate stack, the mask
+/// `rt_sigsuspend` replaced and the signals sent to the thread alone. The thread that serves
+/// a system call has its own swapped into [`Signals`] ([`Signals::swap_thread`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadSignals {
+    blocked: u64,
+    altstack: (u64, u64, u32),
+    saved: Option<u64>,
+    pending: u64,
+}
+
+impl ThreadSignals {
+    /// A new thread's: the creator's blocked mask, no alternate stack, nothing pending.
+    pub fn inherit(blocked: u64) -> ThreadSignals {
+        ThreadSignals {
+            blocked,
+            altstack: (0, 0, SS_DISABLE),
+            saved: None,
+            pending: 0,
+        }
+    }
 }
 
 impl Default for Signals {
@@ -137,6 +162,7 @@ impl Default for Signals {
             codes: [0; 64],
             altstack: (0, 0, SS_DISABLE),
             saved: None,
+            thread_pending: 0,
         }
     }
 }
@@ -205,19 +231,63 @@ impl Signals {
 
     /// True if a signal is pending and not blocked (it would interrupt a wait).
     pub fn deliverable(&self) -> bool {
-        self.pending & !self.blocked != 0
+        (self.pending | self.thread_pending) & !self.blocked != 0
+    }
+
+    /// Exchanges the per-thread part with `t`: the serving thread's goes in, and comes back
+    /// out when it is done.
+    pub fn swap_thread(&mut self, t: &mut ThreadSignals) {
+        std::mem::swap(&mut self.blocked, &mut t.blocked);
+        std::mem::swap(&mut self.altstack, &mut t.altstack);
+        std::mem::swap(&mut self.saved, &mut t.saved);
+        std::mem::swap(&mut self.thread_pending, &mut t.pending);
+    }
+
+    /// True if `sig` would be discarded at once for a thread blocking `blocked`.
+    fn discarded(&self, sig: u32, blocked: u64) -> bool {
+        let act = self.action(sig);
+        let ignored = act.handler == SIG_IGN || (act.handler == SIG_DFL && default_ignored(sig));
+        ignored && blocked & bit(sig) == 0
+    }
+
+    /// Marks `sig` (1–64) pending for the running thread alone (`tgkill` to itself).
+    pub fn raise_thread(&mut self, sig: u32) {
+        if !self.discarded(sig, self.blocked) {
+            self.thread_pending |= bit(sig);
+        }
+    }
+
+    /// Marks `sig` (1–64) pending for another thread, whose state is `t`; true if it is
+    /// pending and not blocked there (the thread should be woken).
+    pub fn raise_other(&self, t: &mut ThreadSignals, sig: u32) -> bool {
+        if self.discarded(sig, t.blocked) {
+            return false;
+        }
+        t.pending |= bit(sig);
+        t.blocked & bit(sig) == 0
     }
 
     /// Takes the lowest pending unblocked signal, with what to do about it. A handler with
     /// `SA_RESETHAND` is reset to the default here, as Linux does at delivery.
     pub fn take(&mut self) -> Option<Delivery> {
-        let ready = self.pending & !self.blocked;
+        // The thread's own first, as Linux's dequeue_signal.
+        let own = self.thread_pending & !self.blocked;
+        let ready = if own != 0 {
+            own
+        } else {
+            self.pending & !self.blocked
+        };
         if ready == 0 {
             return None;
         }
         let sig = ready.trailing_zeros() + 1;
-        self.pending &= !bit(sig);
-        let code = self.codes[usize::try_from(sig - 1).expect("1-64")];
+        let code = if own != 0 {
+            self.thread_pending &= !bit(sig);
+            SI_TKILL
+        } else {
+            self.pending &= !bit(sig);
+            self.codes[usize::try_from(sig - 1).expect("1-64")]
+        };
         let act = self.action(sig);
         let disposition = match act.handler {
             SIG_IGN => Disposition::Ignore,
