@@ -26,6 +26,8 @@ mod oracle;
 mod signals;
 #[path = "process/sqlite.rs"]
 mod sqlite;
+#[path = "process/threads.rs"]
+mod threads;
 #[path = "process/time.rs"]
 mod time;
 #[path = "process/workloads.rs"]

@@ -55,6 +55,13 @@
 //!   with status 128 + signal. `pause`, `rt_sigsuspend` and `nanosleep` wait for them. A timer expiring while
 //!   the program computes without system calls interrupts it between two instructions on
 //!   PVM, and waits for its next system call on VT-x/SVM (see the `signal` module).
+//! - **Threads.** `clone`/`clone3` with `CLONE_VM | CLONE_THREAD` (what `pthread_create`
+//!   issues) start another vCPU of the VM on its own host thread, in the same address space,
+//!   with its own TLS, tid, `set_tid_address`/`CLONE_CHILD_CLEARTID`, signal mask and
+//!   thread-directed signals; `futex` (wait, wake, bitsets, requeue, timeouts) lets glibc's
+//!   mutexes, condition variables and `pthread_join` work; `exit_group`, a fatal signal or the
+//!   timeout end every thread. Up to 64 threads at once; tracking stays exact across vCPUs
+//!   (see the `thread` module).
 //! - **Page tables and KVM.** When an operation changes or removes a present translation
 //!   (munmap, mprotect, a brk shrink, mremap), the VMM has KVM drop its shadows of the
 //!   page-table frames concerned ([`pagetrack_kvm::Vm::invalidate_translations`]) before the
@@ -69,7 +76,7 @@
 //! an allowed directory with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` and the call
 //! is made on the resulting descriptor, so renames and symlink swaps racing the lookup cannot
 //! lead outside (see the `fs` module). Directories with procfs below them are refused as
-//! roots. fork, vfork, clone, exec, sockets and signals to other processes are refused
+//! roots. fork, vfork, a `clone` that is not a thread, exec, sockets and signals to other processes are refused
 //! (`EPERM`/`EACCES`); calls the VMM does not implement return `-ENOSYS` and are counted.
 //!
 //! The program itself must be what `execve` accepts: a regular file with execute permission

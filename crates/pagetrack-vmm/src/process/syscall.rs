@@ -1,8 +1,9 @@
 //! The system calls the VMM serves for the program: what a static busybox or glibc program
 //! needs for file filters (read/write, open/stat/seek on contained files, memory management,
 //! time, identity), `-ENOSYS` for everything else (counted), and refusals (`EPERM`, `EACCES`)
-//! for what would reach the host (fork, exec, clone, sockets, signals to other processes,
-//! paths outside the allowed directories).
+//! for what would reach the host (fork, exec, sockets, signals to other processes, paths
+//! outside the allowed directories). Threads (`clone`, `futex`, `exit`, tids) are served by
+//! the `thread` module, which holds this kernel behind a mutex.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -134,7 +135,8 @@ struct Fd {
 }
 
 fn lock(f: &Arc<Mutex<OpenFile>>) -> MutexGuard<'_, OpenFile> {
-    // One thread serves system calls; a poisoned lock only means an earlier panic.
+    // Threads serve system calls one at a time (the kernel's mutex); a poisoned lock only
+    // means an earlier panic.
     f.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -608,6 +610,7 @@ impl Kernel {
             nr::LINKAT => self.linkat(signed(a[0]), a[1], signed(a[2]), a[3], a[4]),
             nr::MKDIRAT => self.mkdirat(signed(a[0]), a[1], a[2]),
             // What would reach the host: refused.
+            // A run serves clone and clone3 in the thread module, before this kernel.
             nr::FORK | nr::VFORK | nr::CLONE | nr::CLONE3 | nr::EXECVE | nr::EXECVEAT => Err(EPERM),
             nr::SOCKET | nr::SOCKETPAIR | nr::CONNECT | nr::BIND | nr::ACCEPT => Err(EACCES),
             _ => Err(ENOSYS),

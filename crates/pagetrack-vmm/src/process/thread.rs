@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kvm_bindings::{kvm_fpu, kvm_regs};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::SyncReg;
 use pagetrack_kvm::{Exit, Vcpu, VcpuStopper, Vm};
 
@@ -96,8 +96,9 @@ pub(crate) struct Shared {
     pub(crate) tracking: Tracking,
     threads: BTreeMap<u64, Entry>,
     futex: Vec<Waiter>,
-    /// vCPUs of threads that exited, for the next ones.
-    free_vcpus: Vec<Vcpu>,
+    /// vCPUs of threads that exited, for the next ones, with the system registers their
+    /// first set-up gave them (KVM refuses a second `KVM_SET_CPUID2` once a vCPU ran).
+    free_vcpus: Vec<(Vcpu, kvm_sregs)>,
     next_tid: u64,
     next_index: u32,
     /// How the process ended, once it did (the first end wins).
@@ -150,6 +151,8 @@ pub(crate) struct GuestThread {
     fpu_stash: Vec<(u64, kvm_fpu)>,
     /// True if `syscall` entered CPL0 (VT-x/SVM), once the first call told.
     cpl0_entry: Option<bool>,
+    /// The system registers of the vCPU's first set-up (threads `clone` made).
+    initial: Option<kvm_sregs>,
     stats: ProcessStats,
 }
 
@@ -160,6 +163,7 @@ impl GuestThread {
             tid,
             fpu_stash: Vec::new(),
             cpl0_entry: None,
+            initial: None,
             stats: ProcessStats::default(),
         }
     }
@@ -378,8 +382,8 @@ pub(crate) fn run_thread(
             ctx.end_process(s, Err(e), Some(t.tid));
         }
     }
-    if pool {
-        g.free_vcpus.push(t.vcpu);
+    if pool && let Some(sregs) = t.initial {
+        g.free_vcpus.push((t.vcpu, sregs));
     }
 }
 
@@ -1071,8 +1075,9 @@ fn clone3(
     let f = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
     let (flags, child_tid, parent_tid, stack, stack_size, tls) =
         (f(0), f(2), f(3), f(5), f(6), f(7));
-    // pidfd, set_tid and cgroup are not for threads here.
-    if f(1) != 0 || f(8) != 0 || f(9) != 0 {
+    // pidfd is read only with CLONE_PIDFD (glibc fills it in anyway); set_tid is not for
+    // threads.
+    if f(8) != 0 || f(9) != 0 {
         return Err(EINVAL);
     }
     let sp = if stack == 0 {
@@ -1109,8 +1114,8 @@ fn clone(
         return Err(EAGAIN);
     }
     let tid = g.next_tid;
-    let mut vcpu = match g.free_vcpus.pop() {
-        Some(v) => v,
+    let (mut vcpu, initial) = match g.free_vcpus.pop() {
+        Some((v, s)) => (v, Some(s)),
         None => {
             let index = g.next_index;
             if index >= x86::MAX_VCPUS {
@@ -1118,7 +1123,7 @@ fn clone(
             }
             let v = ctx.vm.create_vcpu(index).map_err(|_| EAGAIN)?;
             g.next_index += 1;
-            v
+            (v, None)
         }
     };
     let child = kvm_regs {
@@ -1128,25 +1133,19 @@ fn clone(
         rsp: if stack == 0 { regs.rsp } else { stack },
         ..*regs
     };
-    let set_up = set_up_vcpu(
-        ctx,
-        g,
-        t,
-        &mut vcpu,
-        &child,
-        (flags & CLONE_SETTLS != 0).then_some(tls),
-    );
-    if set_up.is_err() {
-        g.free_vcpus.push(vcpu);
-        return Err(EAGAIN);
-    }
+    let tls = (flags & CLONE_SETTLS != 0).then_some(tls);
+    let initial = match set_up_vcpu(ctx, g, t, &mut vcpu, initial, &child, tls) {
+        Ok(s) => s,
+        // A vCPU that could not be set up is not used again.
+        Err(_) => return Err(EAGAIN),
+    };
     let tid32 = u32::try_from(tid).map_err(|_| EAGAIN)?.to_le_bytes();
     if flags & CLONE_PARENT_SETTID != 0 && g.kernel.mm.write_user(parent_tid, &tid32).is_err() {
-        g.free_vcpus.push(vcpu);
+        g.free_vcpus.push((vcpu, initial));
         return Err(EFAULT);
     }
     if flags & CLONE_CHILD_SETTID != 0 && g.kernel.mm.write_user(child_tid, &tid32).is_err() {
-        g.free_vcpus.push(vcpu);
+        g.free_vcpus.push((vcpu, initial));
         return Err(EFAULT);
     }
     let blocked = g.kernel.signals.blocked;
@@ -1163,7 +1162,8 @@ fn clone(
             woken: false,
         },
     );
-    let thread = GuestThread::new(vcpu, tid);
+    let mut thread = GuestThread::new(vcpu, tid);
+    thread.initial = Some(initial);
     let ctx2 = Arc::clone(ctx);
     let spawned = std::thread::Builder::new()
         .name(format!("pagetrack-tid{tid}"))
@@ -1183,30 +1183,38 @@ fn clone(
 }
 
 /// Makes `vcpu` start where the `clone` caller `t` returns, with registers `child` and the
-/// caller's FPU state, FS base `tls` (or the caller's).
+/// caller's FPU state, FS base `tls` (or the caller's). A new vCPU (`initial` none) gets the
+/// long-mode set-up; a reused one its first set-up's system registers again. Returns those.
 fn set_up_vcpu(
     ctx: &Ctx,
     g: &Shared,
     t: &GuestThread,
     vcpu: &mut Vcpu,
+    initial: Option<kvm_sregs>,
     child: &kvm_regs,
     tls: Option<u64>,
-) -> Result<()> {
+) -> Result<kvm_sregs> {
     let parent = t.vcpu.fd();
     let psregs = parent.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     let fpu = parent.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
-    x86::setup_long_mode(
-        ctx.vm.kvm(),
-        vcpu.fd(),
-        &*ctx.vm.raw_memory(),
-        &ctx.layout,
-        child.rip,
-        vcpu.index(),
-    )?;
+    let initial = match initial {
+        Some(s) => s,
+        None => {
+            x86::setup_long_mode(
+                ctx.vm.kvm(),
+                vcpu.fd(),
+                &*ctx.vm.raw_memory(),
+                &ctx.layout,
+                child.rip,
+                vcpu.index(),
+            )?;
+            vcpu.fd().get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?
+        }
+    };
     let fd = vcpu.fd_mut();
     // Nothing of the vCPU's previous thread may reach KVM with the next run.
     fd.get_kvm_run().kvm_dirty_regs = 0;
-    let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let mut sregs = initial;
     sregs.cr3 = g.kernel.mm.cr3();
     sregs.fs.base = tls.unwrap_or(psregs.fs.base);
     sregs.gs.base = psregs.gs.base;
@@ -1215,5 +1223,5 @@ fn set_up_vcpu(
     fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
     fd.set_regs(child).map_err(kvm_err("KVM_SET_REGS"))?;
     fd.set_sync_valid_reg(SyncReg::Register);
-    Ok(())
+    Ok(initial)
 }
