@@ -661,6 +661,32 @@ impl Kernel {
         Ok((self.base(dirfd)?, p))
     }
 
+    /// For a read of `fd` that would wait (a FIFO or pipe without `O_NONBLOCK`, pagetrack's own
+    /// standard input) and has nothing to read now: a host descriptor to wait on, so that a
+    /// thread may wait for input without holding the kernel's lock. `None` if the read would
+    /// not wait.
+    pub(crate) fn read_wait_fd(&self, fd: i64) -> Option<OwnedFd> {
+        let f = self.fds.get(&fd)?;
+        let g = lock(&f.file);
+        let host_stdin = matches!(g.node, Node::Stdin(StdinState::Host));
+        if !host_stdin && !(g.fifo && g.flags & O_NONBLOCK == 0) {
+            return None;
+        }
+        let Ok(Readiness::Host(h)) = g.readiness() else {
+            return None;
+        };
+        drop(g);
+        let mut p = [PollFd::new(&h, PollFlags::IN)];
+        let ts = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut p, Some(&ts)) {
+            Ok(0) => Some(h),
+            _ => None,
+        }
+    }
+
     fn sink(&mut self, node: &Node) -> Option<&mut Sink> {
         match node {
             Node::Stdout => Some(&mut self.stdout),

@@ -26,14 +26,19 @@
 //!   them all: every vCPU is stopped and every waiter woken, and the run returns once every
 //!   host thread has been joined. At most [`MAX_THREADS`] threads live at once (`EAGAIN`
 //!   beyond); the vCPU of a thread that exited serves the next one.
-//! - **Limits.** A thread blocked in a host call the kernel serves under the mutex (a read
-//!   of a pipe or of the terminal, `poll`) holds it until the call returns: with a
-//!   `--timeout`, until the deadline at the latest. `SIGALRM` between two instructions
+//! - **Input.** With more than one thread, a `read`/`readv` that would wait (a FIFO or pipe,
+//!   pagetrack's own standard input) first waits for input in the host without the mutex,
+//!   woken also by the end of the process (an eventfd), so `exit_group` from another thread
+//!   ends it.
+//! - **Limits.** `poll`, `select`, a waiting `fcntl` lock and a full pipe's `write` are
+//!   served under the mutex, so a thread waiting there holds it until the call returns: with
+//!   a `--timeout`, until the deadline at the latest. `SIGALRM` between two instructions
 //!   reaches the main thread only; other threads take signals when a system call returns.
 //!   Only the main vCPU keeps the kvmclock page up to date; the others read it with their
 //!   own TSC, which KVM keeps synchronized.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -137,6 +142,8 @@ pub(crate) struct Ctx {
     state: Mutex<Shared>,
     /// Wakes waiters: futex wakes, signals to other threads, the end of the process.
     pub(crate) wake: Condvar,
+    /// Readable once the process ends: wakes threads waiting for input in the host.
+    ended_fd: Option<OwnedFd>,
 }
 
 type Guard<'a> = MutexGuard<'a, Shared>;
@@ -245,6 +252,12 @@ impl Ctx {
                 stats: ProcessStats::default(),
             }),
             wake: Condvar::new(),
+            // Without it (no eventfd), a thread waiting for input holds the kernel's lock.
+            ended_fd: rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )
+            .ok(),
         }
     }
 
@@ -260,6 +273,10 @@ impl Ctx {
     fn end_process(&self, g: &mut Shared, end: Result<ProcessEnd>, me: Option<u64>) {
         if g.end.is_none() {
             g.end = Some(end);
+            if let Some(fd) = &self.ended_fd {
+                // Cannot fail short of a counter overflow; the eventfd only has to be readable.
+                let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+            }
         }
         for (tid, e) in &g.threads {
             if Some(*tid) != me {
@@ -267,6 +284,27 @@ impl Ctx {
             }
         }
         self.wake.notify_all();
+    }
+
+    /// Waits until `h` is readable (or hung up), the process ends, or the run's deadline.
+    fn wait_input(&self, h: &OwnedFd) {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let Some(ended) = &self.ended_fd else {
+            return;
+        };
+        let left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        let ts = left.map(|d| Timespec {
+            tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(d.subsec_nanos()),
+        });
+        let mut p = [
+            PollFd::new(h, PollFlags::IN),
+            PollFd::new(ended, PollFlags::IN),
+        ];
+        // EINTR (a kick) or any error: the caller's read decides what happens next.
+        let _ = rustix::event::poll(&mut p, ts.as_ref());
     }
 
     /// The timeout passed: ends the process with [`ProcessEnd::Timeout`].
@@ -705,6 +743,19 @@ fn serve<'a>(
             nr::NANOSLEEP | nr::CLOCK_NANOSLEEP | nr::PAUSE | nr::RT_SIGSUSPEND
         ));
     if !mine {
+        if threaded && matches!(n, nr::READ | nr::READV) && ctx.ended_fd.is_some() {
+            // A read that would wait waits here, without the lock, for input or the end.
+            if let Some(h) = g.kernel.read_wait_fd(int(a[0])) {
+                g.swap_out(t.tid);
+                drop(g);
+                ctx.wait_input(&h);
+                g = ctx.lock();
+                g.swap_in(t.tid);
+                if g.end.is_some() {
+                    return (g, Served::Leave);
+                }
+            }
+        }
         let flow = g.kernel.syscall(n, a, t.vcpu.fd(), ctx.vm.vm_fd());
         if n == nr::KILL {
             // A signal for the process may end another thread's wait.

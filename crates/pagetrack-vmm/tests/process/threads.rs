@@ -17,6 +17,7 @@ use super::{ENV, Mode, TempDir, note, run_config, run_guest};
 const THREADS_C: &str = r#"
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -105,6 +106,13 @@ static void *exiter(void *arg) {
     exit(7);
 }
 
+/* exit_group from a thread while main waits in a read of a FIFO no one writes. */
+static void *late_exiter(void *arg) {
+    (void)arg;
+    for (int i = 0; i < 1000; i++) sched_yield();   /* not needed for the outcome */
+    exit(9);
+}
+
 static pthread_mutex_t hold = PTHREAD_MUTEX_INITIALIZER;
 static void *holder(void *arg) {
     (void)arg;
@@ -121,6 +129,15 @@ int main(int argc, char **argv) {
         for (int i = 0; i < 3; i++) pthread_create(&t[i], 0, sleeper, 0);
         pthread_create(&t[3], 0, exiter, 0);
         pthread_join(t[0], 0);
+        return 1;
+    }
+    if (!strcmp(what, "readblock")) {
+        int fd = open(argv[2], O_RDWR);   /* a writer too: the read never sees EOF */
+        if (fd < 0) { perror("open"); return 2; }
+        pthread_t t;
+        pthread_create(&t, 0, late_exiter, 0);
+        char c;
+        read(fd, &c, 1);
         return 1;
     }
     if (!strcmp(what, "hang")) {
@@ -301,6 +318,47 @@ fn exit_group_from_a_thread_ends_threads_waiting_in_futex() {
             assert_eq!(r.replayed, r.frames);
         }
     }
+}
+
+/// A thread waiting in a read of a FIFO waits without the kernel's lock: another thread's
+/// `exit_group` ends the run (before the timeout, which would be status 124).
+#[test]
+fn exit_group_from_a_thread_ends_a_thread_waiting_for_input() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("threads-readblock");
+    let exe = build(&d.0, "threads", THREADS_C, &["-pthread"]);
+    let fifo = d.join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let fifo = fifo.to_str().unwrap();
+    let status = Command::new(&exe)
+        .args(["readblock", fifo])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(9), "native");
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let cfg = ProcessConfig::new(&exe)
+        .args(["readblock", fifo])
+        .env(ENV)
+        .dir(&d.0)
+        .allow_write(&d.0)
+        .stdin(Input::Null)
+        .stdout(Output::Capture)
+        .stderr(Output::Capture)
+        .timeout(Some(Duration::from_secs(60)));
+    let run = run_config(kvm, cfg);
+    assert_eq!(
+        run.outcome.end,
+        ProcessEnd::Exited(9),
+        "{}",
+        String::from_utf8_lossy(&run.outcome.stderr)
+    );
 }
 
 #[test]
