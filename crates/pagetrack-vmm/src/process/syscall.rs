@@ -669,7 +669,8 @@ impl Kernel {
         let f = self.fds.get(&fd)?;
         let g = lock(&f.file);
         let host_stdin = matches!(g.node, Node::Stdin(StdinState::Host));
-        if !host_stdin && !(g.fifo && g.flags & O_NONBLOCK == 0) {
+        let waits = host_stdin || (g.fifo && g.flags & O_NONBLOCK == 0);
+        if !waits {
             return None;
         }
         let Ok(Readiness::Host(h)) = g.readiness() else {
