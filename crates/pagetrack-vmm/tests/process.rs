@@ -16,6 +16,8 @@ mod bad_input;
 mod containment;
 #[path = "process/hostile13.rs"]
 mod hostile13;
+#[path = "process/lua.rs"]
+mod lua;
 #[path = "process/memtest.rs"]
 mod memtest;
 #[path = "process/misc.rs"]
