@@ -25,6 +25,7 @@ const THREADS_C: &str = r#"
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <linux/futex.h>
 
@@ -113,6 +114,28 @@ static void *late_exiter(void *arg) {
     exit(9);
 }
 
+/* Address-space changes one thread makes, seen by another that used the old mapping. */
+static char *volatile shared_page;
+static int phase;
+static void wait_phase(int p) { while (__atomic_load_n(&phase, __ATOMIC_SEQ_CST) != p) sched_yield(); }
+static void set_phase(int p) { __atomic_store_n(&phase, p, __ATOMIC_SEQ_CST); }
+static void *remapper(void *arg) {
+    (void)arg;
+    char *p = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    p[0] = 'A';
+    shared_page = p;
+    set_phase(1);
+    wait_phase(2);
+    munmap(p, 4096);
+    char *q = mmap(p, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    q[0] = 'B';
+    set_phase(3);
+    wait_phase(4);
+    mprotect(q, 4096, PROT_READ);
+    set_phase(5);
+    return 0;
+}
+
 static pthread_mutex_t hold = PTHREAD_MUTEX_INITIALIZER;
 static void *holder(void *arg) {
     (void)arg;
@@ -139,6 +162,22 @@ int main(int argc, char **argv) {
         char c;
         read(fd, &c, 1);
         return 1;
+    }
+    if (!strcmp(what, "remap")) {
+        pthread_t t;
+        pthread_create(&t, 0, remapper, 0);
+        wait_phase(1);
+        printf("before munmap: %c\n", shared_page[0]);
+        set_phase(2);
+        wait_phase(3);
+        printf("after remap: %c\n", shared_page[0]);
+        set_phase(4);
+        wait_phase(5);
+        printf("after mprotect: %c, now a store\n", shared_page[0]);
+        fflush(stdout);
+        shared_page[0] = 'C';   /* SIGSEGV: read-only since the other thread's mprotect */
+        printf("the store went through\n");
+        return 0;
     }
     if (!strcmp(what, "hang")) {
         pthread_t t;
@@ -317,6 +356,33 @@ fn exit_group_from_a_thread_ends_threads_waiting_in_futex() {
             assert!(r.errors.is_empty(), "{:?}", r.errors);
             assert_eq!(r.replayed, r.frames);
         }
+    }
+}
+
+/// munmap, a `MAP_FIXED` remap and mprotect by one thread reach a thread that used the old
+/// mapping before it runs again: it reads the new page, and its store to the page made
+/// read-only faults, as natively.
+#[test]
+fn address_space_changes_by_one_thread_reach_the_others() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("threads-remap");
+    let exe = build(&d.0, "threads", THREADS_C, &["-pthread"]);
+    let out = Command::new(&exe).arg("remap").output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(11), "native");
+    for mode in [Mode::Untracked, Mode::Writable] {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let run = run_guest(kvm, &exe, &["remap"], &d.0, Input::Null, mode);
+        assert!(
+            matches!(run.outcome.end, ProcessEnd::Signaled { signal: 11, .. }),
+            "{mode:?}: {:?}",
+            run.outcome.end
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&run.outcome.stdout),
+            String::from_utf8_lossy(&out.stdout),
+            "{mode:?}"
+        );
     }
 }
 
