@@ -997,10 +997,8 @@ fn futex<'a>(
             if n > 0 {
                 ctx.wake.notify_all();
             }
-            (
-                g,
-                Ok(Ok(n + if cmd == FUTEX_CMP_REQUEUE { moved } else { 0 })),
-            )
+            // Both return the waiters woken plus those requeued, as Linux's futex_requeue.
+            (g, Ok(Ok(n + moved)))
         }
         _ => (g, Ok(Err(ENOSYS))),
     }
@@ -1218,7 +1216,16 @@ fn clone(
     let ctx2 = Arc::clone(ctx);
     let spawned = std::thread::Builder::new()
         .name(format!("pagetrack-tid{tid}"))
-        .spawn(move || run_thread(&ctx2, thread, None, true));
+        .spawn(move || {
+            let run = std::panic::AssertUnwindSafe(|| run_thread(&ctx2, thread, None, true));
+            if std::panic::catch_unwind(run).is_err() {
+                // A bug, not the guest's doing: end the process rather than leave the others
+                // waiting for this thread.
+                let mut g = ctx2.lock();
+                let end = ProcessEnd::Crashed(format!("the VMM's thread for tid {tid} panicked"));
+                ctx2.end_process(&mut g, Ok(end), None);
+            }
+        });
     match spawned {
         Ok(h) => {
             g.handles.push(h);
