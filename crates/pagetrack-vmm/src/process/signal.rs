@@ -517,6 +517,40 @@ mod tests {
     }
 
     #[test]
+    fn thread_state_swaps_and_thread_signals_reach_only_their_thread() {
+        let mut s = Signals::default();
+        s.set_action(10, handler(0x1000, 0, 0));
+        // Thread A runs (its state swapped in) and blocks SIGUSR1; thread B does not.
+        let mut a = ThreadSignals::inherit(0);
+        let mut b = ThreadSignals::inherit(0);
+        s.swap_thread(&mut a);
+        s.set_blocked(bit(10));
+        assert!(
+            s.raise_other(&mut b, 10),
+            "B does not block it: B is to be woken"
+        );
+        s.raise_thread(10);
+        assert!(!s.deliverable(), "blocked in A");
+        s.swap_thread(&mut a);
+        assert_eq!(a.blocked, bit(10), "A's mask went back out with it");
+        assert_eq!(s.blocked, 0);
+        // B runs: its own SIGUSR1 is delivered to it, as SI_TKILL.
+        s.swap_thread(&mut b);
+        let d = s.take().unwrap();
+        assert_eq!((d.sig, d.code), (10, SI_TKILL));
+        assert!(s.take().is_none(), "A's pending signal stays A's");
+        s.swap_thread(&mut b);
+        // A unblocks and gets its own.
+        s.swap_thread(&mut a);
+        s.set_blocked(0);
+        assert_eq!(s.take().map(|d| d.sig), Some(10));
+        // An ignored signal sent to a thread that does not block it is discarded.
+        s.set_action(12, handler(SIG_IGN, 0, 0));
+        assert!(!s.raise_other(&mut b, 12));
+        assert_eq!(b.pending & bit(12), 0);
+    }
+
+    #[test]
     fn the_alternate_stack_takes_on_stack_handlers() {
         let mut s = Signals::default();
         let mut st = [0u8; 24];
