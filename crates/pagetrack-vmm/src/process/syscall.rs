@@ -688,6 +688,46 @@ impl Kernel {
         }
     }
 
+    /// For a `poll` of the `nfds` entries at `fds` that would wait (nothing ready now, no
+    /// bad entry): the host descriptors to wait on with their events, so that a thread may
+    /// wait without holding the kernel's lock. `None` if the call would not wait.
+    pub(crate) fn poll_wait_fds(&self, fds: u64, nfds: u64) -> Option<Vec<(OwnedFd, i16)>> {
+        if nfds > MAX_FDS.cast_unsigned() {
+            return None;
+        }
+        let mut raw = vec![0u8; usize::try_from(nfds).ok()? * 8];
+        self.mm.read_user(fds, &mut raw).ok()?;
+        let mut host = Vec::new();
+        for c in raw.chunks_exact(8) {
+            let fd = i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            let events = i16::from_le_bytes([c[4], c[5]]);
+            if fd < 0 {
+                continue;
+            }
+            // An unknown descriptor is POLLNVAL at once.
+            let f = self.fds.get(&fd)?;
+            match lock(&f.file).readiness().ok()? {
+                Readiness::Now(r) if r & (events | POLLERR | POLLHUP) != 0 => return None,
+                Readiness::Now(_) => {}
+                Readiness::Host(h) => host.push((h, events)),
+            }
+        }
+        let mut p: Vec<PollFd<'_>> = host
+            .iter()
+            .map(|(h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
+            .collect();
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut p, Some(&zero)) {
+            Ok(0) => {}
+            _ => return None,
+        }
+        drop(p);
+        Some(host)
+    }
+
     fn sink(&mut self, node: &Node) -> Option<&mut Sink> {
         match node {
             Node::Stdout => Some(&mut self.stdout),

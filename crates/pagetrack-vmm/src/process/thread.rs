@@ -27,12 +27,13 @@
 //!   host thread has been joined. At most [`MAX_THREADS`] threads live at once (`EAGAIN`
 //!   beyond); the vCPU of a thread that exited serves the next one.
 //! - **Input.** With more than one thread, a `read`/`readv` that would wait (a FIFO or pipe,
-//!   pagetrack's own standard input) first waits for input in the host without the mutex,
-//!   woken also by the end of the process (an eventfd), so `exit_group` from another thread
-//!   ends it.
-//! - **Limits.** `poll`, `select`, a waiting `fcntl` lock and a full pipe's `write` are
+//!   pagetrack's own standard input) and a `poll`/`ppoll` that would wait first wait in the
+//!   host without the mutex, woken also by the end of the process (an eventfd), so
+//!   `exit_group` from another thread ends them; the call is then served.
+//! - **Limits.** `select`/`pselect6`, a waiting `fcntl` lock and a full pipe's `write` are
 //!   served under the mutex, so a thread waiting there holds it until the call returns: with
-//!   a `--timeout`, until the deadline at the latest. `SIGALRM` between two instructions
+//!   a `--timeout`, until the deadline at the latest. A signal for a thread waiting in the
+//!   host for input is taken when that wait ends. `SIGALRM` between two instructions
 //!   reaches the main thread only; other threads take signals when a system call returns.
 //!   Only the main vCPU keeps the kvmclock page up to date; the others read it with their
 //!   own TSC, which KVM keeps synchronized.
@@ -286,24 +287,28 @@ impl Ctx {
         self.wake.notify_all();
     }
 
-    /// Waits until `h` is readable (or hung up), the process ends, or the run's deadline.
-    fn wait_input(&self, h: &OwnedFd) {
+    /// Waits until one of `fds` has one of its `POLL*` events (or an error or hang-up),
+    /// `until`, the run's deadline, or the end of the process.
+    fn wait_fds(&self, fds: &[(OwnedFd, i16)], until: Option<Instant>) {
         use rustix::event::{PollFd, PollFlags, Timespec};
         let Some(ended) = &self.ended_fd else {
             return;
         };
-        let left = self
-            .deadline
+        let left = [until, self.deadline]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|d| d.saturating_duration_since(Instant::now()));
         let ts = left.map(|d| Timespec {
             tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: i64::from(d.subsec_nanos()),
         });
-        let mut p = [
-            PollFd::new(h, PollFlags::IN),
-            PollFd::new(ended, PollFlags::IN),
-        ];
-        // EINTR (a kick) or any error: the caller's read decides what happens next.
+        let mut p: Vec<PollFd<'_>> = fds
+            .iter()
+            .map(|(h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
+            .collect();
+        p.push(PollFd::new(ended, PollFlags::IN));
+        // EINTR or any error: the call served next decides what happens.
         let _ = rustix::event::poll(&mut p, ts.as_ref());
     }
 
@@ -748,12 +753,56 @@ fn serve<'a>(
             if let Some(h) = g.kernel.read_wait_fd(int(a[0])) {
                 g.swap_out(t.tid);
                 drop(g);
-                ctx.wait_input(&h);
+                ctx.wait_fds(&[(h, 0x1)], None);
                 g = ctx.lock();
                 g.swap_in(t.tid);
                 if g.end.is_some() {
                     return (g, Served::Leave);
                 }
+            }
+        }
+        if threaded && matches!(n, nr::POLL | nr::PPOLL) && ctx.ended_fd.is_some() {
+            // A poll that would wait waits here, without the lock; then it is served
+            // without waiting (ppoll's signal mask is ignored by the kernel either way).
+            let until = match n {
+                nr::POLL => u64::try_from(int(a[2]))
+                    .ok()
+                    .map(|ms| Instant::now().checked_add(Duration::from_millis(ms))),
+                _ if a[2] == 0 => None,
+                _ => read_timespec(&g, a[2])
+                    .ok()
+                    .map(|d| Instant::now().checked_add(d)),
+            };
+            let waits = until.is_none_or(|u| u.is_none_or(|u| u > Instant::now()));
+            let valid = n == nr::POLL || a[2] == 0 || until.is_some();
+            if waits
+                && valid
+                && let Some(host) = g.kernel.poll_wait_fds(a[0], a[1])
+            {
+                g.swap_out(t.tid);
+                drop(g);
+                ctx.wait_fds(&host, until.flatten());
+                g = ctx.lock();
+                g.swap_in(t.tid);
+                if g.end.is_some() {
+                    return (g, Served::Leave);
+                }
+                let flow = g.kernel.syscall(
+                    nr::POLL,
+                    [a[0], a[1], 0, 0, 0, 0],
+                    t.vcpu.fd(),
+                    ctx.vm.vm_fd(),
+                );
+                if n != nr::POLL {
+                    // Counted as the call the program made.
+                    let counts = &mut g.kernel.counts.by_number;
+                    if let Some(c) = counts.get_mut(&nr::POLL) {
+                        *c -= 1;
+                    }
+                    counts.retain(|_, c| *c > 0);
+                    *counts.entry(n).or_default() += 1;
+                }
+                return (g, Served::Kernel(flow));
             }
         }
         let flow = g.kernel.syscall(n, a, t.vcpu.fd(), ctx.vm.vm_fd());

@@ -18,6 +18,7 @@ const THREADS_C: &str = r#"
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -154,13 +155,15 @@ int main(int argc, char **argv) {
         pthread_join(t[0], 0);
         return 1;
     }
-    if (!strcmp(what, "readblock")) {
+    if (!strcmp(what, "readblock") || !strcmp(what, "pollblock")) {
         int fd = open(argv[2], O_RDWR);   /* a writer too: the read never sees EOF */
         if (fd < 0) { perror("open"); return 2; }
         pthread_t t;
         pthread_create(&t, 0, late_exiter, 0);
         char c;
-        read(fd, &c, 1);
+        struct pollfd p = { fd, POLLIN, 0 };
+        if (what[0] == 'p') poll(&p, 1, -1);
+        else read(fd, &c, 1);
         return 1;
     }
     if (!strcmp(what, "remap")) {
@@ -386,8 +389,8 @@ fn address_space_changes_by_one_thread_reach_the_others() {
     }
 }
 
-/// A thread waiting in a read of a FIFO waits without the kernel's lock: another thread's
-/// `exit_group` ends the run (before the timeout, which would be status 124).
+/// A thread waiting in a read or a poll of a FIFO waits without the kernel's lock: another
+/// thread's `exit_group` ends the run (before the timeout, which would be status 124).
 #[test]
 fn exit_group_from_a_thread_ends_a_thread_waiting_for_input() {
     let _kvm = kvm_or_skip!();
@@ -403,28 +406,27 @@ fn exit_group_from_a_thread_ends_a_thread_waiting_for_input() {
     )
     .unwrap();
     let fifo = fifo.to_str().unwrap();
-    let status = Command::new(&exe)
-        .args(["readblock", fifo])
-        .status()
-        .unwrap();
-    assert_eq!(status.code(), Some(9), "native");
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let cfg = ProcessConfig::new(&exe)
-        .args(["readblock", fifo])
-        .env(ENV)
-        .dir(&d.0)
-        .allow_write(&d.0)
-        .stdin(Input::Null)
-        .stdout(Output::Capture)
-        .stderr(Output::Capture)
-        .timeout(Some(Duration::from_secs(60)));
-    let run = run_config(kvm, cfg);
-    assert_eq!(
-        run.outcome.end,
-        ProcessEnd::Exited(9),
-        "{}",
-        String::from_utf8_lossy(&run.outcome.stderr)
-    );
+    for what in ["readblock", "pollblock"] {
+        let status = Command::new(&exe).args([what, fifo]).status().unwrap();
+        assert_eq!(status.code(), Some(9), "native");
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let cfg = ProcessConfig::new(&exe)
+            .args([what, fifo])
+            .env(ENV)
+            .dir(&d.0)
+            .allow_write(&d.0)
+            .stdin(Input::Null)
+            .stdout(Output::Capture)
+            .stderr(Output::Capture)
+            .timeout(Some(Duration::from_secs(60)));
+        let run = run_config(kvm, cfg);
+        assert_eq!(
+            run.outcome.end,
+            ProcessEnd::Exited(9),
+            "{what}: {}",
+            String::from_utf8_lossy(&run.outcome.stderr)
+        );
+    }
 }
 
 #[test]
