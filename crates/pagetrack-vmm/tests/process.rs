@@ -16,6 +16,8 @@ mod bad_input;
 mod containment;
 #[path = "process/hostile13.rs"]
 mod hostile13;
+#[path = "process/lua.rs"]
+mod lua;
 #[path = "process/memtest.rs"]
 mod memtest;
 #[path = "process/misc.rs"]
@@ -26,6 +28,8 @@ mod oracle;
 mod signals;
 #[path = "process/sqlite.rs"]
 mod sqlite;
+#[path = "process/threads.rs"]
+mod threads;
 #[path = "process/time.rs"]
 mod time;
 #[path = "process/workloads.rs"]

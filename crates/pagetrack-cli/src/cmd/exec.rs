@@ -38,7 +38,7 @@ Containment:
   resulting descriptors), so renames and symlink swaps racing a lookup cannot escape.
   A directory with /proc below it (--dir /, --allow-write /proc) is refused. Hard links
   to outside files made on the host inside an allowed directory do reach those files.
-  fork, vfork, clone, exec, sockets and signals to other processes are refused (EPERM
+  fork, vfork, exec, sockets and signals to other processes are refused (EPERM
   or EACCES). Relative paths start at pagetrack's current directory. PROGRAM must be a
   regular file with execute permission (as execve requires). /dev/null, /dev/zero,
   /dev/random and /dev/urandom are pagetrack's own. chmod, utimensat and chown (as a

@@ -19,7 +19,7 @@ errnos! {
     EPERM = 1, ENOENT = 2, ESRCH = 3, EIO = 5, EBADF = 9, ECHILD = 10,
     ENOMEM = 12, EACCES = 13, EFAULT = 14, EEXIST = 17, ENOTDIR = 20, EISDIR = 21,
     EINVAL = 22, EMFILE = 24, ENOTTY = 25, ESPIPE = 29, EPIPE = 32, ERANGE = 34,
-    ENAMETOOLONG = 36, ENOSYS = 38, EINTR = 4, EAGAIN = 11,
+    ENAMETOOLONG = 36, ENOSYS = 38, EINTR = 4, EAGAIN = 11, ETIMEDOUT = 110,
 }
 
 impl Errno {
@@ -144,6 +144,7 @@ pub mod nr {
     pub const ARCH_PRCTL: u64 = 158;
     pub const SETRLIMIT: u64 = 160;
     pub const GETTID: u64 = 186;
+    pub const FUTEX: u64 = 202;
     pub const TKILL: u64 = 200;
     pub const TIME: u64 = 201;
     pub const SCHED_GETAFFINITY: u64 = 204;

@@ -55,6 +55,13 @@
 //!   with status 128 + signal. `pause`, `rt_sigsuspend` and `nanosleep` wait for them. A timer expiring while
 //!   the program computes without system calls interrupts it between two instructions on
 //!   PVM, and waits for its next system call on VT-x/SVM (see the `signal` module).
+//! - **Threads.** `clone`/`clone3` with `CLONE_VM | CLONE_THREAD` (what `pthread_create`
+//!   issues) start another vCPU of the VM on its own host thread, in the same address space,
+//!   with its own TLS, tid, `set_tid_address`/`CLONE_CHILD_CLEARTID`, signal mask and
+//!   thread-directed signals; `futex` (wait, wake, bitsets, requeue, timeouts) lets glibc's
+//!   mutexes, condition variables and `pthread_join` work; `exit_group`, a fatal signal or the
+//!   timeout end every thread. Up to 64 threads at once; tracking stays exact across vCPUs
+//!   (see the `thread` module).
 //! - **Page tables and KVM.** When an operation changes or removes a present translation
 //!   (munmap, mprotect, a brk shrink, mremap), the VMM has KVM drop its shadows of the
 //!   page-table frames concerned ([`pagetrack_kvm::Vm::invalidate_translations`]) before the
@@ -69,7 +76,7 @@
 //! an allowed directory with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` and the call
 //! is made on the resulting descriptor, so renames and symlink swaps racing the lookup cannot
 //! lead outside (see the `fs` module). Directories with procfs below them are refused as
-//! roots. fork, vfork, clone, exec, sockets and signals to other processes are refused
+//! roots. fork, vfork, a `clone` that is not a thread, exec, sockets and signals to other processes are refused
 //! (`EPERM`/`EACCES`); calls the VMM does not implement return `-ENOSYS` and are counted.
 //!
 //! The program itself must be what `execve` accepts: a regular file with execute permission
@@ -82,6 +89,7 @@ mod mm;
 mod signal;
 mod stack;
 mod syscall;
+mod thread;
 mod track;
 mod vdso;
 
@@ -93,10 +101,10 @@ use std::time::{Duration, Instant};
 use iced_x86::code_asm::{CodeAssembler, al};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry};
 use kvm_ioctls::{Kvm, SyncReg};
-use pagetrack_kvm::{Exit, Vcpu, Vm, VmConfig, VmStats};
+use pagetrack_kvm::{Vcpu, Vm, VmConfig, VmStats};
 
 use crate::error::{Error, ProgramRefusal, Result};
-use crate::x86::{self, EXCEPTION_PORT, GuestException, LongModeLayout};
+use crate::x86::{self, GuestException, LongModeLayout};
 
 pub use abi::syscall_name;
 pub use fs::{Input, Output};
@@ -106,7 +114,7 @@ pub use track::{FrameObserver, Region, TrackStats};
 
 use abi::{PROT_EXEC, PROT_READ, PROT_WRITE};
 use mm::{AddressSpace, Frames, PAGE, STACK_INITIAL, STACK_TOP, STUB_VA};
-use syscall::{Flow, Kernel, KernelSetup};
+use syscall::{Kernel, KernelSetup};
 
 /// The port the system-call stub writes to (`out 0xf6, al`); the TSS I/O bitmap allows only
 /// this port at CPL3.
@@ -358,9 +366,6 @@ pub struct Process {
     tracking: track::Tracking,
     timeout: Option<Duration>,
     load_time: Duration,
-    /// FPU state at the delivery of each signal frame, by frame address, restored by its
-    /// `rt_sigreturn` (at most 64).
-    fpu_stash: Vec<(u64, kvm_bindings::kvm_fpu)>,
 }
 
 fn bad_image(program: &Path, reason: impl std::fmt::Display) -> Error {
@@ -618,23 +623,7 @@ impl Process {
         let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         sregs.cr3 = mm.cr3();
         fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-        let msr = |index, data| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        };
-        let msrs = Msrs::from_entries(&[
-            msr(MSR_STAR, STAR),
-            msr(MSR_LSTAR, STUB_VA),
-            msr(MSR_SYSCALL_MASK, SYSCALL_MASK),
-        ])
-        .map_err(|e| bad_config(format!("MSR list: {e:?}")))?;
-        let set = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-        if set != 3 {
-            return Err(bad_config(format!(
-                "KVM accepted {set} of the 3 syscall MSRs"
-            )));
-        }
+        set_syscall_msrs(fd)?;
         let mut regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         regs = kvm_bindings::kvm_regs {
             rip: exe.entry,
@@ -678,7 +667,6 @@ impl Process {
             tracking: track::Tracking::new(config.track.clone()),
             timeout: config.timeout,
             load_time: started.elapsed(),
-            fpu_stash: Vec::new(),
         })
     }
 
@@ -702,59 +690,69 @@ impl Process {
         let started = Instant::now();
         let deadline = self.timeout.map(|t| started + t);
         self.kernel.set_deadline(deadline);
+        let main = thread::GuestThread::new(self.vcpu, syscall::PID);
+        let main_stopper = main.vcpu.stopper();
+        let ctx = Arc::new(thread::Ctx::new(
+            self.vm,
+            self.layout,
+            self.timeout,
+            deadline,
+            self.kernel,
+            self.tracking,
+            &main,
+        ));
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let watchdog = self.timeout.map(|t| {
-            let stopper = self.vcpu.stopper();
+            let ctx = Arc::clone(&ctx);
             std::thread::spawn(move || {
                 if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(t) {
-                    stopper.stop();
+                    ctx.time_out();
                 }
             })
         });
-        // The alarm kicker: stops the vCPU when the program's timer is due, so that SIGALRM
-        // reaches a program that computes without system calls.
+        // The alarm kicker: stops the main vCPU when the program's timer is due, so that
+        // SIGALRM reaches a program that computes without system calls.
         let (alarm_tx, alarm_rx) = mpsc::channel::<Option<Instant>>();
-        let kicker = {
-            let stopper = self.vcpu.stopper();
-            std::thread::spawn(move || {
-                let mut next: Option<Instant> = None;
-                loop {
-                    let msg = match next {
-                        Some(at) => {
-                            alarm_rx.recv_timeout(at.saturating_duration_since(Instant::now()))
-                        }
-                        None => alarm_rx
-                            .recv()
-                            .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-                    };
-                    match msg {
-                        Ok(at) => next = at,
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            stopper.stop();
-                            next = None;
-                        }
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        let kicker = std::thread::spawn(move || {
+            let mut next: Option<Instant> = None;
+            loop {
+                let msg = match next {
+                    Some(at) => alarm_rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                    None => alarm_rx
+                        .recv()
+                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                match msg {
+                    Ok(at) => next = at,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        main_stopper.stop();
+                        next = None;
                     }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-            })
-        };
-        let mut stats = ProcessStats::default();
-        let end = self.drive(&mut stats, deadline, &alarm_tx);
+            }
+        });
+        thread::run_thread(&ctx, main, Some(&alarm_tx), false);
+        let end = ctx.wait_end();
         drop(done_tx);
         drop(alarm_tx);
         if let Some(w) = watchdog {
             let _ = w.join();
         }
         let _ = kicker.join();
-        stats.run_time = started.elapsed();
+        let run_time = started.elapsed();
         let end = end?;
-        self.tracking.finish(&self.vm)?;
-        stats.syscalls = self.kernel.counts.clone();
-        stats.tracking = self.tracking.stats;
-        stats.vm = self.vm.stats();
-        stats.peak_frames = self.kernel.mm.peak_frames();
+        let mut g = ctx.lock();
+        let g = &mut *g;
+        g.tracking.finish(&ctx.vm)?;
+        let mut stats = std::mem::take(&mut g.stats);
+        stats.run_time = run_time;
+        stats.syscalls = g.kernel.counts.clone();
+        stats.tracking = g.tracking.stats;
+        stats.vm = ctx.vm.stats();
+        stats.peak_frames = g.kernel.mm.peak_frames();
         stats.load_time = self.load_time;
-        let (stdout, stderr) = self.kernel.take_output();
+        let (stdout, stderr) = g.kernel.take_output();
         Ok(ProcessOutcome {
             end,
             stdout,
@@ -762,267 +760,31 @@ impl Process {
             stats,
         })
     }
+}
 
-    /// Delivers the pending signals the program does not block to `user`, the registers it
-    /// resumes with: ignored ones are dropped, a handler gets its frame on the stack (one
-    /// at a time; the next comes when the handler returns), a default action that ends the
-    /// program ends the run.
-    fn deliver(&mut self, user: &mut kvm_bindings::kvm_regs) -> Option<ProcessEnd> {
-        while let Some(d) = self.kernel.signals.take() {
-            match d.disposition {
-                signal::Disposition::Ignore => {}
-                signal::Disposition::Terminate => {
-                    let sig = u8::try_from(d.sig).unwrap_or(6);
-                    return Some(ProcessEnd::Signaled {
-                        signal: sig,
-                        exception: None,
-                        detail: format!("killed by {} (signal {sig})", signal_name(sig)),
-                    });
-                }
-                signal::Disposition::Handle(act) => {
-                    let (uid, _) = host_ids();
-                    let (at, bytes, handler) = self.kernel.signals.frame(
-                        d,
-                        act,
-                        user,
-                        u32::try_from(syscall::PID).unwrap_or(1000),
-                        uid,
-                    );
-                    let mm = &mut self.kernel.mm;
-                    mm.grow_stack(at);
-                    if mm.write_user(at, &bytes).is_err() {
-                        return Some(bad_frame(at));
-                    }
-                    // The FPU state the handler will change, for its rt_sigreturn: the
-                    // context may be one interrupted between two instructions (or a frame
-                    // delivered at another handler's return to such a context). A frame
-                    // address seen again is a new frame; the oldest go beyond 64, as a
-                    // handler that never returns (siglongjmp) leaves its entry behind.
-                    if let Ok(fpu) = self.vcpu.fd().get_fpu() {
-                        self.fpu_stash.retain(|(f, _)| *f != at);
-                        self.fpu_stash.push((at, fpu));
-                        if self.fpu_stash.len() > 64 {
-                            self.fpu_stash.remove(0);
-                        }
-                    }
-                    *user = handler;
-                    return None;
-                }
-            }
-        }
-        self.kernel.signals.end_suspend();
-        None
+/// Points the system-call MSRs of `fd` at the stub.
+fn set_syscall_msrs(fd: &kvm_ioctls::VcpuFd) -> Result<()> {
+    let msr = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let msrs = Msrs::from_entries(&[
+        msr(MSR_STAR, STAR),
+        msr(MSR_LSTAR, STUB_VA),
+        msr(MSR_SYSCALL_MASK, SYSCALL_MASK),
+    ])
+    .map_err(|e| bad_config(format!("MSR list: {e:?}")))?;
+    let set = fd.set_msrs(&msrs).map_err(|source| Error::Kvm {
+        op: "KVM_SET_MSRS",
+        source,
+    })?;
+    if set != 3 {
+        return Err(bad_config(format!(
+            "KVM accepted {set} of the 3 syscall MSRs"
+        )));
     }
-
-    /// A kick of the alarm kicker: raises a due SIGALRM and, if the program is at CPL3 and
-    /// may take it now, delivers it; else it waits for the next system call.
-    fn alarm_between_instructions(&mut self, at_cpl3_path: bool) -> Result<Option<ProcessEnd>> {
-        self.kernel.check_alarm();
-        if !at_cpl3_path || !self.kernel.signals.deliverable() {
-            return Ok(None);
-        }
-        let kvm_err = |op: &'static str| move |source| Error::Kvm { op, source };
-        let sregs = self
-            .vcpu
-            .fd()
-            .get_sregs()
-            .map_err(kvm_err("KVM_GET_SREGS"))?;
-        // The registers are kvm_run's copy if the VMM changed it and KVM has not taken the
-        // change yet (a stop before the next KVM_RUN); else KVM's own, which the backend may
-        // have set by ioctl (an emulated store) after kvm_run's copy was made.
-        let pending = self.vcpu.fd_mut().get_kvm_run().kvm_dirty_regs
-            & u64::from(kvm_bindings::KVM_SYNC_X86_REGS)
-            != 0;
-        let mut user = if pending {
-            self.vcpu.fd().sync_regs().regs
-        } else {
-            self.vcpu.fd().get_regs().map_err(kvm_err("KVM_GET_REGS"))?
-        };
-        if sregs.cs.dpl != 3 || user.rip & !(PAGE - 1) == STUB_VA {
-            return Ok(None);
-        }
-        if let Some(end) = self.deliver(&mut user) {
-            return Ok(Some(end));
-        }
-        self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
-        let fd = self.vcpu.fd_mut();
-        if pending {
-            fd.sync_regs_mut().regs = user;
-            fd.set_sync_dirty_reg(SyncReg::Register);
-        } else {
-            fd.set_regs(&user).map_err(kvm_err("KVM_SET_REGS"))?;
-        }
-        Ok(None)
-    }
-
-    /// The run loop.
-    fn drive(
-        &mut self,
-        stats: &mut ProcessStats,
-        deadline: Option<Instant>,
-        alarm_tx: &mpsc::Sender<Option<Instant>>,
-    ) -> Result<ProcessEnd> {
-        let mut cpl0_entry: Option<bool> = None;
-        let mut alarm_sent: Option<Instant> = None;
-        loop {
-            let alarm = self.kernel.alarm_at();
-            if alarm != alarm_sent {
-                // The kicker ends only with the run, so the send cannot fail.
-                let _ = alarm_tx.send(alarm);
-                alarm_sent = alarm;
-            }
-            let t0 = Instant::now();
-            let exit = self.vcpu.run();
-            let t1 = Instant::now();
-            stats.guest_time += t1 - t0;
-            let exit = match exit {
-                Ok(e) => e,
-                // A store pagetrack could not complete is the guest's dead end, not the host's.
-                Err(e @ pagetrack_kvm::Error::Unemulatable { .. }) => {
-                    return Ok(ProcessEnd::Crashed(e.to_string()));
-                }
-                Err(e) => return Err(e.into()),
-            };
-            stats.exits += 1;
-            match exit {
-                Exit::IoOut {
-                    port: SYSCALL_PORT, ..
-                } => {
-                    let regs = self.vcpu.fd().sync_regs().regs;
-                    if regs.rip != STUB_VA + 2 {
-                        return Ok(ProcessEnd::Crashed(format!(
-                            "port I/O to {SYSCALL_PORT:#x} outside the system-call stub at rip {:#x}",
-                            regs.rip
-                        )));
-                    }
-                    let enters_cpl0 = match cpl0_entry {
-                        Some(c) => c,
-                        None => {
-                            let s = self.vcpu.fd().get_sregs().map_err(|source| Error::Kvm {
-                                op: "KVM_GET_SREGS",
-                                source,
-                            })?;
-                            let c = s.cs.dpl == 0;
-                            cpl0_entry = Some(c);
-                            stats.syscall_enters_cpl0 = c;
-                            c
-                        }
-                    };
-                    let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
-                    let flow = self
-                        .kernel
-                        .syscall(regs.rax, args, self.vcpu.fd(), self.vm.vm_fd());
-                    self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
-                    stats.syscall_time += t1.elapsed();
-                    // Where the program resumes: after its `syscall`, as sysretq returns.
-                    let mut user = kvm_bindings::kvm_regs {
-                        rip: regs.rcx,
-                        rflags: regs.r11,
-                        ..regs
-                    };
-                    match flow {
-                        Flow::Return(v) => user.rax = v,
-                        Flow::SigReturn => {
-                            let mut frame = vec![
-                                0u8;
-                                usize::try_from(signal::FRAME_SIZE)
-                                    .expect("a small constant")
-                            ];
-                            let at = regs.rsp.wrapping_sub(8);
-                            if self.kernel.mm.read_user(at, &mut frame).is_err() {
-                                return Ok(bad_frame(at));
-                            }
-                            user = self.kernel.signals.restore(&frame, &user);
-                            if let Some(i) = self.fpu_stash.iter().rposition(|(f, _)| *f == at) {
-                                let (_, fpu) = self.fpu_stash[i];
-                                self.fpu_stash.truncate(i);
-                                self.vcpu.fd().set_fpu(&fpu).map_err(|source| Error::Kvm {
-                                    op: "KVM_SET_FPU",
-                                    source,
-                                })?;
-                            }
-                        }
-                        _ => {}
-                    }
-                    match flow {
-                        Flow::Return(_) | Flow::SigReturn => {
-                            if let Some(end) = self.deliver(&mut user) {
-                                return Ok(end);
-                            }
-                            self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
-                            let fd = self.vcpu.fd_mut();
-                            let r = &mut fd.sync_regs_mut().regs;
-                            *r = if enters_cpl0 {
-                                // sysretq, still ahead in the stub, jumps to RCX with R11.
-                                kvm_bindings::kvm_regs {
-                                    rip: r.rip,
-                                    rflags: r.rflags,
-                                    rcx: user.rip,
-                                    r11: user.rflags,
-                                    ..user
-                                }
-                            } else {
-                                // Still at CPL3 in the stub: return as sysretq would.
-                                user
-                            };
-                            fd.set_sync_dirty_reg(SyncReg::Register);
-                        }
-                        Flow::Exit(code) => return Ok(ProcessEnd::Exited(code.to_le_bytes()[0])),
-                        Flow::Timeout => {
-                            return Ok(ProcessEnd::Timeout(self.timeout.unwrap_or_default()));
-                        }
-                    }
-                }
-                Exit::IoOut {
-                    port: EXCEPTION_PORT,
-                    ..
-                } => {
-                    let ex = x86::decode_exception(
-                        self.vcpu.fd(),
-                        &*self.vm.raw_memory(),
-                        &self.layout,
-                    )?;
-                    let not_present = ex.error_code.is_some_and(|e| e & 1 == 0);
-                    if ex.vector == 14
-                        && not_present
-                        && let Some(addr) = ex.cr2
-                        && self.kernel.mm.grow_stack(addr)
-                    {
-                        self.tracking.commit(&self.vm, &mut self.kernel.mm)?;
-                        stats.stack_faults += 1;
-                        continue;
-                    }
-                    let (signal, name) = signal_of(ex.vector);
-                    return Ok(ProcessEnd::Signaled {
-                        signal,
-                        exception: Some(ex),
-                        detail: format!("{name}: {ex}"),
-                    });
-                }
-                Exit::Stopped if deadline.is_none_or(|d| Instant::now() < d) => {
-                    // The alarm kicker: deliver SIGALRM between two instructions, where the
-                    // program is at CPL3 and returns with every register (PVM only: on
-                    // VT-x/SVM the return path is sysretq, which cannot restore RCX/R11).
-                    if let Some(end) = self.alarm_between_instructions(cpl0_entry == Some(false))? {
-                        return Ok(end);
-                    }
-                    alarm_sent = None;
-                }
-                Exit::Stopped => {
-                    let t = deadline.map_or(Duration::ZERO, |d| {
-                        d.saturating_duration_since(t0) + (t1 - t0)
-                    });
-                    return Ok(ProcessEnd::Timeout(self.timeout.unwrap_or(t)));
-                }
-                other => {
-                    let rip = self.vcpu.fd().get_regs().map(|r| r.rip).unwrap_or_default();
-                    return Ok(ProcessEnd::Crashed(format!(
-                        "the guest stopped with {other:?} at rip {rip:#x}"
-                    )));
-                }
-            }
-        }
-    }
+    Ok(())
 }
 
 /// The end of a program whose signal frame cannot be read or written: SIGSEGV, as Linux's

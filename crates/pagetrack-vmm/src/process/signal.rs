@@ -126,6 +126,31 @@ pub struct Signals {
     /// The mask `rt_sigsuspend` replaced, restored by the handler's `rt_sigreturn` (or at
     /// once if no handler runs).
     saved: Option<u64>,
+    /// Signals sent to the running thread alone (`tgkill`, `tkill`), all with `SI_TKILL`.
+    thread_pending: u64,
+}
+
+/// What Linux keeps per thread: the blocked mask, the alternate stack, the mask
+/// `rt_sigsuspend` replaced and the signals sent to the thread alone. The thread that serves
+/// a system call has its own swapped into [`Signals`] ([`Signals::swap_thread`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadSignals {
+    blocked: u64,
+    altstack: (u64, u64, u32),
+    saved: Option<u64>,
+    pending: u64,
+}
+
+impl ThreadSignals {
+    /// A new thread's: the creator's blocked mask, no alternate stack, nothing pending.
+    pub fn inherit(blocked: u64) -> ThreadSignals {
+        ThreadSignals {
+            blocked,
+            altstack: (0, 0, SS_DISABLE),
+            saved: None,
+            pending: 0,
+        }
+    }
 }
 
 impl Default for Signals {
@@ -137,6 +162,7 @@ impl Default for Signals {
             codes: [0; 64],
             altstack: (0, 0, SS_DISABLE),
             saved: None,
+            thread_pending: 0,
         }
     }
 }
@@ -205,19 +231,63 @@ impl Signals {
 
     /// True if a signal is pending and not blocked (it would interrupt a wait).
     pub fn deliverable(&self) -> bool {
-        self.pending & !self.blocked != 0
+        (self.pending | self.thread_pending) & !self.blocked != 0
+    }
+
+    /// Exchanges the per-thread part with `t`: the serving thread's goes in, and comes back
+    /// out when it is done.
+    pub fn swap_thread(&mut self, t: &mut ThreadSignals) {
+        std::mem::swap(&mut self.blocked, &mut t.blocked);
+        std::mem::swap(&mut self.altstack, &mut t.altstack);
+        std::mem::swap(&mut self.saved, &mut t.saved);
+        std::mem::swap(&mut self.thread_pending, &mut t.pending);
+    }
+
+    /// True if `sig` would be discarded at once for a thread blocking `blocked`.
+    fn discarded(&self, sig: u32, blocked: u64) -> bool {
+        let act = self.action(sig);
+        let ignored = act.handler == SIG_IGN || (act.handler == SIG_DFL && default_ignored(sig));
+        ignored && blocked & bit(sig) == 0
+    }
+
+    /// Marks `sig` (1–64) pending for the running thread alone (`tgkill` to itself).
+    pub fn raise_thread(&mut self, sig: u32) {
+        if !self.discarded(sig, self.blocked) {
+            self.thread_pending |= bit(sig);
+        }
+    }
+
+    /// Marks `sig` (1–64) pending for another thread, whose state is `t`; true if it is
+    /// pending and not blocked there (the thread should be woken).
+    pub fn raise_other(&self, t: &mut ThreadSignals, sig: u32) -> bool {
+        if self.discarded(sig, t.blocked) {
+            return false;
+        }
+        t.pending |= bit(sig);
+        t.blocked & bit(sig) == 0
     }
 
     /// Takes the lowest pending unblocked signal, with what to do about it. A handler with
     /// `SA_RESETHAND` is reset to the default here, as Linux does at delivery.
     pub fn take(&mut self) -> Option<Delivery> {
-        let ready = self.pending & !self.blocked;
+        // The thread's own first, as Linux's dequeue_signal.
+        let own = self.thread_pending & !self.blocked;
+        let ready = if own != 0 {
+            own
+        } else {
+            self.pending & !self.blocked
+        };
         if ready == 0 {
             return None;
         }
         let sig = ready.trailing_zeros() + 1;
-        self.pending &= !bit(sig);
-        let code = self.codes[usize::try_from(sig - 1).expect("1-64")];
+        let code = if own != 0 {
+            self.thread_pending &= !bit(sig);
+            SI_TKILL
+        } else {
+            self.pending &= !bit(sig);
+            self.codes[usize::try_from(sig - 1).expect("1-64")]
+        };
         let act = self.action(sig);
         let disposition = match act.handler {
             SIG_IGN => Disposition::Ignore,
@@ -444,6 +514,40 @@ mod tests {
         let back = s.restore(&bytes, &h);
         assert_eq!(back, regs);
         assert_eq!(s.blocked, 0);
+    }
+
+    #[test]
+    fn thread_state_swaps_and_thread_signals_reach_only_their_thread() {
+        let mut s = Signals::default();
+        s.set_action(10, handler(0x1000, 0, 0));
+        // Thread A runs (its state swapped in) and blocks SIGUSR1; thread B does not.
+        let mut a = ThreadSignals::inherit(0);
+        let mut b = ThreadSignals::inherit(0);
+        s.swap_thread(&mut a);
+        s.set_blocked(bit(10));
+        assert!(
+            s.raise_other(&mut b, 10),
+            "B does not block it: B is to be woken"
+        );
+        s.raise_thread(10);
+        assert!(!s.deliverable(), "blocked in A");
+        s.swap_thread(&mut a);
+        assert_eq!(a.blocked, bit(10), "A's mask went back out with it");
+        assert_eq!(s.blocked, 0);
+        // B runs: its own SIGUSR1 is delivered to it, as SI_TKILL.
+        s.swap_thread(&mut b);
+        let d = s.take().unwrap();
+        assert_eq!((d.sig, d.code), (10, SI_TKILL));
+        assert!(s.take().is_none(), "A's pending signal stays A's");
+        s.swap_thread(&mut b);
+        // A unblocks and gets its own.
+        s.swap_thread(&mut a);
+        s.set_blocked(0);
+        assert_eq!(s.take().map(|d| d.sig), Some(10));
+        // An ignored signal sent to a thread that does not block it is discarded.
+        s.set_action(12, handler(SIG_IGN, 0, 0));
+        assert!(!s.raise_other(&mut b, 12));
+        assert_eq!(b.pending & bit(12), 0);
     }
 
     #[test]

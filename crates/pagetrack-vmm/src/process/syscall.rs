@@ -1,8 +1,9 @@
 //! The system calls the VMM serves for the program: what a static busybox or glibc program
 //! needs for file filters (read/write, open/stat/seek on contained files, memory management,
 //! time, identity), `-ENOSYS` for everything else (counted), and refusals (`EPERM`, `EACCES`)
-//! for what would reach the host (fork, exec, clone, sockets, signals to other processes,
-//! paths outside the allowed directories).
+//! for what would reach the host (fork, exec, sockets, signals to other processes, paths
+//! outside the allowed directories). Threads (`clone`, `futex`, `exit`, tids) are served by
+//! the `thread` module, which holds this kernel behind a mutex.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -134,7 +135,8 @@ struct Fd {
 }
 
 fn lock(f: &Arc<Mutex<OpenFile>>) -> MutexGuard<'_, OpenFile> {
-    // One thread serves system calls; a poisoned lock only means an earlier panic.
+    // Threads serve system calls one at a time (the kernel's mutex); a poisoned lock only
+    // means an earlier panic.
     f.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -608,6 +610,7 @@ impl Kernel {
             nr::LINKAT => self.linkat(signed(a[0]), a[1], signed(a[2]), a[3], a[4]),
             nr::MKDIRAT => self.mkdirat(signed(a[0]), a[1], a[2]),
             // What would reach the host: refused.
+            // A run serves clone and clone3 in the thread module, before this kernel.
             nr::FORK | nr::VFORK | nr::CLONE | nr::CLONE3 | nr::EXECVE | nr::EXECVEAT => Err(EPERM),
             nr::SOCKET | nr::SOCKETPAIR | nr::CONNECT | nr::BIND | nr::ACCEPT => Err(EACCES),
             _ => Err(ENOSYS),
@@ -656,6 +659,73 @@ impl Kernel {
     fn at(&self, dirfd: i64, va: u64) -> SysResult<(Option<Base>, Vec<u8>)> {
         let p = self.path(va)?;
         Ok((self.base(dirfd)?, p))
+    }
+
+    /// For a read of `fd` that would wait (a FIFO or pipe without `O_NONBLOCK`, pagetrack's own
+    /// standard input) and has nothing to read now: a host descriptor to wait on, so that a
+    /// thread may wait for input without holding the kernel's lock. `None` if the read would
+    /// not wait.
+    pub(crate) fn read_wait_fd(&self, fd: i64) -> Option<OwnedFd> {
+        let f = self.fds.get(&fd)?;
+        let g = lock(&f.file);
+        let host_stdin = matches!(g.node, Node::Stdin(StdinState::Host));
+        let waits = host_stdin || (g.fifo && g.flags & O_NONBLOCK == 0);
+        if !waits {
+            return None;
+        }
+        let Ok(Readiness::Host(h)) = g.readiness() else {
+            return None;
+        };
+        drop(g);
+        let mut p = [PollFd::new(&h, PollFlags::IN)];
+        let ts = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut p, Some(&ts)) {
+            Ok(0) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// For a `poll` of the `nfds` entries at `fds` that would wait (nothing ready now, no
+    /// bad entry): the host descriptors to wait on with their events, so that a thread may
+    /// wait without holding the kernel's lock. `None` if the call would not wait.
+    pub(crate) fn poll_wait_fds(&self, fds: u64, nfds: u64) -> Option<Vec<(OwnedFd, i16)>> {
+        if nfds > MAX_FDS.cast_unsigned() {
+            return None;
+        }
+        let mut raw = vec![0u8; usize::try_from(nfds).ok()? * 8];
+        self.mm.read_user(fds, &mut raw).ok()?;
+        let mut host = Vec::new();
+        for c in raw.chunks_exact(8) {
+            let fd = i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            let events = i16::from_le_bytes([c[4], c[5]]);
+            if fd < 0 {
+                continue;
+            }
+            // An unknown descriptor is POLLNVAL at once.
+            let f = self.fds.get(&fd)?;
+            match lock(&f.file).readiness().ok()? {
+                Readiness::Now(r) if r & (events | POLLERR | POLLHUP) != 0 => return None,
+                Readiness::Now(_) => {}
+                Readiness::Host(h) => host.push((h, events)),
+            }
+        }
+        let mut p: Vec<PollFd<'_>> = host
+            .iter()
+            .map(|(h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
+            .collect();
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut p, Some(&zero)) {
+            Ok(0) => {}
+            _ => return None,
+        }
+        drop(p);
+        Some(host)
     }
 
     fn sink(&mut self, node: &Node) -> Option<&mut Sink> {
