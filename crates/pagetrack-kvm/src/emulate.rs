@@ -254,6 +254,9 @@ pub struct Emulated {
     /// A read-modify-write that the guest expects to be atomic (`lock` prefix or `xchg`): the
     /// frames of [`StorePlan::targets`] must stay locked from the read to the applied write.
     pub locked: bool,
+    /// The whole XSAVE area (KVM_SET_XSAVE format) after the instruction, when it changed
+    /// x87, MMX or SSE state (an x87 pop, status flags, MXCSR flags); None when unchanged.
+    pub xsave: Option<Box<[u8]>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,6 +306,9 @@ enum Op {
     DescriptorTable {
         idt: bool,
     },
+    /// Bytes computed from the registers when the plan was made ([`crate::simd`],
+    /// [`crate::x87`]).
+    Computed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,6 +335,10 @@ pub struct StorePlan {
     /// Source memory operand (movdir64b).
     source: Vec<Piece>,
     locked: bool,
+    /// The operand image of an [`Op::Computed`] store.
+    computed: Vec<u8>,
+    /// The XSAVE area after the instruction, when it changes FPU state.
+    new_xsave: Option<Box<[u8]>>,
 }
 
 /// Emulates the store instruction `insn_bytes` (the bytes at RIP, up to 15) on `state`: decodes,
@@ -369,11 +379,17 @@ impl StorePlan {
             pieces: Vec::new(),
             source: Vec::new(),
             locked: insn.has_lock_prefix() || insn.mnemonic() == Mnemonic::Xchg,
+            computed: Vec::new(),
+            new_xsave: None,
         };
         if insn.is_invalid() {
             return Err(plan.unsupported("the bytes do not decode"));
         }
-        let d = plan.classify(&insn, state)?;
+        let mut d = plan.classify(&insn, state)?;
+        if let Some((bytes, xsave)) = d.computed.take() {
+            plan.computed = bytes;
+            plan.new_xsave = xsave;
+        }
         if d.align > 1 && d.gva % d.align != 0 {
             return Err(EmulateError::Fault { vector: GP_VECTOR });
         }
@@ -456,6 +472,7 @@ impl StorePlan {
             len: self.bytes.len(),
             mnemonic: self.mnemonic,
             locked: self.locked,
+            xsave: self.new_xsave.clone(),
         })
     }
 
@@ -476,6 +493,18 @@ impl StorePlan {
         let size = insn.memory_size().size();
         let gpr_size = matches!(size, 1 | 2 | 4 | 8);
         let mnemonic = insn.mnemonic();
+        let address = || self.address(insn, 0, state, 0);
+        let refuse = |reason| self.unsupported(reason);
+        if let Some(c) = crate::simd::classify(insn, state, &address, &refuse)? {
+            return Ok(Decoded {
+                op: Op::Computed,
+                gva: c.gva,
+                ranges: c.ranges,
+                align: 1,
+                source: None,
+                computed: Some((c.bytes, c.xsave)),
+            });
+        }
         let (op, size, align) = match mnemonic {
             M::Mov | M::Movnti | M::Movdiri if mem0 && gpr_size => {
                 (Op::Store(self.gpr_or_imm(insn, 1)?), size, 1)
@@ -550,6 +579,7 @@ impl StorePlan {
                     ranges,
                     align: 64,
                     source: None,
+                    computed: None,
                 });
             }
             M::Movdir64b if insn.op0_kind() == OpKind::Register => {
@@ -563,6 +593,7 @@ impl StorePlan {
                     ranges,
                     align: 64,
                     source,
+                    computed: None,
                 });
             }
             _ if mem0 && insn.op1_kind() == OpKind::Register => {
@@ -608,6 +639,7 @@ impl StorePlan {
                         ranges,
                         align,
                         source: None,
+                        computed: None,
                     });
                 }
                 (Op::Store(Src::Vector { reg, byte }), size, align)
@@ -821,6 +853,7 @@ impl StorePlan {
             }
             Op::Xsave { rfbm, rex_w } => return xsave_image(state, &self.pieces, rfbm, rex_w, old),
             Op::Movdir64b => return Ok(Some(source.to_vec())),
+            Op::Computed => return Ok(Some(self.computed.clone())),
             Op::DescriptorTable { idt } => {
                 let (base, limit) = if idt { state.idtr } else { state.gdtr };
                 let mut v = limit.to_le_bytes().to_vec();
@@ -845,6 +878,9 @@ impl StorePlan {
     }
 }
 
+/// The operand image and the new XSAVE area (if any) of an [`Op::Computed`] store.
+type ComputedStore = (Vec<u8>, Option<Box<[u8]>>);
+
 /// Destination of a classified instruction.
 struct Decoded {
     op: Op,
@@ -853,6 +889,8 @@ struct Decoded {
     ranges: Vec<(usize, usize)>,
     align: u64,
     source: Option<u64>,
+    /// The operand image and new XSAVE area of an [`Op::Computed`] store.
+    computed: Option<ComputedStore>,
 }
 
 impl Decoded {
@@ -863,6 +901,7 @@ impl Decoded {
             ranges: vec![(0, size)],
             align,
             source: None,
+            computed: None,
         }
     }
 }
@@ -930,7 +969,7 @@ fn split<C: CpuAccess + ?Sized>(
     Ok(())
 }
 
-fn sub(buf: &[u8], offset: usize, len: usize) -> Result<&[u8], EmulateError> {
+pub(crate) fn sub(buf: &[u8], offset: usize, len: usize) -> Result<&[u8], EmulateError> {
     offset
         .checked_add(len)
         .and_then(|end| buf.get(offset..end))
@@ -948,7 +987,7 @@ fn sub_mut(buf: &mut [u8], offset: usize, len: usize) -> Result<&mut [u8], Emula
         })
 }
 
-fn read_le(bytes: &[u8]) -> u64 {
+pub(crate) fn read_le(bytes: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = bytes.len().min(8);
     b[..n].copy_from_slice(&bytes[..n]);
@@ -1092,7 +1131,7 @@ fn alu(op: AluOp, size: usize, a: u64, b: u64, rflags: u64) -> (u64, u64) {
     (res, flags)
 }
 
-fn xsave_area(state: &CpuState) -> Result<&[u8], EmulateError> {
+pub(crate) fn xsave_area(state: &CpuState) -> Result<&[u8], EmulateError> {
     state
         .xsave
         .as_deref()
@@ -1104,7 +1143,7 @@ fn xsave_area(state: &CpuState) -> Result<&[u8], EmulateError> {
 
 /// `len` bytes at `offset` inside component `i` (>= 2) of the KVM XSAVE area; zeros (the
 /// initial value of components 2..=9) when XSTATE_BV says the component is in its initial state.
-fn component_bytes(
+pub(crate) fn component_bytes(
     state: &CpuState,
     i: usize,
     offset: usize,
@@ -1127,7 +1166,7 @@ fn component_bytes(
 }
 
 /// The 64 bytes of the zmm register containing `reg` (only `reg.size()` of them filled).
-fn vector_register(state: &CpuState, reg: Register) -> Result<[u8; 64], EmulateError> {
+pub(crate) fn vector_register(state: &CpuState, reg: Register) -> Result<[u8; 64], EmulateError> {
     let (n, size) = (reg.number(), reg.size().min(64));
     let mut out = [0u8; 64];
     if n < 16 {
@@ -1725,7 +1764,10 @@ mod tests {
         r.s.regs.rdi = BUF;
         let scatter = r.err(|a| a.vpscatterdd(dword_ptr(rdi + zmm2).k1(), zmm1));
         assert_eq!(reason(scatter), "not a supported store");
-        assert!(reason(r.err(|a| a.movq(qword_ptr(rdi), mm1))).contains("xmm"));
+        // An MMX store: mm1 is physical register 1 (ST1 at TOP = 0); all tags become valid.
+        let out = r.run(|a| a.movq(qword_ptr(rdi), mm1));
+        assert_eq!(out.writes[0].new, (48..56).collect::<Vec<u8>>());
+        assert_eq!(out.xsave.as_ref().map(|x| x[4]), Some(0xff));
         r.s.xsave = None;
         let err = r.err(|a| a.movq(qword_ptr(rdi), xmm1));
         assert!(matches!(err, EmulateError::State { .. }));

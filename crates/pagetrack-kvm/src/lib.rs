@@ -10,6 +10,7 @@ pub mod emulate;
 mod error;
 mod gate;
 mod memory;
+mod simd;
 mod slots;
 mod store;
 mod string;

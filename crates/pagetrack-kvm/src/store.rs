@@ -150,7 +150,7 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         bytes: hex(&bytes),
         reason,
     };
-    let xsave = fd.get_xsave().map_err(Error::kvm("KVM_GET_XSAVE"))?;
+    let mut xsave = fd.get_xsave().map_err(Error::kvm("KVM_GET_XSAVE"))?;
     let xcrs = fd.get_xcrs().map_err(Error::kvm("KVM_GET_XCRS"))?;
     let nr = usize::try_from(xcrs.nr_xcrs)
         .unwrap_or(0)
@@ -199,6 +199,13 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
     }
     for pt in pts {
         vm.after_page_table_store(&mem, pt);
+    }
+    if let Some(area) = &done.xsave {
+        // The FPU state the instruction left (x87 pop and flags, MMX top and tags, MXCSR).
+        for (word, b) in xsave.region.iter_mut().zip(area.chunks_exact(4)) {
+            *word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        crate::sys::set_xsave(fd, &xsave).map_err(Error::kvm("KVM_SET_XSAVE"))?;
     }
     fd.set_regs(&state.regs)
         .map_err(Error::kvm("KVM_SET_REGS"))?;

@@ -16,6 +16,7 @@ mod hard;
 mod hostile;
 mod masked;
 mod pagetables;
+mod refused;
 mod shapes;
 mod stale;
 mod stall;
