@@ -1764,14 +1764,16 @@ mod tests {
         r.s.regs.rdi = BUF;
         let scatter = r.err(|a| a.vpscatterdd(dword_ptr(rdi + zmm2).k1(), zmm1));
         assert_eq!(reason(scatter), "not a supported store");
-        // An MMX store: mm1 is physical register 1 (ST1 at TOP = 0); all tags become valid.
-        let out = r.run(|a| a.movq(qword_ptr(rdi), mm1));
-        assert_eq!(out.writes[0].new, (48..56).collect::<Vec<u8>>());
-        assert_eq!(out.xsave.as_ref().map(|x| x[4]), Some(0xff));
         r.s.xsave = None;
         let err = r.err(|a| a.movq(qword_ptr(rdi), xmm1));
         assert!(matches!(err, EmulateError::State { .. }));
         assert!(r.m.mem.is_empty());
+        let mut r = Rig::vector();
+        r.s.regs.rdi = BUF;
+        // An MMX store: mm1 is physical register 1 (ST1 at TOP = 0); all tags become valid.
+        let out = r.run(|a| a.movq(qword_ptr(rdi), mm1));
+        assert_eq!(out.writes[0].new, (48..56).collect::<Vec<u8>>());
+        assert_eq!(out.xsave.as_ref().map(|x| x[4]), Some(0xff));
     }
 
     #[test]
