@@ -495,7 +495,11 @@ impl StorePlan {
         let mnemonic = insn.mnemonic();
         let address = || self.address(insn, 0, state, 0);
         let refuse = |reason| self.unsupported(reason);
-        if let Some(c) = crate::simd::classify(insn, state, &address, &refuse)? {
+        let computed = match crate::simd::classify(insn, state, &address, &refuse)? {
+            Some(c) => Some(c),
+            None => crate::x87::classify(insn, &self.bytes, state, &address, &refuse)?,
+        };
+        if let Some(c) = computed {
             return Ok(Decoded {
                 op: Op::Computed,
                 gva: c.gva,

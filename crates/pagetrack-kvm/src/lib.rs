@@ -18,6 +18,7 @@ mod sys;
 mod vcpu;
 mod vm;
 pub mod walk;
+mod x87;
 
 pub use error::{Error, Result};
 pub use memory::TrackedMemory;

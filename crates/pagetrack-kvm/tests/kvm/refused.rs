@@ -93,6 +93,12 @@ const SELECT: [u64; 4] = [
     0x8000_0000_0000_0000,
 ];
 
+/// Sets the x87 rounding control (0 nearest, 1 down, 2 up, 3 toward zero), exceptions masked.
+fn set_rounding(a: &mut Asm, rc: u16) -> Result<(), IcedError> {
+    a.mov(word_ptr(SCRATCH + 0x900), u32::from(0x037f | rc << 10))?;
+    a.fldcw(word_ptr(SCRATCH + 0x900))
+}
+
 /// Defines one test per instruction: `name: size => |a, off| store`.
 macro_rules! stores {
     ($($name:ident: $size:expr => $store:expr;)*) => {$(
@@ -105,6 +111,43 @@ macro_rules! stores {
 }
 
 stores! {
+    // x87: conversions with the control word's rounding, pops, status flags.
+    fst_m32_rounds_and_keeps_the_stack: 4 => |a, o| a.fst(dword_ptr(rdi + o));
+    fst_m64_stores_a_double: 8 => |a, o| a.fst(qword_ptr(rdi + o));
+    fstp_m32_pops: 4 => |a, o| a.fstp(dword_ptr(rdi + o));
+    fstp_m64_pops: 8 => |a, o| a.fstp(qword_ptr(rdi + o));
+    fstp_m80_stores_the_raw_register: 10 => |a, o| a.fstp(tword_ptr(rdi + o));
+    fstp_m32_overflow_sets_the_flags: 4 => |a, o| {
+        a.fstp(st0)?;
+        a.fst(dword_ptr(rdi + o))
+    };
+    fist_m16_rounds_to_nearest: 2 => |a, o| a.fist(word_ptr(rdi + o));
+    fist_m32_rounds_to_nearest: 4 => |a, o| a.fist(dword_ptr(rdi + o));
+    fistp_m64_pops: 8 => |a, o| a.fistp(qword_ptr(rdi + o));
+    fistp_m16_out_of_range_stores_indefinite: 2 => |a, o| {
+        a.fstp(st0)?;
+        a.fistp(word_ptr(rdi + o))
+    };
+    fist_m32_rounds_up_with_rc_up: 4 => |a, o| {
+        set_rounding(a, 2)?;
+        a.fist(dword_ptr(rdi + o))
+    };
+    fst_m64_rounds_down_with_rc_down: 8 => |a, o| {
+        set_rounding(a, 1)?;
+        a.fst(qword_ptr(rdi + o))
+    };
+    fstp_m32_overflow_toward_zero_stores_the_largest_float: 4 => |a, o| {
+        set_rounding(a, 3)?;
+        a.fstp(st0)?;
+        a.fstp(dword_ptr(rdi + o))
+    };
+    fisttp_m32_truncates: 4 => |a, o| a.fisttp(dword_ptr(rdi + o));
+    fisttp_m64_truncates: 8 => |a, o| a.fisttp(qword_ptr(rdi + o));
+    fbstp_m80_stores_bcd: 10 => |a, o| a.fbstp(tword_ptr(rdi + o));
+    fnstcw_m16: 2 => |a, o| a.fnstcw(word_ptr(rdi + o));
+    fnstsw_m16: 2 => |a, o| a.fnstsw(word_ptr(rdi + o));
+    fnstenv_stores_28_bytes_and_masks: 28 => |a, o| a.fnstenv(ptr(rdi + o));
+    fnsave_stores_108_bytes_and_reinitialises: 108 => |a, o| a.fnsave(ptr(rdi + o));
     // SSE/AVX.
     stmxcsr_m32: 4 => |a, o| a.stmxcsr(dword_ptr(rdi + o));
     vstmxcsr_m32: 4 => |a, o| a.vstmxcsr(dword_ptr(rdi + o));
@@ -238,4 +281,57 @@ fn vcvtps2ph_of_a_denormal_is_refused_with_a_typed_error() {
     }
     assert_eq!(run.tracked_final, run.initial, "nothing applied");
     assert!(run.events.is_empty());
+}
+
+/// Runs `body` and expects the tracked pass to stop with `Error::Unemulatable` naming the
+/// bytes `starts`, with nothing applied and nothing reported.
+fn refused(body: &dyn Fn(&mut Asm) -> Result<(), IcedError>, starts: &str) {
+    let Some(kvm) = pagetrack_testkit::gate::open_kvm_or_skip(module_path!()) else {
+        return;
+    };
+    let run = TwoPass::new(body).run(kvm);
+    match &run.ending {
+        pagetrack_testkit::Ending::Error(pagetrack_kvm::Error::Unemulatable { bytes, .. }) => {
+            assert!(bytes.starts_with(starts), "{bytes}");
+        }
+        other => panic!("expected Unemulatable, got {other:?}"),
+    }
+    assert_eq!(run.tracked_final, run.initial, "nothing applied");
+    assert!(run.events.is_empty());
+}
+
+#[test]
+fn x87_cases_not_modelled_are_refused_with_a_typed_error() {
+    // fst m32 of 1e-40: below the f32 normal range (underflow).
+    refused(
+        &|a| {
+            a.fninit()?;
+            a.mov(rax, 1.0e-40f64.to_bits())?;
+            a.push(rax)?;
+            a.fld(qword_ptr(rsp))?;
+            a.pop(rax)?;
+            a.fst(dword_ptr(rdi + 0x40))
+        },
+        "d9 57 40",
+    );
+    // fstp m64 with an empty stack (stack underflow).
+    refused(
+        &|a| {
+            a.fninit()?;
+            a.fstp(qword_ptr(rdi + 0x40))
+        },
+        "dd 5f 40",
+    );
+    // fst m32 of an inexact value with the precision exception unmasked.
+    refused(
+        &|a| {
+            a.fninit()?;
+            a.fldpi()?;
+            set_rounding(a, 0)?;
+            a.mov(word_ptr(SCRATCH + 0x900), 0x035fu32)?; // PM clear
+            a.fldcw(word_ptr(SCRATCH + 0x900))?;
+            a.fst(dword_ptr(rdi + 0x40))
+        },
+        "d9 57 40",
+    );
 }
