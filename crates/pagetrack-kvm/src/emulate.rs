@@ -306,6 +306,12 @@ enum Op {
     DescriptorTable {
         idt: bool,
     },
+    /// enter with a nesting level: pushes RBP, `level - 1` outer frame pointers read from
+    /// [RBP - 8], [RBP - 16]..., and the new frame pointer; then allocates `frame` bytes.
+    Enter {
+        level: u64,
+        frame: u64,
+    },
     /// Bytes computed from the registers when the plan was made ([`crate::simd`],
     /// [`crate::x87`]).
     Computed,
@@ -399,9 +405,9 @@ impl StorePlan {
         for &(start, len) in &d.ranges {
             split(d.gva, start, len, true, cpu, &mut cache, &mut plan.pieces)?;
         }
-        if let Some(src) = d.source {
+        if let Some((src, len)) = d.source {
             let mut cache = Vec::new();
-            split(src, 0, 64, false, cpu, &mut cache, &mut plan.source)?;
+            split(src, 0, len, false, cpu, &mut cache, &mut plan.source)?;
         }
         Ok(plan)
     }
@@ -446,7 +452,8 @@ impl StorePlan {
         for p in &self.pieces {
             cpu.read_phys(p.gpa, sub_mut(&mut old, p.offset, p.len)?)?;
         }
-        let mut source = vec![0u8; if self.source.is_empty() { 0 } else { 64 }];
+        let source_len = self.source.iter().map(|p| p.offset + p.len).max();
+        let mut source = vec![0u8; source_len.unwrap_or(0)];
         for p in &self.source {
             cpu.read_phys(p.gpa, sub_mut(&mut source, p.offset, p.len)?)?;
         }
@@ -557,6 +564,24 @@ impl StorePlan {
                 let gva = self.address(insn, 0, state, delta)?;
                 return Ok(Decoded::simple(Op::Bit(mnemonic, bit), gva, size, 1));
             }
+            M::Enter if insn.code() == iced_x86::Code::Enterq_imm16_imm8 => {
+                let frame = insn.immediate(0) & 0xffff;
+                let level = insn.immediate(1) & 31;
+                let gva = regs.rsp.wrapping_sub(8 * (level + 1));
+                let size = usize::try_from(8 * (level + 1)).unwrap_or(0);
+                let source = (level > 1).then(|| {
+                    let n = 8 * (level - 1);
+                    (regs.rbp.wrapping_sub(n), usize::try_from(n).unwrap_or(0))
+                });
+                return Ok(Decoded {
+                    op: Op::Enter { level, frame },
+                    gva,
+                    ranges: vec![(0, size)],
+                    align: 1,
+                    source,
+                    computed: None,
+                });
+            }
             M::Sgdt | M::Sidt if mem0 => {
                 let gva = self.address(insn, 0, state, 0)?;
                 let op = Op::DescriptorTable {
@@ -589,7 +614,7 @@ impl StorePlan {
             M::Movdir64b if insn.op0_kind() == OpKind::Register => {
                 // Destination ES:[reg] (ES base is 0 in 64-bit mode), source a memory operand.
                 let gva = self.gpr_value(regs, self.gpr(insn, 0)?)?;
-                let source = Some(self.address(insn, 1, state, 0)?);
+                let source = Some((self.address(insn, 1, state, 0)?, 64));
                 let ranges = vec![(0, 64)];
                 return Ok(Decoded {
                     op: Op::Movdir64b,
@@ -858,6 +883,7 @@ impl StorePlan {
             Op::Xsave { rfbm, rex_w } => return xsave_image(state, &self.pieces, rfbm, rex_w, old),
             Op::Movdir64b => return Ok(Some(source.to_vec())),
             Op::Computed => return Ok(Some(self.computed.clone())),
+            Op::Enter { level, frame } => return Ok(Some(enter(regs, old, source, level, frame))),
             Op::DescriptorTable { idt } => {
                 let (base, limit) = if idt { state.idtr } else { state.gdtr };
                 let mut v = limit.to_le_bytes().to_vec();
@@ -882,6 +908,44 @@ impl StorePlan {
     }
 }
 
+/// Executes `enter frame, level` (level >= 1, 64-bit operands) over `old`, the bytes of the
+/// pushed slots [RSP - 8 * (level + 1), RSP), and `source`, the bytes of
+/// [RBP - 8 * (level - 1), RBP) before the instruction. A frame pointer read from a slot this
+/// instruction already pushed sees the pushed bytes, as on the CPU. Updates RBP and RSP.
+fn enter(regs: &mut kvm_regs, old: &[u8], source: &[u8], level: u64, frame: u64) -> Vec<u8> {
+    let base = regs.rsp.wrapping_sub(8 * (level + 1));
+    let src_base = regs.rbp.wrapping_sub(8 * level.saturating_sub(1));
+    let mut new = old.to_vec();
+    let mut written = vec![false; new.len()];
+    let push = |new: &mut [u8], written: &mut [bool], slot: u64, value: [u8; 8]| {
+        // Slot k (0 = the first push) sits at RSP - 8 * (k + 1).
+        let at = usize::try_from(8 * (level - slot)).unwrap_or(0);
+        new[at..at + 8].copy_from_slice(&value);
+        written[at..at + 8].fill(true);
+    };
+    push(&mut new, &mut written, 0, regs.rbp.to_le_bytes());
+    for i in 1..level {
+        let addr = regs.rbp.wrapping_sub(8 * i);
+        let mut value = [0u8; 8];
+        for (b, v) in value.iter_mut().enumerate() {
+            let a = addr.wrapping_add(b as u64);
+            let d = usize::try_from(a.wrapping_sub(base)).unwrap_or(usize::MAX);
+            *v = if d < new.len() && written[d] {
+                new[d]
+            } else {
+                let s = usize::try_from(a.wrapping_sub(src_base)).unwrap_or(0);
+                source.get(s).copied().unwrap_or(0)
+            };
+        }
+        push(&mut new, &mut written, i, value);
+    }
+    let frame_temp = regs.rsp.wrapping_sub(8);
+    push(&mut new, &mut written, level, frame_temp.to_le_bytes());
+    regs.rbp = frame_temp;
+    regs.rsp = base.wrapping_sub(frame);
+    new
+}
+
 /// The operand image and the new XSAVE area (if any) of an [`Op::Computed`] store.
 type ComputedStore = (Vec<u8>, Option<Box<[u8]>>);
 
@@ -892,7 +956,8 @@ struct Decoded {
     /// Written parts of the operand: (offset, len), sorted, disjoint.
     ranges: Vec<(usize, usize)>,
     align: u64,
-    source: Option<u64>,
+    /// A memory source: linear address and length.
+    source: Option<(u64, usize)>,
     /// The operand image and new XSAVE area of an [`Op::Computed`] store.
     computed: Option<ComputedStore>,
 }

@@ -99,6 +99,27 @@ fn set_rounding(a: &mut Asm, rc: u16) -> Result<(), IcedError> {
     a.fldcw(word_ptr(SCRATCH + 0x900))
 }
 
+/// After an `enter`: keeps RBP in r9 (the epilogue reuses RBP) and rewrites each of the
+/// `count` qwords at `rdi + offset` that points into the data region as its offset from RDI,
+/// so that both passes' memory compares equal (the pushed frame pointers differ otherwise).
+fn as_offsets(a: &mut Asm, offset: i32, count: u32) -> Result<(), IcedError> {
+    a.mov(r9, rbp)?;
+    a.lea(rsi, ptr(rdi + offset))?;
+    a.mov(ecx, count)?;
+    let mut next = a.create_label();
+    let mut skip = a.create_label();
+    a.set_label(&mut next)?;
+    a.mov(rax, qword_ptr(rsi))?;
+    a.sub(rax, rdi)?;
+    a.cmp(rax, 0x2000)?;
+    a.jae(skip)?;
+    a.mov(qword_ptr(rsi), rax)?;
+    a.set_label(&mut skip)?;
+    a.add(rsi, 8)?;
+    a.dec(ecx)?;
+    a.jnz(next)
+}
+
 /// Defines one test per instruction: `name: size => |a, off| store`.
 macro_rules! stores {
     ($($name:ident: $size:expr => $store:expr;)*) => {$(
@@ -213,6 +234,25 @@ stores! {
         a.vpmaskmovq(xmmword_ptr(rdi + o), xmm1, xmm0)
     };
     // AVX-512.
+    // enter with a nesting level: pushes RBP, the outer frame pointers and the new one.
+    enter_nesting_3: 32 => |a, o| {
+        a.lea(rsp, ptr(rdi + o + 32))?;
+        a.lea(rbp, ptr(rdi + 0x800))?;
+        a.enter(16u32, 3u32)?;
+        as_offsets(a, o, 4)
+    };
+    enter_nesting_1_pushes_two: 16 => |a, o| {
+        a.lea(rsp, ptr(rdi + o + 16))?;
+        a.enter(8u32, 1u32)?;
+        as_offsets(a, o, 2)
+    };
+    enter_nesting_31_reads_its_own_pushes: 256 => |a, o| {
+        // RBP just above RSP: the outer frame pointers overlap the slots being pushed.
+        a.lea(rsp, ptr(rdi + o + 256))?;
+        a.lea(rbp, ptr(rdi + o + 256 + 24))?;
+        a.enter(0u32, 31u32)?;
+        as_offsets(a, o, 32)
+    };
     kmovb_m8: 1 => |a, o| a.kmovb(byte_ptr(rdi + o), k1);
     kmovw_m16: 2 => |a, o| a.kmovw(word_ptr(rdi + o), k1);
     kmovd_m32: 4 => |a, o| a.kmovd(dword_ptr(rdi + o), k1);
