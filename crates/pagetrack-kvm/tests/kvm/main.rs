@@ -12,6 +12,7 @@ mod atomics;
 mod common;
 mod concurrency;
 mod example;
+mod fault;
 mod hard;
 mod hostile;
 mod masked;
