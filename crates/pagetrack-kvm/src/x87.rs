@@ -426,3 +426,78 @@ fn opcode(bytes: &[u8]) -> u16 {
             u16::from(bytes[i] & 7) << 8 | u16::from(modrm)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 80-bit form of an f64 (exact: f64 widens without rounding).
+    fn ext(x: f64) -> Ext {
+        let b = x.to_bits();
+        let sign = b >> 63 != 0;
+        let e = u32::try_from(b >> 52 & 0x7ff).unwrap();
+        let f = b & ((1 << 52) - 1);
+        match e {
+            0 => Ext {
+                sign,
+                exp: 0,
+                mant: 0,
+            },
+            0x7ff => Ext {
+                sign,
+                exp: 0x7fff,
+                mant: 1 << 63 | f << 11,
+            },
+            _ => Ext {
+                sign,
+                exp: e - 1023 + 16383,
+                mant: 1 << 63 | f << 11,
+            },
+        }
+    }
+
+    #[test]
+    fn to_float_rounds_as_the_control_word_says() {
+        let x = ext(0.1);
+        let f = |rc| to_float(x, 24, 127, rc).unwrap();
+        assert_eq!(f(0), (u64::from(0.1f32.to_bits()), PE, true));
+        assert_eq!(f(3).0, u64::from(0.1f32.to_bits()) - 1);
+        assert!(!f(3).2, "chopped: not rounded up");
+        assert_eq!(to_float(ext(1.5), 24, 127, 0), Ok((0x3fc0_0000, 0, false)));
+        assert_eq!(
+            to_float(ext(3.0e38 * 10.0), 24, 127, 3),
+            Ok((0x7f7f_ffff, OE | PE, false))
+        );
+        assert_eq!(
+            to_float(ext(-1.0e300), 24, 127, 1),
+            Ok((0xff80_0000, OE | PE, true))
+        );
+        assert!(
+            to_float(ext(1.0e-40), 24, 127, 0).is_err(),
+            "underflow refused"
+        );
+        let snan = Ext {
+            sign: false,
+            exp: 0x7fff,
+            mant: 1 << 63 | 1,
+        };
+        assert_eq!(
+            to_float(snan, 53, 1023, 0),
+            Ok((0x7ff8_0000_0000_0000, IE, false))
+        );
+    }
+
+    #[test]
+    fn to_int_and_bcd_round_and_saturate_to_indefinite() {
+        assert_eq!(to_int(ext(2.5), 32, 0), Ok((2, PE, false)), "ties to even");
+        assert_eq!(to_int(ext(3.5), 32, 0), Ok((4, PE, true)));
+        assert_eq!(to_int(ext(-2.7), 16, 3), Ok((0xfffe, PE, false)));
+        assert_eq!(to_int(ext(-32768.0), 16, 0), Ok((0x8000, 0, false)));
+        assert_eq!(to_int(ext(32768.0), 16, 0), Ok((0x8000, IE, false)));
+        assert_eq!(to_int(ext(0.3), 64, 2), Ok((1, PE, true)));
+        let (bcd, flags, _) = to_bcd(ext(-1234.5678), 0).unwrap();
+        assert_eq!(bcd, [0x35, 0x12, 0, 0, 0, 0, 0, 0, 0, 0x80]);
+        assert_eq!(flags, PE);
+        assert_eq!(to_bcd(ext(1.0e18), 0).unwrap().1, IE);
+    }
+}
