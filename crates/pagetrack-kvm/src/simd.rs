@@ -339,6 +339,8 @@ pub(crate) fn classify(
                 flags |= f;
                 bytes.extend_from_slice(&h.to_le_bytes());
             }
+            // Every element's flags count, masked-out ones too: the CPU does the same
+            // (tests/kvm/refused.rs, vcvtps2ph_masked_flags_as_the_cpu).
             let masks = mxcsr >> 7 & 0x3f;
             if flags & !masks != 0 {
                 return Err(refuse("vcvtps2ph raises an unmasked SIMD exception"));
