@@ -234,7 +234,7 @@ fn host_renames_racing_a_dotdot_never_fail_an_open() {
             let mut k = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let (a, b) = (busy.join("a"), busy.join("b"));
-                let (from, to) = if k % 2 == 0 { (a, b) } else { (b, a) };
+                let (from, to) = if k.is_multiple_of(2) { (a, b) } else { (b, a) };
                 std::fs::rename(from, to).unwrap();
                 k += 1;
             }
