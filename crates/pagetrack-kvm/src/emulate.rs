@@ -254,6 +254,9 @@ pub struct Emulated {
     /// A read-modify-write that the guest expects to be atomic (`lock` prefix or `xchg`): the
     /// frames of [`StorePlan::targets`] must stay locked from the read to the applied write.
     pub locked: bool,
+    /// The whole XSAVE area (KVM_SET_XSAVE format) after the instruction, when it changed
+    /// x87, MMX or SSE state (an x87 pop, status flags, MXCSR flags); None when unchanged.
+    pub xsave: Option<Box<[u8]>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,6 +306,15 @@ enum Op {
     DescriptorTable {
         idt: bool,
     },
+    /// enter with a nesting level: pushes RBP, `level - 1` outer frame pointers read from
+    /// [RBP - 8], [RBP - 16]..., and the new frame pointer; then allocates `frame` bytes.
+    Enter {
+        level: u64,
+        frame: u64,
+    },
+    /// Bytes computed from the registers when the plan was made ([`crate::simd`],
+    /// [`crate::x87`]).
+    Computed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,6 +341,10 @@ pub struct StorePlan {
     /// Source memory operand (movdir64b).
     source: Vec<Piece>,
     locked: bool,
+    /// The operand image of an [`Op::Computed`] store.
+    computed: Vec<u8>,
+    /// The XSAVE area after the instruction, when it changes FPU state.
+    new_xsave: Option<Box<[u8]>>,
 }
 
 /// Emulates the store instruction `insn_bytes` (the bytes at RIP, up to 15) on `state`: decodes,
@@ -369,11 +385,17 @@ impl StorePlan {
             pieces: Vec::new(),
             source: Vec::new(),
             locked: insn.has_lock_prefix() || insn.mnemonic() == Mnemonic::Xchg,
+            computed: Vec::new(),
+            new_xsave: None,
         };
         if insn.is_invalid() {
             return Err(plan.unsupported("the bytes do not decode"));
         }
-        let d = plan.classify(&insn, state)?;
+        let mut d = plan.classify(&insn, state)?;
+        if let Some((bytes, xsave)) = d.computed.take() {
+            plan.computed = bytes;
+            plan.new_xsave = xsave;
+        }
         if d.align > 1 && d.gva % d.align != 0 {
             return Err(EmulateError::Fault { vector: GP_VECTOR });
         }
@@ -383,9 +405,9 @@ impl StorePlan {
         for &(start, len) in &d.ranges {
             split(d.gva, start, len, true, cpu, &mut cache, &mut plan.pieces)?;
         }
-        if let Some(src) = d.source {
+        if let Some((src, len)) = d.source {
             let mut cache = Vec::new();
-            split(src, 0, 64, false, cpu, &mut cache, &mut plan.source)?;
+            split(src, 0, len, false, cpu, &mut cache, &mut plan.source)?;
         }
         Ok(plan)
     }
@@ -430,7 +452,8 @@ impl StorePlan {
         for p in &self.pieces {
             cpu.read_phys(p.gpa, sub_mut(&mut old, p.offset, p.len)?)?;
         }
-        let mut source = vec![0u8; if self.source.is_empty() { 0 } else { 64 }];
+        let source_len = self.source.iter().map(|p| p.offset + p.len).max();
+        let mut source = vec![0u8; source_len.unwrap_or(0)];
         for p in &self.source {
             cpu.read_phys(p.gpa, sub_mut(&mut source, p.offset, p.len)?)?;
         }
@@ -456,6 +479,7 @@ impl StorePlan {
             len: self.bytes.len(),
             mnemonic: self.mnemonic,
             locked: self.locked,
+            xsave: self.new_xsave.clone(),
         })
     }
 
@@ -476,6 +500,22 @@ impl StorePlan {
         let size = insn.memory_size().size();
         let gpr_size = matches!(size, 1 | 2 | 4 | 8);
         let mnemonic = insn.mnemonic();
+        let address = || self.address(insn, 0, state, 0);
+        let refuse = |reason| self.unsupported(reason);
+        let computed = match crate::simd::classify(insn, state, &address, &refuse)? {
+            Some(c) => Some(c),
+            None => crate::x87::classify(insn, &self.bytes, state, &address, &refuse)?,
+        };
+        if let Some(c) = computed {
+            return Ok(Decoded {
+                op: Op::Computed,
+                gva: c.gva,
+                ranges: c.ranges,
+                align: 1,
+                source: None,
+                computed: Some((c.bytes, c.xsave)),
+            });
+        }
         let (op, size, align) = match mnemonic {
             M::Mov | M::Movnti | M::Movdiri if mem0 && gpr_size => {
                 (Op::Store(self.gpr_or_imm(insn, 1)?), size, 1)
@@ -524,6 +564,24 @@ impl StorePlan {
                 let gva = self.address(insn, 0, state, delta)?;
                 return Ok(Decoded::simple(Op::Bit(mnemonic, bit), gva, size, 1));
             }
+            M::Enter if insn.code() == iced_x86::Code::Enterq_imm16_imm8 => {
+                let frame = insn.immediate(0) & 0xffff;
+                let level = insn.immediate(1) & 31;
+                let gva = regs.rsp.wrapping_sub(8 * (level + 1));
+                let size = usize::try_from(8 * (level + 1)).unwrap_or(0);
+                let source = (level > 1).then(|| {
+                    let n = 8 * (level - 1);
+                    (regs.rbp.wrapping_sub(n), usize::try_from(n).unwrap_or(0))
+                });
+                return Ok(Decoded {
+                    op: Op::Enter { level, frame },
+                    gva,
+                    ranges: vec![(0, size)],
+                    align: 1,
+                    source,
+                    computed: None,
+                });
+            }
             M::Sgdt | M::Sidt if mem0 => {
                 let gva = self.address(insn, 0, state, 0)?;
                 let op = Op::DescriptorTable {
@@ -550,12 +608,13 @@ impl StorePlan {
                     ranges,
                     align: 64,
                     source: None,
+                    computed: None,
                 });
             }
             M::Movdir64b if insn.op0_kind() == OpKind::Register => {
                 // Destination ES:[reg] (ES base is 0 in 64-bit mode), source a memory operand.
                 let gva = self.gpr_value(regs, self.gpr(insn, 0)?)?;
-                let source = Some(self.address(insn, 1, state, 0)?);
+                let source = Some((self.address(insn, 1, state, 0)?, 64));
                 let ranges = vec![(0, 64)];
                 return Ok(Decoded {
                     op: Op::Movdir64b,
@@ -563,6 +622,7 @@ impl StorePlan {
                     ranges,
                     align: 64,
                     source,
+                    computed: None,
                 });
             }
             _ if mem0 && insn.op1_kind() == OpKind::Register => {
@@ -608,6 +668,7 @@ impl StorePlan {
                         ranges,
                         align,
                         source: None,
+                        computed: None,
                     });
                 }
                 (Op::Store(Src::Vector { reg, byte }), size, align)
@@ -821,6 +882,8 @@ impl StorePlan {
             }
             Op::Xsave { rfbm, rex_w } => return xsave_image(state, &self.pieces, rfbm, rex_w, old),
             Op::Movdir64b => return Ok(Some(source.to_vec())),
+            Op::Computed => return Ok(Some(self.computed.clone())),
+            Op::Enter { level, frame } => return Ok(Some(enter(regs, old, source, level, frame))),
             Op::DescriptorTable { idt } => {
                 let (base, limit) = if idt { state.idtr } else { state.gdtr };
                 let mut v = limit.to_le_bytes().to_vec();
@@ -845,6 +908,47 @@ impl StorePlan {
     }
 }
 
+/// Executes `enter frame, level` (level >= 1, 64-bit operands) over `old`, the bytes of the
+/// pushed slots [RSP - 8 * (level + 1), RSP), and `source`, the bytes of
+/// [RBP - 8 * (level - 1), RBP) before the instruction. A frame pointer read from a slot this
+/// instruction already pushed sees the pushed bytes, as on the CPU. Updates RBP and RSP.
+fn enter(regs: &mut kvm_regs, old: &[u8], source: &[u8], level: u64, frame: u64) -> Vec<u8> {
+    let base = regs.rsp.wrapping_sub(8 * (level + 1));
+    let src_base = regs.rbp.wrapping_sub(8 * level.saturating_sub(1));
+    let mut new = old.to_vec();
+    let mut written = vec![false; new.len()];
+    let push = |new: &mut [u8], written: &mut [bool], slot: u64, value: [u8; 8]| {
+        // Slot k (0 = the first push) sits at RSP - 8 * (k + 1).
+        let at = usize::try_from(8 * (level - slot)).unwrap_or(0);
+        new[at..at + 8].copy_from_slice(&value);
+        written[at..at + 8].fill(true);
+    };
+    push(&mut new, &mut written, 0, regs.rbp.to_le_bytes());
+    for i in 1..level {
+        let addr = regs.rbp.wrapping_sub(8 * i);
+        let mut value = [0u8; 8];
+        for (b, v) in value.iter_mut().enumerate() {
+            let a = addr.wrapping_add(b as u64);
+            let d = usize::try_from(a.wrapping_sub(base)).unwrap_or(usize::MAX);
+            *v = if d < new.len() && written[d] {
+                new[d]
+            } else {
+                let s = usize::try_from(a.wrapping_sub(src_base)).unwrap_or(0);
+                source.get(s).copied().unwrap_or(0)
+            };
+        }
+        push(&mut new, &mut written, i, value);
+    }
+    let frame_temp = regs.rsp.wrapping_sub(8);
+    push(&mut new, &mut written, level, frame_temp.to_le_bytes());
+    regs.rbp = frame_temp;
+    regs.rsp = base.wrapping_sub(frame);
+    new
+}
+
+/// The operand image and the new XSAVE area (if any) of an [`Op::Computed`] store.
+type ComputedStore = (Vec<u8>, Option<Box<[u8]>>);
+
 /// Destination of a classified instruction.
 struct Decoded {
     op: Op,
@@ -852,7 +956,10 @@ struct Decoded {
     /// Written parts of the operand: (offset, len), sorted, disjoint.
     ranges: Vec<(usize, usize)>,
     align: u64,
-    source: Option<u64>,
+    /// A memory source: linear address and length.
+    source: Option<(u64, usize)>,
+    /// The operand image and new XSAVE area of an [`Op::Computed`] store.
+    computed: Option<ComputedStore>,
 }
 
 impl Decoded {
@@ -863,6 +970,7 @@ impl Decoded {
             ranges: vec![(0, size)],
             align,
             source: None,
+            computed: None,
         }
     }
 }
@@ -930,7 +1038,7 @@ fn split<C: CpuAccess + ?Sized>(
     Ok(())
 }
 
-fn sub(buf: &[u8], offset: usize, len: usize) -> Result<&[u8], EmulateError> {
+pub(crate) fn sub(buf: &[u8], offset: usize, len: usize) -> Result<&[u8], EmulateError> {
     offset
         .checked_add(len)
         .and_then(|end| buf.get(offset..end))
@@ -948,7 +1056,7 @@ fn sub_mut(buf: &mut [u8], offset: usize, len: usize) -> Result<&mut [u8], Emula
         })
 }
 
-fn read_le(bytes: &[u8]) -> u64 {
+pub(crate) fn read_le(bytes: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = bytes.len().min(8);
     b[..n].copy_from_slice(&bytes[..n]);
@@ -1092,7 +1200,7 @@ fn alu(op: AluOp, size: usize, a: u64, b: u64, rflags: u64) -> (u64, u64) {
     (res, flags)
 }
 
-fn xsave_area(state: &CpuState) -> Result<&[u8], EmulateError> {
+pub(crate) fn xsave_area(state: &CpuState) -> Result<&[u8], EmulateError> {
     state
         .xsave
         .as_deref()
@@ -1104,7 +1212,7 @@ fn xsave_area(state: &CpuState) -> Result<&[u8], EmulateError> {
 
 /// `len` bytes at `offset` inside component `i` (>= 2) of the KVM XSAVE area; zeros (the
 /// initial value of components 2..=9) when XSTATE_BV says the component is in its initial state.
-fn component_bytes(
+pub(crate) fn component_bytes(
     state: &CpuState,
     i: usize,
     offset: usize,
@@ -1127,7 +1235,7 @@ fn component_bytes(
 }
 
 /// The 64 bytes of the zmm register containing `reg` (only `reg.size()` of them filled).
-fn vector_register(state: &CpuState, reg: Register) -> Result<[u8; 64], EmulateError> {
+pub(crate) fn vector_register(state: &CpuState, reg: Register) -> Result<[u8; 64], EmulateError> {
     let (n, size) = (reg.number(), reg.size().min(64));
     let mut out = [0u8; 64];
     if n < 16 {
@@ -1725,11 +1833,16 @@ mod tests {
         r.s.regs.rdi = BUF;
         let scatter = r.err(|a| a.vpscatterdd(dword_ptr(rdi + zmm2).k1(), zmm1));
         assert_eq!(reason(scatter), "not a supported store");
-        assert!(reason(r.err(|a| a.movq(qword_ptr(rdi), mm1))).contains("xmm"));
         r.s.xsave = None;
         let err = r.err(|a| a.movq(qword_ptr(rdi), xmm1));
         assert!(matches!(err, EmulateError::State { .. }));
         assert!(r.m.mem.is_empty());
+        let mut r = Rig::vector();
+        r.s.regs.rdi = BUF;
+        // An MMX store: mm1 is physical register 1 (ST1 at TOP = 0); all tags become valid.
+        let out = r.run(|a| a.movq(qword_ptr(rdi), mm1));
+        assert_eq!(out.writes[0].new, (48..56).collect::<Vec<u8>>());
+        assert_eq!(out.xsave.as_ref().map(|x| x[4]), Some(0xff));
     }
 
     #[test]

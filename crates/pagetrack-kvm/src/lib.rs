@@ -10,6 +10,7 @@ pub mod emulate;
 mod error;
 mod gate;
 mod memory;
+mod simd;
 mod slots;
 mod store;
 mod string;
@@ -17,6 +18,7 @@ mod sys;
 mod vcpu;
 mod vm;
 pub mod walk;
+mod x87;
 
 pub use error::{Error, Result};
 pub use memory::TrackedMemory;

@@ -150,7 +150,7 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         bytes: hex(&bytes),
         reason,
     };
-    let xsave = fd.get_xsave().map_err(Error::kvm("KVM_GET_XSAVE"))?;
+    let mut xsave = fd.get_xsave().map_err(Error::kvm("KVM_GET_XSAVE"))?;
     let xcrs = fd.get_xcrs().map_err(Error::kvm("KVM_GET_XCRS"))?;
     let nr = usize::try_from(xcrs.nr_xcrs)
         .unwrap_or(0)
@@ -176,7 +176,15 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         gdtr: (sregs.gdt.base, sregs.gdt.limit),
         idtr: (sregs.idt.base, sregs.idt.limit),
     };
-    let plan = StorePlan::new(&state, &bytes, &mut cpu).map_err(|e| stop(e.to_string()))?;
+    let plan = match StorePlan::new(&state, &bytes, &mut cpu) {
+        Ok(plan) => plan,
+        // The CPU raises this exception instead of storing: nothing is applied, RIP stays
+        // on the instruction and the guest gets the fault, as natively (issue 10 item 11).
+        Err(e) => match exception_for(&e, &mem, &sregs) {
+            Some(exception) => return inject(fd, sregs, exception).map_err(&stop),
+            None => return Err(stop(e.to_string())),
+        },
+    };
     let targets: Vec<_> = plan.targets().collect();
     if let Some(t) = targets
         .iter()
@@ -200,6 +208,13 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
     for pt in pts {
         vm.after_page_table_store(&mem, pt);
     }
+    if let Some(area) = &done.xsave {
+        // The FPU state the instruction left (x87 pop and flags, MMX top and tags, MXCSR).
+        for (word, b) in xsave.region.iter_mut().zip(area.chunks_exact(4)) {
+            *word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        crate::sys::set_xsave(fd, &xsave).map_err(Error::kvm("KVM_SET_XSAVE"))?;
+    }
     fd.set_regs(&state.regs)
         .map_err(Error::kvm("KVM_SET_REGS"))?;
     vm.backend
@@ -208,6 +223,65 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         .fetch_add(1, Ordering::Relaxed);
     report_writes(vm, &done.writes, index);
     Ok(())
+}
+
+/// An exception to inject: vector, error code, CR2 (for #PF).
+type Exception = (u8, u32, Option<u64>);
+
+/// The exception the CPU raises for an emulation error, if it is one: #PF with the error code
+/// the page walk gives (P: the page was present, W: a write, U: at CPL3) and CR2 the first
+/// faulting byte, or #GP(0).
+fn exception_for(
+    e: &EmulateError,
+    mem: &GuestMemoryMmap,
+    sregs: &kvm_bindings::kvm_sregs,
+) -> Option<Exception> {
+    match *e {
+        EmulateError::PageFault { gva, write } => {
+            let present = match walk::translate(mem, sregs.cr3, gva) {
+                Ok(_) => true, // a protection fault
+                Err(f) => f.present,
+            };
+            let user = sregs.cs.selector & 3 == 3;
+            let code = u32::from(present) | u32::from(write) << 1 | u32::from(user) << 2;
+            Some((PF_VECTOR, code, Some(gva)))
+        }
+        EmulateError::Fault { vector } => Some((vector, 0, None)),
+        _ => None,
+    }
+}
+
+/// Vector of the page-fault exception.
+const PF_VECTOR: u8 = 14;
+
+/// Injects `exception` into the vCPU (KVM_SET_VCPU_EVENTS; CR2 through KVM_SET_SREGS).
+/// Refuses, changing nothing, when an event is already being delivered.
+fn inject(
+    fd: &VcpuFd,
+    mut sregs: kvm_bindings::kvm_sregs,
+    (vector, code, cr2): Exception,
+) -> std::result::Result<(), String> {
+    let mut events = fd
+        .get_vcpu_events()
+        .map_err(|e| format!("KVM_GET_VCPU_EVENTS failed: {e}"))?;
+    if events.exception.injected != 0 || events.exception.pending != 0 {
+        return Err(format!(
+            "the store raises exception {vector} while exception {} is being delivered",
+            events.exception.nr
+        ));
+    }
+    if let Some(cr2) = cr2 {
+        sregs.cr2 = cr2;
+        fd.set_sregs(&sregs)
+            .map_err(|e| format!("KVM_SET_SREGS failed: {e}"))?;
+    }
+    events.exception.injected = 1;
+    events.exception.nr = vector;
+    events.exception.has_error_code = 1;
+    events.exception.error_code = code;
+    events.exception_has_payload = 0;
+    fd.set_vcpu_events(&events)
+        .map_err(|e| format!("KVM_SET_VCPU_EVENTS failed: {e}"))
 }
 
 /// Reports stores pagetrack applied for vCPU `index` (with their old bytes) and counts them.

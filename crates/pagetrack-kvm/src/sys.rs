@@ -168,3 +168,13 @@ pub(crate) fn internal_error_suberror(vcpu: &mut VcpuFd) -> u32 {
     // kernel fills the `internal` member of the exit union.
     unsafe { run.__bindgen_anon_1.internal.suberror }
 }
+
+/// `KVM_SET_XSAVE` with the 4 KiB `kvm_xsave` buffer.
+pub(crate) fn set_xsave(
+    vcpu: &VcpuFd,
+    xsave: &kvm_bindings::kvm_xsave,
+) -> Result<(), kvm_ioctls::Error> {
+    // SAFETY: the kernel reads at most sizeof(kvm_xsave) bytes for KVM_SET_XSAVE unless the
+    // VM enabled KVM_CAP_XSAVE2, which pagetrack never does; `xsave` is a whole kvm_xsave.
+    unsafe { vcpu.set_xsave(xsave) }
+}
