@@ -89,6 +89,7 @@ struct Programs {
     touch: u64,
     remap: u64,
     xadd: u64,
+    spin: u64,
     bytes: Vec<u8>,
 }
 
@@ -108,6 +109,7 @@ fn programs() -> Result<Programs> {
     let mut touch = a.create_label();
     let mut remap = a.create_label();
     let mut xadd = a.create_label();
+    let mut spin = a.create_label();
     let mut build = || -> std::result::Result<(), iced_x86::IcedError> {
         // pio: rcx times `out PIO_PORT, al` (a bare exit each), then exit.
         a.set_label(&mut pio)?;
@@ -154,6 +156,11 @@ fn programs() -> Result<Programs> {
         a.lock().xadd(qword_ptr(rdi), rax)?; // atomic fetch-and-add
         a.dec(rcx)?;
         a.jnz(xadd)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)?;
+        // spin: rcx iterations of nothing (no exit), then exit.
+        a.set_label(&mut spin)?;
+        a.dec(rcx)?;
+        a.jnz(spin)?;
         a.out(u32::from(GUEST_EXIT_PORT), al)
     };
     build().map_err(asm_err)?;
@@ -171,6 +178,7 @@ fn programs() -> Result<Programs> {
         touch: at(&touch)?,
         remap: at(&remap)?,
         xadd: at(&xadd)?,
+        spin: at(&spin)?,
         bytes: res.inner.code_buffer,
     })
 }
@@ -276,6 +284,79 @@ impl Rig {
             mine.and(theirs)
         })?;
         Ok(start.elapsed())
+    }
+}
+
+impl Rig {
+    /// Track and untrack latencies of one frame (100 of each, in µs) while both vCPUs run the
+    /// program at `entry` with rcx = u64::MAX: every track pauses two running vCPUs.
+    fn track_while_running(&mut self, entry: u64) -> Result<(Vec<f64>, Vec<f64>)> {
+        let Some(v2) = self.vcpu2.as_mut() else {
+            return Err(Error::InvalidConfig {
+                reason: "benchmark rig has one vCPU".into(),
+            });
+        };
+        let args = [0, u64::MAX, 0, 0];
+        prepare(&self.vcpu, &self.layout, 0, entry, args)?;
+        prepare(v2, &self.layout, 1, entry, args)?;
+        let (s1, s2) = (self.vcpu.stopper(), v2.stopper());
+        let v1 = &mut self.vcpu;
+        let vm = &self.vm;
+        let (started_tx, started) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let spin = |v: &mut Vcpu, started: std::sync::mpsc::Sender<()>| -> Result<()> {
+                // Sent before the first KVM_RUN: the measurement waits for both.
+                started.send(()).map_err(|_| Error::InvalidConfig {
+                    reason: "benchmark thread gone".into(),
+                })?;
+                loop {
+                    match v.run()? {
+                        Exit::Stopped => return Ok(()),
+                        Exit::IoOut { port, .. } if u32::from(port) == PIO_PORT => {}
+                        other => {
+                            return Err(Error::InvalidGuestImage {
+                                reason: format!("running guest stopped: {other:?}"),
+                            });
+                        }
+                    }
+                }
+            };
+            let tx2 = started_tx.clone();
+            let a = s.spawn(move || spin(v1, started_tx));
+            let b = s.spawn(move || spin(v2, tx2));
+            let measure = || -> Result<(Vec<f64>, Vec<f64>)> {
+                for _ in 0..2 {
+                    started.recv().map_err(|_| Error::InvalidConfig {
+                        reason: "benchmark vCPU thread failed to start".into(),
+                    })?;
+                }
+                let (mut t, mut u) = (Vec::new(), Vec::new());
+                for i in 0..100u64 {
+                    let f = Gfn(0x800 + i * 13);
+                    let s = Instant::now();
+                    vm.tracker().add_gfn(f)?;
+                    t.push(us(s.elapsed()));
+                    let s = Instant::now();
+                    vm.tracker().remove_gfn(f)?;
+                    u.push(us(s.elapsed()));
+                }
+                Ok((t, u))
+            };
+            let res = measure();
+            s1.stop();
+            s2.stop();
+            let joined = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidConfig {
+                        reason: "benchmark vCPU thread panicked".into(),
+                    })
+                })
+            };
+            let (ra, rb) = (joined(a), joined(b));
+            ra?;
+            rb?;
+            res
+        })
     }
 }
 
@@ -412,6 +493,35 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         median(u2),
         "µs",
     );
+    for (entry, key_t, key_u, what) in [
+        (
+            rig.progs.spin,
+            "track_2vcpu_running_us",
+            "untrack_2vcpu_running_us",
+            "while 2 vCPUs run without exits",
+        ),
+        (
+            rig.progs.pio,
+            "track_2vcpu_exiting_us",
+            "untrack_2vcpu_exiting_us",
+            "while 2 vCPUs run a port-I/O exit loop",
+        ),
+    ] {
+        progress(&format!("track/untrack {what}"));
+        let (t, u) = rig.track_while_running(entry)?;
+        rep.push(
+            key_t,
+            format!("track one frame, 64 MiB guest {what}"),
+            median(t),
+            "µs",
+        );
+        rep.push(
+            key_u,
+            format!("untrack one frame, 64 MiB guest {what}"),
+            median(u),
+            "µs",
+        );
+    }
 
     // Page-table stores: PTE remaps in a tracked, marked page-table frame (each one makes KVM
     // drop its shadows of the frame on shadow-paging hosts).
