@@ -126,22 +126,59 @@ impl Drop for KvmSlot {
     }
 }
 
-/// The kernel thread id handle of the calling thread, for kicking it out of `KVM_RUN`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ThreadHandle(libc::pthread_t);
+/// How the gate kicks one vCPU out of `KVM_RUN`: by KVM's documented protocol, set
+/// `kvm_run.immediate_exit`, then signal the vCPU's thread (see [`crate::gate`]).
+#[derive(Debug)]
+pub(crate) struct VcpuKick {
+    thread: libc::pthread_t,
+    immediate_exit: std::ptr::NonNull<u8>,
+}
 
-impl ThreadHandle {
-    pub(crate) fn current() -> ThreadHandle {
+// SAFETY: a VcpuKick is only created by the vCPU thread in `Vcpu::run` for one pass through
+// the gate, and the gate drops it (in `leave`) before `run` can return; the thread and the
+// `kvm_run` mapping of its VcpuFd (borrowed by that `run`) are alive all that time, so using
+// both from a pausing thread is sound. `immediate_exit` is written through an atomic; the
+// kernel reads it concurrently by design, and kvm-ioctls' exit decoding on the vCPU thread
+// never reads or writes that byte.
+unsafe impl Send for VcpuKick {}
+
+impl VcpuKick {
+    /// The kick handle of the calling thread, which is about to run `fd`.
+    pub(crate) fn current(fd: &mut VcpuFd) -> VcpuKick {
+        // A pointer (not a reference) kept past this borrow: see `unsafe impl Send` for why it
+        // stays valid while the kick handle exists.
+        let immediate_exit = std::ptr::NonNull::from(&mut fd.get_kvm_run().immediate_exit);
         // SAFETY: pthread_self has no preconditions and always succeeds.
-        ThreadHandle(unsafe { libc::pthread_self() })
+        let thread = unsafe { libc::pthread_self() };
+        VcpuKick {
+            thread,
+            immediate_exit,
+        }
     }
 
-    /// Sends the kick signal. The handle is only used while its vCPU thread is inside `run`
-    /// (the gate clears it before `run` returns), so the thread is alive.
-    pub(crate) fn kick(self) {
-        // SAFETY: the thread is alive (see above); the signal has a no-op handler installed by
-        // `install_kick_handler`, so delivery only interrupts a blocking KVM_RUN with EINTR.
-        let _ = unsafe { libc::pthread_kill(self.0, kick_signal()) };
+    fn flag(&self) -> &std::sync::atomic::AtomicU8 {
+        // SAFETY: `immediate_exit` points into the vCPU's live kvm_run (see `unsafe impl
+        // Send`); a u8 is always aligned for AtomicU8, and every concurrent userspace access
+        // to it goes through this atomic (the vCPU's own reset included).
+        unsafe { std::sync::atomic::AtomicU8::from_ptr(self.immediate_exit.as_ptr()) }
+    }
+}
+
+impl crate::gate::Kick for VcpuKick {
+    fn kick(&self) {
+        // SeqCst: the store is visible before the signal is sent; the kernel reads the field
+        // on entry to KVM_RUN and the signal covers a KVM_RUN already past that check.
+        self.flag().store(1, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: the thread is alive (see `unsafe impl Send`); the signal has a no-op handler
+        // installed by `install_kick_handler`, so delivery only interrupts KVM_RUN with EINTR.
+        let rc = unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+        // ESRCH/EINVAL are impossible: a live thread and a valid real-time signal.
+        debug_assert_eq!(rc, 0, "pthread_kill of a live vCPU thread");
+    }
+
+    fn reset(&self) {
+        // SeqCst: ordered after the kicker's store by the gate lock both hold.
+        self.flag().store(0, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
