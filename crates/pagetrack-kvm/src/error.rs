@@ -64,6 +64,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// [`crate::Vm::take_dirty_log`] on a VM created without dirty logging.
+    #[error("dirty logging is off (VmConfig::with_dirty_log)")]
+    DirtyLogOff,
     /// A thread pagetrack needs could not be started.
     #[error("cannot start the {what} thread")]
     Thread {

@@ -6,6 +6,7 @@
 compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
 
 mod atomic;
+mod dirty;
 pub mod emulate;
 mod error;
 mod gate;

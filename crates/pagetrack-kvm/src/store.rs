@@ -210,9 +210,11 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
     Ok(())
 }
 
-/// Reports stores pagetrack applied for vCPU `index` (with their old bytes) and counts them.
+/// Reports stores pagetrack applied for vCPU `index` (with their old bytes), marks them dirty
+/// and counts them.
 pub(crate) fn report_writes(vm: &VmInner, writes: &[MemWrite], index: u32) {
     for w in writes {
+        vm.mark_dirty(w.gpa, w.new.len());
         vm.backend
             .counters
             .trapped_bytes

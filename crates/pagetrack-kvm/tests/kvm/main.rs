@@ -11,6 +11,7 @@
 mod atomics;
 mod common;
 mod concurrency;
+mod dirty;
 mod example;
 mod hard;
 mod hostile;
