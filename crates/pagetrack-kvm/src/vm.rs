@@ -171,6 +171,9 @@ pub struct VmStats {
     pub pauses: u64,
     /// Time spent pausing vCPUs, nanoseconds.
     pub pause_ns: u64,
+    /// Failed re-cuts whose undo failed too (the layout is then stricter than the tracked
+    /// set: writes to some untracked frames exit and are applied silently).
+    pub restore_errors: u64,
 }
 
 #[derive(Debug, Default)]
@@ -186,6 +189,7 @@ pub(crate) struct Counters {
     pub(crate) device_writes: AtomicU64,
     pauses: AtomicU64,
     pause_ns: AtomicU64,
+    restore_errors: AtomicU64,
 }
 
 /// The core's enforcement backend: protected frames live in read-only fragments.
@@ -214,9 +218,15 @@ impl Backend {
         let _paused = self.gate.pause();
         let res = frags.relayout(&self.vm_fd, &dirty);
         if res.is_err() {
-            // Restore the previous bits and layout as far as KVM allows.
+            // Restore the previous bits and layout as far as KVM allows. If that fails too,
+            // the first error is the one to report, and what KVM is left with is safe: a
+            // failed re-cut keeps the fragments it could not delete and leaves ranges it
+            // could not create without a slot, where every access exits (stricter than the
+            // counts, never weaker). Counted in `VmStats::restore_errors`.
             let back = frags.mark(gpas(), !protect);
-            let _ = frags.relayout(&self.vm_fd, &back);
+            if frags.relayout(&self.vm_fd, &back).is_err() {
+                self.counters.restore_errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.counters.pauses.fetch_add(1, Ordering::Relaxed);
         self.counters.pause_ns.fetch_add(
@@ -229,11 +239,11 @@ impl Backend {
 
 impl Enforcement for Backend {
     fn protect(&self, runs: &[FrameRun]) -> std::result::Result<(), BackendError> {
-        Ok(self.change(runs, true)?)
+        self.change(runs, true).map_err(BackendError::new)
     }
 
     fn unprotect(&self, runs: &[FrameRun]) -> std::result::Result<(), BackendError> {
-        Ok(self.change(runs, false)?)
+        self.change(runs, false).map_err(BackendError::new)
     }
 }
 
@@ -438,9 +448,7 @@ impl Vm {
                 what: "KVM_CAP_READONLY_MEM",
             });
         }
-        crate::sys::install_kick_handler().map_err(|e| Error::Memory {
-            reason: format!("installing the vCPU kick signal handler: {e}"),
-        })?;
+        crate::sys::install_kick_handler().map_err(|source| Error::KickSignal { source })?;
         let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
         let zap_all = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
         if config.disable_slot_zap_all && caps.disable_quirks2 & zap_all != 0 {
@@ -569,12 +577,21 @@ impl Vm {
             .ok_or(bad("no free memslot id"))?;
         let len = usize::try_from(size).map_err(|_| bad("too large for this host"))?;
         let region = Arc::new(
-            GuestRegionMmap::<()>::from_range(GuestAddress(gpa), len, None).map_err(|e| {
-                Error::Memory {
-                    reason: format!("mmap of {size:#x} bytes: {e}"),
-                }
-            })?,
+            GuestRegionMmap::<()>::from_range(GuestAddress(gpa), len, None)
+                .map_err(|source| Error::Mmap { gpa, size, source })?,
         );
+        // The new guest memory is computed first (it changes nothing until published below),
+        // so that no step after the KVM slots exist can fail.
+        let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self
+            .inner
+            .mem
+            .memory()
+            .insert_region(Arc::clone(&region))
+            .map_err(|source| Error::GuestMemory {
+                op: "insert",
+                source,
+            })?;
         let npages = size / PAGE_SIZE;
         self.inner.tracker.set_memory_region(MemoryRegion::new(
             slot,
@@ -594,21 +611,12 @@ impl Vm {
             dirty.clone(),
         );
         if let Err(e) = res {
-            let _ = self
-                .inner
+            self.inner
                 .tracker
-                .set_memory_region(MemoryRegion::delete(AsId::NORMAL, slot));
+                .set_memory_region(MemoryRegion::delete(AsId::NORMAL, slot))
+                .expect("deleting the slot just created cannot fail: not in a callback (checked)");
             return Err(e);
         }
-        let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
-        let next = self
-            .inner
-            .mem
-            .memory()
-            .insert_region(region)
-            .map_err(|e| Error::Memory {
-                reason: format!("inserting region: {e}"),
-            })?;
         guard.replace(next);
         if let Some(d) = &dirty {
             self.inner
@@ -673,8 +681,9 @@ impl Vm {
             .mem
             .memory()
             .remove_region(GuestAddress(info.gpa), info.size)
-            .map_err(|e| Error::Memory {
-                reason: format!("removing region: {e}"),
+            .map_err(|source| Error::GuestMemory {
+                op: "remove",
+                source,
             })?;
         guard.replace(next);
         rams.remove(pos);
@@ -824,6 +833,7 @@ impl Vm {
             fragments: self.inner.backend.frags().stats(),
             pauses: c.pauses.load(Ordering::Relaxed),
             pause_ns: c.pause_ns.load(Ordering::Relaxed),
+            restore_errors: c.restore_errors.load(Ordering::Relaxed),
         }
     }
 }
