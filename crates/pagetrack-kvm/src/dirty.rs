@@ -125,7 +125,7 @@ mod tests {
     #[test]
     fn merge_ignores_bits_past_the_region_end() {
         let d = DirtyBits::new(0, 2 * PAGE);
-        d.merge(PAGE, &[0b110]);
+        d.merge(PAGE, &[0b111]); // pages 1, 2, 3: only page 1 is in the region
         assert_eq!(d.take(), vec![0b10]);
     }
 }
