@@ -11,6 +11,7 @@
 //! Every subcommand is one file in `cmd/` and one variant of [`Command`].
 #![forbid(unsafe_code)]
 
+mod bench;
 mod cmd;
 mod events;
 mod live;

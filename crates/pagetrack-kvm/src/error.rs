@@ -22,11 +22,32 @@ pub enum Error {
     /// The core refused (unknown gfn, overflow, ...).
     #[error(transparent)]
     Track(#[from] pagetrack::Error),
-    /// Mapping or registering guest RAM failed.
-    #[error("guest memory: {reason}")]
-    Memory {
-        /// What went wrong.
-        reason: String,
+    /// Mapping guest RAM failed.
+    #[error("cannot map {size:#x} bytes of guest RAM at {gpa:#x}")]
+    Mmap {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Size.
+        size: u64,
+        /// vm-memory's error (with the OS error).
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Adding a region to, or removing one from, the guest memory map failed.
+    #[error("cannot {op} the guest memory region")]
+    GuestMemory {
+        /// "insert" or "remove".
+        op: &'static str,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestRegionCollectionError,
+    },
+    /// The vCPU kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    KickSignal {
+        /// The OS error.
+        #[source]
+        source: vmm_sys_util::errno::Error,
     },
     /// A guest RAM range is invalid (unaligned, empty, overlapping, out of slots).
     #[error("invalid RAM region at {gpa:#x} (+{size:#x}): {reason}")]
@@ -64,6 +85,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// [`crate::Vm::take_dirty_log`] on a VM created without dirty logging.
+    #[error("dirty logging is off (VmConfig::with_dirty_log)")]
+    DirtyLogOff,
     /// A thread pagetrack needs could not be started.
     #[error("cannot start the {what} thread")]
     Thread {

@@ -1,23 +1,39 @@
 //! The vCPU gate: memslot surgery happens with every vCPU outside `KVM_RUN`.
 //!
-//! A vCPU passes the gate before each `KVM_RUN` and leaves it when `KVM_RUN` returns. A pauser
-//! closes the gate, kicks every vCPU inside `KVM_RUN` with a signal (again every 100 µs, which
-//! closes the race with a signal that lands just before the ioctl), and waits until none is
-//! inside. vCPU threads handling an exit are outside, so a notifier running on a vCPU thread may
-//! add or remove tracks (which pauses) without deadlock.
+//! A vCPU passes the gate before each `KVM_RUN` ([`Gate::enter`], which returns an [`Inside`]
+//! guard) and leaves it when `KVM_RUN` returns (the guard's drop, so a panic between the two
+//! cannot leave the vCPU counted inside and wedge every later pause). A pauser closes the gate,
+//! kicks every vCPU inside `KVM_RUN` once, and waits until none is inside. vCPU threads
+//! handling an exit are outside, so a notifier running on a vCPU thread may add or remove
+//! tracks (which pauses) without deadlock.
+//!
+//! Kicks follow the protocol KVM documents for `kvm_run.immediate_exit` (Documentation/
+//! virt/kvm/api.rst): the kicker sets `immediate_exit` in the vCPU's `kvm_run`, then signals
+//! its thread. A vCPU already inside `KVM_RUN` returns with EINTR on the signal; one that has
+//! passed the gate but not yet issued the ioctl finds `immediate_exit` set and KVM returns
+//! EINTR at once. So one kick always suffices, and the pauser waits without polling (it used to
+//! re-send the signal every 100 µs to cover a signal that landed just before the ioctl).
+//! `immediate_exit` is reset when the vCPU leaves, under the gate lock, while no kicker can
+//! reach it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Duration;
 
-use crate::sys::ThreadHandle;
+/// How the gate makes one vCPU leave `KVM_RUN` ([`crate::sys::VcpuKick`] on real KVM).
+pub(crate) trait Kick: std::fmt::Debug + Send {
+    /// Makes the vCPU's current `KVM_RUN`, or its next one if it has not issued it yet,
+    /// return at once.
+    fn kick(&self);
+    /// Undoes [`Kick::kick`] for later `KVM_RUN`s. Called as the vCPU leaves.
+    fn reset(&self);
+}
 
-#[derive(Debug, Default)]
-struct State {
+#[derive(Debug)]
+struct State<K> {
     /// Open pause requests; the gate is closed while non-zero.
     pauses: u32,
-    /// Thread of each vCPU now inside `KVM_RUN`, by vCPU index.
-    inside: Vec<Option<ThreadHandle>>,
+    /// Kick handle of each vCPU now inside `KVM_RUN`, by vCPU index.
+    inside: Vec<Option<K>>,
     /// How many entries of `inside` are set.
     running: usize,
     /// Threads inside [`Gate::stop`].
@@ -26,50 +42,85 @@ struct State {
     entries: Vec<u64>,
 }
 
+impl<K> Default for State<K> {
+    fn default() -> State<K> {
+        State {
+            pauses: 0,
+            inside: Vec::new(),
+            running: 0,
+            stopping: 0,
+            entries: Vec::new(),
+        }
+    }
+}
+
 /// See the module docs.
-#[derive(Debug, Default)]
-pub(crate) struct Gate {
-    state: Mutex<State>,
+#[derive(Debug)]
+pub(crate) struct Gate<K: Kick = crate::sys::VcpuKick> {
+    state: Mutex<State<K>>,
     cv: Condvar,
+}
+
+impl<K: Kick> Default for Gate<K> {
+    fn default() -> Gate<K> {
+        Gate {
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+        }
+    }
 }
 
 /// Closed gate; reopens on drop.
 #[derive(Debug)]
-pub(crate) struct Paused<'a> {
-    gate: &'a Gate,
+pub(crate) struct Paused<'a, K: Kick> {
+    gate: &'a Gate<K>,
 }
 
-impl Gate {
-    fn lock(&self) -> MutexGuard<'_, State> {
+/// A vCPU inside the gate (about to enter, or in, `KVM_RUN`); leaves on drop.
+#[derive(Debug)]
+pub(crate) struct Inside<'a, K: Kick> {
+    gate: &'a Gate<K>,
+    index: usize,
+}
+
+impl<K: Kick> Gate<K> {
+    fn lock(&self) -> MutexGuard<'_, State<K>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for the gate to be open, then marks vCPU `index` as inside `KVM_RUN`; returns
-    /// false instead if `stop` is set (checked under the gate lock, see [`Gate::stop`]).
-    pub(crate) fn enter(&self, index: usize, stop: &AtomicBool) -> bool {
+    fn wait<'g>(&self, s: MutexGuard<'g, State<K>>) -> MutexGuard<'g, State<K>> {
+        self.cv.wait(s).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for the gate to be open, then marks vCPU `index` as inside `KVM_RUN` until the
+    /// returned guard drops; `kick` is how pausers reach it meanwhile. Returns `None` instead
+    /// if `stop` is set (checked under the gate lock, see [`Gate::stop`]).
+    pub(crate) fn enter(&self, index: usize, stop: &AtomicBool, kick: K) -> Option<Inside<'_, K>> {
         let mut s = self.lock();
         while s.pauses > 0 {
-            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = self.wait(s);
         }
         // SeqCst: pairs with the store in `stop`; the gate lock orders it against `inside`.
         if stop.load(Ordering::SeqCst) {
-            return false;
+            return None;
         }
         if s.inside.len() <= index {
-            s.inside.resize(index + 1, None);
+            s.inside.resize_with(index + 1, || None);
             s.entries.resize(index + 1, 0);
         }
         s.entries[index] += 1;
-        debug_assert!(s.inside[index].is_none());
-        s.inside[index] = Some(ThreadHandle::current());
+        debug_assert!(s.inside[index].is_none(), "vCPU {index} entered twice");
+        s.inside[index] = Some(kick);
         s.running += 1;
-        true
+        Some(Inside { gate: self, index })
     }
 
-    /// Marks vCPU `index` as outside `KVM_RUN`.
-    pub(crate) fn leave(&self, index: usize) {
+    /// Marks vCPU `index` as outside `KVM_RUN` (the [`Inside`] guard's drop).
+    fn leave(&self, index: usize) {
         let mut s = self.lock();
-        if s.inside.get_mut(index).and_then(Option::take).is_some() {
+        if let Some(k) = s.inside.get_mut(index).and_then(Option::take) {
+            // Under the lock: no kicker can set it again before the next `enter`.
+            k.reset();
             s.running -= 1;
         }
         let wake = s.pauses > 0 || s.stopping > 0;
@@ -79,26 +130,23 @@ impl Gate {
         }
     }
 
-    /// Sets `stop` and returns once vCPU `index` is outside `KVM_RUN`; its next
-    /// [`Gate::enter`] then returns false.
+    /// Sets `stop` and returns once vCPU `index` has left the `KVM_RUN` it is in, if any;
+    /// its next [`Gate::enter`] then returns `None`.
     pub(crate) fn stop(&self, index: usize, stop: &AtomicBool) {
         stop.store(true, Ordering::SeqCst);
         let mut s = self.lock();
+        let Some(Some(k)) = s.inside.get(index) else {
+            return;
+        };
+        k.kick();
+        let entry = s.entries[index];
         s.stopping += 1;
-        while let Some(Some(t)) = s.inside.get(index) {
-            t.kick();
-            s = self.wait_a_little(s);
+        // Until that entry is over: a later entry (after the vCPU returned `Stopped` and its
+        // owner ran it again) is not this call's business.
+        while matches!(s.inside.get(index), Some(Some(_))) && s.entries[index] == entry {
+            s = self.wait(s);
         }
         s.stopping -= 1;
-    }
-
-    /// Waits for a vCPU to leave, or 100 µs: a kick that landed just before `KVM_RUN` was
-    /// entered is lost, so the caller kicks again.
-    fn wait_a_little<'g>(&self, s: MutexGuard<'g, State>) -> MutexGuard<'g, State> {
-        self.cv
-            .wait_timeout(s, Duration::from_micros(100))
-            .map(|(g, _)| g)
-            .unwrap_or_else(|e| e.into_inner().0)
     }
 
     /// Kicks every vCPU that has stayed inside the same `KVM_RUN` since the previous call
@@ -107,36 +155,213 @@ impl Gate {
     pub(crate) fn kick_unchanged(&self, seen: &mut Vec<u64>) {
         let s = self.lock();
         seen.resize(s.entries.len(), 0);
-        for (i, t) in s.inside.iter().enumerate() {
-            if let Some(t) = t
+        for (i, k) in s.inside.iter().enumerate() {
+            if let Some(k) = k
                 && seen[i] == s.entries[i]
             {
-                t.kick();
+                k.kick();
             }
             seen[i] = s.entries[i];
         }
     }
 
-    /// Closes the gate and returns once no vCPU is inside `KVM_RUN`.
-    pub(crate) fn pause(&self) -> Paused<'_> {
+    /// Closes the gate and returns once no vCPU is inside `KVM_RUN`; the gate reopens when
+    /// the returned guard drops.
+    pub(crate) fn pause(&self) -> Paused<'_, K> {
         let mut s = self.lock();
         s.pauses += 1;
+        // No vCPU enters while `pauses > 0`, so each one inside now needs one kick.
+        for k in s.inside.iter().flatten() {
+            k.kick();
+        }
         while s.running > 0 {
-            for t in s.inside.iter().flatten() {
-                t.kick();
-            }
-            s = self.wait_a_little(s);
+            s = self.wait(s);
         }
         Paused { gate: self }
     }
 }
 
-impl Drop for Paused<'_> {
+impl<K: Kick> Drop for Paused<'_, K> {
     fn drop(&mut self) {
         let mut s = self.gate.lock();
         s.pauses -= 1;
         if s.pauses == 0 {
             self.gate.cv.notify_all();
         }
+    }
+}
+
+impl<K: Kick> Drop for Inside<'_, K> {
+    fn drop(&mut self) {
+        self.gate.leave(self.index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU32;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// A fake vCPU's `kvm_run` and thread: `immediate_exit` is a flag, the signal a message.
+    #[derive(Debug, Default)]
+    struct FakeRun {
+        immediate_exit: AtomicBool,
+        kicks: AtomicU32,
+        resets: AtomicU32,
+    }
+
+    #[derive(Debug)]
+    struct FakeKick {
+        run: Arc<FakeRun>,
+        signal: mpsc::Sender<()>,
+    }
+
+    impl Kick for FakeKick {
+        fn kick(&self) {
+            self.run.kicks.fetch_add(1, Ordering::SeqCst);
+            self.run.immediate_exit.store(true, Ordering::SeqCst);
+            // The receiver may be gone (a vCPU that already left); a lost signal is exactly
+            // what `immediate_exit` covers.
+            self.signal.send(()).ok();
+        }
+        fn reset(&self) {
+            self.run.resets.fetch_add(1, Ordering::SeqCst);
+            self.run.immediate_exit.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn fake() -> (Arc<FakeRun>, FakeKick, mpsc::Receiver<()>) {
+        let run = Arc::new(FakeRun::default());
+        let (tx, rx) = mpsc::channel();
+        let kick = FakeKick {
+            run: Arc::clone(&run),
+            signal: tx,
+        };
+        (run, kick, rx)
+    }
+
+    #[test]
+    fn pause_with_vcpu_in_run_kicks_it_once_and_returns_after_it_left() {
+        let gate = Arc::new(Gate::<FakeKick>::default());
+        let stop = AtomicBool::new(false);
+        let (run, kick, signal) = fake();
+        let (entered_tx, entered) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let signal = signal; // moved: a Receiver is not Sync
+                let inside = gate.enter(0, &stop, kick).expect("not stopped");
+                entered_tx.send(()).expect("test thread waits");
+                // "KVM_RUN": blocks until the signal.
+                signal.recv().expect("the pauser kicks");
+                drop(inside);
+            });
+            entered.recv().expect("vCPU thread enters");
+            let paused = gate.pause();
+            assert_eq!(run.kicks.load(Ordering::SeqCst), 1);
+            assert_eq!(gate.lock().running, 0);
+            drop(paused);
+        });
+        assert!(!run.immediate_exit.load(Ordering::SeqCst), "reset on leave");
+    }
+
+    #[test]
+    fn pause_kick_before_the_ioctl_is_not_lost() {
+        let gate = Arc::new(Gate::<FakeKick>::default());
+        let stop = AtomicBool::new(false);
+        let (run, kick, signal) = fake();
+        let (entered_tx, entered) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let signal = signal; // moved: a Receiver is not Sync
+                let inside = gate.enter(0, &stop, kick).expect("not stopped");
+                entered_tx.send(()).expect("test thread waits");
+                // The signal lands after the gate but before the ioctl: the no-op handler
+                // consumes it and there is no KVM_RUN to interrupt.
+                signal.recv().expect("the pauser kicks");
+                // "KVM_RUN": KVM returns EINTR at once when immediate_exit is set; without it
+                // the vCPU would run on with no second kick coming.
+                assert!(
+                    run.immediate_exit.load(Ordering::SeqCst),
+                    "KVM_RUN would block: the kick was lost"
+                );
+                drop(inside);
+            });
+            entered.recv().expect("vCPU thread enters");
+            drop(gate.pause());
+        });
+        assert_eq!(run.kicks.load(Ordering::SeqCst), 1);
+        assert_eq!(run.resets.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn enter_while_paused_waits_for_reopen() {
+        let gate = Arc::new(Gate::<FakeKick>::default());
+        let stop = AtomicBool::new(false);
+        let (run, kick, _signal) = fake();
+        let paused = gate.pause();
+        let (entered_tx, entered) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let inside = gate.enter(0, &stop, kick).expect("not stopped");
+                entered_tx.send(()).expect("test thread waits");
+                drop(inside);
+            });
+            assert!(entered.try_recv().is_err(), "entered a closed gate");
+            drop(paused);
+            entered.recv().expect("enters once reopened");
+        });
+        assert_eq!(run.kicks.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn panic_inside_run_does_not_wedge_later_pauses() {
+        let gate = Arc::new(Gate::<FakeKick>::default());
+        let stop = AtomicBool::new(false);
+        let (_run, kick, _signal) = fake();
+        let res = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _inside = gate.enter(0, &stop, kick).expect("not stopped");
+                panic!("a handler panics between enter and leave");
+            })
+            .join()
+        });
+        assert!(res.is_err(), "the vCPU thread panicked");
+        // Returns: the guard left the gate during unwinding.
+        drop(gate.pause());
+        assert_eq!(gate.lock().running, 0);
+    }
+
+    #[test]
+    fn stop_with_vcpu_in_run_kicks_it_and_next_enter_is_refused() {
+        let gate = Arc::new(Gate::<FakeKick>::default());
+        let stop = AtomicBool::new(false);
+        let (run, kick, signal) = fake();
+        let (entered_tx, entered) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let signal = signal; // moved: a Receiver is not Sync
+                let inside = gate.enter(0, &stop, kick).expect("not stopped");
+                entered_tx.send(()).expect("test thread waits");
+                signal.recv().expect("stop kicks");
+                drop(inside);
+            });
+            entered.recv().expect("vCPU thread enters");
+            gate.stop(0, &stop);
+            assert_eq!(gate.lock().running, 0);
+        });
+        assert_eq!(run.kicks.load(Ordering::SeqCst), 1);
+        let (_run2, kick2, _signal2) = fake();
+        assert!(gate.enter(0, &stop, kick2).is_none());
+    }
+
+    #[test]
+    fn stop_of_vcpu_outside_run_returns_without_kicking() {
+        let gate = Gate::<FakeKick>::default();
+        let stop = AtomicBool::new(false);
+        gate.stop(3, &stop);
+        assert!(stop.load(Ordering::SeqCst));
     }
 }

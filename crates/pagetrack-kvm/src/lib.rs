@@ -1,11 +1,30 @@
 //! # pagetrack-kvm: exact guest write tracking on real KVM
 //!
-//! Work in progress; see the crate README.
+//! Work in progress; see the crate README and `docs/DESIGN-kvm.md`.
+//!
+//! ## Pausing vCPUs
+//!
+//! Tracking a frame re-cuts KVM memslots with every vCPU outside `KVM_RUN`. vCPUs are kicked
+//! out by KVM's documented protocol: `kvm_run.immediate_exit` is set, then the thread gets a
+//! real-time signal (`SIGRTMIN + 5`, with a no-op handler pagetrack installs once per
+//! process). One kick per vCPU suffices; nothing polls.
+//!
+//! ## Dirty logging
+//!
+//! With [`VmConfig::with_dirty_log`], every memslot fragment carries
+//! `KVM_MEM_LOG_DIRTY_PAGES`, re-cuts harvest a fragment's log before deleting it, and stores
+//! pagetrack applies itself (trapped stores, device writes through [`TrackedMemory`]) are
+//! logged too: [`Vm::take_dirty_log`] returns one RAM region's pages written since the last
+//! call.
+//!
+//! The KVM integration tests live in `pagetrack-testkit/tests/kvm` (they boot guests with
+//! pagetrack-vmm, which depends on this crate).
 #![deny(unsafe_code)]
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
 
 mod atomic;
+mod dirty;
 pub mod emulate;
 mod error;
 mod gate;

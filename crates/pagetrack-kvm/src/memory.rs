@@ -29,8 +29,9 @@ pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -
             .any(|f| tracker.is_write_tracked(AsId::NORMAL, pagetrack::Gfn(f)))
     };
     if !any_tracked {
-        // Cannot fail: the range was checked above.
-        let _ = mem.write_slice(data, GuestAddress(gpa));
+        mem.write_slice(data, GuestAddress(gpa))
+            .expect("the range was checked above, and `mem` holds its regions");
+        vm.mark_dirty(gpa, data.len());
         vm.after_page_table_store(&mem, pt);
         // Still reported: a frame may have become tracked in between (report_write filters).
         tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source));
@@ -44,8 +45,11 @@ pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -
         big.resize(data.len(), 0);
         &mut big
     };
-    let _ = mem.read_slice(old, GuestAddress(gpa));
-    let _ = mem.write_slice(data, GuestAddress(gpa));
+    mem.read_slice(old, GuestAddress(gpa))
+        .expect("the range was checked above, and `mem` holds its regions");
+    mem.write_slice(data, GuestAddress(gpa))
+        .expect("the range was checked above, and `mem` holds its regions");
+    vm.mark_dirty(gpa, data.len());
     vm.after_page_table_store(&mem, pt);
     tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source).with_old(old));
     true

@@ -8,6 +8,7 @@ use std::time::Instant;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestRegionMmap;
 
+use crate::dirty::DirtyBits;
 use crate::error::{Error, Result};
 use crate::sys::KvmSlot;
 
@@ -105,6 +106,8 @@ struct Ram {
     size: u64,
     mmap: Arc<GuestRegionMmap>,
     chunks: Vec<Chunk>,
+    /// The region's dirty log, when dirty logging is on.
+    dirty: Option<Arc<DirtyBits>>,
 }
 
 /// Counters of the fragment table.
@@ -129,21 +132,28 @@ pub struct FragmentStats {
 #[derive(Debug)]
 pub(crate) struct Fragments {
     rams: Vec<Ram>,
+    /// Slots of removed RAM whose delete ioctl failed: KVM may still map them, so they (and
+    /// the `Arc` of their mapping) are kept until the VM fd closes.
+    stuck: Vec<KvmSlot>,
     free_ids: Vec<u32>,
     next_id: u32,
     budget: usize,
     chunk_bytes: u64,
+    /// Every fragment carries `KVM_MEM_LOG_DIRTY_PAGES`.
+    log_dirty: bool,
     stats: FragmentStats,
 }
 
 impl Fragments {
-    pub(crate) fn new(budget: usize, chunk_bytes: u64) -> Fragments {
+    pub(crate) fn new(budget: usize, chunk_bytes: u64, log_dirty: bool) -> Fragments {
         Fragments {
             rams: Vec::new(),
+            stuck: Vec::new(),
             free_ids: Vec::new(),
             next_id: 0,
             budget,
             chunk_bytes,
+            log_dirty,
             stats: FragmentStats {
                 budget,
                 ..FragmentStats::default()
@@ -181,7 +191,7 @@ impl Fragments {
     ) -> Result<KvmSlot> {
         let id = self.alloc_id()?;
         let t = Instant::now();
-        let res = KvmSlot::create(vm, id, mmap, gpa, size, ro);
+        let res = KvmSlot::create(vm, id, mmap, gpa, size, ro, self.log_dirty);
         self.account(t);
         match res {
             Ok(s) => {
@@ -199,16 +209,40 @@ impl Fragments {
         }
     }
 
-    fn delete(&mut self, vm: &VmFd, slot: KvmSlot) -> Result<()> {
+    /// Deletes `slot` from KVM, first moving its dirty log into `log` if given. On failure
+    /// the slot comes back with the error (KVM may still map it: the caller keeps it).
+    fn delete(
+        &mut self,
+        vm: &VmFd,
+        slot: KvmSlot,
+        log: Option<&DirtyBits>,
+    ) -> std::result::Result<(), (KvmSlot, Error)> {
+        if let Some(log) = log
+            && slot.log_dirty()
+        {
+            match slot.take_dirty_log(vm) {
+                Ok(bits) => log.merge(slot.gpa(), &bits),
+                Err(e) => return Err((slot, Error::kvm("KVM_GET_DIRTY_LOG")(e))),
+            }
+        }
         let (id, ro) = (slot.id(), slot.readonly());
         let t = Instant::now();
         let res = slot.remove(vm);
         self.account(t);
-        res.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        res.map_err(|(slot, e)| (slot, Error::kvm("KVM_SET_USER_MEMORY_REGION")(e)))?;
         self.free_ids.push(id);
         self.stats.fragments -= 1;
         self.stats.readonly_fragments -= usize::from(ro);
         Ok(())
+    }
+
+    /// Deletes `slot` for good (its RAM is going away); one whose delete fails is kept in
+    /// `stuck`, mapping and all.
+    fn delete_or_keep(&mut self, vm: &VmFd, slot: KvmSlot) -> Result<()> {
+        self.delete(vm, slot, None).map_err(|(slot, e)| {
+            self.stuck.push(slot);
+            e
+        })
     }
 
     fn account(&mut self, t: Instant) {
@@ -223,6 +257,7 @@ impl Fragments {
         mmap: Arc<GuestRegionMmap>,
         gpa: u64,
         size: u64,
+        dirty: Option<Arc<DirtyBits>>,
     ) -> Result<()> {
         let nchunks = size.div_ceil(self.chunk_bytes);
         if self.stats.fragments + usize::try_from(nchunks).unwrap_or(usize::MAX) > self.budget {
@@ -245,9 +280,11 @@ impl Fragments {
                     });
                 }
                 Err(e) => {
-                    for c in chunks {
-                        for s in c.frags {
-                            let _ = self.delete(vm, s);
+                    // The creation error is the one to report; a slot whose delete also
+                    // fails stays in `stuck` (see `delete_or_keep`), so nothing is lost.
+                    for s in chunks.into_iter().flat_map(|c| c.frags) {
+                        if let Err(_kept_in_stuck) = self.delete_or_keep(vm, s) {
+                            // Reported by the creation error; the slot is kept (see above).
                         }
                     }
                     return Err(e);
@@ -263,8 +300,29 @@ impl Fragments {
                 size,
                 mmap,
                 chunks,
+                dirty,
             },
         );
+        Ok(())
+    }
+
+    /// Moves KVM's dirty log of every fragment of the RAM region at `gpa` into the region's
+    /// [`DirtyBits`]. Needs no vCPU pause.
+    pub(crate) fn harvest(&mut self, vm: &VmFd, gpa: u64) -> Result<()> {
+        let Some(ram) = self.rams.iter().find(|r| r.gpa == gpa) else {
+            return Ok(());
+        };
+        let Some(log) = &ram.dirty else {
+            return Ok(());
+        };
+        for s in ram.chunks.iter().flat_map(|c| &c.frags) {
+            if s.log_dirty() {
+                let bits = s
+                    .take_dirty_log(vm)
+                    .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
+                log.merge(s.gpa(), &bits);
+            }
+        }
         Ok(())
     }
 
@@ -277,7 +335,7 @@ impl Fragments {
         let mut first_err = None;
         for c in ram.chunks {
             for s in c.frags {
-                if let Err(e) = self.delete(vm, s) {
+                if let Err(e) = self.delete_or_keep(vm, s) {
                     first_err.get_or_insert(e);
                 }
             }
@@ -344,9 +402,11 @@ impl Fragments {
             // Keep the fragments that stay as they are; delete the rest, then create the new
             // ones (deletes first: KVM refuses overlapping slots).
             let base = self.rams[r].chunks[c].gpa;
-            let old = std::mem::take(&mut self.rams[r].chunks[c].frags);
+            let log = self.rams[r].dirty.clone();
+            let mut old = std::mem::take(&mut self.rams[r].chunks[c].frags).into_iter();
             let mut kept = Vec::with_capacity(want.len());
-            for s in old {
+            let mut failed = None;
+            for s in old.by_ref() {
                 let piece = Piece {
                     first: (s.gpa() - base) / PAGE,
                     pages: s.size() / PAGE,
@@ -354,12 +414,21 @@ impl Fragments {
                 };
                 if want.contains(&piece) {
                     kept.push(s);
-                } else if let Err(e) = self.delete(vm, s) {
-                    self.rams[r].chunks[c].frags = kept;
-                    return Err(e);
+                } else if let Err((s, e)) = self.delete(vm, s, log.as_deref()) {
+                    // KVM still has this slot and those not yet visited: keep them all in
+                    // the table (the layout is then partly the old one, never weaker: a
+                    // deleted range has no slot, and every access to it exits).
+                    kept.push(s);
+                    failed = Some(e);
+                    break;
                 }
             }
+            kept.extend(old);
+            kept.sort_by_key(KvmSlot::gpa);
             self.rams[r].chunks[c].frags = kept;
+            if let Some(e) = failed {
+                return Err(e);
+            }
             let mmap = Arc::clone(&self.rams[r].mmap);
             for p in &want {
                 if have.contains(p) {
@@ -402,7 +471,11 @@ impl Fragments {
                 .expect("found above, nothing removed since");
             let old = self.rams[r].chunks[c].frags.remove(i);
             let (size, ro) = (old.size(), old.readonly());
-            self.delete(vm, old)?;
+            let log = self.rams[r].dirty.clone();
+            if let Err((old, e)) = self.delete(vm, old, log.as_deref()) {
+                self.rams[r].chunks[c].frags.insert(i, old);
+                return Err(e);
+            }
             let mmap = Arc::clone(&self.rams[r].mmap);
             let slot = self.create(vm, &mmap, at, size, ro)?;
             self.rams[r].chunks[c].frags.insert(i, slot);
@@ -412,6 +485,9 @@ impl Fragments {
 
     /// Forgets every slot without ioctls: the VM fd is closing and takes them with it.
     pub(crate) fn forget_all(&mut self) {
+        for s in &mut self.stuck {
+            s.forget_region_for_drop();
+        }
         for ram in &mut self.rams {
             for c in &mut ram.chunks {
                 for s in &mut c.frags {

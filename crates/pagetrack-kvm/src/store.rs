@@ -284,9 +284,11 @@ fn inject(
         .map_err(|e| format!("KVM_SET_VCPU_EVENTS failed: {e}"))
 }
 
-/// Reports stores pagetrack applied for vCPU `index` (with their old bytes) and counts them.
+/// Reports stores pagetrack applied for vCPU `index` (with their old bytes), marks them dirty
+/// and counts them.
 pub(crate) fn report_writes(vm: &VmInner, writes: &[MemWrite], index: u32) {
     for w in writes {
+        vm.mark_dirty(w.gpa, w.new.len());
         vm.backend
             .counters
             .trapped_bytes

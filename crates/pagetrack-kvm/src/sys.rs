@@ -7,22 +7,26 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
 
 /// One KVM memslot that maps part of an mmap'd guest RAM region.
 ///
-/// Holds an `Arc` of the mapping, so the host memory outlives the slot; [`KvmSlot::remove`]
-/// (or drop) deletes the slot from KVM before the `Arc` can be released.
+/// Holds an `Arc` of the mapping, so the host memory outlives the slot: the `Arc` is released
+/// only once [`KvmSlot::remove`] deleted the slot from KVM (or the VM fd is closing, see
+/// [`KvmSlot::forget_region_for_drop`]). A slot dropped while still registered leaks its
+/// `Arc`, so the mapping stays alive for as long as KVM may map it.
 #[derive(Debug)]
 pub(crate) struct KvmSlot {
     id: u32,
     gpa: u64,
     size: u64,
     readonly: bool,
+    log_dirty: bool,
     /// Keeps the host mapping alive for as long as KVM may use it.
-    _mapping: Arc<GuestRegionMmap>,
+    /// `None` only during drop.
+    mapping: Option<Arc<GuestRegionMmap>>,
     removed: bool,
 }
 
@@ -37,6 +41,7 @@ impl KvmSlot {
         gpa: u64,
         size: u64,
         readonly: bool,
+        log_dirty: bool,
     ) -> Result<KvmSlot, kvm_ioctls::Error> {
         let start = region.start_addr().0;
         let inside = gpa >= start
@@ -50,7 +55,12 @@ impl KvmSlot {
         let hva = region.as_ptr() as u64 + (gpa - start);
         let desc = kvm_userspace_memory_region {
             slot: id,
-            flags: if readonly { KVM_MEM_READONLY } else { 0 },
+            flags: if readonly { KVM_MEM_READONLY } else { 0 }
+                | if log_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
             guest_phys_addr: gpa,
             memory_size: size,
             userspace_addr: hva,
@@ -64,14 +74,26 @@ impl KvmSlot {
             gpa,
             size,
             readonly,
-            _mapping: Arc::clone(region),
+            log_dirty,
+            mapping: Some(Arc::clone(region)),
             removed: false,
         })
     }
 
-    /// Deletes the slot from KVM.
-    pub(crate) fn remove(mut self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
-        self.delete(vm)
+    /// Deletes the slot from KVM. On failure KVM may still map it: the slot comes back, so
+    /// that its owner keeps it (and its mapping) in its table.
+    pub(crate) fn remove(mut self, vm: &VmFd) -> Result<(), (KvmSlot, kvm_ioctls::Error)> {
+        match self.delete(vm) {
+            Ok(()) => Ok(()),
+            Err(e) => Err((self, e)),
+        }
+    }
+
+    /// Takes KVM's dirty log of the slot (`KVM_GET_DIRTY_LOG`, which also clears it): bit i
+    /// is page i of the slot.
+    pub(crate) fn take_dirty_log(&self, vm: &VmFd) -> Result<Vec<u64>, kvm_ioctls::Error> {
+        let size = usize::try_from(self.size).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+        vm.get_dirty_log(self.id, size)
     }
 
     fn delete(&mut self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
@@ -107,6 +129,10 @@ impl KvmSlot {
         self.readonly
     }
 
+    pub(crate) fn log_dirty(&self) -> bool {
+        self.log_dirty
+    }
+
     pub(crate) fn forget_region_for_drop(&mut self) {
         // Marks the slot as already gone when the whole VM fd is closing: closing the VM fd
         // drops every slot with it, so no ioctl is needed (or possible) then.
@@ -115,7 +141,8 @@ impl KvmSlot {
 }
 
 /// A slot that is still registered when dropped can only be deleted with the VM fd; the owner
-/// (the fragment table) always removes or forgets its slots first, so this only asserts.
+/// (the fragment table) always removes or forgets its slots first. Should one be dropped
+/// registered all the same, its mapping is leaked rather than released under KVM.
 impl Drop for KvmSlot {
     fn drop(&mut self) {
         debug_assert!(
@@ -123,25 +150,65 @@ impl Drop for KvmSlot {
             "KVM slot {} dropped while still registered; the VM fd must close first",
             self.id
         );
+        if !self.removed {
+            std::mem::forget(self.mapping.take());
+        }
     }
 }
 
-/// The kernel thread id handle of the calling thread, for kicking it out of `KVM_RUN`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ThreadHandle(libc::pthread_t);
+/// How the gate kicks one vCPU out of `KVM_RUN`: by KVM's documented protocol, set
+/// `kvm_run.immediate_exit`, then signal the vCPU's thread (see [`crate::gate`]).
+#[derive(Debug)]
+pub(crate) struct VcpuKick {
+    thread: libc::pthread_t,
+    immediate_exit: std::ptr::NonNull<u8>,
+}
 
-impl ThreadHandle {
-    pub(crate) fn current() -> ThreadHandle {
+// SAFETY: a VcpuKick is only created by the vCPU thread in `Vcpu::run` for one pass through
+// the gate, and the gate drops it (in `leave`) before `run` can return; the thread and the
+// `kvm_run` mapping of its VcpuFd (borrowed by that `run`) are alive all that time, so using
+// both from a pausing thread is sound. `immediate_exit` is written through an atomic; the
+// kernel reads it concurrently by design, and kvm-ioctls' exit decoding on the vCPU thread
+// never reads or writes that byte.
+unsafe impl Send for VcpuKick {}
+
+impl VcpuKick {
+    /// The kick handle of the calling thread, which is about to run `fd`.
+    pub(crate) fn current(fd: &mut VcpuFd) -> VcpuKick {
+        // A pointer (not a reference) kept past this borrow: see `unsafe impl Send` for why it
+        // stays valid while the kick handle exists.
+        let immediate_exit = std::ptr::NonNull::from(&mut fd.get_kvm_run().immediate_exit);
         // SAFETY: pthread_self has no preconditions and always succeeds.
-        ThreadHandle(unsafe { libc::pthread_self() })
+        let thread = unsafe { libc::pthread_self() };
+        VcpuKick {
+            thread,
+            immediate_exit,
+        }
     }
 
-    /// Sends the kick signal. The handle is only used while its vCPU thread is inside `run`
-    /// (the gate clears it before `run` returns), so the thread is alive.
-    pub(crate) fn kick(self) {
-        // SAFETY: the thread is alive (see above); the signal has a no-op handler installed by
-        // `install_kick_handler`, so delivery only interrupts a blocking KVM_RUN with EINTR.
-        let _ = unsafe { libc::pthread_kill(self.0, kick_signal()) };
+    fn flag(&self) -> &std::sync::atomic::AtomicU8 {
+        // SAFETY: `immediate_exit` points into the vCPU's live kvm_run (see `unsafe impl
+        // Send`); a u8 is always aligned for AtomicU8, and every concurrent userspace access
+        // to it goes through this atomic (the vCPU's own reset included).
+        unsafe { std::sync::atomic::AtomicU8::from_ptr(self.immediate_exit.as_ptr()) }
+    }
+}
+
+impl crate::gate::Kick for VcpuKick {
+    fn kick(&self) {
+        // SeqCst: the store is visible before the signal is sent; the kernel reads the field
+        // on entry to KVM_RUN and the signal covers a KVM_RUN already past that check.
+        self.flag().store(1, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: the thread is alive (see `unsafe impl Send`); the signal has a no-op handler
+        // installed by `install_kick_handler`, so delivery only interrupts KVM_RUN with EINTR.
+        let rc = unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+        // ESRCH/EINVAL are impossible: a live thread and a valid real-time signal.
+        debug_assert_eq!(rc, 0, "pthread_kill of a live vCPU thread");
+    }
+
+    fn reset(&self) {
+        // SeqCst: ordered after the kicker's store by the gate lock both hold.
+        self.flag().store(0, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

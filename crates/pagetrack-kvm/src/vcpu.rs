@@ -284,15 +284,17 @@ impl Vcpu {
             {
                 return Ok(Exit::ExitLimit);
             }
-            if !self.vm.backend.gate.enter(idx, &self.stop) {
+            let kick = crate::sys::VcpuKick::current(&mut self.fd);
+            let Some(inside) = self.vm.backend.gate.enter(idx, &self.stop, kick) else {
                 if let Some(b) = &self.budget {
                     b.refund();
                 }
                 self.stop.store(false, Ordering::SeqCst);
                 return Ok(Exit::Stopped);
-            }
+            };
             let res = self.fd.run();
-            self.vm.backend.gate.leave(idx);
+            // Leaves the gate (and resets `immediate_exit`); a panic in `run` leaves it too.
+            drop(inside);
             if let Some(b) = &self.budget {
                 match &res {
                     Err(_) => b.refund(),
@@ -301,7 +303,6 @@ impl Vcpu {
             }
             let exit = match res {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.fd.set_kvm_immediate_exit(0);
                     self.check_stall()?;
                     continue;
                 }

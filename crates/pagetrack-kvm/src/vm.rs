@@ -14,6 +14,7 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
 };
 
+use crate::dirty::DirtyBits;
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::memory::TrackedMemory;
@@ -36,6 +37,10 @@ pub struct VmConfig {
     pub expected_ram: u64,
     /// Core configuration.
     pub tracker: TrackerConfig,
+    /// Log dirty pages (for live migration or diff snapshots): every KVM memslot fragment
+    /// carries `KVM_MEM_LOG_DIRTY_PAGES`, and [`Vm::take_dirty_log`] returns the pages written
+    /// per RAM region, stores pagetrack applies itself included.
+    pub dirty_log: bool,
 }
 
 impl Default for VmConfig {
@@ -46,6 +51,7 @@ impl Default for VmConfig {
             disable_slot_zap_all: true,
             expected_ram: 1 << 30,
             tracker: TrackerConfig::default().with_address_spaces(1),
+            dirty_log: false,
         }
     }
 }
@@ -60,6 +66,12 @@ impl VmConfig {
     /// The same configuration with a fixed chunk size (a multiple of 4 KiB).
     pub fn with_chunk_bytes(mut self, bytes: u64) -> VmConfig {
         self.chunk_bytes = Some(bytes);
+        self
+    }
+
+    /// The same configuration with dirty-page logging on (see [`VmConfig::dirty_log`]).
+    pub fn with_dirty_log(mut self) -> VmConfig {
+        self.dirty_log = true;
         self
     }
 
@@ -159,6 +171,9 @@ pub struct VmStats {
     pub pauses: u64,
     /// Time spent pausing vCPUs, nanoseconds.
     pub pause_ns: u64,
+    /// Failed re-cuts whose undo failed too (the layout is then stricter than the tracked
+    /// set: writes to some untracked frames exit and are applied silently).
+    pub restore_errors: u64,
 }
 
 #[derive(Debug, Default)]
@@ -174,6 +189,7 @@ pub(crate) struct Counters {
     pub(crate) device_writes: AtomicU64,
     pauses: AtomicU64,
     pause_ns: AtomicU64,
+    restore_errors: AtomicU64,
 }
 
 /// The core's enforcement backend: protected frames live in read-only fragments.
@@ -202,9 +218,15 @@ impl Backend {
         let _paused = self.gate.pause();
         let res = frags.relayout(&self.vm_fd, &dirty);
         if res.is_err() {
-            // Restore the previous bits and layout as far as KVM allows.
+            // Restore the previous bits and layout as far as KVM allows. If that fails too,
+            // the first error is the one to report, and what KVM is left with is safe: a
+            // failed re-cut keeps the fragments it could not delete and leaves ranges it
+            // could not create without a slot, where every access exits (stricter than the
+            // counts, never weaker). Counted in `VmStats::restore_errors`.
             let back = frags.mark(gpas(), !protect);
-            let _ = frags.relayout(&self.vm_fd, &back);
+            if frags.relayout(&self.vm_fd, &back).is_err() {
+                self.counters.restore_errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.counters.pauses.fetch_add(1, Ordering::Relaxed);
         self.counters.pause_ns.fetch_add(
@@ -217,11 +239,11 @@ impl Backend {
 
 impl Enforcement for Backend {
     fn protect(&self, runs: &[FrameRun]) -> std::result::Result<(), BackendError> {
-        Ok(self.change(runs, true)?)
+        self.change(runs, true).map_err(BackendError::new)
     }
 
     fn unprotect(&self, runs: &[FrameRun]) -> std::result::Result<(), BackendError> {
-        Ok(self.change(runs, false)?)
+        self.change(runs, false).map_err(BackendError::new)
     }
 }
 
@@ -232,11 +254,12 @@ impl Drop for Backend {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct RamInfo {
     slot: SlotId,
     gpa: u64,
     size: u64,
+    dirty: Option<Arc<DirtyBits>>,
 }
 
 #[derive(Debug)]
@@ -254,6 +277,8 @@ pub(crate) struct VmInner {
     pt_marked: std::sync::atomic::AtomicBool,
     xsave_layout: std::sync::OnceLock<(crate::emulate::XsaveLayout, u64)>,
     stall_monitor: std::sync::Once,
+    /// Dirty logs of the RAM regions, when [`VmConfig::dirty_log`] is on.
+    dirty: std::sync::RwLock<Vec<Arc<DirtyBits>>>,
 }
 
 /// How often the stall monitor looks at the vCPUs: a vCPU inside one `KVM_RUN` for two
@@ -281,6 +306,17 @@ use crate::walk::pte;
 pub(crate) struct PtEntries(Vec<(u64, u64)>);
 
 impl VmInner {
+    /// Records a store pagetrack applied to guest RAM in userspace (KVM's log never sees it).
+    pub(crate) fn mark_dirty(&self, gpa: u64, len: usize) {
+        if !self.config.dirty_log {
+            return;
+        }
+        let logs = self.dirty.read().unwrap_or_else(|e| e.into_inner());
+        for log in logs.iter() {
+            log.mark(gpa, len as u64);
+        }
+    }
+
     /// The page-table entries `[gpa, gpa + len)` overlaps in frames marked as guest page tables
     /// (empty, and free, when none are marked or the host uses TDP).
     pub(crate) fn page_table_entries(
@@ -412,9 +448,7 @@ impl Vm {
                 what: "KVM_CAP_READONLY_MEM",
             });
         }
-        crate::sys::install_kick_handler().map_err(|e| Error::Memory {
-            reason: format!("installing the vCPU kick signal handler: {e}"),
-        })?;
+        crate::sys::install_kick_handler().map_err(|source| Error::KickSignal { source })?;
         let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
         let zap_all = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
         if config.disable_slot_zap_all && caps.disable_quirks2 & zap_all != 0 {
@@ -446,7 +480,7 @@ impl Vm {
         let backend = Arc::new(Backend {
             vm_fd,
             gate: Gate::default(),
-            frags: Mutex::new(Fragments::new(budget, chunk)),
+            frags: Mutex::new(Fragments::new(budget, chunk, config.dirty_log)),
             counters: Counters::default(),
         });
         let tracker =
@@ -466,6 +500,7 @@ impl Vm {
                 pt_marked: std::sync::atomic::AtomicBool::new(false),
                 xsave_layout: std::sync::OnceLock::new(),
                 stall_monitor: std::sync::Once::new(),
+                dirty: std::sync::RwLock::default(),
             }),
         })
     }
@@ -542,42 +577,60 @@ impl Vm {
             .ok_or(bad("no free memslot id"))?;
         let len = usize::try_from(size).map_err(|_| bad("too large for this host"))?;
         let region = Arc::new(
-            GuestRegionMmap::<()>::from_range(GuestAddress(gpa), len, None).map_err(|e| {
-                Error::Memory {
-                    reason: format!("mmap of {size:#x} bytes: {e}"),
-                }
-            })?,
+            GuestRegionMmap::<()>::from_range(GuestAddress(gpa), len, None)
+                .map_err(|source| Error::Mmap { gpa, size, source })?,
         );
+        // The new guest memory is computed first (it changes nothing until published below),
+        // so that no step after the KVM slots exist can fail.
+        let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self
+            .inner
+            .mem
+            .memory()
+            .insert_region(Arc::clone(&region))
+            .map_err(|source| Error::GuestMemory {
+                op: "insert",
+                source,
+            })?;
         let npages = size / PAGE_SIZE;
         self.inner.tracker.set_memory_region(MemoryRegion::new(
             slot,
             Gfn(gpa / PAGE_SIZE),
             npages,
         ))?;
+        let dirty = self
+            .inner
+            .config
+            .dirty_log
+            .then(|| Arc::new(DirtyBits::new(gpa, size)));
         let res = self.inner.backend.frags().add_ram(
             &self.inner.backend.vm_fd,
             Arc::clone(&region),
             gpa,
             size,
+            dirty.clone(),
         );
         if let Err(e) = res {
-            let _ = self
-                .inner
+            self.inner
                 .tracker
-                .set_memory_region(MemoryRegion::delete(AsId::NORMAL, slot));
+                .set_memory_region(MemoryRegion::delete(AsId::NORMAL, slot))
+                .expect("deleting the slot just created cannot fail: not in a callback (checked)");
             return Err(e);
         }
-        let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
-        let next = self
-            .inner
-            .mem
-            .memory()
-            .insert_region(region)
-            .map_err(|e| Error::Memory {
-                reason: format!("inserting region: {e}"),
-            })?;
         guard.replace(next);
-        rams.push(RamInfo { slot, gpa, size });
+        if let Some(d) = &dirty {
+            self.inner
+                .dirty
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Arc::clone(d));
+        }
+        rams.push(RamInfo {
+            slot,
+            gpa,
+            size,
+            dirty,
+        });
         Ok(slot)
     }
 
@@ -599,18 +652,28 @@ impl Vm {
                     as_id: AsId::NORMAL,
                     slot,
                 })?;
-        let info = rams[pos];
+        let info = rams[pos].clone();
         // The core first: it validates (it may refuse, e.g. from inside a callback) and
         // notifies only once the deletion is final; then the KVM fragments go.
         self.inner
             .tracker
             .set_memory_region(MemoryRegion::delete(AsId::NORMAL, slot))?;
-        {
+        // A fragment whose delete fails stays registered with KVM together with its mapping
+        // (see `Fragments::remove_ram`); the region is gone for pagetrack all the same, and
+        // the error is returned once the bookkeeping is done.
+        let frags_res = {
             let _paused = self.inner.backend.gate.pause();
             self.inner
                 .backend
                 .frags()
-                .remove_ram(&self.inner.backend.vm_fd, info.gpa)?;
+                .remove_ram(&self.inner.backend.vm_fd, info.gpa)
+        };
+        if let Some(d) = &info.dirty {
+            self.inner
+                .dirty
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|l| !Arc::ptr_eq(l, d));
         }
         let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
         let (next, _region) = self
@@ -618,12 +681,48 @@ impl Vm {
             .mem
             .memory()
             .remove_region(GuestAddress(info.gpa), info.size)
-            .map_err(|e| Error::Memory {
-                reason: format!("removing region: {e}"),
+            .map_err(|source| Error::GuestMemory {
+                op: "remove",
+                source,
             })?;
         guard.replace(next);
         rams.remove(pos);
-        Ok(())
+        frags_res
+    }
+
+    /// The dirty log of the RAM region with memslot id `slot`: bit `i` of the result (word
+    /// `i / 64`, bit `i % 64`) is set if page `i` of the region was written since the previous
+    /// call (or since [`Vm::add_ram`]), and the log is cleared. It holds guest stores KVM
+    /// logged (harvested from every fragment, and from fragments a re-cut deleted) and the
+    /// stores pagetrack applied itself: trapped stores to tracked frames, stores it completed
+    /// for the guest, and device writes through [`TrackedMemory`]. Writes through
+    /// [`Vm::raw_memory`] bypass it, as they bypass tracking.
+    ///
+    /// # Errors
+    /// [`Error::DirtyLogOff`] if the VM was not created with [`VmConfig::with_dirty_log`];
+    /// an unknown slot; a failed `KVM_GET_DIRTY_LOG` (the pages harvested until then stay in
+    /// the log for the next call).
+    pub fn take_dirty_log(&self, slot: SlotId) -> Result<Vec<u64>> {
+        if !self.inner.config.dirty_log {
+            return Err(Error::DirtyLogOff);
+        }
+        let rams = self.inner.rams.lock().unwrap_or_else(|e| e.into_inner());
+        let info = rams
+            .iter()
+            .find(|r| r.slot == slot)
+            .ok_or(pagetrack::Error::UnknownSlot {
+                as_id: AsId::NORMAL,
+                slot,
+            })?;
+        let log = info
+            .dirty
+            .as_ref()
+            .expect("every region has a log when dirty logging is on");
+        self.inner
+            .backend
+            .frags()
+            .harvest(&self.inner.backend.vm_fd, info.gpa)?;
+        Ok(log.take())
     }
 
     /// Creates vCPU `index` (each index once).
@@ -734,6 +833,7 @@ impl Vm {
             fragments: self.inner.backend.frags().stats(),
             pauses: c.pauses.load(Ordering::Relaxed),
             pause_ns: c.pause_ns.load(Ordering::Relaxed),
+            restore_errors: c.restore_errors.load(Ordering::Relaxed),
         }
     }
 }

@@ -7,7 +7,6 @@
 //! memory is tracked.
 #![forbid(unsafe_code)]
 
-pub mod bench;
 pub mod error;
 pub mod flat;
 pub mod process;

@@ -98,12 +98,13 @@ pub enum Error {
         op: &'static str,
     },
     /// The enforcement backend failed; the count change was rolled back.
-    #[error("backend could not {op}: {message}")]
+    #[error("backend could not {op}")]
     Backend {
         /// What the core asked for ("protect" or "unprotect").
         op: &'static str,
-        /// What the backend said.
-        message: String,
+        /// The backend's error.
+        #[source]
+        source: crate::BackendError,
     },
 }
 

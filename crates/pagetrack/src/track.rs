@@ -82,15 +82,33 @@ impl FrameRun {
     }
 }
 
-/// A backend failure, as text for the core's [`Error::Backend`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendError(pub String);
+/// A backend failure, kept whole (its own source chain included) as the `source` of the
+/// core's [`Error::Backend`]. Shared, so that [`Error`] stays `Clone`; two are equal when
+/// their messages are.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(transparent)]
+pub struct BackendError(pub std::sync::Arc<dyn std::error::Error + Send + Sync>);
 
-impl<E: std::error::Error> From<E> for BackendError {
-    fn from(e: E) -> BackendError {
-        BackendError(e.to_string())
+impl BackendError {
+    /// Wraps a backend's error.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> BackendError {
+        BackendError(std::sync::Arc::new(e))
+    }
+
+    /// A failure described by a message only (for backends without an error type, and tests).
+    pub fn msg(message: impl Into<String>) -> BackendError {
+        let boxed: Box<dyn std::error::Error + Send + Sync> = message.into().into();
+        BackendError(std::sync::Arc::from(boxed))
     }
 }
+
+impl PartialEq for BackendError {
+    fn eq(&self, other: &BackendError) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for BackendError {}
 
 /// A backend that enforces nothing: for cores driven by an emulator that consults
 /// [`PageTracker::is_write_tracked`] itself, and for tests.
@@ -819,7 +837,7 @@ impl PageTracker {
             Dir::Add => ("protect", self.backend.protect(runs)),
             Dir::Remove => ("unprotect", self.backend.unprotect(runs)),
         };
-        res.map_err(|BackendError(message)| Error::Backend { op, message })
+        res.map_err(|source| Error::Backend { op, source })
     }
 
     /// A batch (duplicates add or remove several tracks). Returns whether a frame flipped.

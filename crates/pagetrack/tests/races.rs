@@ -550,7 +550,7 @@ impl Enforcement for FailingUnprotect {
     fn unprotect(&self, _: &[FrameRun]) -> Result<(), BackendError> {
         self.inside.lock().unwrap().send(()).unwrap();
         self.written.lock().unwrap().recv().unwrap();
-        Err(BackendError("injected unprotect failure".into()))
+        Err(BackendError::msg("injected unprotect failure"))
     }
 }
 

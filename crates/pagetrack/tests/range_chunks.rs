@@ -72,7 +72,7 @@ struct Recorder {
 impl Enforcement for Recorder {
     fn protect(&self, runs: &[FrameRun]) -> Result<(), BackendError> {
         if self.fail_protect.load(Ordering::SeqCst) {
-            return Err(BackendError("refused by the test".into()));
+            return Err(BackendError::msg("refused by the test"));
         }
         self.calls
             .lock()

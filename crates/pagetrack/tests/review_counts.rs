@@ -27,14 +27,14 @@ impl Enforcement for FailingBackend {
     fn protect(&self, runs: &[FrameRun]) -> Result<(), BackendError> {
         self.calls.lock().unwrap().push((true, runs.to_vec()));
         if self.fail.load(Ordering::SeqCst) {
-            return Err(BackendError("no".into()));
+            return Err(BackendError::msg("no"));
         }
         Ok(())
     }
     fn unprotect(&self, runs: &[FrameRun]) -> Result<(), BackendError> {
         self.calls.lock().unwrap().push((false, runs.to_vec()));
         if self.fail.load(Ordering::SeqCst) {
-            return Err(BackendError("no".into()));
+            return Err(BackendError::msg("no"));
         }
         Ok(())
     }

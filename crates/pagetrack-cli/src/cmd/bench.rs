@@ -3,8 +3,8 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use crate::bench::{self, BenchConfig};
 use anyhow::Context;
-use pagetrack_vmm::bench::{self, BenchConfig};
 
 use crate::range::parse_size;
 
@@ -38,10 +38,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             crate::UsageError("--reps must be at least 1 and --exits at least 100".into()).into(),
         );
     }
-    let mut cfg = BenchConfig::default();
-    cfg.ram = args.ram;
-    cfg.exits = args.exits;
-    cfg.reps = args.reps;
+    let cfg = BenchConfig {
+        ram: args.ram,
+        exits: args.exits,
+        reps: args.reps,
+    };
     let quiet = args.json;
     let report = bench::run(cfg, |step| {
         if !quiet {

@@ -509,7 +509,7 @@ fn add_backend_protect_fails_counts_rolled_back() {
         |t| t.add_gfns(NORMAL, &[Gfn(1), Gfn(700), Gfn(700), Gfn(2049)]),
         &Error::Backend {
             op: "protect",
-            message: "injected protect failure".into(),
+            source: crate::BackendError::msg("injected protect failure"),
         },
     );
     assert_eq!(b.attempts.load(Ordering::SeqCst), attempts + 1);
@@ -530,7 +530,7 @@ fn remove_backend_unprotect_fails_counts_rolled_back() {
         |t| t.remove_gfns(NORMAL, &[Gfn(1), Gfn(600)]),
         &Error::Backend {
             op: "unprotect",
-            message: "injected unprotect failure".into(),
+            source: crate::BackendError::msg("injected unprotect failure"),
         },
     );
     // Removes that untrack nothing do not ask the backend, so they still work.
@@ -624,4 +624,36 @@ mod with_notifiers {
         assert_eq!(outcome.lock().unwrap().take(), Some((true, 1, 0)));
         assert!(!t.has_external_user());
     }
+}
+
+/// A backend's own error survives as the `source` of `Error::Backend`, with its errno.
+#[test]
+fn add_backend_error_kept_as_source_with_its_errno() {
+    #[derive(Debug)]
+    struct Refusing;
+    impl crate::Enforcement for Refusing {
+        fn protect(&self, _: &[crate::FrameRun]) -> Result<(), crate::BackendError> {
+            Err(crate::BackendError::new(std::io::Error::from_raw_os_error(
+                12,
+            )))
+        }
+        fn unprotect(&self, _: &[crate::FrameRun]) -> Result<(), crate::BackendError> {
+            Ok(())
+        }
+    }
+    let t = PageTracker::new(TrackerConfig::default(), std::sync::Arc::new(Refusing));
+    t.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 16))
+        .unwrap();
+    t.enable_write_tracking().unwrap();
+
+    let err = t.add_gfn(Gfn(3)).unwrap_err();
+
+    assert_eq!(err.to_string(), "backend could not protect");
+    let source = std::error::Error::source(&err).expect("the backend's error");
+    let io = source
+        .downcast_ref::<crate::BackendError>()
+        .and_then(|b| b.0.downcast_ref::<std::io::Error>())
+        .expect("an io::Error inside");
+    assert_eq!(io.raw_os_error(), Some(12));
+    assert!(!t.is_write_tracked(AsId::NORMAL, Gfn(3)));
 }

@@ -47,7 +47,7 @@ impl Enforcement for Recorder {
     fn protect(&self, frames: &[FrameRun]) -> Result<(), BackendError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         if self.fail_protect.load(Ordering::SeqCst) {
-            return Err(BackendError("injected protect failure".into()));
+            return Err(BackendError::msg("injected protect failure"));
         }
         self.record(BackendCall::Protect(FrameRun::pairs(frames).collect()));
         Ok(())
@@ -56,7 +56,7 @@ impl Enforcement for Recorder {
     fn unprotect(&self, frames: &[FrameRun]) -> Result<(), BackendError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         if self.fail_unprotect.load(Ordering::SeqCst) {
-            return Err(BackendError("injected unprotect failure".into()));
+            return Err(BackendError::msg("injected unprotect failure"));
         }
         self.record(BackendCall::Unprotect(FrameRun::pairs(frames).collect()));
         Ok(())

@@ -1,6 +1,6 @@
 //! The README's example program runs and reports exactly the tracked writes.
 
-#[path = "../../examples/watch.rs"]
+#[path = "../../../pagetrack-vmm/examples/watch.rs"]
 #[expect(dead_code, reason = "the example's main is not called here")]
 mod watch;
 

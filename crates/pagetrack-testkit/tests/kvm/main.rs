@@ -1,5 +1,10 @@
 //! pagetrack-kvm integration tests: real guest code on real KVM.
 //!
+//! They live in the testkit, not in pagetrack-kvm, because they boot guests with
+//! pagetrack-vmm's x86 set-up: as dev-dependencies of pagetrack-kvm, pagetrack-vmm (and the
+//! testkit) would form a cycle through pagetrack-kvm that stops the crates from publishing.
+//! Run them with `cargo test -p pagetrack-testkit --test kvm`.
+//!
 //! Every test starts with `kvm_or_skip!()`: without `/dev/kvm` it prints a loud
 //! `SKIPPED (no /dev/kvm)` line, and with `PAGETRACK_REQUIRE_KVM=1` (as in CI) it fails instead.
 
@@ -11,7 +16,9 @@
 mod atomics;
 mod common;
 mod concurrency;
+mod dirty;
 mod example;
+mod failure;
 mod fault;
 mod hard;
 mod hostile;

@@ -2,7 +2,7 @@
 //! an untracked one, then a device model writes into the tracked frame. Only the writes to the
 //! tracked frame are reported, with old and new bytes and who wrote.
 //!
-//! `cargo run --release -p pagetrack-kvm --example watch`
+//! `cargo run --release -p pagetrack-vmm --example watch`
 
 use std::sync::{Arc, Mutex};
 

@@ -53,7 +53,18 @@ pub struct Guest {
 }
 
 pub fn boot(kvm: kvm_ioctls::Kvm, ram: u64, nvcpus: u32, code: &[u8]) -> Guest {
-    let vm = Vm::with_kvm(kvm, VmConfig::default().with_ram(ram)).unwrap();
+    boot_with(kvm, VmConfig::default().with_ram(ram), ram, nvcpus, code)
+}
+
+/// As [`boot`], with a VM configuration of the test's own.
+pub fn boot_with(
+    kvm: kvm_ioctls::Kvm,
+    config: VmConfig,
+    ram: u64,
+    nvcpus: u32,
+    code: &[u8],
+) -> Guest {
+    let vm = Vm::with_kvm(kvm, config).unwrap();
     vm.add_ram(0, ram).unwrap();
     let layout = LongModeLayout::new(ram).unwrap();
     vm.raw_memory()

@@ -12,8 +12,8 @@ use pagetrack::{AsId, Gfn, NotifierClass, TrackNotifier, WriteEvent};
 use pagetrack_kvm::{Exit, Vcpu, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::error::{Error, Result};
-use crate::x86::{self, GUEST_EXIT_PORT, LONG_MODE_RFLAGS, LongModeLayout};
+use anyhow::{Context, Result, anyhow};
+use pagetrack_vmm::x86::{self, GUEST_EXIT_PORT, LONG_MODE_RFLAGS, LongModeLayout};
 
 /// What to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,11 +68,6 @@ impl BenchReport {
             unit,
         });
     }
-
-    /// The figure with `key`.
-    pub fn get(&self, key: &str) -> Option<f64> {
-        self.rows.iter().find(|r| r.key == key).map(|r| r.value)
-    }
 }
 
 const CODE: u64 = 0x1000;
@@ -89,6 +84,7 @@ struct Programs {
     touch: u64,
     remap: u64,
     xadd: u64,
+    spin: u64,
     bytes: Vec<u8>,
 }
 
@@ -96,8 +92,8 @@ struct Programs {
 const PT: u64 = 0x2_0000;
 const PT_VA: u64 = 0x200_0000;
 
-fn asm_err(source: iced_x86::IcedError) -> Error {
-    Error::Assemble { source }
+fn asm_err(source: iced_x86::IcedError) -> anyhow::Error {
+    anyhow::Error::new(source).context("assembling the benchmark programs")
 }
 
 fn programs() -> Result<Programs> {
@@ -108,6 +104,7 @@ fn programs() -> Result<Programs> {
     let mut touch = a.create_label();
     let mut remap = a.create_label();
     let mut xadd = a.create_label();
+    let mut spin = a.create_label();
     let mut build = || -> std::result::Result<(), iced_x86::IcedError> {
         // pio: rcx times `out PIO_PORT, al` (a bare exit each), then exit.
         a.set_label(&mut pio)?;
@@ -154,6 +151,11 @@ fn programs() -> Result<Programs> {
         a.lock().xadd(qword_ptr(rdi), rax)?; // atomic fetch-and-add
         a.dec(rcx)?;
         a.jnz(xadd)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)?;
+        // spin: rcx iterations of nothing (no exit), then exit.
+        a.set_label(&mut spin)?;
+        a.dec(rcx)?;
+        a.jnz(spin)?;
         a.out(u32::from(GUEST_EXIT_PORT), al)
     };
     build().map_err(asm_err)?;
@@ -171,6 +173,7 @@ fn programs() -> Result<Programs> {
         touch: at(&touch)?,
         remap: at(&remap)?,
         xadd: at(&xadd)?,
+        spin: at(&spin)?,
         bytes: res.inner.code_buffer,
     })
 }
@@ -204,11 +207,7 @@ impl Rig {
         let progs = programs()?;
         vm.raw_memory()
             .write_slice(&progs.bytes, GuestAddress(CODE))
-            .map_err(|source| Error::GuestMemory {
-                what: "benchmark programs",
-                addr: CODE,
-                source,
-            })?;
+            .with_context(|| format!("writing the benchmark programs at {CODE:#x}"))?;
         let vcpu = vm.create_vcpu(0)?;
         x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, CODE, 0)?;
         let vcpu2 = if vcpus > 1 {
@@ -257,9 +256,7 @@ impl Rig {
     /// wall time until both exited.
     fn run_both(&mut self, entry: u64, args: [u64; 4]) -> Result<Duration> {
         let Some(v2) = self.vcpu2.as_mut() else {
-            return Err(Error::InvalidConfig {
-                reason: "benchmark rig has one vCPU".into(),
-            });
+            return Err(anyhow!("benchmark rig has one vCPU"));
         };
         prepare(&self.vcpu, &self.layout, 0, entry, args)?;
         prepare(v2, &self.layout, 1, entry, args)?;
@@ -268,14 +265,78 @@ impl Rig {
         std::thread::scope(|s| {
             let other = s.spawn(|| run_to_exit(v2));
             let mine = run_to_exit(v1);
-            let theirs = other.join().unwrap_or_else(|_| {
-                Err(Error::InvalidConfig {
-                    reason: "benchmark vCPU thread panicked".into(),
-                })
-            });
+            let theirs = other
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("benchmark vCPU thread panicked")));
             mine.and(theirs)
         })?;
         Ok(start.elapsed())
+    }
+}
+
+impl Rig {
+    /// Track and untrack latencies of one frame (100 of each, in µs) while both vCPUs run the
+    /// program at `entry` with rcx = u64::MAX: every track pauses two running vCPUs.
+    fn track_while_running(&mut self, entry: u64) -> Result<(Vec<f64>, Vec<f64>)> {
+        let Some(v2) = self.vcpu2.as_mut() else {
+            return Err(anyhow!("benchmark rig has one vCPU"));
+        };
+        let args = [0, u64::MAX, 0, 0];
+        prepare(&self.vcpu, &self.layout, 0, entry, args)?;
+        prepare(v2, &self.layout, 1, entry, args)?;
+        let (s1, s2) = (self.vcpu.stopper(), v2.stopper());
+        let v1 = &mut self.vcpu;
+        let vm = &self.vm;
+        let (started_tx, started) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let spin = |v: &mut Vcpu, started: std::sync::mpsc::Sender<()>| -> Result<()> {
+                // Sent before the first KVM_RUN: the measurement waits for both.
+                started
+                    .send(())
+                    .map_err(|_| anyhow!("benchmark thread gone"))?;
+                loop {
+                    match v.run()? {
+                        Exit::Stopped => return Ok(()),
+                        Exit::IoOut { port, .. } if u32::from(port) == PIO_PORT => {}
+                        other => {
+                            return Err(anyhow!("running guest stopped: {other:?}"));
+                        }
+                    }
+                }
+            };
+            let tx2 = started_tx.clone();
+            let a = s.spawn(move || spin(v1, started_tx));
+            let b = s.spawn(move || spin(v2, tx2));
+            let measure = || -> Result<(Vec<f64>, Vec<f64>)> {
+                for _ in 0..2 {
+                    started
+                        .recv()
+                        .map_err(|_| anyhow!("benchmark vCPU thread failed to start"))?;
+                }
+                let (mut t, mut u) = (Vec::new(), Vec::new());
+                for i in 0..100u64 {
+                    let f = Gfn(0x800 + i * 13);
+                    let s = Instant::now();
+                    vm.tracker().add_gfn(f)?;
+                    t.push(us(s.elapsed()));
+                    let s = Instant::now();
+                    vm.tracker().remove_gfn(f)?;
+                    u.push(us(s.elapsed()));
+                }
+                Ok((t, u))
+            };
+            let res = measure();
+            s1.stop();
+            s2.stop();
+            let joined = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("benchmark vCPU thread panicked")))
+            };
+            let (ra, rb) = (joined(a), joined(b));
+            ra?;
+            rb?;
+            res
+        })
     }
 }
 
@@ -303,16 +364,14 @@ fn run_to_exit(vcpu: &mut Vcpu) -> Result<()> {
             Exit::IoOut { port, .. } if port == GUEST_EXIT_PORT => return Ok(()),
             Exit::IoOut { port, .. } if u32::from(port) == PIO_PORT => {}
             other => {
-                return Err(Error::InvalidGuestImage {
-                    reason: format!("benchmark guest stopped unexpectedly: {other:?}"),
-                });
+                return Err(anyhow!("benchmark guest stopped unexpectedly: {other:?}"));
             }
         }
     }
 }
 
-fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { op, source }
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> anyhow::Error {
+    move |source| anyhow::Error::new(source).context(op)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -412,6 +471,35 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         median(u2),
         "µs",
     );
+    for (entry, key_t, key_u, what) in [
+        (
+            rig.progs.spin,
+            "track_2vcpu_running_us",
+            "untrack_2vcpu_running_us",
+            "while 2 vCPUs run without exits",
+        ),
+        (
+            rig.progs.pio,
+            "track_2vcpu_exiting_us",
+            "untrack_2vcpu_exiting_us",
+            "while 2 vCPUs run a port-I/O exit loop",
+        ),
+    ] {
+        progress(&format!("track/untrack {what}"));
+        let (t, u) = rig.track_while_running(entry)?;
+        rep.push(
+            key_t,
+            format!("track one frame, 64 MiB guest {what}"),
+            median(t),
+            "µs",
+        );
+        rep.push(
+            key_u,
+            format!("untrack one frame, 64 MiB guest {what}"),
+            median(u),
+            "µs",
+        );
+    }
 
     // Page-table stores: PTE remaps in a tracked, marked page-table frame (each one makes KVM
     // drop its shadows of the frame on shadow-paging hosts).
