@@ -840,3 +840,133 @@ fn review9_ranges_in_two_address_spaces_are_independent() {
         assert_eq!(t.track_count(AsId::NORMAL, Gfn(1)), Ok(0));
     });
 }
+
+/// Runs `f` on its own thread and says whether it finished within `secs` (a hang is left
+/// behind, blocked, so that the test can report it instead of hanging the binary).
+fn finishes_within(secs: u64, f: impl FnOnce() + Send + 'static) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .is_ok()
+}
+
+/// Liveness of the reservation waiters: two threads back-to-back run overlapping range
+/// updates over a slot (its reservation is free only between two calls, and it is notified
+/// after it can take `mmu_lock` straight back). Another thread's single-frame updates inside
+/// the range (`lists`) or DELETE/CREATE cycles of the slot (otherwise) must still make
+/// progress: they wait on `mmu_cv` with no fairness, so each is woken only to find the next
+/// reservation. 100 list updates or 10 DELETEs must finish while the stream runs (the bound
+/// only turns starvation into a failure: each needs a free moment, not a fast one).
+fn waiters_not_starved_by_back_to_back_ranges(lists: bool) {
+    let n: u64 = 1 << 17;
+    let t = tracker_with_slot(n, Arc::new(NoEnforcement));
+    let stop = Arc::new(AtomicBool::new(false));
+    let rangers: Vec<_> = (0..2)
+        .map(|_| {
+            let (t, stop) = (t.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut ops = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    // Fails (UnknownGfn) while the slot is deleted; that is fine.
+                    // A DELETE/CREATE in between leaves fresh counts: NotTracked.
+                    if t.add_range(AsId::NORMAL, Gfn(0), n).is_ok() {
+                        let r = t.remove_range(AsId::NORMAL, Gfn(0), n);
+                        assert!(
+                            matches!(
+                                r,
+                                Ok(()) | Err(Error::NotTracked { .. } | Error::UnknownGfn { .. })
+                            ),
+                            "{r:?}"
+                        );
+                    }
+                    ops += 1;
+                }
+                ops
+            })
+        })
+        .collect();
+    // Start once a range update is under way.
+    while !t.is_write_tracked(AsId::NORMAL, Gfn(0)) {
+        std::thread::yield_now();
+    }
+    let victim = {
+        let t = t.clone();
+        move || {
+            for _ in 0..if lists { 100 } else { 10 } {
+                if lists {
+                    t.add_gfn(Gfn(n / 2)).unwrap();
+                    t.remove_gfn(Gfn(n / 2)).unwrap();
+                } else {
+                    t.set_memory_region(MemoryRegion::delete(AsId::NORMAL, SlotId(0)))
+                        .unwrap();
+                    t.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), n))
+                        .unwrap();
+                }
+            }
+        }
+    };
+    let done = finishes_within(60, victim);
+    stop.store(true, Ordering::SeqCst);
+    let ops: u64 = rangers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(
+        done,
+        "starved: the {} did not finish in 60 s while {ops} back-to-back range updates ran",
+        if lists {
+            "single-frame updates"
+        } else {
+            "DELETE/CREATE cycles"
+        }
+    );
+}
+
+#[test]
+fn review9_list_updates_not_starved_by_back_to_back_ranges() {
+    waiters_not_starved_by_back_to_back_ranges(true);
+}
+
+#[test]
+fn review9_delete_not_starved_by_back_to_back_ranges() {
+    waiters_not_starved_by_back_to_back_ranges(false);
+}
+
+/// A slot that ends at the top of the gfn space (2^52): ranges up to and past its end, the
+/// overlap test of a reservation ending at `u64::MAX`, and single-frame updates at the last
+/// frame all behave, and a failed one releases its frames.
+#[test]
+fn review9_ranges_at_the_top_of_the_gfn_space() {
+    watchdog(120, || {
+        let n = 3 * 65_536 + 5;
+        let base = GFN_LIMIT - n;
+        let t = PageTracker::new(TrackerConfig::default(), Arc::new(NoEnforcement));
+        t.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(base), n))
+            .unwrap();
+        t.enable_write_tracking().unwrap();
+        let top_level = t.max_mapping_level(AsId::NORMAL, Gfn(GFN_LIMIT - 1));
+        t.add_range(AsId::NORMAL, Gfn(base), n).unwrap();
+        assert_eq!(
+            t.max_mapping_level(AsId::NORMAL, Gfn(GFN_LIMIT - 1)),
+            Ok(PageLevel::K4)
+        );
+        assert!(t.add_range(AsId::NORMAL, Gfn(base), n + 1).is_err());
+        assert!(t.add_range(AsId::NORMAL, Gfn(base + 1), u64::MAX).is_err());
+        assert!(t.add_gfn(Gfn(u64::MAX)).is_err());
+        t.add_gfn(Gfn(GFN_LIMIT - 1)).unwrap();
+        assert_eq!(t.track_count(AsId::NORMAL, Gfn(GFN_LIMIT - 1)), Ok(2));
+        assert_eq!(t.track_count(AsId::NORMAL, Gfn(base)), Ok(1));
+        t.remove_gfn(Gfn(GFN_LIMIT - 1)).unwrap();
+        assert!(t.remove_range(AsId::NORMAL, Gfn(base), n + 7).is_err());
+        t.remove_range(AsId::NORMAL, Gfn(base), n).unwrap();
+        assert_eq!(
+            t.max_mapping_level(AsId::NORMAL, Gfn(GFN_LIMIT - 1)),
+            top_level
+        );
+        for g in [base, base + 65_536, GFN_LIMIT - 1] {
+            assert_eq!(t.track_count(AsId::NORMAL, Gfn(g)), Ok(0));
+        }
+        t.set_memory_region(MemoryRegion::delete(AsId::NORMAL, SlotId(0)))
+            .unwrap();
+    });
+}
