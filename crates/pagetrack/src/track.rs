@@ -729,6 +729,14 @@ impl PageTracker {
             return Err(Error::TrackingDisabled);
         }
         self.check_as(as_id)?;
+        // An add whose protect panics is undone by the guards inside (counts, reservation),
+        // which run first; this one then waits for dispatches that saw the transient counts, as
+        // after a failed protect, before the panic reaches the caller.
+        let unwinding_add = Defer::new(|| {
+            if dir == Dir::Add && !crate::context::in_callback_of(self.id) {
+                self.grace.synchronize();
+            }
+        });
         let res = match frames {
             Frames::List(gfns) => {
                 // The installed snapshot, stable while mmu_lock is held; frames a range
@@ -741,6 +749,7 @@ impl PageTracker {
             }
             Frames::Range { first, n } => self.update_range(as_id, first, n, dir),
         };
+        unwinding_add.cancel();
         // After a last remove, and after an add that was undone (its frames counted as tracked
         // while protect ran), wait for dispatches that may still see them tracked. From inside
         // a callback the wait could include the caller's own section (or a peer waiting on

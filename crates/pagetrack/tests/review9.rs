@@ -47,7 +47,7 @@ impl Enforcement for Gate {
         }
         match self.outcome {
             Outcome::Panic => panic!("protect panics (test)"),
-            Outcome::Fail => Err(BackendError("protect refused (test)".into())),
+            Outcome::Fail => Err(BackendError::msg("protect refused (test)")),
         }
     }
 
@@ -189,7 +189,7 @@ impl Enforcement for Switch {
         if self.hit(runs) {
             assert!(!self.panic_protect.load(Ordering::SeqCst), "protect panics");
             if self.fail_protect.load(Ordering::SeqCst) {
-                return Err(BackendError("protect refused".into()));
+                return Err(BackendError::msg("protect refused"));
             }
         }
         Ok(())
@@ -202,7 +202,7 @@ impl Enforcement for Switch {
                 "unprotect panics"
             );
             if self.fail_unprotect.load(Ordering::SeqCst) {
-                return Err(BackendError("unprotect refused".into()));
+                return Err(BackendError::msg("unprotect refused"));
             }
         }
         Ok(())
