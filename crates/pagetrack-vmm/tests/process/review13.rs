@@ -259,6 +259,35 @@ fn a_thread_in_ofd_setlkw_lets_the_holder_unlock_as_natively() {
     as_natively(&exe(&d), &["ofd_block", lock.to_str().unwrap()], &d);
 }
 
+/// `clock_nanosleep(TIMER_ABSTIME)` in a thread while another thread lives sleeps until the
+/// time given (the thread checks the clock after it).
+#[test]
+fn an_absolute_sleep_in_a_thread_sleeps_until_then_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13-abs-sleep");
+    as_natively(&exe(&d), &["abs_sleep"], &d);
+}
+
+/// `sigwait` in one thread for the signal another thread sends it.
+#[test]
+fn sigwait_in_a_thread_gets_another_threads_signal_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13-sigwait");
+    as_natively(&exe(&d), &["sigwait_thread"], &d);
+}
+
+/// A signal for a thread blocked reading or polling a FIFO no one writes interrupts the call
+/// (`EINTR` after the handler), as natively.
+#[test]
+fn a_signal_interrupts_a_thread_blocked_in_read_or_poll_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13-sig-read");
+    let fifo = fifo(&d);
+    let exe = exe(&d);
+    as_natively(&exe, &["sig_read", &fifo], &d);
+    as_natively(&exe, &["sig_poll", &fifo], &d);
+}
+
 /// `execve` and `fork` from one thread while another runs fail with an error; the program
 /// goes on and ends normally.
 #[test]

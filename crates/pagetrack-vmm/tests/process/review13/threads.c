@@ -12,6 +12,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/select.h>
 #include <sys/syscall.h>
@@ -521,6 +522,97 @@ static int ofd_block(const char *path) {
     return 0;
 }
 
+
+/* clock_nanosleep(TIMER_ABSTIME) in a thread while another runs: it sleeps until then. */
+static void *abs_sleeper(void *arg) {
+    (void)arg;
+    struct timespec now, until, after;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    until = now;
+    until.tv_nsec += 200000000;
+    if (until.tv_nsec >= 1000000000) { until.tv_sec++; until.tv_nsec -= 1000000000; }
+    int r = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, 0);
+    clock_gettime(CLOCK_MONOTONIC, &after);
+    long reached = after.tv_sec > until.tv_sec || (after.tv_sec == until.tv_sec && after.tv_nsec >= until.tv_nsec);
+    return (void *)(long)(r == 0 && reached);
+}
+static int abs_sleep(void) {
+    pthread_t t;
+    pthread_create(&t, 0, abs_sleeper, 0);
+    void *ok;
+    pthread_join(t, &ok);
+    printf("absolute sleep in a thread reached its time %ld\n", (long)ok);
+    return 0;
+}
+
+/* sigwait in one thread for a signal another thread sends. */
+static volatile int sw_ready;
+static void *sig_waiter(void *arg) {
+    (void)arg;
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGUSR1);
+    int sig = 0;
+    sw_ready = 1;
+    sigwait(&s, &sig);
+    return (void *)(long)sig;
+}
+static int sigwait_thread(void) {
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &s, 0);   /* inherited by the waiter */
+    pthread_t t;
+    pthread_create(&t, 0, sig_waiter, 0);
+    while (!sw_ready) sched_yield();
+    struct timespec d = {0, 100000000};
+    nanosleep(&d, 0);   /* not needed for the output: only makes the sigwait wait first */
+    pthread_kill(t, SIGUSR1);
+    void *sig;
+    pthread_join(t, &sig);
+    printf("sigwait got %ld\n", (long)sig);
+    return 0;
+}
+
+/* A signal to a thread blocked reading (or polling) a FIFO no one writes: the handler runs
+ * and the call returns EINTR. The sender repeats until the reader saw it (no race). */
+static volatile int sr_done;
+static volatile sig_atomic_t sr_got;
+static void on_sr(int s) { (void)s; sr_got = 1; }
+static int sr_poll;
+static void *sig_reader(void *arg) {
+    (void)arg;
+    char c;
+    long r;
+    do {
+        if (sr_poll) {
+            struct pollfd p = {fifo_fd, POLLIN, 0};
+            r = poll(&p, 1, -1);
+        } else {
+            r = read(fifo_fd, &c, 1);
+        }
+    } while (!(r < 0 && errno == EINTR && sr_got));
+    sr_done = 1;
+    return 0;
+}
+static int sig_read(const char *fifo, int use_poll) {
+    sr_poll = use_poll;
+    fifo_fd = open(fifo, O_RDWR);
+    struct sigaction sa = {0};
+    sa.sa_handler = on_sr;   /* no SA_RESTART */
+    sigaction(SIGUSR1, &sa, 0);
+    pthread_t t;
+    pthread_create(&t, 0, sig_reader, 0);
+    while (!sr_done) {
+        pthread_kill(t, SIGUSR1);
+        struct timespec d = {0, 20000000};
+        nanosleep(&d, 0);
+    }
+    pthread_join(t, 0);
+    printf("reader interrupted by its signal\n");
+    return 0;
+}
+
 /* execve and fork from a thread while another runs: clear errors, the program goes on. */
 static void *spin_short(void *arg) { for (int i = 0; i < 1000; i++) sched_yield(); return arg; }
 static int exec_fork(void) {
@@ -560,5 +652,9 @@ int main(int argc, char **argv) {
     if (!strcmp(w, "write_full")) return write_full(argv[2]);
     if (!strcmp(w, "ofd_block")) return ofd_block(argv[2]);
     if (!strcmp(w, "exec_fork")) return exec_fork();
+    if (!strcmp(w, "abs_sleep")) return abs_sleep();
+    if (!strcmp(w, "sigwait_thread")) return sigwait_thread();
+    if (!strcmp(w, "sig_read")) return sig_read(argv[2], 0);
+    if (!strcmp(w, "sig_poll")) return sig_read(argv[2], 1);
     return 99;
 }
