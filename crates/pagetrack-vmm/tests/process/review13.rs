@@ -100,6 +100,15 @@ fn clone_with_odd_flags_tls_and_tid_pointers_as_natively() {
     as_natively(&exe(&d), &["clone_odd"], &d);
 }
 
+/// `CLONE_PARENT_SETTID` words in tracked heap, data and stack: the VMM's stores land and
+/// the oracle accounts for them.
+#[test]
+fn parent_settid_into_tracked_memory_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13-settid");
+    as_natively(&exe(&d), &["settid_tracked"], &d);
+}
+
 #[test]
 fn clone_with_an_unmapped_child_stack_ends_as_natively() {
     let _kvm = kvm_or_skip!();

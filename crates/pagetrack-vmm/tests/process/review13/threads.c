@@ -96,13 +96,14 @@ static void *ro_page(int fill) {
     return p;
 }
 
-static void one_clone(const char *name, long flags, void *ptid, long tls) {
+static long one_clone(const char *name, long flags, void *ptid, long tls) {
     static volatile int ctid;
     ctid = 1;
     child_ran = 0;
     long r = raw_clone(flags | CLONE_CHILD_CLEARTID, new_stack(), ptid, (void *)&ctid, tls, child_fn);
     if (r > 0) wait_clear(&ctid);
     printf("%s: %s ran %d\n", name, ename(r < 0 ? r : 0), child_ran);
+    return r;
 }
 
 static int clone_odd(void) {
@@ -116,6 +117,20 @@ static int clone_odd(void) {
     printf("read-only word after: %x\n", ro[0]);
     one_clone("parent_settid unmapped", THREAD_FLAGS | CLONE_PARENT_SETTID, (void *)0x10000, 0);
     one_clone("parent_settid kernel", THREAD_FLAGS | CLONE_PARENT_SETTID, (void *)0xffffffff81000000UL, 0);
+    return 0;
+}
+
+static int settid_tracked(void) {
+    /* Tid words in tracked memory (heap, data, stack): the VMM's stores are tracked too. */
+    static int data_word;
+    int *heap_word = malloc(sizeof *heap_word);
+    volatile int stack_word = 0;
+    long r = one_clone("parent_settid heap", THREAD_FLAGS | CLONE_PARENT_SETTID, heap_word, 0);
+    printf("heap word is the tid %d\n", r > 0 && *heap_word == r);
+    r = one_clone("parent_settid data", THREAD_FLAGS | CLONE_PARENT_SETTID, &data_word, 0);
+    printf("data word is the tid %d\n", r > 0 && data_word == r);
+    r = one_clone("parent_settid stack", THREAD_FLAGS | CLONE_PARENT_SETTID, (void *)&stack_word, 0);
+    printf("stack word is the tid %d\n", r > 0 && stack_word == r);
     return 0;
 }
 
@@ -633,6 +648,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, 0, _IONBF, 0);
     const char *w = argv[1];
     if (!strcmp(w, "clone_odd")) return clone_odd();
+    if (!strcmp(w, "settid_tracked")) return settid_tracked();
     if (!strcmp(w, "badstack")) return clone_badstack(argv[2]);
     if (!strcmp(w, "cleartid_ro")) return cleartid_ro();
     if (!strcmp(w, "clone3_bad")) return clone3_bad();
