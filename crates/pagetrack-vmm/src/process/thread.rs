@@ -26,15 +26,16 @@
 //!   them all: every vCPU is stopped and every waiter woken, and the run returns once every
 //!   host thread has been joined. At most [`MAX_THREADS`] threads live at once (`EAGAIN`
 //!   beyond); the vCPU of a thread that exited serves the next one.
-//! - **Input.** With more than one thread, a `read`/`readv` that would wait (a FIFO or pipe,
-//!   pagetrack's own standard input) and a `poll`/`ppoll` that would wait first wait in the
-//!   host without the mutex, woken also by the end of the process (an eventfd), so
-//!   `exit_group` from another thread ends them; the call is then served.
-//! - **Limits.** `select`/`pselect6`, a waiting `fcntl` lock and a full pipe's `write` are
-//!   served under the mutex, so a thread waiting there holds it until the call returns: with
-//!   a `--timeout`, until the deadline at the latest. A signal for a thread waiting in the
-//!   host for input is taken when that wait ends. `SIGALRM` between two instructions
-//!   reaches the main thread only; other threads take signals when a system call returns.
+//! - **Waits in the kernel.** With more than one thread, a call that would wait (`read`,
+//!   `readv`, `write`/`writev` to a full FIFO or pipe, `poll`, `ppoll`, `select`,
+//!   `pselect6`, `F_SETLKW`/`F_OFD_SETLKW`) does not wait under the mutex: it hands back the
+//!   host descriptors and the timeout it waits for, the thread waits in the host without the
+//!   mutex (a waiting record lock is tried again every 5 ms), woken also by the end of the
+//!   process and by its own eventfd, which a signal for it (`tgkill`, `kill`) writes to; then
+//!   the call is served again. A signal the thread may take ends the wait with `EINTR` (a
+//!   write that wrote some returns its count), so `exit_group` or a signal from another
+//!   thread ends it.
+//! - **Limits.** `SIGALRM` between two instructions reaches the main thread only; other threads take signals when a system call returns.
 //!   Only the main vCPU keeps the kvmclock page up to date; the others read it with their
 //!   own TSC, which KVM keeps synchronized.
 
@@ -123,6 +124,33 @@ struct Entry {
     clear_tid: u64,
     /// Set by a futex wake of this thread's wait.
     woken: bool,
+    /// An eventfd a signal for this thread writes to, ending its wait in the host.
+    wake_fd: Option<Arc<OwnedFd>>,
+}
+
+/// A thread's [`Entry::wake_fd`] (none if the host has no eventfd: then a signal is taken
+/// when the wait ends).
+fn new_wake_fd() -> Option<Arc<OwnedFd>> {
+    rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )
+    .ok()
+    .map(Arc::new)
+}
+
+/// Makes `fd` readable; a full counter is readable already.
+fn poke(fd: Option<&Arc<OwnedFd>>) {
+    if let Some(fd) = fd {
+        let _ = rustix::io::write(&**fd, &1u64.to_ne_bytes());
+    }
+}
+
+/// Empties `fd`; it was readable or it was not, either is fine.
+fn drain(fd: Option<&Arc<OwnedFd>>) {
+    if let Some(fd) = fd {
+        let _ = rustix::io::read(&**fd, &mut [0u8; 8]);
+    }
 }
 
 /// A thread waiting in `FUTEX_WAIT*`.
@@ -233,6 +261,7 @@ impl Ctx {
                 signals: ThreadSignals::inherit(0),
                 clear_tid: 0,
                 woken: false,
+                wake_fd: new_wake_fd(),
             },
         );
         Ctx {
@@ -289,7 +318,7 @@ impl Ctx {
 
     /// Waits until one of `fds` has one of its `POLL*` events (or an error or hang-up),
     /// `until`, the run's deadline, or the end of the process.
-    fn wait_fds(&self, fds: &[(OwnedFd, i16)], until: Option<Instant>) {
+    fn wait_fds(&self, fds: &[(OwnedFd, i16)], wake: Option<&OwnedFd>, until: Option<Instant>) {
         use rustix::event::{PollFd, PollFlags, Timespec};
         let Some(ended) = &self.ended_fd else {
             return;
@@ -308,6 +337,9 @@ impl Ctx {
             .map(|(h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
             .collect();
         p.push(PollFd::new(ended, PollFlags::IN));
+        if let Some(w) = wake {
+            p.push(PollFd::new(w, PollFlags::IN));
+        }
         // EINTR or any error: the call served next decides what happens.
         let _ = rustix::event::poll(&mut p, ts.as_ref());
     }
@@ -748,69 +780,7 @@ fn serve<'a>(
             nr::NANOSLEEP | nr::CLOCK_NANOSLEEP | nr::PAUSE | nr::RT_SIGSUSPEND
         ));
     if !mine {
-        if threaded && matches!(n, nr::READ | nr::READV) && ctx.ended_fd.is_some() {
-            // A read that would wait waits here, without the lock, for input or the end.
-            if let Some(h) = g.kernel.read_wait_fd(int(a[0])) {
-                g.swap_out(t.tid);
-                drop(g);
-                ctx.wait_fds(&[(h, 0x1)], None);
-                g = ctx.lock();
-                g.swap_in(t.tid);
-                if g.end.is_some() {
-                    return (g, Served::Leave);
-                }
-            }
-        }
-        if threaded && matches!(n, nr::POLL | nr::PPOLL) && ctx.ended_fd.is_some() {
-            // A poll that would wait waits here, without the lock; then it is served
-            // without waiting (ppoll's signal mask is ignored by the kernel either way).
-            let until = match n {
-                nr::POLL => u64::try_from(int(a[2]))
-                    .ok()
-                    .map(|ms| Instant::now().checked_add(Duration::from_millis(ms))),
-                _ if a[2] == 0 => None,
-                _ => read_timespec(&g, a[2])
-                    .ok()
-                    .map(|d| Instant::now().checked_add(d)),
-            };
-            let waits = until.is_none_or(|u| u.is_none_or(|u| u > Instant::now()));
-            let valid = n == nr::POLL || a[2] == 0 || until.is_some();
-            if waits
-                && valid
-                && let Some(host) = g.kernel.poll_wait_fds(a[0], a[1])
-            {
-                g.swap_out(t.tid);
-                drop(g);
-                ctx.wait_fds(&host, until.flatten());
-                g = ctx.lock();
-                g.swap_in(t.tid);
-                if g.end.is_some() {
-                    return (g, Served::Leave);
-                }
-                let flow = g.kernel.syscall(
-                    nr::POLL,
-                    [a[0], a[1], 0, 0, 0, 0],
-                    t.vcpu.fd(),
-                    ctx.vm.vm_fd(),
-                );
-                if n != nr::POLL {
-                    // Counted as the call the program made.
-                    let counts = &mut g.kernel.counts.by_number;
-                    if let Some(c) = counts.get_mut(&nr::POLL) {
-                        *c -= 1;
-                    }
-                    counts.retain(|_, c| *c > 0);
-                    *counts.entry(n).or_default() += 1;
-                }
-                return (g, Served::Kernel(flow));
-            }
-        }
-        let flow = g.kernel.syscall(n, a, t.vcpu.fd(), ctx.vm.vm_fd());
-        if n == nr::KILL {
-            // A signal for the process may end another thread's wait.
-            ctx.wake.notify_all();
-        }
-        return (g, Served::Kernel(flow));
+        return deferring(ctx, g, t, n, a, threaded);
     }
     *g.kernel.counts.by_number.entry(n).or_default() += 1;
     let res: SysResult = match n {
@@ -871,6 +841,80 @@ fn serve<'a>(
         return (g, Served::Kernel(Flow::Timeout));
     }
     (g, Served::Kernel(Flow::Return(ret(res))))
+}
+
+/// A call the kernel serves. With more than one thread, a call that would wait (`read`,
+/// `write`, `poll`, `select`, a waiting record lock...) defers its wait: the thread waits
+/// here without the lock, for the call's descriptors, its timeout, a signal (its wake fd)
+/// or the end of the process, then the call is served again. A signal this thread may take
+/// ends the wait with `EINTR` (a write that wrote some returns that count).
+fn deferring<'a>(
+    ctx: &'a Ctx,
+    mut g: Guard<'a>,
+    t: &GuestThread,
+    n: u64,
+    a: [u64; 6],
+    threaded: bool,
+) -> (Guard<'a>, Served) {
+    let mut retry = None;
+    loop {
+        // Set at each turn: other threads serve calls while this one waits.
+        g.kernel.defer_waits = threaded && ctx.ended_fd.is_some();
+        g.kernel.retry_until = retry;
+        let flow = g.kernel.syscall(n, a, t.vcpu.fd(), ctx.vm.vm_fd());
+        g.kernel.retry_until = None;
+        g.kernel.write_resume = 0;
+        if retry.is_some() {
+            // Counted once, as the call the program made.
+            let counts = &mut g.kernel.counts.by_number;
+            if let Some(c) = counts.get_mut(&n) {
+                *c = c.saturating_sub(1);
+            }
+        }
+        if n == nr::KILL {
+            // A signal for the process may end another thread's wait.
+            for e in g.threads.values() {
+                poke(e.wake_fd.as_ref());
+            }
+            ctx.wake.notify_all();
+        }
+        let Some(p) = g.kernel.pending.take() else {
+            g.kernel.defer_waits = false;
+            return (g, Served::Kernel(flow));
+        };
+        if matches!(flow, Flow::Timeout) {
+            g.kernel.defer_waits = false;
+            return (g, Served::Kernel(flow));
+        }
+        let wake = g.threads.get(&t.tid).and_then(|e| e.wake_fd.clone());
+        drain(wake.as_ref());
+        g.kernel.check_alarm();
+        if g.kernel.signals.deliverable() {
+            g.kernel.defer_waits = false;
+            let r = if p.written > 0 {
+                Ok(p.written as u64)
+            } else {
+                Err(EINTR)
+            };
+            return (g, Served::Kernel(Flow::Return(ret(r))));
+        }
+        let until = [p.until, g.kernel.alarm_at()].into_iter().flatten().min();
+        g.swap_out(t.tid);
+        drop(g);
+        ctx.wait_fds(&p.fds, wake.as_deref(), until);
+        g = ctx.lock();
+        g.swap_in(t.tid);
+        if g.end.is_some() {
+            g.kernel.defer_waits = false;
+            return (g, Served::Leave);
+        }
+        if ctx.deadline.is_some_and(|d| Instant::now() >= d) {
+            g.kernel.defer_waits = false;
+            return (g, Served::Kernel(Flow::Timeout));
+        }
+        g.kernel.write_resume = p.written;
+        retry = Some(p.until);
+    }
 }
 
 /// A wait that did not end with a result for the program.
@@ -1143,6 +1187,7 @@ fn tgkill(ctx: &Ctx, g: &mut Shared, t: &GuestThread, tgid: u64, tid: u64, sig: 
         if let Some(e) = g.threads.get_mut(&tid)
             && signals.raise_other(&mut e.signals, sig)
         {
+            poke(e.wake_fd.as_ref());
             ctx.wake.notify_all();
         }
     }
@@ -1258,6 +1303,7 @@ fn clone(
                 0
             },
             woken: false,
+            wake_fd: new_wake_fd(),
         },
     );
     let mut thread = GuestThread::new(vcpu, tid);
