@@ -94,6 +94,11 @@ const FUTEX_CMP_REQUEUE: u64 = 4;
 const FUTEX_WAIT_BITSET: u64 = 9;
 const FUTEX_WAKE_BITSET: u64 = 10;
 const FUTEX_CLOCK_REALTIME: u64 = 256;
+/// `clock_nanosleep`'s absolute flag.
+const TIMER_ABSTIME: u64 = 1;
+const CLOCK_REALTIME: u64 = 0;
+/// The end of user space (`TASK_SIZE_MAX`): no FS base at or above it.
+const TASK_SIZE_MAX: u64 = 0x7fff_ffff_f000;
 const FUTEX_CMD_MASK: u64 = 0x7f;
 
 /// What every thread shares, behind [`Ctx::lock`].
@@ -774,6 +779,7 @@ fn serve<'a>(
             | nr::TKILL
             | nr::TGKILL
             | nr::SCHED_YIELD
+            | nr::RT_SIGTIMEDWAIT
     ) || (threaded
         && matches!(
             n,
@@ -812,6 +818,15 @@ fn serve<'a>(
                 return (g, Served::Leave);
             }
             Ok(0)
+        }
+        nr::RT_SIGTIMEDWAIT => {
+            let (g2, r) = sigtimedwait(ctx, g, t, a);
+            g = g2;
+            match r {
+                Err(Stop::Leave) => return (g, Served::Leave),
+                Err(Stop::Deadline) => return (g, Served::Kernel(Flow::Timeout)),
+                Ok(v) => v,
+            }
         }
         nr::FUTEX => {
             let (g2, r) = futex(ctx, g, t, a);
@@ -1097,6 +1112,63 @@ fn futex<'a>(
     }
 }
 
+/// `rt_sigtimedwait(set, info, timeout, sigsetsize)`: takes a pending signal of `set`
+/// (blocked or not), waiting without the lock up to `timeout` (`NULL`: forever) for one;
+/// another signal the thread may take ends the wait with `EINTR`.
+fn sigtimedwait<'a>(
+    ctx: &'a Ctx,
+    g: Guard<'a>,
+    t: &GuestThread,
+    a: [u64; 6],
+) -> (Guard<'a>, Result<SysResult, Stop>) {
+    // SIGKILL and SIGSTOP are never waited for.
+    const UNWAITABLE: u64 = (1 << 8) | (1 << 18);
+    if a[3] != 8 {
+        return (g, Ok(Err(EINVAL)));
+    }
+    let mut b = [0u8; 8];
+    if let Err(e) = g.kernel.mm.read_user(a[0], &mut b) {
+        return (g, Ok(Err(e)));
+    }
+    let set = u64::from_le_bytes(b) & !UNWAITABLE;
+    let until = if a[2] == 0 {
+        None
+    } else {
+        match read_timespec(&g, a[2]) {
+            // Beyond what an Instant holds, the wait is forever.
+            Ok(d) => Instant::now().checked_add(d),
+            Err(e) => return (g, Ok(Err(e))),
+        }
+    };
+    let (mut g, how) = wait_for(ctx, g, t.tid, until, |s| s.kernel.signals.pending_in(set));
+    let r = match how {
+        WaitEnd::Done | WaitEnd::Signal => match g.kernel.signals.take_in(set) {
+            Some((sig, code)) => {
+                if a[1] != 0 {
+                    // siginfo_t: si_signo, si_errno, si_code, then the sender's pid and uid.
+                    let (uid, _) = host_ids();
+                    let mut info = [0u8; 128];
+                    info[..4].copy_from_slice(&sig.to_le_bytes());
+                    info[8..12].copy_from_slice(&code.to_le_bytes());
+                    info[16..20].copy_from_slice(&u32::try_from(PID).unwrap_or(1000).to_le_bytes());
+                    info[20..24].copy_from_slice(&uid.to_le_bytes());
+                    match g.kernel.mm.write_user(a[1], &info) {
+                        Ok(()) => Ok(Ok(u64::from(sig))),
+                        Err(e) => Ok(Err(e)),
+                    }
+                } else {
+                    Ok(Ok(u64::from(sig)))
+                }
+            }
+            None => Ok(Err(EINTR)),
+        },
+        WaitEnd::TimedOut => Ok(Err(EAGAIN)),
+        WaitEnd::Deadline => Err(Stop::Deadline),
+        WaitEnd::Leave => Err(Stop::Leave),
+    };
+    (g, r)
+}
+
 /// `nanosleep`, `clock_nanosleep`, `pause` and `rt_sigsuspend` of a thread among others: the
 /// wait releases the shared state.
 fn threaded_wait<'a>(
@@ -1117,11 +1189,20 @@ fn threaded_wait<'a>(
                 Ok(d) => d,
                 Err(e) => return (g, Ok(Err(e))),
             };
-            if flags != 0 {
-                // TIMER_ABSTIME: an absolute one ends at once, as the kernel serves it.
-                return (g, Ok(Ok(0)));
+            if flags & TIMER_ABSTIME != 0 {
+                // Until the clock reads `d` (CLOCK_REALTIME: the host's; the others: the
+                // guest's monotonic clock); `rem` is not written.
+                let now = if a[0] == CLOCK_REALTIME {
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default()
+                } else {
+                    g.kernel.monotonic_now()
+                };
+                (Some(Instant::now().checked_add(d.saturating_sub(now))), 0)
+            } else {
+                (Some(Instant::now().checked_add(d)), rem)
             }
-            (Some(Instant::now().checked_add(d)), rem)
         }
         nr::RT_SIGSUSPEND => {
             if a[1] != 8 {
@@ -1184,9 +1265,9 @@ fn tgkill(ctx: &Ctx, g: &mut Shared, t: &GuestThread, tgid: u64, tid: u64, sig: 
         g.kernel.signals.raise_thread(sig);
     } else {
         let signals = &g.kernel.signals;
-        if let Some(e) = g.threads.get_mut(&tid)
-            && signals.raise_other(&mut e.signals, sig)
-        {
+        if let Some(e) = g.threads.get_mut(&tid) {
+            // Even a blocked one: the thread may wait for it in rt_sigtimedwait.
+            signals.raise_other(&mut e.signals, sig);
             poke(e.wake_fd.as_ref());
             ctx.wake.notify_all();
         }
@@ -1253,6 +1334,10 @@ fn clone(
     if flags & CLONE_SHARED != CLONE_SHARED || flags & !(CLONE_SHARED | CLONE_EXTRA) != 0 {
         return Err(EINVAL);
     }
+    if flags & CLONE_SETTLS != 0 && tls >= TASK_SIZE_MAX {
+        // An FS base outside user space, as Linux's ARCH_SET_FS refuses it.
+        return Err(EPERM);
+    }
     if g.threads.len() >= MAX_THREADS {
         return Err(EAGAIN);
     }
@@ -1283,9 +1368,9 @@ fn clone(
         Err(_) => return Err(EAGAIN),
     };
     let tid32 = u32::try_from(tid).map_err(|_| EAGAIN)?.to_le_bytes();
-    if flags & CLONE_PARENT_SETTID != 0 && g.kernel.mm.write_user(parent_tid, &tid32).is_err() {
-        g.free_vcpus.push((vcpu, initial));
-        return Err(EFAULT);
+    if flags & CLONE_PARENT_SETTID != 0 {
+        // As Linux's copy_process: a store that fails is ignored, the thread still starts.
+        let _ = g.kernel.mm.write_user(parent_tid, &tid32);
     }
     if flags & CLONE_CHILD_SETTID != 0 && g.kernel.mm.write_user(child_tid, &tid32).is_err() {
         g.free_vcpus.push((vcpu, initial));
