@@ -51,7 +51,7 @@ use kvm_ioctls::SyncReg;
 use pagetrack_kvm::{Exit, Vcpu, VcpuStopper, Vm};
 
 use super::abi::{
-    EAGAIN, EFAULT, EINTR, EINVAL, ENOSYS, EPERM, ESRCH, ETIMEDOUT, Errno, SysResult, nr,
+    E2BIG, EAGAIN, EFAULT, EINTR, EINVAL, ENOSYS, EPERM, ESRCH, ETIMEDOUT, Errno, SysResult, nr,
 };
 use super::mm::{PAGE, STUB_VA};
 use super::signal::{self, ThreadSignals};
@@ -1008,6 +1008,11 @@ fn futex<'a>(
     let (addr, op) = (a[0], a[1]);
     let val = a[2] & 0xffff_ffff;
     let cmd = op & FUTEX_CMD_MASK;
+    if op & FUTEX_CLOCK_REALTIME != 0 && cmd != FUTEX_WAIT_BITSET {
+        // Linux's do_futex: the flag goes with the absolute waits only (the PI ones are
+        // ENOSYS here anyway).
+        return (g, Ok(Err(ENOSYS)));
+    }
     if !addr.is_multiple_of(4) {
         return (g, Ok(Err(EINVAL)));
     }
@@ -1290,18 +1295,34 @@ fn clone3(
     args: u64,
     size: u64,
 ) -> SysResult {
-    if !(64..=4096).contains(&size) {
+    // As Linux's copy_clone_args_from_user: larger than a page is E2BIG, smaller than the
+    // first version EINVAL, and bytes past the struct this kernel knows must be zero.
+    if size > 4096 {
+        return Err(E2BIG);
+    }
+    if size < 64 {
         return Err(EINVAL);
     }
     let mut b = [0u8; 88];
     let n = usize::try_from(size.min(88)).map_err(|_| EINVAL)?;
     g.kernel.mm.read_user(args, &mut b[..n])?;
+    if size > 88 {
+        let mut rest = vec![0u8; usize::try_from(size - 88).map_err(|_| EINVAL)?];
+        g.kernel.mm.read_user(args + 88, &mut rest)?;
+        if rest.iter().any(|&x| x != 0) {
+            return Err(E2BIG);
+        }
+    }
     let f = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
     let (flags, child_tid, parent_tid, stack, stack_size, tls) =
         (f(0), f(2), f(3), f(5), f(6), f(7));
     // pidfd is read only with CLONE_PIDFD (glibc fills it in anyway); set_tid is not for
     // threads.
     if f(8) != 0 || f(9) != 0 {
+        return Err(EINVAL);
+    }
+    // clone3_stack_valid: a stack has a size, and a size a stack.
+    if (stack == 0) != (stack_size == 0) {
         return Err(EINVAL);
     }
     let sp = if stack == 0 {
