@@ -3,9 +3,9 @@
 //!
 //! - **Shared state.** The kernel (fd table, address space, signal actions), the tracking
 //!   and the thread table sit behind one mutex ([`Ctx::lock`]); a thread holds it while it
-//!   serves a system call, never while its vCPU runs. A thread that waits (`futex`, and with
-//!   more than one thread `nanosleep`, `clock_nanosleep`, `pause`, `rt_sigsuspend`) waits on
-//!   the condition variable [`Ctx::wake`], which releases the mutex. An address-space change
+//!   serves a system call, never while its vCPU runs. A thread that waits (`futex`,
+//!   `rt_sigtimedwait`, and with more than one thread `nanosleep`, `clock_nanosleep`
+//!   (relative or `TIMER_ABSTIME`), `pause`, `rt_sigsuspend`) waits on the condition variable [`Ctx::wake`], which releases the mutex. An address-space change
 //!   one thread makes reaches the others before they run again: dropping stale translations
 //!   pauses every vCPU (the backend's gate) while the mutex is held.
 //! - **Per thread.** Its vCPU (FS base from `CLONE_SETTLS`, registers of the `clone` caller
