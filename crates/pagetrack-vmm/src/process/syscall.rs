@@ -1353,7 +1353,11 @@ impl Kernel {
         if data.is_empty() {
             return Ok(0);
         }
-        self.write_bytes(out, &data)
+        // The input is read already: a write that would wait waits here, not served again.
+        let defer = std::mem::replace(&mut self.defer_waits, false);
+        let r = self.write_bytes(out, &data);
+        self.defer_waits = defer;
+        r
     }
 
     fn chmodat(&mut self, dirfd: i64, path: u64, mode: u64, flags: u64) -> SysResult {

@@ -51,7 +51,8 @@ use kvm_ioctls::SyncReg;
 use pagetrack_kvm::{Exit, Vcpu, VcpuStopper, Vm};
 
 use super::abi::{
-    E2BIG, EAGAIN, EFAULT, EINTR, EINVAL, ENOSYS, EPERM, ESRCH, ETIMEDOUT, Errno, SysResult, nr,
+    E2BIG, EAGAIN, EFAULT, EINTR, EINVAL, ENOSYS, EPERM, ERESTARTSYS, ESRCH, ETIMEDOUT, Errno,
+    SysResult, nr,
 };
 use super::mm::{PAGE, STUB_VA};
 use super::signal::{self, ThreadSignals};
@@ -893,14 +894,19 @@ fn deferring<'a>(
             }
             ctx.wake.notify_all();
         }
-        let Some(p) = g.kernel.pending.take() else {
+        let deferred = matches!(flow, Flow::Return(v) if v == ret(Err(ERESTARTSYS)));
+        let pending = g.kernel.pending.take();
+        let Some(p) = pending.filter(|_| deferred) else {
+            // A call that deferred a wait and then returned anyway (readv with some data)
+            // is done; ERESTARTSYS never reaches the program.
             g.kernel.defer_waits = false;
+            let flow = if deferred {
+                Flow::Return(ret(Err(EINTR)))
+            } else {
+                flow
+            };
             return (g, Served::Kernel(flow));
         };
-        if matches!(flow, Flow::Timeout) {
-            g.kernel.defer_waits = false;
-            return (g, Served::Kernel(flow));
-        }
         let wake = g.threads.get(&t.tid).and_then(|e| e.wake_fd.clone());
         drain(wake.as_ref());
         g.kernel.check_alarm();

@@ -250,6 +250,16 @@ fn a_thread_in_select_lets_another_thread_write_as_natively() {
     as_natively(&exe(&d), &["select_block", &fifo], &d);
 }
 
+/// A thread in `readv` of two iovecs from a FIFO another thread writes 4 bytes at a time:
+/// each call returns what there is, and no byte is lost to a wait served again.
+#[test]
+fn a_thread_in_readv_gets_every_byte_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13-readv-split");
+    let fifo = fifo(&d);
+    as_natively(&exe(&d), &["readv_split", &fifo], &d);
+}
+
 /// A thread writing 1 MiB to a FIFO another thread reads: the writer waits for room.
 #[test]
 fn a_thread_writing_to_a_full_fifo_lets_the_reader_run_as_natively() {

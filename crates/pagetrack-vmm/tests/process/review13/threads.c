@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #include <sys/select.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <linux/futex.h>
 #include <linux/sched.h>
 
@@ -644,6 +645,32 @@ static int exec_fork(void) {
     return 0;
 }
 
+/* readv of two iovecs in a thread, from a FIFO another thread writes 4 bytes at a time:
+ * each call returns the 4 bytes there are (the first iovec), none is lost. */
+static void *split_reader(void *arg) {
+    (void)arg;
+    char a[4], b[4];
+    struct iovec v[2] = {{a, 4}, {b, 4}};
+    long r1 = readv(fifo_fd, v, 2);
+    char first[4];
+    memcpy(first, a, 4);
+    long r2 = readv(fifo_fd, v, 2);
+    printf("readv %ld %.4s, readv %ld %.4s\n", r1, first, r2, a);
+    return 0;
+}
+static int readv_split(const char *fifo) {
+    fifo_fd = open(fifo, O_RDWR);
+    pthread_t t;
+    pthread_create(&t, 0, split_reader, 0);
+    struct timespec d = {0, 100000000};
+    nanosleep(&d, 0);   /* not needed for the output: only makes the reader wait first */
+    if (write(fifo_fd, "abcd", 4) != 4) return 1;
+    nanosleep(&d, 0);
+    if (write(fifo_fd, "efgh", 4) != 4) return 1;
+    pthread_join(t, 0);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, 0, _IONBF, 0);
     const char *w = argv[1];
@@ -666,6 +693,7 @@ int main(int argc, char **argv) {
     if (!strcmp(w, "big_stacks")) return big_stacks(atol(argv[2]));
     if (!strcmp(w, "select_block")) return select_block(argv[2]);
     if (!strcmp(w, "write_full")) return write_full(argv[2]);
+    if (!strcmp(w, "readv_split")) return readv_split(argv[2]);
     if (!strcmp(w, "ofd_block")) return ofd_block(argv[2]);
     if (!strcmp(w, "exec_fork")) return exec_fork();
     if (!strcmp(w, "abs_sleep")) return abs_sleep();
