@@ -16,10 +16,10 @@ macro_rules! errnos {
 }
 
 errnos! {
-    EPERM = 1, ENOENT = 2, ESRCH = 3, EIO = 5, EBADF = 9, ECHILD = 10,
+    EPERM = 1, ENOENT = 2, ESRCH = 3, EIO = 5, E2BIG = 7, EBADF = 9, ECHILD = 10,
     ENOMEM = 12, EACCES = 13, EFAULT = 14, EEXIST = 17, ENOTDIR = 20, EISDIR = 21,
     EINVAL = 22, EMFILE = 24, ENOTTY = 25, ESPIPE = 29, EPIPE = 32, ERANGE = 34,
-    ENAMETOOLONG = 36, ENOSYS = 38, EINTR = 4, EAGAIN = 11, ETIMEDOUT = 110,
+    ENAMETOOLONG = 36, ENOSYS = 38, EINTR = 4, ERESTARTSYS = 512, EAGAIN = 11, ETIMEDOUT = 110,
 }
 
 impl Errno {
@@ -138,6 +138,7 @@ pub mod nr {
     pub const GETPGRP: u64 = 111;
     pub const SETSID: u64 = 112;
     pub const GETGROUPS: u64 = 115;
+    pub const RT_SIGTIMEDWAIT: u64 = 128;
     pub const RT_SIGSUSPEND: u64 = 130;
     pub const SIGALTSTACK: u64 = 131;
     pub const PRCTL: u64 = 157;

@@ -422,7 +422,8 @@ fn signal_of(vector: u8) -> (u8, &'static str) {
         0 | 16 | 19 => (8, "Floating point exception (SIGFPE)"),
         1 | 3 => (5, "Trace/breakpoint trap (SIGTRAP)"),
         6 => (4, "Illegal instruction (SIGILL)"),
-        17 => (7, "Bus error (SIGBUS)"),
+        // #NP, #SS (a non-canonical stack), #AC: SIGBUS, as Linux's traps.
+        11 | 12 | 17 => (7, "Bus error (SIGBUS)"),
         _ => (11, "Segmentation fault (SIGSEGV)"),
     }
 }

@@ -267,6 +267,29 @@ impl Signals {
         t.blocked & bit(sig) == 0
     }
 
+    /// True if a signal of `set` is pending for the running thread (blocked or not).
+    pub fn pending_in(&self, set: u64) -> bool {
+        (self.thread_pending | self.pending) & set != 0
+    }
+
+    /// Takes the lowest pending signal of `set`, blocked or not (`rt_sigtimedwait`), the
+    /// thread's own first, with its `si_code`.
+    pub fn take_in(&mut self, set: u64) -> Option<(u32, i32)> {
+        let own = self.thread_pending & set;
+        let ready = if own != 0 { own } else { self.pending & set };
+        if ready == 0 {
+            return None;
+        }
+        let sig = ready.trailing_zeros() + 1;
+        if own != 0 {
+            self.thread_pending &= !bit(sig);
+            Some((sig, SI_TKILL))
+        } else {
+            self.pending &= !bit(sig);
+            Some((sig, self.codes[usize::try_from(sig - 1).expect("1-64")]))
+        }
+    }
+
     /// Takes the lowest pending unblocked signal, with what to do about it. A handler with
     /// `SA_RESETHAND` is reset to the default here, as Linux does at delivery.
     pub fn take(&mut self) -> Option<Delivery> {

@@ -20,7 +20,8 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use super::abi::{
     AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, EBADF, ECHILD, EEXIST, EFAULT,
     EINTR, EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE,
-    ESRCH, Errno, O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE, SysResult, nr,
+    ERESTARTSYS, ESRCH, Errno, O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE,
+    SysResult, nr,
 };
 use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, RecordLock, Sandbox, StdinState};
 use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
@@ -193,6 +194,28 @@ pub struct Kernel {
     umask: u32,
     comm: [u8; 16],
     mem_bytes: u64,
+    /// With more than one thread: a call that would wait does not, but ends with
+    /// `ERESTARTSYS` and leaves what it waits for in `pending`; the thread waits without the
+    /// kernel's lock and serves the call again.
+    pub(crate) defer_waits: bool,
+    /// What the deferred call waits for.
+    pub(crate) pending: Option<PendingWait>,
+    /// A call served again after a deferred wait: when its wait ends (`Some(None)`: never),
+    /// instead of its own timeout.
+    pub(crate) retry_until: Option<Option<Instant>>,
+    /// A blocking write served again: the bytes its first turns wrote.
+    pub(crate) write_resume: usize,
+}
+
+/// A wait a call deferred ([`Kernel::defer_waits`]).
+#[derive(Debug)]
+pub(crate) struct PendingWait {
+    /// Host descriptors, each with its `POLL*` events.
+    pub(crate) fds: Vec<(OwnedFd, i16)>,
+    /// When the wait ends at the latest (`None`: never).
+    pub(crate) until: Option<Instant>,
+    /// The bytes a blocking write wrote before it deferred.
+    pub(crate) written: usize,
 }
 
 /// What the kernel needs to start.
@@ -386,6 +409,10 @@ impl Kernel {
             umask: 0o022,
             comm,
             mem_bytes: setup.mem_bytes,
+            defer_waits: false,
+            pending: None,
+            retry_until: None,
+            write_resume: 0,
         })
     }
 
@@ -661,73 +688,6 @@ impl Kernel {
         Ok((self.base(dirfd)?, p))
     }
 
-    /// For a read of `fd` that would wait (a FIFO or pipe without `O_NONBLOCK`, pagetrack's own
-    /// standard input) and has nothing to read now: a host descriptor to wait on, so that a
-    /// thread may wait for input without holding the kernel's lock. `None` if the read would
-    /// not wait.
-    pub(crate) fn read_wait_fd(&self, fd: i64) -> Option<OwnedFd> {
-        let f = self.fds.get(&fd)?;
-        let g = lock(&f.file);
-        let host_stdin = matches!(g.node, Node::Stdin(StdinState::Host));
-        let waits = host_stdin || (g.fifo && g.flags & O_NONBLOCK == 0);
-        if !waits {
-            return None;
-        }
-        let Ok(Readiness::Host(h)) = g.readiness() else {
-            return None;
-        };
-        drop(g);
-        let mut p = [PollFd::new(&h, PollFlags::IN)];
-        let ts = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        match rustix::event::poll(&mut p, Some(&ts)) {
-            Ok(0) => Some(h),
-            _ => None,
-        }
-    }
-
-    /// For a `poll` of the `nfds` entries at `fds` that would wait (nothing ready now, no
-    /// bad entry): the host descriptors to wait on with their events, so that a thread may
-    /// wait without holding the kernel's lock. `None` if the call would not wait.
-    pub(crate) fn poll_wait_fds(&self, fds: u64, nfds: u64) -> Option<Vec<(OwnedFd, i16)>> {
-        if nfds > MAX_FDS.cast_unsigned() {
-            return None;
-        }
-        let mut raw = vec![0u8; usize::try_from(nfds).ok()? * 8];
-        self.mm.read_user(fds, &mut raw).ok()?;
-        let mut host = Vec::new();
-        for c in raw.chunks_exact(8) {
-            let fd = i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-            let events = i16::from_le_bytes([c[4], c[5]]);
-            if fd < 0 {
-                continue;
-            }
-            // An unknown descriptor is POLLNVAL at once.
-            let f = self.fds.get(&fd)?;
-            match lock(&f.file).readiness().ok()? {
-                Readiness::Now(r) if r & (events | POLLERR | POLLHUP) != 0 => return None,
-                Readiness::Now(_) => {}
-                Readiness::Host(h) => host.push((h, events)),
-            }
-        }
-        let mut p: Vec<PollFd<'_>> = host
-            .iter()
-            .map(|(h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
-            .collect();
-        let zero = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        match rustix::event::poll(&mut p, Some(&zero)) {
-            Ok(0) => {}
-            _ => return None,
-        }
-        drop(p);
-        Some(host)
-    }
-
     fn sink(&mut self, node: &Node) -> Option<&mut Sink> {
         match node {
             Node::Stdout => Some(&mut self.stdout),
@@ -770,7 +730,7 @@ impl Kernel {
 
     /// The `POLL*` events ready on each `(fd, events)`, waiting up to `wait` (and never past
     /// the run's deadline) when none is. A negative fd is skipped, an unknown one `POLLNVAL`.
-    fn ready(&self, set: &[(i64, i16)], wait: Wait) -> SysResult<Vec<i16>> {
+    fn ready(&mut self, set: &[(i64, i16)], wait: Wait) -> SysResult<Vec<i16>> {
         let mut out = vec![0i16; set.len()];
         let mut host: Vec<(usize, OwnedFd, i16)> = Vec::new();
         for (i, &(fd, events)) in set.iter().enumerate() {
@@ -787,11 +747,11 @@ impl Kernel {
             }
         }
         let any = out.iter().any(|&r| r != 0);
-        let mut limit = if any {
-            Some(Duration::ZERO)
-        } else {
-            wait.limit()
+        let own = match self.retry_until {
+            Some(until) => until.map(|u| u.saturating_duration_since(Instant::now())),
+            None => wait.limit(),
         };
+        let mut limit = if any { Some(Duration::ZERO) } else { own };
         if let Some(end) = self.deadline {
             let left = end.saturating_duration_since(Instant::now());
             limit = Some(limit.map_or(left, |l| l.min(left)));
@@ -800,6 +760,31 @@ impl Kernel {
             tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: i64::from(d.subsec_nanos()),
         });
+        if self.defer_waits && !any && limit != Some(Duration::ZERO) {
+            // Wait without the kernel's lock: ready now, or deferred.
+            let mut pfds: Vec<PollFd<'_>> = host
+                .iter()
+                .map(|(_, h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
+                .collect();
+            let zero = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if !pfds.is_empty() && rustix::event::poll(&mut pfds, Some(&zero)).is_ok_and(|k| k > 0)
+            {
+                for (p, (i, _, _)) in pfds.iter().zip(&host) {
+                    out[*i] = p.revents().bits().cast_signed();
+                }
+                return Ok(out);
+            }
+            drop(pfds);
+            self.pending = Some(PendingWait {
+                fds: host.into_iter().map(|(_, h, ev)| (h, ev)).collect(),
+                until: limit.and_then(|l| Instant::now().checked_add(l)),
+                written: 0,
+            });
+            return Err(ERESTARTSYS);
+        }
         if host.is_empty() {
             if !any && let Some(d) = limit {
                 std::thread::sleep(d);
@@ -980,17 +965,23 @@ impl Kernel {
         if blocking_fifo {
             // All of it, as a blocking write: the VMM waits for room in poll, never past
             // the run's deadline (then a short count).
-            let mut done = 0;
+            let mut done = std::mem::take(&mut self.write_resume).min(data.len());
             while done < data.len() {
                 // The guard goes before waiting: readiness locks the file too.
                 let r = lock(&f).write_file(&data[done..]);
                 match r {
                     Ok(k) => done += k,
-                    Err(EAGAIN) => {
-                        if self.ready(&[(fd, 0x4)], Wait::Forever)?[0] == 0 {
-                            break;
+                    Err(EAGAIN) => match self.ready(&[(fd, 0x4)], Wait::Forever) {
+                        Ok(r) if r[0] == 0 => break,
+                        Ok(_) => {}
+                        Err(ERESTARTSYS) => {
+                            if let Some(p) = &mut self.pending {
+                                p.written = done;
+                            }
+                            return Err(ERESTARTSYS);
                         }
-                    }
+                        Err(e) => return Err(e),
+                    },
                     Err(_) if done > 0 => break,
                     Err(e) => return Err(e),
                 }
@@ -1261,7 +1252,28 @@ impl Kernel {
             l_pid: i32::from_le_bytes(b[24..28].try_into().expect("4 bytes")),
         };
         let g = lock(&f);
+        let waits = matches!(cmd, RecordLock::SetWait | RecordLock::OfdSetWait);
         match (cmd, self.deadline) {
+            _ if waits && self.defer_waits => {
+                // Tried without waiting; while the lock is taken, tried again every 5 ms
+                // by the thread, without the kernel's lock.
+                let try_cmd = if cmd == RecordLock::SetWait {
+                    RecordLock::Set
+                } else {
+                    RecordLock::OfdSet
+                };
+                match g.record_lock(try_cmd, &mut fl) {
+                    Err(EAGAIN | EACCES) => {
+                        self.pending = Some(PendingWait {
+                            fds: Vec::new(),
+                            until: Instant::now().checked_add(Duration::from_millis(5)),
+                            written: 0,
+                        });
+                        Err(ERESTARTSYS)
+                    }
+                    other => other,
+                }
+            }
             (RecordLock::SetWait | RecordLock::OfdSetWait, Some(deadline)) => {
                 let try_cmd = if cmd == RecordLock::SetWait {
                     RecordLock::Set
@@ -1341,7 +1353,11 @@ impl Kernel {
         if data.is_empty() {
             return Ok(0);
         }
-        self.write_bytes(out, &data)
+        // The input is read already: a write that would wait waits here, not served again.
+        let defer = std::mem::replace(&mut self.defer_waits, false);
+        let r = self.write_bytes(out, &data);
+        self.defer_waits = defer;
+        r
     }
 
     fn chmodat(&mut self, dirfd: i64, path: u64, mode: u64, flags: u64) -> SysResult {

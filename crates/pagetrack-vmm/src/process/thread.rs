@@ -3,9 +3,9 @@
 //!
 //! - **Shared state.** The kernel (fd table, address space, signal actions), the tracking
 //!   and the thread table sit behind one mutex ([`Ctx::lock`]); a thread holds it while it
-//!   serves a system call, never while its vCPU runs. A thread that waits (`futex`, and with
-//!   more than one thread `nanosleep`, `clock_nanosleep`, `pause`, `rt_sigsuspend`) waits on
-//!   the condition variable [`Ctx::wake`], which releases the mutex. An address-space change
+//!   serves a system call, never while its vCPU runs. A thread that waits (`futex`,
+//!   `rt_sigtimedwait`, and with more than one thread `nanosleep`, `clock_nanosleep`
+//!   (relative or `TIMER_ABSTIME`), `pause`, `rt_sigsuspend`) waits on the condition variable [`Ctx::wake`], which releases the mutex. An address-space change
 //!   one thread makes reaches the others before they run again: dropping stale translations
 //!   pauses every vCPU (the backend's gate) while the mutex is held.
 //! - **Per thread.** Its vCPU (FS base from `CLONE_SETTLS`, registers of the `clone` caller
@@ -26,15 +26,16 @@
 //!   them all: every vCPU is stopped and every waiter woken, and the run returns once every
 //!   host thread has been joined. At most [`MAX_THREADS`] threads live at once (`EAGAIN`
 //!   beyond); the vCPU of a thread that exited serves the next one.
-//! - **Input.** With more than one thread, a `read`/`readv` that would wait (a FIFO or pipe,
-//!   pagetrack's own standard input) and a `poll`/`ppoll` that would wait first wait in the
-//!   host without the mutex, woken also by the end of the process (an eventfd), so
-//!   `exit_group` from another thread ends them; the call is then served.
-//! - **Limits.** `select`/`pselect6`, a waiting `fcntl` lock and a full pipe's `write` are
-//!   served under the mutex, so a thread waiting there holds it until the call returns: with
-//!   a `--timeout`, until the deadline at the latest. A signal for a thread waiting in the
-//!   host for input is taken when that wait ends. `SIGALRM` between two instructions
-//!   reaches the main thread only; other threads take signals when a system call returns.
+//! - **Waits in the kernel.** With more than one thread, a call that would wait (`read`,
+//!   `readv`, `write`/`writev` to a full FIFO or pipe, `poll`, `ppoll`, `select`,
+//!   `pselect6`, `F_SETLKW`/`F_OFD_SETLKW`) does not wait under the mutex: it hands back the
+//!   host descriptors and the timeout it waits for, the thread waits in the host without the
+//!   mutex (a waiting record lock is tried again every 5 ms), woken also by the end of the
+//!   process and by its own eventfd, which a signal for it (`tgkill`, `kill`) writes to; then
+//!   the call is served again. A signal the thread may take ends the wait with `EINTR` (a
+//!   write that wrote some returns its count), so `exit_group` or a signal from another
+//!   thread ends it.
+//! - **Limits.** `SIGALRM` between two instructions reaches the main thread only; other threads take signals when a system call returns.
 //!   Only the main vCPU keeps the kvmclock page up to date; the others read it with their
 //!   own TSC, which KVM keeps synchronized.
 
@@ -50,7 +51,8 @@ use kvm_ioctls::SyncReg;
 use pagetrack_kvm::{Exit, Vcpu, VcpuStopper, Vm};
 
 use super::abi::{
-    EAGAIN, EFAULT, EINTR, EINVAL, ENOSYS, EPERM, ESRCH, ETIMEDOUT, Errno, SysResult, nr,
+    E2BIG, EAGAIN, EFAULT, EINTR, EINVAL, ENOSYS, EPERM, ERESTARTSYS, ESRCH, ETIMEDOUT, Errno,
+    SysResult, nr,
 };
 use super::mm::{PAGE, STUB_VA};
 use super::signal::{self, ThreadSignals};
@@ -93,6 +95,11 @@ const FUTEX_CMP_REQUEUE: u64 = 4;
 const FUTEX_WAIT_BITSET: u64 = 9;
 const FUTEX_WAKE_BITSET: u64 = 10;
 const FUTEX_CLOCK_REALTIME: u64 = 256;
+/// `clock_nanosleep`'s absolute flag.
+const TIMER_ABSTIME: u64 = 1;
+const CLOCK_REALTIME: u64 = 0;
+/// The end of user space (`TASK_SIZE_MAX`): no FS base at or above it.
+const TASK_SIZE_MAX: u64 = 0x7fff_ffff_f000;
 const FUTEX_CMD_MASK: u64 = 0x7f;
 
 /// What every thread shares, behind [`Ctx::lock`].
@@ -123,6 +130,33 @@ struct Entry {
     clear_tid: u64,
     /// Set by a futex wake of this thread's wait.
     woken: bool,
+    /// An eventfd a signal for this thread writes to, ending its wait in the host.
+    wake_fd: Option<Arc<OwnedFd>>,
+}
+
+/// A thread's [`Entry::wake_fd`] (none if the host has no eventfd: then a signal is taken
+/// when the wait ends).
+fn new_wake_fd() -> Option<Arc<OwnedFd>> {
+    rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )
+    .ok()
+    .map(Arc::new)
+}
+
+/// Makes `fd` readable; a full counter is readable already.
+fn poke(fd: Option<&Arc<OwnedFd>>) {
+    if let Some(fd) = fd {
+        let _ = rustix::io::write(&**fd, &1u64.to_ne_bytes());
+    }
+}
+
+/// Empties `fd`; it was readable or it was not, either is fine.
+fn drain(fd: Option<&Arc<OwnedFd>>) {
+    if let Some(fd) = fd {
+        let _ = rustix::io::read(&**fd, &mut [0u8; 8]);
+    }
 }
 
 /// A thread waiting in `FUTEX_WAIT*`.
@@ -233,6 +267,7 @@ impl Ctx {
                 signals: ThreadSignals::inherit(0),
                 clear_tid: 0,
                 woken: false,
+                wake_fd: new_wake_fd(),
             },
         );
         Ctx {
@@ -289,7 +324,7 @@ impl Ctx {
 
     /// Waits until one of `fds` has one of its `POLL*` events (or an error or hang-up),
     /// `until`, the run's deadline, or the end of the process.
-    fn wait_fds(&self, fds: &[(OwnedFd, i16)], until: Option<Instant>) {
+    fn wait_fds(&self, fds: &[(OwnedFd, i16)], wake: Option<&OwnedFd>, until: Option<Instant>) {
         use rustix::event::{PollFd, PollFlags, Timespec};
         let Some(ended) = &self.ended_fd else {
             return;
@@ -308,6 +343,9 @@ impl Ctx {
             .map(|(h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
             .collect();
         p.push(PollFd::new(ended, PollFlags::IN));
+        if let Some(w) = wake {
+            p.push(PollFd::new(w, PollFlags::IN));
+        }
         // EINTR or any error: the call served next decides what happens.
         let _ = rustix::event::poll(&mut p, ts.as_ref());
     }
@@ -742,75 +780,14 @@ fn serve<'a>(
             | nr::TKILL
             | nr::TGKILL
             | nr::SCHED_YIELD
+            | nr::RT_SIGTIMEDWAIT
     ) || (threaded
         && matches!(
             n,
             nr::NANOSLEEP | nr::CLOCK_NANOSLEEP | nr::PAUSE | nr::RT_SIGSUSPEND
         ));
     if !mine {
-        if threaded && matches!(n, nr::READ | nr::READV) && ctx.ended_fd.is_some() {
-            // A read that would wait waits here, without the lock, for input or the end.
-            if let Some(h) = g.kernel.read_wait_fd(int(a[0])) {
-                g.swap_out(t.tid);
-                drop(g);
-                ctx.wait_fds(&[(h, 0x1)], None);
-                g = ctx.lock();
-                g.swap_in(t.tid);
-                if g.end.is_some() {
-                    return (g, Served::Leave);
-                }
-            }
-        }
-        if threaded && matches!(n, nr::POLL | nr::PPOLL) && ctx.ended_fd.is_some() {
-            // A poll that would wait waits here, without the lock; then it is served
-            // without waiting (ppoll's signal mask is ignored by the kernel either way).
-            let until = match n {
-                nr::POLL => u64::try_from(int(a[2]))
-                    .ok()
-                    .map(|ms| Instant::now().checked_add(Duration::from_millis(ms))),
-                _ if a[2] == 0 => None,
-                _ => read_timespec(&g, a[2])
-                    .ok()
-                    .map(|d| Instant::now().checked_add(d)),
-            };
-            let waits = until.is_none_or(|u| u.is_none_or(|u| u > Instant::now()));
-            let valid = n == nr::POLL || a[2] == 0 || until.is_some();
-            if waits
-                && valid
-                && let Some(host) = g.kernel.poll_wait_fds(a[0], a[1])
-            {
-                g.swap_out(t.tid);
-                drop(g);
-                ctx.wait_fds(&host, until.flatten());
-                g = ctx.lock();
-                g.swap_in(t.tid);
-                if g.end.is_some() {
-                    return (g, Served::Leave);
-                }
-                let flow = g.kernel.syscall(
-                    nr::POLL,
-                    [a[0], a[1], 0, 0, 0, 0],
-                    t.vcpu.fd(),
-                    ctx.vm.vm_fd(),
-                );
-                if n != nr::POLL {
-                    // Counted as the call the program made.
-                    let counts = &mut g.kernel.counts.by_number;
-                    if let Some(c) = counts.get_mut(&nr::POLL) {
-                        *c -= 1;
-                    }
-                    counts.retain(|_, c| *c > 0);
-                    *counts.entry(n).or_default() += 1;
-                }
-                return (g, Served::Kernel(flow));
-            }
-        }
-        let flow = g.kernel.syscall(n, a, t.vcpu.fd(), ctx.vm.vm_fd());
-        if n == nr::KILL {
-            // A signal for the process may end another thread's wait.
-            ctx.wake.notify_all();
-        }
-        return (g, Served::Kernel(flow));
+        return deferring(ctx, g, t, n, a, threaded);
     }
     *g.kernel.counts.by_number.entry(n).or_default() += 1;
     let res: SysResult = match n {
@@ -843,6 +820,15 @@ fn serve<'a>(
             }
             Ok(0)
         }
+        nr::RT_SIGTIMEDWAIT => {
+            let (g2, r) = sigtimedwait(ctx, g, t, a);
+            g = g2;
+            match r {
+                Err(Stop::Leave) => return (g, Served::Leave),
+                Err(Stop::Deadline) => return (g, Served::Kernel(Flow::Timeout)),
+                Ok(v) => v,
+            }
+        }
         nr::FUTEX => {
             let (g2, r) = futex(ctx, g, t, a);
             g = g2;
@@ -871,6 +857,85 @@ fn serve<'a>(
         return (g, Served::Kernel(Flow::Timeout));
     }
     (g, Served::Kernel(Flow::Return(ret(res))))
+}
+
+/// A call the kernel serves. With more than one thread, a call that would wait (`read`,
+/// `write`, `poll`, `select`, a waiting record lock...) defers its wait: the thread waits
+/// here without the lock, for the call's descriptors, its timeout, a signal (its wake fd)
+/// or the end of the process, then the call is served again. A signal this thread may take
+/// ends the wait with `EINTR` (a write that wrote some returns that count).
+fn deferring<'a>(
+    ctx: &'a Ctx,
+    mut g: Guard<'a>,
+    t: &GuestThread,
+    n: u64,
+    a: [u64; 6],
+    threaded: bool,
+) -> (Guard<'a>, Served) {
+    let mut retry = None;
+    loop {
+        // Set at each turn: other threads serve calls while this one waits.
+        g.kernel.defer_waits = threaded && ctx.ended_fd.is_some();
+        g.kernel.retry_until = retry;
+        let flow = g.kernel.syscall(n, a, t.vcpu.fd(), ctx.vm.vm_fd());
+        g.kernel.retry_until = None;
+        g.kernel.write_resume = 0;
+        if retry.is_some() {
+            // Counted once, as the call the program made.
+            let counts = &mut g.kernel.counts.by_number;
+            if let Some(c) = counts.get_mut(&n) {
+                *c = c.saturating_sub(1);
+            }
+        }
+        if n == nr::KILL {
+            // A signal for the process may end another thread's wait.
+            for e in g.threads.values() {
+                poke(e.wake_fd.as_ref());
+            }
+            ctx.wake.notify_all();
+        }
+        let deferred = matches!(flow, Flow::Return(v) if v == ret(Err(ERESTARTSYS)));
+        let pending = g.kernel.pending.take();
+        let Some(p) = pending.filter(|_| deferred) else {
+            // A call that deferred a wait and then returned anyway (readv with some data)
+            // is done; ERESTARTSYS never reaches the program.
+            g.kernel.defer_waits = false;
+            let flow = if deferred {
+                Flow::Return(ret(Err(EINTR)))
+            } else {
+                flow
+            };
+            return (g, Served::Kernel(flow));
+        };
+        let wake = g.threads.get(&t.tid).and_then(|e| e.wake_fd.clone());
+        drain(wake.as_ref());
+        g.kernel.check_alarm();
+        if g.kernel.signals.deliverable() {
+            g.kernel.defer_waits = false;
+            let r = if p.written > 0 {
+                Ok(p.written as u64)
+            } else {
+                Err(EINTR)
+            };
+            return (g, Served::Kernel(Flow::Return(ret(r))));
+        }
+        let until = [p.until, g.kernel.alarm_at()].into_iter().flatten().min();
+        g.swap_out(t.tid);
+        drop(g);
+        ctx.wait_fds(&p.fds, wake.as_deref(), until);
+        g = ctx.lock();
+        g.swap_in(t.tid);
+        if g.end.is_some() {
+            g.kernel.defer_waits = false;
+            return (g, Served::Leave);
+        }
+        if ctx.deadline.is_some_and(|d| Instant::now() >= d) {
+            g.kernel.defer_waits = false;
+            return (g, Served::Kernel(Flow::Timeout));
+        }
+        g.kernel.write_resume = p.written;
+        retry = Some(p.until);
+    }
 }
 
 /// A wait that did not end with a result for the program.
@@ -949,6 +1014,11 @@ fn futex<'a>(
     let (addr, op) = (a[0], a[1]);
     let val = a[2] & 0xffff_ffff;
     let cmd = op & FUTEX_CMD_MASK;
+    if op & FUTEX_CLOCK_REALTIME != 0 && cmd != FUTEX_WAIT_BITSET {
+        // Linux's do_futex: the flag goes with the absolute waits only (the PI ones are
+        // ENOSYS here anyway).
+        return (g, Ok(Err(ENOSYS)));
+    }
     if !addr.is_multiple_of(4) {
         return (g, Ok(Err(EINVAL)));
     }
@@ -1053,6 +1123,63 @@ fn futex<'a>(
     }
 }
 
+/// `rt_sigtimedwait(set, info, timeout, sigsetsize)`: takes a pending signal of `set`
+/// (blocked or not), waiting without the lock up to `timeout` (`NULL`: forever) for one;
+/// another signal the thread may take ends the wait with `EINTR`.
+fn sigtimedwait<'a>(
+    ctx: &'a Ctx,
+    g: Guard<'a>,
+    t: &GuestThread,
+    a: [u64; 6],
+) -> (Guard<'a>, Result<SysResult, Stop>) {
+    // SIGKILL and SIGSTOP are never waited for.
+    const UNWAITABLE: u64 = (1 << 8) | (1 << 18);
+    if a[3] != 8 {
+        return (g, Ok(Err(EINVAL)));
+    }
+    let mut b = [0u8; 8];
+    if let Err(e) = g.kernel.mm.read_user(a[0], &mut b) {
+        return (g, Ok(Err(e)));
+    }
+    let set = u64::from_le_bytes(b) & !UNWAITABLE;
+    let until = if a[2] == 0 {
+        None
+    } else {
+        match read_timespec(&g, a[2]) {
+            // Beyond what an Instant holds, the wait is forever.
+            Ok(d) => Instant::now().checked_add(d),
+            Err(e) => return (g, Ok(Err(e))),
+        }
+    };
+    let (mut g, how) = wait_for(ctx, g, t.tid, until, |s| s.kernel.signals.pending_in(set));
+    let r = match how {
+        WaitEnd::Done | WaitEnd::Signal => match g.kernel.signals.take_in(set) {
+            Some((sig, code)) => {
+                if a[1] != 0 {
+                    // siginfo_t: si_signo, si_errno, si_code, then the sender's pid and uid.
+                    let (uid, _) = host_ids();
+                    let mut info = [0u8; 128];
+                    info[..4].copy_from_slice(&sig.to_le_bytes());
+                    info[8..12].copy_from_slice(&code.to_le_bytes());
+                    info[16..20].copy_from_slice(&u32::try_from(PID).unwrap_or(1000).to_le_bytes());
+                    info[20..24].copy_from_slice(&uid.to_le_bytes());
+                    match g.kernel.mm.write_user(a[1], &info) {
+                        Ok(()) => Ok(Ok(u64::from(sig))),
+                        Err(e) => Ok(Err(e)),
+                    }
+                } else {
+                    Ok(Ok(u64::from(sig)))
+                }
+            }
+            None => Ok(Err(EINTR)),
+        },
+        WaitEnd::TimedOut => Ok(Err(EAGAIN)),
+        WaitEnd::Deadline => Err(Stop::Deadline),
+        WaitEnd::Leave => Err(Stop::Leave),
+    };
+    (g, r)
+}
+
 /// `nanosleep`, `clock_nanosleep`, `pause` and `rt_sigsuspend` of a thread among others: the
 /// wait releases the shared state.
 fn threaded_wait<'a>(
@@ -1073,11 +1200,20 @@ fn threaded_wait<'a>(
                 Ok(d) => d,
                 Err(e) => return (g, Ok(Err(e))),
             };
-            if flags != 0 {
-                // TIMER_ABSTIME: an absolute one ends at once, as the kernel serves it.
-                return (g, Ok(Ok(0)));
+            if flags & TIMER_ABSTIME != 0 {
+                // Until the clock reads `d` (CLOCK_REALTIME: the host's; the others: the
+                // guest's monotonic clock); `rem` is not written.
+                let now = if a[0] == CLOCK_REALTIME {
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default()
+                } else {
+                    g.kernel.monotonic_now()
+                };
+                (Some(Instant::now().checked_add(d.saturating_sub(now))), 0)
+            } else {
+                (Some(Instant::now().checked_add(d)), rem)
             }
-            (Some(Instant::now().checked_add(d)), rem)
         }
         nr::RT_SIGSUSPEND => {
             if a[1] != 8 {
@@ -1140,9 +1276,10 @@ fn tgkill(ctx: &Ctx, g: &mut Shared, t: &GuestThread, tgid: u64, tid: u64, sig: 
         g.kernel.signals.raise_thread(sig);
     } else {
         let signals = &g.kernel.signals;
-        if let Some(e) = g.threads.get_mut(&tid)
-            && signals.raise_other(&mut e.signals, sig)
-        {
+        if let Some(e) = g.threads.get_mut(&tid) {
+            // Even a blocked one: the thread may wait for it in rt_sigtimedwait.
+            signals.raise_other(&mut e.signals, sig);
+            poke(e.wake_fd.as_ref());
             ctx.wake.notify_all();
         }
     }
@@ -1164,18 +1301,34 @@ fn clone3(
     args: u64,
     size: u64,
 ) -> SysResult {
-    if !(64..=4096).contains(&size) {
+    // As Linux's copy_clone_args_from_user: larger than a page is E2BIG, smaller than the
+    // first version EINVAL, and bytes past the struct this kernel knows must be zero.
+    if size > 4096 {
+        return Err(E2BIG);
+    }
+    if size < 64 {
         return Err(EINVAL);
     }
     let mut b = [0u8; 88];
     let n = usize::try_from(size.min(88)).map_err(|_| EINVAL)?;
     g.kernel.mm.read_user(args, &mut b[..n])?;
+    if size > 88 {
+        let mut rest = vec![0u8; usize::try_from(size - 88).map_err(|_| EINVAL)?];
+        g.kernel.mm.read_user(args + 88, &mut rest)?;
+        if rest.iter().any(|&x| x != 0) {
+            return Err(E2BIG);
+        }
+    }
     let f = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
     let (flags, child_tid, parent_tid, stack, stack_size, tls) =
         (f(0), f(2), f(3), f(5), f(6), f(7));
     // pidfd is read only with CLONE_PIDFD (glibc fills it in anyway); set_tid is not for
     // threads.
     if f(8) != 0 || f(9) != 0 {
+        return Err(EINVAL);
+    }
+    // clone3_stack_valid: a stack has a size, and a size a stack.
+    if (stack == 0) != (stack_size == 0) {
         return Err(EINVAL);
     }
     let sp = if stack == 0 {
@@ -1208,6 +1361,10 @@ fn clone(
     if flags & CLONE_SHARED != CLONE_SHARED || flags & !(CLONE_SHARED | CLONE_EXTRA) != 0 {
         return Err(EINVAL);
     }
+    if flags & CLONE_SETTLS != 0 && tls >= TASK_SIZE_MAX {
+        // An FS base outside user space, as Linux's ARCH_SET_FS refuses it.
+        return Err(EPERM);
+    }
     if g.threads.len() >= MAX_THREADS {
         return Err(EAGAIN);
     }
@@ -1238,9 +1395,9 @@ fn clone(
         Err(_) => return Err(EAGAIN),
     };
     let tid32 = u32::try_from(tid).map_err(|_| EAGAIN)?.to_le_bytes();
-    if flags & CLONE_PARENT_SETTID != 0 && g.kernel.mm.write_user(parent_tid, &tid32).is_err() {
-        g.free_vcpus.push((vcpu, initial));
-        return Err(EFAULT);
+    if flags & CLONE_PARENT_SETTID != 0 {
+        // As Linux's copy_process: a store that fails is ignored, the thread still starts.
+        let _ = g.kernel.mm.write_user(parent_tid, &tid32);
     }
     if flags & CLONE_CHILD_SETTID != 0 && g.kernel.mm.write_user(child_tid, &tid32).is_err() {
         g.free_vcpus.push((vcpu, initial));
@@ -1258,6 +1415,7 @@ fn clone(
                 0
             },
             woken: false,
+            wake_fd: new_wake_fd(),
         },
     );
     let mut thread = GuestThread::new(vcpu, tid);
