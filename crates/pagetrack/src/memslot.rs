@@ -376,26 +376,29 @@ impl Memslots {
             .is_some_and(|c| c.load(Ordering::Relaxed) != 0)
     }
 
-    /// `is_write_tracked`, trying the slot at position `hint` first (and leaving there the
-    /// position of the slot that held `gfn`): a per-thread caller whose frames keep falling in
-    /// the same slot skips the search. The hint is only a guess, checked against the region.
+    /// The slot holding `gfn` in `as_id`, trying the one at position `hint` first (and leaving
+    /// there the position of the slot that held `gfn`): a per-thread caller whose frames keep
+    /// falling in the same slot skips the search. The hint is only a guess, checked against
+    /// the region.
     #[inline]
-    pub(crate) fn is_write_tracked_hinted(&self, as_id: AsId, gfn: Gfn, hint: &mut usize) -> bool {
-        let Some(space) = self.spaces.get(usize::from(as_id.0)) else {
-            return false;
-        };
+    fn slot_hinted(&self, as_id: AsId, gfn: Gfn, hint: &mut usize) -> Option<&Slot> {
+        let space = self.spaces.get(usize::from(as_id.0))?;
         let i = match space.regions.get(*hint) {
             Some(r) if r.contains(gfn) => *hint,
-            _ => match space.position(gfn) {
-                Some(i) => {
-                    *hint = i;
-                    i
-                }
-                None => return false,
-            },
+            _ => {
+                let i = space.position(gfn)?;
+                *hint = i;
+                i
+            }
         };
-        space.slots[i]
-            .count(gfn)
+        Some(&space.slots[i])
+    }
+
+    /// `is_write_tracked`, with the slot found as [`slot_hinted`](Self::slot_hinted) does.
+    #[inline]
+    pub(crate) fn is_write_tracked_hinted(&self, as_id: AsId, gfn: Gfn, hint: &mut usize) -> bool {
+        self.slot_hinted(as_id, gfn, hint)
+            .and_then(|slot| slot.count(gfn))
             // Relaxed: as `is_write_tracked`.
             .is_some_and(|c| c.load(Ordering::Relaxed) != 0)
     }
@@ -406,21 +409,9 @@ impl Memslots {
     #[inline]
     pub(crate) fn is_tracked_in_section(&self, as_id: AsId, gfn: Gfn, hint: &mut usize) -> bool {
         let order = crate::sync::dekker(Ordering::Relaxed);
-        let Some(space) = self.spaces.get(usize::from(as_id.0)) else {
-            return false;
-        };
-        let i = match space.regions.get(*hint) {
-            Some(r) if r.contains(gfn) => *hint,
-            _ => match space.position(gfn) {
-                Some(i) => {
-                    *hint = i;
-                    i
-                }
-                None => return false,
-            },
-        };
-        let slot = &space.slots[i];
-        !slot.meta.gone.load(order) && slot.count(gfn).is_some_and(|c| c.load(order) != 0)
+        self.slot_hinted(as_id, gfn, hint).is_some_and(|slot| {
+            !slot.meta.gone.load(order) && slot.count(gfn).is_some_and(|c| c.load(order) != 0)
+        })
     }
 
     /// The slot containing `gfn` in `as_id`, for a backend that resolves a slot once and then
