@@ -922,36 +922,45 @@ impl Kernel {
         ))
     }
 
-    fn pread(&mut self, fd: i64, buf: u64, count: u64, offset: u64) -> SysResult {
+    /// The checks `pread64` and `pwrite64` share, in Linux's order: the descriptor, a negative
+    /// offset (`EINVAL`), a zero count (`None`: the call returns 0), then how much of `buf`
+    /// the program may access with `prot` (none: `EFAULT`).
+    fn positioned(
+        &self,
+        fd: i64,
+        buf: u64,
+        count: u64,
+        offset: u64,
+        prot: u32,
+    ) -> SysResult<Option<(Arc<Mutex<OpenFile>>, usize)>> {
         let f = self.fd(fd)?;
         if offset.cast_signed() < 0 {
             return Err(EINVAL);
         }
         if count == 0 {
-            return Ok(0);
+            return Ok(None);
         }
-        let n = self.mm.accessible(buf, count.min(MAX_IO), PROT_WRITE);
+        let n = self.mm.accessible(buf, count.min(MAX_IO), prot);
         if n == 0 {
             return Err(EFAULT);
         }
-        let data = lock(&f).pread(usize::try_from(n).map_err(|_| EINVAL)?, offset)?;
+        Ok(Some((f, usize::try_from(n).map_err(|_| EINVAL)?)))
+    }
+
+    fn pread(&mut self, fd: i64, buf: u64, count: u64, offset: u64) -> SysResult {
+        let Some((f, n)) = self.positioned(fd, buf, count, offset, PROT_WRITE)? else {
+            return Ok(0);
+        };
+        let data = lock(&f).pread(n, offset)?;
         self.mm.write_user(buf, &data)?;
         Ok(data.len() as u64)
     }
 
     fn pwrite(&mut self, fd: i64, buf: u64, count: u64, offset: u64) -> SysResult {
-        let f = self.fd(fd)?;
-        if offset.cast_signed() < 0 {
-            return Err(EINVAL);
-        }
-        if count == 0 {
+        let Some((f, n)) = self.positioned(fd, buf, count, offset, PROT_READ)? else {
             return Ok(0);
-        }
-        let n = self.mm.accessible(buf, count.min(MAX_IO), PROT_READ);
-        if n == 0 {
-            return Err(EFAULT);
-        }
-        let mut data = vec![0u8; usize::try_from(n).map_err(|_| EINVAL)?];
+        };
+        let mut data = vec![0u8; n];
         self.mm.read_user(buf, &mut data)?;
         lock(&f).pwrite(&data, offset).map(|k| k as u64)
     }
