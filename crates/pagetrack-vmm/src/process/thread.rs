@@ -824,8 +824,7 @@ fn serve<'a>(
             let (g2, r) = sigtimedwait(ctx, g, t, a);
             g = g2;
             match r {
-                Err(Stop::Leave) => return (g, Served::Leave),
-                Err(Stop::Deadline) => return (g, Served::Kernel(Flow::Timeout)),
+                Err(stop) => return (g, stop.into()),
                 Ok(v) => v,
             }
         }
@@ -833,8 +832,7 @@ fn serve<'a>(
             let (g2, r) = futex(ctx, g, t, a);
             g = g2;
             match r {
-                Err(Stop::Leave) => return (g, Served::Leave),
-                Err(Stop::Deadline) => return (g, Served::Kernel(Flow::Timeout)),
+                Err(stop) => return (g, stop.into()),
                 Ok(v) => v,
             }
         }
@@ -842,8 +840,7 @@ fn serve<'a>(
             let (g2, r) = threaded_wait(ctx, g, t, n, a);
             g = g2;
             match r {
-                Err(Stop::Leave) => return (g, Served::Leave),
-                Err(Stop::Deadline) => return (g, Served::Kernel(Flow::Timeout)),
+                Err(stop) => return (g, stop.into()),
                 Ok(v) => v,
             }
         }
@@ -944,6 +941,15 @@ enum Stop {
     Leave,
     /// The run's deadline passed.
     Deadline,
+}
+
+impl From<Stop> for Served {
+    fn from(stop: Stop) -> Served {
+        match stop {
+            Stop::Leave => Served::Leave,
+            Stop::Deadline => Served::Kernel(Flow::Timeout),
+        }
+    }
 }
 
 /// Waits on [`Ctx::wake`] until `done`, `until`, a signal this thread may take, the run's
