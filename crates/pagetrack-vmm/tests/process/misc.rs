@@ -143,7 +143,6 @@ const POLL_C: &str = r#"
 int main(int argc, char **argv) {
     /* The "bad" descriptors must be closed natively too: a test runner can leave
        descriptors such as cargo's jobserver open in the native process. */
-    close(77);
     close(99);
     int f = open(argv[1], O_RDONLY);
     struct pollfd p[4] = {{f, POLLIN | POLLOUT, 0}, {0, POLLIN, 0}, {1, POLLOUT, 0}, {99, POLLIN, 0}};
@@ -160,8 +159,14 @@ int main(int argc, char **argv) {
     struct timeval tv = {1, 0};
     n = select(f + 1, &r, &w, NULL, &tv);
     printf("select %d: r %d %d w %d\n", n, FD_ISSET(f, &r), FD_ISSET(0, &r), FD_ISSET(1, &w));
-    FD_ZERO(&r); FD_SET(77, &r);
-    n = select(78, &r, NULL, NULL, &tv);
+    /* The bad descriptor for select is the lowest free one: Linux clamps select's nfds to
+       the size of the process's descriptor table (64 unless a descriptor at or above 64
+       was ever open), so a closed descriptor above that is ignored, not EBADF; and the
+       table's size natively depends on what the test runner had open at fork. */
+    int bad = dup(0);
+    close(bad);
+    FD_ZERO(&r); FD_SET(bad, &r);
+    n = select(bad + 1, &r, NULL, NULL, &tv);
     printf("select bad %d %s\n", n, n < 0 ? strerror(errno) : "");
     FD_ZERO(&r); FD_SET(f, &r);
     n = pselect(f + 1, &r, NULL, NULL, &ts, NULL);
