@@ -25,21 +25,21 @@ compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
 
 mod atomic;
 mod dirty;
-pub mod emulate;
 mod error;
 mod gate;
 mod memory;
-mod simd;
 mod slots;
 mod store;
 mod string;
 mod sys;
 mod vcpu;
 mod vm;
-pub mod walk;
-mod x87;
 
 pub use error::{Error, Result};
+/// The store emulator (moved to [`pagetrack_x86::emulate`]).
+pub use pagetrack_x86::emulate;
+/// The guest page walker (moved to [`pagetrack_x86::walk`]).
+pub use pagetrack_x86::walk;
 pub use memory::TrackedMemory;
 pub use slots::FragmentStats;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};

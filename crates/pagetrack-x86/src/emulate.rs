@@ -99,7 +99,7 @@ fn mnemonic_name(m: Mnemonic) -> String {
 }
 
 /// Bytes as space-separated lowercase hex, for error messages.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -1110,7 +1110,7 @@ fn gpr_slot(regs: &mut kvm_regs, full: Register) -> Option<&mut u64> {
 }
 
 /// Value of a general register of any size (AH..BH included), zero-extended; RIP as is.
-pub(crate) fn gpr(regs: &kvm_regs, reg: Register) -> Option<u64> {
+pub fn gpr(regs: &kvm_regs, reg: Register) -> Option<u64> {
     if reg == Register::RIP {
         return Some(regs.rip);
     }
