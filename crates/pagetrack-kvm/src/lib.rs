@@ -36,11 +36,11 @@ mod vcpu;
 mod vm;
 
 pub use error::{Error, Result};
+pub use memory::TrackedMemory;
 /// The store emulator (moved to [`pagetrack_x86::emulate`]).
 pub use pagetrack_x86::emulate;
 /// The guest page walker (moved to [`pagetrack_x86::walk`]).
 pub use pagetrack_x86::walk;
-pub use memory::TrackedMemory;
 pub use slots::FragmentStats;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
 pub use vm::{HostCaps, Vm, VmConfig, VmStats};

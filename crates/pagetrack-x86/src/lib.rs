@@ -3,7 +3,13 @@
 //! No KVM ioctls and no `unsafe`.
 #![forbid(unsafe_code)]
 
+mod alu;
+mod bytes;
+mod classify;
 pub mod emulate;
+mod plan;
+mod regs;
 mod simd;
 pub mod walk;
 mod x87;
+mod xsave;

@@ -12,9 +12,10 @@
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
-use crate::emulate::{
-    CpuState, EmulateError, component_bytes, read_le, sub, vector_register, xsave_area,
-};
+use crate::bytes::{read_le, sub};
+use crate::emulate::{CpuState, EmulateError};
+use crate::regs::vector_register;
+use crate::xsave::{component_bytes, xsave_area};
 
 /// A store computed from registers: its written parts and bytes, and the new FPU state.
 #[derive(Debug)]
