@@ -5,11 +5,11 @@ use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::kvm_regs;
 
 use crate::alu::AluOp;
-use crate::bytes::{read_le, sign_extend};
+use crate::bytes::sign_extend;
 use crate::emulate::{CpuState, EmulateError};
 use crate::plan::StorePlan;
-use crate::regs::read_gpr;
-use crate::xsave::{LEGACY_USED, component_bytes, xsave_ranges};
+use crate::regs::{opmask_register, read_gpr};
+use crate::xsave::{LEGACY_USED, xsave_ranges};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Src {
@@ -221,8 +221,7 @@ impl StorePlan {
                     if insn.zeroing_masking() || element == 0 || !size.is_multiple_of(element) {
                         return Err(self.unsupported("masked vector store of an unexpected form"));
                     }
-                    let k = insn.op_mask().number() - Register::K0.number();
-                    let mask = read_le(&component_bytes(state, 5, 8 * k, 8)?);
+                    let mask = opmask_register(state, insn.op_mask())?;
                     let mut ranges: Vec<(usize, usize)> = Vec::new();
                     for e in 0..size / element {
                         if mask >> e & 1 == 0 {

@@ -4,12 +4,16 @@
 #![forbid(unsafe_code)]
 
 mod alu;
+pub mod atomic;
 mod bytes;
 mod classify;
 pub mod emulate;
+pub mod guest;
 mod plan;
 mod regs;
+pub mod rep;
 mod simd;
+pub mod sysregs;
 pub mod walk;
 mod x87;
 mod xsave;

@@ -5,7 +5,7 @@
 use iced_x86::Register;
 use kvm_bindings::kvm_regs;
 
-use crate::bytes::{size_mask, sub};
+use crate::bytes::{read_le, size_mask, sub};
 use crate::emulate::{CpuState, EmulateError};
 use crate::xsave::{component_bytes, xsave_area};
 
@@ -96,4 +96,18 @@ pub(crate) fn vector_register(state: &CpuState, reg: Register) -> Result<[u8; 64
         out[..size].copy_from_slice(&component_bytes(state, 7, 64 * (n - 16), size)?);
     }
     Ok(out)
+}
+
+/// The value of opmask register `k` (K0..K7), from XSAVE component 5.
+pub(crate) fn opmask_register(state: &CpuState, k: Register) -> Result<u64, EmulateError> {
+    let n = k.number() - Register::K0.number();
+    Ok(read_le(&component_bytes(state, 5, 8 * n, 8)?))
+}
+
+/// MMX register `n` (physical x87 register `n`, stored in the legacy region `area` in ST
+/// order).
+pub(crate) fn mmx_register(area: &[u8], n: usize) -> Result<Vec<u8>, EmulateError> {
+    let top = usize::from(area.get(2).copied().unwrap_or(0) >> 3 & 7);
+    let slot = (n + 8 - top) % 8;
+    Ok(sub(area, 32 + 16 * slot, 8)?.to_vec())
 }
