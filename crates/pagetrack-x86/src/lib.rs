@@ -5,9 +5,11 @@
 
 mod alu;
 pub mod atomic;
+pub mod boot;
 mod bytes;
 mod classify;
 pub mod emulate;
+mod error;
 pub mod guest;
 mod plan;
 mod regs;
@@ -17,3 +19,5 @@ pub mod sysregs;
 pub mod walk;
 mod x87;
 mod xsave;
+
+pub use error::{Error, Result};
