@@ -137,4 +137,74 @@ mod tests {
             }
         }
     }
+
+    /// Every operation at 16, 32 and 64 bits against a 128-bit oracle, over the values where
+    /// the flags change: 0, 1, the sign boundary, the all-ones value and the nibble carry.
+    #[test]
+    fn flags_match_an_oracle_at_every_size() {
+        for size in [2usize, 4, 8] {
+            let bits = 8 * u32::try_from(size).unwrap();
+            let mask = u128::MAX >> (128 - bits);
+            let sign = 1u128 << (bits - 1);
+            let signed = |v: u128| {
+                if v & sign != 0 {
+                    v as i128 - (mask as i128 + 1)
+                } else {
+                    v as i128
+                }
+            };
+            let values = [0, 1, 0xf, 0x10, sign - 1, sign, sign + 1, mask - 1, mask];
+            for &a in &values {
+                for &b in &values {
+                    for (op, c) in [
+                        (AluOp::Add, 0),
+                        (AluOp::Adc, 1),
+                        (AluOp::Sub, 0),
+                        (AluOp::Sbb, 1),
+                        (AluOp::And, 0),
+                        (AluOp::Or, 0),
+                        (AluOp::Xor, 0),
+                    ] {
+                        let (r, cf, of, af) = match op {
+                            AluOp::Add | AluOp::Adc => {
+                                let wide = a + b + c;
+                                let s = signed(a) + signed(b) + c as i128;
+                                let af = (a & 15) + (b & 15) + c > 15;
+                                (wide & mask, wide > mask, s != signed(wide & mask), af)
+                            }
+                            AluOp::Sub | AluOp::Sbb => {
+                                let wide = a.wrapping_sub(b + c) & mask;
+                                let s = signed(a) - signed(b) - c as i128;
+                                let af = (a & 15) < (b & 15) + c;
+                                (wide, a < b + c, s != signed(wide), af)
+                            }
+                            AluOp::And => (a & b, false, false, false),
+                            AluOp::Or => (a | b, false, false, false),
+                            AluOp::Xor => (a ^ b, false, false, false),
+                        };
+                        let want = [
+                            (cf, CF),
+                            ((r & 0xff).count_ones() % 2 == 0, PF),
+                            (af, AF),
+                            (r == 0, ZF),
+                            (r & sign != 0, SF),
+                            (of, OF),
+                        ]
+                        .iter()
+                        .filter(|(on, _)| *on)
+                        .fold(0x202, |f, (_, bit)| f | bit);
+                        let carry_in = if c == 1 { CF } else { 0 };
+                        let a64 = u64::try_from(a).unwrap();
+                        let b64 = u64::try_from(b).unwrap();
+                        let got = alu(op, size, a64, b64, 0x202 | carry_in);
+                        assert_eq!(
+                            got,
+                            (u64::try_from(r).unwrap(), want),
+                            "{op:?} size {size} {a:#x} {b:#x}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

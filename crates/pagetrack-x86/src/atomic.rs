@@ -446,3 +446,168 @@ pub fn start_state<'m, M: GuestMemory + ?Sized>(
     };
     (state, cpu)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testmem::{CR3, identity};
+    use vm_memory::GuestMemoryMmap;
+
+    /// Where the instruction bytes end (KVM's RIP after the store).
+    const RIP: u64 = 0x1_0010;
+    const DST: u64 = 0x8000;
+
+    fn sys() -> SysCache {
+        SysCache {
+            cr3: CR3,
+            fs_base: 0,
+            gs_base: 0,
+            long64: true,
+        }
+    }
+
+    /// Memory with `code` ending at RIP (nops before it, `hlt` at RIP).
+    fn with_code(code: &[u8]) -> GuestMemoryMmap {
+        let m = identity();
+        m.write_slice(&[0x90; 32], GuestAddress(RIP - 32)).unwrap();
+        m.write_slice(code, GuestAddress(RIP - code.len() as u64))
+            .unwrap();
+        m.write_slice(&[0xf4], GuestAddress(RIP)).unwrap();
+        m
+    }
+
+    fn regs() -> kvm_regs {
+        kvm_regs {
+            rip: RIP,
+            rdi: DST,
+            rsp: 0x2_0000,
+            rflags: 0x202,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lock_xadd_is_identified_and_its_registers_rebuilt() {
+        // lock xadd [rdi], rax: KVM stored old + rax and left old in RAX.
+        let m = with_code(&[0xf0, 0x48, 0x0f, 0xc1, 0x07]);
+        let mut r = regs();
+        let (old, addend) = (1000u64, 42u64);
+        r.rax = old;
+        let data = (old + addend).to_le_bytes();
+        let Identified::Locked(l) = identify(&m, &sys(), &r, DST, &data) else {
+            panic!("lock xadd not identified");
+        };
+        assert_eq!(l.bytes, [0xf0, 0x48, 0x0f, 0xc1, 0x07]);
+        assert_eq!(l.pre.rip, RIP - 5);
+        assert_eq!(l.pre.rax, addend, "RAX before the instruction");
+        assert_eq!(l.pre.rdi, DST);
+    }
+
+    #[test]
+    fn lock_xadd_at_32_bits_rebuilds_the_low_half() {
+        // lock xadd [rdi], eax; KVM's data: old + eax (wrapping at 32 bits).
+        let m = with_code(&[0xf0, 0x0f, 0xc1, 0x07]);
+        let mut r = regs();
+        r.rax = 0xffff_fff0;
+        let data = 0x0000_0010u32.to_le_bytes();
+        let Identified::Locked(l) = identify(&m, &sys(), &r, DST, &data) else {
+            panic!("lock xadd not identified");
+        };
+        assert_eq!(l.pre.rax, 0x20);
+    }
+
+    #[test]
+    fn a_locked_op_spelled_by_a_plain_stores_immediate_is_plain() {
+        // mov dword [rdi], 0x07b10ff0 (c7 07 f0 0f b1 07): its last 4 bytes also decode as
+        // lock cmpxchg [rdi], eax, which would store the same 4 bytes at the same address.
+        let m = with_code(&[0xc7, 0x07, 0xf0, 0x0f, 0xb1, 0x07]);
+        let mut r = regs();
+        r.rflags |= ZF; // as after a successful compare-exchange
+        r.rax = 0x07b1_0ff0;
+        let data = 0x07b1_0ff0u32.to_le_bytes();
+        assert_eq!(identify(&m, &sys(), &r, DST, &data), Identified::Plain);
+        // The same locked bytes alone (nops before them) are identified.
+        let m = with_code(&[0xf0, 0x0f, 0xb1, 0x07]);
+        assert!(matches!(
+            identify(&m, &sys(), &r, DST, &data),
+            Identified::Locked(_)
+        ));
+    }
+
+    #[test]
+    fn failed_compare_exchange_is_reported_as_such() {
+        let m = with_code(&[0xf0, 0x0f, 0xb1, 0x0f]); // lock cmpxchg [rdi], ecx
+        let r = regs(); // ZF clear: KVM's compare failed
+        let data = 7u32.to_le_bytes();
+        assert_eq!(
+            identify(&m, &sys(), &r, DST, &data),
+            Identified::FailedCompare
+        );
+    }
+
+    #[test]
+    fn exit_elsewhere_or_of_another_size_is_plain() {
+        let m = with_code(&[0xf0, 0x48, 0x0f, 0xc1, 0x07]);
+        let r = regs();
+        let data = 5u64.to_le_bytes();
+        assert_eq!(identify(&m, &sys(), &r, DST + 8, &data), Identified::Plain);
+        assert_eq!(identify(&m, &sys(), &r, DST, &data[..4]), Identified::Plain);
+    }
+
+    #[test]
+    fn without_a_lock_or_xchg_byte_nothing_is_decoded() {
+        let m = with_code(&[0x48, 0x89, 0x07]); // mov [rdi], rax
+        let data = 5u64.to_le_bytes();
+        assert_eq!(identify(&m, &sys(), &regs(), DST, &data), Identified::Plain);
+    }
+
+    #[test]
+    fn rep_string_at_rip_makes_it_ambiguous() {
+        let m = with_code(&[0xf0, 0x48, 0x0f, 0xc1, 0x07]);
+        let mut r = regs();
+        r.rax = 1;
+        let data = 3u64.to_le_bytes();
+        assert!(matches!(
+            identify(&m, &sys(), &r, DST, &data),
+            Identified::Locked(_)
+        ));
+        // A rep stosq at RIP may be the instruction that stored (KVM leaves RIP on it).
+        m.write_slice(&[0xf3, 0x48, 0xab], GuestAddress(RIP))
+            .unwrap();
+        assert_eq!(identify(&m, &sys(), &r, DST, &data), Identified::Plain);
+    }
+
+    #[test]
+    fn a_call_whose_push_is_the_exit_makes_it_ambiguous() {
+        // The exit is the 8-byte slot at RSP and holds a return address right after a call
+        // to RIP: the store may be that call's push.
+        let m = with_code(&[0xf0, 0x48, 0x0f, 0xc1, 0x07]);
+        let call_at = 0x1_8000u64;
+        let rel = i32::try_from(RIP as i64 - (call_at as i64 + 5)).unwrap();
+        let mut call = vec![0xe8];
+        call.extend_from_slice(&rel.to_le_bytes());
+        m.write_slice(&call, GuestAddress(call_at)).unwrap();
+        let mut r = regs();
+        r.rdi = 0x9000;
+        r.rsp = 0x9000;
+        let data = (call_at + 5).to_le_bytes();
+        assert_eq!(identify(&m, &sys(), &r, 0x9000, &data), Identified::Plain);
+        // Without the call before that return address, the locked op alone explains it.
+        m.write_slice(&[0u8; 5], GuestAddress(call_at)).unwrap();
+        assert!(matches!(
+            identify(&m, &sys(), &r, 0x9000, &data),
+            Identified::Locked(_)
+        ));
+    }
+
+    #[test]
+    fn legacy_mode_is_never_decoded() {
+        let m = with_code(&[0xf0, 0x48, 0x0f, 0xc1, 0x07]);
+        let cache = SysCache {
+            long64: false,
+            ..sys()
+        };
+        let data = 3u64.to_le_bytes();
+        assert_eq!(identify(&m, &cache, &regs(), DST, &data), Identified::Plain);
+    }
+}

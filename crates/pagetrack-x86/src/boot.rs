@@ -1019,4 +1019,111 @@ mod tests {
         };
         assert_eq!(f.xcr0(), 0xe7);
     }
+
+    #[test]
+    fn exception_vector_is_told_by_the_stub_address() {
+        let l = LongModeLayout::new(64 << 20).unwrap();
+        let stub14 = l.exception_stub(14).unwrap();
+        assert_eq!(l.exception_vector(stub14), Some(14));
+        assert_eq!(l.exception_vector(stub14 + STUB_SIZE - 1), Some(14));
+        assert_eq!(l.exception_vector(l.exception_stub(0).unwrap() - 1), None);
+        let end = l.exception_stub(31).unwrap() + STUB_SIZE;
+        assert_eq!(l.exception_vector(end - 1), Some(31));
+        assert_eq!(l.exception_vector(end), None);
+        assert_eq!(l.exception_vector(0x1000), None);
+    }
+
+    #[test]
+    fn from_frame_reads_the_error_code_only_where_pushed() {
+        use vm_memory::GuestMemoryMmap;
+        let m: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let frame = [6u64, 0x1234, 0x23, 0x202, 0x8000, 0x1b];
+        for (i, v) in frame.iter().enumerate() {
+            m.write_obj(*v, GuestAddress(0x5000 + 8 * i as u64))
+                .unwrap();
+        }
+        let pf = GuestException::from_frame(&m, 14, 0x5000, 0xdead).unwrap();
+        assert_eq!(
+            pf,
+            GuestException {
+                vector: 14,
+                error_code: Some(6),
+                rip: 0x1234,
+                cs: 0x23,
+                rflags: 0x202,
+                rsp: 0x8000,
+                ss: 0x1b,
+                cr2: Some(0xdead),
+            }
+        );
+        let ud = GuestException::from_frame(&m, 6, 0x5008, 0xdead).unwrap();
+        assert_eq!(
+            (ud.error_code, ud.rip, ud.ss, ud.cr2),
+            (None, 0x1234, 0x1b, None)
+        );
+        let err = GuestException::from_frame(&m, 6, (1 << 20) - 16, 0).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::GuestMemory {
+                what: "exception frame",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn load_sregs_follows_the_features_and_the_vcpu() {
+        let l = LongModeLayout::new(64 << 20).unwrap();
+        let mut s = kvm_sregs::default();
+        l.load_sregs(&mut s, &CpuFeatures::default(), 2).unwrap();
+        assert_eq!(s.cr3, l.pml4());
+        assert_eq!(s.cr4 & (CR4_OSXSAVE | CR4_FSGSBASE), 0);
+        assert_eq!(s.efer, EFER_SCE | EFER_LME | EFER_LMA);
+        assert_eq!((s.tr.base, s.tr.selector), (l.tss(2).unwrap(), 0x28 + 32));
+        assert_eq!((s.cs.selector, s.cs.l, s.cs.dpl), (USER_CS, 1, 3));
+        assert_eq!((s.gdt.base, s.idt.base), (l.gdt(), l.idt()));
+        let all = CpuFeatures {
+            xsave: true,
+            fsgsbase: true,
+            nx: true,
+            xcr0_supported: 0xe7,
+        };
+        l.load_sregs(&mut s, &all, 0).unwrap();
+        assert_eq!(
+            s.cr4 & (CR4_OSXSAVE | CR4_FSGSBASE),
+            CR4_OSXSAVE | CR4_FSGSBASE
+        );
+        assert_eq!(s.efer & EFER_NXE, EFER_NXE);
+        let before = s;
+        assert!(l.load_sregs(&mut s, &all, MAX_VCPUS).is_err());
+        assert_eq!(s.tr.selector, before.tr.selector, "unchanged on error");
+    }
+
+    #[test]
+    fn cpuid_facts_and_apic_ids() {
+        let entry = |function, index, eax, ebx, ecx, edx| kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        let mut cpuid = [
+            entry(1, 0, 0, 0x0012_3456, CPUID1_ECX_XSAVE, 0),
+            entry(7, 0, 0, CPUID7_EBX_FSGSBASE, 0, 0),
+            entry(0xd, 0, 0x2e7, 0, 0, 0),
+            entry(0x8000_0001, 0, 0, 0, 0, CPUID80000001_EDX_NX),
+            entry(0xb, 0, 0, 0, 0, 0),
+        ];
+        let f = CpuFeatures::from_cpuid(&cpuid);
+        assert!(f.xsave && f.fsgsbase && f.nx);
+        assert_eq!(f.xcr0(), 0xe7);
+        set_apic_ids(&mut cpuid, 5);
+        assert_eq!(cpuid[0].ebx, 0x0512_3456);
+        assert_eq!(cpuid[4].edx, 5);
+        assert_eq!(CpuFeatures::from_cpuid(&[]), CpuFeatures::default());
+    }
 }

@@ -16,6 +16,8 @@ mod regs;
 pub mod rep;
 mod simd;
 pub mod sysregs;
+#[cfg(test)]
+mod testmem;
 pub mod walk;
 mod x87;
 mod xsave;

@@ -196,3 +196,195 @@ impl RepPlan {
         Some((r, self.count))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testmem::{CR3, identity, map_4k};
+    use crate::walk::pte::{PRESENT, USER, WRITABLE};
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    const RIP: u64 = 0x1_0000;
+    const RW: u64 = PRESENT | WRITABLE | USER;
+
+    fn sys() -> SysCache {
+        SysCache {
+            cr3: CR3,
+            fs_base: 0,
+            gs_base: 0,
+            long64: true,
+        }
+    }
+
+    /// Runs the plan as pagetrack-kvm does: each element applied before the next is planned.
+    fn run(
+        m: &GuestMemoryMmap,
+        regs: &kvm_regs,
+        gpa: u64,
+        len: usize,
+    ) -> Option<(Vec<RepElement>, kvm_regs, u64)> {
+        let mut plan = RepPlan::new(m, &sys(), regs, gpa, len)?;
+        let mut elements = Vec::new();
+        while let Some(e) = plan.next_element(m) {
+            m.write_slice(e.bytes(), GuestAddress(e.gpa)).unwrap();
+            elements.push(e);
+        }
+        let (regs, count) = plan.finish()?;
+        assert_eq!(count, elements.len() as u64);
+        Some((elements, regs, count))
+    }
+
+    /// `rep stosb` at RIP, RDI 1 past the element KVM just stored at `first`.
+    fn stosb(m: &GuestMemoryMmap, first: u64, rcx: u64) -> kvm_regs {
+        m.write_slice(&[0xf3, 0xaa], GuestAddress(RIP)).unwrap();
+        kvm_regs {
+            rip: RIP,
+            rdi: first + 1,
+            rcx,
+            rax: 0x5a,
+            rflags: 0x202,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stosb_finishes_within_the_page_and_advances_rip() {
+        let m = identity();
+        let regs = stosb(&m, 0x8000, 10);
+        let (elements, after, count) = run(&m, &regs, 0x8000, 1).unwrap();
+        assert_eq!(count, 10);
+        let gpas: Vec<u64> = elements.iter().map(|e| e.gpa).collect();
+        assert_eq!(gpas, (0x8001..0x800b).collect::<Vec<_>>());
+        assert!(elements.iter().all(|e| e.bytes() == [0x5a]));
+        assert_eq!((after.rcx, after.rdi, after.rip), (0, 0x800b, RIP + 2));
+    }
+
+    #[test]
+    fn stosq_stops_at_the_page_boundary_and_leaves_rip() {
+        let m = identity();
+        // rep stosq (f3 48 ab); the element at 0x8fe8 was just done: 2 more fit in the page.
+        m.write_slice(&[0xf3, 0x48, 0xab], GuestAddress(RIP))
+            .unwrap();
+        let regs = kvm_regs {
+            rip: RIP,
+            rdi: 0x8ff0,
+            rcx: 100,
+            rax: 0x1122_3344_5566_7788,
+            rflags: 0x202,
+            ..Default::default()
+        };
+        let (elements, after, count) = run(&m, &regs, 0x8fe8, 8).unwrap();
+        assert_eq!(count, 2);
+        assert_eq!(elements[0].gpa, 0x8ff0);
+        assert_eq!(elements[1].gpa, 0x8ff8);
+        assert_eq!(elements[1].bytes(), 0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!((after.rcx, after.rdi, after.rip), (98, 0x9000, RIP));
+    }
+
+    #[test]
+    fn direction_flag_runs_downwards() {
+        let m = identity();
+        let mut regs = stosb(&m, 0x8005, 3);
+        regs.rflags |= DF;
+        regs.rdi = 0x8004; // the element at 0x8005 was done going down
+        let (elements, after, _) = run(&m, &regs, 0x8005, 1).unwrap();
+        let gpas: Vec<u64> = elements.iter().map(|e| e.gpa).collect();
+        assert_eq!(gpas, [0x8004, 0x8003, 0x8002]);
+        assert_eq!((after.rcx, after.rdi, after.rip), (0, 0x8001, RIP + 2));
+    }
+
+    #[test]
+    fn overlapping_movsb_reads_what_the_previous_element_stored() {
+        let m = identity();
+        // rep movsb with RSI = RDI - 1: each element copies the byte just stored, the
+        // classic byte-pattern fill. KVM did the first element (0x8000 -> 0x8001).
+        m.write_slice(&[0xf3, 0xa4], GuestAddress(RIP)).unwrap();
+        m.write_slice(&[0xab, 0xab], GuestAddress(0x8000)).unwrap();
+        let regs = kvm_regs {
+            rip: RIP,
+            rsi: 0x8001,
+            rdi: 0x8002,
+            rcx: 6,
+            rflags: 0x202,
+            ..Default::default()
+        };
+        let (_, after, count) = run(&m, &regs, 0x8001, 1).unwrap();
+        assert_eq!(count, 6);
+        let mut got = [0u8; 9];
+        m.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+        assert_eq!(got, [0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0]);
+        assert_eq!((after.rsi, after.rdi, after.rcx), (0x8007, 0x8008, 0));
+    }
+
+    #[test]
+    fn read_only_or_supervisor_destination_is_left_to_the_cpu() {
+        let m = identity();
+        for flags in [PRESENT | USER, PRESENT | WRITABLE] {
+            map_4k(&m, 0x40_0000, 0x10_0000, flags);
+            let regs = stosb(&m, 0x40_0000, 5);
+            // The exit's own element translates (it only needs to be present)...
+            assert!(RepPlan::new(&m, &sys(), &regs, 0x10_0000, 1).is_some());
+            // ...but nothing further is stored by pagetrack.
+            assert!(run(&m, &regs, 0x10_0000, 1).is_none(), "flags {flags:#x}");
+        }
+        map_4k(&m, 0x40_0000, 0x10_0000, RW);
+        let regs = stosb(&m, 0x40_0000, 5);
+        assert_eq!(run(&m, &regs, 0x10_0000, 1).unwrap().2, 5);
+    }
+
+    #[test]
+    fn unreadable_movs_source_stops_the_plan() {
+        let m = identity();
+        m.write_slice(&[0xf3, 0xa4], GuestAddress(RIP)).unwrap();
+        // Source at 4 MiB + 4 KiB: its page is not mapped.
+        let regs = kvm_regs {
+            rip: RIP,
+            rsi: 0x40_1000,
+            rdi: 0x8001,
+            rcx: 4,
+            rflags: 0x202,
+            ..Default::default()
+        };
+        assert!(run(&m, &regs, 0x8000, 1).is_none());
+    }
+
+    #[test]
+    fn not_a_plain_rep_store_is_refused() {
+        let m = identity();
+        let refused = |code: &[u8], len: usize, exit_gpa: u64| {
+            m.write_slice(&[0u8; 15], GuestAddress(RIP)).unwrap();
+            m.write_slice(code, GuestAddress(RIP)).unwrap();
+            let regs = stosb(&m, 0x8000, 4);
+            m.write_slice(code, GuestAddress(RIP)).unwrap();
+            RepPlan::new(&m, &sys(), &regs, exit_gpa, len).is_none()
+        };
+        assert!(!refused(&[0xf3, 0xaa], 1, 0x8000), "the control case plans");
+        assert!(refused(&[0xaa], 1, 0x8000), "no rep prefix");
+        assert!(refused(&[0xf2, 0xaa], 1, 0x8000), "repne");
+        assert!(refused(&[0xf3, 0x64, 0xaa], 1, 0x8000), "fs override");
+        assert!(refused(&[0x67, 0xf3, 0xaa], 1, 0x8000), "32-bit addressing");
+        assert!(refused(&[0xf3, 0xa6], 1, 0x8000), "cmpsb stores nothing");
+        assert!(
+            refused(&[0xf3, 0xaa], 2, 0x8000),
+            "exit size is not the element size"
+        );
+        assert!(
+            refused(&[0xf3, 0xaa], 1, 0x9000),
+            "exit is not the element just done"
+        );
+        let regs = stosb(&m, 0x8000, 0);
+        assert!(
+            RepPlan::new(&m, &sys(), &regs, 0x8000, 1).is_none(),
+            "count done"
+        );
+        let legacy = SysCache {
+            long64: false,
+            ..sys()
+        };
+        let regs = stosb(&m, 0x8000, 4);
+        assert!(
+            RepPlan::new(&m, &legacy, &regs, 0x8000, 1).is_none(),
+            "not 64-bit"
+        );
+    }
+}
