@@ -681,11 +681,11 @@ fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
 /// The CPUID facts the set-up depends on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuFeatures {
-    /// XSAVE (CPUID.1:ECX[26]).
+    /// XSAVE (`CPUID.1:ECX[26]`).
     pub xsave: bool,
-    /// FSGSBASE (CPUID.(7,0):EBX[0]).
+    /// FSGSBASE (`CPUID.(7,0):EBX[0]`).
     pub fsgsbase: bool,
-    /// NX (CPUID.80000001h:EDX[20]).
+    /// NX (`CPUID.80000001h:EDX[20]`).
     pub nx: bool,
     /// The XCR0 bits CPUID.(0xD,0) EDX:EAX reports.
     pub xcr0_supported: u64,
@@ -720,7 +720,7 @@ impl CpuFeatures {
     }
 }
 
-/// Sets the initial APIC id (leaf 1 EBX[31:24]) and the x2APIC id (leaves 0xB and 0x1F EDX)
+/// Sets the initial APIC id (leaf 1 `EBX[31:24]`) and the x2APIC id (leaves 0xB and 0x1F EDX)
 /// to `vcpu_index`.
 pub fn set_apic_ids(cpuid: &mut [kvm_cpuid_entry2], vcpu_index: u32) {
     for e in cpuid {
