@@ -25,7 +25,7 @@ use kvm_bindings::kvm_regs;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::alu::ZF;
-use crate::bytes::size_mask;
+use crate::bytes::{read_le, size_mask};
 use crate::emulate::{CpuState, StorePlan};
 use crate::guest::GuestCpu;
 use crate::regs::{read_gpr, write_gpr};
@@ -188,10 +188,7 @@ struct Exit<'d> {
 
 impl Exit<'_> {
     fn value(&self) -> u64 {
-        let mut b = [0u8; 8];
-        let n = self.data.len().min(8);
-        b[..n].copy_from_slice(&self.data[..n]);
-        u64::from_le_bytes(b)
+        read_le(self.data)
     }
 }
 

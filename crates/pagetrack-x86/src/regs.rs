@@ -1,6 +1,7 @@
 //! The register accessors: general registers of every width (AH..BH included) in `kvm_regs`,
-//! and vector registers out of the XSAVE area. The only set in pagetrack: the emulator, the
-//! SIMD/x87 completions, the atomic path and the rep-string planner all use these.
+//! and vector, opmask and MMX registers out of the XSAVE area. The one set in pagetrack: the
+//! store plan, the SIMD/x87 completions, the atomic path's register rebuild and
+//! pagetrack-kvm's store path ([`gpr`]) all use these.
 
 use iced_x86::Register;
 use kvm_bindings::kvm_regs;
