@@ -25,22 +25,22 @@ compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
 
 mod atomic;
 mod dirty;
-pub mod emulate;
 mod error;
 mod gate;
 mod memory;
-mod simd;
 mod slots;
 mod store;
 mod string;
 mod sys;
 mod vcpu;
 mod vm;
-pub mod walk;
-mod x87;
 
 pub use error::{Error, Result};
 pub use memory::TrackedMemory;
+/// The store emulator (moved to [`pagetrack_x86::emulate`]).
+pub use pagetrack_x86::emulate;
+/// The guest page walker (moved to [`pagetrack_x86::walk`]).
+pub use pagetrack_x86::walk;
 pub use slots::FragmentStats;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
 pub use vm::{HostCaps, Vm, VmConfig, VmStats};

@@ -11,10 +11,11 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap, Permissions,
 };
 
-use crate::emulate::{CpuAccess, CpuState, EmulateError, MemWrite, StorePlan, hex};
+use crate::emulate::{CpuState, EmulateError, MemWrite, StorePlan, hex};
 use crate::error::{Error, Result};
 use crate::vm::VmInner;
 use crate::walk;
+use pagetrack_x86::guest::GuestCpu;
 
 const STRIPES: usize = 64;
 
@@ -93,39 +94,8 @@ impl FrameLocks {
     }
 }
 
-/// The emulator's view of the vCPU: a software page walk from CR3 over guest memory. With
-/// `check_access`, translations also check the guest's write and user permissions (the
-/// page fault the CPU would raise); without, they only translate (for re-executing a store
-/// KVM already performed).
-pub(crate) struct GuestCpu<'a> {
-    pub(crate) mem: &'a GuestMemoryMmap,
-    pub(crate) cr3: u64,
-    pub(crate) user: bool,
-    pub(crate) check_access: bool,
-}
-
-impl CpuAccess for GuestCpu<'_> {
-    fn translate(&mut self, gva: u64, write: bool) -> std::result::Result<u64, EmulateError> {
-        let t = walk::translate(self.mem, self.cr3, gva)
-            .map_err(|_| EmulateError::PageFault { gva, write })?;
-        if self.check_access && ((write && !t.writable) || (self.user && !t.user)) {
-            return Err(EmulateError::PageFault { gva, write });
-        }
-        Ok(t.gpa)
-    }
-
-    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), EmulateError> {
-        self.mem
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|_| EmulateError::Memory {
-                gpa,
-                len: buf.len(),
-            })
-    }
-}
-
 /// Reads up to 15 instruction bytes at `rip` (stopping early at an unmapped page).
-fn fetch(cpu: &GuestCpu<'_>, rip: u64) -> Vec<u8> {
+fn fetch(cpu: &GuestCpu<'_, GuestMemoryMmap>, rip: u64) -> Vec<u8> {
     let mut buf = [0u8; 15];
     let n = walk::read_virt_prefix(cpu.mem, cpu.cr3, rip, &mut buf);
     buf[..n].to_vec()
@@ -138,7 +108,7 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
     let sregs = fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
     let mem = vm.mem.memory();
     let mut cpu = GuestCpu {
-        mem: &mem,
+        mem: &*mem,
         cr3: sregs.cr3,
         user: sregs.cs.selector & 3 == 3,
         check_access: true,

@@ -59,6 +59,9 @@ pub enum Error {
         #[source]
         source: iced_x86::IcedError,
     },
+    /// Building the boot structures failed in a way none of the variants above names.
+    #[error(transparent)]
+    Boot(pagetrack_x86::Error),
     /// The tracking backend failed.
     #[error(transparent)]
     Backend(#[from] pagetrack_kvm::Error),
@@ -138,6 +141,20 @@ impl Error {
         match self {
             Self::Kvm { source, .. } => Some(source.errno()),
             _ => None,
+        }
+    }
+}
+
+impl From<pagetrack_x86::Error> for Error {
+    /// The boot structures' errors as this crate has always reported them.
+    fn from(e: pagetrack_x86::Error) -> Self {
+        use pagetrack_x86::Error as X;
+        match e {
+            X::InvalidRamSize { size, reason } => Self::InvalidRamSize { size, reason },
+            X::VcpuIndexOutOfRange { index, max } => Self::VcpuIndexOutOfRange { index, max },
+            X::Assemble { source } => Self::Assemble { source },
+            X::GuestMemory { what, addr, source } => Self::GuestMemory { what, addr, source },
+            other => Self::Boot(other),
         }
     }
 }

@@ -59,447 +59,20 @@
 //! convention for "the guest program is done": `out 0xf4, al` with the exit code in `al`, as
 //! QEMU's isa-debug-exit.
 
-use std::fmt;
-
-use iced_x86::code_asm::{CodeAssembler, al, rsp};
-use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_dtable, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment,
-    kvm_xcrs,
-};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_xcrs};
 use kvm_ioctls::{Kvm, VcpuFd};
+use pagetrack_x86::boot::{
+    CpuFeatures, load_real_mode_sregs, long_mode_fpu, long_mode_msrs, real_mode_regs, set_apic_ids,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use crate::error::{Error, Result};
 
-/// The port the exception stubs write to (`out 0xf5, al` at CPL0).
-pub const EXCEPTION_PORT: u16 = 0xf5;
-
-/// The port a guest program writes its exit code to (`out 0xf4, al`), like QEMU's
-/// isa-debug-exit. A convention of this crate; nothing in the set-up depends on it.
-pub const GUEST_EXIT_PORT: u16 = 0xf4;
-
-/// The most vCPUs a [`LongModeLayout`] has TSS, CPL0-stack and user-stack slots for.
-pub const MAX_VCPUS: u32 = 64;
-
-/// Size of the reserved region at the top of RAM.
-pub const RESERVED_SIZE: u64 = 0x2_0000;
-
-/// Size of each vCPU's CPL3 stack below the reserved region.
-pub const USER_STACK_SIZE: u64 = 0x1_0000;
-
-/// The smallest RAM a [`LongModeLayout`] accepts (the reserved region plus one user stack,
-/// rounded up to 1 MiB).
-pub const MIN_RAM_SIZE: u64 = 0x10_0000;
-
-/// The part of guest-physical space the page tables identity-map at most.
-pub const MAX_IDENTITY_MAP: u64 = 4 << 30;
-
-/// Number of IDT gates and exception stubs (the architectural exception vectors).
-pub const EXCEPTION_VECTORS: u8 = 32;
-
-/// GDT selector of the CPL0 64-bit code segment.
-pub const KERNEL_CS: u16 = 0x08;
-/// GDT selector of the CPL0 data segment.
-pub const KERNEL_DS: u16 = 0x10;
-/// Selector (RPL 3) of the CPL3 data segment.
-pub const USER_DS: u16 = 0x18 | 3;
-/// Selector (RPL 3) of the CPL3 64-bit code segment.
-pub const USER_CS: u16 = 0x20 | 3;
-/// GDT selector of vCPU 0's TSS; vCPU `n` uses `TSS_SELECTOR_BASE + 16 * n`.
-pub const TSS_SELECTOR_BASE: u16 = 0x28;
-
-/// `MSR_LSTAR`: where `syscall` jumps. It is an unmapped canonical address, so a `syscall`
-/// the VMM has not prepared for reports a #PF (fetch) at this RIP instead of running off into
-/// memory. On PVM `syscall` stays at CPL3 (frame CS = [`USER_CS`], error code 0x14); on
-/// VT-x/SVM it enters CPL0 (CS = [`KERNEL_CS`], frame on the user stack).
-pub const SYSCALL_TRAP_RIP: u64 = 0x7fff_ffff_f000;
-
-/// `MSR_STAR` as set: `SYSCALL` loads CS/SS [`KERNEL_CS`]/[`KERNEL_DS`]; 64-bit `SYSRET`
-/// loads [`USER_CS`]/[`USER_DS`].
-pub const STAR: u64 = (0x10 << 48) | (0x08 << 32);
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
-
-/// RFLAGS at entry: IOPL 3 and the reserved bit 1 (IF clear; no interrupts are delivered).
-pub const LONG_MODE_RFLAGS: u64 = 0x3002;
-
-// Offsets inside the reserved region.
-const PML4_OFFSET: u64 = 0x0;
-const PDPT_OFFSET: u64 = 0x1000;
-const PD_OFFSET: u64 = 0x2000;
-const PD_COUNT: u64 = 4;
-const GDT_OFFSET: u64 = 0x6000;
-const IDT_OFFSET: u64 = 0x7000;
-const STUBS_OFFSET: u64 = 0x7800;
-const STUB_SIZE: u64 = 16;
-const TSS_OFFSET: u64 = 0x8000;
-const TSS_STRIDE: u64 = 0x80;
-const IOMAP_OFFSET: u64 = 0xa000;
-const IOMAP_BYTES: u64 = 0x2000;
-/// The tables image (everything below the CPL0 stacks) ends here, terminator included.
-const TABLES_END: u64 = IOMAP_OFFSET + IOMAP_BYTES + 1;
-const KSTACKS_OFFSET: u64 = 0x1_0000;
-const KSTACK_SIZE: u64 = 0x400;
-
-const GDT_LIMIT: u16 = 0x28 + 16 * 64 - 1;
-const IDT_LIMIT: u16 = 16 * 32 - 1;
-/// The architectural 64-bit TSS is 104 bytes; bytes 102–103 hold the I/O map base.
-const TSS_IOMAP_BASE_FIELD: u64 = 102;
-const TSS_RSP0_FIELD: u64 = 4;
-
-// Page-table entry bits.
-use pagetrack_kvm::walk::pte::{
-    ACCESSED as PTE_ACCESSED, DIRTY as PTE_DIRTY, HUGE as PTE_HUGE, PRESENT as PTE_PRESENT,
-    USER as PTE_USER, WRITABLE as PTE_WRITABLE,
+pub use pagetrack_x86::boot::{
+    EXCEPTION_PORT, EXCEPTION_VECTORS, GUEST_EXIT_PORT, GuestException, KERNEL_CS, KERNEL_DS,
+    LONG_MODE_RFLAGS, LongModeLayout, MAX_IDENTITY_MAP, MAX_VCPUS, MIN_RAM_SIZE, RESERVED_SIZE,
+    STAR, SYSCALL_TRAP_RIP, TSS_SELECTOR_BASE, USER_CS, USER_DS, USER_STACK_SIZE, XCR0_WANTED,
 };
-const TABLE_FLAGS: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED;
-const LEAF_2M_FLAGS: u64 = TABLE_FLAGS | PTE_DIRTY | PTE_HUGE;
-const PAGE_2M: u64 = 2 << 20;
-const PAGE_1G: u64 = 1 << 30;
-
-// Control registers.
-const CR0_PE: u64 = 1 << 0;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const CR4_FSGSBASE: u64 = 1 << 16;
-const CR4_OSXSAVE: u64 = 1 << 18;
-const EFER_SCE: u64 = 1 << 0;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
-
-// CPUID bits.
-const CPUID1_ECX_XSAVE: u32 = 1 << 26;
-const CPUID7_EBX_FSGSBASE: u32 = 1 << 0;
-const CPUID80000001_EDX_NX: u32 = 1 << 20;
-
-/// XCR0 components this module enables when the host supports them: x87, SSE, AVX, opmask,
-/// ZMM_Hi256, Hi16_ZMM.
-pub const XCR0_WANTED: u64 = 0xe7;
-const XCR0_X87_SSE: u64 = 0x3;
-const XCR0_AVX: u64 = 0x4;
-const XCR0_AVX512: u64 = 0xe0;
-
-/// Vectors whose exception frame carries an error code.
-const fn pushes_error_code(vector: u8) -> bool {
-    matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
-}
-
-/// Where the long-mode system structures live in guest-physical memory, computed from the RAM
-/// size (see the [module docs](self) for the table of offsets).
-///
-/// The layout assumes RAM starts at guest-physical 0 and is identity-mapped: the page tables
-/// map `[0, identity_map_size())` with 2 MiB pages, and the reserved region is the last
-/// [`RESERVED_SIZE`] bytes of `min(ram_size, 4 GiB)`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LongModeLayout {
-    ram_size: u64,
-    reserved_start: u64,
-    identity_map_size: u64,
-    /// Pre-built bytes of `[reserved_start, reserved_start + TABLES_END)`.
-    tables: Vec<u8>,
-}
-
-impl LongModeLayout {
-    /// Computes the layout for `ram_size` bytes of RAM at guest-physical 0 and builds its
-    /// tables (page tables, GDT, TSSs, I/O bitmap, IDT, exception stubs) in memory.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidRamSize`] if `ram_size` is below [`MIN_RAM_SIZE`] or not a multiple of
-    /// 4 KiB; [`Error::Assemble`] if the stubs cannot be assembled (an internal bug).
-    pub fn new(ram_size: u64) -> Result<Self> {
-        if ram_size < MIN_RAM_SIZE {
-            return Err(Error::InvalidRamSize {
-                size: ram_size,
-                reason: "smaller than 1 MiB",
-            });
-        }
-        if !ram_size.is_multiple_of(0x1000) {
-            return Err(Error::InvalidRamSize {
-                size: ram_size,
-                reason: "not a multiple of 4 KiB",
-            });
-        }
-        let top = ram_size.min(MAX_IDENTITY_MAP);
-        let identity_map_size = top.next_multiple_of(PAGE_2M);
-        let mut layout = Self {
-            ram_size,
-            reserved_start: top - RESERVED_SIZE,
-            identity_map_size,
-            tables: Vec::new(),
-        };
-        layout.tables = layout.build_tables()?;
-        Ok(layout)
-    }
-
-    /// The RAM size this layout was computed for.
-    #[must_use]
-    pub fn ram_size(&self) -> u64 {
-        self.ram_size
-    }
-
-    /// The reserved region `[start, end)` holding page tables, GDT, IDT, TSSs, exception stubs
-    /// and CPL0 stacks. A guest image must not overlap it.
-    #[must_use]
-    pub fn reserved_range(&self) -> (u64, u64) {
-        (self.reserved_start, self.reserved_start + RESERVED_SIZE)
-    }
-
-    /// The I/O permission bitmap every vCPU's TSS points at: `[start, end)`, one bit per
-    /// port (0 = allowed), followed by the `0xff` terminator byte at `end`. The tables allow
-    /// every port; a VMM may write other bits before the guest runs.
-    #[must_use]
-    pub fn io_bitmap(&self) -> (u64, u64) {
-        let start = self.reserved_start + IOMAP_OFFSET;
-        (start, start + IOMAP_BYTES)
-    }
-
-    /// How much of guest-physical space, from 0, the page tables identity-map:
-    /// `min(ram_size, 4 GiB)` rounded up to 2 MiB. Accesses above it fault with #PF.
-    #[must_use]
-    pub fn identity_map_size(&self) -> u64 {
-        self.identity_map_size
-    }
-
-    /// Guest-physical address of the PML4 (the value of CR3).
-    #[must_use]
-    pub fn pml4(&self) -> u64 {
-        self.reserved_start + PML4_OFFSET
-    }
-
-    /// Guest-physical (and linear) address of the GDT.
-    #[must_use]
-    pub fn gdt(&self) -> u64 {
-        self.reserved_start + GDT_OFFSET
-    }
-
-    /// Guest-physical (and linear) address of the IDT.
-    #[must_use]
-    pub fn idt(&self) -> u64 {
-        self.reserved_start + IDT_OFFSET
-    }
-
-    /// Address of the exception stub for `vector`, or `None` if `vector` is 32 or more.
-    #[must_use]
-    pub fn exception_stub(&self, vector: u8) -> Option<u64> {
-        (vector < EXCEPTION_VECTORS)
-            .then(|| self.reserved_start + STUBS_OFFSET + u64::from(vector) * STUB_SIZE)
-    }
-
-    /// Address of vCPU `vcpu_index`'s TSS.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::VcpuIndexOutOfRange`] if `vcpu_index >= MAX_VCPUS`.
-    pub fn tss(&self, vcpu_index: u32) -> Result<u64> {
-        check_vcpu_index(vcpu_index)?;
-        Ok(self.reserved_start + TSS_OFFSET + u64::from(vcpu_index) * TSS_STRIDE)
-    }
-
-    /// vCPU `vcpu_index`'s CPL0 exception stack top (its TSS's `RSP0`).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::VcpuIndexOutOfRange`] if `vcpu_index >= MAX_VCPUS`.
-    pub fn kernel_stack_top(&self, vcpu_index: u32) -> Result<u64> {
-        check_vcpu_index(vcpu_index)?;
-        Ok(self.reserved_start + KSTACKS_OFFSET + (u64::from(vcpu_index) + 1) * KSTACK_SIZE)
-    }
-
-    /// vCPU `vcpu_index`'s CPL3 stack top: `reserved_range().0 - vcpu_index * USER_STACK_SIZE`.
-    /// The stack occupies the [`USER_STACK_SIZE`] bytes below it.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::VcpuIndexOutOfRange`] if `vcpu_index >= MAX_VCPUS` or if RAM is too small to
-    /// hold that many stacks.
-    pub fn user_stack_top(&self, vcpu_index: u32) -> Result<u64> {
-        check_vcpu_index(vcpu_index)?;
-        let below = (u64::from(vcpu_index) + 1) * USER_STACK_SIZE;
-        if below > self.reserved_start {
-            let max = u32::try_from(self.reserved_start / USER_STACK_SIZE).unwrap_or(MAX_VCPUS);
-            return Err(Error::VcpuIndexOutOfRange {
-                index: vcpu_index,
-                max,
-            });
-        }
-        Ok(self.reserved_start - u64::from(vcpu_index) * USER_STACK_SIZE)
-    }
-
-    /// The GDT selector of vCPU `vcpu_index`'s TSS.
-    fn tss_selector(vcpu_index: u32) -> Result<u16> {
-        check_vcpu_index(vcpu_index)?;
-        let index = u16::try_from(vcpu_index).map_err(|_| Error::VcpuIndexOutOfRange {
-            index: vcpu_index,
-            max: MAX_VCPUS,
-        })?;
-        Ok(TSS_SELECTOR_BASE + 16 * index)
-    }
-
-    /// Builds the bytes of the reserved region up to the CPL0 stacks.
-    fn build_tables(&self) -> Result<Vec<u8>> {
-        let r = self.reserved_start;
-        let mut t = vec![0u8; usize_of(TABLES_END)];
-        let mut put = |offset: u64, bytes: &[u8]| {
-            let start = usize_of(offset);
-            t[start..start + bytes.len()].copy_from_slice(bytes);
-        };
-
-        // Page tables: PML4[0] -> PDPT, PDPT[i] -> PD i, PD entries are 2 MiB identity pages.
-        put(
-            PML4_OFFSET,
-            &((r + PDPT_OFFSET) | TABLE_FLAGS).to_le_bytes(),
-        );
-        let gibs = self.identity_map_size.div_ceil(PAGE_1G);
-        debug_assert!(gibs <= PD_COUNT, "the identity map is capped at 4 GiB");
-        for gib in 0..gibs {
-            let pd = r + PD_OFFSET + gib * 0x1000;
-            put(PDPT_OFFSET + gib * 8, &(pd | TABLE_FLAGS).to_le_bytes());
-        }
-        for page in 0..self.identity_map_size / PAGE_2M {
-            let entry = (page * PAGE_2M) | LEAF_2M_FLAGS;
-            put(PD_OFFSET + page * 8, &entry.to_le_bytes());
-        }
-
-        // GDT.
-        let gdt = GDT_OFFSET;
-        put(
-            gdt + u64::from(KERNEL_CS),
-            &0x00af_9b00_0000_ffff_u64.to_le_bytes(),
-        );
-        put(
-            gdt + u64::from(KERNEL_DS),
-            &0x00cf_9300_0000_ffff_u64.to_le_bytes(),
-        );
-        put(
-            gdt + u64::from(USER_DS & !3),
-            &0x00cf_f300_0000_ffff_u64.to_le_bytes(),
-        );
-        put(
-            gdt + u64::from(USER_CS & !3),
-            &0x00af_fb00_0000_ffff_u64.to_le_bytes(),
-        );
-        for n in 0..MAX_VCPUS {
-            let tss = self.tss(n)?;
-            let selector = Self::tss_selector(n)?;
-            put(
-                gdt + u64::from(selector),
-                &tss_descriptor(tss, self.tss_limit(n)?),
-            );
-            // TSS: RSP0 and the I/O map base pointing at the shared bitmap.
-            let offset = tss - r;
-            put(
-                offset + TSS_RSP0_FIELD,
-                &self.kernel_stack_top(n)?.to_le_bytes(),
-            );
-            put(
-                offset + TSS_IOMAP_BASE_FIELD,
-                &self.iomap_base(n)?.to_le_bytes(),
-            );
-        }
-
-        // The I/O bitmap is all zero (every port allowed); the byte after it must be 0xff.
-        put(IOMAP_OFFSET + IOMAP_BYTES, &[0xff]);
-
-        // IDT and stubs.
-        for vector in 0..EXCEPTION_VECTORS {
-            let stub = self
-                .exception_stub(vector)
-                .expect("vector < EXCEPTION_VECTORS");
-            // #BP and #OF get DPL3 gates so `int3`/`into` at CPL3 report them (a DPL0 gate
-            // makes them #GP on VT-x/SVM; PVM delivers #BP either way).
-            let dpl = if matches!(vector, 3 | 4) { 3 } else { 0 };
-            put(
-                IDT_OFFSET + u64::from(vector) * 16,
-                &interrupt_gate(stub, dpl),
-            );
-            let code = assemble_stub(vector, stub)?;
-            debug_assert!(code.len() <= usize_of(STUB_SIZE), "a stub fits its slot");
-            put(stub - r, &code);
-        }
-        Ok(t)
-    }
-
-    /// Offset from vCPU `n`'s TSS to the shared I/O bitmap.
-    fn iomap_base(&self, vcpu_index: u32) -> Result<u16> {
-        let tss = self.tss(vcpu_index)?;
-        let base = self.reserved_start + IOMAP_OFFSET - tss;
-        Ok(u16::try_from(base).expect("the bitmap is less than 64 KiB above every TSS"))
-    }
-
-    /// vCPU `n`'s TSS limit: it covers the shared bitmap and its terminator byte.
-    fn tss_limit(&self, vcpu_index: u32) -> Result<u32> {
-        let base = u32::from(self.iomap_base(vcpu_index)?);
-        Ok(base + u32::try_from(IOMAP_BYTES).expect("8 KiB fits u32"))
-    }
-}
-
-fn check_vcpu_index(vcpu_index: u32) -> Result<()> {
-    if vcpu_index >= MAX_VCPUS {
-        return Err(Error::VcpuIndexOutOfRange {
-            index: vcpu_index,
-            max: MAX_VCPUS,
-        });
-    }
-    Ok(())
-}
-
-/// `usize` of an offset inside the reserved region (always far below `usize::MAX`).
-fn usize_of(offset: u64) -> usize {
-    usize::try_from(offset).expect("reserved-region offsets fit usize")
-}
-
-/// A 16-byte 64-bit TSS descriptor (type 0xb: busy, as after `ltr`; present; DPL0).
-fn tss_descriptor(base: u64, limit: u32) -> [u8; 16] {
-    let low = u64::from(limit & 0xffff)
-        | (base & 0xff_ffff) << 16
-        | 0x8b << 40
-        | u64::from((limit >> 16) & 0xf) << 48
-        | ((base >> 24) & 0xff) << 56;
-    let high = base >> 32;
-    let mut d = [0u8; 16];
-    d[..8].copy_from_slice(&low.to_le_bytes());
-    d[8..].copy_from_slice(&high.to_le_bytes());
-    d
-}
-
-/// A 16-byte 64-bit interrupt gate to `handler` through the CPL0 code segment (no IST), with
-/// descriptor privilege level `dpl` (who may reach it with `int n`).
-fn interrupt_gate(handler: u64, dpl: u64) -> [u8; 16] {
-    let low = (handler & 0xffff)
-        | u64::from(KERNEL_CS) << 16
-        | (0x8e | (dpl & 3) << 5) << 40
-        | ((handler >> 16) & 0xffff) << 48;
-    let high = handler >> 32;
-    let mut g = [0u8; 16];
-    g[..8].copy_from_slice(&low.to_le_bytes());
-    g[8..].copy_from_slice(&high.to_le_bytes());
-    g
-}
-
-/// The stub for `vector`: report, then (if resumed) drop the error code and return.
-fn assemble_stub(vector: u8, ip: u64) -> Result<Vec<u8>> {
-    let build = || -> std::result::Result<Vec<u8>, iced_x86::IcedError> {
-        let mut a = CodeAssembler::new(64)?;
-        // Exit to the VMM; the vector is this stub's address, so no register is touched.
-        a.out(i32::from(EXCEPTION_PORT), al)?;
-        if pushes_error_code(vector) {
-            // Drop the error code so the frame starts at the return RIP.
-            a.add(rsp, 8)?;
-        }
-        // Back to the frame's RIP (the faulting instruction unless the VMM patched it).
-        a.iretq()?;
-        a.assemble(ip)
-    };
-    build().map_err(|source| Error::Assemble { source })
-}
 
 /// Sets `vcpu` up to run a flat 64-bit program at CPL3 from `entry`, and writes the layout's
 /// tables into `mem`.
@@ -537,70 +110,33 @@ pub fn setup_long_mode<M>(
 where
     M: Bytes<GuestAddress, E = GuestMemoryError> + ?Sized,
 {
-    let user_stack = layout.user_stack_top(vcpu_index)?;
-    let tss = layout.tss(vcpu_index)?;
-    let tss_limit = layout.tss_limit(vcpu_index)?;
-    let tss_selector = LongModeLayout::tss_selector(vcpu_index)?;
+    // Every vCPU-index check before anything is written.
+    let regs = layout.regs(entry, vcpu_index)?;
+    layout.tss(vcpu_index)?;
 
-    mem.write_slice(&layout.tables, GuestAddress(layout.reserved_start))
+    let reserved_start = layout.reserved_range().0;
+    mem.write_slice(layout.tables(), GuestAddress(reserved_start))
         .map_err(|source| Error::GuestMemory {
             what: "long-mode tables",
-            addr: layout.reserved_start,
+            addr: reserved_start,
             source,
         })?;
 
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    set_apic_ids(&mut cpuid, vcpu_index);
+    set_apic_ids(cpuid.as_mut_slice(), vcpu_index);
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
     // Decide from the CPUID the vCPU ended up with, which is what KVM checks CR4 and XCR0
     // against and what the guest sees: PVM's KVM_GET_SUPPORTED_CPUID hides XSAVE, AVX,
     // FSGSBASE... that its vCPUs then report (they run CPL3 code on the host's features).
-    let effective = vcpu
+    let effective: CpuId = vcpu
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_CPUID2"))?;
-    let features = CpuFeatures::from_cpuid(&effective);
+    let features = CpuFeatures::from_cpuid(effective.as_slice());
 
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-    sregs.cr3 = layout.pml4();
-    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-    if features.xsave {
-        sregs.cr4 |= CR4_OSXSAVE;
-    }
-    if features.fsgsbase {
-        sregs.cr4 |= CR4_FSGSBASE;
-    }
-    sregs.efer = EFER_SCE | EFER_LME | EFER_LMA;
-    if features.nx {
-        sregs.efer |= EFER_NXE;
-    }
-    sregs.cs = flat_segment(USER_CS, 0xb, true);
-    let data = flat_segment(USER_DS, 0x3, false);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = kvm_segment {
-        base: tss,
-        limit: tss_limit,
-        selector: tss_selector,
-        type_: 0xb,
-        present: 1,
-        ..Default::default()
-    };
-    sregs.gdt = kvm_dtable {
-        base: layout.gdt(),
-        limit: GDT_LIMIT,
-        ..Default::default()
-    };
-    sregs.idt = kvm_dtable {
-        base: layout.idt(),
-        limit: IDT_LIMIT,
-        ..Default::default()
-    };
+    layout.load_sregs(&mut sregs, &features, vcpu_index)?;
     vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
 
     if features.xsave {
@@ -613,38 +149,17 @@ where
         vcpu.set_xcrs(&xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
     }
 
-    let regs = kvm_regs {
-        rip: entry,
-        rsp: user_stack,
-        rflags: LONG_MODE_RFLAGS,
-        ..Default::default()
-    };
     vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-    let msrs = Msrs::from_entries(&[
-        kvm_msr_entry {
-            index: MSR_STAR,
-            data: STAR,
-            ..Default::default()
-        },
-        kvm_msr_entry {
-            index: MSR_LSTAR,
-            data: SYSCALL_TRAP_RIP,
-            ..Default::default()
-        },
-    ])
-    .expect("2 entries are within KVM_MAX_MSR_ENTRIES");
+    let msrs =
+        Msrs::from_entries(&long_mode_msrs()).expect("2 entries are within KVM_MAX_MSR_ENTRIES");
     let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
     if let Some(refused) = msrs.as_slice().get(set) {
         return Err(Error::MsrRefused {
             index: refused.index,
         });
     }
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+    vcpu.set_fpu(&long_mode_fpu())
+        .map_err(kvm_err("KVM_SET_FPU"))?;
     Ok(())
 }
 
@@ -659,178 +174,14 @@ where
 /// [`Error::Kvm`] naming the ioctl that failed.
 pub fn setup_real_mode(vcpu: &VcpuFd, entry_ip: u16) -> Result<()> {
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-    let segment = |type_| kvm_segment {
-        base: 0,
-        limit: 0xffff,
-        selector: 0,
-        type_,
-        present: 1,
-        s: 1,
-        ..Default::default()
-    };
-    sregs.cs = segment(0xb);
-    sregs.ds = segment(0x3);
-    sregs.es = segment(0x3);
-    sregs.fs = segment(0x3);
-    sregs.gs = segment(0x3);
-    sregs.ss = segment(0x3);
-    sregs.cr0 &= !(CR0_PE | CR0_PG);
-    sregs.cr4 = 0;
-    sregs.efer = 0;
+    load_real_mode_sregs(&mut sregs);
     vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rip: u64::from(entry_ip),
-        rflags: 2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
-}
-
-/// A flat 4 GiB segment at CPL3 (`selector`'s RPL), code (`long`) or data.
-fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 3,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        ..Default::default()
-    }
+    vcpu.set_regs(&real_mode_regs(entry_ip))
+        .map_err(kvm_err("KVM_SET_REGS"))
 }
 
 fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
-}
-
-/// The CPUID facts the set-up depends on.
-#[derive(Clone, Copy, Debug, Default)]
-struct CpuFeatures {
-    xsave: bool,
-    fsgsbase: bool,
-    nx: bool,
-    xcr0_supported: u64,
-}
-
-impl CpuFeatures {
-    fn from_cpuid(cpuid: &CpuId) -> Self {
-        let mut f = Self::default();
-        for e in cpuid.as_slice() {
-            match (e.function, e.index) {
-                (1, _) => f.xsave = e.ecx & CPUID1_ECX_XSAVE != 0,
-                (7, 0) => f.fsgsbase = e.ebx & CPUID7_EBX_FSGSBASE != 0,
-                (0x8000_0001, _) => f.nx = e.edx & CPUID80000001_EDX_NX != 0,
-                (0xd, 0) => f.xcr0_supported = u64::from(e.eax) | u64::from(e.edx) << 32,
-                _ => {}
-            }
-        }
-        f
-    }
-
-    /// XCR0 to load: the wanted components the host supports, keeping the architectural
-    /// dependencies (AVX needs SSE; the three AVX-512 components come together, with AVX).
-    fn xcr0(self) -> u64 {
-        let mut xcr0 = XCR0_X87_SSE | (self.xcr0_supported & XCR0_WANTED);
-        if xcr0 & XCR0_AVX == 0 || xcr0 & XCR0_AVX512 != XCR0_AVX512 {
-            xcr0 &= !XCR0_AVX512;
-        }
-        xcr0
-    }
-}
-
-/// Sets the initial APIC id (leaf 1 EBX[31:24]) and the x2APIC id (leaves 0xB and 0x1F EDX)
-/// to `vcpu_index`.
-fn set_apic_ids(cpuid: &mut CpuId, vcpu_index: u32) {
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (vcpu_index & 0xff) << 24,
-            0xb | 0x1f => e.edx = vcpu_index,
-            _ => {}
-        }
-    }
-}
-
-/// An exception a long-mode guest took, as reported by the exception stubs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GuestException {
-    /// The exception vector (0–31).
-    pub vector: u8,
-    /// The error code, for the vectors that push one (8, 10–14, 17, 21, 29, 30).
-    pub error_code: Option<u64>,
-    /// RIP of the frame: the faulting instruction for faults, the next one for traps.
-    pub rip: u64,
-    /// CS of the frame ([`USER_CS`] for faults in the CPL3 program).
-    pub cs: u64,
-    /// RFLAGS of the frame.
-    pub rflags: u64,
-    /// RSP of the frame (the program's stack pointer at the exception).
-    pub rsp: u64,
-    /// SS of the frame.
-    pub ss: u64,
-    /// CR2, the faulting linear address, for #PF (vector 14) only.
-    pub cr2: Option<u64>,
-}
-
-impl GuestException {
-    /// The mnemonic of the vector (`"#PF"`, `"#UD"`, `"NMI"`), or `"exception"` for reserved
-    /// vectors.
-    #[must_use]
-    pub fn mnemonic(&self) -> &'static str {
-        vector_mnemonic(self.vector)
-    }
-}
-
-/// The mnemonic of an exception vector.
-fn vector_mnemonic(vector: u8) -> &'static str {
-    match vector {
-        0 => "#DE",
-        1 => "#DB",
-        2 => "NMI",
-        3 => "#BP",
-        4 => "#OF",
-        5 => "#BR",
-        6 => "#UD",
-        7 => "#NM",
-        8 => "#DF",
-        10 => "#TS",
-        11 => "#NP",
-        12 => "#SS",
-        13 => "#GP",
-        14 => "#PF",
-        16 => "#MF",
-        17 => "#AC",
-        18 => "#MC",
-        19 => "#XM",
-        20 => "#VE",
-        21 => "#CP",
-        28 => "#HV",
-        29 => "#VC",
-        30 => "#SX",
-        _ => "exception",
-    }
-}
-
-impl fmt::Display for GuestException {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} (vector {}) at rip {:#x}",
-            self.mnemonic(),
-            self.vector,
-            self.rip
-        )?;
-        if let Some(code) = self.error_code {
-            write!(f, ", error code {code:#x}")?;
-        }
-        if let Some(addr) = self.cr2 {
-            write!(f, ", address {addr:#x}")?;
-        }
-        Ok(())
-    }
 }
 
 /// Decodes the exception a vCPU reported, after its run ended with an `out` to
@@ -856,213 +207,13 @@ where
     M: Bytes<GuestAddress, E = GuestMemoryError> + ?Sized,
 {
     let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-    let stubs = layout.reserved_start + STUBS_OFFSET;
-    let vector = regs
-        .rip
-        .checked_sub(stubs)
-        .map(|offset| offset / STUB_SIZE)
-        .and_then(|v| u8::try_from(v).ok())
-        .filter(|&v| v < EXCEPTION_VECTORS)
+    let vector = layout
+        .exception_vector(regs.rip)
         .ok_or(Error::NotAnExceptionReport { rip: regs.rip })?;
-
-    let read = |slot: u64| -> Result<u64> {
-        let addr = regs.rsp.wrapping_add(slot * 8);
-        mem.read_obj::<u64>(GuestAddress(addr))
-            .map_err(|source| Error::GuestMemory {
-                what: "exception frame",
-                addr,
-                source,
-            })
-    };
-    let (error_code, first) = if pushes_error_code(vector) {
-        (Some(read(0)?), 1)
-    } else {
-        (None, 0)
-    };
     let cr2 = if vector == 14 {
-        Some(vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?.cr2)
+        vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?.cr2
     } else {
-        None
+        0
     };
-    Ok(GuestException {
-        vector,
-        error_code,
-        rip: read(first)?,
-        cs: read(first + 1)?,
-        rflags: read(first + 2)?,
-        rsp: read(first + 3)?,
-        ss: read(first + 4)?,
-        cr2,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn new_small_ram_is_refused() {
-        let err = LongModeLayout::new(0x8_0000).unwrap_err();
-        assert!(matches!(err, Error::InvalidRamSize { size: 0x8_0000, .. }));
-    }
-
-    #[test]
-    fn new_unaligned_ram_is_refused() {
-        let err = LongModeLayout::new(0x10_0800).unwrap_err();
-        assert!(matches!(err, Error::InvalidRamSize { .. }));
-    }
-
-    #[test]
-    fn new_64mib_reserves_the_top_128kib() {
-        let l = LongModeLayout::new(64 << 20).unwrap();
-        assert_eq!(l.reserved_range(), ((64 << 20) - 0x2_0000, 64 << 20));
-        assert_eq!(l.identity_map_size(), 64 << 20);
-        assert_eq!(l.pml4(), (64 << 20) - 0x2_0000);
-        assert_eq!(l.user_stack_top(0).unwrap(), (64 << 20) - 0x2_0000);
-        assert_eq!(
-            l.user_stack_top(3).unwrap(),
-            (64 << 20) - 0x2_0000 - 0x3_0000
-        );
-        assert_eq!(
-            l.kernel_stack_top(0).unwrap(),
-            (64 << 20) - 0x1_0000 + 0x400
-        );
-        assert_eq!(l.kernel_stack_top(63).unwrap(), 64 << 20);
-    }
-
-    #[test]
-    fn new_8gib_caps_the_identity_map_at_4gib() {
-        let l = LongModeLayout::new(8 << 30).unwrap();
-        assert_eq!(l.identity_map_size(), 4 << 30);
-        assert_eq!(l.reserved_range(), ((4 << 30) - 0x2_0000, 4 << 30));
-    }
-
-    #[test]
-    fn odd_ram_is_mapped_up_to_the_next_2mib() {
-        let l = LongModeLayout::new(0x30_1000).unwrap();
-        assert_eq!(l.identity_map_size(), 0x40_0000);
-    }
-
-    #[test]
-    fn vcpu_index_64_is_out_of_range() {
-        let l = LongModeLayout::new(64 << 20).unwrap();
-        assert!(matches!(
-            l.tss(64),
-            Err(Error::VcpuIndexOutOfRange { index: 64, max: 64 })
-        ));
-        assert!(l.user_stack_top(64).is_err());
-    }
-
-    #[test]
-    fn user_stack_top_beyond_small_ram_is_refused() {
-        let l = LongModeLayout::new(MIN_RAM_SIZE).unwrap();
-        assert!(l.user_stack_top(0).is_ok());
-        assert!(matches!(
-            l.user_stack_top(20),
-            Err(Error::VcpuIndexOutOfRange { index: 20, .. })
-        ));
-    }
-
-    #[test]
-    fn tables_map_every_2mib_page_user_writable() {
-        let l = LongModeLayout::new(64 << 20).unwrap();
-        let r = l.reserved_range().0;
-        let q = |off: u64| {
-            let i = usize_of(off);
-            u64::from_le_bytes(l.tables[i..i + 8].try_into().unwrap())
-        };
-        assert_eq!(q(PML4_OFFSET), (r + PDPT_OFFSET) | 0x27);
-        assert_eq!(q(PDPT_OFFSET), (r + PD_OFFSET) | 0x27);
-        assert_eq!(q(PDPT_OFFSET + 8), 0);
-        assert_eq!(q(PD_OFFSET), 0xe7);
-        assert_eq!(q(PD_OFFSET + 31 * 8), (31 * PAGE_2M) | 0xe7);
-        assert_eq!(q(PD_OFFSET + 32 * 8), 0);
-    }
-
-    #[test]
-    fn tss_points_at_its_stack_and_the_shared_bitmap() {
-        let l = LongModeLayout::new(64 << 20).unwrap();
-        let r = l.reserved_range().0;
-        for n in [0, 1, 63] {
-            let off = usize_of(l.tss(n).unwrap() - r);
-            let rsp0 = u64::from_le_bytes(l.tables[off + 4..off + 12].try_into().unwrap());
-            assert_eq!(rsp0, l.kernel_stack_top(n).unwrap());
-            let iomap = u16::from_le_bytes(l.tables[off + 102..off + 104].try_into().unwrap());
-            assert_eq!(l.tss(n).unwrap() + u64::from(iomap), r + IOMAP_OFFSET);
-        }
-        assert_eq!(l.tables[usize_of(IOMAP_OFFSET + IOMAP_BYTES)], 0xff);
-        assert!(
-            l.tables[usize_of(IOMAP_OFFSET)..usize_of(IOMAP_OFFSET + IOMAP_BYTES)]
-                .iter()
-                .all(|&b| b == 0)
-        );
-    }
-
-    #[test]
-    fn stubs_fit_their_slots_and_start_with_out_0xf5() {
-        let l = LongModeLayout::new(64 << 20).unwrap();
-        let r = l.reserved_range().0;
-        for v in 0..EXCEPTION_VECTORS {
-            let off = usize_of(l.exception_stub(v).unwrap() - r);
-            assert_eq!(&l.tables[off..off + 2], &[0xe6, 0xf5]);
-        }
-        assert_eq!(l.exception_stub(32), None);
-    }
-
-    #[test]
-    fn idt_gates_are_dpl0_except_breakpoint_and_overflow() {
-        let l = LongModeLayout::new(64 << 20).unwrap();
-        let attr = |v: u64| l.tables[usize_of(IDT_OFFSET + v * 16 + 5)];
-        assert_eq!(attr(3), 0xee);
-        assert_eq!(attr(4), 0xee);
-        assert_eq!(attr(6), 0x8e);
-        assert_eq!(attr(14), 0x8e);
-    }
-
-    #[test]
-    fn display_page_fault_names_code_and_address() {
-        let e = GuestException {
-            vector: 14,
-            error_code: Some(6),
-            rip: 0x1234,
-            cs: 0x23,
-            rflags: 0x202,
-            rsp: 0x8000,
-            ss: 0x1b,
-            cr2: Some(0x5000),
-        };
-        assert_eq!(
-            e.to_string(),
-            "#PF (vector 14) at rip 0x1234, error code 0x6, address 0x5000"
-        );
-    }
-
-    #[test]
-    fn display_invalid_opcode_has_no_code() {
-        let e = GuestException {
-            vector: 6,
-            error_code: None,
-            rip: 0x1001,
-            cs: 0x23,
-            rflags: 0x202,
-            rsp: 0x8000,
-            ss: 0x1b,
-            cr2: None,
-        };
-        assert_eq!(e.to_string(), "#UD (vector 6) at rip 0x1001");
-    }
-
-    #[test]
-    fn xcr0_drops_partial_avx512() {
-        let f = CpuFeatures {
-            xcr0_supported: 0x27,
-            ..Default::default()
-        };
-        assert_eq!(f.xcr0(), 0x7);
-        let f = CpuFeatures {
-            xcr0_supported: 0x2e7,
-            ..Default::default()
-        };
-        assert_eq!(f.xcr0(), 0xe7);
-    }
+    Ok(GuestException::from_frame(mem, vector, regs.rsp, cr2)?)
 }

@@ -12,9 +12,10 @@
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
-use crate::emulate::{
-    CpuState, EmulateError, component_bytes, read_le, sub, vector_register, xsave_area,
-};
+use crate::bytes::{le_bytes, read_le, sub};
+use crate::emulate::{CpuState, EmulateError};
+use crate::regs::{mmx_register as mmx, opmask_register, vector_register};
+use crate::xsave::xsave_area;
 
 /// A store computed from registers: its written parts and bytes, and the new FPU state.
 #[derive(Debug)]
@@ -50,15 +51,7 @@ fn opmask(insn: &Instruction, state: &CpuState) -> Result<Option<u64>, EmulateEr
     if k == Register::None {
         return Ok(None);
     }
-    let n = k.number() - Register::K0.number();
-    Ok(Some(read_le(&component_bytes(state, 5, 8 * n, 8)?)))
-}
-
-/// MMX register `n` (physical x87 register `n`, stored in the legacy region in ST order).
-fn mmx(area: &[u8], n: usize) -> Result<Vec<u8>, EmulateError> {
-    let top = usize::from(area.get(2).copied().unwrap_or(0) >> 3 & 7);
-    let slot = (n + 8 - top) % 8;
-    Ok(sub(area, 32 + 16 * slot, 8)?.to_vec())
+    opmask_register(state, k).map(Some)
 }
 
 /// The XSAVE area after an MMX instruction: TOP = 0 (registers re-ordered to ST order from
@@ -208,8 +201,7 @@ pub(crate) fn classify(
             masked(sub(&v, index * size, size)?.to_vec(), elem)
         }
         M::Kmovb | M::Kmovw | M::Kmovd | M::Kmovq if mem0 && reg1.is_k() => {
-            let n = reg1.number() - Register::K0.number();
-            simple(component_bytes(state, 5, 8 * n, size)?)
+            simple(le_bytes(opmask_register(state, reg1)?, size))
         }
         M::Movntq | M::Movq | M::Movd if mem0 && reg1.is_mm() && matches!(size, 4 | 8) => {
             let area = xsave_area(state)?;

@@ -12,8 +12,10 @@
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind};
 
-use crate::emulate::{CpuState, EmulateError, read_le, xsave_area};
+use crate::bytes::read_le;
+use crate::emulate::{CpuState, EmulateError};
 use crate::simd::Computed;
+use crate::xsave::xsave_area;
 
 /// Status-word exception flags (the control word's masks are the same bits).
 const IE: u16 = 1;

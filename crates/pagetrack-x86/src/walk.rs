@@ -159,4 +159,116 @@ mod tests {
         );
         assert!(translate(&m, 0x1000, 0x8000_0000_0000).is_err());
     }
+
+    #[test]
+    fn translate_1g_page_and_the_higher_half() {
+        let m = mem();
+        // PML4[0] -> PDPT 0x2000 whose entry 1 is a 1 GiB page at 3 GiB; PML4[511] (the top
+        // of the higher half) -> PDPT 0x6000 whose entry 511 -> PD 0x7000 -> 2 MiB page at 6M.
+        m.write_obj(0x2000u64 | 7, GuestAddress(0x1000)).unwrap();
+        m.write_obj(0xc000_0000u64 | 0x87, GuestAddress(0x2008))
+            .unwrap();
+        m.write_obj(0x6000u64 | 7, GuestAddress(0x1000 + 511 * 8))
+            .unwrap();
+        m.write_obj(0x7000u64 | 7, GuestAddress(0x6000 + 511 * 8))
+            .unwrap();
+        m.write_obj(0x60_0000u64 | 0x87, GuestAddress(0x7000 + 511 * 8))
+            .unwrap();
+        let t = translate(&m, 0x1000, 0x4123_4567).unwrap();
+        assert_eq!(t.gpa, 0xc123_4567);
+        assert_eq!(t.entries, [0x1000, 0x2008, 0, 0]);
+        let t = translate(&m, 0x1000, 0xffff_ffff_ffff_f123).unwrap();
+        assert_eq!(t.gpa, 0x7f_f123);
+        assert_eq!(t.entries[3], 0);
+        // Bits 48..63 must copy bit 47: one flipped bit is a non-canonical address, which
+        // faults as absent without reading any table.
+        for gva in [
+            0x0000_8000_0000_0000,
+            0xfffe_ffff_ffff_f123,
+            0x8000_0000_0000_0000,
+        ] {
+            assert_eq!(
+                translate(&m, 0x1000, gva),
+                Err(WalkFault {
+                    gva,
+                    present: false
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn permissions_are_the_and_of_every_level() {
+        let m = mem();
+        m.write_obj(0x2000u64 | 7, GuestAddress(0x1000)).unwrap();
+        m.write_obj(0x3000u64 | 7, GuestAddress(0x2000)).unwrap();
+        let pd = |flags: u64| {
+            m.write_obj(0x4000u64 | flags, GuestAddress(0x3000))
+                .unwrap()
+        };
+        let leaf = |flags: u64| {
+            m.write_obj(0x5000u64 | flags, GuestAddress(0x4000))
+                .unwrap()
+        };
+        let perms = || {
+            let t = translate(&m, 0x1000, 0x10).unwrap();
+            assert_eq!(t.gpa, 0x5010);
+            (t.writable, t.user)
+        };
+        pd(7);
+        leaf(7);
+        assert_eq!(perms(), (true, true));
+        leaf(pte::PRESENT | pte::USER);
+        assert_eq!(perms(), (false, true), "read-only leaf");
+        leaf(7);
+        pd(pte::PRESENT | pte::WRITABLE);
+        assert_eq!(perms(), (true, false), "supervisor-only directory");
+        pd(pte::PRESENT);
+        assert_eq!(perms(), (false, false));
+        // NX, accessed and dirty bits do not change the translation.
+        pd(7 | pte::ACCESSED);
+        leaf(7 | pte::NX | pte::ACCESSED | pte::DIRTY);
+        assert_eq!(perms(), (true, true));
+        // A non-present middle level is an absent fault whatever else is set.
+        pd(pte::WRITABLE | pte::USER);
+        assert_eq!(
+            translate(&m, 0x1000, 0x10),
+            Err(WalkFault {
+                gva: 0x10,
+                present: false
+            })
+        );
+    }
+
+    #[test]
+    fn tables_outside_guest_memory_fault() {
+        let m = mem();
+        // PML4[0] points beyond the 8 MiB of RAM.
+        m.write_obj(0x1_0000_0000u64 | 7, GuestAddress(0x1000))
+            .unwrap();
+        assert!(translate(&m, 0x1000, 0x1000).is_err());
+        assert!(
+            translate(&m, 0x1_0000_0000, 0x1000).is_err(),
+            "cr3 beyond RAM"
+        );
+    }
+
+    #[test]
+    fn read_virt_crosses_pages_and_stops_at_a_hole() {
+        let m = mem();
+        m.write_obj(0x2000u64 | 7, GuestAddress(0x1000)).unwrap();
+        m.write_obj(0x3000u64 | 7, GuestAddress(0x2000)).unwrap();
+        m.write_obj(0x4000u64 | 7, GuestAddress(0x3000)).unwrap();
+        // Virtual pages 0 and 1 map to physical 0x9000 and 0x5000 (not contiguous); 2 is absent.
+        m.write_obj(0x9000u64 | 7, GuestAddress(0x4000)).unwrap();
+        m.write_obj(0x5000u64 | 7, GuestAddress(0x4008)).unwrap();
+        m.write_slice(&[1, 2], GuestAddress(0x9ffe)).unwrap();
+        m.write_slice(&[3, 4], GuestAddress(0x5000)).unwrap();
+        let mut buf = [0u8; 4];
+        assert!(read_virt(&m, 0x1000, 0xffe, &mut buf));
+        assert_eq!(buf, [1, 2, 3, 4]);
+        let mut buf = [0u8; 8];
+        assert_eq!(read_virt_prefix(&m, 0x1000, 0x1ffc, &mut buf), 4);
+        assert!(!read_virt(&m, 0x1000, 0x1ffc, &mut buf));
+    }
 }

@@ -1,0 +1,366 @@
+//! Instruction classification: what a store instruction does (the operation, its source) and
+//! where its destination is (linear address, written ranges, alignment).
+
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+use kvm_bindings::kvm_regs;
+
+use crate::alu::AluOp;
+use crate::bytes::sign_extend;
+use crate::emulate::{CpuState, EmulateError};
+use crate::plan::StorePlan;
+use crate::regs::{opmask_register, read_gpr};
+use crate::xsave::{LEGACY_USED, xsave_ranges};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Src {
+    Gpr(Register),
+    Imm(u64),
+    /// Bytes of a vector register starting at `byte`.
+    Vector {
+        reg: Register,
+        byte: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Store(Src),
+    Alu(AluOp, Src),
+    /// inc, dec, not, neg.
+    Unary(Mnemonic),
+    Xadd(Register),
+    Xchg(Register),
+    Cmpxchg(Register),
+    /// cmpxchg8b / cmpxchg16b (by operand size).
+    CmpxchgPair,
+    /// bts, btr, btc of a bit number.
+    Bit(Mnemonic, u32),
+    Fxsave {
+        rex_w: bool,
+    },
+    Xsave {
+        rfbm: u64,
+        rex_w: bool,
+    },
+    Movdir64b,
+    /// sgdt / sidt (64-bit mode: 2-byte limit, 8-byte base).
+    DescriptorTable {
+        idt: bool,
+    },
+    /// enter with a nesting level: pushes RBP, `level - 1` outer frame pointers read from
+    /// [RBP - 8], [RBP - 16]..., and the new frame pointer; then allocates `frame` bytes.
+    Enter {
+        level: u64,
+        frame: u64,
+    },
+    /// Bytes computed from the registers when the plan was made ([`crate::simd`],
+    /// [`crate::x87`]).
+    Computed,
+}
+
+impl StorePlan {
+    /// Works out the operation and where its destination is.
+    pub(crate) fn classify(
+        &self,
+        insn: &Instruction,
+        state: &CpuState,
+    ) -> Result<Decoded, EmulateError> {
+        use Mnemonic as M;
+        let regs = &state.regs;
+        let mem0 = insn.op0_kind() == OpKind::Memory;
+        let size = insn.memory_size().size();
+        let gpr_size = matches!(size, 1 | 2 | 4 | 8);
+        let mnemonic = insn.mnemonic();
+        let address = || self.address(insn, 0, state, 0);
+        let refuse = |reason| self.unsupported(reason);
+        let computed = match crate::simd::classify(insn, state, &address, &refuse)? {
+            Some(c) => Some(c),
+            None => crate::x87::classify(insn, &self.bytes, state, &address, &refuse)?,
+        };
+        if let Some(c) = computed {
+            return Ok(Decoded {
+                op: Op::Computed,
+                gva: c.gva,
+                ranges: c.ranges,
+                align: 1,
+                source: None,
+                computed: Some((c.bytes, c.xsave)),
+            });
+        }
+        let (op, size, align) = match mnemonic {
+            M::Mov | M::Movnti | M::Movdiri if mem0 && gpr_size => {
+                (Op::Store(self.gpr_or_imm(insn, 1)?), size, 1)
+            }
+            M::Add | M::Adc | M::Sub | M::Sbb | M::And | M::Or | M::Xor if mem0 && gpr_size => {
+                let op = match mnemonic {
+                    M::Add => AluOp::Add,
+                    M::Adc => AluOp::Adc,
+                    M::Sub => AluOp::Sub,
+                    M::Sbb => AluOp::Sbb,
+                    M::And => AluOp::And,
+                    M::Or => AluOp::Or,
+                    _ => AluOp::Xor,
+                };
+                (Op::Alu(op, self.gpr_or_imm(insn, 1)?), size, 1)
+            }
+            M::Inc | M::Dec | M::Not | M::Neg if mem0 && gpr_size => (Op::Unary(mnemonic), size, 1),
+            M::Xadd if mem0 && gpr_size => (Op::Xadd(self.gpr(insn, 1)?), size, 1),
+            M::Cmpxchg if mem0 && gpr_size => (Op::Cmpxchg(self.gpr(insn, 1)?), size, 1),
+            M::Xchg if gpr_size && (mem0 || insn.op1_kind() == OpKind::Memory) => {
+                let (reg_op, mem_op) = if mem0 { (1, 0) } else { (0, 1) };
+                let reg = self.gpr(insn, reg_op)?;
+                let gva = self.address(insn, mem_op, state, 0)?;
+                return Ok(Decoded::simple(Op::Xchg(reg), gva, size, 1));
+            }
+            M::Cmpxchg8b if mem0 && size == 8 => (Op::CmpxchgPair, 8, 1),
+            M::Cmpxchg16b if mem0 && size == 16 => (Op::CmpxchgPair, 16, 16),
+            M::Bts | M::Btr | M::Btc if mem0 && matches!(size, 2 | 4 | 8) => {
+                let bits = size * 8;
+                let (bit, delta) = if insn.op1_kind() == OpKind::Register {
+                    // The bit offset is a signed operand-size value that can reach other units.
+                    let offset = sign_extend(self.gpr_value(regs, self.gpr(insn, 1)?)?, size);
+                    let unit = offset >> bits.trailing_zeros();
+                    let delta = unit.wrapping_mul(i64::try_from(size).unwrap_or(8));
+                    (
+                        offset.cast_unsigned() & (bits as u64 - 1),
+                        delta.cast_unsigned(),
+                    )
+                } else {
+                    let imm = insn
+                        .try_immediate(1)
+                        .map_err(|_| self.unsupported("bad operand"))?;
+                    (imm & (bits as u64 - 1), 0)
+                };
+                let bit = u32::try_from(bit).unwrap_or(0);
+                let gva = self.address(insn, 0, state, delta)?;
+                return Ok(Decoded::simple(Op::Bit(mnemonic, bit), gva, size, 1));
+            }
+            M::Enter if insn.code() == iced_x86::Code::Enterq_imm16_imm8 => {
+                let frame = insn.immediate(0) & 0xffff;
+                let level = insn.immediate(1) & 31;
+                let gva = regs.rsp.wrapping_sub(8 * (level + 1));
+                let size = usize::try_from(8 * (level + 1)).unwrap_or(0);
+                let source = (level > 1).then(|| {
+                    let n = 8 * (level - 1);
+                    (regs.rbp.wrapping_sub(n), usize::try_from(n).unwrap_or(0))
+                });
+                return Ok(Decoded {
+                    op: Op::Enter { level, frame },
+                    gva,
+                    ranges: vec![(0, size)],
+                    align: 1,
+                    source,
+                    computed: None,
+                });
+            }
+            M::Sgdt | M::Sidt if mem0 => {
+                let gva = self.address(insn, 0, state, 0)?;
+                let op = Op::DescriptorTable {
+                    idt: mnemonic == M::Sidt,
+                };
+                return Ok(Decoded::simple(op, gva, 10, 1));
+            }
+            M::Fxsave | M::Fxsave64 if mem0 => {
+                let gva = self.address(insn, 0, state, 0)?;
+                let rex_w = mnemonic == M::Fxsave64;
+                return Ok(Decoded::simple(Op::Fxsave { rex_w }, gva, LEGACY_USED, 16));
+            }
+            M::Xsave | M::Xsave64 | M::Xsaveopt | M::Xsaveopt64 if mem0 => {
+                // xsaveopt may skip unmodified or initial components; saving them is allowed.
+                let mask = ((regs.rdx & 0xffff_ffff) << 32) | (regs.rax & 0xffff_ffff);
+                let rfbm = state.xcr0 & mask;
+                let ranges =
+                    xsave_ranges(&state.xsave_layout, rfbm).map_err(|r| self.unsupported(r))?;
+                let gva = self.address(insn, 0, state, 0)?;
+                let rex_w = matches!(mnemonic, M::Xsave64 | M::Xsaveopt64);
+                let op = Op::Xsave { rfbm, rex_w };
+                return Ok(Decoded {
+                    op,
+                    gva,
+                    ranges,
+                    align: 64,
+                    source: None,
+                    computed: None,
+                });
+            }
+            M::Movdir64b if insn.op0_kind() == OpKind::Register => {
+                // Destination ES:[reg] (ES base is 0 in 64-bit mode), source a memory operand.
+                let gva = self.gpr_value(regs, self.gpr(insn, 0)?)?;
+                let source = Some((self.address(insn, 1, state, 0)?, 64));
+                let ranges = vec![(0, 64)];
+                return Ok(Decoded {
+                    op: Op::Movdir64b,
+                    gva,
+                    ranges,
+                    align: 64,
+                    source,
+                    computed: None,
+                });
+            }
+            _ if mem0 && insn.op1_kind() == OpKind::Register => {
+                let Some(kind) = vector_store_kind(mnemonic) else {
+                    return Err(self.unsupported("not a supported store"));
+                };
+                let reg = insn.op1_register();
+                if !(reg.is_xmm() || reg.is_ymm() || reg.is_zmm()) {
+                    return Err(self.unsupported("source is not an xmm/ymm/zmm register"));
+                }
+                let byte = if kind == VectorKind::High { 8 } else { 0 };
+                if size == 0 || byte + size > reg.size() {
+                    return Err(self.unsupported("unexpected vector operand size"));
+                }
+                let align = if kind == VectorKind::Aligned {
+                    size as u64
+                } else {
+                    1
+                };
+                if insn.op_mask() != Register::None {
+                    // Merge-masked store: only the elements whose mask bit is set are written
+                    // (and translated: masked-out elements never fault).
+                    let element = insn.memory_size().element_size();
+                    if insn.zeroing_masking() || element == 0 || !size.is_multiple_of(element) {
+                        return Err(self.unsupported("masked vector store of an unexpected form"));
+                    }
+                    let mask = opmask_register(state, insn.op_mask())?;
+                    let mut ranges: Vec<(usize, usize)> = Vec::new();
+                    for e in 0..size / element {
+                        if mask >> e & 1 == 0 {
+                            continue;
+                        }
+                        match ranges.last_mut() {
+                            Some((s, l)) if *s + *l == e * element => *l += element,
+                            _ => ranges.push((e * element, element)),
+                        }
+                    }
+                    let gva = self.address(insn, 0, state, 0)?;
+                    return Ok(Decoded {
+                        op: Op::Store(Src::Vector { reg, byte }),
+                        gva,
+                        ranges,
+                        align,
+                        source: None,
+                        computed: None,
+                    });
+                }
+                (Op::Store(Src::Vector { reg, byte }), size, align)
+            }
+            _ => return Err(self.unsupported("not a supported store")),
+        };
+        let gva = self.address(insn, 0, state, 0)?;
+        Ok(Decoded::simple(op, gva, size, align))
+    }
+
+    pub(crate) fn gpr(&self, insn: &Instruction, operand: u32) -> Result<Register, EmulateError> {
+        let reg = insn.op_register(operand);
+        if insn.op_kind(operand) == OpKind::Register && reg.is_gpr() {
+            Ok(reg)
+        } else {
+            Err(self.unsupported("operand is not a general register"))
+        }
+    }
+
+    pub(crate) fn gpr_value(&self, regs: &kvm_regs, reg: Register) -> Result<u64, EmulateError> {
+        read_gpr(regs, reg).ok_or_else(|| self.unsupported("operand is not a general register"))
+    }
+
+    pub(crate) fn gpr_or_imm(&self, insn: &Instruction, operand: u32) -> Result<Src, EmulateError> {
+        if insn.op_kind(operand) == OpKind::Register {
+            return self.gpr(insn, operand).map(Src::Gpr);
+        }
+        insn.try_immediate(operand)
+            .map(Src::Imm)
+            .map_err(|_| self.unsupported("source is neither a general register nor an immediate"))
+    }
+
+    /// Linear address of memory operand `operand`, with `delta` added to the effective address
+    /// before address-size truncation (bit-string offsets).
+    pub(crate) fn address(
+        &self,
+        insn: &Instruction,
+        operand: u32,
+        state: &CpuState,
+        delta: u64,
+    ) -> Result<u64, EmulateError> {
+        if insn.op_kind(operand) != OpKind::Memory {
+            return Err(self.unsupported("operand is not in memory"));
+        }
+        let regs = &state.regs;
+        let ea = insn
+            .virtual_address(operand, 0, |reg, _, _| {
+                if reg.is_segment_register() {
+                    Some(0)
+                } else {
+                    read_gpr(regs, reg)
+                }
+            })
+            .ok_or_else(|| self.unsupported("unsupported addressing form"))?;
+        let (base, index) = (insn.memory_base(), insn.memory_index());
+        let addr32 = if base == Register::None && index == Register::None {
+            insn.memory_displ_size() == 4
+        } else {
+            base.is_gpr32() || base == Register::EIP || index.is_gpr32()
+        };
+        let mask = if addr32 { 0xffff_ffff } else { u64::MAX };
+        let seg = match insn.memory_segment() {
+            Register::FS => state.fs_base,
+            Register::GS => state.gs_base,
+            _ => 0,
+        };
+        Ok(seg.wrapping_add(ea.wrapping_add(delta) & mask))
+    }
+}
+
+/// The operand image and the new XSAVE area (if any) of an [`Op::Computed`] store.
+pub(crate) type ComputedStore = (Vec<u8>, Option<Box<[u8]>>);
+
+/// Destination of a classified instruction.
+pub(crate) struct Decoded {
+    pub(crate) op: Op,
+    pub(crate) gva: u64,
+    /// Written parts of the operand: (offset, len), sorted, disjoint.
+    pub(crate) ranges: Vec<(usize, usize)>,
+    pub(crate) align: u64,
+    /// A memory source: linear address and length.
+    pub(crate) source: Option<(u64, usize)>,
+    /// The operand image and new XSAVE area of an [`Op::Computed`] store.
+    pub(crate) computed: Option<ComputedStore>,
+}
+
+impl Decoded {
+    pub(crate) fn simple(op: Op, gva: u64, size: usize, align: u64) -> Self {
+        Decoded {
+            op,
+            gva,
+            ranges: vec![(0, size)],
+            align,
+            source: None,
+            computed: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VectorKind {
+    /// Stores the low bytes of the register.
+    Plain,
+    /// Like `Plain`, but the operand must be aligned to its size (#GP otherwise).
+    Aligned,
+    /// Stores bytes 8..16 of the register (movhps/movhpd).
+    High,
+}
+
+#[rustfmt::skip]
+fn vector_store_kind(m: Mnemonic) -> Option<VectorKind> {
+    use Mnemonic as M;
+    Some(match m {
+        M::Movdqa | M::Movaps | M::Movapd | M::Movntdq | M::Movntps | M::Movntpd | M::Vmovdqa
+        | M::Vmovaps | M::Vmovapd | M::Vmovntdq | M::Vmovntps | M::Vmovntpd | M::Vmovdqa32
+        | M::Vmovdqa64 => VectorKind::Aligned,
+        M::Movhps | M::Movhpd | M::Vmovhps | M::Vmovhpd => VectorKind::High,
+        M::Movdqu | M::Movups | M::Movupd | M::Movq | M::Movd | M::Movss | M::Movsd | M::Movlps
+        | M::Movlpd | M::Vmovdqu | M::Vmovups | M::Vmovupd | M::Vmovq | M::Vmovd | M::Vmovss
+        | M::Vmovsd | M::Vmovlps | M::Vmovlpd | M::Vmovdqu8 | M::Vmovdqu16 | M::Vmovdqu32
+        | M::Vmovdqu64 => VectorKind::Plain,
+        _ => return None,
+    })
+}
