@@ -29,6 +29,7 @@ pub mod emulate;
 mod error;
 mod gate;
 mod memory;
+mod pvmsr;
 mod simd;
 mod slots;
 mod store;

@@ -245,3 +245,11 @@ pub(crate) fn set_xsave(
     // VM enabled KVM_CAP_XSAVE2, which pagetrack never does; `xsave` is a whole kvm_xsave.
     unsafe { vcpu.set_xsave(xsave) }
 }
+
+/// Answers the pending `KVM_EXIT_X86_WRMSR`/`RDMSR`: with `failed`, KVM injects #GP(0) into
+/// the guest at the next `KVM_RUN`; otherwise the instruction completes.
+pub(crate) fn set_msr_exit_error(vcpu: &mut VcpuFd, failed: bool) {
+    // Writing a union field is safe; the kernel filled the `msr` member for this exit and
+    // reads `error` back at the next KVM_RUN.
+    vcpu.get_kvm_run().__bindgen_anon_1.msr.error = u8::from(failed);
+}

@@ -359,6 +359,10 @@ impl Vcpu {
                     }
                     return Ok(Exit::InternalError { suberror });
                 }
+                VcpuExit::X86Wrmsr(msr) => {
+                    let (index, value) = (msr.index, msr.data);
+                    self.wrmsr(index, value)?;
+                }
                 VcpuExit::Intr => {}
                 other => return Ok(Exit::Other(exit_name(&other))),
             }
@@ -367,6 +371,31 @@ impl Vcpu {
 }
 
 impl Vcpu {
+    /// A guest `wrmsr` that the MSR filter sent here: one of the MSRs that make KVM write
+    /// guest memory itself (see [`crate::pvmsr`]). Forwarded to KVM, or refused with
+    /// [`Error::KvmWritesTracked`] when it names a tracked frame (the guest then gets #GP if
+    /// the VMM runs it on).
+    fn wrmsr(&mut self, msr: u32, data: u64) -> Result<()> {
+        let rip = if self.sync_regs {
+            self.fd.sync_regs().regs.rip
+        } else {
+            self.fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?.rip
+        };
+        let vm = Arc::clone(&self.vm);
+        let res = crate::pvmsr::handle_wrmsr(
+            &vm.backend.kvm_written,
+            &vm.tracker,
+            &self.fd,
+            self.index,
+            rip,
+            msr,
+            data,
+        );
+        let failed = !matches!(res, Ok(crate::pvmsr::Wrmsr::Done));
+        crate::sys::set_msr_exit_error(&mut self.fd, failed);
+        res.map(drop)
+    }
+
     /// After a trapped element of a `rep stos`/`rep movs`, completes the rest of that page
     /// in userspace (see [`crate::string`]).
     fn continue_string_store(&mut self, gpa: u64, data: &[u8]) {

@@ -102,6 +102,10 @@ pub struct HostCaps {
     /// True when KVM uses shadow paging (no EPT/NPT), so guest page-table writes must be
     /// made visible to KVM's shadow MMU.
     pub shadow_paging: bool,
+    /// `KVM_CAP_X86_USER_SPACE_MSR` and `KVM_CAP_X86_MSR_FILTER`: guest writes of the MSRs
+    /// that make KVM write guest memory itself (kvmclock and the like) can be intercepted, so
+    /// that they never name a tracked frame (see `docs/DESIGN-kvm.md`).
+    pub msr_filter: bool,
     /// The module that provides `/dev/kvm` (kvm_intel, kvm_amd, kvm_pvm...), if known.
     pub module: Option<String>,
 }
@@ -136,6 +140,8 @@ impl HostCaps {
             disable_quirks2: u64::try_from(raw(KVM_CAP_DISABLE_QUIRKS2)).unwrap_or(0),
             sync_regs: u32::try_from(raw(kvm_bindings::KVM_CAP_SYNC_REGS)).unwrap_or(0),
             dirty_ring_bytes: u32::try_from(raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)).unwrap_or(0),
+            msr_filter: raw(kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR) > 0
+                && raw(kvm_bindings::KVM_CAP_X86_MSR_FILTER) > 0,
             software_kvm,
             shadow_paging,
             module,
@@ -199,6 +205,8 @@ pub(crate) struct Backend {
     pub(crate) gate: Gate,
     frags: Mutex<Fragments>,
     pub(crate) counters: Counters,
+    /// Structures KVM writes itself (named by the guest through MSRs): never tracked.
+    pub(crate) kvm_written: crate::pvmsr::KvmWritten,
 }
 
 impl Backend {
@@ -209,6 +217,11 @@ impl Backend {
     fn change(&self, runs: &[FrameRun], protect: bool) -> Result<()> {
         // This backend serves address space 0 only (`VmConfig` builds a one-space tracker).
         let gpas = || FrameRun::pairs(runs).map(|(_, g)| g.gpa().0);
+        if protect {
+            // Checked after the core raised its counts: see `crate::pvmsr`.
+            self.kvm_written
+                .check_protect(FrameRun::pairs(runs).map(|(_, g)| g))?;
+        }
         let mut frags = self.frags();
         let dirty = frags.mark(gpas(), protect);
         if dirty.is_empty() {
@@ -482,7 +495,9 @@ impl Vm {
             gate: Gate::default(),
             frags: Mutex::new(Fragments::new(budget, chunk, config.dirty_log)),
             counters: Counters::default(),
+            kvm_written: crate::pvmsr::KvmWritten::default(),
         });
+        crate::pvmsr::install(&backend.vm_fd, caps.msr_filter)?;
         let tracker =
             PageTracker::new(config.tracker, Arc::clone(&backend) as Arc<dyn Enforcement>);
         Ok(Vm {

@@ -22,6 +22,7 @@ mod failure;
 mod fault;
 mod hard;
 mod hostile;
+mod kvmwrites;
 mod masked;
 mod pagetables;
 mod refused;
