@@ -186,6 +186,13 @@ impl VcpuKick {
         }
     }
 
+    /// Sets `immediate_exit` before entering: KVM completes a pending MMIO or PIO exit, then
+    /// returns EINTR without running the guest (used to regain control right after a
+    /// trapped instruction completes, see `Vcpu::run`).
+    pub(crate) fn arm(&self) {
+        self.flag().store(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn flag(&self) -> &std::sync::atomic::AtomicU8 {
         // SAFETY: `immediate_exit` points into the vCPU's live kvm_run (see `unsafe impl
         // Send`); a u8 is always aligned for AtomicU8, and every concurrent userspace access

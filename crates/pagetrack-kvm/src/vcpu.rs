@@ -191,7 +191,16 @@ pub struct Vcpu {
     exits: u64,
     /// RIP and exit count at the last interrupted `KVM_RUN`.
     last_interrupt: Option<(u64, u64)>,
+    /// A trapped store ran with RFLAGS.TF set: the next `KVM_RUN` completes it and returns
+    /// at once (`immediate_exit`), and the single-step #DB is delivered then unless KVM
+    /// queued it (see [`Vcpu::deliver_single_step`]).
+    single_step: bool,
 }
+
+/// RFLAGS.TF.
+const RFLAGS_TF: u64 = 1 << 8;
+/// DR6.BS: the #DB came from single-stepping.
+const DR6_BS: u64 = 1 << 14;
 
 impl std::fmt::Debug for Vcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -224,6 +233,7 @@ impl Vcpu {
             budget: None,
             exits: 0,
             last_interrupt: None,
+            single_step: false,
         }
     }
 
@@ -285,6 +295,9 @@ impl Vcpu {
                 return Ok(Exit::ExitLimit);
             }
             let kick = crate::sys::VcpuKick::current(&mut self.fd);
+            if self.single_step {
+                kick.arm();
+            }
             let Some(inside) = self.vm.backend.gate.enter(idx, &self.stop, kick) else {
                 if let Some(b) = &self.budget {
                     b.refund();
@@ -303,7 +316,17 @@ impl Vcpu {
             }
             let exit = match res {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.check_stall()?;
+                    if std::mem::take(&mut self.single_step) {
+                        // The trapped instruction (one `rep` element) is complete: the CPU
+                        // raises the single-step #DB now. KVM's emulator queues it itself on
+                        // hardware hosts; PVM's does not (observed: the trap after every
+                        // trapped store was lost, and a `rep` ran to its end unstepped).
+                        if !self.rep_left_at_zero()? {
+                            self.deliver_single_step()?;
+                        }
+                    } else {
+                        self.check_stall()?;
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -321,7 +344,9 @@ impl Vcpu {
             match exit {
                 VcpuExit::MmioWrite(gpa, data) => {
                     let data = IoData::new(data);
+                    let stepping = self.stepping();
                     if self.locked_rmw(gpa, data.as_slice())? {
+                        self.single_step |= stepping;
                         continue;
                     }
                     if apply_write(&self.vm, gpa, data.as_slice(), source) {
@@ -329,7 +354,12 @@ impl Vcpu {
                         counters
                             .trapped_bytes
                             .fetch_add(u64::from(data.len), Ordering::Relaxed);
-                        self.continue_string_store(gpa, data.as_slice());
+                        if stepping {
+                            // One element at a time, as the CPU: no completion ahead of it.
+                            self.single_step = true;
+                        } else {
+                            self.continue_string_store(gpa, data.as_slice());
+                        }
                         continue;
                     }
                     return Ok(Exit::MmioWrite { gpa, data });
@@ -354,7 +384,11 @@ impl Vcpu {
                 VcpuExit::InternalError => {
                     let suberror = crate::sys::internal_error_suberror(&mut self.fd);
                     if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                        let stepping = self.stepping_now()?;
                         crate::store::complete(&self.vm, &self.fd, self.index)?;
+                        if stepping {
+                            self.deliver_single_step()?;
+                        }
                         continue;
                     }
                     return Ok(Exit::InternalError { suberror });
@@ -371,6 +405,87 @@ impl Vcpu {
 }
 
 impl Vcpu {
+    /// At a store exit: whether the instruction runs with RFLAGS.TF (from `kvm_run`, no
+    /// ioctl; false on hosts without synced registers, where single-step traps after trapped
+    /// stores are left to KVM).
+    fn stepping(&mut self) -> bool {
+        self.sync_regs && self.fd.sync_regs().regs.rflags & RFLAGS_TF != 0
+    }
+
+    /// Whether the instruction at this exit runs with RFLAGS.TF (an ioctl without synced
+    /// registers).
+    fn stepping_now(&mut self) -> Result<bool> {
+        let rflags = if self.sync_regs {
+            self.fd.sync_regs().regs.rflags
+        } else {
+            self.fd
+                .get_regs()
+                .map_err(Error::kvm("KVM_GET_REGS"))?
+                .rflags
+        };
+        Ok(rflags & RFLAGS_TF != 0)
+    }
+
+    /// Whether RIP is on a `rep` string instruction with RCX = 0: KVM's emulator leaves the
+    /// last element's instruction there (it finishes it when it runs again, with no element
+    /// left), where the CPU has finished it. Running it on, the CPU finishes it at once and
+    /// raises its own single-step #DB after it, which is where the native trap comes; a #DB
+    /// injected here would be one too many. Decided in 64-bit mode only (elsewhere the trap
+    /// is injected).
+    fn rep_left_at_zero(&mut self) -> Result<bool> {
+        use iced_x86::{Decoder, DecoderOptions};
+        let regs = self.fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        let sys = atomic::SysCache::from_sregs(&sregs);
+        if !sys.long64 {
+            return Ok(false);
+        }
+        let mut bytes = [0u8; 15];
+        let n =
+            crate::walk::read_virt_prefix(&*self.vm.mem.memory(), sys.cr3, regs.rip, &mut bytes);
+        let insn = Decoder::with_ip(64, &bytes[..n], regs.rip, DecoderOptions::NONE).decode();
+        if insn.is_invalid() || !insn.is_string_instruction() {
+            return Ok(false);
+        }
+        let rep = insn.has_rep_prefix() || insn.has_repe_prefix() || insn.has_repne_prefix();
+        // An address-size prefix (0x67) makes the count ECX.
+        let prefixes = insn.len().saturating_sub(1).min(n);
+        let count = if bytes[..prefixes].contains(&0x67) {
+            regs.rcx & 0xffff_ffff
+        } else {
+            regs.rcx
+        };
+        Ok(rep && count == 0)
+    }
+
+    /// Raises the single-step #DB trap (DR6.BS set) at the current RIP, unless an exception
+    /// is already pending or being delivered (a #PF the store raised, or KVM's own #DB).
+    fn deliver_single_step(&mut self) -> Result<()> {
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(Error::kvm("KVM_GET_VCPU_EVENTS"))?;
+        if events.exception.injected != 0 || events.exception.pending != 0 {
+            return Ok(());
+        }
+        let mut dr = self
+            .fd
+            .get_debug_regs()
+            .map_err(Error::kvm("KVM_GET_DEBUGREGS"))?;
+        dr.dr6 |= DR6_BS;
+        self.fd
+            .set_debug_regs(&dr)
+            .map_err(Error::kvm("KVM_SET_DEBUGREGS"))?;
+        events.exception.injected = 1;
+        events.exception.nr = 1;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        events.exception_has_payload = 0;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(Error::kvm("KVM_SET_VCPU_EVENTS"))
+    }
+
     /// A guest `wrmsr` that the MSR filter sent here: one of the MSRs that make KVM write
     /// guest memory itself (see [`crate::pvmsr`]). Forwarded to KVM, or refused with
     /// [`Error::KvmWritesTracked`] when it names a tracked frame (the guest then gets #GP if
@@ -435,6 +550,7 @@ impl Vcpu {
             return Ok(());
         }
         self.last_interrupt = None;
+        let stepping = regs.rflags & RFLAGS_TF != 0;
         crate::store::complete(&self.vm, &self.fd, self.index).map_err(|e| match e {
             Error::Unemulatable {
                 vcpu,
@@ -451,7 +567,11 @@ impl Vcpu {
                 ),
             },
             other => other,
-        })
+        })?;
+        if stepping {
+            self.deliver_single_step()?;
+        }
+        Ok(())
     }
 
     /// The system registers at this exit: from `kvm_run` (no ioctl) where KVM syncs them.

@@ -27,6 +27,7 @@ mod masked;
 mod pagetables;
 mod refused;
 mod shapes;
+mod singlestep;
 mod stale;
 mod stall;
 mod track;
