@@ -102,6 +102,12 @@ pub(crate) fn continue_rep(
         let mut value = [0u8; 8];
         let value = &mut value[..len];
         if movs {
+            // The source must be user-readable (the CPU checks U/S at CPL3; at CPL0 the
+            // element is then left to the CPU, which is never wrong).
+            let user = |at: u64| walk::translate(mem, cr3, at).is_ok_and(|t| t.user);
+            if !user(r.rsi) || !user(r.rsi.wrapping_add(size - 1)) {
+                break;
+            }
             if !walk::read_virt(mem, cr3, r.rsi, value) {
                 break;
             }

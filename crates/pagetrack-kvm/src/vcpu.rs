@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use pagetrack::Source;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::atomic;
 
@@ -522,6 +522,9 @@ impl Vcpu {
             return; // left to the CPU
         };
         let mem = self.vm.mem.memory();
+        if !code_fetchable(&*mem, sys.cr3, regs.rip) {
+            return; // the CPU cannot fetch what is at RIP: it faults, pagetrack runs nothing
+        }
         let vm = Arc::clone(&self.vm);
         if let Some((regs, n)) =
             crate::string::continue_rep(&vm, &mem, &sys, &regs, gpa, data.len(), self.index)
@@ -627,6 +630,23 @@ impl Vcpu {
             }
         }
     }
+}
+
+/// Whether the CPU can fetch an instruction at `rip` (its 15 bytes at most, so both pages
+/// they may touch): every page-table level present and user-accessible, and none with the
+/// NX bit (with EFER.NXE clear the bit is reserved and faults too). The `rep` completion
+/// acts only on instructions the CPU would run itself. User-accessible is required at any
+/// CPL (stricter than the CPU at CPL0, where the completion is then left to the CPU).
+fn code_fetchable<M: GuestMemory + ?Sized>(mem: &M, cr3: u64, rip: u64) -> bool {
+    [rip, rip.wrapping_add(14)].into_iter().all(|at| {
+        crate::walk::translate(mem, cr3, at).is_ok_and(|t| {
+            t.user
+                && t.entries.iter().filter(|&&e| e != 0).all(|&e| {
+                    mem.read_obj::<u64>(GuestAddress(e))
+                        .is_ok_and(|v| v & crate::walk::pte::NX == 0)
+                })
+        })
+    })
 }
 
 fn exit_name(e: &VcpuExit<'_>) -> &'static str {

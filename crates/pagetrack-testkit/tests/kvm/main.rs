@@ -26,6 +26,7 @@ mod kvmwrites;
 mod masked;
 mod pagetables;
 mod refused;
+mod runahead;
 mod shapes;
 mod singlestep;
 mod stale;
