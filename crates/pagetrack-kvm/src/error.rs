@@ -129,6 +129,24 @@ pub enum Error {
         /// The vCPU that wrote the MSR (`None` for partition-wide MSRs).
         vcpu: Option<u32>,
     },
+    /// The vCPU shut down (triple fault) while a stack that exception delivery writes lies on
+    /// a tracked frame: KVM cannot write an exception frame into a read-only memslot, so
+    /// the exception raised at `rip` never reached the guest. Returned instead of
+    /// [`crate::Exit::Shutdown`], which would differ from the untracked run without a word.
+    #[error(
+        "vcpu {vcpu}: exception at rip {rip:#x} could not be delivered: its stack frame at \
+         {gpa:#x} lies on tracked frame {gfn:#x} (KVM shut the vCPU down)"
+    )]
+    EventDeliveryToTracked {
+        /// vCPU index.
+        vcpu: u32,
+        /// Guest RIP where the exception was raised.
+        rip: u64,
+        /// Guest-physical address of the stack frame (its tracked part).
+        gpa: u64,
+        /// The tracked frame.
+        gfn: u64,
+    },
     /// A vCPU index that does not exist, or a second vCPU with the same index.
     #[error("vcpu {index}: {reason}")]
     Vcpu {

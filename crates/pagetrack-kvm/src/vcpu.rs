@@ -379,7 +379,10 @@ impl Vcpu {
                     });
                 }
                 VcpuExit::Hlt => return Ok(Exit::Hlt),
-                VcpuExit::Shutdown => return Ok(Exit::Shutdown),
+                VcpuExit::Shutdown => {
+                    self.check_delivery_stacks()?;
+                    return Ok(Exit::Shutdown);
+                }
                 VcpuExit::FailEntry(reason, _) => return Ok(Exit::FailEntry { reason }),
                 VcpuExit::InternalError => {
                     let suberror = crate::sys::internal_error_suberror(&mut self.fd);
@@ -484,6 +487,61 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&events)
             .map_err(Error::kvm("KVM_SET_VCPU_EVENTS"))
+    }
+
+    /// At a shutdown (triple fault): if a stack that exception delivery writes lies on a
+    /// tracked frame, the shutdown is pagetrack's doing (KVM cannot write the frame into a
+    /// read-only memslot), so `run` stops with [`Error::EventDeliveryToTracked`] naming RIP
+    /// and the frame. The stacks: in long mode the TSS's RSP0 and IST1-7 and, at CPL0, the
+    /// current RSP (the 64 bytes below each, 16-byte aligned); in real mode the 6 bytes
+    /// below SS:SP. Other modes are not checked.
+    fn check_delivery_stacks(&mut self) -> Result<()> {
+        use crate::walk::{read_virt, translate};
+        let regs = self.fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        let mem = self.vm.mem.memory();
+        let tracked = |gpa: u64| {
+            self.vm
+                .tracker
+                .is_write_tracked(pagetrack::AsId::NORMAL, pagetrack::Gfn(gpa >> 12))
+        };
+        let mut frames: Vec<u64> = Vec::new(); // guest-physical bytes of candidate frames
+        let sys = atomic::SysCache::from_sregs(&sregs);
+        if sys.long64 {
+            let tss = sregs.tr.base;
+            let mut tops = Vec::new();
+            for off in std::iter::once(4u64).chain((0..7).map(|i| 0x24 + 8 * i)) {
+                let mut b = [0u8; 8];
+                if read_virt(&*mem, sys.cr3, tss.wrapping_add(off), &mut b) {
+                    tops.push(u64::from_le_bytes(b));
+                }
+            }
+            if sregs.cs.dpl == 0 {
+                tops.push(regs.rsp);
+            }
+            for top in tops.into_iter().filter(|&t| t != 0) {
+                let top = top & !0xf;
+                for at in [top.wrapping_sub(64), top.wrapping_sub(1)] {
+                    if let Ok(t) = translate(&*mem, sys.cr3, at) {
+                        frames.push(t.gpa);
+                    }
+                }
+            }
+        } else if sregs.cr0 & 1 == 0 {
+            let sp = regs.rsp & 0xffff;
+            for back in [6u64, 1] {
+                frames.push(sregs.ss.base.wrapping_add(sp.wrapping_sub(back) & 0xffff));
+            }
+        }
+        match frames.into_iter().find(|&g| tracked(g)) {
+            Some(gpa) => Err(Error::EventDeliveryToTracked {
+                vcpu: self.index,
+                rip: regs.rip,
+                gpa,
+                gfn: gpa >> 12,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// A guest `wrmsr` that the MSR filter sent here: one of the MSRs that make KVM write

@@ -16,6 +16,7 @@
 mod atomics;
 mod common;
 mod concurrency;
+mod delivery;
 mod dirty;
 mod example;
 mod failure;
