@@ -1005,3 +1005,63 @@ fn run_remaps_through_a_tracked_page_directory() {
         }
     }
 }
+
+/// As above, through a page directory the guest installs itself on a tracked frame: the
+/// store that points the tracked PDPT entry at it marks it (one level down), so a later
+/// remap through it is seen (without that: the guest read the old page, exit code 1).
+#[test]
+fn run_remaps_through_a_page_directory_the_guest_installs() {
+    let _kvm = kvm_or_skip!();
+    const PDPT: u64 = 0x3fe_1000;
+    const PD0: u64 = 0x3fe_2000;
+    const NEW_PD: u64 = 0x9_0000;
+    let dir = TempDir::new("newpd");
+    let image = dir.file(
+        "guest.bin",
+        &assemble(LOAD, |a| {
+            let mut stale = a.create_label();
+            let mut wrong = a.create_label();
+            a.mov(rax, 0xaaaa_u64)?;
+            a.mov(qword_ptr(0x60_0000), rax)?;
+            a.mov(rax, 0xbbbb_u64)?;
+            a.mov(qword_ptr(0x80_0000), rax)?;
+            a.mov(rsi, PD0)?;
+            a.mov(rdi, NEW_PD)?;
+            a.mov(ecx, 512)?;
+            a.rep().movsq()?; // a copy of the first page directory
+            a.mov(rbx, NEW_PD | 0x67)?;
+            a.mov(rcx, PDPT)?;
+            a.mov(qword_ptr(rcx), rbx)?; // PDPT entry 0 -> the copy
+            a.mov(rax, qword_ptr(0x60_0000))?; // through it
+            a.cmp(rax, 0xaaaa)?;
+            a.jne(wrong)?;
+            a.mov(rbx, 0x80_0000_u64 | 0xe7)?;
+            a.mov(rcx, NEW_PD + 3 * 8)?;
+            a.mov(qword_ptr(rcx), rbx)?; // its PDE 3 -> 0x800000
+            a.mov(rax, qword_ptr(0x60_0000))?;
+            a.cmp(rax, 0xbbbb)?;
+            a.jne(stale)?;
+            exit_with(a, 0)?;
+            a.set_label(&mut stale)?;
+            exit_with(a, 1)?;
+            a.set_label(&mut wrong)?;
+            exit_with(a, 2)
+        }),
+    );
+    for tracked in [false, true] {
+        let mut extra = vec!["--events", "-"];
+        if tracked {
+            extra.extend_from_slice(&["--track", "0x3fe1000", "--track", "0x90000"]);
+        }
+        let out = run_image(&image, &extra);
+        let lines = json_lines(&out);
+        let exit = lines.iter().find(|l| l["type"] == "exit");
+        assert_eq!(
+            exit.map(|l| l["code"].clone()),
+            Some(Value::from(0)),
+            "tracked {tracked}: {exit:?} (1: the old mapping)"
+        );
+        assert_closing(&lines, "debug-exit", Some(0));
+        assert_eq!(writes(&lines).len(), if tracked { 514 } else { 0 });
+    }
+}

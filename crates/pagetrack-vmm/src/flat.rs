@@ -266,8 +266,7 @@ impl FlatGuest {
             // The guest's page tables may be tracked (`--track` over them): stores pagetrack
             // applies to them bypass KVM's shadow MMU on shadow-paging hosts, so they are
             // marked, and KVM drops stale shadows after a changed entry.
-            let frames = table_frames(&*vm.raw_memory(), l.pml4());
-            vm.mark_page_tables(&frames, true);
+            vm.mark_page_table_tree(Gfn(l.pml4() >> 12));
         }
         Ok(FlatGuest {
             vm,
@@ -455,36 +454,4 @@ fn drive(
             }
         }
     }
-}
-
-/// The frames of the 4-level page tables rooted at `pml4`: the PML4 and every table a
-/// present, non-leaf entry points to (PDPTs, page directories, page tables), as the guest
-/// finds them when it starts.
-fn table_frames<M: Bytes<GuestAddress> + ?Sized>(mem: &M, pml4: u64) -> Vec<Gfn> {
-    const PRESENT: u64 = 1;
-    const HUGE: u64 = 1 << 7;
-    const ADDR: u64 = 0x000f_ffff_ffff_f000;
-    let mut frames = vec![Gfn(pml4 >> 12)];
-    let mut level = vec![pml4 & ADDR];
-    // PML4 entries point to PDPTs, PDPT entries to PDs, PD entries to PTs.
-    for depth in 0..3 {
-        let mut next = Vec::new();
-        for table in level {
-            for i in 0..512u64 {
-                let Ok(e) = mem.read_obj::<u64>(GuestAddress(table + 8 * i)) else {
-                    continue;
-                };
-                if e & PRESENT == 0 || (depth > 0 && e & HUGE != 0) {
-                    continue;
-                }
-                let child = e & ADDR;
-                if !frames.contains(&Gfn(child >> 12)) {
-                    frames.push(Gfn(child >> 12));
-                    next.push(child);
-                }
-            }
-        }
-        level = next;
-    }
-    frames
 }
