@@ -950,3 +950,118 @@ fn exec_writer_into_a_closed_pipe_dies_of_sigpipe_as_natively() {
     assert_eq!(out.status.code(), Some(141), "{out:?}");
     assert!(text(&out.stderr).contains("SIGPIPE"), "{out:?}");
 }
+
+/// `pagetrack run` keeps tracked page tables coherent (issue 10 item 8): the guest remaps a
+/// 2 MiB page by storing to its page directory, which is tracked, and must see the new
+/// mapping as it does untracked (on shadow-paging hosts KVM's shadow of the directory went
+/// stale: the guest kept reading the old page, exit code 1).
+#[test]
+fn run_remaps_through_a_tracked_page_directory() {
+    let _kvm = kvm_or_skip!();
+    // --mem 64M: R = 0x3fe0000; the first page directory is at R + 0x2000. Entry 3 maps VA
+    // 0x600000.
+    const PDE3: u64 = 0x3fe_2000 + 3 * 8;
+    let dir = TempDir::new("pde");
+    let image = dir.file(
+        "guest.bin",
+        &assemble(LOAD, |a| {
+            let mut fail = a.create_label();
+            a.mov(rax, 0xaaaa_u64)?;
+            a.mov(qword_ptr(0x60_0000), rax)?;
+            a.mov(rax, 0xbbbb_u64)?;
+            a.mov(qword_ptr(0x80_0000), rax)?;
+            a.mov(rax, qword_ptr(0x60_0000))?; // through the old mapping
+            a.mov(rbx, 0x80_0000_u64 | 0xe7)?; // P W U A D PS: VA 0x600000 -> 0x800000
+            a.mov(rcx, PDE3)?;
+            a.mov(qword_ptr(rcx), rbx)?;
+            a.mov(rax, qword_ptr(0x60_0000))?; // must be the new page
+            a.cmp(rax, 0xbbbb)?;
+            a.jne(fail)?;
+            exit_with(a, 0)?;
+            a.set_label(&mut fail)?;
+            exit_with(a, 1)
+        }),
+    );
+    for track in [None, Some("0x3fe2000")] {
+        let mut extra = vec!["--events", "-"];
+        if let Some(t) = track {
+            extra.extend_from_slice(&["--track", t]);
+        }
+        let out = run_image(&image, &extra);
+        assert_eq!(
+            status(&out),
+            0,
+            "tracked {track:?}: stderr {}",
+            text(&out.stderr)
+        );
+        let lines = json_lines(&out);
+        assert_closing(&lines, "debug-exit", Some(0));
+        let ws = writes(&lines);
+        if track.is_some() {
+            assert_eq!(ws.len(), 1, "the PDE store is reported");
+            assert_eq!(ws[0]["gpa"], format!("{PDE3:#x}"));
+        } else {
+            assert!(ws.is_empty());
+        }
+    }
+}
+
+/// As above, through a page directory the guest installs itself on a tracked frame: the
+/// store that points the tracked PDPT entry at it marks it (one level down), so a later
+/// remap through it is seen (without that: the guest read the old page, exit code 1).
+#[test]
+fn run_remaps_through_a_page_directory_the_guest_installs() {
+    let _kvm = kvm_or_skip!();
+    const PDPT: u64 = 0x3fe_1000;
+    const PD0: u64 = 0x3fe_2000;
+    const NEW_PD: u64 = 0x9_0000;
+    let dir = TempDir::new("newpd");
+    let image = dir.file(
+        "guest.bin",
+        &assemble(LOAD, |a| {
+            let mut stale = a.create_label();
+            let mut wrong = a.create_label();
+            a.mov(rax, 0xaaaa_u64)?;
+            a.mov(qword_ptr(0x60_0000), rax)?;
+            a.mov(rax, 0xbbbb_u64)?;
+            a.mov(qword_ptr(0x80_0000), rax)?;
+            a.mov(rsi, PD0)?;
+            a.mov(rdi, NEW_PD)?;
+            a.mov(ecx, 512)?;
+            a.rep().movsq()?; // a copy of the first page directory
+            a.mov(rbx, NEW_PD | 0x67)?;
+            a.mov(rcx, PDPT)?;
+            a.mov(qword_ptr(rcx), rbx)?; // PDPT entry 0 -> the copy
+            a.mov(rax, qword_ptr(0x60_0000))?; // through it
+            a.cmp(rax, 0xaaaa)?;
+            a.jne(wrong)?;
+            a.mov(rbx, 0x80_0000_u64 | 0xe7)?;
+            a.mov(rcx, NEW_PD + 3 * 8)?;
+            a.mov(qword_ptr(rcx), rbx)?; // its PDE 3 -> 0x800000
+            a.mov(rax, qword_ptr(0x60_0000))?;
+            a.cmp(rax, 0xbbbb)?;
+            a.jne(stale)?;
+            exit_with(a, 0)?;
+            a.set_label(&mut stale)?;
+            exit_with(a, 1)?;
+            a.set_label(&mut wrong)?;
+            exit_with(a, 2)
+        }),
+    );
+    for tracked in [false, true] {
+        let mut extra = vec!["--events", "-"];
+        if tracked {
+            extra.extend_from_slice(&["--track", "0x3fe1000", "--track", "0x90000"]);
+        }
+        let out = run_image(&image, &extra);
+        let lines = json_lines(&out);
+        let exit = lines.iter().find(|l| l["type"] == "exit");
+        assert_eq!(
+            exit.map(|l| l["code"].clone()),
+            Some(Value::from(0)),
+            "tracked {tracked}: {exit:?} (1: the old mapping)"
+        );
+        assert_closing(&lines, "debug-exit", Some(0));
+        assert_eq!(writes(&lines).len(), if tracked { 514 } else { 0 });
+    }
+}

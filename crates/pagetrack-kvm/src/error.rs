@@ -97,6 +97,56 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The guest named a tracked frame in an MSR that makes KVM write guest memory itself
+    /// (kvmclock, wall clock, steal time, async PF, PV EOI, Hyper-V pages): KVM's writes
+    /// would bypass tracking and be lost, so the `wrmsr` is refused. It takes no effect; a
+    /// VMM that runs the vCPU on gives the guest #GP(0) for it.
+    #[error(
+        "vcpu {vcpu} at rip {rip:#x}: wrmsr {msr:#x} points KVM's own writes at {gpa:#x}, \
+         on tracked frame {gfn:#x}; refused"
+    )]
+    KvmWritesTracked {
+        /// vCPU index.
+        vcpu: u32,
+        /// Guest RIP of the `wrmsr`.
+        rip: u64,
+        /// The MSR.
+        msr: u32,
+        /// Guest-physical address of the structure KVM would write.
+        gpa: u64,
+        /// The tracked frame it overlaps.
+        gfn: u64,
+    },
+    /// A frame cannot be tracked: KVM writes it itself, because the guest named it in an MSR
+    /// (see [`Error::KvmWritesTracked`]); tracking would lose those writes.
+    #[error("frame {gfn:#x} is written by KVM itself (MSR {msr:#x}{}); it cannot be tracked",
+        .vcpu.map(|v| format!(" of vcpu {v}")).unwrap_or_default())]
+    FrameWrittenByKvm {
+        /// The frame.
+        gfn: u64,
+        /// The MSR that names it.
+        msr: u32,
+        /// The vCPU that wrote the MSR (`None` for partition-wide MSRs).
+        vcpu: Option<u32>,
+    },
+    /// The vCPU shut down (triple fault) while a stack that exception delivery writes lies on
+    /// a tracked frame: KVM cannot write an exception frame into a read-only memslot, so
+    /// the exception raised at `rip` never reached the guest. Returned instead of
+    /// [`crate::Exit::Shutdown`], which would differ from the untracked run without a word.
+    #[error(
+        "vcpu {vcpu}: exception at rip {rip:#x} could not be delivered: its stack frame at \
+         {gpa:#x} lies on tracked frame {gfn:#x} (KVM shut the vCPU down)"
+    )]
+    EventDeliveryToTracked {
+        /// vCPU index.
+        vcpu: u32,
+        /// Guest RIP where the exception was raised.
+        rip: u64,
+        /// Guest-physical address of the stack frame (its tracked part).
+        gpa: u64,
+        /// The tracked frame.
+        gfn: u64,
+    },
     /// A vCPU index that does not exist, or a second vCPU with the same index.
     #[error("vcpu {index}: {reason}")]
     Vcpu {

@@ -28,6 +28,7 @@ mod dirty;
 mod error;
 mod gate;
 mod memory;
+mod pvmsr;
 mod slots;
 mod store;
 mod string;

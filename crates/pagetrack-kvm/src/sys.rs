@@ -186,6 +186,13 @@ impl VcpuKick {
         }
     }
 
+    /// Sets `immediate_exit` before entering: KVM completes a pending MMIO or PIO exit, then
+    /// returns EINTR without running the guest (used to regain control right after a
+    /// trapped instruction completes, see `Vcpu::run`).
+    pub(crate) fn arm(&self) {
+        self.flag().store(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn flag(&self) -> &std::sync::atomic::AtomicU8 {
         // SAFETY: `immediate_exit` points into the vCPU's live kvm_run (see `unsafe impl
         // Send`); a u8 is always aligned for AtomicU8, and every concurrent userspace access
@@ -244,4 +251,12 @@ pub(crate) fn set_xsave(
     // SAFETY: the kernel reads at most sizeof(kvm_xsave) bytes for KVM_SET_XSAVE unless the
     // VM enabled KVM_CAP_XSAVE2, which pagetrack never does; `xsave` is a whole kvm_xsave.
     unsafe { vcpu.set_xsave(xsave) }
+}
+
+/// Answers the pending `KVM_EXIT_X86_WRMSR`/`RDMSR`: with `failed`, KVM injects #GP(0) into
+/// the guest at the next `KVM_RUN`; otherwise the instruction completes.
+pub(crate) fn set_msr_exit_error(vcpu: &mut VcpuFd, failed: bool) {
+    // Writing a union field is safe; the kernel filled the `msr` member for this exit and
+    // reads `error` back at the next KVM_RUN.
+    vcpu.get_kvm_run().__bindgen_anon_1.msr.error = u8::from(failed);
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use pagetrack::Source;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::atomic;
 
@@ -191,7 +191,16 @@ pub struct Vcpu {
     exits: u64,
     /// RIP and exit count at the last interrupted `KVM_RUN`.
     last_interrupt: Option<(u64, u64)>,
+    /// A trapped store ran with RFLAGS.TF set: the next `KVM_RUN` completes it and returns
+    /// at once (`immediate_exit`), and the single-step #DB is delivered then unless KVM
+    /// queued it (see [`Vcpu::deliver_single_step`]).
+    single_step: bool,
 }
+
+/// RFLAGS.TF.
+const RFLAGS_TF: u64 = 1 << 8;
+/// DR6.BS: the #DB came from single-stepping.
+const DR6_BS: u64 = 1 << 14;
 
 impl std::fmt::Debug for Vcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -224,6 +233,7 @@ impl Vcpu {
             budget: None,
             exits: 0,
             last_interrupt: None,
+            single_step: false,
         }
     }
 
@@ -285,6 +295,9 @@ impl Vcpu {
                 return Ok(Exit::ExitLimit);
             }
             let kick = crate::sys::VcpuKick::current(&mut self.fd);
+            if self.single_step {
+                kick.arm();
+            }
             let Some(inside) = self.vm.backend.gate.enter(idx, &self.stop, kick) else {
                 if let Some(b) = &self.budget {
                     b.refund();
@@ -303,7 +316,17 @@ impl Vcpu {
             }
             let exit = match res {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.check_stall()?;
+                    if std::mem::take(&mut self.single_step) {
+                        // The trapped instruction (one `rep` element) is complete: the CPU
+                        // raises the single-step #DB now. KVM's emulator queues it itself on
+                        // hardware hosts; PVM's does not (observed: the trap after every
+                        // trapped store was lost, and a `rep` ran to its end unstepped).
+                        if !self.rep_left_at_zero()? {
+                            self.deliver_single_step()?;
+                        }
+                    } else {
+                        self.check_stall()?;
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -321,7 +344,9 @@ impl Vcpu {
             match exit {
                 VcpuExit::MmioWrite(gpa, data) => {
                     let data = IoData::new(data);
+                    let stepping = self.stepping();
                     if self.locked_rmw(gpa, data.as_slice())? {
+                        self.single_step |= stepping;
                         continue;
                     }
                     if apply_write(&self.vm, gpa, data.as_slice(), source) {
@@ -329,7 +354,12 @@ impl Vcpu {
                         counters
                             .trapped_bytes
                             .fetch_add(u64::from(data.len), Ordering::Relaxed);
-                        self.continue_string_store(gpa, data.as_slice());
+                        if stepping {
+                            // One element at a time, as the CPU: no completion ahead of it.
+                            self.single_step = true;
+                        } else {
+                            self.continue_string_store(gpa, data.as_slice());
+                        }
                         continue;
                     }
                     return Ok(Exit::MmioWrite { gpa, data });
@@ -349,15 +379,26 @@ impl Vcpu {
                     });
                 }
                 VcpuExit::Hlt => return Ok(Exit::Hlt),
-                VcpuExit::Shutdown => return Ok(Exit::Shutdown),
+                VcpuExit::Shutdown => {
+                    self.check_delivery_stacks()?;
+                    return Ok(Exit::Shutdown);
+                }
                 VcpuExit::FailEntry(reason, _) => return Ok(Exit::FailEntry { reason }),
                 VcpuExit::InternalError => {
                     let suberror = crate::sys::internal_error_suberror(&mut self.fd);
                     if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                        let stepping = self.stepping_now()?;
                         crate::store::complete(&self.vm, &self.fd, self.index)?;
+                        if stepping {
+                            self.deliver_single_step()?;
+                        }
                         continue;
                     }
                     return Ok(Exit::InternalError { suberror });
+                }
+                VcpuExit::X86Wrmsr(msr) => {
+                    let (index, value) = (msr.index, msr.data);
+                    self.wrmsr(index, value)?;
                 }
                 VcpuExit::Intr => {}
                 other => return Ok(Exit::Other(exit_name(&other))),
@@ -367,6 +408,167 @@ impl Vcpu {
 }
 
 impl Vcpu {
+    /// At a store exit: whether the instruction runs with RFLAGS.TF (from `kvm_run`, no
+    /// ioctl; false on hosts without synced registers, where single-step traps after trapped
+    /// stores are left to KVM).
+    fn stepping(&mut self) -> bool {
+        self.sync_regs && self.fd.sync_regs().regs.rflags & RFLAGS_TF != 0
+    }
+
+    /// Whether the instruction at this exit runs with RFLAGS.TF (an ioctl without synced
+    /// registers).
+    fn stepping_now(&mut self) -> Result<bool> {
+        let rflags = if self.sync_regs {
+            self.fd.sync_regs().regs.rflags
+        } else {
+            self.fd
+                .get_regs()
+                .map_err(Error::kvm("KVM_GET_REGS"))?
+                .rflags
+        };
+        Ok(rflags & RFLAGS_TF != 0)
+    }
+
+    /// Whether RIP is on a `rep` string instruction with RCX = 0: KVM's emulator leaves the
+    /// last element's instruction there (it finishes it when it runs again, with no element
+    /// left), where the CPU has finished it. Running it on, the CPU finishes it at once and
+    /// raises its own single-step #DB after it, which is where the native trap comes; a #DB
+    /// injected here would be one too many. Decided in 64-bit mode only (elsewhere the trap
+    /// is injected).
+    fn rep_left_at_zero(&mut self) -> Result<bool> {
+        use iced_x86::{Decoder, DecoderOptions};
+        let regs = self.fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        let sys = atomic::SysCache::from_sregs(&sregs);
+        if !sys.long64 {
+            return Ok(false);
+        }
+        let mut bytes = [0u8; 15];
+        let n =
+            crate::walk::read_virt_prefix(&*self.vm.mem.memory(), sys.cr3, regs.rip, &mut bytes);
+        let insn = Decoder::with_ip(64, &bytes[..n], regs.rip, DecoderOptions::NONE).decode();
+        if insn.is_invalid() || !insn.is_string_instruction() {
+            return Ok(false);
+        }
+        let rep = insn.has_rep_prefix() || insn.has_repe_prefix() || insn.has_repne_prefix();
+        // An address-size prefix (0x67) makes the count ECX.
+        let prefixes = insn.len().saturating_sub(1).min(n);
+        let count = if bytes[..prefixes].contains(&0x67) {
+            regs.rcx & 0xffff_ffff
+        } else {
+            regs.rcx
+        };
+        Ok(rep && count == 0)
+    }
+
+    /// Raises the single-step #DB trap (DR6.BS set) at the current RIP, unless an exception
+    /// is already pending or being delivered (a #PF the store raised, or KVM's own #DB).
+    fn deliver_single_step(&mut self) -> Result<()> {
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(Error::kvm("KVM_GET_VCPU_EVENTS"))?;
+        if events.exception.injected != 0 || events.exception.pending != 0 {
+            return Ok(());
+        }
+        let mut dr = self
+            .fd
+            .get_debug_regs()
+            .map_err(Error::kvm("KVM_GET_DEBUGREGS"))?;
+        dr.dr6 |= DR6_BS;
+        self.fd
+            .set_debug_regs(&dr)
+            .map_err(Error::kvm("KVM_SET_DEBUGREGS"))?;
+        events.exception.injected = 1;
+        events.exception.nr = 1;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        events.exception_has_payload = 0;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(Error::kvm("KVM_SET_VCPU_EVENTS"))
+    }
+
+    /// At a shutdown (triple fault): if a stack that exception delivery writes lies on a
+    /// tracked frame, the shutdown is pagetrack's doing (KVM cannot write the frame into a
+    /// read-only memslot), so `run` stops with [`Error::EventDeliveryToTracked`] naming RIP
+    /// and the frame. The stacks: in long mode the TSS's RSP0 and IST1-7 and, at CPL0, the
+    /// current RSP (the 64 bytes below each, 16-byte aligned); in real mode the 6 bytes
+    /// below SS:SP. Other modes are not checked.
+    fn check_delivery_stacks(&mut self) -> Result<()> {
+        use crate::walk::{read_virt, translate};
+        let regs = self.fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        let mem = self.vm.mem.memory();
+        let tracked = |gpa: u64| {
+            self.vm
+                .tracker
+                .is_write_tracked(pagetrack::AsId::NORMAL, pagetrack::Gfn(gpa >> 12))
+        };
+        let mut frames: Vec<u64> = Vec::new(); // guest-physical bytes of candidate frames
+        let sys = atomic::SysCache::from_sregs(&sregs);
+        if sys.long64 {
+            let tss = sregs.tr.base;
+            let mut tops = Vec::new();
+            for off in std::iter::once(4u64).chain((0..7).map(|i| 0x24 + 8 * i)) {
+                let mut b = [0u8; 8];
+                if read_virt(&*mem, sys.cr3, tss.wrapping_add(off), &mut b) {
+                    tops.push(u64::from_le_bytes(b));
+                }
+            }
+            if sregs.cs.dpl == 0 {
+                tops.push(regs.rsp);
+            }
+            for top in tops.into_iter().filter(|&t| t != 0) {
+                let top = top & !0xf;
+                for at in [top.wrapping_sub(64), top.wrapping_sub(1)] {
+                    if let Ok(t) = translate(&*mem, sys.cr3, at) {
+                        frames.push(t.gpa);
+                    }
+                }
+            }
+        } else if sregs.cr0 & 1 == 0 {
+            let sp = regs.rsp & 0xffff;
+            for back in [6u64, 1] {
+                frames.push(sregs.ss.base.wrapping_add(sp.wrapping_sub(back) & 0xffff));
+            }
+        }
+        match frames.into_iter().find(|&g| tracked(g)) {
+            Some(gpa) => Err(Error::EventDeliveryToTracked {
+                vcpu: self.index,
+                rip: regs.rip,
+                gpa,
+                gfn: gpa >> 12,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A guest `wrmsr` that the MSR filter sent here: one of the MSRs that make KVM write
+    /// guest memory itself (see [`crate::pvmsr`]). Forwarded to KVM, or refused with
+    /// [`Error::KvmWritesTracked`] when it names a tracked frame (the guest then gets #GP if
+    /// the VMM runs it on).
+    fn wrmsr(&mut self, msr: u32, data: u64) -> Result<()> {
+        let rip = if self.sync_regs {
+            self.fd.sync_regs().regs.rip
+        } else {
+            self.fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?.rip
+        };
+        let vm = Arc::clone(&self.vm);
+        let res = crate::pvmsr::handle_wrmsr(
+            &vm.backend.kvm_written,
+            &vm.tracker,
+            &self.fd,
+            self.index,
+            rip,
+            msr,
+            data,
+        );
+        let failed = !matches!(res, Ok(crate::pvmsr::Wrmsr::Done));
+        crate::sys::set_msr_exit_error(&mut self.fd, failed);
+        res.map(drop)
+    }
+
     /// After a trapped element of a `rep stos`/`rep movs`, completes the rest of that page
     /// in userspace (see [`crate::string`]).
     fn continue_string_store(&mut self, gpa: u64, data: &[u8]) {
@@ -378,6 +580,9 @@ impl Vcpu {
             return; // left to the CPU
         };
         let mem = self.vm.mem.memory();
+        if !code_fetchable(&*mem, sys.cr3, regs.rip) {
+            return; // the CPU cannot fetch what is at RIP: it faults, pagetrack runs nothing
+        }
         let vm = Arc::clone(&self.vm);
         if let Some((regs, n)) =
             crate::string::continue_rep(&vm, &mem, &sys, &regs, gpa, data.len(), self.index)
@@ -406,6 +611,7 @@ impl Vcpu {
             return Ok(());
         }
         self.last_interrupt = None;
+        let stepping = regs.rflags & RFLAGS_TF != 0;
         crate::store::complete(&self.vm, &self.fd, self.index).map_err(|e| match e {
             Error::Unemulatable {
                 vcpu,
@@ -422,7 +628,11 @@ impl Vcpu {
                 ),
             },
             other => other,
-        })
+        })?;
+        if stepping {
+            self.deliver_single_step()?;
+        }
+        Ok(())
     }
 
     /// The system registers at this exit: from `kvm_run` (no ioctl) where KVM syncs them.
@@ -478,6 +688,23 @@ impl Vcpu {
             }
         }
     }
+}
+
+/// Whether the CPU can fetch an instruction at `rip` (its 15 bytes at most, so both pages
+/// they may touch): every page-table level present and user-accessible, and none with the
+/// NX bit (with EFER.NXE clear the bit is reserved and faults too). The `rep` completion
+/// acts only on instructions the CPU would run itself. User-accessible is required at any
+/// CPL (stricter than the CPU at CPL0, where the completion is then left to the CPU).
+fn code_fetchable<M: GuestMemory + ?Sized>(mem: &M, cr3: u64, rip: u64) -> bool {
+    [rip, rip.wrapping_add(14)].into_iter().all(|at| {
+        crate::walk::translate(mem, cr3, at).is_ok_and(|t| {
+            t.user
+                && t.entries.iter().filter(|&&e| e != 0).all(|&e| {
+                    mem.read_obj::<u64>(GuestAddress(e))
+                        .is_ok_and(|v| v & crate::walk::pte::NX == 0)
+                })
+        })
+    })
 }
 
 fn exit_name(e: &VcpuExit<'_>) -> &'static str {

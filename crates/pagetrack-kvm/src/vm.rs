@@ -102,6 +102,10 @@ pub struct HostCaps {
     /// True when KVM uses shadow paging (no EPT/NPT), so guest page-table writes must be
     /// made visible to KVM's shadow MMU.
     pub shadow_paging: bool,
+    /// `KVM_CAP_X86_USER_SPACE_MSR` and `KVM_CAP_X86_MSR_FILTER`: guest writes of the MSRs
+    /// that make KVM write guest memory itself (kvmclock and the like) can be intercepted, so
+    /// that they never name a tracked frame (see `docs/DESIGN-kvm.md`).
+    pub msr_filter: bool,
     /// The module that provides `/dev/kvm` (kvm_intel, kvm_amd, kvm_pvm...), if known.
     pub module: Option<String>,
 }
@@ -136,6 +140,8 @@ impl HostCaps {
             disable_quirks2: u64::try_from(raw(KVM_CAP_DISABLE_QUIRKS2)).unwrap_or(0),
             sync_regs: u32::try_from(raw(kvm_bindings::KVM_CAP_SYNC_REGS)).unwrap_or(0),
             dirty_ring_bytes: u32::try_from(raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)).unwrap_or(0),
+            msr_filter: raw(kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR) > 0
+                && raw(kvm_bindings::KVM_CAP_X86_MSR_FILTER) > 0,
             software_kvm,
             shadow_paging,
             module,
@@ -199,6 +205,8 @@ pub(crate) struct Backend {
     pub(crate) gate: Gate,
     frags: Mutex<Fragments>,
     pub(crate) counters: Counters,
+    /// Structures KVM writes itself (named by the guest through MSRs): never tracked.
+    pub(crate) kvm_written: crate::pvmsr::KvmWritten,
 }
 
 impl Backend {
@@ -209,6 +217,11 @@ impl Backend {
     fn change(&self, runs: &[FrameRun], protect: bool) -> Result<()> {
         // This backend serves address space 0 only (`VmConfig` builds a one-space tracker).
         let gpas = || FrameRun::pairs(runs).map(|(_, g)| g.gpa().0);
+        if protect {
+            // Checked after the core raised its counts: see `crate::pvmsr`.
+            self.kvm_written
+                .check_protect(FrameRun::pairs(runs).map(|(_, g)| g))?;
+        }
         let mut frags = self.frags();
         let dirty = frags.mark(gpas(), protect);
         if dirty.is_empty() {
@@ -273,7 +286,9 @@ pub(crate) struct VmInner {
     pub(crate) caps: HostCaps,
     config: VmConfig,
     pub(crate) frame_locks: crate::store::FrameLocks,
-    pt_frames: std::sync::RwLock<std::collections::HashSet<u64>>,
+    /// Frames marked as guest page tables, with their paging level where known (4 = PML4,
+    /// ..., 1 = page table; 0 = unknown, as marked by [`Vm::mark_page_tables`]).
+    pt_frames: std::sync::RwLock<std::collections::HashMap<u64, u8>>,
     pt_marked: std::sync::atomic::AtomicBool,
     xsave_layout: std::sync::OnceLock<(crate::emulate::XsaveLayout, u64)>,
     stall_monitor: std::sync::Once,
@@ -333,7 +348,7 @@ impl VmInner {
         let last = (gpa + len as u64 - 1) & !7;
         let entries = (first..=last)
             .step_by(8)
-            .filter(|e| frames.contains(&(e >> 12)))
+            .filter(|e| frames.contains_key(&(e >> 12)))
             .filter_map(|e| mem.read_obj::<u64>(GuestAddress(e)).ok().map(|v| (e, v)))
             .collect();
         PtEntries(entries)
@@ -343,6 +358,7 @@ impl VmInner {
     /// differently (not an accessed/dirty-only change), make KVM drop its shadows of that frame
     /// before any vCPU runs on.
     pub(crate) fn after_page_table_store(&self, mem: &GuestMemoryMmap, pt: PtEntries) {
+        self.mark_new_tables(mem, &pt);
         let mut stale: Vec<Gfn> =
             pt.0.iter()
                 .filter(|(at, old)| {
@@ -368,6 +384,33 @@ impl VmInner {
                 .counters
                 .pt_invalidation_errors
                 .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A store into a marked table of known level above 1 that made an entry point to a
+    /// lower table (present, not a large page): that table is marked too, one level down,
+    /// so tables a guest installs later stay coherent as well.
+    fn mark_new_tables(&self, mem: &GuestMemoryMmap, pt: &PtEntries) {
+        if pt.0.is_empty() {
+            return;
+        }
+        let children: Vec<(u64, u8)> = {
+            let frames = self.pt_frames.read().unwrap_or_else(|e| e.into_inner());
+            pt.0.iter()
+                .filter_map(|(at, _)| {
+                    let level = *frames.get(&(at >> 12))?;
+                    let new = mem.read_obj::<u64>(GuestAddress(*at)).ok()?;
+                    let table = new & pte::PRESENT != 0
+                        && (level == 4 || (level > 1 && new & pte::HUGE == 0));
+                    let child = (new & pte::ADDR_MASK) >> 12;
+                    (table && frames.get(&child).is_none_or(|&l| l == 0))
+                        .then_some((child, level - 1))
+                })
+                .collect()
+        };
+        if !children.is_empty() {
+            let mut frames = self.pt_frames.write().unwrap_or_else(|e| e.into_inner());
+            frames.extend(children);
         }
     }
 
@@ -482,7 +525,9 @@ impl Vm {
             gate: Gate::default(),
             frags: Mutex::new(Fragments::new(budget, chunk, config.dirty_log)),
             counters: Counters::default(),
+            kvm_written: crate::pvmsr::KvmWritten::default(),
         });
+        crate::pvmsr::install(&backend.vm_fd, caps.msr_filter)?;
         let tracker =
             PageTracker::new(config.tracker, Arc::clone(&backend) as Arc<dyn Enforcement>);
         Ok(Vm {
@@ -807,11 +852,55 @@ impl Vm {
             .unwrap_or_else(|e| e.into_inner());
         for f in frames {
             if is_table {
-                set.insert(f.0);
+                set.entry(f.0).or_insert(0);
             } else {
                 set.remove(&f.0);
             }
         }
+        // Release: pairs with the Acquire in page_table_entries.
+        self.inner
+            .pt_marked
+            .store(!set.is_empty(), Ordering::Release);
+    }
+
+    /// Marks the 4-level page tables rooted at `pml4` (see [`Vm::mark_page_tables`]): the
+    /// PML4 and every table a present, non-leaf entry points to, read from guest memory now,
+    /// each with its level. Tables that stores pagetrack applies to these later install
+    /// (an entry made to point to a new table) are marked as they appear. Tables installed by
+    /// stores pagetrack does not see (to untracked frames) are not: KVM sees those stores
+    /// itself. Does nothing on TDP hosts.
+    pub fn mark_page_table_tree(&self, pml4: Gfn) {
+        if !self.inner.caps.shadow_paging {
+            return;
+        }
+        let mem = self.inner.mem.memory();
+        let mut found: Vec<(u64, u8)> = vec![(pml4.0, 4)];
+        let mut level = vec![pml4.0];
+        for depth in (2..=4u8).rev() {
+            let mut next = Vec::new();
+            for table in level {
+                for i in 0..512u64 {
+                    let Ok(e) = mem.read_obj::<u64>(GuestAddress((table << 12) + 8 * i)) else {
+                        continue;
+                    };
+                    if e & pte::PRESENT == 0 || (depth < 4 && e & pte::HUGE != 0) {
+                        continue;
+                    }
+                    let child = (e & pte::ADDR_MASK) >> 12;
+                    if !found.iter().any(|&(f, _)| f == child) {
+                        found.push((child, depth - 1));
+                        next.push(child);
+                    }
+                }
+            }
+            level = next;
+        }
+        let mut set = self
+            .inner
+            .pt_frames
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        set.extend(found);
         // Release: pairs with the Acquire in page_table_entries.
         self.inner
             .pt_marked

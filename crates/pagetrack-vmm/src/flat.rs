@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use pagetrack::Gfn;
 use pagetrack_kvm::{Exit, ExitBudget, Vcpu, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -260,6 +261,12 @@ impl FlatGuest {
                 )?,
             }
             vcpus.push(vcpu);
+        }
+        if let Some(l) = &layout {
+            // The guest's page tables may be tracked (`--track` over them): stores pagetrack
+            // applies to them bypass KVM's shadow MMU on shadow-paging hosts, so they are
+            // marked, and KVM drops stale shadows after a changed entry.
+            vm.mark_page_table_tree(Gfn(l.pml4() >> 12));
         }
         Ok(FlatGuest {
             vm,

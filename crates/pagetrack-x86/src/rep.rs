@@ -135,7 +135,7 @@ impl RepPlan {
 
     /// The next element to store, or None when the plan stops (count exhausted, next page, a
     /// straddling element, an untranslatable, read-only or non-user destination, an
-    /// unreadable `movs` source). The caller applies each element before asking for the next:
+    /// unreadable or non-user `movs` source). The caller applies each element before asking for the next:
     /// a `movs` source is read from `mem` as it is at this call.
     pub fn next_element<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Option<RepElement> {
         if self.stopped || self.regs.rcx == 0 {
@@ -163,7 +163,14 @@ impl RepPlan {
         }
         let mut value = [0u8; 8];
         if self.movs {
-            if !walk::read_virt(mem, self.cr3, self.regs.rsi, &mut value[..len]) {
+            // The source must be user-readable (the CPU checks U/S at CPL3; at CPL0 the
+            // element is then left to the CPU, which is never wrong).
+            let rsi = self.regs.rsi;
+            let user = |at: u64| walk::translate(mem, self.cr3, at).is_ok_and(|t| t.user);
+            if !user(rsi) || !user(rsi.wrapping_add(self.size - 1)) {
+                return None;
+            }
+            if !walk::read_virt(mem, self.cr3, rsi, &mut value[..len]) {
                 return None;
             }
         } else {
@@ -346,6 +353,32 @@ mod tests {
             ..Default::default()
         };
         assert!(run(&m, &regs, 0x8000, 1).is_none());
+    }
+
+    /// A `movs` source the CPU would refuse at CPL3 (supervisor-only) is left to the CPU,
+    /// which raises the #PF; a user-readable one plans (the control).
+    #[test]
+    fn supervisor_movs_source_is_left_to_the_cpu() {
+        let m = identity();
+        m.write_slice(&[0xf3, 0xa4], GuestAddress(RIP)).unwrap();
+        m.write_slice(&[0x5e; 8], GuestAddress(0x10_0000)).unwrap();
+        let regs = kvm_regs {
+            rip: RIP,
+            rsi: 0x40_0000,
+            rdi: 0x8001,
+            rcx: 4,
+            rflags: 0x202,
+            ..Default::default()
+        };
+        map_4k(&m, 0x40_0000, 0x10_0000, PRESENT | WRITABLE);
+        assert!(
+            run(&m, &regs, 0x8000, 1).is_none(),
+            "supervisor source copied"
+        );
+        map_4k(&m, 0x40_0000, 0x10_0000, RW);
+        let (elements, _, count) = run(&m, &regs, 0x8000, 1).expect("user source plans");
+        assert_eq!(count, 4);
+        assert!(elements.iter().all(|e| e.bytes() == [0x5e]));
     }
 
     #[test]

@@ -67,6 +67,9 @@ struct Caps {
     sync_regs_names: Vec<&'static str>,
     /// `KVM_CAP_DIRTY_LOG_RING`: the largest dirty ring per vCPU in bytes (0: none).
     dirty_ring_bytes: u32,
+    /// `KVM_CAP_X86_USER_SPACE_MSR` and `KVM_CAP_X86_MSR_FILTER`: guest writes of the MSRs
+    /// that make KVM write guest memory itself are checked against tracked frames.
+    msr_filter: bool,
 }
 
 impl Caps {
@@ -109,6 +112,7 @@ impl Caps {
                 .map(|(_, n)| *n)
                 .collect(),
             dirty_ring_bytes: h.dirty_ring_bytes,
+            msr_filter: h.msr_filter,
         }
     }
 
@@ -236,6 +240,24 @@ impl Caps {
                 thousands(u64::from(self.dirty_ring_bytes)),
                 thousands(u64::from(self.dirty_ring_bytes / DIRTY_GFN_BYTES))
             )?;
+        }
+        if self.msr_filter {
+            writeln!(out, "MSR filter:      yes (user-space MSR exits)")?;
+            writeln!(
+                out,
+                "  Guest writes of kvmclock, steal-time and similar MSRs come to pagetrack:"
+            )?;
+            writeln!(
+                out,
+                "  KVM's own writes never land on a tracked frame (such a wrmsr is refused)."
+            )?;
+        } else {
+            writeln!(out, "MSR filter:      no")?;
+            writeln!(
+                out,
+                "  KVM's own writes (kvmclock, steal time...) to a tracked frame are lost:"
+            )?;
+            writeln!(out, "  hide KVM's paravirtual features from the guest.")?;
         }
         out.flush()
     }
