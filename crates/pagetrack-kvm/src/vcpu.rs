@@ -292,7 +292,11 @@ impl Vcpu {
                 self.stop.store(false, Ordering::SeqCst);
                 return Ok(Exit::Stopped);
             };
+            let vm = Arc::clone(&self.vm);
             let res = self.fd.run();
+            // Still inside the gate: a page-table update waits for this exit's completion
+            // (held until the exit is handled; see `update.rs`).
+            let completing = vm.backend.updates.completing();
             // Leaves the gate (and resets `immediate_exit`); a panic in `run` leaves it too.
             drop(inside);
             if let Some(b) = &self.budget {
@@ -316,7 +320,6 @@ impl Vcpu {
             };
             self.exits += 1;
             let source = Source::Vcpu(self.index);
-            let vm = Arc::clone(&self.vm);
             let counters = &vm.backend.counters;
             match exit {
                 VcpuExit::MmioWrite(gpa, data) => {
@@ -338,10 +341,14 @@ impl Vcpu {
                     if read_ram(&self.vm, gpa, data) {
                         counters.ram_reads_served.fetch_add(1, Ordering::Relaxed);
                     } else {
+                        drop(completing); // the VMM's callback may update page tables
                         self.io.mmio_read(gpa, data);
                     }
                 }
-                VcpuExit::IoIn(port, data) => self.io.io_in(port, data),
+                VcpuExit::IoIn(port, data) => {
+                    drop(completing);
+                    self.io.io_in(port, data);
+                }
                 VcpuExit::IoOut(port, data) => {
                     return Ok(Exit::IoOut {
                         port,

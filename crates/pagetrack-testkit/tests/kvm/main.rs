@@ -25,6 +25,7 @@ mod hostile;
 mod masked;
 mod pagetables;
 mod refused;
+mod remap;
 mod shapes;
 mod stale;
 mod stall;

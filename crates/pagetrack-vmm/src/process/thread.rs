@@ -48,7 +48,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::SyncReg;
-use pagetrack_kvm::{Exit, Vcpu, VcpuStopper, Vm};
+use pagetrack_kvm::{Exit, PageTableUpdate, Vcpu, VcpuStopper, Vm};
 
 use super::abi::{
     E2BIG, EAGAIN, EFAULT, EINTR, EINVAL, ENOSYS, EPERM, ERESTARTSYS, ESRCH, ETIMEDOUT, Errno,
@@ -459,7 +459,7 @@ pub(crate) fn run_thread(
     }
     if g.end.is_none() {
         let s = &mut *g;
-        if let Err(e) = s.tracking.commit(&ctx.vm, &mut s.kernel.mm) {
+        if let Err(e) = s.tracking.commit(&ctx.vm, &mut s.kernel.mm, None) {
             ctx.end_process(s, Err(e), Some(t.tid));
         }
     }
@@ -514,8 +514,14 @@ fn drive(
                     return Ok(Leave::Process(None));
                 }
                 g.swap_in(t.tid);
+                // A call that edits the page tables or frees frames runs as one page-table
+                // update, from its first edit to the release of its frames in the commit:
+                // no store another thread's vCPU completes in userspace overlaps it.
+                let update = edits_address_space(regs.rax).then(|| ctx.vm.page_table_update());
                 let (mut g, served) = serve(ctx, g, t, &regs);
-                let result = finish_call(ctx, &mut g, t, &regs, served, enters_cpl0);
+                let result =
+                    finish_call(ctx, &mut g, t, &regs, served, enters_cpl0, update.as_ref());
+                drop(update);
                 g.swap_out(t.tid);
                 if let Some(tx) = kick {
                     let alarm = g.kernel.alarm_at();
@@ -547,7 +553,7 @@ fn drive(
                     }
                     if g.kernel.mm.grow_stack(addr) {
                         let g = &mut *g;
-                        g.tracking.commit(&ctx.vm, &mut g.kernel.mm)?;
+                        g.tracking.commit(&ctx.vm, &mut g.kernel.mm, None)?;
                         t.stats.stack_faults += 1;
                         continue;
                     }
@@ -597,6 +603,15 @@ fn drive(
     }
 }
 
+/// Whether system call `n` may change or remove present translations or free frames (the
+/// failure path of any `mmap` unmaps what it mapped; `MADV_DONTNEED` zeroes pages in place).
+fn edits_address_space(n: u64) -> bool {
+    matches!(
+        n,
+        nr::MMAP | nr::MUNMAP | nr::MPROTECT | nr::MREMAP | nr::BRK | nr::MADVISE
+    )
+}
+
 /// After a call: commits tracking, sets the registers the program resumes with and delivers
 /// signals; `Some` if the thread leaves.
 fn finish_call(
@@ -606,8 +621,9 @@ fn finish_call(
     regs: &kvm_regs,
     served: Served,
     enters_cpl0: bool,
+    update: Option<&PageTableUpdate<'_>>,
 ) -> Result<Option<Leave>> {
-    g.tracking.commit(&ctx.vm, &mut g.kernel.mm)?;
+    g.tracking.commit(&ctx.vm, &mut g.kernel.mm, update)?;
     let flow = match served {
         Served::Kernel(f) => f,
         Served::ThreadExit(code) => return Ok(Some(Leave::Exit(code))),
@@ -649,7 +665,7 @@ fn finish_call(
     if let Some(end) = deliver(g, t, &mut user) {
         return Ok(Some(Leave::Process(Some(end))));
     }
-    g.tracking.commit(&ctx.vm, &mut g.kernel.mm)?;
+    g.tracking.commit(&ctx.vm, &mut g.kernel.mm, update)?;
     let fd = t.vcpu.fd_mut();
     let r = &mut fd.sync_regs_mut().regs;
     *r = if enters_cpl0 {
@@ -747,7 +763,7 @@ fn alarm_between_instructions(
     if let Some(end) = deliver(g, t, &mut user) {
         return Ok(Some(end));
     }
-    g.tracking.commit(&ctx.vm, &mut g.kernel.mm)?;
+    g.tracking.commit(&ctx.vm, &mut g.kernel.mm, None)?;
     let fd = t.vcpu.fd_mut();
     if pending {
         fd.sync_regs_mut().regs = user;
