@@ -24,6 +24,8 @@ mod memtest;
 mod misc;
 #[path = "process/oracle.rs"]
 mod oracle;
+#[path = "process/remap.rs"]
+mod remap;
 #[path = "process/review13.rs"]
 mod review13;
 #[path = "process/signals.rs"]
