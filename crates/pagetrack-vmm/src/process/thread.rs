@@ -6,8 +6,11 @@
 //!   serves a system call, never while its vCPU runs. A thread that waits (`futex`,
 //!   `rt_sigtimedwait`, and with more than one thread `nanosleep`, `clock_nanosleep`
 //!   (relative or `TIMER_ABSTIME`), `pause`, `rt_sigsuspend`) waits on the condition variable [`Ctx::wake`], which releases the mutex. An address-space change
-//!   one thread makes reaches the others before they run again: dropping stale translations
-//!   pauses every vCPU (the backend's gate) while the mutex is held.
+//!   one thread makes (`mmap`, `munmap`, `mprotect`, `mremap`, `brk`, `madvise`) runs inside
+//!   one [`Vm::page_table_update`], taken under the mutex, until its frames are released:
+//!   every other vCPU is outside `KVM_RUN`, and every store pagetrack completes in userspace
+//!   for another thread happens entirely before the change or translates through the new
+//!   tables after it, never into a frame the change freed.
 //! - **Per thread.** Its vCPU (FS base from `CLONE_SETTLS`, registers of the `clone` caller
 //!   with RAX 0 and the new stack), tid (the main thread's is the pid, 1000; then 1001,
 //!   1002...), `set_tid_address`/`CLONE_CHILD_CLEARTID` address (zeroed and woken as a futex
