@@ -26,6 +26,8 @@ mod misc;
 mod oracle;
 #[path = "process/remap.rs"]
 mod remap;
+#[path = "process/restart.rs"]
+mod restart;
 #[path = "process/review13.rs"]
 mod review13;
 #[path = "process/signals.rs"]

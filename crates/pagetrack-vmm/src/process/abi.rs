@@ -22,6 +22,12 @@ errnos! {
     ENAMETOOLONG = 36, ENOSYS = 38, EINTR = 4, ERESTARTSYS = 512, EAGAIN = 11, ETIMEDOUT = 110,
 }
 
+/// A wait a signal interrupted, of a call Linux ends with `ERESTARTSYS` (`read`, `write`,
+/// `readv`, `writev`, a waiting record lock, `FUTEX_WAIT` without a timeout): after the signal
+/// is delivered, the call is restarted if the handler has `SA_RESTART` (or no handler runs),
+/// else it returns `EINTR`. Internal: it never reaches the program.
+pub const EINTR_RESTARTABLE: Errno = Errno(0x1_0000 | EINTR.0);
+
 impl Errno {
     /// The errno of a host I/O error (the host is Linux, so the numbers are the guest's).
     pub fn from_io(e: &std::io::Error) -> Errno {

@@ -32,6 +32,8 @@ pub const SI_TKILL: i32 = -6;
 const SIG_DFL: u64 = 0;
 const SIG_IGN: u64 = 1;
 const SA_ONSTACK: u64 = 0x0800_0000;
+/// `SA_RESTART`: a system call the handler's signal interrupted is restarted.
+pub const SA_RESTART: u64 = 0x1000_0000;
 const SA_NODEFER: u64 = 0x4000_0000;
 const SA_RESETHAND: u64 = 0x8000_0000;
 /// `SS_ONSTACK`, `SS_DISABLE`.

@@ -37,7 +37,10 @@
 //!   process and by its own eventfd, which a signal for it (`tgkill`, `kill`) writes to; then
 //!   the call is served again. A signal the thread may take ends the wait with `EINTR` (a
 //!   write that wrote some returns its count), so `exit_group` or a signal from another
-//!   thread ends it.
+//!   thread ends it. As on Linux, an interrupted `read`, `readv`, `write`, `writev`, waiting
+//!   record lock or `FUTEX_WAIT` without a timeout (the calls Linux ends with
+//!   `ERESTARTSYS`) is restarted instead when the handler has `SA_RESTART` or no handler
+//!   runs: the program resumes on its `syscall` with the call's number.
 //! - **Limits.** `SIGALRM` between two instructions reaches the main thread only; other threads take signals when a system call returns.
 //!   Only the main vCPU keeps the kvmclock page up to date; the others read it with their
 //!   own TSC, which KVM keeps synchronized.
@@ -54,8 +57,8 @@ use kvm_ioctls::SyncReg;
 use pagetrack_kvm::{Exit, PageTableUpdate, Vcpu, VcpuStopper, Vm};
 
 use super::abi::{
-    E2BIG, EAGAIN, EFAULT, EINTR, EINVAL, ENOSYS, EPERM, ERESTARTSYS, ESRCH, ETIMEDOUT, Errno,
-    SysResult, nr,
+    E2BIG, EAGAIN, EFAULT, EINTR, EINTR_RESTARTABLE, EINVAL, ENOSYS, EPERM, ERESTARTSYS, ESRCH,
+    ETIMEDOUT, Errno, SysResult, nr,
 };
 use super::mm::{PAGE, STUB_VA};
 use super::signal::{self, ThreadSignals};
@@ -638,7 +641,15 @@ fn finish_call(
         rflags: regs.r11,
         ..*regs
     };
+    // A restartable wait a signal ended: EINTR unless the signal's handler has SA_RESTART
+    // or no handler runs; then the program re-executes its `syscall` (2 bytes) with the
+    // call's number, as Linux restarts an ERESTARTSYS call.
+    let mut restart = None;
     match flow {
+        Flow::Return(v) if v == ret(Err(EINTR_RESTARTABLE)) => {
+            user.rax = ret(Err(EINTR));
+            restart = Some((regs.rcx.wrapping_sub(2), regs.rax));
+        }
         Flow::Return(v) => user.rax = v,
         Flow::SigReturn => {
             let mut frame =
@@ -665,7 +676,7 @@ fn finish_call(
             )))));
         }
     }
-    if let Some(end) = deliver(g, t, &mut user) {
+    if let Some(end) = deliver(g, t, &mut user, restart) {
         return Ok(Some(Leave::Process(Some(end))));
     }
     g.tracking.commit(&ctx.vm, &mut g.kernel.mm, update)?;
@@ -692,7 +703,22 @@ fn finish_call(
 /// resumes with: ignored ones are dropped, a handler gets its frame on the stack (one at a
 /// time; the next comes when the handler returns), a default action that ends the program
 /// ends the run.
-fn deliver(g: &mut Shared, t: &mut GuestThread, user: &mut kvm_regs) -> Option<ProcessEnd> {
+///
+/// `restart` (RIP of the `syscall` and the call's number) is a call a signal interrupted
+/// that Linux restarts after a handler with `SA_RESTART`, or when no handler runs; `user`
+/// then returns `EINTR` otherwise.
+fn deliver(
+    g: &mut Shared,
+    t: &mut GuestThread,
+    user: &mut kvm_regs,
+    restart: Option<(u64, u64)>,
+) -> Option<ProcessEnd> {
+    let restart_at = |user: &mut kvm_regs| {
+        if let Some((rip, nr)) = restart {
+            user.rip = rip;
+            user.rax = nr;
+        }
+    };
     while let Some(d) = g.kernel.signals.take() {
         match d.disposition {
             signal::Disposition::Ignore => {}
@@ -705,6 +731,9 @@ fn deliver(g: &mut Shared, t: &mut GuestThread, user: &mut kvm_regs) -> Option<P
                 });
             }
             signal::Disposition::Handle(act) => {
+                if act.flags & signal::SA_RESTART != 0 {
+                    restart_at(user);
+                }
                 let (uid, _) = host_ids();
                 let (at, bytes, handler) =
                     g.kernel
@@ -733,6 +762,7 @@ fn deliver(g: &mut Shared, t: &mut GuestThread, user: &mut kvm_regs) -> Option<P
         }
     }
     g.kernel.signals.end_suspend();
+    restart_at(user);
     None
 }
 
@@ -763,7 +793,7 @@ fn alarm_between_instructions(
     if sregs.cs.dpl != 3 || user.rip & !(PAGE - 1) == STUB_VA {
         return Ok(None);
     }
-    if let Some(end) = deliver(g, t, &mut user) {
+    if let Some(end) = deliver(g, t, &mut user, None) {
         return Ok(Some(end));
     }
     g.tracking.commit(&ctx.vm, &mut g.kernel.mm, None)?;
@@ -930,6 +960,9 @@ fn deferring<'a>(
             g.kernel.defer_waits = false;
             let r = if p.written > 0 {
                 Ok(p.written as u64)
+            } else if matches!(n, nr::READ | nr::READV | nr::WRITE | nr::WRITEV | nr::FCNTL) {
+                // Linux's ERESTARTSYS calls; poll and select end with EINTR after a handler.
+                Err(EINTR_RESTARTABLE)
             } else {
                 Err(EINTR)
             };
@@ -1098,6 +1131,9 @@ fn futex<'a>(
             let r = match how {
                 WaitEnd::Done => Ok(Ok(0)),
                 WaitEnd::TimedOut => Ok(Err(ETIMEDOUT)),
+                // Linux: ERESTARTSYS without a timeout, else a restart block (EINTR after a
+                // handler).
+                WaitEnd::Signal if until.is_none() => Ok(Err(EINTR_RESTARTABLE)),
                 WaitEnd::Signal => Ok(Err(EINTR)),
                 WaitEnd::Deadline => Err(Stop::Deadline),
                 WaitEnd::Leave => Err(Stop::Leave),
