@@ -144,6 +144,7 @@ pub mod nr {
     pub const GETPGRP: u64 = 111;
     pub const SETSID: u64 = 112;
     pub const GETGROUPS: u64 = 115;
+    pub const RT_SIGPENDING: u64 = 127;
     pub const RT_SIGTIMEDWAIT: u64 = 128;
     pub const RT_SIGSUSPEND: u64 = 130;
     pub const SIGALTSTACK: u64 = 131;
