@@ -34,6 +34,10 @@
 //! 2. Otherwise C's `KVM_RUN` started after U's pause ended, i.e. after U released the lock
 //!    (the guard releases the lock before it reopens the gate): every translation of C, KVM's
 //!    included, sees U's tables, and U's frames are no longer reachable. C is entirely after U.
+//!    KVM's own translations are made afresh in each `KVM_RUN`, but for one case: a store or
+//!    load KVM splits into several MMIO exits is translated once, and its later fragments
+//!    arrive at the next entries with GPAs from before. U's pause also waits for every such
+//!    half-done instruction to finish ([`crate::gate`], continuations), so none spans U.
 //!
 //! So a store is applied through the tables it was translated with, to a frame that is still
 //! behind them (native: the store happened before the unmap), or it translates through the

@@ -278,15 +278,27 @@ impl Vcpu {
     /// A failed `KVM_RUN`, or a store that cannot be completed ([`Error::Unemulatable`]).
     pub fn run(&mut self) -> Result<Exit> {
         let idx = self.gate_index();
+        let here_vm = Arc::clone(&self.vm);
+        // Until `run` returns: pauses taken by this thread's notifiers do not wait for this
+        // vCPU's continuation, and returning drops it (see `gate.rs`).
+        let _here = here_vm.backend.gate.running_here(idx);
+        // The previous exit was an MMIO exit handled here: KVM may continue its instruction
+        // at this entry, which therefore happens even when stopped or out of budget.
+        let mut continuing = false;
         loop {
-            if let Some(b) = &self.budget
-                && !b.reserve()
-            {
-                return Ok(Exit::ExitLimit);
-            }
+            let budgeted = match &self.budget {
+                Some(b) if !b.reserve() => {
+                    if !continuing {
+                        return Ok(Exit::ExitLimit);
+                    }
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            };
             let kick = crate::sys::VcpuKick::current(&mut self.fd);
-            let Some(inside) = self.vm.backend.gate.enter(idx, &self.stop, kick) else {
-                if let Some(b) = &self.budget {
+            let Some(mut inside) = self.vm.backend.gate.enter(idx, &self.stop, kick) else {
+                if let (Some(b), true) = (&self.budget, budgeted) {
                     b.refund();
                 }
                 self.stop.store(false, Ordering::SeqCst);
@@ -297,9 +309,15 @@ impl Vcpu {
             // Still inside the gate: a page-table update waits for this exit's completion
             // (held until the exit is handled; see `update.rs`).
             let completing = vm.backend.updates.completing();
+            // An MMIO exit may be one fragment of a store or load KVM finishes at the next
+            // entry: until then, pauses wait for this vCPU (`gate.rs`).
+            continuing = matches!(res, Ok(VcpuExit::MmioWrite(..) | VcpuExit::MmioRead(..)));
+            if continuing {
+                inside.continues();
+            }
             // Leaves the gate (and resets `immediate_exit`); a panic in `run` leaves it too.
             drop(inside);
-            if let Some(b) = &self.budget {
+            if let (Some(b), true) = (&self.budget, budgeted) {
                 match &res {
                     Err(_) => b.refund(),
                     Ok(_) => b.spend(),
