@@ -15,6 +15,27 @@
 //! re-send the signal every 100 µs to cover a signal that landed just before the ioctl).
 //! `immediate_exit` is reset when the vCPU leaves, under the gate lock, while no kicker can
 //! reach it.
+//!
+//! ## Continuations: a pause also waits for instructions KVM has not finished
+//!
+//! A store that KVM splits into several MMIO exits (one per page it straddles, 8 bytes per
+//! exit for wider stores) is translated once, before the first exit; KVM sends each further
+//! fragment's GPA at the next `KVM_RUN`, without walking again, and finishes the instruction
+//! only then. A vCPU between two such exits is outside `KVM_RUN`, yet its instruction is
+//! half done on translations that may be stale after the pause (a VMM's page-table update
+//! that freed the frame behind the second fragment). So a vCPU leaves the gate *with a
+//! continuation* after an MMIO exit that [`crate::Vcpu::run`] handles itself and re-enters
+//! for, and a pause returns only when no vCPU has one (but the pauser's own, see below):
+//! such a vCPU may enter while the gate is closed, with `immediate_exit` set, which makes
+//! KVM finish the pending operation and return without running a guest instruction
+//! (Documentation/virt/kvm/api.rst, `immediate_exit`); a further fragment is one more exit,
+//! handled the same way. `Vcpu::run` never returns to its caller with a continuation
+//! counted: a stopped or budget-exhausted vCPU flushes first, and an exit returned to the
+//! VMM (device MMIO) drops the count (the VMM completes it by running the vCPU again).
+//!
+//! A pause taken on a vCPU's own thread while it handles an exit (a notifier that adds a
+//! track) does not wait for that vCPU's continuation: the vCPU cannot enter until the pause
+//! is over, and nothing a re-cut changes invalidates a fragment's GPA.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -40,6 +61,11 @@ struct State<K> {
     stopping: usize,
     /// How many times each vCPU entered `KVM_RUN`, by vCPU index.
     entries: Vec<u64>,
+    /// Per vCPU: it left `KVM_RUN` with an instruction KVM may continue at the next entry
+    /// (module docs).
+    continuation: Vec<bool>,
+    /// How many entries of `continuation` are set.
+    continuing: usize,
 }
 
 impl<K> Default for State<K> {
@@ -50,6 +76,8 @@ impl<K> Default for State<K> {
             running: 0,
             stopping: 0,
             entries: Vec::new(),
+            continuation: Vec::new(),
+            continuing: 0,
         }
     }
 }
@@ -76,11 +104,27 @@ pub(crate) struct Paused<'a, K: Kick> {
     gate: &'a Gate<K>,
 }
 
-/// A vCPU inside the gate (about to enter, or in, `KVM_RUN`); leaves on drop.
+/// A vCPU inside the gate (about to enter, or in, `KVM_RUN`); leaves on drop, with a
+/// continuation if [`Inside::continues`] said so.
 #[derive(Debug)]
 pub(crate) struct Inside<'a, K: Kick> {
     gate: &'a Gate<K>,
     index: usize,
+    continuation: bool,
+}
+
+thread_local! {
+    /// The gate (by address) and vCPU index this thread runs ([`Gate::running_here`]): a
+    /// pause taken here does not wait for that vCPU's continuation.
+    static HERE: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Marks the current thread as running one vCPU of a gate until it drops.
+#[derive(Debug)]
+pub(crate) struct RunningHere<'a, K: Kick> {
+    gate: &'a Gate<K>,
+    index: usize,
+    outer: Option<(usize, usize)>,
 }
 
 impl<K: Kick> Gate<K> {
@@ -92,37 +136,89 @@ impl<K: Kick> Gate<K> {
         self.cv.wait(s).unwrap_or_else(|e| e.into_inner())
     }
 
+    fn addr(&self) -> usize {
+        std::ptr::from_ref(self).addr()
+    }
+
+    /// Marks this thread as the one running vCPU `index` until the guard drops; the guard
+    /// also drops the vCPU's continuation, if any, when [`crate::Vcpu::run`] returns.
+    pub(crate) fn running_here(&self, index: usize) -> RunningHere<'_, K> {
+        let outer = HERE.with(|h| h.replace(Some((self.addr(), index))));
+        RunningHere {
+            gate: self,
+            index,
+            outer,
+        }
+    }
+
+    fn has_continuation(s: &State<K>, index: usize) -> bool {
+        s.continuation.get(index).copied().unwrap_or(false)
+    }
+
     /// Waits for the gate to be open, then marks vCPU `index` as inside `KVM_RUN` until the
     /// returned guard drops; `kick` is how pausers reach it meanwhile. Returns `None` instead
     /// if `stop` is set (checked under the gate lock, see [`Gate::stop`]).
+    ///
+    /// A vCPU with a continuation enters at once, closed gate or `stop` notwithstanding, but
+    /// then kicked: its `KVM_RUN` only finishes the pending instruction (module docs).
     pub(crate) fn enter(&self, index: usize, stop: &AtomicBool, kick: K) -> Option<Inside<'_, K>> {
         let mut s = self.lock();
-        while s.pauses > 0 {
+        let flush = loop {
+            if Self::has_continuation(&s, index) {
+                // SeqCst: as below.
+                break s.pauses > 0 || stop.load(Ordering::SeqCst);
+            }
+            if s.pauses == 0 {
+                break false;
+            }
             s = self.wait(s);
-        }
+        };
         // SeqCst: pairs with the store in `stop`; the gate lock orders it against `inside`.
-        if stop.load(Ordering::SeqCst) {
+        if !flush && stop.load(Ordering::SeqCst) {
             return None;
+        }
+        if flush {
+            kick.kick();
         }
         if s.inside.len() <= index {
             s.inside.resize_with(index + 1, || None);
             s.entries.resize(index + 1, 0);
+            s.continuation.resize(index + 1, false);
         }
         s.entries[index] += 1;
         debug_assert!(s.inside[index].is_none(), "vCPU {index} entered twice");
         s.inside[index] = Some(kick);
         s.running += 1;
-        Some(Inside { gate: self, index })
+        Some(Inside {
+            gate: self,
+            index,
+            continuation: false,
+        })
     }
 
-    /// Marks vCPU `index` as outside `KVM_RUN` (the [`Inside`] guard's drop).
-    fn leave(&self, index: usize) {
+    fn set_continuation(s: &mut State<K>, index: usize, on: bool) {
+        if let Some(c) = s.continuation.get_mut(index)
+            && *c != on
+        {
+            *c = on;
+            if on {
+                s.continuing += 1;
+            } else {
+                s.continuing -= 1;
+            }
+        }
+    }
+
+    /// Marks vCPU `index` as outside `KVM_RUN` (the [`Inside`] guard's drop), with or without
+    /// a continuation.
+    fn leave(&self, index: usize, continuation: bool) {
         let mut s = self.lock();
         if let Some(k) = s.inside.get_mut(index).and_then(Option::take) {
             // Under the lock: no kicker can set it again before the next `enter`.
             k.reset();
             s.running -= 1;
         }
+        Self::set_continuation(&mut s, index, continuation);
         let wake = s.pauses > 0 || s.stopping > 0;
         drop(s);
         if wake {
@@ -165,19 +261,47 @@ impl<K: Kick> Gate<K> {
         }
     }
 
-    /// Closes the gate and returns once no vCPU is inside `KVM_RUN`; the gate reopens when
-    /// the returned guard drops.
+    /// Closes the gate and returns once no vCPU is inside `KVM_RUN` and none but this
+    /// thread's own has a continuation (module docs); the gate reopens when the returned
+    /// guard drops.
     pub(crate) fn pause(&self) -> Paused<'_, K> {
+        let own = HERE
+            .with(std::cell::Cell::get)
+            .and_then(|(gate, index)| (gate == self.addr()).then_some(index));
         let mut s = self.lock();
         s.pauses += 1;
-        // No vCPU enters while `pauses > 0`, so each one inside now needs one kick.
+        // Only vCPUs with a continuation enter while `pauses > 0`, and those enter kicked;
+        // so each one inside now needs one kick.
         for k in s.inside.iter().flatten() {
             k.kick();
         }
-        while s.running > 0 {
+        while s.running > 0
+            || s.continuing > usize::from(own.is_some_and(|i| Self::has_continuation(&s, i)))
+        {
             s = self.wait(s);
         }
         Paused { gate: self }
+    }
+}
+
+impl<K: Kick> Inside<'_, K> {
+    /// The `KVM_RUN` returned an exit that [`crate::Vcpu::run`] handles and re-enters for,
+    /// after which KVM may continue the instruction: the vCPU leaves with a continuation.
+    pub(crate) fn continues(&mut self) {
+        self.continuation = true;
+    }
+}
+
+impl<K: Kick> Drop for RunningHere<'_, K> {
+    fn drop(&mut self) {
+        HERE.with(|h| h.set(self.outer));
+        let mut s = self.gate.lock();
+        Gate::set_continuation(&mut s, self.index, false);
+        let wake = s.pauses > 0;
+        drop(s);
+        if wake {
+            self.gate.cv.notify_all();
+        }
     }
 }
 
@@ -193,7 +317,7 @@ impl<K: Kick> Drop for Paused<'_, K> {
 
 impl<K: Kick> Drop for Inside<'_, K> {
     fn drop(&mut self) {
-        self.gate.leave(self.index);
+        self.gate.leave(self.index, self.continuation);
     }
 }
 
@@ -355,6 +479,92 @@ mod tests {
         assert_eq!(run.kicks.load(Ordering::SeqCst), 1);
         let (_run2, kick2, _signal2) = fake();
         assert!(gate.enter(0, &stop, kick2).is_none());
+    }
+
+    /// A vCPU that left with a continuation keeps a pause waiting; it enters the closed
+    /// gate kicked (so KVM only finishes the instruction), and the pause returns once it
+    /// left without one.
+    #[test]
+    fn pause_waits_for_a_continuation_which_enters_the_closed_gate_kicked() {
+        let gate = Arc::new(Gate::<FakeKick>::default());
+        let stop = AtomicBool::new(false);
+        let (run, kick, _signal) = fake();
+        let (run2, kick2, _signal2) = fake();
+        let mut inside = gate.enter(0, &stop, kick).expect("not stopped");
+        inside.continues();
+        drop(inside);
+        let (paused_tx, paused) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let p = gate.pause();
+                paused_tx.send(()).expect("test thread waits");
+                drop(p);
+            });
+            // The pause cannot return while vCPU 0 has a continuation. Wait until it has
+            // closed the gate, then check it is still waiting.
+            while gate.lock().pauses == 0 {
+                std::thread::yield_now();
+            }
+            assert!(paused.try_recv().is_err(), "paused over a continuation");
+            // The flush entry: allowed although the gate is closed, and kicked.
+            let flush = gate.enter(0, &stop, kick2).expect("a continuation enters");
+            assert!(
+                run2.immediate_exit.load(Ordering::SeqCst),
+                "flush entry not kicked"
+            );
+            assert!(paused.try_recv().is_err(), "paused with the vCPU inside");
+            drop(flush); // "KVM_RUN" returned EINTR: no continuation any more
+            paused.recv().expect("the pause returns");
+        });
+        assert_eq!(run.kicks.load(Ordering::SeqCst), 0);
+        assert_eq!(run2.kicks.load(Ordering::SeqCst), 1);
+        assert_eq!(gate.lock().continuing, 0);
+    }
+
+    /// A pause taken on the thread running the vCPU (a notifier inside an exit) does not
+    /// wait for that vCPU's own continuation; returning from the run drops it.
+    #[test]
+    fn own_continuation_does_not_block_a_pause_and_is_dropped_on_return() {
+        let gate = Gate::<FakeKick>::default();
+        let stop = AtomicBool::new(false);
+        let (_run, kick, _signal) = fake();
+        {
+            let _here = gate.running_here(0);
+            let mut inside = gate.enter(0, &stop, kick).expect("not stopped");
+            inside.continues();
+            drop(inside);
+            drop(gate.pause()); // returns: its own continuation
+            assert_eq!(gate.lock().continuing, 1);
+        }
+        assert_eq!(gate.lock().continuing, 0, "dropped when the run returned");
+        // Another thread's pause now returns at once.
+        std::thread::scope(|s| {
+            s.spawn(|| drop(gate.pause()));
+        });
+    }
+
+    /// A stopped vCPU with a continuation still enters once (kicked) to finish it; the
+    /// entry after that is refused.
+    #[test]
+    fn stop_lets_a_continuation_finish_first() {
+        let gate = Gate::<FakeKick>::default();
+        let stop = AtomicBool::new(false);
+        let (_run, kick, _signal) = fake();
+        let (run2, kick2, _signal2) = fake();
+        let (_run3, kick3, _signal3) = fake();
+        let mut inside = gate.enter(0, &stop, kick).expect("not stopped");
+        inside.continues();
+        drop(inside);
+        gate.stop(0, &stop);
+        let flush = gate
+            .enter(0, &stop, kick2)
+            .expect("the continuation finishes");
+        assert!(
+            run2.immediate_exit.load(Ordering::SeqCst),
+            "flush entry not kicked"
+        );
+        drop(flush);
+        assert!(gate.enter(0, &stop, kick3).is_none(), "stopped");
     }
 
     #[test]

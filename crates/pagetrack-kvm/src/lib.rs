@@ -9,6 +9,14 @@
 //! real-time signal (`SIGRTMIN + 5`, with a no-op handler pagetrack installs once per
 //! process). One kick per vCPU suffices; nothing polls.
 //!
+//! ## Page-table updates
+//!
+//! Stores to tracked frames are completed in userspace after `KVM_RUN` returned. A VMM that
+//! edits guest page tables from userspace, or frees or reuses frames a translation led to,
+//! does so inside [`Vm::page_table_update`]: each completion then happens entirely before
+//! the update (through the old tables, to a frame still behind them) or entirely after it
+//! (through the new ones). The argument is in `docs/DESIGN-kvm.md` and `update.rs`.
+//!
 //! ## Dirty logging
 //!
 //! With [`VmConfig::with_dirty_log`], every memslot fragment carries
@@ -33,6 +41,7 @@ mod slots;
 mod store;
 mod string;
 mod sys;
+mod update;
 mod vcpu;
 mod vm;
 
@@ -43,5 +52,6 @@ pub use pagetrack_x86::emulate;
 /// The guest page walker (moved to [`pagetrack_x86::walk`]).
 pub use pagetrack_x86::walk;
 pub use slots::FragmentStats;
+pub use update::PageTableUpdate;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
 pub use vm::{HostCaps, Vm, VmConfig, VmStats};

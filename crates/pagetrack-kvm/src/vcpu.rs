@@ -288,27 +288,49 @@ impl Vcpu {
     /// A failed `KVM_RUN`, or a store that cannot be completed ([`Error::Unemulatable`]).
     pub fn run(&mut self) -> Result<Exit> {
         let idx = self.gate_index();
+        let here_vm = Arc::clone(&self.vm);
+        // Until `run` returns: pauses taken by this thread's notifiers do not wait for this
+        // vCPU's continuation, and returning drops it (see `gate.rs`).
+        let _here = here_vm.backend.gate.running_here(idx);
+        // The previous exit was an MMIO exit handled here: KVM may continue its instruction
+        // at this entry, which therefore happens even when stopped or out of budget.
+        let mut continuing = false;
         loop {
-            if let Some(b) = &self.budget
-                && !b.reserve()
-            {
-                return Ok(Exit::ExitLimit);
-            }
+            let budgeted = match &self.budget {
+                Some(b) if !b.reserve() => {
+                    if !continuing {
+                        return Ok(Exit::ExitLimit);
+                    }
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            };
             let kick = crate::sys::VcpuKick::current(&mut self.fd);
             if self.single_step {
                 kick.arm();
             }
-            let Some(inside) = self.vm.backend.gate.enter(idx, &self.stop, kick) else {
-                if let Some(b) = &self.budget {
+            let Some(mut inside) = self.vm.backend.gate.enter(idx, &self.stop, kick) else {
+                if let (Some(b), true) = (&self.budget, budgeted) {
                     b.refund();
                 }
                 self.stop.store(false, Ordering::SeqCst);
                 return Ok(Exit::Stopped);
             };
+            let vm = Arc::clone(&self.vm);
             let res = self.fd.run();
+            // Still inside the gate: a page-table update waits for this exit's completion
+            // (held until the exit is handled; see `update.rs`).
+            let completing = vm.backend.updates.completing();
+            // An MMIO exit may be one fragment of a store or load KVM finishes at the next
+            // entry: until then, pauses wait for this vCPU (`gate.rs`).
+            continuing = matches!(res, Ok(VcpuExit::MmioWrite(..) | VcpuExit::MmioRead(..)));
+            if continuing {
+                inside.continues();
+            }
             // Leaves the gate (and resets `immediate_exit`); a panic in `run` leaves it too.
             drop(inside);
-            if let Some(b) = &self.budget {
+            if let (Some(b), true) = (&self.budget, budgeted) {
                 match &res {
                     Err(_) => b.refund(),
                     Ok(_) => b.spend(),
@@ -339,7 +361,6 @@ impl Vcpu {
             };
             self.exits += 1;
             let source = Source::Vcpu(self.index);
-            let vm = Arc::clone(&self.vm);
             let counters = &vm.backend.counters;
             match exit {
                 VcpuExit::MmioWrite(gpa, data) => {
@@ -368,10 +389,14 @@ impl Vcpu {
                     if read_ram(&self.vm, gpa, data) {
                         counters.ram_reads_served.fetch_add(1, Ordering::Relaxed);
                     } else {
+                        drop(completing); // the VMM's callback may update page tables
                         self.io.mmio_read(gpa, data);
                     }
                 }
-                VcpuExit::IoIn(port, data) => self.io.io_in(port, data),
+                VcpuExit::IoIn(port, data) => {
+                    drop(completing);
+                    self.io.io_in(port, data);
+                }
                 VcpuExit::IoOut(port, data) => {
                     return Ok(Exit::IoOut {
                         port,

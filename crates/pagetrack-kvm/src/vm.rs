@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::memory::TrackedMemory;
 use crate::slots::{FragmentStats, Fragments};
+use crate::update::PageTableUpdate;
 use crate::vcpu::Vcpu;
 
 /// How a [`Vm`] is set up.
@@ -203,6 +204,8 @@ pub(crate) struct Counters {
 pub(crate) struct Backend {
     pub(crate) vm_fd: VmFd,
     pub(crate) gate: Gate,
+    /// The address-space lock: completions against page-table updates (`update.rs`).
+    pub(crate) updates: crate::update::Updates,
     frags: Mutex<Fragments>,
     pub(crate) counters: Counters,
     /// Structures KVM writes itself (named by the guest through MSRs): never tracked.
@@ -523,6 +526,7 @@ impl Vm {
         let backend = Arc::new(Backend {
             vm_fd,
             gate: Gate::default(),
+            updates: crate::update::Updates::default(),
             frags: Mutex::new(Fragments::new(budget, chunk, config.dirty_log)),
             counters: Counters::default(),
             kvm_written: crate::pvmsr::KvmWritten::default(),
@@ -826,6 +830,29 @@ impl Vm {
         let mut frags = self.inner.backend.frags();
         let _paused = self.inner.backend.gate.pause();
         frags.recreate(&self.inner.backend.vm_fd, &gpas)
+    }
+
+    /// Starts a page-table update: pauses every vCPU (none is inside `KVM_RUN` until the
+    /// guard drops) and waits until no vCPU is completing a store in userspace.
+    ///
+    /// pagetrack completes stores to tracked frames in userspace after `KVM_RUN` returned:
+    /// it translates (KVM's walk, or a software walk of the guest page tables), then writes
+    /// guest memory. A VMM that changes guest page tables from userspace, or frees or reuses
+    /// frames a guest translation led to (a process VM's `munmap`, `mremap`, `mprotect`, a
+    /// shrinking `brk`), does so while holding this guard: every completion then either
+    /// finished before the update (the store landed through the old tables in a frame still
+    /// behind them, as a native store before the unmap) or translates through the new tables
+    /// after it (a #PF injected where nothing is mapped, as a native fault). Hold it from the
+    /// first page-table edit until the freed frames are released for reuse, including the
+    /// [`Vm::invalidate_translations`] in between (pausing again inside is fine).
+    ///
+    /// Lock order: a VMM may hold its own locks while it takes the guard, but notifiers
+    /// (which run inside completions) must never take the guard, nor wait for a thread that
+    /// is taking it, nor take a lock the VMM holds while it takes it. The guard is not
+    /// re-entrant: do not take it twice on one thread.
+    pub fn page_table_update(&self) -> PageTableUpdate<'_> {
+        let b = &self.inner.backend;
+        PageTableUpdate::new(b.updates.update(&b.gate))
     }
 
     /// Marks `frames` as holding guest page tables (or unmarks them). On shadow-paging hosts

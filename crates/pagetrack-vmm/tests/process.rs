@@ -24,8 +24,14 @@ mod memtest;
 mod misc;
 #[path = "process/oracle.rs"]
 mod oracle;
+#[path = "process/remap.rs"]
+mod remap;
+#[path = "process/restart.rs"]
+mod restart;
 #[path = "process/review13.rs"]
 mod review13;
+#[path = "process/review13b.rs"]
+mod review13b;
 #[path = "process/signals.rs"]
 mod signals;
 #[path = "process/sqlite.rs"]

@@ -22,6 +22,12 @@ errnos! {
     ENAMETOOLONG = 36, ENOSYS = 38, EINTR = 4, ERESTARTSYS = 512, EAGAIN = 11, ETIMEDOUT = 110,
 }
 
+/// A wait a signal interrupted, of a call Linux ends with `ERESTARTSYS` (`read`, `write`,
+/// `readv`, `writev`, a waiting record lock, `FUTEX_WAIT` without a timeout): after the signal
+/// is delivered, the call is restarted if the handler has `SA_RESTART` (or no handler runs),
+/// else it returns `EINTR`. Internal: it never reaches the program.
+pub const EINTR_RESTARTABLE: Errno = Errno(0x1_0000 | EINTR.0);
+
 impl Errno {
     /// The errno of a host I/O error (the host is Linux, so the numbers are the guest's).
     pub fn from_io(e: &std::io::Error) -> Errno {
@@ -138,6 +144,7 @@ pub mod nr {
     pub const GETPGRP: u64 = 111;
     pub const SETSID: u64 = 112;
     pub const GETGROUPS: u64 = 115;
+    pub const RT_SIGPENDING: u64 = 127;
     pub const RT_SIGTIMEDWAIT: u64 = 128;
     pub const RT_SIGSUSPEND: u64 = 130;
     pub const SIGALTSTACK: u64 = 131;

@@ -1221,6 +1221,14 @@ impl OpenFile {
                 Ok(k)
             }
             Node::File(_) if self.is_dir => return Err(EISDIR),
+            // A FIFO returns what it holds, as Linux: reading on for the rest would wait
+            // for more (in the host, holding the kernel's lock) that may never come.
+            Node::File(f) if self.fifo => loop {
+                match f.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    r => break r,
+                }
+            },
             Node::File(f) => read_full(f, &mut buf),
             Node::Stdout | Node::Stderr => return Err(EBADF),
         }

@@ -7,7 +7,9 @@
 //! An operation that changes or removes a *present* translation records the page-table frame
 //! that held it in [`Pending::stale_tables`]; the caller must have KVM drop its shadows of
 //! those frames ([`pagetrack_kvm::Vm::invalidate_translations`]) before the program runs again.
-//! Frames an operation frees are parked in [`Pending::freed`] and reused only after that.
+//! Frames an operation frees are parked in [`Pending::freed`] and reused only after that, and
+//! only inside a [`pagetrack_kvm::Vm::page_table_update`] (the tracking's commit), so no
+//! store completed in userspace can still be writing them.
 
 use std::collections::{BTreeMap, HashMap};
 

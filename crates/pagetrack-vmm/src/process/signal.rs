@@ -32,6 +32,8 @@ pub const SI_TKILL: i32 = -6;
 const SIG_DFL: u64 = 0;
 const SIG_IGN: u64 = 1;
 const SA_ONSTACK: u64 = 0x0800_0000;
+/// `SA_RESTART`: a system call the handler's signal interrupted is restarted.
+pub const SA_RESTART: u64 = 0x1000_0000;
 const SA_NODEFER: u64 = 0x4000_0000;
 const SA_RESETHAND: u64 = 0x8000_0000;
 /// `SS_ONSTACK`, `SS_DISABLE`.
@@ -203,11 +205,25 @@ impl Signals {
         self.set_blocked(mask);
     }
 
+    /// As [`Signals::suspend`], for `ppoll`/`pselect6`'s mask: a call served again after a
+    /// deferred wait keeps the mask saved the first time.
+    pub fn suspend_keep(&mut self, mask: u64) {
+        if self.saved.is_none() {
+            self.saved = Some(self.blocked);
+        }
+        self.set_blocked(mask);
+    }
+
     /// Puts back the mask `rt_sigsuspend` replaced, if no frame took it.
     pub fn end_suspend(&mut self) {
         if let Some(m) = self.saved.take() {
             self.set_blocked(m);
         }
+    }
+
+    /// `rt_sigpending`: the signals pending for the thread or the process that it blocks.
+    pub fn pending_blocked(&self) -> u64 {
+        (self.pending | self.thread_pending) & self.blocked
     }
 
     /// Sets the blocked mask (never `SIGKILL` or `SIGSTOP`).

@@ -476,7 +476,14 @@ impl Kernel {
             nr::POLL => self.poll(a[0], a[1], Wait::from_ms(int(a[2]))),
             nr::PPOLL => {
                 let wait = self.wait_timespec(a[2])?;
-                self.poll(a[0], a[1], wait)
+                let mask = if a[3] == 0 {
+                    None
+                } else if a[4] != 8 {
+                    return Err(EINVAL);
+                } else {
+                    Some(a[3])
+                };
+                self.with_wait_mask(mask, wait, |k, wait| k.poll(a[0], a[1], wait))
             }
             nr::SELECT => {
                 let wait = self.wait_timeval(a[4])?;
@@ -484,7 +491,22 @@ impl Kernel {
             }
             nr::PSELECT6 => {
                 let wait = self.wait_timespec(a[4])?;
-                self.select(signed(a[0]), [a[1], a[2], a[3]], wait)
+                // The sixth argument: { const sigset_t *ss; size_t ss_len; }.
+                let mask = if a[5] == 0 {
+                    None
+                } else {
+                    let mut b = [0u8; 16];
+                    self.mm.read_user(a[5], &mut b)?;
+                    let ss = u64::from_le_bytes(b[..8].try_into().map_err(|_| EFAULT)?);
+                    let len = u64::from_le_bytes(b[8..].try_into().map_err(|_| EFAULT)?);
+                    if ss != 0 && len != 8 {
+                        return Err(EINVAL);
+                    }
+                    (ss != 0).then_some(ss)
+                };
+                self.with_wait_mask(mask, wait, |k, wait| {
+                    k.select(signed(a[0]), [a[1], a[2], a[3]], wait)
+                })
             }
             nr::WRITE => self.write(signed(a[0]), a[1], a[2]),
             nr::READV => self.readv(signed(a[0]), a[1], a[2]),
@@ -510,6 +532,15 @@ impl Kernel {
             nr::BRK => Ok(self.mm.set_brk(a[0])),
             nr::RT_SIGACTION => self.sigaction(a[0], a[1], a[2], a[3]),
             nr::RT_SIGPROCMASK => self.sigprocmask(a[0], a[1], a[2], a[3]),
+            nr::RT_SIGPENDING => {
+                // Linux copies `sigsetsize` bytes, at most a sigset_t's 8.
+                let n = usize::try_from(a[1])
+                    .ok()
+                    .filter(|&n| n <= 8)
+                    .ok_or(EINVAL)?;
+                let set = self.signals.pending_blocked().to_le_bytes();
+                self.mm.write_user(a[0], &set[..n]).map(|()| 0)
+            }
             nr::SIGALTSTACK => self.sigaltstack(a[0], a[1], vcpu),
             nr::PAUSE => self.pause(),
             nr::RT_SIGSUSPEND => {
@@ -810,6 +841,40 @@ impl Kernel {
             out[*i] = p.revents().bits().cast_signed();
         }
         Ok(out)
+    }
+
+    /// `ppoll`/`pselect6` with signal mask `mask` (the address of a `sigset_t`): the mask
+    /// is the thread's for the call, as `rt_sigsuspend`'s; the old one comes back when the
+    /// call returns, or when the handler of a signal the mask let in returns. As Linux, the
+    /// descriptors are looked at first; if none is ready and a signal may be taken, the
+    /// call fails with `EINTR` instead of waiting.
+    fn with_wait_mask(
+        &mut self,
+        mask: Option<u64>,
+        mut wait: Wait,
+        call: impl FnOnce(&mut Kernel, Wait) -> SysResult,
+    ) -> SysResult {
+        if let Some(va) = mask {
+            let mut b = [0u8; 8];
+            self.mm.read_user(va, &mut b)?;
+            self.signals.suspend_keep(u64::from_le_bytes(b));
+        }
+        self.check_alarm();
+        let interrupted = self.signals.deliverable();
+        if interrupted {
+            wait = Wait::For(Duration::ZERO);
+        }
+        let r = match call(self, wait) {
+            Ok(0) if interrupted => Err(EINTR),
+            r => r,
+        };
+        // Linux restores the old mask at once unless the call was interrupted (a handler
+        // then runs under the call's mask, and its frame brings the old one back); a
+        // deferred wait keeps the call's mask until it is served again.
+        if mask.is_some() && !matches!(r, Err(EINTR | ERESTARTSYS)) {
+            self.signals.end_suspend();
+        }
+        r
     }
 
     fn poll(&mut self, fds: u64, nfds: u64, wait: Wait) -> SysResult {

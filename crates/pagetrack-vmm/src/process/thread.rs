@@ -6,8 +6,11 @@
 //!   serves a system call, never while its vCPU runs. A thread that waits (`futex`,
 //!   `rt_sigtimedwait`, and with more than one thread `nanosleep`, `clock_nanosleep`
 //!   (relative or `TIMER_ABSTIME`), `pause`, `rt_sigsuspend`) waits on the condition variable [`Ctx::wake`], which releases the mutex. An address-space change
-//!   one thread makes reaches the others before they run again: dropping stale translations
-//!   pauses every vCPU (the backend's gate) while the mutex is held.
+//!   one thread makes (`mmap`, `munmap`, `mprotect`, `mremap`, `brk`, `madvise`) runs inside
+//!   one [`Vm::page_table_update`], taken under the mutex, until its frames are released:
+//!   every other vCPU is outside `KVM_RUN`, and every store pagetrack completes in userspace
+//!   for another thread happens entirely before the change or translates through the new
+//!   tables after it, never into a frame the change freed.
 //! - **Per thread.** Its vCPU (FS base from `CLONE_SETTLS`, registers of the `clone` caller
 //!   with RAX 0 and the new stack), tid (the main thread's is the pid, 1000; then 1001,
 //!   1002...), `set_tid_address`/`CLONE_CHILD_CLEARTID` address (zeroed and woken as a futex
@@ -34,7 +37,10 @@
 //!   process and by its own eventfd, which a signal for it (`tgkill`, `kill`) writes to; then
 //!   the call is served again. A signal the thread may take ends the wait with `EINTR` (a
 //!   write that wrote some returns its count), so `exit_group` or a signal from another
-//!   thread ends it.
+//!   thread ends it. As on Linux, an interrupted `read`, `readv`, `write`, `writev`, waiting
+//!   record lock or `FUTEX_WAIT` without a timeout (the calls Linux ends with
+//!   `ERESTARTSYS`) is restarted instead when the handler has `SA_RESTART` or no handler
+//!   runs: the program resumes on its `syscall` with the call's number.
 //! - **Limits.** `SIGALRM` between two instructions reaches the main thread only; other threads take signals when a system call returns.
 //!   Only the main vCPU keeps the kvmclock page up to date; the others read it with their
 //!   own TSC, which KVM keeps synchronized.
@@ -48,11 +54,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::SyncReg;
-use pagetrack_kvm::{Exit, Vcpu, VcpuStopper, Vm};
+use pagetrack_kvm::{Exit, PageTableUpdate, Vcpu, VcpuStopper, Vm};
 
 use super::abi::{
-    E2BIG, EAGAIN, EFAULT, EINTR, EINVAL, ENOSYS, EPERM, ERESTARTSYS, ESRCH, ETIMEDOUT, Errno,
-    SysResult, nr,
+    E2BIG, EAGAIN, EFAULT, EINTR, EINTR_RESTARTABLE, EINVAL, ENOSYS, EPERM, ERESTARTSYS, ESRCH,
+    ETIMEDOUT, Errno, SysResult, nr,
 };
 use super::mm::{PAGE, STUB_VA};
 use super::signal::{self, ThreadSignals};
@@ -459,7 +465,7 @@ pub(crate) fn run_thread(
     }
     if g.end.is_none() {
         let s = &mut *g;
-        if let Err(e) = s.tracking.commit(&ctx.vm, &mut s.kernel.mm) {
+        if let Err(e) = s.tracking.commit(&ctx.vm, &mut s.kernel.mm, None) {
             ctx.end_process(s, Err(e), Some(t.tid));
         }
     }
@@ -514,8 +520,14 @@ fn drive(
                     return Ok(Leave::Process(None));
                 }
                 g.swap_in(t.tid);
+                // A call that edits the page tables or frees frames runs as one page-table
+                // update, from its first edit to the release of its frames in the commit:
+                // no store another thread's vCPU completes in userspace overlaps it.
+                let update = edits_address_space(regs.rax).then(|| ctx.vm.page_table_update());
                 let (mut g, served) = serve(ctx, g, t, &regs);
-                let result = finish_call(ctx, &mut g, t, &regs, served, enters_cpl0);
+                let result =
+                    finish_call(ctx, &mut g, t, &regs, served, enters_cpl0, update.as_ref());
+                drop(update);
                 g.swap_out(t.tid);
                 if let Some(tx) = kick {
                     let alarm = g.kernel.alarm_at();
@@ -547,7 +559,7 @@ fn drive(
                     }
                     if g.kernel.mm.grow_stack(addr) {
                         let g = &mut *g;
-                        g.tracking.commit(&ctx.vm, &mut g.kernel.mm)?;
+                        g.tracking.commit(&ctx.vm, &mut g.kernel.mm, None)?;
                         t.stats.stack_faults += 1;
                         continue;
                     }
@@ -597,6 +609,15 @@ fn drive(
     }
 }
 
+/// Whether system call `n` may change or remove present translations or free frames (the
+/// failure path of any `mmap` unmaps what it mapped; `MADV_DONTNEED` zeroes pages in place).
+fn edits_address_space(n: u64) -> bool {
+    matches!(
+        n,
+        nr::MMAP | nr::MUNMAP | nr::MPROTECT | nr::MREMAP | nr::BRK | nr::MADVISE
+    )
+}
+
 /// After a call: commits tracking, sets the registers the program resumes with and delivers
 /// signals; `Some` if the thread leaves.
 fn finish_call(
@@ -606,8 +627,9 @@ fn finish_call(
     regs: &kvm_regs,
     served: Served,
     enters_cpl0: bool,
+    update: Option<&PageTableUpdate<'_>>,
 ) -> Result<Option<Leave>> {
-    g.tracking.commit(&ctx.vm, &mut g.kernel.mm)?;
+    g.tracking.commit(&ctx.vm, &mut g.kernel.mm, update)?;
     let flow = match served {
         Served::Kernel(f) => f,
         Served::ThreadExit(code) => return Ok(Some(Leave::Exit(code))),
@@ -619,7 +641,15 @@ fn finish_call(
         rflags: regs.r11,
         ..*regs
     };
+    // A restartable wait a signal ended: EINTR unless the signal's handler has SA_RESTART
+    // or no handler runs; then the program re-executes its `syscall` (2 bytes) with the
+    // call's number, as Linux restarts an ERESTARTSYS call.
+    let mut restart = None;
     match flow {
+        Flow::Return(v) if v == ret(Err(EINTR_RESTARTABLE)) => {
+            user.rax = ret(Err(EINTR));
+            restart = Some((regs.rcx.wrapping_sub(2), regs.rax));
+        }
         Flow::Return(v) => user.rax = v,
         Flow::SigReturn => {
             let mut frame =
@@ -646,10 +676,10 @@ fn finish_call(
             )))));
         }
     }
-    if let Some(end) = deliver(g, t, &mut user) {
+    if let Some(end) = deliver(g, t, &mut user, restart) {
         return Ok(Some(Leave::Process(Some(end))));
     }
-    g.tracking.commit(&ctx.vm, &mut g.kernel.mm)?;
+    g.tracking.commit(&ctx.vm, &mut g.kernel.mm, update)?;
     let fd = t.vcpu.fd_mut();
     let r = &mut fd.sync_regs_mut().regs;
     *r = if enters_cpl0 {
@@ -673,7 +703,22 @@ fn finish_call(
 /// resumes with: ignored ones are dropped, a handler gets its frame on the stack (one at a
 /// time; the next comes when the handler returns), a default action that ends the program
 /// ends the run.
-fn deliver(g: &mut Shared, t: &mut GuestThread, user: &mut kvm_regs) -> Option<ProcessEnd> {
+///
+/// `restart` (RIP of the `syscall` and the call's number) is a call a signal interrupted
+/// that Linux restarts after a handler with `SA_RESTART`, or when no handler runs; `user`
+/// then returns `EINTR` otherwise.
+fn deliver(
+    g: &mut Shared,
+    t: &mut GuestThread,
+    user: &mut kvm_regs,
+    restart: Option<(u64, u64)>,
+) -> Option<ProcessEnd> {
+    let restart_at = |user: &mut kvm_regs| {
+        if let Some((rip, nr)) = restart {
+            user.rip = rip;
+            user.rax = nr;
+        }
+    };
     while let Some(d) = g.kernel.signals.take() {
         match d.disposition {
             signal::Disposition::Ignore => {}
@@ -686,6 +731,9 @@ fn deliver(g: &mut Shared, t: &mut GuestThread, user: &mut kvm_regs) -> Option<P
                 });
             }
             signal::Disposition::Handle(act) => {
+                if act.flags & signal::SA_RESTART != 0 {
+                    restart_at(user);
+                }
                 let (uid, _) = host_ids();
                 let (at, bytes, handler) =
                     g.kernel
@@ -714,6 +762,7 @@ fn deliver(g: &mut Shared, t: &mut GuestThread, user: &mut kvm_regs) -> Option<P
         }
     }
     g.kernel.signals.end_suspend();
+    restart_at(user);
     None
 }
 
@@ -744,10 +793,10 @@ fn alarm_between_instructions(
     if sregs.cs.dpl != 3 || user.rip & !(PAGE - 1) == STUB_VA {
         return Ok(None);
     }
-    if let Some(end) = deliver(g, t, &mut user) {
+    if let Some(end) = deliver(g, t, &mut user, None) {
         return Ok(Some(end));
     }
-    g.tracking.commit(&ctx.vm, &mut g.kernel.mm)?;
+    g.tracking.commit(&ctx.vm, &mut g.kernel.mm, None)?;
     let fd = t.vcpu.fd_mut();
     if pending {
         fd.sync_regs_mut().regs = user;
@@ -911,6 +960,9 @@ fn deferring<'a>(
             g.kernel.defer_waits = false;
             let r = if p.written > 0 {
                 Ok(p.written as u64)
+            } else if matches!(n, nr::READ | nr::READV | nr::WRITE | nr::WRITEV | nr::FCNTL) {
+                // Linux's ERESTARTSYS calls; poll and select end with EINTR after a handler.
+                Err(EINTR_RESTARTABLE)
             } else {
                 Err(EINTR)
             };
@@ -1079,6 +1131,9 @@ fn futex<'a>(
             let r = match how {
                 WaitEnd::Done => Ok(Ok(0)),
                 WaitEnd::TimedOut => Ok(Err(ETIMEDOUT)),
+                // Linux: ERESTARTSYS without a timeout, else a restart block (EINTR after a
+                // handler).
+                WaitEnd::Signal if until.is_none() => Ok(Err(EINTR_RESTARTABLE)),
                 WaitEnd::Signal => Ok(Err(EINTR)),
                 WaitEnd::Deadline => Err(Stop::Deadline),
                 WaitEnd::Leave => Err(Stop::Leave),

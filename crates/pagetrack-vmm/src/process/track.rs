@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use pagetrack::{AsId, Gfn};
-use pagetrack_kvm::Vm;
+use pagetrack_kvm::{PageTableUpdate, Vm};
 
 use super::mm::{AddressSpace, Mapped, PAGE, PageKind};
 use crate::error::Result;
@@ -257,8 +257,21 @@ impl Tracking {
 
     /// Applies what the address space changed since the last call: drops stale translations,
     /// untracks and releases freed frames, tracks new ones.
-    pub(crate) fn commit(&mut self, vm: &Vm, mm: &mut AddressSpace) -> Result<()> {
+    ///
+    /// Freed frames are released for reuse, and stale translations dropped, only inside a
+    /// [`PageTableUpdate`]: `held` if the caller took one around the whole change (a system
+    /// call that edits the address space), else one taken here. No store pagetrack completes
+    /// in userspace can then still be writing a released frame (see
+    /// [`Vm::page_table_update`]).
+    pub(crate) fn commit(
+        &mut self,
+        vm: &Vm,
+        mm: &mut AddressSpace,
+        held: Option<&PageTableUpdate<'_>>,
+    ) -> Result<()> {
         let p = mm.take_pending();
+        let _update = (held.is_none() && !(p.freed.is_empty() && p.stale_tables.is_empty()))
+            .then(|| vm.page_table_update());
         if !p.stale_tables.is_empty() {
             let mut t: Vec<Gfn> = p.stale_tables.iter().map(|&g| Gfn(g)).collect();
             t.sort_unstable();

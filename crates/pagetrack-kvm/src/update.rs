@@ -1,0 +1,200 @@
+//! Page-table updates against userspace completions: the address-space lock.
+//!
+//! A store to a tracked frame exits `KVM_RUN`, and pagetrack completes it in userspace *after*
+//! `KVM_RUN` returned: it translates (KVM's own walk, whose result is the exit's GPA, or a
+//! software walk of the guest page tables in [`crate::walk`]), then writes guest memory and
+//! reports the event. The gate ([`crate::gate`]) pauses only vCPUs inside `KVM_RUN`, so
+//! without more, a VMM thread that edits guest page tables and frees the frame behind them
+//! (a process VM's `munmap`) could run in between, and the frame, handed to a new mapping
+//! and zero-filled, would receive the old store. Natively the store lands in the old page
+//! before the unmap, or faults after it.
+//!
+//! The address-space lock makes the two mutually exclusive:
+//!
+//! - **Completions hold it shared** ([`Updates::completing`], one acquisition per exit in
+//!   [`crate::Vcpu::run`]) from the moment `KVM_RUN` returns, *before the vCPU leaves the
+//!   gate*, until the exit has been handled: plain trapped stores, locked read-modify-writes
+//!   re-executed, `rep` string continuations, SIMD/x87 and other emulated stores, the
+//!   decision to inject a #PF, RAM loads served from guest memory, and the stall check. It is
+//!   released before an exit goes back to the VMM and before the VMM's [`crate::IoHandler`]
+//!   callbacks run.
+//! - **A VMM that changes guest page tables from userspace, or frees or repurposes frames a
+//!   translation led to, holds it exclusive** ([`crate::Vm::page_table_update`]), which first
+//!   pauses every vCPU (closes the gate and waits until none is inside `KVM_RUN`), then takes
+//!   the lock.
+//!
+//! ## Why a completion is then entirely before or entirely after an update
+//!
+//! Let U be an update and C a completion, whose translation was made either by KVM inside
+//! `KVM_RUN` (the vCPU counted inside the gate) or by the software walk, under the shared lock.
+//!
+//! 1. If C's vCPU was inside the gate when U's pause began, U's pause returns only after it
+//!    left, and it left holding the shared lock; U's exclusive acquisition then waits for C
+//!    to finish. C is entirely before U.
+//! 2. Otherwise C's `KVM_RUN` started after U's pause ended, i.e. after U released the lock
+//!    (the guard releases the lock before it reopens the gate): every translation of C, KVM's
+//!    included, sees U's tables, and U's frames are no longer reachable. C is entirely after U.
+//!    KVM's own translations are made afresh in each `KVM_RUN`, but for one case: a store or
+//!    load KVM splits into several MMIO exits is translated once, and its later fragments
+//!    arrive at the next entries with GPAs from before. U's pause also waits for every such
+//!    half-done instruction to finish ([`crate::gate`], continuations), so none spans U.
+//!
+//! So a store is applied through the tables it was translated with, to a frame that is still
+//! behind them (native: the store happened before the unmap), or it translates through the
+//! new tables (native: the access happened after; a #PF if it is unmapped now).
+//!
+//! ## Why it cannot deadlock
+//!
+//! A writer waits for or holds the lock only while it holds a pause, and while a pause is
+//! held no vCPU is inside the gate. Readers acquire only while inside the gate. So a reader
+//! never waits for the lock (it never meets a writer), and the only wait is a writer's, for
+//! completions in progress. A completion holding the lock shared may pause vCPUs (a notifier
+//! adding tracks, a page-table store that invalidates shadows): a pause waits only for vCPUs
+//! inside `KVM_RUN` to leave, and leaving never blocks. It takes the frame locks and the
+//! fragment table, never the gate's entry, and never any lock a VMM holds while it takes a
+//! [`PageTableUpdate`]. What is left to the VMM, documented on
+//! [`crate::Vm::page_table_update`]: a notifier (which runs inside completions) must not take
+//! a `PageTableUpdate` or wait for a thread that is taking one, and a VMM must not take one
+//! while it holds a lock its notifiers take.
+
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::gate::{Gate, Kick, Paused};
+
+/// The address-space lock (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Updates {
+    lock: RwLock<()>,
+}
+
+/// A completion in progress: the lock held shared.
+#[derive(Debug)]
+pub(crate) struct Completing<'a> {
+    _shared: RwLockReadGuard<'a, ()>,
+}
+
+impl Updates {
+    /// Holds the lock shared. Call only inside the gate (right after `KVM_RUN` returned, before
+    /// the [`crate::gate::Inside`] guard drops), and at most once per thread: then it never
+    /// waits (module docs).
+    pub(crate) fn completing(&self) -> Completing<'_> {
+        Completing {
+            _shared: self.lock.read().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    /// Pauses every vCPU of `gate`, then holds the lock exclusive: waits for the completions
+    /// in progress.
+    pub(crate) fn update<'a, K: Kick>(&'a self, gate: &'a Gate<K>) -> Update<'a, K> {
+        let paused = gate.pause();
+        let exclusive = self.lock.write().unwrap_or_else(|e| e.into_inner());
+        Update {
+            _exclusive: exclusive,
+            _paused: paused,
+        }
+    }
+}
+
+/// The lock held exclusive, with the vCPUs paused. Fields drop in order: the lock is released
+/// before the gate reopens.
+#[derive(Debug)]
+pub(crate) struct Update<'a, K: Kick> {
+    _exclusive: RwLockWriteGuard<'a, ()>,
+    _paused: Paused<'a, K>,
+}
+
+/// A page-table update in progress ([`crate::Vm::page_table_update`]): every vCPU is outside
+/// `KVM_RUN` and no store completion is in progress until it drops.
+#[derive(Debug)]
+#[must_use = "the update ends when the guard drops"]
+pub struct PageTableUpdate<'a> {
+    _update: Update<'a, crate::sys::VcpuKick>,
+}
+
+impl<'a> PageTableUpdate<'a> {
+    pub(crate) fn new(update: Update<'a, crate::sys::VcpuKick>) -> PageTableUpdate<'a> {
+        PageTableUpdate { _update: update }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::{Arc, mpsc};
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct NoKick(mpsc::Sender<()>);
+    impl Kick for NoKick {
+        fn kick(&self) {
+            self.0.send(()).ok();
+        }
+        fn reset(&self) {}
+    }
+
+    /// A vCPU that took the lock before leaving the gate keeps an update waiting until its
+    /// completion is over, and the update sees everything the completion wrote.
+    #[test]
+    fn update_waits_for_a_completion_that_left_the_gate() {
+        let gate = Gate::<NoKick>::default();
+        let updates = Updates::default();
+        let stop = AtomicBool::new(false);
+        let written = AtomicU32::new(0);
+        let (kick_tx, _kick_rx) = mpsc::channel();
+        let (left_tx, left) = mpsc::channel();
+        let (go_tx, go) = mpsc::channel::<()>();
+        let (done_tx, done) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let go = go; // moved: a Receiver is not Sync
+                let inside = gate.enter(0, &stop, NoKick(kick_tx)).expect("not stopped");
+                // "KVM_RUN" returned with a trapped store.
+                let completing = updates.completing();
+                drop(inside);
+                left_tx.send(()).expect("test thread waits");
+                go.recv().expect("test thread says go");
+                written.store(1, Ordering::SeqCst); // the completion's write
+                drop(completing);
+            });
+            left.recv().expect("the vCPU left the gate");
+            s.spawn(|| {
+                let u = updates.update(&gate);
+                done_tx
+                    .send(written.load(Ordering::SeqCst))
+                    .expect("test thread waits");
+                drop(u);
+            });
+            go_tx.send(()).expect("vCPU waits");
+            assert_eq!(
+                done.recv().expect("the update ends"),
+                1,
+                "the update ran before the completion finished"
+            );
+        });
+    }
+
+    /// An update in progress never blocks a vCPU's completion lock (the vCPU cannot be inside
+    /// the gate), and a vCPU that enters afterwards finds the lock free.
+    #[test]
+    fn completion_after_an_update_takes_the_lock_at_once() {
+        let gate = Arc::new(Gate::<NoKick>::default());
+        let updates = Updates::default();
+        let stop = AtomicBool::new(false);
+        let u = updates.update(&*gate);
+        let (entered_tx, entered) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let (tx, _rx) = mpsc::channel();
+                let inside = gate.enter(0, &stop, NoKick(tx)).expect("not stopped");
+                let c = updates.completing();
+                drop(inside);
+                drop(c);
+                entered_tx.send(()).expect("test thread waits");
+            });
+            assert!(entered.try_recv().is_err(), "entered during an update");
+            drop(u);
+            entered.recv().expect("enters once the update is over");
+        });
+    }
+}

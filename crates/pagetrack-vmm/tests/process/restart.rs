@@ -1,0 +1,136 @@
+//! Waits and signals (issue 13), each compared with a native run:
+//!
+//! - `SA_RESTART`: a thread blocked in `read` on a FIFO, or in `FUTEX_WAIT` without a
+//!   timeout, gets signals whose handler has `SA_RESTART` or not. As on Linux, the call is
+//!   restarted after an `SA_RESTART` handler and fails with `EINTR` otherwise
+//!   (`restart/restart.c`).
+//! - `ppoll`/`pselect6` signal masks: a blocked, pending signal the call's mask lets in ends
+//!   the wait with `EINTR` and runs its handler; a mask that keeps it blocked waits; a ready
+//!   descriptor is returned first and the signal stays pending under the old mask; single-
+//!   and multi-threaded (`pmask/pmask.c`).
+//!
+//! The C programs are built with `gcc -static -pthread` at test time.
+
+use std::process::Command;
+
+use pagetrack_testkit::kvm_or_skip;
+use pagetrack_vmm::process::{Input, Output, ProcessConfig, ProcessEnd, Region};
+
+use super::memtest::build;
+use super::{ENV, RUN_TIMEOUT, TempDir, run_config};
+
+const RESTART_C: &str = include_str!("restart/restart.c");
+const PMASK_C: &str = include_str!("pmask/pmask.c");
+
+fn fifo(d: &TempDir, name: &str) -> String {
+    let fifo = d.join(name);
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    fifo.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn interrupted_read_and_futex_wait_restart_only_with_sa_restart_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("restart");
+    let exe = build(&d.0, "restart", RESTART_C, &["-pthread"]);
+    for (call, flag) in [("read", "0"), ("read", "1"), ("futex", "0"), ("futex", "1")] {
+        let native_fifo = fifo(&d, &format!("native-{call}-{flag}"));
+        let native = Command::new(&exe)
+            .args([call, flag, &native_fifo])
+            .output()
+            .unwrap();
+        assert!(native.status.success(), "native {call} {flag} failed");
+        let want = String::from_utf8_lossy(&native.stdout).into_owned();
+        let restarted = if flag == "1" { "ok" } else { "EINTR" };
+        assert!(
+            want.contains("interrupted yes") && want.contains(restarted),
+            "native: {want}"
+        );
+        for regions in [vec![], vec![Region::Stack, Region::Heap, Region::Data]] {
+            let guest_fifo = fifo(&d, &format!("guest-{call}-{flag}-{}", regions.len()));
+            let cfg = ProcessConfig::new(&exe)
+                .args([call, flag, guest_fifo.as_str()])
+                .env(ENV)
+                .dir(&d.0)
+                .allow_write(&d.0)
+                .stdin(Input::Null)
+                .stdout(Output::Capture)
+                .stderr(Output::Capture)
+                .track(regions.clone())
+                .timeout(Some(RUN_TIMEOUT));
+            let run = run_config(kvm_ioctls::Kvm::new().unwrap(), cfg);
+            let o = &run.outcome;
+            assert_eq!(
+                o.end,
+                ProcessEnd::Exited(0),
+                "{call} {flag} {regions:?}: stderr {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout),
+                want,
+                "{call} {flag} {regions:?}: output differs from native"
+            );
+            if let Some(r) = &run.oracle {
+                r.assert_holds(&format!("{call} {flag}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn ppoll_and_pselect6_apply_their_signal_mask_during_the_wait_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("pmask");
+    let exe = build(&d.0, "pmask", PMASK_C, &["-pthread"]);
+    for extra in [None, Some("threaded")] {
+        let native_fifo = fifo(&d, &format!("native-{}", extra.is_some()));
+        let mut args = vec![native_fifo.as_str()];
+        args.extend(extra);
+        let native = Command::new(&exe).args(&args).output().unwrap();
+        assert!(native.status.success(), "native {extra:?} failed");
+        let want = String::from_utf8_lossy(&native.stdout).into_owned();
+        assert!(
+            want.contains("letting SIGUSR1 in: EINTR, handler ran 1"),
+            "native: {want}"
+        );
+        for regions in [vec![], vec![Region::Stack, Region::Heap, Region::Data]] {
+            let guest_fifo = fifo(&d, &format!("guest-{}-{}", extra.is_some(), regions.len()));
+            let mut args = vec![guest_fifo.as_str()];
+            args.extend(extra);
+            let cfg = ProcessConfig::new(&exe)
+                .args(args.iter().copied())
+                .env(ENV)
+                .dir(&d.0)
+                .allow_write(&d.0)
+                .stdin(Input::Null)
+                .stdout(Output::Capture)
+                .stderr(Output::Capture)
+                .track(regions.clone())
+                .timeout(Some(RUN_TIMEOUT));
+            let run = run_config(kvm_ioctls::Kvm::new().unwrap(), cfg);
+            let o = &run.outcome;
+            assert_eq!(
+                o.end,
+                ProcessEnd::Exited(0),
+                "{extra:?} {regions:?}: stderr {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout),
+                want,
+                "{extra:?} {regions:?}: output differs from native"
+            );
+            if let Some(r) = &run.oracle {
+                r.assert_holds(&format!("pmask {extra:?}"));
+            }
+        }
+    }
+}
