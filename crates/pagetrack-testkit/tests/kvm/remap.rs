@@ -145,6 +145,10 @@ fn stores_completed_in_userspace_never_overlap_a_page_table_update() {
         checker.updating.store(false, Ordering::SeqCst);
         drop(update);
     }
+    // The vCPUs go on through the last mapping.
+    wait_until("stores into the last frame", || {
+        checker.stores[usize::try_from(ROUNDS).unwrap()].load(Ordering::SeqCst) >= 1
+    });
     for s in &stoppers {
         s.stop();
     }
