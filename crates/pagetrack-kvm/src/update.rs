@@ -25,23 +25,29 @@
 //!
 //! ## Why a completion is then entirely before or entirely after an update
 //!
-//! Let U be an update and C a completion, whose translation was made either by KVM inside
-//! `KVM_RUN` (the vCPU counted inside the gate) or by the software walk, under the shared lock.
+//! Take an update U and an exit C of some vCPU. C's `KVM_RUN` is entered through the gate at
+//! `e`; its translations happen from `e` on (KVM's inside `KVM_RUN`, the software walks
+//! after); it takes the shared lock at `a`, still inside the gate (`e < a`), and releases it at
+//! `r`, after its last guest-memory write. U holds the pause over `[p, q]`, with no vCPU
+//! inside the gate in between, and the lock exclusive over `[x, y]`, `p <= x < y <= q` (the
+//! guard releases the lock before it reopens the gate); U edits tables and frees frames only
+//! within `[x, y]`, including dropping KVM's cached translations.
 //!
-//! 1. If C's vCPU was inside the gate when U's pause began, U's pause returns only after it
-//!    left, and it left holding the shared lock; U's exclusive acquisition then waits for C
-//!    to finish. C is entirely before U.
-//! 2. Otherwise C's `KVM_RUN` started after U's pause ended, i.e. after U released the lock
-//!    (the guard releases the lock before it reopens the gate): every translation of C, KVM's
-//!    included, sees U's tables, and U's frames are no longer reachable. C is entirely after U.
-//!    KVM's own translations are made afresh in each `KVM_RUN`, but for one case: a store or
-//!    load KVM splits into several MMIO exits is translated once, and its later fragments
-//!    arrive at the next entries with GPAs from before. U's pause also waits for every such
-//!    half-done instruction to finish ([`crate::gate`], continuations), so none spans U.
+//! - The lock orders C and U: `r < x` or `y < a`.
+//! - If `r < x`, C translated and wrote before U changed anything: it went through the old
+//!   tables into a frame still behind them. Native: the store happened before the unmap.
+//! - If `y < a`: the vCPU is inside the gate over `[e, a]`, which cannot meet `[p, q]`; as
+//!   `a > y >= p`, it follows that `e > q`. Every translation of C, KVM's included, sees U's
+//!   tables, in which U's freed frames are unreachable. Native: the access came after the
+//!   unmap (a #PF if nothing is mapped there now).
+//! - KVM translates afresh at each entry but in one case: a store or load it splits into
+//!   several MMIO exits is translated once, before the first exit, and its later fragments
+//!   arrive at later entries with GPAs from before. U's pause also waits until no vCPU has
+//!   such a half-done instruction ([`crate::gate`], continuations), so every exit of one
+//!   instruction falls on the same side of U.
 //!
-//! So a store is applied through the tables it was translated with, to a frame that is still
-//! behind them (native: the store happened before the unmap), or it translates through the
-//! new tables (native: the access happened after; a #PF if it is unmapped now).
+//! So a store is never applied to a frame through a translation that an update removed
+//! before the store's write.
 //!
 //! ## Why it cannot deadlock
 //!

@@ -145,7 +145,7 @@ fn stores_completed_in_userspace_never_overlap_a_page_table_update() {
         checker.updating.store(false, Ordering::SeqCst);
         drop(update);
     }
-    // And into the last frame, before they are stopped.
+    // The vCPUs go on through the last mapping.
     wait_until("stores into the last frame", || {
         checker.stores[usize::try_from(ROUNDS).unwrap()].load(Ordering::SeqCst) >= 1
     });

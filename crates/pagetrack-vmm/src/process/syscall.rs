@@ -1399,39 +1399,63 @@ impl Kernel {
 
     /// `sendfile`: from a file (at `*offset` when given) to any descriptor, at most
     /// `MAX_IO` at a time.
+    /// `sendfile`. The input is read where it stands without moving (`pread`) and advanced
+    /// by what was written, so that a write that must wait for room (a full FIFO) defers its
+    /// wait like any blocking call (the thread waits without the kernel's lock) and is
+    /// served again from where it stopped: `write_resume` then counts the bytes already
+    /// sent, whose input is consumed.
     fn sendfile(&mut self, out: i64, inp: i64, offset: u64, count: u64) -> SysResult {
+        let sent = std::mem::take(&mut self.write_resume);
         let fin = self.fd(inp)?;
         self.fd(out)?;
         // From a FIFO: EINVAL, as Linux (its data would be read without waiting for it).
         if !matches!(lock(&fin).node, Node::File(_)) || lock(&fin).fifo {
             return Err(EINVAL);
         }
-        let n = usize::try_from(count.min(MAX_IO)).map_err(|_| EINVAL)?;
+        let n = usize::try_from(count.min(MAX_IO))
+            .map_err(|_| EINVAL)?
+            .saturating_sub(sent);
         if n == 0 {
-            return Ok(0);
+            return Ok(sent as u64);
         }
-        let data = if offset != 0 {
+        let at = if offset != 0 {
             let mut b = [0u8; 8];
             self.mm.read_user(offset, &mut b)?;
             let at = u64::from_le_bytes(b);
             if at.cast_signed() < 0 {
                 return Err(EINVAL);
             }
-            let d = lock(&fin).pread(n, at)?;
-            self.mm
-                .write_user(offset, &(at + d.len() as u64).to_le_bytes())?;
-            d
+            at
         } else {
-            lock(&fin).read(n)?
+            lock(&fin).seek(0, 1)?
         };
+        let data = lock(&fin).pread(n, at)?;
         if data.is_empty() {
-            return Ok(0);
+            return Ok(sent as u64);
         }
-        // The input is read already: a write that would wait waits here, not served again.
-        let defer = std::mem::replace(&mut self.defer_waits, false);
         let r = self.write_bytes(out, &data);
-        self.defer_waits = defer;
-        r
+        let wrote = match &r {
+            Ok(k) => usize::try_from(*k).unwrap_or(0),
+            Err(ERESTARTSYS) => self.pending.as_ref().map_or(0, |p| p.written),
+            Err(_) => 0,
+        };
+        let to = at + wrote as u64;
+        if offset != 0 {
+            self.mm.write_user(offset, &to.to_le_bytes())?;
+        } else {
+            lock(&fin).seek(i64::try_from(to).map_err(|_| EINVAL)?, 0)?;
+        }
+        match r {
+            Ok(_) => Ok((sent + wrote) as u64),
+            Err(ERESTARTSYS) => {
+                if let Some(p) = &mut self.pending {
+                    p.written = sent + wrote;
+                }
+                Err(ERESTARTSYS)
+            }
+            Err(_) if sent > 0 => Ok(sent as u64),
+            Err(e) => Err(e),
+        }
     }
 
     fn chmodat(&mut self, dirfd: i64, path: u64, mode: u64, flags: u64) -> SysResult {

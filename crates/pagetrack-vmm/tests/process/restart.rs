@@ -8,10 +8,14 @@
 //!   the wait with `EINTR` and runs its handler; a mask that keeps it blocked waits; a ready
 //!   descriptor is returned first and the signal stays pending under the old mask; single-
 //!   and multi-threaded (`pmask/pmask.c`).
+//! - `sendfile` to a full FIFO waits without the kernel's lock, so the thread that drains
+//!   the FIFO runs meanwhile; every byte arrives once and the input offsets move by what
+//!   was sent (`sendfile/sendfile.c`).
 //!
 //! The C programs are built with `gcc -static -pthread` at test time.
 
 use std::process::Command;
+use std::time::Duration;
 
 use pagetrack_testkit::kvm_or_skip;
 use pagetrack_vmm::process::{Input, Output, ProcessConfig, ProcessEnd, Region};
@@ -21,6 +25,7 @@ use super::{ENV, RUN_TIMEOUT, TempDir, run_config};
 
 const RESTART_C: &str = include_str!("restart/restart.c");
 const PMASK_C: &str = include_str!("pmask/pmask.c");
+const SENDFILE_C: &str = include_str!("sendfile/sendfile.c");
 
 fn fifo(d: &TempDir, name: &str) -> String {
     let fifo = d.join(name);
@@ -131,6 +136,56 @@ fn ppoll_and_pselect6_apply_their_signal_mask_during_the_wait_as_natively() {
             if let Some(r) = &run.oracle {
                 r.assert_holds(&format!("pmask {extra:?}"));
             }
+        }
+    }
+}
+
+#[test]
+fn sendfile_to_a_full_fifo_lets_the_draining_thread_run_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("sendfile-full");
+    let exe = build(&d.0, "sendfile", SENDFILE_C, &["-pthread"]);
+    let native_fifo = fifo(&d, "native");
+    let data = d.join("native-data");
+    let native = Command::new(&exe)
+        .args([native_fifo.as_str(), data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(native.status.success(), "native run failed");
+    let want = String::from_utf8_lossy(&native.stdout).into_owned();
+    assert!(
+        want.contains("FIFO full (yes)") && want.ends_with(" 0 wrong\n"),
+        "native: {want}"
+    );
+    for regions in [vec![], vec![Region::Stack, Region::Heap, Region::Data]] {
+        let guest_fifo = fifo(&d, &format!("guest-{}", regions.len()));
+        let data = d.join(&format!("guest-data-{}", regions.len()));
+        let cfg = ProcessConfig::new(&exe)
+            .args([guest_fifo.as_str(), data.to_str().unwrap()])
+            .env(ENV)
+            .dir(&d.0)
+            .allow_write(&d.0)
+            .stdin(Input::Null)
+            .stdout(Output::Capture)
+            .stderr(Output::Capture)
+            .track(regions.clone())
+            // A wait under the kernel's lock is a deadlock: it ends here as a timeout.
+            .timeout(Some(Duration::from_secs(30)));
+        let run = run_config(kvm_ioctls::Kvm::new().unwrap(), cfg);
+        let o = &run.outcome;
+        assert_eq!(
+            o.end,
+            ProcessEnd::Exited(0),
+            "{regions:?}: stderr {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            want,
+            "{regions:?}: output differs from native"
+        );
+        if let Some(r) = &run.oracle {
+            r.assert_holds("sendfile");
         }
     }
 }
