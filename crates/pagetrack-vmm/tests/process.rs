@@ -28,6 +28,8 @@ mod oracle;
 mod remap;
 #[path = "process/review13.rs"]
 mod review13;
+#[path = "process/review13b.rs"]
+mod review13b;
 #[path = "process/signals.rs"]
 mod signals;
 #[path = "process/sqlite.rs"]

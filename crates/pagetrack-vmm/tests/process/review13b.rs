@@ -1,0 +1,92 @@
+//! Second review of issue 13's address-space lock, as a hostile program's author would attack
+//! it: stores whose completion takes more than one KVM exit, blocked threads and signals during
+//! address-space changes, many threads hammering while another unmaps, and whether constant
+//! trapped stores starve `munmap`. Each run is compared with a native run of the same program
+//! and has a timeout, so a hang or deadlock is a failure, not a stuck test.
+//!
+//! The C programs are under `review13b/`, built with `gcc -static -pthread` at test time.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use pagetrack_testkit::kvm_or_skip;
+use pagetrack_vmm::process::{Input, Output, ProcessConfig, ProcessEnd, Region};
+
+use super::memtest::build;
+use super::{ENV, GuestRun, TempDir, run_config};
+
+const SPLIT_C: &str = include_str!("review13b/split.c");
+
+/// No run here may take longer than this; a deadlock ends as a timeout well before.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs `exe args` in a process VM tracking `regions`, with `LIMIT`.
+fn guest(exe: &Path, args: &[&str], d: &TempDir, regions: Vec<Region>) -> GuestRun {
+    let cfg = ProcessConfig::new(exe)
+        .args(args.iter().copied())
+        .env(ENV)
+        .dir(&d.0)
+        .allow_write(&d.0)
+        .stdin(Input::Null)
+        .stdout(Output::Capture)
+        .stderr(Output::Capture)
+        .track(regions)
+        .timeout(Some(LIMIT));
+    run_config(kvm_ioctls::Kvm::new().unwrap(), cfg)
+}
+
+/// Native stdout of `exe args` (which must succeed).
+fn native(exe: &Path, args: &[&str]) -> String {
+    let out = Command::new(exe).args(args).output().unwrap();
+    assert!(out.status.success(), "native {args:?} failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The guest run ended as natively (status 0, same stdout) and the replay oracle holds.
+fn assert_as_natively(exe: &Path, args: &[&str], d: &TempDir, regions: Vec<Region>) {
+    let want = native(exe, args);
+    let run = guest(exe, args, d, regions.clone());
+    let o = &run.outcome;
+    assert_eq!(
+        o.end,
+        ProcessEnd::Exited(0),
+        "{args:?} {regions:?}: stderr {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        want,
+        "{args:?} {regions:?}: output differs from native"
+    );
+    if let Some(oracle) = run.oracle.as_ref() {
+        oracle.assert_holds(&format!("{args:?} {regions:?}"));
+    }
+}
+
+fn split_exe(d: &TempDir) -> PathBuf {
+    build(&d.0, "split", SPLIT_C, &["-pthread"])
+}
+
+/// An 8-byte store straddling two tracked pages exits twice (one MMIO fragment per page);
+/// KVM translates both pages before the first exit and sends the second fragment's GPA on
+/// the next `KVM_RUN`, without walking again. A `mmap(MAP_FIXED)` of the second page between
+/// the two exits frees its frame, a fresh mapping gets it, and the second fragment lands in
+/// the fresh page. Natively a fresh anonymous page is all zero.
+#[test]
+fn review13b_page_straddling_store_racing_map_fixed_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13b-straddle");
+    let exe = split_exe(&d);
+    assert_as_natively(&exe, &["straddle", "1000"], &d, vec![Region::Mmap]);
+}
+
+/// A 16-byte SSE store (`movdqu`) into a tracked page exits twice, 8 bytes each, to GPAs KVM
+/// computed before the first exit: the same race as the straddling store, within one page.
+#[test]
+fn review13b_sse_store_racing_map_fixed_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13b-sse");
+    let exe = split_exe(&d);
+    assert_as_natively(&exe, &["sse", "1000"], &d, vec![Region::Mmap]);
+}
