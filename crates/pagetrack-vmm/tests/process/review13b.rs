@@ -161,7 +161,7 @@ fn review13b_exit_group_during_address_space_churn_as_natively() {
 
 /// 63 threads (64 with the main one, the most pagetrack runs) each map a tracked page, fill
 /// and check it, `lock xadd`, `lock cmpxchg` and `xchg` shared tracked counters, and unmap
-/// it, 40 times: every word as written, every atomic counted once, no deadlock.
+/// it, 10 times: every word as written, every atomic counted once, no deadlock.
 #[test]
 fn review13b_63_threads_atomics_and_munmap_as_natively() {
     let _kvm = kvm_or_skip!();

@@ -165,7 +165,7 @@ static int exitgroup(void) {
 }
 
 #define MANY 63 /* with the main thread: 64, pagetrack's limit */
-#define PER 40
+#define PER 10
 static uint64_t *counter; /* tracked: lock xadd re-executed by pagetrack */
 
 static void *many_body(void *arg) {
