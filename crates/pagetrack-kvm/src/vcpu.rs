@@ -318,7 +318,9 @@ impl Vcpu {
                 return Ok(Exit::Stopped);
             };
             let vm = Arc::clone(&self.vm);
+            let entered = std::time::Instant::now();
             let res = self.fd.run();
+            let ran = entered.elapsed();
             // Still inside the gate: a page-table update waits for this exit's completion
             // (held until the exit is handled; see `update.rs`).
             let completing = vm.backend.updates.completing();
@@ -347,7 +349,7 @@ impl Vcpu {
                             self.deliver_single_step()?;
                         }
                     } else {
-                        self.check_stall()?;
+                        self.check_stall(ran)?;
                     }
                     continue;
                 }
@@ -625,7 +627,15 @@ impl Vcpu {
     /// exit happened since, and the instruction at RIP stores into a tracked frame, KVM is
     /// retrying it without ever exiting. Its state is the one before the instruction, so
     /// pagetrack completes the store itself, or stops with a typed error.
-    fn check_stall(&mut self) -> Result<()> {
+    ///
+    /// Only a `KVM_RUN` that lasted at least half a [`crate::vm::STALL_PERIOD`] counts: the
+    /// stall monitor kicks a vCPU only after a whole period inside one `KVM_RUN`, while the
+    /// kicks of a pause (an address-space change on another thread, a track) can interrupt
+    /// a vCPU twice before it ran a single instruction, which is no stall.
+    fn check_stall(&mut self, ran: std::time::Duration) -> Result<()> {
+        if ran < crate::vm::STALL_PERIOD / 2 {
+            return Ok(());
+        }
         let regs = self.fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
         let now = (regs.rip, self.exits);
         if self.last_interrupt.replace(now) != Some(now) {

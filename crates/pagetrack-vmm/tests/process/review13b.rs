@@ -17,6 +17,7 @@ use super::memtest::build;
 use super::{ENV, GuestRun, TempDir, run_config};
 
 const SPLIT_C: &str = include_str!("review13b/split.c");
+const STORM_C: &str = include_str!("review13b/storm.c");
 
 /// No run here may take longer than this; a deadlock ends as a timeout well before.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -89,4 +90,84 @@ fn review13b_sse_store_racing_map_fixed_as_natively() {
     let d = TempDir::new("r13b-sse");
     let exe = split_exe(&d);
     assert_as_natively(&exe, &["sse", "1000"], &d, vec![Region::Mmap]);
+}
+
+fn storm_exe(d: &TempDir) -> PathBuf {
+    build(&d.0, "storm", STORM_C, &["-pthread"])
+}
+
+/// While the main thread churns the address space (`mmap`, `munmap`, `mremap` shrink,
+/// `mmap(MAP_FIXED)`, `mprotect`, `brk` grow and shrink, `madvise(MADV_DONTNEED)`: every one
+/// an update), other threads wait on a futex in a tracked page, `nanosleep` with `SIGUSR1`
+/// delivered onto a tracked `sigaltstack`, hammer a tracked page, and finally `pread` into a
+/// buffer straddling two tracked pages: no deadlock, and everything as natively.
+#[test]
+fn review13b_blocked_threads_signals_and_reads_under_address_space_churn_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13b-blocked");
+    let exe = storm_exe(&d);
+    let data = d.join("r13b.dat");
+    let data = data.to_str().unwrap();
+    for regions in [vec![Region::Mmap], vec![Region::Writable]] {
+        assert_as_natively(&exe, &["blocked", "500", "once", data], &d, regions);
+    }
+}
+
+/// The same churn with the reader calling `pread` in a loop: a thread that makes system
+/// calls while another thread's address-space calls pause every vCPU.
+#[test]
+fn review13b_syscall_loop_under_address_space_churn_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13b-loop");
+    let exe = storm_exe(&d);
+    let data = d.join("r13b.dat");
+    let data = data.to_str().unwrap();
+    assert_as_natively(
+        &exe,
+        &["blocked", "500", "loop", data],
+        &d,
+        vec![Region::Mmap],
+    );
+}
+
+/// A thread calls `exit_group(7)` while the main thread is in its churn loop and two threads
+/// hammer a tracked page: the process ends with status 7, as natively, and does not hang.
+#[test]
+fn review13b_exit_group_during_address_space_churn_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13b-exitgroup");
+    let exe = storm_exe(&d);
+    let out = Command::new(&exe).arg("exitgroup").output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "native: {out:?}");
+    for regions in [vec![Region::Mmap], vec![Region::Writable]] {
+        let run = guest(&exe, &["exitgroup"], &d, regions.clone());
+        let o = &run.outcome;
+        assert_eq!(
+            o.end,
+            ProcessEnd::Exited(7),
+            "{regions:?}: stderr {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&out.stdout),
+            "{regions:?}"
+        );
+        if let Some(oracle) = run.oracle.as_ref() {
+            oracle.assert_holds(&format!("exit_group {regions:?}"));
+        }
+    }
+}
+
+/// 63 threads (64 with the main one, the most pagetrack runs) each map a tracked page, fill
+/// and check it, `lock xadd`, `lock cmpxchg` and `xchg` shared tracked counters, and unmap
+/// it, 10 times: every word as written, every atomic counted once, no deadlock.
+#[test]
+fn review13b_63_threads_atomics_and_munmap_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("r13b-many");
+    let exe = storm_exe(&d);
+    for regions in [vec![Region::Mmap], vec![Region::Writable]] {
+        assert_as_natively(&exe, &["many"], &d, regions);
+    }
 }
