@@ -49,7 +49,9 @@ use std::time::Duration;
 
 use kvm_ioctls::Kvm;
 use pagetrack::NotifierClass;
-use pagetrack_vmm::process::{Input, Output, Process, ProcessConfig, ProcessOutcome, Region};
+use pagetrack_vmm::process::{
+    Input, Output, Process, ProcessConfig, ProcessEnd, ProcessOutcome, Region,
+};
 
 use oracle::{Oracle, OracleReport};
 
@@ -174,6 +176,47 @@ pub fn run_config(kvm: Kvm, cfg: ProcessConfig) -> GuestRun {
         outcome,
         oracle,
         wall,
+    }
+}
+
+/// The configuration the C test programs run with: `exe args` in `d` (which it may write),
+/// the tests' environment, no input, output captured, `regions` tracked, `limit`.
+pub fn c_program(
+    exe: &Path,
+    args: &[&str],
+    d: &TempDir,
+    regions: Vec<Region>,
+    limit: Duration,
+) -> ProcessConfig {
+    ProcessConfig::new(exe)
+        .args(args.iter().copied())
+        .env(ENV)
+        .dir(&d.0)
+        .allow_write(&d.0)
+        .stdin(Input::Null)
+        .stdout(Output::Capture)
+        .stderr(Output::Capture)
+        .track(regions)
+        .timeout(Some(limit))
+}
+
+/// `run` exited with status 0 and printed `want` (the native output), and its replay oracle,
+/// if it tracked anything, holds; `what` names the case in failures.
+pub fn assert_ran_as_natively(run: &GuestRun, want: &str, what: &str) {
+    let o = &run.outcome;
+    assert_eq!(
+        o.end,
+        ProcessEnd::Exited(0),
+        "{what}: stderr {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        want,
+        "{what}: output differs from native"
+    );
+    if let Some(oracle) = &run.oracle {
+        oracle.assert_holds(what);
     }
 }
 

@@ -11,10 +11,10 @@
 use std::process::Command;
 
 use pagetrack_testkit::kvm_or_skip;
-use pagetrack_vmm::process::{Input, Output, ProcessConfig, ProcessEnd, Region};
+use pagetrack_vmm::process::Region;
 
 use super::memtest::build;
-use super::{ENV, RUN_TIMEOUT, TempDir, run_config};
+use super::{RUN_TIMEOUT, TempDir, assert_ran_as_natively, c_program, run_config};
 
 const REMAP_C: &str = include_str!("remap/remap.c");
 
@@ -34,29 +34,9 @@ fn stores_racing_munmap_mmap_and_mremap_of_their_page_land_only_where_native_all
             want.contains(" 0 fresh pages not zero, 0 foreign values, 0 moved marks lost"),
             "native: {want}"
         );
-        let cfg = ProcessConfig::new(&exe)
-            .args([rounds])
-            .env(ENV)
-            .dir(&d.0)
-            .stdin(Input::Null)
-            .stdout(Output::Capture)
-            .stderr(Output::Capture)
-            .track(regions.clone())
-            .timeout(Some(RUN_TIMEOUT));
+        let cfg = c_program(&exe, &[rounds], &d, regions.clone(), RUN_TIMEOUT);
         let run = run_config(kvm_ioctls::Kvm::new().unwrap(), cfg);
-        let o = &run.outcome;
-        assert_eq!(
-            o.end,
-            ProcessEnd::Exited(0),
-            "{regions:?}: stderr {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&o.stdout),
-            want,
-            "{regions:?}: output differs from native"
-        );
-        let oracle = run.oracle.as_ref().expect("tracked");
-        oracle.assert_holds(&format!("remap race {regions:?}"));
+        assert!(run.oracle.is_some(), "tracked");
+        assert_ran_as_natively(&run, &want, &format!("remap race {regions:?}"));
     }
 }

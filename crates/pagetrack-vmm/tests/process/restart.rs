@@ -18,10 +18,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use pagetrack_testkit::kvm_or_skip;
-use pagetrack_vmm::process::{Input, Output, ProcessConfig, ProcessEnd, Region};
+use pagetrack_vmm::process::Region;
 
 use super::memtest::build;
-use super::{ENV, RUN_TIMEOUT, TempDir, run_config};
+use super::{RUN_TIMEOUT, TempDir, assert_ran_as_natively, c_program, run_config};
 
 const RESTART_C: &str = include_str!("restart/restart.c");
 const PMASK_C: &str = include_str!("pmask/pmask.c");
@@ -60,32 +60,10 @@ fn interrupted_read_and_futex_wait_restart_only_with_sa_restart_as_natively() {
         );
         for regions in [vec![], vec![Region::Stack, Region::Heap, Region::Data]] {
             let guest_fifo = fifo(&d, &format!("guest-{call}-{flag}-{}", regions.len()));
-            let cfg = ProcessConfig::new(&exe)
-                .args([call, flag, guest_fifo.as_str()])
-                .env(ENV)
-                .dir(&d.0)
-                .allow_write(&d.0)
-                .stdin(Input::Null)
-                .stdout(Output::Capture)
-                .stderr(Output::Capture)
-                .track(regions.clone())
-                .timeout(Some(RUN_TIMEOUT));
+            let args = [call, flag, guest_fifo.as_str()];
+            let cfg = c_program(&exe, &args, &d, regions.clone(), RUN_TIMEOUT);
             let run = run_config(kvm_ioctls::Kvm::new().unwrap(), cfg);
-            let o = &run.outcome;
-            assert_eq!(
-                o.end,
-                ProcessEnd::Exited(0),
-                "{call} {flag} {regions:?}: stderr {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            assert_eq!(
-                String::from_utf8_lossy(&o.stdout),
-                want,
-                "{call} {flag} {regions:?}: output differs from native"
-            );
-            if let Some(r) = &run.oracle {
-                r.assert_holds(&format!("{call} {flag}"));
-            }
+            assert_ran_as_natively(&run, &want, &format!("{call} {flag} {regions:?}"));
         }
     }
 }
@@ -110,32 +88,9 @@ fn ppoll_and_pselect6_apply_their_signal_mask_during_the_wait_as_natively() {
             let guest_fifo = fifo(&d, &format!("guest-{}-{}", extra.is_some(), regions.len()));
             let mut args = vec![guest_fifo.as_str()];
             args.extend(extra);
-            let cfg = ProcessConfig::new(&exe)
-                .args(args.iter().copied())
-                .env(ENV)
-                .dir(&d.0)
-                .allow_write(&d.0)
-                .stdin(Input::Null)
-                .stdout(Output::Capture)
-                .stderr(Output::Capture)
-                .track(regions.clone())
-                .timeout(Some(RUN_TIMEOUT));
+            let cfg = c_program(&exe, &args, &d, regions.clone(), RUN_TIMEOUT);
             let run = run_config(kvm_ioctls::Kvm::new().unwrap(), cfg);
-            let o = &run.outcome;
-            assert_eq!(
-                o.end,
-                ProcessEnd::Exited(0),
-                "{extra:?} {regions:?}: stderr {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            assert_eq!(
-                String::from_utf8_lossy(&o.stdout),
-                want,
-                "{extra:?} {regions:?}: output differs from native"
-            );
-            if let Some(r) = &run.oracle {
-                r.assert_holds(&format!("pmask {extra:?}"));
-            }
+            assert_ran_as_natively(&run, &want, &format!("pmask {extra:?} {regions:?}"));
         }
     }
 }
@@ -160,32 +115,15 @@ fn sendfile_to_a_full_fifo_lets_the_draining_thread_run_as_natively() {
     for regions in [vec![], vec![Region::Stack, Region::Heap, Region::Data]] {
         let guest_fifo = fifo(&d, &format!("guest-{}", regions.len()));
         let data = d.join(&format!("guest-data-{}", regions.len()));
-        let cfg = ProcessConfig::new(&exe)
-            .args([guest_fifo.as_str(), data.to_str().unwrap()])
-            .env(ENV)
-            .dir(&d.0)
-            .allow_write(&d.0)
-            .stdin(Input::Null)
-            .stdout(Output::Capture)
-            .stderr(Output::Capture)
-            .track(regions.clone())
-            // A wait under the kernel's lock is a deadlock: it ends here as a timeout.
-            .timeout(Some(Duration::from_secs(30)));
+        // A wait under the kernel's lock is a deadlock: it ends here as a timeout.
+        let cfg = c_program(
+            &exe,
+            &[guest_fifo.as_str(), data.to_str().unwrap()],
+            &d,
+            regions.clone(),
+            Duration::from_secs(30),
+        );
         let run = run_config(kvm_ioctls::Kvm::new().unwrap(), cfg);
-        let o = &run.outcome;
-        assert_eq!(
-            o.end,
-            ProcessEnd::Exited(0),
-            "{regions:?}: stderr {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&o.stdout),
-            want,
-            "{regions:?}: output differs from native"
-        );
-        if let Some(r) = &run.oracle {
-            r.assert_holds("sendfile");
-        }
+        assert_ran_as_natively(&run, &want, &format!("sendfile {regions:?}"));
     }
 }

@@ -11,10 +11,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use pagetrack_testkit::kvm_or_skip;
-use pagetrack_vmm::process::{Input, Output, ProcessConfig, ProcessEnd, Region};
+use pagetrack_vmm::process::{ProcessEnd, Region};
 
 use super::memtest::build;
-use super::{ENV, GuestRun, TempDir, run_config};
+use super::{GuestRun, TempDir, assert_ran_as_natively, c_program, run_config};
 
 const SPLIT_C: &str = include_str!("review13b/split.c");
 const STORM_C: &str = include_str!("review13b/storm.c");
@@ -24,17 +24,10 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// Runs `exe args` in a process VM tracking `regions`, with `LIMIT`.
 fn guest(exe: &Path, args: &[&str], d: &TempDir, regions: Vec<Region>) -> GuestRun {
-    let cfg = ProcessConfig::new(exe)
-        .args(args.iter().copied())
-        .env(ENV)
-        .dir(&d.0)
-        .allow_write(&d.0)
-        .stdin(Input::Null)
-        .stdout(Output::Capture)
-        .stderr(Output::Capture)
-        .track(regions)
-        .timeout(Some(LIMIT));
-    run_config(kvm_ioctls::Kvm::new().unwrap(), cfg)
+    run_config(
+        kvm_ioctls::Kvm::new().unwrap(),
+        c_program(exe, args, d, regions, LIMIT),
+    )
 }
 
 /// Native stdout of `exe args` (which must succeed).
@@ -48,21 +41,7 @@ fn native(exe: &Path, args: &[&str]) -> String {
 fn assert_as_natively(exe: &Path, args: &[&str], d: &TempDir, regions: Vec<Region>) {
     let want = native(exe, args);
     let run = guest(exe, args, d, regions.clone());
-    let o = &run.outcome;
-    assert_eq!(
-        o.end,
-        ProcessEnd::Exited(0),
-        "{args:?} {regions:?}: stderr {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout),
-        want,
-        "{args:?} {regions:?}: output differs from native"
-    );
-    if let Some(oracle) = run.oracle.as_ref() {
-        oracle.assert_holds(&format!("{args:?} {regions:?}"));
-    }
+    assert_ran_as_natively(&run, &want, &format!("{args:?} {regions:?}"));
 }
 
 fn split_exe(d: &TempDir) -> PathBuf {
