@@ -296,18 +296,20 @@ impl Vcpu {
         // at this entry, which therefore happens even when stopped or out of budget.
         let mut continuing = false;
         loop {
-            let budgeted = match &self.budget {
+            // Out of budget with an instruction to finish: this entry only finishes it
+            // (`immediate_exit`), uncounted, and the next one returns `ExitLimit`.
+            let (budgeted, finish_only) = match &self.budget {
                 Some(b) if !b.reserve() => {
                     if !continuing {
                         return Ok(Exit::ExitLimit);
                     }
-                    false
+                    (false, true)
                 }
-                Some(_) => true,
-                None => false,
+                Some(_) => (true, false),
+                None => (false, false),
             };
             let kick = crate::sys::VcpuKick::current(&mut self.fd);
-            if self.single_step {
+            if self.single_step || finish_only {
                 kick.arm();
             }
             let Some(mut inside) = self.vm.backend.gate.enter(idx, &self.stop, kick) else {
