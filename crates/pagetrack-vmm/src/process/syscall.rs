@@ -18,13 +18,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::abi::{
-    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, EBADF, ECHILD, EEXIST, EFAULT,
-    EINTR, EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE,
+    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, EBADF, ECHILD, EFAULT, EINTR,
+    EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE,
     ERESTARTSYS, ESRCH, Errno, O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE,
     SysResult, nr,
 };
 use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, RecordLock, Sandbox, StdinState};
-use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
+use super::mm::{AddressSpace, PAGE, USER_END};
+use super::mmcalls;
 use super::signal::{self, SI_KERNEL, SI_TKILL, SI_USER, SIGALRM, SIGPIPE, Signals};
 use super::vdso::GuestClock;
 
@@ -1584,23 +1585,12 @@ impl Kernel {
     }
 
     fn mmap(&mut self, a: [u64; 6]) -> SysResult {
-        const MAP_SHARED: u64 = 1;
         const MAP_TYPE: u64 = 0xf;
-        const MAP_FIXED: u64 = 0x10;
-        const MAP_ANONYMOUS: u64 = 0x20;
-        const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
         const ENODEV: Errno = Errno(19);
         let [addr, len, prot, flags, fd, off] = a;
-        if len == 0 || !off.is_multiple_of(PAGE) || prot & !(0x7 | 0x0300_0000) != 0 {
-            return Err(EINVAL);
-        }
-        let prot = u32::try_from(prot & 7).map_err(|_| EINVAL)?;
-        if !matches!(flags & MAP_TYPE, 1..=3) {
-            return Err(EINVAL);
-        }
-        let len = page_up(len)?;
+        let (len, prot) = mmcalls::mmap_args(len, prot, flags, off)?;
         // The file whose bytes the mapping starts with; `/dev/zero` maps as anonymous memory.
-        let source = if flags & MAP_ANONYMOUS == 0 {
+        let source = if flags & mmcalls::MAP_ANONYMOUS == 0 {
             let f = self.fd(int(fd))?;
             let g = lock(&f);
             let Node::File(file) = &g.node else {
@@ -1627,30 +1617,7 @@ impl Kernel {
         } else {
             None
         };
-        let at = if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0 {
-            if !addr.is_multiple_of(PAGE) {
-                return Err(EINVAL);
-            }
-            let end = addr
-                .checked_add(len)
-                .filter(|&e| e <= USER_END)
-                .ok_or(ENOMEM)?;
-            if flags & MAP_FIXED_NOREPLACE != 0 {
-                if !self.mm.is_free(addr, end) {
-                    return Err(EEXIST);
-                }
-            } else {
-                self.mm.unmap(addr, len).map_err(|_| ENOMEM)?;
-            }
-            addr
-        } else {
-            self.mm.find_free(len, addr & !(PAGE - 1)).ok_or(ENOMEM)?
-        };
-        let _ = MAP_SHARED;
-        if let Err(e) = self.mm.map(at, len, prot, PageKind::Mmap) {
-            let _ = self.mm.unmap(at, len);
-            return Err(e);
-        }
+        let at = self.mm.mmap_place(addr, len, prot, flags)?;
         if let Some(f) = source
             && prot != 0
             && let Err(e) = self.fill_from(&f, at, len, off)
@@ -1679,78 +1646,15 @@ impl Kernel {
     }
 
     fn munmap(&mut self, addr: u64, len: u64) -> SysResult {
-        if !addr.is_multiple_of(PAGE) || len == 0 {
-            return Err(EINVAL);
-        }
-        self.mm.unmap(addr, page_up(len)?).map(|()| 0)
+        self.mm.munmap_call(addr, len)
     }
 
     fn mprotect(&mut self, addr: u64, len: u64, prot: u64) -> SysResult {
-        if !addr.is_multiple_of(PAGE) || prot & !(0x7 | 0x0300_0000) != 0 {
-            return Err(EINVAL);
-        }
-        let len = page_up(len)?;
-        if len == 0 {
-            return Ok(0);
-        }
-        let prot = u32::try_from(prot & 7).map_err(|_| EINVAL)?;
-        self.mm.protect(addr, len, prot).map(|()| 0)
+        self.mm.mprotect_call(addr, len, prot)
     }
 
     fn mremap(&mut self, a: [u64; 6]) -> SysResult {
-        const MAYMOVE: u64 = 1;
-        const FIXED: u64 = 2;
-        let [old, old_len, new_len, flags, new_addr, _] = a;
-        if !old.is_multiple_of(PAGE)
-            || new_len == 0
-            || old_len == 0
-            || flags & !(MAYMOVE | FIXED) != 0
-        {
-            return Err(EINVAL);
-        }
-        if flags & FIXED != 0 && flags & MAYMOVE == 0 {
-            return Err(EINVAL);
-        }
-        let (old_len, new_len) = (page_up(old_len)?, page_up(new_len)?);
-        let (_, area_end, prot, kind) = self.mm.area(old).ok_or(EFAULT)?;
-        if old + old_len > area_end || matches!(kind, PageKind::Stub | PageKind::System) {
-            return Err(EFAULT);
-        }
-        if flags & FIXED != 0 {
-            if !new_addr.is_multiple_of(PAGE)
-                || new_addr < old + old_len && old < new_addr + new_len
-            {
-                return Err(EINVAL);
-            }
-            self.mm.unmap(new_addr, new_len).map_err(|_| EINVAL)?;
-            if new_len < old_len {
-                self.mm.unmap(old + new_len, old_len - new_len)?;
-            }
-            self.mm.move_range(old, old_len.min(new_len), new_addr)?;
-            if new_len > old_len {
-                self.mm
-                    .map(new_addr + old_len, new_len - old_len, prot, kind)?;
-            }
-            return Ok(new_addr);
-        }
-        if new_len <= old_len {
-            if new_len < old_len {
-                self.mm.unmap(old + new_len, old_len - new_len)?;
-            }
-            return Ok(old);
-        }
-        let extra = new_len - old_len;
-        if self.mm.is_free(old + old_len, old + new_len) {
-            self.mm.map(old + old_len, extra, prot, kind)?;
-            return Ok(old);
-        }
-        if flags & MAYMOVE == 0 {
-            return Err(ENOMEM);
-        }
-        let dst = self.mm.find_free(new_len, 0).ok_or(ENOMEM)?;
-        self.mm.move_range(old, old_len, dst)?;
-        self.mm.map(dst + old_len, extra, prot, kind)?;
-        Ok(dst)
+        self.mm.mremap_call(a)
     }
 
     fn madvise(&mut self, addr: u64, len: u64, advice: u64) -> SysResult {
