@@ -56,7 +56,7 @@
 //! | kernel | pagetrack |
 //! |---|---|
 //! | `kvm_mmu_gfn_disallow_lpage` / `kvm_mmu_gfn_allow_lpage` (`disallow_lpage` counts) | kept on every add/remove; read by [`PageTracker::max_mapping_level`] → [`PageLevel`] |
-//! | `kvm_mmu_slot_gfn_write_protect` + `kvm_flush_remote_tlbs` | [`Enforcement::protect`] (pagetrack-kvm: the frame leaves every writable KVM memslot fragment before `add_gfn` returns) |
+//! | `kvm_mmu_slot_gfn_write_protect` + `kvm_flush_remote_tlbs` | [`Enforcement::protect`] (pagetrack-kvm: the frames move into read-only KVM memslot fragments before `add_gfn` returns) |
 //! | dropping write protection (lazily, on the next fault) | [`Enforcement::unprotect`] |
 //! | `page_fault_handle_page_track` | [`classify_fault`] with a [`FaultInfo`] → [`FaultAction`] |
 //! | `kvm_mmu_track_write` (KVM's own shadow-page coherence, v6.6+) | a [`NotifierClass::Coherence`] notifier, dispatched before ordinary ones |
