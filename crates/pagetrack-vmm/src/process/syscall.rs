@@ -24,10 +24,11 @@ use super::abi::{
     SysResult, nr,
 };
 use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, RecordLock, Sandbox, StdinState};
-use super::mm::{AddressSpace, PAGE, USER_END};
+use super::mm::{AddressSpace, GuestRam, PAGE, USER_END};
 use super::mmcalls;
 use super::signal::{self, SI_KERNEL, SI_TKILL, SI_USER, SIGALRM, SIGPIPE, Signals};
 use super::vdso::GuestClock;
+use pagetrack_kvm::TrackedMemory;
 
 /// `O_NONBLOCK`.
 const O_NONBLOCK: u64 = 0o4000;
@@ -175,8 +176,8 @@ impl SyscallCounts {
 
 /// The VMM's side of the process: its memory, files and identity.
 #[derive(Debug)]
-pub struct Kernel {
-    pub(crate) mm: AddressSpace,
+pub struct Kernel<M: GuestRam = TrackedMemory> {
+    pub(crate) mm: AddressSpace<M>,
     sandbox: Sandbox,
     fds: BTreeMap<i64, Fd>,
     stdout: Sink,
@@ -351,12 +352,16 @@ impl Wait {
 }
 
 /// Signals whose default action ends the process.
-impl Kernel {
+impl<M: GuestRam> Kernel<M> {
     /// A kernel for `mm`, with the standard streams and identity of `setup`.
     ///
     /// # Errors
     /// An `Input::File` standard input that cannot be opened (a sentence for the user).
-    pub fn new(mm: AddressSpace, sandbox: Sandbox, setup: KernelSetup) -> Result<Kernel, String> {
+    pub fn new(
+        mm: AddressSpace<M>,
+        sandbox: Sandbox,
+        setup: KernelSetup,
+    ) -> Result<Kernel<M>, String> {
         let stdin = match setup.stdin {
             Input::Inherit => OpenFile::stream(Node::Stdin(StdinState::Host), 0),
             Input::Null => OpenFile::stream(Node::Stdin(StdinState::Bytes(Default::default())), 0),
@@ -853,7 +858,7 @@ impl Kernel {
         &mut self,
         mask: Option<u64>,
         mut wait: Wait,
-        call: impl FnOnce(&mut Kernel, Wait) -> SysResult,
+        call: impl FnOnce(&mut Kernel<M>, Wait) -> SysResult,
     ) -> SysResult {
         if let Some(va) = mask {
             let mut b = [0u8; 8];
@@ -2040,3 +2045,4 @@ impl Kernel {
         self.put(buf, &b)
     }
 }
+
