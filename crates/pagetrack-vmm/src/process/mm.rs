@@ -66,6 +66,18 @@ pub trait GuestRam: std::fmt::Debug {
     fn read(&self, buf: &mut [u8], gpa: u64) -> SysResult<()>;
 }
 
+/// In unit tests: plain memory, no VM.
+#[cfg(test)]
+impl GuestRam for vm_memory::GuestMemoryMmap {
+    fn write(&self, buf: &[u8], gpa: u64) -> SysResult<()> {
+        vm_memory::Bytes::write_slice(self, buf, vm_memory::GuestAddress(gpa)).map_err(|_| EFAULT)
+    }
+
+    fn read(&self, buf: &mut [u8], gpa: u64) -> SysResult<()> {
+        vm_memory::Bytes::read_slice(self, buf, vm_memory::GuestAddress(gpa)).map_err(|_| EFAULT)
+    }
+}
+
 /// In a VM: every write is tracked (a tracked frame reports it as a device write).
 impl GuestRam for TrackedMemory {
     fn write(&self, buf: &[u8], gpa: u64) -> SysResult<()> {

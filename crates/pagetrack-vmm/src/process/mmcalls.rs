@@ -187,15 +187,6 @@ mod tests {
     use super::super::mm::{Frames, MMAP_TOP};
     use super::*;
 
-    impl GuestRam for GuestMemoryMmap {
-        fn write(&self, buf: &[u8], gpa: u64) -> SysResult<()> {
-            self.write_slice(buf, GuestAddress(gpa)).map_err(|_| EFAULT)
-        }
-        fn read(&self, buf: &mut [u8], gpa: u64) -> SysResult<()> {
-            self.read_slice(buf, GuestAddress(gpa)).map_err(|_| EFAULT)
-        }
-    }
-
     /// Guest RAM of the tests: 16 MiB; frames 1..65 for page tables, the rest general.
     const RAM_FRAMES: u64 = 4096;
     /// The window the random calls work in: 48 pages.

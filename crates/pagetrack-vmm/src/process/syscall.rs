@@ -2046,3 +2046,97 @@ impl<M: GuestRam> Kernel<M> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    //! System calls served on plain memory, without a VM: the kernel over an address space
+    //! on `GuestMemoryMmap`, called at the handlers below the register decoding (which needs
+    //! a vCPU).
+
+    use std::path::{Path, PathBuf};
+
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::super::mm::Frames;
+    use super::*;
+
+    const BUF: u64 = 0x4000_0000;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pagetrack-sys-{name}-{}", std::process::id()));
+        if d.exists() {
+            std::fs::remove_dir_all(&d).unwrap();
+        }
+        std::fs::create_dir_all(d.join("root")).unwrap();
+        std::fs::write(d.join("root/a.txt"), b"abc").unwrap();
+        std::fs::write(d.join("secret"), b"s").unwrap();
+        d
+    }
+
+    /// A kernel whose program reads under `root`, with two pages mapped at [`BUF`]: the first
+    /// read-write, the second read-only.
+    fn kernel(root: &Path) -> Kernel<GuestMemoryMmap> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mut mm = AddressSpace::new(mem, Frames::new((1, 65), (65, 1024)), true).unwrap();
+        mm.map(BUF, PAGE, PROT_READ | PROT_WRITE, PageKind::Mmap)
+            .unwrap();
+        mm.map(BUF + PAGE, PAGE, PROT_READ, PageKind::Mmap).unwrap();
+        let sandbox = Sandbox::new(root, &[], &[], root, Path::new("/bin/x")).unwrap();
+        let setup = KernelSetup {
+            stdin: Input::Null,
+            stdout: Output::Capture,
+            stderr: Output::Capture,
+            uid: 1000,
+            gid: 1000,
+            comm: b"x".to_vec(),
+            mem_bytes: 4 << 20,
+        };
+        Kernel::new(mm, sandbox, setup).unwrap()
+    }
+
+    use super::super::mm::PageKind;
+
+    #[test]
+    fn write_copies_user_bytes_out_and_faults_only_where_unmapped() {
+        let d = tmp("write");
+        let mut k = kernel(&d.join("root"));
+        k.mm.poke(BUF, b"hello").unwrap();
+        assert_eq!(k.write(1, BUF, 5), Ok(5));
+        // A buffer running off the mapped pages: the readable part is written (as Linux).
+        k.mm.poke(BUF + 2 * PAGE - 2, b"yz").unwrap();
+        assert_eq!(k.write(2, BUF + 2 * PAGE - 2, 10), Ok(2));
+        assert_eq!(
+            k.write(1, BUF + 2 * PAGE, 5),
+            Err(EFAULT),
+            "unmapped buffer"
+        );
+        assert_eq!(k.write(7, BUF, 5), Err(EBADF));
+        assert_eq!(k.take_output(), (b"hello".to_vec(), b"yz".to_vec()));
+    }
+
+    #[test]
+    fn openat_and_read_fill_user_memory_and_refuse_escapes_and_read_only_buffers() {
+        let d = tmp("read");
+        let mut k = kernel(&d.join("root"));
+        k.mm.poke(BUF + 0x100, b"a.txt\0../secret\0").unwrap();
+        let fd = k.openat(AT_FDCWD, BUF + 0x100, 0, 0).unwrap();
+        assert_eq!(fd, 3, "the lowest free descriptor");
+        assert_eq!(
+            k.openat(AT_FDCWD, BUF + 0x106, 0, 0),
+            Err(EACCES),
+            "escapes --dir"
+        );
+        assert_eq!(k.read(3, BUF + PAGE, 10), Err(EFAULT), "read-only buffer");
+        assert_eq!(
+            k.read(3, BUF + PAGE - 2, 10),
+            Ok(2),
+            "up to the read-only page"
+        );
+        assert_eq!(k.read(3, BUF, 10), Ok(1));
+        let mut got = [0u8; 3];
+        k.mm.read_user(BUF + PAGE - 2, &mut got[..2]).unwrap();
+        k.mm.read_user(BUF, &mut got[2..]).unwrap();
+        assert_eq!(&got, b"abc");
+        assert_eq!(k.read(3, BUF, 10), Ok(0), "end of file");
+        assert_eq!(k.read(9, BUF, 10), Err(EBADF));
+    }
+}
