@@ -8,7 +8,94 @@
 //! - `pagetrack bench`: the backend's costs on this host, measured in about a minute.
 //!
 //! Exit status: 0 success (the guest ended by port 0xf4 or HLT), 1 run failure, 2 usage error.
-//! Every subcommand is one file in `cmd/` and one variant of [`Command`].
+//! Every subcommand is one file in `cmd/` and one variant of [`Command`]. The kernel names of
+//! what it drives are in [`pagetrack::kernel_names`]; the library side is
+//! [`pagetrack_vmm`]'s walk-through.
+//!
+//! # Walk-through
+//!
+//! A binary's doc is not a doc-test (rustdoc runs doc-tests of libraries only): the steps
+//! are shell sessions, their output captured on a PVM host. The integration tests
+//! (`tests/cli.rs`) run these commands' kinds (tracked `run`s, usage errors, `exec`) and
+//! check the same JSON line formats, exit lines and statuses.
+//!
+//! 1. **Ask what the host offers.** `caps` needs `/dev/kvm`; `--json` gives one object
+//!    (`module`, `api_version`, `virtualization`, `paging`, `readonly_memslots`, `memslots`,
+//!    `memslot_budget`, ...).
+//!
+//! ```sh
+//! pagetrack caps
+//! pagetrack caps --json
+//! ```
+//!
+//! 2. **See tracking on the built-in guest.** `demo` runs a guest that stores to tracked and
+//!    untracked frames and reports what was seen and what it cost; `--events FILE|-` also
+//!    writes the JSON Lines below (with `-`, the human report goes to standard error).
+//!
+//! ```sh
+//! pagetrack demo --events -
+//! ```
+//!
+//! 3. **Run a flat image with a tracked range.** The image is loaded at `--load` (default
+//!    `0x1000`) and entered in `--mode long` (CPL3, default) or `real`; `--mem SIZE`,
+//!    `--vcpus N`, `--timeout SECS`, `--max-exits N` bound it. `--track` takes `ADDR`,
+//!    `ADDR+LEN` or `ADDR-END` (END exclusive, decimal or 0x-hex) and is repeatable; every
+//!    4 KiB frame it touches is tracked. The guest ends with `out 0xf4, al`.
+//!
+//! ```sh
+//! # mov byte [0x200008], 7; mov al, 0; out 0xf4, al
+//! printf '\xc6\x04\x25\x08\x00\x20\x00\x07\xb0\x00\xe6\xf4' > store.bin
+//! pagetrack run store.bin --mem 16M --track 0x200000+4096 --events -
+//! ```
+//!
+//! prints (the JSON Lines contract, README "The `pagetrack` command"):
+//!
+//! ```text
+//! {"type":"write","seq":1,"source":"vcpu","vcpu":0,"gpa":"0x200008","len":1,"old":"00","new":"07"}
+//! {"type":"exit","reason":"debug-exit","code":0,"detail":"vcpu 0 wrote 0 to port 0xf4"}
+//! {"type":"summary","tracked_writes":1,"tracked_bytes":1,"exits":2,"slot_changes":3,"elapsed_ms":0.361}
+//! ```
+//!
+//! One `write` line per delivered event in delivery order (`seq` from 1), then one `exit`
+//! line (`reason`: `debug-exit`, `hlt`, `error` or `timeout`) and one `summary` line. `source`
+//! is `vcpu` (with its index) or `device` (`vcpu` is `null`); hex is lowercase, bytes in
+//! memory order; an event never spans two frames. Status 0: the guest ended itself (its code
+//! is reported, not returned).
+//!
+//! 4. **Get a usage error, not a wrong run.** A range outside RAM, a bad value or an unusable
+//!    image is refused before the guest starts, with status 2:
+//!
+//! ```sh
+//! pagetrack run store.bin --track 0x99999999999   # error: ... is outside RAM ...; status 2
+//! ```
+//!
+//! 5. **Run an unmodified static Linux program.** `exec` runs it at CPL3 and serves its
+//!    system calls. `--track` takes `stack`, `heap`, `data`, `text`, `mmap`, `page-tables`,
+//!    `writable` or a virtual range `ADDR-END`/`ADDR+LEN` (repeatable; regions follow the
+//!    program as it maps and unmaps). `--events FILE` (a file: standard output is the
+//!    program's), `--dir DIR` (what it may read), `--allow-write DIR`, `--mem SIZE`,
+//!    `--timeout SECS` (status 124 after it), `--clear-env`, `--summary` (counts on standard
+//!    error). The status is the program's own (128 + signal after a fault).
+//!
+//! ```sh
+//! pagetrack exec --track heap --track stack --events ev.jsonl -- /bin/busybox sha256sum README.md
+//! pagetrack exec --summary -- /bin/busybox true
+//! ```
+//!
+//! `ev.jsonl` holds `write` lines as in step 3 (`gpa` is guest-physical), then
+//! `{"type":"exit","reason":"exit","code":0,"detail":"exited with status 0"}` (`reason`:
+//! `exit`, `signal`, `timeout` or `error`), the `summary` line and a `process` line (system
+//! calls by name, unknown and refused ones, frames tracked and untracked, invalidations,
+//! time split).
+//!
+//! 6. **Measure the backend.** `bench` measures a trapped store against a bare exit,
+//!    track/untrack latency, refault cost and a 1,000-frame batch; `--ram SIZE` (default 1G)
+//!    sizes the large guest, `--exits N` and `--reps N` the measurements, `--json` prints
+//!    JSON. The figures of record are in `docs/PERFORMANCE.md`.
+//!
+//! ```sh
+//! pagetrack bench --ram 64M --reps 5 --json
+//! ```
 #![forbid(unsafe_code)]
 
 mod bench;

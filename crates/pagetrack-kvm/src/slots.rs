@@ -533,4 +533,303 @@ mod tests {
     fn squeeze_without_readonly_cannot_shrink() {
         assert_eq!(squeeze(vec![p(0, 5, false)], 0), None);
     }
+
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+    use vm_memory::GuestAddress;
+
+    /// Frames per chunk in the table tests: 4 chunks of 256 frames (1 MiB each).
+    const CHUNK_PAGES: u64 = 256;
+    const CHUNKS: u64 = 4;
+    /// Where the test RAM starts (not 0, so offsets and addresses differ).
+    const BASE: u64 = 0x4000_0000;
+
+    /// A fragment table over one RAM region of [`CHUNKS`] chunks, with no KVM slot behind it:
+    /// enough for [`Fragments::mark`] and the planning halves of a re-cut, which make no ioctl.
+    fn table() -> Fragments {
+        table_of(CHUNK_PAGES, CHUNKS)
+    }
+
+    /// A fragment table of `chunks` chunks of `chunk_pages` frames (see [`table`]).
+    fn table_of(chunk_pages: u64, chunks: u64) -> Fragments {
+        let chunk_bytes = chunk_pages * PAGE;
+        let size = chunks * chunk_bytes;
+        let mmap = GuestRegionMmap::<()>::from_range(
+            GuestAddress(BASE),
+            usize::try_from(size).expect("small"),
+            None,
+        )
+        .expect("anonymous mapping");
+        let chunks = (0..chunks)
+            .map(|i| Chunk {
+                gpa: BASE + i * chunk_bytes,
+                pages: chunk_pages,
+                protected: vec![0; usize::try_from(chunk_pages.div_ceil(64)).expect("small")],
+                frags: Vec::new(),
+            })
+            .collect();
+        let mut f = Fragments::new(64, chunk_bytes, false);
+        f.rams.push(Ram {
+            gpa: BASE,
+            size,
+            mmap: Arc::new(mmap),
+            chunks,
+            dirty: None,
+        });
+        f
+    }
+
+    /// The oracle's layout of one chunk: one piece per maximal run of equal protection,
+    /// computed from a set of protected page offsets, not from the bitmap.
+    fn oracle_layout(protected: &BTreeSet<u64>, chunk: u64) -> Vec<Piece> {
+        let mut out = Vec::new();
+        let mut page = 0;
+        while page < CHUNK_PAGES {
+            let ro = protected.contains(&(chunk * CHUNK_PAGES + page));
+            let start = page;
+            while page < CHUNK_PAGES && protected.contains(&(chunk * CHUNK_PAGES + page)) == ro {
+                page += 1;
+            }
+            out.push(p(start, page - start, ro));
+        }
+        out
+    }
+
+    /// Checks the planner's invariants for one squeezed layout against the protected set:
+    /// the pieces tile the chunk in order, neighbours differ, every protected frame is in a
+    /// read-only piece (never weaker than asked), and only whole writable gaps were given up.
+    fn check_squeezed(got: &[Piece], natural: &[Piece], max: usize, protected: &[bool]) {
+        assert!(
+            got.len() <= max,
+            "{} pieces over a room of {max}",
+            got.len()
+        );
+        let mut next = 0;
+        for (i, piece) in got.iter().enumerate() {
+            assert_eq!(piece.first, next, "gap or overlap at piece {i}: {got:?}");
+            assert!(piece.pages > 0);
+            next += piece.pages;
+            if i > 0 {
+                assert_ne!(
+                    got[i - 1].readonly,
+                    piece.readonly,
+                    "unmerged neighbours: {got:?}"
+                );
+            }
+            for page in piece.first..piece.first + piece.pages {
+                let idx = usize::try_from(page).expect("small");
+                if protected[idx] {
+                    assert!(
+                        piece.readonly,
+                        "protected page {page} left writable: {got:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(next, CHUNK_PAGES, "pieces do not cover the chunk: {got:?}");
+        // Every writable piece of the result is a writable piece of the natural layout.
+        for piece in got.iter().filter(|q| !q.readonly) {
+            assert!(natural.contains(piece), "{piece:?} is not an original gap");
+        }
+        // Squeezing stops as soon as the layout fits: one merge more than needed at most
+        // (a merge removes one or two pieces).
+        if natural.len() > max {
+            assert!(
+                got.len() + 1 >= max,
+                "over-squeezed to {} for {max}",
+                got.len()
+            );
+        } else {
+            assert_eq!(got, natural);
+        }
+    }
+
+    /// One tracking change: protect or unprotect `len` frames from frame `first` (of the
+    /// whole RAM region).
+    #[derive(Clone, Debug)]
+    struct Change {
+        protect: bool,
+        first: u64,
+        len: u64,
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        let edge = prop_oneof![
+            // Runs that start or end on a chunk edge, where re-cuts are most error-prone.
+            (0..CHUNKS, 0..3u64).prop_map(|(c, d)| (c * CHUNK_PAGES).saturating_sub(d)),
+            0..CHUNKS * CHUNK_PAGES,
+        ];
+        (any::<bool>(), edge, 1..300u64).prop_map(|(protect, first, len)| Change {
+            protect,
+            first,
+            len: len.min(CHUNKS * CHUNK_PAGES - first),
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Random sequences of track and untrack runs (middles, chunk edges, adjacent runs,
+        /// runs crossing chunks): after each one the table's bits, the chunks it reports as
+        /// changed and each chunk's layout equal the oracle's, and the squeezed plan for
+        /// every room keeps each protected frame read-only.
+        #[test]
+        fn recut_plan_matches_an_oracle(changes in proptest::collection::vec(change(), 1..12)) {
+            let mut table = table();
+            let mut protected: BTreeSet<u64> = BTreeSet::new();
+            for ch in &changes {
+                let frames: Vec<u64> = (ch.first..ch.first + ch.len).collect();
+                let changed = table.mark(frames.iter().map(|f| BASE + f * PAGE), ch.protect);
+                let want_changed: Vec<(usize, usize)> = frames
+                    .iter()
+                    .map(|f| (0, usize::try_from(f / CHUNK_PAGES).expect("small")))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                prop_assert_eq!(changed, want_changed);
+                for f in frames {
+                    if ch.protect {
+                        protected.insert(f);
+                    } else {
+                        protected.remove(&f);
+                    }
+                }
+                for c in 0..CHUNKS {
+                    let chunk = &table.rams[0].chunks[usize::try_from(c).expect("small")];
+                    let natural = chunk.layout();
+                    prop_assert_eq!(&natural, &oracle_layout(&protected, c));
+                    let bits: Vec<bool> = (0..CHUNK_PAGES)
+                        .map(|pg| protected.contains(&(c * CHUNK_PAGES + pg)))
+                        .collect();
+                    for max in [1, 2, 3, 5, natural.len().saturating_sub(1), natural.len()] {
+                        if max == 0 {
+                            continue;
+                        }
+                        let got = squeeze(natural.clone(), max).expect("a room of 1 always fits");
+                        check_squeezed(&got, &natural, max, &bits);
+                    }
+                }
+            }
+        }
+
+        /// Squeezing alone, over arbitrary alternating layouts: never weaker, and `None` only
+        /// for a room of zero (the slot-budget error of a re-cut).
+        #[test]
+        fn squeeze_is_never_weaker(
+            sizes in proptest::collection::vec(1..40u64, 1..40),
+            first_ro in any::<bool>(),
+            max in 0..45usize,
+        ) {
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for (i, &n) in sizes.iter().enumerate() {
+                pieces.push(p(at, n, (i % 2 == 0) == first_ro));
+                at += n;
+            }
+            let got = squeeze(pieces.clone(), max);
+            if max == 0 {
+                prop_assert_eq!(got, None);
+            } else {
+                let got = got.expect("fits");
+                prop_assert!(got.len() <= max);
+                prop_assert_eq!(got.iter().map(|q| q.pages).sum::<u64>(), at);
+                for q in pieces.iter().filter(|q| q.readonly) {
+                    prop_assert!(
+                        got.iter().any(|g| g.readonly
+                            && g.first <= q.first
+                            && q.first + q.pages <= g.first + g.pages),
+                        "{:?} lost its protection in {:?}", q, got
+                    );
+                }
+                if pieces.len() <= max {
+                    prop_assert_eq!(got, pieces);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mark_ignores_frames_outside_ram_and_reports_each_chunk_once() {
+        let mut table = table();
+        let end = BASE + CHUNKS * CHUNK_PAGES * PAGE;
+        // Below, above, then the last frame of chunk 0 and the first of chunk 1, twice.
+        let gpas = [
+            BASE - PAGE,
+            end,
+            BASE + 255 * PAGE,
+            BASE + 256 * PAGE,
+            BASE + 255 * PAGE,
+        ];
+        assert_eq!(table.mark(gpas.into_iter(), true), vec![(0, 0), (0, 1)]);
+        assert_eq!(
+            table.rams[0].chunks[0].layout(),
+            vec![p(0, 255, false), p(255, 1, true)]
+        );
+        assert_eq!(
+            table.rams[0].chunks[1].layout(),
+            vec![p(0, 1, true), p(1, 255, false)]
+        );
+        assert_eq!(table.mark([end + PAGE].into_iter(), true), vec![]);
+    }
+
+    #[test]
+    fn every_other_frame_tracked_fits_any_budget_or_fails_typed() {
+        // The worst case: 256 alternating pieces in one chunk.
+        let mut table = table();
+        let changed = table.mark((0..CHUNK_PAGES).step_by(2).map(|f| BASE + f * PAGE), true);
+        assert_eq!(changed, vec![(0, 0)]);
+        let natural = table.rams[0].chunks[0].layout();
+        assert_eq!(natural.len(), 256);
+        let bits: Vec<bool> = (0..CHUNK_PAGES).map(|pg| pg % 2 == 0).collect();
+        for max in [1, 2, 7, 64, 255, 256] {
+            let got = squeeze(natural.clone(), max).expect("fits");
+            check_squeezed(&got, &natural, max, &bits);
+        }
+        // A full budget leaves no room: the re-cut's `Error::SlotBudget`.
+        assert_eq!(squeeze(natural, 0), None);
+    }
+
+    #[test]
+    fn a_million_frames_in_two_chunks_cut_where_the_oracle_says() {
+        // Two 2 GiB chunks (524,288 frames each; the mapping is reserved, never touched).
+        const PAGES: u64 = 1 << 19;
+        let mut table = table_of(PAGES, 2);
+        // Every frame of 1,000 runs of 700 frames spaced 1,048 apart, crossing the chunk edge,
+        // then every third frame of the first run untracked again.
+        let tracked: Vec<u64> = (0..1000u64)
+            .flat_map(|i| (i * 1048..i * 1048 + 700).filter(move |f| i != 0 || f % 3 != 0))
+            .collect();
+        let all: Vec<u64> = (0..1000u64)
+            .flat_map(|i| i * 1048..i * 1048 + 700)
+            .collect();
+        assert_eq!(
+            table.mark(all.iter().map(|f| BASE + f * PAGE), true),
+            vec![(0, 0), (0, 1)]
+        );
+        table.mark((0..700).step_by(3).map(|f| BASE + f * PAGE), false);
+        let set: BTreeSet<u64> = tracked.into_iter().collect();
+        for c in 0..2u64 {
+            let got = table.rams[0].chunks[usize::try_from(c).expect("small")].layout();
+            // The oracle: runs of equal protection over the chunk, from the set.
+            let mut want: Vec<Piece> = Vec::new();
+            for pg in 0..PAGES {
+                let ro = set.contains(&(c * PAGES + pg));
+                match want.last_mut() {
+                    Some(q) if q.readonly == ro => q.pages += 1,
+                    _ => want.push(p(pg, 1, ro)),
+                }
+            }
+            assert_eq!(got, want, "chunk {c}");
+        }
+    }
+
+    #[test]
+    fn slot_ids_stop_at_the_budget_with_a_typed_error() {
+        let mut f = Fragments::new(2, CHUNK_PAGES * PAGE, false);
+        f.stats.fragments = 2;
+        assert!(matches!(f.alloc_id(), Err(Error::SlotBudget { budget: 2 })));
+        f.stats.fragments = 1;
+        assert_eq!(f.alloc_id().expect("room for one"), 0);
+    }
 }

@@ -353,3 +353,132 @@ pub(crate) fn stores_into_tracked(
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The frame locks without a VM: re-entrancy on one thread, exclusion between threads
+    //! (observed with `try_lock` from another thread, never by timing), release on drop and
+    //! on unwind.
+
+    use super::*;
+
+    const A: u64 = 0x5000;
+    /// Another frame, another stripe.
+    const B: u64 = 0x9000;
+    /// A frame sharing A's stripe.
+    const A2: u64 = A + (STRIPES as u64) * 4096;
+
+    fn stripe(gpa: u64) -> usize {
+        usize::try_from((gpa >> 12) % STRIPES as u64).expect("small")
+    }
+
+    /// Whether another thread could take the stripe of `gpa` now.
+    fn free_elsewhere(locks: &FrameLocks, gpa: u64) -> bool {
+        std::thread::scope(|s| {
+            // A poisoned stripe (a panic while held) is free: `lock` takes it anyway.
+            s.spawn(|| {
+                !matches!(
+                    locks.stripes[stripe(gpa)].try_lock(),
+                    Err(std::sync::TryLockError::WouldBlock)
+                )
+            })
+            .join()
+            .expect("the probe does not panic")
+        })
+    }
+
+    fn held_here() -> Vec<(usize, usize)> {
+        HELD.with(|h| h.borrow().clone())
+    }
+
+    #[test]
+    fn a_thread_holding_a_frame_takes_it_again_without_deadlock() {
+        let locks = FrameLocks::default();
+        let outer = locks.lock([A].into_iter());
+        assert_eq!(outer.guards.len(), 1);
+        assert!(!free_elsewhere(&locks, A));
+        // A callback writing the same frame and a new one: only the new stripe is taken.
+        let inner = locks.lock([A, B].into_iter());
+        assert_eq!(
+            inner.guards.iter().map(|g| g.0).collect::<Vec<_>>(),
+            [stripe(B)]
+        );
+        assert!(!free_elsewhere(&locks, B));
+        drop(inner);
+        // The inner drop released B only: A is still the outer holder's.
+        assert!(free_elsewhere(&locks, B));
+        assert!(!free_elsewhere(&locks, A));
+        assert_eq!(held_here(), [(locks.id, stripe(A))]);
+        drop(outer);
+        assert!(free_elsewhere(&locks, A));
+        assert!(held_here().is_empty());
+        // Free again: the next lock takes the stripe for real.
+        assert_eq!(locks.lock([A].into_iter()).guards.len(), 1);
+    }
+
+    #[test]
+    fn nested_locks_of_the_same_frame_release_only_at_the_outermost_drop() {
+        let locks = FrameLocks::default();
+        let outer = locks.lock([A].into_iter());
+        let again = locks.lock([A, A2].into_iter()); // A2 shares A's stripe
+        assert!(again.guards.is_empty());
+        drop(again);
+        assert!(
+            !free_elsewhere(&locks, A),
+            "an inner drop released the outer lock"
+        );
+        drop(outer);
+        assert!(free_elsewhere(&locks, A));
+    }
+
+    #[test]
+    fn frames_of_one_stripe_take_it_once_and_drops_in_any_order_release_their_own() {
+        let locks = FrameLocks::default();
+        let both = locks.lock([A2, B, A, B].into_iter());
+        let mut taken: Vec<usize> = both.guards.iter().map(|g| g.0).collect();
+        taken.sort_unstable();
+        let mut want = vec![stripe(A), stripe(B)];
+        want.sort_unstable();
+        assert_eq!(taken, want, "one guard per stripe, in stripe order");
+        assert!(both.guards.windows(2).all(|w| w[0].0 < w[1].0));
+        // Outer dropped before inner: each releases what it took.
+        let outer = locks.lock([0x1_0000].into_iter());
+        let inner = locks.lock([0x1_0000, 0x2_0000].into_iter());
+        drop(outer);
+        assert!(free_elsewhere(&locks, 0x1_0000));
+        assert!(!free_elsewhere(&locks, 0x2_0000));
+        drop(inner);
+        assert!(free_elsewhere(&locks, 0x2_0000));
+        drop(both);
+        assert!(held_here().is_empty());
+    }
+
+    #[test]
+    fn holding_a_frame_of_one_vm_does_not_let_a_thread_skip_another_vms_lock() {
+        let one = FrameLocks::default();
+        let two = FrameLocks::default();
+        let _held = one.lock([A].into_iter());
+        let other = two.lock([A].into_iter());
+        assert_eq!(
+            other.guards.len(),
+            1,
+            "the second table's stripe was skipped"
+        );
+        assert!(!free_elsewhere(&two, A));
+    }
+
+    #[test]
+    fn a_panic_while_holding_releases_the_stripes() {
+        let locks = FrameLocks::default();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _outer = locks.lock([A].into_iter());
+            let _inner = locks.lock([A, B].into_iter());
+            panic!("a notifier panics");
+        }));
+        assert!(unwound.is_err());
+        assert!(free_elsewhere(&locks, A) && free_elsewhere(&locks, B));
+        assert!(held_here().is_empty());
+        // A poisoned stripe is still usable.
+        assert_eq!(locks.lock([A, B].into_iter()).guards.len(), 2);
+    }
+}

@@ -13,12 +13,48 @@
 //! classification. It has no KVM dependency and no `unsafe`. Enforcement on a real KVM guest
 //! lives in `pagetrack-kvm`, which implements [`Enforcement`].
 //!
+//! The kernel's names for all of this, and the item here that plays each part, are in
+//! [`kernel_names`].
+//!
+//! ## Walk-through
+//!
+//! Each step is a doc-test that runs (`cargo test --doc -p pagetrack`); none needs `/dev/kvm`.
+//! They use the default `notifiers` feature.
+//!
+//! 1. **Create a tracker and describe guest memory.** The backend is an [`Enforcement`];
+//!    [`NoEnforcement`] enforces nothing (a backend that sees every write itself, or a test).
+//!    Memslots change by [`PageTracker::set_memory_region`], which says what kind of change a
+//!    region asked for, as `KVM_SET_USER_MEMORY_REGION` does.
+//!
 //! ```
+//! use std::sync::Arc;
+//! use pagetrack::{Gfn, MemoryRegion, NoEnforcement, PageTracker, SlotChange, SlotId, TrackerConfig};
+//!
+//! let tracker = PageTracker::new(TrackerConfig::default(), Arc::new(NoEnforcement));
+//! // 16 MiB of RAM at guest-physical 0, and 1 MiB more at 4 GiB.
+//! let low = MemoryRegion::new(SlotId(0), Gfn(0), 4096);
+//! assert_eq!(tracker.set_memory_region(low)?, SlotChange::Create);
+//! tracker.set_memory_region(MemoryRegion::new(SlotId(1), Gfn(0x10_0000), 256))?;
+//! assert_eq!(tracker.set_memory_region(low)?, SlotChange::Unchanged);
+//! // Nothing is tracked, and no count array exists yet (allocated on enabling).
+//! assert!(!tracker.is_enabled());
+//! assert_eq!(tracker.write_track_bytes(), 0);
+//! // Overlapping slots are refused, and change nothing.
+//! let overlap = MemoryRegion::new(SlotId(2), Gfn(4000), 200);
+//! assert!(matches!(tracker.set_memory_region(overlap), Err(pagetrack::Error::MemslotOverlap { .. })));
+//! assert_eq!(tracker.memslots().len(pagetrack::AsId::NORMAL), 2);
+//! # Ok::<(), pagetrack::Error>(())
+//! ```
+//!
+//! 2. **Register a notifier.** A [`TrackNotifier`] gets [`TrackNotifier::track_write`] for each
+//!    write to a tracked frame. Registering the first one enables tracking (count arrays for
+//!    every slot, 2 bytes per frame); the returned [`NotifierHandle`] unregisters on drop.
+//!
+//! ```
+//! # #[cfg(feature = "notifiers")] {
 //! use std::sync::{Arc, Mutex};
-//! use pagetrack::{
-//!     Gfn, Gpa, MemoryRegion, NoEnforcement, NotifierClass, PageTracker, SlotId, Source,
-//!     TrackNotifier, TrackerConfig, WriteEvent,
-//! };
+//! use pagetrack::{Gfn, MemoryRegion, NoEnforcement, NotifierClass, PageTracker, SlotId};
+//! use pagetrack::{TrackNotifier, TrackerConfig, WriteEvent};
 //!
 //! #[derive(Default)]
 //! struct Log(Mutex<Vec<(u64, Vec<u8>)>>);
@@ -28,27 +64,162 @@
 //!     }
 //! }
 //!
-//! # #[cfg(feature = "notifiers")] // the example needs the default `notifiers` feature
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let tracker = PageTracker::new(TrackerConfig::default(), Arc::new(NoEnforcement));
-//! // 16 MiB of RAM at guest-physical 0.
 //! tracker.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 4096))?;
 //! let log = Arc::new(Log::default());
-//! let handle = tracker.register(log.clone(), NotifierClass::Ordinary)?; // enables tracking
-//! tracker.add_gfn(Gfn(5))?;
+//! let handle = tracker.register(log.clone(), NotifierClass::Ordinary)?;
+//! assert!(tracker.is_enabled() && tracker.has_external_user());
+//! assert_eq!(tracker.write_track_bytes(), 2 * 4096);
+//! drop(handle); // returns after any in-flight callback finished
+//! assert_eq!(tracker.notifier_count(), 0);
+//! # }
+//! # Ok::<(), pagetrack::Error>(())
+//! ```
 //!
-//! // A backend reports writes; only the tracked frame's piece is delivered.
-//! let bytes = [1u8; 8];
-//! tracker.report_write(&WriteEvent::new(Gpa(0x5ffc), &bytes, Source::Vcpu(0)));
-//! tracker.report_write(&WriteEvent::new(Gpa(0x9000), &bytes, Source::Device));
-//! assert_eq!(*log.0.lock().expect("not poisoned"), vec![(0x5ffc, vec![1u8; 4])]);
+//! 3. **Track frames.** Tracks are reference counts: a frame is tracked while its count is
+//!    non-zero, and a tracked frame is never mapped huge. Single frames, batches and ranges
+//!    are all or nothing; a bad call is a typed error that changed nothing.
+//!
+//! ```
+//! # #[cfg(feature = "notifiers")] {
+//! # use std::sync::Arc;
+//! use pagetrack::{AsId, Error, Gfn, MemoryRegion, NoEnforcement, PageLevel, PageTracker, SlotId};
+//! # use pagetrack::{NotifierClass, TrackNotifier, TrackerConfig, WriteEvent};
+//! # struct Quiet;
+//! # impl TrackNotifier for Quiet { fn track_write(&self, _: &WriteEvent<'_>) {} }
+//! # let tracker = PageTracker::new(TrackerConfig::default(), Arc::new(NoEnforcement));
+//! # tracker.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 4096))?;
+//! # let _handle = tracker.register(Arc::new(Quiet), NotifierClass::Ordinary)?;
+//! tracker.add_gfn(Gfn(5))?;
+//! tracker.add_gfn(Gfn(5))?; // a second user of the same frame
+//! tracker.add_range(AsId::NORMAL, Gfn(0x200), 16)?;
+//! assert_eq!(tracker.track_count(AsId::NORMAL, Gfn(5))?, 2);
+//! assert!(tracker.is_write_tracked(AsId::NORMAL, Gfn(0x20f)));
+//! assert!(!tracker.is_write_tracked(AsId::NORMAL, Gfn(0x210)));
+//! // Frame 0x200 lies in the 2 MiB page 0x200..0x400: at most 4 KiB mappings there now.
+//! assert_eq!(tracker.max_mapping_level(AsId::NORMAL, Gfn(0x3ff))?, PageLevel::K4);
+//!
+//! // Refused, with nothing changed: a frame outside every slot, a batch with such a frame,
+//! // removing a track that is not there.
+//! assert!(matches!(tracker.add_gfn(Gfn(9999)), Err(Error::UnknownGfn { .. })));
+//! assert!(tracker.add_gfns(AsId::NORMAL, &[Gfn(6), Gfn(9999)]).is_err());
+//! assert!(!tracker.is_write_tracked(AsId::NORMAL, Gfn(6)));
+//! assert!(matches!(tracker.remove_gfn(Gfn(7)), Err(Error::NotTracked { .. })));
 //!
 //! tracker.remove_gfn(Gfn(5))?;
-//! drop(handle); // unregisters; returns after any in-flight callback finished
-//! # Ok(())
+//! assert!(tracker.is_write_tracked(AsId::NORMAL, Gfn(5))); // one track left
+//! tracker.remove_gfn(Gfn(5))?;
+//! assert!(!tracker.is_write_tracked(AsId::NORMAL, Gfn(5)));
 //! # }
-//! # #[cfg(not(feature = "notifiers"))]
-//! # fn main() {}
+//! # Ok::<(), pagetrack::Error>(())
+//! ```
+//!
+//! 4. **Report writes.** A backend reports every write it applied (or trapped) with
+//!    [`PageTracker::report_write`]; only the pieces that fall in tracked frames reach the
+//!    notifiers, with their guest-physical address, new bytes and [`Source`].
+//!
+//! ```
+//! # #[cfg(feature = "notifiers")] {
+//! # use std::sync::{Arc, Mutex};
+//! use pagetrack::{Gfn, Gpa, Source, WriteEvent};
+//! # use pagetrack::{MemoryRegion, NoEnforcement, NotifierClass, PageTracker, SlotId};
+//! # use pagetrack::{TrackNotifier, TrackerConfig};
+//! # #[derive(Default)]
+//! # struct Log(Mutex<Vec<(u64, Vec<u8>)>>);
+//! # impl TrackNotifier for Log {
+//! #     fn track_write(&self, e: &WriteEvent<'_>) {
+//! #         self.0.lock().expect("not poisoned").push((e.gpa.0, e.new.to_vec()));
+//! #     }
+//! # }
+//! # let tracker = PageTracker::new(TrackerConfig::default(), Arc::new(NoEnforcement));
+//! # tracker.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 4096))?;
+//! # let log = Arc::new(Log::default());
+//! # let _handle = tracker.register(log.clone(), NotifierClass::Ordinary)?;
+//! tracker.add_gfn(Gfn(5))?;
+//! let bytes = [1u8; 8];
+//! // Straddles frames 5 and 6: only the 4 bytes in frame 5 are delivered.
+//! tracker.report_write(&WriteEvent::new(Gpa(0x5ffc), &bytes, Source::Vcpu(0)));
+//! // An untracked frame: nothing.
+//! tracker.report_write(&WriteEvent::new(Gpa(0x9000), &bytes, Source::Device));
+//! assert_eq!(*log.0.lock().expect("not poisoned"), vec![(0x5ffc, vec![1u8; 4])]);
+//! # }
+//! # Ok::<(), pagetrack::Error>(())
+//! ```
+//!
+//! 5. **Plug in a backend.** An [`Enforcement`] hears of frames when their tracked state
+//!    changes (first add, last remove), as [`FrameRun`]s; a failure undoes the update.
+//!    `pagetrack-kvm`'s enforcer is the real one: it removes the frames from KVM's writable
+//!    memslots.
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use pagetrack::{AsId, BackendError, Enforcement, Error, FrameRun, Gfn, MemoryRegion};
+//! use pagetrack::{PageTracker, SlotId, TrackerConfig};
+//!
+//! #[derive(Default)]
+//! struct Recorder(Mutex<Vec<(bool, FrameRun)>>);
+//! impl Enforcement for Recorder {
+//!     fn protect(&self, runs: &[FrameRun]) -> Result<(), BackendError> {
+//!         if runs.iter().any(|r| r.first == Gfn(13)) {
+//!             return Err(BackendError::msg("frame 13 cannot be protected"));
+//!         }
+//!         self.0.lock().expect("not poisoned").extend(runs.iter().map(|r| (true, *r)));
+//!         Ok(())
+//!     }
+//!     fn unprotect(&self, runs: &[FrameRun]) -> Result<(), BackendError> {
+//!         self.0.lock().expect("not poisoned").extend(runs.iter().map(|r| (false, *r)));
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let backend = Arc::new(Recorder::default());
+//! let tracker = PageTracker::new(TrackerConfig::default(), backend.clone());
+//! tracker.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 4096))?;
+//! tracker.enable_write_tracking()?; // an internal user: no notifier needed
+//! tracker.add_range(AsId::NORMAL, Gfn(8), 4)?;
+//! tracker.add_gfn(Gfn(9))?; // already tracked: the backend hears nothing
+//! tracker.remove_range(AsId::NORMAL, Gfn(8), 4)?; // frame 9 keeps one track
+//! let run = |first, count| FrameRun { as_id: AsId::NORMAL, first: Gfn(first), count };
+//! assert_eq!(
+//!     *backend.0.lock().expect("not poisoned"),
+//!     vec![(true, run(8, 4)), (false, run(8, 1)), (false, run(10, 2))],
+//! );
+//! // A failing backend: the add is undone and the error keeps the backend's.
+//! assert!(matches!(tracker.add_gfn(Gfn(13)), Err(Error::Backend { .. })));
+//! assert!(!tracker.is_write_tracked(AsId::NORMAL, Gfn(13)));
+//! # Ok::<(), pagetrack::Error>(())
+//! ```
+//!
+//! 6. **Delete a slot.** A DELETE drops the slot's counts, and every notifier hears
+//!    [`TrackNotifier::track_remove_region`] once, after no write to the old slot can be
+//!    delivered any more.
+//!
+//! ```
+//! # #[cfg(feature = "notifiers")] {
+//! use std::sync::{Arc, Mutex};
+//! use pagetrack::{AsId, Gfn, MemoryRegion, NoEnforcement, NotifierClass, PageTracker};
+//! use pagetrack::{SlotChange, SlotId, TrackNotifier, TrackerConfig, WriteEvent};
+//!
+//! #[derive(Default)]
+//! struct Regions(Mutex<Vec<(u64, u64)>>);
+//! impl TrackNotifier for Regions {
+//!     fn track_write(&self, _: &WriteEvent<'_>) {}
+//!     fn track_remove_region(&self, _: AsId, base: Gfn, npages: u64) {
+//!         self.0.lock().expect("not poisoned").push((base.0, npages));
+//!     }
+//! }
+//!
+//! let tracker = PageTracker::new(TrackerConfig::default(), Arc::new(NoEnforcement));
+//! tracker.set_memory_region(MemoryRegion::new(SlotId(3), Gfn(0x100), 64))?;
+//! let regions = Arc::new(Regions::default());
+//! let _handle = tracker.register(regions.clone(), NotifierClass::Ordinary)?;
+//! tracker.add_gfn(Gfn(0x120))?;
+//! let change = tracker.set_memory_region(MemoryRegion::delete(AsId::NORMAL, SlotId(3)))?;
+//! assert_eq!(change, SlotChange::Delete);
+//! assert_eq!(*regions.0.lock().expect("not poisoned"), vec![(0x100, 64)]);
+//! assert!(!tracker.is_write_tracked(AsId::NORMAL, Gfn(0x120)));
+//! # }
+//! # Ok::<(), pagetrack::Error>(())
 //! ```
 //!
 //! ## Concurrency and callback guarantees
@@ -136,24 +307,9 @@
 //!
 //! ## Kernel names
 //!
-//! | kernel | pagetrack |
-//! |---|---|
-//! | `struct kvm` page-track state | [`PageTracker`] |
-//! | `kvm_write_track_add_gfn` / `_remove_gfn` | [`PageTracker::add_gfn`] / [`PageTracker::remove_gfn`] |
-//! | `__kvm_write_track_add_gfn(kvm, slot, gfn)` | [`PageTracker::add_gfns`] with an [`AsId`] |
-//! | `kvm_gfn_is_write_tracked` | [`PageTracker::is_write_tracked`], [`Memslots::is_write_tracked`] |
-//! | `kvm_page_track_register_notifier` | [`PageTracker::register`] → [`NotifierHandle`] |
-//! | `kvm_page_track_unregister_notifier` | drop / [`NotifierHandle::unregister`] |
-//! | `kvm_page_track_has_external_user` | [`PageTracker::has_external_user`] |
-//! | `kvm_page_track_write` | [`PageTracker::report_write`] |
-//! | `track_write` / `track_remove_region` | [`TrackNotifier`] methods |
-//! | `kvm_page_track_write_tracking_enabled` | [`PageTracker::is_enabled`] |
-//! | `kvm_page_track_enable_external` / first shadow root | [`PageTracker::enable_write_tracking`] |
-//! | `gfn_write_track` (`unsigned short[]`) | per-slot `u16` counts ([`PageTracker::track_count`]) |
-//! | `disallow_lpage` | [`PageTracker::max_mapping_level`] |
-//! | `KVM_SET_USER_MEMORY_REGION` change kinds | [`PageTracker::set_memory_region`] → [`SlotChange`] |
-//! | `page_fault_handle_page_track` | [`classify_fault`] |
-//! | write-protecting SPTEs, flushing TLBs | [`Enforcement::protect`] |
+//! The map from the kernel's page-track API (`kvm_write_track_add_gfn`,
+//! `kvm_page_track_register_notifier`, `kvm_page_track_write`, the memslot hooks, ...) to the
+//! items here is the [`kernel_names`] module.
 #![forbid(unsafe_code)]
 
 mod addr;
@@ -161,6 +317,7 @@ mod context;
 mod error;
 mod fault;
 mod grace;
+pub mod kernel_names;
 mod memslot;
 mod notifier;
 mod sync;

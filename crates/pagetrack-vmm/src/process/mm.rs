@@ -10,6 +10,9 @@
 //! Frames an operation frees are parked in [`Pending::freed`] and reused only after that, and
 //! only inside a [`pagetrack_kvm::Vm::page_table_update`] (the tracking's commit), so no
 //! store completed in userspace can still be writing them.
+//!
+//! The address space reaches guest memory only through [`GuestRam`]: [`TrackedMemory`] in a
+//! VM, plain `vm_memory::GuestMemoryMmap` in the unit tests, which run without `/dev/kvm`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -46,6 +49,45 @@ use pagetrack_kvm::walk::pte::{
 const TABLE_FLAGS: u64 = PTE_P | PTE_W | PTE_U | PTE_A;
 
 static ZERO_PAGE: [u8; 4096] = [0; 4096];
+
+/// The guest memory an [`AddressSpace`] reads and writes (page-table entries, zeroed
+/// frames, user data); every failure is the program's `EFAULT`.
+pub trait GuestRam: std::fmt::Debug {
+    /// Writes `buf` at guest-physical `gpa`.
+    ///
+    /// # Errors
+    /// `EFAULT` if any byte is outside guest RAM.
+    fn write(&self, buf: &[u8], gpa: u64) -> SysResult<()>;
+
+    /// Reads `buf.len()` bytes at guest-physical `gpa`.
+    ///
+    /// # Errors
+    /// `EFAULT` if any byte is outside guest RAM.
+    fn read(&self, buf: &mut [u8], gpa: u64) -> SysResult<()>;
+}
+
+/// In unit tests: plain memory, no VM.
+#[cfg(test)]
+impl GuestRam for vm_memory::GuestMemoryMmap {
+    fn write(&self, buf: &[u8], gpa: u64) -> SysResult<()> {
+        vm_memory::Bytes::write_slice(self, buf, vm_memory::GuestAddress(gpa)).map_err(|_| EFAULT)
+    }
+
+    fn read(&self, buf: &mut [u8], gpa: u64) -> SysResult<()> {
+        vm_memory::Bytes::read_slice(self, buf, vm_memory::GuestAddress(gpa)).map_err(|_| EFAULT)
+    }
+}
+
+/// In a VM: every write is tracked (a tracked frame reports it as a device write).
+impl GuestRam for TrackedMemory {
+    fn write(&self, buf: &[u8], gpa: u64) -> SysResult<()> {
+        self.write_slice(buf, gpa).map_err(|_| EFAULT)
+    }
+
+    fn read(&self, buf: &mut [u8], gpa: u64) -> SysResult<()> {
+        self.read_slice(buf, gpa).map_err(|_| EFAULT)
+    }
+}
 
 /// What a page of the process is for; decides which `--track` regions it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -192,8 +234,8 @@ pub struct Pending {
 
 /// The address space.
 #[derive(Debug)]
-pub struct AddressSpace {
-    mem: TrackedMemory,
+pub struct AddressSpace<M: GuestRam = TrackedMemory> {
+    mem: M,
     frames: Frames,
     pml4: u64,
     nx: bool,
@@ -218,12 +260,12 @@ fn page_up(a: u64) -> Option<u64> {
     a.checked_next_multiple_of(PAGE)
 }
 
-impl AddressSpace {
+impl<M: GuestRam> AddressSpace<M> {
     /// An empty address space with a fresh PML4.
     ///
     /// # Errors
     /// No frame for the PML4, or it cannot be written.
-    pub fn new(mem: TrackedMemory, mut frames: Frames, nx: bool) -> SysResult<AddressSpace> {
+    pub fn new(mem: M, mut frames: Frames, nx: bool) -> SysResult<AddressSpace<M>> {
         let (pml4, fresh) = frames.alloc_table().ok_or(ENOMEM)?;
         let mut space = AddressSpace {
             mem,
@@ -292,9 +334,7 @@ impl AddressSpace {
 
     fn zero_frame(&self, gfn: u64, fresh: bool) -> SysResult<()> {
         if !fresh {
-            self.mem
-                .write_slice(&ZERO_PAGE, gfn * PAGE)
-                .map_err(|_| EFAULT)?;
+            self.mem.write(&ZERO_PAGE, gfn * PAGE)?;
         }
         Ok(())
     }
@@ -320,7 +360,9 @@ impl AddressSpace {
     }
 
     fn read_u64(&self, gpa: u64) -> SysResult<u64> {
-        self.mem.read_obj::<u64>(gpa).map_err(|_| EFAULT)
+        let mut bytes = [0u8; 8];
+        self.mem.read(&mut bytes, gpa)?;
+        Ok(u64::from_le_bytes(bytes))
     }
 
     /// The leaf table covering `va`, created on the way if `create`.
@@ -344,8 +386,7 @@ impl AddressSpace {
                     va: None,
                 });
                 self.mem
-                    .write_obj((gfn * PAGE) | TABLE_FLAGS, at)
-                    .map_err(|_| EFAULT)?;
+                    .write(&((gfn * PAGE) | TABLE_FLAGS).to_le_bytes(), at)?;
                 gfn * PAGE
             } else {
                 return Ok(None);
@@ -376,7 +417,7 @@ impl AddressSpace {
             let count = usize::try_from(stop - vpn).map_err(|_| EINVAL)?;
             let first = table + (vpn & 0x1ff) * 8;
             let bytes = &mut buf[..count * 8];
-            self.mem.read_slice(bytes, first).map_err(|_| EFAULT)?;
+            self.mem.read(bytes, first)?;
             let (mut lo, mut hi, mut stale) = (usize::MAX, 0, false);
             for i in 0..count {
                 let slot = &mut bytes[i * 8..i * 8 + 8];
@@ -391,8 +432,7 @@ impl AddressSpace {
             }
             if lo < hi {
                 self.mem
-                    .write_slice(&bytes[lo * 8..hi * 8], first + lo as u64 * 8)
-                    .map_err(|_| EFAULT)?;
+                    .write(&bytes[lo * 8..hi * 8], first + lo as u64 * 8)?;
                 if stale {
                     self.pending.stale_tables.push(table / PAGE);
                 }
@@ -733,9 +773,7 @@ impl AddressSpace {
             let gpa = self.translate(at, need)?;
             let room = usize::try_from(PAGE - at % PAGE).map_err(|_| EFAULT)?;
             let n = room.min(data.len() - done);
-            self.mem
-                .write_slice(&data[done..done + n], gpa)
-                .map_err(|_| EFAULT)?;
+            self.mem.write(&data[done..done + n], gpa)?;
             done += n;
         }
         Ok(())
@@ -791,9 +829,7 @@ impl AddressSpace {
             let gpa = self.translate(at, Some(PROT_READ))?;
             let room = usize::try_from(PAGE - at % PAGE).map_err(|_| EFAULT)?;
             let n = room.min(buf.len() - done);
-            self.mem
-                .read_slice(&mut buf[done..done + n], gpa)
-                .map_err(|_| EFAULT)?;
+            self.mem.read(&mut buf[done..done + n], gpa)?;
             done += n;
         }
         Ok(())

@@ -86,6 +86,7 @@ mod abi;
 mod elf;
 mod fs;
 mod mm;
+mod mmcalls;
 mod signal;
 mod stack;
 mod syscall;

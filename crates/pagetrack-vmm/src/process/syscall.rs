@@ -18,15 +18,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::abi::{
-    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, EBADF, ECHILD, EEXIST, EFAULT,
-    EINTR, EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE,
+    AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, EBADF, ECHILD, EFAULT, EINTR,
+    EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE,
     ERESTARTSYS, ESRCH, Errno, O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE,
     SysResult, nr,
 };
 use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, RecordLock, Sandbox, StdinState};
-use super::mm::{AddressSpace, PAGE, PageKind, USER_END};
+use super::mm::{AddressSpace, GuestRam, PAGE, USER_END};
+use super::mmcalls;
 use super::signal::{self, SI_KERNEL, SI_TKILL, SI_USER, SIGALRM, SIGPIPE, Signals};
 use super::vdso::GuestClock;
+use pagetrack_kvm::TrackedMemory;
 
 /// `O_NONBLOCK`.
 const O_NONBLOCK: u64 = 0o4000;
@@ -174,8 +176,8 @@ impl SyscallCounts {
 
 /// The VMM's side of the process: its memory, files and identity.
 #[derive(Debug)]
-pub struct Kernel {
-    pub(crate) mm: AddressSpace,
+pub struct Kernel<M: GuestRam = TrackedMemory> {
+    pub(crate) mm: AddressSpace<M>,
     sandbox: Sandbox,
     fds: BTreeMap<i64, Fd>,
     stdout: Sink,
@@ -350,12 +352,16 @@ impl Wait {
 }
 
 /// Signals whose default action ends the process.
-impl Kernel {
+impl<M: GuestRam> Kernel<M> {
     /// A kernel for `mm`, with the standard streams and identity of `setup`.
     ///
     /// # Errors
     /// An `Input::File` standard input that cannot be opened (a sentence for the user).
-    pub fn new(mm: AddressSpace, sandbox: Sandbox, setup: KernelSetup) -> Result<Kernel, String> {
+    pub fn new(
+        mm: AddressSpace<M>,
+        sandbox: Sandbox,
+        setup: KernelSetup,
+    ) -> Result<Kernel<M>, String> {
         let stdin = match setup.stdin {
             Input::Inherit => OpenFile::stream(Node::Stdin(StdinState::Host), 0),
             Input::Null => OpenFile::stream(Node::Stdin(StdinState::Bytes(Default::default())), 0),
@@ -852,7 +858,7 @@ impl Kernel {
         &mut self,
         mask: Option<u64>,
         mut wait: Wait,
-        call: impl FnOnce(&mut Kernel, Wait) -> SysResult,
+        call: impl FnOnce(&mut Kernel<M>, Wait) -> SysResult,
     ) -> SysResult {
         if let Some(va) = mask {
             let mut b = [0u8; 8];
@@ -1584,23 +1590,12 @@ impl Kernel {
     }
 
     fn mmap(&mut self, a: [u64; 6]) -> SysResult {
-        const MAP_SHARED: u64 = 1;
         const MAP_TYPE: u64 = 0xf;
-        const MAP_FIXED: u64 = 0x10;
-        const MAP_ANONYMOUS: u64 = 0x20;
-        const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
         const ENODEV: Errno = Errno(19);
         let [addr, len, prot, flags, fd, off] = a;
-        if len == 0 || !off.is_multiple_of(PAGE) || prot & !(0x7 | 0x0300_0000) != 0 {
-            return Err(EINVAL);
-        }
-        let prot = u32::try_from(prot & 7).map_err(|_| EINVAL)?;
-        if !matches!(flags & MAP_TYPE, 1..=3) {
-            return Err(EINVAL);
-        }
-        let len = page_up(len)?;
+        let (len, prot) = mmcalls::mmap_args(len, prot, flags, off)?;
         // The file whose bytes the mapping starts with; `/dev/zero` maps as anonymous memory.
-        let source = if flags & MAP_ANONYMOUS == 0 {
+        let source = if flags & mmcalls::MAP_ANONYMOUS == 0 {
             let f = self.fd(int(fd))?;
             let g = lock(&f);
             let Node::File(file) = &g.node else {
@@ -1627,30 +1622,7 @@ impl Kernel {
         } else {
             None
         };
-        let at = if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0 {
-            if !addr.is_multiple_of(PAGE) {
-                return Err(EINVAL);
-            }
-            let end = addr
-                .checked_add(len)
-                .filter(|&e| e <= USER_END)
-                .ok_or(ENOMEM)?;
-            if flags & MAP_FIXED_NOREPLACE != 0 {
-                if !self.mm.is_free(addr, end) {
-                    return Err(EEXIST);
-                }
-            } else {
-                self.mm.unmap(addr, len).map_err(|_| ENOMEM)?;
-            }
-            addr
-        } else {
-            self.mm.find_free(len, addr & !(PAGE - 1)).ok_or(ENOMEM)?
-        };
-        let _ = MAP_SHARED;
-        if let Err(e) = self.mm.map(at, len, prot, PageKind::Mmap) {
-            let _ = self.mm.unmap(at, len);
-            return Err(e);
-        }
+        let at = self.mm.mmap_place(addr, len, prot, flags)?;
         if let Some(f) = source
             && prot != 0
             && let Err(e) = self.fill_from(&f, at, len, off)
@@ -1679,78 +1651,15 @@ impl Kernel {
     }
 
     fn munmap(&mut self, addr: u64, len: u64) -> SysResult {
-        if !addr.is_multiple_of(PAGE) || len == 0 {
-            return Err(EINVAL);
-        }
-        self.mm.unmap(addr, page_up(len)?).map(|()| 0)
+        self.mm.munmap_call(addr, len)
     }
 
     fn mprotect(&mut self, addr: u64, len: u64, prot: u64) -> SysResult {
-        if !addr.is_multiple_of(PAGE) || prot & !(0x7 | 0x0300_0000) != 0 {
-            return Err(EINVAL);
-        }
-        let len = page_up(len)?;
-        if len == 0 {
-            return Ok(0);
-        }
-        let prot = u32::try_from(prot & 7).map_err(|_| EINVAL)?;
-        self.mm.protect(addr, len, prot).map(|()| 0)
+        self.mm.mprotect_call(addr, len, prot)
     }
 
     fn mremap(&mut self, a: [u64; 6]) -> SysResult {
-        const MAYMOVE: u64 = 1;
-        const FIXED: u64 = 2;
-        let [old, old_len, new_len, flags, new_addr, _] = a;
-        if !old.is_multiple_of(PAGE)
-            || new_len == 0
-            || old_len == 0
-            || flags & !(MAYMOVE | FIXED) != 0
-        {
-            return Err(EINVAL);
-        }
-        if flags & FIXED != 0 && flags & MAYMOVE == 0 {
-            return Err(EINVAL);
-        }
-        let (old_len, new_len) = (page_up(old_len)?, page_up(new_len)?);
-        let (_, area_end, prot, kind) = self.mm.area(old).ok_or(EFAULT)?;
-        if old + old_len > area_end || matches!(kind, PageKind::Stub | PageKind::System) {
-            return Err(EFAULT);
-        }
-        if flags & FIXED != 0 {
-            if !new_addr.is_multiple_of(PAGE)
-                || new_addr < old + old_len && old < new_addr + new_len
-            {
-                return Err(EINVAL);
-            }
-            self.mm.unmap(new_addr, new_len).map_err(|_| EINVAL)?;
-            if new_len < old_len {
-                self.mm.unmap(old + new_len, old_len - new_len)?;
-            }
-            self.mm.move_range(old, old_len.min(new_len), new_addr)?;
-            if new_len > old_len {
-                self.mm
-                    .map(new_addr + old_len, new_len - old_len, prot, kind)?;
-            }
-            return Ok(new_addr);
-        }
-        if new_len <= old_len {
-            if new_len < old_len {
-                self.mm.unmap(old + new_len, old_len - new_len)?;
-            }
-            return Ok(old);
-        }
-        let extra = new_len - old_len;
-        if self.mm.is_free(old + old_len, old + new_len) {
-            self.mm.map(old + old_len, extra, prot, kind)?;
-            return Ok(old);
-        }
-        if flags & MAYMOVE == 0 {
-            return Err(ENOMEM);
-        }
-        let dst = self.mm.find_free(new_len, 0).ok_or(ENOMEM)?;
-        self.mm.move_range(old, old_len, dst)?;
-        self.mm.map(dst + old_len, extra, prot, kind)?;
-        Ok(dst)
+        self.mm.mremap_call(a)
     }
 
     fn madvise(&mut self, addr: u64, len: u64, advice: u64) -> SysResult {
@@ -2134,5 +2043,100 @@ impl Kernel {
         b[80..82].copy_from_slice(&1u16.to_le_bytes());
         b[104..108].copy_from_slice(&1u32.to_le_bytes());
         self.put(buf, &b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! System calls served on plain memory, without a VM: the kernel over an address space
+    //! on `GuestMemoryMmap`, called at the handlers below the register decoding (which needs
+    //! a vCPU).
+
+    use std::path::{Path, PathBuf};
+
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::super::mm::Frames;
+    use super::*;
+
+    const BUF: u64 = 0x4000_0000;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pagetrack-sys-{name}-{}", std::process::id()));
+        if d.exists() {
+            std::fs::remove_dir_all(&d).unwrap();
+        }
+        std::fs::create_dir_all(d.join("root")).unwrap();
+        std::fs::write(d.join("root/a.txt"), b"abc").unwrap();
+        std::fs::write(d.join("secret"), b"s").unwrap();
+        d
+    }
+
+    /// A kernel whose program reads under `root`, with two pages mapped at [`BUF`]: the first
+    /// read-write, the second read-only.
+    fn kernel(root: &Path) -> Kernel<GuestMemoryMmap> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mut mm = AddressSpace::new(mem, Frames::new((1, 65), (65, 1024)), true).unwrap();
+        mm.map(BUF, PAGE, PROT_READ | PROT_WRITE, PageKind::Mmap)
+            .unwrap();
+        mm.map(BUF + PAGE, PAGE, PROT_READ, PageKind::Mmap).unwrap();
+        let sandbox = Sandbox::new(root, &[], &[], root, Path::new("/bin/x")).unwrap();
+        let setup = KernelSetup {
+            stdin: Input::Null,
+            stdout: Output::Capture,
+            stderr: Output::Capture,
+            uid: 1000,
+            gid: 1000,
+            comm: b"x".to_vec(),
+            mem_bytes: 4 << 20,
+        };
+        Kernel::new(mm, sandbox, setup).unwrap()
+    }
+
+    use super::super::mm::PageKind;
+
+    #[test]
+    fn write_copies_user_bytes_out_and_faults_only_where_unmapped() {
+        let d = tmp("write");
+        let mut k = kernel(&d.join("root"));
+        k.mm.poke(BUF, b"hello").unwrap();
+        assert_eq!(k.write(1, BUF, 5), Ok(5));
+        // A buffer running off the mapped pages: the readable part is written (as Linux).
+        k.mm.poke(BUF + 2 * PAGE - 2, b"yz").unwrap();
+        assert_eq!(k.write(2, BUF + 2 * PAGE - 2, 10), Ok(2));
+        assert_eq!(
+            k.write(1, BUF + 2 * PAGE, 5),
+            Err(EFAULT),
+            "unmapped buffer"
+        );
+        assert_eq!(k.write(7, BUF, 5), Err(EBADF));
+        assert_eq!(k.take_output(), (b"hello".to_vec(), b"yz".to_vec()));
+    }
+
+    #[test]
+    fn openat_and_read_fill_user_memory_and_refuse_escapes_and_read_only_buffers() {
+        let d = tmp("read");
+        let mut k = kernel(&d.join("root"));
+        k.mm.poke(BUF + 0x100, b"a.txt\0../secret\0").unwrap();
+        let fd = k.openat(AT_FDCWD, BUF + 0x100, 0, 0).unwrap();
+        assert_eq!(fd, 3, "the lowest free descriptor");
+        assert_eq!(
+            k.openat(AT_FDCWD, BUF + 0x106, 0, 0),
+            Err(EACCES),
+            "escapes --dir"
+        );
+        assert_eq!(k.read(3, BUF + PAGE, 10), Err(EFAULT), "read-only buffer");
+        assert_eq!(
+            k.read(3, BUF + PAGE - 2, 10),
+            Ok(2),
+            "up to the read-only page"
+        );
+        assert_eq!(k.read(3, BUF, 10), Ok(1));
+        let mut got = [0u8; 3];
+        k.mm.read_user(BUF + PAGE - 2, &mut got[..2]).unwrap();
+        k.mm.read_user(BUF, &mut got[2..]).unwrap();
+        assert_eq!(&got, b"abc");
+        assert_eq!(k.read(3, BUF, 10), Ok(0), "end of file");
+        assert_eq!(k.read(9, BUF, 10), Err(EBADF));
     }
 }
