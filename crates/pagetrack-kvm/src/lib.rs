@@ -54,4 +54,4 @@ pub use pagetrack_x86::walk;
 pub use slots::FragmentStats;
 pub use update::PageTableUpdate;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
-pub use vm::{HostCaps, Vm, VmConfig, VmStats};
+pub use vm::{HostCaps, KvmSlotIds, Vm, VmConfig, VmStats};

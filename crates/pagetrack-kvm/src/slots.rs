@@ -136,6 +136,8 @@ pub(crate) struct Fragments {
     /// the `Arc` of their mapping) are kept until the VM fd closes.
     stuck: Vec<KvmSlot>,
     free_ids: Vec<u32>,
+    /// The next never-used KVM slot id; ids are handed out from `first_id` up, at most
+    /// `budget` of them at a time (the range the VMM left to pagetrack).
     next_id: u32,
     budget: usize,
     chunk_bytes: u64,
@@ -145,12 +147,13 @@ pub(crate) struct Fragments {
 }
 
 impl Fragments {
-    pub(crate) fn new(budget: usize, chunk_bytes: u64, log_dirty: bool) -> Fragments {
+    /// A table whose fragments use KVM slot ids `first_id..first_id + budget`.
+    pub(crate) fn new(first_id: u32, budget: usize, chunk_bytes: u64, log_dirty: bool) -> Fragments {
         Fragments {
             rams: Vec::new(),
             stuck: Vec::new(),
             free_ids: Vec::new(),
-            next_id: 0,
+            next_id: first_id,
             budget,
             chunk_bytes,
             log_dirty,
@@ -484,6 +487,21 @@ impl Fragments {
     }
 
     /// Forgets every slot without ioctls: the VM fd is closing and takes them with it.
+    /// Deletes every fragment from KVM, for a VM fd that outlives pagetrack (the VMM's own,
+    /// [`crate::Vm::from_vm_fd`]): the VMM's memslots stay as they are. A fragment whose
+    /// delete fails keeps its mapping alive for good (leaked), as KVM may still map it.
+    pub(crate) fn delete_all(&mut self, vm: &VmFd) {
+        let gpas: Vec<u64> = self.rams.iter().map(|r| r.gpa).collect();
+        for gpa in gpas {
+            if let Err(_kept_in_stuck) = self.remove_ram(vm, gpa) {
+                // The slot stays in `stuck`, leaked below.
+            }
+        }
+        for s in self.stuck.drain(..) {
+            std::mem::forget(s);
+        }
+    }
+
     pub(crate) fn forget_all(&mut self) {
         for s in &mut self.stuck {
             s.forget_region_for_drop();

@@ -260,3 +260,17 @@ pub(crate) fn set_msr_exit_error(vcpu: &mut VcpuFd, failed: bool) {
     // reads `error` back at the next KVM_RUN.
     vcpu.get_kvm_run().__bindgen_anon_1.msr.error = u8::from(failed);
 }
+
+/// A second handle on the `/dev/kvm` fd of `kvm` (a `dup`), so that pagetrack keeps one
+/// while the VMM keeps its own.
+pub(crate) fn dup_kvm(kvm: &kvm_ioctls::Kvm) -> Result<kvm_ioctls::Kvm, kvm_ioctls::Error> {
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+    // SAFETY: `kvm` owns this fd and stays alive (borrowed) while the BorrowedFd is used.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(kvm.as_raw_fd()) };
+    let owned = borrowed
+        .try_clone_to_owned()
+        .map_err(|e| kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    // SAFETY: `owned` is a fresh fd (a dup of an open /dev/kvm) whose ownership moves into
+    // the Kvm, which closes it on drop.
+    Ok(unsafe { kvm_ioctls::Kvm::from_raw_fd(owned.into_raw_fd()) })
+}
