@@ -35,6 +35,7 @@ mod atomic;
 mod dirty;
 mod error;
 mod gate;
+mod handler;
 mod memory;
 mod pvmsr;
 mod slots;
@@ -46,6 +47,7 @@ mod vcpu;
 mod vm;
 
 pub use error::{Error, Result};
+pub use handler::{ExitHandler, Handled, Ran, Tracked};
 pub use memory::TrackedMemory;
 /// The store emulator (moved to [`pagetrack_x86::emulate`]).
 pub use pagetrack_x86::emulate;

@@ -164,9 +164,9 @@ pub(crate) struct VcpuKick {
     immediate_exit: std::ptr::NonNull<u8>,
 }
 
-// SAFETY: a VcpuKick is only created by the vCPU thread in `Vcpu::run` for one pass through
-// the gate, and the gate drops it (in `leave`) before `run` can return; the thread and the
-// `kvm_run` mapping of its VcpuFd (borrowed by that `run`) are alive all that time, so using
+// SAFETY: a VcpuKick is only created by the vCPU thread in `ExitHandler::run` for one pass
+// through the gate, and the gate drops it (in `leave`) before that `run` returns; the thread
+// and the `kvm_run` mapping of its VcpuFd (borrowed by that `run`) are alive all that time, so using
 // both from a pausing thread is sound. `immediate_exit` is written through an atomic; the
 // kernel reads it concurrently by design, and kvm-ioctls' exit decoding on the vCPU thread
 // never reads or writes that byte.

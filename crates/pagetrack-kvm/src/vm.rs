@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use kvm_bindings::{KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL, kvm_enable_cap};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use pagetrack::{
     AsId, BackendError, Enforcement, FrameRun, Gfn, MemoryRegion, PAGE_SIZE, PageTracker, SlotId,
     TrackerConfig,
@@ -909,6 +909,37 @@ impl Vm {
     /// # Errors
     /// Duplicate index or a KVM failure.
     pub fn create_vcpu(&self, index: u32) -> Result<Vcpu> {
+        let fd = self.register_vcpu(index, || {
+            self.inner
+                .backend
+                .vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(Error::kvm("KVM_CREATE_VCPU"))
+        })?;
+        Ok(Vcpu::new(index, fd, Arc::clone(&self.inner)))
+    }
+
+    /// The [`ExitHandler`](crate::ExitHandler) of a vCPU the VMM created itself
+    /// (`vm_fd.create_vcpu(index)`) and runs in its own loop; `index` (each once) is the
+    /// vCPU's number in events ([`Source::Vcpu`](pagetrack::Source::Vcpu)) and in pauses.
+    /// Asks KVM to sync the registers into `kvm_run` at every exit where it can
+    /// (`kvm_valid_regs`), which pagetrack's completions read.
+    ///
+    /// # Errors
+    /// Duplicate index; the stall monitor thread cannot be started.
+    pub fn exit_handler(&self, index: u32, fd: &mut VcpuFd) -> Result<crate::ExitHandler> {
+        self.register_vcpu(index, || Ok(()))?;
+        Ok(crate::ExitHandler::new(
+            index,
+            fd,
+            Arc::clone(&self.inner),
+            false,
+        ))
+    }
+
+    /// Claims vCPU `index` (refused if taken), makes what `make` makes, and starts the stall
+    /// monitor with the first vCPU.
+    fn register_vcpu<T>(&self, index: u32, make: impl FnOnce() -> Result<T>) -> Result<T> {
         let mut vcpus = self.inner.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         if vcpus.contains(&index) {
             return Err(Error::Vcpu {
@@ -916,13 +947,9 @@ impl Vm {
                 reason: "already created",
             });
         }
-        let fd = self
-            .inner
-            .backend
-            .vm_fd
-            .create_vcpu(u64::from(index))
-            .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        let made = make()?;
         vcpus.push(index);
+        drop(vcpus);
         let weak = Arc::downgrade(&self.inner);
         let mut spawned = Ok(());
         self.inner.stall_monitor.call_once(|| {
@@ -935,7 +962,7 @@ impl Vm {
             what: "stall monitor",
             source,
         })?;
-        Ok(Vcpu::new(index, fd, Arc::clone(&self.inner)))
+        Ok(made)
     }
 
     /// Makes KVM forget every translation it derived from guest page tables held in `frames`,
