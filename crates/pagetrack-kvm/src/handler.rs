@@ -403,10 +403,7 @@ impl ExitHandler {
         let rflags = if self.sync_regs {
             fd.sync_regs().regs.rflags
         } else {
-            fd
-                .get_regs()
-                .map_err(Error::kvm("KVM_GET_REGS"))?
-                .rflags
+            fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?.rflags
         };
         Ok(rflags & RFLAGS_TF != 0)
     }
@@ -456,16 +453,14 @@ impl ExitHandler {
             .get_debug_regs()
             .map_err(Error::kvm("KVM_GET_DEBUGREGS"))?;
         dr.dr6 |= DR6_BS;
-        fd
-            .set_debug_regs(&dr)
+        fd.set_debug_regs(&dr)
             .map_err(Error::kvm("KVM_SET_DEBUGREGS"))?;
         events.exception.injected = 1;
         events.exception.nr = 1;
         events.exception.has_error_code = 0;
         events.exception.error_code = 0;
         events.exception_has_payload = 0;
-        fd
-            .set_vcpu_events(&events)
+        fd.set_vcpu_events(&events)
             .map_err(Error::kvm("KVM_SET_VCPU_EVENTS"))
     }
 
@@ -620,8 +615,7 @@ impl ExitHandler {
         if self.sync_sregs {
             return Ok(atomic::SysCache::from_sregs(&fd.sync_regs().sregs));
         }
-        fd
-            .get_sregs()
+        fd.get_sregs()
             .map(|s| atomic::SysCache::from_sregs(&s))
             .map_err(Error::kvm("KVM_GET_SREGS"))
     }

@@ -148,7 +148,12 @@ pub(crate) struct Fragments {
 
 impl Fragments {
     /// A table whose fragments use KVM slot ids `first_id..first_id + budget`.
-    pub(crate) fn new(first_id: u32, budget: usize, chunk_bytes: u64, log_dirty: bool) -> Fragments {
+    pub(crate) fn new(
+        first_id: u32,
+        budget: usize,
+        chunk_bytes: u64,
+        log_dirty: bool,
+    ) -> Fragments {
         Fragments {
             rams: Vec::new(),
             stuck: Vec::new(),

@@ -139,7 +139,6 @@ pub struct HostCaps {
 impl HostCaps {
     /// Reads the capabilities of `kvm` and what `/proc` and `/sys` say about the module.
     pub fn probe(kvm: &Kvm) -> HostCaps {
-        let raw = |c: u32| kvm.check_extension_raw(u64::from(c));
         let module = ["kvm_pvm", "kvm_intel", "kvm_amd"]
             .into_iter()
             .find(|m| std::path::Path::new(&format!("/sys/module/{m}")).exists())
@@ -161,6 +160,19 @@ impl HostCaps {
             _ => true,
         };
         HostCaps {
+            module,
+            ..HostCaps::from_kvm(kvm, software_kvm, shadow_paging)
+        }
+    }
+
+    /// The capabilities of `kvm` from its ioctls alone (`KVM_CHECK_EXTENSION`), with the two
+    /// facts only `/proc` and `/sys` tell given by the VMM: whether KVM runs without
+    /// hardware virtualization ([`HostCaps::software_kvm`]) and whether it uses shadow
+    /// paging ([`HostCaps::shadow_paging`]; `true` is always safe, at some cost on TDP hosts).
+    /// For a jailed VMM that has neither file system.
+    pub fn from_kvm(kvm: &Kvm, software_kvm: bool, shadow_paging: bool) -> HostCaps {
+        let raw = |c: u32| kvm.check_extension_raw(u64::from(c));
+        HostCaps {
             readonly_mem: raw(kvm_bindings::KVM_CAP_READONLY_MEM) > 0,
             nr_memslots: kvm.get_nr_memslots(),
             disable_quirks2: u64::try_from(raw(KVM_CAP_DISABLE_QUIRKS2)).unwrap_or(0),
@@ -170,7 +182,7 @@ impl HostCaps {
                 && raw(kvm_bindings::KVM_CAP_X86_MSR_FILTER) > 0,
             software_kvm,
             shadow_paging,
-            module,
+            module: None,
         }
     }
 }
@@ -531,8 +543,8 @@ impl Vm {
     }
 
     /// Adds write tracking to a VM the VMM created and keeps: its `VmFd` (shared), the host
-    /// capabilities it determined ([`HostCaps::probe`] is one way; nothing here reads `/proc`
-    /// or `/sys`), and the KVM memslot ids pagetrack may use ([`VmConfig::with_kvm_slots`]:
+    /// capabilities it determined ([`HostCaps::from_kvm`] needs no `/proc` or `/sys`;
+    /// [`HostCaps::probe`] reads them), and the KVM memslot ids pagetrack may use ([`VmConfig::with_kvm_slots`]:
     /// ids outside the range are never touched). pagetrack creates no memory of its own: the
     /// VMM registers its guest memory regions with [`Vm::add_region`] and runs its vCPUs
     /// through an [`ExitHandler`](crate::ExitHandler) each (see the crate docs for the whole
@@ -543,12 +555,7 @@ impl Vm {
     /// # Errors
     /// `caps` lacks read-only memslots; `config` has no slot range, or one beyond
     /// [`HostCaps::nr_memslots`]; an ioctl failed.
-    pub fn from_vm_fd(
-        kvm: &Kvm,
-        vm_fd: Arc<VmFd>,
-        caps: HostCaps,
-        config: VmConfig,
-    ) -> Result<Vm> {
+    pub fn from_vm_fd(kvm: &Kvm, vm_fd: Arc<VmFd>, caps: HostCaps, config: VmConfig) -> Result<Vm> {
         if !caps.readonly_mem {
             return Err(Error::MissingCapability {
                 what: "KVM_CAP_READONLY_MEM",
