@@ -74,6 +74,9 @@ pub(crate) struct Updates {
 struct LockState {
     readers: usize,
     writer: bool,
+    /// Threads waiting in `acquire_shared` or `update`: only then is a wake-up sent (a
+    /// condvar notification is a system call, and completions release once per exit).
+    waiting: usize,
 }
 
 /// A completion in progress: the lock held shared (the unit tests' form; the vCPUs'
@@ -102,7 +105,9 @@ impl Updates {
     pub(crate) fn acquire_shared(&self) {
         let mut s = self.lock();
         while s.writer {
+            s.waiting += 1;
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.waiting -= 1;
         }
         s.readers += 1;
     }
@@ -111,7 +116,7 @@ impl Updates {
     pub(crate) fn release_shared(&self) {
         let mut s = self.lock();
         s.readers -= 1;
-        let wake = s.readers == 0;
+        let wake = s.readers == 0 && s.waiting > 0;
         drop(s);
         if wake {
             self.cv.notify_all();
@@ -124,7 +129,9 @@ impl Updates {
         let paused = gate.pause();
         let mut s = self.lock();
         while s.writer || s.readers > 0 {
+            s.waiting += 1;
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.waiting -= 1;
         }
         s.writer = true;
         drop(s);
@@ -154,8 +161,11 @@ impl<K: Kick> Drop for Update<'_, K> {
     fn drop(&mut self) {
         let mut s = self.updates.lock();
         s.writer = false;
+        let wake = s.waiting > 0;
         drop(s);
-        self.updates.cv.notify_all();
+        if wake {
+            self.updates.cv.notify_all();
+        }
     }
 }
 
