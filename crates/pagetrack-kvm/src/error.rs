@@ -13,6 +13,12 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A configuration pagetrack cannot honour (it is rejected rather than ignored).
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// `/dev/kvm` lacks something pagetrack needs.
     #[error("KVM lacks {what}")]
     MissingCapability {

@@ -127,6 +127,18 @@ pub(crate) struct RunningHere<'a, K: Kick> {
     outer: Option<(usize, usize)>,
 }
 
+/// [`Gate::here`]'s guard: restores the thread's previous mark on drop.
+#[derive(Debug)]
+pub(crate) struct Here {
+    outer: Option<(usize, usize)>,
+}
+
+impl Drop for Here {
+    fn drop(&mut self) {
+        HERE.with(|h| h.set(self.outer));
+    }
+}
+
 impl<K: Kick> Gate<K> {
     fn lock(&self) -> MutexGuard<'_, State<K>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -148,6 +160,27 @@ impl<K: Kick> Gate<K> {
             gate: self,
             index,
             outer,
+        }
+    }
+
+    /// Marks this thread as the one running vCPU `index` until the guard drops, without
+    /// touching its continuation ([`crate::ExitHandler::handle`]: notifiers' pauses there do
+    /// not wait for it).
+    pub(crate) fn here(&self, index: usize) -> Here {
+        Here {
+            outer: HERE.with(|h| h.replace(Some((self.addr(), index)))),
+        }
+    }
+
+    /// Drops vCPU `index`'s continuation: its owner will not run it again (or not soon),
+    /// so pauses must not wait for it.
+    pub(crate) fn end_continuation(&self, index: usize) {
+        let mut s = self.lock();
+        Self::set_continuation(&mut s, index, false);
+        let wake = s.pauses > 0;
+        drop(s);
+        if wake {
+            self.cv.notify_all();
         }
     }
 

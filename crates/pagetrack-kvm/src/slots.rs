@@ -136,6 +136,8 @@ pub(crate) struct Fragments {
     /// the `Arc` of their mapping) are kept until the VM fd closes.
     stuck: Vec<KvmSlot>,
     free_ids: Vec<u32>,
+    /// The next never-used KVM slot id; ids are handed out from `first_id` up, at most
+    /// `budget` of them at a time (the range the VMM left to pagetrack).
     next_id: u32,
     budget: usize,
     chunk_bytes: u64,
@@ -145,12 +147,18 @@ pub(crate) struct Fragments {
 }
 
 impl Fragments {
-    pub(crate) fn new(budget: usize, chunk_bytes: u64, log_dirty: bool) -> Fragments {
+    /// A table whose fragments use KVM slot ids `first_id..first_id + budget`.
+    pub(crate) fn new(
+        first_id: u32,
+        budget: usize,
+        chunk_bytes: u64,
+        log_dirty: bool,
+    ) -> Fragments {
         Fragments {
             rams: Vec::new(),
             stuck: Vec::new(),
             free_ids: Vec::new(),
-            next_id: 0,
+            next_id: first_id,
             budget,
             chunk_bytes,
             log_dirty,
@@ -484,6 +492,21 @@ impl Fragments {
     }
 
     /// Forgets every slot without ioctls: the VM fd is closing and takes them with it.
+    /// Deletes every fragment from KVM, for a VM fd that outlives pagetrack (the VMM's own,
+    /// [`crate::Vm::from_vm_fd`]): the VMM's memslots stay as they are. A fragment whose
+    /// delete fails keeps its mapping alive for good (leaked), as KVM may still map it.
+    pub(crate) fn delete_all(&mut self, vm: &VmFd) {
+        let gpas: Vec<u64> = self.rams.iter().map(|r| r.gpa).collect();
+        for gpa in gpas {
+            if let Err(_kept_in_stuck) = self.remove_ram(vm, gpa) {
+                // The slot stays in `stuck`, leaked below.
+            }
+        }
+        for s in self.stuck.drain(..) {
+            std::mem::forget(s);
+        }
+    }
+
     pub(crate) fn forget_all(&mut self) {
         for s in &mut self.stuck {
             s.forget_region_for_drop();
@@ -569,7 +592,7 @@ mod tests {
                 frags: Vec::new(),
             })
             .collect();
-        let mut f = Fragments::new(64, chunk_bytes, false);
+        let mut f = Fragments::new(0, 64, chunk_bytes, false);
         f.rams.push(Ram {
             gpa: BASE,
             size,
@@ -826,10 +849,27 @@ mod tests {
 
     #[test]
     fn slot_ids_stop_at_the_budget_with_a_typed_error() {
-        let mut f = Fragments::new(2, CHUNK_PAGES * PAGE, false);
+        let mut f = Fragments::new(0, 2, CHUNK_PAGES * PAGE, false);
         f.stats.fragments = 2;
         assert!(matches!(f.alloc_id(), Err(Error::SlotBudget { budget: 2 })));
         f.stats.fragments = 1;
         assert_eq!(f.alloc_id().expect("room for one"), 0);
+    }
+
+    /// Fragments take their KVM slot ids from the range the VMM gave, never beyond it, and
+    /// reuse freed ones.
+    #[test]
+    fn slot_ids_stay_in_the_vmms_range() {
+        let mut f = Fragments::new(100, 3, CHUNK_PAGES * PAGE, false);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(f.alloc_id().expect("within the budget"));
+            f.stats.fragments += 1;
+        }
+        assert_eq!(ids, [100, 101, 102]);
+        assert!(f.alloc_id().is_err(), "a fourth id");
+        f.free_ids.push(101);
+        f.stats.fragments -= 1;
+        assert_eq!(f.alloc_id().expect("a freed id"), 101);
     }
 }

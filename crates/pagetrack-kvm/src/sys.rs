@@ -164,9 +164,9 @@ pub(crate) struct VcpuKick {
     immediate_exit: std::ptr::NonNull<u8>,
 }
 
-// SAFETY: a VcpuKick is only created by the vCPU thread in `Vcpu::run` for one pass through
-// the gate, and the gate drops it (in `leave`) before `run` can return; the thread and the
-// `kvm_run` mapping of its VcpuFd (borrowed by that `run`) are alive all that time, so using
+// SAFETY: a VcpuKick is only created by the vCPU thread in `ExitHandler::run` for one pass
+// through the gate, and the gate drops it (in `leave`) before that `run` returns; the thread
+// and the `kvm_run` mapping of its VcpuFd (borrowed by that `run`) are alive all that time, so using
 // both from a pausing thread is sound. `immediate_exit` is written through an atomic; the
 // kernel reads it concurrently by design, and kvm-ioctls' exit decoding on the vCPU thread
 // never reads or writes that byte.
@@ -259,4 +259,18 @@ pub(crate) fn set_msr_exit_error(vcpu: &mut VcpuFd, failed: bool) {
     // Writing a union field is safe; the kernel filled the `msr` member for this exit and
     // reads `error` back at the next KVM_RUN.
     vcpu.get_kvm_run().__bindgen_anon_1.msr.error = u8::from(failed);
+}
+
+/// A second handle on the `/dev/kvm` fd of `kvm` (a `dup`), so that pagetrack keeps one
+/// while the VMM keeps its own.
+pub(crate) fn dup_kvm(kvm: &kvm_ioctls::Kvm) -> Result<kvm_ioctls::Kvm, kvm_ioctls::Error> {
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+    // SAFETY: `kvm` owns this fd and stays alive (borrowed) while the BorrowedFd is used.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(kvm.as_raw_fd()) };
+    let owned = borrowed
+        .try_clone_to_owned()
+        .map_err(|e| kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    // SAFETY: `owned` is a fresh fd (a dup of an open /dev/kvm) whose ownership moves into
+    // the Kvm, which closes it on drop.
+    Ok(unsafe { kvm_ioctls::Kvm::from_raw_fd(owned.into_raw_fd()) })
 }

@@ -63,29 +63,69 @@
 //! a `PageTableUpdate` or wait for a thread that is taking one, and a VMM must not take one
 //! while it holds a lock its notifiers take.
 
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::gate::{Gate, Kick, Paused};
 
-/// The address-space lock (see the module docs).
+/// The address-space lock (see the module docs): a shared/exclusive lock whose shared side
+/// can also be held without a borrow ([`Updates::acquire_shared`], for the completion an
+/// [`crate::ExitHandler`] hands its VMM between `run` and `handle`).
 #[derive(Debug, Default)]
 pub(crate) struct Updates {
-    lock: RwLock<()>,
+    state: Mutex<LockState>,
+    cv: Condvar,
 }
 
-/// A completion in progress: the lock held shared.
+#[derive(Debug, Default)]
+struct LockState {
+    readers: usize,
+    writer: bool,
+    /// Threads waiting in `acquire_shared` or `update`: only then is a wake-up sent (a
+    /// condvar notification is a system call, and completions release once per exit).
+    waiting: usize,
+}
+
+/// A completion in progress: the lock held shared (the unit tests' form; the vCPUs'
+/// is [`crate::ExitHandler`]'s, which holds it without a borrow).
+#[cfg(test)]
 #[derive(Debug)]
 pub(crate) struct Completing<'a> {
-    _shared: RwLockReadGuard<'a, ()>,
+    updates: &'a Updates,
 }
 
 impl Updates {
-    /// Holds the lock shared. Call only inside the gate (right after `KVM_RUN` returned, before
-    /// the [`crate::gate::Inside`] guard drops), and at most once per thread: then it never
-    /// waits (module docs).
+    fn lock(&self) -> MutexGuard<'_, LockState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds the lock shared until the guard drops. Call only inside the gate (right after
+    /// `KVM_RUN` returned, before the [`crate::gate::Inside`] guard drops), and at most once
+    /// per thread: then it never waits (module docs).
+    #[cfg(test)]
     pub(crate) fn completing(&self) -> Completing<'_> {
-        Completing {
-            _shared: self.lock.read().unwrap_or_else(|e| e.into_inner()),
+        self.acquire_shared();
+        Completing { updates: self }
+    }
+
+    /// Holds the lock shared until [`Updates::release_shared`]; as [`Updates::completing`].
+    pub(crate) fn acquire_shared(&self) {
+        let mut s = self.lock();
+        while s.writer {
+            s.waiting += 1;
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.waiting -= 1;
+        }
+        s.readers += 1;
+    }
+
+    /// Ends one [`Updates::acquire_shared`].
+    pub(crate) fn release_shared(&self) {
+        let mut s = self.lock();
+        s.readers -= 1;
+        let wake = s.readers == 0 && s.waiting > 0;
+        drop(s);
+        if wake {
+            self.cv.notify_all();
         }
     }
 
@@ -93,20 +133,46 @@ impl Updates {
     /// in progress.
     pub(crate) fn update<'a, K: Kick>(&'a self, gate: &'a Gate<K>) -> Update<'a, K> {
         let paused = gate.pause();
-        let exclusive = self.lock.write().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.lock();
+        while s.writer || s.readers > 0 {
+            s.waiting += 1;
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.waiting -= 1;
+        }
+        s.writer = true;
+        drop(s);
         Update {
-            _exclusive: exclusive,
+            updates: self,
             _paused: paused,
         }
     }
 }
 
-/// The lock held exclusive, with the vCPUs paused. Fields drop in order: the lock is released
-/// before the gate reopens.
+#[cfg(test)]
+impl Drop for Completing<'_> {
+    fn drop(&mut self) {
+        self.updates.release_shared();
+    }
+}
+
+/// The lock held exclusive, with the vCPUs paused. The lock is released (in `drop`) before
+/// the gate reopens (the field drops after).
 #[derive(Debug)]
 pub(crate) struct Update<'a, K: Kick> {
-    _exclusive: RwLockWriteGuard<'a, ()>,
+    updates: &'a Updates,
     _paused: Paused<'a, K>,
+}
+
+impl<K: Kick> Drop for Update<'_, K> {
+    fn drop(&mut self) {
+        let mut s = self.updates.lock();
+        s.writer = false;
+        let wake = s.waiting > 0;
+        drop(s);
+        if wake {
+            self.updates.cv.notify_all();
+        }
+    }
 }
 
 /// A page-table update in progress ([`crate::Vm::page_table_update`]): every vCPU is outside

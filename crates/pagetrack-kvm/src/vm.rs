@@ -5,13 +5,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use kvm_bindings::{KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL, kvm_enable_cap};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use pagetrack::{
     AsId, BackendError, Enforcement, FrameRun, Gfn, MemoryRegion, PAGE_SIZE, PageTracker, SlotId,
     TrackerConfig,
 };
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
 use crate::dirty::DirtyBits;
@@ -42,6 +43,19 @@ pub struct VmConfig {
     /// carries `KVM_MEM_LOG_DIRTY_PAGES`, and [`Vm::take_dirty_log`] returns the pages written
     /// per RAM region, stores pagetrack applies itself included.
     pub dirty_log: bool,
+    /// The KVM memslot ids pagetrack may use for its fragments, when the VMM hands it a range
+    /// (its own memslots use the others); `None` uses ids from 0 up, at most
+    /// [`HostCaps::nr_memslots`] minus [`VmConfig::reserved_slots`] of them.
+    pub kvm_slots: Option<KvmSlotIds>,
+}
+
+/// A range of KVM memslot ids a VMM leaves to pagetrack ([`VmConfig::with_kvm_slots`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmSlotIds {
+    /// The first id.
+    pub first: u32,
+    /// How many ids, from `first` up: the most KVM memslots pagetrack's fragments use at once.
+    pub count: u32,
 }
 
 impl Default for VmConfig {
@@ -53,6 +67,7 @@ impl Default for VmConfig {
             expected_ram: 1 << 30,
             tracker: TrackerConfig::default().with_address_spaces(1),
             dirty_log: false,
+            kvm_slots: None,
         }
     }
 }
@@ -73,6 +88,16 @@ impl VmConfig {
     /// The same configuration with dirty-page logging on (see [`VmConfig::dirty_log`]).
     pub fn with_dirty_log(mut self) -> VmConfig {
         self.dirty_log = true;
+        self
+    }
+
+    /// The same configuration with pagetrack's fragments confined to KVM memslot ids
+    /// `range` (see [`VmConfig::kvm_slots`]); [`VmConfig::reserved_slots`] is then unused.
+    pub fn with_kvm_slots(mut self, range: std::ops::Range<u32>) -> VmConfig {
+        self.kvm_slots = Some(KvmSlotIds {
+            first: range.start,
+            count: range.end.saturating_sub(range.start),
+        });
         self
     }
 
@@ -114,7 +139,6 @@ pub struct HostCaps {
 impl HostCaps {
     /// Reads the capabilities of `kvm` and what `/proc` and `/sys` say about the module.
     pub fn probe(kvm: &Kvm) -> HostCaps {
-        let raw = |c: u32| kvm.check_extension_raw(u64::from(c));
         let module = ["kvm_pvm", "kvm_intel", "kvm_amd"]
             .into_iter()
             .find(|m| std::path::Path::new(&format!("/sys/module/{m}")).exists())
@@ -136,6 +160,19 @@ impl HostCaps {
             _ => true,
         };
         HostCaps {
+            module,
+            ..HostCaps::from_kvm(kvm, software_kvm, shadow_paging)
+        }
+    }
+
+    /// The capabilities of `kvm` from its ioctls alone (`KVM_CHECK_EXTENSION`), with the two
+    /// facts only `/proc` and `/sys` tell given by the VMM: whether KVM runs without
+    /// hardware virtualization ([`HostCaps::software_kvm`]) and whether it uses shadow
+    /// paging ([`HostCaps::shadow_paging`]; `true` is always safe, at some cost on TDP hosts).
+    /// For a jailed VMM that has neither file system.
+    pub fn from_kvm(kvm: &Kvm, software_kvm: bool, shadow_paging: bool) -> HostCaps {
+        let raw = |c: u32| kvm.check_extension_raw(u64::from(c));
+        HostCaps {
             readonly_mem: raw(kvm_bindings::KVM_CAP_READONLY_MEM) > 0,
             nr_memslots: kvm.get_nr_memslots(),
             disable_quirks2: u64::try_from(raw(KVM_CAP_DISABLE_QUIRKS2)).unwrap_or(0),
@@ -145,7 +182,7 @@ impl HostCaps {
                 && raw(kvm_bindings::KVM_CAP_X86_MSR_FILTER) > 0,
             software_kvm,
             shadow_paging,
-            module,
+            module: None,
         }
     }
 }
@@ -202,7 +239,8 @@ pub(crate) struct Counters {
 /// The core's enforcement backend: protected frames live in read-only fragments.
 #[derive(Debug)]
 pub(crate) struct Backend {
-    pub(crate) vm_fd: VmFd,
+    /// Shared with the VMM when it brought its own ([`Vm::from_vm_fd`]).
+    pub(crate) vm_fd: Arc<VmFd>,
     pub(crate) gate: Gate,
     /// The address-space lock: completions against page-table updates (`update.rs`).
     pub(crate) updates: crate::update::Updates,
@@ -265,8 +303,14 @@ impl Enforcement for Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        // The VM fd closes right after this and takes every memslot with it.
-        self.frags().forget_all();
+        if Arc::strong_count(&self.vm_fd) > 1 {
+            // The VMM keeps its VM: pagetrack's fragments go, its own memslots stay.
+            let vm_fd = Arc::clone(&self.vm_fd);
+            self.frags().delete_all(&vm_fd);
+        } else {
+            // The VM fd closes right after this and takes every memslot with it.
+            self.frags().forget_all();
+        }
     }
 }
 
@@ -494,8 +538,41 @@ impl Vm {
                 what: "KVM_CAP_READONLY_MEM",
             });
         }
-        crate::sys::install_kick_handler().map_err(|source| Error::KickSignal { source })?;
         let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        Vm::assemble(kvm, Arc::new(vm_fd), caps, config)
+    }
+
+    /// Adds write tracking to a VM the VMM created and keeps: its `VmFd` (shared), the host
+    /// capabilities it determined ([`HostCaps::from_kvm`] needs no `/proc` or `/sys`;
+    /// [`HostCaps::probe`] reads them), and the KVM memslot ids pagetrack may use ([`VmConfig::with_kvm_slots`]:
+    /// ids outside the range are never touched). pagetrack creates no memory of its own: the
+    /// VMM registers its guest memory regions with [`Vm::add_region`] and runs its vCPUs
+    /// through an [`ExitHandler`](crate::ExitHandler) each (see the crate docs for the whole
+    /// contract). `kvm` is used for KVM's supported CPUID (its fd is duplicated, the VMM
+    /// keeps its own). When the returned `Vm` and every clone are gone, pagetrack's memslots
+    /// are deleted and the VMM's are left as they are.
+    ///
+    /// # Errors
+    /// `caps` lacks read-only memslots; `config` has no slot range, or one beyond
+    /// [`HostCaps::nr_memslots`]; an ioctl failed.
+    pub fn from_vm_fd(kvm: &Kvm, vm_fd: Arc<VmFd>, caps: HostCaps, config: VmConfig) -> Result<Vm> {
+        if !caps.readonly_mem {
+            return Err(Error::MissingCapability {
+                what: "KVM_CAP_READONLY_MEM",
+            });
+        }
+        if config.kvm_slots.is_none() {
+            return Err(Error::InvalidConfig {
+                reason: "a VM brought by the VMM needs the KVM slot ids pagetrack may use \
+                         (VmConfig::with_kvm_slots)",
+            });
+        }
+        let kvm = crate::sys::dup_kvm(kvm).map_err(Error::kvm("dup /dev/kvm"))?;
+        Vm::assemble(kvm, vm_fd, caps, config)
+    }
+
+    fn assemble(kvm: Kvm, vm_fd: Arc<VmFd>, caps: HostCaps, config: VmConfig) -> Result<Vm> {
+        crate::sys::install_kick_handler().map_err(|source| Error::KickSignal { source })?;
         let zap_all = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
         if config.disable_slot_zap_all && caps.disable_quirks2 & zap_all != 0 {
             let mut cap = kvm_enable_cap {
@@ -507,10 +584,23 @@ impl Vm {
                 .enable_cap(&cap)
                 .map_err(Error::kvm("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
         }
-        let budget = caps
-            .nr_memslots
-            .saturating_sub(config.reserved_slots)
-            .max(1);
+        let (first_id, budget) = match config.kvm_slots {
+            Some(ids) => {
+                let end = u64::from(ids.first) + u64::from(ids.count);
+                if ids.count == 0 || end > u64::try_from(caps.nr_memslots).unwrap_or(u64::MAX) {
+                    return Err(Error::InvalidConfig {
+                        reason: "the KVM slot id range is empty or beyond KVM_CAP_NR_MEMSLOTS",
+                    });
+                }
+                (ids.first, usize::try_from(ids.count).unwrap_or(usize::MAX))
+            }
+            None => (
+                0,
+                caps.nr_memslots
+                    .saturating_sub(config.reserved_slots)
+                    .max(1),
+            ),
+        };
         let chunk = config.chunk_bytes.unwrap_or_else(|| {
             // Spend at most an eighth of the budget on the initial chunks.
             let per = config.expected_ram / (u64::try_from(budget / 8).unwrap_or(1).max(1));
@@ -527,7 +617,7 @@ impl Vm {
             vm_fd,
             gate: Gate::default(),
             updates: crate::update::Updates::default(),
-            frags: Mutex::new(Fragments::new(budget, chunk, config.dirty_log)),
+            frags: Mutex::new(Fragments::new(first_id, budget, chunk, config.dirty_log)),
             counters: Counters::default(),
             kvm_written: crate::pvmsr::KvmWritten::default(),
         });
@@ -620,15 +710,62 @@ impl Vm {
         {
             return Err(bad("overlaps existing RAM"));
         }
-        let slot = (0..u16::MAX)
-            .map(SlotId)
-            .find(|s| rams.iter().all(|r| r.slot != *s))
-            .ok_or(bad("no free memslot id"))?;
         let len = usize::try_from(size).map_err(|_| bad("too large for this host"))?;
         let region = Arc::new(
             GuestRegionMmap::<()>::from_range(GuestAddress(gpa), len, None)
                 .map_err(|source| Error::Mmap { gpa, size, source })?,
         );
+        self.add_region_locked(&mut rams, region)
+    }
+
+    /// Registers guest memory the VMM mapped itself (memfd, hugetlbfs or a snapshot file:
+    /// any [`GuestRegionMmap`]) as RAM at its guest address; returns its memslot id in the
+    /// tracker. pagetrack maps nothing: KVM memslots point into `region`'s mapping, which
+    /// the VMM keeps using (its own `GuestMemoryMmap` may hold the same `Arc`). Its stores
+    /// through that mapping bypass tracking, as [`Vm::raw_memory`]'s do; device writes that
+    /// must be tracked go through [`Vm::memory`].
+    ///
+    /// # Errors
+    /// As [`Vm::add_ram`] (but for the mmap).
+    pub fn add_region(&self, region: Arc<GuestRegionMmap>) -> Result<SlotId> {
+        let (gpa, size) = (region.start_addr().0, region.len());
+        let bad = |reason| Error::InvalidRam { gpa, size, reason };
+        if size == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(bad("address and size must be non-zero multiples of 4 KiB"));
+        }
+        if gpa.checked_add(size).is_none() {
+            return Err(bad("range wraps"));
+        }
+        if !(region.as_ptr() as usize).is_multiple_of(4096) {
+            return Err(bad("the host mapping is not page-aligned"));
+        }
+        // As in `add_ram`.
+        if self.inner.tracker.in_callback() {
+            return Err(pagetrack::Error::InCallback { op: "add_region" }.into());
+        }
+        let mut rams = self.inner.rams.lock().unwrap_or_else(|e| e.into_inner());
+        if rams
+            .iter()
+            .any(|r| gpa < r.gpa + r.size && r.gpa < gpa + size)
+        {
+            return Err(bad("overlaps existing RAM"));
+        }
+        self.add_region_locked(&mut rams, region)
+    }
+
+    /// The common part of [`Vm::add_ram`] and [`Vm::add_region`]: `rams` is held and the
+    /// range checked.
+    fn add_region_locked(
+        &self,
+        rams: &mut Vec<RamInfo>,
+        region: Arc<GuestRegionMmap>,
+    ) -> Result<SlotId> {
+        let (gpa, size) = (region.start_addr().0, region.len());
+        let bad = |reason| Error::InvalidRam { gpa, size, reason };
+        let slot = (0..u16::MAX)
+            .map(SlotId)
+            .find(|s| rams.iter().all(|r| r.slot != *s))
+            .ok_or(bad("no free memslot id"))?;
         // The new guest memory is computed first (it changes nothing until published below),
         // so that no step after the KVM slots exist can fail.
         let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
@@ -779,6 +916,37 @@ impl Vm {
     /// # Errors
     /// Duplicate index or a KVM failure.
     pub fn create_vcpu(&self, index: u32) -> Result<Vcpu> {
+        let fd = self.register_vcpu(index, || {
+            self.inner
+                .backend
+                .vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(Error::kvm("KVM_CREATE_VCPU"))
+        })?;
+        Ok(Vcpu::new(index, fd, Arc::clone(&self.inner)))
+    }
+
+    /// The [`ExitHandler`](crate::ExitHandler) of a vCPU the VMM created itself
+    /// (`vm_fd.create_vcpu(index)`) and runs in its own loop; `index` (each once) is the
+    /// vCPU's number in events ([`Source::Vcpu`](pagetrack::Source::Vcpu)) and in pauses.
+    /// Asks KVM to sync the registers into `kvm_run` at every exit where it can
+    /// (`kvm_valid_regs`), which pagetrack's completions read.
+    ///
+    /// # Errors
+    /// Duplicate index; the stall monitor thread cannot be started.
+    pub fn exit_handler(&self, index: u32, fd: &mut VcpuFd) -> Result<crate::ExitHandler> {
+        self.register_vcpu(index, || Ok(()))?;
+        Ok(crate::ExitHandler::new(
+            index,
+            fd,
+            Arc::clone(&self.inner),
+            false,
+        ))
+    }
+
+    /// Claims vCPU `index` (refused if taken), makes what `make` makes, and starts the stall
+    /// monitor with the first vCPU.
+    fn register_vcpu<T>(&self, index: u32, make: impl FnOnce() -> Result<T>) -> Result<T> {
         let mut vcpus = self.inner.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         if vcpus.contains(&index) {
             return Err(Error::Vcpu {
@@ -786,13 +954,9 @@ impl Vm {
                 reason: "already created",
             });
         }
-        let fd = self
-            .inner
-            .backend
-            .vm_fd
-            .create_vcpu(u64::from(index))
-            .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        let made = make()?;
         vcpus.push(index);
+        drop(vcpus);
         let weak = Arc::downgrade(&self.inner);
         let mut spawned = Ok(());
         self.inner.stall_monitor.call_once(|| {
@@ -805,7 +969,7 @@ impl Vm {
             what: "stall monitor",
             source,
         })?;
-        Ok(Vcpu::new(index, fd, Arc::clone(&self.inner)))
+        Ok(made)
     }
 
     /// Makes KVM forget every translation it derived from guest page tables held in `frames`,
