@@ -19,9 +19,9 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::abi::{
     AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, EACCES, EAGAIN, EBADF, ECHILD, EFAULT, EINTR,
-    EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE, ERANGE,
-    ERESTARTSYS, ESRCH, Errno, O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ, PROT_WRITE,
-    SysResult, nr,
+    EINTR_RESTARTABLE, EINVAL, EIO, EMFILE, ENOENT, ENOMEM, ENOSYS, ENOTDIR, ENOTTY, EPERM, EPIPE,
+    ERANGE, ERESTARTSYS, ESRCH, Errno, O_ACCMODE, O_CLOEXEC, O_RDWR, O_WRONLY, PROT_READ,
+    PROT_WRITE, SysResult, nr,
 };
 use super::fs::{Base, Input, Node, OpenFile, Output, Readiness, RecordLock, Sandbox, StdinState};
 use super::mm::{AddressSpace, GuestRam, PAGE, USER_END};
@@ -750,7 +750,10 @@ impl<M: GuestRam> Kernel<M> {
         let data = loop {
             if (self.deadline.is_some() && host_stdin) || blocking_fifo {
                 // Wait for input no longer than the run may last.
-                let r = self.ready(&[(fd, POLLIN)], Wait::Forever)?;
+                // A signal ends the wait: restarted after an SA_RESTART handler, as Linux.
+                let r = self
+                    .ready(&[(fd, POLLIN)], Wait::Forever)
+                    .map_err(|e| if e == EINTR { EINTR_RESTARTABLE } else { e })?;
                 if r[0] == 0 {
                     return Err(EINTR);
                 }
@@ -793,10 +796,7 @@ impl<M: GuestRam> Kernel<M> {
             let left = end.saturating_duration_since(Instant::now());
             limit = Some(limit.map_or(left, |l| l.min(left)));
         }
-        let ts = limit.map(|d| rustix::event::Timespec {
-            tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-            tv_nsec: i64::from(d.subsec_nanos()),
-        });
+
         if self.defer_waits && !any && limit != Some(Duration::ZERO) {
             // Wait without the kernel's lock: ready now, or deferred.
             let mut pfds: Vec<PollFd<'_>> = host
@@ -822,31 +822,60 @@ impl<M: GuestRam> Kernel<M> {
             });
             return Err(ERESTARTSYS);
         }
-        if host.is_empty() {
-            if !any && let Some(d) = limit {
-                std::thread::sleep(d);
-            } else if !any {
-                // Nothing can ever become ready and no deadline: as Linux, wait forever;
-                // here, until the process is ended from outside.
-                loop {
-                    std::thread::park();
+        // Waiting here (one thread), the program's own timer is the only signal that can
+        // come: the wait is cut where it fires, and a signal to deliver ends the call with
+        // EINTR; a timer whose signal is blocked or ignored lets the wait go on.
+        let end = limit.map(|l| Instant::now() + l);
+        loop {
+            let now = Instant::now();
+            let left = end.map(|e| e.saturating_duration_since(now));
+            let cut = self.alarm_at().map_or(left, |at| {
+                let to_alarm = at.saturating_duration_since(now);
+                Some(left.map_or(to_alarm, |l| l.min(to_alarm)))
+            });
+            if host.is_empty() {
+                if any {
+                    return Ok(out);
+                }
+                match cut {
+                    Some(d) => std::thread::sleep(d),
+                    // Nothing can ever become ready, no deadline, no timer: as Linux, wait
+                    // forever; here, until the process is ended from outside.
+                    None => loop {
+                        std::thread::park();
+                    },
+                }
+            } else {
+                let ts = cut.map(|d| rustix::event::Timespec {
+                    tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                    tv_nsec: i64::from(d.subsec_nanos()),
+                });
+                let mut pfds: Vec<PollFd<'_>> = host
+                    .iter()
+                    .map(|(_, h, ev)| {
+                        PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned()))
+                    })
+                    .collect();
+                match rustix::event::poll(&mut pfds, ts.as_ref()) {
+                    Ok(_) => {}
+                    Err(rustix::io::Errno::INTR) => return Ok(out),
+                    Err(e) => return Err(super::fs::sys(e)),
+                }
+                for (p, (i, _, _)) in pfds.iter().zip(&host) {
+                    out[*i] = p.revents().bits().cast_signed();
+                }
+                if any || out.iter().any(|&r| r != 0) {
+                    return Ok(out);
                 }
             }
-            return Ok(out);
+            self.check_alarm();
+            if self.signals.deliverable() {
+                return Err(EINTR);
+            }
+            if end.is_some_and(|e| Instant::now() >= e) {
+                return Ok(out);
+            }
         }
-        let mut pfds: Vec<PollFd<'_>> = host
-            .iter()
-            .map(|(_, h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
-            .collect();
-        match rustix::event::poll(&mut pfds, ts.as_ref()) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => return Ok(out),
-            Err(e) => return Err(super::fs::sys(e)),
-        }
-        for (p, (i, _, _)) in pfds.iter().zip(&host) {
-            out[*i] = p.revents().bits().cast_signed();
-        }
-        Ok(out)
     }
 
     /// `ppoll`/`pselect6` with signal mask `mask` (the address of a `sigset_t`): the mask
@@ -1060,6 +1089,10 @@ impl<M: GuestRam> Kernel<M> {
                             }
                             return Err(ERESTARTSYS);
                         }
+                        // A signal: what was written, else restarted after an SA_RESTART
+                        // handler, as Linux.
+                        Err(EINTR) if done > 0 => break,
+                        Err(EINTR) => return Err(EINTR_RESTARTABLE),
                         Err(e) => return Err(e),
                     },
                     Err(_) if done > 0 => break,

@@ -12,6 +12,10 @@
 //!   the FIFO runs meanwhile; every byte arrives once and the input offsets move by what
 //!   was sent (`sendfile/sendfile.c`).
 //!
+//! - One thread blocked in `read` or `poll` on a FIFO when its own timer fires: the wait
+//!   ends, `read` restarts after an `SA_RESTART` handler and fails with `EINTR` otherwise,
+//!   `poll` fails with `EINTR` (`alarm/alarm.c`).
+//!
 //! The C programs are built with `gcc -static -pthread` at test time.
 
 use std::process::Command;
@@ -26,6 +30,7 @@ use super::{RUN_TIMEOUT, TempDir, assert_ran_as_natively, c_program, run_config}
 const RESTART_C: &str = include_str!("restart/restart.c");
 const PMASK_C: &str = include_str!("pmask/pmask.c");
 const SENDFILE_C: &str = include_str!("sendfile/sendfile.c");
+const ALARM_C: &str = include_str!("alarm/alarm.c");
 
 fn fifo(d: &TempDir, name: &str) -> String {
     let fifo = d.join(name);
@@ -125,5 +130,35 @@ fn sendfile_to_a_full_fifo_lets_the_draining_thread_run_as_natively() {
         );
         let run = run_config(kvm_ioctls::Kvm::new().unwrap(), cfg);
         assert_ran_as_natively(&run, &want, &format!("sendfile {regions:?}"));
+    }
+}
+
+#[test]
+fn a_timer_ends_a_single_threaded_wait_and_restarts_read_only_with_sa_restart_as_natively() {
+    let _kvm = kvm_or_skip!();
+    let d = TempDir::new("alarm-wait");
+    let exe = build(&d.0, "alarm", ALARM_C, &[]);
+    let native_fifo = fifo(&d, "native");
+    let native = Command::new(&exe).arg(&native_fifo).output().unwrap();
+    assert!(native.status.success(), "native run failed");
+    let want = String::from_utf8_lossy(&native.stdout).into_owned();
+    assert!(
+        want.contains("SA_RESTART: 1 , handled 1")
+            && want.contains("no SA_RESTART: -1 Interrupted system call, handled 2")
+            && want.contains("poll: -1 Interrupted system call"),
+        "native: {want}"
+    );
+    for regions in [vec![], vec![Region::Stack, Region::Heap, Region::Data]] {
+        let guest_fifo = fifo(&d, &format!("guest-{}", regions.len()));
+        // A wait the timer does not end is a hang: it ends here as a timeout.
+        let cfg = c_program(
+            &exe,
+            &[guest_fifo.as_str()],
+            &d,
+            regions.clone(),
+            Duration::from_secs(30),
+        );
+        let run = run_config(kvm_ioctls::Kvm::new().unwrap(), cfg);
+        assert_ran_as_natively(&run, &want, &format!("alarm {regions:?}"));
     }
 }
