@@ -89,6 +89,20 @@ impl TempDir {
     pub fn join(&self, p: &str) -> PathBuf {
         self.0.join(p)
     }
+
+    /// Makes a FIFO `name` inside; its path.
+    pub fn fifo(&self, name: &str) -> String {
+        let fifo = self.join(name);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        fifo.to_str().unwrap().to_owned()
+    }
 }
 
 impl Drop for TempDir {

@@ -32,26 +32,13 @@ const PMASK_C: &str = include_str!("pmask/pmask.c");
 const SENDFILE_C: &str = include_str!("sendfile/sendfile.c");
 const ALARM_C: &str = include_str!("alarm/alarm.c");
 
-fn fifo(d: &TempDir, name: &str) -> String {
-    let fifo = d.join(name);
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-        0,
-    )
-    .unwrap();
-    fifo.to_str().unwrap().to_owned()
-}
-
 #[test]
 fn interrupted_read_and_futex_wait_restart_only_with_sa_restart_as_natively() {
     let _kvm = kvm_or_skip!();
     let d = TempDir::new("restart");
     let exe = build(&d.0, "restart", RESTART_C, &["-pthread"]);
     for (call, flag) in [("read", "0"), ("read", "1"), ("futex", "0"), ("futex", "1")] {
-        let native_fifo = fifo(&d, &format!("native-{call}-{flag}"));
+        let native_fifo = d.fifo(&format!("native-{call}-{flag}"));
         let native = Command::new(&exe)
             .args([call, flag, &native_fifo])
             .output()
@@ -64,7 +51,7 @@ fn interrupted_read_and_futex_wait_restart_only_with_sa_restart_as_natively() {
             "native: {want}"
         );
         for regions in [vec![], vec![Region::Stack, Region::Heap, Region::Data]] {
-            let guest_fifo = fifo(&d, &format!("guest-{call}-{flag}-{}", regions.len()));
+            let guest_fifo = d.fifo(&format!("guest-{call}-{flag}-{}", regions.len()));
             let args = [call, flag, guest_fifo.as_str()];
             let cfg = c_program(&exe, &args, &d, regions.clone(), RUN_TIMEOUT);
             let run = run_config(kvm_ioctls::Kvm::new().unwrap(), cfg);
@@ -79,7 +66,7 @@ fn ppoll_and_pselect6_apply_their_signal_mask_during_the_wait_as_natively() {
     let d = TempDir::new("pmask");
     let exe = build(&d.0, "pmask", PMASK_C, &["-pthread"]);
     for extra in [None, Some("threaded")] {
-        let native_fifo = fifo(&d, &format!("native-{}", extra.is_some()));
+        let native_fifo = d.fifo(&format!("native-{}", extra.is_some()));
         let mut args = vec![native_fifo.as_str()];
         args.extend(extra);
         let native = Command::new(&exe).args(&args).output().unwrap();
@@ -90,7 +77,7 @@ fn ppoll_and_pselect6_apply_their_signal_mask_during_the_wait_as_natively() {
             "native: {want}"
         );
         for regions in [vec![], vec![Region::Stack, Region::Heap, Region::Data]] {
-            let guest_fifo = fifo(&d, &format!("guest-{}-{}", extra.is_some(), regions.len()));
+            let guest_fifo = d.fifo(&format!("guest-{}-{}", extra.is_some(), regions.len()));
             let mut args = vec![guest_fifo.as_str()];
             args.extend(extra);
             let cfg = c_program(&exe, &args, &d, regions.clone(), RUN_TIMEOUT);
@@ -105,7 +92,7 @@ fn sendfile_to_a_full_fifo_lets_the_draining_thread_run_as_natively() {
     let _kvm = kvm_or_skip!();
     let d = TempDir::new("sendfile-full");
     let exe = build(&d.0, "sendfile", SENDFILE_C, &["-pthread"]);
-    let native_fifo = fifo(&d, "native");
+    let native_fifo = d.fifo("native");
     let data = d.join("native-data");
     let native = Command::new(&exe)
         .args([native_fifo.as_str(), data.to_str().unwrap()])
@@ -118,7 +105,7 @@ fn sendfile_to_a_full_fifo_lets_the_draining_thread_run_as_natively() {
         "native: {want}"
     );
     for regions in [vec![], vec![Region::Stack, Region::Heap, Region::Data]] {
-        let guest_fifo = fifo(&d, &format!("guest-{}", regions.len()));
+        let guest_fifo = d.fifo(&format!("guest-{}", regions.len()));
         let data = d.join(&format!("guest-data-{}", regions.len()));
         // A wait under the kernel's lock is a deadlock: it ends here as a timeout.
         let cfg = c_program(
@@ -138,7 +125,7 @@ fn a_timer_ends_a_single_threaded_wait_and_restarts_read_only_with_sa_restart_as
     let _kvm = kvm_or_skip!();
     let d = TempDir::new("alarm-wait");
     let exe = build(&d.0, "alarm", ALARM_C, &[]);
-    let native_fifo = fifo(&d, "native");
+    let native_fifo = d.fifo("native");
     let native = Command::new(&exe).arg(&native_fifo).output().unwrap();
     assert!(native.status.success(), "native run failed");
     let want = String::from_utf8_lossy(&native.stdout).into_owned();
@@ -149,7 +136,7 @@ fn a_timer_ends_a_single_threaded_wait_and_restarts_read_only_with_sa_restart_as
         "native: {want}"
     );
     for regions in [vec![], vec![Region::Stack, Region::Heap, Region::Data]] {
-        let guest_fifo = fifo(&d, &format!("guest-{}", regions.len()));
+        let guest_fifo = d.fifo(&format!("guest-{}", regions.len()));
         // A wait the timer does not end is a hang: it ends here as a timeout.
         let cfg = c_program(
             &exe,

@@ -246,7 +246,7 @@ fn huge_thread_stacks_fail_cleanly() {
 fn a_thread_in_select_lets_another_thread_write_as_natively() {
     let _kvm = kvm_or_skip!();
     let d = TempDir::new("r13-select");
-    let fifo = fifo(&d);
+    let fifo = d.fifo("fifo");
     as_natively(&exe(&d), &["select_block", &fifo], &d);
 }
 
@@ -256,7 +256,7 @@ fn a_thread_in_select_lets_another_thread_write_as_natively() {
 fn a_thread_in_readv_gets_every_byte_as_natively() {
     let _kvm = kvm_or_skip!();
     let d = TempDir::new("r13-readv-split");
-    let fifo = fifo(&d);
+    let fifo = d.fifo("fifo");
     as_natively(&exe(&d), &["readv_split", &fifo], &d);
 }
 
@@ -265,7 +265,7 @@ fn a_thread_in_readv_gets_every_byte_as_natively() {
 fn a_thread_writing_to_a_full_fifo_lets_the_reader_run_as_natively() {
     let _kvm = kvm_or_skip!();
     let d = TempDir::new("r13-write-full");
-    let fifo = fifo(&d);
+    let fifo = d.fifo("fifo");
     as_natively(&exe(&d), &["write_full", &fifo], &d);
 }
 
@@ -301,7 +301,7 @@ fn sigwait_in_a_thread_gets_another_threads_signal_as_natively() {
 fn a_signal_interrupts_a_thread_blocked_in_read_or_poll_as_natively() {
     let _kvm = kvm_or_skip!();
     let d = TempDir::new("r13-sig-read");
-    let fifo = fifo(&d);
+    let fifo = d.fifo("fifo");
     let exe = exe(&d);
     as_natively(&exe, &["sig_read", &fifo], &d);
     as_natively(&exe, &["sig_poll", &fifo], &d);
@@ -320,17 +320,4 @@ fn execve_and_fork_from_a_thread_fail_cleanly() {
         String::from_utf8_lossy(&run.outcome.stdout),
         "execve -1 err, fork failed err\n"
     );
-}
-
-fn fifo(d: &TempDir) -> String {
-    let fifo = d.join("fifo");
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-        0,
-    )
-    .unwrap();
-    fifo.to_str().unwrap().to_owned()
 }

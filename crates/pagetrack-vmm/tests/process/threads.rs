@@ -396,16 +396,8 @@ fn exit_group_from_a_thread_ends_a_thread_waiting_for_input() {
     let _kvm = kvm_or_skip!();
     let d = TempDir::new("threads-readblock");
     let exe = build(&d.0, "threads", THREADS_C, &["-pthread"]);
-    let fifo = d.join("fifo");
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-        0,
-    )
-    .unwrap();
-    let fifo = fifo.to_str().unwrap();
+    let fifo = d.fifo("fifo");
+    let fifo = fifo.as_str();
     for what in ["readblock", "pollblock"] {
         let status = Command::new(&exe).args([what, fifo]).status().unwrap();
         assert_eq!(status.code(), Some(9), "native");
