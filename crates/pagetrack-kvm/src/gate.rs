@@ -119,12 +119,13 @@ thread_local! {
     static HERE: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
 }
 
-/// Marks the current thread as running one vCPU of a gate until it drops.
+/// Marks the current thread as running one vCPU of a gate until it drops, and then drops
+/// that vCPU's continuation.
 #[derive(Debug)]
 pub(crate) struct RunningHere<'a, K: Kick> {
     gate: &'a Gate<K>,
     index: usize,
-    outer: Option<(usize, usize)>,
+    _here: Here,
 }
 
 /// [`Gate::here`]'s guard: restores the thread's previous mark on drop.
@@ -155,11 +156,10 @@ impl<K: Kick> Gate<K> {
     /// Marks this thread as the one running vCPU `index` until the guard drops; the guard
     /// also drops the vCPU's continuation, if any, when [`crate::Vcpu::run`] returns.
     pub(crate) fn running_here(&self, index: usize) -> RunningHere<'_, K> {
-        let outer = HERE.with(|h| h.replace(Some((self.addr(), index))));
         RunningHere {
             gate: self,
             index,
-            outer,
+            _here: self.here(index),
         }
     }
 
@@ -327,14 +327,8 @@ impl<K: Kick> Inside<'_, K> {
 
 impl<K: Kick> Drop for RunningHere<'_, K> {
     fn drop(&mut self) {
-        HERE.with(|h| h.set(self.outer));
-        let mut s = self.gate.lock();
-        Gate::set_continuation(&mut s, self.index, false);
-        let wake = s.pauses > 0;
-        drop(s);
-        if wake {
-            self.gate.cv.notify_all();
-        }
+        // `_here` restores the thread's previous mark after this.
+        self.gate.end_continuation(self.index);
     }
 }
 
