@@ -15,10 +15,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use pagetrack_testkit::kvm_or_skip;
-use pagetrack_vmm::process::{Input, Output, ProcessConfig, ProcessEnd};
+use pagetrack_vmm::process::ProcessEnd;
 
 use super::memtest::build;
-use super::{ENV, GuestRun, Mode, TempDir, run_config};
+use super::{GuestRun, Mode, TempDir, c_program, run_config};
 
 const THREADS_C: &str = include_str!("review13/threads.c");
 
@@ -31,27 +31,10 @@ fn exe(d: &TempDir) -> PathBuf {
 
 /// Runs `exe args` in a process VM tracked as `mode`, writing under `d`, with `timeout`.
 fn guest(exe: &Path, args: &[&str], d: &TempDir, mode: Mode, timeout: Duration) -> GuestRun {
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let regions = match mode {
-        Mode::Untracked => vec![],
-        Mode::StackHeapData => vec![
-            pagetrack_vmm::process::Region::Stack,
-            pagetrack_vmm::process::Region::Heap,
-            pagetrack_vmm::process::Region::Data,
-        ],
-        Mode::Writable => vec![pagetrack_vmm::process::Region::Writable],
-    };
-    let cfg = ProcessConfig::new(exe)
-        .args(args.iter().copied())
-        .env(ENV)
-        .dir(&d.0)
-        .allow_write(&d.0)
-        .stdin(Input::Null)
-        .stdout(Output::Capture)
-        .stderr(Output::Capture)
-        .track(regions)
-        .timeout(Some(timeout));
-    run_config(kvm, cfg)
+    run_config(
+        kvm_ioctls::Kvm::new().unwrap(),
+        c_program(exe, args, d, mode.regions(), timeout),
+    )
 }
 
 /// A native run: (stdout, exit code, signal).
