@@ -796,25 +796,15 @@ impl<M: GuestRam> Kernel<M> {
             let left = end.saturating_duration_since(Instant::now());
             limit = Some(limit.map_or(left, |l| l.min(left)));
         }
-
         if self.defer_waits && !any && limit != Some(Duration::ZERO) {
             // Wait without the kernel's lock: ready now, or deferred.
-            let mut pfds: Vec<PollFd<'_>> = host
-                .iter()
-                .map(|(_, h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
-                .collect();
             let zero = rustix::event::Timespec {
                 tv_sec: 0,
                 tv_nsec: 0,
             };
-            if !pfds.is_empty() && rustix::event::poll(&mut pfds, Some(&zero)).is_ok_and(|k| k > 0)
-            {
-                for (p, (i, _, _)) in pfds.iter().zip(&host) {
-                    out[*i] = p.revents().bits().cast_signed();
-                }
+            if !host.is_empty() && poll_into(&host, &mut out, Some(&zero)).is_ok_and(|k| k > 0) {
                 return Ok(out);
             }
-            drop(pfds);
             self.pending = Some(PendingWait {
                 fds: host.into_iter().map(|(_, h, ev)| (h, ev)).collect(),
                 until: limit.and_then(|l| Instant::now().checked_add(l)),
@@ -850,19 +840,10 @@ impl<M: GuestRam> Kernel<M> {
                     tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                     tv_nsec: i64::from(d.subsec_nanos()),
                 });
-                let mut pfds: Vec<PollFd<'_>> = host
-                    .iter()
-                    .map(|(_, h, ev)| {
-                        PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned()))
-                    })
-                    .collect();
-                match rustix::event::poll(&mut pfds, ts.as_ref()) {
+                match poll_into(&host, &mut out, ts.as_ref()) {
                     Ok(_) => {}
                     Err(rustix::io::Errno::INTR) => return Ok(out),
                     Err(e) => return Err(super::fs::sys(e)),
-                }
-                for (p, (i, _, _)) in pfds.iter().zip(&host) {
-                    out[*i] = p.revents().bits().cast_signed();
                 }
                 if any || out.iter().any(|&r| r != 0) {
                     return Ok(out);
@@ -2077,6 +2058,24 @@ impl<M: GuestRam> Kernel<M> {
         b[104..108].copy_from_slice(&1u32.to_le_bytes());
         self.put(buf, &b)
     }
+}
+
+/// Polls the host descriptors of [`Kernel::ready`] (`(index into out, fd, POLL* events)`)
+/// for up to `timeout` and stores each one's `revents` at its index: how many are ready.
+fn poll_into(
+    host: &[(usize, OwnedFd, i16)],
+    out: &mut [i16],
+    timeout: Option<&rustix::event::Timespec>,
+) -> rustix::io::Result<usize> {
+    let mut pfds: Vec<PollFd<'_>> = host
+        .iter()
+        .map(|(_, h, ev)| PollFd::new(h, PollFlags::from_bits_truncate(ev.cast_unsigned())))
+        .collect();
+    let n = rustix::event::poll(&mut pfds, timeout)?;
+    for (p, (i, _, _)) in pfds.iter().zip(host) {
+        out[*i] = p.revents().bits().cast_signed();
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
