@@ -153,6 +153,25 @@ pub enum Error {
         /// The tracked frame.
         gfn: u64,
     },
+    /// An instruction made several stores to tracked frames and KVM passed on only the last
+    /// (its emulator keeps one MMIO write per instruction); the dropped ones are not
+    /// determined by the state after it (the caller's CS of a far call, the FLAGS and CS of
+    /// an interrupt frame), or the exit has more than one explanation. Nothing of the
+    /// instruction is applied; the vCPU must not be run on.
+    #[error(
+        "vcpu {vcpu} at rip {rip:#x} (bytes {}): stores of one instruction were lost: {reason}",
+        pagetrack_x86::emulate::hex(.bytes)
+    )]
+    StoresLost {
+        /// vCPU index.
+        vcpu: u32,
+        /// The instruction's address (the current IP when it cannot be located).
+        rip: u64,
+        /// Its bytes.
+        bytes: Vec<u8>,
+        /// Why it cannot be completed.
+        reason: &'static str,
+    },
     /// A vCPU index that does not exist, or a second vCPU with the same index.
     #[error("vcpu {index}: {reason}")]
     Vcpu {

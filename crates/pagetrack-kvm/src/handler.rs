@@ -331,6 +331,7 @@ impl ExitHandler {
             }
             Kind::Store { gpa, data } => {
                 let stepping = self.stepping(fd);
+                self.multi_store(fd, gpa, data.as_slice())?;
                 if self.locked_rmw(fd, gpa, data.as_slice())? {
                     self.single_step |= stepping;
                     return Ok(Handled::Done);
@@ -631,6 +632,54 @@ impl ExitHandler {
         fd.get_sregs()
             .map(|s| atomic::SysCache::from_sregs(&s))
             .map_err(Error::kvm("KVM_GET_SREGS"))
+    }
+
+    /// Before a trapped store is applied: if it is one push of an instruction KVM stored
+    /// several times for (see [`pagetrack_x86::multistore`]), writes the pushes KVM dropped
+    /// (a `pusha`: they lie on tracked frames, each with its event, in push order), or stops
+    /// with [`Error::StoresLost`] when they cannot be rebuilt. The exit itself is applied by
+    /// the caller.
+    fn multi_store(&mut self, fd: &mut VcpuFd, gpa: u64, data: &[u8]) -> Result<()> {
+        use pagetrack_x86::multistore::{Verdict, check};
+        let regs = if self.sync_regs {
+            fd.sync_regs().regs
+        } else {
+            fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?
+        };
+        let sregs = if self.sync_sregs {
+            fd.sync_regs().sregs
+        } else {
+            fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?
+        };
+        let mode = pagetrack_x86::mode::CpuMode::from_sregs(&sregs);
+        let mem = self.vm.mem.memory();
+        match check(&*mem, &mode, &regs, gpa, data) {
+            Verdict::Single => Ok(()),
+            Verdict::Refuse { rip, bytes, reason } => Err(Error::StoresLost {
+                vcpu: self.index,
+                rip,
+                bytes,
+                reason,
+            }),
+            Verdict::Complete { stores, .. } => {
+                let vm = Arc::clone(&self.vm);
+                for s in stores {
+                    // Pushes to frames KVM can write landed there; the others were dropped.
+                    let tracked =
+                        (s.gpa >> 12..=(s.gpa + s.bytes.len() as u64 - 1) >> 12).any(|f| {
+                            vm.tracker
+                                .is_write_tracked(pagetrack::AsId::NORMAL, pagetrack::Gfn(f))
+                        });
+                    if tracked && apply_write(&vm, s.gpa, &s.bytes, Source::Vcpu(self.index)) {
+                        let c = &vm.backend.counters;
+                        c.trapped_writes.fetch_add(1, Ordering::Relaxed);
+                        c.trapped_bytes
+                            .fetch_add(s.bytes.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Handles a trapped store that came from a locked read-modify-write: true if it was one

@@ -11,11 +11,12 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap, Permissions,
 };
 
-use crate::emulate::{CpuState, EmulateError, MemWrite, StorePlan, hex};
+use crate::emulate::{CpuAccess, CpuState, EmulateError, MemWrite, StorePlan, hex};
 use crate::error::{Error, Result};
 use crate::vm::VmInner;
 use crate::walk;
-use pagetrack_x86::guest::GuestCpu;
+use pagetrack_x86::guest::{FlatCpu, GuestCpu};
+use pagetrack_x86::mode::{CpuMode, Paging};
 
 const STRIPES: usize = 64;
 
@@ -94,32 +95,39 @@ impl FrameLocks {
     }
 }
 
-/// Reads up to 15 instruction bytes at `rip` (stopping early at an unmapped page).
-fn fetch(cpu: &GuestCpu<'_, GuestMemoryMmap>, rip: u64) -> Vec<u8> {
-    let mut buf = [0u8; 15];
-    let n = walk::read_virt_prefix(cpu.mem, cpu.cr3, rip, &mut buf);
-    buf[..n].to_vec()
-}
-
 /// Completes the store at RIP that KVM could not emulate. On success the guest memory, the
-/// registers (RIP advanced) and the event stream are as if the CPU had executed it.
+/// registers (RIP advanced) and the event stream are as if the CPU had executed it. The
+/// instruction is decoded in the vCPU's mode (16, 32 or 64 bits), its addresses formed with
+/// the segment bases and translated without paging when CR0.PG is clear; 32-bit and PAE
+/// paging without long mode are refused.
 pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
     let regs = fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
     let mem = vm.mem.memory();
-    let mut cpu = GuestCpu {
+    let mode = CpuMode::from_sregs(&sregs);
+    let mut paged = GuestCpu {
         mem: &*mem,
         cr3: sregs.cr3,
         user: sregs.cs.selector & 3 == 3,
         check_access: true,
     };
-    let bytes = fetch(&cpu, regs.rip);
+    let mut flat = FlatCpu { mem: &*mem };
+    let cpu: &mut dyn CpuAccess = match mode.paging {
+        Paging::Off => &mut flat,
+        _ => &mut paged,
+    };
+    let bytes = mode.fetch(&*mem, regs.rip);
     let stop = |reason: String| Error::Unemulatable {
         vcpu: index,
         rip: regs.rip,
         bytes: hex(&bytes),
         reason,
     };
+    if mode.paging == Paging::Legacy {
+        return Err(stop(
+            "32-bit or PAE paging without long mode is not walked by pagetrack".to_owned(),
+        ));
+    }
     let mut xsave = fd.get_xsave().map_err(Error::kvm("KVM_GET_XSAVE"))?;
     let xcrs = fd.get_xcrs().map_err(Error::kvm("KVM_GET_XCRS"))?;
     let nr = usize::try_from(xcrs.nr_xcrs)
@@ -145,8 +153,9 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         xsave_layout: vm.xsave_layout(),
         gdtr: (sregs.gdt.base, sregs.gdt.limit),
         idtr: (sregs.idt.base, sregs.idt.limit),
+        legacy: mode.legacy,
     };
-    let plan = match StorePlan::new(&state, &bytes, &mut cpu) {
+    let plan = match StorePlan::new(&state, &bytes, cpu) {
         Ok(plan) => plan,
         // The CPU raises this exception instead of storing: nothing is applied, RIP stays
         // on the instruction and the guest gets the fault, as natively (issue 10 item 11).
@@ -169,7 +178,7 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         .map(|t| vm.page_table_entries(&mem, t.gpa, t.len))
         .collect();
     let done = plan
-        .execute(&mut state, &mut cpu)
+        .execute(&mut state, cpu)
         .map_err(|e| stop(e.to_string()))?;
     for w in &done.writes {
         mem.write_slice(&w.new, GuestAddress(w.gpa))

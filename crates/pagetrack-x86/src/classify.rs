@@ -250,6 +250,48 @@ impl StorePlan {
         Ok(Decoded::simple(op, gva, size, align))
     }
 
+    /// Outside 64-bit mode: refuses the stores whose format or operands depend on the mode
+    /// in ways not modelled here, and operands beyond their segment's limit (the CPU raises
+    /// #GP or #SS there).
+    pub(crate) fn check_legacy(
+        &self,
+        insn: &Instruction,
+        d: &Decoded,
+        legacy: &crate::mode::LegacySegments,
+    ) -> Result<(), EmulateError> {
+        use Mnemonic as M;
+        let modelled = match d.op {
+            Op::Store(_)
+            | Op::Alu(..)
+            | Op::Unary(_)
+            | Op::Xadd(_)
+            | Op::Xchg(_)
+            | Op::Cmpxchg(_)
+            | Op::CmpxchgPair => true,
+            // The environment formats depend on the operand size and mode.
+            Op::Computed => !matches!(
+                insn.mnemonic(),
+                M::Fnstenv | M::Fstenv | M::Fnsave | M::Fsave
+            ),
+            _ => false,
+        };
+        if !modelled {
+            return Err(self.unsupported("not emulated outside 64-bit mode"));
+        }
+        let seg = legacy.get(insn.memory_segment());
+        if seg.expand_down {
+            return Err(self.unsupported("expand-down segment"));
+        }
+        let offset = d.gva.wrapping_sub(seg.base) & 0xffff_ffff;
+        for &(start, len) in &d.ranges {
+            let last = offset + (start + len) as u64 - 1;
+            if last > u64::from(seg.limit) {
+                return Err(self.unsupported("operand beyond its segment limit"));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn gpr(&self, insn: &Instruction, operand: u32) -> Result<Register, EmulateError> {
         let reg = insn.op_register(operand);
         if insn.op_kind(operand) == OpKind::Register && reg.is_gpr() {
@@ -285,6 +327,20 @@ impl StorePlan {
             return Err(self.unsupported("operand is not in memory"));
         }
         let regs = &state.regs;
+        if let Some(legacy) = &state.legacy {
+            // The offset wraps at the address size (iced masks it), then the segment base is
+            // added; linear addresses wrap at 32 bits.
+            let la = insn
+                .virtual_address(operand, 0, |reg, _, _| {
+                    if reg.is_segment_register() {
+                        Some(legacy.get(reg).base)
+                    } else {
+                        read_gpr(regs, reg)
+                    }
+                })
+                .ok_or_else(|| self.unsupported("unsupported addressing form"))?;
+            return Ok(la.wrapping_add(delta) & 0xffff_ffff);
+        }
         let ea = insn
             .virtual_address(operand, 0, |reg, _, _| {
                 if reg.is_segment_register() {

@@ -13,8 +13,12 @@
 //! 2. [`StorePlan::execute`] reads the current bytes once, computes the new bytes, registers and
 //!    flags from them, advances RIP and returns the writes: apply them, then unlock.
 //!
-//! [`emulate_store`] does both steps. Only 64-bit mode is handled (the caller checks EFER.LMA and
-//! CS.L): the bytes are decoded as 64-bit code, and CS/DS/ES/SS have base 0.
+//! [`emulate_store`] does both steps. In 64-bit mode ([`CpuState::legacy`] None) CS/DS/ES/SS
+//! have base 0. In 16- and 32-bit modes the bytes are decoded at that size, addresses use the
+//! segment bases and wrap at the address size, an operand beyond its segment's limit is
+//! refused, RIP wraps at the code size, and only the stores whose format does not depend on
+//! the mode are emulated (integer stores and read-modify-writes, vector and x87 value
+//! stores); the others are refused.
 
 use kvm_bindings::kvm_regs;
 
@@ -126,6 +130,9 @@ pub struct CpuState {
     pub gdtr: (u64, u16),
     /// IDTR (base, limit), KVM_GET_SREGS; used by `sidt`.
     pub idtr: (u64, u16),
+    /// Outside 64-bit mode: the code size and the segments (KVM_GET_SREGS,
+    /// [`crate::mode::CpuMode::from_sregs`]). None: 64-bit mode.
+    pub legacy: Option<crate::mode::LegacySegments>,
 }
 
 /// One guest-physical range an instruction accesses; it never crosses a 4 KiB page.

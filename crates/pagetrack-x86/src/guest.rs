@@ -41,3 +41,26 @@ impl<M: GuestMemory + ?Sized> CpuAccess for GuestCpu<'_, M> {
             })
     }
 }
+
+/// The emulator's view of a vCPU with paging off (CR0.PG clear): linear addresses are
+/// guest-physical (32 bits), reads straight from guest memory.
+#[derive(Debug)]
+pub struct FlatCpu<'a, M: ?Sized> {
+    /// Guest memory.
+    pub mem: &'a M,
+}
+
+impl<M: GuestMemory + ?Sized> CpuAccess for FlatCpu<'_, M> {
+    fn translate(&mut self, gva: u64, _write: bool) -> Result<u64, EmulateError> {
+        Ok(gva & 0xffff_ffff)
+    }
+
+    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), EmulateError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| EmulateError::Memory {
+                gpa,
+                len: buf.len(),
+            })
+    }
+}

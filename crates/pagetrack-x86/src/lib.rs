@@ -19,6 +19,8 @@
 //! | [`atomic`] | identifying a trapped locked read-modify-write, by proof |
 //! | [`rep`] | planning the rest of a trapped `rep stos`/`rep movs` |
 //! | [`sysregs`] | the system-register facts the decoders need |
+//! | [`mode`] | the vCPU's mode: code size, segments, paging |
+//! | [`multistore`] | instructions KVM stores more than once for, completed or refused |
 //! | [`boot`] | long-mode page tables, GDT, TSS, IDT, stubs and initial vCPU state |
 //!
 //! ## Walk-through
@@ -146,6 +148,8 @@ mod classify;
 pub mod emulate;
 mod error;
 pub mod guest;
+pub mod mode;
+pub mod multistore;
 mod plan;
 mod regs;
 pub mod rep;

@@ -54,8 +54,14 @@ impl StorePlan {
     ) -> Result<Self, EmulateError> {
         let rip = state.regs.rip;
         let given = &insn_bytes[..insn_bytes.len().min(MAX_INSN_LEN)];
-        let mut decoder = Decoder::with_ip(64, given, rip, DecoderOptions::NONE);
+        let bitness = state.legacy.map_or(64, |l| l.bitness);
+        let mut decoder = Decoder::with_ip(bitness, given, rip, DecoderOptions::NONE);
         let insn = decoder.decode();
+        let ip_mask = match bitness {
+            16 => 0xffff,
+            32 => 0xffff_ffff,
+            _ => u64::MAX,
+        };
         let bytes = if insn.is_invalid() {
             given
         } else {
@@ -63,7 +69,7 @@ impl StorePlan {
         };
         let mut plan = StorePlan {
             rip,
-            next_ip: insn.next_ip(),
+            next_ip: insn.next_ip() & ip_mask,
             bytes: bytes.to_vec(),
             mnemonic: insn.mnemonic(),
             op: Op::Movdir64b,
@@ -78,6 +84,9 @@ impl StorePlan {
             return Err(plan.unsupported("the bytes do not decode"));
         }
         let mut d = plan.classify(&insn, state)?;
+        if let Some(legacy) = &state.legacy {
+            plan.check_legacy(&insn, &d, legacy)?;
+        }
         if let Some((bytes, xsave)) = d.computed.take() {
             plan.computed = bytes;
             plan.new_xsave = xsave;
