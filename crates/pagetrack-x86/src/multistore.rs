@@ -216,29 +216,10 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
     fn pusha(&self, exit: &Exit<'_>) -> Option<Verdict> {
         let ip = self.regs.rip;
         let decodings = self.ending_at(ip);
-        let (insn, bytes) = decodings
-            .iter()
-            .find(|(i, _)| matches!(i.mnemonic(), Mnemonic::Pusha | Mnemonic::Pushad))?;
-        let o: usize = if insn.mnemonic() == Mnemonic::Pushad {
-            4
-        } else {
-            2
-        };
-        let pre_sp = self.sp.wrapping_add(8 * o as u64) & self.mode.sp_mask();
-        let r = self.regs;
-        // The pushed (E)SP keeps the bits above the stack pointer's size.
-        let pushed_sp = (r.rsp & !self.mode.sp_mask()) | pre_sp;
-        let values = [r.rax, r.rcx, r.rdx, r.rbx, pushed_sp, r.rbp, r.rsi, r.rdi];
-        let mut slots = Vec::new();
-        for (i, v) in values.iter().enumerate() {
-            let delta = (7 - i as u64) * o as u64;
-            let b = (v & size_mask(o)).to_le_bytes();
-            slots.push(self.pieces(delta, &b[..o])?);
-        }
-        let hit = slots
-            .iter()
-            .flatten()
-            .position(|p| p.gpa == exit.gpa && p.bytes == exit.data)?;
+        let (insn, bytes, slots, hit) = decodings.iter().find_map(|(insn, bytes)| {
+            let (slots, hit) = self.pusha_slots(insn, exit)?;
+            Some((insn, bytes, slots, hit))
+        })?;
         let refuse = |reason| Verdict::Refuse {
             rip: insn.ip(),
             bytes: bytes.clone(),
@@ -248,7 +229,12 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
         // operation with redundant prefixes aside), no call into RIP, no string at RIP.
         let mut factory = InstructionInfoFactory::new();
         let other = decodings.iter().any(|(d, _)| {
-            d.mnemonic() != insn.mnemonic() && self.may_explain(&mut factory, d, exit)
+            d.mnemonic() != insn.mnemonic()
+                && if matches!(d.mnemonic(), Mnemonic::Pusha | Mnemonic::Pushad) {
+                    self.pusha_slots(d, exit).is_some()
+                } else {
+                    self.may_explain(&mut factory, d, exit)
+                }
         });
         if other || self.call_into_rip(exit) || self.string_at_rip() {
             return Some(refuse(
@@ -266,6 +252,32 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
             rip: insn.ip(),
             stores,
         })
+    }
+
+    /// The pushes of `insn` if it is a `pusha`/`pushad` ending at RIP (each slot's pieces,
+    /// in push order) and the index of the piece that is the exit.
+    fn pusha_slots(&self, insn: &Instruction, exit: &Exit<'_>) -> Option<(Vec<Vec<Store>>, usize)> {
+        let o: usize = match insn.mnemonic() {
+            Mnemonic::Pushad => 4,
+            Mnemonic::Pusha => 2,
+            _ => return None,
+        };
+        let pre_sp = self.sp.wrapping_add(8 * o as u64) & self.mode.sp_mask();
+        let r = self.regs;
+        // The pushed (E)SP keeps the bits above the stack pointer's size.
+        let pushed_sp = (r.rsp & !self.mode.sp_mask()) | pre_sp;
+        let values = [r.rax, r.rcx, r.rdx, r.rbx, pushed_sp, r.rbp, r.rsi, r.rdi];
+        let mut slots = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            let delta = (7 - i as u64) * o as u64;
+            let b = (v & size_mask(o)).to_le_bytes();
+            slots.push(self.pieces(delta, &b[..o])?);
+        }
+        let hit = slots
+            .iter()
+            .flatten()
+            .position(|p| p.gpa == exit.gpa && p.bytes == exit.data)?;
+        Some((slots, hit))
     }
 
     /// A far call whose return-offset push is the exit and whose target (`9a` pointer or

@@ -26,6 +26,7 @@ mod hostile;
 mod kvmwrites;
 mod masked;
 mod pagetables;
+mod realmode;
 mod refused;
 mod remap;
 mod runahead;
