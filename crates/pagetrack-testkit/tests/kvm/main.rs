@@ -25,6 +25,7 @@ mod hard;
 mod hostile;
 mod kvmwrites;
 mod masked;
+mod multistore;
 mod pagetables;
 mod realmode;
 mod refused;
