@@ -870,6 +870,77 @@ mod tests {
         assert_eq!(s.regs, before);
     }
 
+    fn real_mode_rig() -> Rig {
+        let mut r = Rig::vector();
+        let mut s = kvm_bindings::kvm_sregs::default();
+        crate::boot::load_real_mode_sregs(&mut s);
+        s.ds.base = 0x9000;
+        s.es.base = 0x5_0000;
+        r.s.legacy = crate::mode::CpuMode::from_sregs(&s).legacy;
+        r
+    }
+
+    /// Emulates 16-bit code at IP 0x1000, applying the writes.
+    fn exec16(r: &mut Rig, bytes: &[u8]) -> Result<Emulated, EmulateError> {
+        r.s.regs.rip = 0x1000;
+        let out = emulate_store(&mut r.s, bytes, &mut r.m)?;
+        assert_eq!(r.s.regs.rip, 0x1000 + out.len as u64);
+        for w in &out.writes {
+            for (i, b) in w.new.iter().enumerate() {
+                r.m.mem.insert(w.gpa + i as u64, *b);
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn real_mode_stores_use_segment_bases_16_bit_wrap_and_ip_wrap() {
+        let mut r = real_mode_rig();
+        (r.s.regs.rbx, r.s.regs.rsi, r.s.regs.rax) = (0xfff0, 0x130, 0xabcd);
+        // mov [bx+si], ax (89 00): DS.base + ((BX + SI) & 0xffff).
+        let out = exec16(&mut r, &[0x89, 0x00]).unwrap();
+        assert_eq!((out.writes[0].gva, out.len), (0x9120, 2));
+        assert_eq!(r.get_u64(0x9120, 2), 0xabcd);
+        // es: mov [di], eax (26 66 89 05) with a 32-bit operand.
+        r.s.regs.rdi = 0x10;
+        let out = exec16(&mut r, &[0x26, 0x66, 0x89, 0x05]).unwrap();
+        assert_eq!((out.writes[0].gva, out.writes[0].new.len()), (0x5_0010, 4));
+        // IP wraps at 16 bits.
+        r.s.regs.rip = 0xfffe;
+        let plan = StorePlan::new(&r.s, &[0x89, 0x00], &mut r.m).unwrap();
+        let mut s = r.s.clone();
+        plan.execute(&mut s, &mut r.m).unwrap();
+        assert_eq!(s.regs.rip, 0);
+    }
+
+    #[test]
+    fn real_mode_refuses_operands_beyond_the_limit_and_mode_dependent_formats() {
+        let mut r = real_mode_rig();
+        // mov [0xfffe], eax (66 a3 fe ff): bytes 0xfffe..=0x10001 cross the 64 KiB limit.
+        assert_eq!(
+            reason(exec16(&mut r, &[0x66, 0xa3, 0xfe, 0xff]).unwrap_err()),
+            "operand beyond its segment limit"
+        );
+        exec16(&mut r, &[0xa3, 0xfe, 0xff]).unwrap(); // a word there fits
+        for bytes in [
+            &[0x0f, 0xae, 0x07][..], // fxsave [bx]
+            &[0x0f, 0x01, 0x07],     // sgdt [bx]
+            &[0xd9, 0x37],           // fnstenv [bx]
+            &[0x0f, 0xab, 0x07],     // bts [bx], ax
+        ] {
+            let why = reason(exec16(&mut r, bytes).unwrap_err());
+            assert!(
+                why == "not emulated outside 64-bit mode" || why.starts_with("16-bit"),
+                "{bytes:02x?}: {why}"
+            );
+        }
+        assert!(
+            r.m.mem
+                .keys()
+                .all(|&a| (0x9000..0x1_0000 + 0x9000).contains(&a))
+        );
+    }
+
     #[test]
     fn random_bytes_never_panic() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;

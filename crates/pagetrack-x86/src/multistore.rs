@@ -478,3 +478,171 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
             || self.string_at_rip()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testmem::{CR3, identity};
+    use kvm_bindings::kvm_sregs;
+    use vm_memory::GuestMemoryMmap;
+
+    fn real_mode() -> CpuMode {
+        let mut s = kvm_sregs::default();
+        crate::boot::load_real_mode_sregs(&mut s);
+        CpuMode::from_sregs(&s)
+    }
+
+    fn long_mode() -> CpuMode {
+        let mut s = kvm_sregs {
+            cr0: 1 | 1 << 31,
+            efer: 1 << 10,
+            cr3: CR3,
+            ..Default::default()
+        };
+        s.cs.l = 1;
+        s.cs.selector = 0x23;
+        CpuMode::from_sregs(&s)
+    }
+
+    /// Real-mode memory with `code` ending at 0x1010 (nops before it).
+    fn real_code(code: &[u8]) -> GuestMemoryMmap {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        m.write_slice(&[0x90; 32], GuestAddress(0x1010 - 32))
+            .unwrap();
+        m.write_slice(code, GuestAddress(0x1010 - code.len() as u64))
+            .unwrap();
+        m
+    }
+
+    /// Registers after a real-mode `pusha` at SP = 0x7800.
+    fn after_pusha() -> kvm_regs {
+        kvm_regs {
+            rax: 0x1111,
+            rcx: 0x2222,
+            rdx: 0x3333,
+            rbx: 0x4444,
+            rbp: 0x5555,
+            rsi: 0x6666,
+            rdi: 0x7777,
+            rsp: 0x7800 - 16,
+            rip: 0x1010,
+            rflags: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pusha_is_completed_from_the_registers() {
+        let m = real_code(&[0x60]);
+        let r = after_pusha();
+        let Verdict::Complete { rip, stores } = check(&m, &real_mode(), &r, 0x77f0, &[0x77, 0x77])
+        else {
+            panic!("pusha not completed");
+        };
+        assert_eq!(rip, 0x100f);
+        let got: Vec<_> = stores.iter().map(|s| (s.gpa, s.bytes.clone())).collect();
+        let want: Vec<(u64, Vec<u8>)> = [0x1111u16, 0x2222, 0x3333, 0x4444, 0x7800, 0x5555, 0x6666]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (0x77fe - 2 * i as u64, v.to_le_bytes().to_vec()))
+            .collect();
+        assert_eq!(
+            got, want,
+            "AX first, the SP before the instruction, DI (the exit) left out"
+        );
+    }
+
+    #[test]
+    fn a_store_that_is_no_pusha_push_is_single() {
+        let m = real_code(&[0x60]);
+        let r = after_pusha();
+        // A store elsewhere is never looked at.
+        assert_eq!(
+            check(&m, &real_mode(), &r, 0x9000, &[0x77, 0x77]),
+            Verdict::Single
+        );
+        // Another value at the DI slot: no pusha push. With paging off and nothing else
+        // ending at RIP that stores there, it is refused (a far call from another segment
+        // or an interrupt could have made it)...
+        assert!(matches!(
+            check(&m, &real_mode(), &r, 0x77f0, &[1, 2]),
+            Verdict::Refuse { .. }
+        ));
+        // ... and applied as reported when `push di` ends at RIP.
+        let m = real_code(&[0x57]);
+        assert_eq!(
+            check(&m, &real_mode(), &r, 0x77f0, &[1, 2]),
+            Verdict::Single
+        );
+    }
+
+    #[test]
+    fn a_pusha_with_another_explanation_is_refused() {
+        // mov [bp+0x60], di (89 7e 60): its displacement spells pusha.
+        let m = real_code(&[0x89, 0x7e, 0x60]);
+        let mut r = after_pusha();
+        r.rbp = r.rsp - 0x60;
+        assert!(matches!(
+            check(&m, &real_mode(), &r, 0x77f0, &[0x77, 0x77]),
+            Verdict::Refuse { rip: 0x100f, .. }
+        ));
+    }
+
+    #[test]
+    fn a_real_mode_interrupt_frame_is_refused() {
+        let m: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        m.write_obj(0x2000u32, GuestAddress(4 * 0x40)).unwrap(); // IVT[0x40] = 0:0x2000
+        let r = kvm_regs {
+            rip: 0x2000,
+            rsp: 0x77fa,
+            rflags: 2,
+            ..Default::default()
+        };
+        assert!(matches!(
+            check(&m, &real_mode(), &r, 0x77fa, &0x1005u16.to_le_bytes()),
+            Verdict::Refuse { rip: 0x2000, .. }
+        ));
+        // IF set: not what an interrupt leaves. The store still has no single-store
+        // explanation in this segment, so with paging off it is refused all the same.
+        let r = kvm_regs { rflags: 0x202, ..r };
+        assert!(matches!(
+            check(&m, &real_mode(), &r, 0x77fa, &0x1005u16.to_le_bytes()),
+            Verdict::Refuse { .. }
+        ));
+        // A near call at 0x1002 to 0x2000 explains it: applied as reported.
+        m.write_slice(&[0xe8, 0xfb, 0x0f], GuestAddress(0x1002))
+            .unwrap();
+        assert_eq!(
+            check(&m, &real_mode(), &r, 0x77fa, &0x1005u16.to_le_bytes()),
+            Verdict::Single
+        );
+    }
+
+    #[test]
+    fn a_64_bit_far_call_is_refused_only_when_its_operand_holds_cs_rip() {
+        let m = identity();
+        // call far [rdi] (48 ff 1f) ending at 0x1_0010; RIP now 0x1_2000, RSP 0x8ff0.
+        m.write_slice(&[0x48, 0xff, 0x1f], GuestAddress(0x1_000d))
+            .unwrap();
+        m.write_obj(0x1_2000u64, GuestAddress(0x5000)).unwrap();
+        m.write_obj(0x23u16, GuestAddress(0x5008)).unwrap();
+        let r = kvm_regs {
+            rip: 0x1_2000,
+            rsp: 0x8ff0,
+            rdi: 0x5000,
+            ..Default::default()
+        };
+        let data = 0x1_0010u64.to_le_bytes();
+        assert!(matches!(
+            check(&m, &long_mode(), &r, 0x8ff0, &data),
+            Verdict::Refuse { rip: 0x1_000d, .. }
+        ));
+        // Another selector in memory: not this far call; a plain push in 64-bit mode.
+        m.write_obj(0x2bu16, GuestAddress(0x5008)).unwrap();
+        assert_eq!(check(&m, &long_mode(), &r, 0x8ff0, &data), Verdict::Single);
+        // Not at RSP: never looked at.
+        m.write_obj(0x23u16, GuestAddress(0x5008)).unwrap();
+        assert_eq!(check(&m, &long_mode(), &r, 0x8ff8, &data), Verdict::Single);
+    }
+}
