@@ -256,7 +256,8 @@ fn inject(
     }
     events.exception.injected = 1;
     events.exception.nr = vector;
-    events.exception.has_error_code = 1;
+    // Real mode delivers no error code.
+    events.exception.has_error_code = u8::from(sregs.cr0 & 1 != 0);
     events.exception.error_code = code;
     events.exception_has_payload = 0;
     fd.set_vcpu_events(&events)
