@@ -610,10 +610,7 @@ impl ExitHandler {
                 vcpu,
                 rip,
                 bytes,
-                reason: format!(
-                    "KVM retries this store into a tracked frame without an exit, and \
-                     pagetrack cannot complete it: {reason}"
-                ),
+                reason: crate::error::StopReason::RetriedWithoutExit(Box::new(reason)),
             },
             other => other,
         })?;

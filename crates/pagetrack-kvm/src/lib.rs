@@ -85,7 +85,7 @@ mod update;
 mod vcpu;
 mod vm;
 
-pub use error::{Error, Result};
+pub use error::{Error, InstructionBytes, Result, StopReason};
 pub use handler::{ExitHandler, Handled, Ran, Tracked};
 pub use memory::TrackedMemory;
 /// The store emulator (moved to [`pagetrack_x86::emulate`]).
