@@ -73,6 +73,36 @@ pub enum Error {
         /// Length.
         len: usize,
     },
+    /// A device transfer's source or destination failed ([`crate::TrackedMemory`]'s
+    /// `read_volatile_from`, `write_volatile_to`).
+    #[error("device transfer at gpa {gpa:#x} failed")]
+    DeviceIo {
+        /// Guest-physical address of the step that failed.
+        gpa: u64,
+        /// The file's, socket's or buffer's error.
+        #[source]
+        source: vm_memory::VolatileMemoryError,
+    },
+    /// A device transfer that had to move a whole range moved less (its source ended, its
+    /// destination took less).
+    #[error("{completed} of {expected} bytes transferred at gpa {gpa:#x}")]
+    ShortTransfer {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Bytes asked for.
+        expected: usize,
+        /// Bytes moved.
+        completed: usize,
+    },
+    /// vm-memory refused an access to guest RAM (an atomic access that is misaligned).
+    #[error("guest memory access at gpa {gpa:#x} refused")]
+    GuestAccess {
+        /// Guest-physical address.
+        gpa: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     /// KVM memslots ran out even after merging tracked fragments.
     #[error("out of KVM memslots ({budget} available)")]
     SlotBudget {

@@ -497,6 +497,7 @@ impl VmInner {
 /// use std::sync::Arc;
 /// use pagetrack::{Gfn, NotifierClass, TrackNotifier, WriteEvent};
 /// use pagetrack_kvm::{Vm, VmConfig};
+/// use vm_memory::{Bytes, GuestAddress};
 ///
 /// struct Print;
 /// impl TrackNotifier for Print {
@@ -509,7 +510,7 @@ impl VmInner {
 /// vm.add_ram(0, 64 << 20)?;
 /// let _handle = vm.tracker().register(Arc::new(Print), NotifierClass::Ordinary)?;
 /// vm.tracker().add_gfn(Gfn(0x5))?; // guest stores to 0x5000..0x6000 now reach Print
-/// vm.memory().write_slice(&[1, 2, 3], 0x5000)?; // and so do device writes
+/// vm.memory().write_slice(&[1, 2, 3], GuestAddress(0x5000))?; // and so do device writes
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -655,8 +656,12 @@ impl Vm {
         TrackedMemory::new(Arc::clone(&self.inner))
     }
 
-    /// The raw guest memory, bypassing tracking (for loading images before tracking starts).
-    pub fn raw_memory(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+    /// Guest memory **bypassing tracking**: writes through it (or through its regions and
+    /// `VolatileSlice`s) reach no notifier, take no frame lock and are not in the dirty log.
+    /// For loading images before anything is tracked, for reads, and for code that needs a
+    /// [`vm_memory::GuestMemory`] (page-table walks, boot set-up). Device writes go through
+    /// [`Vm::memory`] instead. (It was `raw_memory`; the name now says what it does.)
+    pub fn untracked_memory(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
         self.inner.mem.memory()
     }
 
@@ -722,7 +727,7 @@ impl Vm {
     /// any [`GuestRegionMmap`]) as RAM at its guest address; returns its memslot id in the
     /// tracker. pagetrack maps nothing: KVM memslots point into `region`'s mapping, which
     /// the VMM keeps using (its own `GuestMemoryMmap` may hold the same `Arc`). Its stores
-    /// through that mapping bypass tracking, as [`Vm::raw_memory`]'s do; device writes that
+    /// through that mapping bypass tracking, as [`Vm::untracked_memory`]'s do; device writes that
     /// must be tracked go through [`Vm::memory`].
     ///
     /// # Errors
@@ -882,7 +887,7 @@ impl Vm {
     /// logged (harvested from every fragment, and from fragments a re-cut deleted) and the
     /// stores pagetrack applied itself: trapped stores to tracked frames, stores it completed
     /// for the guest, and device writes through [`TrackedMemory`]. Writes through
-    /// [`Vm::raw_memory`] bypass it, as they bypass tracking.
+    /// [`Vm::untracked_memory`] bypass it, as they bypass tracking.
     ///
     /// # Errors
     /// [`Error::DirtyLogOff`] if the VM was not created with [`VmConfig::with_dirty_log`];

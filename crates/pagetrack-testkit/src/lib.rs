@@ -70,11 +70,11 @@
 //! let vm = Vm::new(VmConfig::default().with_ram(16 << 20))?;
 //! vm.add_ram(0, 16 << 20)?;
 //! let layout = LongModeLayout::new(16 << 20)?;
-//! vm.raw_memory().write_slice(&code, GuestAddress(0x1000))?;
+//! vm.untracked_memory().write_slice(&code, GuestAddress(0x1000))?;
 //! let mut vcpu = vm.create_vcpu(0)?;
-//! setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, 0x1000, 0)?;
+//! setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.untracked_memory(), &layout, 0x1000, 0)?;
 //! assert_eq!(run_bounded(vcpu.fd_mut(), 100)?, Stop::Exit(3));
-//! assert_eq!(vm.raw_memory().read_obj::<u8>(GuestAddress(0x20_0000))?, 7);
+//! assert_eq!(vm.untracked_memory().read_obj::<u8>(GuestAddress(0x20_0000))?, 7);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!

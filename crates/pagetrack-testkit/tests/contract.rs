@@ -67,7 +67,8 @@ impl Harness for Device {
         self.0.tracker()
     }
     fn write(&mut self, gpa: u64, bytes: &[u8]) {
-        self.0.memory().write_slice(bytes, gpa).unwrap();
+        vm_memory::Bytes::write_slice(&self.0.memory(), bytes, vm_memory::GuestAddress(gpa))
+            .unwrap();
     }
     fn source(&self) -> Source {
         Source::Device
@@ -172,12 +173,20 @@ fn contract_kvm_guest_stores() {
     assert_notifier_contract(|| {
         let vm = Vm::new(VmConfig::default().with_ram(16 << 20)).unwrap();
         vm.add_ram(0, 16 << 20).unwrap();
-        vm.raw_memory()
+        vm.untracked_memory()
             .write_slice(&code, GuestAddress(ENTRY))
             .unwrap();
         let layout = LongModeLayout::new(16 << 20).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
-        x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, ENTRY, 0).unwrap();
+        x86::setup_long_mode(
+            vm.kvm(),
+            vcpu.fd(),
+            &*vm.untracked_memory(),
+            &layout,
+            ENTRY,
+            0,
+        )
+        .unwrap();
         Guest { vm, vcpu, layout }
     });
 }
@@ -247,12 +256,12 @@ fn contract_kvm_embedded_vmm() {
         )
         .unwrap();
         vm.add_region(region).unwrap();
-        vm.raw_memory()
+        vm.untracked_memory()
             .write_slice(&code, GuestAddress(ENTRY))
             .unwrap();
         let layout = LongModeLayout::new(16 << 20).unwrap();
         let mut vcpu = vm_fd.create_vcpu(0).unwrap();
-        x86::setup_long_mode(&kvm, &vcpu, &*vm.raw_memory(), &layout, ENTRY, 0).unwrap();
+        x86::setup_long_mode(&kvm, &vcpu, &*vm.untracked_memory(), &layout, ENTRY, 0).unwrap();
         let handler = vm.exit_handler(0, &mut vcpu).unwrap();
         Embedded {
             vm,

@@ -17,6 +17,7 @@ mod atomics;
 mod common;
 mod concurrency;
 mod delivery;
+mod devices;
 mod dirty;
 mod example;
 mod failure;
