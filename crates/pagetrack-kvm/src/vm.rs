@@ -8,7 +8,7 @@ use kvm_bindings::{KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL, kvm_enab
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use pagetrack::{
     AsId, BackendError, Enforcement, FrameRun, Gfn, MemoryRegion, PAGE_SIZE, PageTracker, SlotId,
-    TrackerConfig,
+    TrackerConfig, Tracking,
 };
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion,
@@ -327,6 +327,8 @@ pub(crate) struct VmInner {
     pub(crate) kvm: Kvm,
     pub(crate) backend: Arc<Backend>,
     pub(crate) tracker: Arc<PageTracker>,
+    /// The consumer view of `tracker` ([`Vm::tracker`]).
+    view: Tracking,
     pub(crate) mem: GuestMemoryAtomic<GuestMemoryMmap>,
     rams: Mutex<Vec<RamInfo>>,
     vcpus: Mutex<Vec<u32>>,
@@ -629,6 +631,7 @@ impl Vm {
             inner: Arc::new(VmInner {
                 kvm,
                 backend,
+                view: Tracking::new(Arc::clone(&tracker)),
                 tracker,
                 mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
                 rams: Mutex::new(Vec::new()),
@@ -645,9 +648,21 @@ impl Vm {
         })
     }
 
-    /// The write tracker: register notifiers and add/remove tracked frames through it.
-    pub fn tracker(&self) -> &Arc<PageTracker> {
-        &self.inner.tracker
+    /// The write tracker, as its consumers see it: register notifiers, add and remove
+    /// tracked frames, query. Memslots are this VM's to change ([`Vm::add_ram`],
+    /// [`Vm::add_region`], [`Vm::remove_ram`]) and writes its to report, so the owner's half
+    /// of the core ([`PageTracker::set_memory_region`], [`PageTracker::report_write`]) is not
+    /// reachable through it: the core cannot be desynchronised from KVM's memslots.
+    ///
+    /// ```compile_fail,E0599
+    /// use pagetrack::{Gfn, MemoryRegion, SlotId};
+    /// fn desynchronise(vm: &pagetrack_kvm::Vm) {
+    ///     // No such method on the consumer view: memslots are the VM's.
+    ///     let _ = vm.tracker().set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 16));
+    /// }
+    /// ```
+    pub fn tracker(&self) -> &Tracking {
+        &self.inner.view
     }
 
     /// Guest memory through which device models read and write: writes to tracked frames
