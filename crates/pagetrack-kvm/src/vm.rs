@@ -30,14 +30,17 @@ pub struct VmConfig {
     /// Size of the KVM memslot chunks RAM is registered in; `None` picks one from the RAM size
     /// and the slot budget (at least 2 MiB).
     pub chunk_bytes: Option<u64>,
-    /// KVM memslots left for the VMM's own use.
+    /// KVM memslots left for the VMM's own use when pagetrack picks its ids from 0 up; must
+    /// be 0 with [`VmConfig::kvm_slots`] (refused otherwise: it would have no effect).
     pub reserved_slots: usize,
     /// Disable `KVM_X86_QUIRK_SLOT_ZAP_ALL` where KVM offers it, so that re-cutting one chunk
     /// does not make the guest refault all of its memory.
     pub disable_slot_zap_all: bool,
-    /// Expected total RAM, used to choose the chunk size.
+    /// Expected total RAM, used to choose the chunk size when [`VmConfig::chunk_bytes`] is
+    /// `None` (a sizing hint: RAM beyond it is accepted, in chunks chosen for this size).
     pub expected_ram: u64,
-    /// Core configuration.
+    /// Core configuration. Its [`TrackerConfig::address_spaces`] must be 1 (the default
+    /// here): this backend enforces address space 0 only, and refuses more.
     pub tracker: TrackerConfig,
     /// Log dirty pages (for live migration or diff snapshots): every KVM memslot fragment
     /// carries `KVM_MEM_LOG_DIRTY_PAGES`, and [`Vm::take_dirty_log`] returns the pages written
@@ -92,13 +95,38 @@ impl VmConfig {
     }
 
     /// The same configuration with pagetrack's fragments confined to KVM memslot ids
-    /// `range` (see [`VmConfig::kvm_slots`]); [`VmConfig::reserved_slots`] is then unused.
+    /// `range` (see [`VmConfig::kvm_slots`]); [`VmConfig::reserved_slots`] becomes 0, and a
+    /// VM refuses any other value with it (it would have no effect).
     pub fn with_kvm_slots(mut self, range: std::ops::Range<u32>) -> VmConfig {
+        self.reserved_slots = 0;
         self.kvm_slots = Some(KvmSlotIds {
             first: range.start,
             count: range.end.saturating_sub(range.start),
         });
         self
+    }
+
+    /// Refuses settings pagetrack would accept and then ignore (or not honour), so that
+    /// none is silently without effect.
+    fn check(&self, caps: &HostCaps) -> Result<()> {
+        let bad = |reason| Err(Error::InvalidConfig { reason });
+        if self.tracker.address_spaces != 1 {
+            // Tracks in another address space would be counted by the core and enforced by
+            // nobody (this backend serves address space 0: no SMM memslots).
+            return bad("pagetrack-kvm enforces address space 0 only: \
+                        the tracker needs TrackerConfig::with_address_spaces(1)");
+        }
+        if let Some(ids) = self.kvm_slots {
+            let end = u64::from(ids.first) + u64::from(ids.count);
+            if ids.count == 0 || end > u64::try_from(caps.nr_memslots).unwrap_or(u64::MAX) {
+                return bad("the KVM slot id range is empty or beyond KVM_CAP_NR_MEMSLOTS");
+            }
+            if self.reserved_slots != 0 {
+                return bad("reserved_slots has no effect with a KVM slot id range \
+                            (the VMM's memslots use the ids outside it): leave it 0");
+            }
+        }
+        Ok(())
     }
 
     /// The same configuration with the zap-all quirk left as KVM has it.
@@ -575,6 +603,8 @@ impl Vm {
     }
 
     fn assemble(kvm: Kvm, vm_fd: Arc<VmFd>, caps: HostCaps, config: VmConfig) -> Result<Vm> {
+        // Everything is checked before anything is done to the VM (a VMM's VM included).
+        config.check(&caps)?;
         crate::sys::install_kick_handler().map_err(|source| Error::KickSignal { source })?;
         let zap_all = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
         if config.disable_slot_zap_all && caps.disable_quirks2 & zap_all != 0 {
@@ -588,15 +618,7 @@ impl Vm {
                 .map_err(Error::kvm("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
         }
         let (first_id, budget) = match config.kvm_slots {
-            Some(ids) => {
-                let end = u64::from(ids.first) + u64::from(ids.count);
-                if ids.count == 0 || end > u64::try_from(caps.nr_memslots).unwrap_or(u64::MAX) {
-                    return Err(Error::InvalidConfig {
-                        reason: "the KVM slot id range is empty or beyond KVM_CAP_NR_MEMSLOTS",
-                    });
-                }
-                (ids.first, usize::try_from(ids.count).unwrap_or(usize::MAX))
-            }
+            Some(ids) => (ids.first, usize::try_from(ids.count).unwrap_or(usize::MAX)),
             None => (
                 0,
                 caps.nr_memslots

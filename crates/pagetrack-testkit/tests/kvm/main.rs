@@ -16,6 +16,7 @@
 mod atomics;
 mod common;
 mod concurrency;
+mod config;
 mod delivery;
 mod devices;
 mod dirty;
