@@ -126,7 +126,7 @@ impl Drop for Completion {
 }
 
 /// What [`ExitHandler::handle`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
 #[non_exhaustive]
 pub enum Handled {

@@ -21,6 +21,7 @@ mod delivery;
 mod devices;
 mod dirty;
 mod example;
+mod exits;
 mod failure;
 mod fault;
 mod hard;
