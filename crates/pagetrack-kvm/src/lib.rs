@@ -5,6 +5,17 @@
 //! Two ways in: the ready-made façade ([`Vm::new`], [`Vm::add_ram`], [`Vm::create_vcpu`],
 //! [`Vcpu::run`]), or embedded in a VMM that keeps its own KVM set-up (below).
 //!
+//! Either way the [`Vm`] owns the core tracker: it changes its memslots (as it registers
+//! RAM with KVM) and reports the writes it applies. Consumers get the
+//! [`Tracking`](pagetrack::Tracking) view from [`Vm::tracker`] (register notifiers, add and
+//! remove tracked frames, query), which cannot change memslots or forge reports.
+//!
+//! Exits reach the VMM with their payload: the façade's [`Exit`] carries every byte of port
+//! output (a `rep outs` included) and KVM's data for system-event, debug and memory-fault
+//! exits, and its [`IoHandler`] answers port and MMIO reads, `rdmsr` and hypercalls in
+//! `kvm_run` in place; an embedding VMM gets kvm-ioctls' borrowed `VcpuExit` itself
+//! ([`Ran::Exit`]).
+//!
 //! ## Embedding: the contract
 //!
 //! `examples/embed.rs` is a complete VMM written this way (a test runs it).
