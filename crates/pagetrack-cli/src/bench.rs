@@ -205,14 +205,21 @@ impl Rig {
         vm.add_ram(0, ram)?;
         let layout = LongModeLayout::new(ram)?;
         let progs = programs()?;
-        vm.raw_memory()
+        vm.untracked_memory()
             .write_slice(&progs.bytes, GuestAddress(CODE))
             .with_context(|| format!("writing the benchmark programs at {CODE:#x}"))?;
         let vcpu = vm.create_vcpu(0)?;
-        x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, CODE, 0)?;
+        x86::setup_long_mode(
+            vm.kvm(),
+            vcpu.fd(),
+            &*vm.untracked_memory(),
+            &layout,
+            CODE,
+            0,
+        )?;
         let vcpu2 = if vcpus > 1 {
             let v = vm.create_vcpu(1)?;
-            x86::setup_long_mode(vm.kvm(), v.fd(), &*vm.raw_memory(), &layout, CODE, 1)?;
+            x86::setup_long_mode(vm.kvm(), v.fd(), &*vm.untracked_memory(), &layout, CODE, 1)?;
             Some(v)
         } else {
             None
@@ -508,9 +515,9 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         let pd0 = rig.layout.pml4() + 0x2000;
         let mem = rig.vm.memory();
         for i in 0..512u64 {
-            mem.write_obj((PT_VA + i * 4096) | 0x67, PT + i * 8)?;
+            mem.write_obj((PT_VA + i * 4096) | 0x67, GuestAddress(PT + i * 8))?;
         }
-        mem.write_obj(PT | 0x27, pd0 + (PT_VA >> 21) * 8)?;
+        mem.write_obj(PT | 0x27, GuestAddress(pd0 + (PT_VA >> 21) * 8))?;
     }
     rig.vm.tracker().add_gfn(Gfn(PT >> 12))?;
     rig.vm.mark_page_tables(&[Gfn(PT >> 12)], true);

@@ -167,7 +167,9 @@ pub fn run_vmm() -> Result<Outcome, BoxError> {
     .map_err(|_| "the vCPU thread panicked")??;
 
     // A device write (DMA) through pagetrack's tracked view is reported too.
-    tracking.memory().write_slice(&[0xaa], TRACKED + 0x100)?;
+    tracking
+        .memory()
+        .write_slice(&[0xaa], GuestAddress(TRACKED + 0x100))?;
 
     let bits = tracking.take_dirty_log(ram_slot)?;
     let dirty = (0..bits.len() as u64 * 64)

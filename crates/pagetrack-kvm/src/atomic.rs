@@ -9,7 +9,7 @@
 
 use kvm_bindings::kvm_regs;
 use pagetrack_x86::atomic::{Identified, identify, start_state};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use crate::emulate::{Emulated, StorePlan};
 
@@ -51,8 +51,18 @@ pub(crate) fn handle<'a>(
     let Ok(done) = plan.execute(&mut state, &mut cpu) else {
         return Outcome::Plain;
     };
+    // Every target is RAM before anything is written (the trapped range was checked; the
+    // re-execution's writes are checked too), so a write cannot fail half-way.
+    if !done
+        .writes
+        .iter()
+        .all(|w| mem.check_range(GuestAddress(w.gpa), w.new.len(), Permissions::ReadWrite))
+    {
+        return Outcome::Plain;
+    }
     for w in &done.writes {
-        let _ = mem.write_slice(&w.new, GuestAddress(w.gpa));
+        mem.write_slice(&w.new, GuestAddress(w.gpa))
+            .expect("the range was checked above, and `mem` holds its regions");
     }
     vm.after_page_table_store(mem, pt);
     Outcome::Done(Box::new(done), Box::new(state.regs), guard)

@@ -73,6 +73,36 @@ pub enum Error {
         /// Length.
         len: usize,
     },
+    /// A device transfer's source or destination failed ([`crate::TrackedMemory`]'s
+    /// `read_volatile_from`, `write_volatile_to`).
+    #[error("device transfer at gpa {gpa:#x} failed")]
+    DeviceIo {
+        /// Guest-physical address of the step that failed.
+        gpa: u64,
+        /// The file's, socket's or buffer's error.
+        #[source]
+        source: vm_memory::VolatileMemoryError,
+    },
+    /// A device transfer that had to move a whole range moved less (its source ended, its
+    /// destination took less).
+    #[error("{completed} of {expected} bytes transferred at gpa {gpa:#x}")]
+    ShortTransfer {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Bytes asked for.
+        expected: usize,
+        /// Bytes moved.
+        completed: usize,
+    },
+    /// vm-memory refused an access to guest RAM (an atomic access that is misaligned).
+    #[error("guest memory access at gpa {gpa:#x} refused")]
+    GuestAccess {
+        /// Guest-physical address.
+        gpa: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     /// KVM memslots ran out even after merging tracked fragments.
     #[error("out of KVM memslots ({budget} available)")]
     SlotBudget {
@@ -80,16 +110,19 @@ pub enum Error {
         budget: usize,
     },
     /// A guest store that neither KVM nor pagetrack can emulate: the vCPU stops.
+    ///
+    /// The message names the reason; the reason's own cause (the emulator's error, the
+    /// guest-memory error) stays reachable as `reason`'s [`source`](std::error::Error::source).
     #[error("vcpu {vcpu} cannot continue at rip {rip:#x} (bytes {bytes}): {reason}")]
     Unemulatable {
         /// vCPU index.
         vcpu: u32,
         /// Guest RIP.
         rip: u64,
-        /// Instruction bytes, hex.
-        bytes: String,
+        /// The instruction's bytes (as many as could be fetched; shown as hex).
+        bytes: InstructionBytes,
         /// Why.
-        reason: String,
+        reason: StopReason,
     },
     /// [`crate::Vm::take_dirty_log`] on a VM created without dirty logging.
     #[error("dirty logging is off (VmConfig::with_dirty_log)")]
@@ -182,7 +215,110 @@ pub enum Error {
     },
 }
 
+/// The bytes of a guest instruction, shown as space-separated lowercase hex
+/// (`c4 e3 79 1d 47 40 00`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstructionBytes(pub Vec<u8>);
+
+impl InstructionBytes {
+    /// The raw bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for InstructionBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<&[u8]> for InstructionBytes {
+    fn from(bytes: &[u8]) -> InstructionBytes {
+        InstructionBytes(bytes.to_vec())
+    }
+}
+
+impl From<Vec<u8>> for InstructionBytes {
+    fn from(bytes: Vec<u8>) -> InstructionBytes {
+        InstructionBytes(bytes)
+    }
+}
+
+/// Why a store could not be completed ([`Error::Unemulatable`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The store emulator refused or failed (an instruction it does not handle, a state it
+    /// cannot rebuild).
+    /// (Boxed: it is large, and errors travel by value.)
+    #[error(transparent)]
+    Emulate(Box<pagetrack_x86::emulate::EmulateError>),
+    /// The store targets guest-physical memory that is not RAM.
+    #[error("store to {gpa:#x} is not guest RAM")]
+    NotRam {
+        /// The target address.
+        gpa: u64,
+    },
+    /// Writing the result to guest RAM failed.
+    #[error("cannot write {gpa:#x}")]
+    Write {
+        /// The target address.
+        gpa: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The store raises an exception while another one is being delivered (pagetrack
+    /// does not model the double fault).
+    #[error("the store raises exception {vector} while exception {delivering} is being delivered")]
+    ExceptionDuringDelivery {
+        /// The exception the store raises.
+        vector: u8,
+        /// The exception KVM is delivering.
+        delivering: u8,
+    },
+    /// KVM retries a store into a tracked frame without ever exiting, and pagetrack cannot
+    /// complete it (the inner reason says why).
+    #[error(
+        "KVM retries this store into a tracked frame without an exit, and pagetrack cannot \
+         complete it: {0}"
+    )]
+    RetriedWithoutExit(Box<StopReason>),
+    /// The vCPU runs with 32-bit or PAE paging outside long mode, which pagetrack does not
+    /// walk.
+    #[error("32-bit or PAE paging without long mode is not walked by pagetrack")]
+    LegacyPaging,
+}
+
+impl From<pagetrack_x86::emulate::EmulateError> for StopReason {
+    fn from(e: pagetrack_x86::emulate::EmulateError) -> StopReason {
+        StopReason::Emulate(Box::new(e))
+    }
+}
+
 impl Error {
+    /// [`Error::Unemulatable`] for vCPU `vcpu` stopped at `rip` on the instruction `bytes`.
+    pub fn unemulatable(
+        vcpu: u32,
+        rip: u64,
+        bytes: impl Into<InstructionBytes>,
+        reason: impl Into<StopReason>,
+    ) -> Error {
+        Error::Unemulatable {
+            vcpu,
+            rip,
+            bytes: bytes.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// The errno of a failed KVM ioctl.
     pub fn errno(&self) -> Option<i32> {
         match self {

@@ -126,7 +126,7 @@ impl Drop for Completion {
 }
 
 /// What [`ExitHandler::handle`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
 #[non_exhaustive]
 pub enum Handled {
@@ -611,10 +611,7 @@ impl ExitHandler {
                 vcpu,
                 rip,
                 bytes,
-                reason: format!(
-                    "KVM retries this store into a tracked frame without an exit, and \
-                     pagetrack cannot complete it: {reason}"
-                ),
+                reason: crate::error::StopReason::RetriedWithoutExit(Box::new(reason)),
             },
             other => other,
         })?;

@@ -5,6 +5,17 @@
 //! Two ways in: the ready-made façade ([`Vm::new`], [`Vm::add_ram`], [`Vm::create_vcpu`],
 //! [`Vcpu::run`]), or embedded in a VMM that keeps its own KVM set-up (below).
 //!
+//! Either way the [`Vm`] owns the core tracker: it changes its memslots (as it registers
+//! RAM with KVM) and reports the writes it applies. Consumers get the
+//! [`Tracking`](pagetrack::Tracking) view from [`Vm::tracker`] (register notifiers, add and
+//! remove tracked frames, query), which cannot change memslots or forge reports.
+//!
+//! Exits reach the VMM with their payload: the façade's [`Exit`] carries every byte of port
+//! output (a `rep outs` included) and KVM's data for system-event, debug and memory-fault
+//! exits, and its [`IoHandler`] answers port and MMIO reads, `rdmsr` and hypercalls in
+//! `kvm_run` in place; an embedding VMM gets kvm-ioctls' borrowed `VcpuExit` itself
+//! ([`Ran::Exit`]).
+//!
 //! ## Embedding: the contract
 //!
 //! `examples/embed.rs` is a complete VMM written this way (a test runs it).
@@ -20,8 +31,8 @@
 //! 2. **Memory**: the VMM maps its guest memory (memfd, hugetlbfs, a snapshot file) as
 //!    `vm_memory::GuestRegionMmap`s and registers each with [`Vm::add_region`] (pagetrack
 //!    maps nothing; KVM's memslots for the range are pagetrack's, in the id range above).
-//!    Guest memory the VMM writes must go through [`Vm::memory`] to be tracked; writes
-//!    through its own mapping bypass tracking.
+//!    Guest memory the VMM and its devices write must go through [`Vm::memory`] to be
+//!    tracked (see "Device writes" below); writes through its own mapping bypass tracking.
 //! 3. **vCPUs**: the VMM creates each vCPU fd, then [`Vm::exit_handler`] (once per index,
 //!    before the first run). On the thread that runs the vCPU, in place of `vcpu_fd.run()` it
 //!    calls [`ExitHandler::run`]: [`Ran::Tracked`] goes to [`ExitHandler::handle`] at once
@@ -40,6 +51,44 @@
 //!    do not wait for an instruction it left unfinished.
 //! 4. **Page tables**: a VMM that edits guest page tables from userspace does so inside
 //!    [`Vm::page_table_update`], as with the façade (below).
+//!
+//! ## Device writes
+//!
+//! [`Vm::memory`] is a [`TrackedMemory`]: it implements vm-memory's
+//! [`Bytes<GuestAddress>`](vm_memory::Bytes), every method of it, so a device model written
+//! against that trait (as rust-vmm device crates are) writes guest memory through tracking
+//! without a change: slices and objects, [`read_volatile_from`](vm_memory::Bytes::read_volatile_from)
+//! a file or socket (through a bounce buffer), atomic [`store`](vm_memory::Bytes::store). Each
+//! write to a tracked frame is reported with its old and new bytes and
+//! [`Source::Device`](pagetrack::Source::Device), under the same frame locks as guest stores.
+//!
+//! ```no_run
+//! use vm_memory::{Bytes, GuestAddress};
+//!
+//! /// A device model that knows nothing of pagetrack.
+//! fn complete<M: Bytes<GuestAddress>>(mem: &M, used: GuestAddress, idx: u16) -> Result<(), M::E> {
+//!     mem.write_obj(512u32, GuestAddress(used.0 + 4))?;
+//!     mem.store(idx, used, std::sync::atomic::Ordering::Release)
+//! }
+//!
+//! let vm = pagetrack_kvm::Vm::new(pagetrack_kvm::VmConfig::default().with_ram(16 << 20))?;
+//! vm.add_ram(0, 16 << 20)?;
+//! complete(&vm.memory(), GuestAddress(0x5000), 1)?; // tracked frames get their events
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`TrackedMemory`] is **not** a [`vm_memory::GuestMemory`], and cannot soundly be one:
+//! that trait's [`get_slices`](vm_memory::GuestMemory::get_slices) (and a backend's regions)
+//! hand out `VolatileSlice`s whose writes, and raw pointers, go straight to the mapping with
+//! no frame lock, no old bytes and no event, and vm-memory implements `Bytes` for every
+//! `GuestMemory` on top of them (so it could not even keep the tracked `Bytes` above). A
+//! crate that requires `M: GuestMemory`, such as virtio-queue's `Queue` (descriptor
+//! chains, used-ring updates), therefore runs on the VMM's own `GuestMemoryMmap` or
+//! [`Vm::untracked_memory`], and its writes are not tracked. The supported route: keep
+//! virtqueue rings in frames that are not tracked, let the queue crate parse descriptors
+//! there, and move buffer data (what a device writes into guest buffers) through
+//! [`TrackedMemory`]'s `Bytes` methods. [`Vm::untracked_memory`] is the one view that bypasses
+//! tracking, and says so in its name.
 //!
 //! ## Pausing vCPUs
 //!
@@ -85,7 +134,7 @@ mod update;
 mod vcpu;
 mod vm;
 
-pub use error::{Error, Result};
+pub use error::{Error, InstructionBytes, Result, StopReason};
 pub use handler::{ExitHandler, Handled, Ran, Tracked};
 pub use memory::TrackedMemory;
 /// The store emulator (moved to [`pagetrack_x86::emulate`]).

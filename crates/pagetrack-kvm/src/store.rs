@@ -11,8 +11,8 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap, Permissions,
 };
 
-use crate::emulate::{CpuAccess, CpuState, EmulateError, MemWrite, StorePlan, hex};
-use crate::error::{Error, Result};
+use crate::emulate::{CpuAccess, CpuState, EmulateError, MemWrite, StorePlan};
+use crate::error::{Error, Result, StopReason};
 use crate::vm::VmInner;
 use crate::walk;
 use pagetrack_x86::guest::{FlatCpu, GuestCpu};
@@ -117,16 +117,9 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         _ => &mut paged,
     };
     let bytes = mode.fetch(&*mem, regs.rip);
-    let stop = |reason: String| Error::Unemulatable {
-        vcpu: index,
-        rip: regs.rip,
-        bytes: hex(&bytes),
-        reason,
-    };
+    let stop = |reason: StopReason| Error::unemulatable(index, regs.rip, &bytes[..], reason);
     if mode.paging == Paging::Legacy {
-        return Err(stop(
-            "32-bit or PAE paging without long mode is not walked by pagetrack".to_owned(),
-        ));
+        return Err(stop(StopReason::LegacyPaging));
     }
     let mut xsave = fd.get_xsave().map_err(Error::kvm("KVM_GET_XSAVE"))?;
     let xcrs = fd.get_xcrs().map_err(Error::kvm("KVM_GET_XCRS"))?;
@@ -160,8 +153,8 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         // The CPU raises this exception instead of storing: nothing is applied, RIP stays
         // on the instruction and the guest gets the fault, as natively (issue 10 item 11).
         Err(e) => match exception_for(&e, &mem, &sregs) {
-            Some(exception) => return inject(fd, sregs, exception).map_err(&stop),
-            None => return Err(stop(e.to_string())),
+            Some(exception) => return inject(fd, sregs, exception).map_err(|e| e.stop(stop)),
+            None => return Err(stop(e.into())),
         },
     };
     let targets: Vec<_> = plan.targets().collect();
@@ -169,7 +162,7 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         .iter()
         .find(|t| !mem.check_range(GuestAddress(t.gpa), t.len, Permissions::ReadWrite))
     {
-        return Err(stop(format!("store to {:#x} is not guest RAM", t.gpa)));
+        return Err(stop(StopReason::NotRam { gpa: t.gpa }));
     }
     // Held until the events are delivered (event order per frame = memory order).
     let _locks = vm.frame_locks.lock(targets.iter().map(|t| t.gpa));
@@ -179,10 +172,10 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         .collect();
     let done = plan
         .execute(&mut state, cpu)
-        .map_err(|e| stop(e.to_string()))?;
+        .map_err(|e| stop(e.into()))?;
     for w in &done.writes {
         mem.write_slice(&w.new, GuestAddress(w.gpa))
-            .map_err(|_| stop(format!("cannot write {:#x}", w.gpa)))?;
+            .map_err(|source| stop(StopReason::Write { gpa: w.gpa, source }))?;
     }
     for pt in pts {
         vm.after_page_table_store(&mem, pt);
@@ -233,26 +226,42 @@ fn exception_for(
 /// Vector of the page-fault exception.
 const PF_VECTOR: u8 = 14;
 
+/// Why [`inject`] failed: an ioctl (returned as [`Error::Kvm`], errno kept), or an
+/// exception already being delivered (the store is then unemulatable).
+enum InjectError {
+    Kvm(Error),
+    Delivering { vector: u8, delivering: u8 },
+}
+
+impl InjectError {
+    fn stop(self, stop: impl FnOnce(StopReason) -> Error) -> Error {
+        match self {
+            InjectError::Kvm(e) => e,
+            InjectError::Delivering { vector, delivering } => {
+                stop(StopReason::ExceptionDuringDelivery { vector, delivering })
+            }
+        }
+    }
+}
+
 /// Injects `exception` into the vCPU (KVM_SET_VCPU_EVENTS; CR2 through KVM_SET_SREGS).
 /// Refuses, changing nothing, when an event is already being delivered.
 fn inject(
     fd: &VcpuFd,
     mut sregs: kvm_bindings::kvm_sregs,
     (vector, code, cr2): Exception,
-) -> std::result::Result<(), String> {
-    let mut events = fd
-        .get_vcpu_events()
-        .map_err(|e| format!("KVM_GET_VCPU_EVENTS failed: {e}"))?;
+) -> std::result::Result<(), InjectError> {
+    let kvm = |op| move |source| InjectError::Kvm(Error::Kvm { op, source });
+    let mut events = fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
     if events.exception.injected != 0 || events.exception.pending != 0 {
-        return Err(format!(
-            "the store raises exception {vector} while exception {} is being delivered",
-            events.exception.nr
-        ));
+        return Err(InjectError::Delivering {
+            vector,
+            delivering: events.exception.nr,
+        });
     }
     if let Some(cr2) = cr2 {
         sregs.cr2 = cr2;
-        fd.set_sregs(&sregs)
-            .map_err(|e| format!("KVM_SET_SREGS failed: {e}"))?;
+        fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
     }
     events.exception.injected = 1;
     events.exception.nr = vector;
@@ -261,7 +270,7 @@ fn inject(
     events.exception.error_code = code;
     events.exception_has_payload = 0;
     fd.set_vcpu_events(&events)
-        .map_err(|e| format!("KVM_SET_VCPU_EVENTS failed: {e}"))
+        .map_err(kvm("KVM_SET_VCPU_EVENTS"))
 }
 
 /// Reports stores pagetrack applied for vCPU `index` (with their old bytes), marks them dirty

@@ -10,44 +10,71 @@ use crate::error::Result;
 use crate::handler::{ExitHandler, Handled, Ran};
 use crate::vm::VmInner;
 
-/// Up to 8 bytes of port or MMIO data, copied out of `kvm_run`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IoData {
-    bytes: [u8; 8],
-    len: u8,
+/// Port or MMIO data, copied out of `kvm_run` whole: the 1, 2, 4 or 8 bytes of one access,
+/// or all `size * count` bytes of a `rep outs` that KVM hands over in one exit (up to a
+/// page). Up to 8 bytes are held inline (no allocation on the common exit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IoData(Repr);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Repr {
+    Inline { bytes: [u8; 8], len: u8 },
+    Heap(Box<[u8]>),
+}
+
+impl Default for IoData {
+    fn default() -> IoData {
+        IoData(Repr::Inline {
+            bytes: [0; 8],
+            len: 0,
+        })
+    }
 }
 
 impl IoData {
     pub(crate) fn new(data: &[u8]) -> IoData {
-        let mut d = IoData::default();
-        let n = data.len().min(8);
-        d.bytes[..n].copy_from_slice(&data[..n]);
-        d.len = u8::try_from(n).expect("at most 8");
-        d
+        if data.len() > 8 {
+            return IoData(Repr::Heap(data.into()));
+        }
+        let mut bytes = [0; 8];
+        bytes[..data.len()].copy_from_slice(data);
+        IoData(Repr::Inline {
+            bytes,
+            len: u8::try_from(data.len()).expect("at most 8"),
+        })
     }
 
-    /// The bytes.
+    /// The bytes (all of them).
     pub fn as_slice(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
+        match &self.0 {
+            Repr::Inline { bytes, len } => &bytes[..usize::from(*len)],
+            Repr::Heap(b) => b,
+        }
     }
 
     /// The first byte (0 if empty).
     pub fn first(&self) -> u8 {
-        self.bytes[0]
+        self.as_slice().first().copied().unwrap_or(0)
     }
 
-    /// The bytes as a little-endian integer.
+    /// The first 8 bytes (or fewer) as a little-endian integer.
     pub fn value(&self) -> u64 {
-        u64::from_le_bytes(self.bytes)
+        let mut b = [0u8; 8];
+        let d = self.as_slice();
+        let n = d.len().min(8);
+        b[..n].copy_from_slice(&d[..n]);
+        u64::from_le_bytes(b)
     }
 }
 
 /// Why [`Vcpu::run`] returned. Stores to guest RAM never show up here: they are applied and
-/// reported inside `run`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// reported inside `run`. Reads the VMM answers (port and MMIO reads, `rdmsr`, hypercalls)
+/// go to its [`IoHandler`] inside `run`, answered in `kvm_run` in place; every other exit
+/// comes back with its payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Exit {
-    /// `out` to a port.
+    /// `out` to a port (`rep outs`: all its bytes, `size * count` of them).
     IoOut {
         /// Port.
         port: u16,
@@ -79,7 +106,41 @@ pub enum Exit {
         /// KVM's suberror.
         suberror: u32,
     },
-    /// Any other exit KVM reported, by name.
+    /// `KVM_EXIT_SYSTEM_EVENT`: the guest asked for a shutdown, reset or crash report.
+    SystemEvent {
+        /// `KVM_SYSTEM_EVENT_*`.
+        kind: u32,
+        /// KVM's data words (`ndata` of them).
+        data: Vec<u64>,
+    },
+    /// `KVM_EXIT_DEBUG` (guest debugging the VMM enabled).
+    Debug {
+        /// The exception vector (1: #DB, 3: #BP).
+        exception: u32,
+        /// Guest RIP.
+        pc: u64,
+        /// DR6.
+        dr6: u64,
+        /// DR7.
+        dr7: u64,
+    },
+    /// `KVM_EXIT_MEMORY_FAULT`: KVM could not resolve a guest access (private memory).
+    MemoryFault {
+        /// `KVM_MEMORY_EXIT_FLAG_*`.
+        flags: u64,
+        /// Guest-physical address.
+        gpa: u64,
+        /// Size of the access.
+        size: u64,
+    },
+    /// `KVM_EXIT_IOAPIC_EOI` (split irqchip).
+    IoapicEoi {
+        /// The vector.
+        vector: u8,
+    },
+    /// An exit kvm-ioctls does not decode, by its `KVM_EXIT_*` number.
+    Unsupported(u32),
+    /// Any other exit KVM reported, by name (exits that carry no payload).
     Other(&'static str),
 }
 
@@ -95,6 +156,20 @@ pub trait IoHandler: Send {
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
         let _ = gpa;
         data.fill(0xff);
+    }
+
+    /// `rdmsr` of an MSR the VMM filtered to userspace (`KVM_EXIT_X86_RDMSR`): its value, or
+    /// `None` for #GP (the default).
+    fn rdmsr(&mut self, index: u32) -> Option<u64> {
+        let _ = index;
+        None
+    }
+
+    /// A hypercall (`KVM_EXIT_HYPERCALL`, with `KVM_CAP_EXIT_HYPERCALL` enabled): the value
+    /// the guest gets in RAX (default: `-KVM_ENOSYS`).
+    fn hypercall(&mut self, nr: u64, args: [u64; 6], longmode: bool) -> u64 {
+        let _ = (nr, args, longmode);
+        (-1000i64).cast_unsigned()
     }
 }
 
@@ -283,6 +358,35 @@ impl Vcpu {
                     return Ok(Exit::Shutdown);
                 }
                 VcpuExit::FailEntry(reason, _) => return Ok(Exit::FailEntry { reason }),
+                VcpuExit::X86Rdmsr(msr) => match self.io.rdmsr(msr.index) {
+                    Some(v) => {
+                        *msr.data = v;
+                        *msr.error = 0;
+                    }
+                    None => *msr.error = 1,
+                },
+                VcpuExit::Hypercall(h) => {
+                    *h.ret = self.io.hypercall(h.nr, h.args, h.longmode != 0);
+                }
+                VcpuExit::SystemEvent(kind, data) => {
+                    return Ok(Exit::SystemEvent {
+                        kind,
+                        data: data.to_vec(),
+                    });
+                }
+                VcpuExit::Debug(d) => {
+                    return Ok(Exit::Debug {
+                        exception: d.exception,
+                        pc: d.pc,
+                        dr6: d.dr6,
+                        dr7: d.dr7,
+                    });
+                }
+                VcpuExit::MemoryFault { flags, gpa, size } => {
+                    return Ok(Exit::MemoryFault { flags, gpa, size });
+                }
+                VcpuExit::IoapicEoi(vector) => return Ok(Exit::IoapicEoi { vector }),
+                VcpuExit::Unsupported(n) => return Ok(Exit::Unsupported(n)),
                 other => return Ok(Exit::Other(exit_name(&other))),
             }
         }
@@ -293,11 +397,43 @@ fn exit_name(e: &VcpuExit<'_>) -> &'static str {
     match e {
         VcpuExit::Unknown => "unknown",
         VcpuExit::Exception => "exception",
-        VcpuExit::Hypercall(_) => "hypercall",
-        VcpuExit::Debug(_) => "debug",
         VcpuExit::IrqWindowOpen => "irq-window-open",
-        VcpuExit::SystemEvent(..) => "system-event",
         VcpuExit::Nmi => "nmi",
+        VcpuExit::Intr => "intr",
+        VcpuExit::SetTpr => "set-tpr",
+        VcpuExit::TprAccess => "tpr-access",
+        VcpuExit::Watchdog => "watchdog",
+        VcpuExit::Hyperv => "hyperv",
+        VcpuExit::InternalError => "internal-error",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_data_of_a_rep_outs_keeps_every_byte() {
+        // KVM hands a `rep outs` over as `size * count` bytes in one exit (up to a page).
+        let data: Vec<u8> = (0..=255).cycle().take(4000).collect();
+
+        let io = IoData::new(&data);
+
+        assert_eq!(io.as_slice(), &data[..]);
+        assert_eq!(io.first(), 0);
+        assert_eq!(io.value(), u64::from_le_bytes([0, 1, 2, 3, 4, 5, 6, 7]));
+    }
+
+    #[test]
+    fn io_data_of_one_access_is_its_bytes() {
+        let io = IoData::new(&[0x34, 0x12]);
+
+        assert_eq!(
+            (io.as_slice(), io.first(), io.value()),
+            (&[0x34, 0x12][..], 0x34, 0x1234)
+        );
+        assert_eq!(IoData::default().as_slice(), &[] as &[u8]);
+        assert_eq!(IoData::default().first(), 0);
     }
 }

@@ -8,7 +8,7 @@ use kvm_bindings::{KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL, kvm_enab
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use pagetrack::{
     AsId, BackendError, Enforcement, FrameRun, Gfn, MemoryRegion, PAGE_SIZE, PageTracker, SlotId,
-    TrackerConfig,
+    TrackerConfig, Tracking,
 };
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion,
@@ -30,14 +30,17 @@ pub struct VmConfig {
     /// Size of the KVM memslot chunks RAM is registered in; `None` picks one from the RAM size
     /// and the slot budget (at least 2 MiB).
     pub chunk_bytes: Option<u64>,
-    /// KVM memslots left for the VMM's own use.
+    /// KVM memslots left for the VMM's own use when pagetrack picks its ids from 0 up; must
+    /// be 0 with [`VmConfig::kvm_slots`] (refused otherwise: it would have no effect).
     pub reserved_slots: usize,
     /// Disable `KVM_X86_QUIRK_SLOT_ZAP_ALL` where KVM offers it, so that re-cutting one chunk
     /// does not make the guest refault all of its memory.
     pub disable_slot_zap_all: bool,
-    /// Expected total RAM, used to choose the chunk size.
+    /// Expected total RAM, used to choose the chunk size when [`VmConfig::chunk_bytes`] is
+    /// `None` (a sizing hint: RAM beyond it is accepted, in chunks chosen for this size).
     pub expected_ram: u64,
-    /// Core configuration.
+    /// Core configuration. Its [`TrackerConfig::address_spaces`] must be 1 (the default
+    /// here): this backend enforces address space 0 only, and refuses more.
     pub tracker: TrackerConfig,
     /// Log dirty pages (for live migration or diff snapshots): every KVM memslot fragment
     /// carries `KVM_MEM_LOG_DIRTY_PAGES`, and [`Vm::take_dirty_log`] returns the pages written
@@ -92,13 +95,38 @@ impl VmConfig {
     }
 
     /// The same configuration with pagetrack's fragments confined to KVM memslot ids
-    /// `range` (see [`VmConfig::kvm_slots`]); [`VmConfig::reserved_slots`] is then unused.
+    /// `range` (see [`VmConfig::kvm_slots`]); [`VmConfig::reserved_slots`] becomes 0, and a
+    /// VM refuses any other value with it (it would have no effect).
     pub fn with_kvm_slots(mut self, range: std::ops::Range<u32>) -> VmConfig {
+        self.reserved_slots = 0;
         self.kvm_slots = Some(KvmSlotIds {
             first: range.start,
             count: range.end.saturating_sub(range.start),
         });
         self
+    }
+
+    /// Refuses settings pagetrack would accept and then ignore (or not honour), so that
+    /// none is silently without effect.
+    fn check(&self, caps: &HostCaps) -> Result<()> {
+        let bad = |reason| Err(Error::InvalidConfig { reason });
+        if self.tracker.address_spaces != 1 {
+            // Tracks in another address space would be counted by the core and enforced by
+            // nobody (this backend serves address space 0: no SMM memslots).
+            return bad("pagetrack-kvm enforces address space 0 only: \
+                        the tracker needs TrackerConfig::with_address_spaces(1)");
+        }
+        if let Some(ids) = self.kvm_slots {
+            let end = u64::from(ids.first) + u64::from(ids.count);
+            if ids.count == 0 || end > u64::try_from(caps.nr_memslots).unwrap_or(u64::MAX) {
+                return bad("the KVM slot id range is empty or beyond KVM_CAP_NR_MEMSLOTS");
+            }
+            if self.reserved_slots != 0 {
+                return bad("reserved_slots has no effect with a KVM slot id range \
+                            (the VMM's memslots use the ids outside it): leave it 0");
+            }
+        }
+        Ok(())
     }
 
     /// The same configuration with the zap-all quirk left as KVM has it.
@@ -327,6 +355,8 @@ pub(crate) struct VmInner {
     pub(crate) kvm: Kvm,
     pub(crate) backend: Arc<Backend>,
     pub(crate) tracker: Arc<PageTracker>,
+    /// The consumer view of `tracker` ([`Vm::tracker`]).
+    view: Tracking,
     pub(crate) mem: GuestMemoryAtomic<GuestMemoryMmap>,
     rams: Mutex<Vec<RamInfo>>,
     vcpus: Mutex<Vec<u32>>,
@@ -497,6 +527,7 @@ impl VmInner {
 /// use std::sync::Arc;
 /// use pagetrack::{Gfn, NotifierClass, TrackNotifier, WriteEvent};
 /// use pagetrack_kvm::{Vm, VmConfig};
+/// use vm_memory::{Bytes, GuestAddress};
 ///
 /// struct Print;
 /// impl TrackNotifier for Print {
@@ -509,7 +540,7 @@ impl VmInner {
 /// vm.add_ram(0, 64 << 20)?;
 /// let _handle = vm.tracker().register(Arc::new(Print), NotifierClass::Ordinary)?;
 /// vm.tracker().add_gfn(Gfn(0x5))?; // guest stores to 0x5000..0x6000 now reach Print
-/// vm.memory().write_slice(&[1, 2, 3], 0x5000)?; // and so do device writes
+/// vm.memory().write_slice(&[1, 2, 3], GuestAddress(0x5000))?; // and so do device writes
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -572,6 +603,8 @@ impl Vm {
     }
 
     fn assemble(kvm: Kvm, vm_fd: Arc<VmFd>, caps: HostCaps, config: VmConfig) -> Result<Vm> {
+        // Everything is checked before anything is done to the VM (a VMM's VM included).
+        config.check(&caps)?;
         crate::sys::install_kick_handler().map_err(|source| Error::KickSignal { source })?;
         let zap_all = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
         if config.disable_slot_zap_all && caps.disable_quirks2 & zap_all != 0 {
@@ -585,15 +618,7 @@ impl Vm {
                 .map_err(Error::kvm("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
         }
         let (first_id, budget) = match config.kvm_slots {
-            Some(ids) => {
-                let end = u64::from(ids.first) + u64::from(ids.count);
-                if ids.count == 0 || end > u64::try_from(caps.nr_memslots).unwrap_or(u64::MAX) {
-                    return Err(Error::InvalidConfig {
-                        reason: "the KVM slot id range is empty or beyond KVM_CAP_NR_MEMSLOTS",
-                    });
-                }
-                (ids.first, usize::try_from(ids.count).unwrap_or(usize::MAX))
-            }
+            Some(ids) => (ids.first, usize::try_from(ids.count).unwrap_or(usize::MAX)),
             None => (
                 0,
                 caps.nr_memslots
@@ -628,6 +653,7 @@ impl Vm {
             inner: Arc::new(VmInner {
                 kvm,
                 backend,
+                view: Tracking::new(Arc::clone(&tracker)),
                 tracker,
                 mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
                 rams: Mutex::new(Vec::new()),
@@ -644,9 +670,21 @@ impl Vm {
         })
     }
 
-    /// The write tracker: register notifiers and add/remove tracked frames through it.
-    pub fn tracker(&self) -> &Arc<PageTracker> {
-        &self.inner.tracker
+    /// The write tracker, as its consumers see it: register notifiers, add and remove
+    /// tracked frames, query. Memslots are this VM's to change ([`Vm::add_ram`],
+    /// [`Vm::add_region`], [`Vm::remove_ram`]) and writes its to report, so the owner's half
+    /// of the core ([`PageTracker::set_memory_region`], [`PageTracker::report_write`]) is not
+    /// reachable through it: the core cannot be desynchronised from KVM's memslots.
+    ///
+    /// ```compile_fail,E0599
+    /// use pagetrack::{Gfn, MemoryRegion, SlotId};
+    /// fn desynchronise(vm: &pagetrack_kvm::Vm) {
+    ///     // No such method on the consumer view: memslots are the VM's.
+    ///     let _ = vm.tracker().set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 16));
+    /// }
+    /// ```
+    pub fn tracker(&self) -> &Tracking {
+        &self.inner.view
     }
 
     /// Guest memory through which device models read and write: writes to tracked frames
@@ -655,8 +693,12 @@ impl Vm {
         TrackedMemory::new(Arc::clone(&self.inner))
     }
 
-    /// The raw guest memory, bypassing tracking (for loading images before tracking starts).
-    pub fn raw_memory(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+    /// Guest memory **bypassing tracking**: writes through it (or through its regions and
+    /// `VolatileSlice`s) reach no notifier, take no frame lock and are not in the dirty log.
+    /// For loading images before anything is tracked, for reads, and for code that needs a
+    /// [`vm_memory::GuestMemory`] (page-table walks, boot set-up). Device writes go through
+    /// [`Vm::memory`] instead. (It was `raw_memory`; the name now says what it does.)
+    pub fn untracked_memory(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
         self.inner.mem.memory()
     }
 
@@ -722,7 +764,7 @@ impl Vm {
     /// any [`GuestRegionMmap`]) as RAM at its guest address; returns its memslot id in the
     /// tracker. pagetrack maps nothing: KVM memslots point into `region`'s mapping, which
     /// the VMM keeps using (its own `GuestMemoryMmap` may hold the same `Arc`). Its stores
-    /// through that mapping bypass tracking, as [`Vm::raw_memory`]'s do; device writes that
+    /// through that mapping bypass tracking, as [`Vm::untracked_memory`]'s do; device writes that
     /// must be tracked go through [`Vm::memory`].
     ///
     /// # Errors
@@ -882,7 +924,7 @@ impl Vm {
     /// logged (harvested from every fragment, and from fragments a re-cut deleted) and the
     /// stores pagetrack applied itself: trapped stores to tracked frames, stores it completed
     /// for the guest, and device writes through [`TrackedMemory`]. Writes through
-    /// [`Vm::raw_memory`] bypass it, as they bypass tracking.
+    /// [`Vm::untracked_memory`] bypass it, as they bypass tracking.
     ///
     /// # Errors
     /// [`Error::DirtyLogOff`] if the VM was not created with [`VmConfig::with_dirty_log`];

@@ -3,12 +3,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use pagetrack::{AsId, Gfn, NotifierClass, PageTracker, Source, TrackNotifier, WriteEvent};
+use pagetrack::{AsId, Gfn, NotifierClass, Source, TrackNotifier, Tracking, WriteEvent};
 
 /// What the suite needs from a backend under test.
 pub trait Harness {
-    /// The tracker events go through.
-    fn tracker(&self) -> &Arc<PageTracker>;
+    /// The tracker events go through, as its consumers see it.
+    fn tracker(&self) -> &Tracking;
     /// Writes `bytes` (1 to 8 of them) at `gpa` the way this backend's writers do, and
     /// returns once the write is in memory and reported.
     fn write(&mut self, gpa: u64, bytes: &[u8]);
@@ -74,7 +74,7 @@ impl Log {
 /// On any violation (this is a test helper).
 pub fn assert_notifier_contract<H: Harness>(make: impl Fn() -> H) {
     let mut h = make();
-    let t = Arc::clone(h.tracker());
+    let t = h.tracker().clone();
     let (a, b) = h.frames();
     let old_log = Log::named("ordinary-old");
     let new_log = Log::named("ordinary-new");

@@ -70,11 +70,11 @@
 //! let vm = Vm::new(VmConfig::default().with_ram(16 << 20))?;
 //! vm.add_ram(0, 16 << 20)?;
 //! let layout = LongModeLayout::new(16 << 20)?;
-//! vm.raw_memory().write_slice(&code, GuestAddress(0x1000))?;
+//! vm.untracked_memory().write_slice(&code, GuestAddress(0x1000))?;
 //! let mut vcpu = vm.create_vcpu(0)?;
-//! setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, 0x1000, 0)?;
+//! setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.untracked_memory(), &layout, 0x1000, 0)?;
 //! assert_eq!(run_bounded(vcpu.fd_mut(), 100)?, Stop::Exit(3));
-//! assert_eq!(vm.raw_memory().read_obj::<u8>(GuestAddress(0x20_0000))?, 7);
+//! assert_eq!(vm.untracked_memory().read_obj::<u8>(GuestAddress(0x20_0000))?, 7);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -86,12 +86,13 @@
 //! ```
 //! use std::sync::Arc;
 //! use pagetrack::{Gfn, Gpa, MemoryRegion, NoEnforcement, PageTracker, SlotId, Source};
-//! use pagetrack::{TrackerConfig, WriteEvent};
+//! use pagetrack::{TrackerConfig, Tracking, WriteEvent};
 //! use pagetrack_testkit::{Harness, assert_notifier_contract};
 //!
-//! struct Fake { tracker: Arc<PageTracker>, mem: Vec<u8> }
+//! // The backend owns the tracker (it reports writes); the suite gets the consumer view.
+//! struct Fake { tracker: Arc<PageTracker>, view: Tracking, mem: Vec<u8> }
 //! impl Harness for Fake {
-//!     fn tracker(&self) -> &Arc<PageTracker> { &self.tracker }
+//!     fn tracker(&self) -> &Tracking { &self.view }
 //!     fn write(&mut self, gpa: u64, bytes: &[u8]) {
 //!         let at = usize::try_from(gpa).expect("small");
 //!         let old = self.mem[at..at + bytes.len()].to_vec();
@@ -107,7 +108,7 @@
 //! assert_notifier_contract(|| {
 //!     let tracker = PageTracker::new(TrackerConfig::default(), Arc::new(NoEnforcement));
 //!     tracker.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 8)).expect("slot");
-//!     Fake { tracker, mem: vec![0; 8 * 4096] }
+//!     Fake { view: Tracking::new(Arc::clone(&tracker)), tracker, mem: vec![0; 8 * 4096] }
 //! });
 //! ```
 //!

@@ -266,15 +266,22 @@ impl<'a> TwoPass<'a> {
         vm.add_ram(0, RAM).expect("RAM");
         let layout = LongModeLayout::new(RAM).expect("layout");
         {
-            let mem = vm.raw_memory();
+            let mem = vm.untracked_memory();
             mem.write_slice(&code, GuestAddress(ENTRY)).expect("code");
             for at in [UNTRACKED, TRACKED] {
                 mem.write_slice(&self.init, GuestAddress(at)).expect("data");
             }
         }
         let mut vcpu = vm.create_vcpu(0).expect("vCPU");
-        x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, ENTRY, 0)
-            .expect("long mode");
+        x86::setup_long_mode(
+            vm.kvm(),
+            vcpu.fd(),
+            &*vm.untracked_memory(),
+            &layout,
+            ENTRY,
+            0,
+        )
+        .expect("long mode");
         let rec = Arc::new(Recorder::default());
         let handle = vm
             .tracker()
@@ -291,7 +298,7 @@ impl<'a> TwoPass<'a> {
         let len = self.init.len();
         let read = |gpa: u64, n: usize| {
             let mut v = vec![0; n];
-            vm.raw_memory()
+            vm.untracked_memory()
                 .read_slice(&mut v, GuestAddress(gpa))
                 .expect("read");
             v
@@ -353,7 +360,7 @@ fn run_watched(
                 port: EXCEPTION_PORT,
                 ..
             }) => Ending::Exception(
-                match x86::decode_exception(vcpu.fd(), &*vm.raw_memory(), layout) {
+                match x86::decode_exception(vcpu.fd(), &*vm.untracked_memory(), layout) {
                     Ok(e) => format!("{} {e:?}", e.mnemonic()),
                     Err(e) => format!("undecodable exception: {e}"),
                 },

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use iced_x86::code_asm::{al, ax, byte_ptr, dword_ptr, eax, qword_ptr, rax, rcx, rdi, word_ptr};
 use pagetrack::{
-    Gfn, Gpa, MemoryRegion, NoEnforcement, PageTracker, SlotId, Source, TrackerConfig, WriteEvent,
+    Gfn, Gpa, MemoryRegion, NoEnforcement, PageTracker, SlotId, Source, TrackerConfig, Tracking,
+    WriteEvent,
 };
 use pagetrack_kvm::{Exit, ExitHandler, Handled, HostCaps, Ran, Vcpu, Vm, VmConfig};
 use pagetrack_testkit::{Harness, assemble, assert_notifier_contract, exit_with, kvm_or_skip};
@@ -20,12 +21,13 @@ use vm_memory::{Bytes, GuestAddress};
 /// The core alone: a backend that keeps guest memory in a `Vec` and reports what it applies.
 struct Fake {
     tracker: Arc<PageTracker>,
+    view: Tracking,
     mem: Vec<u8>,
 }
 
 impl Harness for Fake {
-    fn tracker(&self) -> &Arc<PageTracker> {
-        &self.tracker
+    fn tracker(&self) -> &Tracking {
+        &self.view
     }
     fn write(&mut self, gpa: u64, bytes: &[u8]) {
         let at = usize::try_from(gpa).unwrap();
@@ -53,6 +55,7 @@ fn contract_core_with_a_fake_backend() {
             .set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 16))
             .unwrap();
         Fake {
+            view: Tracking::new(Arc::clone(&tracker)),
             tracker,
             mem: vec![0; 16 * 4096],
         }
@@ -63,11 +66,12 @@ fn contract_core_with_a_fake_backend() {
 struct Device(Vm);
 
 impl Harness for Device {
-    fn tracker(&self) -> &Arc<PageTracker> {
+    fn tracker(&self) -> &Tracking {
         self.0.tracker()
     }
     fn write(&mut self, gpa: u64, bytes: &[u8]) {
-        self.0.memory().write_slice(bytes, gpa).unwrap();
+        vm_memory::Bytes::write_slice(&self.0.memory(), bytes, vm_memory::GuestAddress(gpa))
+            .unwrap();
     }
     fn source(&self) -> Source {
         Source::Device
@@ -101,7 +105,7 @@ struct Guest {
 const ENTRY: u64 = 0x1000;
 
 impl Harness for Guest {
-    fn tracker(&self) -> &Arc<PageTracker> {
+    fn tracker(&self) -> &Tracking {
         self.vm.tracker()
     }
     fn write(&mut self, gpa: u64, bytes: &[u8]) {
@@ -172,12 +176,20 @@ fn contract_kvm_guest_stores() {
     assert_notifier_contract(|| {
         let vm = Vm::new(VmConfig::default().with_ram(16 << 20)).unwrap();
         vm.add_ram(0, 16 << 20).unwrap();
-        vm.raw_memory()
+        vm.untracked_memory()
             .write_slice(&code, GuestAddress(ENTRY))
             .unwrap();
         let layout = LongModeLayout::new(16 << 20).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
-        x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, ENTRY, 0).unwrap();
+        x86::setup_long_mode(
+            vm.kvm(),
+            vcpu.fd(),
+            &*vm.untracked_memory(),
+            &layout,
+            ENTRY,
+            0,
+        )
+        .unwrap();
         Guest { vm, vcpu, layout }
     });
 }
@@ -193,7 +205,7 @@ struct Embedded {
 }
 
 impl Harness for Embedded {
-    fn tracker(&self) -> &Arc<PageTracker> {
+    fn tracker(&self) -> &Tracking {
         self.vm.tracker()
     }
     fn write(&mut self, gpa: u64, bytes: &[u8]) {
@@ -247,12 +259,12 @@ fn contract_kvm_embedded_vmm() {
         )
         .unwrap();
         vm.add_region(region).unwrap();
-        vm.raw_memory()
+        vm.untracked_memory()
             .write_slice(&code, GuestAddress(ENTRY))
             .unwrap();
         let layout = LongModeLayout::new(16 << 20).unwrap();
         let mut vcpu = vm_fd.create_vcpu(0).unwrap();
-        x86::setup_long_mode(&kvm, &vcpu, &*vm.raw_memory(), &layout, ENTRY, 0).unwrap();
+        x86::setup_long_mode(&kvm, &vcpu, &*vm.untracked_memory(), &layout, ENTRY, 0).unwrap();
         let handler = vm.exit_handler(0, &mut vcpu).unwrap();
         Embedded {
             vm,

@@ -47,11 +47,19 @@ pub fn watch() -> Result<Vec<String>, Box<dyn std::error::Error>> {
     a.mov(qword_ptr(0x9000u64), rax)?; // untracked: runs at full speed, not reported
     a.out(u32::from(GUEST_EXIT_PORT), al)?;
     let code = a.assemble(0x1000)?;
-    vm.raw_memory().write_slice(&code, GuestAddress(0x1000))?;
+    vm.untracked_memory()
+        .write_slice(&code, GuestAddress(0x1000))?;
 
     let layout = LongModeLayout::new(RAM)?;
     let mut vcpu = vm.create_vcpu(0)?;
-    x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, 0x1000, 0)?;
+    x86::setup_long_mode(
+        vm.kvm(),
+        vcpu.fd(),
+        &*vm.untracked_memory(),
+        &layout,
+        0x1000,
+        0,
+    )?;
 
     let print = Arc::new(Print::default());
     let _handle = vm
@@ -66,7 +74,8 @@ pub fn watch() -> Result<Vec<String>, Box<dyn std::error::Error>> {
         } => {}
         other => return Err(format!("unexpected exit {other:?}").into()),
     }
-    vm.memory().write_slice(&[0xde, 0xad], 0x5100)?; // a device (DMA) write
+    vm.memory()
+        .write_slice(&[0xde, 0xad], GuestAddress(0x5100))?; // a device (DMA) write
     let lines = print.0.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(lines)
 }

@@ -235,7 +235,7 @@ impl FlatGuest {
     pub fn with_vm(vm: Vm, config: FlatConfig, image: &[u8]) -> Result<FlatGuest> {
         Self::validate(&config, image)?;
         vm.add_ram(0, config.mem)?;
-        vm.raw_memory()
+        vm.untracked_memory()
             .write_slice(image, GuestAddress(config.load))
             .map_err(|source| Error::GuestMemory {
                 what: "guest image",
@@ -250,9 +250,14 @@ impl FlatGuest {
         for i in 0..config.vcpus {
             let vcpu = vm.create_vcpu(i)?;
             match &layout {
-                Some(l) => {
-                    x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), l, config.load, i)?
-                }
+                Some(l) => x86::setup_long_mode(
+                    vm.kvm(),
+                    vcpu.fd(),
+                    &*vm.untracked_memory(),
+                    l,
+                    config.load,
+                    i,
+                )?,
                 None => x86::setup_real_mode(
                     vcpu.fd(),
                     u16::try_from(config.load).map_err(|_| Error::InvalidGuestImage {
@@ -417,12 +422,13 @@ fn drive(
                 port: EXCEPTION_PORT,
                 ..
             } if layout.is_some() => {
-                let detail =
-                    match layout.map(|l| x86::decode_exception(vcpu.fd(), &*vm.raw_memory(), l)) {
-                        Some(Ok(ex)) => format!("vcpu {}: guest exception {ex}", vcpu.index()),
-                        Some(Err(e)) => format!("vcpu {}: {e}", vcpu.index()),
-                        None => "exception".into(),
-                    };
+                let detail = match layout
+                    .map(|l| x86::decode_exception(vcpu.fd(), &*vm.untracked_memory(), l))
+                {
+                    Some(Ok(ex)) => format!("vcpu {}: guest exception {ex}", vcpu.index()),
+                    Some(Err(e)) => format!("vcpu {}: {e}", vcpu.index()),
+                    None => "exception".into(),
+                };
                 return Some((EndReason::Error, None, detail));
             }
             Exit::IoOut { .. } | Exit::MmioWrite { .. } => {}

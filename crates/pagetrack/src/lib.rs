@@ -322,6 +322,7 @@ mod memslot;
 mod notifier;
 mod sync;
 mod track;
+mod tracking;
 
 pub use addr::{AsId, GFN_LIMIT, Gfn, Gpa, PAGE_SHIFT, PAGE_SIZE, PageLevel, SlotId};
 pub use error::{Error, Result};
@@ -334,6 +335,7 @@ pub use track::{
 };
 #[cfg(feature = "notifiers")]
 pub use track::{NotifierHandle, UnregisterError};
+pub use tracking::Tracking;
 
 #[cfg(test)]
 #[cfg(not(loom))]

@@ -1368,9 +1368,12 @@ pub struct UnregisterError {
 
 #[cfg(feature = "notifiers")]
 impl NotifierHandle {
-    /// The tracker the notifier is registered with.
-    pub fn tracker(&self) -> &Arc<PageTracker> {
-        &self.tracker
+    /// The tracker the notifier is registered with, as its consumers see it ([`Tracking`]:
+    /// no memslot changes or write reports through a handle).
+    ///
+    /// [`Tracking`]: crate::Tracking
+    pub fn tracker(&self) -> crate::Tracking {
+        crate::Tracking::new(Arc::clone(&self.tracker))
     }
 
     /// Unregisters now, waiting for in-flight callbacks of this notifier on other threads.

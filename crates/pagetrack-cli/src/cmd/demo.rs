@@ -13,6 +13,7 @@ use iced_x86::code_asm::{
 use pagetrack::PAGE_SIZE;
 use pagetrack_vmm::FlatConfig;
 use pagetrack_vmm::x86::GUEST_EXIT_PORT;
+use vm_memory::Bytes;
 
 use crate::events::Target;
 use crate::live::{self, nanos, per_event_ns, thousands};
@@ -170,7 +171,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         finished
             .vm()
             .memory()
-            .write_slice(&data, DEVICE)
+            .write_slice(&data, vm_memory::GuestAddress(DEVICE))
             .context("device write into the table")?;
     }
     let report = finished.close()?;

@@ -55,7 +55,7 @@ fn two_vcpus_prologue(
     });
     let mut g = boot(kvm, 16 << 20, 2, &code);
     use vm_memory::Bytes;
-    g.vm.raw_memory()
+    g.vm.untracked_memory()
         .write_slice(&init.to_le_bytes(), vm_memory::GuestAddress(T))
         .unwrap();
     let (rec, _h) = recorder(&g.vm);

@@ -67,13 +67,21 @@ pub fn boot_with(
     let vm = Vm::with_kvm(kvm, config).unwrap();
     vm.add_ram(0, ram).unwrap();
     let layout = LongModeLayout::new(ram).unwrap();
-    vm.raw_memory()
+    vm.untracked_memory()
         .write_slice(code, GuestAddress(ENTRY))
         .unwrap();
     let mut vcpus = Vec::new();
     for i in 0..nvcpus {
         let vcpu = vm.create_vcpu(i).unwrap();
-        x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, ENTRY, i).unwrap();
+        x86::setup_long_mode(
+            vm.kvm(),
+            vcpu.fd(),
+            &*vm.untracked_memory(),
+            &layout,
+            ENTRY,
+            i,
+        )
+        .unwrap();
         vcpus.push(vcpu);
     }
     Guest { vm, layout, vcpus }
@@ -98,7 +106,7 @@ pub fn run_to_exit(vm: &Vm, layout: &LongModeLayout, vcpu: &mut Vcpu, timeout: D
             port: EXCEPTION_PORT,
             ..
         } => {
-            let ex = x86::decode_exception(vcpu.fd(), &*vm.raw_memory(), layout).unwrap();
+            let ex = x86::decode_exception(vcpu.fd(), &*vm.untracked_memory(), layout).unwrap();
             Err(format!("guest exception: {ex}"))
         }
         Exit::Stopped => Err(format!("guest did not finish within {timeout:?}")),
@@ -112,7 +120,7 @@ pub fn run_to_exit(vm: &Vm, layout: &LongModeLayout, vcpu: &mut Vcpu, timeout: D
 /// Reads `len` bytes of guest memory.
 pub fn read(vm: &Vm, gpa: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0; len];
-    vm.raw_memory()
+    vm.untracked_memory()
         .read_slice(&mut v, GuestAddress(gpa))
         .unwrap();
     v

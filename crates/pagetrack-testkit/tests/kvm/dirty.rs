@@ -8,6 +8,7 @@ use pagetrack::{Gfn, SlotId};
 use pagetrack_kvm::{Error, VmConfig};
 use pagetrack_testkit::{assemble, exit_with, kvm_or_skip};
 use pagetrack_vmm::x86::LONG_MODE_RFLAGS;
+use vm_memory::Bytes;
 
 use crate::common::*;
 
@@ -99,7 +100,9 @@ fn dirty_log_under_track_untrack_cycles_is_exactly_the_written_set() {
             // A device write every few rounds, through the tracked memory.
             if round % 5 == 0 {
                 let page = (DATA >> 12) + DATA_PAGES + round;
-                g.vm.memory().write_obj(round, page << 12).unwrap();
+                g.vm.memory()
+                    .write_obj(round, vm_memory::GuestAddress(page << 12))
+                    .unwrap();
                 written.insert(page);
             }
             // Harvest now and then: bits must neither vanish nor come back.

@@ -50,7 +50,7 @@ fn fault(
         ),
         "tracked {tracked}: expected an exception, got {exit:?}"
     );
-    let ex = x86::decode_exception(g.vcpus[0].fd(), &*g.vm.raw_memory(), &g.layout).unwrap();
+    let ex = x86::decode_exception(g.vcpus[0].fd(), &*g.vm.untracked_memory(), &g.layout).unwrap();
     let after = read(&g.vm, LAST, 4096);
     assert_eq!(before, after, "tracked {tracked}: nothing stored");
     Some((ex, after, rec.take().len()))

@@ -40,7 +40,7 @@ fn native_vs_tracked(
     let pattern: Vec<u8> = (0..64u8)
         .map(|i| i.wrapping_mul(37).wrapping_add(1))
         .collect();
-    g.vm.raw_memory()
+    g.vm.untracked_memory()
         .write_slice(&pattern, vm_memory::GuestAddress(0x8000))
         .unwrap();
     // Both frames start with the cmpxchg16b compare value, the rest a fill byte.
@@ -48,7 +48,7 @@ fn native_vs_tracked(
     init[..8].copy_from_slice(&0x1111_2222_3333_4444u64.to_le_bytes());
     init[8..16].copy_from_slice(&0x5555_6666_7777_8888u64.to_le_bytes());
     for at in [T, U] {
-        g.vm.raw_memory()
+        g.vm.untracked_memory()
             .write_slice(&init, vm_memory::GuestAddress(at))
             .unwrap();
     }

@@ -104,7 +104,7 @@ fn kvmclock_on_tracked_frame_is_refused() {
         Ok(Exit::IoOut { port, .. }) if port == pagetrack_vmm::x86::EXCEPTION_PORT => {
             let ex = pagetrack_vmm::x86::decode_exception(
                 g.vcpus[0].fd(),
-                &*g.vm.raw_memory(),
+                &*g.vm.untracked_memory(),
                 &g.layout,
             )
             .unwrap();

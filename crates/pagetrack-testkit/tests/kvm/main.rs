@@ -16,9 +16,12 @@
 mod atomics;
 mod common;
 mod concurrency;
+mod config;
 mod delivery;
+mod devices;
 mod dirty;
 mod example;
+mod exits;
 mod failure;
 mod fault;
 mod hard;

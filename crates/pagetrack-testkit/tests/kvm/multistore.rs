@@ -134,7 +134,7 @@ fn install_compat_segment(vm: &pagetrack_kvm::Vm) {
     use vm_memory::{Bytes, GuestAddress};
     let layout = pagetrack_vmm::x86::LongModeLayout::new(pagetrack_testkit::twopass::RAM).unwrap();
     let at = layout.gdt() + u64::from(COMPAT_CS & !3);
-    vm.raw_memory()
+    vm.untracked_memory()
         .write_obj(0x00cf_fb00_0000_ffff_u64, GuestAddress(at))
         .unwrap();
 }

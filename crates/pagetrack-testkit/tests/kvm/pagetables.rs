@@ -18,7 +18,7 @@ const PAGE_B: u64 = 0x70_0000;
 
 /// Points PD entry 3 (VA 0x600000) at a 4 KiB page table instead of a 2 MiB page.
 fn install_page_table(g: &Guest, ad: u64) {
-    let mem = g.vm.raw_memory();
+    let mem = g.vm.untracked_memory();
     for i in 0..512u64 {
         mem.write_obj((VA + i * 4096) | 0x7 | ad, GuestAddress(PT + i * 8))
             .unwrap();
@@ -62,8 +62,8 @@ fn run(g: &mut Guest) -> Option<(u8, Option<u64>)> {
             port: EXCEPTION_PORT,
             ..
         } => {
-            let ex =
-                x86::decode_exception(g.vcpus[0].fd(), &*g.vm.raw_memory(), &g.layout).unwrap();
+            let ex = x86::decode_exception(g.vcpus[0].fd(), &*g.vm.untracked_memory(), &g.layout)
+                .unwrap();
             Some((ex.vector, ex.cr2))
         }
         other => panic!("unexpected exit {other:?}"),
@@ -137,7 +137,7 @@ fn not_present_to_present_and_accessed_dirty_changes_need_no_invalidation() {
     });
     let mut g = boot(kvm, 16 << 20, 1, &code);
     install_page_table(&g, 0);
-    g.vm.raw_memory()
+    g.vm.untracked_memory()
         .write_obj(0u64, GuestAddress(PT + 9 * 8))
         .unwrap();
     let (rec, _h) = recorder(&g.vm);

@@ -95,7 +95,7 @@ pub fn run_in(
     let vm = Vm::with_kvm(kvm, VmConfig::default().with_ram(RAM)).unwrap();
     vm.add_ram(0, RAM).unwrap();
     {
-        let mem = vm.raw_memory();
+        let mem = vm.untracked_memory();
         mem.write_slice(&initial(), GuestAddress(STACK)).unwrap();
         mem.write_slice(&initial(), GuestAddress(DATA)).unwrap();
         for (at, bytes) in extra {

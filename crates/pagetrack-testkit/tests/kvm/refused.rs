@@ -323,8 +323,23 @@ fn vcvtps2ph_of_a_denormal_is_refused_with_a_typed_error() {
     };
     let run = TwoPass::new(&body).run(kvm);
     match &run.ending {
-        pagetrack_testkit::Ending::Error(pagetrack_kvm::Error::Unemulatable { bytes, .. }) => {
-            assert!(bytes.starts_with("c4 e3 79 1d 47 40 00"), "{bytes}");
+        pagetrack_testkit::Ending::Error(
+            e @ pagetrack_kvm::Error::Unemulatable { bytes, reason, .. },
+        ) => {
+            // The raw bytes and a typed reason, and the message as before.
+            let vcvtps2ph = [0xc4, 0xe3, 0x79, 0x1d, 0x47, 0x40, 0x00];
+            assert!(bytes.as_slice().starts_with(&vcvtps2ph), "{bytes}");
+            assert!(
+                matches!(
+                    reason,
+                    pagetrack_kvm::StopReason::Emulate(e)
+                        if matches!(**e, pagetrack_kvm::emulate::EmulateError::Unsupported { .. })
+                ),
+                "{reason:?}"
+            );
+            let text = e.to_string();
+            assert!(text.contains("(bytes c4 e3 79 1d 47 40 00"), "{text}");
+            assert!(text.ends_with(&format!("): {reason}")), "{text}");
         }
         other => panic!("expected Unemulatable, got {other:?}"),
     }
@@ -341,7 +356,7 @@ fn refused(body: &dyn Fn(&mut Asm) -> Result<(), IcedError>, starts: &str) {
     let run = TwoPass::new(body).run(kvm);
     match &run.ending {
         pagetrack_testkit::Ending::Error(pagetrack_kvm::Error::Unemulatable { bytes, .. }) => {
-            assert!(bytes.starts_with(starts), "{bytes}");
+            assert!(bytes.to_string().starts_with(starts), "{bytes}");
         }
         other => panic!("expected Unemulatable, got {other:?}"),
     }

@@ -93,7 +93,7 @@ fn stores_completed_in_userspace_never_overlap_a_page_table_update() {
     let pml4 = g.layout.pml4();
     let pdpt = read_u64(&g.vm, pml4) & pte::ADDR_MASK;
     let pd = read_u64(&g.vm, pdpt) & pte::ADDR_MASK;
-    let mem = g.vm.raw_memory();
+    let mem = g.vm.untracked_memory();
     mem.write_slice(&[0u8; 4096], GuestAddress(PT)).unwrap();
     mem.write_obj(POOL | LEAF, GuestAddress(PT)).unwrap();
     let pde = pd + 8 * (W >> 21);
@@ -136,11 +136,13 @@ fn stores_completed_in_userspace_never_overlap_a_page_table_update() {
         let update = g.vm.page_table_update();
         checker.updating.store(true, Ordering::SeqCst);
         g.vm.memory()
-            .write_obj((POOL + (k + 1) * 4096) | LEAF, PT)
+            .write_obj((POOL + (k + 1) * 4096) | LEAF, GuestAddress(PT))
             .unwrap();
         g.vm.invalidate_translations(&[Gfn(PT >> 12)]).unwrap();
         // Frame k is no longer mapped: repurpose it.
-        g.vm.memory().write_slice(&zero, POOL + k * 4096).unwrap();
+        g.vm.memory()
+            .write_slice(&zero, GuestAddress(POOL + k * 4096))
+            .unwrap();
         checker.retired.store(k + 1, Ordering::SeqCst);
         checker.updating.store(false, Ordering::SeqCst);
         drop(update);

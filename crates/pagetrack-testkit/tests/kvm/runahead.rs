@@ -38,7 +38,7 @@ fn run(
     });
     let mut g = boot(kvm, RAM, 1, &prog);
     {
-        let mem = g.vm.raw_memory();
+        let mem = g.vm.untracked_memory();
         for (at, bytes) in extra {
             mem.write_slice(bytes, GuestAddress(*at)).unwrap();
         }
@@ -58,7 +58,9 @@ fn run(
         Exit::IoOut {
             port: EXCEPTION_PORT,
             ..
-        } => Some(x86::decode_exception(g.vcpus[0].fd(), &*g.vm.raw_memory(), &g.layout).unwrap()),
+        } => Some(
+            x86::decode_exception(g.vcpus[0].fd(), &*g.vm.untracked_memory(), &g.layout).unwrap(),
+        ),
         Exit::IoOut {
             port: GUEST_EXIT_PORT,
             ..

@@ -4,6 +4,7 @@
 use iced_x86::code_asm::*;
 use pagetrack::{AsId, Gfn};
 use pagetrack_testkit::{assemble, exit_with, kvm_or_skip};
+use vm_memory::Bytes;
 
 use crate::common::*;
 
@@ -118,7 +119,11 @@ fn remove_ram_with_tracked_frames_delivers_remove_region_once() {
     );
     assert!(g.vm.stats().fragments.fragments < before);
     assert!(g.vm.tracker().add_gfn(Gfn((1 << 20) + 3)).is_err());
-    assert!(g.vm.memory().write_slice(&[1], 1 << 32).is_err());
+    assert!(
+        g.vm.memory()
+            .write_slice(&[1], vm_memory::GuestAddress(1 << 32))
+            .is_err()
+    );
     assert!(
         g.vm.remove_ram(extra).is_err(),
         "removing it twice is an error"
@@ -143,7 +148,9 @@ fn batch_of_1000_scattered_frames_is_one_surgery_and_exact() {
     );
     assert_eq!(g.vm.stats().fragments.readonly_fragments, 1000);
     for f in &frames {
-        g.vm.memory().write_slice(&[0xee], f.gpa().0 + 1).unwrap();
+        g.vm.memory()
+            .write_slice(&[0xee], vm_memory::GuestAddress(f.gpa().0 + 1))
+            .unwrap();
     }
     assert_eq!(rec.take().len(), 1000);
     g.vm.tracker().remove_gfns(AsId::NORMAL, &frames).unwrap();
@@ -174,12 +181,19 @@ fn short_slot_budget_merges_tracked_frames_across_small_gaps() {
     vm.add_ram(0, 16 << 20).unwrap();
     let layout = pagetrack_vmm::x86::LongModeLayout::new(16 << 20).unwrap();
     use vm_memory::Bytes;
-    vm.raw_memory()
+    vm.untracked_memory()
         .write_slice(&code, vm_memory::GuestAddress(ENTRY))
         .unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    pagetrack_vmm::x86::setup_long_mode(vm.kvm(), vcpu.fd(), &*vm.raw_memory(), &layout, ENTRY, 0)
-        .unwrap();
+    pagetrack_vmm::x86::setup_long_mode(
+        vm.kvm(),
+        vcpu.fd(),
+        &*vm.untracked_memory(),
+        &layout,
+        ENTRY,
+        0,
+    )
+    .unwrap();
     let (rec, _h) = recorder(&vm);
     // Every other frame: 10 tracked runs and 9 gaps would need 21 fragments in one chunk.
     let frames: Vec<Gfn> = (0..10).map(|i| Gfn((T >> 12) + 2 * i)).collect();
@@ -254,7 +268,7 @@ fn rep_stosb_and_movsb_report_every_byte_with_few_exits() {
     let mut g = boot(kvm, 16 << 20, 1, &code);
     let src: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     use vm_memory::Bytes;
-    g.vm.raw_memory()
+    g.vm.untracked_memory()
         .write_slice(&src, vm_memory::GuestAddress(U))
         .unwrap();
     let (rec, _h) = recorder(&g.vm);

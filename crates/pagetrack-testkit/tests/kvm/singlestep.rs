@@ -43,7 +43,7 @@ fn install_handler(vm: &Vm) {
     });
     let stub = LongModeLayout::new(RAM).unwrap().exception_stub(1).unwrap();
     let jmp = assemble(stub, |a| a.jmp(HANDLER));
-    let mem = vm.raw_memory();
+    let mem = vm.untracked_memory();
     mem.write_slice(&handler, GuestAddress(HANDLER)).unwrap();
     mem.write_slice(&jmp, GuestAddress(stub)).unwrap();
     mem.write_obj(0u64, GuestAddress(LOG)).unwrap();

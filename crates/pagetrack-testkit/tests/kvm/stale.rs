@@ -15,7 +15,7 @@ const BACK_PORT: u16 = 0xf7;
 
 fn read_u64(vm: &pagetrack_kvm::Vm, gpa: u64) -> u64 {
     let mut b = [0u8; 8];
-    vm.raw_memory()
+    vm.untracked_memory()
         .read_slice(&mut b, GuestAddress(gpa))
         .unwrap();
     u64::from_le_bytes(b)
@@ -28,7 +28,7 @@ fn alternative_tables(vm: &pagetrack_kvm::Vm) -> u64 {
     let pml4 = LongModeLayout::new(RAM).unwrap().pml4();
     let pdpt = read_u64(vm, pml4) & pte::ADDR_MASK;
     let pd = read_u64(vm, pdpt) & pte::ADDR_MASK;
-    let mem = vm.raw_memory();
+    let mem = vm.untracked_memory();
     let copy = |from: u64, to: u64| {
         let mut page = vec![0u8; 4096];
         mem.read_slice(&mut page, GuestAddress(from)).unwrap();

@@ -3,6 +3,7 @@
 use iced_x86::code_asm::*;
 use pagetrack::{Gfn, Source};
 use pagetrack_testkit::{assemble, exit_with, kvm_or_skip};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::common::*;
 
@@ -85,9 +86,9 @@ fn device_write_to_tracked_frame_reported_with_device_source() {
 
     // 6 bytes straddling from the untracked frame below into T, then 4 bytes into U.
     g.vm.memory()
-        .write_slice(&[1, 2, 3, 4, 5, 6], T - 2)
+        .write_slice(&[1, 2, 3, 4, 5, 6], GuestAddress(T - 2))
         .unwrap();
-    g.vm.memory().write_slice(&[9; 4], U).unwrap();
+    g.vm.memory().write_slice(&[9; 4], GuestAddress(U)).unwrap();
 
     let ev = rec.take();
     assert_eq!(ev.len(), 1);
@@ -95,5 +96,9 @@ fn device_write_to_tracked_frame_reported_with_device_source() {
     assert_eq!(ev[0].new, vec![3, 4, 5, 6]);
     assert_eq!(ev[0].old.as_deref(), Some(&[0u8; 4][..]));
     assert_eq!(ev[0].source, Source::Device);
-    assert!(g.vm.memory().write_slice(&[1], 1 << 40).is_err());
+    assert!(
+        g.vm.memory()
+            .write_slice(&[1], GuestAddress(1 << 40))
+            .is_err()
+    );
 }

@@ -81,11 +81,11 @@ impl GuestRam for vm_memory::GuestMemoryMmap {
 /// In a VM: every write is tracked (a tracked frame reports it as a device write).
 impl GuestRam for TrackedMemory {
     fn write(&self, buf: &[u8], gpa: u64) -> SysResult<()> {
-        self.write_slice(buf, gpa).map_err(|_| EFAULT)
+        vm_memory::Bytes::write_slice(self, buf, vm_memory::GuestAddress(gpa)).map_err(|_| EFAULT)
     }
 
     fn read(&self, buf: &mut [u8], gpa: u64) -> SysResult<()> {
-        self.read_slice(buf, gpa).map_err(|_| EFAULT)
+        vm_memory::Bytes::read_slice(self, buf, vm_memory::GuestAddress(gpa)).map_err(|_| EFAULT)
     }
 }
 

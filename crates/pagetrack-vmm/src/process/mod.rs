@@ -103,6 +103,7 @@ use iced_x86::code_asm::{CodeAssembler, al};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry};
 use kvm_ioctls::{Kvm, SyncReg};
 use pagetrack_kvm::{Vcpu, Vm, VmConfig, VmStats};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, ProgramRefusal, Result};
 use crate::x86::{self, GuestException, LongModeLayout};
@@ -515,7 +516,7 @@ impl Process {
         x86::setup_long_mode(
             vm.kvm(),
             vcpu.fd(),
-            &*vm.raw_memory(),
+            &*vm.untracked_memory(),
             &layout,
             exe.entry,
             0,
@@ -544,9 +545,9 @@ impl Process {
         let mut bits =
             vec![0xffu8; usize::try_from(bitmap_end - bitmap).map_err(|_| bad_config("bitmap"))?];
         bits[usize::from(SYSCALL_PORT / 8)] &= !(1 << (SYSCALL_PORT % 8));
-        mem.write_slice(&bits, bitmap)?;
-        mem.write_slice(&syscall_stub()?, STUB_GFN * PAGE)?;
-        mem.write_slice(&vdso::image()?, vdso::VDSO_GFN * PAGE)?;
+        mem.write_slice(&bits, GuestAddress(bitmap))?;
+        mem.write_slice(&syscall_stub()?, GuestAddress(STUB_GFN * PAGE))?;
+        mem.write_slice(&vdso::image()?, GuestAddress(vdso::VDSO_GFN * PAGE))?;
 
         let (reserved, reserved_end) = layout.reserved_range();
         let general_end = (reserved - x86::USER_STACK_SIZE) / PAGE;
@@ -659,7 +660,7 @@ impl Process {
         let clock = vdso::GuestClock::setup(vm.vm_fd(), vcpu.fd(), kernel.monotonic_now());
         let (at, bytes) = clock.page().bytes();
         vm.memory()
-            .write_slice(&bytes, vdso::VVAR_GFN * PAGE + at)?;
+            .write_slice(&bytes, GuestAddress(vdso::VVAR_GFN * PAGE + at))?;
         kernel.set_clock(clock);
         Ok(Process {
             vm,

@@ -547,7 +547,8 @@ fn drive(
                 port: EXCEPTION_PORT,
                 ..
             } => {
-                let ex = x86::decode_exception(t.vcpu.fd(), &*ctx.vm.raw_memory(), &ctx.layout)?;
+                let ex =
+                    x86::decode_exception(t.vcpu.fd(), &*ctx.vm.untracked_memory(), &ctx.layout)?;
                 let not_present = ex.error_code.is_some_and(|e| e & 1 == 0);
                 if ex.vector == 14
                     && not_present
@@ -1529,7 +1530,7 @@ fn set_up_vcpu(
             x86::setup_long_mode(
                 ctx.vm.kvm(),
                 vcpu.fd(),
-                &*ctx.vm.raw_memory(),
+                &*ctx.vm.untracked_memory(),
                 &ctx.layout,
                 child.rip,
                 vcpu.index(),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use pagetrack::{AsId, Gfn};
 use pagetrack_kvm::{PageTableUpdate, Vm};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::mm::{AddressSpace, Mapped, PAGE, PageKind};
 use crate::error::Result;
@@ -244,7 +245,8 @@ impl Tracking {
         if let Some(o) = &self.observer {
             let mut page = vec![0u8; 4096];
             for &(g, kind) in &add {
-                vm.memory().read_slice(&mut page, g.0 * PAGE)?;
+                vm.memory()
+                    .read_slice(&mut page, GuestAddress(g.0 * PAGE))?;
                 o.tracked(g, kind, &page);
             }
         }
@@ -294,7 +296,8 @@ impl Tracking {
                 if let Some(o) = &self.observer {
                     let mut page = vec![0u8; 4096];
                     for g in &gone {
-                        vm.memory().read_slice(&mut page, g.0 * PAGE)?;
+                        vm.memory()
+                            .read_slice(&mut page, GuestAddress(g.0 * PAGE))?;
                         o.untracked(*g, &page);
                     }
                 }
@@ -314,7 +317,8 @@ impl Tracking {
         if let Some(o) = &self.observer {
             let mut page = vec![0u8; 4096];
             for g in &all {
-                vm.memory().read_slice(&mut page, g.0 * PAGE)?;
+                vm.memory()
+                    .read_slice(&mut page, GuestAddress(g.0 * PAGE))?;
                 o.untracked(*g, &page);
             }
         }
