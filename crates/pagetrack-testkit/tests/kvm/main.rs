@@ -31,6 +31,7 @@ mod remap;
 mod runahead;
 mod shapes;
 mod singlestep;
+mod splitlock;
 mod stale;
 mod stall;
 mod track;
