@@ -763,6 +763,9 @@ impl ExitHandler {
             })?
         };
         let sys = self.sys_state(fd)?;
+        if !sys.long64 {
+            self.refuse_compat_locked(fd, &regs, frags)?;
+        }
         let vm = Arc::clone(&self.vm);
         let outcome = atomic::handle(&vm, &mem, &sys, &regs, frags);
         let counters = &vm.backend.counters;
@@ -808,6 +811,46 @@ impl ExitHandler {
                 Ok(true)
             }
         }
+    }
+}
+
+impl ExitHandler {
+    /// Outside 64-bit mode the locked path does not run. In compatibility mode a locked
+    /// read-modify-write that provably made this store would lose its atomicity (KVM read
+    /// and stored without a lock), so the store is applied as KVM reported it and the vCPU
+    /// stops with [`Error::Unemulatable`] naming the instruction: never a silent lost update.
+    fn refuse_compat_locked(
+        &mut self,
+        fd: &mut VcpuFd,
+        regs: &kvm_bindings::kvm_regs,
+        frags: &[(u64, &[u8])],
+    ) -> Result<()> {
+        let &[(gpa, data)] = frags else {
+            return Ok(());
+        };
+        let sregs = if self.sync_sregs {
+            fd.sync_regs().sregs
+        } else {
+            fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?
+        };
+        let mem = self.vm.mem.memory();
+        let Some((rip, bytes)) =
+            pagetrack_x86::atomic::compat_locked(&*mem, &sregs, regs, gpa, data.len())
+        else {
+            return Ok(());
+        };
+        self.apply_held(&Held {
+            gpa,
+            data: IoData::new(data),
+        });
+        Err(Error::Unemulatable {
+            vcpu: self.index,
+            rip,
+            bytes: crate::emulate::hex(&bytes),
+            reason: "a locked read-modify-write in compatibility mode cannot be made atomic \
+                     (pagetrack re-executes 64-bit code only)"
+                .to_string(),
+        })
     }
 }
 

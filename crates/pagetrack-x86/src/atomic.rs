@@ -194,6 +194,15 @@ pub fn identify_fragments<M: GuestMemory + ?Sized>(
     let Some(first) = locked.first() else {
         return Identified::Plain;
     };
+    // A locked decoding whose operand is this exit and a piece in a frame KVM stored itself:
+    // whatever else may explain the exit, atomicity may be lost already, so the answer is
+    // the refusal, not a silent plain store.
+    if let Some(p) = locked.iter().find(|c| c.partial) {
+        return Identified::Partial(Box::new(Locked {
+            bytes: p.bytes.clone(),
+            pre: p.pre,
+        }));
+    }
     // Unique up to equivalence: the same operation on the same operands (a decoding without
     // the lock prefix, or with a redundant prefix, is the same instruction's suffix).
     let unique = locked.iter().all(|c| same_operation(&c.insn, &first.insn))
@@ -206,12 +215,6 @@ pub fn identify_fragments<M: GuestMemory + ?Sized>(
     let Some(c) = locked.into_iter().next() else {
         return Identified::Plain;
     };
-    if c.partial {
-        return Identified::Partial(Box::new(Locked {
-            bytes: c.bytes,
-            pre: c.pre,
-        }));
-    }
     if c.failed_compare {
         return Identified::FailedCompare;
     }
@@ -219,6 +222,61 @@ pub fn identify_fragments<M: GuestMemory + ?Sized>(
         bytes: c.bytes,
         pre: c.pre,
     }))
+}
+
+/// In compatibility mode (long mode, a 32-bit code segment), whether a locked
+/// read-modify-write decoded in 32-bit mode ends at RIP and stores exactly the exit's `len`
+/// bytes at `gpa` (its address from the post-state registers and the segment bases). The
+/// re-execution is 64-bit only, so such a store cannot be made atomic: pagetrack-kvm stops
+/// the vCPU instead of losing updates silently. Returns the instruction's address and bytes.
+/// `None` outside compatibility mode and for every other store.
+pub fn compat_locked<M: GuestMemory + ?Sized>(
+    mem: &M,
+    sregs: &kvm_bindings::kvm_sregs,
+    regs: &kvm_regs,
+    gpa: u64,
+    len: usize,
+) -> Option<(u64, Vec<u8>)> {
+    const EFER_LMA: u64 = 1 << 10;
+    if sregs.efer & EFER_LMA == 0 || sregs.cs.l != 0 || sregs.cs.db == 0 {
+        return None;
+    }
+    let eip = regs.rip & 0xffff_ffff;
+    let linear = sregs.cs.base.wrapping_add(eip) & 0xffff_ffff;
+    let before = bytes_before(mem, sregs.cr3, linear);
+    if !before.iter().any(|&b| matches!(b, 0xf0 | 0x86 | 0x87)) {
+        return None;
+    }
+    let seg_base = |r: Register| match r {
+        Register::FS => sregs.fs.base,
+        Register::GS => sregs.gs.base,
+        Register::ES => sregs.es.base,
+        Register::CS => sregs.cs.base,
+        Register::SS => sregs.ss.base,
+        _ => sregs.ds.base,
+    };
+    (1..=before.len()).find_map(|k| {
+        let insn_bytes = &before[before.len() - k..];
+        let start = eip.wrapping_sub(k as u64) & 0xffff_ffff;
+        let insn = Decoder::with_ip(32, insn_bytes, start, DecoderOptions::NONE).decode();
+        let lockable = insn.has_lock_prefix() || insn.mnemonic() == Mnemonic::Xchg;
+        let mem_op = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
+        if insn.is_invalid() || insn.len() != k || !lockable || !mem_op || !is_rmw(insn.mnemonic())
+        {
+            return None;
+        }
+        let ea = insn.virtual_address(0, 0, |r, _, _| {
+            if r.is_segment_register() {
+                Some(0)
+            } else {
+                read_gpr(regs, r)
+            }
+        })?;
+        let la = seg_base(insn.memory_segment()).wrapping_add(ea) & 0xffff_ffff;
+        let t = walk::translate(mem, sregs.cr3, la).ok()?;
+        (t.gpa == gpa && insn.memory_size().size() == len)
+            .then(|| (start, insn_bytes.to_vec()))
+    })
 }
 
 /// The trapped store as KVM reported it: its fragments (one exit each) and their data
@@ -383,8 +441,10 @@ fn may_explain<M: GuestMemory + ?Sized>(
                 // Pushes write at the RSP they leave behind.
                 Some(regs.rsp)
             } else {
-                // The address came from registers the instruction changed: cannot rule out.
-                return true;
+                // The address came from registers the instruction changed: cannot rule out,
+                // unless the store is too narrow for the exit (its fragments total at most
+                // its size; 0 is an unknown extent).
+                return size == 0 || exit.data.len() as u64 <= size;
             }
         } else {
             m.virtual_address(0, |r, _, _| reg_value(regs, cache, r))
@@ -705,6 +765,54 @@ mod tests {
             identify(&m, &sys(), &r, 0x9000, &data),
             Identified::Locked(_)
         ));
+    }
+
+    #[test]
+    fn split_lock_xadd_is_identified_from_both_fragments_only() {
+        // lock xadd [rdi], rax on a word at 0x8ffc: 4 bytes end one page, 4 start the next.
+        let m = with_code(&[0xf0, 0x48, 0x0f, 0xc1, 0x07]);
+        let mut r = regs();
+        r.rdi = 0x8ffc;
+        let (old, addend) = (0xffff_fff0u64, 0x20u64);
+        r.rax = old;
+        let data = (old + addend).to_le_bytes();
+        let frags = [(0x8ffc, &data[..4]), (0x9000, &data[4..])];
+        let Identified::Locked(l) = identify_fragments(&m, &sys(), &r, &frags) else {
+            panic!("split lock xadd not identified");
+        };
+        assert_eq!(l.pre.rax, addend, "RAX rebuilt from the combined data");
+        // Either fragment alone is one piece of the operand: proven, but only partial.
+        assert!(matches!(
+            identify(&m, &sys(), &r, 0x8ffc, &data[..4]),
+            Identified::Partial(_)
+        ));
+        assert!(matches!(
+            identify(&m, &sys(), &r, 0x9000, &data[4..]),
+            Identified::Partial(_)
+        ));
+        // A plain 4-byte xadd at the same place explains the first fragment only, and a
+        // mismatched second fragment explains nothing.
+        let other = [(0x8ffc, &data[..4]), (0x9004, &data[4..])];
+        assert_eq!(identify_fragments(&m, &sys(), &r, &other), Identified::Plain);
+    }
+
+    #[test]
+    fn failing_cmpxchg_with_rax_as_base_and_comparand_is_a_failed_compare() {
+        // lock cmpxchg [rax], rcx failed: KVM loaded the old value into RAX and wrote it back.
+        let m = with_code(&[0xf0, 0x48, 0x0f, 0xb1, 0x08]);
+        let mut r = regs();
+        r.rax = 0x1234;
+        let data = 0x1234u64.to_le_bytes();
+        assert_eq!(
+            identify(&m, &sys(), &r, DST, &data),
+            Identified::FailedCompare
+        );
+        // A write-back that is not the loaded value is not this instruction's.
+        let other = 0x1235u64.to_le_bytes();
+        assert_eq!(identify(&m, &sys(), &r, DST, &other), Identified::Plain);
+        // ZF set (a success) keeps RAX: its address is checked as usual.
+        r.rflags |= ZF;
+        assert_eq!(identify(&m, &sys(), &r, DST, &data), Identified::Plain);
     }
 
     #[test]
