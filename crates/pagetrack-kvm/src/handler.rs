@@ -748,10 +748,9 @@ impl ExitHandler {
     /// (applied atomically, or a compare-exchange that failed), false for a plain store.
     fn locked_rmw(&mut self, fd: &mut VcpuFd, frags: &[(u64, &[u8])]) -> Result<bool> {
         let mem = self.vm.mem.memory();
-        if !frags
-            .iter()
-            .all(|(gpa, data)| mem.check_range(GuestAddress(*gpa), data.len(), Permissions::ReadWrite))
-        {
+        if !frags.iter().all(|(gpa, data)| {
+            mem.check_range(GuestAddress(*gpa), data.len(), Permissions::ReadWrite)
+        }) {
             return Ok(false);
         }
         let regs = if self.sync_regs {

@@ -164,10 +164,7 @@ pub fn identify_fragments<M: GuestMemory + ?Sized>(
     if data.len() > 8 {
         return Identified::Plain;
     }
-    let exit = Exit {
-        frags,
-        data: &data,
-    };
+    let exit = Exit { frags, data: &data };
     let mut factory = InstructionInfoFactory::new();
     let mut locked: Vec<Candidate> = Vec::new();
     let mut others: Vec<Instruction> = Vec::new();
@@ -274,8 +271,7 @@ pub fn compat_locked<M: GuestMemory + ?Sized>(
         })?;
         let la = seg_base(insn.memory_segment()).wrapping_add(ea) & 0xffff_ffff;
         let t = walk::translate(mem, sregs.cr3, la).ok()?;
-        (t.gpa == gpa && insn.memory_size().size() == len)
-            .then(|| (start, insn_bytes.to_vec()))
+        (t.gpa == gpa && insn.memory_size().size() == len).then(|| (start, insn_bytes.to_vec()))
     })
 }
 
@@ -331,8 +327,7 @@ fn rebuild<M: GuestMemory + ?Sized>(
         Mnemonic::Xchg => write_gpr(&mut pre, reg_op?, d & size_mask(size))?,
         Mnemonic::Cmpxchg | Mnemonic::Cmpxchg8b if regs.rflags & ZF == 0 => {
             failed_compare = true;
-            if let Some(c) = failed_compare_of_lost_address(insn, insn_bytes, regs, start, exit)
-            {
+            if let Some(c) = failed_compare_of_lost_address(insn, insn_bytes, regs, start, exit) {
                 return Some(c);
             }
         }
@@ -392,7 +387,10 @@ fn failed_compare_of_lost_address(
     (loaded == exit.value()).then(|| Candidate {
         insn: *insn,
         bytes: insn_bytes.to_vec(),
-        pre: kvm_regs { rip: start, ..*regs },
+        pre: kvm_regs {
+            rip: start,
+            ..*regs
+        },
         failed_compare: true,
         partial: false,
     })
@@ -793,7 +791,10 @@ mod tests {
         // A plain 4-byte xadd at the same place explains the first fragment only, and a
         // mismatched second fragment explains nothing.
         let other = [(0x8ffc, &data[..4]), (0x9004, &data[4..])];
-        assert_eq!(identify_fragments(&m, &sys(), &r, &other), Identified::Plain);
+        assert_eq!(
+            identify_fragments(&m, &sys(), &r, &other),
+            Identified::Plain
+        );
     }
 
     #[test]
