@@ -1,6 +1,6 @@
 //! Locked read-modify-writes on tracked frames, made atomic: the performing half.
 //!
-//! [`pagetrack_x86::atomic::identify`] proves which instruction made a trapped store (see
+//! [`pagetrack_x86::atomic::identify_fragments`] proves which instruction made a trapped store (see
 //! its docs and docs/DESIGN-kvm.md). For a locked read-modify-write this module re-executes
 //! it against the *current* memory under the frame lock, applies the true result, and returns
 //! the registers to load. A compare-exchange that KVM saw fail is a failure linearized at
@@ -8,7 +8,7 @@
 //! exactly as KVM reported it.
 
 use kvm_bindings::kvm_regs;
-use pagetrack_x86::atomic::{Identified, identify, start_state};
+use pagetrack_x86::atomic::{Identified, identify_fragments, start_state};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use crate::emulate::{Emulated, StorePlan};
@@ -22,32 +22,46 @@ pub(crate) enum Outcome<'a> {
     Plain,
     /// A compare-exchange that failed at KVM's read: nothing to write, registers are right.
     FailedCompare,
+    /// A locked read-modify-write whose operand straddles into a frame KVM wrote itself: it
+    /// cannot be made atomic (the instruction's address and bytes, for the error).
+    Partial { rip: u64, bytes: Vec<u8> },
     /// Re-executed atomically: writes already applied, registers to load; the frame stays
     /// locked until the events are delivered.
     Done(Box<Emulated>, Box<kvm_regs>, crate::store::Held<'a>),
 }
 
-/// Decides ([`identify`]) and, for a locked read-modify-write, performs the atomic
-/// re-execution. `regs` are the registers after KVM's emulation (RIP past the instruction).
+/// Decides ([`identify_fragments`]) and, for a locked read-modify-write, performs the atomic
+/// re-execution. `regs` are the registers after KVM's emulation (RIP past the instruction);
+/// `frags` the store's MMIO fragments in order (two for an operand straddling two frames),
+/// which are all held locked while the instruction runs again.
 pub(crate) fn handle<'a>(
     vm: &'a crate::vm::VmInner,
     mem: &GuestMemoryMmap,
     cache: &SysCache,
     regs: &kvm_regs,
-    gpa: u64,
-    data: &[u8],
+    frags: &[(u64, &[u8])],
 ) -> Outcome<'a> {
-    let c = match identify(mem, cache, regs, gpa, data) {
+    let c = match identify_fragments(mem, cache, regs, frags) {
         Identified::Plain => return Outcome::Plain,
         Identified::FailedCompare => return Outcome::FailedCompare,
+        Identified::Partial(c) => {
+            return Outcome::Partial {
+                rip: c.pre.rip,
+                bytes: c.bytes,
+            };
+        }
         Identified::Locked(c) => c,
     };
     let (mut state, mut cpu) = start_state(mem, cache, &c.pre);
     let Ok(plan) = StorePlan::new(&state, &c.bytes, &mut cpu) else {
         return Outcome::Plain;
     };
-    let guard = vm.frame_locks.lock(std::iter::once(gpa));
-    let pt = vm.page_table_entries(mem, gpa, data.len());
+    let targets: Vec<_> = plan.targets().map(|t| (t.gpa, t.len)).collect();
+    let guard = vm.frame_locks.lock(targets.iter().map(|t| t.0));
+    let pts: Vec<_> = targets
+        .iter()
+        .map(|&(gpa, len)| vm.page_table_entries(mem, gpa, len))
+        .collect();
     let Ok(done) = plan.execute(&mut state, &mut cpu) else {
         return Outcome::Plain;
     };
@@ -64,6 +78,8 @@ pub(crate) fn handle<'a>(
         mem.write_slice(&w.new, GuestAddress(w.gpa))
             .expect("the range was checked above, and `mem` holds its regions");
     }
-    vm.after_page_table_store(mem, pt);
+    for pt in pts {
+        vm.after_page_table_store(mem, pt);
+    }
     Outcome::Done(Box::new(done), Box::new(state.regs), guard)
 }

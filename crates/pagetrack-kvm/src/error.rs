@@ -295,6 +295,20 @@ pub enum StopReason {
     /// walk.
     #[error("32-bit or PAE paging without long mode is not walked by pagetrack")]
     LegacyPaging,
+    /// A locked read-modify-write whose operand straddles a tracked and an untracked frame:
+    /// KVM writes the untracked part itself, so it cannot be made atomic.
+    #[error(
+        "a locked read-modify-write whose operand straddles a tracked and an untracked frame \
+         cannot be made atomic (KVM writes the untracked part itself); track both frames"
+    )]
+    SplitLockHalfTracked,
+    /// A locked read-modify-write in compatibility mode (pagetrack re-executes locked
+    /// instructions in 64-bit code only).
+    #[error(
+        "a locked read-modify-write in compatibility mode cannot be made atomic (pagetrack \
+         re-executes 64-bit code only)"
+    )]
+    CompatLocked,
 }
 
 impl From<pagetrack_x86::emulate::EmulateError> for StopReason {

@@ -31,7 +31,7 @@ use pagetrack::Source;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::atomic;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StopReason};
 use crate::memory::{apply_write, read_ram};
 use crate::vcpu::{Exit, ExitBudget, IoData, VcpuStopper};
 use crate::vm::VmInner;
@@ -64,6 +64,18 @@ pub struct ExitHandler {
     /// MMIO exits returned to the caller keep their continuation too ([`crate::Vcpu`], whose
     /// `run` handles device reads itself and drops the continuation when it returns).
     device_continues: bool,
+    /// The first fragment of what may be a locked read-modify-write straddling two frames,
+    /// held back: the next `KVM_RUN` is entered with `immediate_exit`, and either brings the
+    /// second fragment (then both are handled as one store) or none (then this is handled
+    /// alone). See [`ExitHandler::hold_split`].
+    split: Option<Held>,
+}
+
+/// A trapped store fragment held back by [`ExitHandler::hold_split`].
+#[derive(Debug)]
+struct Held {
+    gpa: u64,
+    data: IoData,
 }
 
 impl std::fmt::Debug for ExitHandler {
@@ -105,6 +117,9 @@ enum Kind {
     Interrupted { ran: std::time::Duration },
     /// A store to guest RAM (a tracked frame, or one in a re-cut).
     Store { gpa: u64, data: IoData },
+    /// The two fragments of one store straddling two tracked frames: the one held back at
+    /// the previous exit, then this exit's.
+    SplitStore { first: Held, gpa: u64, data: IoData },
     /// Nothing left to do (a RAM load served in place, `KVM_EXIT_INTR`).
     Served,
     /// `KVM_EXIT_INTERNAL_ERROR`: a store KVM could not emulate, if its suberror says so.
@@ -167,6 +182,7 @@ impl ExitHandler {
             single_step: false,
             continuing: false,
             device_continues,
+            split: None,
         }
     }
 
@@ -219,7 +235,7 @@ impl ExitHandler {
             None => (false, false),
         };
         let kick = crate::sys::VcpuKick::current(fd);
-        if self.single_step || finish_only {
+        if self.single_step || finish_only || self.split.is_some() {
             kick.arm();
         }
         let vm = Arc::clone(&self.vm);
@@ -240,7 +256,7 @@ impl ExitHandler {
         let completion = Completion {
             vm: Arc::clone(&vm),
         };
-        let kind = match &mut res {
+        let mut kind = match &mut res {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 Some(Kind::Interrupted { ran })
             }
@@ -268,6 +284,9 @@ impl ExitHandler {
             Ok(VcpuExit::Intr) => Some(Kind::Served),
             Ok(_) => None,
         };
+        if let Some(first) = self.split.take() {
+            kind = self.join_split(first, kind);
+        }
         // An MMIO exit may be one fragment of a store or load KVM finishes at the next
         // entry: until then, pauses wait for this vCPU (`gate.rs`).
         let mmio = matches!(res, Ok(VcpuExit::MmioWrite(..) | VcpuExit::MmioRead(..)));
@@ -313,9 +332,13 @@ impl ExitHandler {
         // Pauses taken here (a notifier adding a track) do not wait for this vCPU's own
         // continuation (`gate.rs`).
         let _here = vm.backend.gate.here(self.gate_index());
-        let source = Source::Vcpu(self.index);
-        let counters = &vm.backend.counters;
         match tracked.kind {
+            Kind::Interrupted { .. } if self.split.is_some() => {
+                // KVM had no further fragment: the held store was the whole store.
+                if let Some(Held { gpa, data }) = self.split.take() {
+                    return self.store(fd, gpa, data);
+                }
+            }
             Kind::Interrupted { ran } => {
                 if std::mem::take(&mut self.single_step) {
                     // The trapped instruction (one `rep` element) is complete: the CPU
@@ -330,26 +353,16 @@ impl ExitHandler {
                 }
             }
             Kind::Store { gpa, data } => {
-                let stepping = self.stepping(fd);
                 self.multi_store(fd, gpa, data.as_slice())?;
-                if self.locked_rmw(fd, gpa, data.as_slice())? {
-                    self.single_step |= stepping;
+                if self.hold_split(fd, gpa, &data)? {
+                    self.split = Some(Held { gpa, data });
                     return Ok(Handled::Done);
                 }
-                if !apply_write(&vm, gpa, data.as_slice(), source) {
-                    self.not_mine();
-                    return Ok(Handled::NotMine(Exit::MmioWrite { gpa, data }));
-                }
-                counters.trapped_writes.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .trapped_bytes
-                    .fetch_add(data.as_slice().len() as u64, Ordering::Relaxed);
-                if stepping {
-                    // One element at a time, as the CPU: no completion ahead of it.
-                    self.single_step = true;
-                } else {
-                    self.continue_string_store(fd, gpa, data.as_slice());
-                }
+                return self.store(fd, gpa, data);
+            }
+            Kind::SplitStore { first, gpa, data } => {
+                self.multi_store(fd, gpa, data.as_slice())?;
+                self.split_store(fd, first, gpa, data)?;
             }
             Kind::Served => {}
             Kind::Internal => {
@@ -366,6 +379,103 @@ impl ExitHandler {
             Kind::Wrmsr { index, data } => self.wrmsr(fd, index, data)?,
         }
         Ok(Handled::Done)
+    }
+
+    /// A trapped store of one fragment, as KVM reported it: a locked read-modify-write made
+    /// atomic, or applied and reported as it is (then the `rep` completion may continue it).
+    fn store(&mut self, fd: &mut VcpuFd, gpa: u64, data: IoData) -> Result<Handled> {
+        let vm = Arc::clone(&self.vm);
+        let source = Source::Vcpu(self.index);
+        let counters = &vm.backend.counters;
+        let stepping = self.stepping(fd);
+        if self.locked_rmw(fd, &[(gpa, data.as_slice())])? {
+            self.single_step |= stepping;
+            return Ok(Handled::Done);
+        }
+        if !apply_write(&vm, gpa, data.as_slice(), source) {
+            self.not_mine();
+            return Ok(Handled::NotMine(Exit::MmioWrite { gpa, data }));
+        }
+        counters.trapped_writes.fetch_add(1, Ordering::Relaxed);
+        counters
+            .trapped_bytes
+            .fetch_add(data.as_slice().len() as u64, Ordering::Relaxed);
+        if stepping {
+            // One element at a time, as the CPU: no completion ahead of it.
+            self.single_step = true;
+        } else {
+            self.continue_string_store(fd, gpa, data.as_slice());
+        }
+        Ok(Handled::Done)
+    }
+
+    /// Whether to hold a trapped store back as the possible first fragment of a locked
+    /// read-modify-write straddling two frames (issue 10 item 6). KVM emulates such an
+    /// instruction against read-only fragments as a read, then a store it splits at the page
+    /// boundary into one MMIO exit per tracked page; the second comes only at the next entry
+    /// (`complete_emulated_mmio`), and neither alone is the operand the instruction names.
+    /// Held: a fragment shorter than 8 bytes that ends exactly at a page end, with a lock or
+    /// xchg byte before RIP (64-bit mode, synced registers). Anything else costs one compare.
+    fn hold_split(&mut self, fd: &mut VcpuFd, gpa: u64, data: &IoData) -> Result<bool> {
+        let len = data.as_slice().len() as u64;
+        if !self.sync_regs || len >= 8 || (gpa & 0xfff) + len != 0x1000 {
+            return Ok(false);
+        }
+        let rip = fd.sync_regs().regs.rip;
+        let sys = self.sys_state(fd)?;
+        let mem = self.vm.mem.memory();
+        Ok(pagetrack_x86::atomic::lock_byte_before(&*mem, &sys, rip))
+    }
+
+    /// At the exit after a held fragment (entered with `immediate_exit`, so KVM only
+    /// finished the pending instruction): a store at the start of a page whose length
+    /// completes the held one at most 8 bytes is its second fragment, and both become one
+    /// [`Kind::SplitStore`]. KVM returning EINTR means no further fragment: the held store is
+    /// handled alone when the interruption is ([`ExitHandler::handle`]). Any other exit
+    /// cannot follow a pending fragment, but if it does, the held store is applied first, as
+    /// KVM reported it, so that nothing is lost.
+    fn join_split(&mut self, first: Held, kind: Option<Kind>) -> Option<Kind> {
+        match kind {
+            Some(Kind::Store { gpa, data })
+                if gpa & 0xfff == 0 && first.data.as_slice().len() + data.as_slice().len() <= 8 =>
+            {
+                Some(Kind::SplitStore { first, gpa, data })
+            }
+            Some(Kind::Interrupted { ran }) => {
+                self.split = Some(first);
+                Some(Kind::Interrupted { ran })
+            }
+            other => {
+                self.apply_held(&first);
+                other
+            }
+        }
+    }
+
+    /// Applies and reports a held fragment as KVM reported it.
+    fn apply_held(&self, held: &Held) {
+        let vm = &self.vm;
+        if apply_write(vm, held.gpa, held.data.as_slice(), Source::Vcpu(self.index)) {
+            let c = &vm.backend.counters;
+            c.trapped_writes.fetch_add(1, Ordering::Relaxed);
+            c.trapped_bytes
+                .fetch_add(held.data.as_slice().len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Both fragments of a store straddling two tracked frames: a locked read-modify-write
+    /// proven to be exactly this store is re-executed under both frames' locks against the
+    /// current memory (KVM's two fragments are not applied); otherwise both fragments are
+    /// applied and reported as KVM reported them.
+    fn split_store(&mut self, fd: &mut VcpuFd, first: Held, gpa: u64, data: IoData) -> Result<()> {
+        let stepping = self.stepping(fd);
+        let frags = [(first.gpa, first.data.as_slice()), (gpa, data.as_slice())];
+        if !self.locked_rmw(fd, &frags)? {
+            self.apply_held(&first);
+            self.apply_held(&Held { gpa, data });
+        }
+        self.single_step |= stepping;
+        Ok(())
     }
 
     /// A handled MMIO exit goes back to the caller: it no longer keeps pauses waiting
@@ -388,6 +498,10 @@ impl ExitHandler {
 
 impl Drop for ExitHandler {
     fn drop(&mut self) {
+        // A held fragment is applied: never lost.
+        if let Some(held) = self.split.take() {
+            self.apply_held(&held);
+        }
         // A vCPU that is never run again must not keep pauses waiting.
         if self.continuing {
             self.vm.backend.gate.end_continuation(self.gate_index());
@@ -681,9 +795,11 @@ impl ExitHandler {
 
     /// Handles a trapped store that came from a locked read-modify-write: true if it was one
     /// (applied atomically, or a compare-exchange that failed), false for a plain store.
-    fn locked_rmw(&mut self, fd: &mut VcpuFd, gpa: u64, data: &[u8]) -> Result<bool> {
+    fn locked_rmw(&mut self, fd: &mut VcpuFd, frags: &[(u64, &[u8])]) -> Result<bool> {
         let mem = self.vm.mem.memory();
-        if !mem.check_range(GuestAddress(gpa), data.len(), Permissions::ReadWrite) {
+        if !frags.iter().all(|(gpa, data)| {
+            mem.check_range(GuestAddress(*gpa), data.len(), Permissions::ReadWrite)
+        }) {
             return Ok(false);
         }
         let regs = if self.sync_regs {
@@ -695,11 +811,31 @@ impl ExitHandler {
             })?
         };
         let sys = self.sys_state(fd)?;
+        if !sys.long64 {
+            self.refuse_compat_locked(fd, &regs, frags)?;
+        }
         let vm = Arc::clone(&self.vm);
-        let outcome = atomic::handle(&vm, &mem, &sys, &regs, gpa, data);
+        let outcome = atomic::handle(&vm, &mem, &sys, &regs, frags);
         let counters = &vm.backend.counters;
         match outcome {
             atomic::Outcome::Plain => Ok(false),
+            atomic::Outcome::Partial { rip, bytes } => {
+                // KVM stored the other part itself, outside any lock, from its own read:
+                // atomicity is lost already. Its store is applied as reported (the vCPU's own
+                // view stays right), and the vCPU stops rather than lose updates silently.
+                for &(gpa, data) in frags {
+                    self.apply_held(&Held {
+                        gpa,
+                        data: IoData::new(data),
+                    });
+                }
+                Err(Error::unemulatable(
+                    self.index,
+                    rip,
+                    bytes,
+                    StopReason::SplitLockHalfTracked,
+                ))
+            }
             atomic::Outcome::FailedCompare => {
                 counters.atomic_rmws.fetch_add(1, Ordering::Relaxed);
                 Ok(true)
@@ -720,6 +856,44 @@ impl ExitHandler {
                 Ok(true)
             }
         }
+    }
+}
+
+impl ExitHandler {
+    /// Outside 64-bit mode the locked path does not run. In compatibility mode a locked
+    /// read-modify-write that provably made this store would lose its atomicity (KVM read
+    /// and stored without a lock), so the store is applied as KVM reported it and the vCPU
+    /// stops with [`Error::Unemulatable`] naming the instruction: never a silent lost update.
+    fn refuse_compat_locked(
+        &mut self,
+        fd: &mut VcpuFd,
+        regs: &kvm_bindings::kvm_regs,
+        frags: &[(u64, &[u8])],
+    ) -> Result<()> {
+        let &[(gpa, data)] = frags else {
+            return Ok(());
+        };
+        let sregs = if self.sync_sregs {
+            fd.sync_regs().sregs
+        } else {
+            fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?
+        };
+        let mem = self.vm.mem.memory();
+        let Some((rip, bytes)) =
+            pagetrack_x86::atomic::compat_locked(&*mem, &sregs, regs, gpa, data.len())
+        else {
+            return Ok(());
+        };
+        self.apply_held(&Held {
+            gpa,
+            data: IoData::new(data),
+        });
+        Err(Error::unemulatable(
+            self.index,
+            rip,
+            bytes,
+            StopReason::CompatLocked,
+        ))
     }
 }
 

@@ -170,9 +170,7 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         .iter()
         .map(|t| vm.page_table_entries(&mem, t.gpa, t.len))
         .collect();
-    let done = plan
-        .execute(&mut state, cpu)
-        .map_err(|e| stop(e.into()))?;
+    let done = plan.execute(&mut state, cpu).map_err(|e| stop(e.into()))?;
     for w in &done.writes {
         mem.write_slice(&w.new, GuestAddress(w.gpa))
             .map_err(|source| stop(StopReason::Write { gpa: w.gpa, source }))?;

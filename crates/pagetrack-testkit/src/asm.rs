@@ -36,7 +36,13 @@ pub fn assemble16(
     assemble_bits(16, base, f)
 }
 
-fn assemble_bits(
+/// Assembles a guest program of `bitness` (16, 32 or 64) to run at `base`.
+///
+/// # Panics
+///
+/// If `f` or the assembler fails.
+#[must_use]
+pub fn assemble_bits(
     bitness: u32,
     base: u64,
     f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,

@@ -94,6 +94,11 @@ pub enum Identified {
     /// Proven to be this locked read-modify-write: re-execute it from [`Locked::pre`] against
     /// the current memory, under the frame lock.
     Locked(Box<Locked>),
+    /// Proven to be this locked read-modify-write, but the exit is only part of its operand:
+    /// the operand straddles two frames and KVM stored the rest itself (into a frame that is
+    /// not trapped), outside any lock, from its own stale read. It cannot be made atomic;
+    /// [`Locked::pre`] is reliable for RIP only.
+    Partial(Box<Locked>),
 }
 
 /// The locked read-modify-write that alone explains a trapped store.
@@ -122,7 +127,30 @@ pub fn identify<M: GuestMemory + ?Sized>(
     gpa: u64,
     data: &[u8],
 ) -> Identified {
-    if !cache.long64 {
+    identify_fragments(mem, cache, regs, &[(gpa, data)])
+}
+
+/// Whether the bytes before RIP hold a lock prefix or an xchg opcode byte, the filter of
+/// [`identify`]: without one, no locked read-modify-write can have made the store. Always
+/// false outside 64-bit mode.
+pub fn lock_byte_before<M: GuestMemory + ?Sized>(mem: &M, cache: &SysCache, rip: u64) -> bool {
+    cache.long64
+        && bytes_before(mem, cache.cr3, rip)
+            .iter()
+            .any(|&b| matches!(b, 0xf0 | 0x86 | 0x87))
+}
+
+/// As [`identify`], for a store KVM delivered as consecutive MMIO fragments of one
+/// instruction (a store straddling two frames: `[gpa, page end)` then the next page's
+/// start), in order. A locked read-modify-write is identified only if its operand is
+/// exactly these fragments, with their data concatenated as its stored value.
+pub fn identify_fragments<M: GuestMemory + ?Sized>(
+    mem: &M,
+    cache: &SysCache,
+    regs: &kvm_regs,
+    frags: &[(u64, &[u8])],
+) -> Identified {
+    if !cache.long64 || frags.is_empty() {
         return Identified::Plain; // the decoders here are 64-bit only
     }
     let before = bytes_before(mem, cache.cr3, regs.rip);
@@ -132,7 +160,11 @@ pub fn identify<M: GuestMemory + ?Sized>(
     if !before.iter().any(|&b| matches!(b, 0xf0 | 0x86 | 0x87)) {
         return Identified::Plain;
     }
-    let exit = Exit { gpa, data };
+    let data: Vec<u8> = frags.iter().flat_map(|f| f.1.iter().copied()).collect();
+    if data.len() > 8 {
+        return Identified::Plain;
+    }
+    let exit = Exit { frags, data: &data };
     let mut factory = InstructionInfoFactory::new();
     let mut locked: Vec<Candidate> = Vec::new();
     let mut others: Vec<Instruction> = Vec::new();
@@ -159,6 +191,15 @@ pub fn identify<M: GuestMemory + ?Sized>(
     let Some(first) = locked.first() else {
         return Identified::Plain;
     };
+    // A locked decoding whose operand is this exit and a piece in a frame KVM stored itself:
+    // whatever else may explain the exit, atomicity may be lost already, so the answer is
+    // the refusal, not a silent plain store.
+    if let Some(p) = locked.iter().find(|c| c.partial) {
+        return Identified::Partial(Box::new(Locked {
+            bytes: p.bytes.clone(),
+            pre: p.pre,
+        }));
+    }
     // Unique up to equivalence: the same operation on the same operands (a decoding without
     // the lock prefix, or with a redundant prefix, is the same instruction's suffix).
     let unique = locked.iter().all(|c| same_operation(&c.insn, &first.insn))
@@ -180,9 +221,64 @@ pub fn identify<M: GuestMemory + ?Sized>(
     }))
 }
 
-/// The trapped store as KVM reported it.
-struct Exit<'d> {
+/// In compatibility mode (long mode, a 32-bit code segment), whether a locked
+/// read-modify-write decoded in 32-bit mode ends at RIP and stores exactly the exit's `len`
+/// bytes at `gpa` (its address from the post-state registers and the segment bases). The
+/// re-execution is 64-bit only, so such a store cannot be made atomic: pagetrack-kvm stops
+/// the vCPU instead of losing updates silently. Returns the instruction's address and bytes.
+/// `None` outside compatibility mode and for every other store.
+pub fn compat_locked<M: GuestMemory + ?Sized>(
+    mem: &M,
+    sregs: &kvm_bindings::kvm_sregs,
+    regs: &kvm_regs,
     gpa: u64,
+    len: usize,
+) -> Option<(u64, Vec<u8>)> {
+    const EFER_LMA: u64 = 1 << 10;
+    if sregs.efer & EFER_LMA == 0 || sregs.cs.l != 0 || sregs.cs.db == 0 {
+        return None;
+    }
+    let eip = regs.rip & 0xffff_ffff;
+    let linear = sregs.cs.base.wrapping_add(eip) & 0xffff_ffff;
+    let before = bytes_before(mem, sregs.cr3, linear);
+    if !before.iter().any(|&b| matches!(b, 0xf0 | 0x86 | 0x87)) {
+        return None;
+    }
+    let seg_base = |r: Register| match r {
+        Register::FS => sregs.fs.base,
+        Register::GS => sregs.gs.base,
+        Register::ES => sregs.es.base,
+        Register::CS => sregs.cs.base,
+        Register::SS => sregs.ss.base,
+        _ => sregs.ds.base,
+    };
+    (1..=before.len()).find_map(|k| {
+        let insn_bytes = &before[before.len() - k..];
+        let start = eip.wrapping_sub(k as u64) & 0xffff_ffff;
+        let insn = Decoder::with_ip(32, insn_bytes, start, DecoderOptions::NONE).decode();
+        let lockable = insn.has_lock_prefix() || insn.mnemonic() == Mnemonic::Xchg;
+        let mem_op = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
+        if insn.is_invalid() || insn.len() != k || !lockable || !mem_op || !is_rmw(insn.mnemonic())
+        {
+            return None;
+        }
+        let ea = insn.virtual_address(0, 0, |r, _, _| {
+            if r.is_segment_register() {
+                Some(0)
+            } else {
+                read_gpr(regs, r)
+            }
+        })?;
+        let la = seg_base(insn.memory_segment()).wrapping_add(ea) & 0xffff_ffff;
+        let t = walk::translate(mem, sregs.cr3, la).ok()?;
+        (t.gpa == gpa && insn.memory_size().size() == len).then(|| (start, insn_bytes.to_vec()))
+    })
+}
+
+/// The trapped store as KVM reported it: its fragments (one exit each) and their data
+/// concatenated.
+struct Exit<'d> {
+    frags: &'d [(u64, &'d [u8])],
     data: &'d [u8],
 }
 
@@ -199,6 +295,8 @@ struct Candidate {
     pre: kvm_regs,
     /// A compare-exchange KVM saw fail: nothing to write, the registers are right.
     failed_compare: bool,
+    /// The exit is some but not all of the operand's pieces ([`Identified::Partial`]).
+    partial: bool,
 }
 
 /// Rebuilds the registers a locked read-modify-write started with from the post-state KVM
@@ -229,19 +327,72 @@ fn rebuild<M: GuestMemory + ?Sized>(
         Mnemonic::Xchg => write_gpr(&mut pre, reg_op?, d & size_mask(size))?,
         Mnemonic::Cmpxchg | Mnemonic::Cmpxchg8b if regs.rflags & ZF == 0 => {
             failed_compare = true;
+            if let Some(c) = failed_compare_of_lost_address(insn, insn_bytes, regs, start, exit) {
+                return Some(c);
+            }
         }
         _ => {}
     }
     let (state, mut cpu) = start_state(mem, cache, &pre);
     let plan = StorePlan::new(&state, insn_bytes, &mut cpu).ok()?;
     let targets: Vec<_> = plan.targets().collect();
-    let matches =
-        plan.locked() && targets.len() == 1 && targets[0].gpa == exit.gpa && targets[0].len == size;
-    matches.then(|| Candidate {
+    let is = |t: &crate::emulate::Target, (gpa, data): &(u64, &[u8])| {
+        t.gpa == *gpa && t.len == data.len()
+    };
+    let whole =
+        targets.len() == exit.frags.len() && targets.iter().zip(exit.frags).all(|(t, f)| is(t, f));
+    // One piece of a two-piece operand (the other lies in a frame KVM writes itself).
+    let partial = targets.len() == 2
+        && exit.frags.len() == 1
+        && targets.iter().any(|t| is(t, &exit.frags[0]));
+    (plan.locked() && (whole || partial)).then(|| Candidate {
         insn: *insn,
         bytes: insn_bytes.to_vec(),
         pre,
         failed_compare,
+        partial: !whole,
+    })
+}
+
+/// A compare-exchange KVM saw fail whose address came from a register the failure
+/// overwrote (`lock cmpxchg [rax], ...`: RAX is the base and the comparand, and now holds
+/// the old value; `cmpxchg8b` likewise with EDX:EAX): the address cannot be rebuilt. It
+/// explains the exit when the store is as wide as its operand and is exactly the value the
+/// failure loaded (a failed compare-exchange writes the old value back and loads it), and
+/// then nothing is to be applied.
+fn failed_compare_of_lost_address(
+    insn: &Instruction,
+    insn_bytes: &[u8],
+    regs: &kvm_regs,
+    start: u64,
+    exit: &Exit<'_>,
+) -> Option<Candidate> {
+    let eight_b = insn.mnemonic() == Mnemonic::Cmpxchg8b;
+    let lost = |r: Register| {
+        let r = r.full_register();
+        r == Register::RAX || (eight_b && r == Register::RDX)
+    };
+    if !(lost(insn.memory_base()) || lost(insn.memory_index())) {
+        return None;
+    }
+    let size = insn.memory_size().size();
+    if size != exit.data.len() {
+        return None;
+    }
+    let loaded = if eight_b {
+        (regs.rdx & 0xffff_ffff) << 32 | (regs.rax & 0xffff_ffff)
+    } else {
+        regs.rax & size_mask(size)
+    };
+    (loaded == exit.value()).then(|| Candidate {
+        insn: *insn,
+        bytes: insn_bytes.to_vec(),
+        pre: kvm_regs {
+            rip: start,
+            ..*regs
+        },
+        failed_compare: true,
+        partial: false,
     })
 }
 
@@ -288,8 +439,10 @@ fn may_explain<M: GuestMemory + ?Sized>(
                 // Pushes write at the RSP they leave behind.
                 Some(regs.rsp)
             } else {
-                // The address came from registers the instruction changed: cannot rule out.
-                return true;
+                // The address came from registers the instruction changed: cannot rule out,
+                // unless the store is too narrow for the exit (its fragments total at most
+                // its size; 0 is an unknown extent).
+                return size == 0 || exit.data.len() as u64 <= size;
             }
         } else {
             m.virtual_address(0, |r, _, _| reg_value(regs, cache, r))
@@ -308,7 +461,22 @@ fn may_explain<M: GuestMemory + ?Sized>(
 /// boundaries and each part into MMIO fragments of at most 8 bytes, one exit each, so the exit
 /// must be exactly one such fragment.
 fn covers<M: GuestMemory + ?Sized>(mem: &M, cr3: u64, va: u64, size: u64, exit: &Exit<'_>) -> bool {
-    let len = exit.data.len() as u64;
+    // Several fragments come from one store: each of them is one of its fragments.
+    exit.frags
+        .iter()
+        .all(|&(gpa, data)| covers_fragment(mem, cr3, va, size, gpa, data.len() as u64))
+}
+
+/// Whether the MMIO fragment of `len` bytes at `gpa` is one of those KVM makes of a store of
+/// `[va, va + size)`.
+fn covers_fragment<M: GuestMemory + ?Sized>(
+    mem: &M,
+    cr3: u64,
+    va: u64,
+    size: u64,
+    gpa: u64,
+    len: u64,
+) -> bool {
     // A range that wraps around the address space is not a store KVM made.
     let Some(end) = va.checked_add(size) else {
         return false;
@@ -320,7 +488,7 @@ fn covers<M: GuestMemory + ?Sized>(mem: &M, cr3: u64, va: u64, size: u64, exit: 
             .map_or(end, |next| end.min(next));
         if let Ok(t) = walk::translate(mem, cr3, from) {
             let piece = to - from;
-            if let Some(off) = exit.gpa.checked_sub(t.gpa)
+            if let Some(off) = gpa.checked_sub(t.gpa)
                 && off < piece
                 && off % 8 == 0
                 && len == (piece - off).min(8)
@@ -397,7 +565,7 @@ fn call_into_rip<M: GuestMemory + ?Sized>(
     if !covers(mem, cache.cr3, regs.rsp, 8, exit) {
         return false;
     }
-    if exit.data.len() != 8 {
+    if exit.data.len() != 8 || exit.frags.len() != 1 {
         return true; // a partial slot (straddling a page): the return address is unknown
     }
     let ret = exit.value();
@@ -595,6 +763,57 @@ mod tests {
             identify(&m, &sys(), &r, 0x9000, &data),
             Identified::Locked(_)
         ));
+    }
+
+    #[test]
+    fn split_lock_xadd_is_identified_from_both_fragments_only() {
+        // lock xadd [rdi], rax on a word at 0x8ffc: 4 bytes end one page, 4 start the next.
+        let m = with_code(&[0xf0, 0x48, 0x0f, 0xc1, 0x07]);
+        let mut r = regs();
+        r.rdi = 0x8ffc;
+        let (old, addend) = (0xffff_fff0u64, 0x20u64);
+        r.rax = old;
+        let data = (old + addend).to_le_bytes();
+        let frags = [(0x8ffc, &data[..4]), (0x9000, &data[4..])];
+        let Identified::Locked(l) = identify_fragments(&m, &sys(), &r, &frags) else {
+            panic!("split lock xadd not identified");
+        };
+        assert_eq!(l.pre.rax, addend, "RAX rebuilt from the combined data");
+        // Either fragment alone is one piece of the operand: proven, but only partial.
+        assert!(matches!(
+            identify(&m, &sys(), &r, 0x8ffc, &data[..4]),
+            Identified::Partial(_)
+        ));
+        assert!(matches!(
+            identify(&m, &sys(), &r, 0x9000, &data[4..]),
+            Identified::Partial(_)
+        ));
+        // A plain 4-byte xadd at the same place explains the first fragment only, and a
+        // mismatched second fragment explains nothing.
+        let other = [(0x8ffc, &data[..4]), (0x9004, &data[4..])];
+        assert_eq!(
+            identify_fragments(&m, &sys(), &r, &other),
+            Identified::Plain
+        );
+    }
+
+    #[test]
+    fn failing_cmpxchg_with_rax_as_base_and_comparand_is_a_failed_compare() {
+        // lock cmpxchg [rax], rcx failed: KVM loaded the old value into RAX and wrote it back.
+        let m = with_code(&[0xf0, 0x48, 0x0f, 0xb1, 0x08]);
+        let mut r = regs();
+        r.rax = 0x1234;
+        let data = 0x1234u64.to_le_bytes();
+        assert_eq!(
+            identify(&m, &sys(), &r, DST, &data),
+            Identified::FailedCompare
+        );
+        // A write-back that is not the loaded value is not this instruction's.
+        let other = 0x1235u64.to_le_bytes();
+        assert_eq!(identify(&m, &sys(), &r, DST, &other), Identified::Plain);
+        // ZF set (a success) keeps RAX: its address is checked as usual.
+        r.rflags |= ZF;
+        assert_eq!(identify(&m, &sys(), &r, DST, &data), Identified::Plain);
     }
 
     #[test]

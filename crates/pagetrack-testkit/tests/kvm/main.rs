@@ -36,6 +36,7 @@ mod remap;
 mod runahead;
 mod shapes;
 mod singlestep;
+mod splitlock;
 mod stale;
 mod stall;
 mod track;
