@@ -294,6 +294,12 @@ impl ExitHandler {
             None => {
                 // The VMM's exit: its handling may update page tables.
                 drop(completion);
+                if res.is_ok() {
+                    // Memory becomes observable to the VMM (a system call, `out` to a
+                    // device, the end of the run): relaxed frames' changes are delivered
+                    // first (`relaxed.rs`).
+                    crate::relaxed::at_exit(&vm)?;
+                }
                 res.map(Ran::Exit).map_err(|source| Error::Kvm {
                     op: "KVM_RUN",
                     source,
@@ -328,6 +334,8 @@ impl ExitHandler {
                 } else {
                     self.check_stall(fd, ran)?;
                 }
+                // The stall monitor's kicks double as the relaxed frames' periodic sync.
+                crate::relaxed::periodic(&vm)?;
             }
             Kind::Store { gpa, data } => {
                 let stepping = self.stepping(fd);
@@ -349,6 +357,9 @@ impl ExitHandler {
                 } else {
                     self.continue_string_store(fd, gpa, data.as_slice());
                 }
+                // Relaxed mode's auto policy (a hot frame is promoted here, as a notifier
+                // adding a track would pause) and periodic sync.
+                crate::relaxed::after_trap(&vm, gpa)?;
             }
             Kind::Served => {}
             Kind::Internal => {

@@ -38,7 +38,10 @@ fn accepts_coalesced_only_while_every_notifier_opted_in() {
     let strict = t
         .register(Arc::new(Log::default()), NotifierClass::Coherence)
         .expect("register");
-    assert!(!t.accepts_coalesced(), "an exact notifier pins everything strict");
+    assert!(
+        !t.accepts_coalesced(),
+        "an exact notifier pins everything strict"
+    );
     drop(strict);
     assert!(t.accepts_coalesced());
     drop(a);

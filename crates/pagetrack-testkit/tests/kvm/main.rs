@@ -27,6 +27,7 @@ mod kvmwrites;
 mod masked;
 mod pagetables;
 mod refused;
+mod relaxed;
 mod remap;
 mod runahead;
 mod shapes;
