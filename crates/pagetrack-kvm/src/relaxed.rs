@@ -476,6 +476,71 @@ pub(crate) fn after_apply(vm: &VmInner, gpa: u64, data: &[u8]) {
     }
 }
 
+/// A store pagetrack applied to guest memory itself, outside [`crate::memory::apply_write`]
+/// (an instruction it emulates, a locked read-modify-write it re-executes), `old` → `new`
+/// at `gpa`, already in memory: for bytes in relaxed frames, the guest's undelivered change
+/// of those bytes (shadow → `old`) is delivered first as a coalesced event, and the shadow
+/// takes `new`, so that the exact event that follows chains (its old bytes are the replay's).
+/// The sync lock is returned held: keep it until that exact event is delivered.
+pub(crate) fn applied<'a>(
+    vm: &'a VmInner,
+    gpa: u64,
+    old: &[u8],
+    new: &[u8],
+) -> Option<MutexGuard<'a, SyncState>> {
+    let r = &vm.backend.relaxed;
+    if r.active() == 0 || new.is_empty() {
+        return None;
+    }
+    let delivering = DELIVERING.with(Cell::get);
+    let mut guard = (!delivering).then(|| lock(&r.sync));
+    let mut pending: Vec<Change> = Vec::new();
+    {
+        let mut shadows = lock(&r.shadows);
+        for (i, (&o, &n)) in old.iter().zip(new).enumerate() {
+            let at = gpa + i as u64;
+            let Some(sh) = shadows.get_mut(&(at & !(PAGE - 1))) else {
+                continue;
+            };
+            let off = usize::try_from(at % PAGE).expect("below 4096");
+            let shift = (off % 8) * 8;
+            let word = &mut sh[off / 8];
+            let was = u8::try_from((*word >> shift) & 0xff).expect("a byte");
+            if was != o {
+                match pending.last_mut() {
+                    Some(c) if c.gpa + c.new.len() as u64 == at && at % PAGE != 0 => {
+                        c.old.push(was);
+                        c.new.push(o);
+                    }
+                    _ => pending.push(Change {
+                        gpa: at,
+                        old: vec![was],
+                        new: vec![o],
+                    }),
+                }
+            }
+            *word = (*word & !(0xff << shift)) | (u64::from(n) << shift);
+        }
+    }
+    if !pending.is_empty() {
+        let epoch = guard.as_mut().map_or(0, |st| {
+            st.epoch += 1;
+            st.epoch
+        });
+        let _delivering = (!delivering).then(Delivering::enter);
+        for c in &pending {
+            vm.tracker.report_write(
+                &WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
+                    .with_old(&c.old)
+                    .in_epoch(epoch),
+            );
+        }
+        r.coalesced_events
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+    }
+    guard.take()
+}
+
 /// Auto policy after a trapped store at `gpa` on a vCPU thread (no lock held): promotes the
 /// frame if it is hot; and a periodic sync if one is due.
 pub(crate) fn after_trap(vm: &VmInner, gpa: u64) -> Result<()> {
@@ -483,7 +548,10 @@ pub(crate) fn after_trap(vm: &VmInner, gpa: u64) -> Result<()> {
     if r.config.mode == RelaxedMode::Off {
         return Ok(());
     }
-    if r.heat_up(gpa) && !r.is_pinned(gpa) {
+    // Always: a frame tracked before a coalesced notifier registered is relaxed at its
+    // first trapped store.
+    let hot = r.config.mode == RelaxedMode::Always || r.heat_up(gpa);
+    if hot && !r.is_pinned(gpa) {
         promote(vm, &[gpa])?;
     }
     periodic(vm)
