@@ -38,6 +38,8 @@ use crate::slots::Fragments;
 use crate::vm::VmInner;
 
 const PAGE: u64 = 4096;
+/// [`PAGE`] as a `usize`.
+const PAGE_BYTES: usize = 4096;
 const WORDS: usize = 512;
 
 /// When tracked frames may run relaxed.
@@ -395,7 +397,7 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
         let Some(sh) = shadows.get_mut(&f) else {
             continue;
         };
-        let Ok(slice) = mem.get_slice(GuestAddress(f), PAGE as usize) else {
+        let Ok(slice) = mem.get_slice(GuestAddress(f), PAGE_BYTES) else {
             continue;
         };
         let mut run: Option<(usize, Vec<u8>, Vec<u8>)> = None;
@@ -445,7 +447,7 @@ pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<MutexGuar
     let any = {
         let shadows = lock(&r.shadows);
         (first..=last)
-            .step_by(PAGE as usize)
+            .step_by(PAGE_BYTES)
             .any(|f| shadows.contains_key(&f))
     };
     if !any {
@@ -508,7 +510,7 @@ pub(crate) fn applied<'a>(
             let was = u8::try_from((*word >> shift) & 0xff).expect("a byte");
             if was != o {
                 match pending.last_mut() {
-                    Some(c) if c.gpa + c.new.len() as u64 == at && at % PAGE != 0 => {
+                    Some(c) if c.gpa + c.new.len() as u64 == at && !at.is_multiple_of(PAGE) => {
                         c.old.push(was);
                         c.new.push(o);
                     }

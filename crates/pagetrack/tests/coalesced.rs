@@ -7,8 +7,11 @@ use pagetrack::{
     SlotId, Source, TrackNotifier, TrackerConfig, WriteEvent,
 };
 
+/// One delivered event: address, new bytes, epoch, source.
+type Seen = (u64, Vec<u8>, Option<u64>, Source);
+
 #[derive(Default)]
-struct Log(Mutex<Vec<(u64, Vec<u8>, Option<u64>, Source)>>);
+struct Log(Mutex<Vec<Seen>>);
 
 impl TrackNotifier for Log {
     fn track_write(&self, e: &WriteEvent<'_>) {

@@ -127,7 +127,7 @@ fn always_relaxed_bursts_and_device_writes_replay_exactly() {
         // A device write at every sync point into the second frame, over bytes the guest
         // also writes (its qwords at +0x40 and +0x48 in rounds 8 and 9).
         vm.memory()
-            .write_slice(&[0xd0 | (n as u8 & 0xf); 16], T + 0x1040)
+            .write_slice(&[0xd0 | u8::try_from(n % 16).unwrap(); 16], T + 0x1040)
             .unwrap();
     });
     assert_eq!(code, 3);
