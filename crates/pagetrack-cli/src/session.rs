@@ -38,6 +38,8 @@ pub struct Plan {
     pub events: Option<Target>,
     /// `--relaxed` (`--exact` resolved).
     pub relaxed: RelaxedArg,
+    /// The auto policy's parameters.
+    pub policy: crate::relaxed::PolicyArgs,
 }
 
 /// Checks the plan against the RAM size and the long-mode layout.
@@ -159,7 +161,7 @@ impl Session {
     /// [`UsageError`] for a bad plan or events file; KVM failures otherwise.
     pub fn start(plan: Plan) -> anyhow::Result<Session> {
         validate(&plan)?;
-        let config = plan.config.relaxed(plan.relaxed.config());
+        let config = plan.config.relaxed(plan.relaxed.config(&plan.policy));
         let guest = FlatGuest::new(config, &plan.image).map_err(|e| match e {
             pagetrack_vmm::Error::InvalidGuestImage { .. }
             | pagetrack_vmm::Error::InvalidConfig { .. }

@@ -71,6 +71,10 @@ pub struct RelaxedConfig {
     pub window: Duration,
     /// The most frames relaxed at once (each holds a 4 KiB shadow).
     pub max_frames: usize,
+    /// Auto: a hot frame is promoted together with the other tracked frames of its aligned
+    /// group of this many frames (a power of two; 1 = alone), so that neighbours share one
+    /// fragment and one re-cut instead of one each.
+    pub group_frames: u64,
     /// Sync at least this often while vCPUs run. Checked at pagetrack's own exits (trapped
     /// stores, and the stall monitor's kicks, which come every 50 ms to a vCPU that does not
     /// exit), besides the sync at every exit to the VMM.
@@ -81,9 +85,13 @@ impl Default for RelaxedConfig {
     fn default() -> RelaxedConfig {
         RelaxedConfig {
             mode: RelaxedMode::Off,
-            promote_after: 16,
-            window: Duration::from_millis(5),
+            // Measured (docs/PERFORMANCE.md, "Relaxed mode"): on this host a strict store
+            // costs about as much as a third of a promotion, and busybox's hot frames take
+            // few stores each, so every threshold above 1 cost bzip2 2-100x.
+            promote_after: 1,
+            window: Duration::from_secs(1),
             max_frames: 16_384,
+            group_frames: 16,
             period: Duration::from_millis(10),
         }
     }
@@ -554,7 +562,10 @@ pub(crate) fn after_trap(vm: &VmInner, gpa: u64) -> Result<()> {
     // first trapped store.
     let hot = r.config.mode == RelaxedMode::Always || r.heat_up(gpa);
     if hot && !r.is_pinned(gpa) {
-        promote(vm, &[gpa])?;
+        let g = r.config.group_frames.max(1).next_power_of_two() * PAGE;
+        let first = gpa & !(g - 1);
+        let group: Vec<u64> = (first..first + g).step_by(PAGE_BYTES).collect();
+        promote(vm, &group)?;
     }
     periodic(vm)
 }

@@ -66,7 +66,9 @@ Events (--events FILE; standard output belongs to the program), JSON Lines:
   (writable, dirty-logged, with a shadow copy): their changes arrive at every system call
   (and every 10 ms) as coalesced write events, {...,\"source\":\"guest\",\"vcpu\":null,...,
   \"coalesced\":true,\"epoch\":N}, and the summary line ends with \"relaxed_frames\" and
-  \"coalesced_writes\". auto relaxes a frame after 16 trapped stores within 5 ms. --exact
+  \"coalesced_writes\". auto relaxes a frame, with the tracked frames of its aligned 64 KiB
+  group, at its first trapped store (--promote-after N --promote-window MS: after N
+  within MS milliseconds). --exact
   (--relaxed off) keeps one exact event per store.
   {\"type\":\"process\",\"syscalls\":23,\"unknown_syscalls\":{\"rt_sigaction (13)\":2},...}
     system calls by name, unknown and refused ones, stack growth faults, tracked and
@@ -119,6 +121,8 @@ pub struct ExecArgs {
     /// Exact events only: short for --relaxed off.
     #[arg(long, conflicts_with = "relaxed")]
     exact: bool,
+    #[command(flatten)]
+    policy: crate::relaxed::PolicyArgs,
     /// The program and its arguments (put them after `--`).
     #[arg(
         value_name = "PROGRAM",
@@ -310,7 +314,7 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         .stdout(Output::Inherit)
         .stderr(Output::Inherit)
         .timeout(args.timeout)
-        .relaxed(relaxed.config());
+        .relaxed(relaxed.config(&args.policy));
     if let Some(d) = &args.dir {
         config = config.dir(d);
     }

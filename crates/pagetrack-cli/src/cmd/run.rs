@@ -141,6 +141,8 @@ pub struct Args {
     /// Exact events only: short for --relaxed off.
     #[arg(long, conflicts_with = "relaxed")]
     exact: bool,
+    #[command(flatten)]
+    policy: crate::relaxed::PolicyArgs,
 }
 
 fn parse_vcpus(s: &str) -> Result<u32, String> {
@@ -190,6 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         tracks: args.tracks,
         events: args.events,
         relaxed: args.relaxed.resolve(args.exact),
+        policy: args.policy,
     };
     let session = Session::start(plan)?;
     let progress = !json_to_stdout && std::io::stdout().is_terminal();

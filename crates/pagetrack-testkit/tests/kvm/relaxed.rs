@@ -195,13 +195,11 @@ fn byte_burst() -> Vec<u8> {
 #[test]
 fn auto_promotes_a_frame_in_the_middle_of_a_write_burst() {
     let kvm = kvm_or_skip!();
-    let mut g = boot_with(
-        kvm,
-        relaxed_config(RelaxedMode::Auto),
-        RAM,
-        1,
-        &byte_burst(),
-    );
+    let mut policy = RelaxedConfig::new(RelaxedMode::Auto);
+    policy.promote_after = 16;
+    policy.window = std::time::Duration::from_secs(10);
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(policy);
+    let mut g = boot_with(kvm, config, RAM, 1, &byte_burst());
     let (rec, _h) = coalesced_recorder(&g.vm);
     let initial = read(&g.vm, T, 0x1000);
     g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
@@ -214,7 +212,7 @@ fn auto_promotes_a_frame_in_the_middle_of_a_write_burst() {
     assert!(g.vm.is_relaxed(Gfn(T >> 12)), "promoted");
     let ev = rec.take();
     replay(T, &initial, &ev, &read(&g.vm, T, 0x1000));
-    let promote_after = RelaxedConfig::default().promote_after as usize;
+    let promote_after = 16;
     // The stores before the promotion are exact, one each, in order; the rest coalesced.
     let exact: Vec<&Ev> = ev.iter().take_while(|e| e.coalesced.is_none()).collect();
     assert!(exact.len() >= promote_after, "{} exact events", exact.len());
@@ -393,4 +391,35 @@ fn device_writes_racing_guest_stores_on_the_same_word_replay_exactly() {
         200
     );
     replay(T, &initial, &ev, &read(&g.vm, T, 0x1000));
+}
+
+#[test]
+fn auto_by_default_relaxes_the_aligned_group_of_the_first_trapped_frame() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(kvm, relaxed_config(RelaxedMode::Auto), RAM, 1, &bursts());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 32 * 0x1000);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 32)
+        .unwrap();
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rcx = 3;
+    });
+    assert_eq!(run_syncing(&g.vm, &g.layout, &mut g.vcpus[0], |_| {}), 3);
+    let group = RelaxedConfig::default().group_frames;
+    for f in 0..32 {
+        assert_eq!(
+            g.vm.is_relaxed(Gfn((T >> 12) + f)),
+            f < group,
+            "frame {f}: relaxed with its group only"
+        );
+    }
+    let ev = rec.take();
+    assert_eq!(
+        ev[0].coalesced, None,
+        "the trapped store that promoted is exact"
+    );
+    replay(T, &initial, &ev, &read(&g.vm, T, 32 * 0x1000));
+    assert_eq!(g.vm.stats().relaxed.frames_relaxed, group);
 }
