@@ -713,8 +713,7 @@ fn relaxed(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) 
     );
     let config = VmConfig::default().with_relaxed(RelaxedConfig::new(RelaxedMode::Always));
     let mut rig = Rig::new(64 << 20, config)?;
-    let options =
-        RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced);
+    let options = RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced);
     let count = Arc::new(Count::default());
     let _h = rig.vm.tracker().register(count.clone(), options)?;
     rig.vm.tracker().add_gfn(Gfn(TRACKED >> 12))?;
