@@ -1109,3 +1109,177 @@ mod tests {
         assert_eq!(f.alloc_id().expect("a freed id"), 101);
     }
 }
+
+/// The mode state machine's bookkeeping (strict/relaxed bits, pending dirty bits, the layout
+/// they ask for) against an oracle of sets, over random sequences of tracking changes,
+/// promotions, demotions, dirty harvests and takes. No KVM: the planning halves only.
+#[cfg(test)]
+mod mode_model {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    const CHUNK_PAGES: u64 = 128;
+    const CHUNKS: u64 = 3;
+    const BASE: u64 = 0x1000_0000;
+
+    fn table() -> Fragments {
+        let size = CHUNKS * CHUNK_PAGES * PAGE;
+        let mmap = GuestRegionMmap::<()>::from_range(
+            GuestAddress(BASE),
+            usize::try_from(size).expect("small"),
+            None,
+        )
+        .expect("anonymous mapping");
+        let words = usize::try_from(CHUNK_PAGES.div_ceil(64)).expect("small");
+        let chunks = (0..CHUNKS)
+            .map(|i| Chunk {
+                gpa: BASE + i * CHUNK_PAGES * PAGE,
+                pages: CHUNK_PAGES,
+                protected: vec![0; words],
+                relaxed: vec![0; words],
+                pending: vec![0; words],
+                relaxed_count: 0,
+                frags: Vec::new(),
+            })
+            .collect();
+        let mut f = Fragments::new(0, 64, CHUNK_PAGES * PAGE, false);
+        f.rams.push(Ram {
+            gpa: BASE,
+            size,
+            mmap: Arc::new(mmap),
+            chunks,
+            dirty: None,
+        });
+        f
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Track(u64, u64),
+        Untrack(u64, u64),
+        Relax(u64, u64),
+        Strict(u64, u64),
+        /// KVM logged these frames dirty (a harvested bitmap, dispatched).
+        Dirty(Vec<u64>),
+        /// A sync takes the pending frames.
+        Take,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let n = CHUNKS * CHUNK_PAGES;
+        let run = (0..n, 1..40u64).prop_map(move |(f, l)| (f, l.min(n - f)));
+        prop_oneof![
+            run.clone().prop_map(|(f, l)| Op::Track(f, l)),
+            run.clone().prop_map(|(f, l)| Op::Untrack(f, l)),
+            run.clone().prop_map(|(f, l)| Op::Relax(f, l)),
+            run.prop_map(|(f, l)| Op::Strict(f, l)),
+            proptest::collection::vec(0..n, 0..20).prop_map(Op::Dirty),
+            Just(Op::Take),
+        ]
+    }
+
+    fn take_pending(t: &mut Fragments) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        for (c, chunk) in t.rams[0].chunks.iter_mut().enumerate() {
+            for (w, word) in chunk.pending.iter_mut().enumerate() {
+                let mut bits = std::mem::take(word);
+                while bits != 0 {
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    out.insert(c as u64 * CHUNK_PAGES + page);
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn mode_bits_pending_and_layout_match_the_oracle(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut t = table();
+            let gpa = |f: u64| BASE + f * PAGE;
+            let (mut tracked, mut relaxed, mut pending) =
+                (BTreeSet::new(), BTreeSet::<u64>::new(), BTreeSet::new());
+            for op in &ops {
+                match op {
+                    Op::Track(f, l) => {
+                        t.mark((*f..f + l).map(gpa), true);
+                        tracked.extend(*f..f + l);
+                    }
+                    Op::Untrack(f, l) => {
+                        t.mark((*f..f + l).map(gpa), false);
+                        for x in *f..f + l {
+                            tracked.remove(&x);
+                            relaxed.remove(&x);
+                            pending.remove(&x);
+                        }
+                    }
+                    Op::Relax(f, l) => {
+                        let (frames, _) = t.set_relaxed((*f..f + l).map(gpa), true);
+                        let want: Vec<u64> = (*f..f + l)
+                            .filter(|x| tracked.contains(x) && !relaxed.contains(x))
+                            .collect();
+                        prop_assert_eq!(frames, want.iter().map(|&x| gpa(x)).collect::<Vec<_>>());
+                        relaxed.extend(want);
+                    }
+                    Op::Strict(f, l) => {
+                        let (frames, _) = t.set_relaxed((*f..f + l).map(gpa), false);
+                        let want: Vec<u64> =
+                            (*f..f + l).filter(|x| relaxed.contains(x)).collect();
+                        prop_assert_eq!(frames, want.iter().map(|&x| gpa(x)).collect::<Vec<_>>());
+                        for x in want {
+                            relaxed.remove(&x);
+                            pending.remove(&x);
+                        }
+                    }
+                    Op::Dirty(frames) => {
+                        for &x in frames {
+                            let c = usize::try_from(x / CHUNK_PAGES).expect("small");
+                            let chunk = &mut t.rams[0].chunks[c];
+                            let slot_gpa = chunk.gpa;
+                            let page = x % CHUNK_PAGES;
+                            let mut bitmap = vec![0u64; usize::try_from(CHUNK_PAGES / 64).expect("small")];
+                            bitmap[usize::try_from(page / 64).expect("small")] |= 1 << (page % 64);
+                            chunk.absorb(slot_gpa, &bitmap);
+                            if relaxed.contains(&x) {
+                                pending.insert(x);
+                            }
+                        }
+                    }
+                    Op::Take => {
+                        prop_assert_eq!(take_pending(&mut t), std::mem::take(&mut pending));
+                    }
+                }
+                // Invariants: relaxed ⊆ tracked; the bits and the layout say what the sets do.
+                prop_assert!(relaxed.is_subset(&tracked));
+                for x in 0..CHUNKS * CHUNK_PAGES {
+                    prop_assert_eq!(t.is_relaxed(gpa(x)), relaxed.contains(&x), "frame {}", x);
+                    prop_assert_eq!(t.is_protected(gpa(x)), tracked.contains(&x), "frame {}", x);
+                }
+                let mut listed = t.relaxed_frames();
+                listed.sort_unstable();
+                prop_assert_eq!(listed, relaxed.iter().map(|&x| gpa(x)).collect::<Vec<_>>());
+                for (c, chunk) in t.rams[0].chunks.iter().enumerate() {
+                    for p in chunk.layout(false) {
+                        for page in p.first..p.first + p.pages {
+                            let x = c as u64 * CHUNK_PAGES + page;
+                            let strict = tracked.contains(&x) && !relaxed.contains(&x);
+                            prop_assert_eq!(p.readonly, strict, "frame {} in {:?}", x, p);
+                            prop_assert_eq!(p.log, relaxed.contains(&x), "frame {} in {:?}", x, p);
+                        }
+                    }
+                    // With every fragment logging, relaxed frames join the writable gaps.
+                    for p in chunk.layout(true) {
+                        prop_assert_eq!(p.log, !p.readonly);
+                    }
+                }
+            }
+        }
+    }
+}
