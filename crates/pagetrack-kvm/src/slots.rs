@@ -1177,7 +1177,7 @@ mod mode_model {
             run.clone().prop_map(|(f, l)| Op::Untrack(f, l)),
             run.clone().prop_map(|(f, l)| Op::Relax(f, l)),
             run.prop_map(|(f, l)| Op::Strict(f, l)),
-            proptest::collection::vec(0..n, 0..20).prop_map(Op::Dirty),
+            (0..n, 1..80u64).prop_map(move |(f, l)| Op::Dirty((f..(f + l).min(n)).collect())),
             Just(Op::Take),
         ]
     }
