@@ -635,8 +635,10 @@ pub(crate) fn demote(vm: &VmInner, gpas: &[u64]) -> Result<()> {
     if gpas.is_empty() || r.active() == 0 {
         return Ok(());
     }
-    let mut st = lock(&r.sync);
+    // Paused first, then the sync lock: a vCPU finishing a continuation may need the sync
+    // lock (a store into a relaxed frame it completes), and the pause waits for it.
     let _paused = vm.backend.gate.pause();
+    let mut st = lock(&r.sync);
     // Nothing writes guest memory from here on but device writes, which sync first and take
     // the sync lock this thread holds.
     sync_locked(vm, &mut st)?;
