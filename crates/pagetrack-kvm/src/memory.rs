@@ -39,7 +39,7 @@ pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -
     }
     // A relaxed frame: its guest changes so far are delivered first, and its shadow takes
     // these bytes (`relaxed.rs`); held until this write's event is delivered.
-    let _relaxed = crate::relaxed::before_apply(vm, gpa, data.len() as u64);
+    let mut relaxed = crate::relaxed::before_apply(vm, gpa, data.len() as u64);
     let mut small = [0u8; 64];
     let mut big = Vec::new();
     let old: &mut [u8] = if data.len() <= small.len() {
@@ -52,10 +52,11 @@ pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -
         .expect("the range was checked above, and `mem` holds its regions");
     mem.write_slice(data, GuestAddress(gpa))
         .expect("the range was checked above, and `mem` holds its regions");
-    crate::relaxed::after_apply(vm, gpa, data);
+    crate::relaxed::after_apply(vm, &mut relaxed, gpa, old, data);
     vm.mark_dirty(gpa, data.len());
     vm.after_page_table_store(&mem, pt);
     tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source).with_old(old));
+    drop(relaxed);
     true
 }
 

@@ -468,22 +468,19 @@ pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<MutexGuar
     Some(st)
 }
 
-/// After `before_apply` and the memory write of `data` at `gpa`: the shadows take the bytes.
-pub(crate) fn after_apply(vm: &VmInner, gpa: u64, data: &[u8]) {
-    let r = &vm.backend.relaxed;
-    if r.active() == 0 {
+/// After `before_apply` and the memory write that changed `old` into `data` at `gpa`: see
+/// [`settle`] (a guest store racing the write after the sync is delivered before its event).
+pub(crate) fn after_apply(
+    vm: &VmInner,
+    guard: &mut Option<MutexGuard<'_, SyncState>>,
+    gpa: u64,
+    old: &[u8],
+    data: &[u8],
+) {
+    if vm.backend.relaxed.active() == 0 {
         return;
     }
-    let mut shadows = lock(&r.shadows);
-    for (i, &b) in data.iter().enumerate() {
-        let at = gpa + i as u64;
-        if let Some(sh) = shadows.get_mut(&(at & !(PAGE - 1))) {
-            let off = usize::try_from(at % PAGE).expect("below 4096");
-            let word = &mut sh[off / 8];
-            let shift = (off % 8) * 8;
-            *word = (*word & !(0xff << shift)) | (u64::from(b) << shift);
-        }
-    }
+    settle(vm, guard.as_deref_mut(), gpa, old, data);
 }
 
 /// A store pagetrack applied to guest memory itself, outside [`crate::memory::apply_write`]
@@ -502,8 +499,18 @@ pub(crate) fn applied<'a>(
     if r.active() == 0 || new.is_empty() {
         return None;
     }
-    let delivering = DELIVERING.with(Cell::get);
-    let mut guard = (!delivering).then(|| lock(&r.sync));
+    let mut guard = (!DELIVERING.with(Cell::get)).then(|| lock(&r.sync));
+    settle(vm, guard.as_deref_mut(), gpa, old, new);
+    guard
+}
+
+/// The shadow side of a write to relaxed frames that changed `old` into `new` at `gpa`
+/// (already in memory): the guest's undelivered change of exactly these bytes (shadow →
+/// `old`: a store that landed after the last sync, even one racing this write) is delivered
+/// first as a coalesced event, and the shadow takes `new`. `st` is the sync lock's state when
+/// this thread holds it (it is inside a sync's delivery otherwise).
+fn settle(vm: &VmInner, st: Option<&mut SyncState>, gpa: u64, old: &[u8], new: &[u8]) {
+    let r = &vm.backend.relaxed;
     let mut pending: Vec<Change> = Vec::new();
     {
         let mut shadows = lock(&r.shadows);
@@ -532,23 +539,23 @@ pub(crate) fn applied<'a>(
             *word = (*word & !(0xff << shift)) | (u64::from(n) << shift);
         }
     }
-    if !pending.is_empty() {
-        let epoch = guard.as_mut().map_or(0, |st| {
-            st.epoch += 1;
-            st.epoch
-        });
-        let _delivering = (!delivering).then(Delivering::enter);
-        for c in &pending {
-            vm.tracker.report_write(
-                &WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
-                    .with_old(&c.old)
-                    .in_epoch(epoch),
-            );
-        }
-        r.coalesced_events
-            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+    if pending.is_empty() {
+        return;
     }
-    guard.take()
+    let epoch = st.map_or(0, |st| {
+        st.epoch += 1;
+        st.epoch
+    });
+    let _delivering = (!DELIVERING.with(Cell::get)).then(Delivering::enter);
+    for c in &pending {
+        vm.tracker.report_write(
+            &WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
+                .with_old(&c.old)
+                .in_epoch(epoch),
+        );
+    }
+    r.coalesced_events
+        .fetch_add(pending.len() as u64, Ordering::Relaxed);
 }
 
 /// Auto policy after a trapped store at `gpa` on a vCPU thread (no lock held): promotes the

@@ -423,3 +423,46 @@ fn auto_by_default_relaxes_the_aligned_group_of_the_first_trapped_frame() {
     replay(T, &initial, &ev, &read(&g.vm, T, 32 * 0x1000));
     assert_eq!(g.vm.stats().relaxed.frames_relaxed, group);
 }
+
+#[test]
+fn the_vmms_dirty_log_stays_exact_while_relaxed_syncs_share_the_harvest() {
+    let kvm = kvm_or_skip!();
+    let config = relaxed_config(RelaxedMode::Always).with_dirty_log();
+    let mut g = boot_with(kvm, config, RAM, 1, &bursts());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x8000);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 8)
+        .unwrap();
+    let slot = pagetrack::SlotId(0);
+    let _ = g.vm.take_dirty_log(slot).unwrap();
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rcx = 6;
+    });
+    let vm = g.vm.clone();
+    let mut logged = std::collections::BTreeSet::new();
+    let mut page_set = |bitmap: Vec<u64>| {
+        for (i, w) in bitmap.iter().enumerate() {
+            for b in 0..64 {
+                let page = i as u64 * 64 + b;
+                if w & (1 << b) != 0 && (T >> 12..(T >> 12) + 8).contains(&page) {
+                    logged.insert(page - (T >> 12));
+                }
+            }
+        }
+    };
+    let code = run_syncing(&g.vm, &g.layout, &mut g.vcpus[0], |n| {
+        // Every exit synced the relaxed frames (a harvest); the VMM's log still has them.
+        if n % 2 == 0 {
+            page_set(vm.take_dirty_log(slot).unwrap());
+        }
+    });
+    assert_eq!(code, 3);
+    page_set(g.vm.take_dirty_log(slot).unwrap());
+    // The guest writes frames 0 and 1 of the eight, nothing else.
+    assert_eq!(logged, [0u64, 1].into_iter().collect());
+    let ev = rec.take();
+    assert!(ev.iter().all(|e| e.coalesced.is_some()));
+    replay(T, &initial, &ev, &read(&g.vm, T, 0x8000));
+}
