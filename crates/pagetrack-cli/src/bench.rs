@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::{CodeAssembler, al, eax, qword_ptr, r8, rax, rcx, rdi, rdx};
-use pagetrack::{AsId, Gfn, NotifierClass, TrackNotifier, WriteEvent};
-use pagetrack_kvm::{Exit, Vcpu, Vm, VmConfig};
+use pagetrack::{AsId, Delivery, Gfn, NotifierClass, RegisterOptions, TrackNotifier, WriteEvent};
+use pagetrack_kvm::{Exit, RelaxedConfig, RelaxedMode, Vcpu, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 use anyhow::{Context, Result, anyhow};
@@ -85,6 +85,7 @@ struct Programs {
     remap: u64,
     xadd: u64,
     spin: u64,
+    stos: u64,
     bytes: Vec<u8>,
 }
 
@@ -105,6 +106,7 @@ fn programs() -> Result<Programs> {
     let mut remap = a.create_label();
     let mut xadd = a.create_label();
     let mut spin = a.create_label();
+    let mut stos = a.create_label();
     let mut build = || -> std::result::Result<(), iced_x86::IcedError> {
         // pio: rcx times `out PIO_PORT, al` (a bare exit each), then exit.
         a.set_label(&mut pio)?;
@@ -152,6 +154,10 @@ fn programs() -> Result<Programs> {
         a.dec(rcx)?;
         a.jnz(xadd)?;
         a.out(u32::from(GUEST_EXIT_PORT), al)?;
+        // stos: `rep stosb` of rcx bytes at rdi, then exit.
+        a.set_label(&mut stos)?;
+        a.rep().stosb()?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)?;
         // spin: rcx iterations of nothing (no exit), then exit.
         a.set_label(&mut spin)?;
         a.dec(rcx)?;
@@ -174,6 +180,7 @@ fn programs() -> Result<Programs> {
         remap: at(&remap)?,
         xadd: at(&xadd)?,
         spin: at(&spin)?,
+        stos: at(&stos)?,
         bytes: res.inner.code_buffer,
     })
 }
@@ -685,5 +692,95 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         us(s.elapsed()),
         "µs",
     );
+    relaxed(&mut rep, reps, &mut progress)?;
     Ok(rep)
+}
+
+/// Relaxed mode: a 4 KiB `rep stosb` into a strict, a relaxed and an untracked frame (each
+/// run ends with an exit, which syncs the relaxed frame), and the cost of one sync by the
+/// number of dirty frames among 1,024 relaxed ones.
+fn relaxed(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) -> Result<()> {
+    progress("relaxed mode: 4 KiB rep stosb");
+    let mut strict = Rig::new(64 << 20, VmConfig::default())?;
+    let _hs = strict
+        .vm
+        .tracker()
+        .register(Arc::new(Count::default()), NotifierClass::Ordinary)?;
+    strict.vm.tracker().add_gfn(Gfn(TRACKED >> 12))?;
+    let mut v = Vec::new();
+    for _ in 0..reps.min(3) {
+        v.push(us(strict.run(strict.progs.stos, TRACKED, 4096, 0)?) / 1000.0);
+    }
+    let strict_ms = median(v);
+    rep.push(
+        "stosb_4k_strict_ms",
+        "4 KiB rep stosb into a strict tracked frame (one event per byte)",
+        strict_ms,
+        "ms",
+    );
+    let config = VmConfig::default().with_relaxed(RelaxedConfig::new(RelaxedMode::Always));
+    let mut rig = Rig::new(64 << 20, config)?;
+    let options = RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced);
+    let count = Arc::new(Count::default());
+    let _h = rig.vm.tracker().register(count.clone(), options)?;
+    rig.vm.tracker().add_gfn(Gfn(TRACKED >> 12))?;
+    if !rig.vm.is_relaxed(Gfn(TRACKED >> 12)) {
+        return Err(anyhow!("relaxed mode did not relax the tracked frame"));
+    }
+    let (mut relaxed, mut untracked) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        for _ in 0..20 {
+            relaxed.push(us(rig.run_rax(rig.progs.stos, TRACKED, 4096, 0, 0x5a)?));
+            untracked.push(us(rig.run_rax(rig.progs.stos, BUF, 4096, 0, 0x5a)?));
+            // A changing value, so every iteration has a change to deliver.
+            relaxed.push(us(rig.run_rax(rig.progs.stos, TRACKED, 4096, 0, 0xa5)?));
+        }
+    }
+    let (relaxed, untracked) = (median(relaxed), median(untracked));
+    rep.push(
+        "stosb_4k_relaxed_us",
+        "4 KiB rep stosb into a relaxed frame, sync at the exit included",
+        relaxed,
+        "µs",
+    );
+    rep.push(
+        "stosb_4k_untracked_us",
+        "4 KiB rep stosb into an untracked frame",
+        untracked,
+        "µs",
+    );
+    rep.push(
+        "stosb_4k_strict_vs_relaxed",
+        "strict / relaxed",
+        strict_ms * 1000.0 / relaxed,
+        "ratio",
+    );
+    progress("relaxed mode: sync cost by dirty frames");
+    rig.vm
+        .tracker()
+        .add_range(AsId::NORMAL, Gfn(BUF >> 12), 1024)?;
+    for dirty in [1u64, 16, 256, 1024] {
+        let mut per = Vec::new();
+        for _ in 0..reps {
+            let before = rig.vm.stats().relaxed;
+            rig.run(rig.progs.touch, BUF, 0, BUF + dirty * 4096)?;
+            let after = rig.vm.stats().relaxed;
+            let syncs = after.syncs - before.syncs;
+            if syncs > 0 {
+                per.push((after.sync_ns - before.sync_ns) as f64 / 1000.0 / syncs as f64);
+            }
+        }
+        rep.push(
+            match dirty {
+                1 => "sync_1_dirty_us",
+                16 => "sync_16_dirty_us",
+                256 => "sync_256_dirty_us",
+                _ => "sync_1024_dirty_us",
+            },
+            format!("one sync with {dirty} dirty frames of 1,025 relaxed (harvest, diff, deliver)"),
+            median(per),
+            "µs",
+        );
+    }
+    Ok(())
 }

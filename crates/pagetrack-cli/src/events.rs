@@ -19,6 +19,12 @@
 //! {"type":"exit","reason":"debug-exit","code":0,"detail":"vcpu 0 wrote 0 to port 0xf4"}
 //! {"type":"summary","tracked_writes":2,"tracked_bytes":3,"exits":2,"slot_changes":2,"elapsed_ms":1.234}
 //! ```
+//!
+//! With `--relaxed auto|always`, write events of relaxed frames are coalesced (the net change
+//! of a run of words over one epoch, found by a dirty-log diff): they carry `"source":"guest"`
+//! with a null `vcpu`, and two more keys at the end, `"coalesced":true,"epoch":N`; the
+//! summary then ends with `"relaxed_frames"` and `"coalesced_writes"`. Lines of strict frames,
+//! and every line with `--relaxed off`, are exactly as above.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -78,6 +84,7 @@ impl fmt::Display for Target {
 pub fn writer_name(source: Source) -> String {
     match source {
         Source::Vcpu(n) => format!("vcpu {n}"),
+        Source::Guest => "guest".into(),
         _ => "device".into(),
     }
 }
@@ -106,6 +113,8 @@ pub struct Totals {
     pub vcpu_writes: u64,
     /// Events with the device source.
     pub device_writes: u64,
+    /// Coalesced events (relaxed frames).
+    pub coalesced_writes: u64,
     /// Per written frame (by frame number), in frame order.
     pub frames: BTreeMap<u64, FrameStats>,
 }
@@ -150,6 +159,12 @@ pub struct SummaryLine {
     pub slot_changes: u64,
     /// Wall time of the guest run in milliseconds (microsecond precision).
     pub elapsed_ms: f64,
+    /// With relaxed mode on: frames that ran relaxed at some time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relaxed_frames: Option<u64>,
+    /// With relaxed mode on: coalesced write events among `tracked_writes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coalesced_writes: Option<u64>,
 }
 
 impl SummaryLine {
@@ -171,7 +186,16 @@ impl SummaryLine {
             exits,
             slot_changes,
             elapsed_ms,
+            relaxed_frames: None,
+            coalesced_writes: None,
         }
+    }
+
+    /// The same line with relaxed mode's counts (a run with `--relaxed auto|always`).
+    pub fn with_relaxed(mut self, frames: u64, coalesced: u64) -> SummaryLine {
+        self.relaxed_frames = Some(frames);
+        self.coalesced_writes = Some(coalesced);
+        self
     }
 }
 
@@ -191,6 +215,8 @@ struct WriteRecord {
     gpa: u64,
     len: usize,
     has_old: bool,
+    /// The epoch of a coalesced event.
+    epoch: Option<u64>,
     bytes: Bytes,
 }
 
@@ -217,6 +243,7 @@ impl WriteRecord {
             gpa: e.gpa.0,
             len,
             has_old: old.is_some(),
+            epoch: e.coalesced,
             bytes,
         }
     }
@@ -370,9 +397,10 @@ impl TrackNotifier for EventSink {
         t.writes += 1;
         t.bytes += len;
         match e.source {
-            Source::Vcpu(_) => t.vcpu_writes += 1,
+            Source::Vcpu(_) | Source::Guest => t.vcpu_writes += 1,
             _ => t.device_writes += 1,
         }
+        t.coalesced_writes += u64::from(e.is_coalesced());
         let seq = t.writes;
         t.frames
             .entry(e.gpa.0 / PAGE_SIZE)
@@ -458,6 +486,7 @@ fn encode(l: &Line, buf: &mut Vec<u8>) -> io::Result<()> {
             let (old, new) = w.old_new();
             let (source, vcpu) = match w.source {
                 Source::Vcpu(i) => ("vcpu", Some(i)),
+                Source::Guest => ("guest", None),
                 _ => ("device", None),
             };
             let json = WriteJson {
@@ -469,6 +498,8 @@ fn encode(l: &Line, buf: &mut Vec<u8>) -> io::Result<()> {
                 len: w.len,
                 old: old.map(Hex),
                 new: Hex(new),
+                coalesced: w.epoch.map(|_| true),
+                epoch: w.epoch,
             };
             serde_json::to_writer(buf, &json)?;
         }
@@ -489,6 +520,11 @@ struct WriteJson<'a> {
     len: usize,
     old: Option<Hex<'a>>,
     new: Hex<'a>,
+    /// Only on coalesced events: the contract's strict lines are unchanged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coalesced: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<u64>,
 }
 
 /// An address as a lowercase `0x` hex string.
@@ -543,6 +579,29 @@ mod tests {
             e = e.with_old(old);
         }
         Line::Write(WriteRecord::new(seq, &e))
+    }
+
+    #[test]
+    fn encode_coalesced_write_appends_the_mark_and_the_epoch() {
+        let e = WriteEvent::new(Gpa(0x5008), &[1, 2], Source::Guest)
+            .with_old(&[0, 0])
+            .in_epoch(4);
+        let l = Line::Write(WriteRecord::new(3, &e));
+        assert_eq!(
+            text(&l),
+            r#"{"type":"write","seq":3,"source":"guest","vcpu":null,"gpa":"0x5008","len":2,"old":"0000","new":"0102","coalesced":true,"epoch":4}"#
+        );
+    }
+
+    #[test]
+    fn summary_with_relaxed_counts_appends_them_and_without_is_unchanged() {
+        let plain = SummaryLine::new(2, 3, 4, 5, Duration::from_micros(1234));
+        let want = r#"{"type":"summary","tracked_writes":2,"tracked_bytes":3,"exits":4,"slot_changes":5,"elapsed_ms":1.234"#;
+        assert_eq!(text(&Line::Summary(plain.clone())), format!("{want}}}"));
+        assert_eq!(
+            text(&Line::Summary(plain.with_relaxed(6, 7))),
+            format!(r#"{want},"relaxed_frames":6,"coalesced_writes":7}}"#)
+        );
     }
 
     #[test]

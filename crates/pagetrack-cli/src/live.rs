@@ -249,6 +249,17 @@ pub fn write_summary(out: &mut dyn Write, r: &Report) -> io::Result<()> {
         thousands(f.readonly_fragments as u64),
         thousands(f.budget as u64)
     )?;
+    if r.relaxed != crate::relaxed::RelaxedArg::Off {
+        let x = &r.stats.relaxed;
+        writeln!(
+            out,
+            "  relaxed:       {} frames ran relaxed, {} coalesced writes, {} syncs ({})",
+            thousands(x.frames_relaxed),
+            thousands(r.totals.coalesced_writes),
+            thousands(x.syncs),
+            nanos(x.sync_ns)
+        )?;
+    }
     Ok(())
 }
 

@@ -103,6 +103,7 @@ mod cmd;
 mod events;
 mod live;
 mod range;
+mod relaxed;
 mod session;
 
 use std::fmt;

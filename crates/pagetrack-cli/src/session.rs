@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use pagetrack::{AsId, Gfn, NotifierClass, NotifierHandle};
+use pagetrack::{AsId, Gfn, NotifierHandle};
 use pagetrack_kvm::{Vm, VmStats};
 use pagetrack_vmm::x86::{LongModeLayout, MAX_VCPUS, MIN_RAM_SIZE, USER_STACK_SIZE};
 use pagetrack_vmm::{FlatConfig, FlatGuest, Mode, RunOutcome};
@@ -14,6 +14,7 @@ use crate::UsageError;
 use crate::events::{EventSink, ExitLine, SummaryLine, Target, Totals};
 use crate::live::Progress;
 use crate::range::{TrackRange, format_size};
+use crate::relaxed::RelaxedArg;
 
 /// The most RAM `--mem` accepts. The tracker keeps 2 bytes per 4 KiB frame of RAM once
 /// tracking is on, so this bounds that to 32 MiB.
@@ -35,6 +36,10 @@ pub struct Plan {
     pub tracks: Vec<TrackRange>,
     /// `--events`.
     pub events: Option<Target>,
+    /// `--relaxed` (`--exact` resolved).
+    pub relaxed: RelaxedArg,
+    /// The auto policy's parameters.
+    pub policy: crate::relaxed::PolicyArgs,
 }
 
 /// Checks the plan against the RAM size and the long-mode layout.
@@ -145,6 +150,7 @@ struct Tracked {
     /// Counters after RAM set-up, before any track: the baseline of "slot changes for
     /// tracking".
     base: VmStats,
+    relaxed: RelaxedArg,
 }
 
 impl Session {
@@ -155,7 +161,8 @@ impl Session {
     /// [`UsageError`] for a bad plan or events file; KVM failures otherwise.
     pub fn start(plan: Plan) -> anyhow::Result<Session> {
         validate(&plan)?;
-        let guest = FlatGuest::new(plan.config, &plan.image).map_err(|e| match e {
+        let config = plan.config.relaxed(plan.relaxed.config(&plan.policy));
+        let guest = FlatGuest::new(config, &plan.image).map_err(|e| match e {
             pagetrack_vmm::Error::InvalidGuestImage { .. }
             | pagetrack_vmm::Error::InvalidConfig { .. }
             | pagetrack_vmm::Error::InvalidRamSize { .. }
@@ -169,7 +176,7 @@ impl Session {
         let sink = EventSink::new(plan.events.as_ref())?;
         let handle = vm
             .tracker()
-            .register(Arc::clone(&sink) as _, NotifierClass::Ordinary)
+            .register(Arc::clone(&sink) as _, plan.relaxed.register_options())
             .context("cannot register the event notifier")?;
         let mut frames: Vec<Gfn> = plan.tracks.iter().flat_map(TrackRange::frames).collect();
         frames.sort_unstable();
@@ -187,6 +194,7 @@ impl Session {
                 handle,
                 frames,
                 base,
+                relaxed: plan.relaxed,
             },
         })
     }
@@ -196,6 +204,9 @@ impl Session {
         let Session { guest, vm, tracked } = self;
         let live = progress.then(|| Progress::start(vm.clone(), Arc::clone(&tracked.sink)));
         let outcome = guest.run();
+        // The end of the run: relaxed frames' last changes (every vCPU exit synced already;
+        // this covers a run that ended without one, a timeout or an exit limit).
+        let _ = vm.sync();
         if let Some(p) = live {
             p.stop();
         }
@@ -242,6 +253,7 @@ impl Finished {
             handle,
             frames,
             base,
+            relaxed,
         } = tracked;
         // Returns after every in-flight callback finished: no event can follow.
         drop(handle);
@@ -256,13 +268,16 @@ impl Finished {
             outcome.code,
             outcome.detail.clone(),
         );
-        let summary = SummaryLine::new(
+        let mut summary = SummaryLine::new(
             totals.writes,
             totals.bytes,
             outcome.exits,
             slot_changes,
             outcome.elapsed,
         );
+        if relaxed != RelaxedArg::Off {
+            summary = summary.with_relaxed(stats.relaxed.frames_relaxed, totals.coalesced_writes);
+        }
         sink.finish(exit, summary)?;
         Ok(Report {
             chunk_bytes: vm.chunk_bytes(),
@@ -277,6 +292,7 @@ impl Finished {
             totals,
             frames,
             stats,
+            relaxed,
         })
     }
 }
@@ -302,4 +318,6 @@ pub struct Report {
     pub pauses: u64,
     /// Their time, nanoseconds.
     pub pause_ns: u64,
+    /// `--relaxed`.
+    pub relaxed: RelaxedArg,
 }

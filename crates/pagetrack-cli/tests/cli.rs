@@ -1065,3 +1065,176 @@ fn run_remaps_through_a_page_directory_the_guest_installs() {
         assert_eq!(writes(&lines).len(), if tracked { 514 } else { 0 });
     }
 }
+
+/// The contract's guest, as [`run_events_follow_the_json_contract_field_by_field`] runs it.
+fn contract_guest(dir: &TempDir) -> PathBuf {
+    dir.file(
+        "guest.bin",
+        &assemble(LOAD, |a| {
+            a.mov(byte_ptr(0x5000), 0x11)?;
+            a.mov(dword_ptr(0x5010), 0x4433_2211)?;
+            a.mov(rax, 0x8877_6655_4433_2211_u64)?;
+            a.mov(qword_ptr(0x5ffc), rax)?;
+            a.mov(byte_ptr(0x6000), 0x55)?;
+            a.mov(byte_ptr(0x7000), 0x77)?;
+            a.mov(byte_ptr(0x5000), 0x22)?;
+            exit_with(a, 7)
+        }),
+    )
+}
+
+#[test]
+fn run_relaxed_always_marks_coalesced_events_that_replay_to_the_final_bytes() {
+    let _kvm = kvm_or_skip!();
+    let dir = TempDir::new("relaxed");
+    let image = contract_guest(&dir);
+    let events = dir.path("events.jsonl");
+    let out = run_image(
+        &image,
+        &[
+            "--track",
+            "0x5000+0x1000",
+            "--track",
+            "0x7000",
+            "--relaxed",
+            "always",
+            "--events",
+            events.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(status(&out), 0, "stderr: {}", text(&out.stderr));
+    let lines: Vec<Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ws = writes(&lines);
+    assert!(!ws.is_empty());
+    // Replay on the initial zeros of frames 5 and 7 (frame 6 untracked).
+    let mut mem = vec![0u8; 0x3000];
+    for w in &ws {
+        assert_eq!(w["coalesced"], true, "{w}");
+        assert!(w["epoch"].as_u64().unwrap() >= 1, "{w}");
+        assert_eq!(w["source"], "guest");
+        assert!(w["vcpu"].is_null());
+        assert_eq!(w.as_object().unwrap().len(), 10, "{w}");
+        let gpa =
+            u64::from_str_radix(w["gpa"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let (old, new) = (
+            hex(w["old"].as_str().unwrap()),
+            hex(w["new"].as_str().unwrap()),
+        );
+        let at = usize::try_from(gpa - 0x5000).unwrap();
+        assert_eq!(&mem[at..at + old.len()], &old[..], "old bytes chain: {w}");
+        mem[at..at + new.len()].copy_from_slice(&new);
+    }
+    let mut want = vec![0u8; 0x3000];
+    want[0] = 0x22;
+    want[0x10..0x14].copy_from_slice(&[0x11, 0x22, 0x33, 0x44]);
+    want[0xffc..0x1000].copy_from_slice(&[0x11, 0x22, 0x33, 0x44]);
+    want[0x2000] = 0x77;
+    assert_eq!(&mem[..0x1000], &want[..0x1000], "frame 5 replays");
+    assert_eq!(mem[0x2000], 0x77, "frame 7 replays");
+    let exit = &lines[lines.len() - 2];
+    assert_eq!(
+        (exit["type"].as_str(), exit["code"].as_u64()),
+        (Some("exit"), Some(7))
+    );
+    let summary = lines.last().unwrap();
+    // The contract's summary keys, then the two relaxed-mode counts.
+    assert_eq!(summary.as_object().unwrap().len(), 8, "{summary}");
+    assert_eq!(summary["relaxed_frames"], 2);
+    assert_eq!(summary["coalesced_writes"], summary["tracked_writes"]);
+}
+
+#[test]
+fn run_exact_and_relaxed_off_give_the_default_stream() {
+    let _kvm = kvm_or_skip!();
+    let dir = TempDir::new("exact");
+    let image = contract_guest(&dir);
+    let mut streams = Vec::new();
+    for extra in [&[][..], &["--exact"][..], &["--relaxed", "off"][..]] {
+        let events = dir.path("events.jsonl");
+        let mut args = vec!["--track", "0x5000+0x1000", "--track", "0x7000"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--events", events.to_str().unwrap()]);
+        let out = run_image(&image, &args);
+        assert_eq!(status(&out), 0, "stderr: {}", text(&out.stderr));
+        let raw = std::fs::read_to_string(&events).unwrap();
+        // Every line but the summary's wall time is byte for byte the same.
+        let lines: Vec<String> = raw
+            .lines()
+            .map(|l| l.split(",\"elapsed_ms\"").next().unwrap().to_owned())
+            .collect();
+        assert!(!raw.contains("coalesced"));
+        streams.push(lines);
+    }
+    assert_eq!(streams[0], streams[1]);
+    assert_eq!(streams[0], streams[2]);
+    assert_usage_error(
+        &pagetrack(&["run", "x.bin", "--exact", "--relaxed", "always"]),
+        "--exact",
+    );
+}
+
+#[test]
+fn exec_busybox_relaxed_always_and_auto_match_native_output() {
+    let _kvm = kvm_or_skip!();
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "busybox-static is missing: run ./scripts/test, which installs it"
+    );
+    let dir = TempDir::new("exec-relaxed");
+    let text_in: String = (0..20_000)
+        .map(|i| format!("{} line {i}\n", (i * 7919) % 10_007))
+        .collect();
+    let input = dir.file("in.txt", text_in.as_bytes());
+    let input = input.to_str().unwrap();
+    let native = Command::new("/bin/busybox")
+        .args(["sort", "-n", input])
+        .output()
+        .unwrap();
+    assert!(native.status.success());
+    for mode in ["always", "auto"] {
+        let events = dir.path("ev.jsonl");
+        let out = pagetrack(&[
+            "exec",
+            "--relaxed",
+            mode,
+            "--track",
+            "writable",
+            "--events",
+            events.to_str().unwrap(),
+            "--",
+            "/bin/busybox",
+            "sort",
+            "-n",
+            input,
+        ]);
+        assert_eq!(status(&out), 0, "{mode}: stderr {}", text(&out.stderr));
+        assert!(
+            out.stdout == native.stdout,
+            "{mode}: output differs from native"
+        );
+        let raw = std::fs::read_to_string(&events).unwrap();
+        let summary: Value = raw
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|v| v["type"] == "summary")
+            .unwrap();
+        assert!(
+            summary["relaxed_frames"].as_u64().unwrap() > 0,
+            "{mode}: {summary}"
+        );
+        assert!(
+            summary["coalesced_writes"].as_u64().unwrap() > 0,
+            "{mode}: {summary}"
+        );
+    }
+}

@@ -313,6 +313,12 @@ impl ExitHandler {
             None => {
                 // The VMM's exit: its handling may update page tables.
                 drop(completion);
+                if res.is_ok() {
+                    // Memory becomes observable to the VMM (a system call, `out` to a
+                    // device, the end of the run): relaxed frames' changes are delivered
+                    // first (`relaxed.rs`).
+                    crate::relaxed::at_exit(&vm)?;
+                }
                 res.map(Ran::Exit).map_err(|source| Error::Kvm {
                     op: "KVM_RUN",
                     source,
@@ -351,6 +357,8 @@ impl ExitHandler {
                 } else {
                     self.check_stall(fd, ran)?;
                 }
+                // The stall monitor's kicks double as the relaxed frames' periodic sync.
+                crate::relaxed::periodic(&vm)?;
             }
             Kind::Store { gpa, data } => {
                 self.multi_store(fd, gpa, data.as_slice())?;
@@ -406,6 +414,9 @@ impl ExitHandler {
         } else {
             self.continue_string_store(fd, gpa, data.as_slice());
         }
+        // Relaxed mode's auto policy (a hot frame is promoted here, as a notifier adding a
+        // track would pause) and periodic sync.
+        crate::relaxed::after_trap(&vm, gpa)?;
         Ok(Handled::Done)
     }
 
@@ -469,12 +480,14 @@ impl ExitHandler {
     /// applied and reported as KVM reported them.
     fn split_store(&mut self, fd: &mut VcpuFd, first: Held, gpa: u64, data: IoData) -> Result<()> {
         let stepping = self.stepping(fd);
+        let first_gpa = first.gpa;
         let frags = [(first.gpa, first.data.as_slice()), (gpa, data.as_slice())];
         if !self.locked_rmw(fd, &frags)? {
             self.apply_held(&first);
             self.apply_held(&Held { gpa, data });
         }
         self.single_step |= stepping;
+        crate::relaxed::after_trap(&Arc::clone(&self.vm), first_gpa)?;
         Ok(())
     }
 

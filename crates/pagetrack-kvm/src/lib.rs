@@ -126,6 +126,7 @@ mod gate;
 mod handler;
 mod memory;
 mod pvmsr;
+mod relaxed;
 mod slots;
 mod store;
 mod string;
@@ -141,6 +142,7 @@ pub use memory::TrackedMemory;
 pub use pagetrack_x86::emulate;
 /// The guest page walker (moved to [`pagetrack_x86::walk`]).
 pub use pagetrack_x86::walk;
+pub use relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
 pub use slots::FragmentStats;
 pub use update::PageTableUpdate;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};

@@ -63,6 +63,9 @@ pub(crate) fn apply_with<E>(
         tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source));
         return Some(Ok(()));
     }
+    // A relaxed frame: its guest changes so far are delivered first, and its shadow takes
+    // these bytes (`relaxed.rs`); held until this write's event is delivered.
+    let mut relaxed = crate::relaxed::before_apply(vm, gpa, data.len() as u64);
     let mut small = [0u8; 64];
     let mut big = Vec::new();
     let old: &mut [u8] = if data.len() <= small.len() {
@@ -76,9 +79,11 @@ pub(crate) fn apply_with<E>(
     if let Err(e) = commit(&mem) {
         return Some(Err(e));
     }
+    crate::relaxed::after_apply(vm, &mut relaxed, gpa, old, data);
     vm.mark_dirty(gpa, data.len());
     vm.after_page_table_store(&mem, pt);
     tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source).with_old(old));
+    drop(relaxed);
     Some(Ok(()))
 }
 

@@ -1,6 +1,15 @@
 //! Enforcement by memslot fragments: guest RAM is registered with KVM in chunks; a chunk that
 //! holds tracked frames is cut into fragments, the tracked runs `KVM_MEM_READONLY` (so every
 //! guest store to them exits to userspace) and the rest writable (full speed).
+//!
+//! Relaxed frames (`relaxed.rs`) are tracked frames in writable fragments that carry
+//! `KVM_MEM_LOG_DIRTY_PAGES`: a relaxed run gets its own fragment (adjacent relaxed frames
+//! share one), unless every fragment logs anyway ([`crate::VmConfig::with_dirty_log`]), in
+//! which case relaxed frames simply join their writable neighbours. Every harvest of a
+//! fragment's log, whoever asks for it (the VMM's [`crate::Vm::take_dirty_log`], a re-cut
+//! deleting the fragment, a relaxed sync), is dispatched to both consumers: the VMM's
+//! [`DirtyBits`] and the chunk's `pending` bits of relaxed frames, so neither steals the
+//! other's pages.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,6 +29,9 @@ struct Piece {
     first: u64,
     pages: u64,
     readonly: bool,
+    /// A writable fragment with `KVM_MEM_LOG_DIRTY_PAGES` (always false for read-only
+    /// pieces, whose logging follows the VM's dirty-log setting and logs nothing anyway).
+    log: bool,
 }
 
 #[derive(Debug)]
@@ -28,6 +40,12 @@ struct Chunk {
     pages: u64,
     /// One bit per frame: protected (tracked) or not.
     protected: Vec<u64>,
+    /// One bit per protected frame that runs relaxed (writable, dirty-logged, shadowed).
+    relaxed: Vec<u64>,
+    /// Relaxed frames KVM logged dirty since their last diff (harvested, not yet diffed).
+    pending: Vec<u64>,
+    /// Set bits of `relaxed`.
+    relaxed_count: u64,
     frags: Vec<KvmSlot>,
 }
 
@@ -37,17 +55,27 @@ impl Chunk {
         self.protected[w] & (1 << b) != 0
     }
 
-    /// Runs of protected frames as read-only pieces, the gaps as writable ones.
-    fn layout(&self) -> Vec<Piece> {
+    fn is_relaxed(&self, page: u64) -> bool {
+        let (w, b) = word_bit(page);
+        self.relaxed[w] & (1 << b) != 0
+    }
+
+    /// Runs of strict protected frames as read-only pieces, the gaps as writable ones, and
+    /// runs of relaxed frames as logged writable ones (`log_all`: every writable piece logs,
+    /// so relaxed frames join the gaps).
+    fn layout(&self, log_all: bool) -> Vec<Piece> {
         let mut out: Vec<Piece> = Vec::new();
         for page in 0..self.pages {
-            let ro = self.is_protected(page);
+            let relaxed = self.relaxed_count > 0 && self.is_relaxed(page);
+            let ro = self.is_protected(page) && !relaxed;
+            let log = !ro && (relaxed || log_all);
             match out.last_mut() {
-                Some(p) if p.readonly == ro => p.pages += 1,
+                Some(p) if p.readonly == ro && p.log == log => p.pages += 1,
                 _ => out.push(Piece {
                     first: page,
                     pages: 1,
                     readonly: ro,
+                    log,
                 }),
             }
         }
@@ -61,8 +89,29 @@ impl Chunk {
                 first: (s.gpa() - self.gpa) / PAGE,
                 pages: s.size() / PAGE,
                 readonly: s.readonly(),
+                log: !s.readonly() && s.log_dirty(),
             })
             .collect()
+    }
+
+    /// Adds a harvested KVM bitmap of the fragment at `slot_gpa` to the relaxed frames'
+    /// pending bits.
+    fn absorb(&mut self, slot_gpa: u64, bitmap: &[u64]) {
+        if self.relaxed_count == 0 {
+            return;
+        }
+        let base = (slot_gpa - self.gpa) / PAGE;
+        for (i, &word) in bitmap.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let page = base + i as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                if page < self.pages && self.is_relaxed(page) {
+                    let (w, b) = word_bit(page);
+                    self.pending[w] |= 1 << b;
+                }
+            }
+        }
     }
 }
 
@@ -73,7 +122,9 @@ fn word_bit(page: u64) -> (usize, u32) {
 }
 
 /// Merges writable gaps into their read-only neighbours, smallest first, until at most `max`
-/// pieces remain (writes to the merged untracked frames then exit and are applied silently).
+/// pieces remain (writes to the merged untracked frames then exit and are applied silently;
+/// a merged relaxed frame's stores exit too and are applied as exact events, which keeps its
+/// shadow current: `memory.rs`).
 fn squeeze(mut pieces: Vec<Piece>, max: usize) -> Option<Vec<Piece>> {
     while pieces.len() > max {
         let has_ro = pieces.iter().any(|p| p.readonly);
@@ -87,11 +138,14 @@ fn squeeze(mut pieces: Vec<Piece>, max: usize) -> Option<Vec<Piece>> {
             .filter(|(_, p)| !p.readonly)
             .min_by_key(|(_, p)| p.pages)?;
         pieces[i].readonly = true;
+        pieces[i].log = false;
         // Coalesce neighbours that are now both read-only.
         let mut merged: Vec<Piece> = Vec::with_capacity(pieces.len());
         for p in pieces {
             match merged.last_mut() {
-                Some(last) if last.readonly == p.readonly => last.pages += p.pages,
+                Some(last) if last.readonly == p.readonly && last.log == p.log => {
+                    last.pages += p.pages
+                }
                 _ => merged.push(p),
             }
         }
@@ -196,10 +250,11 @@ impl Fragments {
         gpa: u64,
         size: u64,
         ro: bool,
+        log: bool,
     ) -> Result<KvmSlot> {
         let id = self.alloc_id()?;
         let t = Instant::now();
-        let res = KvmSlot::create(vm, id, mmap, gpa, size, ro, self.log_dirty);
+        let res = KvmSlot::create(vm, id, mmap, gpa, size, ro, self.log_dirty || log);
         self.account(t);
         match res {
             Ok(s) => {
@@ -217,19 +272,19 @@ impl Fragments {
         }
     }
 
-    /// Deletes `slot` from KVM, first moving its dirty log into `log` if given. On failure
-    /// the slot comes back with the error (KVM may still map it: the caller keeps it).
+    /// Deletes `slot` from KVM, first harvesting its dirty log if `harvest` (returned, for
+    /// [`Fragments::dispatch`]). On failure the slot comes back with the error (KVM may still
+    /// map it: the caller keeps it).
     fn delete(
         &mut self,
         vm: &VmFd,
         slot: KvmSlot,
-        log: Option<&DirtyBits>,
-    ) -> std::result::Result<(), (KvmSlot, Error)> {
-        if let Some(log) = log
-            && slot.log_dirty()
-        {
+        harvest: bool,
+    ) -> std::result::Result<Option<Vec<u64>>, (KvmSlot, Error)> {
+        let mut bits = None;
+        if harvest && slot.log_dirty() {
             match slot.take_dirty_log(vm) {
-                Ok(bits) => log.merge(slot.gpa(), &bits),
+                Ok(b) => bits = Some(b),
                 Err(e) => return Err((slot, Error::kvm("KVM_GET_DIRTY_LOG")(e))),
             }
         }
@@ -241,13 +296,22 @@ impl Fragments {
         self.free_ids.push(id);
         self.stats.fragments -= 1;
         self.stats.readonly_fragments -= usize::from(ro);
-        Ok(())
+        Ok(bits)
+    }
+
+    /// Hands a harvested bitmap of the fragment at `slot_gpa` (in chunk `c` of RAM `r`) to
+    /// both consumers: the VMM's dirty log and the relaxed frames' pending bits.
+    fn dispatch(&mut self, r: usize, c: usize, slot_gpa: u64, bits: &[u64]) {
+        if let Some(log) = &self.rams[r].dirty {
+            log.merge(slot_gpa, bits);
+        }
+        self.rams[r].chunks[c].absorb(slot_gpa, bits);
     }
 
     /// Deletes `slot` for good (its RAM is going away); one whose delete fails is kept in
     /// `stuck`, mapping and all.
     fn delete_or_keep(&mut self, vm: &VmFd, slot: KvmSlot) -> Result<()> {
-        self.delete(vm, slot, None).map_err(|(slot, e)| {
+        self.delete(vm, slot, false).map(drop).map_err(|(slot, e)| {
             self.stuck.push(slot);
             e
         })
@@ -277,13 +341,17 @@ impl Fragments {
         let mut at = gpa;
         while at < gpa + size {
             let len = self.chunk_bytes.min(gpa + size - at);
-            match self.create(vm, &mmap, at, len, false) {
+            match self.create(vm, &mmap, at, len, false, false) {
                 Ok(slot) => {
                     let pages = len / PAGE;
+                    let words = usize::try_from(pages.div_ceil(64)).unwrap_or(0);
                     chunks.push(Chunk {
                         gpa: at,
                         pages,
-                        protected: vec![0; usize::try_from(pages.div_ceil(64)).unwrap_or(0)],
+                        protected: vec![0; words],
+                        relaxed: vec![0; words],
+                        pending: vec![0; words],
+                        relaxed_count: 0,
                         frags: vec![slot],
                     });
                 }
@@ -317,21 +385,156 @@ impl Fragments {
     /// Moves KVM's dirty log of every fragment of the RAM region at `gpa` into the region's
     /// [`DirtyBits`]. Needs no vCPU pause.
     pub(crate) fn harvest(&mut self, vm: &VmFd, gpa: u64) -> Result<()> {
-        let Some(ram) = self.rams.iter().find(|r| r.gpa == gpa) else {
+        let Some(r) = self.rams.iter().position(|r| r.gpa == gpa) else {
             return Ok(());
         };
-        let Some(log) = &ram.dirty else {
+        if self.rams[r].dirty.is_none() {
             return Ok(());
-        };
-        for s in ram.chunks.iter().flat_map(|c| &c.frags) {
-            if s.log_dirty() {
-                let bits = s
-                    .take_dirty_log(vm)
-                    .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
-                log.merge(s.gpa(), &bits);
-            }
+        }
+        for c in 0..self.rams[r].chunks.len() {
+            self.harvest_chunk(vm, r, c, false)?;
         }
         Ok(())
+    }
+
+    /// Harvests every logging fragment of chunk `c` of RAM `r` (only those holding relaxed
+    /// frames if `relaxed_only`) and dispatches the bits.
+    fn harvest_chunk(&mut self, vm: &VmFd, r: usize, c: usize, relaxed_only: bool) -> Result<()> {
+        for i in 0..self.rams[r].chunks[c].frags.len() {
+            let chunk = &self.rams[r].chunks[c];
+            let s = &chunk.frags[i];
+            if !s.log_dirty() || s.readonly() {
+                continue;
+            }
+            let (first, pages) = ((s.gpa() - chunk.gpa) / PAGE, s.size() / PAGE);
+            if relaxed_only && !(first..first + pages).any(|p| chunk.is_relaxed(p)) {
+                continue;
+            }
+            let gpa = s.gpa();
+            let bits = s
+                .take_dirty_log(vm)
+                .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
+            self.dispatch(r, c, gpa, &bits);
+        }
+        Ok(())
+    }
+
+    /// The first step of a relaxed sync: harvests (and so re-protects: plain
+    /// `KVM_GET_DIRTY_LOG` write-protects exactly the pages it reports before returning) every
+    /// fragment holding relaxed frames, then returns the guest addresses of the relaxed frames
+    /// logged dirty since their last diff, in address order, and clears their pending bits.
+    /// Needs no vCPU pause. Costs one ioctl per relaxed fragment and O(dirty) more.
+    pub(crate) fn harvest_relaxed(&mut self, vm: &VmFd) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for r in 0..self.rams.len() {
+            for c in 0..self.rams[r].chunks.len() {
+                if self.rams[r].chunks[c].relaxed_count == 0 {
+                    continue;
+                }
+                self.harvest_chunk(vm, r, c, true)?;
+                let chunk = &mut self.rams[r].chunks[c];
+                for (w, word) in chunk.pending.iter_mut().enumerate() {
+                    let mut bits = std::mem::take(word);
+                    while bits != 0 {
+                        let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                        bits &= bits - 1;
+                        out.push(chunk.gpa + page * PAGE);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads the 4 KiB frame at `gpa` into `words` (little-endian words, aligned 8-byte
+    /// loads); leaves `words` as is if the frame is not RAM.
+    pub(crate) fn read_frame(&self, gpa: u64, words: &mut [u64]) {
+        use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress};
+        let Some((r, _)) = self.locate(gpa) else {
+            return;
+        };
+        let ram = &self.rams[r];
+        let base = gpa - ram.gpa;
+        for (i, w) in words.iter_mut().enumerate() {
+            let at = MemoryRegionAddress(base + i as u64 * 8);
+            if let Ok(v) = ram
+                .mmap
+                .load::<u64>(at, std::sync::atomic::Ordering::Relaxed)
+            {
+                *w = v;
+            }
+        }
+        let _ = ram.mmap.len();
+    }
+
+    /// True if the frame at `gpa` runs relaxed.
+    pub(crate) fn is_relaxed(&self, gpa: u64) -> bool {
+        self.locate(gpa).is_some_and(|(r, c)| {
+            let chunk = &self.rams[r].chunks[c];
+            chunk.relaxed_count > 0 && chunk.is_relaxed((gpa - chunk.gpa) / PAGE)
+        })
+    }
+
+    /// True if the frame at `gpa` is protected (tracked).
+    pub(crate) fn is_protected(&self, gpa: u64) -> bool {
+        self.locate(gpa).is_some_and(|(r, c)| {
+            let chunk = &self.rams[r].chunks[c];
+            chunk.is_protected((gpa - chunk.gpa) / PAGE)
+        })
+    }
+
+    /// Sets (only on protected frames) or clears the relaxed bit of each frame; returns the
+    /// frames whose bit changed and the chunks to re-cut. Clearing also drops pending bits:
+    /// the caller diffed them first.
+    pub(crate) fn set_relaxed(
+        &mut self,
+        gpas: impl Iterator<Item = u64>,
+        on: bool,
+    ) -> (Vec<u64>, Vec<(usize, usize)>) {
+        let mut frames = Vec::new();
+        let mut chunks: Vec<(usize, usize)> = Vec::new();
+        for gpa in gpas {
+            let Some((r, c)) = self.locate(gpa) else {
+                continue;
+            };
+            let chunk = &mut self.rams[r].chunks[c];
+            let page = (gpa - chunk.gpa) / PAGE;
+            if chunk.is_relaxed(page) == on || (on && !chunk.is_protected(page)) {
+                continue;
+            }
+            let (w, b) = word_bit(page);
+            if on {
+                chunk.relaxed[w] |= 1 << b;
+                chunk.relaxed_count += 1;
+            } else {
+                chunk.relaxed[w] &= !(1 << b);
+                chunk.pending[w] &= !(1 << b);
+                chunk.relaxed_count -= 1;
+            }
+            frames.push(gpa & !(PAGE - 1));
+            if chunks.last() != Some(&(r, c)) {
+                chunks.push((r, c));
+            }
+        }
+        chunks.sort_unstable();
+        chunks.dedup();
+        (frames, chunks)
+    }
+
+    /// Relaxed frames in all, and the guest addresses of all of them.
+    pub(crate) fn relaxed_frames(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for chunk in self.rams.iter().flat_map(|r| &r.chunks) {
+            if chunk.relaxed_count == 0 {
+                continue;
+            }
+            for page in 0..chunk.pages {
+                if chunk.is_relaxed(page) {
+                    out.push(chunk.gpa + page * PAGE);
+                }
+            }
+        }
+        out
     }
 
     /// Deletes every fragment of the RAM region starting at `gpa`.
@@ -373,11 +576,19 @@ impl Fragments {
                 continue;
             };
             let chunk = &mut self.rams[r].chunks[c];
-            let (w, b) = word_bit((gpa - chunk.gpa) / PAGE);
+            let page = (gpa - chunk.gpa) / PAGE;
+            let (w, b) = word_bit(page);
             if protect {
                 chunk.protected[w] |= 1 << b;
             } else {
                 chunk.protected[w] &= !(1 << b);
+                // An untracked frame stops being relaxed (its undelivered changes go with its
+                // tracking: `Vm::sync` first to have them).
+                if chunk.is_relaxed(page) {
+                    chunk.relaxed[w] &= !(1 << b);
+                    chunk.pending[w] &= !(1 << b);
+                    chunk.relaxed_count -= 1;
+                }
             }
             // One entry per run of frames in the same chunk, not one per frame.
             if dirty.last() != Some(&(r, c)) {
@@ -394,7 +605,7 @@ impl Fragments {
     /// where possible (never weaker protection than asked for).
     pub(crate) fn relayout(&mut self, vm: &VmFd, chunks: &[(usize, usize)]) -> Result<()> {
         for &(r, c) in chunks {
-            let want = self.rams[r].chunks[c].layout();
+            let want = self.rams[r].chunks[c].layout(self.log_dirty);
             let have = self.rams[r].chunks[c].current();
             if want == have {
                 continue;
@@ -410,7 +621,7 @@ impl Fragments {
             // Keep the fragments that stay as they are; delete the rest, then create the new
             // ones (deletes first: KVM refuses overlapping slots).
             let base = self.rams[r].chunks[c].gpa;
-            let log = self.rams[r].dirty.clone();
+            let harvest = self.rams[r].dirty.is_some() || self.rams[r].chunks[c].relaxed_count > 0;
             let mut old = std::mem::take(&mut self.rams[r].chunks[c].frags).into_iter();
             let mut kept = Vec::with_capacity(want.len());
             let mut failed = None;
@@ -419,16 +630,24 @@ impl Fragments {
                     first: (s.gpa() - base) / PAGE,
                     pages: s.size() / PAGE,
                     readonly: s.readonly(),
+                    log: !s.readonly() && s.log_dirty(),
                 };
+                let gpa = s.gpa();
                 if want.contains(&piece) {
                     kept.push(s);
-                } else if let Err((s, e)) = self.delete(vm, s, log.as_deref()) {
-                    // KVM still has this slot and those not yet visited: keep them all in
-                    // the table (the layout is then partly the old one, never weaker: a
-                    // deleted range has no slot, and every access to it exits).
-                    kept.push(s);
-                    failed = Some(e);
-                    break;
+                    continue;
+                }
+                match self.delete(vm, s, harvest) {
+                    Ok(Some(bits)) => self.dispatch(r, c, gpa, &bits),
+                    Ok(None) => {}
+                    Err((s, e)) => {
+                        // KVM still has this slot and those not yet visited: keep them all in
+                        // the table (the layout is then partly the old one, never weaker: a
+                        // deleted range has no slot, and every access to it exits).
+                        kept.push(s);
+                        failed = Some(e);
+                        break;
+                    }
                 }
             }
             kept.extend(old);
@@ -442,8 +661,14 @@ impl Fragments {
                 if have.contains(p) {
                     continue;
                 }
-                let slot =
-                    self.create(vm, &mmap, base + p.first * PAGE, p.pages * PAGE, p.readonly)?;
+                let slot = self.create(
+                    vm,
+                    &mmap,
+                    base + p.first * PAGE,
+                    p.pages * PAGE,
+                    p.readonly,
+                    p.log,
+                )?;
                 self.rams[r].chunks[c].frags.push(slot);
             }
             self.rams[r].chunks[c].frags.sort_by_key(KvmSlot::gpa);
@@ -479,13 +704,17 @@ impl Fragments {
                 .expect("found above, nothing removed since");
             let old = self.rams[r].chunks[c].frags.remove(i);
             let (size, ro) = (old.size(), old.readonly());
-            let log = self.rams[r].dirty.clone();
-            if let Err((old, e)) = self.delete(vm, old, log.as_deref()) {
-                self.rams[r].chunks[c].frags.insert(i, old);
-                return Err(e);
+            let log = !ro && old.log_dirty();
+            match self.delete(vm, old, true) {
+                Ok(Some(bits)) => self.dispatch(r, c, at, &bits),
+                Ok(None) => {}
+                Err((old, e)) => {
+                    self.rams[r].chunks[c].frags.insert(i, old);
+                    return Err(e);
+                }
             }
             let mmap = Arc::clone(&self.rams[r].mmap);
-            let slot = self.create(vm, &mmap, at, size, ro)?;
+            let slot = self.create(vm, &mmap, at, size, ro, log)?;
             self.rams[r].chunks[c].frags.insert(i, slot);
         }
         Ok(targets.len())
@@ -530,6 +759,7 @@ mod tests {
             first,
             pages,
             readonly,
+            log: false,
         }
     }
 
@@ -585,11 +815,17 @@ mod tests {
         )
         .expect("anonymous mapping");
         let chunks = (0..chunks)
-            .map(|i| Chunk {
-                gpa: BASE + i * chunk_bytes,
-                pages: chunk_pages,
-                protected: vec![0; usize::try_from(chunk_pages.div_ceil(64)).expect("small")],
-                frags: Vec::new(),
+            .map(|i| {
+                let words = usize::try_from(chunk_pages.div_ceil(64)).expect("small");
+                Chunk {
+                    gpa: BASE + i * chunk_bytes,
+                    pages: chunk_pages,
+                    protected: vec![0; words],
+                    relaxed: vec![0; words],
+                    pending: vec![0; words],
+                    relaxed_count: 0,
+                    frags: Vec::new(),
+                }
             })
             .collect();
         let mut f = Fragments::new(0, 64, chunk_bytes, false);
@@ -720,7 +956,7 @@ mod tests {
                 }
                 for c in 0..CHUNKS {
                     let chunk = &table.rams[0].chunks[usize::try_from(c).expect("small")];
-                    let natural = chunk.layout();
+                    let natural = chunk.layout(false);
                     prop_assert_eq!(&natural, &oracle_layout(&protected, c));
                     let bits: Vec<bool> = (0..CHUNK_PAGES)
                         .map(|pg| protected.contains(&(c * CHUNK_PAGES + pg)))
@@ -786,11 +1022,11 @@ mod tests {
         ];
         assert_eq!(table.mark(gpas.into_iter(), true), vec![(0, 0), (0, 1)]);
         assert_eq!(
-            table.rams[0].chunks[0].layout(),
+            table.rams[0].chunks[0].layout(false),
             vec![p(0, 255, false), p(255, 1, true)]
         );
         assert_eq!(
-            table.rams[0].chunks[1].layout(),
+            table.rams[0].chunks[1].layout(false),
             vec![p(0, 1, true), p(1, 255, false)]
         );
         assert_eq!(table.mark([end + PAGE].into_iter(), true), vec![]);
@@ -802,7 +1038,7 @@ mod tests {
         let mut table = table();
         let changed = table.mark((0..CHUNK_PAGES).step_by(2).map(|f| BASE + f * PAGE), true);
         assert_eq!(changed, vec![(0, 0)]);
-        let natural = table.rams[0].chunks[0].layout();
+        let natural = table.rams[0].chunks[0].layout(false);
         assert_eq!(natural.len(), 256);
         let bits: Vec<bool> = (0..CHUNK_PAGES).map(|pg| pg % 2 == 0).collect();
         for max in [1, 2, 7, 64, 255, 256] {
@@ -833,7 +1069,7 @@ mod tests {
         table.mark((0..700).step_by(3).map(|f| BASE + f * PAGE), false);
         let set: BTreeSet<u64> = tracked.into_iter().collect();
         for c in 0..2u64 {
-            let got = table.rams[0].chunks[usize::try_from(c).expect("small")].layout();
+            let got = table.rams[0].chunks[usize::try_from(c).expect("small")].layout(false);
             // The oracle: runs of equal protection over the chunk, from the set.
             let mut want: Vec<Piece> = Vec::new();
             for pg in 0..PAGES {
@@ -871,5 +1107,179 @@ mod tests {
         f.free_ids.push(101);
         f.stats.fragments -= 1;
         assert_eq!(f.alloc_id().expect("a freed id"), 101);
+    }
+}
+
+/// The mode state machine's bookkeeping (strict/relaxed bits, pending dirty bits, the layout
+/// they ask for) against an oracle of sets, over random sequences of tracking changes,
+/// promotions, demotions, dirty harvests and takes. No KVM: the planning halves only.
+#[cfg(test)]
+mod mode_model {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    const CHUNK_PAGES: u64 = 128;
+    const CHUNKS: u64 = 3;
+    const BASE: u64 = 0x1000_0000;
+
+    fn table() -> Fragments {
+        let size = CHUNKS * CHUNK_PAGES * PAGE;
+        let mmap = GuestRegionMmap::<()>::from_range(
+            GuestAddress(BASE),
+            usize::try_from(size).expect("small"),
+            None,
+        )
+        .expect("anonymous mapping");
+        let words = usize::try_from(CHUNK_PAGES.div_ceil(64)).expect("small");
+        let chunks = (0..CHUNKS)
+            .map(|i| Chunk {
+                gpa: BASE + i * CHUNK_PAGES * PAGE,
+                pages: CHUNK_PAGES,
+                protected: vec![0; words],
+                relaxed: vec![0; words],
+                pending: vec![0; words],
+                relaxed_count: 0,
+                frags: Vec::new(),
+            })
+            .collect();
+        let mut f = Fragments::new(0, 64, CHUNK_PAGES * PAGE, false);
+        f.rams.push(Ram {
+            gpa: BASE,
+            size,
+            mmap: Arc::new(mmap),
+            chunks,
+            dirty: None,
+        });
+        f
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Track(u64, u64),
+        Untrack(u64, u64),
+        Relax(u64, u64),
+        Strict(u64, u64),
+        /// KVM logged these frames dirty (a harvested bitmap, dispatched).
+        Dirty(Vec<u64>),
+        /// A sync takes the pending frames.
+        Take,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let n = CHUNKS * CHUNK_PAGES;
+        let run = (0..n, 1..40u64).prop_map(move |(f, l)| (f, l.min(n - f)));
+        prop_oneof![
+            run.clone().prop_map(|(f, l)| Op::Track(f, l)),
+            run.clone().prop_map(|(f, l)| Op::Untrack(f, l)),
+            run.clone().prop_map(|(f, l)| Op::Relax(f, l)),
+            run.prop_map(|(f, l)| Op::Strict(f, l)),
+            (0..n, 1..80u64).prop_map(move |(f, l)| Op::Dirty((f..(f + l).min(n)).collect())),
+            Just(Op::Take),
+        ]
+    }
+
+    fn take_pending(t: &mut Fragments) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        for (c, chunk) in t.rams[0].chunks.iter_mut().enumerate() {
+            for (w, word) in chunk.pending.iter_mut().enumerate() {
+                let mut bits = std::mem::take(word);
+                while bits != 0 {
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    out.insert(c as u64 * CHUNK_PAGES + page);
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn mode_bits_pending_and_layout_match_the_oracle(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut t = table();
+            let gpa = |f: u64| BASE + f * PAGE;
+            let (mut tracked, mut relaxed, mut pending) =
+                (BTreeSet::new(), BTreeSet::<u64>::new(), BTreeSet::new());
+            for op in &ops {
+                match op {
+                    Op::Track(f, l) => {
+                        t.mark((*f..f + l).map(gpa), true);
+                        tracked.extend(*f..f + l);
+                    }
+                    Op::Untrack(f, l) => {
+                        t.mark((*f..f + l).map(gpa), false);
+                        for x in *f..f + l {
+                            tracked.remove(&x);
+                            relaxed.remove(&x);
+                            pending.remove(&x);
+                        }
+                    }
+                    Op::Relax(f, l) => {
+                        let (frames, _) = t.set_relaxed((*f..f + l).map(gpa), true);
+                        let want: Vec<u64> = (*f..f + l)
+                            .filter(|x| tracked.contains(x) && !relaxed.contains(x))
+                            .collect();
+                        prop_assert_eq!(frames, want.iter().map(|&x| gpa(x)).collect::<Vec<_>>());
+                        relaxed.extend(want);
+                    }
+                    Op::Strict(f, l) => {
+                        let (frames, _) = t.set_relaxed((*f..f + l).map(gpa), false);
+                        let want: Vec<u64> =
+                            (*f..f + l).filter(|x| relaxed.contains(x)).collect();
+                        prop_assert_eq!(frames, want.iter().map(|&x| gpa(x)).collect::<Vec<_>>());
+                        for x in want {
+                            relaxed.remove(&x);
+                            pending.remove(&x);
+                        }
+                    }
+                    Op::Dirty(frames) => {
+                        for &x in frames {
+                            let c = usize::try_from(x / CHUNK_PAGES).expect("small");
+                            let chunk = &mut t.rams[0].chunks[c];
+                            let slot_gpa = chunk.gpa;
+                            let page = x % CHUNK_PAGES;
+                            let mut bitmap = vec![0u64; usize::try_from(CHUNK_PAGES / 64).expect("small")];
+                            bitmap[usize::try_from(page / 64).expect("small")] |= 1 << (page % 64);
+                            chunk.absorb(slot_gpa, &bitmap);
+                            if relaxed.contains(&x) {
+                                pending.insert(x);
+                            }
+                        }
+                    }
+                    Op::Take => {
+                        prop_assert_eq!(take_pending(&mut t), std::mem::take(&mut pending));
+                    }
+                }
+                // Invariants: relaxed ⊆ tracked; the bits and the layout say what the sets do.
+                prop_assert!(relaxed.is_subset(&tracked));
+                for x in 0..CHUNKS * CHUNK_PAGES {
+                    prop_assert_eq!(t.is_relaxed(gpa(x)), relaxed.contains(&x), "frame {}", x);
+                    prop_assert_eq!(t.is_protected(gpa(x)), tracked.contains(&x), "frame {}", x);
+                }
+                let mut listed = t.relaxed_frames();
+                listed.sort_unstable();
+                prop_assert_eq!(listed, relaxed.iter().map(|&x| gpa(x)).collect::<Vec<_>>());
+                for (c, chunk) in t.rams[0].chunks.iter().enumerate() {
+                    for p in chunk.layout(false) {
+                        for page in p.first..p.first + p.pages {
+                            let x = c as u64 * CHUNK_PAGES + page;
+                            let strict = tracked.contains(&x) && !relaxed.contains(&x);
+                            prop_assert_eq!(p.readonly, strict, "frame {} in {:?}", x, p);
+                            prop_assert_eq!(p.log, relaxed.contains(&x), "frame {} in {:?}", x, p);
+                        }
+                    }
+                    // With every fragment logging, relaxed frames join the writable gaps.
+                    for p in chunk.layout(true) {
+                        prop_assert_eq!(p.log, !p.readonly);
+                    }
+                }
+            }
+        }
     }
 }

@@ -275,6 +275,8 @@ fn inject(
 /// and counts them.
 pub(crate) fn report_writes(vm: &VmInner, writes: &[MemWrite], index: u32) {
     for w in writes {
+        // A relaxed frame's shadow takes the bytes (and its pending change of them goes first).
+        let _relaxed = crate::relaxed::applied(vm, w.gpa, &w.old, &w.new);
         vm.mark_dirty(w.gpa, w.new.len());
         vm.backend
             .counters

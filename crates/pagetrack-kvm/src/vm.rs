@@ -19,6 +19,7 @@ use crate::dirty::DirtyBits;
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::memory::TrackedMemory;
+use crate::relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
 use crate::slots::{FragmentStats, Fragments};
 use crate::update::PageTableUpdate;
 use crate::vcpu::Vcpu;
@@ -50,6 +51,8 @@ pub struct VmConfig {
     /// (its own memslots use the others); `None` uses ids from 0 up, at most
     /// [`HostCaps::nr_memslots`] minus [`VmConfig::reserved_slots`] of them.
     pub kvm_slots: Option<KvmSlotIds>,
+    /// Relaxed mode (`docs/RELAXED.md`): off by default.
+    pub relaxed: RelaxedConfig,
 }
 
 /// A range of KVM memslot ids a VMM leaves to pagetrack ([`VmConfig::with_kvm_slots`]).
@@ -71,6 +74,7 @@ impl Default for VmConfig {
             tracker: TrackerConfig::default().with_address_spaces(1),
             dirty_log: false,
             kvm_slots: None,
+            relaxed: RelaxedConfig::default(),
         }
     }
 }
@@ -127,6 +131,13 @@ impl VmConfig {
             }
         }
         Ok(())
+    }
+
+    /// The same configuration with relaxed mode set up as `relaxed` (see
+    /// [`VmConfig::relaxed`]).
+    pub fn with_relaxed(mut self, relaxed: RelaxedConfig) -> VmConfig {
+        self.relaxed = relaxed;
+        self
     }
 
     /// The same configuration with the zap-all quirk left as KVM has it.
@@ -246,6 +257,8 @@ pub struct VmStats {
     /// Failed re-cuts whose undo failed too (the layout is then stricter than the tracked
     /// set: writes to some untracked frames exit and are applied silently).
     pub restore_errors: u64,
+    /// Relaxed-mode counters.
+    pub relaxed: RelaxedStats,
 }
 
 #[derive(Debug, Default)]
@@ -276,11 +289,17 @@ pub(crate) struct Backend {
     pub(crate) counters: Counters,
     /// Structures KVM writes itself (named by the guest through MSRs): never tracked.
     pub(crate) kvm_written: crate::pvmsr::KvmWritten,
+    /// Relaxed mode (`relaxed.rs`).
+    pub(crate) relaxed: crate::relaxed::Relaxed,
 }
 
 impl Backend {
-    fn frags(&self) -> MutexGuard<'_, Fragments> {
+    pub(crate) fn frags(&self) -> MutexGuard<'_, Fragments> {
         self.frags.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn count_restore_error(&self) {
+        self.counters.restore_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     fn change(&self, runs: &[FrameRun], protect: bool) -> Result<()> {
@@ -292,14 +311,36 @@ impl Backend {
                 .check_protect(FrameRun::pairs(runs).map(|(_, g)| g))?;
         }
         let mut frags = self.frags();
-        let dirty = frags.mark(gpas(), protect);
+        // Relaxed frames being untracked: their shadows go (see `Vm::sync`).
+        let unrelaxed: Vec<u64> = if !protect && self.relaxed.active() > 0 {
+            gpas().filter(|&g| frags.is_relaxed(g)).collect()
+        } else {
+            Vec::new()
+        };
+        let mut dirty = frags.mark(gpas(), protect);
         if dirty.is_empty() {
             return Ok(());
         }
         let start = Instant::now();
         let _paused = self.gate.pause();
+        let mut relaxed_now = Vec::new();
+        if protect && self.relaxed.config.mode == RelaxedMode::Always {
+            // Tracked and relaxed at once: the fragment is created writable and logged, with
+            // the shadow taken now, while paused (`relaxed.rs`).
+            let (frames, chunks) = self.relaxed.relax_paused(&mut frags, gpas());
+            dirty.extend(chunks);
+            dirty.sort_unstable();
+            dirty.dedup();
+            relaxed_now = frames;
+        }
         let res = frags.relayout(&self.vm_fd, &dirty);
+        // Untracked relaxed frames are plain writable now (or, after a failed re-cut, strict
+        // again below): either way no longer relaxed.
+        self.relaxed.forget(&unrelaxed);
         if res.is_err() {
+            // Frames relaxed above go back to plain tracking with the undo below.
+            let (frames, _) = frags.set_relaxed(relaxed_now.iter().copied(), false);
+            self.relaxed.forget(&frames);
             // Restore the previous bits and layout as far as KVM allows. If that fails too,
             // the first error is the one to report, and what KVM is left with is safe: a
             // failed re-cut keeps the fragments it could not delete and leaves ranges it
@@ -645,10 +686,12 @@ impl Vm {
             frags: Mutex::new(Fragments::new(first_id, budget, chunk, config.dirty_log)),
             counters: Counters::default(),
             kvm_written: crate::pvmsr::KvmWritten::default(),
+            relaxed: crate::relaxed::Relaxed::new(config.relaxed),
         });
         crate::pvmsr::install(&backend.vm_fd, caps.msr_filter)?;
         let tracker =
             PageTracker::new(config.tracker, Arc::clone(&backend) as Arc<dyn Enforcement>);
+        backend.relaxed.set_tracker(Arc::downgrade(&tracker));
         Ok(Vm {
             inner: Arc::new(VmInner {
                 kvm,
@@ -1156,6 +1199,62 @@ impl Vm {
             pauses: c.pauses.load(Ordering::Relaxed),
             pause_ns: c.pause_ns.load(Ordering::Relaxed),
             restore_errors: c.restore_errors.load(Ordering::Relaxed),
+            relaxed: self.inner.backend.relaxed.stats(),
         }
+    }
+
+    /// Syncs every relaxed frame (`docs/RELAXED.md`): the changes guest stores made to them
+    /// since the last sync are delivered as coalesced events before this returns, so every
+    /// store that completed before the call is reported. vCPUs keep running. Does nothing when
+    /// no frame is relaxed, and inside a notifier receiving a sync's events.
+    ///
+    /// # Errors
+    /// A failed `KVM_GET_DIRTY_LOG` (the frames' changes stay pending for the next sync).
+    pub fn sync(&self) -> Result<SyncReport> {
+        crate::relaxed::sync(&self.inner)
+    }
+
+    /// Makes the tracked frames among `frames` relaxed now (a consumer's "this is hot"), as
+    /// far as the policy allows them (a mode other than [`RelaxedMode::Off`], every notifier
+    /// accepting coalesced events, no strict pin, the budget). Returns how many became
+    /// relaxed.
+    ///
+    /// # Errors
+    /// A KVM failure re-cutting the fragments (the frames then stay strict).
+    pub fn relax(&self, frames: &[Gfn]) -> Result<usize> {
+        let gpas: Vec<u64> = frames.iter().map(|g| g.gpa().0).collect();
+        crate::relaxed::promote(&self.inner, &gpas)
+    }
+
+    /// Returns the relaxed frames among `frames` to strict mode, after a final sync that
+    /// delivers their last changes.
+    ///
+    /// # Errors
+    /// A failed harvest or re-cut.
+    pub fn make_strict(&self, frames: &[Gfn]) -> Result<()> {
+        let gpas: Vec<u64> = frames.iter().map(|g| g.gpa().0).collect();
+        crate::relaxed::demote(&self.inner, &gpas)
+    }
+
+    /// Pins `frame` strict (a consumer that needs exact events for it): it never runs relaxed
+    /// while pinned, and a relaxed frame is made strict before this returns. Pins count.
+    ///
+    /// # Errors
+    /// A failed harvest or re-cut while making it strict.
+    pub fn pin_strict(&self, frame: Gfn) -> Result<()> {
+        crate::relaxed::pin(&self.inner, frame.gpa().0, true)
+    }
+
+    /// Drops one strict pin of `frame`.
+    ///
+    /// # Errors
+    /// None today (room for a policy that relaxes the frame at once).
+    pub fn unpin_strict(&self, frame: Gfn) -> Result<()> {
+        crate::relaxed::pin(&self.inner, frame.gpa().0, false)
+    }
+
+    /// True if `frame` runs relaxed now.
+    pub fn is_relaxed(&self, frame: Gfn) -> bool {
+        self.inner.backend.frags().is_relaxed(frame.gpa().0)
     }
 }

@@ -43,6 +43,8 @@ pub struct FlatConfig {
     /// Limit on KVM exits (trapped stores and every exit pagetrack handles itself included),
     /// exact: the run ends with [`EndReason::ExitLimit`] after at most this many.
     pub max_exits: Option<u64>,
+    /// Relaxed mode of tracked frames (off by default: one exact event per store).
+    pub relaxed: pagetrack_kvm::RelaxedConfig,
 }
 
 impl Default for FlatConfig {
@@ -54,6 +56,7 @@ impl Default for FlatConfig {
             vcpus: 1,
             timeout: None,
             max_exits: None,
+            relaxed: pagetrack_kvm::RelaxedConfig::default(),
         }
     }
 }
@@ -91,6 +94,11 @@ impl FlatConfig {
     /// Ending after `n` exits.
     pub fn max_exits(mut self, n: Option<u64>) -> FlatConfig {
         self.max_exits = n;
+        self
+    }
+    /// With relaxed mode set up as `relaxed`.
+    pub fn relaxed(mut self, relaxed: pagetrack_kvm::RelaxedConfig) -> FlatConfig {
+        self.relaxed = relaxed;
         self
     }
 }
@@ -164,7 +172,11 @@ impl FlatGuest {
     /// zero or too many vCPUs, a real-mode load address above 64 KiB, KVM failures.
     pub fn new(config: FlatConfig, image: &[u8]) -> Result<FlatGuest> {
         Self::validate(&config, image)?;
-        let vm = Vm::new(VmConfig::default().with_ram(config.mem))?;
+        let vm = Vm::new(
+            VmConfig::default()
+                .with_ram(config.mem)
+                .with_relaxed(config.relaxed),
+        )?;
         Self::with_vm(vm, config, image)
     }
 

@@ -24,6 +24,8 @@ mod memtest;
 mod misc;
 #[path = "process/oracle.rs"]
 mod oracle;
+#[path = "process/relaxed.rs"]
+mod relaxed;
 #[path = "process/remap.rs"]
 mod remap;
 #[path = "process/restart.rs"]
@@ -168,15 +170,25 @@ pub fn run_guest(
 /// Runs `cfg`, with the replay oracle registered when it tracks anything.
 pub fn run_config(kvm: Kvm, cfg: ProcessConfig) -> GuestRun {
     let tracked = !cfg.track.is_empty();
+    let cfg_relaxed = cfg.relaxed.mode;
     let start = std::time::Instant::now();
     let mut p = Process::with_kvm(kvm, cfg).unwrap();
     let oracle = tracked.then(|| {
         let o = Oracle::new();
         p.set_observer(Arc::clone(&o) as _);
+        // A relaxed configuration needs a notifier that accepts coalesced events.
+        let delivery = if cfg_relaxed == pagetrack_kvm::RelaxedMode::Off {
+            pagetrack::Delivery::EachWrite
+        } else {
+            pagetrack::Delivery::Coalesced
+        };
         let h = p
             .vm()
             .tracker()
-            .register(Arc::clone(&o) as _, NotifierClass::Ordinary)
+            .register(
+                Arc::clone(&o) as _,
+                pagetrack::RegisterOptions::new(NotifierClass::Ordinary).with_delivery(delivery),
+            )
             .unwrap();
         (o, h)
     });

@@ -13,6 +13,10 @@ pub enum Source {
     Vcpu(u32),
     /// A write by the VMM or one of its device models (DMA), through the backend's accessor.
     Device,
+    /// Guest stores whose writer is not known: a coalesced event
+    /// ([`WriteEvent::coalesced`]) found by a dirty-log diff, which says only that some vCPU
+    /// (or KVM itself on the guest's behalf) changed these bytes during its epoch.
+    Guest,
 }
 
 impl fmt::Display for Source {
@@ -20,6 +24,7 @@ impl fmt::Display for Source {
         match self {
             Source::Vcpu(n) => write!(f, "vcpu {n}"),
             Source::Device => f.write_str("device"),
+            Source::Guest => f.write_str("guest"),
         }
     }
 }
@@ -42,6 +47,14 @@ pub struct WriteEvent<'a> {
     pub old: Option<&'a [u8]>,
     /// Who wrote.
     pub source: Source,
+    /// `Some(epoch)` for a coalesced event: the net change of these bytes during relaxed
+    /// epoch `epoch` of a backend that diffs a dirty log against a shadow copy (pagetrack-kvm's
+    /// relaxed mode). `old` is the value at the previous sync, `new` the value read at this
+    /// one: intermediate values, the store count and size, the exact writer and the order
+    /// inside the epoch are lost. `None` (every event of a strict frame) is an exact event:
+    /// one store, as it happened. Only notifiers registered with [`Delivery::Coalesced`]
+    /// make a backend relax frames; see [`Delivery`].
+    pub coalesced: Option<u64>,
 }
 
 impl<'a> WriteEvent<'a> {
@@ -53,7 +66,20 @@ impl<'a> WriteEvent<'a> {
             new,
             old: None,
             source,
+            coalesced: None,
         }
+    }
+
+    /// The same event marked coalesced, belonging to relaxed epoch `epoch` (see
+    /// [`WriteEvent::coalesced`]).
+    pub fn in_epoch(mut self, epoch: u64) -> WriteEvent<'a> {
+        self.coalesced = Some(epoch);
+        self
+    }
+
+    /// True for a coalesced event (see [`WriteEvent::coalesced`]).
+    pub fn is_coalesced(&self) -> bool {
+        self.coalesced.is_some()
     }
 
     /// The same event with the replaced bytes.
@@ -131,9 +157,18 @@ pub enum NotifierClass {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Delivery {
-    /// One `track_write` per store (per page-sized piece of it), in delivery order.
+    /// One `track_write` per store (per page-sized piece of it), in delivery order. A
+    /// notifier registered this way needs exact events: while it is registered, a backend
+    /// keeps every frame strict ([`PageTracker::accepts_coalesced`](crate::PageTracker::accepts_coalesced)
+    /// is false).
     #[default]
     EachWrite,
+    /// Exact events, and also coalesced ones ([`WriteEvent::coalesced`]) for frames a backend
+    /// runs relaxed. Frames may be relaxed only while every registered notifier accepts this.
+    /// A notifier registered `EachWrite` while frames are relaxed may still see coalesced
+    /// events (marked) until the backend's next sync point returns them to strict mode: never
+    /// fewer changes, only coarser ones.
+    Coalesced,
 }
 
 /// Options for [`PageTracker::register`](crate::PageTracker::register).
@@ -142,7 +177,7 @@ pub enum Delivery {
 pub struct RegisterOptions {
     /// Dispatch group.
     pub class: NotifierClass,
-    /// Delivery mode (room for coalesced summaries later).
+    /// Delivery mode.
     pub delivery: Delivery,
 }
 
@@ -153,6 +188,14 @@ impl RegisterOptions {
             class,
             delivery: Delivery::EachWrite,
         }
+    }
+}
+
+impl RegisterOptions {
+    /// The same options with `delivery`.
+    pub fn with_delivery(mut self, delivery: Delivery) -> RegisterOptions {
+        self.delivery = delivery;
+        self
     }
 }
 

@@ -670,6 +670,7 @@ impl PageTracker {
                     new: &event.new[range.clone()],
                     old: event.old.and_then(|o| o.get(range.clone())),
                     source: event.source,
+                    coalesced: event.coalesced,
                 };
                 self.writes_tracked.fetch_add(1, Ordering::Relaxed);
                 self.bytes_tracked
@@ -1156,6 +1157,24 @@ impl PageTracker {
         #[cfg(feature = "notifiers")]
         {
             !self.registry.is_empty()
+        }
+        #[cfg(not(feature = "notifiers"))]
+        {
+            false
+        }
+    }
+
+    /// True if at least one notifier is registered and every one accepts coalesced events
+    /// ([`Delivery::Coalesced`](crate::Delivery::Coalesced)): only then may a backend run
+    /// frames relaxed. A lock-free snapshot, like [`PageTracker::has_external_user`].
+    pub fn accepts_coalesced(&self) -> bool {
+        #[cfg(feature = "notifiers")]
+        {
+            let list = self.registry.snapshot();
+            !list.is_empty()
+                && list
+                    .iter()
+                    .all(|e| e.options.delivery == crate::Delivery::Coalesced)
         }
         #[cfg(not(feature = "notifiers"))]
         {

@@ -147,6 +147,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             end: TABLE_END,
         }],
         events: args.events,
+        relaxed: crate::relaxed::RelaxedArg::Off,
+        policy: crate::relaxed::PolicyArgs::default(),
     };
     let mut out: Box<dyn Write> = if json_to_stdout {
         Box::new(std::io::stderr())

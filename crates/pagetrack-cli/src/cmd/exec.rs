@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use pagetrack::NotifierClass;
 use pagetrack_vmm::process::{
     Input, Output, Process, ProcessConfig, ProcessEnd, ProcessOutcome, Region, syscall_name,
 };
@@ -20,6 +19,7 @@ use serde::Serialize;
 use crate::UsageError;
 use crate::events::{EventSink, ExitLine, SummaryLine, Target};
 use crate::range::{parse_secs, parse_size};
+use crate::relaxed::RelaxedArg;
 
 /// The long help: the guest, containment, regions and the event stream.
 const EXEC_HELP: &str = "\
@@ -62,6 +62,14 @@ Events (--events FILE; standard output belongs to the program), JSON Lines:
     reason: exit, signal (a CPU exception or a fatal signal: its own, a timer's, SIGPIPE), timeout,
     error; code is the exit status pagetrack returns.
   {\"type\":\"summary\",...} as in `pagetrack run`.
+  With --relaxed auto (the default) or always, frames that take many stores run relaxed
+  (writable, dirty-logged, with a shadow copy): their changes arrive at every system call
+  (and every 10 ms) as coalesced write events, {...,\"source\":\"guest\",\"vcpu\":null,...,
+  \"coalesced\":true,\"epoch\":N}, and the summary line ends with \"relaxed_frames\" and
+  \"coalesced_writes\". auto relaxes a frame, with the tracked frames of its aligned 64 KiB
+  group, at its first trapped store (--promote-after N --promote-window MS: after N
+  within MS milliseconds). --exact
+  (--relaxed off) keeps one exact event per store.
   {\"type\":\"process\",\"syscalls\":23,\"unknown_syscalls\":{\"rt_sigaction (13)\":2},...}
     system calls by name, unknown and refused ones, stack growth faults, tracked and
     untracked frames, translation invalidations, and the time split between the guest
@@ -106,6 +114,15 @@ pub struct ExecArgs {
     /// calls, tracking, time split).
     #[arg(long)]
     summary: bool,
+    /// Relaxed mode of tracked frames: auto (hot frames run relaxed: coalesced events at
+    /// every system call), always, or off (one exact event per store).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = RelaxedArg::Auto)]
+    relaxed: RelaxedArg,
+    /// Exact events only: short for --relaxed off.
+    #[arg(long, conflicts_with = "relaxed")]
+    exact: bool,
+    #[command(flatten)]
+    policy: crate::relaxed::PolicyArgs,
     /// The program and its arguments (put them after `--`).
     #[arg(
         value_name = "PROGRAM",
@@ -286,6 +303,7 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
             })
             .collect()
     };
+    let relaxed = args.relaxed.resolve(args.exact);
     let mut config = ProcessConfig::new(&program)
         .argv0(argv0)
         .args(rest)
@@ -295,7 +313,8 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         .stdin(Input::Inherit)
         .stdout(Output::Inherit)
         .stderr(Output::Inherit)
-        .timeout(args.timeout);
+        .timeout(args.timeout)
+        .relaxed(relaxed.config(&args.policy));
     if let Some(d) = &args.dir {
         config = config.dir(d);
     }
@@ -317,10 +336,14 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let handle = process
         .vm()
         .tracker()
-        .register(Arc::clone(&sink) as _, NotifierClass::Ordinary)
+        .register(Arc::clone(&sink) as _, relaxed.register_options())
         .context("cannot register the event notifier")?;
     let base = process.vm().stats();
+    let vm = process.vm().clone();
     let outcome = process.run().context("the program's VM failed")?;
+    // The end of the run: relaxed frames' last changes (a run that ended in a system call
+    // synced already; this covers a signal or timeout).
+    vm.sync().context("cannot sync the relaxed frames")?;
     // Returns after every in-flight callback finished: no event can follow.
     drop(handle);
 
@@ -336,15 +359,20 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         s.vm.fragments
             .slot_changes
             .saturating_sub(base.fragments.slot_changes);
+    let mut summary = SummaryLine::new(
+        totals.writes,
+        totals.bytes,
+        s.exits + s.vm.trapped_writes,
+        slot_changes,
+        s.run_time,
+    );
+    if relaxed != RelaxedArg::Off {
+        let r = vm.stats().relaxed;
+        summary = summary.with_relaxed(r.frames_relaxed, totals.coalesced_writes);
+    }
     sink.finish(
         ExitLine::new(reason, Some(outcome.end.status()), detail),
-        SummaryLine::new(
-            totals.writes,
-            totals.bytes,
-            s.exits + s.vm.trapped_writes,
-            slot_changes,
-            s.run_time,
-        ),
+        summary,
     )?;
     if let Some(path) = &args.events {
         let mut f = OpenOptions::new()
@@ -360,6 +388,19 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
     if args.summary {
         write_summary(&mut err, &outcome, totals.writes)
             .context("cannot write to standard error")?;
+        if relaxed != RelaxedArg::Off {
+            let r = vm.stats().relaxed;
+            writeln!(
+                err,
+                "pagetrack: relaxed ({relaxed:?}): {} frames ran relaxed, {} coalesced write events, \
+                 {} syncs in {:.1} ms",
+                r.frames_relaxed,
+                totals.coalesced_writes,
+                r.syncs,
+                r.sync_ns as f64 / 1e6
+            )
+            .context("cannot write to standard error")?;
+        }
     }
     match &outcome.end {
         ProcessEnd::Exited(code) => Ok(ExitCode::from(*code)),

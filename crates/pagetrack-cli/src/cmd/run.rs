@@ -14,6 +14,7 @@ use crate::live;
 use crate::range::{
     TrackRange, format_size, parse_positive, parse_range, parse_secs, parse_size, parse_u64,
 };
+use crate::relaxed::RelaxedArg;
 use crate::session::{Plan, Report, Session};
 
 /// The long help: the guest's environment, the memory layout and the event stream.
@@ -69,6 +70,13 @@ Events (--events FILE, or - for standard output), JSON Lines in delivery order:
     tracked_writes/tracked_bytes: the write lines and their bytes; exits: vCPU exits to
     userspace (trapped stores included); slot_changes: KVM memslot changes made to start
     tracking; elapsed_ms: wall time of the guest run.
+  Relaxed frames (--relaxed auto|always): the frame is writable and dirty-logged; at each
+  sync point (every exit to the VMM: `out`, the end of the run; and every 10 ms) its
+  changes since the last sync are diffed against a shadow copy and delivered as coalesced
+  events: {...,\"source\":\"guest\",\"vcpu\":null,...,\"coalesced\":true,\"epoch\":N}, one per run of
+  changed 8-byte words (old = the value at the previous sync, new = now; intermediate
+  values and the writer are lost). The summary then ends with \"relaxed_frames\" and
+  \"coalesced_writes\". With --relaxed off (the default) nothing changes.
   With --events -, standard output carries only the stream. Otherwise standard output shows
   the live view (a progress line on a terminal), a table per tracked frame and a summary.
 
@@ -126,6 +134,15 @@ pub struct Args {
     /// Write every event as JSON Lines to FILE, or to standard output with "-".
     #[arg(long, value_name = "FILE|-", value_parser = Target::parse)]
     events: Option<Target>,
+    /// Relaxed mode of tracked frames: off (one exact event per store), auto (hot frames
+    /// run relaxed: coalesced events at sync points), always.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = RelaxedArg::Off)]
+    relaxed: RelaxedArg,
+    /// Exact events only: short for --relaxed off.
+    #[arg(long, conflicts_with = "relaxed")]
+    exact: bool,
+    #[command(flatten)]
+    policy: crate::relaxed::PolicyArgs,
 }
 
 fn parse_vcpus(s: &str) -> Result<u32, String> {
@@ -174,6 +191,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         image_name: args.image.display().to_string(),
         tracks: args.tracks,
         events: args.events,
+        relaxed: args.relaxed.resolve(args.exact),
+        policy: args.policy,
     };
     let session = Session::start(plan)?;
     let progress = !json_to_stdout && std::io::stdout().is_terminal();

@@ -22,6 +22,8 @@ pub struct Ev {
     pub new: Vec<u8>,
     pub old: Option<Vec<u8>>,
     pub source: Source,
+    /// The epoch of a coalesced event (relaxed frames), `None` for an exact one.
+    pub coalesced: Option<u64>,
 }
 
 /// A notifier that records every event in order.
@@ -35,6 +37,7 @@ impl TrackNotifier for Recorder {
             new: e.new.to_vec(),
             old: e.old.map(<[u8]>::to_vec),
             source: e.source,
+            coalesced: e.coalesced,
         });
     }
 }

@@ -56,6 +56,7 @@ fn ev(gpa: u64, old: &[u8], new: &[u8], source: Source) -> Ev {
         new: new.to_vec(),
         old: Some(old.to_vec()),
         source,
+        coalesced: None,
     }
 }
 

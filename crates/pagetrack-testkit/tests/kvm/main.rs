@@ -32,6 +32,7 @@ mod multistore;
 mod pagetables;
 mod realmode;
 mod refused;
+mod relaxed;
 mod remap;
 mod runahead;
 mod shapes;

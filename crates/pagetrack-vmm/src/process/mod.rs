@@ -174,6 +174,8 @@ pub struct ProcessConfig {
     pub stderr: Output,
     /// Ends the run after this long.
     pub timeout: Option<Duration>,
+    /// Relaxed mode of tracked frames (off by default: one exact event per store).
+    pub relaxed: pagetrack_kvm::RelaxedConfig,
 }
 
 impl ProcessConfig {
@@ -193,6 +195,7 @@ impl ProcessConfig {
             stdout: Output::Inherit,
             stderr: Output::Inherit,
             timeout: None,
+            relaxed: pagetrack_kvm::RelaxedConfig::default(),
         }
     }
 
@@ -259,6 +262,13 @@ impl ProcessConfig {
     /// Ending after `t`.
     pub fn timeout(mut self, t: Option<Duration>) -> ProcessConfig {
         self.timeout = t;
+        self
+    }
+
+    /// With relaxed mode set up as `relaxed` (the notifiers must accept coalesced events for
+    /// frames to run relaxed).
+    pub fn relaxed(mut self, relaxed: pagetrack_kvm::RelaxedConfig) -> ProcessConfig {
+        self.relaxed = relaxed;
         self
     }
 }
@@ -509,7 +519,12 @@ impl Process {
             &exe_path,
         )?;
 
-        let vm = Vm::with_kvm(kvm, VmConfig::default().with_ram(config.mem))?;
+        let vm = Vm::with_kvm(
+            kvm,
+            VmConfig::default()
+                .with_ram(config.mem)
+                .with_relaxed(config.relaxed),
+        )?;
         vm.add_ram(0, config.mem)?;
         let layout = LongModeLayout::new(config.mem)?;
         let mut vcpu = vm.create_vcpu(0)?;

@@ -91,7 +91,8 @@ impl TrackNotifier for Oracle {
         let gfn = e.gpa.0 >> 12;
         let off = usize::try_from(e.gpa.0 & 0xfff).unwrap();
         match e.source {
-            Source::Vcpu(_) => s.report.vcpu_events += 1,
+            // Coalesced events (relaxed frames) are the guest's stores too.
+            Source::Vcpu(_) | Source::Guest => s.report.vcpu_events += 1,
             _ => {
                 s.report.device_events += 1;
                 if s.kinds.get(&gfn) == Some(&PageKind::PageTable) {

@@ -1,0 +1,61 @@
+//! `--relaxed off|auto|always` and `--exact` of `run` and `exec`.
+
+use pagetrack::{Delivery, NotifierClass, RegisterOptions};
+use pagetrack_kvm::{RelaxedConfig, RelaxedMode};
+
+/// The auto policy's parameters (defaults: pagetrack_kvm's `RelaxedConfig`).
+#[derive(Clone, Copy, Debug, Default, clap::Args)]
+pub struct PolicyArgs {
+    /// --relaxed auto: trapped stores to one frame within the window that relax it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub promote_after: Option<u32>,
+    /// --relaxed auto: the window those stores are counted in, milliseconds.
+    #[arg(long = "promote-window", value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub promote_window_ms: Option<u64>,
+}
+
+/// When tracked frames may run relaxed (dirty log + shadow diff, coalesced events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RelaxedArg {
+    /// Every frame strict: one exact event per store.
+    Off,
+    /// A frame (with the tracked frames of its aligned 64 KiB group) is relaxed at its first
+    /// trapped store (--promote-after, --promote-window change that).
+    Auto,
+    /// Every tracked frame relaxed from the start.
+    Always,
+}
+
+impl RelaxedArg {
+    /// `--relaxed`, with `--exact` as a short form of `--relaxed off`.
+    pub fn resolve(self, exact: bool) -> RelaxedArg {
+        if exact { RelaxedArg::Off } else { self }
+    }
+
+    /// The VM's relaxed-mode settings, with the auto policy's `--promote-after` and
+    /// `--promote-window` where given.
+    pub fn config(self, policy: &PolicyArgs) -> RelaxedConfig {
+        let mut c = RelaxedConfig::new(match self {
+            RelaxedArg::Off => RelaxedMode::Off,
+            RelaxedArg::Auto => RelaxedMode::Auto,
+            RelaxedArg::Always => RelaxedMode::Always,
+        });
+        if let Some(n) = policy.promote_after {
+            c.promote_after = n;
+        }
+        if let Some(ms) = policy.promote_window_ms {
+            c.window = std::time::Duration::from_millis(ms);
+        }
+        c
+    }
+
+    /// How the event sink registers: accepting coalesced events unless off.
+    pub fn register_options(self) -> RegisterOptions {
+        let o = RegisterOptions::new(NotifierClass::Ordinary);
+        if self == RelaxedArg::Off {
+            o
+        } else {
+            o.with_delivery(Delivery::Coalesced)
+        }
+    }
+}

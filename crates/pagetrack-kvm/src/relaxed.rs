@@ -1,0 +1,683 @@
+//! Relaxed mode: hot tracked frames without a trap per store (`docs/RELAXED.md`).
+//!
+//! A *strict* frame lies in a read-only fragment: every guest store exits and is an exact
+//! event. A *relaxed* frame lies in a writable fragment with `KVM_MEM_LOG_DIRTY_PAGES`, and
+//! pagetrack keeps a shadow copy of it: at a sync the frames KVM logged dirty are diffed
+//! against their shadows and delivered as coalesced events ([`pagetrack::WriteEvent::coalesced`],
+//! old bytes from the shadow, new bytes from memory, source [`pagetrack::Source::Guest`]).
+//!
+//! The sync protocol (design note 3.7): **harvest and re-protect, then read and diff**. Plain
+//! `KVM_GET_DIRTY_LOG` does both in one step inside the ioctl (it write-protects exactly the
+//! pages it reports, and flushes TLBs, before returning), so a store that lands after it is
+//! logged again and found by the next sync; a store before it is visible to the diff. Diffing
+//! first would lose a store made between the diff and the re-protect.
+//!
+//! Mode switches happen with every vCPU paused (the gate):
+//! - strict → relaxed: the frame is read-only (or untracked) until the switch, so its memory
+//!   holds every change already reported; the shadow is copied from it while paused, then
+//!   the fragment becomes writable and logged.
+//! - relaxed → strict: paused, a final sync (harvest, diff, deliver), then the fragment
+//!   becomes read-only and the shadow goes.
+//!
+//! Locks, in order: a frame's stripe lock (`store.rs`), the sync lock, the fragment table,
+//! the shadows. Events are delivered with the sync lock held (so batches and device writes to
+//! relaxed frames are delivered in memory order), never with the fragment table or shadows
+//! locked.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use pagetrack::{Gpa, PageTracker, Source, WriteEvent};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+
+use crate::error::Result;
+use crate::slots::Fragments;
+use crate::vm::VmInner;
+
+const PAGE: u64 = 4096;
+/// [`PAGE`] as a `usize`.
+const PAGE_BYTES: usize = 4096;
+const WORDS: usize = 512;
+
+/// When tracked frames may run relaxed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RelaxedMode {
+    /// Never: every frame strict, one exact event per store.
+    #[default]
+    Off,
+    /// A strict frame is promoted once it took [`RelaxedConfig::promote_after`] trapped
+    /// stores within [`RelaxedConfig::window`].
+    Auto,
+    /// Every frame is relaxed as soon as it is tracked.
+    Always,
+}
+
+/// Relaxed-mode settings ([`crate::VmConfig::with_relaxed`]). Frames run relaxed only while
+/// every registered notifier accepts coalesced events
+/// ([`pagetrack::PageTracker::accepts_coalesced`]) and no [`crate::Vm::pin_strict`] holds
+/// them, and at most [`RelaxedConfig::max_frames`] at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelaxedConfig {
+    /// The policy.
+    pub mode: RelaxedMode,
+    /// Auto: trapped stores to one frame within [`RelaxedConfig::window`] that promote it.
+    pub promote_after: u32,
+    /// Auto: the window the trapped stores are counted in.
+    pub window: Duration,
+    /// The most frames relaxed at once (each holds a 4 KiB shadow).
+    pub max_frames: usize,
+    /// Auto: a hot frame is promoted together with the other tracked frames of its aligned
+    /// group of this many frames (a power of two; 1 = alone), so that neighbours share one
+    /// fragment and one re-cut instead of one each.
+    pub group_frames: u64,
+    /// Sync at least this often while vCPUs run. Checked at pagetrack's own exits (trapped
+    /// stores, and the stall monitor's kicks, which come every 50 ms to a vCPU that does not
+    /// exit), besides the sync at every exit to the VMM.
+    pub period: Duration,
+}
+
+impl Default for RelaxedConfig {
+    fn default() -> RelaxedConfig {
+        RelaxedConfig {
+            mode: RelaxedMode::Off,
+            // Measured (docs/PERFORMANCE.md, "Relaxed mode"): on this host a strict store
+            // costs about as much as a third of a promotion, and busybox's hot frames take
+            // few stores each, so every threshold above 1 cost bzip2 2-100x.
+            promote_after: 1,
+            window: Duration::from_secs(1),
+            max_frames: 16_384,
+            group_frames: 16,
+            period: Duration::from_millis(10),
+        }
+    }
+}
+
+impl RelaxedConfig {
+    /// The default settings with `mode`.
+    pub fn new(mode: RelaxedMode) -> RelaxedConfig {
+        RelaxedConfig {
+            mode,
+            ..RelaxedConfig::default()
+        }
+    }
+}
+
+/// Counters of relaxed mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelaxedStats {
+    /// Frames relaxed now.
+    pub relaxed_now: u64,
+    /// Distinct frames that ran relaxed at some time.
+    pub frames_relaxed: u64,
+    /// Strict → relaxed switches.
+    pub promotions: u64,
+    /// Relaxed → strict switches.
+    pub demotions: u64,
+    /// Syncs that found relaxed frames to harvest.
+    pub syncs: u64,
+    /// Coalesced events delivered.
+    pub coalesced_events: u64,
+    /// Bytes of those events.
+    pub coalesced_bytes: u64,
+    /// Time spent in syncs (harvest, diff and delivery), nanoseconds.
+    pub sync_ns: u64,
+}
+
+/// What one [`crate::Vm::sync`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyncReport {
+    /// The epoch the delivered events carry (0: nothing was relaxed, no epoch ended).
+    pub epoch: u64,
+    /// Relaxed frames KVM logged dirty since their last sync.
+    pub dirty_frames: usize,
+    /// Coalesced events delivered.
+    pub events: usize,
+}
+
+#[derive(Debug, Default)]
+struct Heat {
+    traps: u32,
+    since: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct SyncState {
+    epoch: u64,
+}
+
+thread_local! {
+    /// This thread is delivering a sync's events (a notifier's device write into a relaxed
+    /// frame must not sync again: the sync lock is this thread's).
+    static DELIVERING: Cell<bool> = const { Cell::new(false) };
+}
+
+struct Delivering;
+
+impl Delivering {
+    fn enter() -> Delivering {
+        DELIVERING.with(|d| d.set(true));
+        Delivering
+    }
+}
+
+impl Drop for Delivering {
+    fn drop(&mut self) {
+        DELIVERING.with(|d| d.set(false));
+    }
+}
+
+/// The relaxed-mode state of a VM (in its backend).
+#[derive(Debug)]
+pub(crate) struct Relaxed {
+    pub(crate) config: RelaxedConfig,
+    tracker: OnceLock<Weak<PageTracker>>,
+    sync: Mutex<SyncState>,
+    /// Shadow of each relaxed frame, by guest address: its contents at the last delivery.
+    shadows: Mutex<HashMap<u64, Box<[u64; WORDS]>>>,
+    ever: Mutex<HashSet<u64>>,
+    pins: Mutex<HashMap<u64, u32>>,
+    heat: Mutex<HashMap<u64, Heat>>,
+    active: AtomicUsize,
+    born: Instant,
+    last_sync_ns: AtomicU64,
+    promotions: AtomicU64,
+    demotions: AtomicU64,
+    syncs: AtomicU64,
+    coalesced_events: AtomicU64,
+    coalesced_bytes: AtomicU64,
+    sync_ns: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Relaxed {
+    pub(crate) fn new(config: RelaxedConfig) -> Relaxed {
+        Relaxed {
+            config,
+            tracker: OnceLock::new(),
+            sync: Mutex::default(),
+            shadows: Mutex::default(),
+            ever: Mutex::default(),
+            pins: Mutex::default(),
+            heat: Mutex::default(),
+            active: AtomicUsize::new(0),
+            born: Instant::now(),
+            last_sync_ns: AtomicU64::new(0),
+            promotions: AtomicU64::new(0),
+            demotions: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            coalesced_events: AtomicU64::new(0),
+            coalesced_bytes: AtomicU64::new(0),
+            sync_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn set_tracker(&self, tracker: Weak<PageTracker>) {
+        let _ = self.tracker.set(tracker);
+    }
+
+    /// Frames relaxed now (a lock-free hint for the fast paths).
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    fn accepts(&self) -> bool {
+        self.config.mode != RelaxedMode::Off
+            && self
+                .tracker
+                .get()
+                .and_then(Weak::upgrade)
+                .is_some_and(|t| t.accepts_coalesced())
+    }
+
+    pub(crate) fn stats(&self) -> RelaxedStats {
+        RelaxedStats {
+            relaxed_now: self.active() as u64,
+            frames_relaxed: lock(&self.ever).len() as u64,
+            promotions: self.promotions.load(Ordering::Relaxed),
+            demotions: self.demotions.load(Ordering::Relaxed),
+            syncs: self.syncs.load(Ordering::Relaxed),
+            coalesced_events: self.coalesced_events.load(Ordering::Relaxed),
+            coalesced_bytes: self.coalesced_bytes.load(Ordering::Relaxed),
+            sync_ns: self.sync_ns.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn is_shadowed(&self, gpa: u64) -> bool {
+        self.active() > 0 && lock(&self.shadows).contains_key(&(gpa & !(PAGE - 1)))
+    }
+
+    pub(crate) fn is_pinned(&self, gpa: u64) -> bool {
+        lock(&self.pins).contains_key(&(gpa & !(PAGE - 1)))
+    }
+
+    /// The frames of `gpas` that may become relaxed now, within the budget.
+    fn eligible(&self, gpas: impl Iterator<Item = u64>, frags: &Fragments) -> Vec<u64> {
+        if !self.accepts() {
+            return Vec::new();
+        }
+        let room = self.config.max_frames.saturating_sub(self.active());
+        let pins = lock(&self.pins);
+        gpas.map(|g| g & !(PAGE - 1))
+            .filter(|g| !pins.contains_key(g) && !frags.is_relaxed(*g))
+            .take(room)
+            .collect()
+    }
+
+    /// Relaxes the frames of `gpas` that are eligible ([`RelaxedConfig`]), with vCPUs
+    /// paused by the caller (which holds `frags` and re-cuts the returned chunks): takes
+    /// their shadows from memory and sets their relaxed bits. Used by the `Always` policy
+    /// when frames become tracked (their fragment is then created writable and logged at
+    /// once), and by promotions.
+    pub(crate) fn relax_paused(
+        &self,
+        frags: &mut Fragments,
+        gpas: impl Iterator<Item = u64>,
+    ) -> (Vec<u64>, Vec<(usize, usize)>) {
+        let want = self.eligible(gpas, frags);
+        if want.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        let (frames, chunks) = frags.set_relaxed(want.into_iter(), true);
+        let mut shadows = lock(&self.shadows);
+        for &f in &frames {
+            let mut sh = Box::new([0u64; WORDS]);
+            frags.read_frame(f, &mut sh[..]);
+            shadows.insert(f, sh);
+        }
+        drop(shadows);
+        lock(&self.ever).extend(frames.iter().copied());
+        self.active.fetch_add(frames.len(), Ordering::AcqRel);
+        self.promotions
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        (frames, chunks)
+    }
+
+    /// Forgets the shadows of frames that are no longer relaxed (untracked, or demoted).
+    pub(crate) fn forget(&self, frames: &[u64]) {
+        let mut shadows = lock(&self.shadows);
+        let mut n = 0;
+        for f in frames {
+            n += usize::from(shadows.remove(f).is_some());
+        }
+        self.active.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Auto policy, after a trapped store to the frame at `gpa`: true if the frame just
+    /// became hot enough to promote.
+    fn heat_up(&self, gpa: u64) -> bool {
+        if self.config.mode != RelaxedMode::Auto {
+            return false;
+        }
+        let now = Instant::now();
+        let mut heat = lock(&self.heat);
+        let h = heat.entry(gpa & !(PAGE - 1)).or_default();
+        match h.since {
+            Some(t) if now.duration_since(t) <= self.config.window => h.traps += 1,
+            _ => {
+                h.since = Some(now);
+                h.traps = 1;
+            }
+        }
+        if h.traps >= self.config.promote_after {
+            heat.remove(&(gpa & !(PAGE - 1)));
+            return true;
+        }
+        false
+    }
+}
+
+/// Syncs every relaxed frame of `vm` (see the module docs). Inside a notifier that is
+/// receiving a sync's events this does nothing (the sync running on this thread delivers).
+pub(crate) fn sync(vm: &VmInner) -> Result<SyncReport> {
+    let r = &vm.backend.relaxed;
+    if r.active() == 0 || DELIVERING.with(Cell::get) {
+        return Ok(SyncReport::default());
+    }
+    let mut st = lock(&r.sync);
+    sync_locked(vm, &mut st)
+}
+
+/// One changed run of a relaxed frame.
+struct Change {
+    gpa: u64,
+    old: Vec<u8>,
+    new: Vec<u8>,
+}
+
+fn sync_locked(vm: &VmInner, st: &mut SyncState) -> Result<SyncReport> {
+    let r = &vm.backend.relaxed;
+    let start = Instant::now();
+    // 1 + 2: harvest and re-protect (one ioctl per relaxed fragment).
+    let dirty = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
+    r.last_sync_ns
+        .store(nanos(r.born.elapsed()), Ordering::Relaxed);
+    if dirty.is_empty() {
+        return Ok(SyncReport::default());
+    }
+    st.epoch += 1;
+    let epoch = st.epoch;
+    // 3: read and diff, word by word (aligned 8-byte loads: a naturally aligned guest store
+    // is never torn), against the shadow; the shadow takes what was read.
+    let changes = diff(vm, &dirty);
+    // 4: deliver, in address order.
+    let _delivering = Delivering::enter();
+    let mut bytes = 0u64;
+    for c in &changes {
+        bytes += c.new.len() as u64;
+        vm.tracker.report_write(
+            &WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
+                .with_old(&c.old)
+                .in_epoch(epoch),
+        );
+    }
+    r.syncs.fetch_add(1, Ordering::Relaxed);
+    r.coalesced_events
+        .fetch_add(changes.len() as u64, Ordering::Relaxed);
+    r.coalesced_bytes.fetch_add(bytes, Ordering::Relaxed);
+    r.sync_ns
+        .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
+    Ok(SyncReport {
+        epoch,
+        dirty_frames: dirty.len(),
+        events: changes.len(),
+    })
+}
+
+fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
+    let mem = vm.mem.memory();
+    let mut shadows = lock(&vm.backend.relaxed.shadows);
+    let mut out = Vec::new();
+    for &f in dirty {
+        let Some(sh) = shadows.get_mut(&f) else {
+            continue;
+        };
+        let Ok(slice) = mem.get_slice(GuestAddress(f), PAGE_BYTES) else {
+            continue;
+        };
+        let mut run: Option<(usize, Vec<u8>, Vec<u8>)> = None;
+        for (w, old) in sh.iter_mut().enumerate() {
+            let new = slice
+                .load::<u64>(w * 8, Ordering::Relaxed)
+                .expect("inside the page slice");
+            if new == *old {
+                if let Some((at, o, n)) = run.take() {
+                    out.push(Change {
+                        gpa: f + at as u64 * 8,
+                        old: o,
+                        new: n,
+                    });
+                }
+                continue;
+            }
+            let r = run.get_or_insert_with(|| (w, Vec::new(), Vec::new()));
+            r.1.extend_from_slice(&old.to_le_bytes());
+            r.2.extend_from_slice(&new.to_le_bytes());
+            *old = new;
+        }
+        if let Some((at, o, n)) = run {
+            out.push(Change {
+                gpa: f + at as u64 * 8,
+                old: o,
+                new: n,
+            });
+        }
+    }
+    out
+}
+
+/// A write pagetrack applies to guest memory (a device write, or a trapped store to a
+/// relaxed frame that a squeezed layout made read-only): `write` changes memory, and the
+/// shadows of relaxed frames in `[gpa, gpa + len)` take the same bytes. For a relaxed frame
+/// the caller gets the sync lock held (after a sync, so the frame's earlier guest changes
+/// are delivered first) until it has delivered its own exact event: keep the returned guard
+/// until then.
+pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<MutexGuard<'_, SyncState>> {
+    let r = &vm.backend.relaxed;
+    if r.active() == 0 || DELIVERING.with(Cell::get) {
+        return None;
+    }
+    let first = gpa & !(PAGE - 1);
+    let last = (gpa + len - 1) & !(PAGE - 1);
+    let any = {
+        let shadows = lock(&r.shadows);
+        (first..=last)
+            .step_by(PAGE_BYTES)
+            .any(|f| shadows.contains_key(&f))
+    };
+    if !any {
+        return None;
+    }
+    let mut st = lock(&r.sync);
+    // A failed harvest leaves the frame's changes pending for the next sync; the write below
+    // is exact either way.
+    let _ = sync_locked(vm, &mut st);
+    Some(st)
+}
+
+/// After `before_apply` and the memory write that changed `old` into `data` at `gpa`: see
+/// [`settle`] (a guest store racing the write after the sync is delivered before its event).
+pub(crate) fn after_apply(
+    vm: &VmInner,
+    guard: &mut Option<MutexGuard<'_, SyncState>>,
+    gpa: u64,
+    old: &[u8],
+    data: &[u8],
+) {
+    if vm.backend.relaxed.active() == 0 {
+        return;
+    }
+    settle(vm, guard.as_deref_mut(), gpa, old, data);
+}
+
+/// A store pagetrack applied to guest memory itself, outside [`crate::memory::apply_write`]
+/// (an instruction it emulates, a locked read-modify-write it re-executes), `old` → `new`
+/// at `gpa`, already in memory: for bytes in relaxed frames, the guest's undelivered change
+/// of those bytes (shadow → `old`) is delivered first as a coalesced event, and the shadow
+/// takes `new`, so that the exact event that follows chains (its old bytes are the replay's).
+/// The sync lock is returned held: keep it until that exact event is delivered.
+pub(crate) fn applied<'a>(
+    vm: &'a VmInner,
+    gpa: u64,
+    old: &[u8],
+    new: &[u8],
+) -> Option<MutexGuard<'a, SyncState>> {
+    let r = &vm.backend.relaxed;
+    if r.active() == 0 || new.is_empty() {
+        return None;
+    }
+    let mut guard = (!DELIVERING.with(Cell::get)).then(|| lock(&r.sync));
+    settle(vm, guard.as_deref_mut(), gpa, old, new);
+    guard
+}
+
+/// The shadow side of a write to relaxed frames that changed `old` into `new` at `gpa`
+/// (already in memory): the guest's undelivered change of exactly these bytes (shadow →
+/// `old`: a store that landed after the last sync, even one racing this write) is delivered
+/// first as a coalesced event, and the shadow takes `new`. `st` is the sync lock's state when
+/// this thread holds it (it is inside a sync's delivery otherwise).
+fn settle(vm: &VmInner, st: Option<&mut SyncState>, gpa: u64, old: &[u8], new: &[u8]) {
+    let r = &vm.backend.relaxed;
+    let mut pending: Vec<Change> = Vec::new();
+    {
+        let mut shadows = lock(&r.shadows);
+        for (i, (&o, &n)) in old.iter().zip(new).enumerate() {
+            let at = gpa + i as u64;
+            let Some(sh) = shadows.get_mut(&(at & !(PAGE - 1))) else {
+                continue;
+            };
+            let off = usize::try_from(at % PAGE).expect("below 4096");
+            let shift = (off % 8) * 8;
+            let word = &mut sh[off / 8];
+            let was = u8::try_from((*word >> shift) & 0xff).expect("a byte");
+            if was != o {
+                match pending.last_mut() {
+                    Some(c) if c.gpa + c.new.len() as u64 == at && !at.is_multiple_of(PAGE) => {
+                        c.old.push(was);
+                        c.new.push(o);
+                    }
+                    _ => pending.push(Change {
+                        gpa: at,
+                        old: vec![was],
+                        new: vec![o],
+                    }),
+                }
+            }
+            *word = (*word & !(0xff << shift)) | (u64::from(n) << shift);
+        }
+    }
+    if pending.is_empty() {
+        return;
+    }
+    let epoch = st.map_or(0, |st| {
+        st.epoch += 1;
+        st.epoch
+    });
+    let _delivering = (!DELIVERING.with(Cell::get)).then(Delivering::enter);
+    for c in &pending {
+        vm.tracker.report_write(
+            &WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
+                .with_old(&c.old)
+                .in_epoch(epoch),
+        );
+    }
+    r.coalesced_events
+        .fetch_add(pending.len() as u64, Ordering::Relaxed);
+}
+
+/// Auto policy after a trapped store at `gpa` on a vCPU thread (no lock held): promotes the
+/// frame if it is hot; and a periodic sync if one is due.
+pub(crate) fn after_trap(vm: &VmInner, gpa: u64) -> Result<()> {
+    let r = &vm.backend.relaxed;
+    if r.config.mode == RelaxedMode::Off {
+        return Ok(());
+    }
+    // Always: a frame tracked before a coalesced notifier registered is relaxed at its
+    // first trapped store.
+    let hot = r.config.mode == RelaxedMode::Always || r.heat_up(gpa);
+    if hot && !r.is_pinned(gpa) {
+        let g = r.config.group_frames.max(1).next_power_of_two() * PAGE;
+        let first = gpa & !(g - 1);
+        let group: Vec<u64> = (first..first + g).step_by(PAGE_BYTES).collect();
+        promote(vm, &group)?;
+    }
+    periodic(vm)
+}
+
+/// A sync if the period since the last one has passed.
+pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
+    let r = &vm.backend.relaxed;
+    if r.active() == 0 {
+        return Ok(());
+    }
+    let now = nanos(r.born.elapsed());
+    if now.saturating_sub(r.last_sync_ns.load(Ordering::Relaxed)) >= nanos(r.config.period) {
+        sync(vm)?;
+    }
+    Ok(())
+}
+
+/// At an exit to the VMM (memory becomes observable): syncs; and if some notifier no longer
+/// accepts coalesced events, returns every frame to strict mode.
+pub(crate) fn at_exit(vm: &VmInner) -> Result<()> {
+    let r = &vm.backend.relaxed;
+    if r.active() == 0 {
+        return Ok(());
+    }
+    if !r.accepts() {
+        let all = vm.backend.frags().relaxed_frames();
+        return demote(vm, &all);
+    }
+    sync(vm).map(drop)
+}
+
+/// Strict → relaxed for the eligible frames of `gpas` that are tracked.
+pub(crate) fn promote(vm: &VmInner, gpas: &[u64]) -> Result<usize> {
+    let r = &vm.backend.relaxed;
+    if gpas.is_empty() || !r.accepts() {
+        return Ok(0);
+    }
+    // The frames' stripe locks: no completion or device write is half done on them.
+    let _held = vm.frame_locks.lock(gpas.iter().copied());
+    let mut frags = vm.backend.frags();
+    let tracked: Vec<u64> = gpas
+        .iter()
+        .copied()
+        .filter(|&g| frags.is_protected(g))
+        .collect();
+    let _paused = vm.backend.gate.pause();
+    let (relaxed, chunks) = r.relax_paused(&mut frags, tracked.iter().copied());
+    if chunks.is_empty() {
+        return Ok(0);
+    }
+    if let Err(e) = frags.relayout(&vm.backend.vm_fd, &chunks) {
+        // Back to strict: the frames were read-only until now, nothing was missed.
+        let (frames, back) = frags.set_relaxed(relaxed.iter().copied(), false);
+        r.forget(&frames);
+        if frags.relayout(&vm.backend.vm_fd, &back).is_err() {
+            vm.backend.count_restore_error();
+        }
+        return Err(e);
+    }
+    Ok(relaxed.len())
+}
+
+/// Relaxed → strict for the relaxed frames of `gpas`: with vCPUs paused, a final sync
+/// delivers their last changes, then their fragments become read-only.
+pub(crate) fn demote(vm: &VmInner, gpas: &[u64]) -> Result<()> {
+    let r = &vm.backend.relaxed;
+    if gpas.is_empty() || r.active() == 0 {
+        return Ok(());
+    }
+    // Paused first, then the sync lock: a vCPU finishing a continuation may need the sync
+    // lock (a store into a relaxed frame it completes), and the pause waits for it.
+    let _paused = vm.backend.gate.pause();
+    let mut st = lock(&r.sync);
+    // Nothing writes guest memory from here on but device writes, which sync first and take
+    // the sync lock this thread holds.
+    sync_locked(vm, &mut st)?;
+    let mut frags = vm.backend.frags();
+    let (frames, chunks) = frags.set_relaxed(gpas.iter().copied(), false);
+    if frames.is_empty() {
+        return Ok(());
+    }
+    r.forget(&frames);
+    r.demotions
+        .fetch_add(frames.len() as u64, Ordering::Relaxed);
+    frags.relayout(&vm.backend.vm_fd, &chunks)
+}
+
+/// Strict pins: a frame with a pin never runs relaxed (a pin on a relaxed frame demotes it
+/// before returning).
+pub(crate) fn pin(vm: &VmInner, gpa: u64, on: bool) -> Result<()> {
+    let r = &vm.backend.relaxed;
+    let f = gpa & !(PAGE - 1);
+    {
+        let mut pins = lock(&r.pins);
+        if on {
+            *pins.entry(f).or_insert(0) += 1;
+        } else if let Some(n) = pins.get_mut(&f) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&f);
+            }
+        }
+    }
+    if on && r.is_shadowed(f) {
+        demote(vm, &[f])?;
+    }
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! Relaxed mode on a real guest: frames in writable, dirty-logged fragments with a shadow
+//! copy, synced at exits to the VMM. The oracle throughout is the replay one: the initial
+//! memory plus every event (exact and coalesced, each event's old bytes checked against the
+//! replay so far) gives the final memory.
+
+use std::sync::Arc;
+
+use iced_x86::code_asm::*;
+use pagetrack::{AsId, Delivery, Gfn, NotifierClass, RegisterOptions, Source};
+use pagetrack_kvm::{Exit, RelaxedConfig, RelaxedMode, Vcpu, Vm, VmConfig};
+use pagetrack_testkit::{assemble, exit_with, kvm_or_skip};
+use pagetrack_vmm::x86::{self, EXCEPTION_PORT, GUEST_EXIT_PORT, LongModeLayout};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::common::*;
+
+const RAM: u64 = 16 << 20;
+/// The port the test guests use for a sync point (an exit to the VMM that does nothing else).
+const SYNC_PORT: u16 = 0x80;
+
+/// A recorder that accepts coalesced events.
+fn coalesced_recorder(vm: &Vm) -> (Arc<Recorder>, pagetrack::NotifierHandle) {
+    let rec = Arc::new(Recorder::default());
+    let h = vm
+        .tracker()
+        .register(
+            rec.clone(),
+            RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced),
+        )
+        .unwrap();
+    (rec, h)
+}
+
+fn relaxed_config(mode: RelaxedMode) -> VmConfig {
+    VmConfig::default()
+        .with_ram(RAM)
+        .with_relaxed(RelaxedConfig::new(mode))
+}
+
+/// Runs `vcpu` to the guest's exit, calling `at_sync(n)` at its `n`-th `out` to
+/// [`SYNC_PORT`]; returns the exit code. Panics on an exception, another exit or a timeout.
+fn run_syncing(
+    vm: &Vm,
+    layout: &LongModeLayout,
+    vcpu: &mut Vcpu,
+    mut at_sync: impl FnMut(u64),
+) -> u8 {
+    let stopper = vcpu.stopper();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(TIMEOUT).is_err() {
+            stopper.stop();
+        }
+    });
+    let mut syncs = 0;
+    let out = loop {
+        match vcpu.run().unwrap() {
+            Exit::IoOut {
+                port: SYNC_PORT, ..
+            } => {
+                syncs += 1;
+                at_sync(syncs);
+            }
+            Exit::IoOut {
+                port: GUEST_EXIT_PORT,
+                data,
+            } => break Ok(data.first()),
+            Exit::IoOut {
+                port: EXCEPTION_PORT,
+                ..
+            } => {
+                let ex = x86::decode_exception(vcpu.fd(), &*vm.untracked_memory(), layout).unwrap();
+                break Err(format!("guest exception: {ex}"));
+            }
+            other => break Err(format!("unexpected exit {other:?}")),
+        }
+    };
+    let _ = done_tx.send(());
+    watchdog.join().unwrap();
+    out.unwrap()
+}
+
+/// Guest: for round r = rcx down to 1: `rep stosb` 4 KiB of byte r over the frame at rdi,
+/// `[rdi + 0x800] = r`, `[rdi + 0x1000 + 8 r] = r` (the next frame), then a sync point.
+fn bursts() -> Vec<u8> {
+    assemble(ENTRY, |a| {
+        a.mov(r8, rcx)?; // r8 = round
+        a.mov(r9, rdi)?; // r9 = the frame
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(rdi, r9)?;
+        a.mov(rax, r8)?; // al = round
+        a.mov(ecx, 4096u32)?;
+        a.rep().stosb()?;
+        a.mov(qword_ptr(r9 + 0x800), r8)?;
+        a.mov(qword_ptr(r9 + r8 * 8 + 0x1000), r8)?;
+        a.mov(al, 0u32)?;
+        a.out(u32::from(SYNC_PORT), al)?;
+        a.dec(r8)?;
+        a.jnz(top)?;
+        exit_with(a, 3)
+    })
+}
+
+fn set_regs(vcpu: &Vcpu, f: impl FnOnce(&mut kvm_bindings::kvm_regs)) {
+    let mut regs = vcpu.fd().get_regs().unwrap();
+    f(&mut regs);
+    vcpu.fd().set_regs(&regs).unwrap();
+}
+
+#[test]
+fn always_relaxed_bursts_and_device_writes_replay_exactly() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(kvm, relaxed_config(RelaxedMode::Always), RAM, 1, &bursts());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x2000);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 2)
+        .unwrap();
+    assert!(g.vm.is_relaxed(Gfn(T >> 12)) && g.vm.is_relaxed(Gfn((T >> 12) + 1)));
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rcx = 20;
+    });
+    let vm = g.vm.clone();
+    let code = run_syncing(&g.vm, &g.layout, &mut g.vcpus[0], |n| {
+        // A device write at every sync point into the second frame, over bytes the guest
+        // also writes (its qwords at +0x40 and +0x48 in rounds 8 and 9).
+        vm.memory()
+            .write_slice(
+                &[0xd0 | u8::try_from(n % 16).unwrap(); 16],
+                GuestAddress(T + 0x1040),
+            )
+            .unwrap();
+    });
+    assert_eq!(code, 3);
+    g.vm.sync().unwrap();
+    let ev = rec.take();
+    replay(T, &initial, &ev, &read(&g.vm, T, 0x2000));
+
+    let coalesced: Vec<&Ev> = ev.iter().filter(|e| e.coalesced.is_some()).collect();
+    let device: Vec<&Ev> = ev.iter().filter(|e| e.source == Source::Device).collect();
+    assert_eq!(device.len(), 20, "one exact event per device write");
+    assert!(device.iter().all(|e| e.coalesced.is_none()));
+    assert!(coalesced.iter().all(|e| e.source == Source::Guest));
+    // Twenty bursts into frame 0, each a change of the whole frame: at least one coalesced
+    // event per burst, far fewer than the 4,096 stores of each.
+    assert!(
+        coalesced.len() >= 20,
+        "{} coalesced events",
+        coalesced.len()
+    );
+    let epochs: Vec<u64> = coalesced.iter().map(|e| e.coalesced.unwrap()).collect();
+    assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "epochs in order");
+    let s = g.vm.stats();
+    assert_eq!(s.trapped_writes, 0, "no store into a relaxed frame exited");
+    assert_eq!(s.relaxed.frames_relaxed, 2);
+    assert_eq!(s.relaxed.coalesced_events, coalesced.len() as u64);
+}
+
+#[test]
+fn a_notifier_that_needs_exact_events_keeps_every_frame_strict() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(kvm, relaxed_config(RelaxedMode::Always), RAM, 1, &bursts());
+    let (_relaxed, _h1) = coalesced_recorder(&g.vm);
+    let (exact, _h2) = recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x2000);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 2)
+        .unwrap();
+    assert!(!g.vm.is_relaxed(Gfn(T >> 12)));
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rcx = 1;
+    });
+    assert_eq!(run_syncing(&g.vm, &g.layout, &mut g.vcpus[0], |_| {}), 3);
+    let ev = exact.take();
+    assert!(ev.iter().all(|e| e.coalesced.is_none()));
+    assert_eq!(ev.len(), 4096 + 2, "one event per store");
+    replay(T, &initial, &ev, &read(&g.vm, T, 0x2000));
+    assert_eq!(g.vm.stats().relaxed.frames_relaxed, 0);
+}
+
+/// Guest: rcx single-byte stores of byte i at rdi + i (a burst that traps while strict).
+fn byte_burst() -> Vec<u8> {
+    assemble(ENTRY, |a| {
+        a.xor(eax, eax)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(byte_ptr(rdi + rax), al)?;
+        a.inc(rax)?;
+        a.cmp(rax, rcx)?;
+        a.jne(top)?;
+        exit_with(a, 3)
+    })
+}
+
+#[test]
+fn auto_promotes_a_frame_in_the_middle_of_a_write_burst() {
+    let kvm = kvm_or_skip!();
+    let mut policy = RelaxedConfig::new(RelaxedMode::Auto);
+    policy.promote_after = 16;
+    policy.window = std::time::Duration::from_secs(10);
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(policy);
+    let mut g = boot_with(kvm, config, RAM, 1, &byte_burst());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x1000);
+    g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+    assert!(!g.vm.is_relaxed(Gfn(T >> 12)), "auto starts strict");
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rcx = 4096;
+    });
+    assert_eq!(run_to_exit(&g.vm, &g.layout, &mut g.vcpus[0], TIMEOUT), 3);
+    assert!(g.vm.is_relaxed(Gfn(T >> 12)), "promoted");
+    let ev = rec.take();
+    replay(T, &initial, &ev, &read(&g.vm, T, 0x1000));
+    let promote_after = 16;
+    // The stores before the promotion are exact, one each, in order; the rest coalesced.
+    let exact: Vec<&Ev> = ev.iter().take_while(|e| e.coalesced.is_none()).collect();
+    assert!(exact.len() >= promote_after, "{} exact events", exact.len());
+    for (i, e) in exact.iter().enumerate() {
+        assert_eq!((e.gpa, e.source), (T + i as u64, Source::Vcpu(0)));
+    }
+    assert!(ev[exact.len()..].iter().all(|e| e.coalesced.is_some()));
+    let s = g.vm.stats();
+    assert_eq!(s.relaxed.promotions, 1);
+    assert!(
+        s.trapped_writes < 4096,
+        "the burst ran natively after the promotion"
+    );
+}
+
+#[test]
+fn a_strict_pin_in_the_middle_of_bursts_demotes_without_losing_a_change() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(kvm, relaxed_config(RelaxedMode::Always), RAM, 1, &bursts());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x2000);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 2)
+        .unwrap();
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rcx = 4;
+    });
+    let vm = g.vm.clone();
+    let mut marks = Vec::new();
+    let code = run_syncing(&g.vm, &g.layout, &mut g.vcpus[0], |n| {
+        if n == 2 {
+            // Frame 0 goes strict for the last two bursts; frame 1 stays relaxed.
+            vm.pin_strict(Gfn(T >> 12)).unwrap();
+            assert!(!vm.is_relaxed(Gfn(T >> 12)) && vm.is_relaxed(Gfn((T >> 12) + 1)));
+            marks.push(rec.0.lock().unwrap().len());
+        }
+    });
+    assert_eq!(code, 3);
+    let ev = rec.take();
+    replay(T, &initial, &ev, &read(&g.vm, T, 0x2000));
+    let after: Vec<&Ev> = ev[marks[0]..]
+        .iter()
+        .filter(|e| e.gpa < T + 0x1000)
+        .collect();
+    assert_eq!(
+        after.len(),
+        2 * (4096 + 1),
+        "strict again: one event per store"
+    );
+    assert!(after.iter().all(|e| e.coalesced.is_none()));
+    assert_eq!(g.vm.stats().relaxed.demotions, 1);
+    g.vm.unpin_strict(Gfn(T >> 12)).unwrap();
+}
+
+/// Guest: rcx times: `lock xadd [rdi], 1` (a shared counter), `[rsi + 8 (i % 512)] = i`
+/// (this vCPU's frame), a sync point every 64 iterations.
+fn counters() -> Vec<u8> {
+    assemble(ENTRY, |a| {
+        a.xor(r8, r8)?; // i
+        let mut top = a.create_label();
+        let mut no_sync = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(eax, 1u32)?;
+        a.lock().xadd(qword_ptr(rdi), rax)?;
+        a.mov(rax, r8)?;
+        a.and(eax, 511u32)?;
+        a.mov(qword_ptr(rsi + rax * 8), r8)?;
+        a.inc(r8)?;
+        a.test(r8, 63)?;
+        a.jnz(no_sync)?;
+        a.mov(al, 0u32)?;
+        a.out(u32::from(SYNC_PORT), al)?;
+        a.set_label(&mut no_sync)?;
+        a.cmp(r8, rcx)?;
+        a.jne(top)?;
+        exit_with(a, 3)
+    })
+}
+
+#[test]
+fn two_vcpus_on_relaxed_frames_replay_exactly_and_atomics_are_exact() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(
+        kvm,
+        relaxed_config(RelaxedMode::Always),
+        RAM,
+        2,
+        &counters(),
+    );
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x3000);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 3)
+        .unwrap();
+    const N: u64 = 20_000;
+    for (i, v) in g.vcpus.iter().enumerate() {
+        set_regs(v, |r| {
+            r.rdi = T;
+            r.rsi = T + 0x1000 * (1 + i as u64);
+            r.rcx = N;
+        });
+    }
+    let layout = g.layout.clone();
+    let threads: Vec<_> = g
+        .vcpus
+        .drain(..)
+        .map(|mut v| {
+            let (vm, layout) = (g.vm.clone(), layout.clone());
+            std::thread::spawn(move || run_syncing(&vm, &layout, &mut v, |_| {}))
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 3);
+    }
+    g.vm.sync().unwrap();
+    let fin = read(&g.vm, T, 0x3000);
+    assert_eq!(
+        u64::from_le_bytes(fin[..8].try_into().unwrap()),
+        2 * N,
+        "no lost update: atomics run natively on a relaxed frame"
+    );
+    let ev = rec.take();
+    assert!(ev.iter().all(|e| e.coalesced.is_some()));
+    replay(T, &initial, &ev, &fin);
+}
+
+/// Guest: `[rdi] = i++` until the word at rsi is non-zero (no exit of its own).
+fn spin_store() -> Vec<u8> {
+    assemble(ENTRY, |a| {
+        a.mov(ecx, 1u32)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(qword_ptr(rdi), rcx)?;
+        a.inc(rcx)?;
+        a.cmp(qword_ptr(rsi), 0)?;
+        a.je(top)?;
+        exit_with(a, 3)
+    })
+}
+
+#[test]
+fn device_writes_racing_guest_stores_on_the_same_word_replay_exactly() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(
+        kvm,
+        relaxed_config(RelaxedMode::Always),
+        RAM,
+        1,
+        &spin_store(),
+    );
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x1000);
+    g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rsi = U;
+    });
+    let vm = g.vm.clone();
+    let device = std::thread::spawn(move || {
+        for k in 0..200u64 {
+            // Over the word the guest keeps storing to: the guest's changes so far must be
+            // delivered before this exact event, or its old bytes break the replay.
+            vm.memory()
+                .write_obj(0xdead_0000_u64 + k, GuestAddress(T))
+                .unwrap();
+            std::thread::yield_now();
+        }
+        vm.untracked_memory()
+            .write_obj(1u64, vm_memory::GuestAddress(U))
+            .unwrap();
+    });
+    assert_eq!(run_to_exit(&g.vm, &g.layout, &mut g.vcpus[0], TIMEOUT), 3);
+    device.join().unwrap();
+    let ev = rec.take();
+    assert_eq!(
+        ev.iter().filter(|e| e.source == Source::Device).count(),
+        200
+    );
+    replay(T, &initial, &ev, &read(&g.vm, T, 0x1000));
+}
+
+#[test]
+fn auto_by_default_relaxes_the_aligned_group_of_the_first_trapped_frame() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(kvm, relaxed_config(RelaxedMode::Auto), RAM, 1, &bursts());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 32 * 0x1000);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 32)
+        .unwrap();
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rcx = 3;
+    });
+    assert_eq!(run_syncing(&g.vm, &g.layout, &mut g.vcpus[0], |_| {}), 3);
+    let group = RelaxedConfig::default().group_frames;
+    for f in 0..32 {
+        assert_eq!(
+            g.vm.is_relaxed(Gfn((T >> 12) + f)),
+            f < group,
+            "frame {f}: relaxed with its group only"
+        );
+    }
+    let ev = rec.take();
+    assert_eq!(
+        ev[0].coalesced, None,
+        "the trapped store that promoted is exact"
+    );
+    replay(T, &initial, &ev, &read(&g.vm, T, 32 * 0x1000));
+    assert_eq!(g.vm.stats().relaxed.frames_relaxed, group);
+}
+
+#[test]
+fn the_vmms_dirty_log_stays_exact_while_relaxed_syncs_share_the_harvest() {
+    let kvm = kvm_or_skip!();
+    let config = relaxed_config(RelaxedMode::Always).with_dirty_log();
+    let mut g = boot_with(kvm, config, RAM, 1, &bursts());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x8000);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 8)
+        .unwrap();
+    let slot = pagetrack::SlotId(0);
+    let _ = g.vm.take_dirty_log(slot).unwrap();
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rcx = 6;
+    });
+    let vm = g.vm.clone();
+    let mut logged = std::collections::BTreeSet::new();
+    let mut page_set = |bitmap: Vec<u64>| {
+        for (i, w) in bitmap.iter().enumerate() {
+            for b in 0..64 {
+                let page = i as u64 * 64 + b;
+                if w & (1 << b) != 0 && (T >> 12..(T >> 12) + 8).contains(&page) {
+                    logged.insert(page - (T >> 12));
+                }
+            }
+        }
+    };
+    let code = run_syncing(&g.vm, &g.layout, &mut g.vcpus[0], |n| {
+        // Every exit synced the relaxed frames (a harvest); the VMM's log still has them.
+        if n % 2 == 0 {
+            page_set(vm.take_dirty_log(slot).unwrap());
+        }
+    });
+    assert_eq!(code, 3);
+    page_set(g.vm.take_dirty_log(slot).unwrap());
+    // The guest writes frames 0 and 1 of the eight, nothing else.
+    assert_eq!(logged, [0u64, 1].into_iter().collect());
+    let ev = rec.take();
+    assert!(ev.iter().all(|e| e.coalesced.is_some()));
+    replay(T, &initial, &ev, &read(&g.vm, T, 0x8000));
+}
