@@ -30,6 +30,7 @@ mod pagetables;
 mod realmode;
 mod refused;
 mod remap;
+mod review10m;
 mod runahead;
 mod shapes;
 mod singlestep;

@@ -1,0 +1,189 @@
+//! Review of issue 10 items 3, 5 and 9 (multi-store instructions, completion in the vCPU's
+//! mode): hostile real-mode guests that try to make pagetrack complete `pusha` pushes that
+//! never ran, or lose a push of a far call or interrupt frame silently.
+//!
+//! Each guest runs natively (nothing tracked) and tracked, from the same memory. The tracked
+//! run must either end exactly as the native one (registers, flags, the stack and data
+//! frames, events replaying to the final memory) or stop with `Error::StoresLost`. Anything
+//! else is a silent difference: a lost, invented or wrong store.
+
+use iced_x86::IcedError;
+use iced_x86::code_asm::*;
+use pagetrack_kvm::Error;
+use pagetrack_testkit::assemble16;
+use pagetrack_vmm::x86::GUEST_EXIT_PORT;
+
+use crate::common::{Ev, replay};
+use crate::realmode::{End, run};
+
+/// The realmode harness's stack frame (SS = 0, SP starts at 0x7800).
+const STACK: u64 = 0x7000;
+/// Its data frame.
+const DATA: u64 = 0x9000;
+
+type Body = dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>;
+
+/// The realmode harness's initial pattern of the stack and data frames.
+fn initial() -> Vec<u8> {
+    (0..4096u32)
+        .map(|i| u8::try_from((i * 29 + 7) % 251).unwrap())
+        .collect()
+}
+
+fn ivt(vector: u64, seg: u16, ip: u16) -> (u64, Vec<u8>) {
+    (4 * vector, [ip.to_le_bytes(), seg.to_le_bytes()].concat())
+}
+
+/// Code at `ip` (assembled for that IP) that records the frame at SP (AX = [SP], BX =
+/// [SP+2], CX = [SP+4], DX = [SP+6], SI = [SP+8], DI = [SP+14]) and ends the run.
+fn frame_reader(ip: u64) -> Vec<u8> {
+    assemble16(ip, |a| {
+        a.mov(bp, sp)?;
+        a.mov(ax, word_ptr(bp))?;
+        a.mov(bx, word_ptr(bp + 2))?;
+        a.mov(cx, word_ptr(bp + 4))?;
+        a.mov(dx, word_ptr(bp + 6))?;
+        a.mov(si, word_ptr(bp + 8))?;
+        a.mov(di, word_ptr(bp + 14))?;
+        a.mov(al, 0)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)
+    })
+}
+
+/// How the tracked run ended when it did not stop with `Error::StoresLost`.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Exact,
+    Refused,
+}
+
+/// Runs `code` natively and with `tracked` frames tracked; asserts the tracked run is exact
+/// or stopped with `Error::StoresLost`.
+fn exact_or_refused(code: &Body, extra: &[(u64, Vec<u8>)], tracked: &[u64]) -> Option<Verdict> {
+    let native = run(code, extra, &[])?;
+    let End::Done(n) = native else {
+        panic!("the native run did not finish: {native:?}");
+    };
+    let t = match run(code, extra, tracked)? {
+        End::Done(t) => t,
+        End::Error(Error::StoresLost { .. }) => return Some(Verdict::Refused),
+        other => panic!("tracked run: neither exact nor Error::StoresLost: {other:?}"),
+    };
+    let (nr, r) = (&n.regs, &t.regs);
+    assert_eq!(
+        [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.rip, r.rflags
+        ],
+        [
+            nr.rax, nr.rbx, nr.rcx, nr.rdx, nr.rsi, nr.rdi, nr.rbp, nr.rsp, nr.rip, nr.rflags
+        ],
+        "registers tracked vs native (ax..di, bp, sp, ip, flags)"
+    );
+    let diff: Vec<usize> = (0..4096).filter(|&i| t.stack[i] != n.stack[i]).collect();
+    assert!(
+        diff.is_empty(),
+        "stack frame tracked vs native differs at offsets {diff:x?}"
+    );
+    assert!(t.data == n.data, "data frame tracked vs native");
+    let within = |base: u64| -> Vec<Ev> {
+        t.events
+            .iter()
+            .filter(|e| e.gpa >> 12 == base >> 12)
+            .cloned()
+            .collect()
+    };
+    replay(STACK, &initial(), &within(STACK), &t.stack);
+    replay(DATA, &initial(), &within(DATA), &t.data);
+    Some(Verdict::Exact)
+}
+
+/// The same far call into another segment with nothing spelled before the target: the
+/// fallback (no single-store explanation, paging off) refuses it. Held.
+#[test]
+fn review10m_far_call_into_another_segment_is_refused() {
+    let mut target = vec![0x90];
+    target.extend(frame_reader(0x0101));
+    let v = exact_or_refused(
+        &|a| a.db(&[0x9a, 0x01, 0x01, 0x00, 0x02]),
+        &[(0x2100, target)],
+        &[STACK, DATA],
+    );
+    if let Some(v) = v {
+        assert_eq!(v, Verdict::Refused);
+    }
+}
+
+/// `call far` with SP = 0x7002: CS lands on the tracked frame, the IP push on the untracked
+/// frame below (written by KVM). Exact (nothing dropped) or refused.
+#[test]
+fn review10m_far_call_straddling_into_an_untracked_frame() {
+    let Some(_) = exact_or_refused(
+        &|a| {
+            a.mov(sp, 0x7002)?;
+            a.db(&[0x9a, 0x00, 0x21, 0x00, 0x00])
+        },
+        &[(0x2100, frame_reader(0x2100))],
+        &[STACK, DATA],
+    ) else {
+        return;
+    };
+}
+
+/// `int3` and `into` (OF set) with a tracked stack: interrupt frames, refused. (`int1`,
+/// f1, is not emulated by KVM in real mode: the native run cannot run it.)
+#[test]
+fn review10m_int3_and_into_are_refused() {
+    for (vector, bytes) in [
+        (3u64, vec![0xccu8]),
+        (4, vec![0xb0, 0x7f, 0x04, 0x01, 0xce]), // mov al, 0x7f; add al, 1 (OF); into
+    ] {
+        let bytes = bytes.clone();
+        let v = exact_or_refused(
+            &move |a| a.db(&bytes),
+            &[ivt(vector, 0, 0x2000), (0x2000, frame_reader(0x2000))],
+            &[STACK, DATA],
+        );
+        if let Some(v) = v {
+            assert_eq!(v, Verdict::Refused, "vector {vector}");
+        }
+    }
+}
+
+/// `pushad` with SS base 0x7000 and SP = 6: the pushes wrap at 16 bits from SS:0 to
+/// SS:0xfffe (linear 0x16ffe, untracked). Exact.
+#[test]
+fn review10m_pusha_wrapping_sp_with_ss_base_is_exact() {
+    let Some(v) = exact_or_refused(
+        &|a| {
+            a.mov(eax, 0x1111_aaaa)?;
+            a.mov(ecx, 0x2222_bbbb)?;
+            a.mov(edx, 0x3333_cccc)?;
+            a.mov(bx, 0x700)?;
+            a.mov(ss, bx)?;
+            a.mov(sp, 6)?;
+            a.mov(ebx, 0x4444_dddd)?;
+            a.pusha()?;
+            a.xor(bx, bx)?;
+            a.mov(ss, bx)?;
+            a.mov(sp, 0x7800)
+        },
+        &[],
+        &[STACK, DATA],
+    ) else {
+        return;
+    };
+    assert_eq!(v, Verdict::Exact);
+}
+
+/// `call far` with an operand-size prefix in real mode (`66 9a` ptr16:32): 4-byte pushes.
+#[test]
+fn review10m_far_call_o32_is_refused() {
+    let v = exact_or_refused(
+        &|a| a.db(&[0x66, 0x9a, 0x00, 0x21, 0x00, 0x00, 0x00, 0x00]),
+        &[(0x2100, frame_reader(0x2100))],
+        &[STACK, DATA],
+    );
+    if let Some(v) = v {
+        assert_eq!(v, Verdict::Refused);
+    }
+}
