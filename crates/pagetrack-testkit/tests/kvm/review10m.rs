@@ -97,6 +97,27 @@ fn exact_or_refused(code: &Body, extra: &[(u64, Vec<u8>)], tracked: &[u64]) -> O
     Some(Verdict::Exact)
 }
 
+/// Hostile: `int 0x40` whose handler starts right after a 0x60 byte, with DI equal to the
+/// return IP. The IP push (the only one KVM passes on) is then also the DI push of a
+/// `pusha` ending at the handler's entry; pagetrack's pusha check runs before its interrupt
+/// check, so it may "complete" seven pushes that never ran (and lose the FLAGS and CS
+/// pushes). Exact or `Error::StoresLost`, never invented stores.
+#[test]
+fn review10m_int_handler_after_a_pusha_byte_invents_no_stores() {
+    let mut handler = vec![0x60];
+    handler.extend(frame_reader(0x2001));
+    let Some(_) = exact_or_refused(
+        &|a| {
+            a.mov(di, 0x1005)?; // bf 05 10: the IP after `int 0x40`
+            a.int(0x40) // cd 40 at 0x1003
+        },
+        &[ivt(0x40, 0, 0x2001), (0x2000, handler)],
+        &[STACK, DATA],
+    ) else {
+        return;
+    };
+}
+
 /// The same far call into another segment with nothing spelled before the target: the
 /// fallback (no single-store explanation, paging off) refuses it. Held.
 #[test]
