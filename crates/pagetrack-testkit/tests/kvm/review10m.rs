@@ -118,6 +118,24 @@ fn review10m_int_handler_after_a_pusha_byte_invents_no_stores() {
     };
 }
 
+/// Hostile: `call far 0:0x2101` (9a) whose target follows a 0x60 byte, with DI equal to the
+/// return IP: the return-IP push is also the DI push of a `pusha` at 0x2100.
+#[test]
+fn review10m_far_call_target_after_a_pusha_byte_invents_no_stores() {
+    let mut target = vec![0x60];
+    target.extend(frame_reader(0x2101));
+    let Some(_) = exact_or_refused(
+        &|a| {
+            a.mov(di, 0x1008)?; // the IP after the far call
+            a.db(&[0x9a, 0x01, 0x21, 0x00, 0x00]) // call far 0x0000:0x2101
+        },
+        &[(0x2100, target)],
+        &[STACK, DATA],
+    ) else {
+        return;
+    };
+}
+
 /// The same far call into another segment with nothing spelled before the target: the
 /// fallback (no single-store explanation, paging off) refuses it. Held.
 #[test]
