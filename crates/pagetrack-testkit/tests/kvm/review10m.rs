@@ -136,6 +136,23 @@ fn review10m_far_call_target_after_a_pusha_byte_invents_no_stores() {
     };
 }
 
+/// Hostile: `call far 0x0200:0x0101` into another code segment whose target follows a
+/// `push ax` byte. pagetrack looks for the far call in the *current* code segment (the
+/// callee's), does not find it, and the fallback accepts `push ax` as the explanation: the
+/// dropped push of the caller's CS must not be lost silently.
+#[test]
+fn review10m_far_call_into_another_segment_after_a_push_byte_loses_no_store() {
+    let mut target = vec![0x50]; // push ax
+    target.extend(frame_reader(0x0101));
+    let Some(_) = exact_or_refused(
+        &|a| a.db(&[0x9a, 0x01, 0x01, 0x00, 0x02]), // call far 0x0200:0x0101
+        &[(0x2100, target)],
+        &[STACK, DATA],
+    ) else {
+        return;
+    };
+}
+
 /// The same far call into another segment with nothing spelled before the target: the
 /// fallback (no single-store explanation, paging off) refuses it. Held.
 #[test]
