@@ -169,6 +169,25 @@ fn review10m_far_call_into_another_segment_is_refused() {
     }
 }
 
+/// Hostile: `int 0x40` with SP = 0x7004 so that FLAGS (0x7002) and CS (0x7000) land on the
+/// tracked stack frame and IP (0x6ffe) on the untracked frame below. KVM writes the IP push
+/// itself and passes on only the CS push, which is not at SP: the FLAGS push must not be
+/// lost silently.
+#[test]
+fn review10m_int_frame_straddling_into_an_untracked_frame_loses_no_store() {
+    let Some(_) = exact_or_refused(
+        &|a| {
+            a.mov(sp, 0x7004)?;
+            a.stc()?;
+            a.int(0x40)
+        },
+        &[ivt(0x40, 0, 0x2000), (0x2000, frame_reader(0x2000))],
+        &[STACK, DATA],
+    ) else {
+        return;
+    };
+}
+
 /// `call far` with SP = 0x7002: CS lands on the tracked frame, the IP push on the untracked
 /// frame below (written by KVM). Exact (nothing dropped) or refused.
 #[test]
