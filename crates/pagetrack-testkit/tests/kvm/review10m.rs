@@ -262,3 +262,77 @@ fn review10m_far_call_o32_is_refused() {
         assert_eq!(v, Verdict::Refused);
     }
 }
+
+/// A CPL3 32-bit (compatibility-mode) code segment written into the harness GDT's unused
+/// slot 0x38 (vCPU 1's TSS descriptor; the harness runs one vCPU): selector 0x3b.
+const COMPAT_CS: u16 = 0x3b;
+
+fn compat_segment(vm: &pagetrack_kvm::Vm) {
+    use vm_memory::{Bytes, GuestAddress};
+    let layout = pagetrack_vmm::x86::LongModeLayout::new(pagetrack_testkit::twopass::RAM).unwrap();
+    // Base 0, limit 0xfffff (G), D = 1, L = 0, P, DPL 3, code execute/read.
+    let desc: u64 = 0x00cf_fa00_0000_ffff;
+    vm.raw_memory()
+        .write_obj(desc, GuestAddress(layout.gdt() + 0x38))
+        .unwrap();
+}
+
+/// The same with `call far m16:32` (ff 9f): 4-byte pushes, found and refused. Held.
+#[test]
+fn review10m_far_call_m16_32_into_compat_mode_is_refused() {
+    far_call_into_compat(false);
+}
+
+fn far_call_into_compat(rex_w: bool) {
+    use pagetrack_testkit::twopass::Ending;
+    let Some(kvm) = pagetrack_testkit::gate::open_kvm_or_skip(module_path!()) else {
+        return;
+    };
+    let body = |a: &mut CodeAssembler| {
+        let mut target = a.create_label();
+        let mut back = a.create_label();
+        let mut after = a.create_label();
+        a.lea(rax, ptr(target))?;
+        a.mov(qword_ptr(rdi + 0x800), rax)?;
+        let sel = if rex_w { 0x808 } else { 0x804 };
+        a.mov(word_ptr(rdi + sel), u32::from(COMPAT_CS))?;
+        // The far pointer back to 64-bit code, for the compat code's `jmp far [esi]`.
+        a.lea(rax, ptr(back))?;
+        a.mov(dword_ptr(rdi + 0x900), eax)?;
+        a.mov(
+            word_ptr(rdi + 0x904),
+            u32::from(pagetrack_vmm::x86::USER_CS),
+        )?;
+        a.lea(rsi, ptr(rdi + 0x900))?;
+        a.xor(ebx, ebx)?;
+        a.mov(rbp, rsp)?;
+        a.lea(rsp, ptr(rdi + 0xf00))?;
+        if rex_w {
+            a.db(&[0x48])?;
+        }
+        a.db(&[0xff, 0x9f, 0x00, 0x08, 0x00, 0x00])?;
+        a.jmp(after)?;
+        a.set_label(&mut target)?;
+        // 32-bit code: mov ebx, [esp + 8 or 4] (the pushed CS); jmp far [esi].
+        a.db(&[
+            0x8b,
+            0x5c,
+            0x24,
+            if rex_w { 0x08 } else { 0x04 },
+            0xff,
+            0x2e,
+        ])?;
+        a.set_label(&mut back)?;
+        a.mov(rsp, rbp)?;
+        a.set_label(&mut after)?;
+        a.nop()
+    };
+    let run = pagetrack_testkit::TwoPass::new(&body).run_with(kvm, compat_segment);
+    match &run.ending {
+        Ending::Error(Error::StoresLost { .. }) => {
+            assert_ne!(run.native, run.initial, "the untracked pass stored");
+        }
+        _ if rex_w => run.assert_exact(),
+        other => panic!("expected Error::StoresLost, got {other:?}"),
+    }
+}
