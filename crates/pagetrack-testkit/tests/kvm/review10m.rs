@@ -277,6 +277,16 @@ fn compat_segment(vm: &pagetrack_kvm::Vm) {
         .unwrap();
 }
 
+/// Hostile (64-bit): `call far m16:64` (48 ff 9f) onto a tracked stack into a 32-bit
+/// compatibility-mode code segment. After the exit the vCPU is in compatibility mode:
+/// pagetrack checks the (8-byte) return-offset push with its legacy-mode rules, which only
+/// look at 2- and 4-byte pushes, so the dropped CS push must not be lost silently. The
+/// target reads the pushed CS ([esp+8]) into EBX and jumps back to 64-bit code.
+#[test]
+fn review10m_far_call_m16_64_into_compat_mode_loses_no_store() {
+    far_call_into_compat(true);
+}
+
 /// The same with `call far m16:32` (ff 9f): 4-byte pushes, found and refused. Held.
 #[test]
 fn review10m_far_call_m16_32_into_compat_mode_is_refused() {
