@@ -346,3 +346,46 @@ fn far_call_into_compat(rex_w: bool) {
         other => panic!("expected Error::StoresLost, got {other:?}"),
     }
 }
+
+/// Item 5: `movss` completed in real mode with a non-zero CS base (entered by a far jump to
+/// 0x0080:0x0805, the same bytes), an ES override, a 32-bit address-size prefix whose
+/// offset wraps at 32 bits, and a BP-based operand (SS). Each lands where the native run
+/// stores it, and IP advances by each 16-bit length.
+#[test]
+fn review10m_movss_in_real_mode_segments_and_address_size_is_exact() {
+    let Some(v) = exact_or_refused(
+        &|a| {
+            a.db(&[0xea, 0x05, 0x08, 0x80, 0x00])?; // jmp far 0x0080:0x0805 (= CODE + 5)
+            a.mov(eax, cr4)?;
+            a.or(eax, 0x600)?;
+            a.mov(cr4, eax)?;
+            a.mov(eax, 0x4142_4344)?;
+            a.mov(word_ptr(0x9400), ax)?;
+            a.shr(eax, 16)?;
+            a.mov(word_ptr(0x9402), ax)?;
+            a.movups(xmm0, xmmword_ptr(0x9400))?;
+            a.mov(ax, 0x900)?;
+            a.mov(ds, ax)?;
+            a.mov(ax, 0x980)?;
+            a.mov(es, ax)?;
+            a.mov(di, 0x10)?;
+            a.movss(dword_ptr(di).es(), xmm0)?; // 0x9810
+            a.mov(ebx, 0x1_0000)?;
+            a.mov(esi, 0xffff_0130u32)?;
+            a.movss(dword_ptr(ebx + esi), xmm0)?; // DS:0x130 = 0x9130
+            a.mov(bp, 0x7100)?;
+            a.movss(dword_ptr(bp + di), xmm0)?; // SS:0x7110
+            a.mov(dx, 0x77)?;
+            a.xor(ax, ax)?;
+            a.mov(ds, ax)?;
+            a.mov(es, ax)?;
+            a.mov(ebx, 0)?;
+            a.mov(esi, 0)
+        },
+        &[],
+        &[STACK, DATA],
+    ) else {
+        return;
+    };
+    assert_eq!(v, Verdict::Exact);
+}
