@@ -79,7 +79,9 @@ fn exact_or_refused(code: &Body, extra: &[(u64, Vec<u8>)], tracked: &[u64]) -> O
         ],
         "registers tracked vs native (ax..di, bp, sp, ip, flags)"
     );
-    let diff: Vec<usize> = (0..4096).filter(|&i| t.stack[i] != n.stack[i]).collect();
+    let diff: Vec<usize> = (0..4096usize)
+        .filter(|&i| t.stack[i] != n.stack[i])
+        .collect();
     assert!(
         diff.is_empty(),
         "stack frame tracked vs native differs at offsets {diff:x?}"
@@ -436,4 +438,31 @@ fn review10m_movss_in_real_mode_segments_and_address_size_is_exact() {
         return;
     };
     assert_eq!(v, Verdict::Exact);
+}
+
+/// Hostile: the IVT moved by `lidt` to 0xffe00 (limit 0x3ff, so its 1 KiB would run past
+/// the end of the 1 MiB of RAM; vector 0x40 at 0xfff00 is inside) and `int 0x40` whose
+/// handler follows a `push ax` byte. pagetrack reads the whole 1 KiB IVT to recognise an
+/// interrupt entry; when that read fails, the fallback accepts `push ax` and the FLAGS and
+/// CS pushes must still not be lost silently.
+#[test]
+fn review10m_int_with_the_ivt_at_the_end_of_ram_loses_no_store() {
+    let mut handler = vec![0x50]; // push ax
+    handler.extend(frame_reader(0x2001));
+    let idtr = [0xff, 0x03, 0x00, 0xfe, 0x0f, 0x00]; // limit 0x3ff, base 0xffe00
+    let Some(_) = exact_or_refused(
+        &|a| {
+            a.lidt(ptr(0x9f00))?;
+            a.stc()?;
+            a.int(0x40)
+        },
+        &[
+            (0x9f00, idtr.to_vec()),
+            (0xffe00 + 4 * 0x40, [0x01u8, 0x20, 0, 0].to_vec()),
+            (0x2000, handler),
+        ],
+        &[STACK, DATA],
+    ) else {
+        return;
+    };
 }
