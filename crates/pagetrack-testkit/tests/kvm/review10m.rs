@@ -58,7 +58,7 @@ enum Verdict {
 }
 
 /// Runs `code` natively and with `tracked` frames tracked; asserts the tracked run is exact
-/// or stopped with `Error::StoresLost`.
+/// or stopped with `Error::StoresLost` (or `Error::EventDeliveryToTracked`, item 9).
 fn exact_or_refused(code: &Body, extra: &[(u64, Vec<u8>)], tracked: &[u64]) -> Option<Verdict> {
     let native = run(code, extra, &[])?;
     let End::Done(n) = native else {
@@ -66,7 +66,9 @@ fn exact_or_refused(code: &Body, extra: &[(u64, Vec<u8>)], tracked: &[u64]) -> O
     };
     let t = match run(code, extra, tracked)? {
         End::Done(t) => t,
-        End::Error(Error::StoresLost { .. }) => return Some(Verdict::Refused),
+        End::Error(Error::StoresLost { .. } | Error::EventDeliveryToTracked { .. }) => {
+            return Some(Verdict::Refused);
+        }
         other => panic!("tracked run: neither exact nor Error::StoresLost: {other:?}"),
     };
     let (nr, r) = (&n.regs, &t.regs);
@@ -465,4 +467,32 @@ fn review10m_int_with_the_ivt_at_the_end_of_ram_loses_no_store() {
     ) else {
         return;
     };
+}
+
+/// Item 9: real-mode exceptions (`ud2` #UD, `div` #DE; `bound` is not emulated by KVM in real mode) whose frame lies on the
+/// tracked stack, wholly or only its IP slot (SP = 0x8004: FLAGS and CS on the untracked
+/// frame above): exact or a typed error, never a bare shutdown or a lost push.
+#[test]
+fn review10m_real_mode_exceptions_on_tracked_stacks() {
+    for (vector, bytes) in [
+        (6u64, vec![0x0fu8, 0x0b]),                          // ud2
+        (0, vec![0x31, 0xc9, 0xb8, 0x01, 0x00, 0xf7, 0xf1]), // xor cx,cx; mov ax,1; div cx
+    ] {
+        for top in [0x7800u16, 0x8004] {
+            let bytes = bytes.clone();
+            let v = exact_or_refused(
+                &move |a| {
+                    a.mov(sp, u32::from(top))?;
+                    a.db(&bytes)
+                },
+                &[ivt(vector, 0, 0x2000), (0x2000, frame_reader(0x2000))],
+                &[STACK, DATA],
+            );
+            eprintln!("review10m: vector {vector} sp {top:#x}: {v:?}");
+            assert!(
+                v.is_none_or(|v| v == Verdict::Refused),
+                "tracked delivery is refused"
+            );
+        }
+    }
 }
