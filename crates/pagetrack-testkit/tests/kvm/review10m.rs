@@ -496,3 +496,76 @@ fn review10m_real_mode_exceptions_on_tracked_stacks() {
         }
     }
 }
+
+/// 32-bit code at 0x2000 for [`review10m_movss_beyond_a_page_granular_limit_is_not_stored`]:
+/// DS = 0x18 (limit 0x8fff), `movss [0x9100], xmm0`, DS = 0x10, exit.
+fn pm32_movss_beyond_limit() -> Vec<u8> {
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(32)?;
+        a.mov(ax, 0x10)?;
+        a.mov(ss, ax)?;
+        a.mov(es, ax)?;
+        a.mov(ds, ax)?;
+        a.mov(eax, cr4)?;
+        a.or(eax, 0x600)?;
+        a.mov(cr4, eax)?;
+        a.mov(dword_ptr(0x9400), 0x4142_4344)?;
+        a.movups(xmm0, xmmword_ptr(0x9400))?;
+        a.mov(ax, 0x18)?;
+        a.mov(ds, ax)?;
+        a.movss(dword_ptr(0x9100), xmm0)?;
+        a.mov(ax, 0x10)?;
+        a.mov(ds, ax)?;
+        a.mov(al, 0)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)?;
+        a.assemble(0x2000)
+    };
+    build().unwrap()
+}
+
+/// Item 5, segment limits: 32-bit protected mode with paging off, DS a data segment with
+/// G = 1 and limit field 8, so its byte limit is 0x8fff (KVM_GET_SREGS reports limits in
+/// bytes, granularity already applied). `movss [0x9100], xmm0` lies beyond it: the CPU
+/// raises #GP (here, with no IDT, a shutdown) and stores nothing. pagetrack's completion
+/// must not store it (a typed error or the fault are fine); scaling the byte limit by 4 KiB
+/// again would let it through.
+#[test]
+fn review10m_movss_beyond_a_page_granular_limit_is_not_stored() {
+    // GDT at 0x3000: null, 0x08 code32 flat, 0x10 data32 flat, 0x18 data32 limit 0x8fff.
+    let gdt: Vec<u8> = [
+        0u64,
+        0x00cf_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x00c0_9200_0000_0008,
+    ]
+    .iter()
+    .flat_map(|d| d.to_le_bytes())
+    .collect();
+    let gdtr = vec![0x1f, 0x00, 0x00, 0x30, 0x00, 0x00];
+    let extra = [
+        (0x3000, gdt),
+        (0x3100, gdtr),
+        (0x2000, pm32_movss_beyond_limit()),
+    ];
+    let code = |a: &mut CodeAssembler| {
+        a.cli()?;
+        a.lgdt(ptr(0x3100))?;
+        a.mov(eax, cr0)?;
+        a.or(eax, 1)?;
+        a.mov(cr0, eax)?;
+        a.db(&[0x66, 0xea, 0x00, 0x20, 0x00, 0x00, 0x08, 0x00]) // jmp far 0x08:0x2000
+    };
+    for tracked in [&[][..], &[STACK, DATA][..]] {
+        let Some(end) = run(&code, &extra, tracked) else {
+            return;
+        };
+        eprintln!("review10m: tracked {tracked:x?}: {end:?}");
+        if let End::Done(t) = &end {
+            assert_ne!(
+                &t.data[0x100..0x104],
+                &0x4142_4344u32.to_le_bytes(),
+                "stored beyond DS's limit (0x8fff), tracked frames {tracked:x?}"
+            );
+        }
+    }
+}
