@@ -569,3 +569,31 @@ fn review10m_movss_beyond_a_page_granular_limit_is_not_stored() {
         }
     }
 }
+
+/// Hostile spellings that hold: a near call to a routine that follows a 0x60 byte with DI =
+/// the return IP, and `push word [bx+0x60]` (ff 77 60) pushing a word equal to DI. Each
+/// store is exactly a `pusha`'s DI push; pagetrack must not complete a `pusha` (exact or
+/// refused as ambiguous).
+#[test]
+fn review10m_near_call_and_push_mem_spelling_pusha_are_not_completed() {
+    let mut target = vec![0x60];
+    target.extend(frame_reader(0x2101));
+    let near_call = |a: &mut CodeAssembler| {
+        a.mov(di, 0x1006)?;
+        a.db(&[0xe8, 0xfb, 0x10]) // call 0x2101 (from 0x1003, next 0x1006)
+    };
+    let Some(v) = exact_or_refused(&near_call, &[(0x2100, target)], &[STACK, DATA]) else {
+        return;
+    };
+    eprintln!("review10m: near call: {v:?}");
+    let push_mem = |a: &mut CodeAssembler| {
+        a.mov(di, 0x7777)?;
+        a.mov(word_ptr(0x9160), di)?;
+        a.mov(bx, 0x9100)?;
+        a.db(&[0xff, 0x77, 0x60]) // push word [bx+0x60]
+    };
+    let Some(v) = exact_or_refused(&push_mem, &[], &[STACK, DATA]) else {
+        return;
+    };
+    eprintln!("review10m: push word [bx+0x60]: {v:?}");
+}
