@@ -256,7 +256,8 @@ fn inject(
     }
     events.exception.injected = 1;
     events.exception.nr = vector;
-    events.exception.has_error_code = 1;
+    // Real mode delivers no error code.
+    events.exception.has_error_code = u8::from(sregs.cr0 & 1 != 0);
     events.exception.error_code = code;
     events.exception_has_payload = 0;
     fd.set_vcpu_events(&events)
@@ -286,54 +287,16 @@ pub(crate) fn stores_into_tracked(
     regs: &kvm_bindings::kvm_regs,
     sregs: &kvm_bindings::kvm_sregs,
 ) -> bool {
-    use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory, OpAccess, Register};
+    use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory, OpAccess};
     let mem = vm.mem.memory();
-    let paging = sregs.cr0 & (1 << 31) != 0;
-    let bitness = if sregs.cs.l == 1 {
-        64
-    } else if sregs.cs.db == 1 {
-        32
-    } else {
-        16
-    };
-    let linear = |va: u64| -> Option<u64> {
-        if paging {
-            walk::translate(&*mem, sregs.cr3, va).ok().map(|t| t.gpa)
-        } else {
-            Some(va & 0xffff_ffff)
-        }
-    };
-    let rip = if bitness == 64 {
-        regs.rip
-    } else {
-        sregs.cs.base.wrapping_add(regs.rip)
-    };
-    let mut bytes = [0u8; 15];
-    let mut n = 0;
-    while n < 15 {
-        let Some(gpa) = linear(rip + n as u64) else {
-            break;
-        };
-        let mut b = [0u8; 1];
-        if mem.read_slice(&mut b, GuestAddress(gpa)).is_err() {
-            break;
-        }
-        bytes[n] = b[0];
-        n += 1;
-    }
-    let insn = Decoder::with_ip(bitness, &bytes[..n], regs.rip, DecoderOptions::NONE).decode();
+    let mode = CpuMode::from_sregs(sregs);
+    let linear = |va: u64| mode.translate(&*mem, va);
+    let bytes = mode.fetch(&*mem, regs.rip);
+    let insn = Decoder::with_ip(mode.bitness(), &bytes, regs.rip, DecoderOptions::NONE).decode();
     if insn.is_invalid() {
         return false;
     }
-    let seg_base = |r: Register| match r {
-        Register::FS => sregs.fs.base,
-        Register::GS => sregs.gs.base,
-        _ if bitness == 64 => 0,
-        Register::ES => sregs.es.base,
-        Register::CS => sregs.cs.base,
-        Register::SS => sregs.ss.base,
-        _ => sregs.ds.base,
-    };
+    let seg_base = |r| mode.base(r);
     let mut factory = InstructionInfoFactory::new();
     let info = factory.info(&insn);
     let tracker = &vm.tracker;

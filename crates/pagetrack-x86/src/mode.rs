@@ -215,16 +215,28 @@ impl CpuMode {
     }
 
     /// The bytes `[CS:ip - n, CS:ip)` for the largest `n <= 15` that is readable (and does
-    /// not wrap below offset 0).
+    /// not wrap below offset 0). At most two translations: the page of the last byte, then
+    /// the page below it.
     pub fn bytes_before<M: GuestMemory + ?Sized>(&self, mem: &M, ip: u64) -> Vec<u8> {
-        for n in (1..=15u64.min(ip)).rev() {
-            let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
-            let at = self.linear(Register::CS, ip - n);
-            if self.read_prefix(mem, at, &mut buf) == buf.len() {
-                return buf;
+        let n = 15u64.min(ip);
+        if n == 0 {
+            return Vec::new();
+        }
+        let last = self.linear(Register::CS, ip - 1);
+        let tail = n.min((last & 0xfff) + 1);
+        let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
+        let split = usize::try_from(n - tail).unwrap_or(0);
+        let at = self.linear(Register::CS, ip - tail);
+        if self.read_prefix(mem, at, &mut buf[split..]) != buf.len() - split {
+            return Vec::new();
+        }
+        if split > 0 {
+            let head = self.linear(Register::CS, ip - n);
+            if self.read_prefix(mem, head, &mut buf[..split]) != split {
+                return buf.split_off(split);
             }
         }
-        Vec::new()
+        buf
     }
 }
 
@@ -248,6 +260,21 @@ mod tests {
         assert_eq!(m.linear(Register::DS, 0x120), 0x9120);
         assert_eq!(m.stack(0xfffe, 4), 0x7_0002, "SP wraps at 16 bits");
         assert_eq!(m.ip_mask(), 0xffff);
+    }
+
+    #[test]
+    fn bytes_before_stop_at_an_unreadable_page_and_at_offset_0() {
+        use vm_memory::GuestMemoryMmap;
+        let m: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x3000)]).unwrap();
+        let bytes: Vec<u8> = (0..32).collect();
+        m.write_slice(&bytes, GuestAddress(0x1ff0)).unwrap();
+        let mode = CpuMode::from_sregs(&real());
+        assert_eq!(mode.bytes_before(&m, 0x2005), bytes[6..21].to_vec());
+        assert_eq!(mode.bytes_before(&m, 3).len(), 3);
+        // The page below RAM's start does not exist for a 4-level walk either; with paging
+        // off, a range ending beyond RAM reads nothing.
+        assert!(mode.bytes_before(&m, 0x3005).is_empty());
     }
 
     #[test]

@@ -111,7 +111,9 @@ pub fn check<M: GuestMemory + ?Sized>(
     if let Some(v) = cx.pusha(&exit) {
         return v;
     }
-    if off != 0 || !matches!(len, 2 | 4) || !cx.slot_is(0, &exit) {
+    // In long mode a far call from 64-bit code may land in compatibility mode (8-byte pushes).
+    let long = matches!(mode.paging, Paging::FourLevel(_));
+    if off != 0 || !(matches!(len, 2 | 4) || (long && len == 8)) || !cx.slot_is(0, &exit) {
         return Verdict::Single;
     }
     if let Some(v) = cx.far_call(&exit) {
@@ -296,9 +298,17 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
         }
         let ip = self.regs.rip;
         let cs = self.mode.cs_selector;
-        for k in 1..=before.len() {
+        // The caller's code size may differ from the target's (a far call between 64-bit and
+        // compatibility mode, or between 16- and 32-bit segments).
+        let sizes: &[u32] = if matches!(self.mode.paging, Paging::FourLevel(_)) {
+            &[64, 32]
+        } else {
+            &[16, 32]
+        };
+        for (k, &bits) in (1..=before.len()).flat_map(|k| sizes.iter().map(move |b| (k, b))) {
             let b = &before[before.len() - k..];
-            let insn = self.decode(b, ret.wrapping_sub(k as u64));
+            let insn = Decoder::with_ip(bits, b, ret.wrapping_sub(k as u64), DecoderOptions::NONE)
+                .decode();
             if insn.is_invalid() || insn.len() != k || insn.mnemonic() != Mnemonic::Call {
                 continue;
             }
@@ -325,11 +335,7 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
                     let Some(la) = insn.virtual_address(0, 0, |r, _, _| self.reg(r, pre_sp)) else {
                         continue;
                     };
-                    let la = if self.mode.legacy.is_some() {
-                        la & 0xffff_ffff
-                    } else {
-                        la
-                    };
+                    let la = if bits == 64 { la } else { la & 0xffff_ffff };
                     width == o
                         && self.read_linear(la, width + 2).is_some_and(|m| {
                             read_le(&m[..width]) == ip

@@ -125,3 +125,81 @@ fn call_far_with_an_untracked_stack_is_exact() {
     };
     run.assert_exact();
 }
+
+/// A CPL3 compatibility-mode (32-bit) code segment, written over vCPU 1's TSS slot of the
+/// harness GDT (the harness runs one vCPU).
+const COMPAT_CS: u16 = 0x38 | 3;
+
+fn install_compat_segment(vm: &pagetrack_kvm::Vm) {
+    use vm_memory::{Bytes, GuestAddress};
+    let layout = pagetrack_vmm::x86::LongModeLayout::new(pagetrack_testkit::twopass::RAM).unwrap();
+    let at = layout.gdt() + u64::from(COMPAT_CS & !3);
+    vm.raw_memory()
+        .write_obj(0x00cf_fb00_0000_ffff_u64, GuestAddress(at))
+        .unwrap();
+}
+
+/// `call far [rdi + 0x800]` (m16:64) from 64-bit code into a compatibility-mode segment,
+/// stack in the data frame; the 32-bit target drops the frame and jumps back
+/// (`jmp far [edi + 0x900]`). Tracked, the exit arrives in compatibility mode with 8-byte
+/// pushes: still refused, the caller's CS push being lost.
+#[test]
+fn call_far_into_compatibility_mode_onto_a_tracked_stack_is_a_typed_error() {
+    let Some(kvm) = pagetrack_testkit::gate::open_kvm_or_skip(module_path!()) else {
+        return;
+    };
+    let body = |a: &mut Asm| {
+        let mut target = a.create_label();
+        let mut back = a.create_label();
+        let mut after = a.create_label();
+        a.lea(rax, ptr(target))?;
+        a.mov(qword_ptr(rdi + 0x800), rax)?;
+        a.mov(word_ptr(rdi + 0x808), u32::from(COMPAT_CS))?;
+        a.lea(rax, ptr(back))?;
+        a.mov(dword_ptr(rdi + 0x900), eax)?;
+        a.mov(word_ptr(rdi + 0x904), u32::from(USER_CS))?;
+        a.mov(rbp, rsp)?;
+        a.lea(rsp, ptr(rdi + 0xf00))?;
+        a.db(&[0x48, 0xff, 0x9f, 0x00, 0x08, 0x00, 0x00])?;
+        a.set_label(&mut back)?;
+        a.mov(rsp, rbp)?;
+        a.jmp(after)?;
+        a.set_label(&mut target)?;
+        a.db(&[0x83, 0xc4, 0x10])?; // add esp, 16 (32-bit code)
+        a.db(&[0xff, 0xaf, 0x00, 0x09, 0x00, 0x00])?; // jmp far [edi + 0x900]
+        a.set_label(&mut after)?;
+        a.nop()
+    };
+    let run = TwoPass::new(&body).run_with(kvm, install_compat_segment);
+    assert_stores_lost(&run);
+}
+
+/// The same program with the stack untracked: exact (the control; it shows the
+/// compatibility-mode round trip runs).
+#[test]
+fn call_far_into_compatibility_mode_with_an_untracked_stack_is_exact() {
+    let Some(kvm) = pagetrack_testkit::gate::open_kvm_or_skip(module_path!()) else {
+        return;
+    };
+    let body = |a: &mut Asm| {
+        let mut target = a.create_label();
+        let mut back = a.create_label();
+        let mut after = a.create_label();
+        a.lea(rax, ptr(target))?;
+        a.mov(qword_ptr(rdi + 0x800), rax)?;
+        a.mov(word_ptr(rdi + 0x808), u32::from(COMPAT_CS))?;
+        a.lea(rax, ptr(back))?;
+        a.mov(dword_ptr(rdi + 0x900), eax)?;
+        a.mov(word_ptr(rdi + 0x904), u32::from(USER_CS))?;
+        a.db(&[0x48, 0xff, 0x9f, 0x00, 0x08, 0x00, 0x00])?;
+        a.set_label(&mut back)?;
+        a.jmp(after)?;
+        a.set_label(&mut target)?;
+        a.db(&[0x83, 0xc4, 0x10])?;
+        a.db(&[0xff, 0xaf, 0x00, 0x09, 0x00, 0x00])?;
+        a.set_label(&mut after)?;
+        a.nop()
+    };
+    let run = TwoPass::new(&body).run_with(kvm, install_compat_segment);
+    run.assert_exact();
+}

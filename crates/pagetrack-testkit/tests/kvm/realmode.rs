@@ -68,12 +68,30 @@ pub fn run(
     extra: &[(u64, Vec<u8>)],
     tracked: &[u64],
 ) -> Option<End> {
+    run_in(16, code, extra, tracked)
+}
+
+/// As [`run`], in 16-bit real mode or (`bits` = 32) 32-bit flat protected mode at CPL0
+/// without paging (segments loaded directly with KVM_SET_SREGS).
+pub fn run_in(
+    bits: u32,
+    code: &dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+    extra: &[(u64, Vec<u8>)],
+    tracked: &[u64],
+) -> Option<End> {
     let kvm = pagetrack_testkit::gate::open_kvm_or_skip(module_path!())?;
-    let prog = assemble16(CODE, |a| {
+    let body = |a: &mut CodeAssembler| {
         code(a)?;
         a.mov(al, 0)?;
         a.out(u32::from(GUEST_EXIT_PORT), al)
-    });
+    };
+    let prog = if bits == 32 {
+        let mut a = CodeAssembler::new(32).unwrap();
+        body(&mut a).unwrap();
+        a.assemble(CODE).unwrap()
+    } else {
+        assemble16(CODE, body)
+    };
     let vm = Vm::with_kvm(kvm, VmConfig::default().with_ram(RAM)).unwrap();
     vm.add_ram(0, RAM).unwrap();
     {
@@ -87,6 +105,26 @@ pub fn run(
     }
     let mut vcpu = vm.create_vcpu(0).unwrap();
     setup_real_mode(vcpu.fd(), u16::try_from(CODE).unwrap()).unwrap();
+    if bits == 32 {
+        let mut s = vcpu.fd().get_sregs().unwrap();
+        let flat = |type_, selector| kvm_bindings::kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_,
+            present: 1,
+            s: 1,
+            db: 1,
+            g: 1,
+            ..Default::default()
+        };
+        s.cs = flat(0xb, 0x8);
+        for seg in [&mut s.ds, &mut s.es, &mut s.ss, &mut s.fs, &mut s.gs] {
+            *seg = flat(0x3, 0x10);
+        }
+        s.cr0 |= 1;
+        vcpu.fd().set_sregs(&s).unwrap();
+    }
     let mut regs = vcpu.fd().get_regs().unwrap();
     regs.rsp = STACK + 0x800;
     vcpu.fd().set_regs(&regs).unwrap();
@@ -122,11 +160,20 @@ pub fn exact(
     code: &dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>,
     extra: &[(u64, Vec<u8>)],
 ) -> Option<Box<Finished>> {
-    let native = run(code, extra, &[])?;
+    exact_in(16, code, extra)
+}
+
+/// As [`exact`], in the mode of [`run_in`].
+pub fn exact_in(
+    bits: u32,
+    code: &dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+    extra: &[(u64, Vec<u8>)],
+) -> Option<Box<Finished>> {
+    let native = run_in(bits, code, extra, &[])?;
     let End::Done(native) = native else {
         panic!("the native run did not finish: {native:?}");
     };
-    let tracked = run(code, extra, &[STACK, DATA])?;
+    let tracked = run_in(bits, code, extra, &[STACK, DATA])?;
     let End::Done(t) = tracked else {
         panic!("the tracked run did not finish: {tracked:?}");
     };
@@ -483,4 +530,50 @@ fn real_mode_movss_is_completed_in_16_bit_mode() {
     };
     assert_eq!(&t.data[0x120..0x124], &0x4142_4344u32.to_le_bytes());
     assert_eq!(t.regs.rdx & 0xffff, 0x77, "the next instruction ran");
+}
+
+/// `pushad` in 32-bit flat protected mode (paging off): eight 4-byte pushes, all completed.
+#[test]
+fn protected_mode_pushad_stores_all_eight_pushes() {
+    let Some(t) = exact_in(
+        32,
+        &|a| {
+            set_registers(a)?;
+            a.pushad()
+        },
+        &[],
+    ) else {
+        return;
+    };
+    assert_eq!(t.events.len(), 8, "{:?}", t.events);
+    assert_eq!(
+        t.events[4].new,
+        0x7800u32.to_le_bytes(),
+        "the ESP before pushad"
+    );
+}
+
+/// Item 5 in 32-bit protected mode: `movss [ebx + esi], xmm0` with a 32-bit address
+/// completed as 32-bit code (a 64-bit decode reads other operands and lengths).
+#[test]
+fn protected_mode_movss_is_completed_in_32_bit_mode() {
+    let Some(t) = exact_in(
+        32,
+        &|a| {
+            a.mov(eax, cr4)?;
+            a.or(eax, 0x600)?;
+            a.mov(cr4, eax)?;
+            a.mov(dword_ptr(0x9400), 0x4142_4344)?;
+            a.movups(xmm0, xmmword_ptr(0x9400))?;
+            a.mov(ebx, 0x9000)?;
+            a.mov(esi, 0x124)?;
+            a.movss(dword_ptr(ebx + esi), xmm0)?;
+            a.mov(edx, 0x77)
+        },
+        &[],
+    ) else {
+        return;
+    };
+    assert_eq!(&t.data[0x124..0x128], &0x4142_4344u32.to_le_bytes());
+    assert_eq!(t.regs.rdx, 0x77, "the next instruction ran");
 }
