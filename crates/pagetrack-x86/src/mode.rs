@@ -79,6 +79,10 @@ pub struct CpuMode {
     pub real: bool,
     /// IDTR.base (the interrupt vector table in real mode).
     pub idt_base: u64,
+    /// GDTR (base, limit).
+    pub gdt: (u64, u16),
+    /// The LDT's (base, limit) when LDTR holds a usable one.
+    pub ldt: Option<(u64, u32)>,
 }
 
 /// `s.limit` is already in bytes: KVM_GET_SREGS (and the sync sregs) report the limit with
@@ -118,6 +122,8 @@ impl CpuMode {
             cs_selector: s.cs.selector,
             real,
             idt_base: s.idt.base,
+            gdt: (s.gdt.base, s.gdt.limit),
+            ldt: (s.ldt.unusable == 0 && s.ldt.present != 0).then_some((s.ldt.base, s.ldt.limit)),
         }
     }
 

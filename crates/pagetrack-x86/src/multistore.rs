@@ -108,19 +108,18 @@ pub fn check<M: GuestMemory + ?Sized>(
             Verdict::Single
         };
     };
-    if let Some(v) = cx.pusha(&exit) {
+    // A far transfer into CS:IP (an interrupt, a far call) writes the slots at SS:SP
+    // whatever the bytes before IP spell: it is ruled out by proof, or refused, before any
+    // instruction ending at IP is taken as the explanation.
+    let transfer = cx.far_transfer(&exit, off);
+    if let Transfer::Drops(v) = transfer {
         return v;
     }
-    // In long mode a far call from 64-bit code may land in compatibility mode (8-byte pushes).
-    let long = matches!(mode.paging, Paging::FourLevel(_));
-    if off != 0 || !(matches!(len, 2 | 4) || (long && len == 8)) || !cx.slot_is(0, &exit) {
+    if let Some(v) = cx.pusha(&exit, matches!(transfer, Transfer::First)) {
+        return v;
+    }
+    if off != 0 || !matches!(len, 2 | 4) || !cx.slot_is(0, &exit) {
         return Verdict::Single;
-    }
-    if let Some(v) = cx.far_call(&exit) {
-        return v;
-    }
-    if let Some(v) = cx.interrupt(&exit) {
-        return v;
     }
     if mode.paging == Paging::Off && !cx.single_store_explains(&exit) {
         return Verdict::Refuse {
@@ -131,6 +130,21 @@ pub fn check<M: GuestMemory + ?Sized>(
         };
     }
     Verdict::Single
+}
+
+/// Where the exit lies among a `pusha`'s pushes: (slot, piece).
+type Hit = (usize, usize);
+
+/// Whether a far transfer into CS:IP could have made the exit.
+enum Transfer {
+    /// Ruled out.
+    No,
+    /// Possible, with the exit its first push (a far call's CS, an interrupt's FLAGS, the
+    /// later pushes on frames KVM wrote): nothing of it was dropped, but the exit is no
+    /// proof of an instruction ending at IP either.
+    First,
+    /// Possible, and KVM dropped its earlier pushes: refuse.
+    Drops(Verdict),
 }
 
 struct Exit<'d> {
@@ -214,8 +228,9 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
     }
 
     /// `pusha`/`pushad` candidates (legacy modes): None if no decoding ending at RIP is one
-    /// whose pushes include the exit.
-    fn pusha(&self, exit: &Exit<'_>) -> Option<Verdict> {
+    /// whose pushes include the exit. `transfer`: a far transfer into CS:IP could have made
+    /// the exit (a competing explanation).
+    fn pusha(&self, exit: &Exit<'_>, transfer: bool) -> Option<Verdict> {
         let ip = self.regs.rip;
         let decodings = self.ending_at(ip);
         let (insn, bytes, slots, hit) = decodings.iter().find_map(|(insn, bytes)| {
@@ -238,17 +253,17 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
                     self.may_explain(&mut factory, d, exit)
                 }
         });
-        if other || self.call_into_rip(exit) || self.string_at_rip() {
+        if other || transfer || self.call_into_rip(exit) || self.string_at_rip() {
             return Some(refuse(
                 "the exit matches a pusha push, but other instructions could have made it",
             ));
         }
         let stores = slots
             .into_iter()
-            .flatten()
             .enumerate()
-            .filter(|&(i, _)| i != hit)
-            .map(|(_, s)| s)
+            .flat_map(|(i, slot)| slot.into_iter().enumerate().map(move |(j, p)| ((i, j), p)))
+            .filter(|&(at, _)| at != hit)
+            .map(|(_, p)| p)
             .collect();
         Some(Verdict::Complete {
             rip: insn.ip(),
@@ -257,8 +272,8 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
     }
 
     /// The pushes of `insn` if it is a `pusha`/`pushad` ending at RIP (each slot's pieces,
-    /// in push order) and the index of the piece that is the exit.
-    fn pusha_slots(&self, insn: &Instruction, exit: &Exit<'_>) -> Option<(Vec<Vec<Store>>, usize)> {
+    /// in push order) and the exit's (slot, piece) indices.
+    fn pusha_slots(&self, insn: &Instruction, exit: &Exit<'_>) -> Option<(Vec<Vec<Store>>, Hit)> {
         let o: usize = match insn.mnemonic() {
             Mnemonic::Pushad => 4,
             Mnemonic::Pusha => 2,
@@ -275,19 +290,79 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
             let b = (v & size_mask(o)).to_le_bytes();
             slots.push(self.pieces(delta, &b[..o])?);
         }
-        let hit = slots
-            .iter()
-            .flatten()
-            .position(|p| p.gpa == exit.gpa && p.bytes == exit.data)?;
+        let hit = slots.iter().enumerate().find_map(|(i, slot)| {
+            slot.iter()
+                .position(|p| p.gpa == exit.gpa && p.bytes == exit.data)
+                .map(|j| (i, j))
+        })?;
         Some((slots, hit))
     }
 
-    /// A far call whose return-offset push is the exit and whose target (`9a` pointer or
-    /// memory operand) is the current CS:IP, located in the current code segment.
+    /// Whether a far transfer into CS:IP could have made the exit at `SS:(SP + off)`
+    /// ([`Transfer`]). The bytes before IP are never evidence against one: the transfer's
+    /// target is the guest's choice, and it may follow bytes that spell any instruction.
+    fn far_transfer(&self, exit: &Exit<'_>, off: u64) -> Transfer {
+        let o = exit.data.len() as u64;
+        let long = matches!(self.mode.paging, Paging::FourLevel(_));
+        let mut first = false;
+        // Real-mode interrupt frame: FLAGS at SP+4, CS at SP+2, IP at SP. The exit is the
+        // IP push, or (the lower slots on frames KVM wrote) the CS or the FLAGS push.
+        if self.mode.real
+            && o == 2
+            && matches!(off, 0 | 2 | 4)
+            && self.slot_is(off, exit)
+            && self.interrupt_possible()
+        {
+            if off < 4 {
+                return Transfer::Drops(Verdict::Refuse {
+                    rip: self.regs.rip,
+                    bytes: self.mode.fetch(self.mem, self.regs.rip),
+                    reason: "an interrupt frame (int n, int3, into or a delivered event): KVM \
+                             dropped the FLAGS (and CS) pushes, which the handler's state \
+                             does not determine",
+                });
+            }
+            first = true;
+        }
+        // Far call: CS at SP+o, the return offset at SP.
+        if off == 0 && (matches!(o, 2 | 4) || (long && o == 8)) && self.slot_is(0, exit) {
+            if let Some(v) = self.far_call(exit) {
+                return Transfer::Drops(v);
+            }
+            if self.mode.paging == Paging::Off
+                && let Some(v) = self.far_call_from_any_segment(read_le(exit.data), exit.data.len())
+            {
+                return Transfer::Drops(v);
+            }
+        }
+        if self.mode.paging == Paging::Off
+            && matches!(o, 2 | 4)
+            && off == o
+            && self.slot_is(off, exit)
+            && self.far_call_cs_push(exit)
+        {
+            first = true;
+        }
+        if first { Transfer::First } else { Transfer::No }
+    }
+
+    /// A far call located in the current code segment whose return-offset push is the exit.
     fn far_call(&self, exit: &Exit<'_>) -> Option<Verdict> {
-        let o = exit.data.len();
         let ret = read_le(exit.data);
         let before = self.mode.bytes_before(self.mem, ret);
+        self.far_call_ending(&before, ret, exit.data.len(), self.mode.base(Register::CS))
+    }
+
+    /// A far call whose return offset is `ret` (the exit's size `o`) and whose target (`9a`
+    /// pointer or memory operand) is the current CS:IP, `before` the bytes before `ret` in
+    /// the caller's code segment (base `caller_base`).
+    fn far_call_ending(
+        &self,
+        before: &[u8],
+        ret: u64,
+        o: usize,
+        caller_base: u64,
+    ) -> Option<Verdict> {
         // Cheap filter: a far call is `9a` (legacy modes) or `ff /3`.
         let maybe = before.iter().enumerate().any(|(i, &b)| {
             (b == 0x9a && self.mode.legacy.is_some())
@@ -296,6 +371,16 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
         if !maybe {
             return None;
         }
+        self.far_call_decoded(before, ret, o, caller_base)
+    }
+
+    fn far_call_decoded(
+        &self,
+        before: &[u8],
+        ret: u64,
+        o: usize,
+        caller_base: u64,
+    ) -> Option<Verdict> {
         let ip = self.regs.rip;
         let cs = self.mode.cs_selector;
         // The caller's code size may differ from the target's (a far call between 64-bit and
@@ -330,9 +415,16 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
                         MemorySize::SegPtr64 => 8,
                         _ => continue,
                     };
-                    // The pushes: CS and the offset, each of the exit's size.
+                    // The pushes: CS and the offset, each of the exit's size. The caller's
+                    // registers are the current ones but for SP and CS.
                     let pre_sp = self.sp.wrapping_add(2 * o as u64) & self.mode.sp_mask();
-                    let Some(la) = insn.virtual_address(0, 0, |r, _, _| self.reg(r, pre_sp)) else {
+                    let Some(la) = insn.virtual_address(0, 0, |r, _, _| {
+                        if r == Register::CS {
+                            Some(caller_base)
+                        } else {
+                            self.reg(r, pre_sp)
+                        }
+                    }) else {
                         continue;
                     };
                     let la = if bits == 64 { la } else { la & 0xffff_ffff };
@@ -356,28 +448,157 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
         None
     }
 
-    /// Real mode: the exit is the IP push of an interrupt frame (CS:IP is an interrupt
-    /// vector's entry, IF and TF clear, as `int n`, `int3`, `into` and delivered events leave
-    /// them).
-    fn interrupt(&self, exit: &Exit<'_>) -> Option<Verdict> {
-        if !self.mode.real || exit.data.len() != 2 || self.regs.rflags & (IF | TF) != 0 {
-            return None;
+    /// Paging off: a far call to CS:IP returning to `ret` from any code segment the caller
+    /// could have been in. Real mode: every base `16 * s` (one read of the 1 MiB they span,
+    /// then a byte filter per base: `9a` where the pointer must lie, or an `ff /3` with a
+    /// memory operand ending there). Protected mode: the code segments of the GDT and LDT; a
+    /// descriptor table that cannot be read refuses (the caller cannot be ruled out).
+    fn far_call_from_any_segment(&self, ret: u64, o: usize) -> Option<Verdict> {
+        let unknown = || Verdict::Refuse {
+            rip: self.regs.rip,
+            bytes: self.mode.fetch(self.mem, self.regs.rip),
+            reason: "a far call from another code segment cannot be ruled out (its \
+                     descriptor table is not readable)",
+        };
+        let n = usize::try_from(15.min(ret)).unwrap_or(15);
+        if !self.mode.real {
+            let Some(bases) = self.code_segment_bases() else {
+                return Some(unknown());
+            };
+            return bases.into_iter().find_map(|base| {
+                let end = (base + ret) & 0xffff_ffff;
+                let before = self.read_linear(end.wrapping_sub(n as u64), n)?;
+                self.far_call_ending(&before, ret, o, base)
+            });
+        }
+        // [ret - n, 0xffff0 + ret): the bytes before every candidate end 16 * s + ret.
+        let lo = ret - n as u64;
+        let span = 0xf_fff0 + n;
+        let mut buf = vec![0u8; span];
+        // Page-wise (RAM ends at page boundaries); an unreadable page reads as zeros, which
+        // spell no call (code cannot be fetched from it).
+        let mut at = 0usize;
+        while at < span {
+            let gpa = lo + at as u64;
+            let chunk = usize::try_from(0x1000 - (gpa & 0xfff))
+                .unwrap_or(1)
+                .min(span - at);
+            let _ = self
+                .mem
+                .read_slice(&mut buf[at..at + chunk], GuestAddress(gpa));
+            at += chunk;
+        }
+        let (ptr_at, ptr): (usize, Vec<u8>) = {
+            let cs = self.mode.cs_selector.to_le_bytes();
+            let ip = self.regs.rip.to_le_bytes();
+            if o == 2 {
+                (5, [&ip[..2], &cs[..]].concat())
+            } else {
+                (7, [&ip[..4], &cs[..]].concat())
+            }
+        };
+        (0..=0xffffu64).find_map(|s| {
+            let end = n + usize::try_from(s << 4).unwrap_or(0);
+            let before = &buf[end - n..end];
+            let direct =
+                n >= ptr_at && before[n - ptr_at] == 0x9a && before[n - ptr_at + 1..] == ptr[..];
+            let indirect = (2..=7.min(n)).any(|k| {
+                before[n - k] == 0xff
+                    && (before[n - k + 1] >> 3) & 7 == 3
+                    && before[n - k + 1] >> 6 != 3
+            });
+            (direct || indirect)
+                .then(|| self.far_call_decoded(before, ret, o, s << 4))
+                .flatten()
+        })
+    }
+
+    /// Unpaged protected mode: the bases of the code segments of the GDT and LDT; None if a
+    /// table cannot be read.
+    fn code_segment_bases(&self) -> Option<Vec<u64>> {
+        let mut bases = Vec::new();
+        let (gdt, glimit) = self.mode.gdt;
+        let tables = [(gdt, u32::from(glimit))].into_iter().chain(self.mode.ldt);
+        for (base, limit) in tables {
+            let count = (u64::from(limit) + 1) / 8;
+            for i in 0..count.min(8192) {
+                let d = read_le(&self.read_linear((base + 8 * i) & 0xffff_ffff, 8)?);
+                // S = 1, code (type bit 3), present.
+                if d & (1 << 44) != 0 && d & (1 << 43) != 0 && d & (1 << 47) != 0 {
+                    let b = ((d >> 16) & 0xff_ffff) | ((d >> 56) << 24);
+                    if !bases.contains(&b) {
+                        bases.push(b);
+                    }
+                }
+            }
+        }
+        Some(bases)
+    }
+
+    /// Paging off: whether the exit at `SS:(SP + o)` may be the CS push of a far call whose
+    /// return-offset push (at SS:SP) landed on a frame KVM wrote: the caller's CS is the
+    /// exit, the offset is read back, and the caller is looked for at CS:offset.
+    fn far_call_cs_push(&self, exit: &Exit<'_>) -> bool {
+        let o = exit.data.len();
+        let selector = read_le(exit.data) & 0xffff;
+        let Some(ret) = self
+            .read_linear(self.mode.stack(self.sp, 0), o)
+            .map(|b| read_le(&b))
+        else {
+            return true;
+        };
+        let base = if self.mode.real {
+            selector << 4
+        } else {
+            let (table, limit) = if selector & 4 != 0 {
+                match self.mode.ldt {
+                    Some(t) => t,
+                    None => return false,
+                }
+            } else {
+                (self.mode.gdt.0, u32::from(self.mode.gdt.1))
+            };
+            let at = selector & !7;
+            if at + 7 > u64::from(limit) {
+                return false;
+            }
+            let Some(d) = self.read_linear((table + at) & 0xffff_ffff, 8) else {
+                return true;
+            };
+            let d = read_le(&d);
+            ((d >> 16) & 0xff_ffff) | ((d >> 56) << 24)
+        };
+        let n = usize::try_from(15.min(ret)).unwrap_or(15);
+        let end = (base + ret) & 0xffff_ffff;
+        self.read_linear(end.wrapping_sub(n as u64), n)
+            .is_none_or(|before| self.far_call_ending(&before, ret, o, base).is_some())
+    }
+
+    /// Real mode: whether the current CS:IP is the entry of an interrupt vector and IF and
+    /// TF are clear (as `int n`, `int3`, `into` and delivered events leave them). If the
+    /// table does not read whole, each entry is read on its own; one that cannot be read
+    /// cannot be ruled out (KVM would have read it from a device).
+    fn interrupt_possible(&self) -> bool {
+        if self.regs.rflags & (IF | TF) != 0 {
+            return false;
         }
         let ip = u32::from(u16::try_from(self.regs.rip & 0xffff).unwrap_or(0));
         let want = (u32::from(self.mode.cs_selector) << 16) | ip;
-        let mut ivt = [0u8; 1024];
         let base = self.mode.idt_base & 0xffff_ffff;
-        self.mem.read_slice(&mut ivt, GuestAddress(base)).ok()?;
-        let vector = ivt
-            .chunks_exact(4)
-            .position(|e| u32::from_le_bytes([e[0], e[1], e[2], e[3]]) == want)?;
-        let _ = vector;
-        Some(Verdict::Refuse {
-            rip: self.regs.rip,
-            bytes: self.mode.fetch(self.mem, self.regs.rip),
-            reason: "an interrupt frame (int n, int3, into or a delivered event): KVM \
-                     dropped the FLAGS and CS pushes, which the handler's state does not \
-                     determine",
+        // All 256 entries whatever IDTR.limit: KVM's real-mode delivery
+        // (`__emulate_int_real`) does not check the limit.
+        let count = 256;
+        let mut ivt = [0u8; 1024];
+        if self.mem.read_slice(&mut ivt, GuestAddress(base)).is_ok() {
+            return ivt
+                .chunks_exact(4)
+                .any(|e| u32::from_le_bytes([e[0], e[1], e[2], e[3]]) == want);
+        }
+        (0..count).any(|v| {
+            let mut e = [0u8; 4];
+            self.mem
+                .read_slice(&mut e, GuestAddress(base + 4 * v))
+                .map_or(true, |()| u32::from_le_bytes(e) == want)
         })
     }
 
@@ -397,6 +618,31 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
             && insn.near_branch_target() != self.regs.rip
         {
             return false;
+        }
+        // A push of a register or an immediate stores that value (the register is unchanged
+        // by it): a whole slot of other data is not its store.
+        if insn.mnemonic() == Mnemonic::Push
+            && usize::try_from(insn.stack_pointer_increment().unsigned_abs()).ok()
+                == Some(exit.data.len())
+        {
+            let value = match insn.op0_kind() {
+                OpKind::Register
+                    if insn.op0_register().is_gpr()
+                        && insn.op0_register().full_register() != Register::RSP =>
+                {
+                    read_gpr(self.regs, insn.op0_register())
+                }
+                OpKind::Immediate8to16
+                | OpKind::Immediate16
+                | OpKind::Immediate8to32
+                | OpKind::Immediate32
+                | OpKind::Immediate8to64
+                | OpKind::Immediate32to64 => Some(insn.immediate(0)),
+                _ => None,
+            };
+            if value.is_some_and(|v| v & size_mask(exit.data.len()) != read_le(exit.data)) {
+                return false;
+            }
         }
         let info = factory.info(insn);
         let written = |a: OpAccess| {
@@ -541,7 +787,8 @@ mod tests {
     fn pusha_is_completed_from_the_registers() {
         let m = real_code(&[0x60]);
         let r = after_pusha();
-        let Verdict::Complete { rip, stores } = check(&m, &real_mode(), &r, 0x77f0, &[0x77, 0x77])
+        let Verdict::Complete { rip, stores, .. } =
+            check(&m, &real_mode(), &r, 0x77f0, &[0x77, 0x77])
         else {
             panic!("pusha not completed");
         };
@@ -574,12 +821,80 @@ mod tests {
             check(&m, &real_mode(), &r, 0x77f0, &[1, 2]),
             Verdict::Refuse { .. }
         ));
-        // ... and applied as reported when `push di` ends at RIP.
+        // ... and applied as reported when `push di` ends at RIP and the store is DI...
         let m = real_code(&[0x57]);
         assert_eq!(
-            check(&m, &real_mode(), &r, 0x77f0, &[1, 2]),
+            check(&m, &real_mode(), &r, 0x77f0, &[0x77, 0x77]),
             Verdict::Single
         );
+        // ... but not another value: `push di` would have stored DI.
+        assert!(matches!(
+            check(&m, &real_mode(), &r, 0x77f0, &[1, 2]),
+            Verdict::Refuse { .. }
+        ));
+    }
+
+    #[test]
+    fn a_far_call_from_another_real_mode_segment_is_found_and_refused() {
+        // call far 0x0200:0x0101 at 0:0x1000 (return offset 0x1005); the target 0x2101
+        // follows a `push ax` byte and AX equals the return offset.
+        let m: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        m.write_slice(&[0x9a, 0x01, 0x01, 0x00, 0x02], GuestAddress(0x1000))
+            .unwrap();
+        m.write_slice(&[0x50], GuestAddress(0x2100)).unwrap();
+        let mut s = kvm_sregs::default();
+        crate::boot::load_real_mode_sregs(&mut s);
+        s.cs.selector = 0x200;
+        s.cs.base = 0x2000;
+        let mode = CpuMode::from_sregs(&s);
+        let r = kvm_regs {
+            rax: 0x1005,
+            rip: 0x101,
+            rsp: 0x77fc,
+            rflags: 2,
+            ..Default::default()
+        };
+        let v = check(&m, &mode, &r, 0x77fc, &0x1005u16.to_le_bytes());
+        assert!(
+            matches!(v, Verdict::Refuse { rip: 0x1000, .. }),
+            "the far call at 0:0x1000, not `push ax`: {v:?}"
+        );
+        // Without the far call, `push ax` (AX = the store) explains it.
+        m.write_slice(&[0x90; 5], GuestAddress(0x1000)).unwrap();
+        assert_eq!(
+            check(&m, &mode, &r, 0x77fc, &0x1005u16.to_le_bytes()),
+            Verdict::Single
+        );
+    }
+
+    #[test]
+    fn an_interrupt_is_checked_before_pusha_and_an_unreadable_ivt_entry_is_not_ruled_out() {
+        // The handler at 0x1010 follows a 0x60 byte; DI equals the IP pushed.
+        let m = real_code(&[0x60]);
+        m.write_obj(0x1010u32, GuestAddress(4 * 0x40)).unwrap(); // IVT[0x40] = 0:0x1010
+        let mut r = after_pusha();
+        r.rdi = 0x0502;
+        let data = 0x0502u16.to_le_bytes();
+        assert!(matches!(
+            check(&m, &real_mode(), &r, 0x77f0, &data),
+            Verdict::Refuse { rip: 0x1010, .. }
+        ));
+        // No vector points there: the pusha is completed.
+        m.write_obj(0u32, GuestAddress(4 * 0x40)).unwrap();
+        assert!(matches!(
+            check(&m, &real_mode(), &r, 0x77f0, &data),
+            Verdict::Complete { .. }
+        ));
+        // The IVT moved so that its upper entries lie beyond RAM: not ruled out.
+        let mut s = kvm_sregs::default();
+        crate::boot::load_real_mode_sregs(&mut s);
+        s.idt.base = 0xffe00;
+        s.idt.limit = 0x3ff;
+        assert!(matches!(
+            check(&m, &CpuMode::from_sregs(&s), &r, 0x77f0, &data),
+            Verdict::Refuse { .. }
+        ));
     }
 
     #[test]
