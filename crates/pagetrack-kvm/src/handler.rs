@@ -661,16 +661,22 @@ impl ExitHandler {
                 bytes,
                 reason,
             }),
-            Verdict::Complete { stores, .. } => {
+            Verdict::Complete { stores, before, .. } => {
                 let vm = Arc::clone(&self.vm);
+                let tracked = |s: &pagetrack_x86::multistore::Store| {
+                    (s.gpa >> 12..=(s.gpa + s.bytes.len() as u64 - 1) >> 12).any(|f| {
+                        vm.tracker
+                            .is_write_tracked(pagetrack::AsId::NORMAL, pagetrack::Gfn(f))
+                    })
+                };
+                // The exit's slot straddles two frames and its lower piece was an exit of its
+                // own, at which the other pushes were written: this exit is only its piece.
+                if before.iter().any(tracked) {
+                    return Ok(());
+                }
                 for s in stores {
                     // Pushes to frames KVM can write landed there; the others were dropped.
-                    let tracked =
-                        (s.gpa >> 12..=(s.gpa + s.bytes.len() as u64 - 1) >> 12).any(|f| {
-                            vm.tracker
-                                .is_write_tracked(pagetrack::AsId::NORMAL, pagetrack::Gfn(f))
-                        });
-                    if tracked && apply_write(&vm, s.gpa, &s.bytes, Source::Vcpu(self.index)) {
+                    if tracked(&s) && apply_write(&vm, s.gpa, &s.bytes, Source::Vcpu(self.index)) {
                         let c = &vm.backend.counters;
                         c.trapped_writes.fetch_add(1, Ordering::Relaxed);
                         c.trapped_bytes

@@ -52,12 +52,17 @@ pub enum Verdict {
     /// Apply the exit as reported.
     Single,
     /// The exit is one push of a `pusha`/`pushad`; these are its other pushes, in push
-    /// order. Write those on frames KVM could not write, then apply the exit.
+    /// order. Write those on frames KVM could not write, then apply the exit, unless a piece
+    /// in `before` lies on a frame KVM could not write: the slot's earlier piece was then an
+    /// exit of its own (KVM passes on a straddling slot's pieces one exit each, in address
+    /// order), at which the other pushes were written; apply this exit only.
     Complete {
         /// The instruction's address (its start).
         rip: u64,
-        /// The other pushes.
+        /// The other pushes (the exit's slot left out).
         stores: Vec<Store>,
+        /// The pieces of the exit's slot below the exit (it straddles two pages).
+        before: Vec<Store>,
     },
     /// Stop the vCPU: stores of this instruction were dropped and cannot be rebuilt.
     Refuse {
@@ -258,16 +263,20 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
                 "the exit matches a pusha push, but other instructions could have made it",
             ));
         }
+        // The exit's own slot is left out whole: KVM wrote its pieces on writable frames and
+        // passes on each piece on a tracked frame as an exit of its own, in address order.
+        let (slot, piece) = hit;
+        let before = slots[slot][..piece].to_vec();
         let stores = slots
             .into_iter()
             .enumerate()
-            .flat_map(|(i, slot)| slot.into_iter().enumerate().map(move |(j, p)| ((i, j), p)))
-            .filter(|&(at, _)| at != hit)
-            .map(|(_, p)| p)
+            .filter(|&(i, _)| i != slot)
+            .flat_map(|(_, s)| s)
             .collect();
         Some(Verdict::Complete {
             rip: insn.ip(),
             stores,
+            before,
         })
     }
 
@@ -802,6 +811,37 @@ mod tests {
         assert_eq!(
             got, want,
             "AX first, the SP before the instruction, DI (the exit) left out"
+        );
+    }
+
+    #[test]
+    fn a_straddling_slot_is_completed_at_its_first_piece_only() {
+        // pushad at SP = 0x701d: EDI's slot 0x6ffd..0x7001 straddles two frames (3 + 1).
+        let m = real_code(&[0x66, 0x60]);
+        let mut r = after_pusha();
+        r.rdi = 0x7777_0101;
+        r.rsp = 0x701d - 32;
+        let edi = 0x7777_0101u32.to_le_bytes();
+        let Verdict::Complete { stores, before, .. } =
+            check(&m, &real_mode(), &r, 0x6ffd, &edi[..3])
+        else {
+            panic!("pushad not completed at EDI's first piece");
+        };
+        assert!(before.is_empty());
+        assert_eq!(
+            stores.len(),
+            7,
+            "the seven other pushes, EDI's pieces left out"
+        );
+        assert!(stores.iter().all(|s| s.gpa >= 0x7001));
+        let Verdict::Complete { before, .. } = check(&m, &real_mode(), &r, 0x7000, &edi[3..])
+        else {
+            panic!("EDI's second piece is a pushad piece too");
+        };
+        assert_eq!(
+            before.iter().map(|s| s.gpa).collect::<Vec<_>>(),
+            [0x6ffd],
+            "the piece whose exit came first"
         );
     }
 
