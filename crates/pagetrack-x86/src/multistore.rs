@@ -509,12 +509,32 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
         (0..=0xffffu64).find_map(|s| {
             let end = n + usize::try_from(s << 4).unwrap_or(0);
             let before = &buf[end - n..end];
+            // First a word-wide look at the 8 bytes before the end: neither the `9a` where
+            // its pointer must begin nor an `ff` 2 to 7 bytes back: no far call (the bytes
+            // equal to 0xff are the zero bytes of the complement; the test may flag a byte
+            // that is not, never miss one that is).
+            if let Some(w) = end
+                .checked_sub(8)
+                .and_then(|at| buf.get(at..end))
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            {
+                let t = !u64::from_le_bytes(w);
+                let ff = t.wrapping_sub(0x0101_0101_0101_0101) & !t & 0x0080_8080_8080_8000;
+                if ff == 0 && w[8 - ptr_at] != 0x9a {
+                    return None;
+                }
+            }
             let direct =
                 n >= ptr_at && before[n - ptr_at] == 0x9a && before[n - ptr_at + 1..] == ptr[..];
+            // `ff /3` with a memory operand whose ModRM (16- or 32-bit addressing) makes it
+            // end exactly here.
             let indirect = (2..=7.min(n)).any(|k| {
+                let m = before[n - k + 1];
+                let sib = before.get(n - k + 2).copied().unwrap_or(0);
                 before[n - k] == 0xff
-                    && (before[n - k + 1] >> 3) & 7 == 3
-                    && before[n - k + 1] >> 6 != 3
+                    && (m >> 3) & 7 == 3
+                    && m >> 6 != 3
+                    && (k == modrm_len(m, sib, 16) || k == modrm_len(m, sib, 32))
             });
             (direct || indirect)
                 .then(|| self.far_call_decoded(before, ret, o, s << 4))
@@ -740,6 +760,28 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
     }
 }
 
+/// The length of `ff` + ModRM (+ SIB) + displacement for a memory operand (mod != 3) with
+/// 16- or 32-bit addressing.
+fn modrm_len(modrm: u8, sib: u8, addressing: u32) -> usize {
+    let (md, rm) = (modrm >> 6, modrm & 7);
+    if addressing == 16 {
+        return 2 + match (md, rm) {
+            (0, 6) | (2, _) => 2,
+            (1, _) => 1,
+            _ => 0,
+        };
+    }
+    let sib_len = usize::from(rm == 4);
+    let disp = match (md, rm) {
+        (0, 5) => 4,
+        (0, 4) if sib & 7 == 5 => 4,
+        (1, _) => 1,
+        (2, _) => 4,
+        _ => 0,
+    };
+    2 + sib_len + disp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -843,6 +885,24 @@ mod tests {
             [0x6ffd],
             "the piece whose exit came first"
         );
+    }
+
+    #[test]
+    fn modrm_lengths_match_the_decoder() {
+        for modrm in (0u8..=0xff).filter(|m| m >> 6 != 3 && (m >> 3) & 7 == 3) {
+            for sib in [0u8, 5, 0x25] {
+                for (bits, prefix) in [(16u32, &[][..]), (32, &[0x67][..])] {
+                    let mut b = prefix.to_vec();
+                    b.extend([0xff, modrm, sib, 0, 0, 0, 0, 0]);
+                    let insn = Decoder::with_ip(16, &b, 0, DecoderOptions::NONE).decode();
+                    assert_eq!(
+                        insn.len() - prefix.len(),
+                        modrm_len(modrm, sib, bits),
+                        "ff {modrm:02x} {sib:02x}, {bits}-bit addressing"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
