@@ -640,7 +640,7 @@ impl ExitHandler {
     /// with [`Error::StoresLost`] when they cannot be rebuilt. The exit itself is applied by
     /// the caller.
     fn multi_store(&mut self, fd: &mut VcpuFd, gpa: u64, data: &[u8]) -> Result<()> {
-        use pagetrack_x86::multistore::{Verdict, check};
+        use pagetrack_x86::multistore::{Verdict, check_with};
         let regs = if self.sync_regs {
             fd.sync_regs().regs
         } else {
@@ -653,7 +653,10 @@ impl ExitHandler {
         };
         let mode = pagetrack_x86::mode::CpuMode::from_sregs(&sregs);
         let mem = self.vm.mem.memory();
-        match check(&*mem, &mode, &regs, gpa, data) {
+        let tracker = &self.vm.tracker;
+        let frame_tracked =
+            |g: u64| tracker.is_write_tracked(pagetrack::AsId::NORMAL, pagetrack::Gfn(g >> 12));
+        match check_with(&*mem, &mode, &regs, gpa, data, &frame_tracked) {
             Verdict::Single => Ok(()),
             Verdict::Refuse { rip, bytes, reason } => Err(Error::StoresLost {
                 vcpu: self.index,

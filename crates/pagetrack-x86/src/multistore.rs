@@ -87,6 +87,21 @@ pub fn check<M: GuestMemory + ?Sized>(
     gpa: u64,
     data: &[u8],
 ) -> Verdict {
+    check_with(mem, mode, regs, gpa, data, &|_| false)
+}
+
+/// [`check`], told by `tracked` whether the frame of a guest-physical address is
+/// write-tracked (KVM passes on stores to it as exits, and writes the others itself).
+/// [`check`] assumes no frame is: each hypothesis that needs a store to have landed on a
+/// writable frame is then kept (the safe side).
+pub fn check_with<M: GuestMemory + ?Sized>(
+    mem: &M,
+    mode: &CpuMode,
+    regs: &kvm_regs,
+    gpa: u64,
+    data: &[u8],
+    tracked: &dyn Fn(u64) -> bool,
+) -> Verdict {
     let len = data.len() as u64;
     if len == 0 || mode.paging == Paging::Legacy {
         return Verdict::Single;
@@ -104,6 +119,7 @@ pub fn check<M: GuestMemory + ?Sized>(
         mode,
         regs,
         sp,
+        tracked,
     };
     let Some(_) = mode.legacy else {
         // 64-bit mode: only a far call stores twice.
@@ -163,6 +179,7 @@ struct Cx<'a, M: ?Sized> {
     regs: &'a kvm_regs,
     /// The post stack pointer, masked.
     sp: u64,
+    tracked: &'a dyn Fn(u64) -> bool,
 }
 
 impl<M: GuestMemory + ?Sized> Cx<'_, M> {
@@ -315,11 +332,15 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
         let long = matches!(self.mode.paging, Paging::FourLevel(_));
         let mut first = false;
         // Real-mode interrupt frame: FLAGS at SP+4, CS at SP+2, IP at SP. The exit is the
-        // IP push, or (the lower slots on frames KVM wrote) the CS or the FLAGS push.
+        // IP push, or (the lower slots on frames KVM wrote) the CS or the FLAGS push, or a
+        // piece of one (a slot straddling a page: with paging off, `off` is the exit's
+        // exact distance from SS:SP).
+        // A piece of a straddling slot begins or ends at a page boundary.
+        let piece = self.mode.paging == Paging::Off
+            && (exit.gpa & 0xfff == 0 || (exit.gpa + o) & 0xfff == 0);
         if self.mode.real
-            && o == 2
-            && matches!(off, 0 | 2 | 4)
-            && self.slot_is(off, exit)
+            && off < 6
+            && ((o == 2 && off.is_multiple_of(2) && self.slot_is(off, exit)) || (o == 1 && piece))
             && self.interrupt_possible()
         {
             if off < 4 {
@@ -332,6 +353,9 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
                 });
             }
             first = true;
+        }
+        if piece && let Some(t) = self.far_call_piece(exit, off) {
+            return t;
         }
         // Far call: CS at SP+o, the return offset at SP.
         if off == 0 && (matches!(o, 2 | 4) || (long && o == 8)) && self.slot_is(0, exit) {
@@ -360,6 +384,73 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
         let ret = read_le(exit.data);
         let before = self.mode.bytes_before(self.mem, ret);
         self.far_call_ending(&before, ret, exit.data.len(), self.mode.base(Register::CS))
+    }
+
+    /// Paging off: the exit (beginning or ending at a page boundary) is a proper piece of a
+    /// far call's return-offset slot at SS:SP (`o` = 2 or 4 bytes straddling a page; KVM passes on each piece on a tracked frame as
+    /// an exit of its own, lowest first). The bytes below the exit are read back (an earlier
+    /// exit applied them, or KVM wrote them); the bytes above it are not known yet: up to
+    /// one unknown byte is enumerated (256 searches), more refuse (no far call can be ruled
+    /// out). A piece of the CS slot counts as possible (competing). None: not such a piece.
+    fn far_call_piece(&self, exit: &Exit<'_>, off: u64) -> Option<Transfer> {
+        let len = exit.data.len() as u64;
+        for (o, size) in [(2u64, 2usize), (4, 4)] {
+            if off + len > 2 * o || (off.is_multiple_of(o) && len == o) {
+                continue;
+            }
+            if off >= o {
+                // The CS push's pieces exit only if the later offset push landed on frames
+                // KVM wrote.
+                let offset_written = (0..o).all(|i| {
+                    self.mode
+                        .translate(self.mem, self.mode.stack(self.sp, i))
+                        .is_none_or(|g| !(self.tracked)(g))
+                });
+                if offset_written {
+                    return Some(Transfer::First);
+                }
+                continue;
+            }
+            if off + len > o {
+                continue;
+            }
+            let below: Vec<u8> = (0..off)
+                .map(|i| {
+                    let mut b = [0u8; 1];
+                    (self
+                        .mode
+                        .read_prefix(self.mem, self.mode.stack(self.sp, i), &mut b)
+                        == 1)
+                        .then_some(b[0])
+                })
+                .collect::<Option<_>>()?;
+            let unknown = o - off - len;
+            if unknown > 1 {
+                return Some(Transfer::Drops(Verdict::Refuse {
+                    rip: self.regs.rip,
+                    bytes: self.mode.fetch(self.mem, self.regs.rip),
+                    reason: "a piece of a push straddling two pages at the stack pointer: \
+                             a far call whose other pushes KVM dropped cannot be ruled out",
+                }));
+            }
+            let known = [&below[..], exit.data].concat();
+            let highs: Vec<u64> = if unknown == 0 {
+                vec![0]
+            } else {
+                (0..=0xff).collect()
+            };
+            for high in highs {
+                let ret = read_le(&known) | (high << (8 * (o - 1)));
+                let before = self.mode.bytes_before(self.mem, ret);
+                let found = self
+                    .far_call_ending(&before, ret, size, self.mode.base(Register::CS))
+                    .or_else(|| self.far_call_from_any_segment(ret, size));
+                if let Some(v) = found {
+                    return Some(Transfer::Drops(v));
+                }
+            }
+        }
+        None
     }
 
     /// A far call whose return offset is `ret` (the exit's size `o`) and whose target (`9a`
@@ -876,7 +967,9 @@ mod tests {
             "the seven other pushes, EDI's pieces left out"
         );
         assert!(stores.iter().all(|s| s.gpa >= 0x7001));
-        let Verdict::Complete { before, .. } = check(&m, &real_mode(), &r, 0x7000, &edi[3..])
+        let all = |_| true;
+        let Verdict::Complete { before, .. } =
+            check_with(&m, &real_mode(), &r, 0x7000, &edi[3..], &all)
         else {
             panic!("EDI's second piece is a pushad piece too");
         };
@@ -903,6 +996,47 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn pieces_of_a_far_transfer_slot_straddling_a_page_are_refused() {
+        // call far 0:0x2101 at 0:0x1000; post SP = 0x6fff: the return offset 0x1005 is
+        // split 1 + 1 at 0x7000 (two exits), the CS push at 0x7001 was dropped.
+        let m: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        m.write_slice(&[0x9a, 0x01, 0x21, 0x00, 0x00], GuestAddress(0x1000))
+            .unwrap();
+        let r = kvm_regs {
+            rip: 0x2101,
+            rsp: 0x6fff,
+            rflags: 0x202,
+            ..Default::default()
+        };
+        for (gpa, byte) in [(0x6fff, 0x05u8), (0x7000, 0x10)] {
+            let v = check(&m, &real_mode(), &r, gpa, &[byte]);
+            // Found at 0:0x1000 or as 0x100:0 (the same bytes).
+            assert!(
+                matches!(&v, Verdict::Refuse { bytes, .. } if bytes[0] == 0x9a),
+                "piece at {gpa:#x}: {v:?}"
+            );
+            m.write_slice(&[byte], GuestAddress(gpa)).unwrap(); // applied (or refused)
+        }
+        // An interrupt frame's IP slot split the same way (IVT[0x40] = 0:0x2101).
+        m.write_slice(&[0x90; 5], GuestAddress(0x1000)).unwrap();
+        m.write_obj(0x2101u32, GuestAddress(4 * 0x40)).unwrap();
+        let r = kvm_regs { rflags: 2, ..r };
+        for gpa in [0x6fff, 0x7000] {
+            assert!(matches!(
+                check(&m, &real_mode(), &r, gpa, &[0]),
+                Verdict::Refuse { rip: 0x2101, .. }
+            ));
+        }
+        // A byte store at SP away from a page boundary is no piece: never searched.
+        let r = kvm_regs { rsp: 0x6ff0, ..r };
+        m.write_obj(0u32, GuestAddress(4 * 0x40)).unwrap();
+        m.write_slice(&[0x88, 0x06, 0xf0, 0x6f], GuestAddress(0x2101 - 4))
+            .unwrap(); // mov [0x6ff0], al
+        assert_eq!(check(&m, &real_mode(), &r, 0x6ff0, &[0]), Verdict::Single);
     }
 
     #[test]
