@@ -354,8 +354,10 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
             }
             first = true;
         }
-        if piece && let Some(t) = self.far_call_piece(exit, off) {
-            return t;
+        match piece.then(|| self.far_call_piece(exit, off)).flatten() {
+            Some(Transfer::Drops(v)) => return Transfer::Drops(v),
+            Some(_) => first = true,
+            None => {}
         }
         // Far call: CS at SP+o, the return offset at SP.
         if off == 0 && (matches!(o, 2 | 4) || (long && o == 8)) && self.slot_is(0, exit) {
@@ -389,11 +391,14 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
     /// Paging off: the exit (beginning or ending at a page boundary) is a proper piece of a
     /// far call's return-offset slot at SS:SP (`o` = 2 or 4 bytes straddling a page; KVM passes on each piece on a tracked frame as
     /// an exit of its own, lowest first). The bytes below the exit are read back (an earlier
-    /// exit applied them, or KVM wrote them); the bytes above it are not known yet: up to
-    /// one unknown byte is enumerated (256 searches), more refuse (no far call can be ruled
-    /// out). A piece of the CS slot counts as possible (competing). None: not such a piece.
+    /// exit applied them, or KVM wrote them); the bytes above it are not known yet: their
+    /// values up to the caller's CS limit + 1 are tried if there are at most 257 (a full
+    /// search each), else it refuses (no far call can be ruled out). A piece of the CS slot
+    /// counts as possible (competing) when the offset slot lies on frames KVM wrote. None:
+    /// not such a piece.
     fn far_call_piece(&self, exit: &Exit<'_>, off: u64) -> Option<Transfer> {
         let len = exit.data.len() as u64;
+        let mut first = false;
         for (o, size) in [(2u64, 2usize), (4, 4)] {
             if off + len > 2 * o || (off.is_multiple_of(o) && len == o) {
                 continue;
@@ -406,9 +411,7 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
                         .translate(self.mem, self.mode.stack(self.sp, i))
                         .is_none_or(|g| !(self.tracked)(g))
                 });
-                if offset_written {
-                    return Some(Transfer::First);
-                }
+                first |= offset_written;
                 continue;
             }
             if off + len > o {
@@ -424,8 +427,20 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
                         .then_some(b[0])
                 })
                 .collect::<Option<_>>()?;
-            let unknown = o - off - len;
-            if unknown > 1 {
+            let known = [&below[..], exit.data].concat();
+            // The offset is at most the caller's CS limit + 1. In real mode that is the
+            // current CS limit: KVM's real-mode far call changes only CS's base
+            // (`__load_segment_descriptor` keeps the limit, for unreal mode).
+            let bound = match self.mode.legacy {
+                Some(l) if self.mode.real => u64::from(l.get(Register::CS).limit) + 1,
+                _ => size_mask(size),
+            };
+            let highs = if known.len() == size {
+                0
+            } else {
+                bound >> (8 * known.len())
+            };
+            if highs > 0x100 {
                 return Some(Transfer::Drops(Verdict::Refuse {
                     rip: self.regs.rip,
                     bytes: self.mode.fetch(self.mem, self.regs.rip),
@@ -433,14 +448,11 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
                              a far call whose other pushes KVM dropped cannot be ruled out",
                 }));
             }
-            let known = [&below[..], exit.data].concat();
-            let highs: Vec<u64> = if unknown == 0 {
-                vec![0]
-            } else {
-                (0..=0xff).collect()
-            };
-            for high in highs {
-                let ret = read_le(&known) | (high << (8 * (o - 1)));
+            for high in 0..=highs {
+                let ret = read_le(&known) | (high << (8 * known.len()));
+                if ret > bound {
+                    continue;
+                }
                 let before = self.mode.bytes_before(self.mem, ret);
                 let found = self
                     .far_call_ending(&before, ret, size, self.mode.base(Register::CS))
@@ -450,7 +462,7 @@ impl<M: GuestMemory + ?Sized> Cx<'_, M> {
                 }
             }
         }
-        None
+        first.then_some(Transfer::First)
     }
 
     /// A far call whose return offset is `ret` (the exit's size `o`) and whose target (`9a`

@@ -597,3 +597,59 @@ fn review10m_near_call_and_push_mem_spelling_pusha_are_not_completed() {
     };
     eprintln!("review10m: push word [bx+0x60]: {v:?}");
 }
+
+/// (Added with the fixes.) `int 0x40` with SP = 0x7005: the IP push (post SP = 0x6fff)
+/// straddles the tracked frames 0x6000 and 0x7000 (1 + 1 bytes, two exits of one byte).
+/// The 1-byte pieces used to be applied as reported: FLAGS and CS lost silently.
+#[test]
+fn review10m_int_frame_with_its_ip_slot_straddling_two_tracked_frames_loses_no_store() {
+    let Some(_) = exact_or_refused(
+        &|a| {
+            a.mov(sp, 0x7005)?;
+            a.stc()?;
+            a.int(0x40)
+        },
+        &[ivt(0x40, 0, 0x2000), (0x2000, frame_reader(0x2000))],
+        &[0x6000, STACK, DATA],
+    ) else {
+        return;
+    };
+}
+
+/// (Added with the fixes.) `call far 0:0x2100` with SP = 0x7003: the return-offset push
+/// (post SP = 0x6fff) straddles the tracked frames 0x6000 and 0x7000, the CS push at 0x7001
+/// is dropped: exact or refused, never a lost CS.
+#[test]
+fn review10m_far_call_with_its_offset_slot_straddling_two_tracked_frames_loses_no_store() {
+    let Some(_) = exact_or_refused(
+        &|a| {
+            a.mov(sp, 0x7003)?;
+            a.db(&[0x9a, 0x00, 0x21, 0x00, 0x00])
+        },
+        &[(0x2100, frame_reader(0x2100))],
+        &[0x6000, STACK, DATA],
+    ) else {
+        return;
+    };
+}
+
+/// (Added with the fixes.) Ordinary `push ax` with SP = 0x7001 (the slot straddles the
+/// tracked frames 0x6000 and 0x7000): no far transfer fits, so it is applied exactly, both
+/// pieces.
+#[test]
+fn review10m_push_straddling_two_tracked_frames_is_exact() {
+    let v = exact_or_refused(
+        &|a| {
+            a.mov(ax, 0x1234)?;
+            a.mov(sp, 0x7001)?;
+            a.push(ax)?;
+            a.pop(bx)?;
+            a.mov(sp, 0x7800)
+        },
+        &[],
+        &[0x6000, STACK, DATA],
+    );
+    if let Some(v) = v {
+        assert_eq!(v, Verdict::Exact);
+    }
+}
