@@ -608,11 +608,7 @@ impl ExitHandler {
         let regs = fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
         let sregs = fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
         let mem = self.vm.mem.memory();
-        let tracked = |gpa: u64| {
-            self.vm
-                .tracker
-                .is_write_tracked(pagetrack::AsId::NORMAL, pagetrack::Gfn(gpa >> 12))
-        };
+        let tracked = |gpa: u64| self.vm.traps_stores(gpa);
         let mut frames: Vec<u64> = Vec::new(); // guest-physical bytes of candidate frames
         let sys = atomic::SysCache::from_sregs(&sregs);
         if sys.long64 {
@@ -764,7 +760,7 @@ impl ExitHandler {
     /// with [`Error::StoresLost`] when they cannot be rebuilt. The exit itself is applied by
     /// the caller.
     fn multi_store(&mut self, fd: &mut VcpuFd, gpa: u64, data: &[u8]) -> Result<()> {
-        use pagetrack_x86::multistore::{Verdict, check};
+        use pagetrack_x86::multistore::{Verdict, check_with};
         let regs = if self.sync_regs {
             fd.sync_regs().regs
         } else {
@@ -777,7 +773,8 @@ impl ExitHandler {
         };
         let mode = pagetrack_x86::mode::CpuMode::from_sregs(&sregs);
         let mem = self.vm.mem.memory();
-        match check(&*mem, &mode, &regs, gpa, data) {
+        let frame_tracked = |g: u64| self.vm.traps_stores(g);
+        match check_with(&*mem, &mode, &regs, gpa, data, &frame_tracked) {
             Verdict::Single => Ok(()),
             Verdict::Refuse { rip, bytes, reason } => Err(Error::StoresLost {
                 vcpu: self.index,
@@ -785,16 +782,22 @@ impl ExitHandler {
                 bytes,
                 reason,
             }),
-            Verdict::Complete { stores, .. } => {
+            Verdict::Complete { stores, before, .. } => {
                 let vm = Arc::clone(&self.vm);
+                // Pushes KVM dropped are those into frames whose stores trap (a relaxed
+                // frame is tracked but KVM wrote it).
+                let tracked = |s: &pagetrack_x86::multistore::Store| {
+                    (s.gpa >> 12..=(s.gpa + s.bytes.len() as u64 - 1) >> 12)
+                        .any(|f| vm.traps_stores(f << 12))
+                };
+                // The exit's slot straddles two frames and its lower piece was an exit of its
+                // own, at which the other pushes were written: this exit is only its piece.
+                if before.iter().any(tracked) {
+                    return Ok(());
+                }
                 for s in stores {
                     // Pushes to frames KVM can write landed there; the others were dropped.
-                    let tracked =
-                        (s.gpa >> 12..=(s.gpa + s.bytes.len() as u64 - 1) >> 12).any(|f| {
-                            vm.tracker
-                                .is_write_tracked(pagetrack::AsId::NORMAL, pagetrack::Gfn(f))
-                        });
-                    if tracked && apply_write(&vm, s.gpa, &s.bytes, Source::Vcpu(self.index)) {
+                    if tracked(&s) && apply_write(&vm, s.gpa, &s.bytes, Source::Vcpu(self.index)) {
                         let c = &vm.backend.counters;
                         c.trapped_writes.fetch_add(1, Ordering::Relaxed);
                         c.trapped_bytes

@@ -450,6 +450,15 @@ impl VmInner {
         }
     }
 
+    /// True if guest stores to the frame of `gpa` trap (it is write-tracked and strict): KVM
+    /// cannot write it, so a store it emulates there reaches userspace or is dropped. A
+    /// relaxed frame is tracked but writable (`relaxed.rs`).
+    pub(crate) fn traps_stores(&self, gpa: u64) -> bool {
+        self.tracker
+            .is_write_tracked(pagetrack::AsId::NORMAL, pagetrack::Gfn(gpa >> 12))
+            && !self.backend.relaxed.is_shadowed(gpa)
+    }
+
     /// The page-table entries `[gpa, gpa + len)` overlaps in frames marked as guest page tables
     /// (empty, and free, when none are marked or the host uses TDP).
     pub(crate) fn page_table_entries(

@@ -79,17 +79,18 @@ pub struct CpuMode {
     pub real: bool,
     /// IDTR.base (the interrupt vector table in real mode).
     pub idt_base: u64,
+    /// GDTR (base, limit).
+    pub gdt: (u64, u16),
+    /// The LDT's (base, limit) when LDTR holds a usable one.
+    pub ldt: Option<(u64, u32)>,
 }
 
+/// `s.limit` is already in bytes: KVM_GET_SREGS (and the sync sregs) report the limit with
+/// the granularity applied (`G = 1`: `(field << 12) | 0xfff`), and KVM_SET_SREGS takes it so.
 fn segment(s: &kvm_bindings::kvm_segment, real: bool) -> Segment {
-    let limit = if s.g != 0 && !real {
-        (s.limit << 12) | 0xfff
-    } else {
-        s.limit
-    };
     Segment {
         base: s.base,
-        limit,
+        limit: s.limit,
         // Data segment (bit 3 clear) with the expand-down bit (2).
         expand_down: !real && s.s != 0 && s.type_ & 0b1100 == 0b0100,
     }
@@ -121,6 +122,8 @@ impl CpuMode {
             cs_selector: s.cs.selector,
             real,
             idt_base: s.idt.base,
+            gdt: (s.gdt.base, s.gdt.limit),
+            ldt: (s.ldt.unusable == 0 && s.ldt.present != 0).then_some((s.ldt.base, s.ldt.limit)),
         }
     }
 
@@ -275,6 +278,16 @@ mod tests {
         // The page below RAM's start does not exist for a 4-level walk either; with paging
         // off, a range ending beyond RAM reads nothing.
         assert!(mode.bytes_before(&m, 0x3005).is_empty());
+    }
+
+    #[test]
+    fn a_page_granular_limit_is_taken_as_kvm_reports_it_in_bytes() {
+        let mut s = real();
+        s.cr0 |= CR0_PE;
+        s.ds.g = 1;
+        s.ds.limit = 0x8fff; // field 8, G = 1, as KVM_GET_SREGS reports it
+        let m = CpuMode::from_sregs(&s);
+        assert_eq!(m.legacy.unwrap().get(Register::DS).limit, 0x8fff);
     }
 
     #[test]
