@@ -34,6 +34,7 @@ mod realmode;
 mod refused;
 mod relaxed;
 mod remap;
+mod review10s;
 mod runahead;
 mod shapes;
 mod singlestep;
