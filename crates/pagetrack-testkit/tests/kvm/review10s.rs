@@ -181,3 +181,45 @@ fn review10s_compat_mode_split_lock_inc_is_exact_or_refused() {
         "silently lost updates (tracked frames, count of 1000): {lost:x?}"
     );
 }
+
+/// A plain `mov dword [rdi], imm32` straddling two tracked frames whose immediate spells a
+/// locked read-modify-write ending at RIP (`lock add [rdi], eax`, `lock inc dword [rdi]`,
+/// `xchg [rdi], eax`, `lock cmpxchg [rdi], eax`): the first fragment is held and joined with
+/// the second, and the proof must still see the `mov` as an explanation. The word must hold
+/// the immediate and EAX (a sentinel, stored at U after the loop) must be untouched.
+#[test]
+fn review10s_split_plain_store_whose_immediate_spells_a_lock_is_applied_as_is() {
+    const SENTINEL: u32 = 0x1234_5678;
+    let cases: [(u64, u32); 8] = [
+        (T + 4094, u32::from_le_bytes([0x55, 0xf0, 0x01, 0x07])),
+        (T + 4094, u32::from_le_bytes([0x55, 0xf0, 0xff, 0x07])),
+        (T + 4094, u32::from_le_bytes([0x55, 0x66, 0x87, 0x07])),
+        (T + 4094, u32::from_le_bytes([0xf0, 0x0f, 0xb1, 0x07])),
+        (T + 4093, u32::from_le_bytes([0x55, 0xf0, 0x01, 0x07])),
+        (T + 4095, u32::from_le_bytes([0x55, 0xf0, 0x01, 0x07])),
+        (T + 4095, u32::from_le_bytes([0x55, 0x66, 0x87, 0x07])),
+        (T + 4093, u32::from_le_bytes([0xf0, 0x0f, 0xb1, 0x07])),
+    ];
+    for (i, (addr, imm)) in cases.into_iter().enumerate() {
+        // The body is a fn pointer: the immediate comes from a table indexed by a constant.
+        let body: crate::splitlock::Body = match i {
+            0 | 4 | 5 => |a| mov_imm(a, 0x07_01_f0_55),
+            1 => |a| mov_imm(a, 0x07_ff_f0_55),
+            2 | 6 => |a| mov_imm(a, 0x07_87_66_55),
+            _ => |a| mov_imm(a, 0x07_b1_0f_f0),
+        };
+        let Some(run) = two_vcpus(addr, Tracked::Both, 0, body, 3) else {
+            return;
+        };
+        assert_eq!(run.error, None, "case {i}");
+        assert_eq!(run.word & 0xffff_ffff, u64::from(imm), "case {i}: word");
+        assert_eq!(run.counter, u64::from(SENTINEL), "case {i}: eax clobbered");
+        assert!(!run.events.is_empty(), "case {i}: no event");
+    }
+}
+
+fn mov_imm(a: &mut CodeAssembler, imm: u32) -> Result<(), iced_x86::IcedError> {
+    a.mov(eax, 0x1234_5678)?;
+    a.mov(dword_ptr(rdi), imm)?;
+    a.mov(qword_ptr(rsi), rax)
+}
