@@ -6,7 +6,10 @@ use pagetrack::Gfn;
 use pagetrack_testkit::{assemble, exit_with};
 
 use crate::common::*;
-use crate::splitlock::{BACK64_AT, COMPAT_AT, COMPAT_CS, SPLIT, Tracked, run_or_error, two_vcpus};
+use crate::splitlock::{
+    BACK64_AT, COMPAT_AT, COMPAT_CS, SPLIT, Tracked, each_config, exact_sum, run_or_error,
+    two_vcpus,
+};
 
 /// vCPU 0: one failing `lock cmpxchg [rax], rcx` on the split word per pass (RAX = the
 /// address, never the word's value); on its last pass it sets the flag at U + 8. vCPU 1,
@@ -222,4 +225,68 @@ fn mov_imm(a: &mut CodeAssembler, imm: u32) -> Result<(), iced_x86::IcedError> {
     a.mov(eax, 0x1234_5678)?;
     a.mov(dword_ptr(rdi), imm)?;
     a.mov(qword_ptr(rsi), rax)
+}
+
+/// `lock cmpxchg8b` retry loop on the split word (carrying into the other frame), 2 vCPUs:
+/// exact with both frames tracked, the typed error with one (as `splitlock`'s shapes).
+#[test]
+fn review10s_split_cmpxchg8b_retry_loop_exact() {
+    each_config(
+        SPLIT,
+        0xffff_fff0,
+        |a| {
+            let mut retry = a.create_label();
+            a.set_label(&mut retry)?;
+            a.mov(eax, dword_ptr(rdi))?;
+            a.mov(edx, dword_ptr(rdi + 4))?;
+            a.mov(ebx, eax)?;
+            a.mov(ecx, edx)?;
+            a.add(ebx, 1)?;
+            a.adc(ecx, 0)?;
+            a.lock().cmpxchg8b(qword_ptr(rdi))?;
+            a.jnz(retry)
+        },
+        exact_sum(0xffff_fff0, 1),
+    );
+}
+
+/// `lock btc qword [rdi], rcx` (register bit offset) on the split word: vCPU 0 toggles bit 3
+/// (first frame), vCPU 1 bit 35 (second frame), an even number of times each: the word ends
+/// 0 unless a toggle is lost.
+#[test]
+fn review10s_split_lock_btc_register_offset_exact() {
+    each_config(
+        SPLIT,
+        0,
+        |a| {
+            a.mov(ecx, r12d)?;
+            a.shl(ecx, 5)?;
+            a.add(ecx, 3)?;
+            a.lock().btc(qword_ptr(rdi), rcx)
+        },
+        |run, iters, tracked| {
+            assert_eq!(iters % 2, 0);
+            assert_eq!(run.word, 0, "{tracked:?}: lost toggles");
+        },
+    );
+}
+
+/// `lock xadd word` split 1 + 1 at the last byte of a tracked frame, 2 vCPUs: exact.
+#[test]
+fn review10s_split_lock_xadd_word_one_plus_one_exact() {
+    each_config(
+        T + 4095,
+        0,
+        |a| {
+            a.mov(eax, 1)?;
+            a.lock().xadd(word_ptr(rdi), ax)
+        },
+        |run, iters, tracked| {
+            assert_eq!(
+                run.word & 0xffff,
+                (2 * u64::from(iters)) & 0xffff,
+                "{tracked:?}: lost updates"
+            );
+        },
+    );
 }

@@ -183,7 +183,7 @@ pub(crate) const CONTROL: u32 = 50;
 
 /// Runs `body` untracked (the control, fewer rounds: split locks are slow natively) and in
 /// each tracked configuration, and checks `check` on every run that finished.
-fn each_config(addr: u64, init: u64, body: Body, check: impl Fn(&Run, u32, Tracked)) {
+pub(crate) fn each_config(addr: u64, init: u64, body: Body, check: impl Fn(&Run, u32, Tracked)) {
     let Some(control) = two_vcpus(addr, Tracked::Neither, init, body, CONTROL) else {
         return;
     };
@@ -220,7 +220,7 @@ fn each_config(addr: u64, init: u64, body: Body, check: impl Fn(&Run, u32, Track
 
 /// The word ends at `init + 2 * per_op * iters` (64-bit wrapping) and, tracked, every update
 /// is one event per tracked frame it touched (the replay was checked by the harness).
-fn exact_sum(init: u64, per_op: u64) -> impl Fn(&Run, u32, Tracked) {
+pub(crate) fn exact_sum(init: u64, per_op: u64) -> impl Fn(&Run, u32, Tracked) {
     move |run, iters, tracked| {
         let want = init.wrapping_add(2 * per_op * u64::from(iters));
         assert_eq!(
