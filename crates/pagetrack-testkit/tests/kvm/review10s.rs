@@ -290,3 +290,25 @@ fn review10s_split_lock_xadd_word_one_plus_one_exact() {
         },
     );
 }
+
+/// `lock btc qword [rdi], rcx` (base R8 = the split word - 800) whose bit offset moves the operand 100 qwords up, onto
+/// the split word: the rebuilt operand must include the bit offset's displacement, or the
+/// proof finds no candidate and the toggles are applied as plain stores (lost on 2 vCPUs).
+#[test]
+fn review10s_split_lock_btc_far_bit_offset_exact() {
+    each_config(
+        SPLIT,
+        0,
+        |a| {
+            a.lea(r8, qword_ptr(rdi - 800))?;
+            a.mov(ecx, r12d)?;
+            a.shl(ecx, 5)?;
+            a.add(ecx, 6400 + 3)?;
+            a.lock().btc(qword_ptr(r8), rcx)
+        },
+        |run, iters, tracked| {
+            assert_eq!(iters % 2, 0);
+            assert_eq!(run.word, 0, "{tracked:?}: lost toggles");
+        },
+    );
+}
