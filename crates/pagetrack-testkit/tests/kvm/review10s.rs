@@ -312,3 +312,40 @@ fn review10s_split_lock_btc_far_bit_offset_exact() {
         },
     );
 }
+
+/// A `push rax` whose slot straddles two tracked frames, preceded by bytes (the immediate
+/// of a `mov rbx, imm64`) that make `lock add qword [rsp], 0x50` end at RIP too: with the
+/// post-push RSP that decoding names exactly the pushed slot. The `push` is an explanation,
+/// so the slot must hold RAX (not the old value + 0x50) and RAX, RSP stay right.
+#[test]
+fn review10s_split_push_whose_prefix_spells_lock_add_rsp_is_applied_as_is() {
+    const SENTINEL: u64 = 0x1122_3344_5566_7788;
+    for addr in [SPLIT, T + 4094, T + 64] {
+        let Some(run) = two_vcpus(
+            addr,
+            Tracked::Both,
+            0,
+            |a| {
+                a.mov(r14, rsp)?;
+                a.lea(rsp, qword_ptr(rdi + 8))?;
+                a.mov(rax, SENTINEL)?;
+                // mov rbx, imm64 with the imm's last bytes f0 48 83 04 24, then push rax
+                // (0x50): "f0 48 83 04 24 50" is lock add qword [rsp], 0x50.
+                a.db(&[
+                    0x48, 0xbb, 0x11, 0x22, 0x33, 0xf0, 0x48, 0x83, 0x04, 0x24, 0x50,
+                ])?;
+                a.lea(rcx, qword_ptr(rdi))?;
+                a.sub(rcx, rsp)?; // 0 when RSP moved by exactly 8
+                a.mov(rsp, r14)?;
+                a.add(rcx, rax)?; // RAX intact and RSP right: SENTINEL
+                a.mov(qword_ptr(rsi), rcx)
+            },
+            3,
+        ) else {
+            return;
+        };
+        assert_eq!(run.error, None, "{addr:#x}");
+        assert_eq!(run.word, SENTINEL, "{addr:#x}: pushed slot");
+        assert_eq!(run.counter, SENTINEL, "{addr:#x}: RAX or RSP wrong");
+    }
+}
