@@ -349,3 +349,51 @@ fn review10s_split_push_whose_prefix_spells_lock_add_rsp_is_applied_as_is() {
         assert_eq!(run.counter, SENTINEL, "{addr:#x}: RAX or RSP wrong");
     }
 }
+
+/// Single-stepping (TF = 1) across held stores: a plain 2-byte store into a frame's last
+/// bytes after lock bytes (held, then EINTR), a plain dword split 2 + 2 (held and joined),
+/// `lock add` split 2 + 2 (joined, re-executed) and `xchg` split 4 + 4. The #DB frame RIPs
+/// must be the native pass's, and memory and registers exact (two-pass harness).
+#[test]
+fn review10s_tf_across_held_and_joined_split_stores_is_exact() {
+    use crate::singlestep::{LOG_COPY, MAX_LOG, install_handler, stepped};
+    let kvm = pagetrack_testkit::kvm_or_skip!();
+    let steps = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
+        a.mov(eax, 0xf0f0_f0f0_u32)?;
+        a.mov(word_ptr(rdi + 0xffe), ax)?;
+        a.nop()?;
+        a.mov(eax, 0x1122_3344)?;
+        a.mov(dword_ptr(rdi + 0xffe), eax)?;
+        a.nop()?;
+        a.lock().add(dword_ptr(rdi + 0xffe), 5)?;
+        a.nop()?;
+        a.mov(rax, 0x5566_7788_99aa_bbcc_u64)?;
+        a.xchg(qword_ptr(rdi + 0xffc), rax)?;
+        a.nop()
+    };
+    let body = |a: &mut CodeAssembler| stepped(a, &steps);
+    let run = pagetrack_testkit::TwoPass::new(&body)
+        .frames(2)
+        .run_with(kvm, install_handler);
+    let at = usize::try_from(LOG_COPY).unwrap();
+    let native = u64::from_le_bytes(run.native[at..at + 8].try_into().unwrap());
+    let tracked = u64::from_le_bytes(run.tracked[at..at + 8].try_into().unwrap());
+    assert!(
+        native >= 11,
+        "the native pass single-stepped ({native} #DBs)"
+    );
+    let rips = |m: &[u8], n: u64| -> Vec<String> {
+        (0..usize::try_from(n.min(MAX_LOG)).unwrap())
+            .map(|i| {
+                let o = at + 8 + 8 * i;
+                format!("{:#x}", u64::from_le_bytes(m[o..o + 8].try_into().unwrap()))
+            })
+            .collect()
+    };
+    assert_eq!(
+        rips(&run.tracked, tracked),
+        rips(&run.native, native),
+        "#DB frame RIPs tracked (left) vs untracked"
+    );
+    run.assert_exact();
+}
