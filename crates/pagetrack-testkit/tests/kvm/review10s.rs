@@ -397,3 +397,73 @@ fn review10s_tf_across_held_and_joined_split_stores_is_exact() {
     );
     run.assert_exact();
 }
+
+/// The exit budget runs out at every point of a guest whose stores are held (a plain store
+/// into a frame's last bytes after lock bytes), held and joined (a plain dword split 2 + 2)
+/// and re-executed (`lock add` split 2 + 2): whenever the vCPU stops with `ExitLimit`, the
+/// memory shows exactly the stores RIP has passed (a held store is never left unapplied
+/// behind an advanced RIP); run on, the guest ends exact with events that replay.
+#[test]
+fn review10s_exit_limit_at_a_held_store_leaves_no_store_behind() {
+    use pagetrack_kvm::{Exit, ExitBudget};
+    let steps: [crate::splitlock::Body; 3] = [
+        |a| {
+            a.mov(eax, 0xf0f0_f0f0_u32)?;
+            a.mov(word_ptr(rdi + 0xffe), ax)
+        },
+        |a| {
+            a.mov(eax, 0xf0f0_1122_u32)?;
+            a.mov(dword_ptr(rdi + 0xffe), eax)
+        },
+        |a| a.lock().add(dword_ptr(rdi + 0xffe), 5),
+    ];
+    let prefix = |n: usize| {
+        assemble(ENTRY, |a| {
+            a.mov(rdi, T)?;
+            for s in &steps[..n] {
+                s(a)?;
+            }
+            Ok(())
+        })
+        .len() as u64
+    };
+    let ends: Vec<u64> = (1..=3).map(|n| ENTRY + prefix(n)).collect();
+    let states: [u32; 4] = [0, 0xf0f0, 0xf0f0_1122, 0xf0f0_1127];
+    let code = assemble(ENTRY, |a| {
+        a.mov(rdi, T)?;
+        for s in &steps {
+            s(a)?;
+        }
+        exit_with(a, 0)
+    });
+    for budget in 1..=8 {
+        let Some(kvm) = pagetrack_testkit::gate::open_kvm_or_skip(module_path!()) else {
+            return;
+        };
+        let mut g = boot(kvm, 16 << 20, 1, &code);
+        let (rec, _h) = recorder(&g.vm);
+        g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+        g.vm.tracker().add_gfn(Gfn((T >> 12) + 1)).unwrap();
+        let init = read(&g.vm, T, 8192);
+        let mut v = g.vcpus.remove(0);
+        v.set_exit_budget(Some(ExitBudget::new(budget)));
+        match v.run().unwrap() {
+            Exit::ExitLimit => {
+                let rip = v.fd().get_regs().unwrap().rip;
+                let passed = ends.iter().filter(|&&e| rip >= e).count();
+                let word = u32::from_le_bytes(read(&g.vm, T + 0xffe, 4).try_into().unwrap());
+                assert_eq!(
+                    word, states[passed],
+                    "budget {budget}: rip {rip:#x} passed {passed} stores"
+                );
+                v.set_exit_budget(None);
+                assert_eq!(run_to_exit(&g.vm, &g.layout, &mut v, TIMEOUT), 0);
+            }
+            Exit::IoOut { .. } => {}
+            other => panic!("budget {budget}: {other:?}"),
+        }
+        let word = u32::from_le_bytes(read(&g.vm, T + 0xffe, 4).try_into().unwrap());
+        assert_eq!(word, states[3], "budget {budget}: final");
+        replay(T, &init, &rec.take(), &read(&g.vm, T, 8192));
+    }
+}
