@@ -467,3 +467,67 @@ fn review10s_exit_limit_at_a_held_store_leaves_no_store_behind() {
         replay(T, &init, &rec.take(), &read(&g.vm, T, 8192));
     }
 }
+
+/// `lock xadd` on a word straddling two KVM memslots (RAM added as `[0, 16 MiB)` and
+/// `[16 MiB, 18 MiB)`), both frames tracked, 2 vCPUs: exact, with events that replay.
+#[test]
+fn review10s_split_lock_across_two_memslots_exact() {
+    use pagetrack_kvm::{Vm, VmConfig};
+    const LOW: u64 = 16 << 20;
+    const RAM2: u64 = 18 << 20;
+    const WORD: u64 = LOW - 4;
+    let Some(kvm) = pagetrack_testkit::gate::open_kvm_or_skip(module_path!()) else {
+        return;
+    };
+    let iters = 500u32;
+    let code = assemble(ENTRY, |a| {
+        a.mov(rdi, WORD)?;
+        a.mov(r15d, iters)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(eax, 1)?;
+        a.lock().xadd(qword_ptr(rdi), rax)?;
+        a.dec(r15d)?;
+        a.jnz(top)?;
+        exit_with(a, 0)
+    });
+    let vm = Vm::with_kvm(kvm, VmConfig::default().with_ram(RAM2)).unwrap();
+    vm.add_ram(0, LOW).unwrap();
+    vm.add_ram(LOW, RAM2 - LOW).unwrap();
+    let layout = pagetrack_vmm::x86::LongModeLayout::new(RAM2).unwrap();
+    use vm_memory::Bytes;
+    vm.untracked_memory()
+        .write_slice(&code, vm_memory::GuestAddress(ENTRY))
+        .unwrap();
+    let mut vcpus = Vec::new();
+    for i in 0..2 {
+        let v = vm.create_vcpu(i).unwrap();
+        pagetrack_vmm::x86::setup_long_mode(
+            vm.kvm(),
+            v.fd(),
+            &*vm.untracked_memory(),
+            &layout,
+            ENTRY,
+            i,
+        )
+        .unwrap();
+        vcpus.push(v);
+    }
+    let (rec, _h) = recorder(&vm);
+    vm.tracker().add_gfn(Gfn((LOW >> 12) - 1)).unwrap();
+    vm.tracker().add_gfn(Gfn(LOW >> 12)).unwrap();
+    let init = read(&vm, LOW - 4096, 8192);
+    let threads: Vec<_> = vcpus
+        .into_iter()
+        .map(|mut v| {
+            let (vm, layout) = (vm.clone(), layout.clone());
+            std::thread::spawn(move || run_or_error(&vm, &layout, &mut v))
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), Ok(()));
+    }
+    let word = u64::from_le_bytes(read(&vm, WORD, 8).try_into().unwrap());
+    assert_eq!(word, 2 * u64::from(iters), "lost updates");
+    replay(LOW - 4096, &init, &rec.take(), &read(&vm, LOW - 4096, 8192));
+}
