@@ -58,8 +58,8 @@ fn review10s_failing_cmpxchg_rax_split_one_frame_tracked_is_exact_or_refused() {
     // (tracked frame, the other vCPU increments the upper half?)
     let configs: [(Tracked, bool, u32); 3] = [
         (Tracked::Neither, true, 10),
-        (Tracked::First, true, 200),
-        (Tracked::Second, false, 200),
+        (Tracked::First, true, 600),
+        (Tracked::Second, false, 600),
     ];
     for (tracked, upper, iters) in configs {
         let body: crate::splitlock::Body = if upper {
