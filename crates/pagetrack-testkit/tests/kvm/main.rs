@@ -35,6 +35,7 @@ mod refused;
 mod relaxed;
 mod remap;
 mod review10m;
+mod review10s;
 mod runahead;
 mod shapes;
 mod singlestep;

@@ -17,12 +17,12 @@ const HANDLER: u64 = 0x60_0000;
 /// Its log: a count, then the frame RIPs.
 const LOG: u64 = 0x61_0000;
 /// The most RIPs logged.
-const MAX_LOG: u64 = 200;
+pub(crate) const MAX_LOG: u64 = 200;
 /// Where in the data region the body copies the log.
-const LOG_COPY: u64 = 0x800;
+pub(crate) const LOG_COPY: u64 = 0x800;
 
 /// Installs the #DB handler: the layout's stub for vector 1 jumps to it.
-fn install_handler(vm: &Vm) {
+pub(crate) fn install_handler(vm: &Vm) {
     let handler = assemble(HANDLER, |a| {
         let mut skip = a.create_label();
         a.push(rax)?;
@@ -51,7 +51,7 @@ fn install_handler(vm: &Vm) {
 
 /// Runs `steps` with TF set, then copies the #DB log to `[rdi + LOG_COPY]` (RDI as at the
 /// start of the body) and resets it.
-fn stepped(
+pub(crate) fn stepped(
     a: &mut CodeAssembler,
     steps: &dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>,
 ) -> Result<(), IcedError> {

@@ -10,17 +10,17 @@ use pagetrack_testkit::{assemble, exit_with};
 use crate::common::*;
 
 /// Operations per vCPU in one run.
-const N: u32 = 2_000;
+pub(crate) const N: u32 = 2_000;
 /// Runs per tracked configuration.
 const RUNS: usize = 2;
 /// The split word: its first 4 bytes end frame T, its last 4 start frame T + 4096.
-const SPLIT: u64 = T + 4092;
+pub(crate) const SPLIT: u64 = T + 4092;
 
-type Body = fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>;
+pub(crate) type Body = fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>;
 
 /// Which of the two frames under the split word are tracked.
 #[derive(Clone, Copy, Debug)]
-enum Tracked {
+pub(crate) enum Tracked {
     Neither,
     Both,
     First,
@@ -50,22 +50,28 @@ impl Tracked {
 }
 
 /// What one run ended with.
-struct Run {
+pub(crate) struct Run {
     /// The 8 bytes at `addr`.
-    word: u64,
+    pub(crate) word: u64,
     /// The plain counter at U (bodies that keep one).
-    counter: u64,
+    pub(crate) counter: u64,
     /// The events delivered, in order.
-    events: Vec<Ev>,
+    pub(crate) events: Vec<Ev>,
     /// Whether the word straddles the two frames.
-    split: bool,
+    pub(crate) split: bool,
     /// Whether a vCPU stopped with an error instead of finishing (and its text).
-    error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// Runs `body` `iters` times on each of two vCPUs, with `tracked` frames tracked. Registers
 /// on entry: rdi = `addr`, rsi = U (an untracked scratch frame), r12 = the vCPU index.
-fn two_vcpus(addr: u64, tracked: Tracked, init: u64, body: Body, iters: u32) -> Option<Run> {
+pub(crate) fn two_vcpus(
+    addr: u64,
+    tracked: Tracked,
+    init: u64,
+    body: Body,
+    iters: u32,
+) -> Option<Run> {
     let kvm = pagetrack_testkit::gate::open_kvm_or_skip(module_path!())?;
     let code = assemble(ENTRY, |a| {
         a.mov(r15d, iters)?;
@@ -130,7 +136,7 @@ fn two_vcpus(addr: u64, tracked: Tracked, init: u64, body: Body, iters: u32) -> 
 }
 
 /// Runs a vCPU to the guest's exit; an error `Vcpu::run` returns comes back as text.
-fn run_or_error(
+pub(crate) fn run_or_error(
     vm: &pagetrack_kvm::Vm,
     layout: &pagetrack_vmm::x86::LongModeLayout,
     v: &mut pagetrack_kvm::Vcpu,
@@ -173,11 +179,11 @@ fn run_or_error(
 
 /// Iterations of the untracked control: a native split lock costs this host milliseconds
 /// (its split-lock mitigation serializes them across cores).
-const CONTROL: u32 = 50;
+pub(crate) const CONTROL: u32 = 50;
 
 /// Runs `body` untracked (the control, fewer rounds: split locks are slow natively) and in
 /// each tracked configuration, and checks `check` on every run that finished.
-fn each_config(addr: u64, init: u64, body: Body, check: impl Fn(&Run, u32, Tracked)) {
+pub(crate) fn each_config(addr: u64, init: u64, body: Body, check: impl Fn(&Run, u32, Tracked)) {
     let Some(control) = two_vcpus(addr, Tracked::Neither, init, body, CONTROL) else {
         return;
     };
@@ -214,7 +220,7 @@ fn each_config(addr: u64, init: u64, body: Body, check: impl Fn(&Run, u32, Track
 
 /// The word ends at `init + 2 * per_op * iters` (64-bit wrapping) and, tracked, every update
 /// is one event per tracked frame it touched (the replay was checked by the harness).
-fn exact_sum(init: u64, per_op: u64) -> impl Fn(&Run, u32, Tracked) {
+pub(crate) fn exact_sum(init: u64, per_op: u64) -> impl Fn(&Run, u32, Tracked) {
     move |run, iters, tracked| {
         let want = init.wrapping_add(2 * per_op * u64::from(iters));
         assert_eq!(
@@ -351,10 +357,10 @@ fn failing_cmpxchg_with_rax_base_and_comparand_loses_nothing() {
 
 /// GDT selector (RPL 3) of the 32-bit CPL3 code segment the compatibility-mode test puts in
 /// a GDT slot the 2-vCPU guests do not use (the TSS descriptor of vCPU 61).
-const COMPAT_CS: u32 = 0x400 | 3;
+pub(crate) const COMPAT_CS: u32 = 0x400 | 3;
 /// Where the compatibility-mode loop and the 64-bit return point are assembled.
-const COMPAT_AT: u64 = ENTRY + 0x800;
-const BACK64_AT: u64 = ENTRY + 0x400;
+pub(crate) const COMPAT_AT: u64 = ENTRY + 0x800;
+pub(crate) const BACK64_AT: u64 = ENTRY + 0x400;
 
 /// Two vCPUs `lock inc dword [edi]` `iters` times each in compatibility mode (a 32-bit code
 /// segment under long mode), entered and left by far returns. Returns the counter at `T` and
