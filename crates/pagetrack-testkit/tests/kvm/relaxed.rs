@@ -471,3 +471,154 @@ fn the_vmms_dirty_log_stays_exact_while_relaxed_syncs_share_the_harvest() {
     assert!(ev.iter().all(|e| e.coalesced.is_some()));
     replay(T, &initial, &ev, &read(&g.vm, T, 0x8000));
 }
+
+/// Guest, for phase k = 1, 2, 3: two qwords `k * 0x0101010101010101` at +0x100 of frame
+/// rdi + 0x1000 (k - 1), then `[rsi + 8] = k` (ready), then waits until `[rsi] == k` (go).
+/// No exit of its own between the stores and the go, so nothing syncs them.
+fn phases() -> Vec<u8> {
+    assemble(ENTRY, |a| {
+        a.mov(r8, 1u64)?;
+        let mut top = a.create_label();
+        let mut wait = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(rbx, r8)?;
+        a.shl(rbx, 12)?;
+        a.add(rbx, rdi)?;
+        a.sub(rbx, 0x1000)?;
+        a.mov(rax, 0x0101_0101_0101_0101u64)?;
+        a.imul_2(rax, r8)?;
+        a.mov(qword_ptr(rbx + 0x100), rax)?;
+        a.mov(qword_ptr(rbx + 0x108), rax)?;
+        a.mov(qword_ptr(rsi + 8), r8)?;
+        a.set_label(&mut wait)?;
+        a.cmp(qword_ptr(rsi), r8)?;
+        a.jne(wait)?;
+        a.inc(r8)?;
+        a.cmp(r8, 4)?;
+        a.jne(top)?;
+        exit_with(a, 3)
+    })
+}
+
+#[test]
+fn untracking_a_relaxed_frame_delivers_its_changes_since_the_last_sync() {
+    let kvm = kvm_or_skip!();
+    // No periodic sync while the guest spins: only the untrack can deliver its stores.
+    let mut policy = RelaxedConfig::new(RelaxedMode::Always);
+    policy.period = std::time::Duration::from_secs(3600);
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(policy);
+    let mut g = boot_with(kvm, config, RAM, 1, &phases());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x3000);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 3)
+        .unwrap();
+    for f in 0..3 {
+        assert!(g.vm.is_relaxed(Gfn((T >> 12) + f)));
+    }
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rsi = U;
+    });
+    let (vm, layout) = (g.vm.clone(), g.layout.clone());
+    let mut vcpu = g.vcpus.remove(0);
+    let guest = std::thread::spawn(move || run_to_exit(&vm, &layout, &mut vcpu, TIMEOUT));
+    let word = |gpa: u64| {
+        g.vm.untracked_memory()
+            .read_obj::<u64>(GuestAddress(gpa))
+            .unwrap()
+    };
+    let mut all = Vec::new();
+    for k in 1..=3u64 {
+        // The guest's stores of phase k are in memory (a hang guard, not a timing bound).
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while word(U + 8) != k {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "phase {k} not reached"
+            );
+            std::thread::yield_now();
+        }
+        let frame = T + 0x1000 * (k - 1);
+        assert!(
+            rec.0
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|e| e.gpa >> 12 != frame >> 12),
+            "phase {k}: nothing synced the stores yet"
+        );
+        // Each form of untrack, without a sync first.
+        let gfn = Gfn(frame >> 12);
+        match k {
+            1 => g.vm.tracker().remove_gfn(gfn).unwrap(),
+            2 => g.vm.tracker().remove_gfns(AsId::NORMAL, &[gfn]).unwrap(),
+            _ => g.vm.tracker().remove_range(AsId::NORMAL, gfn, 1).unwrap(),
+        }
+        assert!(!g.vm.is_relaxed(gfn));
+        all.extend(rec.take());
+        let mine: Vec<&Ev> = all.iter().filter(|e| e.gpa >> 12 == frame >> 12).collect();
+        let want = (k * 0x0101_0101_0101_0101).to_le_bytes().repeat(2);
+        assert!(
+            mine.iter()
+                .any(|e| e.coalesced.is_some() && e.gpa == frame + 0x100 && e.new == want),
+            "phase {k}: the store before the untrack was delivered: {mine:?}"
+        );
+        replay(T, &initial, &all, &read(&g.vm, T, 0x3000));
+        g.vm.untracked_memory()
+            .write_obj(k, GuestAddress(U))
+            .unwrap();
+    }
+    assert_eq!(guest.join().unwrap(), 3);
+    assert!(rec.take().is_empty(), "nothing tracked is left");
+    assert_eq!(g.vm.stats().trapped_writes, 0);
+}
+
+#[test]
+fn dropping_the_vm_delivers_relaxed_changes_since_the_last_sync() {
+    let kvm = kvm_or_skip!();
+    let mut policy = RelaxedConfig::new(RelaxedMode::Always);
+    policy.period = std::time::Duration::from_secs(3600);
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(policy);
+    let mut g = boot_with(kvm, config, RAM, 1, &phases());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x1000);
+    g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rsi = U;
+    });
+    let mut vcpu = g.vcpus.remove(0);
+    let stopper = vcpu.stopper();
+    let guest = std::thread::spawn(move || {
+        let exit = vcpu.run().map(|e| format!("{e:?}"));
+        drop(vcpu);
+        exit
+    });
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while g
+        .vm
+        .untracked_memory()
+        .read_obj::<u64>(GuestAddress(U + 8))
+        .unwrap()
+        != 1
+    {
+        assert!(std::time::Instant::now() < deadline, "phase 1 not reached");
+        std::thread::yield_now();
+    }
+    let fin = read(&g.vm, T, 0x1000);
+    // Stopped, not an exit to the VMM: nothing synced.
+    stopper.stop();
+    assert_eq!(guest.join().unwrap().unwrap(), "Stopped");
+    assert!(rec.0.lock().unwrap().is_empty(), "nothing synced yet");
+    // The last handles on the VM (the stopper holds one too).
+    drop(stopper);
+    drop(g);
+    let ev = rec.take();
+    assert!(
+        ev.iter()
+            .any(|e| e.gpa == T + 0x100 && e.coalesced.is_some()),
+        "the teardown delivered the guest's stores: {ev:?}"
+    );
+    replay(T, &initial, &ev, &fin);
+}
