@@ -382,13 +382,28 @@ pub(crate) fn sync(vm: &VmInner) -> Result<SyncReport> {
     if r.active() == 0 {
         return Ok(SyncReport::default());
     }
-    let _st = sync_lock(r);
+    let _st = sync_lock(vm);
     sync_locked(vm)
 }
 
 /// The sync lock, unless this thread holds it already (it is delivering).
-fn sync_lock(r: &Relaxed) -> Option<MutexGuard<'_, SyncState>> {
-    (!DELIVERING.with(Cell::get)).then(|| lock(&r.sync))
+fn sync_lock<'a>(vm: &'a VmInner) -> Option<MutexGuard<'a, SyncState>> {
+    (!DELIVERING.with(Cell::get)).then(|| lock_sync(vm))
+}
+
+/// Takes the sync lock. Its holder may be delivering to a notifier that pauses (tracks from
+/// its callback), and a pause waits for vCPUs with a continuation: on a vCPU thread with
+/// one (any trapped store is an MMIO exit KVM continues), blocking here would deadlock, so
+/// the continuation is parked first (`Gate::park_here`).
+fn lock_sync(vm: &VmInner) -> MutexGuard<'_, SyncState> {
+    match vm.backend.relaxed.sync.try_lock() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            vm.backend.gate.park_here();
+            lock(&vm.backend.relaxed.sync)
+        }
+    }
 }
 
 /// Delivers every queued change, in order (the caller holds the sync lock, or is
@@ -515,7 +530,7 @@ pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<MutexGuar
         return None;
     }
     // On a delivering thread (a notifier's write) the lock is this thread's already.
-    let st = sync_lock(r);
+    let st = sync_lock(vm);
     // A failed harvest leaves the frame's changes pending for the next sync; the write below
     // is exact either way.
     let _ = sync_locked(vm);
@@ -555,7 +570,7 @@ pub(crate) fn applied<'a>(
     if r.active() == 0 || new.is_empty() {
         return None;
     }
-    let guard = sync_lock(r);
+    let guard = sync_lock(vm);
     settle(vm, gpa, old, new);
     guard
 }
@@ -692,7 +707,7 @@ pub(crate) fn demote(vm: &VmInner, gpas: &[u64]) -> Result<()> {
     // Paused first, then the sync lock: a vCPU finishing a continuation may need the sync
     // lock (a store into a relaxed frame it completes), and the pause waits for it.
     let _paused = vm.backend.gate.pause();
-    let _st = sync_lock(r);
+    let _st = sync_lock(vm);
     // Nothing writes guest memory from here on but device writes, which sync first and take
     // the sync lock this thread holds.
     sync_locked(vm)?;

@@ -622,3 +622,101 @@ fn dropping_the_vm_delivers_relaxed_changes_since_the_last_sync() {
     );
     replay(T, &initial, &ev, &fin);
 }
+
+/// Records every event and, at each coalesced one, adds and removes a track on a spare
+/// frame from inside the callback (each a pause of every vCPU).
+#[derive(Debug)]
+struct Retracker {
+    rec: Arc<Recorder>,
+    tracker: std::sync::OnceLock<pagetrack::Tracking>,
+    spare: Gfn,
+    retracks: std::sync::atomic::AtomicU64,
+}
+
+impl pagetrack::TrackNotifier for Retracker {
+    fn track_write(&self, e: &pagetrack::WriteEvent<'_>) {
+        self.rec.track_write(e);
+        if e.coalesced.is_some()
+            && let Some(t) = self.tracker.get()
+        {
+            t.add_gfn(self.spare).unwrap();
+            t.remove_gfn(self.spare).unwrap();
+            self.retracks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+#[test]
+fn a_notifier_that_pauses_during_relaxed_syncs_does_not_deadlock_a_trapping_vcpu() {
+    let kvm = kvm_or_skip!();
+    // A sync at every trapped store: vCPU 1, storing to a strict frame (each store an MMIO
+    // exit with a continuation), keeps asking for the sync lock while vCPU 0's exits sync
+    // its relaxed frame and the notifier pauses from inside the delivery.
+    let mut policy = RelaxedConfig::new(RelaxedMode::Always);
+    policy.period = std::time::Duration::ZERO;
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(policy);
+    let mut g = boot_with(kvm, config, RAM, 2, &counters());
+    let rec = Arc::new(Recorder::default());
+    let n = Arc::new(Retracker {
+        rec: rec.clone(),
+        tracker: std::sync::OnceLock::new(),
+        spare: Gfn((T >> 12) + 3),
+        retracks: std::sync::atomic::AtomicU64::new(0),
+    });
+    n.tracker.set(g.vm.tracker().clone()).unwrap();
+    let _h =
+        g.vm.tracker()
+            .register(
+                n.clone(),
+                RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced),
+            )
+            .unwrap();
+    let initial = read(&g.vm, T, 0x4000);
+    let strict = Gfn((T >> 12) + 1);
+    g.vm.pin_strict(strict).unwrap();
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 3)
+        .unwrap();
+    assert!(g.vm.is_relaxed(Gfn(T >> 12)) && !g.vm.is_relaxed(strict));
+    let iterations = [20_000u64, 3_000];
+    // vCPU i: its counter at T + 0x2000 + 8 i (relaxed), its stores over frame i.
+    for (i, v) in g.vcpus.iter().enumerate() {
+        set_regs(v, |r| {
+            r.rdi = T + 0x2000 + 8 * i as u64;
+            r.rsi = T + 0x1000 * i as u64;
+            r.rcx = iterations[i];
+        });
+    }
+    let layout = g.layout.clone();
+    let threads: Vec<_> = g
+        .vcpus
+        .drain(..)
+        .map(|mut v| {
+            let (vm, layout) = (g.vm.clone(), layout.clone());
+            std::thread::spawn(move || run_syncing(&vm, &layout, &mut v, |_| {}))
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 3);
+    }
+    g.vm.sync().unwrap();
+    let fin = read(&g.vm, T, 0x4000);
+    for (i, &it) in iterations.iter().enumerate() {
+        let at = 0x2000 + 8 * i;
+        assert_eq!(
+            u64::from_le_bytes(fin[at..at + 8].try_into().unwrap()),
+            it,
+            "vCPU {i}'s counter"
+        );
+    }
+    let ev = rec.take();
+    replay(T, &initial, &ev, &fin);
+    assert!(n.retracks.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(
+        ev.iter()
+            .filter(|e| e.gpa >> 12 == strict.0)
+            .all(|e| e.coalesced.is_none())
+    );
+    g.vm.unpin_strict(strict).unwrap();
+}
