@@ -64,8 +64,14 @@ struct State<K> {
     /// Per vCPU: it left `KVM_RUN` with an instruction KVM may continue at the next entry
     /// (module docs).
     continuation: Vec<bool>,
-    /// How many entries of `continuation` are set.
+    /// How many entries of `continuation` are set, but for parked ones.
     continuing: usize,
+    /// Per vCPU: its continuation is *parked* ([`Gate::park_here`]): its thread waits for a
+    /// lock a pauser may hold, so re-cut pauses do not wait for it, and it enters again only
+    /// with the gate open.
+    parked: Vec<bool>,
+    /// How many entries of `parked` are set.
+    parked_count: usize,
 }
 
 impl<K> Default for State<K> {
@@ -78,6 +84,8 @@ impl<K> Default for State<K> {
             entries: Vec::new(),
             continuation: Vec::new(),
             continuing: 0,
+            parked: Vec::new(),
+            parked_count: 0,
         }
     }
 }
@@ -188,6 +196,52 @@ impl<K: Kick> Gate<K> {
         s.continuation.get(index).copied().unwrap_or(false)
     }
 
+    fn is_parked(s: &State<K>, index: usize) -> bool {
+        s.parked.get(index).copied().unwrap_or(false)
+    }
+
+    /// Parks this thread's vCPU's continuation, if it has one, before the thread blocks on a
+    /// lock that a pauser may hold while it pauses (the relaxed sync lock: a notifier that
+    /// tracks from inside a sync's delivery). [`Gate::pause`] then does not wait for it (as
+    /// for the pauser's own vCPU: nothing a re-cut changes invalidates a pending fragment's
+    /// GPA), [`Gate::pause_all`] still does, and the vCPU's next [`Gate::enter`] waits for
+    /// the gate to open before KVM may finish the instruction, so it never runs during a
+    /// pause that did not wait for it.
+    pub(crate) fn park_here(&self) {
+        let Some(index) = HERE
+            .with(std::cell::Cell::get)
+            .and_then(|(gate, index)| (gate == self.addr()).then_some(index))
+        else {
+            return;
+        };
+        let mut s = self.lock();
+        if !Self::has_continuation(&s, index) || Self::is_parked(&s, index) {
+            return;
+        }
+        if s.parked.len() <= index {
+            s.parked.resize(index + 1, false);
+        }
+        s.parked[index] = true;
+        s.parked_count += 1;
+        s.continuing -= 1;
+        let wake = s.pauses > 0;
+        drop(s);
+        if wake {
+            self.cv.notify_all();
+        }
+    }
+
+    /// Un-parks vCPU `index` (its continuation counts again, or is gone).
+    fn unpark(s: &mut State<K>, index: usize) {
+        if Self::is_parked(s, index) {
+            s.parked[index] = false;
+            s.parked_count -= 1;
+            if Self::has_continuation(s, index) {
+                s.continuing += 1;
+            }
+        }
+    }
+
     /// Waits for the gate to be open, then marks vCPU `index` as inside `KVM_RUN` until the
     /// returned guard drops; `kick` is how pausers reach it meanwhile. Returns `None` instead
     /// if `stop` is set (checked under the gate lock, see [`Gate::stop`]).
@@ -197,7 +251,9 @@ impl<K: Kick> Gate<K> {
     pub(crate) fn enter(&self, index: usize, stop: &AtomicBool, kick: K) -> Option<Inside<'_, K>> {
         let mut s = self.lock();
         let flush = loop {
-            if Self::has_continuation(&s, index) {
+            // A parked continuation waits for the gate to open (`park_here`).
+            if Self::has_continuation(&s, index) && (!Self::is_parked(&s, index) || s.pauses == 0) {
+                Self::unpark(&mut s, index);
                 // SeqCst: as below.
                 break s.pauses > 0 || stop.load(Ordering::SeqCst);
             }
@@ -230,6 +286,8 @@ impl<K: Kick> Gate<K> {
     }
 
     fn set_continuation(s: &mut State<K>, index: usize, on: bool) {
+        // A parked continuation is not counted in `continuing`: count it again first.
+        Self::unpark(s, index);
         if let Some(c) = s.continuation.get_mut(index)
             && *c != on
         {
@@ -298,6 +356,17 @@ impl<K: Kick> Gate<K> {
     /// thread's own has a continuation (module docs); the gate reopens when the returned
     /// guard drops.
     pub(crate) fn pause(&self) -> Paused<'_, K> {
+        self.pause_waiting(false)
+    }
+
+    /// As [`Gate::pause`], and waits for parked continuations too ([`Gate::park_here`]):
+    /// for surgery that may invalidate a pending instruction's translations (page-table
+    /// updates, `update.rs`).
+    pub(crate) fn pause_all(&self) -> Paused<'_, K> {
+        self.pause_waiting(true)
+    }
+
+    fn pause_waiting(&self, parked_too: bool) -> Paused<'_, K> {
         let own = HERE
             .with(std::cell::Cell::get)
             .and_then(|(gate, index)| (gate == self.addr()).then_some(index));
@@ -309,7 +378,8 @@ impl<K: Kick> Gate<K> {
             k.kick();
         }
         while s.running > 0
-            || s.continuing > usize::from(own.is_some_and(|i| Self::has_continuation(&s, i)))
+            || s.continuing + if parked_too { s.parked_count } else { 0 }
+                > usize::from(own.is_some_and(|i| Self::has_continuation(&s, i)))
         {
             s = self.wait(s);
         }

@@ -25,12 +25,12 @@
 //! locked.
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use pagetrack::{Gpa, PageTracker, Source, WriteEvent};
+use pagetrack::{FrameRun, Gpa, PageTracker, Source, WriteEvent};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::error::Result;
@@ -147,14 +147,16 @@ struct Heat {
     since: Option<Instant>,
 }
 
+/// What the sync lock guards: a harvest and diff, and the queueing of their changes
+/// (`Relaxed::queue`), happen under it, so changes of one frame are queued in memory order.
 #[derive(Debug, Default)]
-pub(crate) struct SyncState {
-    epoch: u64,
-}
+pub(crate) struct SyncState;
 
 thread_local! {
-    /// This thread is delivering a sync's events (a notifier's device write into a relaxed
-    /// frame must not sync again: the sync lock is this thread's).
+    /// This thread is delivering a sync's events, and so holds the sync lock in an outer
+    /// frame: a sync a notifier causes (a device write into a relaxed frame, an untrack, a
+    /// demotion) runs without taking the lock again, and its changes queue behind the ones
+    /// still undelivered.
     static DELIVERING: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -178,7 +180,19 @@ impl Drop for Delivering {
 pub(crate) struct Relaxed {
     pub(crate) config: RelaxedConfig,
     tracker: OnceLock<Weak<PageTracker>>,
+    /// The VM (for the untrack hook, which the core calls on the backend).
+    vm: OnceLock<Weak<VmInner>>,
     sync: Mutex<SyncState>,
+    /// The epoch of the last sync (written under the sync lock).
+    epoch: AtomicU64,
+    /// Changes found (under the sync lock) and not yet delivered, in order, with their
+    /// epochs. Whoever queues drains: a nested sync on a delivering thread queues behind the
+    /// outer one's remaining changes, so each frame's events stay in memory order.
+    queue: Mutex<VecDeque<(Change, u64)>>,
+    /// Guest-address ranges `[start, end)` of frames being untracked
+    /// (`Enforcement::before_untrack` to `after_untrack`, one entry per call): they are not
+    /// relaxed meanwhile, so their last changes cannot be held past the untrack.
+    leaving: Mutex<Vec<(u64, u64)>>,
     /// Shadow of each relaxed frame, by guest address: its contents at the last delivery.
     shadows: Mutex<HashMap<u64, Box<[u64; WORDS]>>>,
     ever: Mutex<HashSet<u64>>,
@@ -208,7 +222,11 @@ impl Relaxed {
         Relaxed {
             config,
             tracker: OnceLock::new(),
+            vm: OnceLock::new(),
             sync: Mutex::default(),
+            epoch: AtomicU64::new(0),
+            queue: Mutex::default(),
+            leaving: Mutex::default(),
             shadows: Mutex::default(),
             ever: Mutex::default(),
             pins: Mutex::default(),
@@ -227,6 +245,19 @@ impl Relaxed {
 
     pub(crate) fn set_tracker(&self, tracker: Weak<PageTracker>) {
         let _ = self.tracker.set(tracker);
+    }
+
+    pub(crate) fn set_vm(&self, vm: Weak<VmInner>) {
+        let _ = self.vm.set(vm);
+    }
+
+    /// The next epoch (under the sync lock, or on a delivering thread that holds it).
+    fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn is_leaving(leaving: &[(u64, u64)], gpa: u64) -> bool {
+        leaving.iter().any(|&(a, b)| (a..b).contains(&gpa))
     }
 
     /// Frames relaxed now (a lock-free hint for the fast paths).
@@ -271,8 +302,11 @@ impl Relaxed {
         }
         let room = self.config.max_frames.saturating_sub(self.active());
         let pins = lock(&self.pins);
+        let leaving = lock(&self.leaving);
         gpas.map(|g| g & !(PAGE - 1))
-            .filter(|g| !pins.contains_key(g) && !frags.is_relaxed(*g))
+            .filter(|g| {
+                !pins.contains_key(g) && !frags.is_relaxed(*g) && !Self::is_leaving(&leaving, *g)
+            })
             .take(room)
             .collect()
     }
@@ -341,24 +375,65 @@ impl Relaxed {
 }
 
 /// Syncs every relaxed frame of `vm` (see the module docs). Inside a notifier that is
-/// receiving a sync's events this does nothing (the sync running on this thread delivers).
+/// receiving a sync's events (this thread holds the sync lock already) the changes queue
+/// behind the ones still undelivered, and all are delivered before this returns.
 pub(crate) fn sync(vm: &VmInner) -> Result<SyncReport> {
     let r = &vm.backend.relaxed;
-    if r.active() == 0 || DELIVERING.with(Cell::get) {
+    if r.active() == 0 {
         return Ok(SyncReport::default());
     }
-    let mut st = lock(&r.sync);
-    sync_locked(vm, &mut st)
+    let _st = sync_lock(vm);
+    sync_locked(vm)
+}
+
+/// The sync lock, unless this thread holds it already (it is delivering).
+fn sync_lock<'a>(vm: &'a VmInner) -> Option<MutexGuard<'a, SyncState>> {
+    (!DELIVERING.with(Cell::get)).then(|| lock_sync(vm))
+}
+
+/// Takes the sync lock. Its holder may be delivering to a notifier that pauses (tracks from
+/// its callback), and a pause waits for vCPUs with a continuation: on a vCPU thread with
+/// one (any trapped store is an MMIO exit KVM continues), blocking here would deadlock, so
+/// the continuation is parked first (`Gate::park_here`).
+fn lock_sync(vm: &VmInner) -> MutexGuard<'_, SyncState> {
+    match vm.backend.relaxed.sync.try_lock() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            vm.backend.gate.park_here();
+            lock(&vm.backend.relaxed.sync)
+        }
+    }
+}
+
+/// Delivers every queued change, in order (the caller holds the sync lock, or is
+/// delivering). A notifier's nested sync drains the rest itself; this loop then finds the
+/// queue empty.
+fn drain(vm: &VmInner) {
+    let r = &vm.backend.relaxed;
+    let _delivering = (!DELIVERING.with(Cell::get)).then(Delivering::enter);
+    loop {
+        let Some((c, epoch)) = lock(&r.queue).pop_front() else {
+            return;
+        };
+        vm.tracker.report_write(
+            &WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
+                .with_old(&c.old)
+                .in_epoch(epoch),
+        );
+    }
 }
 
 /// One changed run of a relaxed frame.
+#[derive(Debug)]
 struct Change {
     gpa: u64,
     old: Vec<u8>,
     new: Vec<u8>,
 }
 
-fn sync_locked(vm: &VmInner, st: &mut SyncState) -> Result<SyncReport> {
+/// A sync; the caller holds the sync lock (or is delivering, see [`sync`]).
+fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     let r = &vm.backend.relaxed;
     let start = Instant::now();
     // 1 + 2: harvest and re-protect (one ioctl per relaxed fragment).
@@ -368,32 +443,25 @@ fn sync_locked(vm: &VmInner, st: &mut SyncState) -> Result<SyncReport> {
     if dirty.is_empty() {
         return Ok(SyncReport::default());
     }
-    st.epoch += 1;
-    let epoch = st.epoch;
+    let epoch = r.next_epoch();
     // 3: read and diff, word by word (aligned 8-byte loads: a naturally aligned guest store
     // is never torn), against the shadow; the shadow takes what was read.
     let changes = diff(vm, &dirty);
-    // 4: deliver, in address order.
-    let _delivering = Delivering::enter();
-    let mut bytes = 0u64;
-    for c in &changes {
-        bytes += c.new.len() as u64;
-        vm.tracker.report_write(
-            &WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
-                .with_old(&c.old)
-                .in_epoch(epoch),
-        );
-    }
+    // 4: deliver, in address order (behind changes still queued by an outer sync).
+    let events = changes.len();
+    let bytes: u64 = changes.iter().map(|c| c.new.len() as u64).sum();
+    lock(&r.queue).extend(changes.into_iter().map(|c| (c, epoch)));
+    drain(vm);
     r.syncs.fetch_add(1, Ordering::Relaxed);
     r.coalesced_events
-        .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        .fetch_add(events as u64, Ordering::Relaxed);
     r.coalesced_bytes.fetch_add(bytes, Ordering::Relaxed);
     r.sync_ns
         .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
     Ok(SyncReport {
         epoch,
         dirty_frames: dirty.len(),
-        events: changes.len(),
+        events,
     })
 }
 
@@ -447,7 +515,7 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
 /// until then.
 pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<MutexGuard<'_, SyncState>> {
     let r = &vm.backend.relaxed;
-    if r.active() == 0 || DELIVERING.with(Cell::get) {
+    if r.active() == 0 {
         return None;
     }
     let first = gpa & !(PAGE - 1);
@@ -461,11 +529,12 @@ pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<MutexGuar
     if !any {
         return None;
     }
-    let mut st = lock(&r.sync);
+    // On a delivering thread (a notifier's write) the lock is this thread's already.
+    let st = sync_lock(vm);
     // A failed harvest leaves the frame's changes pending for the next sync; the write below
     // is exact either way.
-    let _ = sync_locked(vm, &mut st);
-    Some(st)
+    let _ = sync_locked(vm);
+    st
 }
 
 /// After `before_apply` and the memory write that changed `old` into `data` at `gpa`: see
@@ -480,7 +549,9 @@ pub(crate) fn after_apply(
     if vm.backend.relaxed.active() == 0 {
         return;
     }
-    settle(vm, guard.as_deref_mut(), gpa, old, data);
+    // Under the sync lock when `guard` holds it, else on a delivering thread.
+    let _held = guard;
+    settle(vm, gpa, old, data);
 }
 
 /// A store pagetrack applied to guest memory itself, outside [`crate::memory::apply_write`]
@@ -499,17 +570,17 @@ pub(crate) fn applied<'a>(
     if r.active() == 0 || new.is_empty() {
         return None;
     }
-    let mut guard = (!DELIVERING.with(Cell::get)).then(|| lock(&r.sync));
-    settle(vm, guard.as_deref_mut(), gpa, old, new);
+    let guard = sync_lock(vm);
+    settle(vm, gpa, old, new);
     guard
 }
 
 /// The shadow side of a write to relaxed frames that changed `old` into `new` at `gpa`
 /// (already in memory): the guest's undelivered change of exactly these bytes (shadow →
 /// `old`: a store that landed after the last sync, even one racing this write) is delivered
-/// first as a coalesced event, and the shadow takes `new`. `st` is the sync lock's state when
-/// this thread holds it (it is inside a sync's delivery otherwise).
-fn settle(vm: &VmInner, st: Option<&mut SyncState>, gpa: u64, old: &[u8], new: &[u8]) {
+/// first as a coalesced event, and the shadow takes `new`. The caller holds the sync lock
+/// (or is delivering).
+fn settle(vm: &VmInner, gpa: u64, old: &[u8], new: &[u8]) {
     let r = &vm.backend.relaxed;
     let mut pending: Vec<Change> = Vec::new();
     {
@@ -542,20 +613,11 @@ fn settle(vm: &VmInner, st: Option<&mut SyncState>, gpa: u64, old: &[u8], new: &
     if pending.is_empty() {
         return;
     }
-    let epoch = st.map_or(0, |st| {
-        st.epoch += 1;
-        st.epoch
-    });
-    let _delivering = (!DELIVERING.with(Cell::get)).then(Delivering::enter);
-    for c in &pending {
-        vm.tracker.report_write(
-            &WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
-                .with_old(&c.old)
-                .in_epoch(epoch),
-        );
-    }
-    r.coalesced_events
-        .fetch_add(pending.len() as u64, Ordering::Relaxed);
+    let epoch = r.next_epoch();
+    let n = pending.len() as u64;
+    lock(&r.queue).extend(pending.into_iter().map(|c| (c, epoch)));
+    drain(vm);
+    r.coalesced_events.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Auto policy after a trapped store at `gpa` on a vCPU thread (no lock held): promotes the
@@ -645,10 +707,10 @@ pub(crate) fn demote(vm: &VmInner, gpas: &[u64]) -> Result<()> {
     // Paused first, then the sync lock: a vCPU finishing a continuation may need the sync
     // lock (a store into a relaxed frame it completes), and the pause waits for it.
     let _paused = vm.backend.gate.pause();
-    let mut st = lock(&r.sync);
+    let _st = sync_lock(vm);
     // Nothing writes guest memory from here on but device writes, which sync first and take
     // the sync lock this thread holds.
-    sync_locked(vm, &mut st)?;
+    sync_locked(vm)?;
     let mut frags = vm.backend.frags();
     let (frames, chunks) = frags.set_relaxed(gpas.iter().copied(), false);
     if frames.is_empty() {
@@ -680,4 +742,59 @@ pub(crate) fn pin(vm: &VmInner, gpa: u64, on: bool) -> Result<()> {
         demote(vm, &[f])?;
     }
     Ok(())
+}
+
+/// `Enforcement::before_untrack`: the frames of `runs` are about to be untracked (core
+/// `remove_*`, with no lock of the tracker held). They are marked leaving (no promotion
+/// relaxes them until [`after_untrack`]), and those relaxed now are demoted like a strict pin
+/// demotes: vCPUs paused, a final sync delivers their changes since the last sync while they
+/// are still tracked, then their fragments become read-only, where every later store is an
+/// exact event until the untrack itself. Without this the untrack would drop those changes.
+pub(crate) fn before_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
+    let r = &backend.relaxed;
+    if r.config.mode == RelaxedMode::Off || runs.is_empty() {
+        return;
+    }
+    let ranges = runs.iter().filter_map(|run| {
+        let start = run.first.0.checked_mul(PAGE)?;
+        Some((start, start.saturating_add(run.count.saturating_mul(PAGE))))
+    });
+    lock(&r.leaving).extend(ranges.clone());
+    // Under the fragment table: a promotion checks `leaving` and sets relaxed bits under it,
+    // so a frame is either relaxed now (and found here) or never relaxed until after.
+    let relaxed: Vec<u64> = backend
+        .frags()
+        .relaxed_frames()
+        .into_iter()
+        .filter(|&f| ranges.clone().any(|(a, b)| (a..b).contains(&f)))
+        .collect();
+    if relaxed.is_empty() {
+        return;
+    }
+    let Some(vm) = r.vm.get().and_then(Weak::upgrade) else {
+        return;
+    };
+    if demote(&vm, &relaxed).is_err() {
+        // A harvest or re-cut KVM refused: the frames' changes since the last sync may be
+        // lost at the untrack. Counted in `VmStats::restore_errors`.
+        backend.count_restore_error();
+    }
+}
+
+/// `Enforcement::after_untrack`: the untrack [`before_untrack`] announced has returned.
+pub(crate) fn after_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
+    let r = &backend.relaxed;
+    if r.config.mode == RelaxedMode::Off || runs.is_empty() {
+        return;
+    }
+    let mut leaving = lock(&r.leaving);
+    for run in runs {
+        let Some(start) = run.first.0.checked_mul(PAGE) else {
+            continue;
+        };
+        let range = (start, start.saturating_add(run.count.saturating_mul(PAGE)));
+        if let Some(i) = leaving.iter().position(|&x| x == range) {
+            leaving.swap_remove(i);
+        }
+    }
 }

@@ -132,7 +132,7 @@ impl Updates {
     /// Pauses every vCPU of `gate`, then holds the lock exclusive: waits for the completions
     /// in progress.
     pub(crate) fn update<'a, K: Kick>(&'a self, gate: &'a Gate<K>) -> Update<'a, K> {
-        let paused = gate.pause();
+        let paused = gate.pause_all();
         let mut s = self.lock();
         while s.writer || s.readers > 0 {
             s.waiting += 1;

@@ -368,6 +368,23 @@ impl Enforcement for Backend {
     fn unprotect(&self, runs: &[FrameRun]) -> std::result::Result<(), BackendError> {
         self.change(runs, false).map_err(BackendError::new)
     }
+
+    fn before_untrack(&self, runs: &[FrameRun]) {
+        crate::relaxed::before_untrack(self, runs);
+    }
+
+    fn after_untrack(&self, runs: &[FrameRun]) {
+        crate::relaxed::after_untrack(self, runs);
+    }
+}
+
+impl Drop for VmInner {
+    fn drop(&mut self) {
+        // The VM goes away while notifiers may still be registered: relaxed frames' changes
+        // since the last sync are delivered, as an untrack would (`relaxed.rs`). A harvest
+        // that fails here has no one to report to.
+        let _ = crate::relaxed::sync(self);
+    }
 }
 
 impl Drop for Backend {
@@ -701,7 +718,7 @@ impl Vm {
         let tracker =
             PageTracker::new(config.tracker, Arc::clone(&backend) as Arc<dyn Enforcement>);
         backend.relaxed.set_tracker(Arc::downgrade(&tracker));
-        Ok(Vm {
+        let vm = Vm {
             inner: Arc::new(VmInner {
                 kvm,
                 backend,
@@ -719,7 +736,9 @@ impl Vm {
                 stall_monitor: std::sync::Once::new(),
                 dirty: std::sync::RwLock::default(),
             }),
-        })
+        };
+        vm.inner.backend.relaxed.set_vm(Arc::downgrade(&vm.inner));
+        Ok(vm)
     }
 
     /// The write tracker, as its consumers see it: register notifiers, add and remove

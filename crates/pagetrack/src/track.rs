@@ -50,6 +50,23 @@ pub trait Enforcement: Send + Sync {
     fn region_removed(&self, region: &MemoryRegion) {
         let _ = region;
     }
+
+    /// An untrack of the frames of `runs` (one track each; not yet validated, so it may still
+    /// fail or leave some frames tracked) is about to take the tracker's lock. Called on the
+    /// caller's thread with no lock of the tracker held (it may be inside a notifier's
+    /// callback), so the backend may report writes here: one that holds writes it has not
+    /// reported yet (a backend coalescing writes) reports those to the frames now, while they
+    /// are still tracked, and stops holding new ones for them until
+    /// [`Enforcement::after_untrack`]. Default: nothing.
+    fn before_untrack(&self, runs: &[FrameRun]) {
+        let _ = runs;
+    }
+
+    /// The untrack [`Enforcement::before_untrack`] announced has returned (successfully or
+    /// not), with no lock of the tracker held. Default: nothing.
+    fn after_untrack(&self, runs: &[FrameRun]) {
+        let _ = runs;
+    }
 }
 
 /// Consecutive frames of one address space whose tracked state changes together.
@@ -286,6 +303,36 @@ enum Frames<'a> {
     List(&'a [Gfn]),
     /// `[first, first + n)`.
     Range { first: Gfn, n: u64 },
+}
+
+/// The frames an untrack names, as ascending runs (duplicates once), for
+/// [`Enforcement::before_untrack`].
+fn untrack_runs(as_id: AsId, frames: Frames<'_>) -> Vec<FrameRun> {
+    match frames {
+        Frames::Range { n: 0, .. } => Vec::new(),
+        Frames::Range { first, n } => vec![FrameRun {
+            as_id,
+            first,
+            count: n,
+        }],
+        Frames::List(gfns) => {
+            let mut sorted: Vec<u64> = gfns.iter().map(|g| g.0).collect();
+            sorted.sort_unstable();
+            sorted.dedup();
+            let mut runs: Vec<FrameRun> = Vec::new();
+            for g in sorted {
+                match runs.last_mut() {
+                    Some(r) if r.first.0 + r.count == g => r.count += 1,
+                    _ => runs.push(FrameRun {
+                        as_id,
+                        first: Gfn(g),
+                        count: 1,
+                    }),
+                }
+            }
+            runs
+        }
+    }
 }
 
 /// Collects ascending frames into runs for the backend (one run without touching the heap),
@@ -736,6 +783,17 @@ impl PageTracker {
         let unwinding_add = Defer::new(|| {
             if dir == Dir::Add && !crate::context::in_callback_of(self.id) {
                 self.grace.synchronize();
+            }
+        });
+        // A backend holding unreported writes reports them before the frames can go
+        // untracked (`Enforcement::before_untrack`), outside the tracker's lock.
+        let announced = (dir == Dir::Remove).then(|| untrack_runs(as_id, frames));
+        if let Some(runs) = &announced {
+            self.backend.before_untrack(runs);
+        }
+        let _announced = Defer::new(|| {
+            if let Some(runs) = &announced {
+                self.backend.after_untrack(runs);
             }
         });
         let res = match frames {

@@ -471,3 +471,252 @@ fn the_vmms_dirty_log_stays_exact_while_relaxed_syncs_share_the_harvest() {
     assert!(ev.iter().all(|e| e.coalesced.is_some()));
     replay(T, &initial, &ev, &read(&g.vm, T, 0x8000));
 }
+
+/// Guest, for phase k = 1, 2, 3: two qwords `k * 0x0101010101010101` at +0x100 of frame
+/// rdi + 0x1000 (k - 1), then `[rsi + 8] = k` (ready), then waits until `[rsi] == k` (go).
+/// No exit of its own between the stores and the go, so nothing syncs them.
+fn phases() -> Vec<u8> {
+    assemble(ENTRY, |a| {
+        a.mov(r8, 1u64)?;
+        let mut top = a.create_label();
+        let mut wait = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(rbx, r8)?;
+        a.shl(rbx, 12)?;
+        a.add(rbx, rdi)?;
+        a.sub(rbx, 0x1000)?;
+        a.mov(rax, 0x0101_0101_0101_0101u64)?;
+        a.imul_2(rax, r8)?;
+        a.mov(qword_ptr(rbx + 0x100), rax)?;
+        a.mov(qword_ptr(rbx + 0x108), rax)?;
+        a.mov(qword_ptr(rsi + 8), r8)?;
+        a.set_label(&mut wait)?;
+        a.cmp(qword_ptr(rsi), r8)?;
+        a.jne(wait)?;
+        a.inc(r8)?;
+        a.cmp(r8, 4)?;
+        a.jne(top)?;
+        exit_with(a, 3)
+    })
+}
+
+#[test]
+fn untracking_a_relaxed_frame_delivers_its_changes_since_the_last_sync() {
+    let kvm = kvm_or_skip!();
+    // No periodic sync while the guest spins: only the untrack can deliver its stores.
+    let mut policy = RelaxedConfig::new(RelaxedMode::Always);
+    policy.period = std::time::Duration::from_secs(3600);
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(policy);
+    let mut g = boot_with(kvm, config, RAM, 1, &phases());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x3000);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 3)
+        .unwrap();
+    for f in 0..3 {
+        assert!(g.vm.is_relaxed(Gfn((T >> 12) + f)));
+    }
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rsi = U;
+    });
+    let (vm, layout) = (g.vm.clone(), g.layout.clone());
+    let mut vcpu = g.vcpus.remove(0);
+    let guest = std::thread::spawn(move || run_to_exit(&vm, &layout, &mut vcpu, TIMEOUT));
+    let word = |gpa: u64| {
+        g.vm.untracked_memory()
+            .read_obj::<u64>(GuestAddress(gpa))
+            .unwrap()
+    };
+    let mut all = Vec::new();
+    for k in 1..=3u64 {
+        // The guest's stores of phase k are in memory (a hang guard, not a timing bound).
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while word(U + 8) != k {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "phase {k} not reached"
+            );
+            std::thread::yield_now();
+        }
+        let frame = T + 0x1000 * (k - 1);
+        assert!(
+            rec.0
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|e| e.gpa >> 12 != frame >> 12),
+            "phase {k}: nothing synced the stores yet"
+        );
+        // Each form of untrack, without a sync first.
+        let gfn = Gfn(frame >> 12);
+        match k {
+            1 => g.vm.tracker().remove_gfn(gfn).unwrap(),
+            2 => g.vm.tracker().remove_gfns(AsId::NORMAL, &[gfn]).unwrap(),
+            _ => g.vm.tracker().remove_range(AsId::NORMAL, gfn, 1).unwrap(),
+        }
+        assert!(!g.vm.is_relaxed(gfn));
+        all.extend(rec.take());
+        let mine: Vec<&Ev> = all.iter().filter(|e| e.gpa >> 12 == frame >> 12).collect();
+        let want = (k * 0x0101_0101_0101_0101).to_le_bytes().repeat(2);
+        assert!(
+            mine.iter()
+                .any(|e| e.coalesced.is_some() && e.gpa == frame + 0x100 && e.new == want),
+            "phase {k}: the store before the untrack was delivered: {mine:?}"
+        );
+        replay(T, &initial, &all, &read(&g.vm, T, 0x3000));
+        g.vm.untracked_memory()
+            .write_obj(k, GuestAddress(U))
+            .unwrap();
+    }
+    assert_eq!(guest.join().unwrap(), 3);
+    assert!(rec.take().is_empty(), "nothing tracked is left");
+    assert_eq!(g.vm.stats().trapped_writes, 0);
+}
+
+#[test]
+fn dropping_the_vm_delivers_relaxed_changes_since_the_last_sync() {
+    let kvm = kvm_or_skip!();
+    let mut policy = RelaxedConfig::new(RelaxedMode::Always);
+    policy.period = std::time::Duration::from_secs(3600);
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(policy);
+    let mut g = boot_with(kvm, config, RAM, 1, &phases());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x1000);
+    g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rsi = U;
+    });
+    let mut vcpu = g.vcpus.remove(0);
+    let stopper = vcpu.stopper();
+    let guest = std::thread::spawn(move || {
+        let exit = vcpu.run().map(|e| format!("{e:?}"));
+        drop(vcpu);
+        exit
+    });
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while g
+        .vm
+        .untracked_memory()
+        .read_obj::<u64>(GuestAddress(U + 8))
+        .unwrap()
+        != 1
+    {
+        assert!(std::time::Instant::now() < deadline, "phase 1 not reached");
+        std::thread::yield_now();
+    }
+    let fin = read(&g.vm, T, 0x1000);
+    // Stopped, not an exit to the VMM: nothing synced.
+    stopper.stop();
+    assert_eq!(guest.join().unwrap().unwrap(), "Stopped");
+    assert!(rec.0.lock().unwrap().is_empty(), "nothing synced yet");
+    // The last handles on the VM (the stopper holds one too).
+    drop(stopper);
+    drop(g);
+    let ev = rec.take();
+    assert!(
+        ev.iter()
+            .any(|e| e.gpa == T + 0x100 && e.coalesced.is_some()),
+        "the teardown delivered the guest's stores: {ev:?}"
+    );
+    replay(T, &initial, &ev, &fin);
+}
+
+/// Records every event and, at each coalesced one, adds and removes a track on a spare
+/// frame from inside the callback (each a pause of every vCPU).
+#[derive(Debug)]
+struct Retracker {
+    rec: Arc<Recorder>,
+    tracker: std::sync::OnceLock<pagetrack::Tracking>,
+    spare: Gfn,
+    retracks: std::sync::atomic::AtomicU64,
+}
+
+impl pagetrack::TrackNotifier for Retracker {
+    fn track_write(&self, e: &pagetrack::WriteEvent<'_>) {
+        self.rec.track_write(e);
+        if e.coalesced.is_some()
+            && let Some(t) = self.tracker.get()
+        {
+            t.add_gfn(self.spare).unwrap();
+            t.remove_gfn(self.spare).unwrap();
+            self.retracks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+#[test]
+fn a_notifier_that_pauses_during_relaxed_syncs_does_not_deadlock_a_trapping_vcpu() {
+    let kvm = kvm_or_skip!();
+    // A sync at every trapped store: vCPU 1, storing to a strict frame (each store an MMIO
+    // exit with a continuation), keeps asking for the sync lock while vCPU 0's exits sync
+    // its relaxed frame and the notifier pauses from inside the delivery.
+    let mut policy = RelaxedConfig::new(RelaxedMode::Always);
+    policy.period = std::time::Duration::ZERO;
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(policy);
+    let mut g = boot_with(kvm, config, RAM, 2, &counters());
+    let rec = Arc::new(Recorder::default());
+    let n = Arc::new(Retracker {
+        rec: rec.clone(),
+        tracker: std::sync::OnceLock::new(),
+        spare: Gfn((T >> 12) + 3),
+        retracks: std::sync::atomic::AtomicU64::new(0),
+    });
+    n.tracker.set(g.vm.tracker().clone()).unwrap();
+    let _h =
+        g.vm.tracker()
+            .register(
+                n.clone(),
+                RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced),
+            )
+            .unwrap();
+    let initial = read(&g.vm, T, 0x4000);
+    let strict = Gfn((T >> 12) + 1);
+    g.vm.pin_strict(strict).unwrap();
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 3)
+        .unwrap();
+    assert!(g.vm.is_relaxed(Gfn(T >> 12)) && !g.vm.is_relaxed(strict));
+    let iterations = [20_000u64, 3_000];
+    // vCPU i: its counter at T + 0x2000 + 8 i (relaxed), its stores over frame i.
+    for (i, v) in g.vcpus.iter().enumerate() {
+        set_regs(v, |r| {
+            r.rdi = T + 0x2000 + 8 * i as u64;
+            r.rsi = T + 0x1000 * i as u64;
+            r.rcx = iterations[i];
+        });
+    }
+    let layout = g.layout.clone();
+    let threads: Vec<_> = g
+        .vcpus
+        .drain(..)
+        .map(|mut v| {
+            let (vm, layout) = (g.vm.clone(), layout.clone());
+            std::thread::spawn(move || run_syncing(&vm, &layout, &mut v, |_| {}))
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 3);
+    }
+    g.vm.sync().unwrap();
+    let fin = read(&g.vm, T, 0x4000);
+    for (i, &it) in iterations.iter().enumerate() {
+        let at = 0x2000 + 8 * i;
+        assert_eq!(
+            u64::from_le_bytes(fin[at..at + 8].try_into().unwrap()),
+            it,
+            "vCPU {i}'s counter"
+        );
+    }
+    let ev = rec.take();
+    replay(T, &initial, &ev, &fin);
+    assert!(n.retracks.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(
+        ev.iter()
+            .filter(|e| e.gpa >> 12 == strict.0)
+            .all(|e| e.coalesced.is_none())
+    );
+    g.vm.unpin_strict(strict).unwrap();
+}
