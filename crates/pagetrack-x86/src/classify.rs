@@ -79,6 +79,9 @@ impl StorePlan {
         if let Some(d) = self.scatter(insn, state)? {
             return Ok(d);
         }
+        if mnemonic == M::Clzero {
+            return self.clzero(insn, state);
+        }
         let computed = match crate::simd::classify(insn, state, &address, &refuse)? {
             Some(c) => Some(c),
             None => crate::x87::classify(insn, &self.bytes, state, &address, &refuse)?,
@@ -344,6 +347,38 @@ impl StorePlan {
             )),
             elements,
         }))
+    }
+
+    /// `clzero`: #UD where the guest's CPU lacks it; otherwise the 64 zero bytes of the cache
+    /// line containing rAX (the address size's part of RAX).
+    fn clzero(&self, insn: &Instruction, state: &CpuState) -> Result<Decoded, EmulateError> {
+        if !state.clzero {
+            return Err(EmulateError::Fault {
+                vector: crate::emulate::UD_VECTOR,
+            });
+        }
+        if state.legacy.is_some() {
+            return Err(self.unsupported("clzero outside 64-bit mode"));
+        }
+        let rax = match insn.code() {
+            iced_x86::Code::Clzerod => state.regs.rax & 0xffff_ffff,
+            iced_x86::Code::Clzeroq => state.regs.rax,
+            _ => return Err(self.unsupported("clzero with an unexpected address size")),
+        };
+        let seg = match insn.segment_prefix() {
+            Register::FS => state.fs_base,
+            Register::GS => state.gs_base,
+            _ => 0,
+        };
+        Ok(Decoded {
+            op: Op::Computed,
+            gva: seg.wrapping_add(rax) & !63,
+            ranges: vec![(0, 64)],
+            align: 1,
+            source: None,
+            computed: Some((vec![0; 64], None)),
+            elements: Vec::new(),
+        })
     }
 
     /// Outside 64-bit mode: refuses the stores whose format or operands depend on the mode

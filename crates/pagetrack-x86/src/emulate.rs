@@ -32,6 +32,9 @@ pub use crate::xsave::{XSAVE_COMPONENTS, XsaveComponent, XsaveLayout};
 /// operand that must be aligned.
 pub const GP_VECTOR: u8 = 13;
 
+/// Vector of the invalid-opcode exception (#UD, no error code): `clzero` on a CPU without it.
+pub const UD_VECTOR: u8 = 6;
+
 /// Why emulation did not produce a result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -133,6 +136,9 @@ pub struct CpuState {
     /// Outside 64-bit mode: the code size and the segments (KVM_GET_SREGS,
     /// [`crate::mode::CpuMode::from_sregs`]). None: 64-bit mode.
     pub legacy: Option<crate::mode::LegacySegments>,
+    /// Whether the guest's CPU has CLZERO (CPUID 0x80000008 EBX[0] as the guest sees it).
+    /// Without it `clzero` raises #UD, as natively.
+    pub clzero: bool,
 }
 
 /// One guest-physical range an instruction accesses; it never crosses a 4 KiB page.
@@ -657,6 +663,26 @@ mod tests {
         r.s.xsave.as_mut().unwrap()[512] = 0x03;
         r.run(|a| a.vmovdqu(ymmword_ptr(rdi), ymm1));
         assert_eq!(r.get(BUF, 32), [area(176, 16), vec![0; 16]].concat());
+    }
+
+    #[test]
+    fn clzero_zeroes_the_line_only_where_the_cpu_has_it() {
+        let mut r = Rig::new();
+        r.put(BUF, &[0xaa; 128]);
+        r.s.regs.rax = BUF + 64 + 13;
+        let ud = EmulateError::Fault { vector: UD_VECTOR };
+        assert_eq!(r.exec(&[0x0f, 0x01, 0xfc]).unwrap_err(), ud);
+        assert_eq!(r.get(BUF, 128), vec![0xaa; 128], "nothing stored");
+        r.s.clzero = true;
+        let out = r.exec(&[0x0f, 0x01, 0xfc]).unwrap();
+        assert_eq!(out.writes.len(), 1);
+        assert_eq!(out.writes[0].gva, BUF + 64, "the aligned line");
+        assert_eq!(out.writes[0].old, vec![0xaa; 64]);
+        assert_eq!(r.get(BUF, 128), [vec![0xaa; 64], vec![0; 64]].concat());
+        // 32-bit address size: the low half of RAX.
+        r.s.regs.rax = BUF | 0xffff_ffff_0000_0000;
+        let out = r.exec(&[0x67, 0x0f, 0x01, 0xfc]).unwrap();
+        assert_eq!(out.writes[0].gva, BUF);
     }
 
     #[test]
