@@ -9,7 +9,7 @@ use crate::bytes::{read_le, sign_extend, sub, sub_mut};
 use crate::emulate::{CpuState, EmulateError};
 use crate::plan::StorePlan;
 use crate::regs::{opmask_register, read_gpr, vector_register};
-use crate::xsave::{LEGACY_USED, XSAVE_HEADER, xsave_area, xsave_ranges};
+use crate::xsave::{LEGACY_USED, XSAVE_HEADER, xsave_area, xsave_ranges, xsavec_image};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Src {
@@ -192,6 +192,25 @@ impl StorePlan {
                     align: 64,
                     source: None,
                     computed: None,
+                    elements: Vec::new(),
+                });
+            }
+            M::Xsavec | M::Xsavec64 if mem0 => {
+                if state.legacy.is_some() {
+                    return Err(self.unsupported("xsavec outside 64-bit mode"));
+                }
+                let mask = ((regs.rdx & 0xffff_ffff) << 32) | (regs.rax & 0xffff_ffff);
+                let rex_w = mnemonic == M::Xsavec64;
+                let (image, ranges) =
+                    xsavec_image(state, mask, rex_w).map_err(|r| self.unsupported(r))?;
+                let gva = self.address(insn, 0, state, 0)?;
+                return Ok(Decoded {
+                    op: Op::Computed,
+                    gva,
+                    ranges,
+                    align: 64,
+                    source: None,
+                    computed: Some((image, None)),
                     elements: Vec::new(),
                 });
             }

@@ -809,14 +809,16 @@ mod tests {
             layout.components[2],
             XsaveComponent {
                 offset: 576,
-                size: 256
+                size: 256,
+                align: false
             }
         );
         assert_eq!(
             layout.components[9],
             XsaveComponent {
                 offset: 2688,
-                size: 8
+                size: 8,
+                align: false
             }
         );
         assert_eq!(
@@ -850,7 +852,7 @@ mod tests {
             &[0x48, 0x39, 0x07],     // cmp [rdi], rax
             &[0x8c, 0x07],           // mov [rdi], es
             &[0xd1, 0x27],           // shl dword [rdi], 1
-            &[0x0f, 0xc7, 0x27],     // xsavec [rdi]
+            &[0x0f, 0xc7, 0x2f],     // xsaves [rdi]
             &[0x06],                 // invalid in 64-bit mode
             &[0x48],                 // truncated
             &[],

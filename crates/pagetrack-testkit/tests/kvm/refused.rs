@@ -481,3 +481,56 @@ fn scatters_store_and_report_only_the_selected_elements() {
     .unwrap();
     assert_eq!(stored_bytes(&run), 7 * 8, "{:?}", run.events);
 }
+
+/// `xsavec` (compacted format) with RFBM = `edx:eax`, 64-byte aligned and straddling two
+/// tracked frames; the untracked pass is the CPU's own `xsavec`.
+fn xsavec_cases(low: u32, high: u32, rex_w: bool) {
+    for (offset, frames) in [(0x40, 1), (0x1000 - 0x400, 2), (0x1000 - 0x80, 2)] {
+        let Some(kvm) = pagetrack_testkit::gate::open_kvm_or_skip(module_path!()) else {
+            return;
+        };
+        let body = move |a: &mut Asm| {
+            prologue(a)?;
+            a.mov(eax, low)?;
+            a.mov(edx, high)?;
+            if rex_w {
+                a.xsavec64(ptr(rdi + offset))?;
+            } else {
+                a.xsavec(ptr(rdi + offset))?;
+            }
+            epilogue(a)
+        };
+        let run = TwoPass::new(&body).frames(frames).run(kvm);
+        run.assert_exact();
+        assert!(!run.events.is_empty(), "offset {offset:#x}: no event");
+    }
+}
+
+#[test]
+fn xsavec_every_component_below_pkru_as_the_cpu() {
+    xsavec_cases(0xff, 0, false);
+}
+
+#[test]
+fn xsavec64_every_component_below_pkru_as_the_cpu() {
+    xsavec_cases(0xff, 0, true);
+}
+
+#[test]
+fn xsavec_of_pkru_and_later_is_refused_with_a_typed_error() {
+    // PVM: the guest's real XCR0 (AMX too) and PKRU are not what KVM reports.
+    refused(
+        &|a| {
+            a.mov(eax, u32::MAX)?;
+            a.mov(edx, u32::MAX)?;
+            a.xsavec(ptr(rdi + 0x40))
+        },
+        "0f c7 67 40",
+    );
+}
+
+#[test]
+fn xsavec_some_components_as_the_cpu() {
+    // SSE, opmask and Hi16_ZMM: AVX and ZMM_Hi256 left out (the later ones move down).
+    xsavec_cases(0b1010_0010, 0, false);
+}
