@@ -136,7 +136,7 @@ pub struct CpuState {
     /// Outside 64-bit mode: the code size and the segments (KVM_GET_SREGS,
     /// [`crate::mode::CpuMode::from_sregs`]). None: 64-bit mode.
     pub legacy: Option<crate::mode::LegacySegments>,
-    /// Whether the guest's CPU has CLZERO (CPUID 0x80000008 EBX[0] as the guest sees it).
+    /// Whether the guest's CPU has CLZERO (CPUID 0x80000008 EBX bit 0 as the guest sees it).
     /// Without it `clzero` raises #UD, as natively.
     pub clzero: bool,
 }

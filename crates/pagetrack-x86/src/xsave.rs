@@ -21,7 +21,7 @@ pub struct XsaveComponent {
     pub offset: u32,
     /// Size in bytes: CPUID(0xD, i).EAX; 0 when the component is unknown.
     pub size: u32,
-    /// Whether the compacted format (`xsavec`) aligns it to 64 bytes: CPUID(0xD, i).ECX[1].
+    /// Whether the compacted format (`xsavec`) aligns it to 64 bytes: CPUID(0xD, i).ECX bit 1.
     pub align: bool,
 }
 
