@@ -147,6 +147,7 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         gdtr: (sregs.gdt.base, sregs.gdt.limit),
         idtr: (sregs.idt.base, sregs.idt.limit),
         legacy: mode.legacy,
+        clzero: has_clzero(fd, &bytes),
     };
     let plan = match StorePlan::new(&state, &bytes, cpu) {
         Ok(plan) => plan,
@@ -193,6 +194,21 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         .fetch_add(1, Ordering::Relaxed);
     report_writes(vm, &done.writes, index);
     Ok(())
+}
+
+/// Whether the guest's CPU has CLZERO (CPUID 0x80000008 EBX[0] as the guest sees it, from
+/// KVM_GET_CPUID2), asked only when the fetched bytes can hold a `clzero` (0f 01 fc).
+fn has_clzero(fd: &VcpuFd, bytes: &[u8]) -> bool {
+    if !bytes.windows(3).any(|w| w == [0x0f, 0x01, 0xfc]) {
+        return false;
+    }
+    fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .is_ok_and(|cpuid| {
+            cpuid
+                .as_slice()
+                .iter()
+                .any(|e| e.function == 0x8000_0008 && e.index == 0 && e.ebx & 1 != 0)
+        })
 }
 
 /// An exception to inject: vector, error code, CR2 (for #PF).
@@ -263,8 +279,9 @@ fn inject(
     }
     events.exception.injected = 1;
     events.exception.nr = vector;
-    // Real mode delivers no error code.
-    events.exception.has_error_code = u8::from(sregs.cr0 & 1 != 0);
+    // Real mode delivers no error code, nor do #UD and the other vectors without one.
+    let has_code = matches!(vector, 8 | 10..=14 | 17 | 21);
+    events.exception.has_error_code = u8::from(sregs.cr0 & 1 != 0 && has_code);
     events.exception.error_code = code;
     events.exception_has_payload = 0;
     fd.set_vcpu_events(&events)

@@ -5,11 +5,11 @@ use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::kvm_regs;
 
 use crate::alu::AluOp;
-use crate::bytes::sign_extend;
+use crate::bytes::{read_le, sign_extend, sub, sub_mut};
 use crate::emulate::{CpuState, EmulateError};
 use crate::plan::StorePlan;
-use crate::regs::{opmask_register, read_gpr};
-use crate::xsave::{LEGACY_USED, xsave_ranges};
+use crate::regs::{opmask_register, read_gpr, vector_register};
+use crate::xsave::{LEGACY_USED, XSAVE_HEADER, xsave_area, xsave_ranges, xsavec_image};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Src {
@@ -56,6 +56,9 @@ pub(crate) enum Op {
     /// Bytes computed from the registers when the plan was made ([`crate::simd`],
     /// [`crate::x87`]).
     Computed,
+    /// An AVX-512 scatter: the selected elements of the computed image, each at its own
+    /// address ([`Decoded::elements`]), stored in element order; the mask is cleared.
+    Scatter,
 }
 
 impl StorePlan {
@@ -73,6 +76,12 @@ impl StorePlan {
         let mnemonic = insn.mnemonic();
         let address = || self.address(insn, 0, state, 0);
         let refuse = |reason| self.unsupported(reason);
+        if let Some(d) = self.scatter(insn, state)? {
+            return Ok(d);
+        }
+        if mnemonic == M::Clzero {
+            return self.clzero(insn, state);
+        }
         let computed = match crate::simd::classify(insn, state, &address, &refuse)? {
             Some(c) => Some(c),
             None => crate::x87::classify(insn, &self.bytes, state, &address, &refuse)?,
@@ -85,6 +94,7 @@ impl StorePlan {
                 align: 1,
                 source: None,
                 computed: Some((c.bytes, c.xsave)),
+                elements: Vec::new(),
             });
         }
         let (op, size, align) = match mnemonic {
@@ -151,6 +161,7 @@ impl StorePlan {
                     align: 1,
                     source,
                     computed: None,
+                    elements: Vec::new(),
                 });
             }
             M::Sgdt | M::Sidt if mem0 => {
@@ -181,6 +192,26 @@ impl StorePlan {
                     align: 64,
                     source: None,
                     computed: None,
+                    elements: Vec::new(),
+                });
+            }
+            M::Xsavec | M::Xsavec64 if mem0 => {
+                if state.legacy.is_some() {
+                    return Err(self.unsupported("xsavec outside 64-bit mode"));
+                }
+                let mask = ((regs.rdx & 0xffff_ffff) << 32) | (regs.rax & 0xffff_ffff);
+                let rex_w = mnemonic == M::Xsavec64;
+                let (image, ranges) =
+                    xsavec_image(state, mask, rex_w).map_err(|r| self.unsupported(r))?;
+                let gva = self.address(insn, 0, state, 0)?;
+                return Ok(Decoded {
+                    op: Op::Computed,
+                    gva,
+                    ranges,
+                    align: 64,
+                    source: None,
+                    computed: Some((image, None)),
+                    elements: Vec::new(),
                 });
             }
             M::Movdir64b if insn.op0_kind() == OpKind::Register => {
@@ -195,6 +226,7 @@ impl StorePlan {
                     align: 64,
                     source,
                     computed: None,
+                    elements: Vec::new(),
                 });
             }
             _ if mem0 && insn.op1_kind() == OpKind::Register => {
@@ -240,6 +272,7 @@ impl StorePlan {
                         align,
                         source: None,
                         computed: None,
+                        elements: Vec::new(),
                     });
                 }
                 (Op::Store(Src::Vector { reg, byte }), size, align)
@@ -248,6 +281,123 @@ impl StorePlan {
         };
         let gva = self.address(insn, 0, state, 0)?;
         Ok(Decoded::simple(op, gva, size, align))
+    }
+
+    /// An AVX-512 scatter (`vpscatter{dd,dq,qd,qq}`, `vscatter{dps,dpd,qps,qpd}`), or None.
+    ///
+    /// Element `e` (data element `e` of the source register) goes to base + sign-extended
+    /// index element `e` * scale + displacement when mask bit `e` is set. The image holds
+    /// the register's elements at `e * size`; the new XSAVE area has the mask register zeroed
+    /// (the CPU clears each bit as its element completes, so a completed scatter leaves 0).
+    fn scatter(
+        &self,
+        insn: &Instruction,
+        state: &CpuState,
+    ) -> Result<Option<Decoded>, EmulateError> {
+        use Mnemonic as M;
+        let (index_size, elem) = match insn.mnemonic() {
+            M::Vpscatterdd | M::Vscatterdps => (4, 4),
+            M::Vpscatterdq | M::Vscatterdpd => (4, 8),
+            M::Vpscatterqd | M::Vscatterqps => (8, 4),
+            M::Vpscatterqq | M::Vscatterqpd => (8, 8),
+            _ => return Ok(None),
+        };
+        let (k, data, index) = (insn.op_mask(), insn.op1_register(), insn.memory_index());
+        if state.legacy.is_some() {
+            return Err(self.unsupported("scatter outside 64-bit mode"));
+        }
+        if k == Register::None
+            || insn.zeroing_masking()
+            || insn.op0_kind() != OpKind::Memory
+            || !(data.is_xmm() || data.is_ymm() || data.is_zmm())
+            || !(index.is_xmm() || index.is_ymm() || index.is_zmm())
+        {
+            return Err(self.unsupported("scatter of an unexpected form"));
+        }
+        let count = (data.size() / elem).min(index.size() / index_size);
+        let value = vector_register(state, data)?;
+        let indices = vector_register(state, index)?;
+        let mask = opmask_register(state, k)?;
+        let regs = &state.regs;
+        let base = insn.memory_base();
+        let mask32 = if base.is_gpr32() {
+            0xffff_ffff
+        } else {
+            u64::MAX
+        };
+        let seg = match insn.memory_segment() {
+            Register::FS => state.fs_base,
+            Register::GS => state.gs_base,
+            _ => 0,
+        };
+        let mut elements = Vec::new();
+        for e in (0..count).filter(|&e| mask >> e & 1 != 0) {
+            let ea = insn
+                .virtual_address(0, e, |reg, i, size| {
+                    if reg.is_segment_register() {
+                        Some(0)
+                    } else if reg == index {
+                        let v = read_le(indices.get(i * size..(i + 1) * size)?);
+                        Some(sign_extend(v, size).cast_unsigned())
+                    } else {
+                        read_gpr(regs, reg)
+                    }
+                })
+                .ok_or_else(|| self.unsupported("unsupported addressing form"))?;
+            elements.push((seg.wrapping_add(ea & mask32), e * elem, elem));
+        }
+        let mut xsave = xsave_area(state)?.to_vec();
+        if read_le(sub(&xsave, XSAVE_HEADER, 8)?) & 1 << 5 != 0 {
+            let (start, _) = state.xsave_layout.range(5).ok_or(EmulateError::State {
+                what: "xsave layout lacks a needed component",
+            })?;
+            let n = k.number() - Register::K0.number();
+            sub_mut(&mut xsave, start + 8 * n, 8)?.fill(0);
+        }
+        Ok(Some(Decoded {
+            op: Op::Scatter,
+            gva: 0,
+            ranges: elements.iter().map(|&(_, o, l)| (o, l)).collect(),
+            align: 1,
+            source: None,
+            computed: Some((
+                value[..count * elem].to_vec(),
+                Some(xsave.into_boxed_slice()),
+            )),
+            elements,
+        }))
+    }
+
+    /// `clzero`: #UD where the guest's CPU lacks it; otherwise the 64 zero bytes of the cache
+    /// line containing rAX (the address size's part of RAX).
+    fn clzero(&self, insn: &Instruction, state: &CpuState) -> Result<Decoded, EmulateError> {
+        if !state.clzero {
+            return Err(EmulateError::Fault {
+                vector: crate::emulate::UD_VECTOR,
+            });
+        }
+        if state.legacy.is_some() {
+            return Err(self.unsupported("clzero outside 64-bit mode"));
+        }
+        let rax = match insn.code() {
+            iced_x86::Code::Clzerod => state.regs.rax & 0xffff_ffff,
+            iced_x86::Code::Clzeroq => state.regs.rax,
+            _ => return Err(self.unsupported("clzero with an unexpected address size")),
+        };
+        let seg = match insn.segment_prefix() {
+            Register::FS => state.fs_base,
+            Register::GS => state.gs_base,
+            _ => 0,
+        };
+        Ok(Decoded {
+            op: Op::Computed,
+            gva: seg.wrapping_add(rax) & !63,
+            ranges: vec![(0, 64)],
+            align: 1,
+            source: None,
+            computed: Some((vec![0; 64], None)),
+            elements: Vec::new(),
+        })
     }
 
     /// Outside 64-bit mode: refuses the stores whose format or operands depend on the mode
@@ -378,8 +528,11 @@ pub(crate) struct Decoded {
     pub(crate) align: u64,
     /// A memory source: linear address and length.
     pub(crate) source: Option<(u64, usize)>,
-    /// The operand image and new XSAVE area of an [`Op::Computed`] store.
+    /// The operand image and new XSAVE area of an [`Op::Computed`] or [`Op::Scatter`] store.
     pub(crate) computed: Option<ComputedStore>,
+    /// The elements of an [`Op::Scatter`], in element order: (linear address, offset in the
+    /// image, length). Empty for every other store.
+    pub(crate) elements: Vec<(u64, usize, usize)>,
 }
 
 impl Decoded {
@@ -391,6 +544,7 @@ impl Decoded {
             align,
             source: None,
             computed: None,
+            elements: Vec::new(),
         }
     }
 }

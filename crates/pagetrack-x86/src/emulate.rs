@@ -32,6 +32,9 @@ pub use crate::xsave::{XSAVE_COMPONENTS, XsaveComponent, XsaveLayout};
 /// operand that must be aligned.
 pub const GP_VECTOR: u8 = 13;
 
+/// Vector of the invalid-opcode exception (#UD, no error code): `clzero` on a CPU without it.
+pub const UD_VECTOR: u8 = 6;
+
 /// Why emulation did not produce a result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -133,6 +136,9 @@ pub struct CpuState {
     /// Outside 64-bit mode: the code size and the segments (KVM_GET_SREGS,
     /// [`crate::mode::CpuMode::from_sregs`]). None: 64-bit mode.
     pub legacy: Option<crate::mode::LegacySegments>,
+    /// Whether the guest's CPU has CLZERO (CPUID 0x80000008 EBX bit 0 as the guest sees it).
+    /// Without it `clzero` raises #UD, as natively.
+    pub clzero: bool,
 }
 
 /// One guest-physical range an instruction accesses; it never crosses a 4 KiB page.
@@ -660,6 +666,26 @@ mod tests {
     }
 
     #[test]
+    fn clzero_zeroes_the_line_only_where_the_cpu_has_it() {
+        let mut r = Rig::new();
+        r.put(BUF, &[0xaa; 128]);
+        r.s.regs.rax = BUF + 64 + 13;
+        let ud = EmulateError::Fault { vector: UD_VECTOR };
+        assert_eq!(r.exec(&[0x0f, 0x01, 0xfc]).unwrap_err(), ud);
+        assert_eq!(r.get(BUF, 128), vec![0xaa; 128], "nothing stored");
+        r.s.clzero = true;
+        let out = r.exec(&[0x0f, 0x01, 0xfc]).unwrap();
+        assert_eq!(out.writes.len(), 1);
+        assert_eq!(out.writes[0].gva, BUF + 64, "the aligned line");
+        assert_eq!(out.writes[0].old, vec![0xaa; 64]);
+        assert_eq!(r.get(BUF, 128), [vec![0xaa; 64], vec![0; 64]].concat());
+        // 32-bit address size: the low half of RAX.
+        r.s.regs.rax = BUF | 0xffff_ffff_0000_0000;
+        let out = r.exec(&[0x67, 0x0f, 0x01, 0xfc]).unwrap();
+        assert_eq!(out.writes[0].gva, BUF);
+    }
+
+    #[test]
     fn vector_store_errors() {
         let mut r = Rig::vector();
         r.s.regs.rdi = BUF + 8;
@@ -667,8 +693,6 @@ mod tests {
         assert_eq!(r.err(|a| a.vmovdqa(ymmword_ptr(rdi), ymm1)), GP);
         assert_eq!(r.err(|a| a.vmovntdq(zmmword_ptr(rdi), zmm1)), GP);
         r.s.regs.rdi = BUF;
-        let scatter = r.err(|a| a.vpscatterdd(dword_ptr(rdi + zmm2).k1(), zmm1));
-        assert_eq!(reason(scatter), "not a supported store");
         r.s.xsave = None;
         let err = r.err(|a| a.movq(qword_ptr(rdi), xmm1));
         assert!(matches!(err, EmulateError::State { .. }));
@@ -785,14 +809,16 @@ mod tests {
             layout.components[2],
             XsaveComponent {
                 offset: 576,
-                size: 256
+                size: 256,
+                align: false
             }
         );
         assert_eq!(
             layout.components[9],
             XsaveComponent {
                 offset: 2688,
-                size: 8
+                size: 8,
+                align: false
             }
         );
         assert_eq!(
@@ -826,7 +852,7 @@ mod tests {
             &[0x48, 0x39, 0x07],     // cmp [rdi], rax
             &[0x8c, 0x07],           // mov [rdi], es
             &[0xd1, 0x27],           // shl dword [rdi], 1
-            &[0x0f, 0xc7, 0x27],     // xsavec [rdi]
+            &[0x0f, 0xc7, 0x2f],     // xsaves [rdi]
             &[0x06],                 // invalid in 64-bit mode
             &[0x48],                 // truncated
             &[],

@@ -33,7 +33,7 @@ pub struct StorePlan {
     pub(crate) op: Op,
     /// Extent of the destination operand in bytes.
     pub(crate) size: usize,
-    /// Accessed parts of the destination, in memory order.
+    /// Accessed parts of the destination, in memory order (a scatter's: in element order).
     pub(crate) pieces: Vec<Piece>,
     /// Source memory operand (movdir64b).
     pub(crate) source: Vec<Piece>,
@@ -97,8 +97,25 @@ impl StorePlan {
         plan.op = d.op;
         plan.size = d.ranges.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
         let mut cache = Vec::new();
-        for &(start, len) in &d.ranges {
-            split(d.gva, start, len, true, cpu, &mut cache, &mut plan.pieces)?;
+        if d.op == Op::Scatter {
+            // Element order, not memory order: a later element overwrites an earlier one.
+            for (i, &(gva, offset, len)) in d.elements.iter().enumerate() {
+                let at = gva.wrapping_sub(offset as u64);
+                match split(at, offset, len, true, cpu, &mut cache, &mut plan.pieces) {
+                    // A fault on the first selected element: nothing stored, mask unchanged.
+                    Err(e) if i == 0 => return Err(e),
+                    // Later: the CPU stores the earlier elements and clears their mask bits
+                    // before the fault (partial completion), which is not modelled.
+                    Err(_) => {
+                        return Err(plan.unsupported("scatter faulting after its first element"));
+                    }
+                    Ok(()) => {}
+                }
+            }
+        } else {
+            for &(start, len) in &d.ranges {
+                split(d.gva, start, len, true, cpu, &mut cache, &mut plan.pieces)?;
+            }
         }
         if let Some((src, len)) = d.source {
             let mut cache = Vec::new();
@@ -163,6 +180,24 @@ impl StorePlan {
                     old: sub(&old, p.offset, p.len)?.to_vec(),
                     new: sub(&new, p.offset, p.len)?.to_vec(),
                 });
+            }
+        }
+        if self.op == Op::Scatter {
+            // Overlapping elements: a later element's old bytes are what the earlier stored.
+            for i in 1..writes.len() {
+                let (done, rest) = writes.split_at_mut(i);
+                let w = &mut rest[0];
+                for earlier in done.iter() {
+                    for (b, old) in w.old.iter_mut().enumerate() {
+                        let gpa = w.gpa.wrapping_add(b as u64);
+                        if let Some(d) = gpa.checked_sub(earlier.gpa)
+                            && let Some(&v) =
+                                usize::try_from(d).ok().and_then(|d| earlier.new.get(d))
+                        {
+                            *old = v;
+                        }
+                    }
+                }
             }
         }
         let regs_changed = regs != state.regs;
@@ -293,7 +328,7 @@ impl StorePlan {
             }
             Op::Xsave { rfbm, rex_w } => return xsave_image(state, &self.pieces, rfbm, rex_w, old),
             Op::Movdir64b => return Ok(Some(source.to_vec())),
-            Op::Computed => return Ok(Some(self.computed.clone())),
+            Op::Computed | Op::Scatter => return Ok(Some(self.computed.clone())),
             Op::Enter { level, frame } => return Ok(Some(enter(regs, old, source, level, frame))),
             Op::DescriptorTable { idt } => {
                 let (base, limit) = if idt { state.idtr } else { state.gdtr };

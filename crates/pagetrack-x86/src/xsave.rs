@@ -21,6 +21,8 @@ pub struct XsaveComponent {
     pub offset: u32,
     /// Size in bytes: CPUID(0xD, i).EAX; 0 when the component is unknown.
     pub size: u32,
+    /// Whether the compacted format (`xsavec`) aligns it to 64 bytes: CPUID(0xD, i).ECX bit 1.
+    pub align: bool,
 }
 
 /// Number of XSAVE state components [`XsaveLayout`] describes (0..=9: x87 to PKRU).
@@ -41,7 +43,11 @@ impl XsaveLayout {
     #[must_use]
     pub const fn typical() -> Self {
         const fn c(offset: u32, size: u32) -> XsaveComponent {
-            XsaveComponent { offset, size }
+            XsaveComponent {
+                offset,
+                size,
+                align: false,
+            }
         }
         Self {
             components: [
@@ -71,6 +77,7 @@ impl XsaveLayout {
                 layout.components[i] = XsaveComponent {
                     offset: e.ebx,
                     size: e.eax,
+                    align: e.ecx & 2 != 0,
                 };
             }
         }
@@ -156,6 +163,93 @@ pub(crate) fn component_bytes(
         return Ok(vec![0; len]);
     }
     Ok(sub(area, start + offset, len)?.to_vec())
+}
+
+/// Written parts of an operand: (offset, len), sorted, disjoint.
+pub(crate) type Ranges = Vec<(usize, usize)>;
+
+/// The image `xsavec` stores (compacted format) for the requested-feature `mask` (EDX:EAX;
+/// RFBM = XCR0 & mask), and its written parts.
+///
+/// XINUSE is KVM's XSTATE_BV. The x87 fields are written when x87 is requested and in use,
+/// MXCSR when SSE or AVX is requested, the XMM registers when SSE is requested and in use;
+/// the header gets XSTATE_BV = XINUSE & RFBM and XCOMP_BV = RFBM | bit 63. Each requested
+/// component i >= 2 has its place after the previous ones from offset 576 (rounded up to 64
+/// where CPUID(0xD, i).ECX[1] says), and is written only when in use.
+pub(crate) fn xsavec_image(
+    state: &CpuState,
+    mask: u64,
+    rex_w: bool,
+) -> Result<(Vec<u8>, Ranges), &'static str> {
+    let rfbm = state.xcr0 & mask;
+    let area = xsave_area(state).map_err(|_| "no xsave area")?;
+    let xinuse = read_le(sub(area, XSAVE_HEADER, 8).map_err(|_| "short xsave area")?);
+    let saved = rfbm & xinuse;
+    if mask >> 9 != 0 {
+        // PKRU and later: under PVM the guest runs with the host's XCR0 (AMX included) and
+        // KVM reports neither it nor the PKRU the CPU saves, so the image cannot be proven.
+        return Err("xsavec of pkru or a later state component");
+    }
+    let mut places = Vec::new();
+    let mut end = XSAVE_MIN;
+    for i in 2..64 {
+        if rfbm & (1 << i) == 0 {
+            continue;
+        }
+        if i >= XSAVE_COMPONENTS {
+            return Err("xsavec of a state component beyond pkru");
+        }
+        let c = state.xsave_layout.components[i];
+        let (from, size) = state
+            .xsave_layout
+            .range(i)
+            .ok_or("xsavec component not in layout")?;
+        if c.align {
+            end = end.next_multiple_of(64);
+        }
+        places.push((i, from, end, size));
+        end += size;
+    }
+    let mut image = vec![0u8; end];
+    let mut ranges = Vec::new();
+    let mut copy = |image: &mut [u8], from: usize, to: usize, len: usize| {
+        image[to..to + len].copy_from_slice(&area[from..from + len]);
+        ranges.push((to, len));
+    };
+    if saved & 1 != 0 {
+        copy(&mut image, 0, 0, 24);
+        copy(&mut image, 32, 32, 128);
+        if !rex_w {
+            narrow_fpu_pointers(&mut image);
+        }
+    }
+    if rfbm & 0b110 != 0 {
+        copy(&mut image, 24, 24, 8);
+    }
+    if saved & 2 != 0 {
+        copy(&mut image, 160, 160, 256);
+    }
+    for &(i, from, to, size) in &places {
+        if saved & (1 << i) != 0 {
+            if from + size > area.len() {
+                return Err("short xsave area");
+            }
+            copy(&mut image, from, to, size);
+        }
+    }
+    image[XSAVE_HEADER..XSAVE_HEADER + 8].copy_from_slice(&saved.to_le_bytes());
+    let xcomp = rfbm | 1 << 63;
+    image[XSAVE_HEADER + 8..XSAVE_HEADER + 16].copy_from_slice(&xcomp.to_le_bytes());
+    ranges.push((XSAVE_HEADER, 16)); // the rest of the header is left alone (measured)
+    ranges.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
+    for (start, len) in ranges {
+        match merged.last_mut() {
+            Some((s, l)) if *s + *l >= start => *l = (*l).max(start + len - *s),
+            _ => merged.push((start, len)),
+        }
+    }
+    Ok((image, merged))
 }
 
 /// Rewrites the FPU IP/DP fields of a legacy region from the 64-bit format (what KVM returns)

@@ -97,3 +97,11 @@ fn misaligned_aligned_store_into_a_tracked_frame_raises_the_native_gp() {
         assert_eq!((ex.vector, ex.error_code), (13, Some(0)), "{ex}");
     }
 }
+
+#[test]
+fn clzero_on_a_cpu_without_it_raises_the_native_invalid_opcode() {
+    // This host's CPU lacks CLZERO (CPUID 0x80000008 EBX[0] clear): natively #UD, no store.
+    // On a tracked frame the guest must see the same #UD, nothing stored, no event.
+    let ex = same_fault(LAST + 0x40, |a| a.db(&[0x0f, 0x01, 0xfc]));
+    assert_eq!(ex.vector, 6, "{ex:?}");
+}

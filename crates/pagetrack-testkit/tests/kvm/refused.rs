@@ -399,3 +399,138 @@ fn x87_cases_not_modelled_are_refused_with_a_typed_error() {
         "d9 57 40",
     );
 }
+
+/// Dword scatter indices (scale 4, displacement +4: elements land in [0, 64) of the
+/// operand): a negative index and repeats (2, 2 and 3, 3: the later element wins).
+const SCATTER_D: [i64; 16] = [5, 0, 1, 15, 2, 2, 7, -1, 9, 3, 14, 4, 6, 10, 12, 3];
+/// Qword-data scatter indices (scale 8, displacement +8): repeats 3, 3.
+const SCATTER_Q: [i64; 8] = [3, -1, 0, 3, 6, 1, 2, 5];
+
+/// Loads `indices` into zmm2 as dwords or qwords (`size`), sets k1 = 0xfffb (element 2 left
+/// out), runs `scatter`, then copies k1 (which the scatter clears) into r10.
+fn scatter(
+    a: &mut Asm,
+    indices: &[i64],
+    size: usize,
+    scatter: impl FnOnce(&mut Asm) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
+    let mut image = [0u8; 64];
+    for (i, v) in indices.iter().enumerate().take(64 / size) {
+        image[i * size..(i + 1) * size].copy_from_slice(&v.to_le_bytes()[..size]);
+    }
+    for q in image.chunks_exact(8).rev() {
+        a.mov(rax, u64::from_le_bytes(q.try_into().unwrap()))?;
+        a.push(rax)?;
+    }
+    a.vmovdqu64(zmm2, zmmword_ptr(rsp))?;
+    a.add(rsp, 64)?;
+    a.mov(eax, 0xfffbu32)?;
+    a.kmovq(k1, rax)?;
+    scatter(a)?;
+    a.kmovq(r10, k1)
+}
+
+stores! {
+    // AVX-512 scatters: selected elements in element order, the mask cleared.
+    vpscatterdd_in_element_order: 64 => |a, o| scatter(a, &SCATTER_D, 4, |a| {
+        a.vpscatterdd(dword_ptr(rdi + zmm2 * 4 + (o + 4)).k1(), zmm0)
+    });
+    vpscatterdq_in_element_order: 64 => |a, o| scatter(a, &SCATTER_Q, 4, |a| {
+        a.vpscatterdq(qword_ptr(rdi + ymm2 * 8 + (o + 8)).k1(), zmm1)
+    });
+    vpscatterqd_in_element_order: 64 => |a, o| scatter(a, &SCATTER_D, 8, |a| {
+        a.vpscatterqd(dword_ptr(rdi + zmm2 * 4 + (o + 4)).k1(), ymm0)
+    });
+    vpscatterqq_in_element_order: 64 => |a, o| scatter(a, &SCATTER_Q, 8, |a| {
+        a.vpscatterqq(qword_ptr(rdi + zmm2 * 8 + (o + 8)).k1(), zmm1)
+    });
+    vscatterdps_in_element_order: 64 => |a, o| scatter(a, &SCATTER_D, 4, |a| {
+        a.vscatterdps(dword_ptr(rdi + zmm2 * 4 + (o + 4)).k1(), zmm3)
+    });
+    vscatterdpd_in_element_order: 64 => |a, o| scatter(a, &SCATTER_Q, 4, |a| {
+        a.vscatterdpd(qword_ptr(rdi + ymm2 * 8 + (o + 8)).k1(), zmm0)
+    });
+    vscatterqps_in_element_order: 64 => |a, o| scatter(a, &SCATTER_D, 8, |a| {
+        a.vscatterqps(dword_ptr(rdi + zmm2 * 4 + (o + 4)).k1(), ymm1)
+    });
+    vscatterqpd_in_element_order: 64 => |a, o| scatter(a, &SCATTER_Q, 8, |a| {
+        a.vscatterqpd(qword_ptr(rdi + zmm2 * 8 + (o + 8)).k1(), zmm2)
+    });
+    vpscatterdd_ymm_in_element_order: 32 => |a, o| scatter(a, &[1, 0, 7, 7, 3, 2, 6, 5], 4, |a| {
+        a.vpscatterdd(dword_ptr(rdi + ymm2 * 4 + o).k1(), ymm3)
+    });
+}
+
+#[test]
+fn scatters_store_and_report_only_the_selected_elements() {
+    // 15 of 16 dwords selected; duplicates are reported once per element (in order).
+    let Some(run) = cases(64, |a, o| {
+        scatter(a, &SCATTER_D, 4, |a| {
+            a.vpscatterdd(dword_ptr(rdi + zmm2 * 4 + (o + 4)).k1(), zmm0)
+        })
+    }) else {
+        return;
+    };
+    assert_eq!(stored_bytes(&run), 15 * 4, "{:?}", run.events);
+    assert_eq!(run.tracked_regs[10], 0, "the mask is cleared");
+    let run = cases(64, |a, o| {
+        scatter(a, &SCATTER_Q, 8, |a| {
+            a.vpscatterqq(qword_ptr(rdi + zmm2 * 8 + (o + 8)).k1(), zmm1)
+        })
+    })
+    .unwrap();
+    assert_eq!(stored_bytes(&run), 7 * 8, "{:?}", run.events);
+}
+
+/// `xsavec` (compacted format) with RFBM = `edx:eax`, 64-byte aligned and straddling two
+/// tracked frames; the untracked pass is the CPU's own `xsavec`.
+fn xsavec_cases(low: u32, high: u32, rex_w: bool) {
+    for (offset, frames) in [(0x40, 1), (0x1000 - 0x400, 2), (0x1000 - 0x80, 2)] {
+        let Some(kvm) = pagetrack_testkit::gate::open_kvm_or_skip(module_path!()) else {
+            return;
+        };
+        let body = move |a: &mut Asm| {
+            prologue(a)?;
+            a.mov(eax, low)?;
+            a.mov(edx, high)?;
+            if rex_w {
+                a.xsavec64(ptr(rdi + offset))?;
+            } else {
+                a.xsavec(ptr(rdi + offset))?;
+            }
+            epilogue(a)
+        };
+        let run = TwoPass::new(&body).frames(frames).run(kvm);
+        run.assert_exact();
+        assert!(!run.events.is_empty(), "offset {offset:#x}: no event");
+    }
+}
+
+#[test]
+fn xsavec_every_component_below_pkru_as_the_cpu() {
+    xsavec_cases(0xff, 0, false);
+}
+
+#[test]
+fn xsavec64_every_component_below_pkru_as_the_cpu() {
+    xsavec_cases(0xff, 0, true);
+}
+
+#[test]
+fn xsavec_of_pkru_and_later_is_refused_with_a_typed_error() {
+    // PVM: the guest's real XCR0 (AMX too) and PKRU are not what KVM reports.
+    refused(
+        &|a| {
+            a.mov(eax, u32::MAX)?;
+            a.mov(edx, u32::MAX)?;
+            a.xsavec(ptr(rdi + 0x40))
+        },
+        "0f c7 67 40",
+    );
+}
+
+#[test]
+fn xsavec_some_components_as_the_cpu() {
+    // SSE, opmask and Hi16_ZMM: AVX and ZMM_Hi256 left out (the later ones move down).
+    xsavec_cases(0b1010_0010, 0, false);
+}
