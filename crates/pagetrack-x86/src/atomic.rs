@@ -269,9 +269,47 @@ pub fn compat_locked<M: GuestMemory + ?Sized>(
                 read_gpr(regs, r)
             }
         })?;
+        let found = Some((start, insn_bytes.to_vec()));
+        // An address formed from a register the instruction itself changes (`lock xadd
+        // [eax], eax`, a `cmpxchg` through EAX) cannot be rebuilt from the post-state: it
+        // cannot be ruled out.
+        let mut factory = InstructionInfoFactory::new();
+        let used = factory.info(&insn).used_registers().to_vec();
+        let changed = |r: Register| {
+            r != Register::None
+                && used.iter().any(|u| {
+                    u.register().full_register() == r.full_register()
+                        && matches!(
+                            u.access(),
+                            OpAccess::Write
+                                | OpAccess::CondWrite
+                                | OpAccess::ReadWrite
+                                | OpAccess::ReadCondWrite
+                        )
+                })
+        };
+        if changed(insn.memory_base()) || changed(insn.memory_index()) {
+            return found;
+        }
+        let size = insn.memory_size().size() as u64;
         let la = seg_base(insn.memory_segment()).wrapping_add(ea) & 0xffff_ffff;
         let t = walk::translate(mem, sregs.cr3, la).ok()?;
-        (t.gpa == gpa && insn.memory_size().size() == len).then(|| (start, insn_bytes.to_vec()))
+        if t.gpa == gpa && size == len as u64 {
+            return found;
+        }
+        // An operand straddling two pages reaches KVM as two pieces, one exit each (or one
+        // exit, when KVM writes the other page itself): either piece is this instruction.
+        let end = la.wrapping_add(size - 1) & 0xffff_ffff;
+        if size > 1 && la >> 12 != end >> 12 {
+            let low = 0x1000 - (la & 0xfff);
+            let second = walk::translate(mem, sregs.cr3, end & !0xfff).ok()?;
+            if (t.gpa == gpa && low == len as u64)
+                || (second.gpa == gpa && size - low == len as u64)
+            {
+                return found;
+            }
+        }
+        None
     })
 }
 
@@ -376,15 +414,25 @@ fn failed_compare_of_lost_address(
         return None;
     }
     let size = insn.memory_size().size();
-    if size != exit.data.len() {
-        return None;
-    }
     let loaded = if eight_b {
         (regs.rdx & 0xffff_ffff) << 32 | (regs.rax & 0xffff_ffff)
     } else {
         regs.rax & size_mask(size)
     };
-    (loaded == exit.value()).then(|| Candidate {
+    let len = exit.data.len();
+    let whole = size == len && loaded == exit.value();
+    // One page piece of an operand straddling into a frame KVM wrote itself (a single
+    // fragment shorter than the operand, ending at a page end or starting at a page start):
+    // the failure's write-back of that piece. It cannot be made atomic (KVM wrote the other
+    // piece from its own read), so it is a partial candidate and the vCPU stops.
+    let piece = !whole && exit.frags.len() == 1 && len < size && len <= 8 && {
+        let gpa = exit.frags[0].0;
+        let bytes = loaded.to_le_bytes();
+        let low = (gpa + len as u64).is_multiple_of(0x1000) && exit.data == &bytes[..len];
+        let high = gpa.is_multiple_of(0x1000) && exit.data == &bytes[size - len..size];
+        low || high
+    };
+    (whole || piece).then(|| Candidate {
         insn: *insn,
         bytes: insn_bytes.to_vec(),
         pre: kvm_regs {
@@ -392,7 +440,7 @@ fn failed_compare_of_lost_address(
             ..*regs
         },
         failed_compare: true,
-        partial: false,
+        partial: piece,
     })
 }
 

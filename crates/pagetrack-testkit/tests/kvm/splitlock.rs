@@ -101,18 +101,32 @@ pub(crate) fn two_vcpus(
         v.fd().set_regs(&r).unwrap();
     }
     let (vm, layout) = (g.vm.clone(), g.layout.clone());
+    // A vCPU that stops with an error stops the others: their loops may wait for it forever.
+    let stoppers: std::sync::Arc<Vec<_>> =
+        std::sync::Arc::new(g.vcpus.iter().map(|v| v.stopper()).collect());
     let threads: Vec<_> = g
         .vcpus
         .drain(..)
         .map(|mut v| {
-            let (vm, layout) = (vm.clone(), layout.clone());
-            std::thread::spawn(move || run_or_error(&vm, &layout, &mut v))
+            let (vm, layout, stoppers) = (vm.clone(), layout.clone(), stoppers.clone());
+            std::thread::spawn(move || {
+                let r = run_or_error(&vm, &layout, &mut v);
+                if r.is_err() {
+                    for s in stoppers.iter() {
+                        s.stop();
+                    }
+                }
+                r
+            })
         })
         .collect();
-    let mut error = None;
+    let mut error: Option<String> = None;
     for t in threads {
         if let Err(e) = t.join().unwrap() {
-            error = Some(e);
+            // The error that stopped the run, not the peers' "stopped".
+            if e != "stopped" || error.is_none() {
+                error = Some(e);
+            }
         }
     }
     let word = u64::from_le_bytes(read(&g.vm, addr, 8).try_into().unwrap());
@@ -169,6 +183,8 @@ pub(crate) fn run_or_error(
                 .unwrap();
             panic!("guest exception: {ex}");
         }
+        // Stopped by a peer vCPU's error (`two_vcpus`).
+        Ok(Exit::Stopped) => Err("stopped".to_owned()),
         Ok(other) => panic!("unexpected exit {other:?}"),
         Err(e) => Err(e.to_string()),
     };
@@ -413,12 +429,23 @@ fn compat_lock_inc(tracked: bool, iters: u32) -> Option<(u64, Option<String>)> {
         v.fd().set_regs(&r).unwrap();
     }
     let (vm, layout) = (g.vm.clone(), g.layout.clone());
+    // A vCPU that stops with an error stops the others: their loops may wait for it forever.
+    let stoppers: std::sync::Arc<Vec<_>> =
+        std::sync::Arc::new(g.vcpus.iter().map(|v| v.stopper()).collect());
     let threads: Vec<_> = g
         .vcpus
         .drain(..)
         .map(|mut v| {
-            let (vm, layout) = (vm.clone(), layout.clone());
-            std::thread::spawn(move || run_or_error(&vm, &layout, &mut v))
+            let (vm, layout, stoppers) = (vm.clone(), layout.clone(), stoppers.clone());
+            std::thread::spawn(move || {
+                let r = run_or_error(&vm, &layout, &mut v);
+                if r.is_err() {
+                    for s in stoppers.iter() {
+                        s.stop();
+                    }
+                }
+                r
+            })
         })
         .collect();
     let mut error = None;
