@@ -837,20 +837,8 @@ impl ExitHandler {
             atomic::Outcome::Plain => Ok(false),
             atomic::Outcome::Partial { rip, bytes } => {
                 // KVM stored the other part itself, outside any lock, from its own read:
-                // atomicity is lost already. Its store is applied as reported (the vCPU's own
-                // view stays right), and the vCPU stops rather than lose updates silently.
-                for &(gpa, data) in frags {
-                    self.apply_held(&Held {
-                        gpa,
-                        data: IoData::new(data),
-                    });
-                }
-                Err(Error::unemulatable(
-                    self.index,
-                    rip,
-                    bytes,
-                    StopReason::SplitLockHalfTracked,
-                ))
+                // atomicity is lost already.
+                Err(self.apply_and_stop(frags, rip, bytes, StopReason::SplitLockHalfTracked))
             }
             atomic::Outcome::FailedCompare => {
                 counters.atomic_rmws.fetch_add(1, Ordering::Relaxed);
@@ -900,16 +888,26 @@ impl ExitHandler {
         else {
             return Ok(());
         };
-        self.apply_held(&Held {
-            gpa,
-            data: IoData::new(data),
-        });
-        Err(Error::unemulatable(
-            self.index,
-            rip,
-            bytes,
-            StopReason::CompatLocked,
-        ))
+        Err(self.apply_and_stop(frags, rip, bytes, StopReason::CompatLocked))
+    }
+
+    /// A locked read-modify-write that cannot be made atomic: KVM's store is applied as
+    /// reported (the vCPU's own view stays right) and the vCPU stops with `reason`, rather
+    /// than lose other vCPUs' updates silently.
+    fn apply_and_stop(
+        &mut self,
+        frags: &[(u64, &[u8])],
+        rip: u64,
+        bytes: Vec<u8>,
+        reason: StopReason,
+    ) -> Error {
+        for &(gpa, data) in frags {
+            self.apply_held(&Held {
+                gpa,
+                data: IoData::new(data),
+            });
+        }
+        Error::unemulatable(self.index, rip, bytes, reason)
     }
 }
 
