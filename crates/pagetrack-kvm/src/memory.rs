@@ -124,6 +124,35 @@ pub struct TrackedMemory {
 }
 
 impl TrackedMemory {
+    /// Moves `count` bytes at `addr` in steps of at most [`BOUNCE`] bytes through one buffer:
+    /// `step(gpa, buf)` transfers the step at `gpa` and returns how many bytes it moved; a
+    /// short step ends the transfer. Refuses, moving nothing, when the range is not all RAM.
+    /// Returns the bytes moved.
+    fn bounce(
+        &self,
+        addr: GuestAddress,
+        count: usize,
+        mut step: impl FnMut(u64, &mut [u8]) -> Result<usize>,
+    ) -> Result<usize> {
+        if count == 0 {
+            return Ok(0);
+        }
+        if !self.is_ram(addr.0, count) {
+            return Err(Self::not_ram(addr.0, count));
+        }
+        let mut buf = vec![0u8; count.min(BOUNCE)];
+        let mut done = 0;
+        while done < count {
+            let want = (count - done).min(BOUNCE);
+            let n = step(addr.0 + done as u64, &mut buf[..want])?;
+            done += n;
+            if n < want {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
     pub(crate) fn new(vm: Arc<VmInner>) -> TrackedMemory {
         TrackedMemory { vm }
     }
@@ -259,26 +288,12 @@ impl Bytes<GuestAddress> for TrackedMemory {
     where
         F: ReadVolatile,
     {
-        if count == 0 {
-            return Ok(0);
-        }
-        if !self.is_ram(addr.0, count) {
-            return Err(Self::not_ram(addr.0, count));
-        }
-        let mut buf = vec![0u8; count.min(BOUNCE)];
-        let mut done = 0;
-        while done < count {
-            let want = (count - done).min(BOUNCE);
-            let at = addr.0 + done as u64;
-            let n = retry_eintr(|| src.read_volatile(&mut VolatileSlice::from(&mut buf[..want])))
+        self.bounce(addr, count, |at, buf| {
+            let n = retry_eintr(|| src.read_volatile(&mut VolatileSlice::from(&mut *buf)))
                 .map_err(|source| Error::DeviceIo { gpa: at, source })?;
             self.apply(at, &buf[..n])?;
-            done += n;
-            if n < want {
-                break;
-            }
-        }
-        Ok(done)
+            Ok(n)
+        })
     }
 
     /// Reads exactly `count` bytes from `src` into guest memory at `addr`.
@@ -316,31 +331,19 @@ impl Bytes<GuestAddress> for TrackedMemory {
     where
         F: WriteVolatile,
     {
-        if count == 0 {
-            return Ok(0);
-        }
-        if !self.is_ram(addr.0, count) {
-            return Err(Self::not_ram(addr.0, count));
-        }
-        let mut buf = vec![0u8; count.min(BOUNCE)];
-        let mut done = 0;
-        while done < count {
-            let want = (count - done).min(BOUNCE);
-            let at = addr.0 + done as u64;
-            self.read_slice(&mut buf[..want], GuestAddress(at))?;
+        self.bounce(addr, count, |at, buf| {
+            self.read_slice(buf, GuestAddress(at))?;
             let mut sent = 0;
-            while sent < want {
-                let n =
-                    retry_eintr(|| dst.write_volatile(&VolatileSlice::from(&mut buf[sent..want])))
-                        .map_err(|source| Error::DeviceIo { gpa: at, source })?;
+            while sent < buf.len() {
+                let n = retry_eintr(|| dst.write_volatile(&VolatileSlice::from(&mut buf[sent..])))
+                    .map_err(|source| Error::DeviceIo { gpa: at, source })?;
                 if n == 0 {
-                    return Ok(done + sent);
+                    break;
                 }
                 sent += n;
             }
-            done += want;
-        }
-        Ok(done)
+            Ok(sent)
+        })
     }
 
     /// Writes exactly `count` bytes of guest memory at `addr` to `dst`.
