@@ -7,8 +7,7 @@ use pagetrack_testkit::{assemble, exit_with};
 
 use crate::common::*;
 use crate::splitlock::{
-    BACK64_AT, COMPAT_AT, COMPAT_CS, SPLIT, Tracked, each_config, exact_sum, run_or_error,
-    two_vcpus,
+    BACK64_AT, COMPAT_AT, COMPAT_CS, SPLIT, Tracked, each_config, exact_sum, run_vcpus, two_vcpus,
 };
 
 /// vCPU 0: one failing `lock cmpxchg [rax], rcx` on the split word per pass (RAX = the
@@ -136,21 +135,7 @@ fn compat_lock_inc_at(addr: u64, gfns: &[u64], iters: u32) -> Option<(u64, Optio
         r.rdi = addr;
         v.fd().set_regs(&r).unwrap();
     }
-    let (vm, layout) = (g.vm.clone(), g.layout.clone());
-    let threads: Vec<_> = g
-        .vcpus
-        .drain(..)
-        .map(|mut v| {
-            let (vm, layout) = (vm.clone(), layout.clone());
-            std::thread::spawn(move || run_or_error(&vm, &layout, &mut v))
-        })
-        .collect();
-    let mut error = None;
-    for t in threads {
-        if let Err(e) = t.join().unwrap() {
-            error = Some(e);
-        }
-    }
+    let error = run_vcpus(&g.vm, &g.layout, g.vcpus.drain(..));
     let word = u64::from_le_bytes(read(&g.vm, addr, 8).try_into().unwrap());
     Some((word, error))
 }
@@ -517,16 +502,7 @@ fn review10s_split_lock_across_two_memslots_exact() {
     vm.tracker().add_gfn(Gfn((LOW >> 12) - 1)).unwrap();
     vm.tracker().add_gfn(Gfn(LOW >> 12)).unwrap();
     let init = read(&vm, LOW - 4096, 8192);
-    let threads: Vec<_> = vcpus
-        .into_iter()
-        .map(|mut v| {
-            let (vm, layout) = (vm.clone(), layout.clone());
-            std::thread::spawn(move || run_or_error(&vm, &layout, &mut v))
-        })
-        .collect();
-    for t in threads {
-        assert_eq!(t.join().unwrap(), Ok(()));
-    }
+    assert_eq!(run_vcpus(&vm, &layout, vcpus.into_iter()), None);
     let word = u64::from_le_bytes(read(&vm, WORD, 8).try_into().unwrap());
     assert_eq!(word, 2 * u64::from(iters), "lost updates");
     replay(LOW - 4096, &init, &rec.take(), &read(&vm, LOW - 4096, 8192));

@@ -100,35 +100,7 @@ pub(crate) fn two_vcpus(
         r.r12 = i as u64;
         v.fd().set_regs(&r).unwrap();
     }
-    let (vm, layout) = (g.vm.clone(), g.layout.clone());
-    // A vCPU that stops with an error stops the others: their loops may wait for it forever.
-    let stoppers: std::sync::Arc<Vec<_>> =
-        std::sync::Arc::new(g.vcpus.iter().map(|v| v.stopper()).collect());
-    let threads: Vec<_> = g
-        .vcpus
-        .drain(..)
-        .map(|mut v| {
-            let (vm, layout, stoppers) = (vm.clone(), layout.clone(), stoppers.clone());
-            std::thread::spawn(move || {
-                let r = run_or_error(&vm, &layout, &mut v);
-                if r.is_err() {
-                    for s in stoppers.iter() {
-                        s.stop();
-                    }
-                }
-                r
-            })
-        })
-        .collect();
-    let mut error: Option<String> = None;
-    for t in threads {
-        if let Err(e) = t.join().unwrap() {
-            // The error that stopped the run, not the peers' "stopped".
-            if e != "stopped" || error.is_none() {
-                error = Some(e);
-            }
-        }
-    }
+    let error = run_vcpus(&g.vm, &g.layout, g.vcpus.drain(..));
     let word = u64::from_le_bytes(read(&g.vm, addr, 8).try_into().unwrap());
     let counter = u64::from_le_bytes(read(&g.vm, U, 8).try_into().unwrap());
     let events = rec.take();
@@ -147,6 +119,43 @@ pub(crate) fn two_vcpus(
         split: addr & 0xfff > 0xff8,
         error,
     })
+}
+
+/// Runs `vcpus` to the guest's exit, one thread each, and returns the error that stopped the
+/// run, if any. A vCPU that stops with an error stops the others (their loops may wait for it
+/// forever); their "stopped" does not hide that error.
+pub(crate) fn run_vcpus(
+    vm: &pagetrack_kvm::Vm,
+    layout: &pagetrack_vmm::x86::LongModeLayout,
+    vcpus: impl Iterator<Item = pagetrack_kvm::Vcpu>,
+) -> Option<String> {
+    let vcpus: Vec<_> = vcpus.collect();
+    let stoppers: std::sync::Arc<Vec<_>> =
+        std::sync::Arc::new(vcpus.iter().map(|v| v.stopper()).collect());
+    let threads: Vec<_> = vcpus
+        .into_iter()
+        .map(|mut v| {
+            let (vm, layout, stoppers) = (vm.clone(), layout.clone(), stoppers.clone());
+            std::thread::spawn(move || {
+                let r = run_or_error(&vm, &layout, &mut v);
+                if r.is_err() {
+                    for s in stoppers.iter() {
+                        s.stop();
+                    }
+                }
+                r
+            })
+        })
+        .collect();
+    let mut error: Option<String> = None;
+    for t in threads {
+        if let Err(e) = t.join().unwrap()
+            && (e != "stopped" || error.is_none())
+        {
+            error = Some(e);
+        }
+    }
+    error
 }
 
 /// Runs a vCPU to the guest's exit; an error `Vcpu::run` returns comes back as text.
@@ -428,32 +437,7 @@ fn compat_lock_inc(tracked: bool, iters: u32) -> Option<(u64, Option<String>)> {
         r.rdi = T;
         v.fd().set_regs(&r).unwrap();
     }
-    let (vm, layout) = (g.vm.clone(), g.layout.clone());
-    // A vCPU that stops with an error stops the others: their loops may wait for it forever.
-    let stoppers: std::sync::Arc<Vec<_>> =
-        std::sync::Arc::new(g.vcpus.iter().map(|v| v.stopper()).collect());
-    let threads: Vec<_> = g
-        .vcpus
-        .drain(..)
-        .map(|mut v| {
-            let (vm, layout, stoppers) = (vm.clone(), layout.clone(), stoppers.clone());
-            std::thread::spawn(move || {
-                let r = run_or_error(&vm, &layout, &mut v);
-                if r.is_err() {
-                    for s in stoppers.iter() {
-                        s.stop();
-                    }
-                }
-                r
-            })
-        })
-        .collect();
-    let mut error = None;
-    for t in threads {
-        if let Err(e) = t.join().unwrap() {
-            error = Some(e);
-        }
-    }
+    let error = run_vcpus(&g.vm, &g.layout, g.vcpus.drain(..));
     let word = u64::from_le_bytes(read(&g.vm, T, 8).try_into().unwrap());
     Some((word, error))
 }
