@@ -7,7 +7,7 @@ use pagetrack_testkit::{assemble, exit_with};
 
 use crate::common::*;
 use crate::splitlock::{
-    BACK64_AT, COMPAT_AT, COMPAT_CS, SPLIT, Tracked, each_config, exact_sum, run_vcpus, two_vcpus,
+    SPLIT, Tracked, compat_lock_inc_at, each_config, exact_sum, run_vcpus, two_vcpus,
 };
 
 /// vCPU 0: one failing `lock cmpxchg [rax], rcx` on the split word per pass (RAX = the
@@ -85,59 +85,6 @@ fn review10s_failing_cmpxchg_rax_split_one_frame_tracked_is_exact_or_refused() {
             ),
         }
     }
-}
-
-/// Two vCPUs `lock inc dword [edi]` `iters` times each in compatibility mode with `edi =
-/// addr` and the frames `gfns` tracked (as `splitlock::compat_lock_inc`, at any address).
-fn compat_lock_inc_at(addr: u64, gfns: &[u64], iters: u32) -> Option<(u64, Option<String>)> {
-    let kvm = pagetrack_testkit::gate::open_kvm_or_skip(module_path!())?;
-    let enter = assemble(ENTRY, |a| {
-        a.mov(ecx, iters)?;
-        a.mov(eax, COMPAT_CS)?;
-        a.push(rax)?;
-        a.mov(eax, u32::try_from(COMPAT_AT).unwrap())?;
-        a.push(rax)?;
-        a.db(&[0x48, 0xcb]) // retfq: to the 32-bit segment
-    });
-    let back = assemble(BACK64_AT, |a| exit_with(a, 0));
-    let compat = pagetrack_testkit::asm::assemble_bits(32, COMPAT_AT, |a| {
-        let mut top = a.create_label();
-        a.set_label(&mut top)?;
-        a.lock().inc(dword_ptr(edi))?;
-        a.dec(ecx)?;
-        a.jnz(top)?;
-        a.mov(eax, u32::from(pagetrack_vmm::x86::USER_CS))?;
-        a.push(eax)?;
-        a.mov(eax, u32::try_from(BACK64_AT).unwrap())?;
-        a.push(eax)?;
-        a.retf()
-    });
-    let mut g = boot(kvm, 16 << 20, 2, &enter);
-    use vm_memory::Bytes;
-    let mem = g.vm.untracked_memory();
-    mem.write_slice(&back, vm_memory::GuestAddress(BACK64_AT))
-        .unwrap();
-    mem.write_slice(&compat, vm_memory::GuestAddress(COMPAT_AT))
-        .unwrap();
-    let descriptor: u64 = 0x00cf_fa00_0000_ffff;
-    mem.write_slice(
-        &descriptor.to_le_bytes(),
-        vm_memory::GuestAddress(g.layout.gdt() + u64::from(COMPAT_CS & !3)),
-    )
-    .unwrap();
-    drop(mem);
-    let (_rec, _h) = recorder(&g.vm);
-    for &gfn in gfns {
-        g.vm.tracker().add_gfn(Gfn(gfn)).unwrap();
-    }
-    for v in &g.vcpus {
-        let mut r = v.fd().get_regs().unwrap();
-        r.rdi = addr;
-        v.fd().set_regs(&r).unwrap();
-    }
-    let error = run_vcpus(&g.vm, &g.layout, g.vcpus.drain(..));
-    let word = u64::from_le_bytes(read(&g.vm, addr, 8).try_into().unwrap());
-    Some((word, error))
 }
 
 /// `lock inc dword` in compatibility mode on a word split 2 + 2 across two frames: the

@@ -387,10 +387,21 @@ pub(crate) const COMPAT_CS: u32 = 0x400 | 3;
 pub(crate) const COMPAT_AT: u64 = ENTRY + 0x800;
 pub(crate) const BACK64_AT: u64 = ENTRY + 0x400;
 
-/// Two vCPUs `lock inc dword [edi]` `iters` times each in compatibility mode (a 32-bit code
-/// segment under long mode), entered and left by far returns. Returns the counter at `T` and
-/// the vCPUs' errors.
+/// Two vCPUs `lock inc dword [edi]` `iters` times each in compatibility mode at `T`, the
+/// frame tracked or not (see [`compat_lock_inc_at`]).
 fn compat_lock_inc(tracked: bool, iters: u32) -> Option<(u64, Option<String>)> {
+    let gfns: &[u64] = if tracked { &[T >> 12] } else { &[] };
+    compat_lock_inc_at(T, gfns, iters)
+}
+
+/// Two vCPUs `lock inc dword [edi]` `iters` times each in compatibility mode (a 32-bit code
+/// segment under long mode), entered and left by far returns, with `edi = addr` and the frames
+/// `gfns` tracked. Returns the counter at `addr` and the error that stopped the run.
+pub(crate) fn compat_lock_inc_at(
+    addr: u64,
+    gfns: &[u64],
+    iters: u32,
+) -> Option<(u64, Option<String>)> {
     let kvm = pagetrack_testkit::gate::open_kvm_or_skip(module_path!())?;
     let enter = assemble(ENTRY, |a| {
         a.mov(ecx, iters)?;
@@ -429,16 +440,16 @@ fn compat_lock_inc(tracked: bool, iters: u32) -> Option<(u64, Option<String>)> {
     .unwrap();
     drop(mem);
     let (_rec, _h) = recorder(&g.vm);
-    if tracked {
-        g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+    for &gfn in gfns {
+        g.vm.tracker().add_gfn(Gfn(gfn)).unwrap();
     }
     for v in &g.vcpus {
         let mut r = v.fd().get_regs().unwrap();
-        r.rdi = T;
+        r.rdi = addr;
         v.fd().set_regs(&r).unwrap();
     }
     let error = run_vcpus(&g.vm, &g.layout, g.vcpus.drain(..));
-    let word = u64::from_le_bytes(read(&g.vm, T, 8).try_into().unwrap());
+    let word = u64::from_le_bytes(read(&g.vm, addr, 8).try_into().unwrap());
     Some((word, error))
 }
 
