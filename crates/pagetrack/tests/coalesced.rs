@@ -1,4 +1,5 @@
 //! Coalesced events: the opt-in per notifier and the epoch mark through dispatch.
+#![cfg(feature = "notifiers")]
 
 use std::sync::{Arc, Mutex};
 
