@@ -533,11 +533,7 @@ impl ExitHandler {
     /// Whether the instruction at this exit runs with RFLAGS.TF (an ioctl without synced
     /// registers).
     fn stepping_now(&mut self, fd: &mut VcpuFd) -> Result<bool> {
-        let rflags = if self.sync_regs {
-            fd.sync_regs().regs.rflags
-        } else {
-            fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?.rflags
-        };
+        let rflags = self.exit_regs(fd)?.rflags;
         Ok(rflags & RFLAGS_TF != 0)
     }
 
@@ -653,11 +649,7 @@ impl ExitHandler {
     /// [`Error::KvmWritesTracked`] when it names a tracked frame (the guest then gets #GP if
     /// the VMM runs it on).
     fn wrmsr(&mut self, fd: &mut VcpuFd, msr: u32, data: u64) -> Result<()> {
-        let rip = if self.sync_regs {
-            fd.sync_regs().regs.rip
-        } else {
-            fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?.rip
-        };
+        let rip = self.exit_regs(fd)?.rip;
         let vm = Arc::clone(&self.vm);
         let res = crate::pvmsr::handle_wrmsr(
             &vm.backend.kvm_written,
@@ -746,12 +738,25 @@ impl ExitHandler {
 
     /// The system registers at this exit: from `kvm_run` (no ioctl) where KVM syncs them.
     fn sys_state(&mut self, fd: &mut VcpuFd) -> Result<atomic::SysCache> {
-        if self.sync_sregs {
-            return Ok(atomic::SysCache::from_sregs(&fd.sync_regs().sregs));
+        Ok(atomic::SysCache::from_sregs(&self.exit_sregs(fd)?))
+    }
+
+    /// The general registers at this exit: from `kvm_run` (no ioctl) where KVM syncs them.
+    fn exit_regs(&self, fd: &mut VcpuFd) -> Result<kvm_bindings::kvm_regs> {
+        if self.sync_regs {
+            Ok(fd.sync_regs().regs)
+        } else {
+            fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))
         }
-        fd.get_sregs()
-            .map(|s| atomic::SysCache::from_sregs(&s))
-            .map_err(Error::kvm("KVM_GET_SREGS"))
+    }
+
+    /// The special registers at this exit: from `kvm_run` (no ioctl) where KVM syncs them.
+    fn exit_sregs(&self, fd: &mut VcpuFd) -> Result<kvm_bindings::kvm_sregs> {
+        if self.sync_sregs {
+            Ok(fd.sync_regs().sregs)
+        } else {
+            fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))
+        }
     }
 
     /// Before a trapped store is applied: if it is one push of an instruction KVM stored
@@ -761,16 +766,8 @@ impl ExitHandler {
     /// the caller.
     fn multi_store(&mut self, fd: &mut VcpuFd, gpa: u64, data: &[u8]) -> Result<()> {
         use pagetrack_x86::multistore::{Verdict, check_with};
-        let regs = if self.sync_regs {
-            fd.sync_regs().regs
-        } else {
-            fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?
-        };
-        let sregs = if self.sync_sregs {
-            fd.sync_regs().sregs
-        } else {
-            fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?
-        };
+        let regs = self.exit_regs(fd)?;
+        let sregs = self.exit_sregs(fd)?;
         let mode = pagetrack_x86::mode::CpuMode::from_sregs(&sregs);
         let mem = self.vm.mem.memory();
         let frame_tracked = |g: u64| self.vm.traps_stores(g);
@@ -818,14 +815,7 @@ impl ExitHandler {
         }) {
             return Ok(false);
         }
-        let regs = if self.sync_regs {
-            fd.sync_regs().regs
-        } else {
-            fd.get_regs().map_err(|source| Error::Kvm {
-                op: "KVM_GET_REGS",
-                source,
-            })?
-        };
+        let regs = self.exit_regs(fd)?;
         let sys = self.sys_state(fd)?;
         if !sys.long64 {
             self.refuse_compat_locked(fd, &regs, frags)?;
@@ -877,11 +867,7 @@ impl ExitHandler {
         let &[(gpa, data)] = frags else {
             return Ok(());
         };
-        let sregs = if self.sync_sregs {
-            fd.sync_regs().sregs
-        } else {
-            fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?
-        };
+        let sregs = self.exit_sregs(fd)?;
         let mem = self.vm.mem.memory();
         let Some((rip, bytes)) =
             pagetrack_x86::atomic::compat_locked(&*mem, &sregs, regs, gpa, data.len())
