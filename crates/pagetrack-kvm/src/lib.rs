@@ -126,6 +126,7 @@ mod gate;
 mod handler;
 mod memory;
 mod pvmsr;
+mod ram;
 mod relaxed;
 mod slots;
 mod store;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use pagetrack::{AsId, Gpa, PAGE_SIZE, Source, WriteEvent};
+use pagetrack::Source;
 use std::sync::atomic::Ordering as AtomicOrdering;
 
 use vm_memory::{
@@ -18,73 +18,26 @@ use crate::vm::VmInner;
 
 /// Applies `data` at `gpa` if the whole range is guest RAM, then reports it; false if not RAM.
 pub(crate) fn apply_write(vm: &VmInner, gpa: u64, data: &[u8], source: Source) -> bool {
-    apply_with(vm, gpa, data, source, |mem| {
-        mem.write_slice(data, GuestAddress(gpa))
-    })
-    .map(|res| res.expect("the range was checked, and `mem` holds its regions"))
-    .is_some()
+    match vm.ram.write(vm, gpa, data, source) {
+        Some(stale) => {
+            vm.invalidate_stale(stale);
+            true
+        }
+        None => false,
+    }
 }
 
-/// The one tracked write path: if `[gpa, gpa + data.len())` is guest RAM, takes the frame
-/// locks, reads the old bytes of tracked frames, lets `commit` store `data` (a copy, or an
-/// atomic store of the same bytes), then marks it dirty, keeps page tables coherent and
-/// reports the event. `None` if the range is not RAM; `commit`'s error, with nothing
-/// reported, if it failed.
+/// [`apply_write`] with `store` doing the store (an atomic store of the same bytes):
+/// `None` if the range is not RAM; `store`'s error, with nothing reported, if it failed.
 pub(crate) fn apply_with<E>(
     vm: &VmInner,
     gpa: u64,
     data: &[u8],
     source: Source,
-    commit: impl FnOnce(&GuestMemoryMmap) -> std::result::Result<(), E>,
+    store: impl FnOnce(&GuestMemoryMmap) -> std::result::Result<(), E>,
 ) -> Option<std::result::Result<(), E>> {
-    let mem = vm.mem.memory();
-    if data.is_empty() || !mem.check_range(GuestAddress(gpa), data.len(), Permissions::ReadWrite) {
-        return None;
-    }
-    let tracker = &vm.tracker;
-    let last = gpa + data.len() as u64 - 1;
-    // Serialize with read-modify-writes that pagetrack completes on the same frames, and keep
-    // event order per frame equal to memory order: held until the event is delivered.
-    let _locks = vm
-        .frame_locks
-        .lock((gpa >> 12..=last >> 12).map(|f| f << 12));
-    let pt = vm.page_table_entries(&mem, gpa, data.len());
-    let any_tracked = tracker.is_enabled() && {
-        (gpa / PAGE_SIZE..=last / PAGE_SIZE)
-            .any(|f| tracker.is_write_tracked(AsId::NORMAL, pagetrack::Gfn(f)))
-    };
-    if !any_tracked {
-        if let Err(e) = commit(&mem) {
-            return Some(Err(e));
-        }
-        vm.mark_dirty(gpa, data.len());
-        vm.after_page_table_store(&mem, pt);
-        // Still reported: a frame may have become tracked in between (report_write filters).
-        tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source));
-        return Some(Ok(()));
-    }
-    // A relaxed frame: its guest changes so far are delivered first, and its shadow takes
-    // these bytes (`relaxed.rs`); held until this write's event is delivered.
-    let mut relaxed = crate::relaxed::before_apply(vm, gpa, data.len() as u64);
-    let mut small = [0u8; 64];
-    let mut big = Vec::new();
-    let old: &mut [u8] = if data.len() <= small.len() {
-        &mut small[..data.len()]
-    } else {
-        big.resize(data.len(), 0);
-        &mut big
-    };
-    mem.read_slice(old, GuestAddress(gpa))
-        .expect("the range was checked above, and `mem` holds its regions");
-    if let Err(e) = commit(&mem) {
-        return Some(Err(e));
-    }
-    crate::relaxed::after_apply(vm, &mut relaxed, gpa, old, data);
-    vm.mark_dirty(gpa, data.len());
-    vm.after_page_table_store(&mem, pt);
-    tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source).with_old(old));
-    drop(relaxed);
-    Some(Ok(()))
+    let res = vm.ram.write_with(vm, gpa, data, source, store)?;
+    Some(res.map(|stale| vm.invalidate_stale(stale)))
 }
 
 /// Reads guest RAM into `buf`; false if the range is not RAM.
@@ -103,7 +56,7 @@ const BOUNCE: usize = 64 << 10;
 /// tracking unchanged. Every write (slices, objects, [`Bytes::read_volatile_from`] from a file
 /// or socket, atomic [`Bytes::store`]) goes through one path: under the frame locks, the old
 /// bytes of tracked frames are read, the write is applied, and tracked frames get their
-/// [`WriteEvent`] with old and new bytes and [`Source::Device`], exactly like guest stores
+/// [`WriteEvent`](pagetrack::WriteEvent) with old and new bytes and [`Source::Device`], exactly like guest stores
 /// (and the dirty log, when on, gets the pages).
 ///
 /// Whole-range operations (`write_slice`, `read_slice`, objects, the `*_exact`/`*_all`

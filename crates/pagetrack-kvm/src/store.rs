@@ -166,7 +166,7 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         return Err(stop(StopReason::NotRam { gpa: t.gpa }));
     }
     // Held until the events are delivered (event order per frame = memory order).
-    let _locks = vm.frame_locks.lock(targets.iter().map(|t| t.gpa));
+    let _locks = vm.ram.lock(targets.iter().map(|t| t.gpa));
     let pts: Vec<_> = targets
         .iter()
         .map(|t| vm.page_table_entries(&mem, t.gpa, t.len))

@@ -11,7 +11,7 @@ use pagetrack::{
     TrackerConfig, Tracking,
 };
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap,
 };
 
@@ -19,6 +19,7 @@ use crate::dirty::DirtyBits;
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::memory::TrackedMemory;
+use crate::ram::{Stale, TrackedRam};
 use crate::relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
 use crate::slots::{FragmentStats, Fragments};
 use crate::update::PageTableUpdate;
@@ -420,15 +421,11 @@ pub(crate) struct VmInner {
     vcpus: Mutex<Vec<u32>>,
     pub(crate) caps: HostCaps,
     config: VmConfig,
-    pub(crate) frame_locks: crate::store::FrameLocks,
-    /// Frames marked as guest page tables, with their paging level where known (4 = PML4,
-    /// ..., 1 = page table; 0 = unknown, as marked by [`Vm::mark_page_tables`]).
-    pt_frames: std::sync::RwLock<std::collections::HashMap<u64, u8>>,
-    pt_marked: std::sync::atomic::AtomicBool,
+    /// Guest memory as pagetrack writes it (`ram.rs`): frame locks, page-table coherence,
+    /// the dirty log of its own stores.
+    pub(crate) ram: TrackedRam,
     xsave_layout: std::sync::OnceLock<(crate::emulate::XsaveLayout, u64)>,
     stall_monitor: std::sync::Once,
-    /// Dirty logs of the RAM regions, when [`VmConfig::dirty_log`] is on.
-    dirty: std::sync::RwLock<Vec<Arc<DirtyBits>>>,
 }
 
 /// How often the stall monitor looks at the vCPUs: a vCPU inside one `KVM_RUN` for two
@@ -449,24 +446,22 @@ fn stall_monitor(vm: std::sync::Weak<VmInner>) {
     }
 }
 
-use crate::walk::pte;
-
-/// The aligned 8-byte entries a store covers in page-table frames, read before the store.
-#[derive(Debug, Default)]
-pub(crate) struct PtEntries(Vec<(u64, u64)>);
-
-impl VmInner {
-    /// Records a store pagetrack applied to guest RAM in userspace (KVM's log never sees it).
-    pub(crate) fn mark_dirty(&self, gpa: u64, len: usize) {
-        if !self.config.dirty_log {
-            return;
-        }
-        let logs = self.dirty.read().unwrap_or_else(|e| e.into_inner());
-        for log in logs.iter() {
-            log.mark(gpa, len as u64);
-        }
+/// Relaxed frames' shadows, kept by `relaxed.rs`, around the writes [`TrackedRam`] commits.
+impl crate::ram::Shadows for VmInner {
+    fn before_copy(&self, gpa: u64, len: u64) -> crate::ram::ShadowLock<'_> {
+        crate::relaxed::before_apply(self, gpa, len)
     }
 
+    fn after_copy(&self, lock: &mut crate::ram::ShadowLock<'_>, gpa: u64, old: &[u8], new: &[u8]) {
+        crate::relaxed::after_apply(self, lock, gpa, old, new);
+    }
+
+    fn applied(&self, gpa: u64, old: &[u8], new: &[u8]) -> crate::ram::ShadowLock<'_> {
+        crate::relaxed::applied(self, gpa, old, new)
+    }
+}
+
+impl VmInner {
     /// True if guest stores to the frame of `gpa` trap (it is write-tracked and strict): KVM
     /// cannot write it, so a store it emulates there reaches userspace or is dropped. A
     /// relaxed frame is tracked but writable (`relaxed.rs`).
@@ -476,50 +471,40 @@ impl VmInner {
             && !self.backend.relaxed.is_shadowed(gpa)
     }
 
-    /// The page-table entries `[gpa, gpa + len)` overlaps in frames marked as guest page tables
-    /// (empty, and free, when none are marked or the host uses TDP).
+    /// Until atomic.rs and store.rs commit through [`TrackedRam`]: their old steps.
+    pub(crate) fn mark_dirty(&self, gpa: u64, len: usize) {
+        self.ram.mark_dirty(gpa, len);
+    }
+
+    /// As [`VmInner::mark_dirty`].
     pub(crate) fn page_table_entries(
         &self,
         mem: &GuestMemoryMmap,
         gpa: u64,
         len: usize,
-    ) -> PtEntries {
-        if !self.pt_marked.load(Ordering::Acquire) || len == 0 {
-            return PtEntries::default();
-        }
-        let frames = self.pt_frames.read().unwrap_or_else(|e| e.into_inner());
-        let first = gpa & !7;
-        let last = (gpa + len as u64 - 1) & !7;
-        let entries = (first..=last)
-            .step_by(8)
-            .filter(|e| frames.contains_key(&(e >> 12)))
-            .filter_map(|e| mem.read_obj::<u64>(GuestAddress(e)).ok().map(|v| (e, v)))
-            .collect();
-        PtEntries(entries)
+    ) -> crate::ram::PtEntries {
+        self.ram.page_table_entries(mem, gpa, len)
     }
 
-    /// After a store to page-table entries: if one that was present now translates
-    /// differently (not an accessed/dirty-only change), make KVM drop its shadows of that frame
-    /// before any vCPU runs on.
-    pub(crate) fn after_page_table_store(&self, mem: &GuestMemoryMmap, pt: PtEntries) {
-        self.mark_new_tables(mem, &pt);
-        let mut stale: Vec<Gfn> =
-            pt.0.iter()
-                .filter(|(at, old)| {
-                    let new = mem.read_obj::<u64>(GuestAddress(*at)).unwrap_or(0);
-                    old & pte::PRESENT != 0 && (old ^ new) & !(pte::ACCESSED | pte::DIRTY) != 0
-                })
-                .map(|(at, _)| Gfn(at >> 12))
-                .collect();
+    /// As [`VmInner::mark_dirty`].
+    pub(crate) fn after_page_table_store(&self, mem: &GuestMemoryMmap, pt: crate::ram::PtEntries) {
+        let mut stale = Vec::new();
+        self.ram.stale_entries(mem, &pt, &mut stale);
         stale.dedup();
-        if stale.is_empty() {
+        self.invalidate_stale(Stale(stale));
+    }
+
+    /// Makes KVM drop its shadows of the page-table frames a commit left stale ([`Stale`])
+    /// before any vCPU runs on.
+    pub(crate) fn invalidate_stale(&self, stale: Stale) {
+        if stale.0.is_empty() {
             return;
         }
         self.backend
             .counters
             .pt_invalidations
             .fetch_add(1, Ordering::Relaxed);
-        let gpas: Vec<u64> = stale.iter().map(|g| g.gpa().0).collect();
+        let gpas: Vec<u64> = stale.0.iter().map(|g| g.gpa().0).collect();
         let mut frags = self.backend.frags();
         let _paused = self.backend.gate.pause();
         // A failure leaves a stale shadow; nothing better can be done here than to count it.
@@ -528,33 +513,6 @@ impl VmInner {
                 .counters
                 .pt_invalidation_errors
                 .fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// A store into a marked table of known level above 1 that made an entry point to a
-    /// lower table (present, not a large page): that table is marked too, one level down,
-    /// so tables a guest installs later stay coherent as well.
-    fn mark_new_tables(&self, mem: &GuestMemoryMmap, pt: &PtEntries) {
-        if pt.0.is_empty() {
-            return;
-        }
-        let children: Vec<(u64, u8)> = {
-            let frames = self.pt_frames.read().unwrap_or_else(|e| e.into_inner());
-            pt.0.iter()
-                .filter_map(|(at, _)| {
-                    let level = *frames.get(&(at >> 12))?;
-                    let new = mem.read_obj::<u64>(GuestAddress(*at)).ok()?;
-                    let table = new & pte::PRESENT != 0
-                        && (level == 4 || (level > 1 && new & pte::HUGE == 0));
-                    let child = (new & pte::ADDR_MASK) >> 12;
-                    (table && frames.get(&child).is_none_or(|&l| l == 0))
-                        .then_some((child, level - 1))
-                })
-                .collect()
-        };
-        if !children.is_empty() {
-            let mut frames = self.pt_frames.write().unwrap_or_else(|e| e.into_inner());
-            frames.extend(children);
         }
     }
 
@@ -718,23 +676,22 @@ impl Vm {
         let tracker =
             PageTracker::new(config.tracker, Arc::clone(&backend) as Arc<dyn Enforcement>);
         backend.relaxed.set_tracker(Arc::downgrade(&tracker));
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let ram = TrackedRam::new(mem.clone(), Arc::clone(&tracker), config.dirty_log);
         let vm = Vm {
             inner: Arc::new(VmInner {
                 kvm,
                 backend,
                 view: Tracking::new(Arc::clone(&tracker)),
                 tracker,
-                mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+                mem,
                 rams: Mutex::new(Vec::new()),
                 vcpus: Mutex::new(Vec::new()),
                 caps,
                 config,
-                frame_locks: crate::store::FrameLocks::default(),
-                pt_frames: std::sync::RwLock::default(),
-                pt_marked: std::sync::atomic::AtomicBool::new(false),
+                ram,
                 xsave_layout: std::sync::OnceLock::new(),
                 stall_monitor: std::sync::Once::new(),
-                dirty: std::sync::RwLock::default(),
             }),
         };
         vm.inner.backend.relaxed.set_vm(Arc::downgrade(&vm.inner));
@@ -918,11 +875,7 @@ impl Vm {
         }
         guard.replace(next);
         if let Some(d) = &dirty {
-            self.inner
-                .dirty
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Arc::clone(d));
+            self.inner.ram.add_dirty_log(Arc::clone(d));
         }
         rams.push(RamInfo {
             slot,
@@ -968,11 +921,7 @@ impl Vm {
                 .remove_ram(&self.inner.backend.vm_fd, info.gpa)
         };
         if let Some(d) = &info.dirty {
-            self.inner
-                .dirty
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|l| !Arc::ptr_eq(l, d));
+            self.inner.ram.remove_dirty_log(d);
         }
         let guard = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
         let (next, _region) = self
@@ -1149,22 +1098,7 @@ impl Vm {
         if !self.inner.caps.shadow_paging {
             return;
         }
-        let mut set = self
-            .inner
-            .pt_frames
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        for f in frames {
-            if is_table {
-                set.entry(f.0).or_insert(0);
-            } else {
-                set.remove(&f.0);
-            }
-        }
-        // Release: pairs with the Acquire in page_table_entries.
-        self.inner
-            .pt_marked
-            .store(!set.is_empty(), Ordering::Release);
+        self.inner.ram.mark_page_tables(frames, is_table);
     }
 
     /// Marks the 4-level page tables rooted at `pml4` (see [`Vm::mark_page_tables`]): the
@@ -1177,38 +1111,7 @@ impl Vm {
         if !self.inner.caps.shadow_paging {
             return;
         }
-        let mem = self.inner.mem.memory();
-        let mut found: Vec<(u64, u8)> = vec![(pml4.0, 4)];
-        let mut level = vec![pml4.0];
-        for depth in (2..=4u8).rev() {
-            let mut next = Vec::new();
-            for table in level {
-                for i in 0..512u64 {
-                    let Ok(e) = mem.read_obj::<u64>(GuestAddress((table << 12) + 8 * i)) else {
-                        continue;
-                    };
-                    if e & pte::PRESENT == 0 || (depth < 4 && e & pte::HUGE != 0) {
-                        continue;
-                    }
-                    let child = (e & pte::ADDR_MASK) >> 12;
-                    if !found.iter().any(|&(f, _)| f == child) {
-                        found.push((child, depth - 1));
-                        next.push(child);
-                    }
-                }
-            }
-            level = next;
-        }
-        let mut set = self
-            .inner
-            .pt_frames
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        set.extend(found);
-        // Release: pairs with the Acquire in page_table_entries.
-        self.inner
-            .pt_marked
-            .store(!set.is_empty(), Ordering::Release);
+        self.inner.ram.mark_page_table_tree(pml4);
     }
 
     /// Counters so far.
