@@ -8,10 +8,12 @@
 //! exactly as KVM reported it.
 
 use kvm_bindings::kvm_regs;
+use pagetrack::Source;
 use pagetrack_x86::atomic::{Identified, identify_fragments, start_state};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::GuestMemoryMmap;
 
 use crate::emulate::{Emulated, StorePlan};
+use crate::ram::{CommitError, Write};
 
 pub(crate) use pagetrack_x86::sysregs::SysCache;
 
@@ -25,21 +27,23 @@ pub(crate) enum Outcome<'a> {
     /// A locked read-modify-write whose operand straddles into a frame KVM wrote itself: it
     /// cannot be made atomic (the instruction's address and bytes, for the error).
     Partial { rip: u64, bytes: Vec<u8> },
-    /// Re-executed atomically: writes already applied, registers to load; the frame stays
-    /// locked until the events are delivered.
+    /// Re-executed atomically: writes applied and reported, registers to load; the frames
+    /// stay locked until the registers are loaded.
     Done(Box<Emulated>, Box<kvm_regs>, crate::store::Held<'a>),
 }
 
 /// Decides ([`identify_fragments`]) and, for a locked read-modify-write, performs the atomic
 /// re-execution. `regs` are the registers after KVM's emulation (RIP past the instruction);
 /// `frags` the store's MMIO fragments in order (two for an operand straddling two frames),
-/// which are all held locked while the instruction runs again.
+/// which are all held locked while the instruction runs again; its writes are committed
+/// and reported as vCPU `index`'s.
 pub(crate) fn handle<'a>(
     vm: &'a crate::vm::VmInner,
     mem: &GuestMemoryMmap,
     cache: &SysCache,
     regs: &kvm_regs,
     frags: &[(u64, &[u8])],
+    index: u32,
 ) -> Outcome<'a> {
     let c = match identify_fragments(mem, cache, regs, frags) {
         Identified::Plain => return Outcome::Plain,
@@ -56,30 +60,17 @@ pub(crate) fn handle<'a>(
     let Ok(plan) = StorePlan::new(&state, &c.bytes, &mut cpu) else {
         return Outcome::Plain;
     };
-    let targets: Vec<_> = plan.targets().map(|t| (t.gpa, t.len)).collect();
-    let guard = vm.ram.lock(targets.iter().map(|t| t.0));
-    let pts: Vec<_> = targets
-        .iter()
-        .map(|&(gpa, len)| vm.page_table_entries(mem, gpa, len))
-        .collect();
+    let guard = vm.ram.lock(plan.targets().map(|t| t.gpa));
     let Ok(done) = plan.execute(&mut state, &mut cpu) else {
         return Outcome::Plain;
     };
-    // Every target is RAM before anything is written (the trapped range was checked; the
-    // re-execution's writes are checked too), so a write cannot fail half-way.
-    if !done
-        .writes
-        .iter()
-        .all(|w| mem.check_range(GuestAddress(w.gpa), w.new.len(), Permissions::ReadWrite))
-    {
-        return Outcome::Plain;
-    }
-    for w in &done.writes {
-        mem.write_slice(&w.new, GuestAddress(w.gpa))
-            .expect("the range was checked above, and `mem` holds its regions");
-    }
-    for pt in pts {
-        vm.after_page_table_store(mem, pt);
+    let writes: Vec<Write<'_>> = done.writes.iter().map(Write::of).collect();
+    // The commit checks that every write is RAM before it writes anything (the trapped range
+    // was checked; the re-execution's writes may go elsewhere), so none fails half-way.
+    match vm.ram.commit(vm, mem, &guard, &writes, Source::Vcpu(index)) {
+        Ok(stale) => vm.invalidate_stale(stale),
+        Err(CommitError::NotRam { .. }) => return Outcome::Plain,
+        Err(CommitError::Store(never)) => match never {},
     }
     Outcome::Done(Box::new(done), Box::new(state.regs), guard)
 }

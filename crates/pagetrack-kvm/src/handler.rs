@@ -821,7 +821,7 @@ impl ExitHandler {
             self.refuse_compat_locked(fd, &regs, frags)?;
         }
         let vm = Arc::clone(&self.vm);
-        let outcome = atomic::handle(&vm, &mem, &sys, &regs, frags);
+        let outcome = atomic::handle(&vm, &mem, &sys, &regs, frags, self.index);
         let counters = &vm.backend.counters;
         match outcome {
             atomic::Outcome::Plain => Ok(false),
@@ -846,7 +846,10 @@ impl ExitHandler {
                 }
                 counters.atomic_rmws.fetch_add(1, Ordering::Relaxed);
                 counters.trapped_writes.fetch_add(1, Ordering::Relaxed);
-                crate::store::report_writes(&vm, &done.writes, self.index);
+                let bytes: usize = done.writes.iter().map(|w| w.new.len()).sum();
+                counters
+                    .trapped_bytes
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
                 Ok(true)
             }
         }

@@ -69,10 +69,6 @@ pub(crate) struct Write<'a> {
 
 impl<'a> Write<'a> {
     /// An emulator's write (old bytes always read).
-    #[expect(
-        dead_code,
-        reason = "the atomic and emulated-store paths move onto it next"
-    )]
     pub(crate) fn of(w: &'a crate::emulate::MemWrite) -> Write<'a> {
         Write {
             gpa: w.gpa,
@@ -94,10 +90,7 @@ pub(crate) enum CommitError<E> {
     /// A write's range is not all guest RAM (nothing was written).
     #[cfg_attr(
         not(test),
-        expect(
-            dead_code,
-            reason = "the atomic and emulated-store paths move onto it next"
-        )
+        expect(dead_code, reason = "the emulated-store path moves onto it next")
     )]
     NotRam { gpa: u64, len: usize },
     /// The store itself failed (only a caller-supplied store can; nothing was written).
@@ -164,13 +157,6 @@ impl TrackedRam {
     ///
     /// # Errors
     /// [`CommitError::NotRam`] if some range is not RAM: nothing is written then.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the atomic and emulated-store paths move onto it next"
-        )
-    )]
     pub(crate) fn commit(
         &self,
         shadows: &impl Shadows,
