@@ -88,18 +88,14 @@ pub(crate) struct Stale(pub(crate) Vec<Gfn>);
 #[derive(Debug)]
 pub(crate) enum CommitError<E> {
     /// A write's range is not all guest RAM (nothing was written).
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the emulated-store path moves onto it next")
-    )]
-    NotRam { gpa: u64, len: usize },
+    NotRam { gpa: u64 },
     /// The store itself failed (only a caller-supplied store can; nothing was written).
     Store(E),
 }
 
 /// The aligned 8-byte entries a store covers in page-table frames, read before the store.
 #[derive(Debug, Default)]
-pub(crate) struct PtEntries(Vec<(u64, u64)>);
+struct PtEntries(Vec<(u64, u64)>);
 
 /// How a commit keeps relaxed shadows in step.
 enum Shadowing<'a> {
@@ -294,10 +290,7 @@ impl TrackedRam {
             .iter()
             .find(|w| !mem.check_range(GuestAddress(w.gpa), w.new.len(), Permissions::ReadWrite))
         {
-            return Err(CommitError::NotRam {
-                gpa: w.gpa,
-                len: w.new.len(),
-            });
+            return Err(CommitError::NotRam { gpa: w.gpa });
         }
         let pts: Vec<PtEntries> = writes
             .iter()
@@ -411,12 +404,7 @@ impl TrackedRam {
 
     /// The page-table entries `[gpa, gpa + len)` overlaps in frames marked as guest page tables
     /// (empty, and free, when none are marked or the host uses TDP).
-    pub(crate) fn page_table_entries(
-        &self,
-        mem: &GuestMemoryMmap,
-        gpa: u64,
-        len: usize,
-    ) -> PtEntries {
+    fn page_table_entries(&self, mem: &GuestMemoryMmap, gpa: u64, len: usize) -> PtEntries {
         // Acquire: pairs with the Release in mark_page_tables and mark_page_table_tree.
         if !self.pt_marked.load(Ordering::Acquire) || len == 0 {
             return PtEntries::default();
@@ -434,12 +422,7 @@ impl TrackedRam {
 
     /// After a store to page-table entries: the frames of those that were present and now
     /// translate differently (not an accessed/dirty-only change) go to `stale`.
-    pub(crate) fn stale_entries(
-        &self,
-        mem: &GuestMemoryMmap,
-        pt: &PtEntries,
-        stale: &mut Vec<Gfn>,
-    ) {
+    fn stale_entries(&self, mem: &GuestMemoryMmap, pt: &PtEntries, stale: &mut Vec<Gfn>) {
         self.mark_new_tables(mem, pt);
         stale.extend(
             pt.0.iter()
@@ -624,7 +607,7 @@ mod tests {
             },
         ];
         let err = rig.commit(&writes).expect_err("not RAM");
-        assert!(matches!(err, CommitError::NotRam { gpa, len: 1 } if gpa == outside));
+        assert!(matches!(err, CommitError::NotRam { gpa } if gpa == outside));
         assert_eq!(rig.read(0x1000, 1), [0]);
         assert!(rig.events().is_empty());
     }

@@ -6,13 +6,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 
 use kvm_ioctls::VcpuFd;
-use pagetrack::{Gpa, Source, WriteEvent};
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap, Permissions,
-};
+use pagetrack::Source;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap, Permissions};
 
-use crate::emulate::{CpuAccess, CpuState, EmulateError, MemWrite, StorePlan};
+use crate::emulate::{CpuAccess, CpuState, EmulateError, StorePlan};
 use crate::error::{Error, Result, StopReason};
+use crate::ram::{CommitError, Write};
 use crate::vm::VmInner;
 use crate::walk;
 use pagetrack_x86::guest::{FlatCpu, GuestCpu};
@@ -166,18 +165,16 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         return Err(stop(StopReason::NotRam { gpa: t.gpa }));
     }
     // Held until the events are delivered (event order per frame = memory order).
-    let _locks = vm.ram.lock(targets.iter().map(|t| t.gpa));
-    let pts: Vec<_> = targets
-        .iter()
-        .map(|t| vm.page_table_entries(&mem, t.gpa, t.len))
-        .collect();
+    let locks = vm.ram.lock(targets.iter().map(|t| t.gpa));
     let done = plan.execute(&mut state, cpu).map_err(|e| stop(e.into()))?;
-    for w in &done.writes {
-        mem.write_slice(&w.new, GuestAddress(w.gpa))
-            .map_err(|source| stop(StopReason::Write { gpa: w.gpa, source }))?;
-    }
-    for pt in pts {
-        vm.after_page_table_store(&mem, pt);
+    let writes: Vec<Write<'_>> = done.writes.iter().map(Write::of).collect();
+    match vm
+        .ram
+        .commit(vm, &mem, &locks, &writes, Source::Vcpu(index))
+    {
+        Ok(stale) => vm.invalidate_stale(stale),
+        Err(CommitError::NotRam { gpa, .. }) => return Err(stop(StopReason::NotRam { gpa })),
+        Err(CommitError::Store(never)) => match never {},
     }
     if let Some(area) = &done.xsave {
         // The FPU state the instruction left (x87 pop and flags, MMX top and tags, MXCSR).
@@ -188,11 +185,13 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
     }
     fd.set_regs(&state.regs)
         .map_err(Error::kvm("KVM_SET_REGS"))?;
-    vm.backend
-        .counters
-        .emulated_stores
-        .fetch_add(1, Ordering::Relaxed);
-    report_writes(vm, &done.writes, index);
+    let counters = &vm.backend.counters;
+    counters.emulated_stores.fetch_add(1, Ordering::Relaxed);
+    let bytes: usize = done.writes.iter().map(|w| w.new.len()).sum();
+    counters
+        .trapped_bytes
+        .fetch_add(bytes as u64, Ordering::Relaxed);
+    drop(locks);
     Ok(())
 }
 
@@ -286,23 +285,6 @@ fn inject(
     events.exception_has_payload = 0;
     fd.set_vcpu_events(&events)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))
-}
-
-/// Reports stores pagetrack applied for vCPU `index` (with their old bytes), marks them dirty
-/// and counts them.
-pub(crate) fn report_writes(vm: &VmInner, writes: &[MemWrite], index: u32) {
-    for w in writes {
-        // A relaxed frame's shadow takes the bytes (and its pending change of them goes first).
-        let _relaxed = crate::relaxed::applied(vm, w.gpa, &w.old, &w.new);
-        vm.mark_dirty(w.gpa, w.new.len());
-        vm.backend
-            .counters
-            .trapped_bytes
-            .fetch_add(w.new.len() as u64, Ordering::Relaxed);
-        vm.tracker.report_write(
-            &WriteEvent::new(Gpa(w.gpa), &w.new, Source::Vcpu(index)).with_old(&w.old),
-        );
-    }
 }
 
 /// Whether the instruction at RIP stores into a tracked frame (decoded in the vCPU's mode; the

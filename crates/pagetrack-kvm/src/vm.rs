@@ -471,29 +471,6 @@ impl VmInner {
             && !self.backend.relaxed.is_shadowed(gpa)
     }
 
-    /// Until atomic.rs and store.rs commit through [`TrackedRam`]: their old steps.
-    pub(crate) fn mark_dirty(&self, gpa: u64, len: usize) {
-        self.ram.mark_dirty(gpa, len);
-    }
-
-    /// As [`VmInner::mark_dirty`].
-    pub(crate) fn page_table_entries(
-        &self,
-        mem: &GuestMemoryMmap,
-        gpa: u64,
-        len: usize,
-    ) -> crate::ram::PtEntries {
-        self.ram.page_table_entries(mem, gpa, len)
-    }
-
-    /// As [`VmInner::mark_dirty`].
-    pub(crate) fn after_page_table_store(&self, mem: &GuestMemoryMmap, pt: crate::ram::PtEntries) {
-        let mut stale = Vec::new();
-        self.ram.stale_entries(mem, &pt, &mut stale);
-        stale.dedup();
-        self.invalidate_stale(Stale(stale));
-    }
-
     /// Makes KVM drop its shadows of the page-table frames a commit left stale ([`Stale`])
     /// before any vCPU runs on.
     pub(crate) fn invalidate_stale(&self, stale: Stale) {
