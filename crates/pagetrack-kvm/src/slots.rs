@@ -23,6 +23,74 @@ use crate::sys::KvmSlot;
 
 const PAGE: u64 = 4096;
 
+/// The KVM memslot operations the fragment table makes, one ioctl each: the enforcer's seam
+/// to KVM. [`VmFd`] is the real one; the unit tests use a fake that records the calls and
+/// injects failures.
+pub(crate) trait SlotOps {
+    /// Creates slot `id` for `[gpa, gpa + size)` of `region` (`KVM_SET_USER_MEMORY_REGION`).
+    fn create_slot(
+        &self,
+        id: u32,
+        region: &Arc<GuestRegionMmap>,
+        gpa: u64,
+        size: u64,
+        readonly: bool,
+        log_dirty: bool,
+    ) -> std::result::Result<KvmSlot, kvm_ioctls::Error>;
+
+    /// Deletes `slot` (`KVM_SET_USER_MEMORY_REGION` with size 0). On failure KVM may still
+    /// map it: the slot comes back with the error, mapping and all.
+    fn delete_slot(&self, slot: KvmSlot) -> std::result::Result<(), (KvmSlot, kvm_ioctls::Error)>;
+
+    /// Takes (and clears) `slot`'s dirty log (`KVM_GET_DIRTY_LOG`): bit i is page i.
+    fn dirty_log(&self, slot: &KvmSlot) -> std::result::Result<Vec<u64>, kvm_ioctls::Error>;
+}
+
+impl SlotOps for VmFd {
+    fn create_slot(
+        &self,
+        id: u32,
+        region: &Arc<GuestRegionMmap>,
+        gpa: u64,
+        size: u64,
+        readonly: bool,
+        log_dirty: bool,
+    ) -> std::result::Result<KvmSlot, kvm_ioctls::Error> {
+        KvmSlot::create(self, id, region, gpa, size, readonly, log_dirty)
+    }
+
+    fn delete_slot(&self, slot: KvmSlot) -> std::result::Result<(), (KvmSlot, kvm_ioctls::Error)> {
+        slot.remove(self)
+    }
+
+    fn dirty_log(&self, slot: &KvmSlot) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
+        slot.take_dirty_log(self)
+    }
+}
+
+/// The VM fd as the backend shares it.
+impl<S: SlotOps + ?Sized> SlotOps for Arc<S> {
+    fn create_slot(
+        &self,
+        id: u32,
+        region: &Arc<GuestRegionMmap>,
+        gpa: u64,
+        size: u64,
+        readonly: bool,
+        log_dirty: bool,
+    ) -> std::result::Result<KvmSlot, kvm_ioctls::Error> {
+        (**self).create_slot(id, region, gpa, size, readonly, log_dirty)
+    }
+
+    fn delete_slot(&self, slot: KvmSlot) -> std::result::Result<(), (KvmSlot, kvm_ioctls::Error)> {
+        (**self).delete_slot(slot)
+    }
+
+    fn dirty_log(&self, slot: &KvmSlot) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
+        (**self).dirty_log(slot)
+    }
+}
+
 /// One desired fragment of a chunk: `[first, first + pages)` in pages from the chunk start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Piece {
@@ -245,7 +313,7 @@ impl Fragments {
 
     fn create(
         &mut self,
-        vm: &VmFd,
+        vm: &(impl SlotOps + ?Sized),
         mmap: &Arc<GuestRegionMmap>,
         gpa: u64,
         size: u64,
@@ -254,7 +322,7 @@ impl Fragments {
     ) -> Result<KvmSlot> {
         let id = self.alloc_id()?;
         let t = Instant::now();
-        let res = KvmSlot::create(vm, id, mmap, gpa, size, ro, self.log_dirty || log);
+        let res = vm.create_slot(id, mmap, gpa, size, ro, self.log_dirty || log);
         self.account(t);
         match res {
             Ok(s) => {
@@ -277,20 +345,20 @@ impl Fragments {
     /// map it: the caller keeps it).
     fn delete(
         &mut self,
-        vm: &VmFd,
+        vm: &(impl SlotOps + ?Sized),
         slot: KvmSlot,
         harvest: bool,
     ) -> std::result::Result<Option<Vec<u64>>, (KvmSlot, Error)> {
         let mut bits = None;
         if harvest && slot.log_dirty() {
-            match slot.take_dirty_log(vm) {
+            match vm.dirty_log(&slot) {
                 Ok(b) => bits = Some(b),
                 Err(e) => return Err((slot, Error::kvm("KVM_GET_DIRTY_LOG")(e))),
             }
         }
         let (id, ro) = (slot.id(), slot.readonly());
         let t = Instant::now();
-        let res = slot.remove(vm);
+        let res = vm.delete_slot(slot);
         self.account(t);
         res.map_err(|(slot, e)| (slot, Error::kvm("KVM_SET_USER_MEMORY_REGION")(e)))?;
         self.free_ids.push(id);
@@ -310,7 +378,7 @@ impl Fragments {
 
     /// Deletes `slot` for good (its RAM is going away); one whose delete fails is kept in
     /// `stuck`, mapping and all.
-    fn delete_or_keep(&mut self, vm: &VmFd, slot: KvmSlot) -> Result<()> {
+    fn delete_or_keep(&mut self, vm: &(impl SlotOps + ?Sized), slot: KvmSlot) -> Result<()> {
         self.delete(vm, slot, false).map(drop).map_err(|(slot, e)| {
             self.stuck.push(slot);
             e
@@ -325,7 +393,7 @@ impl Fragments {
     /// Registers `[gpa, gpa + size)` of `mmap` with KVM as writable chunks.
     pub(crate) fn add_ram(
         &mut self,
-        vm: &VmFd,
+        vm: &(impl SlotOps + ?Sized),
         mmap: Arc<GuestRegionMmap>,
         gpa: u64,
         size: u64,
@@ -384,7 +452,7 @@ impl Fragments {
 
     /// Moves KVM's dirty log of every fragment of the RAM region at `gpa` into the region's
     /// [`DirtyBits`]. Needs no vCPU pause.
-    pub(crate) fn harvest(&mut self, vm: &VmFd, gpa: u64) -> Result<()> {
+    pub(crate) fn harvest(&mut self, vm: &(impl SlotOps + ?Sized), gpa: u64) -> Result<()> {
         let Some(r) = self.rams.iter().position(|r| r.gpa == gpa) else {
             return Ok(());
         };
@@ -399,7 +467,13 @@ impl Fragments {
 
     /// Harvests every logging fragment of chunk `c` of RAM `r` (only those holding relaxed
     /// frames if `relaxed_only`) and dispatches the bits.
-    fn harvest_chunk(&mut self, vm: &VmFd, r: usize, c: usize, relaxed_only: bool) -> Result<()> {
+    fn harvest_chunk(
+        &mut self,
+        vm: &(impl SlotOps + ?Sized),
+        r: usize,
+        c: usize,
+        relaxed_only: bool,
+    ) -> Result<()> {
         for i in 0..self.rams[r].chunks[c].frags.len() {
             let chunk = &self.rams[r].chunks[c];
             let s = &chunk.frags[i];
@@ -411,9 +485,7 @@ impl Fragments {
                 continue;
             }
             let gpa = s.gpa();
-            let bits = s
-                .take_dirty_log(vm)
-                .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
+            let bits = vm.dirty_log(s).map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
             self.dispatch(r, c, gpa, &bits);
         }
         Ok(())
@@ -424,7 +496,7 @@ impl Fragments {
     /// fragment holding relaxed frames, then returns the guest addresses of the relaxed frames
     /// logged dirty since their last diff, in address order, and clears their pending bits.
     /// Needs no vCPU pause. Costs one ioctl per relaxed fragment and O(dirty) more.
-    pub(crate) fn harvest_relaxed(&mut self, vm: &VmFd) -> Result<Vec<u64>> {
+    pub(crate) fn harvest_relaxed(&mut self, vm: &(impl SlotOps + ?Sized)) -> Result<Vec<u64>> {
         let mut out = Vec::new();
         for r in 0..self.rams.len() {
             for c in 0..self.rams[r].chunks.len() {
@@ -538,7 +610,7 @@ impl Fragments {
     }
 
     /// Deletes every fragment of the RAM region starting at `gpa`.
-    pub(crate) fn remove_ram(&mut self, vm: &VmFd, gpa: u64) -> Result<()> {
+    pub(crate) fn remove_ram(&mut self, vm: &(impl SlotOps + ?Sized), gpa: u64) -> Result<()> {
         let Some(pos) = self.rams.iter().position(|r| r.gpa == gpa) else {
             return Ok(());
         };
@@ -601,9 +673,15 @@ impl Fragments {
     }
 
     /// Re-cuts the given chunks to match their protected bits. The caller holds every vCPU
-    /// outside `KVM_RUN`. On a KVM failure the chunk is restored to a single read-only slot
-    /// where possible (never weaker protection than asked for).
-    pub(crate) fn relayout(&mut self, vm: &VmFd, chunks: &[(usize, usize)]) -> Result<()> {
+    /// outside `KVM_RUN`. On a KVM failure the table keeps exactly the slots KVM still has
+    /// (a fragment whose delete failed stays, with its mapping; a range whose create failed
+    /// has no slot, so every access to it exits): the caller restores the bits and re-cuts
+    /// again (`Backend::change`), and the layout is never weaker than those bits.
+    pub(crate) fn relayout(
+        &mut self,
+        vm: &(impl SlotOps + ?Sized),
+        chunks: &[(usize, usize)],
+    ) -> Result<()> {
         for &(r, c) in chunks {
             let want = self.rams[r].chunks[c].layout(self.log_dirty);
             let have = self.rams[r].chunks[c].current();
@@ -679,7 +757,7 @@ impl Fragments {
     /// Deletes and re-creates the fragment holding each of `gpas`: with the zap-all quirk
     /// disabled, KVM then drops exactly the shadow pages of that fragment, including shadows
     /// of guest page tables that live in it. The caller holds every vCPU outside `KVM_RUN`.
-    pub(crate) fn recreate(&mut self, vm: &VmFd, gpas: &[u64]) -> Result<usize> {
+    pub(crate) fn recreate(&mut self, vm: &(impl SlotOps + ?Sized), gpas: &[u64]) -> Result<usize> {
         let mut targets: Vec<(usize, usize, u64)> = Vec::new();
         for &gpa in gpas {
             let Some((r, c)) = self.locate(gpa) else {
@@ -724,7 +802,7 @@ impl Fragments {
     /// Deletes every fragment from KVM, for a VM fd that outlives pagetrack (the VMM's own,
     /// [`crate::Vm::from_vm_fd`]): the VMM's memslots stay as they are. A fragment whose
     /// delete fails keeps its mapping alive for good (leaked), as KVM may still map it.
-    pub(crate) fn delete_all(&mut self, vm: &VmFd) {
+    pub(crate) fn delete_all(&mut self, vm: &(impl SlotOps + ?Sized)) {
         let gpas: Vec<u64> = self.rams.iter().map(|r| r.gpa).collect();
         for gpa in gpas {
             if let Err(_kept_in_stuck) = self.remove_ram(vm, gpa) {
@@ -1280,6 +1358,354 @@ mod mode_model {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod seam {
+    //! The fragment table against a fake KVM ([`SlotOps`]) that records every memslot ioctl and
+    //! fails the one asked for: whatever fails, KVM's slots and the table's are the same set
+    //! (no slot registered in KVM that pagetrack forgot, none it thinks it has that KVM
+    //! dropped), a slot whose delete failed keeps its mapping, and the layout is never weaker
+    //! than the protected bits.
+
+    use std::cell::{Cell, RefCell};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use vm_memory::{GuestAddress, GuestMemoryRegion};
+
+    use super::*;
+
+    const BASE: u64 = 0x10_0000;
+    const CHUNK_PAGES: u64 = 64;
+
+    /// What KVM holds for a slot id: gpa, size, read-only, dirty logging.
+    type Registered = BTreeMap<u32, (u64, u64, bool, bool)>;
+
+    #[derive(Debug, Default)]
+    struct FakeKvm {
+        slots: RefCell<Registered>,
+        calls: Cell<usize>,
+        /// The calls (counted from 0) that fail.
+        fail: RefCell<BTreeSet<usize>>,
+        /// Every call, in order: "create <id>", "delete <id>", "log <id>".
+        log: RefCell<Vec<String>>,
+    }
+
+    impl FakeKvm {
+        /// Counts a call; true if it is the one to fail.
+        fn call(&self, what: String) -> bool {
+            let n = self.calls.get();
+            self.calls.set(n + 1);
+            self.log.borrow_mut().push(what);
+            self.fail.borrow().contains(&n)
+        }
+
+        /// The call `calls` calls from now fails.
+        fn fail_in(&self, calls: usize) {
+            self.fail.borrow_mut().insert(self.calls.get() + calls);
+        }
+
+        fn heal(&self) {
+            self.fail.borrow_mut().clear();
+        }
+    }
+
+    impl SlotOps for FakeKvm {
+        fn create_slot(
+            &self,
+            id: u32,
+            region: &Arc<GuestRegionMmap>,
+            gpa: u64,
+            size: u64,
+            readonly: bool,
+            log_dirty: bool,
+        ) -> std::result::Result<KvmSlot, kvm_ioctls::Error> {
+            if self.call(format!("create {id}")) {
+                return Err(kvm_ioctls::Error::new(libc::ENOMEM));
+            }
+            let mut slots = self.slots.borrow_mut();
+            // KVM refuses a taken id and overlapping slots.
+            if slots.contains_key(&id)
+                || slots
+                    .values()
+                    .any(|&(g, s, _, _)| gpa < g + s && g < gpa + size)
+            {
+                return Err(kvm_ioctls::Error::new(libc::EEXIST));
+            }
+            slots.insert(id, (gpa, size, readonly, log_dirty));
+            Ok(KvmSlot::unregistered(
+                id, region, gpa, size, readonly, log_dirty,
+            ))
+        }
+
+        fn delete_slot(
+            &self,
+            mut slot: KvmSlot,
+        ) -> std::result::Result<(), (KvmSlot, kvm_ioctls::Error)> {
+            if self.call(format!("delete {}", slot.id())) {
+                return Err((slot, kvm_ioctls::Error::new(libc::EIO)));
+            }
+            let gone = self.slots.borrow_mut().remove(&slot.id());
+            assert!(
+                gone.is_some(),
+                "deleted slot {} KVM does not have",
+                slot.id()
+            );
+            slot.forget_region_for_drop();
+            Ok(())
+        }
+
+        fn dirty_log(&self, slot: &KvmSlot) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
+            if self.call(format!("log {}", slot.id())) {
+                return Err(kvm_ioctls::Error::new(libc::EIO));
+            }
+            let words = usize::try_from((slot.size() / PAGE).div_ceil(64)).expect("small");
+            Ok(vec![0; words])
+        }
+    }
+
+    fn region(chunks: u64) -> Arc<GuestRegionMmap> {
+        let size = usize::try_from(chunks * CHUNK_PAGES * PAGE).expect("small");
+        Arc::new(
+            GuestRegionMmap::<()>::from_range(GuestAddress(BASE), size, None)
+                .expect("anonymous mapping"),
+        )
+    }
+
+    /// A table with one RAM region of `chunks` chunks registered through `kvm`.
+    fn table(kvm: &FakeKvm, chunks: u64, log_dirty: bool) -> (Fragments, Arc<GuestRegionMmap>) {
+        let mut f = Fragments::new(10, 32, CHUNK_PAGES * PAGE, log_dirty);
+        let mmap = region(chunks);
+        let dirty = log_dirty.then(|| Arc::new(DirtyBits::new(BASE, mmap.len())));
+        f.add_ram(kvm, Arc::clone(&mmap), BASE, mmap.len(), dirty)
+            .expect("no failure injected");
+        (f, mmap)
+    }
+
+    /// Every slot the table holds (its fragments and the stuck ones), as KVM would list them.
+    fn held(f: &Fragments) -> Registered {
+        f.rams
+            .iter()
+            .flat_map(|r| r.chunks.iter().flat_map(|c| c.frags.iter()))
+            .chain(f.stuck.iter())
+            .map(|s| (s.id(), (s.gpa(), s.size(), s.readonly(), s.log_dirty())))
+            .collect()
+    }
+
+    /// KVM and the table agree and the counters match.
+    fn agree(kvm: &FakeKvm, f: &Fragments) {
+        assert_eq!(
+            *kvm.slots.borrow(),
+            held(f),
+            "calls: {:?}",
+            kvm.log.borrow()
+        );
+        let live = f
+            .rams
+            .iter()
+            .flat_map(|r| r.chunks.iter())
+            .map(|c| c.frags.len());
+        assert_eq!(f.stats.fragments, live.sum::<usize>() + f.stuck.len());
+    }
+
+    /// [`agree`], and no protected page is writable (a page without a slot exits on every
+    /// access: stricter, never weaker).
+    fn check(kvm: &FakeKvm, f: &Fragments) {
+        agree(kvm, f);
+        for c in f.rams.iter().flat_map(|r| r.chunks.iter()) {
+            for page in (0..c.pages).filter(|&p| c.is_protected(p)) {
+                let gpa = c.gpa + page * PAGE;
+                let writable = c
+                    .frags
+                    .iter()
+                    .any(|s| !s.readonly() && gpa >= s.gpa() && gpa < s.gpa() + s.size());
+                assert!(!writable, "protected page {gpa:#x} is writable");
+            }
+        }
+    }
+
+    /// Frames tracked first (cutting chunk 0), then frames whose tracking fails and is undone
+    /// (cutting chunks 0 and 1 further).
+    fn first() -> Vec<u64> {
+        [3u64, 4, 5, 40].iter().map(|p| BASE + p * PAGE).collect()
+    }
+
+    fn then() -> Vec<u64> {
+        [20u64, 41, CHUNK_PAGES + 1, CHUNK_PAGES + 30]
+            .iter()
+            .map(|p| BASE + p * PAGE)
+            .collect()
+    }
+
+    /// A table with [`first`] tracked and laid out.
+    fn tracked_table(kvm: &FakeKvm, log_dirty: bool) -> (Fragments, Arc<GuestRegionMmap>) {
+        let (mut f, mmap) = table(kvm, 2, log_dirty);
+        let chunks = f.mark(first().into_iter(), true);
+        f.relayout(kvm, &chunks).expect("no failure injected");
+        check(kvm, &f);
+        (f, mmap)
+    }
+
+    /// The number of ioctls tracking [`then`] makes without failures.
+    fn recut_calls(log_dirty: bool) -> usize {
+        let kvm = FakeKvm::default();
+        let (mut f, _mmap) = tracked_table(&kvm, log_dirty);
+        let before = kvm.calls.get();
+        let chunks = f.mark(then().into_iter(), true);
+        f.relayout(&kvm, &chunks).expect("no failure injected");
+        check(&kvm, &f);
+        kvm.calls.get() - before
+    }
+
+    /// What the backend does when a re-cut for `then` fails (`Backend::change`): the bits go
+    /// back and the chunks are re-cut again, which may fail too (`undo_fails`).
+    fn undo(kvm: &FakeKvm, f: &mut Fragments, undo_fails: bool) {
+        let back = f.mark(then().into_iter(), false);
+        if undo_fails {
+            kvm.fail_in(0);
+        }
+        let res = f.relayout(kvm, &back);
+        kvm.heal();
+        // An undo that needs no ioctl cannot fail.
+        assert!(undo_fails || res.is_ok());
+        check(kvm, f);
+    }
+
+    #[test]
+    fn a_recut_failing_at_any_ioctl_leaves_kvm_and_the_table_agreeing_and_never_weaker() {
+        for log_dirty in [false, true] {
+            let calls = recut_calls(log_dirty);
+            assert!(calls >= 6, "the re-cut deletes and creates: {calls} calls");
+            for n in 0..calls {
+                for undo_fails in [false, true] {
+                    let kvm = FakeKvm::default();
+                    let (mut f, _mmap) = tracked_table(&kvm, log_dirty);
+                    let chunks = f.mark(then().into_iter(), true);
+                    kvm.fail_in(n);
+                    let res = f.relayout(&kvm, &chunks);
+                    kvm.heal();
+                    assert!(res.is_err(), "call {n} of {calls} failed silently");
+                    agree(&kvm, &f);
+                    undo(&kvm, &mut f, undo_fails);
+                    // With KVM working, the next re-cut reaches the wanted layout.
+                    let all = [(0, 0), (0, 1)];
+                    f.relayout(&kvm, &all).expect("no failure injected");
+                    check(&kvm, &f);
+                    for (r, c) in all {
+                        let chunk = &f.rams[r].chunks[c];
+                        assert_eq!(chunk.current(), chunk.layout(log_dirty));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_recreate_failing_at_any_ioctl_leaves_kvm_and_the_table_agreeing() {
+        let kvm = FakeKvm::default();
+        let (mut f, _mmap) = table(&kvm, 2, true);
+        let chunks = f.mark(then().into_iter(), true);
+        f.relayout(&kvm, &chunks).expect("no failure injected");
+        let gpas = [BASE + 4 * PAGE, BASE + (CHUNK_PAGES + 2) * PAGE];
+        for n in 0..6 {
+            kvm.fail_in(n);
+            // Every outcome is consistent, including the ones where the failure comes later.
+            let res = f.recreate(&kvm, &gpas);
+            kvm.heal();
+            check(&kvm, &f);
+            if res.is_err() {
+                // The fragment whose re-creation failed is simply missing (every access to it
+                // exits): the next re-cut of its chunk brings it back.
+                let all: Vec<(usize, usize)> = vec![(0, 0), (0, 1)];
+                f.relayout(&kvm, &all).expect("no failure injected");
+                check(&kvm, &f);
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_delete_keeps_the_slot_registered_and_its_mapping_alive() {
+        let kvm = FakeKvm::default();
+        let (mut f, mmap) = table(&kvm, 2, false);
+        // The table's region and each chunk's slot hold the mapping.
+        assert_eq!(Arc::strong_count(&mmap), 1 + 1 + 2);
+        kvm.fail_in(0);
+        let err = f
+            .remove_ram(&kvm, BASE)
+            .expect_err("the first delete fails");
+        assert!(matches!(
+            err,
+            Error::Kvm {
+                op: "KVM_SET_USER_MEMORY_REGION",
+                ..
+            }
+        ));
+        check(&kvm, &f);
+        assert_eq!(f.stuck.len(), 1, "the slot KVM still has is kept");
+        assert_eq!(kvm.slots.borrow().len(), 1);
+        assert_eq!(
+            Arc::strong_count(&mmap),
+            1 + 1,
+            "the mapping was released while KVM may still map it"
+        );
+    }
+
+    #[test]
+    fn a_recut_whose_harvest_fails_deletes_nothing() {
+        let kvm = FakeKvm::default();
+        let (mut f, _mmap) = table(&kvm, 1, true);
+        let chunks = f.mark([BASE + 7 * PAGE].into_iter(), true);
+        kvm.fail_in(0);
+        let err = f.relayout(&kvm, &chunks).expect_err("the harvest fails");
+        assert!(matches!(
+            err,
+            Error::Kvm {
+                op: "KVM_GET_DIRTY_LOG",
+                ..
+            }
+        ));
+        assert_eq!(kvm.log.borrow().last().map(String::as_str), Some("log 10"));
+        agree(&kvm, &f);
+        assert_eq!(
+            kvm.slots.borrow().len(),
+            1,
+            "the logging fragment was deleted unharvested"
+        );
+        // The backend's undo: nothing was cut, so nothing is left to do.
+        let back = f.mark([BASE + 7 * PAGE].into_iter(), false);
+        f.relayout(&kvm, &back).expect("no failure injected");
+        check(&kvm, &f);
+        assert_eq!(kvm.slots.borrow().len(), 1);
+    }
+
+    #[test]
+    fn add_ram_failing_half_way_deletes_what_it_created_or_keeps_it_stuck() {
+        for delete_fails_too in [false, true] {
+            let kvm = FakeKvm::default();
+            let mut f = Fragments::new(10, 32, CHUNK_PAGES * PAGE, false);
+            let mmap = region(3);
+            // Chunks 0 and 1 are created, chunk 2's create (call 2) fails; then the delete of
+            // chunk 0 (call 3) may fail too.
+            kvm.fail_in(2);
+            if delete_fails_too {
+                kvm.fail_in(3);
+            }
+            let res = f.add_ram(&kvm, Arc::clone(&mmap), BASE, mmap.len(), None);
+            assert!(matches!(
+                res,
+                Err(Error::Kvm {
+                    op: "KVM_SET_USER_MEMORY_REGION",
+                    ..
+                })
+            ));
+            check(&kvm, &f);
+            assert!(f.rams.is_empty());
+            let stuck = usize::from(delete_fails_too);
+            assert_eq!(kvm.slots.borrow().len(), stuck);
+            assert_eq!(f.stuck.len(), stuck);
+            assert_eq!(Arc::strong_count(&mmap), 1 + stuck);
         }
     }
 }

@@ -133,6 +133,29 @@ impl KvmSlot {
         self.log_dirty
     }
 
+    /// A slot as [`KvmSlot::create`] returns it, without the ioctl: for the fake KVM of the
+    /// fragment table's unit tests, which must mark it gone
+    /// ([`KvmSlot::forget_region_for_drop`]) when it deletes it.
+    #[cfg(test)]
+    pub(crate) fn unregistered(
+        id: u32,
+        region: &Arc<GuestRegionMmap>,
+        gpa: u64,
+        size: u64,
+        readonly: bool,
+        log_dirty: bool,
+    ) -> KvmSlot {
+        KvmSlot {
+            id,
+            gpa,
+            size,
+            readonly,
+            log_dirty,
+            mapping: Some(Arc::clone(region)),
+            removed: false,
+        }
+    }
+
     pub(crate) fn forget_region_for_drop(&mut self) {
         // Marks the slot as already gone when the whole VM fd is closing: closing the VM fd
         // drops every slot with it, so no ioctl is needed (or possible) then.
