@@ -106,6 +106,30 @@ impl<K: Kick> Default for Gate<K> {
     }
 }
 
+/// How the enforcer holds every vCPU outside `KVM_RUN` while it changes memslots: until the
+/// returned guard drops. The built-in implementation is the [`Gate`]; the enforcer's unit
+/// tests use one that records its pauses.
+pub(crate) trait Pauser {
+    /// Held while the vCPUs are paused.
+    type Paused<'a>
+    where
+        Self: 'a;
+
+    /// Pauses every vCPU: returns once none is inside `KVM_RUN`.
+    fn pause(&self) -> Self::Paused<'_>;
+}
+
+impl<K: Kick> Pauser for Gate<K> {
+    type Paused<'a>
+        = Paused<'a, K>
+    where
+        K: 'a;
+
+    fn pause(&self) -> Paused<'_, K> {
+        Gate::pause(self)
+    }
+}
+
 /// Closed gate; reopens on drop.
 #[derive(Debug)]
 pub(crate) struct Paused<'a, K: Kick> {

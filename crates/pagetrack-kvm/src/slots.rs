@@ -1363,7 +1363,7 @@ mod mode_model {
 }
 
 #[cfg(test)]
-mod seam {
+pub(crate) mod seam {
     //! The fragment table against a fake KVM ([`SlotOps`]) that records every memslot ioctl and
     //! fails the one asked for: whatever fails, KVM's slots and the table's are the same set
     //! (no slot registered in KVM that pagetrack forgot, none it thinks it has that KVM
@@ -1377,14 +1377,16 @@ mod seam {
 
     use super::*;
 
-    const BASE: u64 = 0x10_0000;
-    const CHUNK_PAGES: u64 = 64;
+    pub(crate) const BASE: u64 = 0x10_0000;
+    pub(crate) const CHUNK_PAGES: u64 = 64;
 
     /// What KVM holds for a slot id: gpa, size, read-only, dirty logging.
     type Registered = BTreeMap<u32, (u64, u64, bool, bool)>;
 
     #[derive(Debug, Default)]
-    struct FakeKvm {
+    pub(crate) struct FakeKvm {
+        /// When set, every call must come while this is true (the vCPUs are paused).
+        paused: Option<std::rc::Rc<Cell<bool>>>,
         slots: RefCell<Registered>,
         calls: Cell<usize>,
         /// The calls (counted from 0) that fail.
@@ -1396,18 +1398,29 @@ mod seam {
     impl FakeKvm {
         /// Counts a call; true if it is the one to fail.
         fn call(&self, what: String) -> bool {
+            if let Some(p) = &self.paused {
+                assert!(p.get(), "{what} while the vCPUs run");
+            }
             let n = self.calls.get();
             self.calls.set(n + 1);
             self.log.borrow_mut().push(what);
             self.fail.borrow().contains(&n)
         }
 
+        /// A fake whose every call must come while `paused` is true.
+        pub(crate) fn checking(paused: std::rc::Rc<Cell<bool>>) -> FakeKvm {
+            FakeKvm {
+                paused: Some(paused),
+                ..FakeKvm::default()
+            }
+        }
+
         /// The call `calls` calls from now fails.
-        fn fail_in(&self, calls: usize) {
+        pub(crate) fn fail_in(&self, calls: usize) {
             self.fail.borrow_mut().insert(self.calls.get() + calls);
         }
 
-        fn heal(&self) {
+        pub(crate) fn heal(&self) {
             self.fail.borrow_mut().clear();
         }
     }
@@ -1475,7 +1488,11 @@ mod seam {
     }
 
     /// A table with one RAM region of `chunks` chunks registered through `kvm`.
-    fn table(kvm: &FakeKvm, chunks: u64, log_dirty: bool) -> (Fragments, Arc<GuestRegionMmap>) {
+    pub(crate) fn table(
+        kvm: &FakeKvm,
+        chunks: u64,
+        log_dirty: bool,
+    ) -> (Fragments, Arc<GuestRegionMmap>) {
         let mut f = Fragments::new(10, 32, CHUNK_PAGES * PAGE, log_dirty);
         let mmap = region(chunks);
         let dirty = log_dirty.then(|| Arc::new(DirtyBits::new(BASE, mmap.len())));
@@ -1495,7 +1512,7 @@ mod seam {
     }
 
     /// KVM and the table agree and the counters match.
-    fn agree(kvm: &FakeKvm, f: &Fragments) {
+    pub(crate) fn agree(kvm: &FakeKvm, f: &Fragments) {
         assert_eq!(
             *kvm.slots.borrow(),
             held(f),
@@ -1512,7 +1529,7 @@ mod seam {
 
     /// [`agree`], and no protected page is writable (a page without a slot exits on every
     /// access: stricter, never weaker).
-    fn check(kvm: &FakeKvm, f: &Fragments) {
+    pub(crate) fn check(kvm: &FakeKvm, f: &Fragments) {
         agree(kvm, f);
         for c in f.rams.iter().flat_map(|r| r.chunks.iter()) {
             for page in (0..c.pages).filter(|&p| c.is_protected(p)) {
@@ -1528,19 +1545,44 @@ mod seam {
 
     /// Frames tracked first (cutting chunk 0), then frames whose tracking fails and is undone
     /// (cutting chunks 0 and 1 further).
-    fn first() -> Vec<u64> {
+    pub(crate) fn first() -> Vec<u64> {
         [3u64, 4, 5, 40].iter().map(|p| BASE + p * PAGE).collect()
     }
 
-    fn then() -> Vec<u64> {
+    pub(crate) fn then() -> Vec<u64> {
         [20u64, 41, CHUNK_PAGES + 1, CHUNK_PAGES + 30]
             .iter()
             .map(|p| BASE + p * PAGE)
             .collect()
     }
 
+    /// Every live fragment (gpa, size, read-only, logging) in address order, ids aside.
+    pub(crate) fn layout(f: &Fragments) -> Vec<(u64, u64, bool, bool)> {
+        let mut v: Vec<_> = f
+            .rams
+            .iter()
+            .flat_map(|r| r.chunks.iter().flat_map(|c| c.frags.iter()))
+            .map(|s| (s.gpa(), s.size(), s.readonly(), s.log_dirty()))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Which of `gpas` are protected.
+    pub(crate) fn bits(f: &Fragments, gpas: &[u64]) -> Vec<bool> {
+        gpas.iter().map(|&g| f.is_protected(g)).collect()
+    }
+
+    /// The calls made so far.
+    pub(crate) fn calls(kvm: &FakeKvm) -> usize {
+        kvm.calls.get()
+    }
+
     /// A table with [`first`] tracked and laid out.
-    fn tracked_table(kvm: &FakeKvm, log_dirty: bool) -> (Fragments, Arc<GuestRegionMmap>) {
+    pub(crate) fn tracked_table(
+        kvm: &FakeKvm,
+        log_dirty: bool,
+    ) -> (Fragments, Arc<GuestRegionMmap>) {
         let (mut f, mmap) = table(kvm, 2, log_dirty);
         let chunks = f.mark(first().into_iter(), true);
         f.relayout(kvm, &chunks).expect("no failure injected");

@@ -17,7 +17,7 @@ use vm_memory::{
 
 use crate::dirty::DirtyBits;
 use crate::error::{Error, Result};
-use crate::gate::Gate;
+use crate::gate::{Gate, Pauser};
 use crate::memory::TrackedMemory;
 use crate::ram::{Stale, TrackedRam};
 use crate::relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
@@ -318,47 +318,105 @@ impl Backend {
         } else {
             Vec::new()
         };
-        let mut dirty = frags.mark(gpas(), protect);
-        if dirty.is_empty() {
+        let relaxed_mode = protect && self.relaxed.config.mode == RelaxedMode::Always;
+        let Some(recut) = recut(
+            &mut frags,
+            &self.vm_fd,
+            &self.gate,
+            gpas,
+            protect,
+            |frags| {
+                if !relaxed_mode {
+                    return (Vec::new(), Vec::new());
+                }
+                // Tracked and relaxed at once: the fragment is created writable and logged,
+                // with the shadow taken now, while paused (`relaxed.rs`).
+                self.relaxed.relax_paused(frags, gpas())
+            },
+            |frags, relaxed_now, failed| {
+                // Untracked relaxed frames are plain writable now (or, after a failed re-cut,
+                // strict again): either way no longer relaxed.
+                self.relaxed.forget(&unrelaxed);
+                if failed {
+                    // Frames relaxed above go back to plain tracking with the undo.
+                    let (frames, _) = frags.set_relaxed(relaxed_now.iter().copied(), false);
+                    self.relaxed.forget(&frames);
+                }
+            },
+        ) else {
             return Ok(());
-        }
-        let start = Instant::now();
-        let _paused = self.gate.pause();
-        let mut relaxed_now = Vec::new();
-        if protect && self.relaxed.config.mode == RelaxedMode::Always {
-            // Tracked and relaxed at once: the fragment is created writable and logged, with
-            // the shadow taken now, while paused (`relaxed.rs`).
-            let (frames, chunks) = self.relaxed.relax_paused(&mut frags, gpas());
-            dirty.extend(chunks);
-            dirty.sort_unstable();
-            dirty.dedup();
-            relaxed_now = frames;
-        }
-        let res = frags.relayout(&self.vm_fd, &dirty);
-        // Untracked relaxed frames are plain writable now (or, after a failed re-cut, strict
-        // again below): either way no longer relaxed.
-        self.relaxed.forget(&unrelaxed);
-        if res.is_err() {
-            // Frames relaxed above go back to plain tracking with the undo below.
-            let (frames, _) = frags.set_relaxed(relaxed_now.iter().copied(), false);
-            self.relaxed.forget(&frames);
-            // Restore the previous bits and layout as far as KVM allows. If that fails too,
-            // the first error is the one to report, and what KVM is left with is safe: a
-            // failed re-cut keeps the fragments it could not delete and leaves ranges it
-            // could not create without a slot, where every access exits (stricter than the
-            // counts, never weaker). Counted in `VmStats::restore_errors`.
-            let back = frags.mark(gpas(), !protect);
-            if frags.relayout(&self.vm_fd, &back).is_err() {
-                self.counters.restore_errors.fetch_add(1, Ordering::Relaxed);
-            }
+        };
+        if recut.restore_failed {
+            self.counters.restore_errors.fetch_add(1, Ordering::Relaxed);
         }
         self.counters.pauses.fetch_add(1, Ordering::Relaxed);
         self.counters.pause_ns.fetch_add(
-            u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            u64::try_from(recut.paused_for.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        res
+        recut.res
     }
+}
+
+/// What [`recut`] did.
+#[derive(Debug)]
+struct Recut {
+    /// The re-cut's result (its first error).
+    res: Result<()>,
+    /// The re-cut failed and so did its undo (`VmStats::restore_errors`).
+    restore_failed: bool,
+    /// How long the vCPUs were paused.
+    paused_for: std::time::Duration,
+}
+
+/// The enforcer's memslot change for a tracking change of the frames `gpas()`: marks their
+/// bits, and when a chunk's layout changes, pauses the vCPUs through `pauser` and re-cuts the
+/// chunks through `slots`. `while_paused` runs first under the pause and returns what it did
+/// and more chunks to re-cut; `after(frags, what, failed)` runs after the re-cut. A failed re-cut is undone: the
+/// previous bits and layout are restored as far as KVM allows. If that fails too, the first
+/// error is the one returned, and what KVM is left with is safe: a failed re-cut keeps the
+/// fragments it could not delete and leaves ranges it could not create without a slot,
+/// where every access exits (stricter than the counts, never weaker). `None`: no layout
+/// changed, nothing was paused.
+fn recut<S, P, I, T>(
+    frags: &mut Fragments,
+    slots: &S,
+    pauser: &P,
+    gpas: impl Fn() -> I,
+    protect: bool,
+    while_paused: impl FnOnce(&mut Fragments) -> (T, Vec<(usize, usize)>),
+    after: impl FnOnce(&mut Fragments, T, bool),
+) -> Option<Recut>
+where
+    S: crate::slots::SlotOps + ?Sized,
+    P: Pauser,
+    I: Iterator<Item = u64>,
+{
+    let mut dirty = frags.mark(gpas(), protect);
+    if dirty.is_empty() {
+        return None;
+    }
+    let start = Instant::now();
+    let paused = pauser.pause();
+    let (done, more) = while_paused(frags);
+    if !more.is_empty() {
+        dirty.extend(more);
+        dirty.sort_unstable();
+        dirty.dedup();
+    }
+    let res = frags.relayout(slots, &dirty);
+    after(frags, done, res.is_err());
+    let mut restore_failed = false;
+    if res.is_err() {
+        let back = frags.mark(gpas(), !protect);
+        restore_failed = frags.relayout(slots, &back).is_err();
+    }
+    drop(paused);
+    Some(Recut {
+        res,
+        restore_failed,
+        paused_for: start.elapsed(),
+    })
 }
 
 impl Enforcement for Backend {
@@ -1164,5 +1222,183 @@ impl Vm {
     /// True if `frame` runs relaxed now.
     pub fn is_relaxed(&self, frame: Gfn) -> bool {
         self.inner.backend.frags().is_relaxed(frame.gpa().0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The enforcer's re-cut ([`recut`]) against the fake KVM of `slots.rs` and a pauser that
+    //! records its pauses: no `/dev/kvm` needed.
+
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::slots::seam::{
+        FakeKvm, agree, bits, calls, check, first, layout, then, tracked_table,
+    };
+
+    /// Pauses by setting a flag the fake KVM checks at every call.
+    #[derive(Debug, Default)]
+    struct FlagPauser {
+        paused: Rc<Cell<bool>>,
+        pauses: Cell<usize>,
+    }
+
+    #[derive(Debug)]
+    struct Flag<'a>(&'a Cell<bool>);
+
+    impl Drop for Flag<'_> {
+        fn drop(&mut self) {
+            self.0.set(false);
+        }
+    }
+
+    impl Pauser for FlagPauser {
+        type Paused<'a> = Flag<'a>;
+
+        fn pause(&self) -> Flag<'_> {
+            assert!(!self.paused.get(), "paused twice");
+            self.paused.set(true);
+            self.pauses.set(self.pauses.get() + 1);
+            Flag(&self.paused)
+        }
+    }
+
+    /// A fake KVM whose calls must all come while `pauser` holds the vCPUs.
+    fn paused_kvm(pauser: &FlagPauser) -> FakeKvm {
+        FakeKvm::checking(Rc::clone(&pauser.paused))
+    }
+
+    /// [`recut`] for `gpas` with nothing done while paused; returns it and whether `after`
+    /// saw a failure.
+    fn run(
+        f: &mut Fragments,
+        kvm: &FakeKvm,
+        pauser: &FlagPauser,
+        gpas: &[u64],
+        protect: bool,
+    ) -> (Option<Recut>, Option<bool>) {
+        let seen = Cell::new(None);
+        let r = recut(
+            f,
+            kvm,
+            pauser,
+            || gpas.iter().copied(),
+            protect,
+            |_| ((), Vec::new()),
+            |_, (), failed| seen.set(Some(failed)),
+        );
+        (r, seen.get())
+    }
+
+    /// Lays the table out while "paused" (the fake checks the flag from the first call).
+    fn setup(pauser: &FlagPauser) -> (FakeKvm, Fragments, Arc<GuestRegionMmap>) {
+        let kvm = paused_kvm(pauser);
+        pauser.paused.set(true);
+        let (f, mmap) = tracked_table(&kvm, false);
+        pauser.paused.set(false);
+        (kvm, f, mmap)
+    }
+
+    #[test]
+    fn recut_pauses_once_and_makes_every_ioctl_while_paused() {
+        let pauser = FlagPauser::default();
+        let (kvm, mut f, _mmap) = setup(&pauser);
+        let before = calls(&kvm);
+        let (r, after) = run(&mut f, &kvm, &pauser, &then(), true);
+        let r = r.expect("the layout changes");
+        assert!(r.res.is_ok() && !r.restore_failed);
+        assert_eq!(after, Some(false));
+        assert_eq!(pauser.pauses.get(), 1);
+        assert!(!pauser.paused.get(), "the pause outlived the re-cut");
+        assert!(calls(&kvm) > before);
+        check(&kvm, &f);
+    }
+
+    #[test]
+    fn recut_of_frames_outside_ram_neither_pauses_nor_calls_kvm() {
+        let pauser = FlagPauser::default();
+        let (kvm, mut f, _mmap) = setup(&pauser);
+        let before = calls(&kvm);
+        let (r, after) = run(&mut f, &kvm, &pauser, &[0x1000, 1 << 40], true);
+        assert!(r.is_none());
+        assert_eq!(after, None);
+        assert_eq!(pauser.pauses.get(), 0);
+        assert_eq!(calls(&kvm), before);
+    }
+
+    #[test]
+    fn recut_whose_chunks_keep_their_layout_pauses_but_calls_no_ioctl() {
+        let pauser = FlagPauser::default();
+        let (kvm, mut f, _mmap) = setup(&pauser);
+        let before = calls(&kvm);
+        // Already protected: the chunk is looked at under the pause, and left as it is.
+        let (r, after) = run(&mut f, &kvm, &pauser, &first(), true);
+        assert!(r.expect("a chunk was marked").res.is_ok());
+        assert_eq!(after, Some(false));
+        assert_eq!(pauser.pauses.get(), 1);
+        assert_eq!(calls(&kvm), before);
+    }
+
+    #[test]
+    fn a_recut_failing_at_any_ioctl_is_undone_to_the_previous_bits_and_layout() {
+        let pauser = FlagPauser::default();
+        let probe = {
+            let (kvm, mut f, _mmap) = setup(&pauser);
+            let before = calls(&kvm);
+            run(&mut f, &kvm, &pauser, &then(), true);
+            calls(&kvm) - before
+        };
+        for protect in [true, false] {
+            for n in 0..probe {
+                let pauser = FlagPauser::default();
+                let (kvm, mut f, _mmap) = setup(&pauser);
+                if !protect {
+                    // Untracking `then` fails instead: track it first.
+                    let (r, _) = run(&mut f, &kvm, &pauser, &then(), true);
+                    assert!(r.expect("changed").res.is_ok());
+                }
+                let (was_layout, was_bits) = (layout(&f), bits(&f, &then()));
+                kvm.fail_in(n);
+                let (r, after) = run(&mut f, &kvm, &pauser, &then(), protect);
+                kvm.heal();
+                let r = r.expect("the layout changes");
+                if r.res.is_ok() {
+                    // Fewer calls than the probe (untracking): the failure was never reached.
+                    assert!(!protect, "call {n} failed silently");
+                    continue;
+                }
+                assert!(!r.restore_failed, "the undo failed with KVM healed");
+                assert_eq!(after, Some(true));
+                assert_eq!(bits(&f, &then()), was_bits, "the bits were not restored");
+                assert_eq!(layout(&f), was_layout, "the layout was not restored");
+                check(&kvm, &f);
+            }
+        }
+    }
+
+    #[test]
+    fn a_recut_whose_undo_fails_too_reports_it_and_stays_never_weaker() {
+        let mut reported = 0;
+        for n in 0..6 {
+            let pauser = FlagPauser::default();
+            let (kvm, mut f, _mmap) = setup(&pauser);
+            // Every call from the n-th on fails: the re-cut and its undo both.
+            for i in 0..64 {
+                kvm.fail_in(n + i);
+            }
+            let (r, _) = run(&mut f, &kvm, &pauser, &then(), true);
+            kvm.heal();
+            let r = r.expect("the layout changes");
+            assert!(r.res.is_err());
+            agree(&kvm, &f);
+            // The previous bits are back whatever KVM did, and no protected page is writable.
+            assert_eq!(bits(&f, &then()), vec![false; then().len()]);
+            check(&kvm, &f);
+            reported += usize::from(r.restore_failed);
+        }
+        // A failure at the very first call leaves nothing to undo; the later ones do.
+        assert!(reported >= 5, "failed undos went unreported: {reported}");
     }
 }
