@@ -1,9 +1,81 @@
 //! # pagetrack-kvm: exact guest write tracking on real KVM
 //!
-//! Work in progress; see the crate README and `docs/DESIGN-kvm.md`.
+//! Every guest store to a tracked 4 KiB frame, and every device write through
+//! [`TrackedMemory`], reaches the notifiers of the core tracker ([`pagetrack`]) as one
+//! [`WriteEvent`](pagetrack::WriteEvent) with its old and new bytes and who wrote, while
+//! untracked frames run at full speed. Tracked frames sit in read-only KVM memslots, so a
+//! store to them exits to userspace, where pagetrack completes it (`docs/DESIGN-kvm.md`).
 //!
 //! Two ways in: the ready-made façade ([`Vm::new`], [`Vm::add_ram`], [`Vm::create_vcpu`],
-//! [`Vcpu::run`]), or embedded in a VMM that keeps its own KVM set-up (below).
+//! [`Vcpu::run`]), walked through below, or embedded in a VMM that keeps its own KVM set-up
+//! ("Embedding: the contract").
+//!
+//! ## Walk-through: the façade
+//!
+//! `pagetrack-vmm/examples/watch.rs` is this walk-through as a complete program (a test runs
+//! it: `cargo run --release -p pagetrack-vmm --example watch`).
+//!
+//! 1. **Create the VM** ([`Vm::new`] opens `/dev/kvm`; [`HostCaps`] says what the host offers)
+//!    and give it RAM ([`Vm::add_ram`]: anonymous memory at a guest-physical address).
+//! 2. **Load the guest** through [`Vm::untracked_memory`] (nothing is tracked yet) and set up a
+//!    vCPU ([`Vm::create_vcpu`]; [`Vcpu::fd`] is kvm-ioctls' `VcpuFd` for registers).
+//! 3. **Register a notifier** on the consumer view [`Vm::tracker`] and **track frames**
+//!    (`add_gfn`): from now on the guest's stores to them exit and are reported.
+//! 4. **Run** ([`Vcpu::run`]): trapped stores are completed and reported inside it; port I/O,
+//!    MMIO and other exits come back as an [`Exit`] (or go to an [`IoHandler`]).
+//! 5. **Write as a device** through [`Vm::memory`] (vm-memory's `Bytes`): tracked frames get
+//!    an event with [`Source::Device`](pagetrack::Source::Device).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use pagetrack::{Gfn, NotifierClass, TrackNotifier, WriteEvent};
+//! use pagetrack_kvm::{Exit, Vm, VmConfig};
+//! use vm_memory::{Bytes, GuestAddress};
+//!
+//! struct Print;
+//! impl TrackNotifier for Print {
+//!     fn track_write(&self, e: &WriteEvent<'_>) {
+//!         println!("{} wrote {:02x?} at {:#x} (was {:02x?})", e.source, e.new, e.gpa.0, e.old);
+//!     }
+//! }
+//!
+//! // 1. The VM and 16 MiB of RAM at 0.
+//! let vm = Vm::new(VmConfig::default().with_ram(16 << 20))?;
+//! vm.add_ram(0, 16 << 20)?;
+//! // 2. The guest, loaded before anything is tracked (here: `hlt`), and its vCPU.
+//! vm.untracked_memory().write_slice(&[0xf4], GuestAddress(0x1000))?;
+//! let mut vcpu = vm.create_vcpu(0)?;
+//! // ... set the vCPU's registers through `vcpu.fd()` (pagetrack-vmm's x86 module does) ...
+//! // 3. A notifier, and frame 0x5 tracked.
+//! let _handle = vm.tracker().register(Arc::new(Print), NotifierClass::Ordinary)?;
+//! vm.tracker().add_gfn(Gfn(0x5))?;
+//! // 4. Run until an exit pagetrack does not handle itself.
+//! let exit: Exit = vcpu.run()?;
+//! println!("{exit:?}");
+//! // 5. A device (DMA) write into the tracked frame: reported too.
+//! vm.memory().write_slice(&[0xde, 0xad], GuestAddress(0x5100))?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## How it is built
+//!
+//! Three parts, and the façade ([`Vm`], [`Vcpu`]) on top of them:
+//!
+//! - **The enforcer** (`vm.rs` `Backend`, `slots.rs`): implements
+//!   [`pagetrack::Enforcement`] and owns the fragment table (which KVM memslot covers which
+//!   frames, read-only or writable). It reaches KVM only through a small slot-operations
+//!   seam (create and delete a memslot, take its dirty log) and pauses vCPUs through a
+//!   pauser whose built-in implementation is the gate (`gate.rs`); its re-cut and undo are
+//!   unit-tested against a fake KVM that fails any chosen ioctl.
+//! - **TrackedRam** (`ram.rs`): guest memory, the frame locks, page-table coherence and the
+//!   dirty log of the stores pagetrack applies. Its commit is the only code that writes guest
+//!   memory: it takes the planned writes (address, old bytes, new bytes), stores them,
+//!   reports them to the core and returns the frames whose translations went stale, which the
+//!   caller has the enforcer invalidate. Trapped stores, `rep` elements, re-executed locked
+//!   read-modify-writes, emulated stores and device writes ([`TrackedMemory`]) all end there.
+//! - **The exit handler** ([`ExitHandler`]): what a VMM's own run loop calls; it completes
+//!   trapped stores (planning them with `pagetrack-x86`, committing through TrackedRam) and
+//!   hands every other exit back ([`Ran::Exit`]). [`Vcpu::run`] is the façade's loop around it.
 //!
 //! Either way the [`Vm`] owns the core tracker: it changes its memslots (as it registers
 //! RAM with KVM) and reports the writes it applies. Consumers get the
