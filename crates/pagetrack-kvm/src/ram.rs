@@ -292,10 +292,16 @@ impl TrackedRam {
         {
             return Err(CommitError::NotRam { gpa: w.gpa });
         }
-        let pts: Vec<PtEntries> = writes
-            .iter()
-            .map(|w| self.page_table_entries(mem, w.gpa, w.new.len()))
-            .collect();
+        // Acquire: pairs with the Release in mark_page_tables and mark_page_table_tree. Without
+        // marked frames nothing is read (and nothing allocated: the trapped-store path).
+        let pts: Vec<PtEntries> = if self.pt_marked.load(Ordering::Acquire) {
+            writes
+                .iter()
+                .map(|w| self.page_table_entries(mem, w.gpa, w.new.len()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         for (i, w) in writes.iter().enumerate() {
             if let Err(e) = store(mem, w) {
                 // Ranges are RAM, so only a caller's first (and only) store can fail.
