@@ -55,6 +55,15 @@ pub enum Error {
         #[source]
         source: vmm_sys_util::errno::Error,
     },
+    /// [`crate::KickSignal::Vmm`] names a signal without a handler.
+    #[error(
+        "the VMM's kick signal {signal} has no handler installed \
+         (its default action would end the process; an ignored signal does not interrupt KVM_RUN)"
+    )]
+    KickSignalUnhandled {
+        /// The signal number.
+        signal: i32,
+    },
     /// A guest RAM range is invalid (unaligned, empty, overlapping, out of slots).
     #[error("invalid RAM region at {gpa:#x} (+{size:#x}): {reason}")]
     InvalidRam {

@@ -26,7 +26,9 @@
 //!    the KVM memslot ids pagetrack may use ([`VmConfig::with_kvm_slots`]; its fragments never
 //!    use another id, so the VMM's own memslots keep theirs). pagetrack installs its MSR
 //!    filter on the VM (`pvmsr.rs`) and, once per process, a no-op handler for its kick
-//!    signal (`SIGRTMIN + 5`). When the [`Vm`] and its clones are gone, pagetrack's memslots
+//!    signal (`SIGRTMIN + 5`), unless the VMM hands it its own kick signal
+//!    ([`VmConfig::with_kick_signal`] with [`KickSignal::Vmm`]: pagetrack then installs
+//!    nothing and sends that). When the [`Vm`] and its clones are gone, pagetrack's memslots
 //!    are deleted and the VM is left to the VMM.
 //! 2. **Memory**: the VMM maps its guest memory (memfd, hugetlbfs, a snapshot file) as
 //!    `vm_memory::GuestRegionMmap`s and registers each with [`Vm::add_region`] (pagetrack
@@ -95,7 +97,8 @@
 //! Tracking a frame re-cuts KVM memslots with every vCPU outside `KVM_RUN`. vCPUs are kicked
 //! out by KVM's documented protocol: `kvm_run.immediate_exit` is set, then the thread gets a
 //! real-time signal (`SIGRTMIN + 5`, with a no-op handler pagetrack installs once per
-//! process). One kick per vCPU suffices; nothing polls.
+//! process, or the signal [`VmConfig::kick`] names). One kick per vCPU suffices; nothing
+//! polls.
 //!
 //! ## Page-table updates
 //!
@@ -146,4 +149,4 @@ pub use relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
 pub use slots::FragmentStats;
 pub use update::PageTableUpdate;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
-pub use vm::{HostCaps, KvmSlotIds, Vm, VmConfig, VmStats};
+pub use vm::{HostCaps, KickSignal, KvmSlotIds, Vm, VmConfig, VmStats};

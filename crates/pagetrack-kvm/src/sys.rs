@@ -162,6 +162,9 @@ impl Drop for KvmSlot {
 pub(crate) struct VcpuKick {
     thread: libc::pthread_t,
     immediate_exit: std::ptr::NonNull<u8>,
+    /// The kick signal (`VmConfig::kick`), checked when the VM was set up: a real-time
+    /// signal with a handler installed (pagetrack's no-op one, or the VMM's own).
+    signal: libc::c_int,
 }
 
 // SAFETY: a VcpuKick is only created by the vCPU thread in `ExitHandler::run` for one pass
@@ -173,8 +176,9 @@ pub(crate) struct VcpuKick {
 unsafe impl Send for VcpuKick {}
 
 impl VcpuKick {
-    /// The kick handle of the calling thread, which is about to run `fd`.
-    pub(crate) fn current(fd: &mut VcpuFd) -> VcpuKick {
+    /// The kick handle of the calling thread, which is about to run `fd`; kicks send
+    /// `signal`.
+    pub(crate) fn current(fd: &mut VcpuFd, signal: libc::c_int) -> VcpuKick {
         // A pointer (not a reference) kept past this borrow: see `unsafe impl Send` for why it
         // stays valid while the kick handle exists.
         let immediate_exit = std::ptr::NonNull::from(&mut fd.get_kvm_run().immediate_exit);
@@ -183,6 +187,7 @@ impl VcpuKick {
         VcpuKick {
             thread,
             immediate_exit,
+            signal,
         }
     }
 
@@ -206,9 +211,10 @@ impl crate::gate::Kick for VcpuKick {
         // SeqCst: the store is visible before the signal is sent; the kernel reads the field
         // on entry to KVM_RUN and the signal covers a KVM_RUN already past that check.
         self.flag().store(1, std::sync::atomic::Ordering::SeqCst);
-        // SAFETY: the thread is alive (see `unsafe impl Send`); the signal has a no-op handler
-        // installed by `install_kick_handler`, so delivery only interrupts KVM_RUN with EINTR.
-        let rc = unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+        // SAFETY: the thread is alive (see `unsafe impl Send`); the signal has a handler (the
+        // no-op one `install_kick_handler` installed, or the VMM's, checked by
+        // `has_handler`), so delivery only interrupts KVM_RUN with EINTR.
+        let rc = unsafe { libc::pthread_kill(self.thread, self.signal) };
         // ESRCH/EINVAL are impossible: a live thread and a valid real-time signal.
         debug_assert_eq!(rc, 0, "pthread_kill of a live vCPU thread");
     }
@@ -219,20 +225,42 @@ impl crate::gate::Kick for VcpuKick {
     }
 }
 
-/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
-pub(crate) fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN() + 5
+/// The first real-time signal (glibc's `SIGRTMIN`, which reserves the kernel's first ones).
+pub(crate) fn sigrtmin() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// The last real-time signal.
+pub(crate) fn sigrtmax() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMAX()
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Installs the no-op kick handler once per process.
-pub(crate) fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
-    static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
-    let res: &Result<(), i32> = ONCE.get_or_init(|| {
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
-    });
-    res.map_err(vmm_sys_util::errno::Error::new)
+/// Installs the no-op kick handler on real-time signal `signal`, once per process and
+/// signal (a failed installation is retried by the next VM).
+pub(crate) fn install_kick_handler(signal: libc::c_int) -> Result<(), vmm_sys_util::errno::Error> {
+    static DONE: std::sync::Mutex<Vec<libc::c_int>> = std::sync::Mutex::new(Vec::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if done.contains(&signal) {
+        return Ok(());
+    }
+    vmm_sys_util::signal::register_signal_handler(signal, on_kick)?;
+    done.push(signal);
+    Ok(())
+}
+
+/// True if `signal` has a handler installed: neither the default action (which ends the
+/// process for a real-time signal) nor "ignore" (which does not interrupt `KVM_RUN`).
+pub(crate) fn has_handler(signal: libc::c_int) -> Result<bool, vmm_sys_util::errno::Error> {
+    // SAFETY: all-zero is a valid `sigaction` (no handler, empty mask), only written below.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only queries; `old` is a valid, writable sigaction.
+    let rc = unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) };
+    if rc != 0 {
+        return Err(vmm_sys_util::errno::Error::last());
+    }
+    Ok(old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN)
 }
 
 /// The `suberror` of the last `KVM_EXIT_INTERNAL_ERROR`.

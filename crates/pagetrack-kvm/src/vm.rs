@@ -53,6 +53,74 @@ pub struct VmConfig {
     pub kvm_slots: Option<KvmSlotIds>,
     /// Relaxed mode (`docs/RELAXED.md`): off by default.
     pub relaxed: RelaxedConfig,
+    /// The signal that kicks vCPU threads out of `KVM_RUN` (with `immediate_exit`).
+    pub kick: KickSignal,
+}
+
+/// The signal pagetrack sends a vCPU thread to kick it out of `KVM_RUN`, after setting
+/// `kvm_run.immediate_exit` (KVM's documented protocol; see "Pausing vCPUs" in the crate
+/// docs). The vCPU threads must not block it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KickSignal {
+    /// `SIGRTMIN + offset`, with a no-op handler pagetrack installs once per process (the
+    /// default: offset 5). A VM refuses an offset past `SIGRTMAX`.
+    Own {
+        /// Offset from `SIGRTMIN`.
+        offset: i32,
+    },
+    /// The VMM's own vCPU kick signal, whose handler the VMM installed: pagetrack only sends
+    /// it (as Firecracker and Cloud Hypervisor send theirs) and installs nothing, so a VMM
+    /// with one kick signal keeps one. A VM refuses a signal without a handler (a real-time
+    /// signal's default action ends the process; an ignored signal does not interrupt
+    /// `KVM_RUN`), or one outside `SIGRTMIN..=SIGRTMAX`. The VMM's handler runs on pagetrack's
+    /// kicks too and must return (a no-op, or setting a flag its loop checks).
+    Vmm {
+        /// The signal number.
+        signal: i32,
+    },
+}
+
+impl Default for KickSignal {
+    fn default() -> KickSignal {
+        KickSignal::Own { offset: 5 }
+    }
+}
+
+impl KickSignal {
+    /// Checks the signal and installs pagetrack's handler if it is [`KickSignal::Own`];
+    /// returns the signal number.
+    fn prepare(self) -> Result<i32> {
+        let (rtmin, rtmax) = (crate::sys::sigrtmin(), crate::sys::sigrtmax());
+        match self {
+            KickSignal::Own { offset } => {
+                let signal = rtmin
+                    .checked_add(offset)
+                    .filter(|s| (rtmin..=rtmax).contains(s));
+                let Some(signal) = signal else {
+                    return Err(Error::InvalidConfig {
+                        reason: "the kick signal offset is negative or past SIGRTMAX",
+                    });
+                };
+                crate::sys::install_kick_handler(signal)
+                    .map_err(|source| Error::KickSignal { source })?;
+                Ok(signal)
+            }
+            KickSignal::Vmm { signal } => {
+                if !(rtmin..=rtmax).contains(&signal) {
+                    return Err(Error::InvalidConfig {
+                        reason: "the VMM's kick signal is not a real-time signal \
+                                 (SIGRTMIN..=SIGRTMAX)",
+                    });
+                }
+                match crate::sys::has_handler(signal) {
+                    Ok(true) => Ok(signal),
+                    Ok(false) => Err(Error::KickSignalUnhandled { signal }),
+                    Err(source) => Err(Error::KickSignal { source }),
+                }
+            }
+        }
+    }
 }
 
 /// A range of KVM memslot ids a VMM leaves to pagetrack ([`VmConfig::with_kvm_slots`]).
@@ -75,6 +143,7 @@ impl Default for VmConfig {
             dirty_log: false,
             kvm_slots: None,
             relaxed: RelaxedConfig::default(),
+            kick: KickSignal::default(),
         }
     }
 }
@@ -137,6 +206,12 @@ impl VmConfig {
     /// [`VmConfig::relaxed`]).
     pub fn with_relaxed(mut self, relaxed: RelaxedConfig) -> VmConfig {
         self.relaxed = relaxed;
+        self
+    }
+
+    /// The same configuration with `kick` as the vCPU kick signal (see [`KickSignal`]).
+    pub fn with_kick_signal(mut self, kick: KickSignal) -> VmConfig {
+        self.kick = kick;
         self
     }
 
@@ -420,6 +495,8 @@ pub(crate) struct VmInner {
     vcpus: Mutex<Vec<u32>>,
     pub(crate) caps: HostCaps,
     config: VmConfig,
+    /// The signal number of [`VmConfig::kick`], checked (and its handler installed).
+    pub(crate) kick_signal: i32,
     pub(crate) frame_locks: crate::store::FrameLocks,
     /// Frames marked as guest page tables, with their paging level where known (4 = PML4,
     /// ..., 1 = page table; 0 = unknown, as marked by [`Vm::mark_page_tables`]).
@@ -672,7 +749,7 @@ impl Vm {
     fn assemble(kvm: Kvm, vm_fd: Arc<VmFd>, caps: HostCaps, config: VmConfig) -> Result<Vm> {
         // Everything is checked before anything is done to the VM (a VMM's VM included).
         config.check(&caps)?;
-        crate::sys::install_kick_handler().map_err(|source| Error::KickSignal { source })?;
+        let kick_signal = config.kick.prepare()?;
         let zap_all = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
         if config.disable_slot_zap_all && caps.disable_quirks2 & zap_all != 0 {
             let mut cap = kvm_enable_cap {
@@ -729,6 +806,7 @@ impl Vm {
                 vcpus: Mutex::new(Vec::new()),
                 caps,
                 config,
+                kick_signal,
                 frame_locks: crate::store::FrameLocks::default(),
                 pt_frames: std::sync::RwLock::default(),
                 pt_marked: std::sync::atomic::AtomicBool::new(false),
