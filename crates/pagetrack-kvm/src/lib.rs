@@ -120,6 +120,7 @@
 compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
 
 mod atomic;
+mod checkpoint;
 mod dirty;
 mod error;
 mod gate;
@@ -135,6 +136,7 @@ mod update;
 mod vcpu;
 mod vm;
 
+pub use checkpoint::{CheckpointReport, RestoreReport};
 pub use error::{Error, InstructionBytes, Result, StopReason};
 pub use handler::{ExitHandler, Handled, Ran, Tracked};
 pub use memory::TrackedMemory;

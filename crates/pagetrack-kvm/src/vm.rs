@@ -401,11 +401,11 @@ impl Drop for Backend {
 }
 
 #[derive(Debug, Clone)]
-struct RamInfo {
-    slot: SlotId,
-    gpa: u64,
-    size: u64,
-    dirty: Option<Arc<DirtyBits>>,
+pub(crate) struct RamInfo {
+    pub(crate) slot: SlotId,
+    pub(crate) gpa: u64,
+    pub(crate) size: u64,
+    pub(crate) dirty: Option<Arc<DirtyBits>>,
 }
 
 #[derive(Debug)]
@@ -429,6 +429,8 @@ pub(crate) struct VmInner {
     stall_monitor: std::sync::Once,
     /// Dirty logs of the RAM regions, when [`VmConfig::dirty_log`] is on.
     dirty: std::sync::RwLock<Vec<Arc<DirtyBits>>>,
+    /// The checkpoint ([`Vm::checkpoint`], `checkpoint.rs`).
+    pub(crate) checkpoint: Mutex<Option<crate::checkpoint::Image>>,
 }
 
 /// How often the stall monitor looks at the vCPUs: a vCPU inside one `KVM_RUN` for two
@@ -456,6 +458,16 @@ use crate::walk::pte;
 pub(crate) struct PtEntries(Vec<(u64, u64)>);
 
 impl VmInner {
+    /// The RAM regions, locked (no region is added or removed until the guard drops).
+    pub(crate) fn rams(&self) -> MutexGuard<'_, Vec<RamInfo>> {
+        self.rams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True if the VM logs dirty pages ([`VmConfig::dirty_log`]).
+    pub(crate) fn dirty_log(&self) -> bool {
+        self.config.dirty_log
+    }
+
     /// Records a store pagetrack applied to guest RAM in userspace (KVM's log never sees it).
     pub(crate) fn mark_dirty(&self, gpa: u64, len: usize) {
         if !self.config.dirty_log {
@@ -735,6 +747,7 @@ impl Vm {
                 xsave_layout: std::sync::OnceLock::new(),
                 stall_monitor: std::sync::Once::new(),
                 dirty: std::sync::RwLock::default(),
+                checkpoint: Mutex::new(None),
             }),
         };
         vm.inner.backend.relaxed.set_vm(Arc::downgrade(&vm.inner));
