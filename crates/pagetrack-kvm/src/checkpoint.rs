@@ -20,14 +20,14 @@
 //!
 //! A restore is a write by the VMM, applied through the one tracked write path
 //! (`memory::apply_write`): frame locks, old bytes, relaxed shadows settled, page-table
-//! coherence, the VMM's dirty log, and an exact event with [`Source::Device`] for tracked
+//! coherence, the VMM's dirty log, and an exact event with [`pagetrack::Source::Device`] for tracked
 //! frames. On shadow-paging hosts KVM may shadow any restored page as a guest page table
 //! and does not see userspace writes, so the fragments of restored frames are re-created
 //! ([`crate::Vm::invalidate_translations`]'s mechanism), whatever the frames hold.
 
 use std::sync::Arc;
 
-use pagetrack::{AsId, Gfn, SlotId, Source};
+use pagetrack::{AsId, Gfn, SlotId};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use crate::dirty::DirtyBits;
@@ -68,7 +68,8 @@ pub struct CheckpointReport {
 pub struct RestoreReport {
     /// Pages the dirty log said were written since the checkpoint (or the last restore).
     pub dirty_pages: u64,
-    /// Pages among them whose bytes differed from the image and were written back.
+    /// Pages among them written back: every untracked one (whole, without comparing
+    /// first), and the tracked ones whose bytes differed from the image.
     pub restored_pages: u64,
     /// Bytes written back (whole pages for untracked frames; the changed 8-byte words for
     /// tracked ones, one event per run of them).
@@ -128,7 +129,7 @@ impl Vm {
     /// - Relaxed frames are synced first, so their coalesced events come before the
     ///   restore's, and their shadows take the restored bytes.
     /// - Each restored run of bytes in a tracked frame is an exact event with its old bytes
-    ///   and [`Source::Device`] (a restore is the VMM writing guest memory, as a device
+    ///   and [`pagetrack::Source::Device`] (a restore is the VMM writing guest memory, as a device
     ///   write through [`Vm::memory`] is); untracked pages are written whole.
     /// - Frames marked as page tables ([`Vm::mark_page_tables`]) are checked as for any
     ///   store pagetrack applies, and on shadow-paging hosts the fragments of all restored
@@ -278,6 +279,10 @@ fn restore(vm: &VmInner) -> Result<RestoreReport> {
     let mut report = RestoreReport::default();
     let mut restored: Vec<u64> = Vec::new();
     let mut now = [0u8; PAGE_BYTES];
+    // The restore's own writes mark only the VMM's log (the bytes are the checkpoint's). A
+    // device write racing the restore marks both: if it lands before the restore's write of
+    // its page, that page is looked at again by the next restore (and found equal); if
+    // after, it is restored then.
     for img in &image.regions {
         let dirty = img.log.take_since_checkpoint();
         for page in pages(&dirty) {
@@ -285,38 +290,27 @@ fn restore(vm: &VmInner) -> Result<RestoreReport> {
             let gpa = img.gpa + page * PAGE;
             let off = usize::try_from(page * PAGE).expect("inside the image");
             let want = &img.bytes[off..off + PAGE_BYTES];
+            if !vm.tracker.is_write_tracked(AsId::NORMAL, Gfn(gpa / PAGE)) {
+                // No event to build: the whole page, without comparing first.
+                write(vm, gpa, want);
+                report.restored_pages += 1;
+                report.restored_bytes += PAGE;
+                restored.push(gpa);
+                continue;
+            }
             vm.mem
                 .memory()
                 .read_slice(&mut now, GuestAddress(gpa))
                 .expect("the region is RAM: the regions are locked");
-            if now[..] == *want {
+            let runs = changed_runs(&now, want);
+            if runs.is_empty() {
                 continue;
             }
             report.restored_pages += 1;
             restored.push(gpa);
-            if vm.tracker.is_write_tracked(AsId::NORMAL, Gfn(gpa / PAGE)) {
-                for (a, b) in changed_runs(&now, want) {
-                    write(vm, gpa + a as u64, &want[a..b]);
-                    report.restored_bytes += (b - a) as u64;
-                }
-            } else {
-                write(vm, gpa, want);
-                report.restored_bytes += PAGE;
-            }
-        }
-    }
-    // The writes above marked their pages in the checkpoint's log too. Clear it, then put
-    // back every page that still differs from the image (one a device wrote meanwhile): a
-    // write whose mark lands after the clear keeps its page; one before it is seen here.
-    for img in &image.regions {
-        let dirty = img.log.take_since_checkpoint();
-        let mem = vm.mem.memory();
-        for page in pages(&dirty) {
-            let off = usize::try_from(page * PAGE).expect("inside the image");
-            mem.read_slice(&mut now, GuestAddress(img.gpa + page * PAGE))
-                .expect("the region is RAM: the regions are locked");
-            if now[..] != img.bytes[off..off + PAGE_BYTES] {
-                img.log.set_since_checkpoint(page);
+            for (a, b) in runs {
+                write(vm, gpa + a as u64, &want[a..b]);
+                report.restored_bytes += (b - a) as u64;
             }
         }
     }
@@ -328,7 +322,7 @@ fn restore(vm: &VmInner) -> Result<RestoreReport> {
 
 /// Writes `data` at `gpa` through the tracked write path, as a device write.
 fn write(vm: &VmInner, gpa: u64, data: &[u8]) {
-    let ram = crate::memory::apply_write(vm, gpa, data, Source::Device);
+    let ram = crate::memory::apply_restore(vm, gpa, data);
     assert!(ram, "the region is RAM: the regions are locked");
 }
 

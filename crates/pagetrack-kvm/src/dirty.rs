@@ -48,19 +48,17 @@ impl DirtyBits {
     }
 
     fn set(&self, page: u64) {
+        self.set_for(page, true);
+    }
+
+    /// Sets `page` in the VMM's log, and in the checkpoint's if `since_checkpoint`.
+    fn set_for(&self, page: u64, since_checkpoint: bool) {
         let w = usize::try_from(page / 64).expect("page inside the region");
         // Relaxed: `take` swaps whole words, and a bit set after that swap is simply seen by
         // the next `take`; the write it records happened before the set on this thread.
         self.words[w].fetch_or(1 << (page % 64), Ordering::Relaxed);
-        // Relaxed: as above, with `take_since_checkpoint`.
-        self.since_checkpoint[w].fetch_or(1 << (page % 64), Ordering::Relaxed);
-    }
-
-    /// Sets page `page` (of the region) again in the checkpoint's bits only.
-    pub(crate) fn set_since_checkpoint(&self, page: u64) {
-        if page < self.pages {
-            let w = usize::try_from(page / 64).expect("page inside the region");
-            // Relaxed: as in `set`.
+        if since_checkpoint {
+            // Relaxed: as above, with `take_since_checkpoint`.
             self.since_checkpoint[w].fetch_or(1 << (page % 64), Ordering::Relaxed);
         }
     }
@@ -76,14 +74,21 @@ impl DirtyBits {
     }
 
     /// Marks the pages of `[gpa, gpa + len)` that lie in the region.
+    #[cfg(test)]
     pub(crate) fn mark(&self, gpa: u64, len: u64) {
+        self.mark_for(gpa, len, true);
+    }
+
+    /// Marks the pages of `[gpa, gpa + len)` that lie in the region, in the VMM's log, and
+    /// in the checkpoint's if `since_checkpoint`.
+    pub(crate) fn mark_for(&self, gpa: u64, len: u64, since_checkpoint: bool) {
         if !self.overlaps(gpa, len) {
             return;
         }
         let first = gpa.max(self.gpa);
         let last = (gpa + len - 1).min(self.gpa + self.pages * PAGE - 1);
         for page in (first - self.gpa) / PAGE..=(last - self.gpa) / PAGE {
-            self.set(page);
+            self.set_for(page, since_checkpoint);
         }
     }
 
@@ -140,12 +145,11 @@ mod tests {
     }
 
     #[test]
-    fn set_since_checkpoint_leaves_the_vmms_log_alone() {
+    fn mark_for_the_vmm_only_leaves_the_checkpoints_log_alone() {
         let d = DirtyBits::new(0, 64 * PAGE);
-        d.set_since_checkpoint(5);
-        d.set_since_checkpoint(64); // past the end: ignored
-        assert_eq!(d.take(), vec![0]);
-        assert_eq!(d.take_since_checkpoint(), vec![1 << 5]);
+        d.mark_for(5 * PAGE, 8, false);
+        assert_eq!(d.take_since_checkpoint(), vec![0]);
+        assert_eq!(d.take(), vec![1 << 5]);
     }
 
     #[test]

@@ -470,12 +470,18 @@ impl VmInner {
 
     /// Records a store pagetrack applied to guest RAM in userspace (KVM's log never sees it).
     pub(crate) fn mark_dirty(&self, gpa: u64, len: usize) {
+        self.mark_dirty_logs(gpa, len, true);
+    }
+
+    /// [`VmInner::mark_dirty`], in the checkpoint's log too only if `since_checkpoint` (a
+    /// restore's own writes put the checkpoint's bytes back: `checkpoint.rs`).
+    pub(crate) fn mark_dirty_logs(&self, gpa: u64, len: usize, since_checkpoint: bool) {
         if !self.config.dirty_log {
             return;
         }
         let logs = self.dirty.read().unwrap_or_else(|e| e.into_inner());
         for log in logs.iter() {
-            log.mark(gpa, len as u64);
+            log.mark_for(gpa, len as u64, since_checkpoint);
         }
     }
 
