@@ -341,3 +341,56 @@ fn a_restored_untracked_page_table_is_translated_again() {
 fn a_restored_tracked_page_table_is_translated_again() {
     restored_page_table_is_translated(true);
 }
+
+/// A notifier that, on the restore's event for its tracked frame, writes an untracked page
+/// through the tracked memory: a device write during the restore.
+struct WritesDuringRestore(std::sync::Mutex<Option<Vm>>);
+
+impl pagetrack::TrackNotifier for WritesDuringRestore {
+    fn track_write(&self, e: &pagetrack::WriteEvent<'_>) {
+        if e.source == Source::Device
+            && let Some(vm) = self.0.lock().unwrap().as_ref()
+        {
+            vm.memory()
+                .write_obj(0x5555_u64, GuestAddress(U + 0x3000))
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_device_write_made_during_a_restore_is_put_back_by_the_next() {
+    let kvm = kvm_or_skip!();
+    let vm = Vm::with_kvm(kvm, VmConfig::default().with_ram(RAM).with_dirty_log()).unwrap();
+    vm.add_ram(0, RAM).unwrap();
+    let n = std::sync::Arc::new(WritesDuringRestore(std::sync::Mutex::default()));
+    let _h = vm
+        .tracker()
+        .register(n.clone(), NotifierClass::Ordinary)
+        .unwrap();
+    vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+    vm.checkpoint().unwrap();
+    vm.untracked_memory()
+        .write_obj(7u64, GuestAddress(T))
+        .unwrap(); // bypasses the log, but ...
+    vm.memory().write_obj(9u64, GuestAddress(T + 8)).unwrap(); // ... this logs its page
+    *n.0.lock().unwrap() = Some(vm.clone());
+    let r = vm.restore().unwrap();
+    assert_eq!((r.dirty_pages, r.restored_pages), (1, 1), "{r:?}");
+    n.0.lock().unwrap().take();
+    let mem = vm.untracked_memory();
+    assert_eq!(
+        mem.read_obj::<u64>(GuestAddress(T)).unwrap(),
+        0,
+        "the page's other bytes too"
+    );
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(T + 8)).unwrap(), 0);
+    assert_eq!(
+        mem.read_obj::<u64>(GuestAddress(U + 0x3000)).unwrap(),
+        0x5555,
+        "written during the restore, after its page was looked at"
+    );
+    let again = vm.restore().unwrap();
+    assert_eq!(again.restored_pages, 1, "{again:?}");
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(U + 0x3000)).unwrap(), 0);
+}
