@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::{CodeAssembler, al, eax, qword_ptr, r8, rax, rcx, rdi, rdx};
 use pagetrack::{AsId, Delivery, Gfn, NotifierClass, RegisterOptions, TrackNotifier, WriteEvent};
-use pagetrack_kvm::{Exit, RelaxedConfig, RelaxedMode, Vcpu, Vm, VmConfig};
+use pagetrack_kvm::{Exit, Invalidate, RelaxedConfig, RelaxedMode, Vcpu, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 use anyhow::{Context, Result, anyhow};
@@ -824,29 +824,37 @@ fn checkpoint(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str
         full,
         "µs",
     );
-    for n in [1u64, 16, 256, 4096] {
-        let mut per = Vec::new();
-        for _ in 0..reps {
-            rig.run(rig.progs.touch, BUF, 0, BUF + n * 4096)?;
-            let s = Instant::now();
-            let r = rig.vm.restore()?;
-            per.push(us(s.elapsed()));
-            if r.restored_pages < n {
-                return Err(anyhow!("restore put back {r:?} after {n} pages written"));
+    for invalidate in [Invalidate::Restored, Invalidate::MarkedTables] {
+        for n in [1u64, 16, 256, 4096] {
+            let mut per = Vec::new();
+            for _ in 0..reps {
+                rig.run(rig.progs.touch, BUF, 0, BUF + n * 4096)?;
+                let s = Instant::now();
+                let r = rig.vm.restore_with(invalidate)?;
+                per.push(us(s.elapsed()));
+                if r.restored_pages < n {
+                    return Err(anyhow!("restore put back {r:?} after {n} pages written"));
+                }
             }
+            let (key, how) = match (invalidate, n) {
+                (Invalidate::Restored, 1) => ("restore_1_page_us", ""),
+                (Invalidate::Restored, 16) => ("restore_16_pages_us", ""),
+                (Invalidate::Restored, 256) => ("restore_256_pages_us", ""),
+                (Invalidate::Restored, _) => ("restore_4096_pages_us", ""),
+                (_, 1) => ("restore_1_page_marked_us", ", marked tables only"),
+                (_, 16) => ("restore_16_pages_marked_us", ", marked tables only"),
+                (_, 256) => ("restore_256_pages_marked_us", ", marked tables only"),
+                _ => ("restore_4096_pages_marked_us", ", marked tables only"),
+            };
+            rep.push(
+                key,
+                format!(
+                    "Vm::restore after a run that wrote {n} untracked pages (64 MiB guest{how})"
+                ),
+                median(per),
+                "µs",
+            );
         }
-        let key = match n {
-            1 => "restore_1_page_us",
-            16 => "restore_16_pages_us",
-            256 => "restore_256_pages_us",
-            _ => "restore_4096_pages_us",
-        };
-        rep.push(
-            key,
-            format!("Vm::restore after a run that wrote {n} untracked pages (64 MiB guest)"),
-            median(per),
-            "µs",
-        );
     }
     for mode in [RelaxedMode::Off, RelaxedMode::Always] {
         let config = VmConfig::default()

@@ -79,6 +79,25 @@ pub struct RestoreReport {
     pub invalidated_fragments: usize,
 }
 
+/// Which KVM shadows a restore drops on shadow-paging hosts ([`Vm::restore_with`]).
+/// Nothing is dropped on TDP hosts, where KVM shadows no guest page table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Invalidate {
+    /// The fragments of every restored frame are re-created (KVM may shadow any of them as
+    /// a guest page table, and does not see userspace writes): always correct, at the cost
+    /// of one memslot delete and create per fragment touched (`docs/PERFORMANCE.md`) and
+    /// the guest's refaults in them.
+    #[default]
+    Restored,
+    /// Only frames marked as page tables ([`Vm::mark_page_tables`],
+    /// [`Vm::mark_page_table_tree`]) are checked, as for every store pagetrack applies. Correct
+    /// only if every frame that held a guest page table since the checkpoint is marked and
+    /// tracked (so that pagetrack sees the guest's stores to it, and marks the tables it
+    /// installs); an unmarked page table restored keeps KVM's stale shadow.
+    MarkedTables,
+}
+
 impl Vm {
     /// Takes a checkpoint: an image of all guest RAM now, which [`Vm::restore`] puts back.
     /// It replaces the previous checkpoint. With every vCPU paused (and no store completion
@@ -133,7 +152,8 @@ impl Vm {
     ///   write through [`Vm::memory`] is); untracked pages are written whole.
     /// - Frames marked as page tables ([`Vm::mark_page_tables`]) are checked as for any
     ///   store pagetrack applies, and on shadow-paging hosts the fragments of all restored
-    ///   frames are re-created, so KVM drops any shadow of a restored page table.
+    ///   frames are re-created, so KVM drops any shadow of a restored page table
+    ///   ([`Invalidate::Restored`]; [`Vm::restore_with`] can skip this).
     ///
     /// Call it between runs, not from inside an [`crate::ExitHandler`]'s `run`/`handle`
     /// pair nor from a notifier.
@@ -144,7 +164,16 @@ impl Vm {
     /// a failed `KVM_GET_DIRTY_LOG` or relaxed sync (nothing written yet). A failure
     /// re-creating fragments afterwards is returned once memory is restored.
     pub fn restore(&self) -> Result<RestoreReport> {
-        restore(&self.inner)
+        restore(&self.inner, Invalidate::Restored)
+    }
+
+    /// [`Vm::restore`], choosing which KVM translations are dropped afterwards on
+    /// shadow-paging hosts ([`Invalidate`]).
+    ///
+    /// # Errors
+    /// As [`Vm::restore`].
+    pub fn restore_with(&self, invalidate: Invalidate) -> Result<RestoreReport> {
+        restore(&self.inner, invalidate)
     }
 
     /// Drops the checkpoint (and its memory); true if there was one.
@@ -254,7 +283,7 @@ fn changed_runs(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
     runs
 }
 
-fn restore(vm: &VmInner) -> Result<RestoreReport> {
+fn restore(vm: &VmInner, invalidate: Invalidate) -> Result<RestoreReport> {
     refuse_unless_usable(vm, "restore")?;
     let slot = lock(vm);
     let image = slot.as_ref().ok_or(Error::NoCheckpoint)?;
@@ -314,7 +343,7 @@ fn restore(vm: &VmInner) -> Result<RestoreReport> {
             }
         }
     }
-    if vm.caps.shadow_paging && !restored.is_empty() {
+    if invalidate == Invalidate::Restored && vm.caps.shadow_paging && !restored.is_empty() {
         report.invalidated_fragments = vm.backend.frags().recreate(&vm.backend.vm_fd, &restored)?;
     }
     Ok(report)

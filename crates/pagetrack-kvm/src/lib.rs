@@ -136,7 +136,7 @@ mod update;
 mod vcpu;
 mod vm;
 
-pub use checkpoint::{CheckpointReport, RestoreReport};
+pub use checkpoint::{CheckpointReport, Invalidate, RestoreReport};
 pub use error::{Error, InstructionBytes, Result, StopReason};
 pub use handler::{ExitHandler, Handled, Ran, Tracked};
 pub use memory::TrackedMemory;

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use iced_x86::code_asm::*;
 use pagetrack::{AsId, Delivery, Gfn, NotifierClass, RegisterOptions, SlotId, Source};
-use pagetrack_kvm::{Error, RelaxedConfig, RelaxedMode, Vm, VmConfig};
+use pagetrack_kvm::{Error, Invalidate, RelaxedConfig, RelaxedMode, Vm, VmConfig};
 use pagetrack_testkit::{assemble, exit_with, kvm_or_skip};
 use pagetrack_vmm::x86::LONG_MODE_RFLAGS;
 use vm_memory::{Bytes, GuestAddress};
@@ -270,7 +270,7 @@ fn remap_program() -> Vec<u8> {
 /// from userspace (which KVM's shadow MMU does not see), and the next run reads through
 /// the old mapping again. `tracked`: the page table is a tracked, marked frame (pagetrack
 /// applies the guest's PTE store); else untracked (KVM emulates it).
-fn restored_page_table_is_translated(tracked: bool) {
+fn restored_page_table_is_translated(tracked: bool, invalidate: Invalidate) {
     let kvm = kvm_or_skip!();
     let config = VmConfig::default().with_ram(RAM).with_dirty_log();
     let mut g = boot_with(kvm, config, RAM, 1, &remap_program());
@@ -305,9 +305,12 @@ fn restored_page_table_is_translated(tracked: bool) {
         // The guest's `invlpg`, which it cannot issue at CPL3.
         g.vm.invalidate_translations(&[Gfn(PT >> 12)]).unwrap();
         assert_eq!(run(&mut g, 0), 0xbbbb, "round {round}: the new mapping");
-        let r = g.vm.restore().unwrap();
+        let r = g.vm.restore_with(invalidate).unwrap();
         assert_eq!(read(&g.vm, PT + 5 * 8, 8), before);
-        assert!(r.invalidated_fragments > 0 || !g.vm.caps().shadow_paging);
+        assert_eq!(
+            r.invalidated_fragments > 0,
+            g.vm.caps().shadow_paging && invalidate == Invalidate::Restored
+        );
         assert_eq!(
             run(&mut g, 0),
             0xaaaa,
@@ -334,12 +337,17 @@ fn restored_page_table_is_translated(tracked: bool) {
 
 #[test]
 fn a_restored_untracked_page_table_is_translated_again() {
-    restored_page_table_is_translated(false);
+    restored_page_table_is_translated(false, Invalidate::Restored);
 }
 
 #[test]
 fn a_restored_tracked_page_table_is_translated_again() {
-    restored_page_table_is_translated(true);
+    restored_page_table_is_translated(true, Invalidate::Restored);
+}
+
+#[test]
+fn a_restored_marked_page_table_is_translated_again_without_re_creating_fragments() {
+    restored_page_table_is_translated(true, Invalidate::MarkedTables);
 }
 
 /// A notifier that, on the restore's event for its tracked frame, writes an untracked page
