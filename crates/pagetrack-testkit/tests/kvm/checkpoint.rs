@@ -402,3 +402,20 @@ fn a_device_write_made_during_a_restore_is_put_back_by_the_next() {
     assert_eq!(again.restored_pages, 1, "{again:?}");
     assert_eq!(mem.read_obj::<u64>(GuestAddress(U + 0x3000)).unwrap(), 0);
 }
+
+/// The `Vm::checkpoint` doc example (`no_run` there), with its effect checked.
+#[test]
+fn the_checkpoint_doc_example_runs() {
+    let _kvm = kvm_or_skip!();
+    let vm = Vm::new(VmConfig::default().with_ram(16 << 20).with_dirty_log()).unwrap();
+    vm.add_ram(0, 16 << 20).unwrap();
+    vm.checkpoint().unwrap();
+    for input in [&b"first"[..], b"second"] {
+        vm.memory()
+            .write_slice(input, GuestAddress(0x8000))
+            .unwrap();
+        let r = vm.restore().unwrap();
+        assert_eq!((r.restored_pages, r.dirty_pages), (1, 1));
+        assert_eq!(read(&vm, 0x8000, 8), vec![0; 8]);
+    }
+}
