@@ -125,6 +125,8 @@ fn restore_loop_puts_back_all_ram_for_untracked_strict_and_relaxed_frames() {
         assert_eq!(again.restored_pages, 0, "{again:?}");
     }
 
+    // The replay also checks that the relaxed shadows took the restored bytes: the next
+    // round's coalesced events take their old bytes from the shadows.
     let ev = rec.take();
     replay(T, &tracked_initial, &ev, &read(&g.vm, T, 3 * 4096));
     let restores: Vec<&Ev> = ev
