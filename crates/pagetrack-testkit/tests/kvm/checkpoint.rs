@@ -421,3 +421,81 @@ fn the_checkpoint_doc_example_runs() {
         assert_eq!(read(&vm, 0x8000, 8), vec![0; 8]);
     }
 }
+
+/// Guest: forever { rax += 1; [rdi] = rax (untracked); [rsi] = rax (tracked: traps) }.
+fn counter_loop() -> Vec<u8> {
+    assemble(ENTRY, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.inc(rax)?; // the counter
+        a.mov(qword_ptr(rdi), rax)?; // untracked word first
+        a.mov(qword_ptr(rsi), rax)?; // then the tracked one
+        a.jmp(top)
+    })
+}
+
+#[test]
+fn checkpoint_and_restores_while_a_vcpu_runs_pause_it_at_a_consistent_point() {
+    let kvm = kvm_or_skip!();
+    let config = VmConfig::default().with_ram(RAM).with_dirty_log();
+    let mut g = boot_with(kvm, config, RAM, 1, &counter_loop());
+    let (rec, _h) = recorder(&g.vm);
+    g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+    let initial_t = read(&g.vm, T, 4096);
+    let word = |vm: &Vm, gpa| -> u64 { vm.untracked_memory().read_obj(GuestAddress(gpa)).unwrap() };
+    enter(&g, U + 0x5000, 0, 0, 0);
+    {
+        let fd = g.vcpus[0].fd();
+        let mut regs = fd.get_regs().unwrap();
+        regs.rsi = T;
+        fd.set_regs(&regs).unwrap();
+    }
+    let stopper = g.vcpus[0].stopper();
+    let mut vcpu = g.vcpus.pop().unwrap();
+    let runner = std::thread::spawn(move || vcpu.run().unwrap());
+    let events = |n: usize| {
+        let start = std::time::Instant::now();
+        while rec.0.lock().unwrap().len() < n {
+            assert!(start.elapsed() < TIMEOUT, "the guest stopped storing");
+            std::thread::yield_now();
+        }
+    };
+    events(100);
+    g.vm.checkpoint().unwrap();
+    for _ in 1..=5 {
+        // The guest goes on from its registers: its counter is past the image's.
+        let seen = rec.0.lock().unwrap().len();
+        events(seen + 200);
+        let r = g.vm.restore().unwrap();
+        assert!(r.restored_pages >= 2, "{r:?}");
+    }
+    // More stores, then the vCPU stops: the last restore puts back what it wrote last.
+    let seen = rec.0.lock().unwrap().len();
+    events(seen + 200);
+    stopper.stop();
+    assert_eq!(runner.join().unwrap(), pagetrack_kvm::Exit::Stopped);
+    let r = g.vm.restore().unwrap();
+    assert_eq!(r.restored_pages, 2, "{r:?}");
+    let ev = rec.take();
+    // Each restore put the image's counter back into T, with one event: all the same value,
+    // a value the guest had stored (the checkpoint paused it between two stores).
+    let restores: Vec<&Ev> = ev.iter().filter(|e| e.source == Source::Device).collect();
+    assert_eq!(restores.len(), 6, "one restore event per restore");
+    let c = u64::from_le_bytes(restores[0].new.clone().try_into().unwrap());
+    assert!(
+        restores
+            .iter()
+            .all(|e| e.gpa == T && e.new == c.to_le_bytes())
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e.source == Source::Vcpu(0) && e.new == c.to_le_bytes())
+    );
+    assert_eq!(word(&g.vm, T), c, "the tracked word is the image's");
+    let u = word(&g.vm, U + 0x5000);
+    assert!(
+        u == c || u == c + 1,
+        "untracked word {u} against the image's {c}"
+    );
+    replay(T, &initial_t, &ev, &read(&g.vm, T, 4096));
+}
