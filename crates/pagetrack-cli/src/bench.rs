@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::{CodeAssembler, al, eax, qword_ptr, r8, rax, rcx, rdi, rdx};
 use pagetrack::{AsId, Delivery, Gfn, NotifierClass, RegisterOptions, TrackNotifier, WriteEvent};
-use pagetrack_kvm::{Exit, RelaxedConfig, RelaxedMode, Vcpu, Vm, VmConfig};
+use pagetrack_kvm::{Exit, Invalidate, RelaxedConfig, RelaxedMode, Vcpu, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 use anyhow::{Context, Result, anyhow};
@@ -693,6 +693,7 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         "µs",
     );
     relaxed(&mut rep, reps, &mut progress)?;
+    checkpoint(&mut rep, reps, &mut progress)?;
     Ok(rep)
 }
 
@@ -778,6 +779,113 @@ fn relaxed(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) 
                 _ => "sync_1024_dirty_us",
             },
             format!("one sync with {dirty} dirty frames of 1,025 relaxed (harvest, diff, deliver)"),
+            median(per),
+            "µs",
+        );
+    }
+    Ok(())
+}
+
+/// Snapshot reset: the cost of [`Vm::checkpoint`] (a copy of all RAM) and of
+/// [`Vm::restore`] after a run that wrote N pages (one store each, untracked; and 256
+/// strict or relaxed tracked pages), against copying all of RAM back.
+fn checkpoint(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) -> Result<()> {
+    progress("checkpoint and restore");
+    const RAM: u64 = 64 << 20;
+    let mut rig = Rig::new(RAM, VmConfig::default().with_dirty_log())?;
+    let mut took = Vec::new();
+    for _ in 0..reps {
+        let s = Instant::now();
+        rig.vm.checkpoint()?;
+        took.push(us(s.elapsed()) / 1000.0);
+    }
+    rep.push(
+        "checkpoint_64m_ms",
+        "Vm::checkpoint of a 64 MiB guest (copies all RAM)",
+        median(took),
+        "ms",
+    );
+    let mut image = vec![0u8; usize::try_from(RAM)?];
+    rig.vm
+        .untracked_memory()
+        .read_slice(&mut image, GuestAddress(0))?;
+    let mut full = Vec::new();
+    for _ in 0..reps {
+        let s = Instant::now();
+        rig.vm
+            .untracked_memory()
+            .write_slice(&image, GuestAddress(0))?;
+        full.push(us(s.elapsed()));
+    }
+    let full = median(full);
+    rep.push(
+        "restore_full_copy_64m_us",
+        "copy all 64 MiB of RAM back (the restore a dirty log avoids)",
+        full,
+        "µs",
+    );
+    for invalidate in [Invalidate::Restored, Invalidate::MarkedTables] {
+        for n in [1u64, 16, 256, 4096] {
+            let mut per = Vec::new();
+            for _ in 0..reps {
+                rig.run(rig.progs.touch, BUF, 0, BUF + n * 4096)?;
+                let s = Instant::now();
+                let r = rig.vm.restore_with(invalidate)?;
+                per.push(us(s.elapsed()));
+                if r.restored_pages < n {
+                    return Err(anyhow!("restore put back {r:?} after {n} pages written"));
+                }
+            }
+            let (key, how) = match (invalidate, n) {
+                (Invalidate::Restored, 1) => ("restore_1_page_us", ""),
+                (Invalidate::Restored, 16) => ("restore_16_pages_us", ""),
+                (Invalidate::Restored, 256) => ("restore_256_pages_us", ""),
+                (Invalidate::Restored, _) => ("restore_4096_pages_us", ""),
+                (_, 1) => ("restore_1_page_marked_us", ", marked tables only"),
+                (_, 16) => ("restore_16_pages_marked_us", ", marked tables only"),
+                (_, 256) => ("restore_256_pages_marked_us", ", marked tables only"),
+                _ => ("restore_4096_pages_marked_us", ", marked tables only"),
+            };
+            rep.push(
+                key,
+                format!(
+                    "Vm::restore after a run that wrote {n} untracked pages (64 MiB guest{how})"
+                ),
+                median(per),
+                "µs",
+            );
+        }
+    }
+    for mode in [RelaxedMode::Off, RelaxedMode::Always] {
+        let config = VmConfig::default()
+            .with_dirty_log()
+            .with_relaxed(RelaxedConfig::new(mode));
+        let mut rig = Rig::new(RAM, config)?;
+        let options =
+            RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced);
+        let _h = rig
+            .vm
+            .tracker()
+            .register(Arc::new(Count::default()), options)?;
+        rig.vm
+            .tracker()
+            .add_range(AsId::NORMAL, Gfn(BUF >> 12), 256)?;
+        rig.vm.checkpoint()?;
+        let mut per = Vec::new();
+        for _ in 0..reps {
+            rig.run(rig.progs.touch, BUF, 0, BUF + 256 * 4096)?;
+            let s = Instant::now();
+            rig.vm.restore()?;
+            per.push(us(s.elapsed()));
+        }
+        let (key, what) = if mode == RelaxedMode::Off {
+            ("restore_256_strict_us", "strict")
+        } else {
+            ("restore_256_relaxed_us", "relaxed")
+        };
+        rep.push(
+            key,
+            format!("Vm::restore after a run that wrote 256 {what} tracked pages (an event each)"),
             median(per),
             "µs",
         );

@@ -114,7 +114,8 @@
 //! `KVM_MEM_LOG_DIRTY_PAGES`, re-cuts harvest a fragment's log before deleting it, and stores
 //! pagetrack applies itself (trapped stores, device writes through [`TrackedMemory`]) are
 //! logged too: [`Vm::take_dirty_log`] returns one RAM region's pages written since the last
-//! call.
+//! call. [`Vm::checkpoint`] and [`Vm::restore`] share that harvest (snapshot reset: restore
+//! writes back exactly the pages written since the checkpoint, tracked frames with events).
 //!
 //! The KVM integration tests live in `pagetrack-testkit/tests/kvm` (they boot guests with
 //! pagetrack-vmm, which depends on this crate).
@@ -123,6 +124,7 @@
 compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
 
 mod atomic;
+mod checkpoint;
 mod dirty;
 mod error;
 mod gate;
@@ -138,6 +140,7 @@ mod update;
 mod vcpu;
 mod vm;
 
+pub use checkpoint::{CheckpointReport, Invalidate, RestoreReport};
 pub use error::{Error, InstructionBytes, Result, StopReason};
 pub use handler::{ExitHandler, Handled, Ran, Tracked};
 pub use memory::TrackedMemory;

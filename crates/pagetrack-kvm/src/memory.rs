@@ -37,6 +37,28 @@ pub(crate) fn apply_with<E>(
     source: Source,
     commit: impl FnOnce(&GuestMemoryMmap) -> std::result::Result<(), E>,
 ) -> Option<std::result::Result<(), E>> {
+    apply_logged(vm, gpa, data, source, true, commit)
+}
+
+/// [`apply_write`] of a restore (`checkpoint.rs`): the bytes are the checkpoint's, so the
+/// page is not marked written since the checkpoint (only in the VMM's dirty log).
+pub(crate) fn apply_restore(vm: &VmInner, gpa: u64, data: &[u8]) -> bool {
+    apply_logged(vm, gpa, data, Source::Device, false, |mem| {
+        mem.write_slice(data, GuestAddress(gpa))
+    })
+    .map(|res| res.expect("the range was checked, and `mem` holds its regions"))
+    .is_some()
+}
+
+/// [`apply_with`], marking the checkpoint's dirty log too if `since_checkpoint`.
+fn apply_logged<E>(
+    vm: &VmInner,
+    gpa: u64,
+    data: &[u8],
+    source: Source,
+    since_checkpoint: bool,
+    commit: impl FnOnce(&GuestMemoryMmap) -> std::result::Result<(), E>,
+) -> Option<std::result::Result<(), E>> {
     let mem = vm.mem.memory();
     if data.is_empty() || !mem.check_range(GuestAddress(gpa), data.len(), Permissions::ReadWrite) {
         return None;
@@ -57,7 +79,7 @@ pub(crate) fn apply_with<E>(
         if let Err(e) = commit(&mem) {
             return Some(Err(e));
         }
-        vm.mark_dirty(gpa, data.len());
+        vm.mark_dirty_logs(gpa, data.len(), since_checkpoint);
         vm.after_page_table_store(&mem, pt);
         // Still reported: a frame may have become tracked in between (report_write filters).
         tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source));
@@ -80,7 +102,7 @@ pub(crate) fn apply_with<E>(
         return Some(Err(e));
     }
     crate::relaxed::after_apply(vm, &mut relaxed, gpa, old, data);
-    vm.mark_dirty(gpa, data.len());
+    vm.mark_dirty_logs(gpa, data.len(), since_checkpoint);
     vm.after_page_table_store(&mem, pt);
     tracker.report_write(&WriteEvent::new(Gpa(gpa), data, source).with_old(old));
     drop(relaxed);

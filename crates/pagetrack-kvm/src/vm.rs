@@ -476,11 +476,11 @@ impl Drop for Backend {
 }
 
 #[derive(Debug, Clone)]
-struct RamInfo {
-    slot: SlotId,
-    gpa: u64,
-    size: u64,
-    dirty: Option<Arc<DirtyBits>>,
+pub(crate) struct RamInfo {
+    pub(crate) slot: SlotId,
+    pub(crate) gpa: u64,
+    pub(crate) size: u64,
+    pub(crate) dirty: Option<Arc<DirtyBits>>,
 }
 
 #[derive(Debug)]
@@ -506,6 +506,8 @@ pub(crate) struct VmInner {
     stall_monitor: std::sync::Once,
     /// Dirty logs of the RAM regions, when [`VmConfig::dirty_log`] is on.
     dirty: std::sync::RwLock<Vec<Arc<DirtyBits>>>,
+    /// The checkpoint ([`Vm::checkpoint`], `checkpoint.rs`).
+    pub(crate) checkpoint: Mutex<Option<crate::checkpoint::Image>>,
 }
 
 /// How often the stall monitor looks at the vCPUs: a vCPU inside one `KVM_RUN` for two
@@ -533,14 +535,30 @@ use crate::walk::pte;
 pub(crate) struct PtEntries(Vec<(u64, u64)>);
 
 impl VmInner {
+    /// The RAM regions, locked (no region is added or removed until the guard drops).
+    pub(crate) fn rams(&self) -> MutexGuard<'_, Vec<RamInfo>> {
+        self.rams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True if the VM logs dirty pages ([`VmConfig::dirty_log`]).
+    pub(crate) fn dirty_log(&self) -> bool {
+        self.config.dirty_log
+    }
+
     /// Records a store pagetrack applied to guest RAM in userspace (KVM's log never sees it).
     pub(crate) fn mark_dirty(&self, gpa: u64, len: usize) {
+        self.mark_dirty_logs(gpa, len, true);
+    }
+
+    /// [`VmInner::mark_dirty`], in the checkpoint's log too only if `since_checkpoint` (a
+    /// restore's own writes put the checkpoint's bytes back: `checkpoint.rs`).
+    pub(crate) fn mark_dirty_logs(&self, gpa: u64, len: usize, since_checkpoint: bool) {
         if !self.config.dirty_log {
             return;
         }
         let logs = self.dirty.read().unwrap_or_else(|e| e.into_inner());
         for log in logs.iter() {
-            log.mark(gpa, len as u64);
+            log.mark_for(gpa, len as u64, since_checkpoint);
         }
     }
 
@@ -813,6 +831,7 @@ impl Vm {
                 xsave_layout: std::sync::OnceLock::new(),
                 stall_monitor: std::sync::Once::new(),
                 dirty: std::sync::RwLock::default(),
+                checkpoint: Mutex::new(None),
             }),
         };
         vm.inner.backend.relaxed.set_vm(Arc::downgrade(&vm.inner));

@@ -14,6 +14,7 @@
 )]
 
 mod atomics;
+mod checkpoint;
 mod common;
 mod concurrency;
 mod config;
