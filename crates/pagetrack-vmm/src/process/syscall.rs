@@ -356,19 +356,22 @@ impl<M: GuestRam> Kernel<M> {
     /// A kernel for `mm`, with the standard streams and identity of `setup`.
     ///
     /// # Errors
-    /// An `Input::File` standard input that cannot be opened (a sentence for the user).
+    /// [`crate::Error::InvalidConfig`] for an `Input::File` standard input that cannot be
+    /// opened.
     pub fn new(
         mm: AddressSpace<M>,
         sandbox: Sandbox,
         setup: KernelSetup,
-    ) -> Result<Kernel<M>, String> {
+    ) -> crate::Result<Kernel<M>> {
         let stdin = match setup.stdin {
             Input::Inherit => OpenFile::stream(Node::Stdin(StdinState::Host), 0),
             Input::Null => OpenFile::stream(Node::Stdin(StdinState::Bytes(Default::default())), 0),
             Input::Bytes(b) => OpenFile::stream(Node::Stdin(StdinState::Bytes(b.into())), 0),
             Input::File(p) => {
-                let f =
-                    File::open(&p).map_err(|e| format!("standard input {}: {e}", p.display()))?;
+                let f = File::open(&p).map_err(|e| crate::Error::InvalidConfig {
+                    reason: crate::ConfigProblem::Stdin { path: p.clone() },
+                    source: Some(e),
+                })?;
                 OpenFile::host_file(f, p)
             }
         };
@@ -1641,7 +1644,9 @@ impl<M: GuestRam> Kernel<M> {
             && prot != 0
             && let Err(e) = self.fill_from(&f, at, len, off)
         {
-            let _ = self.mm.unmap(at, len);
+            // Linux leaves nothing mapped when the file cannot be read (and, with
+            // `MAP_FIXED`, what was there is gone).
+            self.mm.undo_map(at, len);
             return Err(e);
         }
         Ok(at)
@@ -1693,7 +1698,10 @@ impl<M: GuestRam> Kernel<M> {
             // Anonymous private memory reads as zero afterwards.
             let zero = vec![0u8; 4096];
             for page in pages {
-                let _ = self.mm.poke(page, &zero);
+                // The page has a frame, so only a failed guest-memory write (a frame outside
+                // RAM, a broken invariant) can stop this: the program is told, never left
+                // with stale bytes it was promised were zero.
+                self.mm.poke(page, &zero)?;
             }
         }
         if gap { Err(ENOMEM) } else { Ok(0) }

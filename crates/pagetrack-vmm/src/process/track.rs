@@ -204,7 +204,7 @@ impl Tracking {
     /// Tracks the frames of every page mapped so far and every page table.
     pub(crate) fn start(&mut self, vm: &Vm, mm: &mut AddressSpace) -> Result<()> {
         // What loading recorded is superseded by the full list below.
-        let _ = mm.take_pending();
+        drop(mm.take_pending());
         if self.regions.is_empty() {
             return Ok(());
         }
@@ -271,6 +271,15 @@ impl Tracking {
         mm: &mut AddressSpace,
         held: Option<&PageTableUpdate<'_>>,
     ) -> Result<()> {
+        // After a failed page-table access the records and the tables KVM walks may
+        // disagree: nothing is released (a frame the tables still map must never be reused)
+        // and the process VM stops here, before the program runs again.
+        if let Some(i) = mm.inconsistency() {
+            return Err(crate::Error::AddressSpaceInconsistent {
+                access: i.access,
+                gpa: i.gpa,
+            });
+        }
         let p = mm.take_pending();
         let _update = (held.is_none() && !(p.freed.is_empty() && p.stale_tables.is_empty()))
             .then(|| vm.page_table_update());
