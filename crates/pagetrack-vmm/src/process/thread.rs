@@ -63,7 +63,7 @@ use super::abi::{
 };
 use super::mm::{PAGE, STUB_VA};
 use super::signal::{self, ThreadSignals};
-use super::syscall::{Flow, Kernel, PID};
+use super::syscall::{Flow, Kernel, KvmCaller, PID};
 use super::track::Tracking;
 use super::{ProcessEnd, ProcessStats, SYSCALL_PORT, bad_frame, host_ids, signal_name, signal_of};
 use crate::error::{Error, Result};
@@ -950,7 +950,14 @@ fn deferring<'a>(
         // Set at each turn: other threads serve calls while this one waits.
         g.kernel.defer_waits = threaded && ctx.ended_fd.is_some();
         g.kernel.retry_until = retry;
-        let flow = g.kernel.syscall(n, a, t.vcpu.fd(), ctx.vm.vm_fd());
+        let flow = g.kernel.syscall(
+            n,
+            a,
+            &KvmCaller {
+                vcpu: t.vcpu.fd(),
+                vm: ctx.vm.vm_fd(),
+            },
+        );
         g.kernel.retry_until = None;
         g.kernel.write_resume = 0;
         if retry.is_some() {
