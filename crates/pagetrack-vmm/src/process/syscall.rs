@@ -296,6 +296,16 @@ fn ret(v: SysResult) -> u64 {
     }
 }
 
+/// `d` from now, or as far as an `Instant` reaches (a century on): a program's timer of
+/// any length must not overflow, which would panic the VMM's thread.
+fn later(d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 86_400);
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR))
+        .unwrap_or(now)
+}
+
 /// An `int` argument: the low 32 bits of the register, sign-extended.
 fn int(v: u64) -> i64 {
     let b = v.to_le_bytes();
@@ -875,7 +885,8 @@ impl<M: GuestRam> Kernel<M> {
         // Waiting here (one thread), the program's own timer is the only signal that can
         // come: the wait is cut where it fires, and a signal to deliver ends the call with
         // EINTR; a timer whose signal is blocked or ignored lets the wait go on.
-        let end = limit.map(|l| Instant::now() + l);
+        // A limit beyond what an Instant holds is no limit (as a sleep of that length).
+        let end = limit.and_then(|l| Instant::now().checked_add(l));
         loop {
             let now = Instant::now();
             let left = end.map(|e| e.saturating_duration_since(now));
@@ -1871,7 +1882,7 @@ impl<M: GuestRam> Kernel<M> {
             && Instant::now() >= at
         {
             self.signals.raise(SIGALRM, SI_KERNEL);
-            self.alarm = interval.map(|i| (Instant::now() + i, Some(i)));
+            self.alarm = interval.map(|i| (later(i), Some(i)));
         }
     }
 
@@ -1910,7 +1921,9 @@ impl<M: GuestRam> Kernel<M> {
             // Rounded as Linux does: a pending alarm never reads as 0.
             (d.as_secs() + u64::from(d.subsec_nanos() >= 500_000_000)).max(1)
         });
-        self.alarm = (secs != 0).then(|| (Instant::now() + Duration::from_secs(secs), None));
+        // `alarm(unsigned int)`: the low 32 bits.
+        let secs = secs & 0xffff_ffff;
+        self.alarm = (secs != 0).then(|| (later(Duration::from_secs(secs)), None));
         Ok(left)
     }
 
@@ -1958,12 +1971,8 @@ impl<M: GuestRam> Kernel<M> {
             self.mm.write_user(old, &o)?;
         }
         if let Some((interval, value)) = parsed {
-            self.alarm = (!value.is_zero()).then(|| {
-                (
-                    Instant::now() + value,
-                    (!interval.is_zero()).then_some(interval),
-                )
-            });
+            self.alarm = (!value.is_zero())
+                .then(|| (later(value), (!interval.is_zero()).then_some(interval)));
         }
         Ok(0)
     }
@@ -2149,6 +2158,10 @@ mod tests {
 
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::{Just, Strategy, any, prop_oneof};
+
     use super::super::abi::{EEXIST, ENAMETOOLONG};
     use super::super::mm::Frames;
     use super::*;
@@ -2169,12 +2182,18 @@ mod tests {
     /// A kernel whose program reads under `root`, with two pages mapped at [`BUF`]: the first
     /// read-write, the second read-only.
     fn kernel(root: &Path) -> Kernel<GuestMemoryMmap> {
+        kernel_on(root, &[]).0
+    }
+
+    /// As [`kernel`], with `writable` directories, and a handle on its guest memory.
+    fn kernel_on(root: &Path, writable: &[PathBuf]) -> (Kernel<GuestMemoryMmap>, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-        let mut mm = AddressSpace::new(mem, Frames::new((1, 65), (65, 1024)), true).unwrap();
+        let mut mm =
+            AddressSpace::new(mem.clone(), Frames::new((1, 65), (65, 1024)), true).unwrap();
         mm.map(BUF, PAGE, PROT_READ | PROT_WRITE, PageKind::Mmap)
             .unwrap();
         mm.map(BUF + PAGE, PAGE, PROT_READ, PageKind::Mmap).unwrap();
-        let sandbox = Sandbox::new(root, &[], &[], root, Path::new("/bin/x")).unwrap();
+        let sandbox = Sandbox::new(root, writable, &[], root, Path::new("/bin/x")).unwrap();
         let setup = KernelSetup {
             stdin: Input::Null,
             stdout: Output::Capture,
@@ -2184,7 +2203,7 @@ mod tests {
             comm: b"x".to_vec(),
             mem_bytes: 4 << 20,
         };
-        Kernel::new(mm, sandbox, setup).unwrap()
+        (Kernel::new(mm, sandbox, setup).unwrap(), mem)
     }
 
     use super::super::mm::PageKind;
@@ -2640,5 +2659,123 @@ mod tests {
             "read-only"
         );
         assert_eq!(flow(&mut k, [0x9999, BUF, 0, 0, 0, 0]), neg(EINVAL));
+    }
+
+    /// What the address space must satisfy after any call: no failed page-table access,
+    /// every framed page its own frame inside guest RAM, the page tables (walked in guest
+    /// memory) mapping exactly the accessible pages to their frames with their
+    /// permissions, and no frame both mapped and parked as freed.
+    fn assert_sound(k: &mut Kernel<GuestMemoryMmap>, mem: &GuestMemoryMmap, probe: &[u64]) {
+        assert_eq!(k.mm.inconsistency(), None);
+        let pages = k.mm.mapped_pages();
+        let gfns: BTreeSet<u64> = pages.iter().map(|p| p.1).collect();
+        assert_eq!(gfns.len(), pages.len(), "a frame shared by two pages");
+        assert!(gfns.iter().all(|&g| (65..1024).contains(&g)), "{gfns:?}");
+        for &(va, gfn, _, prot) in &pages {
+            match pagetrack_kvm::walk::translate(mem, k.mm.cr3(), va) {
+                Ok(t) if prot != 0 => {
+                    assert_eq!(t.gpa, gfn * PAGE, "translation of {va:#x}");
+                    assert_eq!(t.writable, prot & PROT_WRITE != 0, "W of {va:#x}");
+                    assert!(t.user, "U of {va:#x}");
+                }
+                Ok(t) => panic!("PROT_NONE page {va:#x} translates to {:#x}", t.gpa),
+                Err(_) => assert_eq!(prot, 0, "accessible page {va:#x} does not translate"),
+            }
+        }
+        let framed: BTreeSet<u64> = pages.iter().map(|p| p.0).collect();
+        for &va in probe {
+            if !framed.contains(&va) {
+                assert!(
+                    pagetrack_kvm::walk::translate(mem, k.mm.cr3(), va).is_err(),
+                    "{va:#x} has no frame but translates"
+                );
+            }
+        }
+        // The VM's commit: parked frames are released once no translation can use them.
+        let freed = k.mm.take_pending().freed;
+        assert!(
+            freed.iter().all(|g| !gfns.contains(g)),
+            "a freed frame is still mapped"
+        );
+        k.mm.release(&freed);
+    }
+
+    /// A system-call number: mostly real ones, some anything.
+    fn number() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            8 => 0u64..336,
+            1 => Just(nr::MMAP),
+            1 => Just(nr::MREMAP),
+            1 => Just(nr::MUNMAP),
+            1 => Just(nr::MPROTECT),
+            1 => any::<u64>(),
+        ]
+    }
+
+    /// An argument: the values that find edge cases (zero, small ints, the buffer and the
+    /// bytes around its pages, the end of the user half, all ones), or anything.
+    fn arg() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            0u64..64,
+            Just(u64::MAX),
+            Just(AT_FDCWD.cast_unsigned()),
+            (0u64..32).prop_map(|p| BUF + p * PAGE),
+            (0u64..0x20).prop_map(|o| BUF + o),
+            (0u64..0x20).prop_map(|o| BUF + 2 * PAGE - o),
+            (1u64..64).prop_map(|n| n * PAGE),
+            Just(USER_END - PAGE),
+            Just(USER_END),
+            Just(1u64 << 63),
+            any::<u64>(),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 64,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Random calls with hostile arguments straight into the dispatcher: none panics,
+        /// every result is a value or an errno, the address space stays sound after each,
+        /// and nothing outside the root changes.
+        #[test]
+        fn syscall_random_hostile_calls_never_panic_and_keep_the_process_sound(
+            calls in proptest::collection::vec((number(), proptest::array::uniform6(arg())), 1..32)
+        ) {
+            let d = tmp("sweep");
+            let root = d.join("root");
+            let (mut k, mem) = kernel_on(&root, std::slice::from_ref(&root));
+            // Paths for the calls that take one, at the buffer's start.
+            k.mm.poke(BUF, b"a.txt\0../secret\0new\0/etc/passwd\0").unwrap();
+            // Every wait ends at once (the run's deadline has passed).
+            k.set_deadline(Some(Instant::now()));
+            let cpu = FakeCaller::default();
+            let probe: Vec<u64> = (0..40).map(|p| BUF + p * PAGE).collect();
+            for (n, a) in calls {
+                match k.syscall(n, a, &cpu) {
+                    Flow::Return(v) if v.cast_signed() < 0 => {
+                        let e = -v.cast_signed();
+                        proptest::prop_assert!(
+                            (1..4096).contains(&e) || e == EINTR_RESTARTABLE.0,
+                            "{n}({a:x?}) = -{e}"
+                        );
+                    }
+                    Flow::Return(_) | Flow::Exit(_) | Flow::SigReturn | Flow::Timeout => {}
+                }
+                assert_sound(&mut k, &mem, &probe);
+            }
+            drop(k);
+            let mut outside: Vec<String> = std::fs::read_dir(&d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            outside.sort();
+            proptest::prop_assert_eq!(outside, vec!["root".to_owned(), "secret".to_owned()]);
+            proptest::prop_assert_eq!(std::fs::read(d.join("secret")).unwrap(), b"s".to_vec());
+            std::fs::remove_dir_all(&d).unwrap();
+        }
     }
 }
