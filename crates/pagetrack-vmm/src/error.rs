@@ -470,3 +470,33 @@ pub enum ConfigProblem {
     #[error("arguments and environment are too large (over 4 MiB)")]
     ArgumentsTooLarge,
 }
+
+/// Why a process VM `--track` region does not parse ([`crate::process::Region`]'s
+/// `FromStr`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegionError {
+    /// An address or length that is not a number.
+    #[error("'{text}' is not a number (use 4096 or 0x1000)")]
+    NotANumber {
+        /// The text as given.
+        text: String,
+    },
+    /// `ADDR+LEN` past the end of the address space.
+    #[error("range overflows")]
+    Overflow,
+    /// Neither a region name nor a range.
+    #[error(
+        "'{text}' is not a region: use stack, heap, data, text, mmap, page-tables, writable, ADDR-END or ADDR+LEN"
+    )]
+    Unknown {
+        /// The text as given.
+        text: String,
+    },
+    /// A range whose end is not above its start.
+    #[error("'{text}' is empty (END is exclusive)")]
+    Empty {
+        /// The text as given.
+        text: String,
+    },
+}

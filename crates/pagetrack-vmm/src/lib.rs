@@ -112,7 +112,8 @@ pub mod process;
 pub mod x86;
 
 pub use error::{
-    ConfigProblem, ElfProblem, Error, ImageProblem, PageTableAccess, ProgramRefusal, Result,
+    ConfigProblem, ElfProblem, Error, ImageProblem, PageTableAccess, ProgramRefusal, RegionError,
+    Result,
 };
 pub use flat::{EndReason, FlatConfig, FlatGuest, Mode, RunOutcome};
 pub use x86::{GuestException, LongModeLayout, decode_exception, setup_long_mode, setup_real_mode};

@@ -133,7 +133,7 @@ pub struct ExecArgs {
     command: Vec<OsString>,
 }
 
-fn parse_region(s: &str) -> Result<Region, String> {
+fn parse_region(s: &str) -> Result<Region, pagetrack_vmm::RegionError> {
     s.parse()
 }
 

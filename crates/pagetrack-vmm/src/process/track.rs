@@ -12,7 +12,7 @@ use pagetrack_kvm::{PageTableUpdate, Vm};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::mm::{AddressSpace, Mapped, PAGE, PageKind};
-use crate::error::Result;
+use crate::error::{RegionError, Result};
 
 /// A `--track` region of a process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,22 +65,21 @@ impl Region {
     }
 }
 
-fn parse_num(s: &str) -> std::result::Result<u64, String> {
+fn parse_num(s: &str) -> std::result::Result<u64, RegionError> {
     let t = s.trim();
     let (digits, radix) = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         Some(h) => (h, 16),
         None => (t, 10),
     };
-    u64::from_str_radix(digits, radix)
-        .map_err(|_| format!("'{s}' is not a number (use 4096 or 0x1000)"))
+    u64::from_str_radix(digits, radix).map_err(|_| RegionError::NotANumber { text: s.to_owned() })
 }
 
 impl FromStr for Region {
-    type Err = String;
+    type Err = RegionError;
 
     /// `stack`, `heap`, `data`, `text`, `mmap`, `page-tables`, `writable`, or a virtual
     /// range `ADDR-END` (END exclusive) or `ADDR+LEN`.
-    fn from_str(s: &str) -> std::result::Result<Region, String> {
+    fn from_str(s: &str) -> std::result::Result<Region, RegionError> {
         Ok(match s {
             "stack" => Region::Stack,
             "heap" => Region::Heap,
@@ -92,17 +91,17 @@ impl FromStr for Region {
             _ => {
                 let (start, end) = if let Some((a, l)) = s.split_once('+') {
                     let a = parse_num(a)?;
-                    (a, a.checked_add(parse_num(l)?).ok_or("range overflows")?)
+                    (
+                        a,
+                        a.checked_add(parse_num(l)?).ok_or(RegionError::Overflow)?,
+                    )
                 } else if let Some((a, e)) = s.split_once('-') {
                     (parse_num(a)?, parse_num(e)?)
                 } else {
-                    return Err(format!(
-                        "'{s}' is not a region: use stack, heap, data, text, mmap, page-tables, \
-                         writable, ADDR-END or ADDR+LEN"
-                    ));
+                    return Err(RegionError::Unknown { text: s.to_owned() });
                 };
                 if end <= start {
-                    return Err(format!("'{s}' is empty (END is exclusive)"));
+                    return Err(RegionError::Empty { text: s.to_owned() });
                 }
                 Region::Range { start, end }
             }
@@ -357,8 +356,26 @@ mod tests {
                 end: 0x1010
             })
         );
-        assert!("0x2000-0x1000".parse::<Region>().is_err());
-        assert!("bogus".parse::<Region>().is_err());
+        assert_eq!(
+            "0x2000-0x1000".parse::<Region>(),
+            Err(RegionError::Empty {
+                text: "0x2000-0x1000".into()
+            })
+        );
+        assert_eq!(
+            "bogus".parse::<Region>(),
+            Err(RegionError::Unknown {
+                text: "bogus".into()
+            })
+        );
+        assert_eq!(
+            "0x1000+zz".parse::<Region>(),
+            Err(RegionError::NotANumber { text: "zz".into() })
+        );
+        assert_eq!(
+            "0xffffffffffffffff+2".parse::<Region>(),
+            Err(RegionError::Overflow)
+        );
     }
 
     #[test]
