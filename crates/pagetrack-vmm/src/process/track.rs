@@ -339,6 +339,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn commit_after_a_failed_page_table_access_stops_with_a_typed_error() {
+        let kvm = pagetrack_testkit::kvm_or_skip!();
+        let vm = Vm::with_kvm(kvm, pagetrack_kvm::VmConfig::default().with_ram(16 << 20)).unwrap();
+        vm.add_ram(0, 16 << 20).unwrap();
+        // A table pool beyond the 4096 frames of RAM (a broken set-up): the PML4 is there, so
+        // the first mapping's table walk cannot read it.
+        let frames = super::super::mm::Frames::new((5000, 5010), (100, 200));
+        let mut mm = AddressSpace::new(vm.memory(), frames, true).unwrap();
+        let rw = super::super::abi::PROT_READ | super::super::abi::PROT_WRITE;
+        assert_eq!(
+            mm.map(0x4000_0000, PAGE, rw, PageKind::Mmap),
+            Err(super::super::abi::EFAULT)
+        );
+        let mut tracking = Tracking::new(vec![Region::Writable]);
+        let stats = tracking.stats;
+        match tracking.commit(&vm, &mut mm, None) {
+            Err(crate::Error::AddressSpaceInconsistent { access, gpa }) => {
+                assert_eq!(access, crate::PageTableAccess::Read);
+                assert_eq!(gpa, 5000 * PAGE, "the PML4 entry of 0x4000_0000");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            tracking.stats, stats,
+            "nothing tracked, released or invalidated"
+        );
+        assert!(tracking.frames().is_empty());
+    }
+
+    #[test]
     fn region_parse_names_and_ranges() {
         assert_eq!("stack".parse::<Region>(), Ok(Region::Stack));
         assert_eq!("page-tables".parse::<Region>(), Ok(Region::PageTables));
