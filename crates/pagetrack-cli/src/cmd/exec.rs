@@ -133,7 +133,7 @@ pub struct ExecArgs {
     command: Vec<OsString>,
 }
 
-fn parse_region(s: &str) -> Result<Region, String> {
+fn parse_region(s: &str) -> Result<Region, pagetrack_vmm::RegionError> {
     s.parse()
 }
 
@@ -328,7 +328,7 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         | pagetrack_vmm::Error::ProgramRefused { .. }
         | pagetrack_vmm::Error::ImageTooLarge { .. }
         | pagetrack_vmm::Error::ProcUnderRoot { .. }
-        | pagetrack_vmm::Error::SandboxDir { .. } => anyhow::Error::new(UsageError(e.to_string())),
+        | pagetrack_vmm::Error::SandboxDir { .. } => anyhow::Error::new(UsageError::from_chain(&e)),
         other => anyhow::Error::new(other).context("cannot start the program"),
     })?;
     let target = args.events.clone().map(Target::File);
