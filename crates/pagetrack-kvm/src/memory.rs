@@ -47,7 +47,7 @@ pub(crate) fn apply_with<E>(
     // event order per frame equal to memory order: held until the event is delivered.
     let _locks = vm
         .frame_locks
-        .lock((gpa >> 12..=last >> 12).map(|f| f << 12));
+        .lock(&vm.backend.gate, (gpa >> 12..=last >> 12).map(|f| f << 12));
     let pt = vm.page_table_entries(&mem, gpa, data.len());
     let any_tracked = tracker.is_enabled() && {
         (gpa / PAGE_SIZE..=last / PAGE_SIZE)

@@ -673,7 +673,7 @@ pub(crate) fn promote(vm: &VmInner, gpas: &[u64]) -> Result<usize> {
         return Ok(0);
     }
     // The frames' stripe locks: no completion or device write is half done on them.
-    let _held = vm.frame_locks.lock(gpas.iter().copied());
+    let _held = vm.frame_locks.lock(&vm.backend.gate, gpas.iter().copied());
     let mut frags = vm.backend.frags();
     let tracked: Vec<u64> = gpas
         .iter()

@@ -1,0 +1,144 @@
+//! Adversarial review of relaxed mode (issue 12): a hostile guest racing syncs, promotions and
+//! demotions; notifiers that write memory or register from the side. The oracle is the replay
+//! one (initial memory + every event in order = final memory, each event's old bytes equal to
+//! the replay so far, so a duplicated or invented event fails too), and a hang guard on every
+//! scenario that could deadlock: the scenario runs on its own thread and the test fails if it
+//! does not finish within [`TIMEOUT`] (the stuck threads are left behind, the VM with them).
+
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use iced_x86::code_asm::*;
+use pagetrack::{Delivery, Gfn, NotifierClass, RegisterOptions};
+use pagetrack_kvm::{RelaxedConfig, RelaxedMode, Vm, VmConfig};
+use pagetrack_testkit::{assemble, exit_with, kvm_or_skip};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::common::*;
+
+const RAM: u64 = 16 << 20;
+/// 64 frames above [`T`]: the same frame-lock stripe as `T` (`store.rs`, 64 stripes).
+const SAME_STRIPE: u64 = T + 64 * 0x1000;
+
+/// Runs `scenario` on its own thread; fails the test if it does not return within
+/// [`TIMEOUT`] (a deadlock: every thread of it blocked), or if it panics.
+fn guarded<R: Send + 'static>(what: &str, scenario: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let r = scenario();
+        let _ = tx.send(());
+        r
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(()) => t.join().unwrap(),
+        Err(mpsc::RecvTimeoutError::Disconnected) => match t.join() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        },
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: no progress within {TIMEOUT:?} (deadlock)")
+        }
+    }
+}
+
+/// Guest: `[rdi] = i++` until the word at rsi is non-zero (no exit of its own).
+fn spin_store() -> Vec<u8> {
+    assemble(ENTRY, |a| {
+        a.mov(ecx, 1u32)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(qword_ptr(rdi), rcx)?;
+        a.inc(rcx)?;
+        a.cmp(qword_ptr(rsi), 0)?;
+        a.je(top)?;
+        exit_with(a, 3)
+    })
+}
+
+fn set_regs(vcpu: &pagetrack_kvm::Vcpu, f: impl FnOnce(&mut kvm_bindings::kvm_regs)) {
+    let mut regs = vcpu.fd().get_regs().unwrap();
+    f(&mut regs);
+    vcpu.fd().set_regs(&regs).unwrap();
+}
+
+fn coalesced_recorder(vm: &Vm) -> (Arc<Recorder>, pagetrack::NotifierHandle) {
+    let rec = Arc::new(Recorder::default());
+    let h = vm
+        .tracker()
+        .register(
+            rec.clone(),
+            RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced),
+        )
+        .unwrap();
+    (rec, h)
+}
+
+/// Waits (a hang guard, not a timing bound) until `cond`.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::yield_now();
+    }
+}
+
+/// Spawns a thread per vCPU running it to the guest's exit.
+fn spawn_vcpus(g: &mut Guest) -> Vec<std::thread::JoinHandle<u8>> {
+    let layout = g.layout.clone();
+    g.vcpus
+        .drain(..)
+        .map(|mut v| {
+            let (vm, layout) = (g.vm.clone(), layout.clone());
+            std::thread::spawn(move || run_to_exit(&vm, &layout, &mut v, TIMEOUT))
+        })
+        .collect()
+}
+
+/// vCPU 0 keeps trapping on a strict frame of the same frame-lock stripe as a frame that
+/// vCPU 1's stores promote (auto, again after every `make_strict`). A promotion holds the
+/// frames' stripe locks while it pauses, and the pause waits for vCPU 0's continuation (its
+/// trapped store): vCPU 0, handling that store, waited for the same stripe lock.
+#[test]
+fn auto_promotions_while_another_vcpu_traps_on_the_same_lock_stripe_do_not_deadlock() {
+    let kvm = kvm_or_skip!();
+    let mut policy = RelaxedConfig::new(RelaxedMode::Auto);
+    policy.group_frames = 1;
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(policy);
+    let mut g = boot_with(kvm, config, RAM, 2, &spin_store());
+    guarded("promotions against a trapping vCPU", move || {
+        let (rec, _h) = coalesced_recorder(&g.vm);
+        let (p, f) = (Gfn(T >> 12), Gfn(SAME_STRIPE >> 12));
+        g.vm.pin_strict(f).unwrap();
+        let len = 65 * 0x1000;
+        let initial = read(&g.vm, T, len);
+        g.vm.tracker().add_gfn(p).unwrap();
+        g.vm.tracker().add_gfn(f).unwrap();
+        for (i, gpa) in [SAME_STRIPE, T].into_iter().enumerate() {
+            set_regs(&g.vcpus[i], |r| {
+                r.rdi = gpa;
+                r.rsi = U;
+            });
+        }
+        let threads = spawn_vcpus(&mut g);
+        for k in 0..100 {
+            wait_for(&format!("promotion {k}"), || g.vm.is_relaxed(p));
+            g.vm.make_strict(&[p]).unwrap();
+        }
+        g.vm.untracked_memory()
+            .write_obj(1u64, GuestAddress(U))
+            .unwrap();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 3);
+        }
+        g.vm.sync().unwrap();
+        let ev = rec.take();
+        replay(T, &initial, &ev, &read(&g.vm, T, len));
+        assert!(g.vm.stats().relaxed.promotions >= 100);
+        assert!(
+            ev.iter()
+                .filter(|e| e.gpa >> 12 == f.0)
+                .all(|e| e.coalesced.is_none())
+        );
+        g.vm.unpin_strict(f).unwrap();
+    });
+}
