@@ -639,7 +639,9 @@ pub(crate) fn after_trap(vm: &VmInner, gpa: u64) -> Result<()> {
     periodic(vm)
 }
 
-/// A sync if the period since the last one has passed.
+/// A sync if the period since the last one has passed; and, as at an exit, every frame back
+/// to strict mode if some notifier no longer accepts coalesced events (a guest that never
+/// exits to the VMM would otherwise keep its frames relaxed under such a notifier forever).
 pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
     let r = &vm.backend.relaxed;
     if r.active() == 0 {
@@ -647,6 +649,10 @@ pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
     }
     let now = nanos(r.born.elapsed());
     if now.saturating_sub(r.last_sync_ns.load(Ordering::Relaxed)) >= nanos(r.config.period) {
+        if !r.accepts() {
+            let all = vm.backend.frags().relaxed_frames();
+            return demote(vm, &all);
+        }
         sync(vm)?;
     }
     Ok(())

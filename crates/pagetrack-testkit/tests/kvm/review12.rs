@@ -73,6 +73,12 @@ fn coalesced_recorder(vm: &Vm) -> (Arc<Recorder>, pagetrack::NotifierHandle) {
     (rec, h)
 }
 
+fn word(vm: &Vm, gpa: u64) -> u64 {
+    vm.untracked_memory()
+        .read_obj::<u64>(GuestAddress(gpa))
+        .unwrap()
+}
+
 /// Waits (a hang guard, not a timing bound) until `cond`.
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + TIMEOUT;
@@ -141,4 +147,61 @@ fn auto_promotions_while_another_vcpu_traps_on_the_same_lock_stripe_do_not_deadl
         );
         g.vm.unpin_strict(f).unwrap();
     });
+}
+
+/// A notifier that needs exact events registers while a guest spins on a relaxed frame
+/// without ever exiting to the VMM: the frame returns to strict mode at the next periodic
+/// sync (the stall monitor's kicks reach the vCPU), not only at an exit that never comes.
+#[test]
+fn an_exact_notifier_registered_while_the_guest_never_exits_gets_exact_events() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(
+        kvm,
+        VmConfig::default()
+            .with_ram(RAM)
+            .with_relaxed(RelaxedConfig::new(RelaxedMode::Always)),
+        RAM,
+        1,
+        &spin_store(),
+    );
+    let (_relaxed, _h1) = coalesced_recorder(&g.vm);
+    let r = Gfn(T >> 12);
+    g.vm.tracker().add_gfn(r).unwrap();
+    assert!(g.vm.is_relaxed(r));
+    set_regs(&g.vcpus[0], |regs| {
+        regs.rdi = T;
+        regs.rsi = U;
+    });
+    let threads = spawn_vcpus(&mut g);
+    wait_for("the guest runs", || word(&g.vm, T) != 0);
+    let (exact, _h2) = recorder(&g.vm);
+    let got_exact = || {
+        exact
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.coalesced.is_none())
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT / 2;
+    while !got_exact() && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    let relaxed_still = g.vm.is_relaxed(r);
+    g.vm.untracked_memory()
+        .write_obj(1u64, GuestAddress(U))
+        .unwrap();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 3);
+    }
+    assert!(
+        !relaxed_still && got_exact(),
+        "the frame stayed relaxed under a notifier that needs exact events"
+    );
+    let ev = exact.take();
+    let first = ev.iter().position(|e| e.coalesced.is_none()).unwrap();
+    assert!(
+        ev[first..].iter().all(|e| e.coalesced.is_none()),
+        "once strict, only exact events"
+    );
 }
