@@ -5,12 +5,12 @@
 //! scenario that could deadlock: the scenario runs on its own thread and the test fails if it
 //! does not finish within [`TIMEOUT`] (the stuck threads are left behind, the VM with them).
 
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 use iced_x86::code_asm::*;
-use pagetrack::{Delivery, Gfn, NotifierClass, RegisterOptions};
-use pagetrack_kvm::{RelaxedConfig, RelaxedMode, Vm, VmConfig};
+use pagetrack::{Delivery, Gfn, NotifierClass, RegisterOptions, TrackNotifier, WriteEvent};
+use pagetrack_kvm::{RelaxedConfig, RelaxedMode, TrackedMemory, Vm, VmConfig};
 use pagetrack_testkit::{assemble, exit_with, kvm_or_skip};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -146,6 +146,140 @@ fn auto_promotions_while_another_vcpu_traps_on_the_same_lock_stripe_do_not_deadl
                 .all(|e| e.coalesced.is_none())
         );
         g.vm.unpin_strict(f).unwrap();
+    });
+}
+
+/// Whether the thread `tid` of this process sleeps (state `S`: blocked on a lock here).
+fn sleeping(tid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('S')))
+        .unwrap_or(false)
+}
+
+/// Records every event. At the first coalesced event it gets on the thread that armed it
+/// (inside that sync's delivery, the sync lock held), it lets a device thread start a write
+/// into a relaxed frame, waits until that thread blocks (on the sync lock), then itself
+/// writes a strict frame of the same frame-lock stripe through [`TrackedMemory`].
+#[derive(Debug, Default)]
+struct Answerer {
+    rec: Recorder,
+    mem: Mutex<Option<TrackedMemory>>,
+    at: u64,
+    armed: Mutex<Option<std::thread::ThreadId>>,
+    go: std::sync::atomic::AtomicBool,
+    device_tid: Mutex<Option<String>>,
+}
+
+impl TrackNotifier for Answerer {
+    fn track_write(&self, e: &WriteEvent<'_>) {
+        self.rec.track_write(e);
+        let me = std::thread::current().id();
+        if e.coalesced.is_none() || *self.armed.lock().unwrap() != Some(me) {
+            return;
+        }
+        *self.armed.lock().unwrap() = None;
+        self.go.store(true, std::sync::atomic::Ordering::Release);
+        // A hang guard: without it the answer below comes anyway, later.
+        let deadline = std::time::Instant::now() + TIMEOUT / 4;
+        while std::time::Instant::now() < deadline
+            && !self
+                .device_tid
+                .lock()
+                .unwrap()
+                .as_deref()
+                .is_some_and(sleeping)
+        {
+            std::thread::yield_now();
+        }
+        let mem = self.mem.lock().unwrap().clone();
+        if let Some(mem) = mem {
+            mem.write_obj(0x5a5a_u64, GuestAddress(self.at)).unwrap();
+        }
+    }
+}
+
+/// A device thread writes a relaxed frame while a sync delivers to a notifier that writes
+/// another frame of the same frame-lock stripe: the device write took the frame lock, then
+/// waited for the sync lock (its sync before the write); the delivering thread held the sync
+/// lock and waited for the frame lock.
+#[test]
+fn a_notifier_writing_memory_inside_a_coalesced_delivery_does_not_deadlock_a_device_write() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(
+        kvm,
+        VmConfig::default()
+            .with_ram(RAM)
+            .with_relaxed(RelaxedConfig::new(RelaxedMode::Always)),
+        RAM,
+        1,
+        &spin_store(),
+    );
+    guarded("a device write against an answering notifier", move || {
+        let n = Arc::new(Answerer {
+            at: SAME_STRIPE,
+            ..Answerer::default()
+        });
+        let _h = g
+            .vm
+            .tracker()
+            .register(
+                n.clone(),
+                RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced),
+            )
+            .unwrap();
+        *n.mem.lock().unwrap() = Some(g.vm.memory());
+        let (r, q) = (Gfn(T >> 12), Gfn(SAME_STRIPE >> 12));
+        g.vm.pin_strict(q).unwrap();
+        let len = 65 * 0x1000;
+        let initial = read(&g.vm, T, len);
+        g.vm.tracker().add_gfn(r).unwrap();
+        g.vm.tracker().add_gfn(q).unwrap();
+        assert!(g.vm.is_relaxed(r) && !g.vm.is_relaxed(q));
+        set_regs(&g.vcpus[0], |regs| {
+            regs.rdi = T;
+            regs.rsi = U;
+        });
+        let threads = spawn_vcpus(&mut g);
+        wait_for("the guest runs", || word(&g.vm, T) != 0);
+        let (vm, n2) = (g.vm.clone(), n.clone());
+        let device = std::thread::spawn(move || {
+            let me = std::fs::read_link("/proc/thread-self").unwrap();
+            let tid = me.file_name().unwrap().to_string_lossy().into_owned();
+            *n2.device_tid.lock().unwrap() = Some(tid);
+            wait_for("the notifier's go", || {
+                n2.go.load(std::sync::atomic::Ordering::Acquire)
+            });
+            vm.memory()
+                .write_obj(0xd0d0_u64, GuestAddress(T + 0x800))
+                .unwrap();
+        });
+        wait_for("the device thread's id", || {
+            n.device_tid.lock().unwrap().is_some()
+        });
+        // The guest keeps the frame dirty: a sync soon delivers a coalesced event.
+        *n.armed.lock().unwrap() = Some(std::thread::current().id());
+        wait_for("a sync with a coalesced event", || {
+            g.vm.sync().unwrap();
+            n.go.load(std::sync::atomic::Ordering::Acquire)
+        });
+        device.join().unwrap();
+        g.vm.untracked_memory()
+            .write_obj(1u64, GuestAddress(U))
+            .unwrap();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 3);
+        }
+        g.vm.sync().unwrap();
+        n.mem.lock().unwrap().take();
+        let ev = n.rec.take();
+        replay(T, &initial, &ev, &read(&g.vm, T, len));
+        assert_eq!(word(&g.vm, SAME_STRIPE), 0x5a5a);
+        assert!(
+            ev.iter()
+                .any(|e| e.gpa == T + 0x800 && e.source == pagetrack::Source::Device)
+        );
+        g.vm.unpin_strict(q).unwrap();
     });
 }
 
