@@ -472,3 +472,129 @@ fn a_change_undone_before_the_sync_yields_no_event_and_the_replay_holds() {
         (T + 16, &0x42u64.to_le_bytes()[..], true)
     );
 }
+
+/// Guest: rcx times: `[rsi + 8 (i % 512)] = i` (this vCPU's frame), `lock xadd [rdi], 1` (a
+/// shared counter), no exit of its own until the end.
+fn pinned_counters() -> Vec<u8> {
+    assemble(ENTRY, |a| {
+        a.xor(r8, r8)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(rax, r8)?;
+        a.and(eax, 511u32)?;
+        a.mov(qword_ptr(rsi + rax * 8), r8)?;
+        a.mov(eax, 1u32)?;
+        a.lock().xadd(qword_ptr(rdi), rax)?;
+        a.inc(r8)?;
+        a.cmp(r8, rcx)?;
+        a.jne(top)?;
+        exit_with(a, 3)
+    })
+}
+
+/// Two vCPUs store and count while the VMM pins, unpins and relaxes their frames over and
+/// over (demotions and promotions in the middle of both write bursts): the replay holds and
+/// no increment of the shared counter is lost, whichever mode its frame is in.
+#[test]
+fn pins_and_relaxes_racing_two_vcpus_replay_exactly_and_lose_no_increment() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(
+        kvm,
+        VmConfig::default()
+            .with_ram(RAM)
+            .with_relaxed(RelaxedConfig::new(RelaxedMode::Always)),
+        RAM,
+        2,
+        &pinned_counters(),
+    );
+    guarded("pins against two vCPUs", move || {
+        let (rec, _h) = coalesced_recorder(&g.vm);
+        let initial = read(&g.vm, T, 0x3000);
+        let frames: Vec<Gfn> = (0..3).map(|k| Gfn((T >> 12) + k)).collect();
+        g.vm.tracker()
+            .add_range(pagetrack::AsId::NORMAL, frames[0], 3)
+            .unwrap();
+        const N: u64 = 30_000;
+        for (i, v) in g.vcpus.iter().enumerate() {
+            set_regs(v, |r| {
+                r.rdi = T + 0x2000;
+                r.rsi = T + 0x1000 * i as u64;
+                r.rcx = N;
+            });
+        }
+        let threads = spawn_vcpus(&mut g);
+        let mut k = 0usize;
+        while !threads.iter().all(std::thread::JoinHandle::is_finished) {
+            let f = frames[k % 3];
+            g.vm.pin_strict(f).unwrap();
+            assert!(!g.vm.is_relaxed(f));
+            g.vm.unpin_strict(f).unwrap();
+            g.vm.relax(&frames).unwrap();
+            k += 1;
+        }
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 3);
+        }
+        g.vm.sync().unwrap();
+        let fin = read(&g.vm, T, 0x3000);
+        assert_eq!(
+            u64::from_le_bytes(fin[0x2000..0x2008].try_into().unwrap()),
+            2 * N,
+            "no lost increment ({k} pin rounds)"
+        );
+        replay(T, &initial, &rec.take(), &fin);
+        assert!(g.vm.stats().relaxed.demotions > 0);
+    });
+}
+
+/// The budget runs out: with `max_frames = 2` only two of four tracked frames run relaxed,
+/// also after promotions are asked for again (`relax`, trapped stores under `Always`); the
+/// others stay strict with one exact event per store, and the replay holds.
+#[test]
+fn the_relaxed_budget_keeps_frames_beyond_it_strict_and_exact() {
+    let kvm = kvm_or_skip!();
+    let code = assemble(ENTRY, |a| {
+        a.xor(r8, r8)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        for k in 0..4u64 {
+            a.mov(qword_ptr(rdi + 0x1000 * k + 0x10), r8)?;
+        }
+        a.inc(r8)?;
+        a.cmp(r8, 200)?;
+        a.jne(top)?;
+        exit_with(a, 3)
+    });
+    let mut policy = RelaxedConfig::new(RelaxedMode::Always);
+    policy.max_frames = 2;
+    let mut g = boot_with(
+        kvm,
+        VmConfig::default().with_ram(RAM).with_relaxed(policy),
+        RAM,
+        1,
+        &code,
+    );
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x4000);
+    let frames: Vec<Gfn> = (0..4).map(|k| Gfn((T >> 12) + k)).collect();
+    g.vm.tracker()
+        .add_range(pagetrack::AsId::NORMAL, frames[0], 4)
+        .unwrap();
+    assert_eq!(g.vm.relax(&frames).unwrap(), 0, "the budget is spent");
+    set_regs(&g.vcpus[0], |r| r.rdi = T);
+    assert_eq!(run_to_exit(&g.vm, &g.layout, &mut g.vcpus[0], TIMEOUT), 3);
+    let relaxed: Vec<bool> = frames.iter().map(|&f| g.vm.is_relaxed(f)).collect();
+    assert_eq!(relaxed.iter().filter(|&&r| r).count(), 2, "{relaxed:?}");
+    assert_eq!(g.vm.stats().relaxed.relaxed_now, 2);
+    let ev = rec.take();
+    replay(T, &initial, &ev, &read(&g.vm, T, 0x4000));
+    for (f, &r) in frames.iter().zip(&relaxed) {
+        let mine: Vec<&Ev> = ev.iter().filter(|e| e.gpa >> 12 == f.0).collect();
+        if r {
+            assert!(mine.iter().all(|e| e.coalesced.is_some()));
+        } else {
+            assert_eq!(mine.len(), 200, "strict: one event per store");
+            assert!(mine.iter().all(|e| e.coalesced.is_none()));
+        }
+    }
+}
