@@ -57,7 +57,9 @@ pub(crate) fn handle<'a>(
         return Outcome::Plain;
     };
     let targets: Vec<_> = plan.targets().map(|t| (t.gpa, t.len)).collect();
-    let guard = vm.frame_locks.lock(targets.iter().map(|t| t.0));
+    let guard = vm
+        .frame_locks
+        .lock(&vm.backend.gate, targets.iter().map(|t| t.0));
     let pts: Vec<_> = targets
         .iter()
         .map(|&(gpa, len)| vm.page_table_entries(mem, gpa, len))

@@ -67,9 +67,11 @@ fn apply_logged<E>(
     let last = gpa + data.len() as u64 - 1;
     // Serialize with read-modify-writes that pagetrack completes on the same frames, and keep
     // event order per frame equal to memory order: held until the event is delivered.
-    let _locks = vm
-        .frame_locks
-        .lock((gpa >> 12..=last >> 12).map(|f| f << 12));
+    // The sync lock first where the range touches a relaxed frame (lock order, `relaxed.rs`).
+    let (_sync, _locks) = crate::relaxed::lock_for_write(vm, gpa, data.len() as u64, || {
+        vm.frame_locks
+            .lock(&vm.backend.gate, (gpa >> 12..=last >> 12).map(|f| f << 12))
+    });
     let pt = vm.page_table_entries(&mem, gpa, data.len());
     let any_tracked = tracker.is_enabled() && {
         (gpa / PAGE_SIZE..=last / PAGE_SIZE)

@@ -19,8 +19,12 @@
 //! - relaxed → strict: paused, a final sync (harvest, diff, deliver), then the fragment
 //!   becomes read-only and the shadow goes.
 //!
-//! Locks, in order: a frame's stripe lock (`store.rs`), the sync lock, the fragment table,
-//! the shadows. Events are delivered with the sync lock held (so batches and device writes to
+//! Locks, in order: the sync lock, a frame's stripe lock (`store.rs`), the fragment table,
+//! the shadows. A write pagetrack applies to a relaxed frame takes the sync lock before the
+//! stripes ([`lock_for_write`]: the delivering thread holds the sync lock and its notifier
+//! may write memory); a promotion takes stripes but not the sync lock. Stores pagetrack
+//! emulates ([`applied`]) still take it under their stripes, only for relaxed frames a
+//! squeezed layout made read-only. Events are delivered with the sync lock held (so batches and device writes to
 //! relaxed frames are delivered in memory order), never with the fragment table or shadows
 //! locked.
 
@@ -386,9 +390,71 @@ pub(crate) fn sync(vm: &VmInner) -> Result<SyncReport> {
     sync_locked(vm)
 }
 
-/// The sync lock, unless this thread holds it already (it is delivering).
-fn sync_lock<'a>(vm: &'a VmInner) -> Option<MutexGuard<'a, SyncState>> {
-    (!DELIVERING.with(Cell::get)).then(|| lock_sync(vm))
+/// The sync lock held; while it lives this thread counts as holding it (`DELIVERING`), so
+/// what a notifier called meanwhile does on this thread (a sync, a device write into a
+/// relaxed frame) runs without taking it again instead of waiting for itself.
+pub(crate) struct SyncHeld<'a> {
+    _guard: MutexGuard<'a, SyncState>,
+}
+
+impl Drop for SyncHeld<'_> {
+    fn drop(&mut self) {
+        DELIVERING.with(|d| d.set(false));
+    }
+}
+
+/// The sync lock, unless this thread holds it already (it is delivering, or holds a
+/// [`SyncHeld`]).
+fn sync_lock(vm: &VmInner) -> Option<SyncHeld<'_>> {
+    if DELIVERING.with(Cell::get) {
+        return None;
+    }
+    let guard = lock_sync(vm);
+    DELIVERING.with(|d| d.set(true));
+    Some(SyncHeld { _guard: guard })
+}
+
+/// True if `[gpa, gpa + len)` touches a relaxed frame's shadow and this thread does not
+/// hold the sync lock: a write pagetrack applies there needs the sync lock.
+fn needs_sync_lock(vm: &VmInner, gpa: u64, len: u64) -> bool {
+    !DELIVERING.with(Cell::get) && touches_shadow(vm, gpa, len)
+}
+
+/// True if `[gpa, gpa + len)` touches a relaxed frame's shadow.
+fn touches_shadow(vm: &VmInner, gpa: u64, len: u64) -> bool {
+    let r = &vm.backend.relaxed;
+    if r.active() == 0 || len == 0 {
+        return false;
+    }
+    let first = gpa & !(PAGE - 1);
+    let last = (gpa + len - 1) & !(PAGE - 1);
+    let shadows = lock(&r.shadows);
+    (first..=last)
+        .step_by(PAGE_BYTES)
+        .any(|f| shadows.contains_key(&f))
+}
+
+/// For a write pagetrack applies to `[gpa, gpa + len)` (`memory.rs`): takes the frames'
+/// stripe locks with `lock_frames`, and first the sync lock if the range touches a relaxed
+/// frame. The sync lock comes before the stripe locks: the thread delivering a sync's events
+/// holds the sync lock, and its notifier may write guest memory (stripe locks); a writer that
+/// waited for the sync lock with a stripe held deadlocked against it. Retried if a frame was
+/// promoted between the check and the stripe locks (a promotion takes them).
+pub(crate) fn lock_for_write<'a, L>(
+    vm: &'a VmInner,
+    gpa: u64,
+    len: u64,
+    lock_frames: impl Fn() -> L,
+) -> (Option<SyncHeld<'a>>, L) {
+    loop {
+        let sync = needs_sync_lock(vm, gpa, len)
+            .then(|| sync_lock(vm))
+            .flatten();
+        let frames = lock_frames();
+        if sync.is_some() || !needs_sync_lock(vm, gpa, len) {
+            return (sync, frames);
+        }
+    }
 }
 
 /// Takes the sync lock. Its holder may be delivering to a notifier that pauses (tracks from
@@ -513,7 +579,7 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
 /// the caller gets the sync lock held (after a sync, so the frame's earlier guest changes
 /// are delivered first) until it has delivered its own exact event: keep the returned guard
 /// until then.
-pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<MutexGuard<'_, SyncState>> {
+pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<SyncHeld<'_>> {
     let r = &vm.backend.relaxed;
     if r.active() == 0 {
         return None;
@@ -541,7 +607,7 @@ pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<MutexGuar
 /// [`settle`] (a guest store racing the write after the sync is delivered before its event).
 pub(crate) fn after_apply(
     vm: &VmInner,
-    guard: &mut Option<MutexGuard<'_, SyncState>>,
+    guard: &mut Option<SyncHeld<'_>>,
     gpa: u64,
     old: &[u8],
     data: &[u8],
@@ -565,9 +631,10 @@ pub(crate) fn applied<'a>(
     gpa: u64,
     old: &[u8],
     new: &[u8],
-) -> Option<MutexGuard<'a, SyncState>> {
-    let r = &vm.backend.relaxed;
-    if r.active() == 0 || new.is_empty() {
+) -> Option<SyncHeld<'a>> {
+    // Only bytes of relaxed frames have a shadow to settle (the caller holds the frames'
+    // stripe locks, so none becomes relaxed meanwhile).
+    if new.is_empty() || !touches_shadow(vm, gpa, new.len() as u64) {
         return None;
     }
     let guard = sync_lock(vm);
@@ -639,7 +706,9 @@ pub(crate) fn after_trap(vm: &VmInner, gpa: u64) -> Result<()> {
     periodic(vm)
 }
 
-/// A sync if the period since the last one has passed.
+/// A sync if the period since the last one has passed; and, as at an exit, every frame back
+/// to strict mode if some notifier no longer accepts coalesced events (a guest that never
+/// exits to the VMM would otherwise keep its frames relaxed under such a notifier forever).
 pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
     let r = &vm.backend.relaxed;
     if r.active() == 0 {
@@ -647,6 +716,10 @@ pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
     }
     let now = nanos(r.born.elapsed());
     if now.saturating_sub(r.last_sync_ns.load(Ordering::Relaxed)) >= nanos(r.config.period) {
+        if !r.accepts() {
+            let all = vm.backend.frags().relaxed_frames();
+            return demote(vm, &all);
+        }
         sync(vm)?;
     }
     Ok(())
@@ -673,7 +746,7 @@ pub(crate) fn promote(vm: &VmInner, gpas: &[u64]) -> Result<usize> {
         return Ok(0);
     }
     // The frames' stripe locks: no completion or device write is half done on them.
-    let _held = vm.frame_locks.lock(gpas.iter().copied());
+    let _held = vm.frame_locks.lock(&vm.backend.gate, gpas.iter().copied());
     let mut frags = vm.backend.frags();
     let tracked: Vec<u64> = gpas
         .iter()

@@ -37,6 +37,7 @@ mod relaxed;
 mod remap;
 mod review10m;
 mod review10s;
+mod review12;
 mod runahead;
 mod shapes;
 mod singlestep;
