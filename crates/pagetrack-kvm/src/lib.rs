@@ -146,4 +146,4 @@ pub use relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
 pub use slots::FragmentStats;
 pub use update::PageTableUpdate;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
-pub use vm::{HostCaps, KvmSlotIds, Vm, VmConfig, VmStats};
+pub use vm::{DirtyProtect, HostCaps, KvmSlotIds, Vm, VmConfig, VmStats};

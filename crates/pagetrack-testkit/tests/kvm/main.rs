@@ -25,6 +25,7 @@ mod exits;
 mod failure;
 mod fault;
 mod hard;
+mod harvest;
 mod hostile;
 mod kvmwrites;
 mod masked;
