@@ -120,6 +120,7 @@
 compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
 
 mod atomic;
+mod cooling;
 mod dirty;
 mod error;
 mod gate;

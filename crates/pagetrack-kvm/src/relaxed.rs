@@ -79,6 +79,18 @@ pub struct RelaxedConfig {
     /// stores, and the stall monitor's kicks, which come every 50 ms to a vCPU that does not
     /// exit), besides the sync at every exit to the VMM.
     pub period: Duration,
+    /// Auto: a relaxed frame that no sync found dirty for this many consecutive syncs, and
+    /// for [`RelaxedConfig::demote_window`], is demoted back to strict (after a final sync);
+    /// 0 never demotes a cold frame.
+    pub demote_after_syncs: u32,
+    /// Auto: and for at least this long (see [`RelaxedConfig::demote_after_syncs`]).
+    pub demote_window: Duration,
+    /// Auto: hysteresis. For this long after a cold demotion the frame needs four times
+    /// [`RelaxedConfig::promote_after`] trapped stores to be promoted again (and a hot
+    /// neighbour's group promotion passes it over); if it is re-promoted within this time it
+    /// must stay cold twice as long before its next demotion, and four times as many stores
+    /// are needed again (doubling each time, up to 64x coldness).
+    pub demote_cooldown: Duration,
 }
 
 impl Default for RelaxedConfig {
@@ -93,6 +105,10 @@ impl Default for RelaxedConfig {
             max_frames: 16_384,
             group_frames: 16,
             period: Duration::from_millis(10),
+            // Measured (docs/PERFORMANCE.md, "Relaxed mode: cold demotion").
+            demote_after_syncs: 16,
+            demote_window: Duration::from_millis(200),
+            demote_cooldown: Duration::from_secs(2),
         }
     }
 }
@@ -119,6 +135,8 @@ pub struct RelaxedStats {
     pub promotions: u64,
     /// Relaxed → strict switches.
     pub demotions: u64,
+    /// Those of them made because the frame stayed cold (auto policy).
+    pub cold_demotions: u64,
     /// Syncs that found relaxed frames to harvest.
     pub syncs: u64,
     /// Coalesced events delivered.
@@ -201,11 +219,14 @@ pub(crate) struct Relaxed {
     ever: Mutex<HashSet<u64>>,
     pins: Mutex<HashMap<u64, u32>>,
     heat: Mutex<HashMap<u64, Heat>>,
+    /// Coldness of relaxed frames and backoff of demoted ones (auto policy).
+    cooling: Mutex<crate::cooling::Cooling>,
     active: AtomicUsize,
     born: Instant,
     last_sync_ns: AtomicU64,
     promotions: AtomicU64,
     demotions: AtomicU64,
+    cold_demotions: AtomicU64,
     syncs: AtomicU64,
     coalesced_events: AtomicU64,
     coalesced_bytes: AtomicU64,
@@ -235,11 +256,13 @@ impl Relaxed {
             ever: Mutex::default(),
             pins: Mutex::default(),
             heat: Mutex::default(),
+            cooling: Mutex::default(),
             active: AtomicUsize::new(0),
             born: Instant::now(),
             last_sync_ns: AtomicU64::new(0),
             promotions: AtomicU64::new(0),
             demotions: AtomicU64::new(0),
+            cold_demotions: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             coalesced_events: AtomicU64::new(0),
             coalesced_bytes: AtomicU64::new(0),
@@ -265,6 +288,19 @@ impl Relaxed {
         leaving.iter().any(|&(a, b)| (a..b).contains(&gpa))
     }
 
+    /// True if cold frames are demoted (auto policy with `demote_after_syncs` set).
+    fn demotes(&self) -> bool {
+        self.config.mode == RelaxedMode::Auto && self.config.demote_after_syncs > 0
+    }
+
+    fn thresholds(&self) -> crate::cooling::Thresholds {
+        crate::cooling::Thresholds {
+            syncs: self.config.demote_after_syncs,
+            window: self.config.demote_window,
+            cooldown: self.config.demote_cooldown,
+        }
+    }
+
     /// Frames relaxed now (a lock-free hint for the fast paths).
     pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
@@ -285,6 +321,7 @@ impl Relaxed {
             frames_relaxed: lock(&self.ever).len() as u64,
             promotions: self.promotions.load(Ordering::Relaxed),
             demotions: self.demotions.load(Ordering::Relaxed),
+            cold_demotions: self.cold_demotions.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
             coalesced_events: self.coalesced_events.load(Ordering::Relaxed),
             coalesced_bytes: self.coalesced_bytes.load(Ordering::Relaxed),
@@ -340,6 +377,9 @@ impl Relaxed {
         }
         drop(shadows);
         lock(&self.ever).extend(frames.iter().copied());
+        if self.demotes() {
+            lock(&self.cooling).promoted(&frames, Instant::now(), &self.thresholds());
+        }
         self.active.fetch_add(frames.len(), Ordering::AcqRel);
         self.promotions
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
@@ -348,6 +388,9 @@ impl Relaxed {
 
     /// Forgets the shadows of frames that are no longer relaxed (untracked, or demoted).
     pub(crate) fn forget(&self, frames: &[u64]) {
+        if self.demotes() {
+            lock(&self.cooling).forgotten(frames);
+        }
         let mut shadows = lock(&self.shadows);
         let mut n = 0;
         for f in frames {
@@ -363,6 +406,12 @@ impl Relaxed {
             return false;
         }
         let now = Instant::now();
+        // Hysteresis: a frame demoted for coldness a short while ago needs more heat.
+        let factor = if self.demotes() {
+            lock(&self.cooling).promote_factor(gpa & !(PAGE - 1), now, &self.thresholds())
+        } else {
+            1
+        };
         let mut heat = lock(&self.heat);
         let h = heat.entry(gpa & !(PAGE - 1)).or_default();
         match h.since {
@@ -372,7 +421,7 @@ impl Relaxed {
                 h.traps = 1;
             }
         }
-        if h.traps >= self.config.promote_after {
+        if h.traps >= self.config.promote_after.saturating_mul(factor) {
             heat.remove(&(gpa & !(PAGE - 1)));
             return true;
         }
@@ -447,6 +496,9 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     let harvested = start.elapsed();
     r.last_sync_ns
         .store(nanos(r.born.elapsed()), Ordering::Relaxed);
+    if r.demotes() {
+        lock(&r.cooling).synced(&dirty, Instant::now());
+    }
     if dirty.is_empty() {
         return Ok(SyncReport::default());
     }
@@ -642,13 +694,35 @@ pub(crate) fn after_trap(vm: &VmInner, gpa: u64) -> Result<()> {
     if hot && !r.is_pinned(gpa) {
         let g = r.config.group_frames.max(1).next_power_of_two() * PAGE;
         let first = gpa & !(g - 1);
-        let group: Vec<u64> = (first..first + g).step_by(PAGE_BYTES).collect();
+        let mut group: Vec<u64> = (first..first + g).step_by(PAGE_BYTES).collect();
+        if r.demotes() {
+            // Neighbours demoted for coldness a short while ago stay strict until they are
+            // hot themselves (hysteresis).
+            let (now, th, frame) = (Instant::now(), r.thresholds(), gpa & !(PAGE - 1));
+            let cooling = lock(&r.cooling);
+            group.retain(|&f| f == frame || !cooling.backing_off(f, now, &th));
+        }
         promote(vm, &group)?;
     }
     periodic(vm)
 }
 
-/// A sync if the period since the last one has passed.
+/// Auto policy, at a sync point with no lock held: demotes the relaxed frames that stayed
+/// cold ([`RelaxedConfig::demote_after_syncs`], [`RelaxedConfig::demote_window`]), with vCPUs
+/// paused and after a final sync; one the final sync finds dirty stays relaxed.
+pub(crate) fn demote_cold(vm: &VmInner) -> Result<()> {
+    let r = &vm.backend.relaxed;
+    if !r.demotes() || r.active() == 0 {
+        return Ok(());
+    }
+    let due = lock(&r.cooling).due(Instant::now(), &r.thresholds());
+    if due.is_empty() {
+        return Ok(());
+    }
+    demote_with(vm, &due, true)
+}
+
+/// A sync if the period since the last one has passed (and then the cold demotions due).
 pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
     let r = &vm.backend.relaxed;
     if r.active() == 0 {
@@ -657,6 +731,7 @@ pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
     let now = nanos(r.born.elapsed());
     if now.saturating_sub(r.last_sync_ns.load(Ordering::Relaxed)) >= nanos(r.config.period) {
         sync(vm)?;
+        demote_cold(vm)?;
     }
     Ok(())
 }
@@ -672,7 +747,8 @@ pub(crate) fn at_exit(vm: &VmInner) -> Result<()> {
         let all = vm.backend.frags().relaxed_frames();
         return demote(vm, &all);
     }
-    sync(vm).map(drop)
+    sync(vm)?;
+    demote_cold(vm)
 }
 
 /// Strict → relaxed for the eligible frames of `gpas` that are tracked.
@@ -709,6 +785,12 @@ pub(crate) fn promote(vm: &VmInner, gpas: &[u64]) -> Result<usize> {
 /// Relaxed → strict for the relaxed frames of `gpas`: with vCPUs paused, a final sync
 /// delivers their last changes, then their fragments become read-only.
 pub(crate) fn demote(vm: &VmInner, gpas: &[u64]) -> Result<()> {
+    demote_with(vm, gpas, false)
+}
+
+/// [`demote`]; `cold`: a cold demotion ([`demote_cold`]), which leaves relaxed the frames
+/// the final sync found dirty and records the others' backoff.
+fn demote_with(vm: &VmInner, gpas: &[u64], cold: bool) -> Result<()> {
     let r = &vm.backend.relaxed;
     if gpas.is_empty() || r.active() == 0 {
         return Ok(());
@@ -720,10 +802,27 @@ pub(crate) fn demote(vm: &VmInner, gpas: &[u64]) -> Result<()> {
     // Nothing writes guest memory from here on but device writes, which sync first and take
     // the sync lock this thread holds.
     sync_locked(vm)?;
+    let still_cold: Vec<u64>;
+    let gpas = if cold {
+        let cooling = lock(&r.cooling);
+        still_cold = gpas
+            .iter()
+            .copied()
+            .filter(|&f| !cooling.dirty_in_last_sync(f))
+            .collect();
+        &still_cold[..]
+    } else {
+        gpas
+    };
     let mut frags = vm.backend.frags();
     let (frames, chunks) = frags.set_relaxed(gpas.iter().copied(), false);
     if frames.is_empty() {
         return Ok(());
+    }
+    if cold {
+        lock(&r.cooling).demoted(&frames, Instant::now());
+        r.cold_demotions
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
     }
     r.forget(&frames);
     r.demotions

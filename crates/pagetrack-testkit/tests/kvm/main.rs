@@ -18,6 +18,7 @@ mod common;
 mod concurrency;
 mod config;
 mod delivery;
+mod demotion;
 mod devices;
 mod dirty;
 mod example;
