@@ -85,11 +85,10 @@ pub struct RelaxedConfig {
     pub demote_after_syncs: u32,
     /// Auto: and for at least this long (see [`RelaxedConfig::demote_after_syncs`]).
     pub demote_window: Duration,
-    /// Auto: hysteresis. For this long after a cold demotion the frame needs four times
-    /// [`RelaxedConfig::promote_after`] trapped stores to be promoted again (and a hot
-    /// neighbour's group promotion passes it over); if it is re-promoted within this time it
-    /// must stay cold twice as long before its next demotion, and four times as many stores
-    /// are needed again (doubling each time, up to 64x coldness).
+    /// Auto: hysteresis. For this long after a cold demotion the frame's own trapped stores
+    /// promote it only after four times [`RelaxedConfig::promote_after`]; if it is promoted
+    /// again within this time (by its stores or with its group), it must stay cold twice as
+    /// long before its next demotion (doubling each time, up to 64x).
     pub demote_cooldown: Duration,
 }
 
@@ -106,8 +105,8 @@ impl Default for RelaxedConfig {
             group_frames: 16,
             period: Duration::from_millis(10),
             // Measured (docs/PERFORMANCE.md, "Relaxed mode: cold demotion").
-            demote_after_syncs: 16,
-            demote_window: Duration::from_millis(200),
+            demote_after_syncs: 32,
+            demote_window: Duration::from_secs(1),
             demote_cooldown: Duration::from_secs(2),
         }
     }
@@ -694,14 +693,7 @@ pub(crate) fn after_trap(vm: &VmInner, gpa: u64) -> Result<()> {
     if hot && !r.is_pinned(gpa) {
         let g = r.config.group_frames.max(1).next_power_of_two() * PAGE;
         let first = gpa & !(g - 1);
-        let mut group: Vec<u64> = (first..first + g).step_by(PAGE_BYTES).collect();
-        if r.demotes() {
-            // Neighbours demoted for coldness a short while ago stay strict until they are
-            // hot themselves (hysteresis).
-            let (now, th, frame) = (Instant::now(), r.thresholds(), gpa & !(PAGE - 1));
-            let cooling = lock(&r.cooling);
-            group.retain(|&f| f == frame || !cooling.backing_off(f, now, &th));
-        }
+        let group: Vec<u64> = (first..first + g).step_by(PAGE_BYTES).collect();
         promote(vm, &group)?;
     }
     periodic(vm)
