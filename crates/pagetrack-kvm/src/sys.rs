@@ -1,8 +1,10 @@
 //! Every `unsafe` operation of pagetrack-kvm, each behind a small safe wrapper.
 //!
 //! JUSTIFICATION: kvm-ioctls marks `KVM_SET_USER_MEMORY_REGION` unsafe (the kernel keeps the
-//! host address), reading the `kvm_run` exit union is unsafe, and signalling a vCPU thread
-//! needs raw pthread calls. Nothing else in the crate uses unsafe.
+//! host address), reading the `kvm_run` exit union is unsafe, signalling a vCPU thread
+//! needs raw pthread calls, kvm-ioctls has no `KVM_CLEAR_DIRTY_LOG` (a raw ioctl with a
+//! bitmap pointer), and word-consistent loads of guest frames at full speed need an atomic
+//! view of the mapping. Nothing else in the crate uses unsafe.
 #![allow(unsafe_code)]
 
 use std::sync::Arc;
