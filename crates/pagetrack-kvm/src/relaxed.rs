@@ -8,9 +8,14 @@
 //!
 //! The sync protocol (design note 3.7): **harvest and re-protect, then read and diff**. Plain
 //! `KVM_GET_DIRTY_LOG` does both in one step inside the ioctl (it write-protects exactly the
-//! pages it reports, and flushes TLBs, before returning), so a store that lands after it is
-//! logged again and found by the next sync; a store before it is visible to the diff. Diffing
-//! first would lose a store made between the diff and the re-protect.
+//! pages it reports, and flushes TLBs, before returning); with manual protect
+//! ([`crate::DirtyProtect`]) `KVM_CLEAR_DIRTY_LOG` of exactly the harvested bits follows the
+//! GET, before any diff. Either way a store that lands after the re-protect is logged again
+//! and found by the next sync; a store before it is visible to the diff. Diffing first would
+//! lose a store made between the diff and the re-protect.
+//!
+//! Cold demotion (auto policy, `cooling.rs`): at sync points, relaxed frames that stayed
+//! clean long enough are demoted like a pin demotes them, after a final sync.
 //!
 //! Mode switches happen with every vCPU paused (the gate):
 //! - strict → relaxed: the frame is read-only (or untracked) until the switch, so its memory
@@ -490,7 +495,8 @@ struct Change {
 fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     let r = &vm.backend.relaxed;
     let start = Instant::now();
-    // 1 + 2: harvest and re-protect (one ioctl per relaxed fragment).
+    // 1 + 2: harvest and re-protect (per relaxed fragment: GET, then with manual protect
+    // CLEAR of exactly the harvested bits; `sys::KvmSlot::take_dirty_log`).
     let dirty = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
     let harvested = start.elapsed();
     r.last_sync_ns
