@@ -125,6 +125,7 @@ compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
 
 mod atomic;
 mod checkpoint;
+mod cooling;
 mod dirty;
 mod error;
 mod gate;
@@ -152,4 +153,4 @@ pub use relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
 pub use slots::FragmentStats;
 pub use update::PageTableUpdate;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
-pub use vm::{HostCaps, KickSignal, KvmSlotIds, Vm, VmConfig, VmStats};
+pub use vm::{DirtyProtect, HostCaps, KickSignal, KvmSlotIds, Vm, VmConfig, VmStats};

@@ -8,9 +8,14 @@
 //!
 //! The sync protocol (design note 3.7): **harvest and re-protect, then read and diff**. Plain
 //! `KVM_GET_DIRTY_LOG` does both in one step inside the ioctl (it write-protects exactly the
-//! pages it reports, and flushes TLBs, before returning), so a store that lands after it is
-//! logged again and found by the next sync; a store before it is visible to the diff. Diffing
-//! first would lose a store made between the diff and the re-protect.
+//! pages it reports, and flushes TLBs, before returning); with manual protect
+//! ([`crate::DirtyProtect`]) `KVM_CLEAR_DIRTY_LOG` of exactly the harvested bits follows the
+//! GET, before any diff. Either way a store that lands after the re-protect is logged again
+//! and found by the next sync; a store before it is visible to the diff. Diffing first would
+//! lose a store made between the diff and the re-protect.
+//!
+//! Cold demotion (auto policy, `cooling.rs`): at sync points, relaxed frames that stayed
+//! clean long enough are demoted like a pin demotes them, after a final sync.
 //!
 //! Mode switches happen with every vCPU paused (the gate):
 //! - strict → relaxed: the frame is read-only (or untracked) until the switch, so its memory
@@ -35,7 +40,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use pagetrack::{FrameRun, Gpa, PageTracker, Source, WriteEvent};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::error::Result;
 use crate::slots::Fragments;
@@ -83,6 +88,17 @@ pub struct RelaxedConfig {
     /// stores, and the stall monitor's kicks, which come every 50 ms to a vCPU that does not
     /// exit), besides the sync at every exit to the VMM.
     pub period: Duration,
+    /// Auto: a relaxed frame that no sync found dirty for this many consecutive syncs, and
+    /// for [`RelaxedConfig::demote_window`], is demoted back to strict (after a final sync);
+    /// 0 never demotes a cold frame.
+    pub demote_after_syncs: u32,
+    /// Auto: and for at least this long (see [`RelaxedConfig::demote_after_syncs`]).
+    pub demote_window: Duration,
+    /// Auto: hysteresis. For this long after a cold demotion the frame's own trapped stores
+    /// promote it only after four times [`RelaxedConfig::promote_after`]; if it is promoted
+    /// again within this time (by its stores or with its group), it must stay cold twice as
+    /// long before its next demotion (doubling each time, up to 64x).
+    pub demote_cooldown: Duration,
 }
 
 impl Default for RelaxedConfig {
@@ -97,6 +113,10 @@ impl Default for RelaxedConfig {
             max_frames: 16_384,
             group_frames: 16,
             period: Duration::from_millis(10),
+            // Measured (docs/PERFORMANCE.md, "Relaxed mode: cold demotion").
+            demote_after_syncs: 32,
+            demote_window: Duration::from_secs(1),
+            demote_cooldown: Duration::from_secs(2),
         }
     }
 }
@@ -123,6 +143,8 @@ pub struct RelaxedStats {
     pub promotions: u64,
     /// Relaxed → strict switches.
     pub demotions: u64,
+    /// Those of them made because the frame stayed cold (auto policy).
+    pub cold_demotions: u64,
     /// Syncs that found relaxed frames to harvest.
     pub syncs: u64,
     /// Coalesced events delivered.
@@ -131,6 +153,9 @@ pub struct RelaxedStats {
     pub coalesced_bytes: u64,
     /// Time spent in syncs (harvest, diff and delivery), nanoseconds.
     pub sync_ns: u64,
+    /// The part of [`RelaxedStats::sync_ns`] spent harvesting and re-protecting (the dirty-log
+    /// ioctls and the dispatch of their bits), nanoseconds.
+    pub harvest_ns: u64,
 }
 
 /// What one [`crate::Vm::sync`] did.
@@ -202,15 +227,19 @@ pub(crate) struct Relaxed {
     ever: Mutex<HashSet<u64>>,
     pins: Mutex<HashMap<u64, u32>>,
     heat: Mutex<HashMap<u64, Heat>>,
+    /// Coldness of relaxed frames and backoff of demoted ones (auto policy).
+    cooling: Mutex<crate::cooling::Cooling>,
     active: AtomicUsize,
     born: Instant,
     last_sync_ns: AtomicU64,
     promotions: AtomicU64,
     demotions: AtomicU64,
+    cold_demotions: AtomicU64,
     syncs: AtomicU64,
     coalesced_events: AtomicU64,
     coalesced_bytes: AtomicU64,
     sync_ns: AtomicU64,
+    harvest_ns: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -235,15 +264,18 @@ impl Relaxed {
             ever: Mutex::default(),
             pins: Mutex::default(),
             heat: Mutex::default(),
+            cooling: Mutex::default(),
             active: AtomicUsize::new(0),
             born: Instant::now(),
             last_sync_ns: AtomicU64::new(0),
             promotions: AtomicU64::new(0),
             demotions: AtomicU64::new(0),
+            cold_demotions: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             coalesced_events: AtomicU64::new(0),
             coalesced_bytes: AtomicU64::new(0),
             sync_ns: AtomicU64::new(0),
+            harvest_ns: AtomicU64::new(0),
         }
     }
 
@@ -262,6 +294,19 @@ impl Relaxed {
 
     fn is_leaving(leaving: &[(u64, u64)], gpa: u64) -> bool {
         leaving.iter().any(|&(a, b)| (a..b).contains(&gpa))
+    }
+
+    /// True if cold frames are demoted (auto policy with `demote_after_syncs` set).
+    fn demotes(&self) -> bool {
+        self.config.mode == RelaxedMode::Auto && self.config.demote_after_syncs > 0
+    }
+
+    fn thresholds(&self) -> crate::cooling::Thresholds {
+        crate::cooling::Thresholds {
+            syncs: self.config.demote_after_syncs,
+            window: self.config.demote_window,
+            cooldown: self.config.demote_cooldown,
+        }
     }
 
     /// Frames relaxed now (a lock-free hint for the fast paths).
@@ -284,10 +329,12 @@ impl Relaxed {
             frames_relaxed: lock(&self.ever).len() as u64,
             promotions: self.promotions.load(Ordering::Relaxed),
             demotions: self.demotions.load(Ordering::Relaxed),
+            cold_demotions: self.cold_demotions.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
             coalesced_events: self.coalesced_events.load(Ordering::Relaxed),
             coalesced_bytes: self.coalesced_bytes.load(Ordering::Relaxed),
             sync_ns: self.sync_ns.load(Ordering::Relaxed),
+            harvest_ns: self.harvest_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -338,6 +385,9 @@ impl Relaxed {
         }
         drop(shadows);
         lock(&self.ever).extend(frames.iter().copied());
+        if self.demotes() {
+            lock(&self.cooling).promoted(&frames, Instant::now(), &self.thresholds());
+        }
         self.active.fetch_add(frames.len(), Ordering::AcqRel);
         self.promotions
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
@@ -346,6 +396,9 @@ impl Relaxed {
 
     /// Forgets the shadows of frames that are no longer relaxed (untracked, or demoted).
     pub(crate) fn forget(&self, frames: &[u64]) {
+        if self.demotes() {
+            lock(&self.cooling).forgotten(frames);
+        }
         let mut shadows = lock(&self.shadows);
         let mut n = 0;
         for f in frames {
@@ -361,6 +414,12 @@ impl Relaxed {
             return false;
         }
         let now = Instant::now();
+        // Hysteresis: a frame demoted for coldness a short while ago needs more heat.
+        let factor = if self.demotes() {
+            lock(&self.cooling).promote_factor(gpa & !(PAGE - 1), now, &self.thresholds())
+        } else {
+            1
+        };
         let mut heat = lock(&self.heat);
         let h = heat.entry(gpa & !(PAGE - 1)).or_default();
         match h.since {
@@ -370,7 +429,7 @@ impl Relaxed {
                 h.traps = 1;
             }
         }
-        if h.traps >= self.config.promote_after {
+        if h.traps >= self.config.promote_after.saturating_mul(factor) {
             heat.remove(&(gpa & !(PAGE - 1)));
             return true;
         }
@@ -502,13 +561,19 @@ struct Change {
 fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     let r = &vm.backend.relaxed;
     let start = Instant::now();
-    // 1 + 2: harvest and re-protect (one ioctl per relaxed fragment).
+    // 1 + 2: harvest and re-protect (per relaxed fragment: GET, then with manual protect
+    // CLEAR of exactly the harvested bits; `sys::KvmSlot::take_dirty_log`).
     let dirty = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
+    let harvested = start.elapsed();
     r.last_sync_ns
         .store(nanos(r.born.elapsed()), Ordering::Relaxed);
+    if r.demotes() {
+        lock(&r.cooling).synced(&dirty, Instant::now());
+    }
     if dirty.is_empty() {
         return Ok(SyncReport::default());
     }
+    r.harvest_ns.fetch_add(nanos(harvested), Ordering::Relaxed);
     let epoch = r.next_epoch();
     // 3: read and diff, word by word (aligned 8-byte loads: a naturally aligned guest store
     // is never torn), against the shadow; the shadow takes what was read.
@@ -542,11 +607,12 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
         let Ok(slice) = mem.get_slice(GuestAddress(f), PAGE_BYTES) else {
             continue;
         };
+        let Some(words) = crate::sys::slice_words(&slice) else {
+            continue;
+        };
         let mut run: Option<(usize, Vec<u8>, Vec<u8>)> = None;
-        for (w, old) in sh.iter_mut().enumerate() {
-            let new = slice
-                .load::<u64>(w * 8, Ordering::Relaxed)
-                .expect("inside the page slice");
+        for (w, (old, word)) in sh.iter_mut().zip(words).enumerate() {
+            let new = word.load(Ordering::Relaxed);
             if new == *old {
                 if let Some((at, o, n)) = run.take() {
                     out.push(Change {
@@ -706,9 +772,25 @@ pub(crate) fn after_trap(vm: &VmInner, gpa: u64) -> Result<()> {
     periodic(vm)
 }
 
-/// A sync if the period since the last one has passed; and, as at an exit, every frame back
-/// to strict mode if some notifier no longer accepts coalesced events (a guest that never
-/// exits to the VMM would otherwise keep its frames relaxed under such a notifier forever).
+/// Auto policy, at a sync point with no lock held: demotes the relaxed frames that stayed
+/// cold ([`RelaxedConfig::demote_after_syncs`], [`RelaxedConfig::demote_window`]), with vCPUs
+/// paused and after a final sync; one the final sync finds dirty stays relaxed.
+pub(crate) fn demote_cold(vm: &VmInner) -> Result<()> {
+    let r = &vm.backend.relaxed;
+    if !r.demotes() || r.active() == 0 {
+        return Ok(());
+    }
+    let due = lock(&r.cooling).due(Instant::now(), &r.thresholds());
+    if due.is_empty() {
+        return Ok(());
+    }
+    demote_with(vm, &due, true)
+}
+
+/// A sync if the period since the last one has passed (and then the cold demotions due);
+/// and, as at an exit, every frame back to strict mode if some notifier no longer accepts
+/// coalesced events (a guest that never exits to the VMM would otherwise keep its frames
+/// relaxed under such a notifier forever).
 pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
     let r = &vm.backend.relaxed;
     if r.active() == 0 {
@@ -721,6 +803,7 @@ pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
             return demote(vm, &all);
         }
         sync(vm)?;
+        demote_cold(vm)?;
     }
     Ok(())
 }
@@ -736,7 +819,8 @@ pub(crate) fn at_exit(vm: &VmInner) -> Result<()> {
         let all = vm.backend.frags().relaxed_frames();
         return demote(vm, &all);
     }
-    sync(vm).map(drop)
+    sync(vm)?;
+    demote_cold(vm)
 }
 
 /// Strict → relaxed for the eligible frames of `gpas` that are tracked.
@@ -773,6 +857,12 @@ pub(crate) fn promote(vm: &VmInner, gpas: &[u64]) -> Result<usize> {
 /// Relaxed → strict for the relaxed frames of `gpas`: with vCPUs paused, a final sync
 /// delivers their last changes, then their fragments become read-only.
 pub(crate) fn demote(vm: &VmInner, gpas: &[u64]) -> Result<()> {
+    demote_with(vm, gpas, false)
+}
+
+/// [`demote`]; `cold`: a cold demotion ([`demote_cold`]), which leaves relaxed the frames
+/// the final sync found dirty and records the others' backoff.
+fn demote_with(vm: &VmInner, gpas: &[u64], cold: bool) -> Result<()> {
     let r = &vm.backend.relaxed;
     if gpas.is_empty() || r.active() == 0 {
         return Ok(());
@@ -784,10 +874,27 @@ pub(crate) fn demote(vm: &VmInner, gpas: &[u64]) -> Result<()> {
     // Nothing writes guest memory from here on but device writes, which sync first and take
     // the sync lock this thread holds.
     sync_locked(vm)?;
+    let still_cold: Vec<u64>;
+    let gpas = if cold {
+        let cooling = lock(&r.cooling);
+        still_cold = gpas
+            .iter()
+            .copied()
+            .filter(|&f| !cooling.dirty_in_last_sync(f))
+            .collect();
+        &still_cold[..]
+    } else {
+        gpas
+    };
     let mut frags = vm.backend.frags();
     let (frames, chunks) = frags.set_relaxed(gpas.iter().copied(), false);
     if frames.is_empty() {
         return Ok(());
+    }
+    if cold {
+        lock(&r.cooling).demoted(&frames, Instant::now());
+        r.cold_demotions
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
     }
     r.forget(&frames);
     r.demotions

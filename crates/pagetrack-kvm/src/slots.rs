@@ -197,6 +197,9 @@ pub(crate) struct Fragments {
     chunk_bytes: u64,
     /// Every fragment carries `KVM_MEM_LOG_DIRTY_PAGES`.
     log_dirty: bool,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` is enabled on the VM: a harvest is
+    /// `KVM_GET_DIRTY_LOG` then `KVM_CLEAR_DIRTY_LOG` of exactly the bits it returned.
+    manual_protect: bool,
     stats: FragmentStats,
 }
 
@@ -216,6 +219,7 @@ impl Fragments {
             budget,
             chunk_bytes,
             log_dirty,
+            manual_protect: false,
             stats: FragmentStats {
                 budget,
                 ..FragmentStats::default()
@@ -225,6 +229,26 @@ impl Fragments {
 
     pub(crate) fn stats(&self) -> FragmentStats {
         self.stats
+    }
+
+    /// Harvests from now on re-protect with `KVM_CLEAR_DIRTY_LOG` (the VM has
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled), or not.
+    pub(crate) fn set_manual_protect(&mut self, on: bool) {
+        self.manual_protect = on;
+    }
+
+    /// True if harvests use `KVM_CLEAR_DIRTY_LOG`.
+    pub(crate) fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    /// The ioctls of a harvest, for errors.
+    fn harvest_op(&self) -> &'static str {
+        if self.manual_protect {
+            "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG"
+        } else {
+            "KVM_GET_DIRTY_LOG"
+        }
     }
 
     pub(crate) fn chunk_bytes(&self) -> u64 {
@@ -283,9 +307,9 @@ impl Fragments {
     ) -> std::result::Result<Option<Vec<u64>>, (KvmSlot, Error)> {
         let mut bits = None;
         if harvest && slot.log_dirty() {
-            match slot.take_dirty_log(vm) {
+            match slot.take_dirty_log(vm, self.manual_protect) {
                 Ok(b) => bits = Some(b),
-                Err(e) => return Err((slot, Error::kvm("KVM_GET_DIRTY_LOG")(e))),
+                Err(e) => return Err((slot, Error::kvm(self.harvest_op())(e))),
             }
         }
         let (id, ro) = (slot.id(), slot.readonly());
@@ -412,16 +436,17 @@ impl Fragments {
             }
             let gpa = s.gpa();
             let bits = s
-                .take_dirty_log(vm)
-                .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
+                .take_dirty_log(vm, self.manual_protect)
+                .map_err(Error::kvm(self.harvest_op()))?;
             self.dispatch(r, c, gpa, &bits);
         }
         Ok(())
     }
 
-    /// The first step of a relaxed sync: harvests (and so re-protects: plain
-    /// `KVM_GET_DIRTY_LOG` write-protects exactly the pages it reports before returning) every
-    /// fragment holding relaxed frames, then returns the guest addresses of the relaxed frames
+    /// The first step of a relaxed sync: harvests and re-protects (plain `KVM_GET_DIRTY_LOG`
+    /// write-protects exactly the pages it reports before returning; with manual protect
+    /// `KVM_CLEAR_DIRTY_LOG` of exactly the harvested bits follows it) every fragment holding
+    /// relaxed frames, then returns the guest addresses of the relaxed frames
     /// logged dirty since their last diff, in address order, and clears their pending bits.
     /// Needs no vCPU pause. Costs one ioctl per relaxed fragment and O(dirty) more.
     pub(crate) fn harvest_relaxed(&mut self, vm: &VmFd) -> Result<Vec<u64>> {
@@ -449,22 +474,22 @@ impl Fragments {
     /// Reads the 4 KiB frame at `gpa` into `words` (little-endian words, aligned 8-byte
     /// loads); leaves `words` as is if the frame is not RAM.
     pub(crate) fn read_frame(&self, gpa: u64, words: &mut [u64]) {
-        use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress};
+        use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
         let Some((r, _)) = self.locate(gpa) else {
             return;
         };
         let ram = &self.rams[r];
-        let base = gpa - ram.gpa;
-        for (i, w) in words.iter_mut().enumerate() {
-            let at = MemoryRegionAddress(base + i as u64 * 8);
-            if let Ok(v) = ram
-                .mmap
-                .load::<u64>(at, std::sync::atomic::Ordering::Relaxed)
-            {
-                *w = v;
+        let Ok(slice) = ram
+            .mmap
+            .get_slice(MemoryRegionAddress(gpa - ram.gpa), words.len() * 8)
+        else {
+            return;
+        };
+        if let Some(atomics) = crate::sys::slice_words(&slice) {
+            for (w, a) in words.iter_mut().zip(atomics) {
+                *w = a.load(std::sync::atomic::Ordering::Relaxed);
             }
         }
-        let _ = ram.mmap.len();
     }
 
     /// True if the frame at `gpa` runs relaxed.

@@ -55,6 +55,28 @@ pub struct VmConfig {
     pub relaxed: RelaxedConfig,
     /// The signal that kicks vCPU threads out of `KVM_RUN` (with `immediate_exit`).
     pub kick: KickSignal,
+    /// How dirty logs are harvested and re-protected (relaxed syncs and
+    /// [`Vm::take_dirty_log`] alike).
+    pub dirty_protect: DirtyProtect,
+}
+
+/// How pagetrack harvests KVM's dirty logs ([`VmConfig::dirty_protect`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DirtyProtect {
+    /// Manual protect when the host offers it and pagetrack created the VM ([`Vm::new`],
+    /// [`Vm::with_kvm`]); plain `KVM_GET_DIRTY_LOG` on a VM the VMM brought
+    /// ([`Vm::from_vm_fd`]), where enabling the VM-wide capability would change what the
+    /// VMM's own `KVM_GET_DIRTY_LOG` calls do.
+    #[default]
+    Auto,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: a harvest is `KVM_GET_DIRTY_LOG` (a copy) then
+    /// `KVM_CLEAR_DIRTY_LOG` of exactly the bits copied (which re-protects those pages).
+    /// Refused ([`Error::MissingCapability`]) where KVM lacks it. On a VM the VMM brought,
+    /// say this only if the VMM's own dirty logging (if any) expects it.
+    Manual,
+    /// Plain `KVM_GET_DIRTY_LOG`, which copies, clears and re-protects in one step.
+    Plain,
 }
 
 /// The signal pagetrack sends a vCPU thread to kick it out of `KVM_RUN`, after setting
@@ -144,6 +166,7 @@ impl Default for VmConfig {
             kvm_slots: None,
             relaxed: RelaxedConfig::default(),
             kick: KickSignal::default(),
+            dirty_protect: DirtyProtect::Auto,
         }
     }
 }
@@ -215,6 +238,13 @@ impl VmConfig {
         self
     }
 
+    /// The same configuration with dirty logs harvested as `how` says (see
+    /// [`VmConfig::dirty_protect`]).
+    pub fn with_dirty_protect(mut self, how: DirtyProtect) -> VmConfig {
+        self.dirty_protect = how;
+        self
+    }
+
     /// The same configuration with the zap-all quirk left as KVM has it.
     pub fn keep_slot_zap_all(mut self) -> VmConfig {
         self.disable_slot_zap_all = false;
@@ -236,6 +266,9 @@ pub struct HostCaps {
     pub sync_regs: u32,
     /// `KVM_CAP_DIRTY_LOG_RING` size in bytes (0 if absent).
     pub dirty_ring_bytes: u32,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` flags (0 if absent; bit 0 manual protect, bit 1
+    /// initially-set).
+    pub manual_dirty_protect: u32,
     /// True when KVM runs without hardware virtualization (PVM): the host CPU has no vmx/svm
     /// flag, or the kvm_pvm module is loaded. Guest CPL0 code is then emulated.
     pub software_kvm: bool,
@@ -292,6 +325,10 @@ impl HostCaps {
             disable_quirks2: u64::try_from(raw(KVM_CAP_DISABLE_QUIRKS2)).unwrap_or(0),
             sync_regs: u32::try_from(raw(kvm_bindings::KVM_CAP_SYNC_REGS)).unwrap_or(0),
             dirty_ring_bytes: u32::try_from(raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)).unwrap_or(0),
+            manual_dirty_protect: u32::try_from(raw(
+                kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ))
+            .unwrap_or(0),
             msr_filter: raw(kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR) > 0
                 && raw(kvm_bindings::KVM_CAP_X86_MSR_FILTER) > 0,
             software_kvm,
@@ -732,7 +769,7 @@ impl Vm {
             });
         }
         let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-        Vm::assemble(kvm, Arc::new(vm_fd), caps, config)
+        Vm::assemble(kvm, Arc::new(vm_fd), caps, config, true)
     }
 
     /// Adds write tracking to a VM the VMM created and keeps: its `VmFd` (shared), the host
@@ -761,12 +798,30 @@ impl Vm {
             });
         }
         let kvm = crate::sys::dup_kvm(kvm).map_err(Error::kvm("dup /dev/kvm"))?;
-        Vm::assemble(kvm, vm_fd, caps, config)
+        Vm::assemble(kvm, vm_fd, caps, config, false)
     }
 
-    fn assemble(kvm: Kvm, vm_fd: Arc<VmFd>, caps: HostCaps, config: VmConfig) -> Result<Vm> {
+    fn assemble(
+        kvm: Kvm,
+        vm_fd: Arc<VmFd>,
+        caps: HostCaps,
+        config: VmConfig,
+        own_vm: bool,
+    ) -> Result<Vm> {
         // Everything is checked before anything is done to the VM (a VMM's VM included).
         config.check(&caps)?;
+        let offered =
+            caps.manual_dirty_protect & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0;
+        let manual = match config.dirty_protect {
+            DirtyProtect::Auto => offered && own_vm,
+            DirtyProtect::Manual if !offered => {
+                return Err(Error::MissingCapability {
+                    what: "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+                });
+            }
+            DirtyProtect::Manual => true,
+            DirtyProtect::Plain => false,
+        };
         let kick_signal = config.kick.prepare()?;
         let zap_all = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
         if config.disable_slot_zap_all && caps.disable_quirks2 & zap_all != 0 {
@@ -778,6 +833,10 @@ impl Vm {
             vm_fd
                 .enable_cap(&cap)
                 .map_err(Error::kvm("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
+        }
+        if manual {
+            crate::sys::enable_manual_protect(&vm_fd)
+                .map_err(Error::kvm("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
         }
         let (first_id, budget) = match config.kvm_slots {
             Some(ids) => (ids.first, usize::try_from(ids.count).unwrap_or(usize::MAX)),
@@ -800,11 +859,13 @@ impl Vm {
                 reason: "chunk size must be a non-zero multiple of 4 KiB",
             });
         }
+        let mut frags = Fragments::new(first_id, budget, chunk, config.dirty_log);
+        frags.set_manual_protect(manual);
         let backend = Arc::new(Backend {
             vm_fd,
             gate: Gate::default(),
             updates: crate::update::Updates::default(),
-            frags: Mutex::new(Fragments::new(first_id, budget, chunk, config.dirty_log)),
+            frags: Mutex::new(frags),
             counters: Counters::default(),
             kvm_written: crate::pvmsr::KvmWritten::default(),
             relaxed: crate::relaxed::Relaxed::new(config.relaxed),
@@ -888,6 +949,13 @@ impl Vm {
     /// The configuration.
     pub fn config(&self) -> VmConfig {
         self.inner.config
+    }
+
+    /// True if dirty logs are harvested with manual protect (`KVM_GET_DIRTY_LOG` then
+    /// `KVM_CLEAR_DIRTY_LOG` of exactly the harvested bits, see [`DirtyProtect`]), false if
+    /// with plain `KVM_GET_DIRTY_LOG`.
+    pub fn manual_dirty_protect(&self) -> bool {
+        self.inner.backend.frags().manual_protect()
     }
 
     /// Size of the KVM memslot chunks RAM is registered in.
