@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::{CodeAssembler, al, eax, qword_ptr, r8, rax, rcx, rdi, rdx};
 use pagetrack::{AsId, Delivery, Gfn, NotifierClass, RegisterOptions, TrackNotifier, WriteEvent};
-use pagetrack_kvm::{Exit, RelaxedConfig, RelaxedMode, Vcpu, Vm, VmConfig};
+use pagetrack_kvm::{
+    DirtyProtect, Exit, Invalidate, RelaxedConfig, RelaxedMode, Vcpu, Vm, VmConfig,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use anyhow::{Context, Result, anyhow};
@@ -25,6 +27,8 @@ pub struct BenchConfig {
     pub exits: u64,
     /// Repetitions of each measurement (the median is reported).
     pub reps: usize,
+    /// Measure relaxed mode only (its rows, nothing else).
+    pub relaxed_only: bool,
 }
 
 impl Default for BenchConfig {
@@ -33,6 +37,7 @@ impl Default for BenchConfig {
             ram: 1 << 30,
             exits: 20_000,
             reps: 5,
+            relaxed_only: false,
         }
     }
 }
@@ -42,7 +47,7 @@ impl Default for BenchConfig {
 #[non_exhaustive]
 pub struct BenchRow {
     /// Stable key (for JSON).
-    pub key: &'static str,
+    pub key: std::borrow::Cow<'static, str>,
     /// What it is, in words.
     pub what: String,
     /// The median.
@@ -60,9 +65,15 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
-    fn push(&mut self, key: &'static str, what: impl Into<String>, value: f64, unit: &'static str) {
+    fn push(
+        &mut self,
+        key: impl Into<std::borrow::Cow<'static, str>>,
+        what: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) {
         self.rows.push(BenchRow {
-            key,
+            key: key.into(),
             what: what.into(),
             value,
             unit,
@@ -82,6 +93,7 @@ struct Programs {
     store: u64,
     sweep: u64,
     touch: u64,
+    stamp: u64,
     remap: u64,
     xadd: u64,
     spin: u64,
@@ -103,6 +115,7 @@ fn programs() -> Result<Programs> {
     let mut store = a.create_label();
     let mut sweep = a.create_label();
     let mut touch = a.create_label();
+    let mut stamp = a.create_label();
     let mut remap = a.create_label();
     let mut xadd = a.create_label();
     let mut spin = a.create_label();
@@ -137,6 +150,13 @@ fn programs() -> Result<Programs> {
         a.add(rdi, 4096)?;
         a.cmp(rdi, r8)?;
         a.jb(touch)?;
+        a.out(u32::from(GUEST_EXIT_PORT), al)?;
+        // stamp: `mov [rdi], rax` once per 4 KiB page of [rdi, r8) (a new value each run).
+        a.set_label(&mut stamp)?;
+        a.mov(qword_ptr(rdi), rax)?; // one store per page
+        a.add(rdi, 4096)?;
+        a.cmp(rdi, r8)?;
+        a.jb(stamp)?;
         a.out(u32::from(GUEST_EXIT_PORT), al)?;
         // remap: rcx times, point PTE 5 at the other of two pages (rax ^= r8) and read through
         // it: a present-to-other store in a tracked page table, then a use of the mapping.
@@ -177,6 +197,7 @@ fn programs() -> Result<Programs> {
         store: at(&store)?,
         sweep: at(&sweep)?,
         touch: at(&touch)?,
+        stamp: at(&stamp)?,
         remap: at(&remap)?,
         xadd: at(&xadd)?,
         spin: at(&spin)?,
@@ -405,6 +426,10 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
     let mut rep = BenchReport::default();
     let n = cfg.exits.max(100);
     let reps = cfg.reps.max(1);
+    if cfg.relaxed_only {
+        relaxed(&mut rep, reps, &mut progress)?;
+        return Ok(rep);
+    }
 
     // 1–3: exits, in a 64 MiB guest.
     progress("exit round trips");
@@ -693,6 +718,7 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
         "µs",
     );
     relaxed(&mut rep, reps, &mut progress)?;
+    checkpoint(&mut rep, reps, &mut progress)?;
     Ok(rep)
 }
 
@@ -778,6 +804,203 @@ fn relaxed(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) 
                 _ => "sync_1024_dirty_us",
             },
             format!("one sync with {dirty} dirty frames of 1,025 relaxed (harvest, diff, deliver)"),
+            median(per),
+            "µs",
+        );
+    }
+    drop(rig);
+    sync_sweep(rep, reps, progress)
+}
+
+/// The cost of one sync by dirty frames and by relaxed (tracked) frames, with the dirty log
+/// harvested by plain `KVM_GET_DIRTY_LOG` and (where KVM offers it) by `KVM_GET_DIRTY_LOG` +
+/// `KVM_CLEAR_DIRTY_LOG`: the harvest and the whole sync (harvest, diff, deliver) apart.
+/// Every run stores a new value into each of its frames, so each dirty frame is one event.
+fn sync_sweep(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) -> Result<()> {
+    const AT: u64 = 0x80_0000;
+    let modes = [
+        (DirtyProtect::Plain, "get"),
+        (DirtyProtect::Manual, "clear"),
+    ];
+    for (how, name) in modes {
+        for relaxed in [1024u64, 8192] {
+            progress(&format!(
+                "relaxed mode: sync cost, {relaxed} relaxed frames, harvest {name}"
+            ));
+            // No periodic sync inside a run (a long run would split its dirty frames).
+            let mut relaxed_config = RelaxedConfig::new(RelaxedMode::Always);
+            relaxed_config.period = Duration::from_secs(3600);
+            let config = VmConfig::default()
+                .with_relaxed(relaxed_config)
+                .with_dirty_protect(how);
+            let mut rig = match Rig::new(64 << 20, config) {
+                Ok(rig) => rig,
+                Err(e) if how == DirtyProtect::Manual => {
+                    progress(&format!("manual dirty protect not available: {e:#}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let options =
+                RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced);
+            let _h = rig
+                .vm
+                .tracker()
+                .register(Arc::new(Count::default()), options)?;
+            rig.vm
+                .tracker()
+                .add_range(AsId::NORMAL, Gfn(AT >> 12), relaxed)?;
+            // Every frame written once, so that later runs find only what they write.
+            rig.run_rax(rig.progs.stamp, AT, 0, AT + relaxed * 4096, 1)?;
+            let mut value = 2u64;
+            let dirties: &[u64] = if relaxed == 1024 {
+                &[0, 1, 16, 64, 256, 512, 768, 1024]
+            } else {
+                &[0, 1, 64, 1024, 4096, 8192]
+            };
+            for &dirty in dirties {
+                let (mut whole, mut harvest) = (Vec::new(), Vec::new());
+                for _ in 0..reps.max(3) {
+                    let before = rig.vm.stats().relaxed;
+                    if dirty == 0 {
+                        // Nothing written since the exit's sync: a sync that finds nothing.
+                        let t = Instant::now();
+                        rig.vm.sync()?;
+                        whole.push(us(t.elapsed()));
+                        continue;
+                    }
+                    rig.run_rax(rig.progs.stamp, AT, 0, AT + dirty * 4096, value)?;
+                    value += 1;
+                    let after = rig.vm.stats().relaxed;
+                    if after.syncs == before.syncs + 1 {
+                        whole.push((after.sync_ns - before.sync_ns) as f64 / 1000.0);
+                        harvest.push((after.harvest_ns - before.harvest_ns) as f64 / 1000.0);
+                    }
+                }
+                let k = if relaxed == 1024 { "1k" } else { "8k" };
+                rep.push(
+                    format!("sync_{name}_{k}r_{dirty}d_us"),
+                    format!(
+                        "one sync, {dirty} dirty of {relaxed} relaxed frames, harvest {name} \
+                         (harvest, diff, deliver)"
+                    ),
+                    median(whole),
+                    "µs",
+                );
+                if dirty > 0 {
+                    rep.push(
+                        format!("harvest_{name}_{k}r_{dirty}d_us"),
+                        format!("the harvest and re-protect of that sync ({name})"),
+                        median(harvest),
+                        "µs",
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Snapshot reset: the cost of [`Vm::checkpoint`] (a copy of all RAM) and of
+/// [`Vm::restore`] after a run that wrote N pages (one store each, untracked; and 256
+/// strict or relaxed tracked pages), against copying all of RAM back.
+fn checkpoint(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) -> Result<()> {
+    progress("checkpoint and restore");
+    const RAM: u64 = 64 << 20;
+    let mut rig = Rig::new(RAM, VmConfig::default().with_dirty_log())?;
+    let mut took = Vec::new();
+    for _ in 0..reps {
+        let s = Instant::now();
+        rig.vm.checkpoint()?;
+        took.push(us(s.elapsed()) / 1000.0);
+    }
+    rep.push(
+        "checkpoint_64m_ms",
+        "Vm::checkpoint of a 64 MiB guest (copies all RAM)",
+        median(took),
+        "ms",
+    );
+    let mut image = vec![0u8; usize::try_from(RAM)?];
+    rig.vm
+        .untracked_memory()
+        .read_slice(&mut image, GuestAddress(0))?;
+    let mut full = Vec::new();
+    for _ in 0..reps {
+        let s = Instant::now();
+        rig.vm
+            .untracked_memory()
+            .write_slice(&image, GuestAddress(0))?;
+        full.push(us(s.elapsed()));
+    }
+    let full = median(full);
+    rep.push(
+        "restore_full_copy_64m_us",
+        "copy all 64 MiB of RAM back (the restore a dirty log avoids)",
+        full,
+        "µs",
+    );
+    for invalidate in [Invalidate::Restored, Invalidate::MarkedTables] {
+        for n in [1u64, 16, 256, 4096] {
+            let mut per = Vec::new();
+            for _ in 0..reps {
+                rig.run(rig.progs.touch, BUF, 0, BUF + n * 4096)?;
+                let s = Instant::now();
+                let r = rig.vm.restore_with(invalidate)?;
+                per.push(us(s.elapsed()));
+                if r.restored_pages < n {
+                    return Err(anyhow!("restore put back {r:?} after {n} pages written"));
+                }
+            }
+            let (key, how) = match (invalidate, n) {
+                (Invalidate::Restored, 1) => ("restore_1_page_us", ""),
+                (Invalidate::Restored, 16) => ("restore_16_pages_us", ""),
+                (Invalidate::Restored, 256) => ("restore_256_pages_us", ""),
+                (Invalidate::Restored, _) => ("restore_4096_pages_us", ""),
+                (_, 1) => ("restore_1_page_marked_us", ", marked tables only"),
+                (_, 16) => ("restore_16_pages_marked_us", ", marked tables only"),
+                (_, 256) => ("restore_256_pages_marked_us", ", marked tables only"),
+                _ => ("restore_4096_pages_marked_us", ", marked tables only"),
+            };
+            rep.push(
+                key,
+                format!(
+                    "Vm::restore after a run that wrote {n} untracked pages (64 MiB guest{how})"
+                ),
+                median(per),
+                "µs",
+            );
+        }
+    }
+    for mode in [RelaxedMode::Off, RelaxedMode::Always] {
+        let config = VmConfig::default()
+            .with_dirty_log()
+            .with_relaxed(RelaxedConfig::new(mode));
+        let mut rig = Rig::new(RAM, config)?;
+        let options =
+            RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced);
+        let _h = rig
+            .vm
+            .tracker()
+            .register(Arc::new(Count::default()), options)?;
+        rig.vm
+            .tracker()
+            .add_range(AsId::NORMAL, Gfn(BUF >> 12), 256)?;
+        rig.vm.checkpoint()?;
+        let mut per = Vec::new();
+        for _ in 0..reps {
+            rig.run(rig.progs.touch, BUF, 0, BUF + 256 * 4096)?;
+            let s = Instant::now();
+            rig.vm.restore()?;
+            per.push(us(s.elapsed()));
+        }
+        let (key, what) = if mode == RelaxedMode::Off {
+            ("restore_256_strict_us", "strict")
+        } else {
+            ("restore_256_relaxed_us", "relaxed")
+        };
+        rep.push(
+            key,
+            format!("Vm::restore after a run that wrote 256 {what} tracked pages (an event each)"),
             median(per),
             "µs",
         );

@@ -170,6 +170,22 @@ impl fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+impl UsageError {
+    /// A library error the user caused, with its whole source chain in one line (as
+    /// `error: {:#}` prints a chain): the library keeps causes as sources, not in its
+    /// messages.
+    pub fn from_chain(e: &dyn std::error::Error) -> UsageError {
+        let mut text = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        UsageError(text)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

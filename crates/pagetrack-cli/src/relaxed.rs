@@ -12,6 +12,13 @@ pub struct PolicyArgs {
     /// --relaxed auto: the window those stores are counted in, milliseconds.
     #[arg(long = "promote-window", value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub promote_window_ms: Option<u64>,
+    /// --relaxed auto: a relaxed frame no sync found dirty for N consecutive syncs (and for
+    /// --demote-window) goes back to strict; 0 never demotes.
+    #[arg(long = "demote-after", value_name = "N")]
+    pub demote_after: Option<u32>,
+    /// --relaxed auto: the time a frame must also stay clean to be demoted, milliseconds.
+    #[arg(long = "demote-window", value_name = "MS")]
+    pub demote_window_ms: Option<u64>,
 }
 
 /// When tracked frames may run relaxed (dirty log + shadow diff, coalesced events).
@@ -32,8 +39,8 @@ impl RelaxedArg {
         if exact { RelaxedArg::Off } else { self }
     }
 
-    /// The VM's relaxed-mode settings, with the auto policy's `--promote-after` and
-    /// `--promote-window` where given.
+    /// The VM's relaxed-mode settings, with the auto policy's `--promote-after`,
+    /// `--promote-window`, `--demote-after` and `--demote-window` where given.
     pub fn config(self, policy: &PolicyArgs) -> RelaxedConfig {
         let mut c = RelaxedConfig::new(match self {
             RelaxedArg::Off => RelaxedMode::Off,
@@ -45,6 +52,12 @@ impl RelaxedArg {
         }
         if let Some(ms) = policy.promote_window_ms {
             c.window = std::time::Duration::from_millis(ms);
+        }
+        if let Some(n) = policy.demote_after {
+            c.demote_after_syncs = n;
+        }
+        if let Some(ms) = policy.demote_window_ms {
+            c.demote_window = std::time::Duration::from_millis(ms);
         }
         c
     }

@@ -167,7 +167,7 @@ impl Session {
             | pagetrack_vmm::Error::InvalidConfig { .. }
             | pagetrack_vmm::Error::InvalidRamSize { .. }
             | pagetrack_vmm::Error::VcpuIndexOutOfRange { .. } => {
-                anyhow::Error::new(UsageError(e.to_string()))
+                anyhow::Error::new(UsageError::from_chain(&e))
             }
             other => anyhow::Error::new(other).context("cannot start the guest"),
         })?;

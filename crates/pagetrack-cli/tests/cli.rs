@@ -734,6 +734,7 @@ fn caps_exits_0_in_text_and_json() {
         "read-only memslots:",
         "SLOT_ZAP_ALL",
         "dirty ring:",
+        "manual protect:",
     ] {
         assert!(
             stdout.contains(expected),
@@ -748,6 +749,7 @@ fn caps_exits_0_in_text_and_json() {
     assert!(["software", "hardware"].contains(&caps["virtualization"].as_str().unwrap()));
     assert!(["shadow", "tdp"].contains(&caps["paging"].as_str().unwrap()));
     assert!(caps["slot_zap_all_disableable"].is_boolean());
+    assert!(caps["manual_dirty_protect"].as_u64().is_some());
 }
 
 /// `pagetrack exec` runs an unmodified static program: its stdout and exit status pass

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use iced_x86::code_asm::{CodeAssembler, al, byte_ptr, dx, word_ptr};
 use kvm_ioctls::{Kvm, VcpuExit};
 use pagetrack::{Gfn, NotifierClass, Source, TrackNotifier, WriteEvent};
-use pagetrack_kvm::{Handled, HostCaps, Ran, Vm, VmConfig};
+use pagetrack_kvm::{Handled, HostCaps, KickSignal, Ran, Vm, VmConfig};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// Guest RAM size.
@@ -112,12 +112,18 @@ fn guest_memory() -> Result<(Arc<GuestRegionMmap>, GuestMemoryMmap), BoxError> {
     Ok((region, mem))
 }
 
+/// The VMM's kick-signal handler.
+extern "C" fn vmm_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
 /// Runs the VMM: returns what the guest did as pagetrack and the VMM saw it.
 ///
 /// # Errors
 /// KVM or memory set-up failures, or an exit the VMM does not expect.
 pub fn run_vmm() -> Result<Outcome, BoxError> {
-    // The VMM's own KVM set-up.
+    // The VMM's own KVM set-up, with its own vCPU kick signal (as Firecracker's
+    // `SIGRTMIN + 0`, whose handler does nothing: the kick only makes `KVM_RUN` return).
+    let kick = vmm_sys_util::signal::SIGRTMIN();
+    vmm_sys_util::signal::register_signal_handler(kick, vmm_kick)?;
     let kvm = Kvm::new()?;
     let vm_fd = Arc::new(kvm.create_vm()?);
     let (region, guest_mem) = guest_memory()?;
@@ -128,7 +134,8 @@ pub fn run_vmm() -> Result<Outcome, BoxError> {
     let config = VmConfig::default()
         .with_ram(RAM as u64)
         .with_dirty_log()
-        .with_kvm_slots(VMM_SLOTS..VMM_SLOTS + 32);
+        .with_kvm_slots(VMM_SLOTS..VMM_SLOTS + 32)
+        .with_kick_signal(KickSignal::Vmm { signal: kick });
     let tracking = Vm::from_vm_fd(&kvm, Arc::clone(&vm_fd), caps, config)?;
     let ram_slot = tracking.add_region(Arc::clone(&region))?;
     let log = Arc::new(Collect::default());

@@ -60,7 +60,7 @@ pub(crate) fn handle<'a>(
     let Ok(plan) = StorePlan::new(&state, &c.bytes, &mut cpu) else {
         return Outcome::Plain;
     };
-    let guard = vm.ram.lock(plan.targets().map(|t| t.gpa));
+    let guard = vm.lock_frames(plan.targets().map(|t| t.gpa));
     let Ok(done) = plan.execute(&mut state, &mut cpu) else {
         return Outcome::Plain;
     };

@@ -8,6 +8,11 @@
 //! - stores pagetrack applies in userspace (trapped guest stores to tracked frames, the ones
 //!   it completes itself, and device writes through [`crate::TrackedMemory`]), which KVM never
 //!   sees.
+//!
+//! Each region's log has two consumers that share every harvest: the VMM's
+//! ([`DirtyBits::take`], behind [`crate::Vm::take_dirty_log`]) and the checkpoint's
+//! ([`DirtyBits::take_since_checkpoint`], `checkpoint.rs`). A page written is set in both, and
+//! each consumer clears only its own bits, so neither takes pages from the other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +24,9 @@ pub(crate) struct DirtyBits {
     gpa: u64,
     pages: u64,
     words: Vec<AtomicU64>,
+    /// The same pages for the checkpoint (`checkpoint.rs`): written since the last
+    /// [`DirtyBits::take_since_checkpoint`].
+    since_checkpoint: Vec<AtomicU64>,
 }
 
 impl DirtyBits {
@@ -30,6 +38,7 @@ impl DirtyBits {
             gpa,
             pages,
             words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            since_checkpoint: (0..words).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -39,21 +48,47 @@ impl DirtyBits {
     }
 
     fn set(&self, page: u64) {
+        self.set_for(page, true);
+    }
+
+    /// Sets `page` in the VMM's log, and in the checkpoint's if `since_checkpoint`.
+    fn set_for(&self, page: u64, since_checkpoint: bool) {
         let w = usize::try_from(page / 64).expect("page inside the region");
         // Relaxed: `take` swaps whole words, and a bit set after that swap is simply seen by
         // the next `take`; the write it records happened before the set on this thread.
         self.words[w].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        if since_checkpoint {
+            // Relaxed: as above, with `take_since_checkpoint`.
+            self.since_checkpoint[w].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// The checkpoint's log so far (bit i = page i of the region), leaving it clean; the
+    /// VMM's log ([`DirtyBits::take`]) keeps its bits.
+    pub(crate) fn take_since_checkpoint(&self) -> Vec<u64> {
+        // AcqRel: as in `take`.
+        self.since_checkpoint
+            .iter()
+            .map(|w| w.swap(0, Ordering::AcqRel))
+            .collect()
     }
 
     /// Marks the pages of `[gpa, gpa + len)` that lie in the region.
+    #[cfg(test)]
     pub(crate) fn mark(&self, gpa: u64, len: u64) {
+        self.mark_for(gpa, len, true);
+    }
+
+    /// Marks the pages of `[gpa, gpa + len)` that lie in the region, in the VMM's log, and
+    /// in the checkpoint's if `since_checkpoint`.
+    pub(crate) fn mark_for(&self, gpa: u64, len: u64, since_checkpoint: bool) {
         if !self.overlaps(gpa, len) {
             return;
         }
         let first = gpa.max(self.gpa);
         let last = (gpa + len - 1).min(self.gpa + self.pages * PAGE - 1);
         for page in (first - self.gpa) / PAGE..=(last - self.gpa) / PAGE {
-            self.set(page);
+            self.set_for(page, since_checkpoint);
         }
     }
 
@@ -93,6 +128,28 @@ mod tests {
         d.mark(0x10_0ffc, 8);
         assert_eq!(d.take(), vec![0b11]);
         assert_eq!(d.take(), vec![0]);
+    }
+
+    #[test]
+    fn each_consumer_takes_only_its_own_bits() {
+        let d = DirtyBits::new(0, 128 * PAGE);
+        d.mark(3 * PAGE, 1);
+        d.merge(64 * PAGE, &[0b1]);
+        assert_eq!(d.take_since_checkpoint(), vec![0b1000, 0b1]);
+        assert_eq!(d.take_since_checkpoint(), vec![0, 0]);
+        // The VMM's log still has both pages.
+        assert_eq!(d.take(), vec![0b1000, 0b1]);
+        d.mark(PAGE, 1);
+        assert_eq!(d.take(), vec![0b10, 0]);
+        assert_eq!(d.take_since_checkpoint(), vec![0b10, 0]);
+    }
+
+    #[test]
+    fn mark_for_the_vmm_only_leaves_the_checkpoints_log_alone() {
+        let d = DirtyBits::new(0, 64 * PAGE);
+        d.mark_for(5 * PAGE, 8, false);
+        assert_eq!(d.take_since_checkpoint(), vec![0]);
+        assert_eq!(d.take(), vec![1 << 5]);
     }
 
     #[test]

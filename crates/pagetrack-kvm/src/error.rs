@@ -55,6 +55,15 @@ pub enum Error {
         #[source]
         source: vmm_sys_util::errno::Error,
     },
+    /// [`crate::KickSignal::Vmm`] names a signal without a handler.
+    #[error(
+        "the VMM's kick signal {signal} has no handler installed \
+         (its default action would end the process; an ignored signal does not interrupt KVM_RUN)"
+    )]
+    KickSignalUnhandled {
+        /// The signal number.
+        signal: i32,
+    },
     /// A guest RAM range is invalid (unaligned, empty, overlapping, out of slots).
     #[error("invalid RAM region at {gpa:#x} (+{size:#x}): {reason}")]
     InvalidRam {
@@ -124,9 +133,30 @@ pub enum Error {
         /// Why.
         reason: StopReason,
     },
-    /// [`crate::Vm::take_dirty_log`] on a VM created without dirty logging.
+    /// [`crate::Vm::take_dirty_log`], [`crate::Vm::checkpoint`] or [`crate::Vm::restore`] on
+    /// a VM created without dirty logging.
     #[error("dirty logging is off (VmConfig::with_dirty_log)")]
     DirtyLogOff,
+    /// [`crate::Vm::restore`] with no checkpoint taken ([`crate::Vm::checkpoint`]).
+    #[error("no checkpoint to restore (Vm::checkpoint)")]
+    NoCheckpoint,
+    /// The memory for a checkpoint image ([`crate::Vm::checkpoint`]) could not be allocated;
+    /// the previous checkpoint, if any, is kept.
+    #[error("cannot allocate {bytes} bytes for the checkpoint image")]
+    CheckpointAlloc {
+        /// The bytes asked for (the guest RAM's size).
+        bytes: u64,
+        /// The allocator's refusal.
+        #[source]
+        source: std::collections::TryReserveError,
+    },
+    /// [`crate::Vm::restore`] after the guest RAM regions changed since the checkpoint (a
+    /// region added or removed): the image no longer describes the RAM.
+    #[error("the checkpoint is stale: {reason}")]
+    CheckpointStale {
+        /// What changed.
+        reason: &'static str,
+    },
     /// A thread pagetrack needs could not be started.
     #[error("cannot start the {what} thread")]
     Thread {

@@ -234,7 +234,7 @@ impl ExitHandler {
             Some(_) => (true, false),
             None => (false, false),
         };
-        let kick = crate::sys::VcpuKick::current(fd);
+        let kick = crate::sys::VcpuKick::current(fd, self.vm.kick_signal);
         if self.single_step || finish_only || self.split.is_some() {
             kick.arm();
         }

@@ -98,7 +98,9 @@
 //!    the KVM memslot ids pagetrack may use ([`VmConfig::with_kvm_slots`]; its fragments never
 //!    use another id, so the VMM's own memslots keep theirs). pagetrack installs its MSR
 //!    filter on the VM (`pvmsr.rs`) and, once per process, a no-op handler for its kick
-//!    signal (`SIGRTMIN + 5`). When the [`Vm`] and its clones are gone, pagetrack's memslots
+//!    signal (`SIGRTMIN + 5`), unless the VMM hands it its own kick signal
+//!    ([`VmConfig::with_kick_signal`] with [`KickSignal::Vmm`]: pagetrack then installs
+//!    nothing and sends that). When the [`Vm`] and its clones are gone, pagetrack's memslots
 //!    are deleted and the VM is left to the VMM.
 //! 2. **Memory**: the VMM maps its guest memory (memfd, hugetlbfs, a snapshot file) as
 //!    `vm_memory::GuestRegionMmap`s and registers each with [`Vm::add_region`] (pagetrack
@@ -167,7 +169,8 @@
 //! Tracking a frame re-cuts KVM memslots with every vCPU outside `KVM_RUN`. vCPUs are kicked
 //! out by KVM's documented protocol: `kvm_run.immediate_exit` is set, then the thread gets a
 //! real-time signal (`SIGRTMIN + 5`, with a no-op handler pagetrack installs once per
-//! process). One kick per vCPU suffices; nothing polls.
+//! process, or the signal [`VmConfig::kick`] names). One kick per vCPU suffices; nothing
+//! polls.
 //!
 //! ## Page-table updates
 //!
@@ -183,7 +186,8 @@
 //! `KVM_MEM_LOG_DIRTY_PAGES`, re-cuts harvest a fragment's log before deleting it, and stores
 //! pagetrack applies itself (trapped stores, device writes through [`TrackedMemory`]) are
 //! logged too: [`Vm::take_dirty_log`] returns one RAM region's pages written since the last
-//! call.
+//! call. [`Vm::checkpoint`] and [`Vm::restore`] share that harvest (snapshot reset: restore
+//! writes back exactly the pages written since the checkpoint, tracked frames with events).
 //!
 //! The KVM integration tests live in `pagetrack-testkit/tests/kvm` (they boot guests with
 //! pagetrack-vmm, which depends on this crate).
@@ -192,6 +196,8 @@
 compile_error!("pagetrack-kvm supports x86_64 Linux hosts only");
 
 mod atomic;
+mod checkpoint;
+mod cooling;
 mod dirty;
 mod error;
 mod gate;
@@ -208,6 +214,7 @@ mod update;
 mod vcpu;
 mod vm;
 
+pub use checkpoint::{CheckpointReport, Invalidate, RestoreReport};
 pub use error::{Error, InstructionBytes, Result, StopReason};
 pub use handler::{ExitHandler, Handled, Ran, Tracked};
 pub use memory::TrackedMemory;
@@ -219,4 +226,4 @@ pub use relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
 pub use slots::FragmentStats;
 pub use update::PageTableUpdate;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
-pub use vm::{HostCaps, KvmSlotIds, Vm, VmConfig, VmStats};
+pub use vm::{DirtyProtect, HostCaps, KickSignal, KvmSlotIds, Vm, VmConfig, VmStats};

@@ -40,6 +40,23 @@ pub(crate) fn apply_with<E>(
     Some(res.map(|stale| vm.invalidate_stale(stale)))
 }
 
+/// [`apply_write`] of a restore (`checkpoint.rs`): the bytes are the checkpoint's, so the
+/// page is not marked written since the checkpoint (only in the VMM's dirty log).
+pub(crate) fn apply_restore(vm: &VmInner, gpa: u64, data: &[u8]) -> bool {
+    match vm
+        .ram
+        .write_logged(vm, gpa, data, Source::Device, false, |mem| {
+            mem.write_slice(data, GuestAddress(gpa))
+        }) {
+        Some(res) => {
+            let stale = res.expect("the range was checked, and `mem` holds its regions");
+            vm.invalidate_stale(stale);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Reads guest RAM into `buf`; false if the range is not RAM.
 pub(crate) fn read_ram(vm: &VmInner, gpa: u64, buf: &mut [u8]) -> bool {
     let mem = vm.mem.memory();

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, MutexGuard, RwLock};
+use std::sync::{Arc, RwLock};
 
 use pagetrack::{AsId, Gfn, Gpa, PAGE_SIZE, PageTracker, Source, WriteEvent};
 use vm_memory::{
@@ -25,16 +25,24 @@ use vm_memory::{
 };
 
 use crate::dirty::DirtyBits;
-use crate::relaxed::SyncState;
 use crate::store::{FrameLocks, Held};
 use crate::walk::pte;
 
 /// The relaxed-mode sync lock, when a commit holds it (`relaxed.rs`).
-pub(crate) type ShadowLock<'a> = Option<MutexGuard<'a, SyncState>>;
+pub(crate) type ShadowLock<'a> = Option<crate::relaxed::SyncHeld<'a>>;
 
 /// The relaxed-mode bookkeeping a commit calls around its writes (`relaxed.rs` implements it
 /// for the VM; see `relaxed::before_apply`, `after_apply` and `applied`).
 pub(crate) trait Shadows {
+    /// Takes the frame locks of a copy into `[gpa, gpa + len)` (with [`TrackedRam::lock`]),
+    /// and first the sync lock where the range touches a relaxed frame (lock order,
+    /// `relaxed::lock_for_write`).
+    fn lock_for_copy<'a>(
+        &'a self,
+        ram: &'a TrackedRam,
+        gpa: u64,
+        len: u64,
+    ) -> (ShadowLock<'a>, Held<'a>);
     /// Before a copy into `[gpa, gpa + len)` whose old bytes are still to be read: a relaxed
     /// frame's guest changes so far are delivered first; the lock is held until the write's
     /// event is delivered.
@@ -49,6 +57,14 @@ pub(crate) trait Shadows {
 /// No relaxed frames (unit tests).
 #[cfg(test)]
 impl Shadows for () {
+    fn lock_for_copy<'a>(
+        &'a self,
+        ram: &'a TrackedRam,
+        gpa: u64,
+        len: u64,
+    ) -> (ShadowLock<'a>, Held<'a>) {
+        (None, ram.lock(&|| {}, pages(gpa, len)))
+    }
     fn before_copy(&self, _: u64, _: u64) -> ShadowLock<'_> {
         None
     }
@@ -143,8 +159,10 @@ impl TrackedRam {
 
     /// Locks the frames of `gpas` (re-entrant on one thread): planners read the old bytes
     /// and compute their writes under it, then [`TrackedRam::commit`] them before it drops.
-    pub(crate) fn lock(&self, gpas: impl Iterator<Item = u64>) -> Held<'_> {
-        self.locks.lock(gpas)
+    /// `park` runs before blocking on a lock another thread holds (a vCPU thread parks its
+    /// continuation: `FrameLocks::lock`).
+    pub(crate) fn lock(&self, park: &dyn Fn(), gpas: impl Iterator<Item = u64>) -> Held<'_> {
+        self.locks.lock(park, gpas)
     }
 
     /// Commits writes planned under `_held` (their frames' locks): if every range is guest
@@ -165,7 +183,7 @@ impl TrackedRam {
             shadows,
             mem,
             writes,
-            source,
+            (source, true),
             Shadowing::Planned,
             |mem, w| {
                 mem.write_slice(w.new, GuestAddress(w.gpa))
@@ -205,6 +223,21 @@ impl TrackedRam {
         source: Source,
         store: impl FnOnce(&GuestMemoryMmap) -> Result<(), E>,
     ) -> Option<Result<Stale, E>> {
+        self.write_logged(shadows, gpa, data, source, true, store)
+    }
+
+    /// [`TrackedRam::write_with`], marking the checkpoint's dirty log too only if
+    /// `since_checkpoint` (a restore's own writes put the checkpoint's bytes back:
+    /// `checkpoint.rs`).
+    pub(crate) fn write_logged<E>(
+        &self,
+        shadows: &impl Shadows,
+        gpa: u64,
+        data: &[u8],
+        source: Source,
+        since_checkpoint: bool,
+        store: impl FnOnce(&GuestMemoryMmap) -> Result<(), E>,
+    ) -> Option<Result<Stale, E>> {
         let mem = self.mem.memory();
         if data.is_empty()
             || !mem.check_range(GuestAddress(gpa), data.len(), Permissions::ReadWrite)
@@ -215,7 +248,8 @@ impl TrackedRam {
         let last = gpa + data.len() as u64 - 1;
         // Serialize with read-modify-writes that pagetrack completes on the same frames, and keep
         // event order per frame equal to memory order: held until the event is delivered.
-        let _locks = self.lock((gpa >> 12..=last >> 12).map(|f| f << 12));
+        // The sync lock first where the range touches a relaxed frame (lock order, `relaxed.rs`).
+        let (_sync, _locks) = shadows.lock_for_copy(self, gpa, last - gpa + 1);
         let any_tracked = tracker.is_enabled() && {
             (gpa / PAGE_SIZE..=last / PAGE_SIZE)
                 .any(|f| tracker.is_write_tracked(AsId::NORMAL, pagetrack::Gfn(f)))
@@ -235,7 +269,7 @@ impl TrackedRam {
                 shadows,
                 &mem,
                 &[write],
-                source,
+                (source, since_checkpoint),
                 Shadowing::Untracked,
                 &mut store,
             )
@@ -262,7 +296,7 @@ impl TrackedRam {
                 shadows,
                 &mem,
                 &[write],
-                source,
+                (source, since_checkpoint),
                 Shadowing::Copy(relaxed),
                 &mut store,
             )
@@ -282,7 +316,7 @@ impl TrackedRam {
         shadows: &'s impl Shadows,
         mem: &GuestMemoryMmap,
         writes: &[Write<'_>],
-        source: Source,
+        (source, since_checkpoint): (Source, bool),
         mut shadowing: Shadowing<'s>,
         mut store: impl FnMut(&GuestMemoryMmap, &Write<'_>) -> Result<(), E>,
     ) -> Result<Stale, CommitError<E>> {
@@ -325,7 +359,7 @@ impl TrackedRam {
                 }
                 Shadowing::Planned => shadows.applied(w.gpa, old, w.new),
             };
-            self.mark_dirty(w.gpa, w.new.len());
+            self.mark_dirty_for(w.gpa, w.new.len(), since_checkpoint);
             let event = WriteEvent::new(Gpa(w.gpa), w.new, source);
             match w.old {
                 Some(old) => self.tracker.report_write(&event.with_old(old)),
@@ -336,14 +370,16 @@ impl TrackedRam {
         Ok(Stale(stale))
     }
 
-    /// Records a store pagetrack applied to guest RAM in userspace (KVM's log never sees it).
-    pub(crate) fn mark_dirty(&self, gpa: u64, len: usize) {
+    /// Records a store pagetrack applied to guest RAM in userspace (KVM's log never sees it),
+    /// in the checkpoint's log too only if `since_checkpoint` (a restore's own writes put the
+    /// checkpoint's bytes back: `checkpoint.rs`).
+    pub(crate) fn mark_dirty_for(&self, gpa: u64, len: usize, since_checkpoint: bool) {
         if !self.dirty_log {
             return;
         }
         let logs = self.dirty.read().unwrap_or_else(|e| e.into_inner());
         for log in logs.iter() {
-            log.mark(gpa, len as u64);
+            log.mark_for(gpa, len as u64, since_checkpoint);
         }
     }
 
@@ -468,6 +504,11 @@ impl TrackedRam {
     }
 }
 
+/// The page addresses of `[gpa, gpa + len)` (`len` > 0).
+pub(crate) fn pages(gpa: u64, len: u64) -> impl Iterator<Item = u64> {
+    (gpa >> 12..=(gpa + len - 1) >> 12).map(|f| f << 12)
+}
+
 #[cfg(test)]
 mod tests {
     //! The commit without a VM: anonymous guest memory, a core tracker with no enforcement,
@@ -564,7 +605,7 @@ mod tests {
 
         fn commit(&self, writes: &[Write<'_>]) -> Result<Stale, CommitError<Infallible>> {
             let mem = self.mem.memory();
-            let held = self.ram.lock(writes.iter().map(|w| w.gpa));
+            let held = self.ram.lock(&|| {}, writes.iter().map(|w| w.gpa));
             self.ram.commit(&(), &mem, &held, writes, Source::Vcpu(3))
         }
     }

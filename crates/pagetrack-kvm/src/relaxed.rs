@@ -8,9 +8,14 @@
 //!
 //! The sync protocol (design note 3.7): **harvest and re-protect, then read and diff**. Plain
 //! `KVM_GET_DIRTY_LOG` does both in one step inside the ioctl (it write-protects exactly the
-//! pages it reports, and flushes TLBs, before returning), so a store that lands after it is
-//! logged again and found by the next sync; a store before it is visible to the diff. Diffing
-//! first would lose a store made between the diff and the re-protect.
+//! pages it reports, and flushes TLBs, before returning); with manual protect
+//! ([`crate::DirtyProtect`]) `KVM_CLEAR_DIRTY_LOG` of exactly the harvested bits follows the
+//! GET, before any diff. Either way a store that lands after the re-protect is logged again
+//! and found by the next sync; a store before it is visible to the diff. Diffing first would
+//! lose a store made between the diff and the re-protect.
+//!
+//! Cold demotion (auto policy, `cooling.rs`): at sync points, relaxed frames that stayed
+//! clean long enough are demoted like a pin demotes them, after a final sync.
 //!
 //! Mode switches happen with every vCPU paused (the gate):
 //! - strict → relaxed: the frame is read-only (or untracked) until the switch, so its memory
@@ -19,8 +24,12 @@
 //! - relaxed → strict: paused, a final sync (harvest, diff, deliver), then the fragment
 //!   becomes read-only and the shadow goes.
 //!
-//! Locks, in order: a frame's stripe lock (`store.rs`), the sync lock, the fragment table,
-//! the shadows. Events are delivered with the sync lock held (so batches and device writes to
+//! Locks, in order: the sync lock, a frame's stripe lock (`store.rs`), the fragment table,
+//! the shadows. A write pagetrack applies to a relaxed frame takes the sync lock before the
+//! stripes ([`lock_for_write`]: the delivering thread holds the sync lock and its notifier
+//! may write memory); a promotion takes stripes but not the sync lock. Stores pagetrack
+//! emulates ([`applied`]) still take it under their stripes, only for relaxed frames a
+//! squeezed layout made read-only. Events are delivered with the sync lock held (so batches and device writes to
 //! relaxed frames are delivered in memory order), never with the fragment table or shadows
 //! locked.
 
@@ -31,7 +40,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use pagetrack::{FrameRun, Gpa, PageTracker, Source, WriteEvent};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::error::Result;
 use crate::slots::Fragments;
@@ -79,6 +88,17 @@ pub struct RelaxedConfig {
     /// stores, and the stall monitor's kicks, which come every 50 ms to a vCPU that does not
     /// exit), besides the sync at every exit to the VMM.
     pub period: Duration,
+    /// Auto: a relaxed frame that no sync found dirty for this many consecutive syncs, and
+    /// for [`RelaxedConfig::demote_window`], is demoted back to strict (after a final sync);
+    /// 0 never demotes a cold frame.
+    pub demote_after_syncs: u32,
+    /// Auto: and for at least this long (see [`RelaxedConfig::demote_after_syncs`]).
+    pub demote_window: Duration,
+    /// Auto: hysteresis. For this long after a cold demotion the frame's own trapped stores
+    /// promote it only after four times [`RelaxedConfig::promote_after`]; if it is promoted
+    /// again within this time (by its stores or with its group), it must stay cold twice as
+    /// long before its next demotion (doubling each time, up to 64x).
+    pub demote_cooldown: Duration,
 }
 
 impl Default for RelaxedConfig {
@@ -93,6 +113,10 @@ impl Default for RelaxedConfig {
             max_frames: 16_384,
             group_frames: 16,
             period: Duration::from_millis(10),
+            // Measured (docs/PERFORMANCE.md, "Relaxed mode: cold demotion").
+            demote_after_syncs: 32,
+            demote_window: Duration::from_secs(1),
+            demote_cooldown: Duration::from_secs(2),
         }
     }
 }
@@ -119,6 +143,8 @@ pub struct RelaxedStats {
     pub promotions: u64,
     /// Relaxed → strict switches.
     pub demotions: u64,
+    /// Those of them made because the frame stayed cold (auto policy).
+    pub cold_demotions: u64,
     /// Syncs that found relaxed frames to harvest.
     pub syncs: u64,
     /// Coalesced events delivered.
@@ -127,6 +153,9 @@ pub struct RelaxedStats {
     pub coalesced_bytes: u64,
     /// Time spent in syncs (harvest, diff and delivery), nanoseconds.
     pub sync_ns: u64,
+    /// The part of [`RelaxedStats::sync_ns`] spent harvesting and re-protecting (the dirty-log
+    /// ioctls and the dispatch of their bits), nanoseconds.
+    pub harvest_ns: u64,
 }
 
 /// What one [`crate::Vm::sync`] did.
@@ -198,15 +227,19 @@ pub(crate) struct Relaxed {
     ever: Mutex<HashSet<u64>>,
     pins: Mutex<HashMap<u64, u32>>,
     heat: Mutex<HashMap<u64, Heat>>,
+    /// Coldness of relaxed frames and backoff of demoted ones (auto policy).
+    cooling: Mutex<crate::cooling::Cooling>,
     active: AtomicUsize,
     born: Instant,
     last_sync_ns: AtomicU64,
     promotions: AtomicU64,
     demotions: AtomicU64,
+    cold_demotions: AtomicU64,
     syncs: AtomicU64,
     coalesced_events: AtomicU64,
     coalesced_bytes: AtomicU64,
     sync_ns: AtomicU64,
+    harvest_ns: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -231,15 +264,18 @@ impl Relaxed {
             ever: Mutex::default(),
             pins: Mutex::default(),
             heat: Mutex::default(),
+            cooling: Mutex::default(),
             active: AtomicUsize::new(0),
             born: Instant::now(),
             last_sync_ns: AtomicU64::new(0),
             promotions: AtomicU64::new(0),
             demotions: AtomicU64::new(0),
+            cold_demotions: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             coalesced_events: AtomicU64::new(0),
             coalesced_bytes: AtomicU64::new(0),
             sync_ns: AtomicU64::new(0),
+            harvest_ns: AtomicU64::new(0),
         }
     }
 
@@ -258,6 +294,19 @@ impl Relaxed {
 
     fn is_leaving(leaving: &[(u64, u64)], gpa: u64) -> bool {
         leaving.iter().any(|&(a, b)| (a..b).contains(&gpa))
+    }
+
+    /// True if cold frames are demoted (auto policy with `demote_after_syncs` set).
+    fn demotes(&self) -> bool {
+        self.config.mode == RelaxedMode::Auto && self.config.demote_after_syncs > 0
+    }
+
+    fn thresholds(&self) -> crate::cooling::Thresholds {
+        crate::cooling::Thresholds {
+            syncs: self.config.demote_after_syncs,
+            window: self.config.demote_window,
+            cooldown: self.config.demote_cooldown,
+        }
     }
 
     /// Frames relaxed now (a lock-free hint for the fast paths).
@@ -280,10 +329,12 @@ impl Relaxed {
             frames_relaxed: lock(&self.ever).len() as u64,
             promotions: self.promotions.load(Ordering::Relaxed),
             demotions: self.demotions.load(Ordering::Relaxed),
+            cold_demotions: self.cold_demotions.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
             coalesced_events: self.coalesced_events.load(Ordering::Relaxed),
             coalesced_bytes: self.coalesced_bytes.load(Ordering::Relaxed),
             sync_ns: self.sync_ns.load(Ordering::Relaxed),
+            harvest_ns: self.harvest_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -334,6 +385,9 @@ impl Relaxed {
         }
         drop(shadows);
         lock(&self.ever).extend(frames.iter().copied());
+        if self.demotes() {
+            lock(&self.cooling).promoted(&frames, Instant::now(), &self.thresholds());
+        }
         self.active.fetch_add(frames.len(), Ordering::AcqRel);
         self.promotions
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
@@ -342,6 +396,9 @@ impl Relaxed {
 
     /// Forgets the shadows of frames that are no longer relaxed (untracked, or demoted).
     pub(crate) fn forget(&self, frames: &[u64]) {
+        if self.demotes() {
+            lock(&self.cooling).forgotten(frames);
+        }
         let mut shadows = lock(&self.shadows);
         let mut n = 0;
         for f in frames {
@@ -357,6 +414,12 @@ impl Relaxed {
             return false;
         }
         let now = Instant::now();
+        // Hysteresis: a frame demoted for coldness a short while ago needs more heat.
+        let factor = if self.demotes() {
+            lock(&self.cooling).promote_factor(gpa & !(PAGE - 1), now, &self.thresholds())
+        } else {
+            1
+        };
         let mut heat = lock(&self.heat);
         let h = heat.entry(gpa & !(PAGE - 1)).or_default();
         match h.since {
@@ -366,7 +429,7 @@ impl Relaxed {
                 h.traps = 1;
             }
         }
-        if h.traps >= self.config.promote_after {
+        if h.traps >= self.config.promote_after.saturating_mul(factor) {
             heat.remove(&(gpa & !(PAGE - 1)));
             return true;
         }
@@ -386,9 +449,71 @@ pub(crate) fn sync(vm: &VmInner) -> Result<SyncReport> {
     sync_locked(vm)
 }
 
-/// The sync lock, unless this thread holds it already (it is delivering).
-fn sync_lock<'a>(vm: &'a VmInner) -> Option<MutexGuard<'a, SyncState>> {
-    (!DELIVERING.with(Cell::get)).then(|| lock_sync(vm))
+/// The sync lock held; while it lives this thread counts as holding it (`DELIVERING`), so
+/// what a notifier called meanwhile does on this thread (a sync, a device write into a
+/// relaxed frame) runs without taking it again instead of waiting for itself.
+pub(crate) struct SyncHeld<'a> {
+    _guard: MutexGuard<'a, SyncState>,
+}
+
+impl Drop for SyncHeld<'_> {
+    fn drop(&mut self) {
+        DELIVERING.with(|d| d.set(false));
+    }
+}
+
+/// The sync lock, unless this thread holds it already (it is delivering, or holds a
+/// [`SyncHeld`]).
+fn sync_lock(vm: &VmInner) -> Option<SyncHeld<'_>> {
+    if DELIVERING.with(Cell::get) {
+        return None;
+    }
+    let guard = lock_sync(vm);
+    DELIVERING.with(|d| d.set(true));
+    Some(SyncHeld { _guard: guard })
+}
+
+/// True if `[gpa, gpa + len)` touches a relaxed frame's shadow and this thread does not
+/// hold the sync lock: a write pagetrack applies there needs the sync lock.
+fn needs_sync_lock(vm: &VmInner, gpa: u64, len: u64) -> bool {
+    !DELIVERING.with(Cell::get) && touches_shadow(vm, gpa, len)
+}
+
+/// True if `[gpa, gpa + len)` touches a relaxed frame's shadow.
+fn touches_shadow(vm: &VmInner, gpa: u64, len: u64) -> bool {
+    let r = &vm.backend.relaxed;
+    if r.active() == 0 || len == 0 {
+        return false;
+    }
+    let first = gpa & !(PAGE - 1);
+    let last = (gpa + len - 1) & !(PAGE - 1);
+    let shadows = lock(&r.shadows);
+    (first..=last)
+        .step_by(PAGE_BYTES)
+        .any(|f| shadows.contains_key(&f))
+}
+
+/// For a write pagetrack applies to `[gpa, gpa + len)` (`memory.rs`): takes the frames'
+/// stripe locks with `lock_frames`, and first the sync lock if the range touches a relaxed
+/// frame. The sync lock comes before the stripe locks: the thread delivering a sync's events
+/// holds the sync lock, and its notifier may write guest memory (stripe locks); a writer that
+/// waited for the sync lock with a stripe held deadlocked against it. Retried if a frame was
+/// promoted between the check and the stripe locks (a promotion takes them).
+pub(crate) fn lock_for_write<'a, L>(
+    vm: &'a VmInner,
+    gpa: u64,
+    len: u64,
+    lock_frames: impl Fn() -> L,
+) -> (Option<SyncHeld<'a>>, L) {
+    loop {
+        let sync = needs_sync_lock(vm, gpa, len)
+            .then(|| sync_lock(vm))
+            .flatten();
+        let frames = lock_frames();
+        if sync.is_some() || !needs_sync_lock(vm, gpa, len) {
+            return (sync, frames);
+        }
+    }
 }
 
 /// Takes the sync lock. Its holder may be delivering to a notifier that pauses (tracks from
@@ -436,13 +561,19 @@ struct Change {
 fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     let r = &vm.backend.relaxed;
     let start = Instant::now();
-    // 1 + 2: harvest and re-protect (one ioctl per relaxed fragment).
+    // 1 + 2: harvest and re-protect (per relaxed fragment: GET, then with manual protect
+    // CLEAR of exactly the harvested bits; `sys::KvmSlot::take_dirty_log`).
     let dirty = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
+    let harvested = start.elapsed();
     r.last_sync_ns
         .store(nanos(r.born.elapsed()), Ordering::Relaxed);
+    if r.demotes() {
+        lock(&r.cooling).synced(&dirty, Instant::now());
+    }
     if dirty.is_empty() {
         return Ok(SyncReport::default());
     }
+    r.harvest_ns.fetch_add(nanos(harvested), Ordering::Relaxed);
     let epoch = r.next_epoch();
     // 3: read and diff, word by word (aligned 8-byte loads: a naturally aligned guest store
     // is never torn), against the shadow; the shadow takes what was read.
@@ -476,11 +607,12 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
         let Ok(slice) = mem.get_slice(GuestAddress(f), PAGE_BYTES) else {
             continue;
         };
+        let Some(words) = crate::sys::slice_words(&slice) else {
+            continue;
+        };
         let mut run: Option<(usize, Vec<u8>, Vec<u8>)> = None;
-        for (w, old) in sh.iter_mut().enumerate() {
-            let new = slice
-                .load::<u64>(w * 8, Ordering::Relaxed)
-                .expect("inside the page slice");
+        for (w, (old, word)) in sh.iter_mut().zip(words).enumerate() {
+            let new = word.load(Ordering::Relaxed);
             if new == *old {
                 if let Some((at, o, n)) = run.take() {
                     out.push(Change {
@@ -513,7 +645,7 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
 /// the caller gets the sync lock held (after a sync, so the frame's earlier guest changes
 /// are delivered first) until it has delivered its own exact event: keep the returned guard
 /// until then.
-pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<MutexGuard<'_, SyncState>> {
+pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<SyncHeld<'_>> {
     let r = &vm.backend.relaxed;
     if r.active() == 0 {
         return None;
@@ -541,7 +673,7 @@ pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<MutexGuar
 /// [`settle`] (a guest store racing the write after the sync is delivered before its event).
 pub(crate) fn after_apply(
     vm: &VmInner,
-    guard: &mut Option<MutexGuard<'_, SyncState>>,
+    guard: &mut Option<SyncHeld<'_>>,
     gpa: u64,
     old: &[u8],
     data: &[u8],
@@ -565,9 +697,10 @@ pub(crate) fn applied<'a>(
     gpa: u64,
     old: &[u8],
     new: &[u8],
-) -> Option<MutexGuard<'a, SyncState>> {
-    let r = &vm.backend.relaxed;
-    if r.active() == 0 || new.is_empty() {
+) -> Option<SyncHeld<'a>> {
+    // Only bytes of relaxed frames have a shadow to settle (the caller holds the frames'
+    // stripe locks, so none becomes relaxed meanwhile).
+    if new.is_empty() || !touches_shadow(vm, gpa, new.len() as u64) {
         return None;
     }
     let guard = sync_lock(vm);
@@ -639,7 +772,25 @@ pub(crate) fn after_trap(vm: &VmInner, gpa: u64) -> Result<()> {
     periodic(vm)
 }
 
-/// A sync if the period since the last one has passed.
+/// Auto policy, at a sync point with no lock held: demotes the relaxed frames that stayed
+/// cold ([`RelaxedConfig::demote_after_syncs`], [`RelaxedConfig::demote_window`]), with vCPUs
+/// paused and after a final sync; one the final sync finds dirty stays relaxed.
+pub(crate) fn demote_cold(vm: &VmInner) -> Result<()> {
+    let r = &vm.backend.relaxed;
+    if !r.demotes() || r.active() == 0 {
+        return Ok(());
+    }
+    let due = lock(&r.cooling).due(Instant::now(), &r.thresholds());
+    if due.is_empty() {
+        return Ok(());
+    }
+    demote_with(vm, &due, true)
+}
+
+/// A sync if the period since the last one has passed (and then the cold demotions due);
+/// and, as at an exit, every frame back to strict mode if some notifier no longer accepts
+/// coalesced events (a guest that never exits to the VMM would otherwise keep its frames
+/// relaxed under such a notifier forever).
 pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
     let r = &vm.backend.relaxed;
     if r.active() == 0 {
@@ -647,7 +798,12 @@ pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
     }
     let now = nanos(r.born.elapsed());
     if now.saturating_sub(r.last_sync_ns.load(Ordering::Relaxed)) >= nanos(r.config.period) {
+        if !r.accepts() {
+            let all = vm.backend.frags().relaxed_frames();
+            return demote(vm, &all);
+        }
         sync(vm)?;
+        demote_cold(vm)?;
     }
     Ok(())
 }
@@ -663,7 +819,8 @@ pub(crate) fn at_exit(vm: &VmInner) -> Result<()> {
         let all = vm.backend.frags().relaxed_frames();
         return demote(vm, &all);
     }
-    sync(vm).map(drop)
+    sync(vm)?;
+    demote_cold(vm)
 }
 
 /// Strict → relaxed for the eligible frames of `gpas` that are tracked.
@@ -673,7 +830,7 @@ pub(crate) fn promote(vm: &VmInner, gpas: &[u64]) -> Result<usize> {
         return Ok(0);
     }
     // The frames' stripe locks: no completion or device write is half done on them.
-    let _held = vm.ram.lock(gpas.iter().copied());
+    let _held = vm.lock_frames(gpas.iter().copied());
     let mut frags = vm.backend.frags();
     let tracked: Vec<u64> = gpas
         .iter()
@@ -700,6 +857,12 @@ pub(crate) fn promote(vm: &VmInner, gpas: &[u64]) -> Result<usize> {
 /// Relaxed → strict for the relaxed frames of `gpas`: with vCPUs paused, a final sync
 /// delivers their last changes, then their fragments become read-only.
 pub(crate) fn demote(vm: &VmInner, gpas: &[u64]) -> Result<()> {
+    demote_with(vm, gpas, false)
+}
+
+/// [`demote`]; `cold`: a cold demotion ([`demote_cold`]), which leaves relaxed the frames
+/// the final sync found dirty and records the others' backoff.
+fn demote_with(vm: &VmInner, gpas: &[u64], cold: bool) -> Result<()> {
     let r = &vm.backend.relaxed;
     if gpas.is_empty() || r.active() == 0 {
         return Ok(());
@@ -711,10 +874,27 @@ pub(crate) fn demote(vm: &VmInner, gpas: &[u64]) -> Result<()> {
     // Nothing writes guest memory from here on but device writes, which sync first and take
     // the sync lock this thread holds.
     sync_locked(vm)?;
+    let still_cold: Vec<u64>;
+    let gpas = if cold {
+        let cooling = lock(&r.cooling);
+        still_cold = gpas
+            .iter()
+            .copied()
+            .filter(|&f| !cooling.dirty_in_last_sync(f))
+            .collect();
+        &still_cold[..]
+    } else {
+        gpas
+    };
     let mut frags = vm.backend.frags();
     let (frames, chunks) = frags.set_relaxed(gpas.iter().copied(), false);
     if frames.is_empty() {
         return Ok(());
+    }
+    if cold {
+        lock(&r.cooling).demoted(&frames, Instant::now());
+        r.cold_demotions
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
     }
     r.forget(&frames);
     r.demotions

@@ -42,8 +42,13 @@ pub(crate) trait SlotOps {
     /// map it: the slot comes back with the error, mapping and all.
     fn delete_slot(&self, slot: KvmSlot) -> std::result::Result<(), (KvmSlot, kvm_ioctls::Error)>;
 
-    /// Takes (and clears) `slot`'s dirty log (`KVM_GET_DIRTY_LOG`): bit i is page i.
-    fn dirty_log(&self, slot: &KvmSlot) -> std::result::Result<Vec<u64>, kvm_ioctls::Error>;
+    /// Takes (and clears) `slot`'s dirty log (`KVM_GET_DIRTY_LOG`, then with `manual`
+    /// protect `KVM_CLEAR_DIRTY_LOG` of exactly those bits): bit i is page i.
+    fn dirty_log(
+        &self,
+        slot: &KvmSlot,
+        manual: bool,
+    ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error>;
 }
 
 impl SlotOps for VmFd {
@@ -63,8 +68,12 @@ impl SlotOps for VmFd {
         slot.remove(self)
     }
 
-    fn dirty_log(&self, slot: &KvmSlot) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
-        slot.take_dirty_log(self)
+    fn dirty_log(
+        &self,
+        slot: &KvmSlot,
+        manual: bool,
+    ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
+        slot.take_dirty_log(self, manual)
     }
 }
 
@@ -86,8 +95,12 @@ impl<S: SlotOps + ?Sized> SlotOps for Arc<S> {
         (**self).delete_slot(slot)
     }
 
-    fn dirty_log(&self, slot: &KvmSlot) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
-        (**self).dirty_log(slot)
+    fn dirty_log(
+        &self,
+        slot: &KvmSlot,
+        manual: bool,
+    ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
+        (**self).dirty_log(slot, manual)
     }
 }
 
@@ -265,6 +278,9 @@ pub(crate) struct Fragments {
     chunk_bytes: u64,
     /// Every fragment carries `KVM_MEM_LOG_DIRTY_PAGES`.
     log_dirty: bool,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` is enabled on the VM: a harvest is
+    /// `KVM_GET_DIRTY_LOG` then `KVM_CLEAR_DIRTY_LOG` of exactly the bits it returned.
+    manual_protect: bool,
     stats: FragmentStats,
 }
 
@@ -284,6 +300,7 @@ impl Fragments {
             budget,
             chunk_bytes,
             log_dirty,
+            manual_protect: false,
             stats: FragmentStats {
                 budget,
                 ..FragmentStats::default()
@@ -293,6 +310,26 @@ impl Fragments {
 
     pub(crate) fn stats(&self) -> FragmentStats {
         self.stats
+    }
+
+    /// Harvests from now on re-protect with `KVM_CLEAR_DIRTY_LOG` (the VM has
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled), or not.
+    pub(crate) fn set_manual_protect(&mut self, on: bool) {
+        self.manual_protect = on;
+    }
+
+    /// True if harvests use `KVM_CLEAR_DIRTY_LOG`.
+    pub(crate) fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    /// The ioctls of a harvest, for errors.
+    fn harvest_op(&self) -> &'static str {
+        if self.manual_protect {
+            "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG"
+        } else {
+            "KVM_GET_DIRTY_LOG"
+        }
     }
 
     pub(crate) fn chunk_bytes(&self) -> u64 {
@@ -351,9 +388,9 @@ impl Fragments {
     ) -> std::result::Result<Option<Vec<u64>>, (KvmSlot, Error)> {
         let mut bits = None;
         if harvest && slot.log_dirty() {
-            match vm.dirty_log(&slot) {
+            match vm.dirty_log(&slot, self.manual_protect) {
                 Ok(b) => bits = Some(b),
-                Err(e) => return Err((slot, Error::kvm("KVM_GET_DIRTY_LOG")(e))),
+                Err(e) => return Err((slot, Error::kvm(self.harvest_op())(e))),
             }
         }
         let (id, ro) = (slot.id(), slot.readonly());
@@ -485,15 +522,18 @@ impl Fragments {
                 continue;
             }
             let gpa = s.gpa();
-            let bits = vm.dirty_log(s).map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
+            let bits = vm
+                .dirty_log(s, self.manual_protect)
+                .map_err(Error::kvm(self.harvest_op()))?;
             self.dispatch(r, c, gpa, &bits);
         }
         Ok(())
     }
 
-    /// The first step of a relaxed sync: harvests (and so re-protects: plain
-    /// `KVM_GET_DIRTY_LOG` write-protects exactly the pages it reports before returning) every
-    /// fragment holding relaxed frames, then returns the guest addresses of the relaxed frames
+    /// The first step of a relaxed sync: harvests and re-protects (plain `KVM_GET_DIRTY_LOG`
+    /// write-protects exactly the pages it reports before returning; with manual protect
+    /// `KVM_CLEAR_DIRTY_LOG` of exactly the harvested bits follows it) every fragment holding
+    /// relaxed frames, then returns the guest addresses of the relaxed frames
     /// logged dirty since their last diff, in address order, and clears their pending bits.
     /// Needs no vCPU pause. Costs one ioctl per relaxed fragment and O(dirty) more.
     pub(crate) fn harvest_relaxed(&mut self, vm: &(impl SlotOps + ?Sized)) -> Result<Vec<u64>> {
@@ -521,22 +561,22 @@ impl Fragments {
     /// Reads the 4 KiB frame at `gpa` into `words` (little-endian words, aligned 8-byte
     /// loads); leaves `words` as is if the frame is not RAM.
     pub(crate) fn read_frame(&self, gpa: u64, words: &mut [u64]) {
-        use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress};
+        use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
         let Some((r, _)) = self.locate(gpa) else {
             return;
         };
         let ram = &self.rams[r];
-        let base = gpa - ram.gpa;
-        for (i, w) in words.iter_mut().enumerate() {
-            let at = MemoryRegionAddress(base + i as u64 * 8);
-            if let Ok(v) = ram
-                .mmap
-                .load::<u64>(at, std::sync::atomic::Ordering::Relaxed)
-            {
-                *w = v;
+        let Ok(slice) = ram
+            .mmap
+            .get_slice(MemoryRegionAddress(gpa - ram.gpa), words.len() * 8)
+        else {
+            return;
+        };
+        if let Some(atomics) = crate::sys::slice_words(&slice) {
+            for (w, a) in words.iter_mut().zip(atomics) {
+                *w = a.load(std::sync::atomic::Ordering::Relaxed);
             }
         }
-        let _ = ram.mmap.len();
     }
 
     /// True if the frame at `gpa` runs relaxed.
@@ -1470,7 +1510,11 @@ pub(crate) mod seam {
             Ok(())
         }
 
-        fn dirty_log(&self, slot: &KvmSlot) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
+        fn dirty_log(
+            &self,
+            slot: &KvmSlot,
+            _manual: bool,
+        ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
             if self.call(format!("log {}", slot.id())) {
                 return Err(kvm_ioctls::Error::new(libc::EIO));
             }

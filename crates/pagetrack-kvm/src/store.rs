@@ -68,8 +68,12 @@ impl Drop for Held<'_> {
 
 impl FrameLocks {
     /// Locks the stripes of every frame in `gpas` that this thread does not hold yet, in stripe
-    /// order (no lock-order inversion between threads).
-    pub(crate) fn lock(&self, gpas: impl Iterator<Item = u64>) -> Held<'_> {
+    /// order (no lock-order inversion between threads). On a vCPU thread handling an exit, a
+    /// stripe held by another thread parks this vCPU's continuation first
+    /// (`Gate::park_here`): the holder may be promoting frames to relaxed mode, which pauses
+    /// with the stripes held, and that pause would otherwise wait forever for this vCPU's
+    /// continuation (its trapped store, whose handling waits for the stripe).
+    pub(crate) fn lock(&self, park: &dyn Fn(), gpas: impl Iterator<Item = u64>) -> Held<'_> {
         let mut stripes: Vec<usize> = gpas
             .map(|g| usize::try_from((g >> 12) % STRIPES as u64).unwrap_or(0))
             .collect();
@@ -81,7 +85,17 @@ impl FrameLocks {
         });
         let guards: Vec<_> = stripes
             .into_iter()
-            .map(|s| (s, self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())))
+            .map(|s| {
+                let guard = match self.stripes[s].try_lock() {
+                    Ok(g) => g,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        park();
+                        self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())
+                    }
+                };
+                (s, guard)
+            })
             .collect();
         HELD.with(|h| {
             h.borrow_mut()
@@ -165,7 +179,7 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         return Err(stop(StopReason::NotRam { gpa: t.gpa }));
     }
     // Held until the events are delivered (event order per frame = memory order).
-    let locks = vm.ram.lock(targets.iter().map(|t| t.gpa));
+    let locks = vm.lock_frames(targets.iter().map(|t| t.gpa));
     let done = plan.execute(&mut state, cpu).map_err(|e| stop(e.into()))?;
     let writes: Vec<Write<'_>> = done.writes.iter().map(Write::of).collect();
     match vm
@@ -374,11 +388,11 @@ mod tests {
     #[test]
     fn a_thread_holding_a_frame_takes_it_again_without_deadlock() {
         let locks = FrameLocks::default();
-        let outer = locks.lock([A].into_iter());
+        let outer = locks.lock(&|| {}, [A].into_iter());
         assert_eq!(outer.guards.len(), 1);
         assert!(!free_elsewhere(&locks, A));
         // A callback writing the same frame and a new one: only the new stripe is taken.
-        let inner = locks.lock([A, B].into_iter());
+        let inner = locks.lock(&|| {}, [A, B].into_iter());
         assert_eq!(
             inner.guards.iter().map(|g| g.0).collect::<Vec<_>>(),
             [stripe(B)]
@@ -393,14 +407,14 @@ mod tests {
         assert!(free_elsewhere(&locks, A));
         assert!(held_here().is_empty());
         // Free again: the next lock takes the stripe for real.
-        assert_eq!(locks.lock([A].into_iter()).guards.len(), 1);
+        assert_eq!(locks.lock(&|| {}, [A].into_iter()).guards.len(), 1);
     }
 
     #[test]
     fn nested_locks_of_the_same_frame_release_only_at_the_outermost_drop() {
         let locks = FrameLocks::default();
-        let outer = locks.lock([A].into_iter());
-        let again = locks.lock([A, A2].into_iter()); // A2 shares A's stripe
+        let outer = locks.lock(&|| {}, [A].into_iter());
+        let again = locks.lock(&|| {}, [A, A2].into_iter()); // A2 shares A's stripe
         assert!(again.guards.is_empty());
         drop(again);
         assert!(
@@ -414,7 +428,7 @@ mod tests {
     #[test]
     fn frames_of_one_stripe_take_it_once_and_drops_in_any_order_release_their_own() {
         let locks = FrameLocks::default();
-        let both = locks.lock([A2, B, A, B].into_iter());
+        let both = locks.lock(&|| {}, [A2, B, A, B].into_iter());
         let mut taken: Vec<usize> = both.guards.iter().map(|g| g.0).collect();
         taken.sort_unstable();
         let mut want = vec![stripe(A), stripe(B)];
@@ -422,8 +436,8 @@ mod tests {
         assert_eq!(taken, want, "one guard per stripe, in stripe order");
         assert!(both.guards.windows(2).all(|w| w[0].0 < w[1].0));
         // Outer dropped before inner: each releases what it took.
-        let outer = locks.lock([0x1_0000].into_iter());
-        let inner = locks.lock([0x1_0000, 0x2_0000].into_iter());
+        let outer = locks.lock(&|| {}, [0x1_0000].into_iter());
+        let inner = locks.lock(&|| {}, [0x1_0000, 0x2_0000].into_iter());
         drop(outer);
         assert!(free_elsewhere(&locks, 0x1_0000));
         assert!(!free_elsewhere(&locks, 0x2_0000));
@@ -437,8 +451,8 @@ mod tests {
     fn holding_a_frame_of_one_vm_does_not_let_a_thread_skip_another_vms_lock() {
         let one = FrameLocks::default();
         let two = FrameLocks::default();
-        let _held = one.lock([A].into_iter());
-        let other = two.lock([A].into_iter());
+        let _held = one.lock(&|| {}, [A].into_iter());
+        let other = two.lock(&|| {}, [A].into_iter());
         assert_eq!(
             other.guards.len(),
             1,
@@ -451,14 +465,14 @@ mod tests {
     fn a_panic_while_holding_releases_the_stripes() {
         let locks = FrameLocks::default();
         let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _outer = locks.lock([A].into_iter());
-            let _inner = locks.lock([A, B].into_iter());
+            let _outer = locks.lock(&|| {}, [A].into_iter());
+            let _inner = locks.lock(&|| {}, [A, B].into_iter());
             panic!("a notifier panics");
         }));
         assert!(unwound.is_err());
         assert!(free_elsewhere(&locks, A) && free_elsewhere(&locks, B));
         assert!(held_here().is_empty());
         // A poisoned stripe is still usable.
-        assert_eq!(locks.lock([A, B].into_iter()).guards.len(), 2);
+        assert_eq!(locks.lock(&|| {}, [A, B].into_iter()).guards.len(), 2);
     }
 }

@@ -1,8 +1,10 @@
 //! Every `unsafe` operation of pagetrack-kvm, each behind a small safe wrapper.
 //!
 //! JUSTIFICATION: kvm-ioctls marks `KVM_SET_USER_MEMORY_REGION` unsafe (the kernel keeps the
-//! host address), reading the `kvm_run` exit union is unsafe, and signalling a vCPU thread
-//! needs raw pthread calls. Nothing else in the crate uses unsafe.
+//! host address), reading the `kvm_run` exit union is unsafe, signalling a vCPU thread
+//! needs raw pthread calls, kvm-ioctls has no `KVM_CLEAR_DIRTY_LOG` (a raw ioctl with a
+//! bitmap pointer), and word-consistent loads of guest frames at full speed need an atomic
+//! view of the mapping. Nothing else in the crate uses unsafe.
 #![allow(unsafe_code)]
 
 use std::sync::Arc;
@@ -89,11 +91,24 @@ impl KvmSlot {
         }
     }
 
-    /// Takes KVM's dirty log of the slot (`KVM_GET_DIRTY_LOG`, which also clears it): bit i
-    /// is page i of the slot.
-    pub(crate) fn take_dirty_log(&self, vm: &VmFd) -> Result<Vec<u64>, kvm_ioctls::Error> {
+    /// Takes KVM's dirty log of the slot: bit i is page i of the slot, and every page
+    /// returned is write-protected again (logged anew at its next write) before this returns.
+    /// Without manual protect (`manual` false) `KVM_GET_DIRTY_LOG` does both in one step; with
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled on the VM (`manual`) it only copies the
+    /// log, and `KVM_CLEAR_DIRTY_LOG` then clears and re-protects exactly the bits copied
+    /// (a bit KVM sets between the two stays set for the next harvest). If the clear fails
+    /// the bits stay set in KVM and the error is returned: the next harvest reports them.
+    pub(crate) fn take_dirty_log(
+        &self,
+        vm: &VmFd,
+        manual: bool,
+    ) -> Result<Vec<u64>, kvm_ioctls::Error> {
         let size = usize::try_from(self.size).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
-        vm.get_dirty_log(self.id, size)
+        let bits = vm.get_dirty_log(self.id, size)?;
+        if manual {
+            clear_dirty_log(vm, self.id, self.size / 4096, &bits)?;
+        }
+        Ok(bits)
     }
 
     fn delete(&mut self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
@@ -179,12 +194,100 @@ impl Drop for KvmSlot {
     }
 }
 
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_bindings::kvm_clear_dirty_log
+);
+
+/// The window of `bits` (bit i = page i of a slot of `pages` pages) that `KVM_CLEAR_DIRTY_LOG`
+/// is given: from the first non-zero word to the last, as `(first word, words, pages)`.
+/// KVM wants the first page a multiple of 64 (a word boundary) and the page count a
+/// multiple of 64 unless the window runs to the end of the slot. `None`: nothing to clear.
+fn clear_window(pages: u64, bits: &[u64]) -> Option<(usize, usize, u64)> {
+    let first = bits.iter().position(|&w| w != 0)?;
+    let last = bits.iter().rposition(|&w| w != 0)?;
+    let first_page = first as u64 * 64;
+    let end_page = ((last as u64 + 1) * 64).min(pages);
+    (first_page < end_page).then(|| (first, last + 1 - first, end_page - first_page))
+}
+
+/// `KVM_CLEAR_DIRTY_LOG` of slot `slot` (`pages` pages): clears and write-protects again
+/// exactly the pages set in `bits` (bit i = page i of the slot), then flushes the TLBs.
+/// Needs `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled on the VM ([`enable_manual_protect`]).
+pub(crate) fn clear_dirty_log(
+    vm: &VmFd,
+    slot: u32,
+    pages: u64,
+    bits: &[u64],
+) -> Result<(), kvm_ioctls::Error> {
+    let Some((first, words, num_pages)) = clear_window(pages, bits) else {
+        return Ok(());
+    };
+    let window: Vec<u64> = bits[first..first + words].to_vec();
+    let mut log = kvm_bindings::kvm_clear_dirty_log {
+        slot,
+        num_pages: u32::try_from(num_pages).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?,
+        first_page: first as u64 * 64,
+        ..Default::default()
+    };
+    log.__bindgen_anon_1.dirty_bitmap = window.as_ptr().cast_mut().cast();
+    // SAFETY: `vm` is a VM fd; the kernel reads `log` and `ALIGN(num_pages, 64) / 8` bytes of
+    // the bitmap, which `window` (`words` u64s, `num_pages <= words * 64`) holds and which
+    // stays alive until the ioctl returns; it writes nothing back.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &log) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(kvm_ioctls::Error::last())
+    }
+}
+
+/// Enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` on the VM with
+/// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` only (not `INITIALLY_SET`: a new logged fragment
+/// starts clean and write-protected, as without manual protect, so the VMM's dirty log
+/// stays the written set).
+pub(crate) fn enable_manual_protect(vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+    vm.enable_cap(&cap)
+}
+
+/// The words of `slice` (guest memory) as atomics, for word-consistent loads that compile to
+/// plain aligned moves (vm-memory's `Bytes::load` costs a call and bounds checks per word,
+/// about 2 µs per 4 KiB frame here). `None` if the slice is not 8-byte aligned or sized.
+pub(crate) fn slice_words<'s, B: vm_memory::bitmap::BitmapSlice>(
+    slice: &'s vm_memory::VolatileSlice<'_, B>,
+) -> Option<&'s [std::sync::atomic::AtomicU64]> {
+    let guard = slice.ptr_guard();
+    let ptr = guard.as_ptr();
+    if !slice.len().is_multiple_of(8) || !ptr.addr().is_multiple_of(8) {
+        return None;
+    }
+    // SAFETY: a VolatileSlice's memory is mapped, `len` bytes long, for its whole lifetime,
+    // which outlives 's (vm-memory's invariant; without its xen feature the pointer guard is
+    // the plain address and unmaps nothing); the pointer is 8-byte aligned and the length a
+    // multiple of 8 (checked above), so it holds `len / 8` AtomicU64s. Concurrent writers
+    // (the guest, other vCPU threads) are outside Rust's memory model or atomic themselves,
+    // as for vm-memory's own `get_atomic_ref`; only shared (atomic) access is given out.
+    Some(unsafe {
+        std::slice::from_raw_parts(ptr.cast::<std::sync::atomic::AtomicU64>(), slice.len() / 8)
+    })
+}
+
 /// How the gate kicks one vCPU out of `KVM_RUN`: by KVM's documented protocol, set
 /// `kvm_run.immediate_exit`, then signal the vCPU's thread (see [`crate::gate`]).
 #[derive(Debug)]
 pub(crate) struct VcpuKick {
     thread: libc::pthread_t,
     immediate_exit: std::ptr::NonNull<u8>,
+    /// The kick signal (`VmConfig::kick`), checked when the VM was set up: a real-time
+    /// signal with a handler installed (pagetrack's no-op one, or the VMM's own).
+    signal: libc::c_int,
 }
 
 // SAFETY: a VcpuKick is only created by the vCPU thread in `ExitHandler::run` for one pass
@@ -196,8 +299,9 @@ pub(crate) struct VcpuKick {
 unsafe impl Send for VcpuKick {}
 
 impl VcpuKick {
-    /// The kick handle of the calling thread, which is about to run `fd`.
-    pub(crate) fn current(fd: &mut VcpuFd) -> VcpuKick {
+    /// The kick handle of the calling thread, which is about to run `fd`; kicks send
+    /// `signal`.
+    pub(crate) fn current(fd: &mut VcpuFd, signal: libc::c_int) -> VcpuKick {
         // A pointer (not a reference) kept past this borrow: see `unsafe impl Send` for why it
         // stays valid while the kick handle exists.
         let immediate_exit = std::ptr::NonNull::from(&mut fd.get_kvm_run().immediate_exit);
@@ -206,6 +310,7 @@ impl VcpuKick {
         VcpuKick {
             thread,
             immediate_exit,
+            signal,
         }
     }
 
@@ -229,9 +334,10 @@ impl crate::gate::Kick for VcpuKick {
         // SeqCst: the store is visible before the signal is sent; the kernel reads the field
         // on entry to KVM_RUN and the signal covers a KVM_RUN already past that check.
         self.flag().store(1, std::sync::atomic::Ordering::SeqCst);
-        // SAFETY: the thread is alive (see `unsafe impl Send`); the signal has a no-op handler
-        // installed by `install_kick_handler`, so delivery only interrupts KVM_RUN with EINTR.
-        let rc = unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+        // SAFETY: the thread is alive (see `unsafe impl Send`); the signal has a handler (the
+        // no-op one `install_kick_handler` installed, or the VMM's, checked by
+        // `has_handler`), so delivery only interrupts KVM_RUN with EINTR.
+        let rc = unsafe { libc::pthread_kill(self.thread, self.signal) };
         // ESRCH/EINVAL are impossible: a live thread and a valid real-time signal.
         debug_assert_eq!(rc, 0, "pthread_kill of a live vCPU thread");
     }
@@ -242,20 +348,42 @@ impl crate::gate::Kick for VcpuKick {
     }
 }
 
-/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
-pub(crate) fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN() + 5
+/// The first real-time signal (glibc's `SIGRTMIN`, which reserves the kernel's first ones).
+pub(crate) fn sigrtmin() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// The last real-time signal.
+pub(crate) fn sigrtmax() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMAX()
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Installs the no-op kick handler once per process.
-pub(crate) fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
-    static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
-    let res: &Result<(), i32> = ONCE.get_or_init(|| {
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
-    });
-    res.map_err(vmm_sys_util::errno::Error::new)
+/// Installs the no-op kick handler on real-time signal `signal`, once per process and
+/// signal (a failed installation is retried by the next VM).
+pub(crate) fn install_kick_handler(signal: libc::c_int) -> Result<(), vmm_sys_util::errno::Error> {
+    static DONE: std::sync::Mutex<Vec<libc::c_int>> = std::sync::Mutex::new(Vec::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if done.contains(&signal) {
+        return Ok(());
+    }
+    vmm_sys_util::signal::register_signal_handler(signal, on_kick)?;
+    done.push(signal);
+    Ok(())
+}
+
+/// True if `signal` has a handler installed: neither the default action (which ends the
+/// process for a real-time signal) nor "ignore" (which does not interrupt `KVM_RUN`).
+pub(crate) fn has_handler(signal: libc::c_int) -> Result<bool, vmm_sys_util::errno::Error> {
+    // SAFETY: all-zero is a valid `sigaction` (no handler, empty mask), only written below.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only queries; `old` is a valid, writable sigaction.
+    let rc = unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) };
+    if rc != 0 {
+        return Err(vmm_sys_util::errno::Error::last());
+    }
+    Ok(old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN)
 }
 
 /// The `suberror` of the last `KVM_EXIT_INTERNAL_ERROR`.
@@ -296,4 +424,33 @@ pub(crate) fn dup_kvm(kvm: &kvm_ioctls::Kvm) -> Result<kvm_ioctls::Kvm, kvm_ioct
     // SAFETY: `owned` is a fresh fd (a dup of an open /dev/kvm) whose ownership moves into
     // the Kvm, which closes it on drop.
     Ok(unsafe { kvm_ioctls::Kvm::from_raw_fd(owned.into_raw_fd()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clear_window;
+
+    #[test]
+    fn clear_window_spans_the_set_words_only() {
+        assert_eq!(clear_window(512, &[0; 8]), None);
+        // Word 2 alone: pages 128..192.
+        assert_eq!(
+            clear_window(512, &[0, 0, 1 << 5, 0, 0, 0, 0, 0]),
+            Some((2, 1, 64))
+        );
+        // Words 1 to 3.
+        assert_eq!(
+            clear_window(512, &[0, 1, 0, 1 << 63, 0, 0, 0, 0]),
+            Some((1, 3, 192))
+        );
+    }
+
+    #[test]
+    fn clear_window_stops_at_the_end_of_a_short_slot() {
+        // 100 pages: the second word holds pages 64..100, and the window ends at the slot's end.
+        assert_eq!(clear_window(100, &[0, 1 << 35]), Some((1, 1, 36)));
+        assert_eq!(clear_window(100, &[1, 1]), Some((0, 2, 100)));
+        // A slot of 10 pages.
+        assert_eq!(clear_window(10, &[1 << 9]), Some((0, 1, 10)));
+    }
 }

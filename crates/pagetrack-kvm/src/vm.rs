@@ -54,6 +54,96 @@ pub struct VmConfig {
     pub kvm_slots: Option<KvmSlotIds>,
     /// Relaxed mode (`docs/RELAXED.md`): off by default.
     pub relaxed: RelaxedConfig,
+    /// The signal that kicks vCPU threads out of `KVM_RUN` (with `immediate_exit`).
+    pub kick: KickSignal,
+    /// How dirty logs are harvested and re-protected (relaxed syncs and
+    /// [`Vm::take_dirty_log`] alike).
+    pub dirty_protect: DirtyProtect,
+}
+
+/// How pagetrack harvests KVM's dirty logs ([`VmConfig::dirty_protect`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DirtyProtect {
+    /// Manual protect when the host offers it and pagetrack created the VM ([`Vm::new`],
+    /// [`Vm::with_kvm`]); plain `KVM_GET_DIRTY_LOG` on a VM the VMM brought
+    /// ([`Vm::from_vm_fd`]), where enabling the VM-wide capability would change what the
+    /// VMM's own `KVM_GET_DIRTY_LOG` calls do.
+    #[default]
+    Auto,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: a harvest is `KVM_GET_DIRTY_LOG` (a copy) then
+    /// `KVM_CLEAR_DIRTY_LOG` of exactly the bits copied (which re-protects those pages).
+    /// Refused ([`Error::MissingCapability`]) where KVM lacks it. On a VM the VMM brought,
+    /// say this only if the VMM's own dirty logging (if any) expects it.
+    Manual,
+    /// Plain `KVM_GET_DIRTY_LOG`, which copies, clears and re-protects in one step.
+    Plain,
+}
+
+/// The signal pagetrack sends a vCPU thread to kick it out of `KVM_RUN`, after setting
+/// `kvm_run.immediate_exit` (KVM's documented protocol; see "Pausing vCPUs" in the crate
+/// docs). The vCPU threads must not block it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KickSignal {
+    /// `SIGRTMIN + offset`, with a no-op handler pagetrack installs once per process (the
+    /// default: offset 5). A VM refuses an offset past `SIGRTMAX`.
+    Own {
+        /// Offset from `SIGRTMIN`.
+        offset: i32,
+    },
+    /// The VMM's own vCPU kick signal, whose handler the VMM installed: pagetrack only sends
+    /// it (as Firecracker and Cloud Hypervisor send theirs) and installs nothing, so a VMM
+    /// with one kick signal keeps one. A VM refuses a signal without a handler (a real-time
+    /// signal's default action ends the process; an ignored signal does not interrupt
+    /// `KVM_RUN`), or one outside `SIGRTMIN..=SIGRTMAX`. The VMM's handler runs on pagetrack's
+    /// kicks too and must return (a no-op, or setting a flag its loop checks).
+    Vmm {
+        /// The signal number.
+        signal: i32,
+    },
+}
+
+impl Default for KickSignal {
+    fn default() -> KickSignal {
+        KickSignal::Own { offset: 5 }
+    }
+}
+
+impl KickSignal {
+    /// Checks the signal and installs pagetrack's handler if it is [`KickSignal::Own`];
+    /// returns the signal number.
+    fn prepare(self) -> Result<i32> {
+        let (rtmin, rtmax) = (crate::sys::sigrtmin(), crate::sys::sigrtmax());
+        match self {
+            KickSignal::Own { offset } => {
+                let signal = rtmin
+                    .checked_add(offset)
+                    .filter(|s| (rtmin..=rtmax).contains(s));
+                let Some(signal) = signal else {
+                    return Err(Error::InvalidConfig {
+                        reason: "the kick signal offset is negative or past SIGRTMAX",
+                    });
+                };
+                crate::sys::install_kick_handler(signal)
+                    .map_err(|source| Error::KickSignal { source })?;
+                Ok(signal)
+            }
+            KickSignal::Vmm { signal } => {
+                if !(rtmin..=rtmax).contains(&signal) {
+                    return Err(Error::InvalidConfig {
+                        reason: "the VMM's kick signal is not a real-time signal \
+                                 (SIGRTMIN..=SIGRTMAX)",
+                    });
+                }
+                match crate::sys::has_handler(signal) {
+                    Ok(true) => Ok(signal),
+                    Ok(false) => Err(Error::KickSignalUnhandled { signal }),
+                    Err(source) => Err(Error::KickSignal { source }),
+                }
+            }
+        }
+    }
 }
 
 /// A range of KVM memslot ids a VMM leaves to pagetrack ([`VmConfig::with_kvm_slots`]).
@@ -76,6 +166,8 @@ impl Default for VmConfig {
             dirty_log: false,
             kvm_slots: None,
             relaxed: RelaxedConfig::default(),
+            kick: KickSignal::default(),
+            dirty_protect: DirtyProtect::Auto,
         }
     }
 }
@@ -141,6 +233,19 @@ impl VmConfig {
         self
     }
 
+    /// The same configuration with `kick` as the vCPU kick signal (see [`KickSignal`]).
+    pub fn with_kick_signal(mut self, kick: KickSignal) -> VmConfig {
+        self.kick = kick;
+        self
+    }
+
+    /// The same configuration with dirty logs harvested as `how` says (see
+    /// [`VmConfig::dirty_protect`]).
+    pub fn with_dirty_protect(mut self, how: DirtyProtect) -> VmConfig {
+        self.dirty_protect = how;
+        self
+    }
+
     /// The same configuration with the zap-all quirk left as KVM has it.
     pub fn keep_slot_zap_all(mut self) -> VmConfig {
         self.disable_slot_zap_all = false;
@@ -162,6 +267,9 @@ pub struct HostCaps {
     pub sync_regs: u32,
     /// `KVM_CAP_DIRTY_LOG_RING` size in bytes (0 if absent).
     pub dirty_ring_bytes: u32,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` flags (0 if absent; bit 0 manual protect, bit 1
+    /// initially-set).
+    pub manual_dirty_protect: u32,
     /// True when KVM runs without hardware virtualization (PVM): the host CPU has no vmx/svm
     /// flag, or the kvm_pvm module is loaded. Guest CPL0 code is then emulated.
     pub software_kvm: bool,
@@ -218,6 +326,10 @@ impl HostCaps {
             disable_quirks2: u64::try_from(raw(KVM_CAP_DISABLE_QUIRKS2)).unwrap_or(0),
             sync_regs: u32::try_from(raw(kvm_bindings::KVM_CAP_SYNC_REGS)).unwrap_or(0),
             dirty_ring_bytes: u32::try_from(raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)).unwrap_or(0),
+            manual_dirty_protect: u32::try_from(raw(
+                kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ))
+            .unwrap_or(0),
             msr_filter: raw(kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR) > 0
                 && raw(kvm_bindings::KVM_CAP_X86_MSR_FILTER) > 0,
             software_kvm,
@@ -460,11 +572,11 @@ impl Drop for Backend {
 }
 
 #[derive(Debug, Clone)]
-struct RamInfo {
-    slot: SlotId,
-    gpa: u64,
-    size: u64,
-    dirty: Option<Arc<DirtyBits>>,
+pub(crate) struct RamInfo {
+    pub(crate) slot: SlotId,
+    pub(crate) gpa: u64,
+    pub(crate) size: u64,
+    pub(crate) dirty: Option<Arc<DirtyBits>>,
 }
 
 #[derive(Debug)]
@@ -484,6 +596,10 @@ pub(crate) struct VmInner {
     pub(crate) ram: TrackedRam,
     xsave_layout: std::sync::OnceLock<(crate::emulate::XsaveLayout, u64)>,
     stall_monitor: std::sync::Once,
+    /// The signal number of [`VmConfig::kick`], checked (and its handler installed).
+    pub(crate) kick_signal: i32,
+    /// The checkpoint ([`Vm::checkpoint`], `checkpoint.rs`).
+    pub(crate) checkpoint: Mutex<Option<crate::checkpoint::Image>>,
 }
 
 /// How often the stall monitor looks at the vCPUs: a vCPU inside one `KVM_RUN` for two
@@ -504,8 +620,40 @@ fn stall_monitor(vm: std::sync::Weak<VmInner>) {
     }
 }
 
+impl VmInner {
+    /// The RAM regions, locked (no region is added or removed until the guard drops).
+    pub(crate) fn rams(&self) -> MutexGuard<'_, Vec<RamInfo>> {
+        self.rams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True if the VM logs dirty pages ([`VmConfig::dirty_log`]).
+    pub(crate) fn dirty_log(&self) -> bool {
+        self.config.dirty_log
+    }
+
+    /// Locks the frames of `gpas` ([`TrackedRam::lock`]); a vCPU thread that finds one held
+    /// parks its continuation first (`Gate::park_here`, `FrameLocks::lock`).
+    pub(crate) fn lock_frames(&self, gpas: impl Iterator<Item = u64>) -> crate::store::Held<'_> {
+        self.ram.lock(&|| self.backend.gate.park_here(), gpas)
+    }
+}
+
 /// Relaxed frames' shadows, kept by `relaxed.rs`, around the writes [`TrackedRam`] commits.
 impl crate::ram::Shadows for VmInner {
+    fn lock_for_copy<'a>(
+        &'a self,
+        ram: &'a TrackedRam,
+        gpa: u64,
+        len: u64,
+    ) -> (crate::ram::ShadowLock<'a>, crate::store::Held<'a>) {
+        crate::relaxed::lock_for_write(self, gpa, len, || {
+            ram.lock(
+                &|| self.backend.gate.park_here(),
+                crate::ram::pages(gpa, len),
+            )
+        })
+    }
+
     fn before_copy(&self, gpa: u64, len: u64) -> crate::ram::ShadowLock<'_> {
         crate::relaxed::before_apply(self, gpa, len)
     }
@@ -630,7 +778,7 @@ impl Vm {
             });
         }
         let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-        Vm::assemble(kvm, Arc::new(vm_fd), caps, config)
+        Vm::assemble(kvm, Arc::new(vm_fd), caps, config, true)
     }
 
     /// Adds write tracking to a VM the VMM created and keeps: its `VmFd` (shared), the host
@@ -659,13 +807,31 @@ impl Vm {
             });
         }
         let kvm = crate::sys::dup_kvm(kvm).map_err(Error::kvm("dup /dev/kvm"))?;
-        Vm::assemble(kvm, vm_fd, caps, config)
+        Vm::assemble(kvm, vm_fd, caps, config, false)
     }
 
-    fn assemble(kvm: Kvm, vm_fd: Arc<VmFd>, caps: HostCaps, config: VmConfig) -> Result<Vm> {
+    fn assemble(
+        kvm: Kvm,
+        vm_fd: Arc<VmFd>,
+        caps: HostCaps,
+        config: VmConfig,
+        own_vm: bool,
+    ) -> Result<Vm> {
         // Everything is checked before anything is done to the VM (a VMM's VM included).
         config.check(&caps)?;
-        crate::sys::install_kick_handler().map_err(|source| Error::KickSignal { source })?;
+        let offered =
+            caps.manual_dirty_protect & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0;
+        let manual = match config.dirty_protect {
+            DirtyProtect::Auto => offered && own_vm,
+            DirtyProtect::Manual if !offered => {
+                return Err(Error::MissingCapability {
+                    what: "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+                });
+            }
+            DirtyProtect::Manual => true,
+            DirtyProtect::Plain => false,
+        };
+        let kick_signal = config.kick.prepare()?;
         let zap_all = u64::from(KVM_X86_QUIRK_SLOT_ZAP_ALL);
         if config.disable_slot_zap_all && caps.disable_quirks2 & zap_all != 0 {
             let mut cap = kvm_enable_cap {
@@ -676,6 +842,10 @@ impl Vm {
             vm_fd
                 .enable_cap(&cap)
                 .map_err(Error::kvm("KVM_ENABLE_CAP(DISABLE_QUIRKS2)"))?;
+        }
+        if manual {
+            crate::sys::enable_manual_protect(&vm_fd)
+                .map_err(Error::kvm("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
         }
         let (first_id, budget) = match config.kvm_slots {
             Some(ids) => (ids.first, usize::try_from(ids.count).unwrap_or(usize::MAX)),
@@ -698,11 +868,13 @@ impl Vm {
                 reason: "chunk size must be a non-zero multiple of 4 KiB",
             });
         }
+        let mut frags = Fragments::new(first_id, budget, chunk, config.dirty_log);
+        frags.set_manual_protect(manual);
         let backend = Arc::new(Backend {
             vm_fd,
             gate: Gate::default(),
             updates: crate::update::Updates::default(),
-            frags: Mutex::new(Fragments::new(first_id, budget, chunk, config.dirty_log)),
+            frags: Mutex::new(frags),
             counters: Counters::default(),
             kvm_written: crate::pvmsr::KvmWritten::default(),
             relaxed: crate::relaxed::Relaxed::new(config.relaxed),
@@ -727,6 +899,8 @@ impl Vm {
                 ram,
                 xsave_layout: std::sync::OnceLock::new(),
                 stall_monitor: std::sync::Once::new(),
+                kick_signal,
+                checkpoint: Mutex::new(None),
             }),
         };
         vm.inner.backend.relaxed.set_vm(Arc::downgrade(&vm.inner));
@@ -783,6 +957,13 @@ impl Vm {
     /// The configuration.
     pub fn config(&self) -> VmConfig {
         self.inner.config
+    }
+
+    /// True if dirty logs are harvested with manual protect (`KVM_GET_DIRTY_LOG` then
+    /// `KVM_CLEAR_DIRTY_LOG` of exactly the harvested bits, see [`DirtyProtect`]), false if
+    /// with plain `KVM_GET_DIRTY_LOG`.
+    pub fn manual_dirty_protect(&self) -> bool {
+        self.inner.backend.frags().manual_protect()
     }
 
     /// Size of the KVM memslot chunks RAM is registered in.

@@ -11,7 +11,7 @@ use pagetrack::Gfn;
 use pagetrack_kvm::{Exit, ExitBudget, Vcpu, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::error::{Error, Result};
+use crate::error::{ConfigProblem, Error, ImageProblem, Result};
 use crate::x86::{
     self, EXCEPTION_PORT, GUEST_EXIT_PORT, LongModeLayout, MIN_RAM_SIZE, USER_STACK_SIZE,
 };
@@ -181,28 +181,41 @@ impl FlatGuest {
     }
 
     fn validate(config: &FlatConfig, image: &[u8]) -> Result<()> {
-        let bad = |reason: String| Err(Error::InvalidGuestImage { reason });
-        let cfg = |reason: String| Err(Error::InvalidConfig { reason });
+        let bad = |reason| {
+            Err(Error::InvalidGuestImage {
+                program: None,
+                reason,
+                source: None,
+            })
+        };
+        let cfg = |reason| {
+            Err(Error::InvalidConfig {
+                reason,
+                source: None,
+            })
+        };
         if config.mem < MIN_RAM_SIZE || !config.mem.is_multiple_of(4096) {
-            return cfg(format!(
-                "--mem {:#x} must be at least {MIN_RAM_SIZE:#x} and a multiple of 4 KiB",
-                config.mem
-            ));
+            return cfg(ConfigProblem::FlatMemory {
+                mem: config.mem,
+                min: MIN_RAM_SIZE,
+            });
         }
         if config.vcpus == 0 || config.vcpus > x86::MAX_VCPUS {
-            return cfg(format!("--vcpus must be 1 to {}", x86::MAX_VCPUS));
+            return cfg(ConfigProblem::VcpuCount {
+                vcpus: config.vcpus,
+                max: x86::MAX_VCPUS,
+            });
         }
         if image.is_empty() {
-            return bad("the image is empty".into());
+            return bad(ImageProblem::Empty);
         }
         let end = config.load.checked_add(image.len() as u64);
         if end.is_none_or(|e| e > config.mem) {
-            return bad(format!(
-                "{} bytes at {:#x} do not fit in {:#x} bytes of RAM",
-                image.len(),
-                config.load,
-                config.mem
-            ));
+            return bad(ImageProblem::DoesNotFit {
+                len: image.len() as u64,
+                load: config.load,
+                mem: config.mem,
+            });
         }
         let end = end.unwrap_or(u64::MAX);
         match config.mode {
@@ -210,30 +223,30 @@ impl FlatGuest {
                 let layout = LongModeLayout::new(config.mem)?;
                 let (res, _) = layout.reserved_range();
                 let Some(low) = res.checked_sub(u64::from(config.vcpus) * USER_STACK_SIZE) else {
-                    return cfg(format!(
-                        "{} vCPU stacks of {USER_STACK_SIZE:#x} bytes do not fit in {:#x} bytes of RAM",
-                        config.vcpus, config.mem
-                    ));
+                    return cfg(ConfigProblem::StacksDoNotFit {
+                        vcpus: config.vcpus,
+                        stack: USER_STACK_SIZE,
+                        mem: config.mem,
+                    });
                 };
                 if end > layout.identity_map_size() {
-                    return bad(format!(
-                        "image ends at {end:#x}, beyond the identity map (the first {:#x} bytes)",
-                        layout.identity_map_size()
-                    ));
+                    return bad(ImageProblem::BeyondIdentityMap {
+                        end,
+                        limit: layout.identity_map_size(),
+                    });
                 }
                 if end > low && config.load < layout.reserved_range().1 {
-                    return bad(format!(
-                        "image [{:#x}, {end:#x}) overlaps the stacks and system tables at [{low:#x}, {:#x})",
-                        config.load,
-                        layout.reserved_range().1
-                    ));
+                    return bad(ImageProblem::OverlapsSystem {
+                        start: config.load,
+                        end,
+                        low,
+                        high: layout.reserved_range().1,
+                    });
                 }
             }
             Mode::Real => {
                 if end > 0x10_0000 || config.load > 0xffff {
-                    return bad(
-                        "a real-mode image must load below 64 KiB and end below 1 MiB".into(),
-                    );
+                    return bad(ImageProblem::RealModePlacement);
                 }
             }
         }
@@ -273,7 +286,9 @@ impl FlatGuest {
                 None => x86::setup_real_mode(
                     vcpu.fd(),
                     u16::try_from(config.load).map_err(|_| Error::InvalidGuestImage {
-                        reason: "real-mode load address above 64 KiB".into(),
+                        program: None,
+                        reason: ImageProblem::RealModePlacement,
+                        source: None,
                     })?,
                 )?,
             }
@@ -341,14 +356,15 @@ impl FlatGuest {
                 if let Some((reason, code, detail)) = out
                     && !ending.swap(true, Ordering::SeqCst)
                 {
-                    let _ = tx.send(RunOutcome {
+                    tx.send(RunOutcome {
                         reason,
                         code,
                         detail,
                         vcpu: vcpu.index(),
                         exits: 0,
                         elapsed: Duration::ZERO,
-                    });
+                    })
+                    .expect("the receiver lives until every vCPU thread is joined");
                 }
             }));
         }
@@ -375,8 +391,16 @@ impl FlatGuest {
         for s in &stoppers {
             s.stop();
         }
-        for t in threads {
-            let _ = t.join();
+        let panicked = threads
+            .into_iter()
+            .map(std::thread::JoinHandle::join)
+            .filter(Result::is_err)
+            .count();
+        if panicked > 0 && outcome.reason != EndReason::Error {
+            // A vCPU thread that panicked (a bug) gave no result of its own: the run cannot
+            // be reported as the guest's normal end.
+            outcome.reason = EndReason::Error;
+            outcome.detail = format!("{panicked} vcpu thread(s) panicked; {}", outcome.detail);
         }
         outcome.exits = exits(&vm);
         outcome.elapsed = start.elapsed();

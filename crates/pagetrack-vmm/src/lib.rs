@@ -111,6 +111,9 @@ pub mod flat;
 pub mod process;
 pub mod x86;
 
-pub use error::{Error, ProgramRefusal, Result};
+pub use error::{
+    ConfigProblem, ElfProblem, Error, ImageProblem, PageTableAccess, ProgramRefusal, RegionError,
+    Result,
+};
 pub use flat::{EndReason, FlatConfig, FlatGuest, Mode, RunOutcome};
 pub use x86::{GuestException, LongModeLayout, decode_exception, setup_long_mode, setup_real_mode};

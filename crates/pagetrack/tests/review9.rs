@@ -574,8 +574,11 @@ fn review9_range_updates_from_callbacks_and_racing_slot_changes_do_not_deadlock(
                         .unwrap();
                     ranger.join().unwrap();
                     assert!(done.load(Ordering::SeqCst));
+                    // Sized for frame 5, which the writers keep reporting while it is
+                    // registered (a one-frame notifier panicked on it, killing both writers
+                    // and leaving the loop below waiting for the watchdog).
                     let h = t.register(
-                        Finish::new(1, 0) as Arc<dyn TrackNotifier>,
+                        Finish::new(6, 0) as Arc<dyn TrackNotifier>,
                         NotifierClass::Coherence,
                     );
                     drop(h);
@@ -583,7 +586,8 @@ fn review9_range_updates_from_callbacks_and_racing_slot_changes_do_not_deadlock(
                 }
             }));
         }
-        while r.calls.load(Ordering::SeqCst) < 200 {
+        // A thread that ends before `stop` panicked: stop waiting and let the join report it.
+        while r.calls.load(Ordering::SeqCst) < 200 && !threads.iter().any(|h| h.is_finished()) {
             std::thread::yield_now();
         }
         stop.store(true, Ordering::SeqCst);

@@ -23,6 +23,10 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Measure relaxed mode only (its rows: rep stosb, and the sync cost sweep by dirty and
+    /// relaxed frames, plain and manual-protect harvests).
+    #[arg(long)]
+    pub relaxed_only: bool,
 }
 
 /// Runs the measurements and prints them.
@@ -42,6 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ram: args.ram,
         exits: args.exits,
         reps: args.reps,
+        relaxed_only: args.relaxed_only,
     };
     let quiet = args.json;
     let report = bench::run(cfg, |step| {

@@ -67,6 +67,9 @@ struct Caps {
     sync_regs_names: Vec<&'static str>,
     /// `KVM_CAP_DIRTY_LOG_RING`: the largest dirty ring per vCPU in bytes (0: none).
     dirty_ring_bytes: u32,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` flags (0: none); pagetrack harvests with
+    /// `KVM_CLEAR_DIRTY_LOG` when bit 0 is set.
+    manual_dirty_protect: u32,
     /// `KVM_CAP_X86_USER_SPACE_MSR` and `KVM_CAP_X86_MSR_FILTER`: guest writes of the MSRs
     /// that make KVM write guest memory itself are checked against tracked frames.
     msr_filter: bool,
@@ -112,6 +115,7 @@ impl Caps {
                 .map(|(_, n)| *n)
                 .collect(),
             dirty_ring_bytes: h.dirty_ring_bytes,
+            manual_dirty_protect: h.manual_dirty_protect,
             msr_filter: h.msr_filter,
         }
     }
@@ -239,6 +243,19 @@ impl Caps {
                 "dirty ring:      up to {} bytes per vCPU ({} entries)",
                 thousands(u64::from(self.dirty_ring_bytes)),
                 thousands(u64::from(self.dirty_ring_bytes / DIRTY_GFN_BYTES))
+            )?;
+        }
+        if self.manual_dirty_protect & 1 == 0 {
+            writeln!(
+                out,
+                "manual protect:  not offered (dirty logs harvested by KVM_GET_DIRTY_LOG)"
+            )?;
+        } else {
+            writeln!(
+                out,
+                "manual protect:  yes, flags {:#x} (dirty logs harvested by GET, then CLEAR of the \
+                 harvested bits)",
+                self.manual_dirty_protect
             )?;
         }
         if self.msr_filter {

@@ -133,7 +133,7 @@ pub struct ExecArgs {
     command: Vec<OsString>,
 }
 
-fn parse_region(s: &str) -> Result<Region, String> {
+fn parse_region(s: &str) -> Result<Region, pagetrack_vmm::RegionError> {
     s.parse()
 }
 
@@ -328,7 +328,7 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         | pagetrack_vmm::Error::ProgramRefused { .. }
         | pagetrack_vmm::Error::ImageTooLarge { .. }
         | pagetrack_vmm::Error::ProcUnderRoot { .. }
-        | pagetrack_vmm::Error::SandboxDir { .. } => anyhow::Error::new(UsageError(e.to_string())),
+        | pagetrack_vmm::Error::SandboxDir { .. } => anyhow::Error::new(UsageError::from_chain(&e)),
         other => anyhow::Error::new(other).context("cannot start the program"),
     })?;
     let target = args.events.clone().map(Target::File);
@@ -393,11 +393,14 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
             writeln!(
                 err,
                 "pagetrack: relaxed ({relaxed:?}): {} frames ran relaxed, {} coalesced write events, \
-                 {} syncs in {:.1} ms",
+                 {} syncs in {:.1} ms, {} promotions, {} demotions ({} cold)",
                 r.frames_relaxed,
                 totals.coalesced_writes,
                 r.syncs,
-                r.sync_ns as f64 / 1e6
+                r.sync_ns as f64 / 1e6,
+                r.promotions,
+                r.demotions,
+                r.cold_demotions
             )
             .context("cannot write to standard error")?;
         }

@@ -14,10 +14,12 @@
 )]
 
 mod atomics;
+mod checkpoint;
 mod common;
 mod concurrency;
 mod config;
 mod delivery;
+mod demotion;
 mod devices;
 mod dirty;
 mod example;
@@ -25,6 +27,7 @@ mod exits;
 mod failure;
 mod fault;
 mod hard;
+mod harvest;
 mod hostile;
 mod kvmwrites;
 mod masked;
@@ -36,6 +39,7 @@ mod relaxed;
 mod remap;
 mod review10m;
 mod review10s;
+mod review12;
 mod runahead;
 mod shapes;
 mod singlestep;

@@ -16,10 +16,10 @@ use crate::common::*;
 
 const RAM: u64 = 16 << 20;
 /// The port the test guests use for a sync point (an exit to the VMM that does nothing else).
-const SYNC_PORT: u16 = 0x80;
+pub(crate) const SYNC_PORT: u16 = 0x80;
 
 /// A recorder that accepts coalesced events.
-fn coalesced_recorder(vm: &Vm) -> (Arc<Recorder>, pagetrack::NotifierHandle) {
+pub(crate) fn coalesced_recorder(vm: &Vm) -> (Arc<Recorder>, pagetrack::NotifierHandle) {
     let rec = Arc::new(Recorder::default());
     let h = vm
         .tracker()
@@ -39,7 +39,7 @@ fn relaxed_config(mode: RelaxedMode) -> VmConfig {
 
 /// Runs `vcpu` to the guest's exit, calling `at_sync(n)` at its `n`-th `out` to
 /// [`SYNC_PORT`]; returns the exit code. Panics on an exception, another exit or a timeout.
-fn run_syncing(
+pub(crate) fn run_syncing(
     vm: &Vm,
     layout: &LongModeLayout,
     vcpu: &mut Vcpu,
@@ -102,7 +102,7 @@ fn bursts() -> Vec<u8> {
     })
 }
 
-fn set_regs(vcpu: &Vcpu, f: impl FnOnce(&mut kvm_bindings::kvm_regs)) {
+pub(crate) fn set_regs(vcpu: &Vcpu, f: impl FnOnce(&mut kvm_bindings::kvm_regs)) {
     let mut regs = vcpu.fd().get_regs().unwrap();
     f(&mut regs);
     vcpu.fd().set_regs(&regs).unwrap();

@@ -3,6 +3,7 @@
 //! a dynamic executable, segments outside the file or the user address space).
 
 use super::mm::{PAGE, USER_END};
+use crate::ElfProblem;
 
 /// `PT_LOAD`.
 const PT_LOAD: u32 = 1;
@@ -90,56 +91,56 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// Parses `file` as a static x86-64 executable. The error is a sentence for the user.
+/// Parses `file` as a static x86-64 executable.
 ///
 /// # Errors
 /// Not ELF, not 64-bit little-endian x86-64, not an executable, dynamically linked, or with
 /// segments that do not fit the file or the user address space.
-pub fn parse(file: &[u8]) -> Result<Executable, String> {
+pub fn parse(file: &[u8]) -> Result<Executable, ElfProblem> {
     if file.len() < 4 || &file[..4] != b"\x7fELF" {
-        return Err("not an ELF file".into());
+        return Err(ElfProblem::NotElf);
     }
     if file.len() < EHDR_SIZE {
-        return Err("truncated ELF header".into());
+        return Err(ElfProblem::Truncated);
     }
     match file[4] {
         2 => {}
-        1 => return Err("a 32-bit ELF executable; only x86-64 (ELF64) programs run here".into()),
-        c => return Err(format!("unknown ELF class {c}")),
+        1 => return Err(ElfProblem::Elf32),
+        class => return Err(ElfProblem::UnknownClass { class }),
     }
     if file[5] != 1 {
-        return Err("a big-endian ELF file; only little-endian x86-64 programs run here".into());
+        return Err(ElfProblem::BigEndian);
     }
     let machine = u16_at(file, 18);
     if machine != EM_X86_64 {
-        return Err(format!("ELF machine {machine} is not x86-64 (62)"));
+        return Err(ElfProblem::Machine { machine });
     }
     let kind = u16_at(file, 16);
     if kind != ET_EXEC && kind != ET_DYN {
-        return Err(format!(
-            "ELF type {kind} is not an executable (relocatable object or core file?)"
-        ));
+        return Err(ElfProblem::NotExecutable { kind });
     }
     let entry = u64_at(file, 24);
     let phoff = u64_at(file, 32);
     let phentsize = usize::from(u16_at(file, 54));
     let phnum = usize::from(u16_at(file, 56));
     if phentsize != PHDR_SIZE {
-        return Err(format!(
-            "program header size {phentsize}, expected {PHDR_SIZE}"
-        ));
+        return Err(ElfProblem::HeaderSize {
+            size: phentsize,
+            expected: PHDR_SIZE,
+        });
     }
     if phnum == 0 || phnum > MAX_PHNUM {
-        return Err(format!(
-            "{phnum} program headers (expected 1 to {MAX_PHNUM})"
-        ));
+        return Err(ElfProblem::HeaderCount {
+            count: phnum,
+            max: MAX_PHNUM,
+        });
     }
     let table_end = usize::try_from(phoff)
         .ok()
         .and_then(|o| o.checked_add(phnum * PHDR_SIZE).map(|e| (o, e)))
         .filter(|&(_, e)| e <= file.len());
     let Some((table, _)) = table_end else {
-        return Err("program headers lie outside the file".into());
+        return Err(ElfProblem::HeadersOutsideFile);
     };
 
     let mut raw = Vec::new();
@@ -158,10 +159,9 @@ pub fn parse(file: &[u8]) -> Result<Executable, String> {
                     .and_then(|(o, n)| file.get(o..o.checked_add(n)?))
                     .map(|b| String::from_utf8_lossy(b).trim_end_matches('\0').to_owned())
                     .unwrap_or_default();
-                return Err(format!(
-                    "a dynamically linked executable (interpreter {interp}); only static \
-                     programs run here"
-                ));
+                return Err(ElfProblem::Dynamic {
+                    interpreter: interp,
+                });
             }
             PT_PHDR => phdr_vaddr = Some(vaddr),
             PT_GNU_STACK => exec_stack = flags & PF_X != 0,
@@ -170,18 +170,20 @@ pub fn parse(file: &[u8]) -> Result<Executable, String> {
                     continue;
                 }
                 if file_size > mem_size {
-                    return Err(format!("segment {i}: file size above memory size"));
+                    return Err(ElfProblem::FileSizeAboveMemSize { index: i });
                 }
                 if offset
                     .checked_add(file_size)
                     .is_none_or(|e| e > file.len() as u64)
                 {
-                    return Err(format!("segment {i}: its bytes lie outside the file"));
+                    return Err(ElfProblem::SegmentOutsideFile { index: i });
                 }
                 if vaddr % PAGE != offset % PAGE {
-                    return Err(format!(
-                        "segment {i}: address {vaddr:#x} and offset {offset:#x} differ modulo the page size"
-                    ));
+                    return Err(ElfProblem::Misaligned {
+                        index: i,
+                        vaddr,
+                        offset,
+                    });
                 }
                 raw.push(Segment {
                     vaddr,
@@ -195,7 +197,7 @@ pub fn parse(file: &[u8]) -> Result<Executable, String> {
         }
     }
     if raw.is_empty() {
-        return Err("no loadable segment".into());
+        return Err(ElfProblem::NoLoadSegment);
     }
     let bias = if kind == ET_DYN { PIE_BASE } else { 0 };
     let mut segments = Vec::with_capacity(raw.len());
@@ -203,22 +205,24 @@ pub fn parse(file: &[u8]) -> Result<Executable, String> {
         let vaddr = s.vaddr.checked_add(bias);
         let end = vaddr.and_then(|v| v.checked_add(s.mem_size));
         let (Some(vaddr), Some(end)) = (vaddr, end) else {
-            return Err(format!("segment {i}: address overflows"));
+            return Err(ElfProblem::AddressOverflow { index: i });
         };
         if vaddr < PAGE || end > USER_END {
-            return Err(format!(
-                "segment {i} at [{vaddr:#x}, {end:#x}) lies outside the user address space"
-            ));
+            return Err(ElfProblem::OutsideUserSpace {
+                index: i,
+                start: vaddr,
+                end,
+            });
         }
         segments.push(Segment { vaddr, ..s });
     }
     segments.sort_by_key(|s| s.vaddr);
     for w in segments.windows(2) {
         if w[0].vaddr + w[0].mem_size > w[1].vaddr {
-            return Err(format!(
-                "segments at {:#x} and {:#x} overlap",
-                w[0].vaddr, w[1].vaddr
-            ));
+            return Err(ElfProblem::Overlap {
+                first: w[0].vaddr,
+                second: w[1].vaddr,
+            });
         }
     }
     // AT_PHDR: PT_PHDR if present, else the load segment that holds the header table.
@@ -235,9 +239,7 @@ pub fn parse(file: &[u8]) -> Result<Executable, String> {
         .iter()
         .any(|s| s.flags & PF_X != 0 && entry >= s.vaddr && entry < s.vaddr + s.mem_size)
     {
-        return Err(format!(
-            "entry point {entry:#x} is not in an executable segment"
-        ));
+        return Err(ElfProblem::EntryNotExecutable { entry });
     }
     Ok(Executable {
         entry,
@@ -304,8 +306,13 @@ mod tests {
     fn parse_dynamic_is_refused_with_its_interpreter() {
         let err = parse(&tiny(ET_EXEC, true)).unwrap_err();
         assert!(
-            err.contains("dynamically linked") && err.contains("/ld.so"),
-            "{err}"
+            matches!(&err, ElfProblem::Dynamic { interpreter } if interpreter.ends_with("/ld.so")),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("dynamically linked") && msg.contains("/ld.so"),
+            "{msg}"
         );
     }
 
@@ -313,9 +320,11 @@ mod tests {
     fn parse_32bit_and_garbage_are_refused() {
         let mut f = tiny(ET_EXEC, false);
         f[4] = 1;
-        assert!(parse(&f).unwrap_err().contains("32-bit"));
-        assert!(parse(b"#!/bin/sh\n").unwrap_err().contains("not an ELF"));
-        assert!(parse(b"\x7fELF").unwrap_err().contains("truncated"));
+        assert_eq!(parse(&f), Err(ElfProblem::Elf32));
+        assert_eq!(parse(b"#!/bin/sh\n"), Err(ElfProblem::NotElf));
+        assert_eq!(parse(b"\x7fELF"), Err(ElfProblem::Truncated));
+        f[4] = 7;
+        assert_eq!(parse(&f), Err(ElfProblem::UnknownClass { class: 7 }));
     }
 
     #[test]
@@ -323,6 +332,6 @@ mod tests {
         let mut f = tiny(ET_EXEC, false);
         f[64 + 32..64 + 40].copy_from_slice(&0x10_0000u64.to_le_bytes());
         f[64 + 40..64 + 48].copy_from_slice(&0x10_0000u64.to_le_bytes());
-        assert!(parse(&f).unwrap_err().contains("outside the file"));
+        assert_eq!(parse(&f), Err(ElfProblem::SegmentOutsideFile { index: 0 }));
     }
 }

@@ -1409,7 +1409,9 @@ mod tests {
 
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("pagetrack-fs-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
+        if d.exists() {
+            std::fs::remove_dir_all(&d).unwrap();
+        }
         std::fs::create_dir_all(d.join("root/sub")).unwrap();
         std::fs::write(d.join("root/a.txt"), b"a").unwrap();
         std::fs::write(d.join("secret"), b"s").unwrap();
@@ -1457,7 +1459,7 @@ mod tests {
             sb.open(None, b"new.txt", O_WRONLY | O_CREAT, 0o644).err(),
             Some(EACCES)
         );
-        let _ = std::fs::remove_dir_all(&d);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -1493,7 +1495,7 @@ mod tests {
             Err(EACCES),
             "the root itself"
         );
-        let _ = std::fs::remove_dir_all(&d);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -1539,7 +1541,7 @@ mod tests {
         assert!(null.is_ok_and(|f| f.path == Path::new("/dev/null")));
         assert!(sb.stat(None, b"/dev/zero", true).is_ok());
         assert_eq!(stat(&sb, b"/dev/sda"), Err(EACCES));
-        let _ = std::fs::remove_dir_all(&d);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -1608,7 +1610,7 @@ mod tests {
         // RENAME_WHITEOUT would leave a device node behind.
         assert_eq!(sb.rename((None, b"a.txt"), (None, b"w.txt"), 4), Err(EPERM));
         assert!(root.join("a.txt").is_file() && !root.join("w.txt").exists());
-        let _ = std::fs::remove_dir_all(&d);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -1629,7 +1631,7 @@ mod tests {
         assert_eq!(sb.open(None, p, O_WRONLY, 0).err(), Some(EACCES));
         // Only by its own path: a symlink to it in the directory is still an escape.
         assert_eq!(stat(&sb, b"link"), Err(EACCES));
-        let _ = std::fs::remove_dir_all(&d);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -1677,7 +1679,7 @@ mod tests {
             sb.open(None, b"/proc/self/status", 0, 0).err(),
             Some(EACCES)
         );
-        let _ = std::fs::remove_dir_all(&d);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

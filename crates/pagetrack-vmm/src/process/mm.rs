@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use pagetrack_kvm::TrackedMemory;
 
 use super::abi::{EFAULT, EINVAL, ENOMEM, PROT_EXEC, PROT_READ, PROT_WRITE, SysResult};
+use crate::error::PageTableAccess;
 
 /// Page size.
 pub const PAGE: u64 = 4096;
@@ -232,6 +233,22 @@ pub struct Pending {
     pub stale_tables: Vec<u64>,
 }
 
+/// A page-table access that failed while the address space was being changed: its records
+/// (areas, frames) and the page tables KVM walks may disagree from then on, so the address
+/// space refuses every further edit and the process must not run again
+/// ([`AddressSpace::inconsistency`]).
+///
+/// The page tables lie in frames the VMM chose inside guest RAM, so this is a broken
+/// invariant of the VMM's set-up, never something a program can cause; it is still an error
+/// (which stops the process VM) rather than a panic or a silent divergence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inconsistency {
+    /// Which access failed.
+    pub access: PageTableAccess,
+    /// The guest-physical address of the access.
+    pub gpa: u64,
+}
+
 /// The address space.
 #[derive(Debug)]
 pub struct AddressSpace<M: GuestRam = TrackedMemory> {
@@ -250,6 +267,8 @@ pub struct AddressSpace<M: GuestRam = TrackedMemory> {
     brk: u64,
     stack_low: u64,
     stack_prot: u32,
+    /// Set by the first page-table access that failed; every later edit is refused.
+    broken: Option<Inconsistency>,
 }
 
 fn page_down(a: u64) -> u64 {
@@ -281,6 +300,7 @@ impl<M: GuestRam> AddressSpace<M> {
             brk: 0,
             stack_low: STACK_TOP,
             stack_prot: PROT_READ | PROT_WRITE,
+            broken: None,
         };
         space.zero_frame(pml4, fresh)?;
         space.pending.mapped.push(Mapped {
@@ -332,11 +352,65 @@ impl<M: GuestRam> AddressSpace<M> {
             .collect()
     }
 
-    fn zero_frame(&self, gfn: u64, fresh: bool) -> SysResult<()> {
+    /// The failed page-table access after which this address space and its page tables may
+    /// disagree, if one happened: the process must then be stopped (the tracking's commit
+    /// refuses to go on).
+    pub fn inconsistency(&self) -> Option<Inconsistency> {
+        self.broken
+    }
+
+    /// Refuses an edit once a page-table access has failed.
+    fn check_consistent(&self) -> SysResult<()> {
+        match self.broken {
+            Some(_) => Err(EFAULT),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads page-table (or fresh-frame) bytes; a failure breaks the address space.
+    fn table_read(&mut self, buf: &mut [u8], gpa: u64) -> SysResult<()> {
+        self.mem.read(buf, gpa).inspect_err(|_| {
+            self.broken.get_or_insert(Inconsistency {
+                access: PageTableAccess::Read,
+                gpa,
+            });
+        })
+    }
+
+    /// Writes page-table (or fresh-frame) bytes; a failure breaks the address space.
+    fn table_write(&mut self, buf: &[u8], gpa: u64) -> SysResult<()> {
+        self.mem.write(buf, gpa).inspect_err(|_| {
+            self.broken.get_or_insert(Inconsistency {
+                access: PageTableAccess::Write,
+                gpa,
+            });
+        })
+    }
+
+    fn zero_frame(&mut self, gfn: u64, fresh: bool) -> SysResult<()> {
         if !fresh {
-            self.mem.write(&ZERO_PAGE, gfn * PAGE)?;
+            self.table_write(&ZERO_PAGE, gfn * PAGE)?;
         }
         Ok(())
+    }
+
+    /// Unmaps `[va, va + len)`, which the caller has just mapped in a call that is failing
+    /// (out of frames, a file that cannot be read): the range was free before, so the unmap
+    /// cannot be refused, and only a failed page-table access can stop it, which leaves the
+    /// address space broken ([`AddressSpace::inconsistency`]) and the process stopped at the
+    /// next commit. Nothing is lost by not returning that error here: the caller's own error
+    /// goes to the program, which never runs again.
+    pub fn undo_map(&mut self, va: u64, len: u64) {
+        if let Err(e) = self.unmap(va, len) {
+            // `unmap` refuses (changing nothing, so the records and the tables still agree)
+            // only ranges past the user half or over the stub and system pages, which a range
+            // just mapped as user memory cannot be; any other failure was a page-table
+            // access, already recorded.
+            debug_assert!(
+                self.broken.is_some(),
+                "undoing a fresh mapping at {va:#x} was refused: {e:?}"
+            );
+        }
     }
 
     fn leaf_flags(&self, prot: u32, kind: PageKind) -> u64 {
@@ -359,9 +433,9 @@ impl<M: GuestRam> AddressSpace<M> {
         f
     }
 
-    fn read_u64(&self, gpa: u64) -> SysResult<u64> {
+    fn read_u64(&mut self, gpa: u64) -> SysResult<u64> {
         let mut bytes = [0u8; 8];
-        self.mem.read(&mut bytes, gpa)?;
+        self.table_read(&mut bytes, gpa)?;
         Ok(u64::from_le_bytes(bytes))
     }
 
@@ -385,8 +459,7 @@ impl<M: GuestRam> AddressSpace<M> {
                     kind: PageKind::PageTable,
                     va: None,
                 });
-                self.mem
-                    .write(&((gfn * PAGE) | TABLE_FLAGS).to_le_bytes(), at)?;
+                self.table_write(&((gfn * PAGE) | TABLE_FLAGS).to_le_bytes(), at)?;
                 gfn * PAGE
             } else {
                 return Ok(None);
@@ -405,6 +478,7 @@ impl<M: GuestRam> AddressSpace<M> {
         create: bool,
         mut f: impl FnMut(u64, u64) -> u64,
     ) -> SysResult<()> {
+        self.check_consistent()?;
         let mut vpn = va / PAGE;
         let end = vpn + n;
         let mut buf = vec![0u8; 4096];
@@ -417,7 +491,7 @@ impl<M: GuestRam> AddressSpace<M> {
             let count = usize::try_from(stop - vpn).map_err(|_| EINVAL)?;
             let first = table + (vpn & 0x1ff) * 8;
             let bytes = &mut buf[..count * 8];
-            self.mem.read(bytes, first)?;
+            self.table_read(bytes, first)?;
             let (mut lo, mut hi, mut stale) = (usize::MAX, 0, false);
             for i in 0..count {
                 let slot = &mut bytes[i * 8..i * 8 + 8];
@@ -431,8 +505,7 @@ impl<M: GuestRam> AddressSpace<M> {
                 }
             }
             if lo < hi {
-                self.mem
-                    .write(&bytes[lo * 8..hi * 8], first + lo as u64 * 8)?;
+                self.table_write(&bytes[lo * 8..hi * 8], first + lo as u64 * 8)?;
                 if stale {
                     self.pending.stale_tables.push(table / PAGE);
                 }
@@ -506,6 +579,7 @@ impl<M: GuestRam> AddressSpace<M> {
         debug_assert!(
             va.is_multiple_of(PAGE) && len.is_multiple_of(PAGE) && self.is_free(va, va + len)
         );
+        self.check_consistent()?;
         self.vmas.insert(
             va,
             Vma {
@@ -559,6 +633,7 @@ impl<M: GuestRam> AddressSpace<M> {
         prot: u32,
         kind: PageKind,
     ) -> SysResult<()> {
+        self.check_consistent()?;
         let flags = self.leaf_flags(prot, kind);
         self.vmas.insert(
             va,
@@ -581,6 +656,7 @@ impl<M: GuestRam> AddressSpace<M> {
             .checked_add(len)
             .filter(|&e| e <= USER_END)
             .ok_or(EINVAL)?;
+        self.check_consistent()?;
         if self
             .vmas
             .range(..end)
@@ -624,6 +700,7 @@ impl<M: GuestRam> AddressSpace<M> {
             .checked_add(len)
             .filter(|&e| e <= USER_END)
             .ok_or(ENOMEM)?;
+        self.check_consistent()?;
         // Every byte must be mapped.
         let mut at = va;
         while at < end {
@@ -706,13 +783,35 @@ impl<M: GuestRam> AddressSpace<M> {
         self.vma_at(va).map(|(s, v)| (s, v.end, v.prot, v.kind))
     }
 
+    /// At most how many frames mapping `[va, va + len)` takes: a frame per page if `framed`,
+    /// plus the page tables (leaf, directory, pointer table) of each 2 MiB region that has
+    /// no leaf table yet. An operation that has this many free before it changes anything
+    /// cannot run out of frames half-way.
+    pub fn frames_for(&self, va: u64, len: u64, framed: bool) -> u64 {
+        let Some(end) = va.checked_add(len).filter(|_| len > 0) else {
+            return 0;
+        };
+        let tables = (va >> 21..=(end - 1) >> 21)
+            .filter(|r| !self.leaf_tables.contains_key(r))
+            .count() as u64
+            * 3;
+        tables + if framed { len.div_ceil(PAGE) } else { 0 }
+    }
+
     /// Moves the pages of `[old, old + len)` to `[new, new + len)` (free), keeping their
-    /// frames: the mremap move.
+    /// frames: the mremap move. The page tables the new range needs are counted first, so
+    /// it either moves or changes nothing.
     ///
     /// # Errors
-    /// As [`AddressSpace::map`].
+    /// `EFAULT` if `old` is not mapped; `ENOMEM` without the frames for the new range's page
+    /// tables.
     pub fn move_range(&mut self, old: u64, len: u64, new: u64) -> SysResult<()> {
+        self.check_consistent()?;
         let (_, _, prot, kind) = self.area(old).ok_or(EFAULT)?;
+        if self.leaf_flags(prot, kind) != 0 && self.frames_for(new, len, false) > self.free_frames()
+        {
+            return Err(ENOMEM);
+        }
         let end = old + len;
         let moved: Vec<(u64, u64)> = self
             .pages
@@ -886,7 +985,7 @@ impl<M: GuestRam> AddressSpace<M> {
                 .is_err()
             {
                 // Out of frames: undo the partial growth.
-                let _ = self.unmap(old_top, new_top - old_top);
+                self.undo_map(old_top, new_top - old_top);
                 return self.brk;
             }
         } else if new_top < old_top && self.unmap(new_top, old_top - new_top).is_err() {
@@ -923,7 +1022,7 @@ impl<M: GuestRam> AddressSpace<M> {
             .map(low, self.stack_low - low, self.stack_prot, PageKind::Stack)
             .is_err()
         {
-            let _ = self.unmap(low, self.stack_low - low);
+            self.undo_map(low, self.stack_low - low);
             return false;
         }
         self.stack_low = low;

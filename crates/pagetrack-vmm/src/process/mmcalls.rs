@@ -72,8 +72,7 @@ impl<M: GuestRam> AddressSpace<M> {
             self.find_free(len, addr & !(PAGE - 1)).ok_or(ENOMEM)?
         };
         if let Err(e) = self.map(at, len, prot, PageKind::Mmap) {
-            // Unmapping what `map` just created cannot touch the stub or system pages.
-            if let Err(_never) = self.unmap(at, len) {}
+            self.undo_map(at, len);
             return Err(e);
         }
         Ok(at)
@@ -130,14 +129,25 @@ impl<M: GuestRam> AddressSpace<M> {
         }
         let (old_len, new_len) = (page_up(old_len)?, page_up(new_len)?);
         let (_, area_end, prot, kind) = self.area(old).ok_or(EFAULT)?;
-        if old + old_len > area_end || matches!(kind, PageKind::Stub | PageKind::System) {
+        if old.checked_add(old_len).is_none_or(|e| e > area_end)
+            || matches!(kind, PageKind::Stub | PageKind::System)
+        {
             return Err(EFAULT);
         }
+        // A move and the growth after it must not run out of frames half-way (the program
+        // would be told it failed with its mapping already moved): what the whole
+        // destination can need is counted before anything changes.
+        let framed = prot != 0;
         if flags & MREMAP_FIXED != 0 {
             if !new_addr.is_multiple_of(PAGE)
-                || new_addr < old + old_len && old < new_addr + new_len
+                || new_addr
+                    .checked_add(new_len)
+                    .is_none_or(|e| e > USER_END || new_addr < old + old_len && old < e)
             {
                 return Err(EINVAL);
+            }
+            if self.frames_for(new_addr, new_len, framed) > self.free_frames() {
+                return Err(ENOMEM);
             }
             self.unmap(new_addr, new_len).map_err(|_| EINVAL)?;
             if new_len < old_len {
@@ -156,15 +166,26 @@ impl<M: GuestRam> AddressSpace<M> {
             return Ok(old);
         }
         let extra = new_len - old_len;
-        if self.is_free(old + old_len, old + new_len) {
-            self.map(old + old_len, extra, prot, kind)?;
+        if old
+            .checked_add(new_len)
+            .is_some_and(|e| self.is_free(old + old_len, e))
+        {
+            if let Err(e) = self.map(old + old_len, extra, prot, kind) {
+                self.undo_map(old + old_len, extra);
+                return Err(e);
+            }
             return Ok(old);
         }
         if flags & MREMAP_MAYMOVE == 0 {
             return Err(ENOMEM);
         }
         let dst = self.find_free(new_len, 0).ok_or(ENOMEM)?;
+        if self.frames_for(dst, new_len, framed) > self.free_frames() {
+            return Err(ENOMEM);
+        }
         self.move_range(old, old_len, dst)?;
+        // Cannot run out of frames (counted above): only a failed page-table access, which
+        // breaks the address space and stops the process.
         self.map(dst + old_len, extra, prot, kind)?;
         Ok(dst)
     }
@@ -753,5 +774,166 @@ mod tests {
             start + 3 * PAGE,
             "past the address space"
         );
+    }
+
+    /// Guest memory whose every access fails once `fail` is set: a page-table access going
+    /// wrong half-way through an edit.
+    #[derive(Clone, Debug)]
+    struct Flaky {
+        mem: GuestMemoryMmap,
+        fail: std::rc::Rc<std::cell::Cell<bool>>,
+    }
+
+    impl GuestRam for Flaky {
+        fn write(&self, buf: &[u8], gpa: u64) -> SysResult<()> {
+            if self.fail.get() {
+                return Err(EFAULT);
+            }
+            GuestRam::write(&self.mem, buf, gpa)
+        }
+
+        fn read(&self, buf: &mut [u8], gpa: u64) -> SysResult<()> {
+            if self.fail.get() {
+                return Err(EFAULT);
+            }
+            GuestRam::read(&self.mem, buf, gpa)
+        }
+    }
+
+    fn flaky_space(general: u64) -> (AddressSpace<Flaky>, Flaky) {
+        let bytes = usize::try_from(RAM_FRAMES * PAGE).unwrap();
+        let mem = Flaky {
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes)]).unwrap(),
+            fail: std::rc::Rc::default(),
+        };
+        let frames = Frames::new((1, 65), (65, 65 + general));
+        (AddressSpace::new(mem.clone(), frames, true).unwrap(), mem)
+    }
+
+    #[test]
+    fn brk_undo_whose_page_table_access_fails_breaks_the_space_and_refuses_every_edit() {
+        let (mut sp, mem) = flaky_space(4);
+        let start = va(0);
+        sp.init_brk(start);
+        assert_eq!(sp.set_brk(start + PAGE), start + PAGE);
+        assert_eq!(sp.inconsistency(), None);
+        mem.fail.set(true);
+        // Out of frames (3 left, 9 wanted); the undo's page-table read fails.
+        assert_eq!(sp.set_brk(start + 10 * PAGE), start + PAGE);
+        let broken = sp.inconsistency().expect("the failed undo is recorded");
+        assert_eq!(broken.access, crate::PageTableAccess::Read);
+        // The address space refuses to change from now on, even with memory working again:
+        // the tracking's commit stops the process on `inconsistency()`.
+        mem.fail.set(false);
+        let rw = PROT_READ | PROT_WRITE;
+        let before = (sp.area(va(20)), sp.free_frames());
+        // MAP_FIXED's unmap of the range is refused first (ENOMEM, as any failed unmap there).
+        assert_eq!(
+            sp.mmap_place(va(20), PAGE, rw, PRIVATE_ANON | MAP_FIXED),
+            Err(ENOMEM)
+        );
+        assert_eq!(sp.mmap_place(va(20), PAGE, rw, PRIVATE_ANON), Err(EFAULT));
+        assert_eq!(sp.munmap_call(start, PAGE), Err(EFAULT));
+        assert_eq!(sp.mprotect_call(start, PAGE, 1), Err(EFAULT));
+        assert_eq!(sp.set_brk(start + 2 * PAGE), start + PAGE);
+        assert!(!sp.grow_stack(super::super::mm::STACK_TOP - PAGE));
+        assert_eq!((sp.area(va(20)), sp.free_frames()), before);
+        assert_eq!(
+            sp.inconsistency(),
+            Some(broken),
+            "the first failure is kept"
+        );
+    }
+
+    #[test]
+    fn munmap_whose_page_table_write_fails_breaks_the_space() {
+        let (mut sp, mem) = flaky_space(8);
+        let rw = PROT_READ | PROT_WRITE;
+        assert_eq!(
+            sp.mmap_place(va(0), 2 * PAGE, rw, PRIVATE_ANON | MAP_FIXED),
+            Ok(va(0))
+        );
+        mem.fail.set(true);
+        // The records drop the pages before their entries are cleared: the entries may
+        // still map frames the records consider free, so the space must be broken.
+        assert_eq!(sp.munmap_call(va(0), 2 * PAGE), Err(EFAULT));
+        assert!(sp.inconsistency().is_some());
+    }
+
+    #[test]
+    fn mremap_move_without_frames_for_its_tables_is_enomem_and_changes_nothing() {
+        // Four general frames: two pages and nothing left; the page tables of the window
+        // come from the table pool, so a move elsewhere needs general frames for its own
+        // tables only after the pool is gone: a pool of three (the PML4 and the window's
+        // tables).
+        let bytes = usize::try_from(RAM_FRAMES * PAGE).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes)]).unwrap();
+        let mut sp = Space::new(mem.clone(), Frames::new((1, 5), (65, 67)), true).unwrap();
+        let rw = PROT_READ | PROT_WRITE;
+        assert_eq!(
+            sp.mmap_place(va(0), 2 * PAGE, rw, PRIVATE_ANON | MAP_FIXED),
+            Ok(va(0))
+        );
+        // Something in the way of growing in place (PROT_NONE: no frame).
+        assert_eq!(
+            sp.mmap_place(va(2), PAGE, 0, PRIVATE_ANON | MAP_FIXED),
+            Ok(va(2))
+        );
+        sp.poke(va(0), &[5]).unwrap();
+        assert_eq!(sp.free_frames(), 0);
+        let mut m = Model::new();
+        m.insert(
+            vpn(va(0)),
+            Page {
+                tag: 5,
+                ..Page::fresh(rw, PageKind::Mmap)
+            },
+        );
+        m.insert(vpn(va(1)), Page::fresh(rw, PageKind::Mmap));
+        m.insert(vpn(va(2)), Page::fresh(0, PageKind::Mmap));
+        check(&mut sp, &mem, &m);
+        let grow = [va(0), 2 * PAGE, 4 * PAGE, MREMAP_MAYMOVE, 0, 0];
+        assert_eq!(sp.mremap_call(grow), Err(ENOMEM));
+        check(&mut sp, &mem, &m);
+        let fixed = [
+            va(0),
+            2 * PAGE,
+            2 * PAGE,
+            MREMAP_MAYMOVE | MREMAP_FIXED,
+            MMAP_TOP,
+            0,
+        ];
+        assert_eq!(sp.mremap_call(fixed), Err(ENOMEM));
+        check(&mut sp, &mem, &m);
+        assert_eq!(sp.inconsistency(), None);
+    }
+
+    #[test]
+    fn mremap_lengths_that_overflow_are_refused_and_change_nothing() {
+        let (mut sp, mem) = space(8);
+        let rw = PROT_READ | PROT_WRITE;
+        assert_eq!(
+            sp.mmap_place(va(0), PAGE, rw, PRIVATE_ANON | MAP_FIXED),
+            Ok(va(0))
+        );
+        let mut m = Model::new();
+        m.insert(vpn(va(0)), Page::fresh(rw, PageKind::Mmap));
+        let huge = u64::MAX - PAGE + 1;
+        for (a, want) in [
+            ([va(0), huge, PAGE, 0, 0, 0], EFAULT),
+            ([va(0), PAGE, huge, MREMAP_MAYMOVE, 0, 0], ENOMEM),
+            ([va(0), PAGE, u64::MAX, MREMAP_MAYMOVE, 0, 0], ENOMEM),
+            (
+                [va(0), PAGE, huge, MREMAP_MAYMOVE | MREMAP_FIXED, va(8), 0],
+                EINVAL,
+            ),
+            (
+                [va(0), PAGE, PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, huge, 0],
+                EINVAL,
+            ),
+        ] {
+            assert_eq!(sp.mremap_call(a), Err(want), "{a:x?}");
+            check(&mut sp, &mem, &m);
+        }
     }
 }

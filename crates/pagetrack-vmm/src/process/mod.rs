@@ -105,7 +105,7 @@ use kvm_ioctls::{Kvm, SyncReg};
 use pagetrack_kvm::{Vcpu, Vm, VmConfig, VmStats};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::error::{Error, ProgramRefusal, Result};
+use crate::error::{ConfigProblem, Error, ImageProblem, ProgramRefusal, Result};
 use crate::x86::{self, GuestException, LongModeLayout};
 
 pub use abi::syscall_name;
@@ -352,6 +352,10 @@ pub struct ProcessStats {
     pub syscall_time: Duration,
     /// True if `syscall` entered CPL0 (VT-x/SVM); false if it stayed at CPL3 (PVM).
     pub syscall_enters_cpl0: bool,
+    /// Host calls of the VMM's own that failed where no caller could be told (a thread's
+    /// eventfd wake-up, a wait's `poll`, a helper thread that panicked): 0 in a healthy
+    /// run; the run goes on (each such failure only ends a wait early or late).
+    pub host_errors: u64,
 }
 
 /// The result of [`Process::run`].
@@ -380,15 +384,27 @@ pub struct Process {
     load_time: Duration,
 }
 
-fn bad_image(program: &Path, reason: impl std::fmt::Display) -> Error {
+fn bad_image(program: &Path, reason: impl Into<ImageProblem>) -> Error {
     Error::InvalidGuestImage {
-        reason: format!("{}: {reason}", program.display()),
+        program: Some(program.to_owned()),
+        reason: reason.into(),
+        source: None,
     }
 }
 
-fn bad_config(reason: impl Into<String>) -> Error {
+/// The program cannot be opened or read (`reason`) because of `source`.
+fn unreadable(program: &Path, reason: ImageProblem, source: std::io::Error) -> Error {
+    Error::InvalidGuestImage {
+        program: Some(program.to_owned()),
+        reason,
+        source: Some(source),
+    }
+}
+
+fn bad_config(reason: ConfigProblem) -> Error {
     Error::InvalidConfig {
-        reason: reason.into(),
+        reason,
+        source: None,
     }
 }
 
@@ -409,9 +425,11 @@ fn read_program(program: &Path, mem: u64) -> Result<Vec<u8>> {
         OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| bad_image(program, std::io::Error::from(e)))?;
+    .map_err(|e| unreadable(program, ImageProblem::Open, e.into()))?;
     let file = std::fs::File::from(fd);
-    let meta = file.metadata().map_err(|e| bad_image(program, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| unreadable(program, ImageProblem::Read, e))?;
     if !meta.is_file() {
         return Err(refused(ProgramRefusal::NotRegular, None));
     }
@@ -424,7 +442,7 @@ fn read_program(program: &Path, mem: u64) -> Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     file.take(mem)
         .read_to_end(&mut bytes)
-        .map_err(|e| bad_image(program, e))?;
+        .map_err(|e| unreadable(program, ImageProblem::Read, e))?;
     Ok(bytes)
 }
 
@@ -499,16 +517,15 @@ impl Process {
     pub fn with_kvm(kvm: Kvm, config: ProcessConfig) -> Result<Process> {
         let started = Instant::now();
         if config.mem < MIN_MEM || config.mem > MAX_MEM || !config.mem.is_multiple_of(2 << 20) {
-            return Err(bad_config(format!(
-                "guest memory {:#x} must be a multiple of 2 MiB from 16 MiB to 4 GiB",
-                config.mem
-            )));
+            return Err(bad_config(ConfigProblem::ProcessMemory { mem: config.mem }));
         }
         let program = &config.program;
         let file = read_program(program, config.mem)?;
         let exe = elf::parse(&file).map_err(|e| bad_image(program, e))?;
-        let cwd =
-            std::env::current_dir().map_err(|e| bad_config(format!("current directory: {e}")))?;
+        let cwd = std::env::current_dir().map_err(|e| Error::InvalidConfig {
+            reason: ConfigProblem::CurrentDir,
+            source: Some(e),
+        })?;
         let named: Vec<PathBuf> = config.args.iter().map(PathBuf::from).collect();
         let exe_path = program.canonicalize().unwrap_or_else(|_| program.clone());
         let sandbox = fs::Sandbox::new(
@@ -557,8 +574,9 @@ impl Process {
         let mem = vm.memory();
         // Only the system-call port is open to CPL3.
         let (bitmap, bitmap_end) = layout.io_bitmap();
-        let mut bits =
-            vec![0xffu8; usize::try_from(bitmap_end - bitmap).map_err(|_| bad_config("bitmap"))?];
+        let bitmap_len = usize::try_from(bitmap_end - bitmap)
+            .expect("x86-64 only (pagetrack-x86): a usize holds any u64");
+        let mut bits = vec![0xffu8; bitmap_len];
         bits[usize::from(SYSCALL_PORT / 8)] &= !(1 << (SYSCALL_PORT % 8));
         mem.write_slice(&bits, GuestAddress(bitmap))?;
         mem.write_slice(&syscall_stub()?, GuestAddress(STUB_GFN * PAGE))?;
@@ -567,7 +585,7 @@ impl Process {
         let (reserved, reserved_end) = layout.reserved_range();
         let general_end = (reserved - x86::USER_STACK_SIZE) / PAGE;
         let frames = Frames::new(TABLE_POOL, (GENERAL_START, general_end));
-        let no_frames = |what: &str| bad_config(format!("guest memory is too small for {what}"));
+        let no_frames = |what| bad_config(ConfigProblem::MemoryTooSmall { what });
         let mut mm =
             AddressSpace::new(mem, frames, nx).map_err(|_| no_frames("the page tables"))?;
         for page in (reserved..reserved_end).step_by(4096) {
@@ -625,9 +643,7 @@ impl Process {
         let init = stack::build(STACK_TOP, &argv, &envp, &execfn, random16(), &aux);
         let need = (init.bytes.len() as u64 + (16 << 10)).next_multiple_of(PAGE);
         if need > mm::STACK_MAX / 2 {
-            return Err(bad_config(
-                "arguments and environment are too large (over 4 MiB)",
-            ));
+            return Err(bad_config(ConfigProblem::ArgumentsTooLarge));
         }
         let stack_prot = PROT_READ | PROT_WRITE | if exe.exec_stack { PROT_EXEC } else { 0 };
         mm.map_stack(need.max(STACK_INITIAL), stack_prot)
@@ -669,8 +685,7 @@ impl Process {
                 comm,
                 mem_bytes: config.mem,
             },
-        )
-        .map_err(bad_config)?;
+        )?;
         let mut kernel = kernel;
         let clock = vdso::GuestClock::setup(vm.vm_fd(), vcpu.fd(), kernel.monotonic_now());
         let (at, bytes) = clock.page().bytes();
@@ -754,10 +769,10 @@ impl Process {
         let end = ctx.wait_end();
         drop(done_tx);
         drop(alarm_tx);
-        if let Some(w) = watchdog {
-            let _ = w.join();
-        }
-        let _ = kicker.join();
+        // The helpers only stop vCPUs; one that panicked (a bug) missed a stop, which the
+        // run's end already shows (a timeout not taken, an alarm late), so it is counted.
+        let helpers_failed = u64::from(watchdog.is_some_and(|w| w.join().is_err()))
+            + u64::from(kicker.join().is_err());
         let run_time = started.elapsed();
         let end = end?;
         let mut g = ctx.lock();
@@ -770,6 +785,9 @@ impl Process {
         stats.vm = ctx.vm.stats();
         stats.peak_frames = g.kernel.mm.peak_frames();
         stats.load_time = self.load_time;
+        // Every thread has been joined: Relaxed, as the join ordered their counts before.
+        stats.host_errors =
+            ctx.host_errors.load(std::sync::atomic::Ordering::Relaxed) + helpers_failed;
         let (stdout, stderr) = g.kernel.take_output();
         Ok(ProcessOutcome {
             end,
@@ -792,15 +810,15 @@ fn set_syscall_msrs(fd: &kvm_ioctls::VcpuFd) -> Result<()> {
         msr(MSR_LSTAR, STUB_VA),
         msr(MSR_SYSCALL_MASK, SYSCALL_MASK),
     ])
-    .map_err(|e| bad_config(format!("MSR list: {e:?}")))?;
+    .expect("3 MSRs are within KVM_MAX_MSR_ENTRIES");
     let set = fd.set_msrs(&msrs).map_err(|source| Error::Kvm {
         op: "KVM_SET_MSRS",
         source,
     })?;
-    if set != 3 {
-        return Err(bad_config(format!(
-            "KVM accepted {set} of the 3 syscall MSRs"
-        )));
+    let wanted = [MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK];
+    if let Some(&index) = wanted.get(set) {
+        // KVM_SET_MSRS stops at the first MSR it refuses.
+        return Err(Error::MsrRefused { index });
     }
     Ok(())
 }
@@ -902,23 +920,22 @@ fn load_segments(
         if !mm.is_free(start, end) {
             return Err(bad_image(
                 program,
-                format!(
-                    "segment pages [{start:#x}, {end:#x}) overlap the VMM's own mappings; use more --mem or a different link address"
-                ),
+                ImageProblem::SegmentsOverlapVmm { start, end },
             ));
         }
-        mm.map(start, end - start, prot, kind).map_err(|_| {
-            bad_image(
-                program,
-                "guest memory is too small for the image (use more --mem)",
-            )
-        })?;
+        mm.map(start, end - start, prot, kind)
+            .map_err(|_| bad_image(program, ImageProblem::NoFramesForImage))?;
     }
     for s in &exe.segments {
-        let from = usize::try_from(s.offset).map_err(|_| bad_image(program, "offset"))?;
-        let n = usize::try_from(s.file_size).map_err(|_| bad_image(program, "size"))?;
-        mm.poke(s.vaddr, &file[from..from + n])
-            .map_err(|_| bad_image(program, "cannot copy a segment"))?;
+        let copy = || bad_image(program, ImageProblem::SegmentCopy { vaddr: s.vaddr });
+        // elf::parse checked that the bytes lie inside the file.
+        let from = usize::try_from(s.offset).map_err(|_| copy())?;
+        let n = usize::try_from(s.file_size).map_err(|_| copy())?;
+        let bytes = from
+            .checked_add(n)
+            .and_then(|end| file.get(from..end))
+            .ok_or_else(copy)?;
+        mm.poke(s.vaddr, bytes).map_err(|_| copy())?;
     }
     Ok(())
 }

@@ -47,6 +47,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -62,7 +63,7 @@ use super::abi::{
 };
 use super::mm::{PAGE, STUB_VA};
 use super::signal::{self, ThreadSignals};
-use super::syscall::{Flow, Kernel, PID};
+use super::syscall::{Flow, Kernel, KvmCaller, PID};
 use super::track::Tracking;
 use super::{ProcessEnd, ProcessStats, SYSCALL_PORT, bad_frame, host_ids, signal_name, signal_of};
 use crate::error::{Error, Result};
@@ -151,17 +152,30 @@ fn new_wake_fd() -> Option<Arc<OwnedFd>> {
     .map(Arc::new)
 }
 
-/// Makes `fd` readable; a full counter is readable already.
-fn poke(fd: Option<&Arc<OwnedFd>>) {
+/// Makes the eventfd `fd` readable; a full counter (`EAGAIN`) is readable already. Any
+/// other failure (none is expected on an eventfd this process owns) is counted in
+/// `errors`: the caller cannot undo the signal or end it wakes for, and the waiter still
+/// wakes at its timeout, the run's deadline or the end of the process.
+fn poke(fd: Option<&OwnedFd>, errors: &AtomicU64) {
     if let Some(fd) = fd {
-        let _ = rustix::io::write(&**fd, &1u64.to_ne_bytes());
+        match rustix::io::write(fd, &1u64.to_ne_bytes()) {
+            Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
+            // Relaxed: a statistic, read once every thread has been joined.
+            Err(_) => _ = errors.fetch_add(1, Ordering::Relaxed),
+        }
     }
 }
 
-/// Empties `fd`; it was readable or it was not, either is fine.
-fn drain(fd: Option<&Arc<OwnedFd>>) {
+/// Empties the eventfd `fd`; it was readable or it was not (`EAGAIN`), either is fine.
+/// Another failure is counted in `errors`: the next wait may then end at once, and the
+/// call it serves is simply served again.
+fn drain(fd: Option<&OwnedFd>, errors: &AtomicU64) {
     if let Some(fd) = fd {
-        let _ = rustix::io::read(&**fd, &mut [0u8; 8]);
+        match rustix::io::read(fd, &mut [0u8; 8]) {
+            Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
+            // Relaxed: a statistic, read once every thread has been joined.
+            Err(_) => _ = errors.fetch_add(1, Ordering::Relaxed),
+        }
     }
 }
 
@@ -185,6 +199,9 @@ pub(crate) struct Ctx {
     pub(crate) wake: Condvar,
     /// Readable once the process ends: wakes threads waiting for input in the host.
     ended_fd: Option<OwnedFd>,
+    /// Host calls that failed where no one could be told (eventfd wake-ups, waits):
+    /// [`ProcessStats::host_errors`].
+    pub(crate) host_errors: AtomicU64,
 }
 
 type Guard<'a> = MutexGuard<'a, Shared>;
@@ -300,6 +317,7 @@ impl Ctx {
                 rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
             )
             .ok(),
+            host_errors: AtomicU64::new(0),
         }
     }
 
@@ -315,10 +333,7 @@ impl Ctx {
     fn end_process(&self, g: &mut Shared, end: Result<ProcessEnd>, me: Option<u64>) {
         if g.end.is_none() {
             g.end = Some(end);
-            if let Some(fd) = &self.ended_fd {
-                // Cannot fail short of a counter overflow; the eventfd only has to be readable.
-                let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
-            }
+            poke(self.ended_fd.as_ref(), &self.host_errors);
         }
         for (tid, e) in &g.threads {
             if Some(*tid) != me {
@@ -352,8 +367,14 @@ impl Ctx {
         if let Some(w) = wake {
             p.push(PollFd::new(w, PollFlags::IN));
         }
-        // EINTR or any error: the call served next decides what happens.
-        let _ = rustix::event::poll(&mut p, ts.as_ref());
+        match rustix::event::poll(&mut p, ts.as_ref()) {
+            // EINTR, or ready, or the time is up: the call served next decides what happens.
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            // Anything else ends the wait early, which is safe (the call is served again and
+            // waits again); it is counted, since it would make the wait a busy loop.
+            // Relaxed: a statistic, read once every thread has been joined.
+            Err(_) => _ = self.host_errors.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     /// The timeout passed: ends the process with [`ProcessEnd::Timeout`].
@@ -376,8 +397,12 @@ impl Ctx {
             }
             drop(g);
             for h in handles {
-                // A thread that panicked has nothing more to give; its end is recorded.
-                let _ = h.join();
+                if h.join().is_err() {
+                    // Each thread catches its own panic and records the end (a crash), so
+                    // this is a panic in that handling; the count keeps it visible.
+                    // Relaxed: a statistic, read once every thread has been joined.
+                    self.host_errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
             g = self.lock();
         }
@@ -532,8 +557,8 @@ fn drive(
                 if let Some(tx) = kick {
                     let alarm = g.kernel.alarm_at();
                     if alarm != alarm_sent {
-                        // The kicker ends only with the run, so the send cannot fail.
-                        let _ = tx.send(alarm);
+                        tx.send(alarm)
+                            .expect("the alarm kicker receives until the run has ended");
                         alarm_sent = alarm;
                     }
                 }
@@ -595,7 +620,8 @@ fn drive(
                     alarm_sent = None;
                     if let Some(tx) = kick {
                         let alarm = g.kernel.alarm_at();
-                        let _ = tx.send(alarm);
+                        tx.send(alarm)
+                            .expect("the alarm kicker receives until the run has ended");
                         alarm_sent = alarm;
                     }
                 }
@@ -924,7 +950,14 @@ fn deferring<'a>(
         // Set at each turn: other threads serve calls while this one waits.
         g.kernel.defer_waits = threaded && ctx.ended_fd.is_some();
         g.kernel.retry_until = retry;
-        let flow = g.kernel.syscall(n, a, t.vcpu.fd(), ctx.vm.vm_fd());
+        let flow = g.kernel.syscall(
+            n,
+            a,
+            &KvmCaller {
+                vcpu: t.vcpu.fd(),
+                vm: ctx.vm.vm_fd(),
+            },
+        );
         g.kernel.retry_until = None;
         g.kernel.write_resume = 0;
         if retry.is_some() {
@@ -937,7 +970,7 @@ fn deferring<'a>(
         if n == nr::KILL {
             // A signal for the process may end another thread's wait.
             for e in g.threads.values() {
-                poke(e.wake_fd.as_ref());
+                poke(e.wake_fd.as_deref(), &ctx.host_errors);
             }
             ctx.wake.notify_all();
         }
@@ -955,7 +988,7 @@ fn deferring<'a>(
             return (g, Served::Kernel(flow));
         };
         let wake = g.threads.get(&t.tid).and_then(|e| e.wake_fd.clone());
-        drain(wake.as_ref());
+        drain(wake.as_deref(), &ctx.host_errors);
         g.kernel.check_alarm();
         if g.kernel.signals.deliverable() {
             g.kernel.defer_waits = false;
@@ -1341,7 +1374,7 @@ fn tgkill(ctx: &Ctx, g: &mut Shared, t: &GuestThread, tgid: u64, tid: u64, sig: 
         if let Some(e) = g.threads.get_mut(&tid) {
             // Even a blocked one: the thread may wait for it in rt_sigtimedwait.
             signals.raise_other(&mut e.signals, sig);
-            poke(e.wake_fd.as_ref());
+            poke(e.wake_fd.as_deref(), &ctx.host_errors);
             ctx.wake.notify_all();
         }
     }
@@ -1457,9 +1490,12 @@ fn clone(
         Err(_) => return Err(EAGAIN),
     };
     let tid32 = u32::try_from(tid).map_err(|_| EAGAIN)?.to_le_bytes();
-    if flags & CLONE_PARENT_SETTID != 0 {
-        // As Linux's copy_process: a store that fails is ignored, the thread still starts.
-        let _ = g.kernel.mm.write_user(parent_tid, &tid32);
+    if flags & CLONE_PARENT_SETTID != 0
+        && let Err(e) = g.kernel.mm.write_user(parent_tid, &tid32)
+    {
+        // As Linux's copy_process: a store that faults is ignored, the thread still starts
+        // (the program passed a bad pointer; it is told nothing either way).
+        debug_assert_eq!(e, EFAULT);
     }
     if flags & CLONE_CHILD_SETTID != 0 && g.kernel.mm.write_user(child_tid, &tid32).is_err() {
         g.free_vcpus.push((vcpu, initial));

@@ -12,7 +12,7 @@ use pagetrack_kvm::{PageTableUpdate, Vm};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::mm::{AddressSpace, Mapped, PAGE, PageKind};
-use crate::error::Result;
+use crate::error::{RegionError, Result};
 
 /// A `--track` region of a process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,22 +65,21 @@ impl Region {
     }
 }
 
-fn parse_num(s: &str) -> std::result::Result<u64, String> {
+fn parse_num(s: &str) -> std::result::Result<u64, RegionError> {
     let t = s.trim();
     let (digits, radix) = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         Some(h) => (h, 16),
         None => (t, 10),
     };
-    u64::from_str_radix(digits, radix)
-        .map_err(|_| format!("'{s}' is not a number (use 4096 or 0x1000)"))
+    u64::from_str_radix(digits, radix).map_err(|_| RegionError::NotANumber { text: s.to_owned() })
 }
 
 impl FromStr for Region {
-    type Err = String;
+    type Err = RegionError;
 
     /// `stack`, `heap`, `data`, `text`, `mmap`, `page-tables`, `writable`, or a virtual
     /// range `ADDR-END` (END exclusive) or `ADDR+LEN`.
-    fn from_str(s: &str) -> std::result::Result<Region, String> {
+    fn from_str(s: &str) -> std::result::Result<Region, RegionError> {
         Ok(match s {
             "stack" => Region::Stack,
             "heap" => Region::Heap,
@@ -92,17 +91,17 @@ impl FromStr for Region {
             _ => {
                 let (start, end) = if let Some((a, l)) = s.split_once('+') {
                     let a = parse_num(a)?;
-                    (a, a.checked_add(parse_num(l)?).ok_or("range overflows")?)
+                    (
+                        a,
+                        a.checked_add(parse_num(l)?).ok_or(RegionError::Overflow)?,
+                    )
                 } else if let Some((a, e)) = s.split_once('-') {
                     (parse_num(a)?, parse_num(e)?)
                 } else {
-                    return Err(format!(
-                        "'{s}' is not a region: use stack, heap, data, text, mmap, page-tables, \
-                         writable, ADDR-END or ADDR+LEN"
-                    ));
+                    return Err(RegionError::Unknown { text: s.to_owned() });
                 };
                 if end <= start {
-                    return Err(format!("'{s}' is empty (END is exclusive)"));
+                    return Err(RegionError::Empty { text: s.to_owned() });
                 }
                 Region::Range { start, end }
             }
@@ -204,7 +203,7 @@ impl Tracking {
     /// Tracks the frames of every page mapped so far and every page table.
     pub(crate) fn start(&mut self, vm: &Vm, mm: &mut AddressSpace) -> Result<()> {
         // What loading recorded is superseded by the full list below.
-        let _ = mm.take_pending();
+        drop(mm.take_pending());
         if self.regions.is_empty() {
             return Ok(());
         }
@@ -271,6 +270,15 @@ impl Tracking {
         mm: &mut AddressSpace,
         held: Option<&PageTableUpdate<'_>>,
     ) -> Result<()> {
+        // After a failed page-table access the records and the tables KVM walks may
+        // disagree: nothing is released (a frame the tables still map must never be reused)
+        // and the process VM stops here, before the program runs again.
+        if let Some(i) = mm.inconsistency() {
+            return Err(crate::Error::AddressSpaceInconsistent {
+                access: i.access,
+                gpa: i.gpa,
+            });
+        }
         let p = mm.take_pending();
         let _update = (held.is_none() && !(p.freed.is_empty() && p.stale_tables.is_empty()))
             .then(|| vm.page_table_update());
@@ -331,6 +339,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn commit_after_a_failed_page_table_access_stops_with_a_typed_error() {
+        let kvm = pagetrack_testkit::kvm_or_skip!();
+        let vm = Vm::with_kvm(kvm, pagetrack_kvm::VmConfig::default().with_ram(16 << 20)).unwrap();
+        vm.add_ram(0, 16 << 20).unwrap();
+        // A table pool beyond the 4096 frames of RAM (a broken set-up): the PML4 is there, so
+        // the first mapping's table walk cannot read it.
+        let frames = super::super::mm::Frames::new((5000, 5010), (100, 200));
+        let mut mm = AddressSpace::new(vm.memory(), frames, true).unwrap();
+        let rw = super::super::abi::PROT_READ | super::super::abi::PROT_WRITE;
+        assert_eq!(
+            mm.map(0x4000_0000, PAGE, rw, PageKind::Mmap),
+            Err(super::super::abi::EFAULT)
+        );
+        let mut tracking = Tracking::new(vec![Region::Writable]);
+        let stats = tracking.stats;
+        match tracking.commit(&vm, &mut mm, None) {
+            Err(crate::Error::AddressSpaceInconsistent { access, gpa }) => {
+                assert_eq!(access, crate::PageTableAccess::Read);
+                assert_eq!(gpa, 5000 * PAGE, "the PML4 entry of 0x4000_0000");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            tracking.stats, stats,
+            "nothing tracked, released or invalidated"
+        );
+        assert!(tracking.frames().is_empty());
+    }
+
+    #[test]
     fn region_parse_names_and_ranges() {
         assert_eq!("stack".parse::<Region>(), Ok(Region::Stack));
         assert_eq!("page-tables".parse::<Region>(), Ok(Region::PageTables));
@@ -348,8 +386,26 @@ mod tests {
                 end: 0x1010
             })
         );
-        assert!("0x2000-0x1000".parse::<Region>().is_err());
-        assert!("bogus".parse::<Region>().is_err());
+        assert_eq!(
+            "0x2000-0x1000".parse::<Region>(),
+            Err(RegionError::Empty {
+                text: "0x2000-0x1000".into()
+            })
+        );
+        assert_eq!(
+            "bogus".parse::<Region>(),
+            Err(RegionError::Unknown {
+                text: "bogus".into()
+            })
+        );
+        assert_eq!(
+            "0x1000+zz".parse::<Region>(),
+            Err(RegionError::NotANumber { text: "zz".into() })
+        );
+        assert_eq!(
+            "0xffffffffffffffff+2".parse::<Region>(),
+            Err(RegionError::Overflow)
+        );
     }
 
     #[test]

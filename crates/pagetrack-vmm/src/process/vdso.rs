@@ -141,22 +141,24 @@ impl GuestClock {
         self.page
     }
 
-    fn read(&self, vm: &VmFd, offset: i64) -> Option<Duration> {
+    /// `kvmclock` reads the VM's kvmclock in nanoseconds (`KVM_GET_CLOCK`); it is called
+    /// only if the clock is set up.
+    fn read(&self, kvmclock: impl FnOnce() -> Option<u64>, offset: i64) -> Option<Duration> {
         if !self.page.enabled {
             return None;
         }
-        let clock = vm.get_clock().ok()?.clock;
+        let clock = kvmclock()?;
         Some(Duration::from_nanos(clock.wrapping_add_signed(offset)))
     }
 
     /// `CLOCK_REALTIME` as the vDSO reads it, if kvmclock is set up.
-    pub fn realtime(&self, vm: &VmFd) -> Option<Duration> {
-        self.read(vm, self.page.realtime_offset)
+    pub fn realtime(&self, kvmclock: impl FnOnce() -> Option<u64>) -> Option<Duration> {
+        self.read(kvmclock, self.page.realtime_offset)
     }
 
     /// `CLOCK_MONOTONIC` as the vDSO reads it, if kvmclock is set up.
-    pub fn monotonic(&self, vm: &VmFd) -> Option<Duration> {
-        self.read(vm, self.page.monotonic_offset)
+    pub fn monotonic(&self, kvmclock: impl FnOnce() -> Option<u64>) -> Option<Duration> {
+        self.read(kvmclock, self.page.monotonic_offset)
     }
 }
 

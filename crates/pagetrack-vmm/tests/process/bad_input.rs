@@ -83,7 +83,16 @@ fn run(exe: &Path, args: &[&str], dir: &Path) -> pagetrack_vmm::process::Process
 fn load_error(kvm: kvm_ioctls::Kvm, program: &Path) -> String {
     match Process::with_kvm(kvm, ProcessConfig::new(program)) {
         Ok(_) => panic!("{} loaded", program.display()),
-        Err(e @ Error::InvalidGuestImage { .. }) => e.to_string(),
+        Err(e @ Error::InvalidGuestImage { .. }) => {
+            // The message and its causes, as the CLI prints them.
+            let mut msg = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg = format!("{msg}: {c}");
+                cause = c.source();
+            }
+            msg
+        }
         Err(e) => panic!("{}: unexpected error kind {e:?}", program.display()),
     }
 }
@@ -102,6 +111,30 @@ fn load_missing_program_is_a_clear_error() {
         msg.contains("/nonexistent/program") && msg.contains("No such file"),
         "{msg}"
     );
+}
+
+#[test]
+fn load_missing_program_keeps_the_host_error_as_its_source() {
+    let kvm = kvm_or_skip!();
+    let program = Path::new("/nonexistent/program");
+    let err = Process::with_kvm(kvm, ProcessConfig::new(program))
+        .expect_err("a missing program is refused");
+    let Error::InvalidGuestImage {
+        program: Some(p),
+        reason: pagetrack_vmm::ImageProblem::Open,
+        source: Some(io),
+    } = &err
+    else {
+        panic!("unexpected error {err:?}");
+    };
+    assert_eq!(p, program);
+    assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    // The message names the program and the step; the cause is the source, not repeated.
+    assert_eq!(
+        err.to_string(),
+        "invalid guest image: /nonexistent/program: cannot open it"
+    );
+    assert!(std::error::Error::source(&err).is_some());
 }
 
 #[test]
