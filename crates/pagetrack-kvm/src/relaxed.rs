@@ -961,6 +961,24 @@ pub(crate) fn before_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
     }
 }
 
+/// `Enforcement::before_unregister`: a notifier that accepts coalesced events is leaving;
+/// the relaxed frames' changes since the last sync are delivered first (review 12, U1: they
+/// went to whoever was registered at the next sync, or to nobody).
+pub(crate) fn before_unregister(backend: &crate::vm::Backend) {
+    let r = &backend.relaxed;
+    if r.active() == 0 {
+        return;
+    }
+    let Some(vm) = r.vm.get().and_then(Weak::upgrade) else {
+        return;
+    };
+    if sync(&vm).is_err() {
+        // A harvest KVM refused: the changes stay logged and reach the notifiers still
+        // registered at the next sync. Counted in `VmStats::restore_errors`.
+        backend.count_restore_error();
+    }
+}
+
 /// `Enforcement::after_untrack`: the untrack [`before_untrack`] announced has returned.
 pub(crate) fn after_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
     let r = &backend.relaxed;

@@ -547,6 +547,10 @@ impl Enforcement for Backend {
     fn after_untrack(&self, runs: &[FrameRun]) {
         crate::relaxed::after_untrack(self, runs);
     }
+
+    fn before_unregister(&self) {
+        crate::relaxed::before_unregister(self);
+    }
 }
 
 impl Drop for VmInner {

@@ -67,6 +67,13 @@ pub trait Enforcement: Send + Sync {
     fn after_untrack(&self, runs: &[FrameRun]) {
         let _ = runs;
     }
+
+    /// A notifier that accepts coalesced events is about to be unregistered (its handle
+    /// dropped), with no lock of the tracker held: a backend holding writes it has not
+    /// reported yet (coalescing them) reports them now, so the leaving notifier gets every
+    /// write made before its unregistration began. Not called from inside a callback of the
+    /// tracker (a notifier dropped there gets the writes reported by then). Default: nothing.
+    fn before_unregister(&self) {}
 }
 
 /// Consecutive frames of one address space whose tracked state changes together.
@@ -1471,6 +1478,12 @@ impl NotifierHandle {
         let Some(entry) = self.entry.take() else {
             return;
         };
+        if entry.options.delivery == crate::Delivery::Coalesced
+            && !crate::context::in_callback_of(self.tracker.id)
+        {
+            // Still registered: the writes the backend holds reach this notifier too.
+            self.tracker.backend.before_unregister();
+        }
         self.tracker.registry.unlink(entry.id);
         let own = crate::context::frames_of_entry(entry.id);
         if !crate::context::in_callback_of(self.tracker.id) {

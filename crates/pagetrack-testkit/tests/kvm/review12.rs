@@ -519,3 +519,52 @@ fn the_relaxed_budget_keeps_frames_beyond_it_strict_and_exact() {
         }
     }
 }
+
+/// U1: a coalesced notifier that unregisters while a guest keeps storing to a relaxed frame
+/// (no exit, no periodic sync due) gets the changes made before its unregistration began
+/// (`Enforcement::before_unregister`); they went to nobody before.
+#[test]
+fn unregistering_a_coalesced_notifier_delivers_its_pending_changes_first() {
+    let kvm = kvm_or_skip!();
+    let mut policy = RelaxedConfig::new(RelaxedMode::Always);
+    policy.period = std::time::Duration::from_secs(3600);
+    let mut g = boot_with(
+        kvm,
+        VmConfig::default().with_ram(RAM).with_relaxed(policy),
+        RAM,
+        1,
+        &spin_store(),
+    );
+    let (rec, h) = coalesced_recorder(&g.vm);
+    g.vm.tracker().add_gfn(Gfn(T >> 12)).unwrap();
+    assert!(g.vm.is_relaxed(Gfn(T >> 12)));
+    set_regs(&g.vcpus[0], |r| {
+        r.rdi = T;
+        r.rsi = U;
+    });
+    let threads = spawn_vcpus(&mut g);
+    wait_for("the guest runs", || word(&g.vm, T) > 1000);
+    let before = word(&g.vm, T);
+    drop(h);
+    let ev = rec.take();
+    g.vm.untracked_memory()
+        .write_obj(1u64, GuestAddress(U))
+        .unwrap();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 3);
+    }
+    let last = ev
+        .iter()
+        .rev()
+        .find(|e| e.gpa <= T && T < e.gpa + e.new.len() as u64)
+        .unwrap_or_else(|| {
+            panic!("no pending change delivered before unregister returned: {ev:?}")
+        });
+    assert!(last.coalesced.is_some(), "{last:?}");
+    let at = usize::try_from(T - last.gpa).unwrap();
+    let value = u64::from_le_bytes(last.new[at..at + 8].try_into().unwrap());
+    assert!(
+        value >= before,
+        "the last change delivered ({value}) is older than the memory before unregister ({before})"
+    );
+}

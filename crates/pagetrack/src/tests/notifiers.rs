@@ -517,3 +517,25 @@ fn reader_slot_hint_never_wrong_across_slot_changes() {
     t.add_gfn(Gfn(1)).unwrap();
     check(&mut r);
 }
+
+/// `Enforcement::before_unregister` runs once when a handle of a notifier that accepts
+/// coalesced events is dropped (so a coalescing backend reports what it holds while that
+/// notifier is still registered), and not for a notifier of exact events.
+#[test]
+fn dropping_a_coalesced_notifier_asks_the_backend_to_report_first() {
+    let (t, backend) = tracker();
+    t.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 8))
+        .unwrap();
+    let exact = t.register(Log::new(), NotifierClass::Ordinary).unwrap();
+    let coalesced = t
+        .register(
+            Log::new(),
+            RegisterOptions::new(NotifierClass::Ordinary).with_delivery(crate::Delivery::Coalesced),
+        )
+        .unwrap();
+    drop(exact);
+    assert_eq!(backend.unregisters.load(Ordering::SeqCst), 0);
+    drop(coalesced);
+    assert_eq!(backend.unregisters.load(Ordering::SeqCst), 1);
+    assert_eq!(t.notifier_count(), 0);
+}

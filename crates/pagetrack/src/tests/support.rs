@@ -31,6 +31,8 @@ pub(super) struct Recorder {
     pub(super) fail_unprotect: AtomicBool,
     /// protect/unprotect calls including failed ones.
     pub(super) attempts: AtomicUsize,
+    /// `before_unregister` calls.
+    pub(super) unregisters: AtomicUsize,
 }
 
 impl Recorder {
@@ -64,6 +66,10 @@ impl Enforcement for Recorder {
 
     fn region_removed(&self, region: &MemoryRegion) {
         self.record(BackendCall::RegionRemoved(*region));
+    }
+
+    fn before_unregister(&self) {
+        self.unregisters.fetch_add(1, Ordering::SeqCst);
     }
 }
 
