@@ -344,7 +344,7 @@ fn two_vcpus_on_relaxed_frames_replay_exactly_and_atomics_are_exact() {
 }
 
 /// Guest: `[rdi] = i++` until the word at rsi is non-zero (no exit of its own).
-fn spin_store() -> Vec<u8> {
+pub(crate) fn spin_store() -> Vec<u8> {
     assemble(ENTRY, |a| {
         a.mov(ecx, 1u32)?;
         let mut top = a.create_label();

@@ -41,19 +41,7 @@ fn guarded<R: Send + 'static>(what: &str, scenario: impl FnOnce() -> R + Send + 
     }
 }
 
-/// Guest: `[rdi] = i++` until the word at rsi is non-zero (no exit of its own).
-fn spin_store() -> Vec<u8> {
-    assemble(ENTRY, |a| {
-        a.mov(ecx, 1u32)?;
-        let mut top = a.create_label();
-        a.set_label(&mut top)?;
-        a.mov(qword_ptr(rdi), rcx)?;
-        a.inc(rcx)?;
-        a.cmp(qword_ptr(rsi), 0)?;
-        a.je(top)?;
-        exit_with(a, 3)
-    })
-}
+use crate::relaxed::spin_store;
 
 fn set_regs(vcpu: &pagetrack_kvm::Vcpu, f: impl FnOnce(&mut kvm_bindings::kvm_regs)) {
     let mut regs = vcpu.fd().get_regs().unwrap();
