@@ -280,11 +280,13 @@ impl Relaxed {
     }
 
     pub(crate) fn set_tracker(&self, tracker: Weak<PageTracker>) {
-        let _ = self.tracker.set(tracker);
+        self.tracker
+            .set(tracker)
+            .expect("the tracker is set once, as the VM is made");
     }
 
     pub(crate) fn set_vm(&self, vm: Weak<VmInner>) {
-        let _ = self.vm.set(vm);
+        self.vm.set(vm).expect("the VM is set once, as it is made");
     }
 
     /// The next epoch (under the sync lock, or on a delivering thread that holds it).
@@ -663,9 +665,12 @@ pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<SyncHeld<
     }
     // On a delivering thread (a notifier's write) the lock is this thread's already.
     let st = sync_lock(vm);
-    // A failed harvest leaves the frame's changes pending for the next sync; the write below
-    // is exact either way.
-    let _ = sync_locked(vm);
+    // A failed harvest leaves the frame's changes pending for the next sync (counted in
+    // `VmStats::restore_errors`); the write below is exact either way, and `settle` delivers
+    // the guest's unseen bytes in its range before its event.
+    if sync_locked(vm).is_err() {
+        vm.backend.count_restore_error();
+    }
     st
 }
 
@@ -718,29 +723,17 @@ fn settle(vm: &VmInner, gpa: u64, old: &[u8], new: &[u8]) {
     let mut pending: Vec<Change> = Vec::new();
     {
         let mut shadows = lock(&r.shadows);
-        for (i, (&o, &n)) in old.iter().zip(new).enumerate() {
+        // Page by page: one shadow lookup per page (a lookup per byte was half of a
+        // `pagetrack exec` that reads files into relaxed frames).
+        let mut i = 0usize;
+        while i < old.len().min(new.len()) {
             let at = gpa + i as u64;
-            let Some(sh) = shadows.get_mut(&(at & !(PAGE - 1))) else {
-                continue;
-            };
-            let off = usize::try_from(at % PAGE).expect("below 4096");
-            let shift = (off % 8) * 8;
-            let word = &mut sh[off / 8];
-            let was = u8::try_from((*word >> shift) & 0xff).expect("a byte");
-            if was != o {
-                match pending.last_mut() {
-                    Some(c) if c.gpa + c.new.len() as u64 == at && !at.is_multiple_of(PAGE) => {
-                        c.old.push(was);
-                        c.new.push(o);
-                    }
-                    _ => pending.push(Change {
-                        gpa: at,
-                        old: vec![was],
-                        new: vec![o],
-                    }),
-                }
+            let in_page = usize::try_from(PAGE - at % PAGE).expect("at most 4096");
+            let end = (i + in_page).min(old.len()).min(new.len());
+            if let Some(sh) = shadows.get_mut(&(at & !(PAGE - 1))) {
+                settle_page(sh, at, &old[i..end], &new[i..end], &mut pending);
             }
-            *word = (*word & !(0xff << shift)) | (u64::from(n) << shift);
+            i = end;
         }
     }
     if pending.is_empty() {
@@ -751,6 +744,34 @@ fn settle(vm: &VmInner, gpa: u64, old: &[u8], new: &[u8]) {
     lock(&r.queue).extend(pending.into_iter().map(|c| (c, epoch)));
     drain(vm);
     r.coalesced_events.fetch_add(n, Ordering::Relaxed);
+}
+
+/// [`settle`] within one page: `old` and `new` start at `at` and end in its page. Bytes whose
+/// shadow differs from `old` (a guest store the last sync did not see) become changes, runs
+/// of adjacent bytes one change; the shadow takes `new`.
+fn settle_page(sh: &mut [u64; WORDS], at: u64, old: &[u8], new: &[u8], pending: &mut Vec<Change>) {
+    let first = usize::try_from(at % PAGE).expect("below 4096");
+    for (k, (&o, &n)) in old.iter().zip(new).enumerate() {
+        let off = first + k;
+        let shift = (off % 8) * 8;
+        let word = &mut sh[off / 8];
+        let was = u8::try_from((*word >> shift) & 0xff).expect("a byte");
+        if was != o {
+            let byte_at = at + k as u64;
+            match pending.last_mut() {
+                Some(c) if c.gpa + c.new.len() as u64 == byte_at && k > 0 => {
+                    c.old.push(was);
+                    c.new.push(o);
+                }
+                _ => pending.push(Change {
+                    gpa: byte_at,
+                    old: vec![was],
+                    new: vec![o],
+                }),
+            }
+        }
+        *word = (*word & !(0xff << shift)) | (u64::from(n) << shift);
+    }
 }
 
 /// Auto policy after a trapped store at `gpa` on a vCPU thread (no lock held): promotes the
@@ -994,5 +1015,70 @@ pub(crate) fn after_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
         if let Some(i) = leaving.iter().position(|&x| x == range) {
             leaving.swap_remove(i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shadow whose byte i is `i as u8` (`at` 0x5000: byte i is at 0x5000 + i).
+    fn shadow() -> Box<[u64; WORDS]> {
+        let mut sh = Box::new([0u64; WORDS]);
+        for (w, word) in sh.iter_mut().enumerate() {
+            let bytes: [u8; 8] = std::array::from_fn(|b| u8::try_from((w * 8 + b) % 256).unwrap());
+            *word = u64::from_le_bytes(bytes);
+        }
+        sh
+    }
+
+    fn byte(sh: &[u64; WORDS], off: usize) -> u8 {
+        sh[off / 8].to_le_bytes()[off % 8]
+    }
+
+    #[test]
+    fn settle_page_turns_unseen_guest_bytes_into_runs_and_takes_the_new_bytes() {
+        let mut sh = shadow();
+        // A write of 6 bytes at offset 10: the guest changed offsets 11 and 12 (one run) and
+        // 14 (another) since the last sync; the shadow holds the old values there.
+        let old: Vec<u8> = (10u8..16)
+            .map(|b| {
+                if matches!(b, 11 | 12 | 14) {
+                    b ^ 0xff
+                } else {
+                    b
+                }
+            })
+            .collect();
+        let new = [0xa0u8; 6];
+        let mut pending = Vec::new();
+        settle_page(&mut sh, 0x5000 + 10, &old, &new, &mut pending);
+        let got: Vec<(u64, Vec<u8>, Vec<u8>)> =
+            pending.into_iter().map(|c| (c.gpa, c.old, c.new)).collect();
+        assert_eq!(
+            got,
+            [
+                (0x500b, vec![11, 12], vec![11 ^ 0xff, 12 ^ 0xff]),
+                (0x500e, vec![14], vec![14 ^ 0xff]),
+            ]
+        );
+        for off in 10..16 {
+            assert_eq!(byte(&sh, off), 0xa0, "offset {off} took the new byte");
+        }
+        assert_eq!(
+            (byte(&sh, 9), byte(&sh, 16)),
+            (9, 16),
+            "neighbours unchanged"
+        );
+    }
+
+    #[test]
+    fn settle_page_with_nothing_unseen_has_no_change() {
+        let mut sh = shadow();
+        let old: Vec<u8> = (0u8..8).collect();
+        let mut pending = Vec::new();
+        settle_page(&mut sh, 0x5000, &old, &[7; 8], &mut pending);
+        assert!(pending.is_empty());
+        assert_eq!(sh[0], u64::from_le_bytes([7; 8]));
     }
 }

@@ -557,8 +557,11 @@ impl Drop for VmInner {
     fn drop(&mut self) {
         // The VM goes away while notifiers may still be registered: relaxed frames' changes
         // since the last sync are delivered, as an untrack would (`relaxed.rs`). A harvest
-        // that fails here has no one to report to.
-        let _ = crate::relaxed::sync(self);
+        // that fails here has no caller to report to: counted in the backend's
+        // `restore_errors` (it may outlive the VM in a notifier's handle).
+        if crate::relaxed::sync(self).is_err() {
+            self.backend.count_restore_error();
+        }
     }
 }
 
