@@ -391,7 +391,7 @@ pub(crate) const BACK64_AT: u64 = ENTRY + 0x400;
 /// frame tracked or not (see [`compat_lock_inc_at`]).
 fn compat_lock_inc(tracked: bool, iters: u32) -> Option<(u64, Option<String>)> {
     let gfns: &[u64] = if tracked { &[T >> 12] } else { &[] };
-    compat_lock_inc_at(T, gfns, iters)
+    compat_lock_inc_at(T, gfns, iters, 2)
 }
 
 /// Two vCPUs `lock inc dword [edi]` `iters` times each in compatibility mode (a 32-bit code
@@ -401,6 +401,7 @@ pub(crate) fn compat_lock_inc_at(
     addr: u64,
     gfns: &[u64],
     iters: u32,
+    nvcpus: u32,
 ) -> Option<(u64, Option<String>)> {
     let kvm = pagetrack_testkit::gate::open_kvm_or_skip(module_path!())?;
     let enter = assemble(ENTRY, |a| {
@@ -424,7 +425,7 @@ pub(crate) fn compat_lock_inc_at(
         a.push(eax)?;
         a.retf() // 32-bit far return to the 64-bit segment
     });
-    let mut g = boot(kvm, 16 << 20, 2, &enter);
+    let mut g = boot(kvm, 16 << 20, nvcpus, &enter);
     use vm_memory::Bytes;
     let mem = g.vm.untracked_memory();
     mem.write_slice(&back, vm_memory::GuestAddress(BACK64_AT))
