@@ -53,6 +53,10 @@ pub(crate) trait Kick: std::fmt::Debug + Send {
 struct State<K> {
     /// Open pause requests; the gate is closed while non-zero.
     pauses: u32,
+    /// How many of `pauses` wait for parked continuations too ([`Gate::pause_all`]): while
+    /// every pause is one of those, a parked continuation may enter to finish (they wait
+    /// for it), which a plain pause (that did not wait for it) never lets happen.
+    pauses_all: u32,
     /// Kick handle of each vCPU now inside `KVM_RUN`, by vCPU index.
     inside: Vec<Option<K>>,
     /// How many entries of `inside` are set.
@@ -78,6 +82,7 @@ impl<K> Default for State<K> {
     fn default() -> State<K> {
         State {
             pauses: 0,
+            pauses_all: 0,
             inside: Vec::new(),
             running: 0,
             stopping: 0,
@@ -134,6 +139,8 @@ impl<K: Kick> Pauser for Gate<K> {
 #[derive(Debug)]
 pub(crate) struct Paused<'a, K: Kick> {
     gate: &'a Gate<K>,
+    /// A [`Gate::pause_all`].
+    all: bool,
 }
 
 /// A vCPU inside the gate (about to enter, or in, `KVM_RUN`); leaves on drop, with a
@@ -275,8 +282,13 @@ impl<K: Kick> Gate<K> {
     pub(crate) fn enter(&self, index: usize, stop: &AtomicBool, kick: K) -> Option<Inside<'_, K>> {
         let mut s = self.lock();
         let flush = loop {
-            // A parked continuation waits for the gate to open (`park_here`).
-            if Self::has_continuation(&s, index) && (!Self::is_parked(&s, index) || s.pauses == 0) {
+            // A parked continuation waits until no pause that did not wait for it is on
+            // (`park_here`): the gate open, or only `pause_all`s, which wait for it (a parked
+            // vCPU waiting for the gate to open while a `pause_all` waited for it deadlocked
+            // both: a page-table update against a vCPU that parked on a frame lock).
+            if Self::has_continuation(&s, index)
+                && (!Self::is_parked(&s, index) || s.pauses == s.pauses_all)
+            {
                 Self::unpark(&mut s, index);
                 // SeqCst: as below.
                 break s.pauses > 0 || stop.load(Ordering::SeqCst);
@@ -396,6 +408,9 @@ impl<K: Kick> Gate<K> {
             .and_then(|(gate, index)| (gate == self.addr()).then_some(index));
         let mut s = self.lock();
         s.pauses += 1;
+        if parked_too {
+            s.pauses_all += 1;
+        }
         // Only vCPUs with a continuation enter while `pauses > 0`, and those enter kicked;
         // so each one inside now needs one kick.
         for k in s.inside.iter().flatten() {
@@ -407,7 +422,10 @@ impl<K: Kick> Gate<K> {
         {
             s = self.wait(s);
         }
-        Paused { gate: self }
+        Paused {
+            gate: self,
+            all: parked_too,
+        }
     }
 }
 
@@ -430,7 +448,11 @@ impl<K: Kick> Drop for Paused<'_, K> {
     fn drop(&mut self) {
         let mut s = self.gate.lock();
         s.pauses -= 1;
-        if s.pauses == 0 {
+        if self.all {
+            s.pauses_all -= 1;
+        }
+        // Open, or only `pause_all`s left: a parked continuation may enter (`enter`).
+        if s.pauses == s.pauses_all {
             self.gate.cv.notify_all();
         }
     }
@@ -640,6 +662,63 @@ mod tests {
         assert_eq!(run.kicks.load(Ordering::SeqCst), 0);
         assert_eq!(run2.kicks.load(Ordering::SeqCst), 1);
         assert_eq!(gate.lock().continuing, 0);
+    }
+
+    /// A vCPU whose continuation is parked (its thread waited for a frame lock) enters to
+    /// finish it while a `pause_all` waits for it, kicked; a plain pause, which does not wait
+    /// for it, keeps it out. (It used to wait for the gate to open while the `pause_all`
+    /// waited for it: a page-table update deadlocked against two vCPUs.)
+    #[test]
+    fn a_parked_continuation_enters_for_a_pause_all_but_not_for_a_plain_pause() {
+        let gate = Gate::<FakeKick>::default();
+        let stop = AtomicBool::new(false);
+        let (_run, kick, _signal) = fake();
+        let (run2, kick2, _signal2) = fake();
+        let mut inside = gate.enter(0, &stop, kick).expect("not stopped");
+        inside.continues();
+        drop(inside);
+        let (paused_tx, paused) = mpsc::channel();
+        std::thread::scope(|s| {
+            let _here = gate.here(0);
+            gate.park_here();
+            assert_eq!(gate.lock().parked_count, 1);
+            let plain = gate.pause(); // does not wait for the parked continuation
+            s.spawn(|| {
+                let p = gate.pause_all();
+                paused_tx.send(()).expect("test thread waits");
+                drop(p);
+            });
+            while gate.lock().pauses_all == 0 {
+                std::thread::yield_now();
+            }
+            assert!(
+                paused.try_recv().is_err(),
+                "pause_all over a parked continuation"
+            );
+            {
+                let s = gate.lock();
+                let index = 0;
+                assert!(
+                    !(Gate::has_continuation(&s, index)
+                        && (!Gate::is_parked(&s, index) || s.pauses == s.pauses_all)),
+                    "a parked continuation may not enter during a plain pause"
+                );
+            }
+            drop(plain);
+            let flush = gate
+                .enter(0, &stop, kick2)
+                .expect("the parked continuation enters");
+            assert!(
+                run2.immediate_exit.load(Ordering::SeqCst),
+                "entered without a kick"
+            );
+            assert!(paused.try_recv().is_err(), "paused with the vCPU inside");
+            drop(flush);
+            paused
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("the pause_all returns once the continuation finished");
+        });
+        assert_eq!(gate.lock().parked_count, 0);
     }
 
     /// A pause taken on the thread running the vCPU (a notifier inside an exit) does not
