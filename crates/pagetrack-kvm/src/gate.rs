@@ -235,9 +235,9 @@ impl<K: Kick> Gate<K> {
     /// lock that a pauser may hold while it pauses (the relaxed sync lock: a notifier that
     /// tracks from inside a sync's delivery). [`Gate::pause`] then does not wait for it (as
     /// for the pauser's own vCPU: nothing a re-cut changes invalidates a pending fragment's
-    /// GPA), [`Gate::pause_all`] still does, and the vCPU's next [`Gate::enter`] waits for
-    /// the gate to open before KVM may finish the instruction, so it never runs during a
-    /// pause that did not wait for it.
+    /// GPA), [`Gate::pause_all`] still does, and the vCPU's next [`Gate::enter`] waits until
+    /// every pause on is a `pause_all` (or none is) before KVM may finish the instruction,
+    /// so it never runs during a pause that did not wait for it.
     pub(crate) fn park_here(&self) {
         let Some(index) = HERE
             .with(std::cell::Cell::get)
