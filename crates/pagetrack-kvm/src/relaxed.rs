@@ -648,19 +648,7 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
 /// are delivered first) until it has delivered its own exact event: keep the returned guard
 /// until then.
 pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<SyncHeld<'_>> {
-    let r = &vm.backend.relaxed;
-    if r.active() == 0 {
-        return None;
-    }
-    let first = gpa & !(PAGE - 1);
-    let last = (gpa + len - 1) & !(PAGE - 1);
-    let any = {
-        let shadows = lock(&r.shadows);
-        (first..=last)
-            .step_by(PAGE_BYTES)
-            .any(|f| shadows.contains_key(&f))
-    };
-    if !any {
+    if !touches_shadow(vm, gpa, len) {
         return None;
     }
     // On a delivering thread (a notifier's write) the lock is this thread's already.
@@ -678,7 +666,8 @@ pub(crate) fn before_apply(vm: &VmInner, gpa: u64, len: u64) -> Option<SyncHeld<
 /// [`settle`] (a guest store racing the write after the sync is delivered before its event).
 pub(crate) fn after_apply(
     vm: &VmInner,
-    guard: &mut Option<SyncHeld<'_>>,
+    // Under the sync lock when this holds it, else on a delivering thread.
+    _held: &mut Option<SyncHeld<'_>>,
     gpa: u64,
     old: &[u8],
     data: &[u8],
@@ -686,8 +675,6 @@ pub(crate) fn after_apply(
     if vm.backend.relaxed.active() == 0 {
         return;
     }
-    // Under the sync lock when `guard` holds it, else on a delivering thread.
-    let _held = guard;
     settle(vm, gpa, old, data);
 }
 
