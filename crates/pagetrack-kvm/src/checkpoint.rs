@@ -253,20 +253,6 @@ fn checkpoint(vm: &VmInner) -> Result<CheckpointReport> {
     Ok(report)
 }
 
-/// The set pages of a region's bitmap, as page indices.
-fn pages(bits: &[u64]) -> impl Iterator<Item = u64> + '_ {
-    bits.iter().enumerate().flat_map(|(w, &word)| {
-        let mut bits = word;
-        std::iter::from_fn(move || {
-            (bits != 0).then(|| {
-                let b = u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                w as u64 * 64 + b
-            })
-        })
-    })
-}
-
 /// The maximal runs `[start, end)` (in bytes, 8-byte aligned) of words where `a` and `b`
 /// differ.
 fn changed_runs(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
@@ -314,7 +300,7 @@ fn restore(vm: &VmInner, invalidate: Invalidate) -> Result<RestoreReport> {
     // after, it is restored then.
     for img in &image.regions {
         let dirty = img.log.take_since_checkpoint();
-        for page in pages(&dirty) {
+        for page in crate::dirty::set_bits(&dirty) {
             report.dirty_pages += 1;
             let gpa = img.gpa + page * PAGE;
             let off = usize::try_from(page * PAGE).expect("inside the image");
@@ -361,7 +347,7 @@ mod tests {
 
     #[test]
     fn pages_lists_set_bits_in_order() {
-        let got: Vec<u64> = pages(&[0b1001, 0, 1 << 63]).collect();
+        let got: Vec<u64> = crate::dirty::set_bits(&[0b1001, 0, 1 << 63]).collect();
         assert_eq!(got, vec![0, 3, 191]);
     }
 

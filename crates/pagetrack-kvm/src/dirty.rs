@@ -95,15 +95,9 @@ impl DirtyBits {
     /// Merges a KVM dirty bitmap of a memslot that starts at `slot_gpa` (bit i = its page i).
     pub(crate) fn merge(&self, slot_gpa: u64, bitmap: &[u64]) {
         let base = (slot_gpa - self.gpa) / PAGE;
-        for (i, &word) in bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let b = u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                let page = base + i as u64 * 64 + b;
-                if page < self.pages {
-                    self.set(page);
-                }
+        for page in set_bits(bitmap).map(|b| base + b) {
+            if page < self.pages {
+                self.set(page);
             }
         }
     }
@@ -116,6 +110,20 @@ impl DirtyBits {
             .map(|w| w.swap(0, Ordering::AcqRel))
             .collect()
     }
+}
+
+/// The indices of the set bits of a bitmap (bit i of word w is `64 w + i`), ascending.
+pub(crate) fn set_bits(bits: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    bits.iter().enumerate().flat_map(|(w, &word)| {
+        let mut bits = word;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let b = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                w as u64 * 64 + b
+            })
+        })
+    })
 }
 
 #[cfg(test)]

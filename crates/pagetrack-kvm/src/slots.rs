@@ -182,15 +182,10 @@ impl Chunk {
             return;
         }
         let base = (slot_gpa - self.gpa) / PAGE;
-        for (i, &word) in bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let page = base + i as u64 * 64 + u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                if page < self.pages && self.is_relaxed(page) {
-                    let (w, b) = word_bit(page);
-                    self.pending[w] |= 1 << b;
-                }
+        for page in crate::dirty::set_bits(bitmap).map(|b| base + b) {
+            if page < self.pages && self.is_relaxed(page) {
+                let (w, b) = word_bit(page);
+                self.pending[w] |= 1 << b;
             }
         }
     }
@@ -545,14 +540,10 @@ impl Fragments {
                 }
                 self.harvest_chunk(vm, r, c, true)?;
                 let chunk = &mut self.rams[r].chunks[c];
-                for (w, word) in chunk.pending.iter_mut().enumerate() {
-                    let mut bits = std::mem::take(word);
-                    while bits != 0 {
-                        let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
-                        bits &= bits - 1;
-                        out.push(chunk.gpa + page * PAGE);
-                    }
-                }
+                out.extend(
+                    crate::dirty::set_bits(&chunk.pending).map(|page| chunk.gpa + page * PAGE),
+                );
+                chunk.pending.fill(0);
             }
         }
         Ok(out)
