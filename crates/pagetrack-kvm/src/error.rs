@@ -133,6 +133,18 @@ pub enum Error {
         /// Why.
         reason: StopReason,
     },
+    /// [`crate::Vm::unpin_strict`] of a frame with no strict pin: nothing changed.
+    #[error("frame {gfn:#x} has no strict pin to drop")]
+    NotPinned {
+        /// The frame.
+        gfn: u64,
+    },
+    /// [`crate::Vm::pin_strict`] would overflow the frame's pin count: nothing changed.
+    #[error("frame {gfn:#x} already has the most strict pins a frame can hold")]
+    PinOverflow {
+        /// The frame.
+        gfn: u64,
+    },
     /// [`crate::Vm::take_dirty_log`], [`crate::Vm::checkpoint`] or [`crate::Vm::restore`] on
     /// a VM created without dirty logging.
     #[error("dirty logging is off (VmConfig::with_dirty_log)")]

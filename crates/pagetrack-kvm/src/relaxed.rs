@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use pagetrack::{FrameRun, Gpa, PageTracker, Source, WriteEvent};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::slots::Fragments;
 use crate::vm::VmInner;
 
@@ -917,12 +917,18 @@ pub(crate) fn pin(vm: &VmInner, gpa: u64, on: bool) -> Result<()> {
     let f = gpa & !(PAGE - 1);
     {
         let mut pins = lock(&r.pins);
+        let gfn = f / PAGE;
         if on {
-            *pins.entry(f).or_insert(0) += 1;
-        } else if let Some(n) = pins.get_mut(&f) {
-            *n -= 1;
-            if *n == 0 {
-                pins.remove(&f);
+            let n = pins.get(&f).copied().unwrap_or(0);
+            let n = n.checked_add(1).ok_or(Error::PinOverflow { gfn })?;
+            pins.insert(f, n);
+        } else {
+            match pins.get_mut(&f) {
+                None => return Err(Error::NotPinned { gfn }),
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    pins.remove(&f);
+                }
             }
         }
     }

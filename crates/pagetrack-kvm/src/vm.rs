@@ -1394,7 +1394,8 @@ impl Vm {
     /// while pinned, and a relaxed frame is made strict before this returns. Pins count.
     ///
     /// # Errors
-    /// A failed harvest or re-cut while making it strict.
+    /// [`Error::PinOverflow`](crate::Error::PinOverflow) past `u32::MAX` pins (nothing
+    /// changes); a failed harvest or re-cut while making it strict (the pin stays).
     pub fn pin_strict(&self, frame: Gfn) -> Result<()> {
         crate::relaxed::pin(&self.inner, frame.gpa().0, true)
     }
@@ -1402,7 +1403,7 @@ impl Vm {
     /// Drops one strict pin of `frame`.
     ///
     /// # Errors
-    /// None today (room for a policy that relaxes the frame at once).
+    /// [`Error::NotPinned`](crate::Error::NotPinned) if `frame` has no pin (nothing changes).
     pub fn unpin_strict(&self, frame: Gfn) -> Result<()> {
         crate::relaxed::pin(&self.inner, frame.gpa().0, false)
     }
