@@ -31,6 +31,7 @@ mod harvest;
 mod hostile;
 mod kvmwrites;
 mod masked;
+mod modes;
 mod multistore;
 mod pagetables;
 mod realmode;
