@@ -388,6 +388,15 @@ impl<K: Kick> Gate<K> {
         }
     }
 
+    /// Kicks every vCPU inside `KVM_RUN` now (each leaves it once and enters again); waits
+    /// for nothing.
+    pub(crate) fn kick_inside(&self) {
+        let s = self.lock();
+        for k in s.inside.iter().flatten() {
+            k.kick();
+        }
+    }
+
     /// Closes the gate and returns once no vCPU is inside `KVM_RUN` and none but this
     /// thread's own has a continuation (module docs); the gate reopens when the returned
     /// guard drops.

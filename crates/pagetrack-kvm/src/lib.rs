@@ -226,4 +226,6 @@ pub use relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
 pub use slots::FragmentStats;
 pub use update::PageTableUpdate;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
-pub use vm::{DirtyProtect, HostCaps, KickSignal, KvmSlotIds, Vm, VmConfig, VmStats};
+pub use vm::{
+    DirtyProtect, HostCaps, KickSignal, KvmSlotIds, SyncRequester, Vm, VmConfig, VmStats,
+};

@@ -35,7 +35,7 @@
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -232,6 +232,8 @@ pub(crate) struct Relaxed {
     active: AtomicUsize,
     born: Instant,
     last_sync_ns: AtomicU64,
+    /// A sync was asked for ([`request_sync`]) and not served yet.
+    requested: AtomicBool,
     promotions: AtomicU64,
     demotions: AtomicU64,
     cold_demotions: AtomicU64,
@@ -268,6 +270,7 @@ impl Relaxed {
             active: AtomicUsize::new(0),
             born: Instant::now(),
             last_sync_ns: AtomicU64::new(0),
+            requested: AtomicBool::new(false),
             promotions: AtomicU64::new(0),
             demotions: AtomicU64::new(0),
             cold_demotions: AtomicU64::new(0),
@@ -805,7 +808,9 @@ pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
         return Ok(());
     }
     let now = nanos(r.born.elapsed());
-    if now.saturating_sub(r.last_sync_ns.load(Ordering::Relaxed)) >= nanos(r.config.period) {
+    let asked = r.requested.swap(false, Ordering::AcqRel);
+    if asked || now.saturating_sub(r.last_sync_ns.load(Ordering::Relaxed)) >= nanos(r.config.period)
+    {
         if !r.accepts() {
             let all = vm.backend.frags().relaxed_frames();
             return demote(vm, &all);
@@ -816,6 +821,20 @@ pub(crate) fn periodic(vm: &VmInner) -> Result<()> {
     Ok(())
 }
 
+/// A sync asked for from anywhere, a notifier's callback included ([`crate::SyncRequester`]):
+/// takes no lock pagetrack delivers events under and never waits. Running vCPUs are kicked
+/// out of `KVM_RUN`; the first vCPU thread to leave it (kicked, or at an exit of its own)
+/// syncs before it enters again, with no lock held. With no vCPU running, the next sync
+/// point serves it.
+pub(crate) fn request_sync(vm: &VmInner) {
+    let r = &vm.backend.relaxed;
+    if r.active() == 0 {
+        return;
+    }
+    r.requested.store(true, Ordering::Release);
+    vm.backend.gate.kick_inside();
+}
+
 /// At an exit to the VMM (memory becomes observable): syncs; and if some notifier no longer
 /// accepts coalesced events, returns every frame to strict mode.
 pub(crate) fn at_exit(vm: &VmInner) -> Result<()> {
@@ -823,6 +842,8 @@ pub(crate) fn at_exit(vm: &VmInner) -> Result<()> {
     if r.active() == 0 {
         return Ok(());
     }
+    // This sync serves a pending request too.
+    r.requested.store(false, Ordering::Release);
     if !r.accepts() {
         let all = vm.backend.frags().relaxed_frames();
         return demote(vm, &all);

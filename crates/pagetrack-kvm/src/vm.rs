@@ -1368,6 +1368,14 @@ impl Vm {
         crate::relaxed::sync(&self.inner)
     }
 
+    /// A handle that asks for a sync from anywhere, a notifier's callback included (issue
+    /// 12's "a notifier's request"): see [`SyncRequester`]. It does not keep the VM alive.
+    pub fn sync_requester(&self) -> SyncRequester {
+        SyncRequester {
+            vm: Arc::downgrade(&self.inner),
+        }
+    }
+
     /// Makes the tracked frames among `frames` relaxed now (a consumer's "this is hot"), as
     /// far as the policy allows them (a mode other than [`RelaxedMode::Off`], every notifier
     /// accepting coalesced events, no strict pin, the budget). Returns how many became
@@ -1411,6 +1419,32 @@ impl Vm {
     /// True if `frame` runs relaxed now.
     pub fn is_relaxed(&self, frame: Gfn) -> bool {
         self.inner.backend.frags().is_relaxed(frame.gpa().0)
+    }
+}
+
+/// Asks for a sync of the relaxed frames ([`Vm::sync`]) without waiting for it, from any
+/// thread, and from inside a notifier's callback, where [`Vm::sync`] would have to wait for
+/// locks the delivering thread may hold. Made by [`Vm::sync_requester`]; holds the VM weakly,
+/// so a notifier can keep one without a reference cycle.
+///
+/// The request kicks every vCPU inside `KVM_RUN`; the first vCPU thread to leave it (kicked,
+/// or at an exit of its own) syncs, with no lock held, before it enters again, so the
+/// changes guest stores made before the request are delivered even to a guest that never
+/// exits. With no vCPU running, the next sync point serves it (an exit, [`Vm::sync`]).
+#[derive(Clone, Debug)]
+pub struct SyncRequester {
+    vm: std::sync::Weak<VmInner>,
+}
+
+impl SyncRequester {
+    /// Asks for a sync; returns false if the VM is gone. Takes no lock that events are
+    /// delivered under and never blocks on one: safe inside any callback.
+    pub fn request(&self) -> bool {
+        let Some(vm) = self.vm.upgrade() else {
+            return false;
+        };
+        crate::relaxed::request_sync(&vm);
+        true
     }
 }
 
