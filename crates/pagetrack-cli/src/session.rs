@@ -199,6 +199,11 @@ impl Session {
         })
     }
 
+    /// The VM (to register a notifier of one's own before the run, say).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
     /// Runs the guest to its end; with `progress`, a progress line on the terminal meanwhile.
     pub fn run(self, progress: bool) -> Finished {
         let Session { guest, vm, tracked } = self;
