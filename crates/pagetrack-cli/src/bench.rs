@@ -754,15 +754,37 @@ fn relaxed(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) 
         return Err(anyhow!("relaxed mode did not relax the tracked frame"));
     }
     let (mut relaxed, mut untracked) = (Vec::new(), Vec::new());
+    let before = (count.0.load(Ordering::Relaxed), rig.vm.stats().relaxed);
+    let mut runs = 0u32;
     for _ in 0..reps {
         for _ in 0..20 {
+            runs += 2;
             relaxed.push(us(rig.run_rax(rig.progs.stos, TRACKED, 4096, 0, 0x5a)?));
             untracked.push(us(rig.run_rax(rig.progs.stos, BUF, 4096, 0, 0x5a)?));
             // A changing value, so every iteration has a change to deliver.
             relaxed.push(us(rig.run_rax(rig.progs.stos, TRACKED, 4096, 0, 0xa5)?));
         }
     }
+    let after = (count.0.load(Ordering::Relaxed), rig.vm.stats().relaxed);
     let (relaxed, untracked) = (median(relaxed), median(untracked));
+    rep.push(
+        "stosb_4k_relaxed_frames",
+        "frames that ran relaxed in those runs (the tracked one)",
+        f64::from(u32::try_from(after.1.frames_relaxed).unwrap_or(u32::MAX)),
+        "frames",
+    );
+    rep.push(
+        "stosb_4k_coalesced",
+        "coalesced events per relaxed 4 KiB rep stosb (strict: 4,096 exact ones)",
+        (after.0 - before.0) as f64 / f64::from(runs.max(1)),
+        "events",
+    );
+    rep.push(
+        "stosb_4k_syncs",
+        "syncs per relaxed run",
+        (after.1.syncs - before.1.syncs) as f64 / f64::from(runs.max(1)),
+        "syncs",
+    );
     rep.push(
         "stosb_4k_relaxed_us",
         "4 KiB rep stosb into a relaxed frame, sync at the exit included",
