@@ -1,8 +1,10 @@
 //! A model test of relaxed mode's state machine (issue 12's "model test of the mode state
 //! machine against an oracle of memory contents"), on a real guest.
 //!
-//! proptest draws a script of steps over four frames. Each step is a batch of guest stores
-//! (qword, byte, `rep stosq`, often straddling frames) that a CPL3 guest runs, ending with
+//! proptest draws a script of steps over four frames, for one vCPU or two. Each step is a
+//! batch of guest stores per vCPU (qword, byte, `rep stosq`, often straddling frames; with two
+//! vCPUs, each stores into its own half of the frames, at the same time) that the CPL3 guest
+//! runs, ending with
 //! a sync point (an exit) or not: then the guest spins on its mailbox inside `KVM_RUN`,
 //! without an exit, and its stores to relaxed frames stay pending while the test thread
 //! runs the step's host operations: device writes, track and untrack, strict pins and
@@ -31,18 +33,20 @@ use proptest::test_runner::{Config, TestRunner};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::common::*;
-use crate::relaxed::{SYNC_PORT, coalesced_recorder, run_syncing};
+use crate::relaxed::{SYNC_PORT, coalesced_recorder, run_syncing, set_regs};
 
 const RAM: u64 = 16 << 20;
 /// The frames the script works on.
 const NF: usize = 4;
 const BASE: u64 = T;
 const LEN: usize = NF * 4096;
-/// The untracked mailbox the guest reads its next batch from: sequence number, count, sync
+/// The untracked mailbox vCPU `i` reads its next batch from: sequence number, count, sync
 /// flag, then count × (address, value, op).
-const MAILBOX: u64 = 0x30_0000;
-/// Where the guest writes the sequence number of the batch it finished.
-const DONE: u64 = MAILBOX + 0x800;
+fn mailbox(i: usize) -> u64 {
+    0x30_0000 + 0x1000 * i as u64
+}
+/// Where, from its mailbox, the guest writes the sequence number of the batch it finished.
+const DONE: u64 = 0x800;
 const MAX_STORES: usize = 6;
 
 #[derive(Clone, Copy, Debug)]
@@ -102,26 +106,34 @@ enum Host {
 
 #[derive(Clone, Debug)]
 struct Step {
-    stores: Vec<Store>,
+    /// Each vCPU's batch; with two vCPUs, vCPU 0 stores into the first half of the frames
+    /// and vCPU 1 into the second (the batches run at the same time).
+    stores: Vec<Vec<Store>>,
     /// The batch ends with a sync point (an exit); otherwise its relaxed stores stay
     /// pending during the host operations.
     exit: bool,
     host: Vec<Host>,
 }
 
-/// Offsets near frame ends come often, so stores straddle frames of different modes.
-fn offset(room: usize) -> impl Strategy<Value = usize> {
+/// Offsets in `[lo, hi - room]`; offsets near frame ends come often, so stores straddle
+/// frames of different modes.
+fn offset_in(lo: usize, hi: usize, room: usize) -> impl Strategy<Value = usize> {
     prop_oneof![
-        0..LEN - room,
-        (1..NF, 0..room + 8).prop_map(move |(f, d)| (f * 4096).saturating_sub(d).min(LEN - room)),
+        lo..hi - room,
+        (lo / 4096 + 1..hi / 4096 + 1, 0..room + 8)
+            .prop_map(move |(f, d)| (f * 4096).saturating_sub(d).clamp(lo, hi - room)),
     ]
 }
 
-fn store() -> impl Strategy<Value = Store> {
+fn offset(room: usize) -> impl Strategy<Value = usize> {
+    offset_in(0, LEN, room)
+}
+
+fn store_in(lo: usize, hi: usize) -> impl Strategy<Value = Store> {
     prop_oneof![
-        (offset(8), any::<u64>()).prop_map(|(off, val)| Store::Qword { off, val }),
-        (offset(1), any::<u8>()).prop_map(|(off, val)| Store::Byte { off, val }),
-        (offset(64), any::<u64>()).prop_map(|(off, val)| Store::RepStosq { off, val }),
+        (offset_in(lo, hi, 8), any::<u64>()).prop_map(|(off, val)| Store::Qword { off, val }),
+        (offset_in(lo, hi, 1), any::<u8>()).prop_map(|(off, val)| Store::Byte { off, val }),
+        (offset_in(lo, hi, 64), any::<u64>()).prop_map(|(off, val)| Store::RepStosq { off, val }),
     ]
 }
 
@@ -147,19 +159,34 @@ fn host() -> impl Strategy<Value = Host> {
     ]
 }
 
-fn script() -> impl Strategy<Value = (bool, Vec<Step>)> {
-    let step = (
-        proptest::collection::vec(store(), 0..=MAX_STORES),
-        any::<bool>(),
-        proptest::collection::vec(host(), 0..=4),
-    )
-        .prop_map(|(stores, exit, host)| Step { stores, exit, host });
-    (any::<bool>(), proptest::collection::vec(step, 1..16))
+/// (relaxed mode `Always` rather than `Auto`, vCPUs, steps).
+fn script() -> impl Strategy<Value = (bool, usize, Vec<Step>)> {
+    (any::<bool>(), 1..=2usize).prop_flat_map(|(always, vcpus)| {
+        let batches: Vec<_> = (0..vcpus)
+            .map(|i| {
+                let (lo, hi) = (i * LEN / vcpus, (i + 1) * LEN / vcpus);
+                proptest::collection::vec(store_in(lo, hi), 0..=MAX_STORES)
+            })
+            .collect();
+        let step = (
+            batches,
+            any::<bool>(),
+            proptest::collection::vec(host(), 0..=4),
+        )
+            .prop_map(|(stores, exit, host)| Step { stores, exit, host });
+        (
+            Just(always),
+            Just(vcpus),
+            proptest::collection::vec(step, 1..16),
+        )
+    })
 }
 
-/// Guest: forever: wait for the next sequence number at [`MAILBOX`], run its batch (op 0
+/// Guest: forever: wait for the next sequence number at its mailbox (rbx: [`mailbox`]), run
+/// its batch (op 0
 /// stores the qword, 1 the byte, 2 `rep stosq`s the value 8 times), take a sync point if the
-/// batch asks, write the sequence number to [`DONE`]. A count of -1 ends the run (exit 3).
+/// batch asks, write the sequence number to [`DONE`] past the mailbox. A count of -1 ends
+/// the run (exit 3).
 /// Only the next number starts a batch: a restore puts the mailbox page (which the guest
 /// dirtied with `DONE`) back to its state at the checkpoint, with an older number.
 fn interpreter() -> Vec<u8> {
@@ -176,7 +203,7 @@ fn interpreter() -> Vec<u8> {
         let mut next = a.create_label();
         a.xor(r9, r9)?; // the last sequence number
         a.set_label(&mut top)?;
-        a.mov(rsi, MAILBOX)?;
+        a.mov(rsi, rbx)?;
         a.set_label(&mut wait)?;
         a.cmp(qword_ptr(rsi + 8), -1)?;
         a.je(done)?;
@@ -220,7 +247,7 @@ fn interpreter() -> Vec<u8> {
         a.mov(al, 0u32)?;
         a.out(u32::from(SYNC_PORT), al)?;
         a.set_label(&mut no_sync)?;
-        a.mov(rax, DONE)?;
+        a.lea(rax, qword_ptr(rbx + DONE))?;
         a.mov(qword_ptr(rax), r9)?;
         a.jmp(top)?;
         a.set_label(&mut done)?;
@@ -390,8 +417,15 @@ impl Run<'_> {
             return;
         };
         let got = ex.take();
+        // Two vCPUs deliver at the same time: the order is kept per frame, not across them.
+        let by_frame = |v: &[Ev]| {
+            let mut v = v.to_vec();
+            v.sort_by_key(|e| e.gpa >> 12);
+            v
+        };
         assert_eq!(
-            got, self.m.mirror,
+            by_frame(&got),
+            by_frame(&self.m.mirror),
             "{what}: the two notifiers saw different events"
         );
         if *settled {
@@ -529,55 +563,65 @@ impl Run<'_> {
     }
 }
 
-/// Ends the guest's run when dropped (also when the test thread panics, so a failing case
+/// Ends the guests' runs when dropped (also when the test thread panics, so a failing case
 /// ends at once instead of at the vCPU watchdog).
-struct EndGuest<'a>(&'a pagetrack_kvm::Vm);
+struct EndGuest<'a>(&'a pagetrack_kvm::Vm, usize);
 
 impl Drop for EndGuest<'_> {
     fn drop(&mut self) {
-        let _ = self
-            .0
-            .untracked_memory()
-            .write_obj(u64::MAX, GuestAddress(MAILBOX + 8));
+        for i in 0..self.1 {
+            let _ = self
+                .0
+                .untracked_memory()
+                .write_obj(u64::MAX, GuestAddress(mailbox(i) + 8));
+        }
     }
 }
 
 impl Run<'_> {
-    /// Hands `step`'s batch of stores to the guest as batch `seq` and waits until it ran.
-    fn batch(&mut self, step: &Step, seq: u64, vcpu: &std::thread::ScopedJoinHandle<'_, u8>) {
+    /// Hands `step`'s batches of stores to the vCPUs as batch `seq` and waits until they ran.
+    fn batch(&mut self, step: &Step, seq: u64, vcpus: &[std::thread::ScopedJoinHandle<'_, u8>]) {
         let exact_before = self.m.exact.is_some();
         trace(format!("batch {seq}: {:?} exit {}", step.stores, step.exit));
-        let mut batch = vec![seq, step.stores.len() as u64, u64::from(step.exit)];
-        for s in &step.stores {
-            let (off, val, op) = s.op();
-            batch.extend([BASE + off as u64, val, op]);
-            s.apply(&mut self.m.mem);
-            let (first, len) = match s {
-                Store::Qword { .. } => (off, 8),
-                Store::Byte { .. } => (off, 1),
-                Store::RepStosq { .. } => (off, 64),
-            };
-            for f in first / 4096..=(first + len - 1) / 4096 {
-                self.m.lag[f] = true;
-            }
-        }
-        // The sequence number last: the guest starts when it changes.
-        let bytes: Vec<u8> = batch.iter().flat_map(|w| w.to_le_bytes()).collect();
         let mem = self.vm.untracked_memory();
-        mem.write_slice(&bytes[8..], GuestAddress(MAILBOX + 8))
-            .unwrap();
-        mem.write_obj(seq, GuestAddress(MAILBOX)).unwrap();
+        for (i, stores) in step.stores.iter().enumerate() {
+            let mut batch = vec![seq, stores.len() as u64, u64::from(step.exit)];
+            for s in stores {
+                let (off, val, op) = s.op();
+                batch.extend([BASE + off as u64, val, op]);
+                s.apply(&mut self.m.mem);
+                let (first, len) = match s {
+                    Store::Qword { .. } => (off, 8),
+                    Store::Byte { .. } => (off, 1),
+                    Store::RepStosq { .. } => (off, 64),
+                };
+                for f in first / 4096..=(first + len - 1) / 4096 {
+                    self.m.lag[f] = true;
+                }
+            }
+            // The sequence number last: the guest starts when it changes.
+            let bytes: Vec<u8> = batch.iter().flat_map(|w| w.to_le_bytes()).collect();
+            mem.write_slice(&bytes[8..], GuestAddress(mailbox(i) + 8))
+                .unwrap();
+            mem.write_obj(seq, GuestAddress(mailbox(i))).unwrap();
+        }
         let deadline = std::time::Instant::now() + TIMEOUT;
-        while mem.read_obj::<u64>(GuestAddress(DONE)).unwrap() != seq {
-            assert!(
-                !vcpu.is_finished(),
-                "the vCPU thread ended before batch {seq}"
-            );
-            assert!(
-                std::time::Instant::now() < deadline,
-                "batch {seq} did not finish"
-            );
-            std::thread::yield_now();
+        for (i, vcpu) in vcpus.iter().enumerate() {
+            while mem
+                .read_obj::<u64>(GuestAddress(mailbox(i) + DONE))
+                .unwrap()
+                != seq
+            {
+                assert!(
+                    !vcpu.is_finished(),
+                    "vCPU {i}'s thread ended before batch {seq}"
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "vCPU {i}'s batch {seq} did not finish"
+                );
+                std::thread::yield_now();
+            }
         }
         drop(mem);
         let what = if step.exit {
@@ -601,10 +645,10 @@ impl Run<'_> {
     }
 }
 
-fn run_script(always: bool, steps: &[Step]) {
+fn run_script(always: bool, nvcpus: usize, steps: &[Step]) {
     TRACE.lock().unwrap().clear();
     let _keep = KeepTrace;
-    trace(format!("always {always}"));
+    trace(format!("always {always}, {nvcpus} vCPUs"));
     let mode = if always {
         RelaxedMode::Always
     } else {
@@ -624,9 +668,12 @@ fn run_script(always: bool, steps: &[Step]) {
             .with_dirty_log()
             .with_relaxed(policy),
         RAM,
-        1,
+        u32::try_from(nvcpus).unwrap(),
         &interpreter(),
     );
+    for (i, v) in g.vcpus.iter().enumerate() {
+        set_regs(v, |r| r.rbx = mailbox(i));
+    }
     let (rec, _h) = coalesced_recorder(&g.vm);
     let mut run = Run {
         vm: &g.vm,
@@ -643,16 +690,21 @@ fn run_script(always: bool, steps: &[Step]) {
         },
     };
     let (vm, layout) = (&g.vm, &g.layout);
-    let vcpu = &mut g.vcpus[0];
     std::thread::scope(|sc| {
-        let guest = sc.spawn(move || run_syncing(vm, layout, vcpu, |_| {}));
+        let guests: Vec<_> = g
+            .vcpus
+            .iter_mut()
+            .map(|vcpu| sc.spawn(move || run_syncing(vm, layout, vcpu, |_| {})))
+            .collect();
         {
-            let _end = EndGuest(vm);
+            let _end = EndGuest(vm, nvcpus);
             for (i, step) in steps.iter().enumerate() {
-                run.batch(step, i as u64 + 1, &guest);
+                run.batch(step, i as u64 + 1, &guests);
             }
         }
-        assert_eq!(guest.join().unwrap(), 3);
+        for guest in guests {
+            assert_eq!(guest.join().unwrap(), 3);
+        }
     });
     vm.sync().unwrap();
     run.m.lag = [false; NF];
@@ -665,13 +717,13 @@ fn run_script(always: bool, steps: &[Step]) {
 fn relaxed_mode_state_machine_matches_a_model_of_memory_and_modes() {
     let _kvm = kvm_or_skip!();
     let mut runner = TestRunner::new(Config {
-        cases: 256,
+        cases: 192,
         failure_persistence: None,
         max_shrink_iters: 256,
         ..Config::default()
     });
-    let result = runner.run(&script(), |(always, steps)| {
-        run_script(always, &steps);
+    let result = runner.run(&script(), |(always, vcpus, steps)| {
+        run_script(always, vcpus, &steps);
         Ok(())
     });
     if let Err(e) = result {
