@@ -222,6 +222,9 @@ pub(crate) struct Relaxed {
     /// (`Enforcement::before_untrack` to `after_untrack`, one entry per call): they are not
     /// relaxed meanwhile, so their last changes cannot be held past the untrack.
     leaving: Mutex<Vec<(u64, u64)>>,
+    /// Registrations of notifiers that need exact events in progress
+    /// (`Enforcement::before_register` to `after_register`): no frame is relaxed meanwhile.
+    joining: AtomicUsize,
     /// Shadow of each relaxed frame, by guest address: its contents at the last delivery.
     shadows: Mutex<HashMap<u64, Box<[u64; WORDS]>>>,
     ever: Mutex<HashSet<u64>>,
@@ -260,6 +263,7 @@ impl Relaxed {
             epoch: AtomicU64::new(0),
             queue: Mutex::default(),
             leaving: Mutex::default(),
+            joining: AtomicUsize::new(0),
             shadows: Mutex::default(),
             ever: Mutex::default(),
             pins: Mutex::default(),
@@ -318,6 +322,7 @@ impl Relaxed {
 
     fn accepts(&self) -> bool {
         self.config.mode != RelaxedMode::Off
+            && self.joining.load(Ordering::Acquire) == 0
             && self
                 .tracker
                 .get()
@@ -985,6 +990,43 @@ pub(crate) fn before_unregister(backend: &crate::vm::Backend) {
         // registered at the next sync. Counted in `VmStats::restore_errors`.
         backend.count_restore_error();
     }
+}
+
+/// `Enforcement::before_register`: a notifier is about to be registered. If it needs exact
+/// events (review 12, U2: it got coalesced ones until the next sync point), no frame is
+/// relaxed until [`after_register`] (then it is registered and nothing is), and every relaxed
+/// frame is demoted now: the final sync delivers their changes since the last sync to the
+/// notifiers registered already, and the new one's first event is exact.
+pub(crate) fn before_register(backend: &crate::vm::Backend, delivery: pagetrack::Delivery) {
+    let r = &backend.relaxed;
+    if r.config.mode == RelaxedMode::Off || delivery == pagetrack::Delivery::Coalesced {
+        return;
+    }
+    r.joining.fetch_add(1, Ordering::AcqRel);
+    // Under the fragment table: a promotion asks `accepts` and sets relaxed bits under it,
+    // so a frame is either relaxed now (and found here) or not relaxed until after.
+    let relaxed = backend.frags().relaxed_frames();
+    if relaxed.is_empty() {
+        return;
+    }
+    let Some(vm) = r.vm.get().and_then(Weak::upgrade) else {
+        return;
+    };
+    if demote(&vm, &relaxed).is_err() {
+        // A harvest or re-cut KVM refused: a frame left relaxed is demoted at the next sync
+        // point (the new notifier may see coalesced events until then). Counted in
+        // `VmStats::restore_errors`.
+        backend.count_restore_error();
+    }
+}
+
+/// `Enforcement::after_register`: the registration [`before_register`] announced ended.
+pub(crate) fn after_register(backend: &crate::vm::Backend, delivery: pagetrack::Delivery) {
+    let r = &backend.relaxed;
+    if r.config.mode == RelaxedMode::Off || delivery == pagetrack::Delivery::Coalesced {
+        return;
+    }
+    r.joining.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// `Enforcement::after_untrack`: the untrack [`before_untrack`] announced has returned.

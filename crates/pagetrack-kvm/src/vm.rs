@@ -551,6 +551,14 @@ impl Enforcement for Backend {
     fn before_unregister(&self) {
         crate::relaxed::before_unregister(self);
     }
+
+    fn before_register(&self, delivery: pagetrack::Delivery) {
+        crate::relaxed::before_register(self, delivery);
+    }
+
+    fn after_register(&self, delivery: pagetrack::Delivery) {
+        crate::relaxed::after_register(self, delivery);
+    }
 }
 
 impl Drop for VmInner {
