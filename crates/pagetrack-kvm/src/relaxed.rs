@@ -349,6 +349,19 @@ impl Relaxed {
         self.active() > 0 && lock(&self.shadows).contains_key(&(gpa & !(PAGE - 1)))
     }
 
+    /// True if `[gpa, gpa + len)` touches a relaxed frame.
+    pub(crate) fn touches(&self, gpa: u64, len: u64) -> bool {
+        if self.active() == 0 || len == 0 {
+            return false;
+        }
+        let first = gpa & !(PAGE - 1);
+        let last = (gpa + len - 1) & !(PAGE - 1);
+        let shadows = lock(&self.shadows);
+        (first..=last)
+            .step_by(PAGE_BYTES)
+            .any(|f| shadows.contains_key(&f))
+    }
+
     pub(crate) fn is_pinned(&self, gpa: u64) -> bool {
         lock(&self.pins).contains_key(&(gpa & !(PAGE - 1)))
     }
@@ -488,16 +501,7 @@ fn needs_sync_lock(vm: &VmInner, gpa: u64, len: u64) -> bool {
 
 /// True if `[gpa, gpa + len)` touches a relaxed frame's shadow.
 fn touches_shadow(vm: &VmInner, gpa: u64, len: u64) -> bool {
-    let r = &vm.backend.relaxed;
-    if r.active() == 0 || len == 0 {
-        return false;
-    }
-    let first = gpa & !(PAGE - 1);
-    let last = (gpa + len - 1) & !(PAGE - 1);
-    let shadows = lock(&r.shadows);
-    (first..=last)
-        .step_by(PAGE_BYTES)
-        .any(|f| shadows.contains_key(&f))
+    vm.backend.relaxed.touches(gpa, len)
 }
 
 /// For a write pagetrack applies to `[gpa, gpa + len)` (`memory.rs`): takes the frames'
@@ -512,12 +516,25 @@ pub(crate) fn lock_for_write<'a, L>(
     len: u64,
     lock_frames: impl Fn() -> L,
 ) -> (Option<SyncHeld<'a>>, L) {
+    lock_for_write_spans(vm, &[(gpa, len)], lock_frames)
+}
+
+/// [`lock_for_write`] for a write to several ranges `(gpa, len)` (a store pagetrack
+/// emulates: one or two targets).
+pub(crate) fn lock_for_write_spans<'a, L>(
+    vm: &'a VmInner,
+    spans: &[(u64, u64)],
+    lock_frames: impl Fn() -> L,
+) -> (Option<SyncHeld<'a>>, L) {
+    let needs = || {
+        spans
+            .iter()
+            .any(|&(gpa, len)| needs_sync_lock(vm, gpa, len))
+    };
     loop {
-        let sync = needs_sync_lock(vm, gpa, len)
-            .then(|| sync_lock(vm))
-            .flatten();
+        let sync = needs().then(|| sync_lock(vm)).flatten();
         let frames = lock_frames();
-        if sync.is_some() || !needs_sync_lock(vm, gpa, len) {
+        if sync.is_some() || !needs() {
             return (sync, frames);
         }
     }

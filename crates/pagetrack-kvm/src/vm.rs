@@ -651,6 +651,39 @@ impl VmInner {
     pub(crate) fn lock_frames(&self, gpas: impl Iterator<Item = u64>) -> crate::store::Held<'_> {
         self.ram.lock(&|| self.backend.gate.park_here(), gpas)
     }
+
+    /// For a store pagetrack emulates into the ranges `spans` (`(gpa, len)`): the frames'
+    /// stripe locks, and first the sync lock if a range touches a relaxed frame, held until
+    /// the store's events are delivered (lock order, `relaxed::lock_for_write`).
+    pub(crate) fn lock_for_store(&self, spans: &[(u64, u64)]) -> StoreLocks<'_> {
+        let gpas = || {
+            spans
+                .iter()
+                .flat_map(|&(gpa, len)| crate::ram::pages(gpa, len))
+        };
+        let (sync, frames) =
+            crate::relaxed::lock_for_write_spans(self, spans, || self.lock_frames(gpas()));
+        StoreLocks {
+            frames,
+            _sync: sync,
+        }
+    }
+}
+
+/// The locks of a store pagetrack emulates ([`VmInner::lock_for_store`]).
+pub(crate) struct StoreLocks<'a> {
+    /// The frames' stripe locks (released first).
+    pub(crate) frames: crate::store::Held<'a>,
+    /// The relaxed-mode sync lock, when a target is relaxed.
+    _sync: Option<crate::relaxed::SyncHeld<'a>>,
+}
+
+impl std::fmt::Debug for StoreLocks<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLocks")
+            .field("sync", &self._sync.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Relaxed frames' shadows, kept by `relaxed.rs`, around the writes [`TrackedRam`] commits.
