@@ -28,10 +28,10 @@
 //! the shadows. A write pagetrack applies to a relaxed frame takes the sync lock before the
 //! stripes ([`lock_for_write`]: the delivering thread holds the sync lock and its notifier
 //! may write memory); a promotion takes stripes but not the sync lock. Stores pagetrack
-//! emulates ([`applied`]) still take it under their stripes, only for relaxed frames a
-//! squeezed layout made read-only. Events are delivered with the sync lock held (so batches and device writes to
-//! relaxed frames are delivered in memory order), never with the fragment table or shadows
-//! locked.
+//! emulates take it before their stripes too (`VmInner::lock_for_store`, for relaxed frames
+//! a squeezed layout made read-only), so [`applied`] runs under it. Events are delivered
+//! with the sync lock held (so batches and device writes to relaxed frames are delivered in
+//! memory order), never with the fragment table or shadows locked.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
