@@ -407,8 +407,20 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
+    /// The fragment table. A promotion holds it while it pauses, and a pause waits for
+    /// vCPUs with a continuation: a vCPU thread that finds it taken (a sync or a demotion at
+    /// a trapped store's periodic check) parks its continuation before blocking, as for the
+    /// sync lock and the frame locks (review 13: an exact registration racing a promotion
+    /// left such a vCPU blocked here and the promotion's pause waiting for it).
     pub(crate) fn frags(&self) -> MutexGuard<'_, Fragments> {
-        self.frags.lock().unwrap_or_else(|e| e.into_inner())
+        match self.frags.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.gate.park_here();
+                self.frags.lock().unwrap_or_else(|e| e.into_inner())
+            }
+        }
     }
 
     pub(crate) fn count_restore_error(&self) {

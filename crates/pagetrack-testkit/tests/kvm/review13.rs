@@ -3,6 +3,8 @@
 //! the replay (initial memory + every event in order = final memory, each event's old bytes
 //! equal to the replay so far, so a duplicated event fails) and a hang guard.
 
+use std::sync::Arc;
+
 use iced_x86::code_asm::*;
 use pagetrack::Gfn;
 use pagetrack_kvm::{RelaxedConfig, RelaxedMode, VmConfig};
@@ -216,5 +218,79 @@ fn pins_and_relaxes_racing_two_vcpus_replay_exactly_and_lose_no_increment() {
         );
         replay(T, &initial, &rec.take(), &fin);
         assert!(g.vm.stats().relaxed.demotions > 0);
+    });
+}
+
+/// Exact notifiers register and unregister over and over while two vCPUs spin on their own
+/// relaxed frames and the VMM relaxes the frames again after every round (promotions racing
+/// the registrations): each exact notifier gets exact events only, and the coalesced one,
+/// registered throughout, replays.
+#[test]
+fn exact_registrations_racing_promotions_give_each_exact_notifier_exact_events_only() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(
+        kvm,
+        VmConfig::default()
+            .with_ram(RAM)
+            .with_relaxed(RelaxedConfig::new(RelaxedMode::Always)),
+        RAM,
+        2,
+        &spin_store(),
+    );
+    guarded("registrations against promotions", move || {
+        let (all, _h) = coalesced_recorder(&g.vm);
+        let frames = [Gfn(T >> 12), Gfn((T >> 12) + 1)];
+        let initial = read(&g.vm, T, 0x2000);
+        g.vm.tracker()
+            .add_range(pagetrack::AsId::NORMAL, frames[0], 2)
+            .unwrap();
+        for (i, v) in g.vcpus.iter().enumerate() {
+            set_regs(v, |r| {
+                r.rdi = T + 0x1000 * i as u64 + 8 * i as u64;
+                r.rsi = U;
+            });
+        }
+        let threads = spawn_vcpus(&mut g);
+        wait_for("the guest runs", || word(&g.vm, T) != 0);
+        let relaxer = {
+            let vm = g.vm.clone();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s2 = stop.clone();
+            let t = std::thread::spawn(move || {
+                while !s2.load(std::sync::atomic::Ordering::Acquire) {
+                    vm.relax(&frames).unwrap();
+                    std::thread::yield_now();
+                }
+            });
+            (stop, t)
+        };
+        for round in 0..40 {
+            let (exact, h) = recorder(&g.vm);
+            assert!(
+                frames.iter().all(|&f| !g.vm.is_relaxed(f)),
+                "round {round}: relaxed under an exact notifier"
+            );
+            wait_for("exact events", || !exact.0.lock().unwrap().is_empty());
+            drop(h);
+            // The relaxer promotes again once no exact notifier is registered: the next
+            // registration races a relaxed set.
+            wait_for("a promotion", || frames.iter().any(|&f| g.vm.is_relaxed(f)));
+            let ev = exact.take();
+            assert!(
+                ev.iter().all(|e| e.coalesced.is_none()),
+                "round {round}: {:?}",
+                ev.iter().find(|e| e.coalesced.is_some())
+            );
+        }
+        relaxer.0.store(true, std::sync::atomic::Ordering::Release);
+        relaxer.1.join().unwrap();
+        g.vm.untracked_memory()
+            .write_obj(1u64, GuestAddress(U))
+            .unwrap();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 3);
+        }
+        g.vm.sync().unwrap();
+        replay(T, &initial, &all.take(), &read(&g.vm, T, 0x2000));
     });
 }
