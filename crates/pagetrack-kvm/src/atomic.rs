@@ -29,7 +29,7 @@ pub(crate) enum Outcome<'a> {
     Partial { rip: u64, bytes: Vec<u8> },
     /// Re-executed atomically: writes applied and reported, registers to load; the frames
     /// stay locked until the registers are loaded.
-    Done(Box<Emulated>, Box<kvm_regs>, crate::store::Held<'a>),
+    Done(Box<Emulated>, Box<kvm_regs>, crate::vm::StoreLocks<'a>),
 }
 
 /// Decides ([`identify_fragments`]) and, for a locked read-modify-write, performs the atomic
@@ -60,14 +60,33 @@ pub(crate) fn handle<'a>(
     let Ok(plan) = StorePlan::new(&state, &c.bytes, &mut cpu) else {
         return Outcome::Plain;
     };
-    let guard = vm.lock_frames(plan.targets().map(|t| t.gpa));
+    let targets: Vec<(u64, u64)> = plan.targets().map(|t| (t.gpa, t.len as u64)).collect();
+    // The sync lock first if a target is relaxed (a squeezed one traps), then the frames.
+    let guard = vm.lock_for_store(&targets);
+    // An operand straddling into a relaxed frame: the guest writes that frame natively (KVM
+    // stored this part itself, or another vCPU may store it meanwhile), so atomicity cannot
+    // be proven whether or not KVM handed both parts over this time (review 13, U5: the
+    // outcome depended on it). Checked under the frame locks (a promotion takes them).
+    if targets.len() > 1
+        && targets
+            .iter()
+            .any(|&(gpa, len)| vm.backend.relaxed.touches(gpa, len))
+    {
+        return Outcome::Partial {
+            rip: c.pre.rip,
+            bytes: c.bytes.clone(),
+        };
+    }
     let Ok(done) = plan.execute(&mut state, &mut cpu) else {
         return Outcome::Plain;
     };
     let writes: Vec<Write<'_>> = done.writes.iter().map(Write::of).collect();
     // The commit checks that every write is RAM before it writes anything (the trapped range
     // was checked; the re-execution's writes may go elsewhere), so none fails half-way.
-    match vm.ram.commit(vm, mem, &guard, &writes, Source::Vcpu(index)) {
+    match vm
+        .ram
+        .commit(vm, mem, &guard.frames, &writes, Source::Vcpu(index))
+    {
         Ok(stale) => vm.invalidate_stale(stale),
         Err(CommitError::NotRam { .. }) => return Outcome::Plain,
         Err(CommitError::Store(never)) => match never {},

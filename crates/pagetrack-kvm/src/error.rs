@@ -337,11 +337,14 @@ pub enum StopReason {
     /// walk.
     #[error("32-bit or PAE paging without long mode is not walked by pagetrack")]
     LegacyPaging,
-    /// A locked read-modify-write whose operand straddles a tracked and an untracked frame:
-    /// KVM writes the untracked part itself, so it cannot be made atomic.
+    /// A locked read-modify-write whose operand straddles a strict tracked frame and a frame
+    /// KVM lets the guest write (untracked, or relaxed): KVM, or another vCPU natively, may
+    /// write that part outside any lock, so it cannot be made atomic. Refused whichever part
+    /// KVM stored itself this time (review 13, U5: with a relaxed part it depended on timing).
     #[error(
         "a locked read-modify-write whose operand straddles a tracked and an untracked frame \
-         cannot be made atomic (KVM writes the untracked part itself); track both frames"
+         (or a relaxed one) cannot be made atomic (KVM or the guest writes that part itself); \
+         track both frames, strict"
     )]
     SplitLockHalfTracked,
     /// A locked read-modify-write in compatibility mode (pagetrack re-executes locked

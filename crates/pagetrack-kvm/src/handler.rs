@@ -717,6 +717,12 @@ impl ExitHandler {
         self.last_interrupt = None;
         let stepping = regs.rflags & RFLAGS_TF != 0;
         crate::store::complete(&self.vm, fd, self.index).map_err(|e| match e {
+            // Completed, then refused: the same error as when KVM stores the relaxed part
+            // of a split lock itself (`store::complete`).
+            e @ Error::Unemulatable {
+                reason: crate::error::StopReason::SplitLockHalfTracked,
+                ..
+            } => e,
             Error::Unemulatable {
                 vcpu,
                 rip,

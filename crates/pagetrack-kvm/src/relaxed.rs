@@ -28,10 +28,10 @@
 //! the shadows. A write pagetrack applies to a relaxed frame takes the sync lock before the
 //! stripes ([`lock_for_write`]: the delivering thread holds the sync lock and its notifier
 //! may write memory); a promotion takes stripes but not the sync lock. Stores pagetrack
-//! emulates ([`applied`]) still take it under their stripes, only for relaxed frames a
-//! squeezed layout made read-only. Events are delivered with the sync lock held (so batches and device writes to
-//! relaxed frames are delivered in memory order), never with the fragment table or shadows
-//! locked.
+//! emulates take it before their stripes too (`VmInner::lock_for_store`, for relaxed frames
+//! a squeezed layout made read-only), so [`applied`] runs under it. Events are delivered
+//! with the sync lock held (so batches and device writes to relaxed frames are delivered in
+//! memory order), never with the fragment table or shadows locked.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -222,6 +222,9 @@ pub(crate) struct Relaxed {
     /// (`Enforcement::before_untrack` to `after_untrack`, one entry per call): they are not
     /// relaxed meanwhile, so their last changes cannot be held past the untrack.
     leaving: Mutex<Vec<(u64, u64)>>,
+    /// Registrations of notifiers that need exact events in progress
+    /// (`Enforcement::before_register` to `after_register`): no frame is relaxed meanwhile.
+    joining: AtomicUsize,
     /// Shadow of each relaxed frame, by guest address: its contents at the last delivery.
     shadows: Mutex<HashMap<u64, Box<[u64; WORDS]>>>,
     ever: Mutex<HashSet<u64>>,
@@ -262,6 +265,7 @@ impl Relaxed {
             epoch: AtomicU64::new(0),
             queue: Mutex::default(),
             leaving: Mutex::default(),
+            joining: AtomicUsize::new(0),
             shadows: Mutex::default(),
             ever: Mutex::default(),
             pins: Mutex::default(),
@@ -321,6 +325,7 @@ impl Relaxed {
 
     fn accepts(&self) -> bool {
         self.config.mode != RelaxedMode::Off
+            && self.joining.load(Ordering::Acquire) == 0
             && self
                 .tracker
                 .get()
@@ -345,6 +350,19 @@ impl Relaxed {
 
     pub(crate) fn is_shadowed(&self, gpa: u64) -> bool {
         self.active() > 0 && lock(&self.shadows).contains_key(&(gpa & !(PAGE - 1)))
+    }
+
+    /// True if `[gpa, gpa + len)` touches a relaxed frame.
+    pub(crate) fn touches(&self, gpa: u64, len: u64) -> bool {
+        if self.active() == 0 || len == 0 {
+            return false;
+        }
+        let first = gpa & !(PAGE - 1);
+        let last = (gpa + len - 1) & !(PAGE - 1);
+        let shadows = lock(&self.shadows);
+        (first..=last)
+            .step_by(PAGE_BYTES)
+            .any(|f| shadows.contains_key(&f))
     }
 
     pub(crate) fn is_pinned(&self, gpa: u64) -> bool {
@@ -486,16 +504,7 @@ fn needs_sync_lock(vm: &VmInner, gpa: u64, len: u64) -> bool {
 
 /// True if `[gpa, gpa + len)` touches a relaxed frame's shadow.
 fn touches_shadow(vm: &VmInner, gpa: u64, len: u64) -> bool {
-    let r = &vm.backend.relaxed;
-    if r.active() == 0 || len == 0 {
-        return false;
-    }
-    let first = gpa & !(PAGE - 1);
-    let last = (gpa + len - 1) & !(PAGE - 1);
-    let shadows = lock(&r.shadows);
-    (first..=last)
-        .step_by(PAGE_BYTES)
-        .any(|f| shadows.contains_key(&f))
+    vm.backend.relaxed.touches(gpa, len)
 }
 
 /// For a write pagetrack applies to `[gpa, gpa + len)` (`memory.rs`): takes the frames'
@@ -510,12 +519,25 @@ pub(crate) fn lock_for_write<'a, L>(
     len: u64,
     lock_frames: impl Fn() -> L,
 ) -> (Option<SyncHeld<'a>>, L) {
+    lock_for_write_spans(vm, &[(gpa, len)], lock_frames)
+}
+
+/// [`lock_for_write`] for a write to several ranges `(gpa, len)` (a store pagetrack
+/// emulates: one or two targets).
+pub(crate) fn lock_for_write_spans<'a, L>(
+    vm: &'a VmInner,
+    spans: &[(u64, u64)],
+    lock_frames: impl Fn() -> L,
+) -> (Option<SyncHeld<'a>>, L) {
+    let needs = || {
+        spans
+            .iter()
+            .any(|&(gpa, len)| needs_sync_lock(vm, gpa, len))
+    };
     loop {
-        let sync = needs_sync_lock(vm, gpa, len)
-            .then(|| sync_lock(vm))
-            .flatten();
+        let sync = needs().then(|| sync_lock(vm)).flatten();
         let frames = lock_frames();
-        if sync.is_some() || !needs_sync_lock(vm, gpa, len) {
+        if sync.is_some() || !needs() {
             return (sync, frames);
         }
     }
@@ -1012,6 +1034,43 @@ pub(crate) fn before_unregister(backend: &crate::vm::Backend) {
         // registered at the next sync. Counted in `VmStats::restore_errors`.
         backend.count_restore_error();
     }
+}
+
+/// `Enforcement::before_register`: a notifier is about to be registered. If it needs exact
+/// events (review 12, U2: it got coalesced ones until the next sync point), no frame is
+/// relaxed until [`after_register`] (then it is registered and nothing is), and every relaxed
+/// frame is demoted now: the final sync delivers their changes since the last sync to the
+/// notifiers registered already, and the new one's first event is exact.
+pub(crate) fn before_register(backend: &crate::vm::Backend, delivery: pagetrack::Delivery) {
+    let r = &backend.relaxed;
+    if r.config.mode == RelaxedMode::Off || delivery == pagetrack::Delivery::Coalesced {
+        return;
+    }
+    r.joining.fetch_add(1, Ordering::AcqRel);
+    // Under the fragment table: a promotion asks `accepts` and sets relaxed bits under it,
+    // so a frame is either relaxed now (and found here) or not relaxed until after.
+    let relaxed = backend.frags().relaxed_frames();
+    if relaxed.is_empty() {
+        return;
+    }
+    let Some(vm) = r.vm.get().and_then(Weak::upgrade) else {
+        return;
+    };
+    if demote(&vm, &relaxed).is_err() {
+        // A harvest or re-cut KVM refused: a frame left relaxed is demoted at the next sync
+        // point (the new notifier may see coalesced events until then). Counted in
+        // `VmStats::restore_errors`.
+        backend.count_restore_error();
+    }
+}
+
+/// `Enforcement::after_register`: the registration [`before_register`] announced ended.
+pub(crate) fn after_register(backend: &crate::vm::Backend, delivery: pagetrack::Delivery) {
+    let r = &backend.relaxed;
+    if r.config.mode == RelaxedMode::Off || delivery == pagetrack::Delivery::Coalesced {
+        return;
+    }
+    r.joining.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// `Enforcement::after_untrack`: the untrack [`before_untrack`] announced has returned.

@@ -179,12 +179,25 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         return Err(stop(StopReason::NotRam { gpa: t.gpa }));
     }
     // Held until the events are delivered (event order per frame = memory order).
-    let locks = vm.lock_frames(targets.iter().map(|t| t.gpa));
+    // The sync lock first if a target is relaxed (squeezed into a read-only fragment): a
+    // sync or a demotion then cannot diff these bytes between the store and its event
+    // (review 13, U4: they were reported twice). Lock order: sync lock, then stripes.
+    let spans: Vec<(u64, u64)> = targets.iter().map(|t| (t.gpa, t.len as u64)).collect();
+    let locks = vm.lock_for_store(&spans);
+    // A locked read-modify-write straddling into a relaxed frame cannot be made atomic (the
+    // guest writes that frame natively): it is completed as the CPU would on one vCPU, and
+    // then refused, exactly as when KVM stores the relaxed part itself (review 13, U5: which
+    // of the two happened decided whether the VMM stopped). Under the frame locks.
+    let split_relaxed = plan.locked()
+        && spans.len() > 1
+        && spans
+            .iter()
+            .any(|&(gpa, len)| vm.backend.relaxed.touches(gpa, len));
     let done = plan.execute(&mut state, cpu).map_err(|e| stop(e.into()))?;
     let writes: Vec<Write<'_>> = done.writes.iter().map(Write::of).collect();
     match vm
         .ram
-        .commit(vm, &mem, &locks, &writes, Source::Vcpu(index))
+        .commit(vm, &mem, &locks.frames, &writes, Source::Vcpu(index))
     {
         Ok(stale) => vm.invalidate_stale(stale),
         Err(CommitError::NotRam { gpa, .. }) => return Err(stop(StopReason::NotRam { gpa })),
@@ -206,6 +219,9 @@ pub(crate) fn complete(vm: &VmInner, fd: &VcpuFd, index: u32) -> Result<()> {
         .trapped_bytes
         .fetch_add(bytes as u64, Ordering::Relaxed);
     drop(locks);
+    if split_relaxed {
+        return Err(stop(StopReason::SplitLockHalfTracked));
+    }
     Ok(())
 }
 

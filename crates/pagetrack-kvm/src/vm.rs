@@ -407,8 +407,20 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
+    /// The fragment table. A promotion holds it while it pauses, and a pause waits for
+    /// vCPUs with a continuation: a vCPU thread that finds it taken (a sync or a demotion at
+    /// a trapped store's periodic check) parks its continuation before blocking, as for the
+    /// sync lock and the frame locks (review 13: an exact registration racing a promotion
+    /// left such a vCPU blocked here and the promotion's pause waiting for it).
     pub(crate) fn frags(&self) -> MutexGuard<'_, Fragments> {
-        self.frags.lock().unwrap_or_else(|e| e.into_inner())
+        match self.frags.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.gate.park_here();
+                self.frags.lock().unwrap_or_else(|e| e.into_inner())
+            }
+        }
     }
 
     pub(crate) fn count_restore_error(&self) {
@@ -551,6 +563,14 @@ impl Enforcement for Backend {
     fn before_unregister(&self) {
         crate::relaxed::before_unregister(self);
     }
+
+    fn before_register(&self, delivery: pagetrack::Delivery) {
+        crate::relaxed::before_register(self, delivery);
+    }
+
+    fn after_register(&self, delivery: pagetrack::Delivery) {
+        crate::relaxed::after_register(self, delivery);
+    }
 }
 
 impl Drop for VmInner {
@@ -642,6 +662,39 @@ impl VmInner {
     /// parks its continuation first (`Gate::park_here`, `FrameLocks::lock`).
     pub(crate) fn lock_frames(&self, gpas: impl Iterator<Item = u64>) -> crate::store::Held<'_> {
         self.ram.lock(&|| self.backend.gate.park_here(), gpas)
+    }
+
+    /// For a store pagetrack emulates into the ranges `spans` (`(gpa, len)`): the frames'
+    /// stripe locks, and first the sync lock if a range touches a relaxed frame, held until
+    /// the store's events are delivered (lock order, `relaxed::lock_for_write`).
+    pub(crate) fn lock_for_store(&self, spans: &[(u64, u64)]) -> StoreLocks<'_> {
+        let gpas = || {
+            spans
+                .iter()
+                .flat_map(|&(gpa, len)| crate::ram::pages(gpa, len))
+        };
+        let (sync, frames) =
+            crate::relaxed::lock_for_write_spans(self, spans, || self.lock_frames(gpas()));
+        StoreLocks {
+            frames,
+            _sync: sync,
+        }
+    }
+}
+
+/// The locks of a store pagetrack emulates ([`VmInner::lock_for_store`]).
+pub(crate) struct StoreLocks<'a> {
+    /// The frames' stripe locks (released first).
+    pub(crate) frames: crate::store::Held<'a>,
+    /// The relaxed-mode sync lock, when a target is relaxed.
+    _sync: Option<crate::relaxed::SyncHeld<'a>>,
+}
+
+impl std::fmt::Debug for StoreLocks<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLocks")
+            .field("sync", &self._sync.is_some())
+            .finish_non_exhaustive()
     }
 }
 

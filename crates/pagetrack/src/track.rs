@@ -74,6 +74,26 @@ pub trait Enforcement: Send + Sync {
     /// write made before its unregistration began. Not called from inside a callback of the
     /// tracker (a notifier dropped there gets the writes reported by then). Default: nothing.
     fn before_unregister(&self) {}
+
+    /// A notifier with `delivery` is about to be registered: called on the registering
+    /// thread with no lock of the tracker held, before the notifier can receive anything
+    /// (so writes the backend reports during the call reach only the notifiers registered
+    /// already), and followed by [`Enforcement::after_register`] once it is registered. A
+    /// backend holding writes it has not reported yet (coalescing them) that the new
+    /// notifier must not get coalesced reports them now and holds no new ones until
+    /// `after_register` (where it sees the new notifier registered). Not called from inside
+    /// a callback of the tracker (neither is `after_register`): a notifier registered there
+    /// may get writes the backend held before, reported at its next report point.
+    /// Default: nothing.
+    fn before_register(&self, delivery: crate::Delivery) {
+        let _ = delivery;
+    }
+
+    /// The registration [`Enforcement::before_register`] announced has ended (the notifier
+    /// is registered, or the registration unwound). Default: nothing.
+    fn after_register(&self, delivery: crate::Delivery) {
+        let _ = delivery;
+    }
 }
 
 /// Consecutive frames of one address space whose tracked state changes together.
@@ -1204,7 +1224,16 @@ impl PageTracker {
         options: impl Into<RegisterOptions>,
     ) -> Result<NotifierHandle> {
         self.enable_write_tracking()?;
-        let entry = Arc::new(Entry::new(notifier, options.into()));
+        let options = options.into();
+        let delivery = options.delivery;
+        // Outside callbacks the backend hears of the registration first (it may report the
+        // writes it holds, to the notifiers registered already) and last.
+        let hooked = !crate::context::in_callback_of(self.id);
+        if hooked {
+            self.backend.before_register(delivery);
+        }
+        let _after = hooked.then(|| Defer::new(|| self.backend.after_register(delivery)));
+        let entry = Arc::new(Entry::new(notifier, options));
         {
             // Under mmu_lock, against `set_memory_region`'s MOVE check (K4).
             let _mmu = self.lock_mmu();

@@ -41,6 +41,7 @@ mod remap;
 mod review10m;
 mod review10s;
 mod review12;
+mod review13;
 mod runahead;
 mod shapes;
 mod singlestep;

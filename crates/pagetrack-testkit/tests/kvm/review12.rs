@@ -16,13 +16,16 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::common::*;
 
-const RAM: u64 = 16 << 20;
+pub(crate) const RAM: u64 = 16 << 20;
 /// 64 frames above [`T`]: the same frame-lock stripe as `T` (`store.rs`, 64 stripes).
-const SAME_STRIPE: u64 = T + 64 * 0x1000;
+pub(crate) const SAME_STRIPE: u64 = T + 64 * 0x1000;
 
 /// Runs `scenario` on its own thread; fails the test if it does not return within
 /// [`TIMEOUT`] (a deadlock: every thread of it blocked), or if it panics.
-fn guarded<R: Send + 'static>(what: &str, scenario: impl FnOnce() -> R + Send + 'static) -> R {
+pub(crate) fn guarded<R: Send + 'static>(
+    what: &str,
+    scenario: impl FnOnce() -> R + Send + 'static,
+) -> R {
     let (tx, rx) = mpsc::channel();
     let t = std::thread::spawn(move || {
         let r = scenario();
@@ -43,13 +46,13 @@ fn guarded<R: Send + 'static>(what: &str, scenario: impl FnOnce() -> R + Send + 
 
 use crate::relaxed::spin_store;
 
-fn set_regs(vcpu: &pagetrack_kvm::Vcpu, f: impl FnOnce(&mut kvm_bindings::kvm_regs)) {
+pub(crate) fn set_regs(vcpu: &pagetrack_kvm::Vcpu, f: impl FnOnce(&mut kvm_bindings::kvm_regs)) {
     let mut regs = vcpu.fd().get_regs().unwrap();
     f(&mut regs);
     vcpu.fd().set_regs(&regs).unwrap();
 }
 
-fn coalesced_recorder(vm: &Vm) -> (Arc<Recorder>, pagetrack::NotifierHandle) {
+pub(crate) fn coalesced_recorder(vm: &Vm) -> (Arc<Recorder>, pagetrack::NotifierHandle) {
     let rec = Arc::new(Recorder::default());
     let h = vm
         .tracker()
@@ -61,14 +64,14 @@ fn coalesced_recorder(vm: &Vm) -> (Arc<Recorder>, pagetrack::NotifierHandle) {
     (rec, h)
 }
 
-fn word(vm: &Vm, gpa: u64) -> u64 {
+pub(crate) fn word(vm: &Vm, gpa: u64) -> u64 {
     vm.untracked_memory()
         .read_obj::<u64>(GuestAddress(gpa))
         .unwrap()
 }
 
 /// Waits (a hang guard, not a timing bound) until `cond`.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + TIMEOUT;
     while !cond() {
         assert!(std::time::Instant::now() < deadline, "{what}");
@@ -77,7 +80,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// Spawns a thread per vCPU running it to the guest's exit.
-fn spawn_vcpus(g: &mut Guest) -> Vec<std::thread::JoinHandle<u8>> {
+pub(crate) fn spawn_vcpus(g: &mut Guest) -> Vec<std::thread::JoinHandle<u8>> {
     let layout = g.layout.clone();
     g.vcpus
         .drain(..)
@@ -138,7 +141,7 @@ fn auto_promotions_while_another_vcpu_traps_on_the_same_lock_stripe_do_not_deadl
 }
 
 /// Whether the thread `tid` of this process sleeps (state `S`: blocked on a lock here).
-fn sleeping(tid: &str) -> bool {
+pub(crate) fn sleeping(tid: &str) -> bool {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
         .ok()
         .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('S')))
@@ -331,7 +334,7 @@ fn an_exact_notifier_registered_while_the_guest_never_exits_gets_exact_events() 
 /// Guest: stores straddling a strict and a relaxed frame both ways (frames T, T + 0x2000
 /// strict, T + 0x1000 relaxed): qwords, `rep movsb` and `rep stosb` of 64 bytes, then
 /// (`rdx` non-zero) a `lock xadd` straddling strict → relaxed.
-fn straddles() -> Vec<u8> {
+pub(crate) fn straddles() -> Vec<u8> {
     assemble(ENTRY, |a| {
         a.mov(r10, rdx)?;
         a.mov(rax, 0x1111_2222_3333_4444u64)?;

@@ -539,3 +539,100 @@ fn dropping_a_coalesced_notifier_asks_the_backend_to_report_first() {
     assert_eq!(backend.unregisters.load(Ordering::SeqCst), 1);
     assert_eq!(t.notifier_count(), 0);
 }
+
+/// A backend that holds one write back (as a coalescing backend does) and reports it at
+/// `before_register`, and records the hook calls with the notifier count at each.
+#[derive(Default)]
+struct Holding {
+    tracker: OnceLock<Weak<PageTracker>>,
+    calls: Mutex<Vec<(&'static str, crate::Delivery, usize)>>,
+}
+
+impl crate::Enforcement for Holding {
+    fn protect(&self, _: &[crate::FrameRun]) -> Result<(), crate::BackendError> {
+        Ok(())
+    }
+
+    fn unprotect(&self, _: &[crate::FrameRun]) -> Result<(), crate::BackendError> {
+        Ok(())
+    }
+
+    fn before_register(&self, delivery: crate::Delivery) {
+        let t = self.tracker.get().and_then(Weak::upgrade).unwrap();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(("before", delivery, t.notifier_count()));
+        t.report_write(&WriteEvent::new(Gpa(gpa_of(1)), &[7], Source::Guest));
+    }
+
+    fn after_register(&self, delivery: crate::Delivery) {
+        let t = self.tracker.get().and_then(Weak::upgrade).unwrap();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(("after", delivery, t.notifier_count()));
+    }
+}
+
+/// `Enforcement::before_register` runs before the new notifier is visible (what the backend
+/// reports there reaches only the notifiers registered already), `after_register` once it
+/// is; from inside a callback neither runs.
+#[test]
+fn a_backend_reports_what_it_holds_before_a_notifier_registers() {
+    let backend = Arc::new(Holding::default());
+    let t = PageTracker::new(crate::TrackerConfig::default(), backend.clone());
+    backend.tracker.set(Arc::downgrade(&t)).unwrap();
+    t.set_memory_region(MemoryRegion::new(SlotId(0), Gfn(0), 8))
+        .unwrap();
+    t.enable_write_tracking().unwrap();
+    t.add_gfn(Gfn(1)).unwrap();
+    let old = Log::new();
+    let old_h = t
+        .register(
+            old.clone(),
+            RegisterOptions::new(NotifierClass::Ordinary).with_delivery(crate::Delivery::Coalesced),
+        )
+        .unwrap();
+    // The first registration's report went to nobody.
+    assert!(old.seen().is_empty());
+    let new = Log::new();
+    let new_h = t.register(new.clone(), NotifierClass::Ordinary).unwrap();
+    assert_eq!(old.seen(), [Seen::write(gpa_of(1), &[7], Source::Guest)]);
+    assert!(
+        new.seen().is_empty(),
+        "the held write reached the new notifier"
+    );
+    use crate::Delivery::{Coalesced, EachWrite};
+    assert_eq!(
+        *backend.calls.lock().unwrap(),
+        [
+            ("before", Coalesced, 0),
+            ("after", Coalesced, 1),
+            ("before", EachWrite, 1),
+            ("after", EachWrite, 2)
+        ]
+    );
+    // From a callback: no hook (the backend must not report from inside a delivery).
+    let inner: Arc<Mutex<Vec<NotifierHandle>>> = Arc::default();
+    let (t2, inner2) = (Arc::downgrade(&t), inner.clone());
+    let registering = Hook::on_write(move |_| {
+        if let Some(t) = t2.upgrade() {
+            inner2
+                .lock()
+                .unwrap()
+                .push(t.register(Log::new(), NotifierClass::Ordinary).unwrap());
+        }
+    });
+    let reg_h = t.register(registering, NotifierClass::Ordinary).unwrap();
+    let before = backend.calls.lock().unwrap().len();
+    write_frame(&t, Gfn(1), 1);
+    assert_eq!(
+        inner.lock().unwrap().len(),
+        1,
+        "registered from the callback"
+    );
+    assert_eq!(backend.calls.lock().unwrap().len(), before);
+    drop((old_h, new_h, reg_h));
+    inner.lock().unwrap().clear();
+}
