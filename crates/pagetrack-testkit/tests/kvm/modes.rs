@@ -18,8 +18,9 @@
 //!   equal memory; a frame untracked, pinned or made strict must reach that at once: no
 //!   change lost, invented or duplicated, whatever mode the frame ran in;
 //! - no event arrives for a frame that is not tracked;
-//! - a frame that must be strict (untracked, pinned, or an exact notifier registered before
-//!   the last sync point) is not relaxed, and the exact notifier then gets only exact events;
+//! - a frame that must be strict (untracked, pinned, or while an exact notifier is
+//!   registered) is not relaxed, and the exact notifier gets only exact events, from the
+//!   first (review 12's U2: registering it demotes every relaxed frame first);
 //! - the exact notifier gets the same events as the coalesced one while both are registered.
 
 use std::sync::Arc;
@@ -306,9 +307,8 @@ struct Model {
     /// Contents at tracking plus events since, for tracked frames.
     replay: [Option<Vec<u8>>; NF],
     checkpoint: Option<Vec<u8>>,
-    /// The exact notifier: its recorder and handle, and whether a sync point passed since
-    /// it registered (before that it may see coalesced events: docs/RELAXED.md).
-    exact: Option<(Arc<Recorder>, pagetrack::NotifierHandle, bool)>,
+    /// The exact notifier: its recorder and handle.
+    exact: Option<(Arc<Recorder>, pagetrack::NotifierHandle)>,
     /// Events the coalesced recorder got while the exact one was registered.
     mirror: Vec<Ev>,
     /// Frames the guest stored to since the last sync: if relaxed, their changes may be
@@ -318,7 +318,7 @@ struct Model {
 
 impl Model {
     fn must_be_strict(&self, f: usize) -> bool {
-        self.tracks[f] == 0 || self.pins[f] > 0 || matches!(self.exact, Some((_, _, true)))
+        self.tracks[f] == 0 || self.pins[f] > 0 || self.exact.is_some()
     }
 }
 
@@ -410,10 +410,9 @@ impl Run<'_> {
         }
     }
 
-    /// Checks the exact notifier's events: the coalesced recorder's, and all exact once a
-    /// sync point passed since it registered.
+    /// Checks the exact notifier's events: the coalesced recorder's, all exact.
     fn check_exact(&mut self, what: &str) {
-        let Some((ex, _, settled)) = &self.m.exact else {
+        let Some((ex, _)) = &self.m.exact else {
             return;
         };
         let got = ex.take();
@@ -428,12 +427,10 @@ impl Run<'_> {
             by_frame(&self.m.mirror),
             "{what}: the two notifiers saw different events"
         );
-        if *settled {
-            assert!(
-                got.iter().all(|e| e.coalesced.is_none()),
-                "{what}: coalesced event to an exact notifier: {got:?}"
-            );
-        }
+        assert!(
+            got.iter().all(|e| e.coalesced.is_none()),
+            "{what}: coalesced event to an exact notifier: {got:?}"
+        );
         self.m.mirror.clear();
     }
 
@@ -511,7 +508,11 @@ impl Run<'_> {
                                 .with_delivery(Delivery::EachWrite),
                         )
                         .unwrap();
-                    self.m.exact = Some((ex, h, false));
+                    // Registering demoted every relaxed frame after a final sync, whose
+                    // events went to the notifiers registered before only.
+                    self.m.lag = [false; NF];
+                    self.drain(&what);
+                    self.m.exact = Some((ex, h));
                 }
             }
             Host::UnregisterExact => {
@@ -581,7 +582,6 @@ impl Drop for EndGuest<'_> {
 impl Run<'_> {
     /// Hands `step`'s batches of stores to the vCPUs as batch `seq` and waits until they ran.
     fn batch(&mut self, step: &Step, seq: u64, vcpus: &[std::thread::ScopedJoinHandle<'_, u8>]) {
-        let exact_before = self.m.exact.is_some();
         trace(format!("batch {seq}: {:?} exit {}", step.stores, step.exit));
         let mem = self.vm.untracked_memory();
         for (i, stores) in step.stores.iter().enumerate() {
@@ -634,11 +634,6 @@ impl Run<'_> {
         }
         self.check(what);
         self.check_exact(what);
-        if let (Some((_, _, settled)), true, true) = (&mut self.m.exact, exact_before, step.exit) {
-            // A sync point passed since the exact notifier registered: frames are strict.
-            *settled = true;
-            self.check("the first sync point after registering the exact notifier");
-        }
         for op in &step.host {
             self.host(*op);
         }
