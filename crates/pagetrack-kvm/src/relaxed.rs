@@ -126,8 +126,8 @@ impl Default for RelaxedConfig {
             demote_cooldown: Duration::from_secs(2),
             // docs/PERFORMANCE.md ("promotion before a rep completion"): an element completed
             // exactly costs 0.3-1 us, a promotion 50-300 us (pause, re-cut), so a page of
-            // qwords is about where they cross.
-            rep_promote_elements: 512,
+            // qwords (511 left after its first) is well past where they cross.
+            rep_promote_elements: 256,
         }
     }
 }
