@@ -234,3 +234,114 @@ fn relaxed_off_or_a_short_rep_keeps_one_exact_event_per_element() {
         assert!(run.events.iter().all(|e| e.coalesced.is_none()), "{what}");
     }
 }
+
+/// Guest for two vCPUs: `rounds` times, `rep stosb` of 32 KiB of byte (round + 16 rdx) at
+/// rdi, then three sync points (with demotion after two clean syncs, the frames go strict
+/// between rounds and the next round's `rep` traps and promotes again); exit 3.
+fn racing_fills(rounds: u32) -> Vec<u8> {
+    pagetrack_testkit::assemble(crate::common::ENTRY, |a| {
+        a.mov(r9, rdi)?;
+        a.mov(r8d, rounds)?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(rdi, r9)?;
+        a.mov(rax, rdx)?;
+        a.shl(eax, 4)?;
+        a.add(eax, r8d)?;
+        a.mov(ecx, 0x8000u32)?;
+        a.rep().stosb()?;
+        for _ in 0..3 {
+            a.out(u32::from(crate::relaxed::SYNC_PORT), al)?;
+        }
+        a.dec(r8d)?;
+        a.jnz(top)?;
+        pagetrack_testkit::exit_with(a, 3)
+    })
+}
+
+/// Two vCPUs fill the two halves of one 64 KiB group at once, round after round, while the
+/// frames demote between rounds: their promotions race (one pauses the other, which parks on
+/// the stripes or finds the frames relaxed), nothing deadlocks, the replay oracle holds over
+/// the group and the final memory is each vCPU's last round.
+#[test]
+fn two_vcpus_promoting_for_their_reps_in_one_group_do_not_deadlock_and_replay() {
+    use crate::common::{T, boot_with, read, replay};
+    use crate::relaxed::{coalesced_recorder, run_syncing, set_regs};
+    let kvm = pagetrack_testkit::kvm_or_skip!();
+    let rounds = 6;
+    let mut c = auto();
+    c.demote_after_syncs = 2;
+    c.demote_window = std::time::Duration::ZERO;
+    let ram = 16 << 20;
+    let config = VmConfig::default().with_ram(ram).with_relaxed(c);
+    let mut g = boot_with(kvm, config, ram, 2, &racing_fills(rounds));
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x1_0000);
+    g.vm.tracker()
+        .add_range(pagetrack::AsId::NORMAL, Gfn(T >> 12), 16)
+        .unwrap();
+    for (i, v) in g.vcpus.iter().enumerate() {
+        set_regs(v, |r| {
+            r.rdx = i as u64;
+            r.rdi = T + 0x8000 * i as u64;
+        });
+    }
+    let layout = g.layout.clone();
+    let mut vcpus = g.vcpus.drain(..);
+    let (mut v0, mut v1) = (vcpus.next().unwrap(), vcpus.next().unwrap());
+    let (vm0, layout0) = (g.vm.clone(), layout.clone());
+    let other = std::thread::spawn(move || run_syncing(&vm0, &layout0, &mut v0, |_| {}));
+    assert_eq!(run_syncing(&g.vm, &layout, &mut v1, |_| {}), 3);
+    assert_eq!(other.join().unwrap(), 3);
+    g.vm.sync().unwrap();
+    let fin = read(&g.vm, T, 0x1_0000);
+    assert!(fin[..0x8000].iter().all(|&b| b == 1), "vCPU 0's last round");
+    assert!(
+        fin[0x8000..].iter().all(|&b| b == 0x11),
+        "vCPU 1's last round"
+    );
+    replay(T, &initial, &rec.take(), &fin);
+    assert!(g.vm.stats().relaxed.rep_promotions >= 2);
+}
+
+/// A destination that runs on into untracked frames: the tracked ones are promoted, the CPU
+/// stores the rest natively, and no event names an untracked frame. (The harness's replay
+/// covers every data frame, so the two tracked ones are replayed here.)
+#[test]
+fn a_rep_running_into_untracked_frames_is_promoted_where_tracked() {
+    let body = |a: &mut Asm| {
+        a.mov(eax, 0x6eu32)?;
+        a.mov(ecx, 0x4000u32)?;
+        a.rep().stosb()
+    };
+    let Some(kvm) = pagetrack_testkit::gate::open_kvm_or_skip(module_path!()) else {
+        return;
+    };
+    let run = TwoPass::new(&body)
+        .frames(4)
+        .config(VmConfig::default().with_relaxed(auto()))
+        .delivery(Delivery::Coalesced)
+        .run_with(kvm, |vm| {
+            for f in [2, 3] {
+                vm.tracker().remove_gfn(Gfn((TRACKED >> 12) + f)).unwrap();
+            }
+        });
+    assert!(
+        matches!(run.ending, pagetrack_testkit::Ending::Finished),
+        "{:?}",
+        run.ending
+    );
+    run.assert_same_memory();
+    run.assert_same_registers();
+    assert_promoted(&run, "rep stosb into untracked frames");
+    let mut mem = run.initial[..0x2000].to_vec();
+    for e in &run.events {
+        assert!(frame_of(e) < 2, "an event in an untracked frame: {e:?}");
+        let off = usize::try_from(e.gpa - TRACKED).unwrap();
+        let range = off..off + e.new.len();
+        assert_eq!(Some(&mem[range.clone()]), e.old.as_deref(), "{e:?}");
+        mem[range].copy_from_slice(&e.new);
+    }
+    assert!(mem == run.tracked[..0x2000], "replay of the tracked frames");
+    assert_eq!(run.stats.relaxed.relaxed_now, 2);
+}
