@@ -206,7 +206,7 @@ impl RepPlan {
 
 /// What is left of a `rep stos`/`rep movs` at a trapped element: where its destination
 /// lies, for a policy that would rather make those frames writable than complete it here
-/// (relaxed mode's promotion before a completion). Only ES:[RDI] matters, so unlike
+/// (relaxed mode's promotion before a completion). Only `ES:[RDI]` matters, so unlike
 /// [`RepPlan`] it takes segment overrides (they name the `movs` source) and 32-bit
 /// addressing (EDI and ECX, addresses wrapping at 4 GiB). It decides nothing about the
 /// elements themselves: the CPU runs them.
