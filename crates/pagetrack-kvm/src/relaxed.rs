@@ -870,11 +870,19 @@ pub(crate) fn before_rep(vm: &VmInner, elements: u64, dest: &[u64]) -> bool {
     if r.config.mode == RelaxedMode::Off || threshold == 0 || elements < threshold {
         return false;
     }
-    if r.active() >= r.config.max_frames {
-        return false; // the budget is spent: no pause for nothing
+    {
+        let frags = vm.backend.frags();
+        if frags.is_relaxed(next) {
+            // Relaxed already (the trapped element ended a strict page, or another vCPU's
+            // `rep` promoted it): the CPU stores there without a trap.
+            return true;
+        }
+        if !frags.is_protected(next) {
+            return false; // untracked: the completion costs no event there
+        }
     }
-    if !vm.backend.frags().is_protected(next) || r.is_pinned(next) {
-        return false; // untracked (nothing to complete) or pinned strict (exact events)
+    if r.active() >= r.config.max_frames || r.is_pinned(next) {
+        return false; // the budget is spent, or pinned strict: exact events, no pause
     }
     let g = r.config.group_frames.max(1).next_power_of_two() * PAGE;
     let mut seen = HashSet::new();
