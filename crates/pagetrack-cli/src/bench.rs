@@ -722,6 +722,81 @@ pub fn run(cfg: BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRepo
     Ok(rep)
 }
 
+/// Relaxed mode's promotion before a `rep` completion: a `rep stosb` of N bytes into strict
+/// tracked frames completed exactly (relaxed mode off: one event per byte) against the same
+/// in auto mode with every length promoted, where the trapped `rep` promotes its frames first
+/// (the run includes the
+/// promotion and the sync at the exit; the frames are made strict again between runs,
+/// timed apart as the demotion a promotion eventually costs).
+fn rep_promotion(
+    rep: &mut BenchReport,
+    reps: usize,
+    progress: &mut impl FnMut(&str),
+) -> Result<()> {
+    progress("relaxed mode: rep promotion against exact completion");
+    let frames: Vec<Gfn> = (0..4).map(|f| Gfn((TRACKED >> 12) + f)).collect();
+    let mut exact = Rig::new(64 << 20, VmConfig::default())?;
+    let _he = exact
+        .vm
+        .tracker()
+        .register(Arc::new(Count::default()), NotifierClass::Ordinary)?;
+    exact.vm.tracker().add_gfns(AsId::NORMAL, &frames)?;
+    // Every length promoted (the default threshold is what these rows are for).
+    let mut relaxed = RelaxedConfig::new(RelaxedMode::Auto);
+    relaxed.rep_promote_elements = 1;
+    let mut auto = Rig::new(64 << 20, VmConfig::default().with_relaxed(relaxed))?;
+    let options = RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced);
+    let _ha = auto
+        .vm
+        .tracker()
+        .register(Arc::new(Count::default()), options)?;
+    auto.vm.tracker().add_gfns(AsId::NORMAL, &frames)?;
+    let mut demote = Vec::new();
+    for n in [64u64, 256, 1024, 4096, 16384] {
+        let (mut e, mut p, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..reps.max(5) {
+            let value = 0x10 + (i as u64 & 0x3f);
+            e.push(us(exact.run_rax(exact.progs.stos, TRACKED, n, 0, value)?));
+            let before = auto.vm.stats();
+            p.push(us(auto.run_rax(auto.progs.stos, TRACKED, n, 0, value)?));
+            let after = auto.vm.stats();
+            let slot_ns = after.fragments.slot_change_ns - before.fragments.slot_change_ns;
+            slots.push(slot_ns as f64 / 1e3);
+            if after.relaxed.rep_promotions == before.relaxed.rep_promotions {
+                return Err(anyhow!("a {n}-byte rep stosb was not promoted"));
+            }
+            let s = Instant::now();
+            auto.vm.make_strict(&frames)?;
+            demote.push(us(s.elapsed()));
+        }
+        rep.push(
+            format!("rep_{n}_exact_us"),
+            "rep stosb of N bytes into strict frames, completed exactly (one event per byte)",
+            median(e),
+            "µs",
+        );
+        rep.push(
+            format!("rep_{n}_promoted_us"),
+            "the same in auto mode: promoted before completion, run by the CPU, synced",
+            median(p),
+            "µs",
+        );
+        rep.push(
+            format!("rep_{n}_promoted_slots_us"),
+            "of which in KVM memslot changes (the promotion's re-cut)",
+            median(slots),
+            "µs",
+        );
+    }
+    rep.push(
+        "rep_demote_us",
+        "making those frames strict again (pause, final sync, re-cut)",
+        median(demote),
+        "µs",
+    );
+    Ok(())
+}
+
 /// Relaxed mode: a 4 KiB `rep stosb` into a strict, a relaxed and an untracked frame (each
 /// run ends with an exit, which syncs the relaxed frame), and the cost of one sync by the
 /// number of dirty frames among 1,024 relaxed ones.
@@ -803,6 +878,7 @@ fn relaxed(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) 
         strict_ms * 1000.0 / relaxed,
         "ratio",
     );
+    rep_promotion(rep, reps, progress)?;
     progress("relaxed mode: sync cost by dirty frames");
     rig.vm
         .tracker()

@@ -19,6 +19,11 @@ pub struct PolicyArgs {
     /// --relaxed auto: the time a frame must also stay clean to be demoted, milliseconds.
     #[arg(long = "demote-window", value_name = "MS")]
     pub demote_window_ms: Option<u64>,
+    /// --relaxed auto|always: a trapped `rep stos`/`rep movs` with at least N elements left
+    /// relaxes the tracked frames it will write before it runs on, instead of one exact
+    /// event per element; 0 never does.
+    #[arg(long = "rep-promote", value_name = "N")]
+    pub rep_promote: Option<u64>,
 }
 
 /// When tracked frames may run relaxed (dirty log + shadow diff, coalesced events).
@@ -40,7 +45,7 @@ impl RelaxedArg {
     }
 
     /// The VM's relaxed-mode settings, with the auto policy's `--promote-after`,
-    /// `--promote-window`, `--demote-after` and `--demote-window` where given.
+    /// `--promote-window`, `--demote-after`, `--demote-window` and `--rep-promote` where given.
     pub fn config(self, policy: &PolicyArgs) -> RelaxedConfig {
         let mut c = RelaxedConfig::new(match self {
             RelaxedArg::Off => RelaxedMode::Off,
@@ -58,6 +63,9 @@ impl RelaxedArg {
         }
         if let Some(ms) = policy.demote_window_ms {
             c.demote_window = std::time::Duration::from_millis(ms);
+        }
+        if let Some(n) = policy.rep_promote {
+            c.rep_promote_elements = n;
         }
         c
     }

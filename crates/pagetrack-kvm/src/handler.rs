@@ -411,7 +411,7 @@ impl ExitHandler {
         if stepping {
             // One element at a time, as the CPU: no completion ahead of it.
             self.single_step = true;
-        } else {
+        } else if !self.promote_rep(fd) {
             self.continue_string_store(fd, gpa, data.as_slice());
         }
         // Relaxed mode's auto policy (a hot frame is promoted here, as a notifier adding a
@@ -663,6 +663,49 @@ impl ExitHandler {
         let failed = !matches!(res, Ok(crate::pvmsr::Wrmsr::Done));
         crate::sys::set_msr_exit_error(fd, failed);
         res.map(drop)
+    }
+
+    /// After a trapped element of a `rep stos`/`rep movs` with many elements left: promotes
+    /// the tracked frames its destination reaches (relaxed mode, [`crate::relaxed::before_rep`])
+    /// instead of completing the page one exact event per element. True if the next
+    /// element's frame is relaxed now: the instruction is left to KVM and the CPU as it
+    /// stands (registers untouched, so DF, 32-bit addressing, segment overrides and the
+    /// iterations KVM did are the CPU's business), and its stores become coalesced changes.
+    /// Only the destination is decoded here; a wrong guess costs a promotion, never an
+    /// element. The pages are walked in the order the CPU reaches them, up to the first one
+    /// it could not store to (it faults there).
+    fn promote_rep(&mut self, fd: &mut VcpuFd) -> bool {
+        let vm = Arc::clone(&self.vm);
+        let config = &vm.backend.relaxed.config;
+        if !self.sync_regs
+            || config.mode == crate::RelaxedMode::Off
+            || config.rep_promote_elements == 0
+        {
+            return false;
+        }
+        let regs = fd.sync_regs().regs;
+        let Ok(sys) = self.sys_state(fd) else {
+            return false;
+        };
+        let mem = vm.mem.memory();
+        let Some(span) = pagetrack_x86::rep::RepSpan::at(&*mem, &sys, &regs) else {
+            return false;
+        };
+        if span.elements < config.rep_promote_elements {
+            return false;
+        }
+        let dest: Vec<u64> = span
+            .pages(crate::relaxed::rep_pages_max())
+            .into_iter()
+            .map_while(|page| {
+                crate::walk::translate(&*mem, sys.cr3, page)
+                    .ok()
+                    .filter(|t| t.writable)
+                    .map(|t| t.gpa & !0xfff)
+            })
+            .collect();
+        drop(mem);
+        crate::relaxed::before_rep(&vm, span.elements, &dest)
     }
 
     /// After a trapped element of a `rep stos`/`rep movs`, completes the rest of that page

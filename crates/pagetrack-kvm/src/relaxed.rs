@@ -99,6 +99,13 @@ pub struct RelaxedConfig {
     /// again within this time (by its stores or with its group), it must stay cold twice as
     /// long before its next demotion (doubling each time, up to 64x).
     pub demote_cooldown: Duration,
+    /// Auto and always: a trapped `rep stos`/`rep movs` with at least this many elements
+    /// left promotes the tracked frames its destination will reach (with their groups) before
+    /// pagetrack would complete it one exact event per element, and the CPU then runs it on
+    /// the relaxed frames (one coalesced change per frame instead of an event per element).
+    /// Frames that may not relax (pinned, the budget spent, a notifier that needs exact
+    /// events) are completed exactly as before; 0 never promotes for a `rep`.
+    pub rep_promote_elements: u64,
 }
 
 impl Default for RelaxedConfig {
@@ -117,6 +124,10 @@ impl Default for RelaxedConfig {
             demote_after_syncs: 32,
             demote_window: Duration::from_secs(1),
             demote_cooldown: Duration::from_secs(2),
+            // docs/PERFORMANCE.md ("promotion before a rep completion"): an element completed
+            // exactly costs 0.3-1 us, a promotion 50-300 us (pause, re-cut), so a page of
+            // qwords (511 left after its first) is well past where they cross.
+            rep_promote_elements: 256,
         }
     }
 }
@@ -156,6 +167,9 @@ pub struct RelaxedStats {
     /// The part of [`RelaxedStats::sync_ns`] spent harvesting and re-protecting (the dirty-log
     /// ioctls and the dispatch of their bits), nanoseconds.
     pub harvest_ns: u64,
+    /// Trapped `rep` string stores whose destination was promoted before pagetrack would
+    /// have completed them exactly ([`RelaxedConfig::rep_promote_elements`]), left to the CPU.
+    pub rep_promotions: u64,
 }
 
 /// What one [`crate::Vm::sync`] did.
@@ -240,6 +254,7 @@ pub(crate) struct Relaxed {
     promotions: AtomicU64,
     demotions: AtomicU64,
     cold_demotions: AtomicU64,
+    rep_promotions: AtomicU64,
     syncs: AtomicU64,
     coalesced_events: AtomicU64,
     coalesced_bytes: AtomicU64,
@@ -278,6 +293,7 @@ impl Relaxed {
             promotions: AtomicU64::new(0),
             demotions: AtomicU64::new(0),
             cold_demotions: AtomicU64::new(0),
+            rep_promotions: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             coalesced_events: AtomicU64::new(0),
             coalesced_bytes: AtomicU64::new(0),
@@ -340,6 +356,7 @@ impl Relaxed {
             promotions: self.promotions.load(Ordering::Relaxed),
             demotions: self.demotions.load(Ordering::Relaxed),
             cold_demotions: self.cold_demotions.load(Ordering::Relaxed),
+            rep_promotions: self.rep_promotions.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
             coalesced_events: self.coalesced_events.load(Ordering::Relaxed),
             coalesced_bytes: self.coalesced_bytes.load(Ordering::Relaxed),
@@ -874,6 +891,71 @@ pub(crate) fn at_exit(vm: &VmInner) -> Result<()> {
     demote_cold(vm)
 }
 
+/// The most destination pages a trapped `rep` promotes at once (16 MiB: a quarter of the
+/// default budget); a longer one traps again where this range ends, and promotes the next.
+const REP_PAGES: usize = 4096;
+
+/// Before pagetrack completes a trapped `rep stos`/`rep movs` in userspace (on a vCPU thread,
+/// no lock held, as [`after_trap`]): if it has at least
+/// [`RelaxedConfig::rep_promote_elements`] elements left, the tracked frames of `dest` (the
+/// guest-physical frames its destination reaches, the next element's first), each with its
+/// aligned group, are promoted. True if the next element's frame is relaxed now: the caller
+/// then leaves the instruction to KVM and the CPU, which store into the relaxed frames like
+/// any guest store (found by the next sync), with nothing changed in the registers. False:
+/// complete it exactly as before (a pinned or leaving frame, the budget spent, a notifier
+/// that needs exact events, a failed re-cut, which left the frames strict).
+pub(crate) fn before_rep(vm: &VmInner, elements: u64, dest: &[u64]) -> bool {
+    let r = &vm.backend.relaxed;
+    let threshold = r.config.rep_promote_elements;
+    let Some(&next) = dest.first() else {
+        return false;
+    };
+    if r.config.mode == RelaxedMode::Off || threshold == 0 || elements < threshold {
+        return false;
+    }
+    {
+        let frags = vm.backend.frags();
+        if frags.is_relaxed(next) {
+            // Relaxed already (the trapped element ended a strict page, or another vCPU's
+            // `rep` promoted it): the CPU stores there without a trap.
+            return true;
+        }
+        if !frags.is_protected(next) {
+            return false; // untracked: the completion costs no event there
+        }
+    }
+    if r.active() >= r.config.max_frames || r.is_pinned(next) {
+        return false; // the budget is spent, or pinned strict: exact events, no pause
+    }
+    let g = r.config.group_frames.max(1).next_power_of_two() * PAGE;
+    let mut seen = HashSet::new();
+    let mut frames = Vec::new();
+    for &gpa in dest {
+        let first = gpa & !(g - 1);
+        if seen.insert(first) {
+            // The next element's frame first, so a budget too small for all still takes it.
+            let own = gpa & !(PAGE - 1);
+            frames.push(own);
+            frames.extend((first..first + g).step_by(PAGE_BYTES).filter(|&f| f != own));
+        }
+    }
+    if promote(vm, &frames).is_err() {
+        // The re-cut KVM refused was undone (`promote`): the frames are strict, and the
+        // completion below is exact as it always was.
+        return false;
+    }
+    let relaxed = vm.backend.frags().is_relaxed(next);
+    if relaxed {
+        r.rep_promotions.fetch_add(1, Ordering::Relaxed);
+    }
+    relaxed
+}
+
+/// The most destination pages [`before_rep`] is given.
+pub(crate) fn rep_pages_max() -> usize {
+    REP_PAGES
+}
+
 /// Strict → relaxed for the eligible frames of `gpas` that are tracked.
 pub(crate) fn promote(vm: &VmInner, gpas: &[u64]) -> Result<usize> {
     let r = &vm.backend.relaxed;
@@ -886,8 +968,11 @@ pub(crate) fn promote(vm: &VmInner, gpas: &[u64]) -> Result<usize> {
     let tracked: Vec<u64> = gpas
         .iter()
         .copied()
-        .filter(|&g| frags.is_protected(g))
+        .filter(|&g| frags.is_protected(g) && !frags.is_relaxed(g))
         .collect();
+    if tracked.is_empty() {
+        return Ok(0); // nothing to switch: no pause
+    }
     let _paused = vm.backend.gate.pause();
     let (relaxed, chunks) = r.relax_paused(&mut frags, tracked.iter().copied());
     if chunks.is_empty() {

@@ -8,6 +8,10 @@
 //! element, in order), then updates RCX/RDI/RSI (and RIP when the count reaches zero). It stops
 //! early, leaving the rest to the CPU, at a page boundary, an untranslatable or read-only
 //! destination, an unreadable source, or anything it does not recognise.
+//!
+//! In relaxed mode a `rep` with many elements left is not completed here at all when its
+//! destination can be promoted first (`ExitHandler::promote_rep`, `relaxed::before_rep`): the
+//! CPU then runs it on the relaxed frames, one coalesced change per frame.
 
 use kvm_bindings::kvm_regs;
 use pagetrack::Source;

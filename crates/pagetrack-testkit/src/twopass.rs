@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use iced_x86::IcedError;
 use iced_x86::code_asm::*;
-use pagetrack::{Gfn, NotifierClass, Source, TrackNotifier, WriteEvent};
+use pagetrack::{Delivery, Gfn, NotifierClass, RegisterOptions, Source, TrackNotifier, WriteEvent};
 use pagetrack_kvm::{Exit, Vm, VmConfig, VmStats};
 use pagetrack_vmm::x86::{self, EXCEPTION_PORT, GUEST_EXIT_PORT, LongModeLayout};
 use vm_memory::{Bytes, GuestAddress};
@@ -83,6 +83,8 @@ pub struct Event {
     pub old: Option<Vec<u8>>,
     /// Who stored.
     pub source: Source,
+    /// The epoch of a coalesced event (a relaxed frame's change), `None` for an exact one.
+    pub coalesced: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -96,6 +98,7 @@ impl TrackNotifier for Recorder {
                 new: e.new.to_vec(),
                 old: e.old.map(<[u8]>::to_vec),
                 source: e.source,
+                coalesced: e.coalesced,
             });
         }
     }
@@ -130,6 +133,8 @@ pub struct TwoPass<'a> {
     init: Vec<u8>,
     timeout: Duration,
     port_hook: Option<PortHook<'a>>,
+    config: VmConfig,
+    delivery: Delivery,
 }
 
 impl std::fmt::Debug for TwoPass<'_> {
@@ -158,6 +163,8 @@ impl<'a> TwoPass<'a> {
             init: pattern(4096),
             timeout: Duration::from_secs(60),
             port_hook: None,
+            config: VmConfig::default().with_ram(RAM),
+            delivery: Delivery::EachWrite,
         }
     }
 
@@ -190,6 +197,23 @@ impl<'a> TwoPass<'a> {
     pub fn init(mut self, init: &[u8]) -> Self {
         assert!(init.len() <= self.init.len(), "initial contents too large");
         self.init[..init.len()].copy_from_slice(init);
+        self
+    }
+
+    /// The VM's configuration (default: `VmConfig::default()` with [`RAM`]; its RAM size is
+    /// always [`RAM`]), for example relaxed mode.
+    #[must_use]
+    pub fn config(mut self, config: VmConfig) -> Self {
+        self.config = config.with_ram(RAM);
+        self
+    }
+
+    /// How the recording notifier takes events (default `EachWrite`; `Coalesced` lets
+    /// tracked frames run relaxed, and the replay then takes coalesced events from
+    /// `Source::Guest`).
+    #[must_use]
+    pub fn delivery(mut self, delivery: Delivery) -> Self {
+        self.delivery = delivery;
         self
     }
 
@@ -262,7 +286,7 @@ impl<'a> TwoPass<'a> {
     #[must_use]
     pub fn run_with(&self, kvm: kvm_ioctls::Kvm, setup: impl FnOnce(&Vm)) -> TwoPassRun {
         let code = self.program();
-        let vm = Vm::with_kvm(kvm, VmConfig::default().with_ram(RAM)).expect("VM");
+        let vm = Vm::with_kvm(kvm, self.config).expect("VM");
         vm.add_ram(0, RAM).expect("RAM");
         let layout = LongModeLayout::new(RAM).expect("layout");
         {
@@ -285,7 +309,10 @@ impl<'a> TwoPass<'a> {
         let rec = Arc::new(Recorder::default());
         let handle = vm
             .tracker()
-            .register(rec.clone(), NotifierClass::Ordinary)
+            .register(
+                rec.clone(),
+                RegisterOptions::new(NotifierClass::Ordinary).with_delivery(self.delivery),
+            )
             .expect("register");
         for f in 0..self.frames as u64 {
             vm.tracker()
@@ -462,7 +489,8 @@ impl TwoPassRun {
         );
     }
 
-    /// Asserts the replay oracle: each event inside one tracked frame, from vCPU 0, with `old`
+    /// Asserts the replay oracle: each event inside one tracked frame, from vCPU 0 (a coalesced
+    /// one from `Source::Guest`), with `old`
     /// equal to the replayed state; the replay equals the guest's witness and the final memory.
     ///
     /// # Panics
@@ -481,7 +509,12 @@ impl TwoPassRun {
                 (end - 1) >> 12,
                 "event {n} {e:?} crosses a frame"
             );
-            assert_eq!(e.source, Source::Vcpu(0), "event {n} source");
+            let source = if e.coalesced.is_some() {
+                Source::Guest
+            } else {
+                Source::Vcpu(0)
+            };
+            assert_eq!(e.source, source, "event {n} source");
             let (off, end) = (
                 usize::try_from(off).unwrap_or(0),
                 usize::try_from(end).unwrap_or(0),

@@ -204,6 +204,109 @@ impl RepPlan {
     }
 }
 
+/// What is left of a `rep stos`/`rep movs` at a trapped element: where its destination
+/// lies, for a policy that would rather make those frames writable than complete it here
+/// (relaxed mode's promotion before a completion). Only `ES:[RDI]` matters, so unlike
+/// [`RepPlan`] it takes segment overrides (they name the `movs` source) and 32-bit
+/// addressing (EDI and ECX, addresses wrapping at 4 GiB). It decides nothing about the
+/// elements themselves: the CPU runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepSpan {
+    /// Elements left (RCX, or ECX with an address-size prefix).
+    pub elements: u64,
+    /// Element size in bytes.
+    pub size: u64,
+    /// DF=1: the elements go downwards from [`RepSpan::next`].
+    pub down: bool,
+    /// 32-bit addressing: addresses wrap at 4 GiB.
+    pub addr32: bool,
+    /// Linear address of the next element (RDI, or EDI).
+    pub next: u64,
+}
+
+impl RepSpan {
+    /// The span of the `rep stos`/`rep movs` at RIP with the registers KVM left at a trapped
+    /// element (RCX, RDI after it). None: not 64-bit mode, not a `rep` (F3) string store, or
+    /// no element left.
+    pub fn at<M: GuestMemory + ?Sized>(mem: &M, sys: &SysCache, regs: &kvm_regs) -> Option<Self> {
+        if !sys.long64 {
+            return None;
+        }
+        let mut bytes = [0u8; 15];
+        let n = walk::read_virt_prefix(mem, sys.cr3, regs.rip, &mut bytes);
+        let insn = Decoder::with_ip(64, &bytes[..n], regs.rip, DecoderOptions::NONE).decode();
+        if insn.is_invalid() || !insn.has_rep_prefix() {
+            return None;
+        }
+        let size: u64 = match insn.mnemonic() {
+            Mnemonic::Stosb | Mnemonic::Movsb => 1,
+            Mnemonic::Stosw | Mnemonic::Movsw => 2,
+            Mnemonic::Stosd | Mnemonic::Movsd => 4,
+            Mnemonic::Stosq | Mnemonic::Movsq => 8,
+            _ => return None,
+        };
+        let addr32 = match insn.op0_kind() {
+            iced_x86::OpKind::MemoryESRDI => false,
+            iced_x86::OpKind::MemoryESEDI => true,
+            _ => return None,
+        };
+        let mask = if addr32 { 0xffff_ffff } else { u64::MAX };
+        let elements = regs.rcx & mask;
+        if elements == 0 {
+            return None;
+        }
+        Some(RepSpan {
+            elements,
+            size,
+            down: regs.rflags & DF != 0,
+            addr32,
+            next: regs.rdi & mask,
+        })
+    }
+
+    /// Bytes left to store (saturating).
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        self.elements.saturating_mul(self.size)
+    }
+
+    /// The linear addresses of the pages the elements left will store into, in the order the
+    /// CPU reaches them (the next element's page first), at most `max` of them.
+    #[must_use]
+    pub fn pages(&self, max: usize) -> Vec<u64> {
+        let bytes = u128::from(self.elements) * u128::from(self.size);
+        let mask: u128 = if self.addr32 {
+            0xffff_ffff
+        } else {
+            u128::from(u64::MAX)
+        };
+        let next = u128::from(self.next);
+        // The byte the CPU stores first (upwards: the element's first byte; downwards: its
+        // last) and the distance in pages to the page of the last byte stored.
+        let (first, span) = if self.down {
+            let top = next + u128::from(self.size) - 1;
+            (top, (0xfff - (top & 0xfff)) + bytes - 1)
+        } else {
+            (next, (next & 0xfff) + bytes - 1)
+        };
+        let n = usize::try_from((span >> 12) + 1)
+            .unwrap_or(usize::MAX)
+            .min(max);
+        let page = first & !0xfff;
+        (0..n as u128)
+            .map(|k| {
+                let at = if self.down {
+                    page.wrapping_sub(k << 12)
+                } else {
+                    page + (k << 12)
+                };
+                // Wraps as the CPU's address does (64-bit: modulo 2^64; a32: 2^32).
+                u64::try_from(at & mask).unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,6 +521,75 @@ mod tests {
         assert!(
             RepPlan::new(&m, &legacy, &regs, 0x8000, 1).is_none(),
             "not 64-bit"
+        );
+    }
+    fn span(code: &[u8], rdi: u64, rcx: u64, rflags: u64) -> Option<RepSpan> {
+        let m = identity();
+        m.write_slice(&[0u8; 15], GuestAddress(RIP)).unwrap();
+        m.write_slice(code, GuestAddress(RIP)).unwrap();
+        let regs = kvm_regs {
+            rip: RIP,
+            rdi,
+            rcx,
+            rflags,
+            ..Default::default()
+        };
+        RepSpan::at(&m, &sys(), &regs)
+    }
+
+    #[test]
+    fn span_upwards_covers_the_pages_left_in_order() {
+        // rep stosq, 1,000 qwords from 0x8ff8: 8,000 bytes over 0x8000..0xa000 (3 pages).
+        let s = span(&[0xf3, 0x48, 0xab], 0x8ff8, 1000, 0x202).unwrap();
+        assert_eq!(
+            (s.elements, s.size, s.down, s.addr32),
+            (1000, 8, false, false)
+        );
+        assert_eq!(s.bytes(), 8000);
+        assert_eq!(s.pages(64), [0x8000, 0x9000, 0xa000]);
+        assert_eq!(s.pages(2), [0x8000, 0x9000], "capped");
+        // Exactly the rest of one page.
+        let s = span(&[0xf3, 0xaa], 0x8ffe, 2, 0x202).unwrap();
+        assert_eq!(s.pages(64), [0x8000]);
+    }
+
+    #[test]
+    fn span_downwards_starts_at_the_next_elements_page() {
+        // std; rep stosd from 0x9000 (bytes 0x9000..0x9004) down: 0x402 dwords, the lowest
+        // byte 0x9004 - 0x1008 = 0x7ffc.
+        let s = span(&[0xf3, 0xab], 0x9000, 0x402, 0x202 | DF).unwrap();
+        assert!(s.down);
+        assert_eq!(s.pages(64), [0x9000, 0x8000, 0x7000]);
+        // One element left, at the top of a page.
+        let s = span(&[0xf3, 0xaa], 0x8fff, 1, 0x202 | DF).unwrap();
+        assert_eq!(s.pages(64), [0x8000]);
+    }
+
+    #[test]
+    fn span_with_32_bit_addressing_counts_ecx_and_wraps_at_4_gib() {
+        // a32 rep stosb: ECX (the upper half of RCX ignored), EDI, wrapping to 0.
+        let s = span(&[0x67, 0xf3, 0xaa], 0x1_ffff_f000, 0x7_0000_2000, 0x202).unwrap();
+        assert!(s.addr32);
+        assert_eq!((s.elements, s.next), (0x2000, 0xffff_f000));
+        assert_eq!(s.pages(64), [0xffff_f000, 0]);
+        assert!(
+            span(&[0x67, 0xf3, 0xaa], 0x1000, 0x1_0000_0000, 0x202).is_none(),
+            "ECX = 0"
+        );
+    }
+
+    #[test]
+    fn span_takes_a_movs_source_override_and_refuses_what_stores_nothing() {
+        // fs rep movsb: the override names the source; the destination is ES:RDI.
+        let s = span(&[0x64, 0xf3, 0xa4], 0x8000, 0x3000, 0x202).unwrap();
+        assert_eq!(s.pages(64), [0x8000, 0x9000, 0xa000]);
+        assert!(span(&[0xaa], 0x8000, 10, 0x202).is_none(), "no rep");
+        assert!(span(&[0xf2, 0xaa], 0x8000, 10, 0x202).is_none(), "repne");
+        assert!(span(&[0xf3, 0xa6], 0x8000, 10, 0x202).is_none(), "cmpsb");
+        assert!(span(&[0xf3, 0xac], 0x8000, 10, 0x202).is_none(), "lodsb");
+        assert!(
+            span(&[0xf3, 0xaa], 0x8000, 0, 0x202).is_none(),
+            "nothing left"
         );
     }
 }

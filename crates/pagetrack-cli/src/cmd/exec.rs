@@ -389,18 +389,27 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         write_summary(&mut err, &outcome, totals.writes)
             .context("cannot write to standard error")?;
         if relaxed != RelaxedArg::Off {
-            let r = vm.stats().relaxed;
+            let stats = vm.stats();
+            let r = stats.relaxed;
             writeln!(
                 err,
                 "pagetrack: relaxed ({relaxed:?}): {} frames ran relaxed, {} coalesced write events, \
-                 {} syncs in {:.1} ms, {} promotions, {} demotions ({} cold)",
+                 {} syncs in {:.1} ms, {} promotions, {} demotions ({} cold), \
+                 {} rep stores promoted; {} re-cuts ({} memslot changes in {:.1} ms), \
+                 {} pauses in {:.1} ms",
                 r.frames_relaxed,
                 totals.coalesced_writes,
                 r.syncs,
                 r.sync_ns as f64 / 1e6,
                 r.promotions,
                 r.demotions,
-                r.cold_demotions
+                r.cold_demotions,
+                r.rep_promotions,
+                stats.fragments.relayouts,
+                stats.fragments.slot_changes,
+                stats.fragments.slot_change_ns as f64 / 1e6,
+                stats.pauses,
+                stats.pause_ns as f64 / 1e6
             )
             .context("cannot write to standard error")?;
         }

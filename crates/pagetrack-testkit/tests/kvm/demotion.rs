@@ -250,3 +250,81 @@ fn a_frame_demotes_while_another_vcpu_writes_its_relaxed_neighbour_and_nothing_i
     assert!(events.iter().any(|e| e.gpa == hot));
     assert!(g.vm.stats().relaxed.cold_demotions >= 1);
 }
+
+/// Guest, on the four frames at rdi, with sync points: `rep stosb` of 16 KiB of byte 1,
+/// sync; eight sync points without a store (cold); `rep stosb` of 16 KiB of byte 2, sync;
+/// exit 3.
+fn fill_cool_fill() -> Vec<u8> {
+    assemble(ENTRY, |a| {
+        let sync = |a: &mut CodeAssembler| a.out(u32::from(SYNC_PORT), al);
+        a.mov(r9, rdi)?;
+        for byte in [1u32, 2] {
+            a.mov(rdi, r9)?;
+            a.mov(eax, byte)?;
+            a.mov(ecx, 0x4000u32)?;
+            a.rep().stosb()?;
+            sync(a)?;
+            if byte == 1 {
+                a.mov(r8, 8u64)?;
+                let mut cold = a.create_label();
+                a.set_label(&mut cold)?;
+                sync(a)?;
+                a.dec(r8)?;
+                a.jnz(cold)?;
+            }
+        }
+        exit_with(a, 3)
+    })
+}
+
+/// The demotion cliff (bzip2's work arrays): frames demoted while cold between two bulk
+/// fills are promoted again by the second fill's `rep stosb` before it is completed, despite
+/// the hysteresis (a cooldown longer than the test), so each fill is one exact event (its
+/// trapped first element) and coalesced changes, not 16,384 exact events.
+#[test]
+fn frames_demoted_cold_are_promoted_again_by_a_bulk_rep_store_before_it_completes() {
+    let kvm = kvm_or_skip!();
+    let mut g = boot_with(kvm, config(4), RAM, 1, &fill_cool_fill());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let initial = read(&g.vm, T, 0x4000);
+    g.vm.tracker()
+        .add_range(pagetrack::AsId::NORMAL, Gfn(T >> 12), 4)
+        .unwrap();
+    set_regs(&g.vcpus[0], |r| r.rdi = T);
+    let vm = g.vm.clone();
+    let mut relaxed = Vec::new();
+    let code = run_syncing(&g.vm, &g.layout, &mut g.vcpus[0], |_| {
+        relaxed.push((0..4).all(|f| vm.is_relaxed(Gfn((T >> 12) + f))));
+    });
+    assert_eq!(code, 3);
+    g.vm.sync().unwrap();
+    let fin = read(&g.vm, T, 0x4000);
+    assert_eq!(fin, vec![2u8; 0x4000]);
+    let events = rec.take();
+    replay(T, &initial, &events, &fin);
+    assert_eq!(relaxed.len(), 10);
+    assert!(
+        relaxed[0],
+        "the first fill promoted its frames: {relaxed:?}"
+    );
+    assert!(!relaxed[8], "cold, demoted: {relaxed:?}");
+    assert!(
+        relaxed[9],
+        "the second fill promoted them again: {relaxed:?}"
+    );
+    let exact: Vec<&Ev> = events.iter().filter(|e| e.coalesced.is_none()).collect();
+    assert_eq!(
+        exact.len(),
+        2,
+        "each fill's trapped first element: {exact:?}"
+    );
+    assert!(
+        exact
+            .iter()
+            .all(|e| e.gpa == T && e.source == Source::Vcpu(0))
+    );
+    let s = g.vm.stats();
+    assert_eq!(s.relaxed.rep_promotions, 2);
+    assert_eq!(s.relaxed.cold_demotions, 4);
+    assert_eq!(s.string_elements, 0, "nothing completed in userspace");
+}

@@ -37,6 +37,7 @@ mod pagetables;
 mod realmode;
 mod refused;
 mod relaxed;
+mod relaxed_rep;
 mod remap;
 mod review10m;
 mod review10s;
