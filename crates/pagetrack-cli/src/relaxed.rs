@@ -19,6 +19,11 @@ pub struct PolicyArgs {
     /// --relaxed auto: the time a frame must also stay clean to be demoted, milliseconds.
     #[arg(long = "demote-window", value_name = "MS")]
     pub demote_window_ms: Option<u64>,
+    /// A relaxed frame found dirty in N consecutive syncs stays writable between syncs (a
+    /// "hot" frame, diffed at every sync instead of re-protected; manual dirty-log protect
+    /// only); 0 never.
+    #[arg(long = "hot-after", value_name = "N")]
+    pub hot_after: Option<u32>,
 }
 
 /// When tracked frames may run relaxed (dirty log + shadow diff, coalesced events).
@@ -40,7 +45,7 @@ impl RelaxedArg {
     }
 
     /// The VM's relaxed-mode settings, with the auto policy's `--promote-after`,
-    /// `--promote-window`, `--demote-after` and `--demote-window` where given.
+    /// `--promote-window`, `--demote-after`, `--demote-window` and `--hot-after` where given.
     pub fn config(self, policy: &PolicyArgs) -> RelaxedConfig {
         let mut c = RelaxedConfig::new(match self {
             RelaxedArg::Off => RelaxedMode::Off,
@@ -58,6 +63,9 @@ impl RelaxedArg {
         }
         if let Some(ms) = policy.demote_window_ms {
             c.demote_window = std::time::Duration::from_millis(ms);
+        }
+        if let Some(n) = policy.hot_after {
+            c.hot_after_syncs = n;
         }
         c
     }

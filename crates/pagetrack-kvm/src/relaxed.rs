@@ -99,6 +99,14 @@ pub struct RelaxedConfig {
     /// again within this time (by its stores or with its group), it must stay cold twice as
     /// long before its next demotion (doubling each time, up to 64x).
     pub demote_cooldown: Duration,
+    /// Manual protect only ([`crate::DirtyProtect`]): a relaxed frame found dirty in this
+    /// many consecutive syncs becomes *hot*: harvests leave its KVM dirty bit set, so it
+    /// stays writable (no write fault after each sync's re-protect) and every sync diffs it
+    /// (`docs/RELAXED.md`, "Hot frames"); 0 never makes a frame hot.
+    pub hot_after_syncs: u32,
+    /// A hot frame whose diff found no change in this many consecutive syncs is cooled:
+    /// the next harvest clears and re-protects it (at least 1).
+    pub hot_idle_syncs: u32,
 }
 
 impl Default for RelaxedConfig {
@@ -117,6 +125,9 @@ impl Default for RelaxedConfig {
             demote_after_syncs: 32,
             demote_window: Duration::from_secs(1),
             demote_cooldown: Duration::from_secs(2),
+            // Measured (docs/PERFORMANCE.md, "Hot frames").
+            hot_after_syncs: 2,
+            hot_idle_syncs: 16,
         }
     }
 }
@@ -156,6 +167,12 @@ pub struct RelaxedStats {
     /// The part of [`RelaxedStats::sync_ns`] spent harvesting and re-protecting (the dirty-log
     /// ioctls and the dispatch of their bits), nanoseconds.
     pub harvest_ns: u64,
+    /// Hot frames now ([`RelaxedConfig::hot_after_syncs`]).
+    pub hot_now: u64,
+    /// Times a relaxed frame became hot.
+    pub hot_promotions: u64,
+    /// Times a hot frame was cooled for staying unchanged.
+    pub hot_cooled: u64,
 }
 
 /// What one [`crate::Vm::sync`] did.
@@ -168,6 +185,17 @@ pub struct SyncReport {
     pub dirty_frames: usize,
     /// Coalesced events delivered.
     pub events: usize,
+}
+
+/// A relaxed frame's run of dirty syncs, and as a hot frame its run of unchanged ones.
+#[derive(Debug, Default)]
+struct Streak {
+    /// The sync (`Relaxed::harvests`) that last found the frame dirty.
+    last: u64,
+    /// Consecutive syncs that found it dirty, up to that one.
+    dirty: u32,
+    /// Hot: consecutive syncs whose diff found it unchanged.
+    idle: u32,
 }
 
 #[derive(Debug, Default)]
@@ -227,6 +255,12 @@ pub(crate) struct Relaxed {
     ever: Mutex<HashSet<u64>>,
     pins: Mutex<HashMap<u64, u32>>,
     heat: Mutex<HashMap<u64, Heat>>,
+    /// Dirty streaks of relaxed frames, for hot frames (under the sync lock).
+    streaks: Mutex<HashMap<u64, Streak>>,
+    /// Syncs that harvested (every `sync_locked`), numbering the streaks.
+    harvests: AtomicU64,
+    hot_promotions: AtomicU64,
+    hot_cooled: AtomicU64,
     /// Coldness of relaxed frames and backoff of demoted ones (auto policy).
     cooling: Mutex<crate::cooling::Cooling>,
     active: AtomicUsize,
@@ -264,6 +298,10 @@ impl Relaxed {
             ever: Mutex::default(),
             pins: Mutex::default(),
             heat: Mutex::default(),
+            streaks: Mutex::default(),
+            harvests: AtomicU64::new(0),
+            hot_promotions: AtomicU64::new(0),
+            hot_cooled: AtomicU64::new(0),
             cooling: Mutex::default(),
             active: AtomicUsize::new(0),
             born: Instant::now(),
@@ -337,6 +375,9 @@ impl Relaxed {
             coalesced_bytes: self.coalesced_bytes.load(Ordering::Relaxed),
             sync_ns: self.sync_ns.load(Ordering::Relaxed),
             harvest_ns: self.harvest_ns.load(Ordering::Relaxed),
+            hot_now: 0,
+            hot_promotions: self.hot_promotions.load(Ordering::Relaxed),
+            hot_cooled: self.hot_cooled.load(Ordering::Relaxed),
         }
     }
 
@@ -401,12 +442,92 @@ impl Relaxed {
         if self.demotes() {
             lock(&self.cooling).forgotten(frames);
         }
+        {
+            let mut streaks = lock(&self.streaks);
+            for f in frames {
+                streaks.remove(f);
+            }
+        }
         let mut shadows = lock(&self.shadows);
         let mut n = 0;
         for f in frames {
             n += usize::from(shadows.remove(f).is_some());
         }
         self.active.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// After a sync's diff (under the sync lock): the streaks of the `dirty` frames (the
+    /// sync numbered `now`; `changed`: those whose diff found a change, a subset, both in
+    /// address order), which make frames hot or cool them (`frags`). Returns the frames hot
+    /// at the harvest or in `cooled` (just re-protected after being hot) whose diff found a
+    /// change: the dirty logs get them from the sync, not the harvest.
+    fn update_hot(
+        &self,
+        frags: &mut Fragments,
+        now: u64,
+        dirty: &[u64],
+        changed: &[u64],
+        cooled: &[u64],
+    ) -> (Vec<u64>, Vec<u64>) {
+        let after = self.config.hot_after_syncs;
+        let mut marks = Vec::new();
+        let mut active = Vec::with_capacity(dirty.len());
+        // A frame cooled by an earlier sync (or hot when `hot_after_syncs` was set), whose
+        // bit this harvest cleared: marked if changed, like a hot one.
+        let cooled: HashSet<u64> = cooled.iter().copied().collect();
+        let on = after > 0 && frags.manual_protect();
+        let mut streaks = lock(&self.streaks);
+        let mut ch = changed.iter().peekable();
+        for &f in dirty {
+            let mut was_changed = false;
+            while let Some(&&c) = ch.peek() {
+                if c > f {
+                    break;
+                }
+                was_changed |= c == f;
+                ch.next();
+            }
+            // Hot and cooled frames are reported whether written or not: for cold demotion
+            // they count as written only if changed.
+            let quiet = cooled.contains(&f) || frags.is_hot(f);
+            if !quiet || was_changed {
+                active.push(f);
+            }
+            if !on {
+                if cooled.contains(&f) && was_changed {
+                    marks.push(f);
+                }
+                continue;
+            }
+            let s = streaks.entry(f).or_default();
+            s.dirty = if s.last + 1 == now {
+                s.dirty.saturating_add(1)
+            } else {
+                1
+            };
+            s.last = now;
+            if cooled.contains(&f) && was_changed {
+                marks.push(f);
+            }
+            if frags.is_hot(f) {
+                if was_changed {
+                    marks.push(f);
+                    s.idle = 0;
+                } else {
+                    s.idle += 1;
+                    if s.idle >= self.config.hot_idle_syncs.max(1) {
+                        frags.set_hot(f, false);
+                        s.dirty = 0;
+                        s.idle = 0;
+                        self.hot_cooled.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            } else if s.dirty >= after && frags.set_hot(f, true) {
+                s.idle = 0;
+                self.hot_promotions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        (marks, active)
     }
 
     /// Auto policy, after a trapped store to the frame at `gpa`: true if the frame just
@@ -565,21 +686,32 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     let start = Instant::now();
     // 1 + 2: harvest and re-protect (per relaxed fragment: GET, then with manual protect
     // CLEAR of exactly the harvested bits; `sys::KvmSlot::take_dirty_log`).
-    let dirty = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
+    let (dirty, cooled) = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
     let harvested = start.elapsed();
+    let now = r.harvests.fetch_add(1, Ordering::Relaxed) + 1;
     r.last_sync_ns
         .store(nanos(r.born.elapsed()), Ordering::Relaxed);
-    if r.demotes() {
-        lock(&r.cooling).synced(&dirty, Instant::now());
-    }
     if dirty.is_empty() {
+        if r.demotes() {
+            lock(&r.cooling).synced(&dirty, Instant::now());
+        }
         return Ok(SyncReport::default());
     }
     r.harvest_ns.fetch_add(nanos(harvested), Ordering::Relaxed);
     let epoch = r.next_epoch();
     // 3: read and diff, word by word (aligned 8-byte loads: a naturally aligned guest store
     // is never torn), against the shadow; the shadow takes what was read.
-    let changes = diff(vm, &dirty);
+    let (changes, changed) = diff(vm, &dirty);
+    // Hot frames: KVM keeps reporting them, so the dirty logs learn of them from the diff
+    // (content changed, a subset of written: what the VMM's log and the checkpoint restore
+    // act on). Marked before delivery, as a trapped store marks before its event.
+    let (marks, active) = r.update_hot(&mut vm.backend.frags(), now, &dirty, &changed, &cooled);
+    for f in marks {
+        vm.ram.mark_dirty_for(f, PAGE_BYTES, true);
+    }
+    if r.demotes() {
+        lock(&r.cooling).synced(&active, Instant::now());
+    }
     // 4: deliver, in address order (behind changes still queued by an outer sync).
     let events = changes.len();
     let bytes: u64 = changes.iter().map(|c| c.new.len() as u64).sum();
@@ -598,11 +730,14 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     })
 }
 
-fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
+/// The changed runs of the `dirty` frames, and the frames with a change (in order).
+fn diff(vm: &VmInner, dirty: &[u64]) -> (Vec<Change>, Vec<u64>) {
     let mem = vm.mem.memory();
     let mut shadows = lock(&vm.backend.relaxed.shadows);
     let mut out = Vec::new();
+    let mut changed = Vec::new();
     for &f in dirty {
+        let before = out.len();
         let Some(sh) = shadows.get_mut(&f) else {
             continue;
         };
@@ -637,8 +772,11 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
                 new: n,
             });
         }
+        if out.len() > before {
+            changed.push(f);
+        }
     }
-    out
+    (out, changed)
 }
 
 /// A write pagetrack applies to guest memory (a device write, or a trapped store to a
@@ -934,10 +1072,13 @@ pub(crate) fn pin(vm: &VmInner, gpa: u64, on: bool) -> Result<()> {
 
 /// `Enforcement::before_untrack`: the frames of `runs` are about to be untracked (core
 /// `remove_*`, with no lock of the tracker held). They are marked leaving (no promotion
-/// relaxes them until [`after_untrack`]), and those relaxed now are demoted like a strict pin
-/// demotes: vCPUs paused, a final sync delivers their changes since the last sync while they
-/// are still tracked, then their fragments become read-only, where every later store is an
-/// exact event until the untrack itself. Without this the untrack would drop those changes.
+/// relaxes them until [`after_untrack`]), and if some are relaxed a sync delivers their
+/// changes up to now while they are still tracked. They stay relaxed until the untrack
+/// itself (`Backend::change`), which drops their shadows and leaves them writable in the
+/// logged fragment they had (`Fragments::mark`: no re-cut, so the guest keeps its mappings;
+/// before, they were demoted here, a re-cut to read-only and another back to writable at the
+/// untrack). A store another vCPU makes between this sync and the untrack is not reported:
+/// it is concurrent with the untrack, and ordered after it (`docs/RELAXED.md`).
 pub(crate) fn before_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
     let r = &backend.relaxed;
     if r.config.mode == RelaxedMode::Off || runs.is_empty() {
@@ -950,21 +1091,21 @@ pub(crate) fn before_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
     lock(&r.leaving).extend(ranges.clone());
     // Under the fragment table: a promotion checks `leaving` and sets relaxed bits under it,
     // so a frame is either relaxed now (and found here) or never relaxed until after.
-    let relaxed: Vec<u64> = backend
-        .frags()
-        .relaxed_frames()
-        .into_iter()
-        .filter(|&f| ranges.clone().any(|(a, b)| (a..b).contains(&f)))
-        .collect();
-    if relaxed.is_empty() {
+    let any_relaxed = r.active() > 0
+        && backend
+            .frags()
+            .relaxed_frames()
+            .into_iter()
+            .any(|f| ranges.clone().any(|(a, b)| (a..b).contains(&f)));
+    if !any_relaxed {
         return;
     }
     let Some(vm) = r.vm.get().and_then(Weak::upgrade) else {
         return;
     };
-    if demote(&vm, &relaxed).is_err() {
-        // A harvest or re-cut KVM refused: the frames' changes since the last sync may be
-        // lost at the untrack. Counted in `VmStats::restore_errors`.
+    if sync(&vm).is_err() {
+        // A harvest KVM refused: the frames' changes since the last sync may be lost at
+        // the untrack. Counted in `VmStats::restore_errors`.
         backend.count_restore_error();
     }
 }

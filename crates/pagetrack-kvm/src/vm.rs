@@ -1177,6 +1177,12 @@ impl Vm {
         if !self.inner.config.dirty_log {
             return Err(Error::DirtyLogOff);
         }
+        // Hot relaxed frames reach the log from a sync's diff (`relaxed.rs`): one first, so
+        // a change made since the last sync is in this take.
+        let quiet = self.inner.backend.frags().quiet_count();
+        if quiet > 0 {
+            crate::relaxed::sync(&self.inner)?;
+        }
         let rams = self.inner.rams.lock().unwrap_or_else(|e| e.into_inner());
         let info = rams
             .iter()
@@ -1340,6 +1346,12 @@ impl Vm {
     /// Counters so far.
     pub fn stats(&self) -> VmStats {
         let c = &self.inner.backend.counters;
+        let (fragments, hot_now) = {
+            let frags = self.inner.backend.frags();
+            (frags.stats(), frags.hot_count())
+        };
+        let mut relaxed = self.inner.backend.relaxed.stats();
+        relaxed.hot_now = hot_now;
         VmStats {
             trapped_writes: c.trapped_writes.load(Ordering::Relaxed),
             trapped_bytes: c.trapped_bytes.load(Ordering::Relaxed),
@@ -1349,11 +1361,11 @@ impl Vm {
             pt_invalidations: c.pt_invalidations.load(Ordering::Relaxed),
             ram_reads_served: c.ram_reads_served.load(Ordering::Relaxed),
             device_writes: c.device_writes.load(Ordering::Relaxed),
-            fragments: self.inner.backend.frags().stats(),
+            fragments,
             pauses: c.pauses.load(Ordering::Relaxed),
             pause_ns: c.pause_ns.load(Ordering::Relaxed),
             restore_errors: c.restore_errors.load(Ordering::Relaxed),
-            relaxed: self.inner.backend.relaxed.stats(),
+            relaxed,
         }
     }
 

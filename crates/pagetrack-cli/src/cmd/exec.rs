@@ -393,14 +393,17 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
             writeln!(
                 err,
                 "pagetrack: relaxed ({relaxed:?}): {} frames ran relaxed, {} coalesced write events, \
-                 {} syncs in {:.1} ms, {} promotions, {} demotions ({} cold)",
+                 {} syncs in {:.1} ms, {} promotions, {} demotions ({} cold), {} frames made hot \
+                 ({} cooled)",
                 r.frames_relaxed,
                 totals.coalesced_writes,
                 r.syncs,
                 r.sync_ns as f64 / 1e6,
                 r.promotions,
                 r.demotions,
-                r.cold_demotions
+                r.cold_demotions,
+                r.hot_promotions,
+                r.hot_cooled
             )
             .context("cannot write to standard error")?;
         }
