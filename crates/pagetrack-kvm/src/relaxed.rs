@@ -173,6 +173,10 @@ pub struct RelaxedStats {
     pub hot_promotions: u64,
     /// Times a hot frame was cooled for staying unchanged.
     pub hot_cooled: u64,
+    /// Syncs that returned at once: no vCPU had entered `KVM_RUN` since the last sync
+    /// began, and none was inside (a device write into a relaxed frame right after the
+    /// exit's own sync, say), so there was nothing to harvest.
+    pub skipped_syncs: u64,
 }
 
 /// What one [`crate::Vm::sync`] did.
@@ -261,6 +265,12 @@ pub(crate) struct Relaxed {
     harvests: AtomicU64,
     hot_promotions: AtomicU64,
     hot_cooled: AtomicU64,
+    /// `Gate::quiescent` when the last successful sync began, or `u64::MAX`: a sync that
+    /// finds the same value has nothing to find (no guest instruction ran since that sync's
+    /// harvest, and pagetrack's own writes keep the shadows current) and returns at once.
+    quiet_at: AtomicU64,
+    /// Syncs skipped so.
+    skipped_syncs: AtomicU64,
     /// Coldness of relaxed frames and backoff of demoted ones (auto policy).
     cooling: Mutex<crate::cooling::Cooling>,
     active: AtomicUsize,
@@ -302,6 +312,8 @@ impl Relaxed {
             harvests: AtomicU64::new(0),
             hot_promotions: AtomicU64::new(0),
             hot_cooled: AtomicU64::new(0),
+            quiet_at: AtomicU64::new(u64::MAX),
+            skipped_syncs: AtomicU64::new(0),
             cooling: Mutex::default(),
             active: AtomicUsize::new(0),
             born: Instant::now(),
@@ -378,6 +390,7 @@ impl Relaxed {
             hot_now: 0,
             hot_promotions: self.hot_promotions.load(Ordering::Relaxed),
             hot_cooled: self.hot_cooled.load(Ordering::Relaxed),
+            skipped_syncs: self.skipped_syncs.load(Ordering::Relaxed),
         }
     }
 
@@ -684,6 +697,21 @@ struct Change {
 fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     let r = &vm.backend.relaxed;
     let start = Instant::now();
+    // Nothing ran since the last sync began (every vCPU outside `KVM_RUN` then and since):
+    // KVM logged nothing new, and every write pagetrack applied meanwhile updated the shadows
+    // (`settle`), so this sync would find nothing.
+    let quiet = vm.backend.gate.quiescent();
+    if let Some(q) = quiet
+        && r.quiet_at.load(Ordering::Acquire) == q
+    {
+        r.skipped_syncs.fetch_add(1, Ordering::Relaxed);
+        if r.demotes() {
+            lock(&r.cooling).synced(&[], Instant::now());
+        }
+        return Ok(SyncReport::default());
+    }
+    // Until this sync succeeds, the next one is not skipped.
+    r.quiet_at.store(u64::MAX, Ordering::Release);
     // 1 + 2: harvest and re-protect (per relaxed fragment: GET, then with manual protect
     // CLEAR of exactly the harvested bits; `sys::KvmSlot::take_dirty_log`).
     let (dirty, cooled) = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
@@ -695,6 +723,8 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
         if r.demotes() {
             lock(&r.cooling).synced(&dirty, Instant::now());
         }
+        r.quiet_at
+            .store(quiet.unwrap_or(u64::MAX), Ordering::Release);
         return Ok(SyncReport::default());
     }
     r.harvest_ns.fetch_add(nanos(harvested), Ordering::Relaxed);
@@ -723,6 +753,8 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     r.coalesced_bytes.fetch_add(bytes, Ordering::Relaxed);
     r.sync_ns
         .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
+    r.quiet_at
+        .store(quiet.unwrap_or(u64::MAX), Ordering::Release);
     Ok(SyncReport {
         epoch,
         dirty_frames: dirty.len(),
@@ -876,11 +908,24 @@ fn settle(vm: &VmInner, gpa: u64, old: &[u8], new: &[u8]) {
 /// of adjacent bytes one change; the shadow takes `new`.
 fn settle_page(sh: &mut [u64; WORDS], at: u64, old: &[u8], new: &[u8], pending: &mut Vec<Change>) {
     let first = usize::try_from(at % PAGE).expect("below 4096");
-    for (k, (&o, &n)) in old.iter().zip(new).enumerate() {
+    let len = old.len().min(new.len());
+    let mut k = 0;
+    while k < len {
         let off = first + k;
+        // A whole aligned word whose shadow equals `old` (the common case: nothing unseen)
+        // takes `new` at once; one that differs, and the edges, go byte by byte.
+        if off % 8 == 0 && k + 8 <= len {
+            let o = u64::from_le_bytes(old[k..k + 8].try_into().expect("8 bytes"));
+            if sh[off / 8] == o {
+                sh[off / 8] = u64::from_le_bytes(new[k..k + 8].try_into().expect("8 bytes"));
+                k += 8;
+                continue;
+            }
+        }
         let shift = (off % 8) * 8;
         let word = &mut sh[off / 8];
         let was = u8::try_from((*word >> shift) & 0xff).expect("a byte");
+        let (o, n) = (old[k], new[k]);
         if was != o {
             let byte_at = at + k as u64;
             match pending.last_mut() {
@@ -896,6 +941,7 @@ fn settle_page(sh: &mut [u64; WORDS], at: u64, old: &[u8], new: &[u8], pending: 
             }
         }
         *word = (*word & !(0xff << shift)) | (u64::from(n) << shift);
+        k += 1;
     }
 }
 
@@ -1198,6 +1244,80 @@ mod tests {
             (9, 16),
             "neighbours unchanged"
         );
+    }
+
+    /// The byte-by-byte `settle_page` the word fast path replaced.
+    fn settle_page_bytes(
+        sh: &mut [u64; WORDS],
+        at: u64,
+        old: &[u8],
+        new: &[u8],
+        pending: &mut Vec<Change>,
+    ) {
+        let first = usize::try_from(at % PAGE).unwrap();
+        for (k, (&o, &n)) in old.iter().zip(new).enumerate() {
+            let off = first + k;
+            let shift = (off % 8) * 8;
+            let word = &mut sh[off / 8];
+            let was = u8::try_from((*word >> shift) & 0xff).unwrap();
+            if was != o {
+                let byte_at = at + k as u64;
+                match pending.last_mut() {
+                    Some(c) if c.gpa + c.new.len() as u64 == byte_at && k > 0 => {
+                        c.old.push(was);
+                        c.new.push(o);
+                    }
+                    _ => pending.push(Change {
+                        gpa: byte_at,
+                        old: vec![was],
+                        new: vec![o],
+                    }),
+                }
+            }
+            *word = (*word & !(0xff << shift)) | (u64::from(n) << shift);
+        }
+    }
+
+    #[test]
+    fn settle_page_word_by_word_matches_byte_by_byte() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..300 {
+            let start = usize::try_from(next() % 4096).unwrap();
+            let len = usize::try_from(next() % 4097).unwrap().min(4096 - start);
+            let base = shadow();
+            // `old`: the shadow's bytes, with a few unseen guest changes (single bytes, and
+            // runs across word boundaries).
+            let mut old: Vec<u8> = (start..start + len).map(|o| byte(&base, o)).collect();
+            for _ in 0..next() % 6 {
+                if len == 0 {
+                    break;
+                }
+                let at = usize::try_from(next()).unwrap() % len;
+                let run = (usize::try_from(next() % 12).unwrap() + 1).min(len - at);
+                for b in &mut old[at..at + run] {
+                    *b ^= 0x5a;
+                }
+            }
+            let new: Vec<u8> = (0..len)
+                .map(|_| u8::try_from(next() % 256).unwrap())
+                .collect();
+            let at = 0x5000 + start as u64;
+            let (mut a, mut b) = (base.clone(), base.clone());
+            let (mut pa, mut pb) = (Vec::new(), Vec::new());
+            settle_page(&mut a, at, &old, &new, &mut pa);
+            settle_page_bytes(&mut b, at, &old, &new, &mut pb);
+            let runs = |p: Vec<Change>| -> Vec<(u64, Vec<u8>, Vec<u8>)> {
+                p.into_iter().map(|c| (c.gpa, c.old, c.new)).collect()
+            };
+            assert_eq!(runs(pa), runs(pb), "case {case}");
+            assert!(a[..] == b[..], "case {case}: shadows differ");
+        }
     }
 
     #[test]

@@ -1167,7 +1167,10 @@ impl Vm {
     /// logged (harvested from every fragment, and from fragments a re-cut deleted) and the
     /// stores pagetrack applied itself: trapped stores to tracked frames, stores it completed
     /// for the guest, and device writes through [`TrackedMemory`]. Writes through
-    /// [`Vm::untracked_memory`] bypass it, as they bypass tracking.
+    /// [`Vm::untracked_memory`] bypass it, as they bypass tracking. A *hot* relaxed frame
+    /// (manual protect, `docs/RELAXED.md`) is in it when its content changed, a subset of
+    /// written: while any frame is hot this syncs relaxed frames first (coalesced events are
+    /// delivered before it returns).
     ///
     /// # Errors
     /// [`Error::DirtyLogOff`] if the VM was not created with [`VmConfig::with_dirty_log`];

@@ -345,3 +345,55 @@ fn an_untracked_relaxed_frame_keeps_its_fragment_and_can_be_tracked_again() {
         .collect();
     replay(T, &init, &outer, &fin);
 }
+
+/// A sync with no guest instruction run since the last one began returns at once (no
+/// harvest): a second `Vm::sync`, and the sync before a device write into a relaxed frame
+/// right after an exit. Once the guest has run again the next sync harvests and finds its
+/// stores, and the events (device writes included) replay exactly.
+#[test]
+fn a_sync_with_nothing_run_since_the_last_is_skipped_and_the_next_run_is_found() {
+    let kvm = kvm_or_skip!();
+    let mut relaxed = RelaxedConfig::new(RelaxedMode::Always);
+    relaxed.period = std::time::Duration::from_secs(3600);
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(relaxed);
+    let mut g = boot_with(kvm, config, RAM, 1, &writer());
+    let rec = std::sync::Arc::new(Recorder::default());
+    let _h =
+        g.vm.tracker()
+            .register(
+                rec.clone(),
+                RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced),
+            )
+            .unwrap();
+    let initial = read(&g.vm, T, 2 * 4096);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(T >> 12), 2)
+        .unwrap();
+    write_frames(&mut g, 0, 2, 1);
+    let s0 = g.vm.stats().relaxed;
+    let report = g.vm.sync().unwrap();
+    assert_eq!(report.dirty_frames, 0);
+    let s1 = g.vm.stats().relaxed;
+    assert_eq!(s1.skipped_syncs, s0.skipped_syncs + 1, "{s1:?}");
+    // A device write into a relaxed frame: its sync first is skipped too; the write is exact.
+    use vm_memory::Bytes;
+    g.vm.memory()
+        .write_obj(0xdead_beef_u64, vm_memory::GuestAddress(T + 0x40))
+        .unwrap();
+    let s2 = g.vm.stats().relaxed;
+    assert_eq!(s2.skipped_syncs, s1.skipped_syncs + 1, "{s2:?}");
+    // The guest runs again: the exit's sync harvests and delivers its stores.
+    write_frames(&mut g, 0, 2, 2);
+    let s3 = g.vm.stats().relaxed;
+    assert_eq!(s3.skipped_syncs, s2.skipped_syncs, "{s3:?}");
+    let events = rec.take();
+    for frame in [T, T + 0x1000] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e.gpa == frame && e.coalesced.is_some() && e.new == 2u64.to_le_bytes()),
+            "the second run's store to {frame:#x} was delivered: {events:?}"
+        );
+    }
+    replay(T, &initial, &events, &read(&g.vm, T, 2 * 4096));
+}
