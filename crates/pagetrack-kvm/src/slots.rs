@@ -740,6 +740,15 @@ impl Fragments {
         (frames, chunks)
     }
 
+    /// True if the frame at `gpa` is untracked and lingers in a logged fragment (see
+    /// `Chunk::lingering`).
+    pub(crate) fn is_lingering(&self, gpa: u64) -> bool {
+        self.locate(gpa).is_some_and(|(r, c)| {
+            let chunk = &self.rams[r].chunks[c];
+            chunk.is_lingering((gpa - chunk.gpa) / PAGE)
+        })
+    }
+
     /// True if the frame at `gpa` is hot (see `Chunk::hot`).
     pub(crate) fn is_hot(&self, gpa: u64) -> bool {
         self.locate(gpa).is_some_and(|(r, c)| {

@@ -431,6 +431,15 @@ impl Backend {
             Vec::new()
         };
         let relaxed_mode = protect && self.relaxed.config.mode == RelaxedMode::Always;
+        // Auto: frames tracked again that were relaxed when untracked, and still lie in
+        // their logged fragment (`Fragments::mark`), are relaxed again at once: making them
+        // strict would re-cut the chunk read-only, and their first trapped store would
+        // promote them back (another re-cut: `malloc` after `free`, docs/RELAXED.md).
+        let lingering: Vec<u64> = if protect && self.relaxed.config.mode == RelaxedMode::Auto {
+            gpas().filter(|&g| frags.is_lingering(g)).collect()
+        } else {
+            Vec::new()
+        };
         let Some(recut) = recut(
             &mut frags,
             &self.vm_fd,
@@ -439,7 +448,10 @@ impl Backend {
             protect,
             |frags| {
                 if !relaxed_mode {
-                    return (Vec::new(), Vec::new());
+                    if lingering.is_empty() {
+                        return (Vec::new(), Vec::new());
+                    }
+                    return self.relaxed.relax_paused(frags, lingering.iter().copied());
                 }
                 // Tracked and relaxed at once: the fragment is created writable and logged,
                 // with the shadow taken now, while paused (`relaxed.rs`).

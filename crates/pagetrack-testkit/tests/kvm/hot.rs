@@ -397,3 +397,59 @@ fn a_sync_with_nothing_run_since_the_last_is_skipped_and_the_next_run_is_found()
     }
     replay(T, &initial, &events, &read(&g.vm, T, 2 * 4096));
 }
+
+/// Auto: a frame relaxed, untracked (it lingers in its logged fragment) and tracked again is
+/// relaxed again at once, without a re-cut either way (a `free` then `malloc` of the same
+/// memory); its next change is a coalesced event whose old bytes are what the guest wrote
+/// while it was untracked.
+#[test]
+fn auto_tracks_a_lingering_frame_relaxed_again_without_a_re_cut() {
+    let kvm = kvm_or_skip!();
+    let mut relaxed = RelaxedConfig::new(RelaxedMode::Auto);
+    relaxed.period = std::time::Duration::from_secs(3600);
+    relaxed.demote_after_syncs = 0;
+    let config = VmConfig::default().with_ram(RAM).with_relaxed(relaxed);
+    let mut g = boot_with(kvm, config, RAM, 1, &writer());
+    let rec = std::sync::Arc::new(Recorder::default());
+    let _h =
+        g.vm.tracker()
+            .register(
+                rec.clone(),
+                RegisterOptions::new(NotifierClass::Ordinary).with_delivery(Delivery::Coalesced),
+            )
+            .unwrap();
+    let f = Gfn(T >> 12);
+    g.vm.tracker().add_gfn(f).unwrap();
+    assert!(!g.vm.is_relaxed(f), "auto starts strict");
+    // The first trapped store promotes it.
+    write_frames(&mut g, 0, 1, 1);
+    assert!(g.vm.is_relaxed(f));
+    let before = g.vm.stats().fragments;
+    g.vm.tracker().remove_gfn(f).unwrap();
+    write_frames(&mut g, 0, 1, 2);
+    g.vm.tracker().add_gfn(f).unwrap();
+    assert!(g.vm.is_relaxed(f), "tracked again relaxed at once");
+    let after = g.vm.stats().fragments;
+    assert_eq!(
+        after.slot_changes, before.slot_changes,
+        "untrack and re-track re-cut the chunk"
+    );
+    rec.take();
+    let traps = g.vm.stats().trapped_writes;
+    write_frames(&mut g, 0, 1, 3);
+    assert_eq!(g.vm.stats().trapped_writes, traps, "no trap: relaxed");
+    let ev: Vec<(u64, Vec<u8>, Option<Vec<u8>>)> = rec
+        .take()
+        .into_iter()
+        .filter(|e| e.gpa >> 12 == T >> 12)
+        .map(|e| (e.gpa - T, e.new, e.old))
+        .collect();
+    assert_eq!(
+        ev,
+        words_of(3)
+            .into_iter()
+            .zip(words_of(2))
+            .map(|((at, new), (_, old))| (at, new, Some(old)))
+            .collect::<Vec<_>>()
+    );
+}
