@@ -24,6 +24,11 @@ pub struct PolicyArgs {
     /// event per element; 0 never does.
     #[arg(long = "rep-promote", value_name = "N")]
     pub rep_promote: Option<u64>,
+    /// A relaxed frame found dirty in N consecutive syncs stays writable between syncs (a
+    /// "hot" frame, diffed at every sync instead of re-protected; manual dirty-log protect
+    /// only); 0 never.
+    #[arg(long = "hot-after", value_name = "N")]
+    pub hot_after: Option<u32>,
 }
 
 /// When tracked frames may run relaxed (dirty log + shadow diff, coalesced events).
@@ -45,7 +50,8 @@ impl RelaxedArg {
     }
 
     /// The VM's relaxed-mode settings, with the auto policy's `--promote-after`,
-    /// `--promote-window`, `--demote-after`, `--demote-window` and `--rep-promote` where given.
+    /// `--promote-window`, `--demote-after`, `--demote-window`, `--rep-promote` and
+    /// `--hot-after` where given.
     pub fn config(self, policy: &PolicyArgs) -> RelaxedConfig {
         let mut c = RelaxedConfig::new(match self {
             RelaxedArg::Off => RelaxedMode::Off,
@@ -66,6 +72,9 @@ impl RelaxedArg {
         }
         if let Some(n) = policy.rep_promote {
             c.rep_promote_elements = n;
+        }
+        if let Some(n) = policy.hot_after {
+            c.hot_after_syncs = n;
         }
         c
     }

@@ -273,6 +273,14 @@ impl<K: Kick> Gate<K> {
         }
     }
 
+    /// If no vCPU is inside `KVM_RUN` now: how many entries into `KVM_RUN` all vCPUs made so
+    /// far. Two calls that return the same `Some` saw no guest instruction run between them
+    /// (relaxed mode skips a sync that could find nothing new: `relaxed.rs`).
+    pub(crate) fn quiescent(&self) -> Option<u64> {
+        let s = self.lock();
+        (s.running == 0).then(|| s.entries.iter().sum())
+    }
+
     /// Waits for the gate to be open, then marks vCPU `index` as inside `KVM_RUN` until the
     /// returned guard drops; `kick` is how pausers reach it meanwhile. Returns `None` instead
     /// if `stop` is set (checked under the gate lock, see [`Gate::stop`]).

@@ -106,6 +106,14 @@ pub struct RelaxedConfig {
     /// Frames that may not relax (pinned, the budget spent, a notifier that needs exact
     /// events) are completed exactly as before; 0 never promotes for a `rep`.
     pub rep_promote_elements: u64,
+    /// Manual protect only ([`crate::DirtyProtect`]): a relaxed frame found dirty in this
+    /// many consecutive syncs becomes *hot*: harvests leave its KVM dirty bit set, so it
+    /// stays writable (no write fault after each sync's re-protect) and every sync diffs it
+    /// (`docs/RELAXED.md`, "Hot frames"); 0 never makes a frame hot.
+    pub hot_after_syncs: u32,
+    /// A hot frame whose diff found no change in this many consecutive syncs is cooled:
+    /// the next harvest clears and re-protects it (at least 1).
+    pub hot_idle_syncs: u32,
 }
 
 impl Default for RelaxedConfig {
@@ -128,6 +136,9 @@ impl Default for RelaxedConfig {
             // exactly costs 0.3-1 us, a promotion 50-300 us (pause, re-cut), so a page of
             // qwords (511 left after its first) is well past where they cross.
             rep_promote_elements: 256,
+            // Measured (docs/PERFORMANCE.md, "Hot frames").
+            hot_after_syncs: 2,
+            hot_idle_syncs: 16,
         }
     }
 }
@@ -170,6 +181,16 @@ pub struct RelaxedStats {
     /// Trapped `rep` string stores whose destination was promoted before pagetrack would
     /// have completed them exactly ([`RelaxedConfig::rep_promote_elements`]), left to the CPU.
     pub rep_promotions: u64,
+    /// Hot frames now ([`RelaxedConfig::hot_after_syncs`]).
+    pub hot_now: u64,
+    /// Times a relaxed frame became hot.
+    pub hot_promotions: u64,
+    /// Times a hot frame was cooled for staying unchanged.
+    pub hot_cooled: u64,
+    /// Syncs that returned at once: no vCPU had entered `KVM_RUN` since the last sync
+    /// began, and none was inside (a device write into a relaxed frame right after the
+    /// exit's own sync, say), so there was nothing to harvest.
+    pub skipped_syncs: u64,
 }
 
 /// What one [`crate::Vm::sync`] did.
@@ -182,6 +203,17 @@ pub struct SyncReport {
     pub dirty_frames: usize,
     /// Coalesced events delivered.
     pub events: usize,
+}
+
+/// A relaxed frame's run of dirty syncs, and as a hot frame its run of unchanged ones.
+#[derive(Debug, Default)]
+struct Streak {
+    /// The sync (`Relaxed::harvests`) that last found the frame dirty.
+    last: u64,
+    /// Consecutive syncs that found it dirty, up to that one.
+    dirty: u32,
+    /// Hot: consecutive syncs whose diff found it unchanged.
+    idle: u32,
 }
 
 #[derive(Debug, Default)]
@@ -244,6 +276,18 @@ pub(crate) struct Relaxed {
     ever: Mutex<HashSet<u64>>,
     pins: Mutex<HashMap<u64, u32>>,
     heat: Mutex<HashMap<u64, Heat>>,
+    /// Dirty streaks of relaxed frames, for hot frames (under the sync lock).
+    streaks: Mutex<HashMap<u64, Streak>>,
+    /// Syncs that harvested (every `sync_locked`), numbering the streaks.
+    harvests: AtomicU64,
+    hot_promotions: AtomicU64,
+    hot_cooled: AtomicU64,
+    /// `Gate::quiescent` when the last successful sync began, or `u64::MAX`: a sync that
+    /// finds the same value has nothing to find (no guest instruction ran since that sync's
+    /// harvest, and pagetrack's own writes keep the shadows current) and returns at once.
+    quiet_at: AtomicU64,
+    /// Syncs skipped so.
+    skipped_syncs: AtomicU64,
     /// Coldness of relaxed frames and backoff of demoted ones (auto policy).
     cooling: Mutex<crate::cooling::Cooling>,
     active: AtomicUsize,
@@ -285,6 +329,12 @@ impl Relaxed {
             ever: Mutex::default(),
             pins: Mutex::default(),
             heat: Mutex::default(),
+            streaks: Mutex::default(),
+            harvests: AtomicU64::new(0),
+            hot_promotions: AtomicU64::new(0),
+            hot_cooled: AtomicU64::new(0),
+            quiet_at: AtomicU64::new(u64::MAX),
+            skipped_syncs: AtomicU64::new(0),
             cooling: Mutex::default(),
             active: AtomicUsize::new(0),
             born: Instant::now(),
@@ -362,6 +412,10 @@ impl Relaxed {
             coalesced_bytes: self.coalesced_bytes.load(Ordering::Relaxed),
             sync_ns: self.sync_ns.load(Ordering::Relaxed),
             harvest_ns: self.harvest_ns.load(Ordering::Relaxed),
+            hot_now: 0,
+            hot_promotions: self.hot_promotions.load(Ordering::Relaxed),
+            hot_cooled: self.hot_cooled.load(Ordering::Relaxed),
+            skipped_syncs: self.skipped_syncs.load(Ordering::Relaxed),
         }
     }
 
@@ -439,12 +493,92 @@ impl Relaxed {
         if self.demotes() {
             lock(&self.cooling).forgotten(frames);
         }
+        {
+            let mut streaks = lock(&self.streaks);
+            for f in frames {
+                streaks.remove(f);
+            }
+        }
         let mut shadows = lock(&self.shadows);
         let mut n = 0;
         for f in frames {
             n += usize::from(shadows.remove(f).is_some());
         }
         self.active.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// After a sync's diff (under the sync lock): the streaks of the `dirty` frames (the
+    /// sync numbered `now`; `changed`: those whose diff found a change, a subset, both in
+    /// address order), which make frames hot or cool them (`frags`). Returns the frames hot
+    /// at the harvest or in `cooled` (just re-protected after being hot) whose diff found a
+    /// change: the dirty logs get them from the sync, not the harvest.
+    fn update_hot(
+        &self,
+        frags: &mut Fragments,
+        now: u64,
+        dirty: &[u64],
+        changed: &[u64],
+        cooled: &[u64],
+    ) -> (Vec<u64>, Vec<u64>) {
+        let after = self.config.hot_after_syncs;
+        let mut marks = Vec::new();
+        let mut active = Vec::with_capacity(dirty.len());
+        // A frame cooled by an earlier sync (or hot when `hot_after_syncs` was set), whose
+        // bit this harvest cleared: marked if changed, like a hot one.
+        let cooled: HashSet<u64> = cooled.iter().copied().collect();
+        let on = after > 0 && frags.manual_protect();
+        let mut streaks = lock(&self.streaks);
+        let mut ch = changed.iter().peekable();
+        for &f in dirty {
+            let mut was_changed = false;
+            while let Some(&&c) = ch.peek() {
+                if c > f {
+                    break;
+                }
+                was_changed |= c == f;
+                ch.next();
+            }
+            // Hot and cooled frames are reported whether written or not: for cold demotion
+            // they count as written only if changed.
+            let quiet = cooled.contains(&f) || frags.is_hot(f);
+            if !quiet || was_changed {
+                active.push(f);
+            }
+            if !on {
+                if cooled.contains(&f) && was_changed {
+                    marks.push(f);
+                }
+                continue;
+            }
+            let s = streaks.entry(f).or_default();
+            s.dirty = if s.last + 1 == now {
+                s.dirty.saturating_add(1)
+            } else {
+                1
+            };
+            s.last = now;
+            if cooled.contains(&f) && was_changed {
+                marks.push(f);
+            }
+            if frags.is_hot(f) {
+                if was_changed {
+                    marks.push(f);
+                    s.idle = 0;
+                } else {
+                    s.idle += 1;
+                    if s.idle >= self.config.hot_idle_syncs.max(1) {
+                        frags.set_hot(f, false);
+                        s.dirty = 0;
+                        s.idle = 0;
+                        self.hot_cooled.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            } else if s.dirty >= after && frags.set_hot(f, true) {
+                s.idle = 0;
+                self.hot_promotions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        (marks, active)
     }
 
     /// Auto policy, after a trapped store to the frame at `gpa`: true if the frame just
@@ -605,23 +739,51 @@ struct Change {
 fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     let r = &vm.backend.relaxed;
     let start = Instant::now();
+    // Nothing ran since the last sync began (every vCPU outside `KVM_RUN` then and since):
+    // KVM logged nothing new, and every write pagetrack applied meanwhile updated the shadows
+    // (`settle`), so this sync would find nothing.
+    let quiet = vm.backend.gate.quiescent();
+    if let Some(q) = quiet
+        && r.quiet_at.load(Ordering::Acquire) == q
+    {
+        r.skipped_syncs.fetch_add(1, Ordering::Relaxed);
+        if r.demotes() {
+            lock(&r.cooling).synced(&[], Instant::now());
+        }
+        return Ok(SyncReport::default());
+    }
+    // Until this sync succeeds, the next one is not skipped.
+    r.quiet_at.store(u64::MAX, Ordering::Release);
     // 1 + 2: harvest and re-protect (per relaxed fragment: GET, then with manual protect
     // CLEAR of exactly the harvested bits; `sys::KvmSlot::take_dirty_log`).
-    let dirty = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
+    let (dirty, cooled) = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
     let harvested = start.elapsed();
+    let now = r.harvests.fetch_add(1, Ordering::Relaxed) + 1;
     r.last_sync_ns
         .store(nanos(r.born.elapsed()), Ordering::Relaxed);
-    if r.demotes() {
-        lock(&r.cooling).synced(&dirty, Instant::now());
-    }
     if dirty.is_empty() {
+        if r.demotes() {
+            lock(&r.cooling).synced(&dirty, Instant::now());
+        }
+        r.quiet_at
+            .store(quiet.unwrap_or(u64::MAX), Ordering::Release);
         return Ok(SyncReport::default());
     }
     r.harvest_ns.fetch_add(nanos(harvested), Ordering::Relaxed);
     let epoch = r.next_epoch();
     // 3: read and diff, word by word (aligned 8-byte loads: a naturally aligned guest store
     // is never torn), against the shadow; the shadow takes what was read.
-    let changes = diff(vm, &dirty);
+    let (changes, changed) = diff(vm, &dirty);
+    // Hot frames: KVM keeps reporting them, so the dirty logs learn of them from the diff
+    // (content changed, a subset of written: what the VMM's log and the checkpoint restore
+    // act on). Marked before delivery, as a trapped store marks before its event.
+    let (marks, active) = r.update_hot(&mut vm.backend.frags(), now, &dirty, &changed, &cooled);
+    for f in marks {
+        vm.ram.mark_dirty_for(f, PAGE_BYTES, true);
+    }
+    if r.demotes() {
+        lock(&r.cooling).synced(&active, Instant::now());
+    }
     // 4: deliver, in address order (behind changes still queued by an outer sync).
     let events = changes.len();
     let bytes: u64 = changes.iter().map(|c| c.new.len() as u64).sum();
@@ -633,6 +795,8 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     r.coalesced_bytes.fetch_add(bytes, Ordering::Relaxed);
     r.sync_ns
         .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
+    r.quiet_at
+        .store(quiet.unwrap_or(u64::MAX), Ordering::Release);
     Ok(SyncReport {
         epoch,
         dirty_frames: dirty.len(),
@@ -640,11 +804,14 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     })
 }
 
-fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
+/// The changed runs of the `dirty` frames, and the frames with a change (in order).
+fn diff(vm: &VmInner, dirty: &[u64]) -> (Vec<Change>, Vec<u64>) {
     let mem = vm.mem.memory();
     let mut shadows = lock(&vm.backend.relaxed.shadows);
     let mut out = Vec::new();
+    let mut changed = Vec::new();
     for &f in dirty {
+        let before = out.len();
         let Some(sh) = shadows.get_mut(&f) else {
             continue;
         };
@@ -679,8 +846,11 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
                 new: n,
             });
         }
+        if out.len() > before {
+            changed.push(f);
+        }
     }
-    out
+    (out, changed)
 }
 
 /// A write pagetrack applies to guest memory (a device write, or a trapped store to a
@@ -780,11 +950,24 @@ fn settle(vm: &VmInner, gpa: u64, old: &[u8], new: &[u8]) {
 /// of adjacent bytes one change; the shadow takes `new`.
 fn settle_page(sh: &mut [u64; WORDS], at: u64, old: &[u8], new: &[u8], pending: &mut Vec<Change>) {
     let first = usize::try_from(at % PAGE).expect("below 4096");
-    for (k, (&o, &n)) in old.iter().zip(new).enumerate() {
+    let len = old.len().min(new.len());
+    let mut k = 0;
+    while k < len {
         let off = first + k;
+        // A whole aligned word whose shadow equals `old` (the common case: nothing unseen)
+        // takes `new` at once; one that differs, and the edges, go byte by byte.
+        if off % 8 == 0 && k + 8 <= len {
+            let o = u64::from_le_bytes(old[k..k + 8].try_into().expect("8 bytes"));
+            if sh[off / 8] == o {
+                sh[off / 8] = u64::from_le_bytes(new[k..k + 8].try_into().expect("8 bytes"));
+                k += 8;
+                continue;
+            }
+        }
         let shift = (off % 8) * 8;
         let word = &mut sh[off / 8];
         let was = u8::try_from((*word >> shift) & 0xff).expect("a byte");
+        let (o, n) = (old[k], new[k]);
         if was != o {
             let byte_at = at + k as u64;
             match pending.last_mut() {
@@ -800,6 +983,7 @@ fn settle_page(sh: &mut [u64; WORDS], at: u64, old: &[u8], new: &[u8], pending: 
             }
         }
         *word = (*word & !(0xff << shift)) | (u64::from(n) << shift);
+        k += 1;
     }
 }
 
@@ -1068,10 +1252,13 @@ pub(crate) fn pin(vm: &VmInner, gpa: u64, on: bool) -> Result<()> {
 
 /// `Enforcement::before_untrack`: the frames of `runs` are about to be untracked (core
 /// `remove_*`, with no lock of the tracker held). They are marked leaving (no promotion
-/// relaxes them until [`after_untrack`]), and those relaxed now are demoted like a strict pin
-/// demotes: vCPUs paused, a final sync delivers their changes since the last sync while they
-/// are still tracked, then their fragments become read-only, where every later store is an
-/// exact event until the untrack itself. Without this the untrack would drop those changes.
+/// relaxes them until [`after_untrack`]), and if some are relaxed a sync delivers their
+/// changes up to now while they are still tracked. They stay relaxed until the untrack
+/// itself (`Backend::change`), which drops their shadows and leaves them writable in the
+/// logged fragment they had (`Fragments::mark`: no re-cut, so the guest keeps its mappings;
+/// before, they were demoted here, a re-cut to read-only and another back to writable at the
+/// untrack). A store another vCPU makes between this sync and the untrack is not reported:
+/// it is concurrent with the untrack, and ordered after it (`docs/RELAXED.md`).
 pub(crate) fn before_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
     let r = &backend.relaxed;
     if r.config.mode == RelaxedMode::Off || runs.is_empty() {
@@ -1084,21 +1271,21 @@ pub(crate) fn before_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
     lock(&r.leaving).extend(ranges.clone());
     // Under the fragment table: a promotion checks `leaving` and sets relaxed bits under it,
     // so a frame is either relaxed now (and found here) or never relaxed until after.
-    let relaxed: Vec<u64> = backend
-        .frags()
-        .relaxed_frames()
-        .into_iter()
-        .filter(|&f| ranges.clone().any(|(a, b)| (a..b).contains(&f)))
-        .collect();
-    if relaxed.is_empty() {
+    let any_relaxed = r.active() > 0
+        && backend
+            .frags()
+            .relaxed_frames()
+            .into_iter()
+            .any(|f| ranges.clone().any(|(a, b)| (a..b).contains(&f)));
+    if !any_relaxed {
         return;
     }
     let Some(vm) = r.vm.get().and_then(Weak::upgrade) else {
         return;
     };
-    if demote(&vm, &relaxed).is_err() {
-        // A harvest or re-cut KVM refused: the frames' changes since the last sync may be
-        // lost at the untrack. Counted in `VmStats::restore_errors`.
+    if sync(&vm).is_err() {
+        // A harvest KVM refused: the frames' changes since the last sync may be lost at
+        // the untrack. Counted in `VmStats::restore_errors`.
         backend.count_restore_error();
     }
 }
@@ -1228,6 +1415,80 @@ mod tests {
             (9, 16),
             "neighbours unchanged"
         );
+    }
+
+    /// The byte-by-byte `settle_page` the word fast path replaced.
+    fn settle_page_bytes(
+        sh: &mut [u64; WORDS],
+        at: u64,
+        old: &[u8],
+        new: &[u8],
+        pending: &mut Vec<Change>,
+    ) {
+        let first = usize::try_from(at % PAGE).unwrap();
+        for (k, (&o, &n)) in old.iter().zip(new).enumerate() {
+            let off = first + k;
+            let shift = (off % 8) * 8;
+            let word = &mut sh[off / 8];
+            let was = u8::try_from((*word >> shift) & 0xff).unwrap();
+            if was != o {
+                let byte_at = at + k as u64;
+                match pending.last_mut() {
+                    Some(c) if c.gpa + c.new.len() as u64 == byte_at && k > 0 => {
+                        c.old.push(was);
+                        c.new.push(o);
+                    }
+                    _ => pending.push(Change {
+                        gpa: byte_at,
+                        old: vec![was],
+                        new: vec![o],
+                    }),
+                }
+            }
+            *word = (*word & !(0xff << shift)) | (u64::from(n) << shift);
+        }
+    }
+
+    #[test]
+    fn settle_page_word_by_word_matches_byte_by_byte() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..300 {
+            let start = usize::try_from(next() % 4096).unwrap();
+            let len = usize::try_from(next() % 4097).unwrap().min(4096 - start);
+            let base = shadow();
+            // `old`: the shadow's bytes, with a few unseen guest changes (single bytes, and
+            // runs across word boundaries).
+            let mut old: Vec<u8> = (start..start + len).map(|o| byte(&base, o)).collect();
+            for _ in 0..next() % 6 {
+                if len == 0 {
+                    break;
+                }
+                let at = usize::try_from(next()).unwrap() % len;
+                let run = (usize::try_from(next() % 12).unwrap() + 1).min(len - at);
+                for b in &mut old[at..at + run] {
+                    *b ^= 0x5a;
+                }
+            }
+            let new: Vec<u8> = (0..len)
+                .map(|_| u8::try_from(next() % 256).unwrap())
+                .collect();
+            let at = 0x5000 + start as u64;
+            let (mut a, mut b) = (base.clone(), base.clone());
+            let (mut pa, mut pb) = (Vec::new(), Vec::new());
+            settle_page(&mut a, at, &old, &new, &mut pa);
+            settle_page_bytes(&mut b, at, &old, &new, &mut pb);
+            let runs = |p: Vec<Change>| -> Vec<(u64, Vec<u8>, Vec<u8>)> {
+                p.into_iter().map(|c| (c.gpa, c.old, c.new)).collect()
+            };
+            assert_eq!(runs(pa), runs(pb), "case {case}");
+            assert!(a[..] == b[..], "case {case}: shadows differ");
+        }
     }
 
     #[test]

@@ -43,11 +43,13 @@ pub(crate) trait SlotOps {
     fn delete_slot(&self, slot: KvmSlot) -> std::result::Result<(), (KvmSlot, kvm_ioctls::Error)>;
 
     /// Takes (and clears) `slot`'s dirty log (`KVM_GET_DIRTY_LOG`, then with `manual`
-    /// protect `KVM_CLEAR_DIRTY_LOG` of exactly those bits): bit i is page i.
+    /// protect `KVM_CLEAR_DIRTY_LOG` of exactly those bits but the ones set in `keep`): bit
+    /// i is page i.
     fn dirty_log(
         &self,
         slot: &KvmSlot,
         manual: bool,
+        keep: Option<&[u64]>,
     ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error>;
 }
 
@@ -72,8 +74,9 @@ impl SlotOps for VmFd {
         &self,
         slot: &KvmSlot,
         manual: bool,
+        keep: Option<&[u64]>,
     ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
-        slot.take_dirty_log(self, manual)
+        slot.take_dirty_log(self, manual, keep)
     }
 }
 
@@ -99,8 +102,9 @@ impl<S: SlotOps + ?Sized> SlotOps for Arc<S> {
         &self,
         slot: &KvmSlot,
         manual: bool,
+        keep: Option<&[u64]>,
     ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
-        (**self).dirty_log(slot, manual)
+        (**self).dirty_log(slot, manual, keep)
     }
 }
 
@@ -125,6 +129,28 @@ struct Chunk {
     relaxed: Vec<u64>,
     /// Relaxed frames KVM logged dirty since their last diff (harvested, not yet diffed).
     pending: Vec<u64>,
+    /// Hot relaxed frames (manual protect only, `relaxed.rs`): their KVM dirty bits are
+    /// never cleared, so they stay writable and every harvest reports them; each sync diffs
+    /// them. Not passed to the dirty logs by a harvest: the relaxed sync marks a hot frame
+    /// in them when its diff finds a change.
+    hot: Vec<u64>,
+    /// Set bits of `hot`.
+    hot_count: u64,
+    /// Hot frames just cooled: KVM still holds their dirty bits from while they were hot,
+    /// so the next relaxed harvest clears (re-protects) them but, as for hot frames, leaves
+    /// them out of the dirty logs (the sync's diff marks them if changed); then they are
+    /// plain relaxed frames.
+    cooling: Vec<u64>,
+    /// Set bits of `cooling`.
+    cooling_count: u64,
+    /// Untracked frames that were relaxed when untracked (only without the VMM's dirty log,
+    /// where writable fragments do not log): their writable logged fragment is kept as it
+    /// was (no re-cut, so the guest does not refault the chunk), and with manual protect
+    /// their KVM dirty bits are never cleared, so they stay writable. Nothing reads their
+    /// bits (they are not relaxed). Cleared when the frame is tracked again.
+    lingering: Vec<u64>,
+    /// Set bits of `lingering`.
+    lingering_count: u64,
     /// Set bits of `relaxed`.
     relaxed_count: u64,
     frags: Vec<KvmSlot>,
@@ -141,6 +167,60 @@ impl Chunk {
         self.relaxed[w] & (1 << b) != 0
     }
 
+    fn is_hot(&self, page: u64) -> bool {
+        let (w, b) = word_bit(page);
+        self.hot_count > 0 && self.hot[w] & (1 << b) != 0
+    }
+
+    fn is_lingering(&self, page: u64) -> bool {
+        let (w, b) = word_bit(page);
+        self.lingering_count > 0 && self.lingering[w] & (1 << b) != 0
+    }
+
+    /// Clears `page`'s hot and cooling bits (it stops being relaxed).
+    fn unheat(&mut self, page: u64) {
+        let (w, b) = word_bit(page);
+        if self.hot[w] & (1 << b) != 0 {
+            self.hot[w] &= !(1 << b);
+            self.hot_count -= 1;
+        }
+        self.uncool(page);
+    }
+
+    fn uncool(&mut self, page: u64) {
+        let (w, b) = word_bit(page);
+        if self.cooling[w] & (1 << b) != 0 {
+            self.cooling[w] &= !(1 << b);
+            self.cooling_count -= 1;
+        }
+    }
+
+    /// The hot bits (`cooling` too: with the cooling bits) of the `pages` pages from
+    /// `first` (a fragment), as a bitmap of its pages; `None` if none is set.
+    ///
+    /// `cooling` false: the harvest's keep mask instead, the hot and the lingering frames.
+    fn hot_mask(&self, first: u64, pages: u64, cooling: bool) -> Option<Vec<u64>> {
+        let (other, count) = if cooling {
+            (&self.cooling, self.cooling_count)
+        } else {
+            (&self.lingering, self.lingering_count)
+        };
+        if self.hot_count == 0 && count == 0 {
+            return None;
+        }
+        let mut mask = vec![0u64; usize::try_from(pages.div_ceil(64)).ok()?];
+        let mut any = false;
+        let both: Vec<u64> = self.hot.iter().zip(other).map(|(h, o)| h | o).collect();
+        for page in crate::dirty::set_bits(&both) {
+            if (first..first + pages).contains(&page) {
+                let (w, b) = word_bit(page - first);
+                mask[w] |= 1 << b;
+                any = true;
+            }
+        }
+        any.then_some(mask)
+    }
+
     /// Runs of strict protected frames as read-only pieces, the gaps as writable ones, and
     /// runs of relaxed frames as logged writable ones (`log_all`: every writable piece logs,
     /// so relaxed frames join the gaps).
@@ -149,7 +229,7 @@ impl Chunk {
         for page in 0..self.pages {
             let relaxed = self.relaxed_count > 0 && self.is_relaxed(page);
             let ro = self.is_protected(page) && !relaxed;
-            let log = !ro && (relaxed || log_all);
+            let log = !ro && (relaxed || log_all || self.is_lingering(page));
             match out.last_mut() {
                 Some(p) if p.readonly == ro && p.log == log => p.pages += 1,
                 _ => out.push(Piece {
@@ -383,7 +463,7 @@ impl Fragments {
     ) -> std::result::Result<Option<Vec<u64>>, (KvmSlot, Error)> {
         let mut bits = None;
         if harvest && slot.log_dirty() {
-            match vm.dirty_log(&slot, self.manual_protect) {
+            match vm.dirty_log(&slot, self.manual_protect, None) {
                 Ok(b) => bits = Some(b),
                 Err(e) => return Err((slot, Error::kvm(self.harvest_op())(e))),
             }
@@ -401,9 +481,19 @@ impl Fragments {
 
     /// Hands a harvested bitmap of the fragment at `slot_gpa` (in chunk `c` of RAM `r`) to
     /// both consumers: the VMM's dirty log and the relaxed frames' pending bits.
+    /// Hot frames go to the pending bits only: KVM reports them at every harvest whether
+    /// written or not, so the relaxed sync marks them in the dirty log when its diff finds
+    /// them changed (`relaxed.rs`).
     fn dispatch(&mut self, r: usize, c: usize, slot_gpa: u64, bits: &[u64]) {
         if let Some(log) = &self.rams[r].dirty {
-            log.merge(slot_gpa, bits);
+            let chunk = &self.rams[r].chunks[c];
+            match chunk.hot_mask((slot_gpa - chunk.gpa) / PAGE, bits.len() as u64 * 64, true) {
+                Some(hot) => {
+                    let cold: Vec<u64> = bits.iter().zip(&hot).map(|(b, h)| b & !h).collect();
+                    log.merge(slot_gpa, &cold);
+                }
+                None => log.merge(slot_gpa, bits),
+            }
         }
         self.rams[r].chunks[c].absorb(slot_gpa, bits);
     }
@@ -451,6 +541,12 @@ impl Fragments {
                         protected: vec![0; words],
                         relaxed: vec![0; words],
                         pending: vec![0; words],
+                        hot: vec![0; words],
+                        hot_count: 0,
+                        cooling: vec![0; words],
+                        cooling_count: 0,
+                        lingering: vec![0; words],
+                        lingering_count: 0,
                         relaxed_count: 0,
                         frags: vec![slot],
                     });
@@ -517,8 +613,13 @@ impl Fragments {
                 continue;
             }
             let gpa = s.gpa();
+            let keep = if self.manual_protect {
+                chunk.hot_mask(first, pages, false)
+            } else {
+                None
+            };
             let bits = vm
-                .dirty_log(s, self.manual_protect)
+                .dirty_log(s, self.manual_protect, keep.as_deref())
                 .map_err(Error::kvm(self.harvest_op()))?;
             self.dispatch(r, c, gpa, &bits);
         }
@@ -531,8 +632,15 @@ impl Fragments {
     /// relaxed frames, then returns the guest addresses of the relaxed frames
     /// logged dirty since their last diff, in address order, and clears their pending bits.
     /// Needs no vCPU pause. Costs one ioctl per relaxed fragment and O(dirty) more.
-    pub(crate) fn harvest_relaxed(&mut self, vm: &(impl SlotOps + ?Sized)) -> Result<Vec<u64>> {
+    ///
+    /// Also returns the frames whose cooling bit this harvest cleared (their KVM bits now
+    /// cleared too): with the hot frames, the ones the dirty logs learn of from the diff.
+    pub(crate) fn harvest_relaxed(
+        &mut self,
+        vm: &(impl SlotOps + ?Sized),
+    ) -> Result<(Vec<u64>, Vec<u64>)> {
         let mut out = Vec::new();
+        let mut cooled = Vec::new();
         for r in 0..self.rams.len() {
             for c in 0..self.rams[r].chunks.len() {
                 if self.rams[r].chunks[c].relaxed_count == 0 {
@@ -544,9 +652,16 @@ impl Fragments {
                     crate::dirty::set_bits(&chunk.pending).map(|page| chunk.gpa + page * PAGE),
                 );
                 chunk.pending.fill(0);
+                if chunk.cooling_count > 0 {
+                    cooled.extend(
+                        crate::dirty::set_bits(&chunk.cooling).map(|page| chunk.gpa + page * PAGE),
+                    );
+                    chunk.cooling.fill(0);
+                    chunk.cooling_count = 0;
+                }
             }
         }
-        Ok(out)
+        Ok((out, cooled))
     }
 
     /// Reads the 4 KiB frame at `gpa` into `words` (little-endian words, aligned 8-byte
@@ -613,6 +728,7 @@ impl Fragments {
                 chunk.relaxed[w] &= !(1 << b);
                 chunk.pending[w] &= !(1 << b);
                 chunk.relaxed_count -= 1;
+                chunk.unheat(page);
             }
             frames.push(gpa & !(PAGE - 1));
             if chunks.last() != Some(&(r, c)) {
@@ -622,6 +738,72 @@ impl Fragments {
         chunks.sort_unstable();
         chunks.dedup();
         (frames, chunks)
+    }
+
+    /// True if the frame at `gpa` is untracked and lingers in a logged fragment (see
+    /// `Chunk::lingering`).
+    pub(crate) fn is_lingering(&self, gpa: u64) -> bool {
+        self.locate(gpa).is_some_and(|(r, c)| {
+            let chunk = &self.rams[r].chunks[c];
+            chunk.is_lingering((gpa - chunk.gpa) / PAGE)
+        })
+    }
+
+    /// True if the frame at `gpa` is hot (see `Chunk::hot`).
+    pub(crate) fn is_hot(&self, gpa: u64) -> bool {
+        self.locate(gpa).is_some_and(|(r, c)| {
+            let chunk = &self.rams[r].chunks[c];
+            chunk.is_hot((gpa - chunk.gpa) / PAGE)
+        })
+    }
+
+    /// Makes the relaxed frame at `gpa` hot or not (manual protect only: with plain
+    /// `KVM_GET_DIRTY_LOG` every harvest re-protects what it reports); true if its bit
+    /// changed. A hot frame's KVM dirty bit is left set by harvests; one that stops being
+    /// hot is cleared (and re-protected) by the next harvest, which reports it once more.
+    pub(crate) fn set_hot(&mut self, gpa: u64, on: bool) -> bool {
+        if on && !self.manual_protect {
+            return false;
+        }
+        let Some((r, c)) = self.locate(gpa) else {
+            return false;
+        };
+        let chunk = &mut self.rams[r].chunks[c];
+        let page = (gpa - chunk.gpa) / PAGE;
+        if chunk.is_hot(page) == on || (on && !chunk.is_relaxed(page)) {
+            return false;
+        }
+        let (w, b) = word_bit(page);
+        if on {
+            chunk.uncool(page);
+            chunk.hot[w] |= 1 << b;
+            chunk.hot_count += 1;
+        } else {
+            chunk.hot[w] &= !(1 << b);
+            chunk.hot_count -= 1;
+            chunk.cooling[w] |= 1 << b;
+            chunk.cooling_count += 1;
+        }
+        true
+    }
+
+    /// Hot frames in all chunks.
+    pub(crate) fn hot_count(&self) -> u64 {
+        self.rams
+            .iter()
+            .flat_map(|r| &r.chunks)
+            .map(|c| c.hot_count)
+            .sum()
+    }
+
+    /// Hot and cooling frames in all chunks: while there are any, the dirty logs need a
+    /// relaxed sync before they are complete.
+    pub(crate) fn quiet_count(&self) -> u64 {
+        self.rams
+            .iter()
+            .flat_map(|r| &r.chunks)
+            .map(|c| c.hot_count + c.cooling_count)
+            .sum()
     }
 
     /// Relaxed frames in all, and the guest addresses of all of them.
@@ -683,6 +865,10 @@ impl Fragments {
             let (w, b) = word_bit(page);
             if protect {
                 chunk.protected[w] |= 1 << b;
+                if chunk.lingering[w] & (1 << b) != 0 {
+                    chunk.lingering[w] &= !(1 << b);
+                    chunk.lingering_count -= 1;
+                }
             } else {
                 chunk.protected[w] &= !(1 << b);
                 // An untracked frame stops being relaxed (its undelivered changes go with its
@@ -691,6 +877,12 @@ impl Fragments {
                     chunk.relaxed[w] &= !(1 << b);
                     chunk.pending[w] &= !(1 << b);
                     chunk.relaxed_count -= 1;
+                    chunk.unheat(page);
+                    // Writable either way: keep its logged fragment (no re-cut).
+                    if !self.log_dirty && chunk.lingering[w] & (1 << b) == 0 {
+                        chunk.lingering[w] |= 1 << b;
+                        chunk.lingering_count += 1;
+                    }
                 }
             }
             // One entry per run of frames in the same chunk, not one per frame.
@@ -932,6 +1124,12 @@ mod tests {
                     protected: vec![0; words],
                     relaxed: vec![0; words],
                     pending: vec![0; words],
+                    hot: vec![0; words],
+                    hot_count: 0,
+                    cooling: vec![0; words],
+                    cooling_count: 0,
+                    lingering: vec![0; words],
+                    lingering_count: 0,
                     relaxed_count: 0,
                     frags: Vec::new(),
                 }
@@ -1251,6 +1449,12 @@ mod mode_model {
                 protected: vec![0; words],
                 relaxed: vec![0; words],
                 pending: vec![0; words],
+                hot: vec![0; words],
+                hot_count: 0,
+                cooling: vec![0; words],
+                cooling_count: 0,
+                lingering: vec![0; words],
+                lingering_count: 0,
                 relaxed_count: 0,
                 frags: Vec::new(),
             })
@@ -1315,17 +1519,24 @@ mod mode_model {
             let gpa = |f: u64| BASE + f * PAGE;
             let (mut tracked, mut relaxed, mut pending) =
                 (BTreeSet::new(), BTreeSet::<u64>::new(), BTreeSet::new());
+            // Untracked while relaxed: they keep their logged writable fragment.
+            let mut lingering = BTreeSet::new();
             for op in &ops {
                 match op {
                     Op::Track(f, l) => {
                         t.mark((*f..f + l).map(gpa), true);
                         tracked.extend(*f..f + l);
+                        for x in *f..f + l {
+                            lingering.remove(&x);
+                        }
                     }
                     Op::Untrack(f, l) => {
                         t.mark((*f..f + l).map(gpa), false);
                         for x in *f..f + l {
                             tracked.remove(&x);
-                            relaxed.remove(&x);
+                            if relaxed.remove(&x) {
+                                lingering.insert(x);
+                            }
                             pending.remove(&x);
                         }
                     }
@@ -1380,7 +1591,13 @@ mod mode_model {
                             let x = c as u64 * CHUNK_PAGES + page;
                             let strict = tracked.contains(&x) && !relaxed.contains(&x);
                             prop_assert_eq!(p.readonly, strict, "frame {} in {:?}", x, p);
-                            prop_assert_eq!(p.log, relaxed.contains(&x), "frame {} in {:?}", x, p);
+                            prop_assert_eq!(
+                                p.log,
+                                relaxed.contains(&x) || lingering.contains(&x),
+                                "frame {} in {:?}",
+                                x,
+                                p
+                            );
                         }
                     }
                     // With every fragment logging, relaxed frames join the writable gaps.
@@ -1505,6 +1722,7 @@ pub(crate) mod seam {
             &self,
             slot: &KvmSlot,
             _manual: bool,
+            _keep: Option<&[u64]>,
         ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
             if self.call(format!("log {}", slot.id())) {
                 return Err(kvm_ioctls::Error::new(libc::EIO));

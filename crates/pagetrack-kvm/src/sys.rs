@@ -98,15 +98,31 @@ impl KvmSlot {
     /// log, and `KVM_CLEAR_DIRTY_LOG` then clears and re-protects exactly the bits copied
     /// (a bit KVM sets between the two stays set for the next harvest). If the clear fails
     /// the bits stay set in KVM and the error is returned: the next harvest reports them.
+    ///
+    /// `keep` (manual protect only; bit i = page i of the slot): pages whose bits are left
+    /// set in KVM, so they stay writable and every later `KVM_GET_DIRTY_LOG` reports them
+    /// again (relaxed mode's hot frames, `relaxed.rs`). With no other bit to clear no
+    /// `KVM_CLEAR_DIRTY_LOG` is made (nor its TLB flush).
     pub(crate) fn take_dirty_log(
         &self,
         vm: &VmFd,
         manual: bool,
+        keep: Option<&[u64]>,
     ) -> Result<Vec<u64>, kvm_ioctls::Error> {
         let size = usize::try_from(self.size).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
         let bits = vm.get_dirty_log(self.id, size)?;
         if manual {
-            clear_dirty_log(vm, self.id, self.size / 4096, &bits)?;
+            match keep {
+                Some(keep) => {
+                    let clear: Vec<u64> = bits
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &b)| b & !keep.get(i).copied().unwrap_or(0))
+                        .collect();
+                    clear_dirty_log(vm, self.id, self.size / 4096, &clear)?;
+                }
+                None => clear_dirty_log(vm, self.id, self.size / 4096, &bits)?,
+            }
         }
         Ok(bits)
     }

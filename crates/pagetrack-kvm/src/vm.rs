@@ -443,6 +443,15 @@ impl Backend {
             Vec::new()
         };
         let relaxed_mode = protect && self.relaxed.config.mode == RelaxedMode::Always;
+        // Auto: frames tracked again that were relaxed when untracked, and still lie in
+        // their logged fragment (`Fragments::mark`), are relaxed again at once: making them
+        // strict would re-cut the chunk read-only, and their first trapped store would
+        // promote them back (another re-cut: `malloc` after `free`, docs/RELAXED.md).
+        let lingering: Vec<u64> = if protect && self.relaxed.config.mode == RelaxedMode::Auto {
+            gpas().filter(|&g| frags.is_lingering(g)).collect()
+        } else {
+            Vec::new()
+        };
         let Some(recut) = recut(
             &mut frags,
             &self.vm_fd,
@@ -451,7 +460,10 @@ impl Backend {
             protect,
             |frags| {
                 if !relaxed_mode {
-                    return (Vec::new(), Vec::new());
+                    if lingering.is_empty() {
+                        return (Vec::new(), Vec::new());
+                    }
+                    return self.relaxed.relax_paused(frags, lingering.iter().copied());
                 }
                 // Tracked and relaxed at once: the fragment is created writable and logged,
                 // with the shadow taken now, while paused (`relaxed.rs`).
@@ -1220,7 +1232,10 @@ impl Vm {
     /// logged (harvested from every fragment, and from fragments a re-cut deleted) and the
     /// stores pagetrack applied itself: trapped stores to tracked frames, stores it completed
     /// for the guest, and device writes through [`TrackedMemory`]. Writes through
-    /// [`Vm::untracked_memory`] bypass it, as they bypass tracking.
+    /// [`Vm::untracked_memory`] bypass it, as they bypass tracking. A *hot* relaxed frame
+    /// (manual protect, `docs/RELAXED.md`) is in it when its content changed, a subset of
+    /// written: while any frame is hot this syncs relaxed frames first (coalesced events are
+    /// delivered before it returns).
     ///
     /// # Errors
     /// [`Error::DirtyLogOff`] if the VM was not created with [`VmConfig::with_dirty_log`];
@@ -1229,6 +1244,12 @@ impl Vm {
     pub fn take_dirty_log(&self, slot: SlotId) -> Result<Vec<u64>> {
         if !self.inner.config.dirty_log {
             return Err(Error::DirtyLogOff);
+        }
+        // Hot relaxed frames reach the log from a sync's diff (`relaxed.rs`): one first, so
+        // a change made since the last sync is in this take.
+        let quiet = self.inner.backend.frags().quiet_count();
+        if quiet > 0 {
+            crate::relaxed::sync(&self.inner)?;
         }
         let rams = self.inner.rams.lock().unwrap_or_else(|e| e.into_inner());
         let info = rams
@@ -1393,6 +1414,12 @@ impl Vm {
     /// Counters so far.
     pub fn stats(&self) -> VmStats {
         let c = &self.inner.backend.counters;
+        let (fragments, hot_now) = {
+            let frags = self.inner.backend.frags();
+            (frags.stats(), frags.hot_count())
+        };
+        let mut relaxed = self.inner.backend.relaxed.stats();
+        relaxed.hot_now = hot_now;
         VmStats {
             trapped_writes: c.trapped_writes.load(Ordering::Relaxed),
             trapped_bytes: c.trapped_bytes.load(Ordering::Relaxed),
@@ -1402,11 +1429,11 @@ impl Vm {
             pt_invalidations: c.pt_invalidations.load(Ordering::Relaxed),
             ram_reads_served: c.ram_reads_served.load(Ordering::Relaxed),
             device_writes: c.device_writes.load(Ordering::Relaxed),
-            fragments: self.inner.backend.frags().stats(),
+            fragments,
             pauses: c.pauses.load(Ordering::Relaxed),
             pause_ns: c.pause_ns.load(Ordering::Relaxed),
             restore_errors: c.restore_errors.load(Ordering::Relaxed),
-            relaxed: self.inner.backend.relaxed.stats(),
+            relaxed,
         }
     }
 

@@ -396,7 +396,7 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
                 "pagetrack: relaxed ({relaxed:?}): {} frames ran relaxed, {} coalesced write events, \
                  {} syncs in {:.1} ms, {} promotions, {} demotions ({} cold), \
                  {} rep stores promoted; {} re-cuts ({} memslot changes in {:.1} ms), \
-                 {} pauses in {:.1} ms",
+                 {} pauses in {:.1} ms; {} frames made hot ({} cooled)",
                 r.frames_relaxed,
                 totals.coalesced_writes,
                 r.syncs,
@@ -409,7 +409,9 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
                 stats.fragments.slot_changes,
                 stats.fragments.slot_change_ns as f64 / 1e6,
                 stats.pauses,
-                stats.pause_ns as f64 / 1e6
+                stats.pause_ns as f64 / 1e6,
+                r.hot_promotions,
+                r.hot_cooled
             )
             .context("cannot write to standard error")?;
         }

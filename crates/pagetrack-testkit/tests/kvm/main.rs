@@ -29,6 +29,7 @@ mod fault;
 mod hard;
 mod harvest;
 mod hostile;
+mod hot;
 mod kvmwrites;
 mod masked;
 mod modes;
