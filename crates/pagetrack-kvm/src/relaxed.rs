@@ -543,11 +543,13 @@ fn drain(vm: &VmInner) {
         let Some((c, epoch)) = lock(&r.queue).pop_front() else {
             return;
         };
-        vm.tracker.report_write(
-            &WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
-                .with_old(&c.old)
-                .in_epoch(epoch),
-        );
+        let event = WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
+            .with_old(&c.old)
+            .in_epoch(epoch);
+        vm.tracker.report_write(&match c.first_writer {
+            Some(v) => event.first_written_by(v),
+            None => event,
+        });
     }
 }
 
@@ -557,6 +559,8 @@ struct Change {
     gpa: u64,
     old: Vec<u8>,
     new: Vec<u8>,
+    /// The frame's first writer in the epoch, where the dirty ring says.
+    first_writer: Option<u32>,
 }
 
 /// A sync; the caller holds the sync lock (or is delivering, see [`sync`]).
@@ -564,13 +568,15 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     let r = &vm.backend.relaxed;
     let start = Instant::now();
     // 1 + 2: harvest and re-protect (per relaxed fragment: GET, then with manual protect
-    // CLEAR of exactly the harvested bits; `sys::KvmSlot::take_dirty_log`).
+    // CLEAR of exactly the harvested bits; `sys::KvmSlot::take_dirty_log`; with the dirty
+    // ring, every vCPU's ring, then one KVM_RESET_DIRTY_RINGS: `ring.rs`).
     let dirty = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
     let harvested = start.elapsed();
     r.last_sync_ns
         .store(nanos(r.born.elapsed()), Ordering::Relaxed);
     if r.demotes() {
-        lock(&r.cooling).synced(&dirty, Instant::now());
+        let gpas: Vec<u64> = dirty.iter().map(|d| d.gpa).collect();
+        lock(&r.cooling).synced(&gpas, Instant::now());
     }
     if dirty.is_empty() {
         return Ok(SyncReport::default());
@@ -598,11 +604,15 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     })
 }
 
-fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
+fn diff(vm: &VmInner, dirty: &[crate::slots::DirtyFrame]) -> Vec<Change> {
     let mem = vm.mem.memory();
     let mut shadows = lock(&vm.backend.relaxed.shadows);
     let mut out = Vec::new();
-    for &f in dirty {
+    for &crate::slots::DirtyFrame {
+        gpa: f,
+        first_writer,
+    } in dirty
+    {
         let Some(sh) = shadows.get_mut(&f) else {
             continue;
         };
@@ -621,6 +631,7 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
                         gpa: f + at as u64 * 8,
                         old: o,
                         new: n,
+                        first_writer,
                     });
                 }
                 continue;
@@ -635,6 +646,7 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> Vec<Change> {
                 gpa: f + at as u64 * 8,
                 old: o,
                 new: n,
+                first_writer,
             });
         }
     }
@@ -754,6 +766,7 @@ fn settle_page(sh: &mut [u64; WORDS], at: u64, old: &[u8], new: &[u8], pending: 
                     gpa: byte_at,
                     old: vec![was],
                     new: vec![o],
+                    first_writer: None,
                 }),
             }
         }

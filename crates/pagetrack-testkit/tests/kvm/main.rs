@@ -40,6 +40,7 @@ mod remap;
 mod review10m;
 mod review10s;
 mod review12;
+mod ring;
 mod runahead;
 mod shapes;
 mod singlestep;
