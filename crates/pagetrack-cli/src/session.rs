@@ -161,7 +161,10 @@ impl Session {
     /// [`UsageError`] for a bad plan or events file; KVM failures otherwise.
     pub fn start(plan: Plan) -> anyhow::Result<Session> {
         validate(&plan)?;
-        let config = plan.config.relaxed(plan.relaxed.config(&plan.policy));
+        let config = plan
+            .config
+            .relaxed(plan.relaxed.config(&plan.policy))
+            .dirty_ring(plan.policy.dirty_ring());
         let guest = FlatGuest::new(config, &plan.image).map_err(|e| match e {
             pagetrack_vmm::Error::InvalidGuestImage { .. }
             | pagetrack_vmm::Error::InvalidConfig { .. }
@@ -278,6 +281,10 @@ impl Finished {
         if relaxed != RelaxedArg::Off {
             summary = summary.with_relaxed(stats.relaxed.frames_relaxed, totals.coalesced_writes);
         }
+        let harvester = vm.dirty_harvester();
+        if matches!(harvester, pagetrack_kvm::DirtyHarvester::Ring { .. }) {
+            summary = summary.with_harvester(harvester);
+        }
         sink.finish(exit, summary)?;
         Ok(Report {
             chunk_bytes: vm.chunk_bytes(),
@@ -293,6 +300,7 @@ impl Finished {
             frames,
             stats,
             relaxed,
+            harvester,
         })
     }
 }
@@ -320,4 +328,6 @@ pub struct Report {
     pub pause_ns: u64,
     /// `--relaxed`.
     pub relaxed: RelaxedArg,
+    /// Which harvester read KVM's dirty log (`--dirty-ring`, else a bitmap).
+    pub harvester: pagetrack_kvm::DirtyHarvester,
 }

@@ -224,8 +224,11 @@ pub use pagetrack_x86::emulate;
 /// The guest page walker (moved to [`pagetrack_x86::walk`]).
 pub use pagetrack_x86::walk;
 pub use relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
+pub use ring::RingStats;
 pub use slots::FragmentStats;
 pub use update::PageTableUpdate;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
-pub use ring::RingStats;
-pub use vm::{DirtyHarvester, DirtyProtect, DirtyRing, HostCaps, KickSignal, KvmSlotIds, Vm, VmConfig, VmStats};
+pub use vm::{
+    DirtyHarvester, DirtyProtect, DirtyRing, HostCaps, KickSignal, KvmSlotIds, Vm, VmConfig,
+    VmStats,
+};

@@ -668,10 +668,12 @@ impl Fragments {
                 }
                 let chunk = &mut self.rams[r].chunks[c];
                 let writers = std::mem::take(&mut chunk.writers);
-                out.extend(crate::dirty::set_bits(&chunk.pending).map(|page| DirtyFrame {
-                    gpa: chunk.gpa + page * PAGE,
-                    first_writer: writers.get(&page).copied().flatten(),
-                }));
+                out.extend(
+                    crate::dirty::set_bits(&chunk.pending).map(|page| DirtyFrame {
+                        gpa: chunk.gpa + page * PAGE,
+                        first_writer: writers.get(&page).copied().flatten(),
+                    }),
+                );
                 chunk.pending.fill(0);
             }
         }

@@ -516,7 +516,8 @@ impl DirtyRingMap {
             .ok_or_else(|| kvm_ioctls::Error::new(libc::ENOMEM))?;
         Ok(DirtyRingMap {
             base,
-            entries: u32::try_from(len / entry).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?,
+            entries: u32::try_from(len / entry)
+                .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?,
             fetch: 0,
         })
     }

@@ -313,6 +313,13 @@ impl VmConfig {
         self
     }
 
+    /// [`VmConfig::with_dirty_ring`] if `ring` is `Some`, else the same configuration
+    /// without a ring (for VMMs that pass an optional setting through).
+    pub fn with_dirty_ring_if(mut self, ring: Option<DirtyRing>) -> VmConfig {
+        self.dirty_ring = ring;
+        self
+    }
+
     /// The same configuration with the zap-all quirk left as KVM has it.
     pub fn keep_slot_zap_all(mut self) -> VmConfig {
         self.disable_slot_zap_all = false;

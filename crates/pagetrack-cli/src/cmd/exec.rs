@@ -314,7 +314,8 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         .stdout(Output::Inherit)
         .stderr(Output::Inherit)
         .timeout(args.timeout)
-        .relaxed(relaxed.config(&args.policy));
+        .relaxed(relaxed.config(&args.policy))
+        .dirty_ring(args.policy.dirty_ring());
     if let Some(d) = &args.dir {
         config = config.dir(d);
     }
@@ -370,6 +371,10 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         let r = vm.stats().relaxed;
         summary = summary.with_relaxed(r.frames_relaxed, totals.coalesced_writes);
     }
+    let harvester = vm.dirty_harvester();
+    if matches!(harvester, pagetrack_kvm::DirtyHarvester::Ring { .. }) {
+        summary = summary.with_harvester(harvester);
+    }
     sink.finish(
         ExitLine::new(reason, Some(outcome.end.status()), detail),
         summary,
@@ -392,8 +397,9 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
             let r = vm.stats().relaxed;
             writeln!(
                 err,
-                "pagetrack: relaxed ({relaxed:?}): {} frames ran relaxed, {} coalesced write events, \
-                 {} syncs in {:.1} ms, {} promotions, {} demotions ({} cold)",
+                "pagetrack: relaxed ({relaxed:?}, {} harvest): {} frames ran relaxed, {} coalesced \
+                 write events, {} syncs in {:.1} ms, {} promotions, {} demotions ({} cold)",
+                vm.dirty_harvester(),
                 r.frames_relaxed,
                 totals.coalesced_writes,
                 r.syncs,

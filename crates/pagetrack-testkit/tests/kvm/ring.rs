@@ -282,7 +282,10 @@ fn a_sync_on_one_vcpu_finds_what_another_vcpu_wrote_and_names_it() {
         !theirs.is_empty(),
         "vCPU 0's sync missed vCPU 1's store: {ev:?}"
     );
-    assert!(theirs.iter().all(|e| e.first_writer == Some(1)), "{theirs:?}");
+    assert!(
+        theirs.iter().all(|e| e.first_writer == Some(1)),
+        "{theirs:?}"
+    );
     let own = of(T + 0x2000);
     assert!(!own.is_empty() && own.iter().all(|e| e.first_writer == Some(0)));
 }
@@ -376,7 +379,9 @@ fn a_vmms_vm_takes_the_ring_before_its_vcpus_and_keeps_its_own_slots_pages() {
         &kvm,
         fd,
         caps,
-        VmConfig::default().with_kvm_slots(100..200).with_dirty_log(),
+        VmConfig::default()
+            .with_kvm_slots(100..200)
+            .with_dirty_log(),
     )
     .unwrap();
     assert_eq!(plain.dirty_harvester(), DirtyHarvester::Plain);
@@ -391,7 +396,11 @@ fn ring_sizes_kvm_would_refuse_and_missing_rings_are_typed_errors() {
         for bad in [0, 100, 128, 257, max.saturating_mul(2)] {
             let r = Vm::new(VmConfig::default().with_dirty_ring(DirtyRing::entries(bad)));
             match r {
-                Err(Error::DirtyRingSize { entries, min, max: m }) => {
+                Err(Error::DirtyRingSize {
+                    entries,
+                    min,
+                    max: m,
+                }) => {
                     assert_eq!((entries, min, m), (bad, DirtyRing::MIN_ENTRIES, max));
                 }
                 other => panic!("{bad} entries: {other:?}"),
