@@ -535,24 +535,26 @@ impl DirtyRingMap {
         // At most one lap: a full ring holds `entries` published entries.
         while n < self.entries {
             let i = usize::try_from(self.fetch % self.entries).expect("u32 fits usize");
-            // SAFETY: `i < entries`, so the entry lies inside the live mapping (`map`); it is
-            // 8-byte aligned (page-aligned base, 16-byte entries).
-            let gfn = unsafe { self.base.as_ptr().add(i) };
-            // SAFETY: `flags` is a u32 inside the live, aligned entry; KVM and this thread
-            // access it concurrently, every userspace access through this atomic.
-            let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*gfn).flags)) };
+            // Field addresses by offset (no dereference): `i < entries` keeps the entry
+            // inside the live mapping (`map`), page-aligned base and 16-byte entries keep
+            // each field naturally aligned.
+            let gfn = self.base.as_ptr().wrapping_add(i).cast::<u8>();
+            let field = |at: usize| gfn.wrapping_add(at);
+            let flags_at = field(std::mem::offset_of!(kvm_bindings::kvm_dirty_gfn, flags));
+            let slot_at = field(std::mem::offset_of!(kvm_bindings::kvm_dirty_gfn, slot));
+            let offset_at = field(std::mem::offset_of!(kvm_bindings::kvm_dirty_gfn, offset));
+            // SAFETY: `flags_at` is an aligned u32 inside the live entry (above); KVM and this
+            // thread access it concurrently, every userspace access through this atomic.
+            let flags = unsafe { AtomicU32::from_ptr(flags_at.cast::<u32>()) };
             // Acquire: pairs with KVM's release of DIRTY, so slot and offset are complete.
             if flags.load(Ordering::Acquire) & DIRTY_GFN_DIRTY == 0 {
                 break;
             }
-            // SAFETY: inside the live entry; KVM does not write slot and offset again until
-            // this entry is harvested (RESET below) and reset, so the reads are not torn.
-            let (slot, offset) = unsafe {
-                (
-                    std::ptr::addr_of!((*gfn).slot).read_volatile(),
-                    std::ptr::addr_of!((*gfn).offset).read_volatile(),
-                )
-            };
+            // SAFETY: an aligned u32 inside the live entry; KVM does not write it again until
+            // this entry is harvested (RESET below) and reset, so the read is not torn.
+            let slot = unsafe { slot_at.cast::<u32>().read_volatile() };
+            // SAFETY: as for `slot`, an aligned u64 of the same entry.
+            let offset = unsafe { offset_at.cast::<u64>().read_volatile() };
             // Release: the reads above happen before KVM may reuse the entry.
             flags.store(DIRTY_GFN_RESET, Ordering::Release);
             each(slot, offset);
