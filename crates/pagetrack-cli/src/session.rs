@@ -169,9 +169,11 @@ impl Session {
             pagetrack_vmm::Error::InvalidGuestImage { .. }
             | pagetrack_vmm::Error::InvalidConfig { .. }
             | pagetrack_vmm::Error::InvalidRamSize { .. }
-            | pagetrack_vmm::Error::VcpuIndexOutOfRange { .. } => {
-                anyhow::Error::new(UsageError::from_chain(&e))
-            }
+            | pagetrack_vmm::Error::VcpuIndexOutOfRange { .. }
+            | pagetrack_vmm::Error::Backend(
+                pagetrack_kvm::Error::DirtyRingSize { .. }
+                | pagetrack_kvm::Error::DirtyRingUnsupported { .. },
+            ) => anyhow::Error::new(UsageError::from_chain(&e)),
             other => anyhow::Error::new(other).context("cannot start the guest"),
         })?;
         let vm = guest.vm().clone();

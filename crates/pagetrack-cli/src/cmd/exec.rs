@@ -329,7 +329,11 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         | pagetrack_vmm::Error::ProgramRefused { .. }
         | pagetrack_vmm::Error::ImageTooLarge { .. }
         | pagetrack_vmm::Error::ProcUnderRoot { .. }
-        | pagetrack_vmm::Error::SandboxDir { .. } => anyhow::Error::new(UsageError::from_chain(&e)),
+        | pagetrack_vmm::Error::SandboxDir { .. }
+        | pagetrack_vmm::Error::Backend(
+            pagetrack_kvm::Error::DirtyRingSize { .. }
+            | pagetrack_kvm::Error::DirtyRingUnsupported { .. },
+        ) => anyhow::Error::new(UsageError::from_chain(&e)),
         other => anyhow::Error::new(other).context("cannot start the program"),
     })?;
     let target = args.events.clone().map(Target::File);
