@@ -436,3 +436,84 @@ fn ring_sizes_kvm_would_refuse_and_missing_rings_are_typed_errors() {
         "{r:?}"
     );
 }
+
+/// A VMM's VM with a memslot of its own (slot 0, dirty-logged) next to pagetrack's RAM:
+/// with the ring, KVM keeps no bitmap for the VMM's slot either, so pagetrack's harvests keep
+/// its pages for the VMM (`take_vmm_ring_dirty`) instead of dropping them, round after round
+/// (the reset re-protects the VMM's pages too).
+#[test]
+fn a_vmms_own_memslot_gets_its_ring_pages_from_pagetrack() {
+    use vm_memory::GuestMemoryRegion;
+    let kvm = kvm_or_skip!();
+    ring_or_skip!(kvm);
+    const MINE: u64 = 32 << 20;
+    // Declared first, dropped last: KVM maps it until the VM fd closes.
+    let mine =
+        vm_memory::GuestRegionMmap::<()>::from_range(GuestAddress(MINE), 1 << 20, None).unwrap();
+    let fd = Arc::new(kvm.create_vm().unwrap());
+    let vm = Vm::from_vm_fd(
+        &kvm,
+        Arc::clone(&fd),
+        HostCaps::probe(&kvm),
+        VmConfig::default()
+            .with_ram(48 << 20)
+            .with_kvm_slots(8..40)
+            .with_dirty_ring(DirtyRing::entries(512)),
+    )
+    .unwrap();
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: MINE,
+        memory_size: mine.len(),
+        userspace_addr: mine.as_ptr() as u64,
+    };
+    // SAFETY: `region` describes exactly the mapping `mine` owns, which outlives the VM fd
+    // (declared before it, so dropped after every handle on the VM, the vCPU's included).
+    unsafe { fd.set_user_memory_region(region) }.unwrap();
+    // pagetrack's RAM around the VMM's slot: [0, 32 MiB) and [33 MiB, 48 MiB), whose top
+    // holds the long-mode structures (the layout identity-maps all 48 MiB).
+    for (at, len) in [(0, MINE), (MINE + (1 << 20), 15 << 20)] {
+        let ram = vm_memory::GuestRegionMmap::from_range(
+            GuestAddress(at),
+            usize::try_from(len).unwrap(),
+            None,
+        )
+        .unwrap();
+        vm.add_region(Arc::new(ram)).unwrap();
+    }
+    vm.untracked_memory()
+        .write_slice(&strided_stores(), GuestAddress(ENTRY))
+        .unwrap();
+    let layout = pagetrack_vmm::x86::LongModeLayout::new(48 << 20).unwrap();
+    let mut vcpu = fd.create_vcpu(0).unwrap();
+    pagetrack_vmm::x86::setup_long_mode(&kvm, &vcpu, &*vm.untracked_memory(), &layout, ENTRY, 0)
+        .unwrap();
+    let mut handler = vm.exit_handler(0, &mut vcpu).unwrap();
+    for round in 0..4u64 {
+        let stride = 1 + round;
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = ENTRY;
+        regs.rsp = layout.user_stack_top(0).unwrap();
+        regs.rflags = LONG_MODE_RFLAGS;
+        (regs.rdi, regs.rcx, regs.rdx) = (MINE, 5, stride * 4096);
+        vcpu.set_regs(&regs).unwrap();
+        loop {
+            match handler.run(&mut vcpu).unwrap() {
+                pagetrack_kvm::Ran::Tracked(exit) => {
+                    let done = handler.handle(exit, &mut vcpu).unwrap();
+                    assert_eq!(done, pagetrack_kvm::Handled::Done);
+                }
+                pagetrack_kvm::Ran::Exit(kvm_ioctls::VcpuExit::IoOut(
+                    pagetrack_vmm::x86::GUEST_EXIT_PORT,
+                    _,
+                )) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let want: Vec<(u32, u64)> = (0..5).map(|k| (0, k * stride)).collect();
+        assert_eq!(vm.take_vmm_ring_dirty().unwrap(), want, "round {round}");
+        assert_eq!(vm.take_vmm_ring_dirty().unwrap(), Vec::new());
+    }
+    assert!(vm.ring_stats().unwrap().foreign_entries >= 20);
+}
