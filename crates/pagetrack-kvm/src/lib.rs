@@ -189,6 +189,14 @@
 //! call. [`Vm::checkpoint`] and [`Vm::restore`] share that harvest (snapshot reset: restore
 //! writes back exactly the pages written since the checkpoint, tracked frames with events).
 //!
+//! With [`VmConfig::with_dirty_ring`] every one of those harvests reads the vCPUs' dirty
+//! rings instead (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL` where offered: every ring, then
+//! `KVM_RESET_DIRTY_RINGS`, then the entries are dispatched by memslot id to every consumer),
+//! and relaxed frames' coalesced events name their first writer
+//! ([`pagetrack::WriteEvent::first_writer`]). KVM then keeps no bitmap for any memslot: a
+//! VMM's own slots get their pages from [`Vm::take_vmm_ring_dirty`], and its run loop must go
+//! through [`ExitHandler::run`], which handles `KVM_EXIT_DIRTY_RING_FULL` itself.
+//!
 //! The KVM integration tests live in `pagetrack-testkit/tests/kvm` (they boot guests with
 //! pagetrack-vmm, which depends on this crate).
 #![deny(unsafe_code)]

@@ -517,3 +517,72 @@ fn a_vmms_own_memslot_gets_its_ring_pages_from_pagetrack() {
     }
     assert!(vm.ring_stats().unwrap().foreign_entries >= 20);
 }
+
+/// Two vCPUs fill a 256-entry ring each, at once, over relaxed and untracked pages: their
+/// ring-full exits (each harvesting every ring) and exit syncs race, and still the VMM's log
+/// is exactly the pages written, the coalesced events replay, and each vCPU's own pages name it.
+#[test]
+fn two_vcpus_filling_small_rings_at_once_lose_nothing() {
+    let kvm = kvm_or_skip!();
+    ring_or_skip!(kvm);
+    let config = ring_config(
+        DirtyRing::MIN_ENTRIES,
+        RelaxedConfig::new(RelaxedMode::Always),
+    );
+    let mut g = boot_with(kvm, config, RAM, 2, &strided_stores());
+    let (rec, _h) = coalesced_recorder(&g.vm);
+    let len = usize::try_from(TRACKED_PAGES * 4096).unwrap();
+    let initial = read(&g.vm, DATA, len);
+    g.vm.tracker()
+        .add_range(AsId::NORMAL, Gfn(DATA >> 12), TRACKED_PAGES)
+        .unwrap();
+    let _ = g.vm.take_dirty_log(SlotId(0)).unwrap();
+    let half = DATA_PAGES / 2;
+    for round in 0..3u64 {
+        // vCPU i writes every page of its half: the even pages of the tracked range are
+        // vCPU 0's, the odd ones vCPU 1's (interleaved so both write relaxed frames).
+        for (i, v) in g.vcpus.iter().enumerate() {
+            let i = i as u64;
+            set_regs(v, |r| {
+                r.rip = ENTRY;
+                r.rsp = g.layout.user_stack_top(u32::try_from(i).unwrap()).unwrap();
+                r.rflags = LONG_MODE_RFLAGS;
+                r.rdi = DATA + i * 4096;
+                r.rcx = half;
+                r.rdx = 2 * 4096;
+            });
+        }
+        let layout = g.layout.clone();
+        let threads: Vec<_> = g
+            .vcpus
+            .drain(..)
+            .map(|mut v| {
+                let (vm, layout) = (g.vm.clone(), layout.clone());
+                std::thread::spawn(move || {
+                    let code = run_to_exit(&vm, &layout, &mut v, TIMEOUT);
+                    (v, code)
+                })
+            })
+            .collect();
+        for t in threads {
+            let (v, code) = t.join().unwrap();
+            assert_eq!(code, 3);
+            g.vcpus.push(v);
+        }
+        g.vcpus.sort_by_key(|v| v.index());
+        let written: BTreeSet<u64> = (0..DATA_PAGES).map(|p| (DATA >> 12) + p).collect();
+        assert_eq!(
+            data_pages(&g.vm.take_dirty_log(SlotId(0)).unwrap()),
+            written,
+            "round {round}"
+        );
+    }
+    g.vm.sync().unwrap();
+    let ev = rec.take();
+    replay(DATA, &initial, &ev, &read(&g.vm, DATA, len));
+    for e in &ev {
+        let vcpu = u32::try_from((e.gpa - DATA) / 4096 % 2).unwrap();
+        assert_eq!(e.first_writer, Some(vcpu), "{e:?}");
+    }
+    assert!(g.vm.ring_stats().unwrap().full_exits >= 2);
+}
