@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::sys::DirtyRingMap;
 
 /// One harvested ring entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct RingEntry {
     /// `as_id << 16 | memslot id`.
     pub(crate) slot: u32,
@@ -48,6 +48,9 @@ pub struct RingStats {
     /// Entries naming a memslot pagetrack does not own (the VMM's own memslots of a VM
     /// brought with [`crate::Vm::from_vm_fd`]), kept for [`crate::Vm::take_vmm_ring_dirty`].
     pub foreign_entries: u64,
+    /// Entries ring-full exits harvested that no harvest took yet (duplicates dropped once
+    /// they pile up).
+    pub queued: u64,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +58,8 @@ struct Inner {
     rings: Vec<(u32, DirtyRingMap)>,
     /// Entries harvested and reset by a ring-full exit, not yet taken.
     queue: Vec<RingEntry>,
+    /// The queue's length after its last compaction.
+    compacted: usize,
     stats: RingStats,
 }
 
@@ -104,6 +109,7 @@ impl DirtyRings {
             rings,
             queue,
             stats,
+            ..
         } = inner;
         let mut n = 0u64;
         for (vcpu, ring) in rings.iter_mut() {
@@ -123,7 +129,16 @@ impl DirtyRings {
     pub(crate) fn collect_full(&self, vm: &VmFd) -> Result<()> {
         let mut inner = self.lock();
         inner.stats.full_exits += 1;
-        DirtyRings::harvest_and_reset(&mut inner, vm)
+        DirtyRings::harvest_and_reset(&mut inner, vm)?;
+        // A guest that re-dirties the same pages and never lets the VMM take them would
+        // grow the queue without bound: duplicates go once it doubled (the consumers take
+        // sets, and a frame's first writer depends only on which rings logged it), so it
+        // stays within (pages logged) x (vCPUs) entries.
+        let len = inner.queue.len();
+        if len > (2 * inner.compacted).max(4096) {
+            inner.compacted = compact(&mut inner.queue);
+        }
+        Ok(())
     }
 
     /// Every entry since the last take (those ring-full exits collected first, then every
@@ -131,6 +146,7 @@ impl DirtyRings {
     pub(crate) fn take(&self, vm: &VmFd) -> Result<Vec<RingEntry>> {
         let mut inner = self.lock();
         DirtyRings::harvest_and_reset(&mut inner, vm)?;
+        inner.compacted = 0;
         Ok(std::mem::take(&mut inner.queue))
     }
 
@@ -139,6 +155,30 @@ impl DirtyRings {
     }
 
     pub(crate) fn stats(&self) -> RingStats {
-        self.lock().stats
+        let inner = self.lock();
+        RingStats {
+            queued: inner.queue.len() as u64,
+            ..inner.stats
+        }
+    }
+}
+
+/// Sorts `queue` and drops repeated entries (same slot, page and vCPU); returns its length.
+fn compact(queue: &mut Vec<RingEntry>) -> usize {
+    queue.sort_unstable();
+    queue.dedup();
+    queue.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compaction_keeps_each_page_once_per_vcpu() {
+        let e = |slot, offset, vcpu| RingEntry { slot, offset, vcpu };
+        let mut q = vec![e(1, 5, 0), e(1, 5, 0), e(1, 5, 1), e(0, 9, 0), e(1, 5, 0)];
+        assert_eq!(compact(&mut q), 3);
+        assert_eq!(q, vec![e(0, 9, 0), e(1, 5, 0), e(1, 5, 1)]);
     }
 }

@@ -586,3 +586,41 @@ fn two_vcpus_filling_small_rings_at_once_lose_nothing() {
     }
     assert!(g.vm.ring_stats().unwrap().full_exits >= 2);
 }
+
+/// A guest that re-dirties the same pages for a long time while the VMM takes nothing: each
+/// ring-full reset re-protects them, so they are logged again and again; the queued entries
+/// stay bounded (duplicates dropped) and the take is still exactly the pages written.
+#[test]
+fn pages_redirtied_between_takes_are_queued_once_and_taken_exactly() {
+    let kvm = kvm_or_skip!();
+    ring_or_skip!(kvm);
+    let config = ring_config(DirtyRing::MIN_ENTRIES, RelaxedConfig::new(RelaxedMode::Off));
+    let mut g = boot_with(kvm, config, RAM, 1, &strided_stores());
+    let _ = g.vm.take_dirty_log(SlotId(0)).unwrap();
+    // More pages than the ring's soft limit (192 here): every run fills it, and each reset
+    // re-protects pages the next run writes again.
+    const PAGES: u64 = 300;
+    let mut most_queued = 0;
+    for _ in 0..60 {
+        set_regs(&g.vcpus[0], |r| {
+            r.rip = ENTRY;
+            r.rsp = g.layout.user_stack_top(0).unwrap();
+            r.rflags = LONG_MODE_RFLAGS;
+            (r.rdi, r.rcx, r.rdx) = (DATA, PAGES, 4096);
+        });
+        assert_eq!(run_to_exit(&g.vm, &g.layout, &mut g.vcpus[0], TIMEOUT), 3);
+        most_queued = most_queued.max(g.vm.ring_stats().unwrap().queued);
+    }
+    let stats = g.vm.ring_stats().unwrap();
+    assert!(
+        stats.entries >= 50 * PAGES,
+        "pages were not logged again: {stats:?}"
+    );
+    assert!(most_queued <= 4096 + 256, "the queue grew to {most_queued}");
+    let written: BTreeSet<u64> = (0..PAGES).map(|p| (DATA >> 12) + p).collect();
+    assert_eq!(
+        data_pages(&g.vm.take_dirty_log(SlotId(0)).unwrap()),
+        written
+    );
+    assert_eq!(g.vm.ring_stats().unwrap().queued, 0);
+}
