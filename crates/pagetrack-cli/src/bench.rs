@@ -912,15 +912,22 @@ fn relaxed(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) 
 
 /// The cost of one sync by dirty frames and by relaxed (tracked) frames, with the dirty log
 /// harvested by plain `KVM_GET_DIRTY_LOG` and (where KVM offers it) by `KVM_GET_DIRTY_LOG` +
-/// `KVM_CLEAR_DIRTY_LOG`: the harvest and the whole sync (harvest, diff, deliver) apart.
+/// `KVM_CLEAR_DIRTY_LOG`, and (where KVM offers it) from a 16,384-entry dirty ring per vCPU
+/// (every ring harvested, then `KVM_RESET_DIRTY_RINGS`): the harvest and the whole sync
+/// (harvest, diff, deliver) apart.
 /// Every run stores a new value into each of its frames, so each dirty frame is one event.
 fn sync_sweep(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str)) -> Result<()> {
     const AT: u64 = 0x80_0000;
     let modes = [
-        (DirtyProtect::Plain, "get"),
-        (DirtyProtect::Manual, "clear"),
+        (DirtyProtect::Plain, None, "get"),
+        (DirtyProtect::Manual, None, "clear"),
+        (
+            DirtyProtect::Auto,
+            Some(pagetrack_kvm::DirtyRing::entries(16_384)),
+            "ring",
+        ),
     ];
-    for (how, name) in modes {
+    for (how, ring, name) in modes {
         for relaxed in [1024u64, 8192] {
             progress(&format!(
                 "relaxed mode: sync cost, {relaxed} relaxed frames, harvest {name}"
@@ -930,11 +937,12 @@ fn sync_sweep(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str
             relaxed_config.period = Duration::from_secs(3600);
             let config = VmConfig::default()
                 .with_relaxed(relaxed_config)
-                .with_dirty_protect(how);
+                .with_dirty_protect(how)
+                .with_dirty_ring_if(ring);
             let mut rig = match Rig::new(64 << 20, config) {
                 Ok(rig) => rig,
-                Err(e) if how == DirtyProtect::Manual => {
-                    progress(&format!("manual dirty protect not available: {e:#}"));
+                Err(e) if how == DirtyProtect::Manual || ring.is_some() => {
+                    progress(&format!("harvest {name} not available: {e:#}"));
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -954,7 +962,7 @@ fn sync_sweep(rep: &mut BenchReport, reps: usize, progress: &mut impl FnMut(&str
             let dirties: &[u64] = if relaxed == 1024 {
                 &[0, 1, 16, 64, 256, 512, 768, 1024]
             } else {
-                &[0, 1, 64, 1024, 4096, 8192]
+                &[0, 1, 64, 256, 1024, 4096, 8192]
             };
             for &dirty in dirties {
                 let (mut whole, mut harvest) = (Vec::new(), Vec::new());

@@ -23,8 +23,12 @@
 //! With `--relaxed auto|always`, write events of relaxed frames are coalesced (the net change
 //! of a run of words over one epoch, found by a dirty-log diff): they carry `"source":"guest"`
 //! with a null `vcpu`, and two more keys at the end, `"coalesced":true,"epoch":N`; the
-//! summary then ends with `"relaxed_frames"` and `"coalesced_writes"`. Lines of strict frames,
-//! and every line with `--relaxed off`, are exactly as above.
+//! summary then ends with `"relaxed_frames"` and `"coalesced_writes"`. With `--dirty-ring N`
+//! a coalesced line whose frame's first writer the ring names ends with one more key,
+//! `"first_writer":N` (the vCPU that dirtied the frame first in the epoch; absent when
+//! unknown), and the summary ends with `"dirty_harvester"` (`"ring-acq-rel"` or `"ring"`).
+//! Lines of strict frames, and every line with `--relaxed off` and no `--dirty-ring`, are
+//! exactly as above.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -165,6 +169,9 @@ pub struct SummaryLine {
     /// With relaxed mode on: coalesced write events among `tracked_writes`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coalesced_writes: Option<u64>,
+    /// With `--dirty-ring`: the harvester that read KVM's dirty log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_harvester: Option<String>,
 }
 
 impl SummaryLine {
@@ -188,6 +195,7 @@ impl SummaryLine {
             elapsed_ms,
             relaxed_frames: None,
             coalesced_writes: None,
+            dirty_harvester: None,
         }
     }
 
@@ -195,6 +203,12 @@ impl SummaryLine {
     pub fn with_relaxed(mut self, frames: u64, coalesced: u64) -> SummaryLine {
         self.relaxed_frames = Some(frames);
         self.coalesced_writes = Some(coalesced);
+        self
+    }
+
+    /// The same line naming the dirty-log harvester (a run with `--dirty-ring`).
+    pub fn with_harvester(mut self, harvester: impl fmt::Display) -> SummaryLine {
+        self.dirty_harvester = Some(harvester.to_string());
         self
     }
 }
@@ -217,6 +231,8 @@ struct WriteRecord {
     has_old: bool,
     /// The epoch of a coalesced event.
     epoch: Option<u64>,
+    /// A coalesced event's first writer, where the dirty ring names it.
+    first_writer: Option<u32>,
     bytes: Bytes,
 }
 
@@ -244,6 +260,7 @@ impl WriteRecord {
             len,
             has_old: old.is_some(),
             epoch: e.coalesced,
+            first_writer: e.coalesced.and(e.first_writer),
             bytes,
         }
     }
@@ -500,6 +517,7 @@ fn encode(l: &Line, buf: &mut Vec<u8>) -> io::Result<()> {
                 new: Hex(new),
                 coalesced: w.epoch.map(|_| true),
                 epoch: w.epoch,
+                first_writer: w.first_writer,
             };
             serde_json::to_writer(buf, &json)?;
         }
@@ -525,6 +543,9 @@ struct WriteJson<'a> {
     coalesced: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     epoch: Option<u64>,
+    /// Only on coalesced events whose first writer the dirty ring gave.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_writer: Option<u32>,
 }
 
 /// An address as a lowercase `0x` hex string.
@@ -591,6 +612,37 @@ mod tests {
             text(&l),
             r#"{"type":"write","seq":3,"source":"guest","vcpu":null,"gpa":"0x5008","len":2,"old":"0000","new":"0102","coalesced":true,"epoch":4}"#
         );
+    }
+
+    #[test]
+    fn encode_coalesced_write_with_a_first_writer_appends_it_last() {
+        let e = WriteEvent::new(Gpa(0x5008), &[1, 2], Source::Guest)
+            .with_old(&[0, 0])
+            .in_epoch(4)
+            .first_written_by(1);
+        let l = Line::Write(WriteRecord::new(3, &e));
+        assert_eq!(
+            text(&l),
+            r#"{"type":"write","seq":3,"source":"guest","vcpu":null,"gpa":"0x5008","len":2,"old":"0000","new":"0102","coalesced":true,"epoch":4,"first_writer":1}"#
+        );
+        // An exact event never carries the key, whatever a backend put there.
+        let exact = WriteEvent::new(Gpa(0x5000), &[0x11], Source::Vcpu(0))
+            .with_old(&[0])
+            .first_written_by(0);
+        assert_eq!(
+            text(&Line::Write(WriteRecord::new(1, &exact))),
+            r#"{"type":"write","seq":1,"source":"vcpu","vcpu":0,"gpa":"0x5000","len":1,"old":"00","new":"11"}"#
+        );
+    }
+
+    #[test]
+    fn summary_with_a_harvester_appends_it() {
+        let s = SummaryLine::new(2, 3, 4, 5, Duration::from_micros(1234))
+            .with_relaxed(6, 7)
+            .with_harvester("ring-acq-rel");
+        assert!(text(&Line::Summary(s)).ends_with(
+            r#""relaxed_frames":6,"coalesced_writes":7,"dirty_harvester":"ring-acq-rel"}"#
+        ));
     }
 
     #[test]

@@ -260,6 +260,10 @@ pub fn write_summary(out: &mut dyn Write, r: &Report) -> io::Result<()> {
             nanos(x.sync_ns)
         )?;
     }
+    let ring = matches!(r.harvester, pagetrack_kvm::DirtyHarvester::Ring { .. });
+    if ring || r.relaxed != crate::relaxed::RelaxedArg::Off {
+        writeln!(out, "  dirty harvest: {}", r.harvester)?;
+    }
     Ok(())
 }
 

@@ -29,6 +29,18 @@ pub struct PolicyArgs {
     /// only); 0 never.
     #[arg(long = "hot-after", value_name = "N")]
     pub hot_after: Option<u32>,
+    /// Harvest dirty pages from a per-vCPU dirty ring of ENTRIES entries (a power of two,
+    /// at least 256; KVM_CAP_DIRTY_LOG_RING_ACQ_REL where offered) instead of the bitmaps:
+    /// a sync costs O(dirty pages), and coalesced events name their frame's first writer.
+    #[arg(long = "dirty-ring", value_name = "ENTRIES")]
+    pub dirty_ring: Option<u32>,
+}
+
+impl PolicyArgs {
+    /// `--dirty-ring`, as the VM's setting.
+    pub fn dirty_ring(&self) -> Option<pagetrack_kvm::DirtyRing> {
+        self.dirty_ring.map(pagetrack_kvm::DirtyRing::entries)
+    }
 }
 
 /// When tracked frames may run relaxed (dirty log + shadow diff, coalesced events).

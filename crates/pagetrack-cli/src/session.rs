@@ -161,14 +161,19 @@ impl Session {
     /// [`UsageError`] for a bad plan or events file; KVM failures otherwise.
     pub fn start(plan: Plan) -> anyhow::Result<Session> {
         validate(&plan)?;
-        let config = plan.config.relaxed(plan.relaxed.config(&plan.policy));
+        let config = plan
+            .config
+            .relaxed(plan.relaxed.config(&plan.policy))
+            .dirty_ring(plan.policy.dirty_ring());
         let guest = FlatGuest::new(config, &plan.image).map_err(|e| match e {
             pagetrack_vmm::Error::InvalidGuestImage { .. }
             | pagetrack_vmm::Error::InvalidConfig { .. }
             | pagetrack_vmm::Error::InvalidRamSize { .. }
-            | pagetrack_vmm::Error::VcpuIndexOutOfRange { .. } => {
-                anyhow::Error::new(UsageError::from_chain(&e))
-            }
+            | pagetrack_vmm::Error::VcpuIndexOutOfRange { .. }
+            | pagetrack_vmm::Error::Backend(
+                pagetrack_kvm::Error::DirtyRingSize { .. }
+                | pagetrack_kvm::Error::DirtyRingUnsupported { .. },
+            ) => anyhow::Error::new(UsageError::from_chain(&e)),
             other => anyhow::Error::new(other).context("cannot start the guest"),
         })?;
         let vm = guest.vm().clone();
@@ -283,6 +288,10 @@ impl Finished {
         if relaxed != RelaxedArg::Off {
             summary = summary.with_relaxed(stats.relaxed.frames_relaxed, totals.coalesced_writes);
         }
+        let harvester = vm.dirty_harvester();
+        if matches!(harvester, pagetrack_kvm::DirtyHarvester::Ring { .. }) {
+            summary = summary.with_harvester(harvester);
+        }
         sink.finish(exit, summary)?;
         Ok(Report {
             chunk_bytes: vm.chunk_bytes(),
@@ -298,6 +307,7 @@ impl Finished {
             frames,
             stats,
             relaxed,
+            harvester,
         })
     }
 }
@@ -325,4 +335,6 @@ pub struct Report {
     pub pause_ns: u64,
     /// `--relaxed`.
     pub relaxed: RelaxedArg,
+    /// Which harvester read KVM's dirty log (`--dirty-ring`, else a bitmap).
+    pub harvester: pagetrack_kvm::DirtyHarvester,
 }

@@ -1192,6 +1192,60 @@ fn run_exact_and_relaxed_off_give_the_default_stream() {
     );
 }
 
+/// `--dirty-ring`: strict lines are byte for byte the default stream's (only the summary
+/// names the harvester), coalesced lines end with the first writer, a bad size is a usage
+/// error.
+#[test]
+fn run_with_a_dirty_ring_keeps_strict_lines_and_names_first_writers() {
+    let _kvm = kvm_or_skip!();
+    let dir = TempDir::new("ring");
+    let image = contract_guest(&dir);
+    let events = dir.path("events.jsonl");
+    let stream = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["--track", "0x5000+0x1000", "--track", "0x7000"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--events", events.to_str().unwrap()]);
+        let out = run_image(&image, &args);
+        assert_eq!(status(&out), 0, "stderr: {}", text(&out.stderr));
+        std::fs::read_to_string(&events)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let plain = stream(&[]);
+    let ring = stream(&["--dirty-ring", "256"]);
+    assert_eq!(plain.len(), ring.len());
+    let n = plain.len();
+    assert_eq!(plain[..n - 1], ring[..n - 1], "strict lines changed");
+    let summary: Value = serde_json::from_str(&ring[n - 1]).unwrap();
+    assert!(
+        summary["dirty_harvester"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("ring")),
+        "{summary}"
+    );
+    let relaxed = stream(&["--dirty-ring", "256", "--relaxed", "always"]);
+    let lines: Vec<Value> = relaxed
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ws = writes(&lines);
+    assert!(!ws.is_empty());
+    for (w, raw) in ws.iter().zip(&relaxed) {
+        assert_eq!(w["coalesced"], true, "{w}");
+        assert_eq!(w["first_writer"], 0, "{w}");
+        assert!(raw.ends_with(r#","first_writer":0}"#), "{raw}");
+        assert_eq!(w.as_object().unwrap().len(), 11, "{w}");
+    }
+    for bad in ["100", "128"] {
+        assert_usage_error(
+            &pagetrack(&["run", image.to_str().unwrap(), "--dirty-ring", bad]),
+            "dirty ring",
+        );
+    }
+}
+
 #[test]
 fn exec_busybox_relaxed_always_and_auto_match_native_output() {
     let _kvm = kvm_or_skip!();
@@ -1210,12 +1264,14 @@ fn exec_busybox_relaxed_always_and_auto_match_native_output() {
         .output()
         .unwrap();
     assert!(native.status.success());
-    for mode in ["always", "auto"] {
+    // The last run harvests from the dirty ring (single vCPU: every coalesced line names it).
+    for (mode, ring) in [("always", None), ("auto", None), ("auto", Some("1024"))] {
         let events = dir.path("ev.jsonl");
-        let out = pagetrack(&[
-            "exec",
-            "--relaxed",
-            mode,
+        let mut args = vec!["exec", "--relaxed", mode];
+        if let Some(entries) = ring {
+            args.extend_from_slice(&["--dirty-ring", entries]);
+        }
+        args.extend_from_slice(&[
             "--track",
             "writable",
             "--events",
@@ -1226,6 +1282,7 @@ fn exec_busybox_relaxed_always_and_auto_match_native_output() {
             "-n",
             input,
         ]);
+        let out = pagetrack(&args);
         assert_eq!(status(&out), 0, "{mode}: stderr {}", text(&out.stderr));
         assert!(
             out.stdout == native.stdout,
@@ -1245,5 +1302,22 @@ fn exec_busybox_relaxed_always_and_auto_match_native_output() {
             summary["coalesced_writes"].as_u64().unwrap() > 0,
             "{mode}: {summary}"
         );
+        let coalesced: Vec<Value> = raw
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|v| v["coalesced"] == true)
+            .collect();
+        if ring.is_some() {
+            assert!(
+                summary["dirty_harvester"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("ring")
+            );
+            assert!(coalesced.iter().all(|w| w["first_writer"] == 0));
+        } else {
+            assert!(summary.get("dirty_harvester").is_none(), "{summary}");
+            assert!(coalesced.iter().all(|w| w.get("first_writer").is_none()));
+        }
     }
 }

@@ -19,6 +19,33 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A dirty ring ([`crate::VmConfig::with_dirty_ring`]) on a host whose KVM offers neither
+    /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` nor `KVM_CAP_DIRTY_LOG_RING`.
+    #[error("KVM offers no dirty ring (asked for {entries} entries per vCPU)")]
+    DirtyRingUnsupported {
+        /// The entries asked for.
+        entries: u32,
+    },
+    /// A dirty ring size KVM would refuse: not a power of two, or outside `min..=max`.
+    #[error("dirty ring of {entries} entries: must be a power of two in {min}..={max}")]
+    DirtyRingSize {
+        /// The entries asked for.
+        entries: u32,
+        /// The smallest ring (a page).
+        min: u32,
+        /// The largest ring KVM offers.
+        max: u32,
+    },
+    /// KVM refused to enable the dirty ring: the VM already has vCPUs (KVM accepts the
+    /// ring only before the first one exists; a VM brought with [`crate::Vm::from_vm_fd`]
+    /// after the VMM created its vCPUs), or the host reserves more entries than asked (PML).
+    #[error("KVM refused a dirty ring of {entries} entries (vCPUs already created?)")]
+    DirtyRingRefused {
+        /// The entries asked for.
+        entries: u32,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
     /// `/dev/kvm` lacks something pagetrack needs.
     #[error("KVM lacks {what}")]
     MissingCapability {

@@ -126,6 +126,9 @@ enum Kind {
     Internal,
     /// A filtered `wrmsr` (see `pvmsr.rs`).
     Wrmsr { index: u32, data: u64 },
+    /// `KVM_EXIT_DIRTY_RING_FULL`: the rings are harvested and reset before the vCPU may
+    /// enter again (`ring.rs`).
+    RingFull,
 }
 
 /// The address-space lock held shared, without a borrow (see `update.rs`).
@@ -282,6 +285,13 @@ impl ExitHandler {
                 data: msr.data,
             }),
             Ok(VcpuExit::Intr) => Some(Kind::Served),
+            // kvm-ioctls 0.25 does not decode exit 31.
+            Ok(VcpuExit::Unsupported(reason))
+                if *reason == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL
+                    && vm.backend.rings.is_some() =>
+            {
+                Some(Kind::RingFull)
+            }
             Ok(_) => None,
         };
         if let Some(first) = self.split.take() {
@@ -385,6 +395,11 @@ impl ExitHandler {
                 }
             }
             Kind::Wrmsr { index, data } => self.wrmsr(fd, index, data)?,
+            Kind::RingFull => {
+                if let Some(rings) = &vm.backend.rings {
+                    rings.collect_full(&vm.backend.vm_fd)?;
+                }
+            }
         }
         Ok(Handled::Done)
     }

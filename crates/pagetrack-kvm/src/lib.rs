@@ -189,6 +189,14 @@
 //! call. [`Vm::checkpoint`] and [`Vm::restore`] share that harvest (snapshot reset: restore
 //! writes back exactly the pages written since the checkpoint, tracked frames with events).
 //!
+//! With [`VmConfig::with_dirty_ring`] every one of those harvests reads the vCPUs' dirty
+//! rings instead (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL` where offered: every ring, then
+//! `KVM_RESET_DIRTY_RINGS`, then the entries are dispatched by memslot id to every consumer),
+//! and relaxed frames' coalesced events name their first writer
+//! ([`pagetrack::WriteEvent::first_writer`]). KVM then keeps no bitmap for any memslot: a
+//! VMM's own slots get their pages from [`Vm::take_vmm_ring_dirty`], and its run loop must go
+//! through [`ExitHandler::run`], which handles `KVM_EXIT_DIRTY_RING_FULL` itself.
+//!
 //! The KVM integration tests live in `pagetrack-testkit/tests/kvm` (they boot guests with
 //! pagetrack-vmm, which depends on this crate).
 #![deny(unsafe_code)]
@@ -206,6 +214,7 @@ mod memory;
 mod pvmsr;
 mod ram;
 mod relaxed;
+mod ring;
 mod slots;
 mod store;
 mod string;
@@ -223,9 +232,11 @@ pub use pagetrack_x86::emulate;
 /// The guest page walker (moved to [`pagetrack_x86::walk`]).
 pub use pagetrack_x86::walk;
 pub use relaxed::{RelaxedConfig, RelaxedMode, RelaxedStats, SyncReport};
+pub use ring::RingStats;
 pub use slots::FragmentStats;
 pub use update::PageTableUpdate;
 pub use vcpu::{Exit, ExitBudget, IoData, IoHandler, Vcpu, VcpuStopper};
 pub use vm::{
-    DirtyProtect, HostCaps, KickSignal, KvmSlotIds, SyncRequester, Vm, VmConfig, VmStats,
+    DirtyHarvester, DirtyProtect, DirtyRing, HostCaps, KickSignal, KvmSlotIds, SyncRequester, Vm,
+    VmConfig, VmStats,
 };

@@ -719,11 +719,13 @@ fn drain(vm: &VmInner) {
         let Some((c, epoch)) = lock(&r.queue).pop_front() else {
             return;
         };
-        vm.tracker.report_write(
-            &WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
-                .with_old(&c.old)
-                .in_epoch(epoch),
-        );
+        let event = WriteEvent::new(Gpa(c.gpa), &c.new, Source::Guest)
+            .with_old(&c.old)
+            .in_epoch(epoch);
+        vm.tracker.report_write(&match c.first_writer {
+            Some(v) => event.first_written_by(v),
+            None => event,
+        });
     }
 }
 
@@ -733,6 +735,8 @@ struct Change {
     gpa: u64,
     old: Vec<u8>,
     new: Vec<u8>,
+    /// The frame's first writer in the epoch, where the dirty ring says.
+    first_writer: Option<u32>,
 }
 
 /// A sync; the caller holds the sync lock (or is delivering, see [`sync`]).
@@ -755,7 +759,8 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     // Until this sync succeeds, the next one is not skipped.
     r.quiet_at.store(u64::MAX, Ordering::Release);
     // 1 + 2: harvest and re-protect (per relaxed fragment: GET, then with manual protect
-    // CLEAR of exactly the harvested bits; `sys::KvmSlot::take_dirty_log`).
+    // CLEAR of exactly the harvested bits; `sys::KvmSlot::take_dirty_log`; with the dirty
+    // ring, every vCPU's ring, then one KVM_RESET_DIRTY_RINGS: `ring.rs`).
     let (dirty, cooled) = vm.backend.frags().harvest_relaxed(&vm.backend.vm_fd)?;
     let harvested = start.elapsed();
     let now = r.harvests.fetch_add(1, Ordering::Relaxed) + 1;
@@ -763,7 +768,7 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
         .store(nanos(r.born.elapsed()), Ordering::Relaxed);
     if dirty.is_empty() {
         if r.demotes() {
-            lock(&r.cooling).synced(&dirty, Instant::now());
+            lock(&r.cooling).synced(&[], Instant::now());
         }
         r.quiet_at
             .store(quiet.unwrap_or(u64::MAX), Ordering::Release);
@@ -777,7 +782,8 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     // Hot frames: KVM keeps reporting them, so the dirty logs learn of them from the diff
     // (content changed, a subset of written: what the VMM's log and the checkpoint restore
     // act on). Marked before delivery, as a trapped store marks before its event.
-    let (marks, active) = r.update_hot(&mut vm.backend.frags(), now, &dirty, &changed, &cooled);
+    let gpas: Vec<u64> = dirty.iter().map(|d| d.gpa).collect();
+    let (marks, active) = r.update_hot(&mut vm.backend.frags(), now, &gpas, &changed, &cooled);
     for f in marks {
         vm.ram.mark_dirty_for(f, PAGE_BYTES, true);
     }
@@ -804,13 +810,18 @@ fn sync_locked(vm: &VmInner) -> Result<SyncReport> {
     })
 }
 
-/// The changed runs of the `dirty` frames, and the frames with a change (in order).
-fn diff(vm: &VmInner, dirty: &[u64]) -> (Vec<Change>, Vec<u64>) {
+/// The changed runs of the `dirty` frames (with their first writers), and the frames with a
+/// change (in order).
+fn diff(vm: &VmInner, dirty: &[crate::slots::DirtyFrame]) -> (Vec<Change>, Vec<u64>) {
     let mem = vm.mem.memory();
     let mut shadows = lock(&vm.backend.relaxed.shadows);
     let mut out = Vec::new();
     let mut changed = Vec::new();
-    for &f in dirty {
+    for &crate::slots::DirtyFrame {
+        gpa: f,
+        first_writer,
+    } in dirty
+    {
         let before = out.len();
         let Some(sh) = shadows.get_mut(&f) else {
             continue;
@@ -830,6 +841,7 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> (Vec<Change>, Vec<u64>) {
                         gpa: f + at as u64 * 8,
                         old: o,
                         new: n,
+                        first_writer,
                     });
                 }
                 continue;
@@ -844,6 +856,7 @@ fn diff(vm: &VmInner, dirty: &[u64]) -> (Vec<Change>, Vec<u64>) {
                 gpa: f + at as u64 * 8,
                 old: o,
                 new: n,
+                first_writer,
             });
         }
         if out.len() > before {
@@ -979,6 +992,7 @@ fn settle_page(sh: &mut [u64; WORDS], at: u64, old: &[u8], new: &[u8], pending: 
                     gpa: byte_at,
                     old: vec![was],
                     new: vec![o],
+                    first_writer: None,
                 }),
             }
         }
@@ -1442,6 +1456,7 @@ mod tests {
                         gpa: byte_at,
                         old: vec![was],
                         new: vec![o],
+                        first_writer: None,
                     }),
                 }
             }

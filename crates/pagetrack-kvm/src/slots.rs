@@ -19,6 +19,7 @@ use vm_memory::GuestRegionMmap;
 
 use crate::dirty::DirtyBits;
 use crate::error::{Error, Result};
+use crate::ring::{DirtyRings, RingEntry};
 use crate::sys::KvmSlot;
 
 const PAGE: u64 = 4096;
@@ -51,6 +52,13 @@ pub(crate) trait SlotOps {
         manual: bool,
         keep: Option<&[u64]>,
     ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error>;
+
+    /// Harvests every vCPU's dirty ring and resets them (`KVM_RESET_DIRTY_RINGS`), see
+    /// [`DirtyRings::take`]. The fake KVM of the unit tests has no rings.
+    fn take_ring(&self, rings: &DirtyRings) -> Result<Vec<RingEntry>> {
+        let _ = rings;
+        Ok(Vec::new())
+    }
 }
 
 impl SlotOps for VmFd {
@@ -77,6 +85,10 @@ impl SlotOps for VmFd {
         keep: Option<&[u64]>,
     ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
         slot.take_dirty_log(self, manual, keep)
+    }
+
+    fn take_ring(&self, rings: &DirtyRings) -> Result<Vec<RingEntry>> {
+        rings.take(self)
     }
 }
 
@@ -105,6 +117,10 @@ impl<S: SlotOps + ?Sized> SlotOps for Arc<S> {
         keep: Option<&[u64]>,
     ) -> std::result::Result<Vec<u64>, kvm_ioctls::Error> {
         (**self).dirty_log(slot, manual, keep)
+    }
+
+    fn take_ring(&self, rings: &DirtyRings) -> Result<Vec<RingEntry>> {
+        (**self).take_ring(rings)
     }
 }
 
@@ -153,6 +169,9 @@ struct Chunk {
     lingering_count: u64,
     /// Set bits of `relaxed`.
     relaxed_count: u64,
+    /// With the dirty ring, the vCPU whose ring logged each pending frame (`None`: the rings
+    /// of several vCPUs did since the frame's last diff). Empty with the bitmap.
+    writers: std::collections::HashMap<u64, Option<u32>>,
     frags: Vec<KvmSlot>,
 }
 
@@ -269,6 +288,34 @@ impl Chunk {
             }
         }
     }
+
+    /// Adds one harvested dirty-ring entry (page `page` of the chunk, from vCPU `vcpu`'s
+    /// ring) to the relaxed frames' pending bits and first writers.
+    fn absorb_entry(&mut self, page: u64, vcpu: u32) {
+        if page >= self.pages || !self.is_relaxed(page) {
+            return;
+        }
+        let (w, b) = word_bit(page);
+        self.pending[w] |= 1 << b;
+        self.writers
+            .entry(page)
+            .and_modify(|v| {
+                if *v != Some(vcpu) {
+                    *v = None;
+                }
+            })
+            .or_insert(Some(vcpu));
+    }
+}
+
+/// A relaxed frame a harvest found dirty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DirtyFrame {
+    /// Its guest address.
+    pub(crate) gpa: u64,
+    /// With the dirty ring, the vCPU that dirtied it first since its previous diff (the only
+    /// vCPU whose ring logged it since); `None` with the bitmap or when several rings did.
+    pub(crate) first_writer: Option<u32>,
 }
 
 fn word_bit(page: u64) -> (usize, u32) {
@@ -356,6 +403,12 @@ pub(crate) struct Fragments {
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` is enabled on the VM: a harvest is
     /// `KVM_GET_DIRTY_LOG` then `KVM_CLEAR_DIRTY_LOG` of exactly the bits it returned.
     manual_protect: bool,
+    /// The dirty ring, which replaces every fragment's bitmap when the VM enabled it.
+    rings: Option<Arc<DirtyRings>>,
+    /// The guest address of each of pagetrack's KVM slots, by id: dispatches ring entries.
+    slot_base: std::collections::HashMap<u32, u64>,
+    /// Ring entries of memslots pagetrack does not own (the VMM's own), as (slot, page).
+    foreign: std::collections::BTreeSet<(u32, u64)>,
     stats: FragmentStats,
 }
 
@@ -376,6 +429,9 @@ impl Fragments {
             chunk_bytes,
             log_dirty,
             manual_protect: false,
+            rings: None,
+            slot_base: std::collections::HashMap::new(),
+            foreign: std::collections::BTreeSet::new(),
             stats: FragmentStats {
                 budget,
                 ..FragmentStats::default()
@@ -396,6 +452,52 @@ impl Fragments {
     /// True if harvests use `KVM_CLEAR_DIRTY_LOG`.
     pub(crate) fn manual_protect(&self) -> bool {
         self.manual_protect
+    }
+
+    /// Harvests come from the dirty ring from now on (the VM enabled it: no bitmaps).
+    pub(crate) fn set_rings(&mut self, rings: Arc<DirtyRings>) {
+        self.rings = Some(rings);
+    }
+
+    /// Harvests every vCPU's dirty ring, resets them (which re-protects the pages), then
+    /// dispatches each entry by memslot id to its region's [`DirtyBits`] (both consumers) and
+    /// its chunk's relaxed frames: the ring's one harvest, shared by every consumer as a
+    /// bitmap harvest is. A no-op without the ring.
+    fn drain_ring(&mut self, vm: &(impl SlotOps + ?Sized)) -> Result<()> {
+        let Some(rings) = self.rings.clone() else {
+            return Ok(());
+        };
+        let entries = vm.take_ring(&rings)?;
+        let mut foreign = 0u64;
+        for e in entries {
+            let Some(&base) = self.slot_base.get(&e.slot) else {
+                foreign += u64::from(self.foreign.insert((e.slot, e.offset)));
+                continue;
+            };
+            let Some(gpa) = e.offset.checked_mul(PAGE).and_then(|o| o.checked_add(base)) else {
+                continue;
+            };
+            let Some((r, c)) = self.locate(gpa) else {
+                continue;
+            };
+            if let Some(log) = &self.rams[r].dirty {
+                log.mark_for(gpa, 1, true);
+            }
+            let chunk = &mut self.rams[r].chunks[c];
+            let page = (gpa - chunk.gpa) / PAGE;
+            chunk.absorb_entry(page, e.vcpu);
+        }
+        if foreign > 0 {
+            rings.count_foreign(foreign);
+        }
+        Ok(())
+    }
+
+    /// The ring entries of memslots pagetrack does not own, as (slot, page), harvested
+    /// first; leaves them empty.
+    pub(crate) fn take_foreign(&mut self, vm: &(impl SlotOps + ?Sized)) -> Result<Vec<(u32, u64)>> {
+        self.drain_ring(vm)?;
+        Ok(std::mem::take(&mut self.foreign).into_iter().collect())
     }
 
     /// The ioctls of a harvest, for errors.
@@ -438,6 +540,7 @@ impl Fragments {
         self.account(t);
         match res {
             Ok(s) => {
+                self.slot_base.insert(id, gpa);
                 self.stats.fragments += 1;
                 self.stats.readonly_fragments += usize::from(ro);
                 Ok(s)
@@ -462,7 +565,13 @@ impl Fragments {
         harvest: bool,
     ) -> std::result::Result<Option<Vec<u64>>, (KvmSlot, Error)> {
         let mut bits = None;
-        if harvest && slot.log_dirty() {
+        if self.rings.is_some() && slot.log_dirty() && !slot.readonly() {
+            // The ring names slots by id: entries of this one are dispatched before the id
+            // is freed (and maybe reused at another address).
+            if let Err(e) = self.drain_ring(vm) {
+                return Err((slot, e));
+            }
+        } else if harvest && slot.log_dirty() {
             match vm.dirty_log(&slot, self.manual_protect, None) {
                 Ok(b) => bits = Some(b),
                 Err(e) => return Err((slot, Error::kvm(self.harvest_op())(e))),
@@ -473,6 +582,7 @@ impl Fragments {
         let res = vm.delete_slot(slot);
         self.account(t);
         res.map_err(|(slot, e)| (slot, Error::kvm("KVM_SET_USER_MEMORY_REGION")(e)))?;
+        self.slot_base.remove(&id);
         self.free_ids.push(id);
         self.stats.fragments -= 1;
         self.stats.readonly_fragments -= usize::from(ro);
@@ -548,6 +658,7 @@ impl Fragments {
                         lingering: vec![0; words],
                         lingering_count: 0,
                         relaxed_count: 0,
+                        writers: std::collections::HashMap::new(),
                         frags: vec![slot],
                     });
                 }
@@ -587,6 +698,9 @@ impl Fragments {
         if self.rams[r].dirty.is_none() {
             return Ok(());
         }
+        if self.rings.is_some() {
+            return self.drain_ring(vm);
+        }
         for c in 0..self.rams[r].chunks.len() {
             self.harvest_chunk(vm, r, c, false)?;
         }
@@ -602,6 +716,9 @@ impl Fragments {
         c: usize,
         relaxed_only: bool,
     ) -> Result<()> {
+        if self.rings.is_some() {
+            return self.drain_ring(vm);
+        }
         for i in 0..self.rams[r].chunks[c].frags.len() {
             let chunk = &self.rams[r].chunks[c];
             let s = &chunk.frags[i];
@@ -631,14 +748,19 @@ impl Fragments {
     /// `KVM_CLEAR_DIRTY_LOG` of exactly the harvested bits follows it) every fragment holding
     /// relaxed frames, then returns the guest addresses of the relaxed frames
     /// logged dirty since their last diff, in address order, and clears their pending bits.
-    /// Needs no vCPU pause. Costs one ioctl per relaxed fragment and O(dirty) more.
+    /// Needs no vCPU pause. Costs one ioctl per relaxed fragment and O(dirty) more; with the
+    /// dirty ring, one harvest of every vCPU's ring and one `KVM_RESET_DIRTY_RINGS` (all
+    /// rings are harvested before the reset, and the reset returns before any frame is
+    /// read), and each frame comes with its first writer.
     ///
     /// Also returns the frames whose cooling bit this harvest cleared (their KVM bits now
     /// cleared too): with the hot frames, the ones the dirty logs learn of from the diff.
     pub(crate) fn harvest_relaxed(
         &mut self,
         vm: &(impl SlotOps + ?Sized),
-    ) -> Result<(Vec<u64>, Vec<u64>)> {
+    ) -> Result<(Vec<DirtyFrame>, Vec<u64>)> {
+        self.drain_ring(vm)?;
+        let ring = self.rings.is_some();
         let mut out = Vec::new();
         let mut cooled = Vec::new();
         for r in 0..self.rams.len() {
@@ -646,10 +768,16 @@ impl Fragments {
                 if self.rams[r].chunks[c].relaxed_count == 0 {
                     continue;
                 }
-                self.harvest_chunk(vm, r, c, true)?;
+                if !ring {
+                    self.harvest_chunk(vm, r, c, true)?;
+                }
                 let chunk = &mut self.rams[r].chunks[c];
+                let writers = std::mem::take(&mut chunk.writers);
                 out.extend(
-                    crate::dirty::set_bits(&chunk.pending).map(|page| chunk.gpa + page * PAGE),
+                    crate::dirty::set_bits(&chunk.pending).map(|page| DirtyFrame {
+                        gpa: chunk.gpa + page * PAGE,
+                        first_writer: writers.get(&page).copied().flatten(),
+                    }),
                 );
                 chunk.pending.fill(0);
                 if chunk.cooling_count > 0 {
@@ -727,6 +855,7 @@ impl Fragments {
             } else {
                 chunk.relaxed[w] &= !(1 << b);
                 chunk.pending[w] &= !(1 << b);
+                chunk.writers.remove(&page);
                 chunk.relaxed_count -= 1;
                 chunk.unheat(page);
             }
@@ -1131,6 +1260,7 @@ mod tests {
                     lingering: vec![0; words],
                     lingering_count: 0,
                     relaxed_count: 0,
+                    writers: std::collections::HashMap::new(),
                     frags: Vec::new(),
                 }
             })
@@ -1456,6 +1586,7 @@ mod mode_model {
                 lingering: vec![0; words],
                 lingering_count: 0,
                 relaxed_count: 0,
+                writers: std::collections::HashMap::new(),
                 frags: Vec::new(),
             })
             .collect();

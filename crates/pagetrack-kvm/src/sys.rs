@@ -3,7 +3,8 @@
 //! JUSTIFICATION: kvm-ioctls marks `KVM_SET_USER_MEMORY_REGION` unsafe (the kernel keeps the
 //! host address), reading the `kvm_run` exit union is unsafe, signalling a vCPU thread
 //! needs raw pthread calls, kvm-ioctls has no `KVM_CLEAR_DIRTY_LOG` (a raw ioctl with a
-//! bitmap pointer), and word-consistent loads of guest frames at full speed need an atomic
+//! bitmap pointer) and no dirty-ring API (`mmap` of a vCPU's ring, its entries read and
+//! released as atomics, `KVM_RESET_DIRTY_RINGS`), and word-consistent loads of guest frames at full speed need an atomic
 //! view of the mapping. Nothing else in the crate uses unsafe.
 #![allow(unsafe_code)]
 
@@ -440,6 +441,154 @@ pub(crate) fn dup_kvm(kvm: &kvm_ioctls::Kvm) -> Result<kvm_ioctls::Kvm, kvm_ioct
     // SAFETY: `owned` is a fresh fd (a dup of an open /dev/kvm) whose ownership moves into
     // the Kvm, which closes it on drop.
     Ok(unsafe { kvm_ioctls::Kvm::from_raw_fd(owned.into_raw_fd()) })
+}
+
+vmm_sys_util::ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
+
+/// `kvm_dirty_gfn.flags`: KVM published the entry.
+const DIRTY_GFN_DIRTY: u32 = 1;
+/// `kvm_dirty_gfn.flags`: userspace harvested the entry (KVM zeroes it at the next reset).
+const DIRTY_GFN_RESET: u32 = 2;
+
+/// Enables the dirty ring on the VM (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL` if `acq_rel`, else
+/// `KVM_CAP_DIRTY_LOG_RING`), `bytes` per vCPU. KVM refuses it (EINVAL) once a vCPU exists.
+pub(crate) fn enable_dirty_ring(
+    vm: &VmFd,
+    acq_rel: bool,
+    bytes: u32,
+) -> Result<(), kvm_ioctls::Error> {
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: if acq_rel {
+            kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+        } else {
+            kvm_bindings::KVM_CAP_DIRTY_LOG_RING
+        },
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(bytes);
+    vm.enable_cap(&cap)
+}
+
+/// `KVM_RESET_DIRTY_RINGS`: KVM zeroes every harvested entry of every vCPU's ring and
+/// write-protects their pages again (then flushes TLBs), so a later store is logged anew.
+/// Retried on EINTR (a pending kick signal). Returns the entries reset.
+pub(crate) fn reset_dirty_rings(vm: &VmFd) -> Result<u32, kvm_ioctls::Error> {
+    loop {
+        // SAFETY: `vm` is a VM fd; KVM_RESET_DIRTY_RINGS takes no argument and touches no
+        // userspace memory (it reads the rings KVM itself mapped).
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
+        if rc >= 0 {
+            return Ok(u32::try_from(rc).unwrap_or(u32::MAX));
+        }
+        let e = kvm_ioctls::Error::last();
+        if e.errno() != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
+/// One vCPU's dirty ring, mapped from its fd at `KVM_DIRTY_LOG_PAGE_OFFSET`: `entries`
+/// `kvm_dirty_gfn`s KVM fills in order and userspace harvests in order from `fetch`.
+#[derive(Debug)]
+pub(crate) struct DirtyRingMap {
+    base: std::ptr::NonNull<kvm_bindings::kvm_dirty_gfn>,
+    entries: u32,
+    /// The next entry to harvest (modulo `entries`).
+    fetch: u32,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value (unmapped on drop); every
+// access goes through `harvest` (`&mut self`), with the entry flags read and written as
+// atomics by the acquire/release protocol KVM documents, so the value may move to and be
+// used from any thread.
+unsafe impl Send for DirtyRingMap {}
+
+impl DirtyRingMap {
+    /// Maps the ring of vCPU `fd`, `bytes` long (the size the VM enabled).
+    pub(crate) fn map(fd: &VcpuFd, bytes: u32) -> Result<DirtyRingMap, kvm_ioctls::Error> {
+        use std::os::fd::AsRawFd;
+        let entry = std::mem::size_of::<kvm_bindings::kvm_dirty_gfn>();
+        let len = usize::try_from(bytes).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+        if len == 0 || !len.is_multiple_of(entry) {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        let offset = libc::off_t::from(kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET) * 4096;
+        // SAFETY: a fresh shared mapping of `len` bytes of the vCPU fd at KVM's dirty-ring
+        // offset; no existing memory is affected, and the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(kvm_ioctls::Error::last());
+        }
+        let base = std::ptr::NonNull::new(ptr.cast::<kvm_bindings::kvm_dirty_gfn>())
+            .ok_or_else(|| kvm_ioctls::Error::new(libc::ENOMEM))?;
+        Ok(DirtyRingMap {
+            base,
+            entries: u32::try_from(len / entry)
+                .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?,
+            fetch: 0,
+        })
+    }
+
+    /// Harvests every entry KVM published since the last harvest, in ring order: calls
+    /// `each(slot, offset)` (slot = `as_id << 16 | id`, offset = page index in the slot) and
+    /// marks the entry harvested. The pages stay writable until `KVM_RESET_DIRTY_RINGS`
+    /// ([`reset_dirty_rings`]). Safe while the vCPU runs (KVM_CAP_DIRTY_LOG_RING_ACQ_REL's
+    /// protocol: KVM writes slot and offset, then publishes DIRTY with a release store;
+    /// this reads DIRTY with an acquire load, then slot and offset, then stores RESET with
+    /// release, which KVM reads with acquire before reusing the entry). Returns the count.
+    pub(crate) fn harvest(&mut self, mut each: impl FnMut(u32, u64)) -> u32 {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let mut n = 0;
+        // At most one lap: a full ring holds `entries` published entries.
+        while n < self.entries {
+            let i = usize::try_from(self.fetch % self.entries).expect("u32 fits usize");
+            // Field addresses by offset (no dereference): `i < entries` keeps the entry
+            // inside the live mapping (`map`), page-aligned base and 16-byte entries keep
+            // each field naturally aligned.
+            let gfn = self.base.as_ptr().wrapping_add(i).cast::<u8>();
+            let field = |at: usize| gfn.wrapping_add(at);
+            let flags_at = field(std::mem::offset_of!(kvm_bindings::kvm_dirty_gfn, flags));
+            let slot_at = field(std::mem::offset_of!(kvm_bindings::kvm_dirty_gfn, slot));
+            let offset_at = field(std::mem::offset_of!(kvm_bindings::kvm_dirty_gfn, offset));
+            // SAFETY: `flags_at` is an aligned u32 inside the live entry (above); KVM and this
+            // thread access it concurrently, every userspace access through this atomic.
+            let flags = unsafe { AtomicU32::from_ptr(flags_at.cast::<u32>()) };
+            // Acquire: pairs with KVM's release of DIRTY, so slot and offset are complete.
+            if flags.load(Ordering::Acquire) & DIRTY_GFN_DIRTY == 0 {
+                break;
+            }
+            // SAFETY: an aligned u32 inside the live entry; KVM does not write it again until
+            // this entry is harvested (RESET below) and reset, so the read is not torn.
+            let slot = unsafe { slot_at.cast::<u32>().read_volatile() };
+            // SAFETY: as for `slot`, an aligned u64 of the same entry.
+            let offset = unsafe { offset_at.cast::<u64>().read_volatile() };
+            // Release: the reads above happen before KVM may reuse the entry.
+            flags.store(DIRTY_GFN_RESET, Ordering::Release);
+            each(slot, offset);
+            self.fetch = self.fetch.wrapping_add(1);
+            n += 1;
+        }
+        n
+    }
+}
+
+impl Drop for DirtyRingMap {
+    fn drop(&mut self) {
+        let len = self.entries as usize * std::mem::size_of::<kvm_bindings::kvm_dirty_gfn>();
+        // SAFETY: unmaps exactly the mapping `map` made, which nothing else references (the
+        // value owns it and `harvest` borrows it mutably).
+        let rc = unsafe { libc::munmap(self.base.as_ptr().cast(), len) };
+        debug_assert_eq!(rc, 0, "munmap of a dirty ring");
+    }
 }
 
 #[cfg(test)]

@@ -59,6 +59,63 @@ pub struct VmConfig {
     /// How dirty logs are harvested and re-protected (relaxed syncs and
     /// [`Vm::take_dirty_log`] alike).
     pub dirty_protect: DirtyProtect,
+    /// The dirty ring instead of the bitmaps ([`VmConfig::with_dirty_ring`]); `None` (the
+    /// default) harvests bitmaps as [`VmConfig::dirty_protect`] says.
+    pub dirty_ring: Option<DirtyRing>,
+}
+
+/// A per-vCPU dirty ring (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`, else `KVM_CAP_DIRTY_LOG_RING`;
+/// [`VmConfig::with_dirty_ring`]): every harvest (relaxed syncs, [`Vm::take_dirty_log`],
+/// re-cuts, checkpoints) reads the vCPUs' rings and resets them with one
+/// `KVM_RESET_DIRTY_RINGS`, and coalesced events carry their frame's first writer
+/// ([`pagetrack::WriteEvent::first_writer`]). On x86 the ring replaces KVM's dirty bitmaps
+/// for the whole VM (the VMM's own `KVM_GET_DIRTY_LOG` fails too). KVM accepts it only
+/// before the VM's first vCPU exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct DirtyRing {
+    /// Entries per vCPU (16 bytes each): a power of two, at least a page's worth (256),
+    /// at most what KVM offers ([`HostCaps::dirty_ring_bytes`] / 16).
+    pub entries: u32,
+}
+
+impl DirtyRing {
+    /// A ring of `entries` entries per vCPU (checked when the VM is set up).
+    pub fn entries(entries: u32) -> DirtyRing {
+        DirtyRing { entries }
+    }
+
+    /// The smallest ring KVM accepts here: a page (4 KiB, 256 entries). Hosts with PML
+    /// reserve 512 entries more (KVM then refuses below 1,024: [`Error::DirtyRingRefused`]).
+    pub const MIN_ENTRIES: u32 = 256;
+}
+
+/// How a VM harvests dirty pages ([`Vm::dirty_harvester`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DirtyHarvester {
+    /// The dirty ring, `entries` per vCPU; `acq_rel` if `KVM_CAP_DIRTY_LOG_RING_ACQ_REL`.
+    Ring {
+        /// Entries per vCPU.
+        entries: u32,
+        /// The acquire/release variant of the capability is enabled.
+        acq_rel: bool,
+    },
+    /// The bitmap with manual protect (`KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG`).
+    ManualProtect,
+    /// The bitmap with plain `KVM_GET_DIRTY_LOG`.
+    Plain,
+}
+
+impl std::fmt::Display for DirtyHarvester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DirtyHarvester::Ring { acq_rel: true, .. } => f.write_str("ring-acq-rel"),
+            DirtyHarvester::Ring { acq_rel: false, .. } => f.write_str("ring"),
+            DirtyHarvester::ManualProtect => f.write_str("manual-protect"),
+            DirtyHarvester::Plain => f.write_str("get-dirty-log"),
+        }
+    }
 }
 
 /// How pagetrack harvests KVM's dirty logs ([`VmConfig::dirty_protect`]).
@@ -168,6 +225,7 @@ impl Default for VmConfig {
             relaxed: RelaxedConfig::default(),
             kick: KickSignal::default(),
             dirty_protect: DirtyProtect::Auto,
+            dirty_ring: None,
         }
     }
 }
@@ -246,11 +304,61 @@ impl VmConfig {
         self
     }
 
+    /// The same configuration with a dirty ring of `ring` (see [`DirtyRing`]) instead of the
+    /// bitmaps. Refused at set-up ([`Error::DirtyRingSize`], [`Error::DirtyRingUnsupported`],
+    /// [`Error::DirtyRingRefused`]) rather than ignored, as is `DirtyProtect::Manual`
+    /// with it ([`Error::InvalidConfig`]).
+    pub fn with_dirty_ring(mut self, ring: DirtyRing) -> VmConfig {
+        self.dirty_ring = Some(ring);
+        self
+    }
+
+    /// [`VmConfig::with_dirty_ring`] if `ring` is `Some`, else the same configuration
+    /// without a ring (for VMMs that pass an optional setting through).
+    pub fn with_dirty_ring_if(mut self, ring: Option<DirtyRing>) -> VmConfig {
+        self.dirty_ring = ring;
+        self
+    }
+
     /// The same configuration with the zap-all quirk left as KVM has it.
     pub fn keep_slot_zap_all(mut self) -> VmConfig {
         self.disable_slot_zap_all = false;
         self
     }
+}
+
+/// Checks a requested dirty ring against the host: returns its size in bytes and whether
+/// the acquire/release capability is used (preferred where KVM offers it).
+fn ring_setup(caps: &HostCaps, ring: DirtyRing, protect: DirtyProtect) -> Result<(u32, bool)> {
+    if protect == DirtyProtect::Manual {
+        return Err(Error::InvalidConfig {
+            reason: "DirtyProtect::Manual has no effect with the dirty ring (it replaces the \
+                     bitmaps): leave it Auto",
+        });
+    }
+    let acq_rel = caps.dirty_ring_acq_rel_bytes > 0;
+    let max_bytes = if acq_rel {
+        caps.dirty_ring_acq_rel_bytes
+    } else {
+        caps.dirty_ring_bytes
+    };
+    if max_bytes == 0 {
+        return Err(Error::DirtyRingUnsupported {
+            entries: ring.entries,
+        });
+    }
+    let max_entries = max_bytes / 16;
+    if !ring.entries.is_power_of_two()
+        || ring.entries < DirtyRing::MIN_ENTRIES
+        || ring.entries > max_entries
+    {
+        return Err(Error::DirtyRingSize {
+            entries: ring.entries,
+            min: DirtyRing::MIN_ENTRIES,
+            max: max_entries,
+        });
+    }
+    Ok((ring.entries * 16, acq_rel))
 }
 
 /// What this host's KVM offers that pagetrack uses.
@@ -267,6 +375,9 @@ pub struct HostCaps {
     pub sync_regs: u32,
     /// `KVM_CAP_DIRTY_LOG_RING` size in bytes (0 if absent).
     pub dirty_ring_bytes: u32,
+    /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` size in bytes (0 if absent): the ring whose
+    /// harvest from another thread while vCPUs run is ordered by acquire/release.
+    pub dirty_ring_acq_rel_bytes: u32,
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` flags (0 if absent; bit 0 manual protect, bit 1
     /// initially-set).
     pub manual_dirty_protect: u32,
@@ -326,6 +437,10 @@ impl HostCaps {
             disable_quirks2: u64::try_from(raw(KVM_CAP_DISABLE_QUIRKS2)).unwrap_or(0),
             sync_regs: u32::try_from(raw(kvm_bindings::KVM_CAP_SYNC_REGS)).unwrap_or(0),
             dirty_ring_bytes: u32::try_from(raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)).unwrap_or(0),
+            dirty_ring_acq_rel_bytes: u32::try_from(raw(
+                kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+            ))
+            .unwrap_or(0),
             manual_dirty_protect: u32::try_from(raw(
                 kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
             ))
@@ -395,6 +510,8 @@ pub(crate) struct Counters {
 pub(crate) struct Backend {
     /// Shared with the VMM when it brought its own ([`Vm::from_vm_fd`]).
     pub(crate) vm_fd: Arc<VmFd>,
+    /// The vCPUs' dirty rings, when the VM enabled them ([`VmConfig::with_dirty_ring`]).
+    pub(crate) rings: Option<Arc<crate::ring::DirtyRings>>,
     pub(crate) gate: Gate,
     /// The address-space lock: completions against page-table updates (`update.rs`).
     pub(crate) updates: crate::update::Updates,
@@ -893,7 +1010,12 @@ impl Vm {
         config.check(&caps)?;
         let offered =
             caps.manual_dirty_protect & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0;
+        let ring = match config.dirty_ring {
+            Some(ring) => Some(ring_setup(&caps, ring, config.dirty_protect)?),
+            None => None,
+        };
         let manual = match config.dirty_protect {
+            _ if ring.is_some() => false,
             DirtyProtect::Auto => offered && own_vm,
             DirtyProtect::Manual if !offered => {
                 return Err(Error::MissingCapability {
@@ -919,6 +1041,18 @@ impl Vm {
             crate::sys::enable_manual_protect(&vm_fd)
                 .map_err(Error::kvm("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
         }
+        let rings = match ring {
+            Some((bytes, acq_rel)) => {
+                crate::sys::enable_dirty_ring(&vm_fd, acq_rel, bytes).map_err(|source| {
+                    Error::DirtyRingRefused {
+                        entries: bytes / 16,
+                        source,
+                    }
+                })?;
+                Some(Arc::new(crate::ring::DirtyRings::new(bytes, acq_rel)))
+            }
+            None => None,
+        };
         let (first_id, budget) = match config.kvm_slots {
             Some(ids) => (ids.first, usize::try_from(ids.count).unwrap_or(usize::MAX)),
             None => (
@@ -942,7 +1076,11 @@ impl Vm {
         }
         let mut frags = Fragments::new(first_id, budget, chunk, config.dirty_log);
         frags.set_manual_protect(manual);
+        if let Some(rings) = &rings {
+            frags.set_rings(Arc::clone(rings));
+        }
         let backend = Arc::new(Backend {
+            rings,
             vm_fd,
             gate: Gate::default(),
             updates: crate::update::Updates::default(),
@@ -1036,6 +1174,42 @@ impl Vm {
     /// with plain `KVM_GET_DIRTY_LOG`.
     pub fn manual_dirty_protect(&self) -> bool {
         self.inner.backend.frags().manual_protect()
+    }
+
+    /// Which harvester reads KVM's dirty log: the ring, manual protect or plain
+    /// `KVM_GET_DIRTY_LOG` ([`VmConfig::with_dirty_ring`], [`VmConfig::with_dirty_protect`]).
+    pub fn dirty_harvester(&self) -> DirtyHarvester {
+        if let Some(r) = &self.inner.backend.rings {
+            return DirtyHarvester::Ring {
+                entries: r.entries(),
+                acq_rel: r.acq_rel(),
+            };
+        }
+        if self.manual_dirty_protect() {
+            DirtyHarvester::ManualProtect
+        } else {
+            DirtyHarvester::Plain
+        }
+    }
+
+    /// With the dirty ring on a VM the VMM brought ([`Vm::from_vm_fd`]): the pages of the
+    /// VMM's own memslots the rings logged since the last call, as (memslot id, page index
+    /// in the slot), ascending, each once. The ring is the VM's only dirty log (KVM keeps no
+    /// bitmap with it), so pagetrack's harvests keep these for the VMM rather than drop
+    /// them. Empty without the ring.
+    ///
+    /// # Errors
+    /// A failed ring harvest or `KVM_RESET_DIRTY_RINGS`.
+    pub fn take_vmm_ring_dirty(&self) -> Result<Vec<(u32, u64)>> {
+        self.inner
+            .backend
+            .frags()
+            .take_foreign(&self.inner.backend.vm_fd)
+    }
+
+    /// Dirty-ring counters (`None` without the ring).
+    pub fn ring_stats(&self) -> Option<crate::ring::RingStats> {
+        self.inner.backend.rings.as_ref().map(|r| r.stats())
     }
 
     /// Size of the KVM memslot chunks RAM is registered in.
@@ -1276,11 +1450,16 @@ impl Vm {
     /// Duplicate index or a KVM failure.
     pub fn create_vcpu(&self, index: u32) -> Result<Vcpu> {
         let fd = self.register_vcpu(index, || {
-            self.inner
+            let fd = self
+                .inner
                 .backend
                 .vm_fd
                 .create_vcpu(u64::from(index))
-                .map_err(Error::kvm("KVM_CREATE_VCPU"))
+                .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+            if let Some(rings) = &self.inner.backend.rings {
+                rings.add_vcpu(index, &fd)?;
+            }
+            Ok(fd)
         })?;
         Ok(Vcpu::new(index, fd, Arc::clone(&self.inner)))
     }
@@ -1294,7 +1473,10 @@ impl Vm {
     /// # Errors
     /// Duplicate index; the stall monitor thread cannot be started.
     pub fn exit_handler(&self, index: u32, fd: &mut VcpuFd) -> Result<crate::ExitHandler> {
-        self.register_vcpu(index, || Ok(()))?;
+        self.register_vcpu(index, || match &self.inner.backend.rings {
+            Some(rings) => rings.add_vcpu(index, fd),
+            None => Ok(()),
+        })?;
         Ok(crate::ExitHandler::new(
             index,
             fd,

@@ -27,10 +27,16 @@ type Seen = (u64, Vec<u8>, Option<Vec<u8>>, Source, &'static str);
 struct Log {
     events: Mutex<Vec<Seen>>,
     name: &'static str,
+    /// Exact events that carried a first-writer hint (the contract: only coalesced ones may).
+    hinted_exact: std::sync::atomic::AtomicUsize,
 }
 
 impl TrackNotifier for Log {
     fn track_write(&self, e: &WriteEvent<'_>) {
+        if !e.is_coalesced() && e.first_writer.is_some() {
+            self.hinted_exact
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Ok(mut v) = self.events.lock() {
             v.push((
                 e.gpa.0,
@@ -48,6 +54,7 @@ impl Log {
         Arc::new(Log {
             events: Mutex::default(),
             name,
+            hinted_exact: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -133,6 +140,13 @@ pub fn assert_notifier_contract<H: Harness>(make: impl Fn() -> H) {
     if h.knows_old_bytes() {
         assert_eq!(old.as_deref(), Some(&[1u8, 2, 3, 4][..]), "old bytes");
     }
+    assert_eq!(
+        new_log
+            .hinted_exact
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "an exact event carries a first-writer hint (only coalesced events may)"
+    );
     assert_eq!(old_log.take().len(), 1);
     assert_eq!(coh.take().len(), 1);
     assert_eq!(

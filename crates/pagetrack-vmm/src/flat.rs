@@ -45,6 +45,8 @@ pub struct FlatConfig {
     pub max_exits: Option<u64>,
     /// Relaxed mode of tracked frames (off by default: one exact event per store).
     pub relaxed: pagetrack_kvm::RelaxedConfig,
+    /// The VM's dirty ring instead of the dirty bitmaps (`None`, the default: bitmaps).
+    pub dirty_ring: Option<pagetrack_kvm::DirtyRing>,
 }
 
 impl Default for FlatConfig {
@@ -57,6 +59,7 @@ impl Default for FlatConfig {
             timeout: None,
             max_exits: None,
             relaxed: pagetrack_kvm::RelaxedConfig::default(),
+            dirty_ring: None,
         }
     }
 }
@@ -99,6 +102,12 @@ impl FlatConfig {
     /// With relaxed mode set up as `relaxed`.
     pub fn relaxed(mut self, relaxed: pagetrack_kvm::RelaxedConfig) -> FlatConfig {
         self.relaxed = relaxed;
+        self
+    }
+
+    /// With the VM's dirty ring of `ring` (see [`pagetrack_kvm::DirtyRing`]), or without.
+    pub fn dirty_ring(mut self, ring: Option<pagetrack_kvm::DirtyRing>) -> FlatConfig {
+        self.dirty_ring = ring;
         self
     }
 }
@@ -175,7 +184,8 @@ impl FlatGuest {
         let vm = Vm::new(
             VmConfig::default()
                 .with_ram(config.mem)
-                .with_relaxed(config.relaxed),
+                .with_relaxed(config.relaxed)
+                .with_dirty_ring_if(config.dirty_ring),
         )?;
         Self::with_vm(vm, config, image)
     }

@@ -55,6 +55,12 @@ pub struct WriteEvent<'a> {
     /// one store, as it happened. Only notifiers registered with [`Delivery::Coalesced`]
     /// make a backend relax frames; see [`Delivery`].
     pub coalesced: Option<u64>,
+    /// For a coalesced event, the vCPU that dirtied its frame first during the epoch, where
+    /// the backend knows it (pagetrack-kvm's dirty ring: the vCPU whose ring logged the
+    /// frame, when only one did); `None` otherwise (the dirty bitmap says no writer, and
+    /// every exact event names its writer in [`WriteEvent::source`]). A hint, not the writer
+    /// of these bytes: later stores in the epoch, by any vCPU, are not logged.
+    pub first_writer: Option<u32>,
 }
 
 impl<'a> WriteEvent<'a> {
@@ -67,6 +73,7 @@ impl<'a> WriteEvent<'a> {
             old: None,
             source,
             coalesced: None,
+            first_writer: None,
         }
     }
 
@@ -74,6 +81,13 @@ impl<'a> WriteEvent<'a> {
     /// [`WriteEvent::coalesced`]).
     pub fn in_epoch(mut self, epoch: u64) -> WriteEvent<'a> {
         self.coalesced = Some(epoch);
+        self
+    }
+
+    /// The same event with vCPU `vcpu` as the first writer of its frame in the epoch (see
+    /// [`WriteEvent::first_writer`]).
+    pub fn first_written_by(mut self, vcpu: u32) -> WriteEvent<'a> {
+        self.first_writer = Some(vcpu);
         self
     }
 

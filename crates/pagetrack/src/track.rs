@@ -745,6 +745,7 @@ impl PageTracker {
                     old: event.old.and_then(|o| o.get(range.clone())),
                     source: event.source,
                     coalesced: event.coalesced,
+                    first_writer: event.first_writer,
                 };
                 self.writes_tracked.fetch_add(1, Ordering::Relaxed);
                 self.bytes_tracked

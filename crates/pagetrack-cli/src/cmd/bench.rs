@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Measure relaxed mode only (its rows: rep stosb, and the sync cost sweep by dirty and
-    /// relaxed frames, plain and manual-protect harvests).
+    /// relaxed frames, plain, manual-protect and dirty-ring harvests).
     #[arg(long)]
     pub relaxed_only: bool,
 }

@@ -67,6 +67,9 @@ struct Caps {
     sync_regs_names: Vec<&'static str>,
     /// `KVM_CAP_DIRTY_LOG_RING`: the largest dirty ring per vCPU in bytes (0: none).
     dirty_ring_bytes: u32,
+    /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL`: the same for the acquire/release ring, which
+    /// pagetrack prefers (`--dirty-ring`) (0: none).
+    dirty_ring_acq_rel_bytes: u32,
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` flags (0: none); pagetrack harvests with
     /// `KVM_CLEAR_DIRTY_LOG` when bit 0 is set.
     manual_dirty_protect: u32,
@@ -115,6 +118,7 @@ impl Caps {
                 .map(|(_, n)| *n)
                 .collect(),
             dirty_ring_bytes: h.dirty_ring_bytes,
+            dirty_ring_acq_rel_bytes: h.dirty_ring_acq_rel_bytes,
             manual_dirty_protect: h.manual_dirty_protect,
             msr_filter: h.msr_filter,
         }
@@ -243,6 +247,16 @@ impl Caps {
                 "dirty ring:      up to {} bytes per vCPU ({} entries)",
                 thousands(u64::from(self.dirty_ring_bytes)),
                 thousands(u64::from(self.dirty_ring_bytes / DIRTY_GFN_BYTES))
+            )?;
+        }
+        if self.dirty_ring_acq_rel_bytes == 0 {
+            writeln!(out, "ring acq/rel:    not offered")?;
+        } else {
+            writeln!(
+                out,
+                "ring acq/rel:    up to {} entries per vCPU (used by --dirty-ring: harvests \
+                 every vCPU's ring, then KVM_RESET_DIRTY_RINGS; first-writer hints)",
+                thousands(u64::from(self.dirty_ring_acq_rel_bytes / DIRTY_GFN_BYTES))
             )?;
         }
         if self.manual_dirty_protect & 1 == 0 {

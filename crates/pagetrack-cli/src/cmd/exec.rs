@@ -314,7 +314,8 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         .stdout(Output::Inherit)
         .stderr(Output::Inherit)
         .timeout(args.timeout)
-        .relaxed(relaxed.config(&args.policy));
+        .relaxed(relaxed.config(&args.policy))
+        .dirty_ring(args.policy.dirty_ring());
     if let Some(d) = &args.dir {
         config = config.dir(d);
     }
@@ -328,7 +329,11 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         | pagetrack_vmm::Error::ProgramRefused { .. }
         | pagetrack_vmm::Error::ImageTooLarge { .. }
         | pagetrack_vmm::Error::ProcUnderRoot { .. }
-        | pagetrack_vmm::Error::SandboxDir { .. } => anyhow::Error::new(UsageError::from_chain(&e)),
+        | pagetrack_vmm::Error::SandboxDir { .. }
+        | pagetrack_vmm::Error::Backend(
+            pagetrack_kvm::Error::DirtyRingSize { .. }
+            | pagetrack_kvm::Error::DirtyRingUnsupported { .. },
+        ) => anyhow::Error::new(UsageError::from_chain(&e)),
         other => anyhow::Error::new(other).context("cannot start the program"),
     })?;
     let target = args.events.clone().map(Target::File);
@@ -370,6 +375,10 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         let r = vm.stats().relaxed;
         summary = summary.with_relaxed(r.frames_relaxed, totals.coalesced_writes);
     }
+    let harvester = vm.dirty_harvester();
+    if matches!(harvester, pagetrack_kvm::DirtyHarvester::Ring { .. }) {
+        summary = summary.with_harvester(harvester);
+    }
     sink.finish(
         ExitLine::new(reason, Some(outcome.end.status()), detail),
         summary,
@@ -396,7 +405,7 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
                 "pagetrack: relaxed ({relaxed:?}): {} frames ran relaxed, {} coalesced write events, \
                  {} syncs in {:.1} ms, {} promotions, {} demotions ({} cold), \
                  {} rep stores promoted; {} re-cuts ({} memslot changes in {:.1} ms), \
-                 {} pauses in {:.1} ms; {} frames made hot ({} cooled)",
+                 {} pauses in {:.1} ms; {} frames made hot ({} cooled); {} harvest",
                 r.frames_relaxed,
                 totals.coalesced_writes,
                 r.syncs,
@@ -411,7 +420,8 @@ pub fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
                 stats.pauses,
                 stats.pause_ns as f64 / 1e6,
                 r.hot_promotions,
-                r.hot_cooled
+                r.hot_cooled,
+                vm.dirty_harvester()
             )
             .context("cannot write to standard error")?;
         }

@@ -19,7 +19,7 @@ const RAM: u64 = 16 << 20;
 const PAGES: u64 = 16;
 
 /// Guest: for k in 0..rcx: `[rdi] = rsi`, `[rdi + 0x808] = !rsi`, rsi += 1, rdi += rdx.
-fn page_writer() -> Vec<u8> {
+pub(crate) fn page_writer() -> Vec<u8> {
     assemble(ENTRY, |a| {
         let mut top = a.create_label();
         a.set_label(&mut top)?;
@@ -36,7 +36,7 @@ fn page_writer() -> Vec<u8> {
 }
 
 /// Sets the vCPU to enter the guest program afresh with these arguments.
-fn enter(g: &Guest, at: u64, count: u64, stride: u64, value: u64) {
+pub(crate) fn enter(g: &Guest, at: u64, count: u64, stride: u64, value: u64) {
     let fd = g.vcpus[0].fd();
     let mut regs = fd.get_regs().unwrap();
     regs.rip = ENTRY;
@@ -46,7 +46,7 @@ fn enter(g: &Guest, at: u64, count: u64, stride: u64, value: u64) {
     fd.set_regs(&regs).unwrap();
 }
 
-fn pages_of(bitmap: &[u64]) -> BTreeSet<u64> {
+pub(crate) fn pages_of(bitmap: &[u64]) -> BTreeSet<u64> {
     (0..bitmap.len() as u64 * 64)
         .filter(|p| bitmap[usize::try_from(p / 64).unwrap()] & (1 << (p % 64)) != 0)
         .collect()

@@ -24,6 +24,8 @@ pub struct Ev {
     pub source: Source,
     /// The epoch of a coalesced event (relaxed frames), `None` for an exact one.
     pub coalesced: Option<u64>,
+    /// A coalesced event's first-writer hint (the dirty ring's), `None` if unknown.
+    pub first_writer: Option<u32>,
 }
 
 /// A notifier that records every event in order.
@@ -38,6 +40,7 @@ impl TrackNotifier for Recorder {
             old: e.old.map(<[u8]>::to_vec),
             source: e.source,
             coalesced: e.coalesced,
+            first_writer: e.first_writer,
         });
     }
 }

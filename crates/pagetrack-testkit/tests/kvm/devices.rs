@@ -57,6 +57,7 @@ fn ev(gpa: u64, old: &[u8], new: &[u8], source: Source) -> Ev {
         old: Some(old.to_vec()),
         source,
         coalesced: None,
+        first_writer: None,
     }
 }
 

@@ -44,6 +44,7 @@ mod review10m;
 mod review10s;
 mod review12;
 mod review13;
+mod ring;
 mod runahead;
 mod shapes;
 mod singlestep;

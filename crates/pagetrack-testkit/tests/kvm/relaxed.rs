@@ -273,7 +273,7 @@ fn a_strict_pin_in_the_middle_of_bursts_demotes_without_losing_a_change() {
 
 /// Guest: rcx times: `lock xadd [rdi], 1` (a shared counter), `[rsi + 8 (i % 512)] = i`
 /// (this vCPU's frame), a sync point every 64 iterations.
-fn counters() -> Vec<u8> {
+pub(crate) fn counters() -> Vec<u8> {
     assemble(ENTRY, |a| {
         a.xor(r8, r8)?; // i
         let mut top = a.create_label();

@@ -176,6 +176,8 @@ pub struct ProcessConfig {
     pub timeout: Option<Duration>,
     /// Relaxed mode of tracked frames (off by default: one exact event per store).
     pub relaxed: pagetrack_kvm::RelaxedConfig,
+    /// The VM's dirty ring instead of the dirty bitmaps (`None`, the default: bitmaps).
+    pub dirty_ring: Option<pagetrack_kvm::DirtyRing>,
 }
 
 impl ProcessConfig {
@@ -196,6 +198,7 @@ impl ProcessConfig {
             stderr: Output::Inherit,
             timeout: None,
             relaxed: pagetrack_kvm::RelaxedConfig::default(),
+            dirty_ring: None,
         }
     }
 
@@ -269,6 +272,12 @@ impl ProcessConfig {
     /// frames to run relaxed).
     pub fn relaxed(mut self, relaxed: pagetrack_kvm::RelaxedConfig) -> ProcessConfig {
         self.relaxed = relaxed;
+        self
+    }
+
+    /// With the VM's dirty ring of `ring` (see [`pagetrack_kvm::DirtyRing`]), or without.
+    pub fn dirty_ring(mut self, ring: Option<pagetrack_kvm::DirtyRing>) -> ProcessConfig {
+        self.dirty_ring = ring;
         self
     }
 }
@@ -540,7 +549,8 @@ impl Process {
             kvm,
             VmConfig::default()
                 .with_ram(config.mem)
-                .with_relaxed(config.relaxed),
+                .with_relaxed(config.relaxed)
+                .with_dirty_ring_if(config.dirty_ring),
         )?;
         vm.add_ram(0, config.mem)?;
         let layout = LongModeLayout::new(config.mem)?;
