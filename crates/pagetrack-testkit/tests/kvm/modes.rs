@@ -1,7 +1,8 @@
 //! A model test of relaxed mode's state machine (issue 12's "model test of the mode state
 //! machine against an oracle of memory contents"), on a real guest.
 //!
-//! proptest draws a script of steps over four frames, for one vCPU or two. Each step is a
+//! proptest draws a script of steps over four frames, for one vCPU or two, harvesting with
+//! the dirty bitmaps or (where KVM has it) the dirty ring. Each step is a
 //! batch of guest stores per vCPU (qword, byte, `rep stosq`, often straddling frames; with two
 //! vCPUs, each stores into its own half of the frames, at the same time) that the CPL3 guest
 //! runs, ending with
@@ -161,8 +162,10 @@ fn host() -> impl Strategy<Value = Host> {
 }
 
 /// (relaxed mode `Always` rather than `Auto`, vCPUs, steps).
-fn script() -> impl Strategy<Value = (bool, usize, Vec<Step>)> {
-    (any::<bool>(), 1..=2usize).prop_flat_map(|(always, vcpus)| {
+/// (relaxed mode `Always` rather than `Auto`, vCPUs, the dirty ring rather than the
+/// bitmaps, steps).
+fn script() -> impl Strategy<Value = (bool, usize, bool, Vec<Step>)> {
+    (any::<bool>(), 1..=2usize, any::<bool>()).prop_flat_map(|(always, vcpus, ring)| {
         let batches: Vec<_> = (0..vcpus)
             .map(|i| {
                 let (lo, hi) = (i * LEN / vcpus, (i + 1) * LEN / vcpus);
@@ -178,6 +181,7 @@ fn script() -> impl Strategy<Value = (bool, usize, Vec<Step>)> {
         (
             Just(always),
             Just(vcpus),
+            Just(ring),
             proptest::collection::vec(step, 1..16),
         )
     })
@@ -270,6 +274,7 @@ struct Seen {
     restores: usize,
     refusals: usize,
     demotions: u64,
+    ring_cases: usize,
 }
 
 static SEEN: std::sync::Mutex<Option<Seen>> = std::sync::Mutex::new(None);
@@ -640,10 +645,14 @@ impl Run<'_> {
     }
 }
 
-fn run_script(always: bool, nvcpus: usize, steps: &[Step]) {
+fn run_script(always: bool, nvcpus: usize, ring: bool, steps: &[Step]) {
     TRACE.lock().unwrap().clear();
     let _keep = KeepTrace;
-    trace(format!("always {always}, {nvcpus} vCPUs"));
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let caps = pagetrack_kvm::HostCaps::probe(&kvm);
+    // The ring where this KVM has one (the bitmaps otherwise: the case still runs).
+    let ring = ring && (caps.dirty_ring_bytes > 0 || caps.dirty_ring_acq_rel_bytes > 0);
+    trace(format!("always {always}, {nvcpus} vCPUs, ring {ring}"));
     let mode = if always {
         RelaxedMode::Always
     } else {
@@ -655,13 +664,18 @@ fn run_script(always: bool, nvcpus: usize, steps: &[Step]) {
     policy.demote_after_syncs = 2;
     policy.demote_window = std::time::Duration::ZERO;
     policy.period = std::time::Duration::from_secs(3600);
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let mut config = VmConfig::default()
+        .with_ram(RAM)
+        .with_dirty_log()
+        .with_relaxed(policy);
+    if ring {
+        // Small rings, so ring-full exits happen too.
+        config = config.with_dirty_ring(pagetrack_kvm::DirtyRing::entries(256));
+        seen(|s| s.ring_cases += 1);
+    }
     let mut g = boot_with(
         kvm,
-        VmConfig::default()
-            .with_ram(RAM)
-            .with_dirty_log()
-            .with_relaxed(policy),
+        config,
         RAM,
         u32::try_from(nvcpus).unwrap(),
         &interpreter(),
@@ -717,8 +731,8 @@ fn relaxed_mode_state_machine_matches_a_model_of_memory_and_modes() {
         max_shrink_iters: 256,
         ..Config::default()
     });
-    let result = runner.run(&script(), |(always, vcpus, steps)| {
-        run_script(always, vcpus, &steps);
+    let result = runner.run(&script(), |(always, vcpus, ring, steps)| {
+        run_script(always, vcpus, ring, &steps);
         Ok(())
     });
     if let Err(e) = result {
@@ -739,5 +753,10 @@ fn relaxed_mode_state_machine_matches_a_model_of_memory_and_modes() {
             && s.refusals > 0
             && s.demotions > 0,
         "the scripts missed a path: {s:?}"
+    );
+    let caps = pagetrack_kvm::HostCaps::probe(&kvm_ioctls::Kvm::new().unwrap());
+    assert!(
+        s.ring_cases > 0 || (caps.dirty_ring_bytes == 0 && caps.dirty_ring_acq_rel_bytes == 0),
+        "no case ran on the dirty ring this KVM offers"
     );
 }

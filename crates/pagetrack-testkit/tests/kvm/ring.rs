@@ -624,3 +624,36 @@ fn pages_redirtied_between_takes_are_queued_once_and_taken_exactly() {
     );
     assert_eq!(g.vm.ring_stats().unwrap().queued, 0);
 }
+
+/// Re-cuts that delete a read-only (tracked) fragment with the ring on: tracking a frame next
+/// to a tracked one merges their read-only fragments, and untracking splits them again. The
+/// delete asked KVM for the slot's dirty bitmap, which the ring replaces (`KVM_GET_DIRTY_LOG`
+/// failed with ENXIO, so the track failed): found by the mode model test (`modes.rs`).
+#[test]
+fn with_the_ring_neighbouring_tracks_and_untracks_re_cut_read_only_fragments() {
+    let kvm = kvm_or_skip!();
+    ring_or_skip!(kvm);
+    for relaxed in [RelaxedMode::Off, RelaxedMode::Auto] {
+        let g = boot_with(
+            kvm_ioctls::Kvm::new().unwrap(),
+            ring_config(1024, RelaxedConfig::new(relaxed)),
+            RAM,
+            1,
+            &spin_store(),
+        );
+        let (_rec, _h) = coalesced_recorder(&g.vm);
+        let frames: Vec<Gfn> = (0..4).map(|k| Gfn((T >> 12) + k)).collect();
+        for order in [[1usize, 0, 2, 3], [3, 1, 2, 0]] {
+            for &f in &order {
+                g.vm.tracker().add_gfn(frames[f]).unwrap();
+            }
+            for &f in order.iter().rev() {
+                g.vm.tracker().remove_gfn(frames[f]).unwrap();
+            }
+        }
+        assert!(
+            g.vm.stats().fragments.slot_changes > 0,
+            "{relaxed:?}: no re-cut"
+        );
+    }
+}
