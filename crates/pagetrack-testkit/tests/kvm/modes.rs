@@ -2,7 +2,7 @@
 //! machine against an oracle of memory contents"), on a real guest.
 //!
 //! proptest draws a script of steps over four frames, for one vCPU or two, harvesting with
-//! the dirty bitmaps or (where KVM has it) the dirty ring. Each step is a
+//! manual protect, plain `KVM_GET_DIRTY_LOG` or (where KVM has it) the dirty ring. Each step is a
 //! batch of guest stores per vCPU (qword, byte, `rep stosq`, often straddling frames; with two
 //! vCPUs, each stores into its own half of the frames, at the same time) that the CPL3 guest
 //! runs, ending with
@@ -162,10 +162,25 @@ fn host() -> impl Strategy<Value = Host> {
 }
 
 /// (relaxed mode `Always` rather than `Auto`, vCPUs, steps).
-/// (relaxed mode `Always` rather than `Auto`, vCPUs, the dirty ring rather than the
-/// bitmaps, steps).
-fn script() -> impl Strategy<Value = (bool, usize, bool, Vec<Step>)> {
-    (any::<bool>(), 1..=2usize, any::<bool>()).prop_flat_map(|(always, vcpus, ring)| {
+/// How dirty pages are harvested.
+#[derive(Clone, Copy, Debug)]
+enum Harvest {
+    /// Manual protect (GET + CLEAR; hot frames), the default where KVM offers it.
+    Manual,
+    /// Plain `KVM_GET_DIRTY_LOG`.
+    Plain,
+    /// The dirty ring, where KVM has one (the default harvest otherwise).
+    Ring,
+}
+
+/// (relaxed mode `Always` rather than `Auto`, vCPUs, the harvest, steps).
+fn script() -> impl Strategy<Value = (bool, usize, Harvest, Vec<Step>)> {
+    let harvest = prop_oneof![
+        Just(Harvest::Manual),
+        Just(Harvest::Plain),
+        Just(Harvest::Ring)
+    ];
+    (any::<bool>(), 1..=2usize, harvest).prop_flat_map(|(always, vcpus, ring)| {
         let batches: Vec<_> = (0..vcpus)
             .map(|i| {
                 let (lo, hi) = (i * LEN / vcpus, (i + 1) * LEN / vcpus);
@@ -645,14 +660,17 @@ impl Run<'_> {
     }
 }
 
-fn run_script(always: bool, nvcpus: usize, ring: bool, steps: &[Step]) {
+fn run_script(always: bool, nvcpus: usize, harvest: Harvest, steps: &[Step]) {
     TRACE.lock().unwrap().clear();
     let _keep = KeepTrace;
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let caps = pagetrack_kvm::HostCaps::probe(&kvm);
     // The ring where this KVM has one (the bitmaps otherwise: the case still runs).
-    let ring = ring && (caps.dirty_ring_bytes > 0 || caps.dirty_ring_acq_rel_bytes > 0);
-    trace(format!("always {always}, {nvcpus} vCPUs, ring {ring}"));
+    let ring = matches!(harvest, Harvest::Ring)
+        && (caps.dirty_ring_bytes > 0 || caps.dirty_ring_acq_rel_bytes > 0);
+    trace(format!(
+        "always {always}, {nvcpus} vCPUs, {harvest:?} harvest"
+    ));
     let mode = if always {
         RelaxedMode::Always
     } else {
@@ -672,6 +690,9 @@ fn run_script(always: bool, nvcpus: usize, ring: bool, steps: &[Step]) {
         // Small rings, so ring-full exits happen too.
         config = config.with_dirty_ring(pagetrack_kvm::DirtyRing::entries(256));
         seen(|s| s.ring_cases += 1);
+    }
+    if matches!(harvest, Harvest::Plain) {
+        config = config.with_dirty_protect(pagetrack_kvm::DirtyProtect::Plain);
     }
     let mut g = boot_with(
         kvm,
@@ -726,7 +747,7 @@ fn run_script(always: bool, nvcpus: usize, ring: bool, steps: &[Step]) {
 fn relaxed_mode_state_machine_matches_a_model_of_memory_and_modes() {
     let _kvm = kvm_or_skip!();
     let mut runner = TestRunner::new(Config {
-        cases: 192,
+        cases: 384,
         failure_persistence: None,
         max_shrink_iters: 256,
         ..Config::default()
