@@ -36,6 +36,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::common::*;
 use crate::relaxed::{SYNC_PORT, coalesced_recorder, run_syncing, set_regs};
+use crate::ring::ring_offered;
 
 const RAM: u64 = 16 << 20;
 /// The frames the script works on.
@@ -664,10 +665,8 @@ fn run_script(always: bool, nvcpus: usize, harvest: Harvest, steps: &[Step]) {
     TRACE.lock().unwrap().clear();
     let _keep = KeepTrace;
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let caps = pagetrack_kvm::HostCaps::probe(&kvm);
     // The ring where this KVM has one (the bitmaps otherwise: the case still runs).
-    let ring = matches!(harvest, Harvest::Ring)
-        && (caps.dirty_ring_bytes > 0 || caps.dirty_ring_acq_rel_bytes > 0);
+    let ring = matches!(harvest, Harvest::Ring) && ring_offered(&kvm);
     trace(format!(
         "always {always}, {nvcpus} vCPUs, {harvest:?} harvest"
     ));
@@ -775,9 +774,8 @@ fn relaxed_mode_state_machine_matches_a_model_of_memory_and_modes() {
             && s.demotions > 0,
         "the scripts missed a path: {s:?}"
     );
-    let caps = pagetrack_kvm::HostCaps::probe(&kvm_ioctls::Kvm::new().unwrap());
     assert!(
-        s.ring_cases > 0 || (caps.dirty_ring_bytes == 0 && caps.dirty_ring_acq_rel_bytes == 0),
+        s.ring_cases > 0 || !ring_offered(&kvm_ioctls::Kvm::new().unwrap()),
         "no case ran on the dirty ring this KVM offers"
     );
 }

@@ -779,19 +779,9 @@ fn a_notifier_asks_for_a_sync_from_its_callback_and_a_guest_without_exits_is_syn
     let (vm, layout) = (g.vm.clone(), g.layout.clone());
     let mut vcpu = g.vcpus.pop().unwrap();
     let guest = std::thread::spawn(move || run_to_exit(&vm, &layout, &mut vcpu, TIMEOUT));
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    let word = |gpa| {
-        g.vm.untracked_memory()
-            .read_obj::<u64>(GuestAddress(gpa))
-            .unwrap()
-    };
-    while word(T) < 1000 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest does not run"
-        );
-        std::thread::yield_now();
-    }
+    crate::review12::wait_for("the guest does not run", || {
+        crate::review12::word(&g.vm, T) >= 1000
+    });
     assert!(g.vm.is_relaxed(Gfn(T >> 12)), "T runs relaxed");
     assert!(
         rec.take().iter().all(|e| e.gpa >> 12 != T >> 12),
@@ -801,6 +791,7 @@ fn a_notifier_asks_for_a_sync_from_its_callback_and_a_guest_without_exits_is_syn
         .write_obj(7u64, GuestAddress(trigger))
         .unwrap();
     assert!(asker.asked.load(std::sync::atomic::Ordering::SeqCst));
+    let deadline = std::time::Instant::now() + TIMEOUT;
     let mut got = Vec::new();
     while !got
         .iter()

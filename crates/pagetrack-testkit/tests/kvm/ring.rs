@@ -31,7 +31,7 @@ const DATA: u64 = 0x40_0000;
 const DATA_PAGES: u64 = 1024;
 const TRACKED_PAGES: u64 = 64;
 
-fn ring_offered(kvm: &kvm_ioctls::Kvm) -> bool {
+pub(crate) fn ring_offered(kvm: &kvm_ioctls::Kvm) -> bool {
     let caps = HostCaps::probe(kvm);
     caps.dirty_ring_bytes > 0 || caps.dirty_ring_acq_rel_bytes > 0
 }
