@@ -1291,15 +1291,20 @@ pub(crate) fn before_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
             .relaxed_frames()
             .into_iter()
             .any(|f| ranges.clone().any(|(a, b)| (a..b).contains(&f)));
-    if !any_relaxed {
-        return;
+    if any_relaxed {
+        // A harvest KVM refused: the frames' changes since the last sync may be lost at the
+        // untrack.
+        sync_from_hook(backend);
     }
-    let Some(vm) = r.vm.get().and_then(Weak::upgrade) else {
+}
+
+/// A sync from a hook the core calls on the backend (no tracker lock held); a failed one is
+/// counted in `VmStats::restore_errors`, as the hook cannot return it.
+fn sync_from_hook(backend: &crate::vm::Backend) {
+    let Some(vm) = backend.relaxed.vm.get().and_then(Weak::upgrade) else {
         return;
     };
     if sync(&vm).is_err() {
-        // A harvest KVM refused: the frames' changes since the last sync may be lost at
-        // the untrack. Counted in `VmStats::restore_errors`.
         backend.count_restore_error();
     }
 }
@@ -1308,17 +1313,10 @@ pub(crate) fn before_untrack(backend: &crate::vm::Backend, runs: &[FrameRun]) {
 /// the relaxed frames' changes since the last sync are delivered first (review 12, U1: they
 /// went to whoever was registered at the next sync, or to nobody).
 pub(crate) fn before_unregister(backend: &crate::vm::Backend) {
-    let r = &backend.relaxed;
-    if r.active() == 0 {
-        return;
-    }
-    let Some(vm) = r.vm.get().and_then(Weak::upgrade) else {
-        return;
-    };
-    if sync(&vm).is_err() {
+    if backend.relaxed.active() > 0 {
         // A harvest KVM refused: the changes stay logged and reach the notifiers still
-        // registered at the next sync. Counted in `VmStats::restore_errors`.
-        backend.count_restore_error();
+        // registered at the next sync.
+        sync_from_hook(backend);
     }
 }
 
